@@ -1,0 +1,127 @@
+"""Audio loading: decode, mix to mono, resample to 16 kHz, crop. Pure functions, no torch.
+
+Every encoder ser-cache runs (Whisper, WavLM, the x-vector model) was trained on 16 kHz mono,
+so everything is brought there once, before batching.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+SAMPLE_RATE = 16_000  # Hz, the rate of every audio encoder ser-cache supports
+DEFAULT_MAX_SECONDS = 15.0  # the challenge winner cropped every utterance to its first 15 s
+
+
+class AudioError(Exception):
+    """An audio file could not be turned into a usable waveform; carries the file and the reason."""
+
+    def __init__(self, path: str | Path, reason: str):
+        self.path = str(path)
+        self.reason = reason
+        super().__init__(f"{self.path}: {reason}")
+
+
+@dataclass(frozen=True)
+class AudioInfo:
+    """What the file header says, read without decoding the samples."""
+
+    sample_rate: int
+    frames: int
+    channels: int
+
+    @property
+    def seconds(self) -> float:
+        return self.frames / self.sample_rate if self.sample_rate else 0.0
+
+
+def info(path: str | Path) -> AudioInfo:
+    """Read the header of an audio file; raises AudioError when it is missing or unreadable."""
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(path, "file not found")
+    try:
+        i = sf.info(str(path))
+    except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
+        raise AudioError(path, f"unreadable audio ({_one_line(exc)})") from None
+    return AudioInfo(sample_rate=int(i.samplerate), frames=int(i.frames), channels=int(i.channels))
+
+
+def read(path: str | Path, *, max_seconds: float | None = None) -> tuple[np.ndarray, int]:
+    """Decode a file to float32 of shape (frames, channels) and its sample rate.
+
+    With `max_seconds`, only the first `max_seconds` are decoded, so that a one-hour file
+    does not cost one hour of decoding when the first 15 s are kept.
+    """
+    import soundfile as sf
+
+    path = Path(path)
+    if not path.is_file():
+        raise AudioError(path, "file not found")
+    try:
+        with sf.SoundFile(str(path)) as f:
+            sr = int(f.samplerate)
+            frames = -1 if max_seconds is None else int(np.ceil(max_seconds * sr))
+            data = f.read(frames=frames, dtype="float32", always_2d=True)
+    except Exception as exc:
+        raise AudioError(path, f"unreadable audio ({_one_line(exc)})") from None
+    return data, sr
+
+
+def to_mono(x: np.ndarray) -> np.ndarray:
+    """Average the channels of a (frames, channels) array; a 1-D array is returned as is."""
+    if x.ndim == 1:
+        return x
+    if x.ndim != 2:
+        raise ValueError(f"expected audio of shape (frames,) or (frames, channels), got {x.shape}")
+    return x.mean(axis=1, dtype=np.float32) if x.shape[1] > 1 else x[:, 0]
+
+
+def resample(x: np.ndarray, sr_in: int, sr_out: int = SAMPLE_RATE) -> np.ndarray:
+    """Resample a mono signal with soxr (high quality); a no-op when the rates agree."""
+    if sr_in == sr_out:
+        return x
+    import soxr
+
+    return soxr.resample(x, sr_in, sr_out, quality="HQ").astype(np.float32, copy=False)
+
+
+def crop(x: np.ndarray, max_samples: int | None) -> np.ndarray:
+    """Keep the first `max_samples` samples (the paper crops every utterance to its start)."""
+    if max_samples is None or len(x) <= max_samples:
+        return x
+    return x[:max_samples]
+
+
+def load(
+    path: str | Path,
+    *,
+    sample_rate: int = SAMPLE_RATE,
+    max_seconds: float | None = DEFAULT_MAX_SECONDS,
+) -> np.ndarray:
+    """Decode, mix to mono, resample and crop: the waveform every audio encoder gets.
+
+    Raises AudioError for a missing, unreadable, empty or non-finite file, so that no bad
+    waveform reaches an encoder and no NaN row reaches a store.
+    """
+    data, sr = read(path, max_seconds=max_seconds)
+    if data.shape[0] == 0:
+        raise AudioError(path, "empty audio (0 samples)")
+    x = to_mono(data)
+    if not np.isfinite(x).all():
+        raise AudioError(path, "audio contains NaN or infinite samples")
+    x = resample(x, sr, sample_rate)
+    max_samples = None if max_seconds is None else int(round(max_seconds * sample_rate))
+    x = crop(x, max_samples)
+    if len(x) == 0:
+        raise AudioError(path, "empty audio after resampling")
+    return np.ascontiguousarray(x, dtype=np.float32)
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[-1] if text else type(exc).__name__

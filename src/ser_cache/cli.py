@@ -1,0 +1,136 @@
+"""The `ser-cache` command line: each command builds a typed config and calls one library function."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Speech emotion recognition with cached encoder features: extract once, train heads in minutes.")
+err = Console(stderr=True)
+out = Console()
+
+
+def _fail(message: str, code: int = 2) -> None:
+    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def _guarded(fn, *args, **kwargs):
+    """Run a library call; known errors become one clear line and exit code 2."""
+    from ser_cache.audio import AudioError
+    from ser_cache.corpus import CorpusError
+    from ser_cache.environment import torchaudio_problem
+
+    problem = torchaudio_problem()
+    if problem:
+        _fail(problem)
+    from ser_cache.encoders import EncoderError
+    from ser_cache.extract import ExtractError
+    from ser_cache.store import StoreError
+
+    known = (AudioError, CorpusError, EncoderError, ExtractError, StoreError)
+    try:
+        return fn(*args, **kwargs)
+    except known as exc:
+        _fail(str(exc))
+
+
+@app.command()
+def extract(
+    model: str = typer.Option(..., "--model", "-m", help="Short name (whisper-large-v3, roberta-large, wavlm-large, wavlm-base-plus-sv), Hugging Face id, or local directory."),
+    data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the store: OUT/<name>.zarr."),
+    split: Optional[list[str]] = typer.Option(None, "--split", "-s", help="Split(s) to extract (repeatable); default all."),
+    name: Optional[str] = typer.Option(None, help="Store name (default: the model's short name)."),
+    kind: Optional[str] = typer.Option(None, help="Encoder kind: whisper, wavlm, xvector, text (default: detected)."),
+    window: str = typer.Option("window", help="Whisper only: 'window' (15-s window, as the paper) or 'trimmed' (real frames only)."),
+    pooling: str = typer.Option("mean", help="'mean' or 'mean+std' over valid frames."),
+    max_seconds: float = typer.Option(15.0, help="Crop audio to its first N seconds."),
+    batch_seconds: float = typer.Option(600.0, help="Padded audio seconds per batch."),
+    batch_texts: int = typer.Option(64, help="Transcripts per batch (text encoders)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
+    workers: Optional[int] = typer.Option(None, help="Audio decoding worker processes (default: 8 on GPU, up to 2 on CPU)."),
+    on_error: str = typer.Option("skip", help="'skip' bad files (listed in <name>.errors.csv) or 'fail' at the first."),
+    overwrite: bool = typer.Option(False, help="Rebuild a store whose settings differ."),
+    retry_failed: bool = typer.Option(False, help="Recompute rows that failed in an earlier run."),
+    chunk_rows: Optional[int] = typer.Option(None, help="Rows per Zarr chunk (default: ~4 MiB chunks)."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Run a frozen encoder once over a corpus; write pooled features to OUT/<name>.zarr (resumable)."""
+    from ser_cache.extract import ExtractConfig, extract as run_extract
+
+    cfg = ExtractConfig(model=model, data=data, out=out_dir, splits=tuple(split or ()), name=name, kind=kind,
+                        window=window, pooling=pooling, max_seconds=max_seconds, batch_seconds=batch_seconds,
+                        batch_texts=batch_texts, device=device, precision=precision, workers=workers,
+                        on_error=on_error, overwrite=overwrite, retry_failed=retry_failed, chunk_rows=chunk_rows,
+                        progress=progress)
+    result = _guarded(run_extract, cfg)
+    if result is None:
+        return
+    t = result.timings
+    err.print(
+        f"[bold]{result.store}[/]: {result.written}/{result.rows} rows written, {result.failed} failed "
+        f"({result.computed} computed now, {result.skipped} already done) in {result.wall_seconds:.1f} s — "
+        f"{result.utterances_per_second:.1f} utt/s, {result.audio_seconds_per_second:.0f} audio-s/s "
+        f"[dim](headers {t.get('headers', 0):.1f} s, waiting for decoding {t.get('decode_wait', 0):.1f} s, "
+        f"encoder {t.get('encode', 0):.1f} s, writing {t.get('write', 0):.1f} s)[/]",
+        highlight=False,
+    )
+    if result.failed:
+        err.print(f"[yellow]{result.failed} utterance(s) could not be used; see {result.report}[/]", highlight=False)
+
+
+@app.command()
+def info(
+    store: Path = typer.Argument(..., help="A feature store (.zarr)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Summarise a feature store: model, settings, rows written and failed, size."""
+    from ser_cache.store import FeatureStore
+
+    s = _guarded(FeatureStore.open, store)
+    summary = s.summary()
+    if as_json:
+        out.print_json(json.dumps(summary))
+        return
+    table = Table(title=str(store), show_header=False)
+    for key in ("name", "model_id", "revision", "kind", "rows", "written", "failed", "pending", "feature_shape",
+                "dtype", "chunk_rows", "fingerprint", "package_version"):
+        table.add_row(key, str(summary[key]))
+    for key, value in sorted(summary["settings"].items()):
+        if key not in ("model_id", "revision", "kind", "feature_shape"):
+            table.add_row(f"settings.{key}", str(value))
+    table.add_row("size", f"{summary['size_bytes'] / 1e6:.1f} MB")
+    out.print(table)
+
+
+@app.command()
+def export(
+    store: Path = typer.Argument(..., help="A feature store (.zarr)."),
+    fmt: str = typer.Option("hdf5", "--format", help="Output format: hdf5."),
+    dest: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: next to the store, .h5)."),
+) -> None:
+    """Write a store's arrays and attributes to another format (HDF5 via h5py)."""
+    from ser_cache.store import FeatureStore, export_hdf5
+
+    if fmt != "hdf5":
+        _fail(f"--format {fmt}: expected hdf5")
+    s = _guarded(FeatureStore.open, store)
+    path = export_hdf5(s, dest or store.with_suffix(".h5"))
+    err.print(f"wrote {path}", highlight=False)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

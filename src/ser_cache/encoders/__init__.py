@@ -1,0 +1,124 @@
+"""Frozen encoders behind one small interface: `load_encoder(name, ...)` → `Encoder.encode(batch)`.
+
+A model is named by a short name (KNOWN_MODELS), any Hugging Face id, or a local directory; all
+three go through the same `from_pretrained` path. The kind (whisper, wavlm, xvector, text) comes
+from the short name, or else from the model's config.json.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ser_cache.encoders.base import (
+    POOLINGS,
+    Encoder,
+    EncoderError,
+    RuntimeOptions,
+    masked_pool,
+    read_json,
+    resolve_model,
+)
+
+KINDS = ("whisper", "wavlm", "xvector", "text")
+
+
+@dataclass(frozen=True)
+class KnownModel:
+    hub_id: str
+    kind: str
+
+
+KNOWN_MODELS = {
+    "whisper-large-v3": KnownModel("openai/whisper-large-v3", "whisper"),
+    "roberta-large": KnownModel("FacebookAI/roberta-large", "text"),
+    "wavlm-large": KnownModel("microsoft/wavlm-large", "wavlm"),
+    "wavlm-base-plus-sv": KnownModel("microsoft/wavlm-base-plus-sv", "xvector"),
+}
+HUB_IDS = {k: v.hub_id for k, v in KNOWN_MODELS.items()}
+
+
+def default_store_name(model: str) -> str:
+    """`whisper-large-v3` → itself; `openai/whisper-large-v3` → `whisper-large-v3`; a directory → its name."""
+    if model in KNOWN_MODELS:
+        return model
+    return Path(model.rstrip("/")).name
+
+
+def detect_kind(model: str) -> str:
+    """The encoder kind of a model: from the short name, else from its config (local or cached)."""
+    if model in KNOWN_MODELS:
+        return KNOWN_MODELS[model].kind
+    resolved = resolve_model(model, HUB_IDS)
+    if resolved.is_local_dir:
+        config = read_json(Path(resolved.source) / "config.json")
+    else:
+        try:
+            from transformers import AutoConfig
+
+            config = AutoConfig.from_pretrained(resolved.source, local_files_only=resolved.local_only).to_dict()
+        except (OSError, ValueError) as exc:
+            from ser_cache.encoders.base import load_error
+
+            raise load_error(resolved, exc) from None
+    model_type = config.get("model_type", "")
+    architectures = config.get("architectures") or []
+    if model_type == "whisper":
+        return "whisper"
+    if model_type in ("wavlm", "wav2vec2", "hubert", "unispeech-sat"):
+        if any(a.endswith("ForXVector") for a in architectures):
+            return "xvector"
+        if model_type != "wavlm":
+            raise EncoderError(f"model '{model}': {model_type} models are not supported yet (WavLM is)")
+        return "wavlm"
+    if not model_type:
+        raise EncoderError(f"model '{model}': no config.json with a model_type; pass --kind")
+    return "text"
+
+
+def load_encoder(
+    model: str,
+    *,
+    kind: str | None = None,
+    device: str = "auto",
+    precision: str = "auto",
+    window: str = "window",
+    pooling: str = "mean",
+    max_seconds: float = 15.0,
+) -> Encoder:
+    """Load a frozen encoder by short name, hub id or local directory."""
+    kind = kind or detect_kind(model)
+    if kind not in KINDS:
+        raise EncoderError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
+    if pooling not in POOLINGS:
+        raise EncoderError(f"--pooling {pooling}: expected one of {', '.join(POOLINGS)}")
+    resolved = resolve_model(model, HUB_IDS)
+    runtime = RuntimeOptions(device=device, precision=precision)
+    if kind == "whisper":
+        from ser_cache.encoders.whisper import WhisperAudioEncoder
+
+        return WhisperAudioEncoder(resolved, runtime, window=window, pooling=pooling, max_seconds=max_seconds)
+    if kind == "wavlm":
+        from ser_cache.encoders.wavlm import WavLMLayersEncoder
+
+        return WavLMLayersEncoder(resolved, runtime, pooling=pooling, max_seconds=max_seconds)
+    if kind == "xvector":
+        from ser_cache.encoders.wavlm import XVectorEncoder
+
+        return XVectorEncoder(resolved, runtime, max_seconds=max_seconds)
+    from ser_cache.encoders.text import TextEncoder
+
+    return TextEncoder(resolved, runtime, pooling=pooling)
+
+
+__all__ = [
+    "KINDS",
+    "KNOWN_MODELS",
+    "POOLINGS",
+    "Encoder",
+    "EncoderError",
+    "default_store_name",
+    "detect_kind",
+    "load_encoder",
+    "masked_pool",
+]

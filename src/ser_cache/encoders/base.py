@@ -1,0 +1,238 @@
+"""What every frozen encoder shares: finding its weights, the device and precision, pooling."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+POOLINGS = ("mean", "mean+std")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+class EncoderError(Exception):
+    """An encoder cannot be loaded or run as asked; the message names the model and what to do."""
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """Where a model's files are: `source` goes to from_pretrained; `revision` identifies the weights."""
+
+    name: str  # what the user typed
+    model_id: str  # hub id, or the absolute local directory
+    source: str  # hub id or local directory
+    local_only: bool  # the files are on disk: never touch the network
+    is_local_dir: bool
+
+
+@dataclass(frozen=True)
+class RuntimeOptions:
+    """How an encoder runs; none of these change the stored numbers beyond precision noise."""
+
+    device: str = "auto"
+    precision: str = "auto"
+    extra: dict = field(default_factory=dict)
+
+    def torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device(self.device)
+
+    def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
+        """bf16 by default on CUDA (fp16 where bf16 is unsupported); full precision on CPU."""
+        p = self.precision
+        if p not in PRECISIONS:
+            raise EncoderError(f"--precision {p}: expected one of {', '.join(PRECISIONS)}")
+        if p == "fp32" or (p == "auto" and device.type != "cuda"):
+            return None
+        if p == "auto":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.bfloat16 if p == "bf16" else torch.float16
+
+
+def resolve_model(name: str, hub_ids: dict[str, str]) -> ResolvedModel:
+    """A short name, a Hugging Face id or a local directory → where from_pretrained should look.
+
+    A model already in the local Hugging Face cache is loaded with local_files_only, so a cached
+    model works offline with no network wait.
+    """
+    p = Path(name).expanduser()
+    if p.is_dir():
+        d = str(p.resolve())
+        return ResolvedModel(name=name, model_id=d, source=d, local_only=True, is_local_dir=True)
+    repo_id = hub_ids.get(name, name)
+    cached = False
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id that is not a valid repo name is handled by the load error below
+        cached = False
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    return ResolvedModel(name=name, model_id=repo_id, source=repo_id, local_only=cached or offline, is_local_dir=False)
+
+
+@contextlib.contextmanager
+def quiet_loading():
+    """Keep transformers' per-key load report and progress bars off the user's terminal.
+
+    Missing weights are checked by `check_loading_info` instead, with one clear message.
+    """
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_error(resolved: ResolvedModel, exc: BaseException) -> EncoderError:
+    """One message for 'cannot get these weights', naming the model and how to pass a local directory."""
+    reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+    if resolved.is_local_dir:
+        return EncoderError(f"model '{resolved.name}': the directory could not be loaded ({reason})")
+    return EncoderError(
+        f"model '{resolved.name}' ({resolved.model_id}) is neither a local directory nor in the local "
+        f"Hugging Face cache, and the hub could not be reached ({reason}). On a machine with internet run "
+        f"`huggingface-cli download {resolved.model_id} --local-dir DIR`, copy DIR here and pass --model DIR."
+    )
+
+
+def weights_revision(model: torch.nn.Module, resolved: ResolvedModel) -> str:
+    """The hub commit when loaded from the hub; otherwise a digest of the local files.
+
+    The digest covers the config and the full weight files, so a re-trained model saved into the
+    same directory gets a new fingerprint and its store is not silently resumed.
+    """
+    commit = getattr(model.config, "_commit_hash", None)
+    if commit and not resolved.is_local_dir:
+        return str(commit)
+    if not resolved.is_local_dir:
+        return "unknown"
+    h = hashlib.sha256()
+    root = Path(resolved.source)
+    for f in sorted(root.iterdir()):
+        if f.is_file() and (f.suffix in (".json", ".safetensors", ".bin", ".txt", ".model") or f.name.startswith("tokenizer")):
+            h.update(f.name.encode())
+            with open(f, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 24), b""):
+                    h.update(block)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def check_loading_info(name: str, info: dict, required_prefixes: tuple[str, ...] = ("",)) -> None:
+    """Refuse a model whose checkpoint lacks weights the encoder needs (they would be random)."""
+    missing = [k for k in info.get("missing_keys", []) if any(k.startswith(p) for p in required_prefixes)]
+    # Buffers and fixed tables that transformers rebuilds deterministically are not a problem.
+    missing = [k for k in missing if not k.endswith(("position_ids", "embed_positions.weight", "masked_spec_embed"))]
+    if missing:
+        shown = ", ".join(missing[:5]) + (" …" if len(missing) > 5 else "")
+        raise EncoderError(f"model '{name}': the checkpoint lacks {len(missing)} weight(s) the encoder needs ({shown})")
+
+
+def masked_pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
+    """Pool (B, T, D) over the first `lengths[b]` frames: mean, or mean and std concatenated.
+
+    Padding never enters the statistics, so an utterance's features do not depend on its batch.
+    The std is the population std (ddof 0); it is 0 for a single frame.
+    """
+    if pooling not in POOLINGS:
+        raise EncoderError(f"--pooling {pooling}: expected one of {', '.join(POOLINGS)}")
+    t = hidden.shape[1]
+    mask = (torch.arange(t, device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
+    count = mask.sum(1, keepdim=True).clamp_min(1.0)
+    m = mask.unsqueeze(-1)
+    mean = (hidden * m).sum(1) / count
+    if pooling == "mean":
+        return mean
+    var = (((hidden - mean.unsqueeze(1)) ** 2) * m).sum(1) / count
+    return torch.cat([mean, var.clamp_min(0).sqrt()], dim=-1)
+
+
+def pooled_dim(d: int, pooling: str) -> int:
+    return d * 2 if pooling == "mean+std" else d
+
+
+class Encoder:
+    """A frozen encoder: `encode(batch)` → float32 features (B, *feature_shape) on the CPU.
+
+    Subclasses set `kind`, `modality` ("audio" or "text") and implement `_forward`. `settings()`
+    lists every option that changes the numbers; it goes into the store's fingerprint.
+    """
+
+    kind: str = ""
+    modality: str = "audio"
+
+    def __init__(self, resolved: ResolvedModel, model: torch.nn.Module, runtime: RuntimeOptions):
+        self.resolved = resolved
+        self.device = runtime.torch_device()
+        self.autocast_dtype = runtime.autocast_dtype(self.device)
+        self.model = model.to(self.device).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+        self.revision = weights_revision(self.model, resolved)
+
+    @property
+    def model_id(self) -> str:
+        return self.resolved.model_id
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        raise NotImplementedError
+
+    def settings(self) -> dict:
+        return {"kind": self.kind, "model_id": self.model_id, "revision": self.revision}
+
+    def cost(self, seconds: float) -> float:
+        """Seconds of padded input one utterance costs in a batch (for batches by total seconds)."""
+        return seconds
+
+    def autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+
+    @torch.inference_mode()
+    def encode(self, batch: list) -> torch.Tensor:
+        with self.autocast():
+            out = self._forward(batch)
+        return out.float().cpu()
+
+    def _forward(self, batch: list) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def pad_waves(waves: list[np.ndarray], multiple: int = 1, min_length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad waveforms with zeros into a (B, T) float32 tensor; returns it and the lengths."""
+    lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
+    t = max(int(lengths.max()), min_length)
+    t = -(-t // multiple) * multiple
+    out = torch.zeros(len(waves), t, dtype=torch.float32)
+    for i, w in enumerate(waves):
+        out[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
+    if torch.cuda.is_available():
+        out = out.pin_memory()  # lets the host-to-device copy run asynchronously
+    return out, lengths
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}

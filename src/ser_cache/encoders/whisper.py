@@ -1,0 +1,155 @@
+"""Whisper's encoder, frozen: log-mel on the device, last hidden layer, pooled over the real frames.
+
+Two windows:
+- "window" (default, as the challenge winner): every input padded or cut to WINDOW_SECONDS. The
+  stock encoder insists on its native 30 s (1,500 positions); here it runs on 15 s by keeping the
+  first 750 rows of its positional table. Whisper's positions are fixed sinusoids indexed from 0,
+  so the first 750 rows are exactly what a model built for 750 positions would hold.
+- "trimmed": only the real frames, in length-bucketed batches, padding masked out of attention.
+  About 3× less compute on 5.5-s clips; its features drift a little from the window's because
+  frames no longer attend to the padding (docs/performance.md reports by how much).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ser_cache.audio import SAMPLE_RATE
+from ser_cache.encoders.base import (
+    Encoder,
+    EncoderError,
+    ResolvedModel,
+    RuntimeOptions,
+    check_loading_info,
+    quiet_loading,
+    load_error,
+    masked_pool,
+    pad_waves,
+    pooled_dim,
+)
+
+N_FFT = 400  # 25 ms window at 16 kHz
+HOP_LENGTH = 160  # 10 ms: 100 mel frames per second
+POSITION_SAMPLES = 2 * HOP_LENGTH  # conv2 has stride 2: one encoder position per 20 ms
+WINDOW_SECONDS = 15  # the challenge winner's window
+WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE
+WINDOW_FRAMES = WINDOW_SAMPLES // HOP_LENGTH  # 1,500 mel frames
+WINDOW_POSITIONS = WINDOW_FRAMES // 2  # 750 encoder positions
+WINDOWS = ("window", "trimmed")
+
+
+def mel_filters(source: str, n_mels: int, local_only: bool) -> np.ndarray:
+    """The model's mel filter bank (n_freqs, n_mels), from its preprocessor config when there is one."""
+    from transformers import WhisperFeatureExtractor
+
+    try:
+        with quiet_loading():
+            fe = WhisperFeatureExtractor.from_pretrained(source, local_files_only=local_only)
+    except (OSError, ValueError):
+        fe = WhisperFeatureExtractor(feature_size=n_mels)
+    if fe.feature_size != n_mels:
+        raise EncoderError(f"{source}: preprocessor has {fe.feature_size} mel bins, the model expects {n_mels}")
+    return np.asarray(fe.mel_filters, dtype=np.float32)
+
+
+def log_mel(audio: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
+    """Whisper's log-mel spectrogram of (B, T) audio → (B, n_mels, T // HOP_LENGTH), in float32.
+
+    Same recipe as the reference implementation: power STFT, mel projection, log10 floored at
+    the utterance's maximum minus 8, then scaled by (x + 4) / 4.
+    """
+    window = torch.hann_window(N_FFT, device=audio.device)
+    stft = torch.stft(audio.float(), N_FFT, HOP_LENGTH, window=window, return_complex=True)
+    power = (stft[..., :-1].abs() ** 2).contiguous()
+    mel = filters.T @ power
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)
+    log_spec = torch.maximum(log_spec, peak - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+def valid_positions(n_samples: torch.Tensor) -> torch.Tensor:
+    """Encoder positions that see real audio: one per 20 ms, rounded up."""
+    return (n_samples + POSITION_SAMPLES - 1) // POSITION_SAMPLES
+
+
+class WhisperAudioEncoder(Encoder):
+    kind = "whisper"
+    modality = "audio"
+
+    def __init__(self, resolved: ResolvedModel, runtime: RuntimeOptions, *, window: str = "window",
+                 pooling: str = "mean", max_seconds: float = WINDOW_SECONDS):
+        if window not in WINDOWS:
+            raise EncoderError(f"--window {window}: expected one of {', '.join(WINDOWS)}")
+        if window == "window" and max_seconds > WINDOW_SECONDS:
+            raise EncoderError(
+                f"--max-seconds {max_seconds}: the Whisper window is {WINDOW_SECONDS} s; use --window trimmed for longer inputs"
+            )
+        from transformers import WhisperForAudioClassification
+
+        try:
+            with quiet_loading():
+                model, info = WhisperForAudioClassification.from_pretrained(
+                    resolved.source, local_files_only=resolved.local_only, output_loading_info=True,
+                    attn_implementation="sdpa",
+                )
+        except (OSError, ValueError) as exc:
+            raise load_error(resolved, exc) from None
+        check_loading_info(resolved.name, info, ("encoder.",))
+        encoder = model.encoder
+        self.window = window
+        self.pooling = pooling
+        self.max_seconds = max_seconds
+        self.max_positions = encoder.config.max_source_positions
+        need = WINDOW_POSITIONS if window == "window" else int(math.ceil(max_seconds * SAMPLE_RATE / POSITION_SAMPLES))
+        if need > self.max_positions:
+            raise EncoderError(f"model '{resolved.name}' has {self.max_positions} positions; {need} are needed")
+        super().__init__(resolved, encoder, runtime)
+        self.filters = torch.from_numpy(mel_filters(resolved.source, encoder.config.num_mel_bins, resolved.local_only)).to(self.device)
+        self.hidden = encoder.config.d_model
+        self.attn_impl = encoder.config._attn_implementation
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return (pooled_dim(self.hidden, self.pooling),)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "window": self.window, "pooling": self.pooling, "max_seconds": self.max_seconds,
+                "sample_rate": SAMPLE_RATE, "layer": "last"}
+
+    def cost(self, seconds: float) -> float:
+        return float(WINDOW_SECONDS) if self.window == "window" else seconds
+
+    def _forward(self, waves: list[np.ndarray]) -> torch.Tensor:
+        if self.window == "window":
+            audio, lengths = pad_waves([w[:WINDOW_SAMPLES] for w in waves], min_length=WINDOW_SAMPLES)
+            audio = audio[:, :WINDOW_SAMPLES]
+        else:
+            audio, lengths = pad_waves(waves, multiple=POSITION_SAMPLES)
+        audio = audio.to(self.device, non_blocking=True)
+        lengths = lengths.to(self.device)
+        with torch.autocast(device_type=self.device.type, enabled=False):
+            mel = log_mel(audio, self.filters)
+        n_pos = mel.shape[-1] // 2
+        positions = valid_positions(lengths).clamp_max(n_pos)
+        mask = None
+        if self.window == "trimmed":
+            keep = torch.arange(n_pos, device=self.device)[None, :] < positions[:, None]
+            mask = keep[:, None, None, :]
+            if self.attn_impl == "eager":
+                mask = torch.zeros(mask.shape, device=self.device).masked_fill(~mask, torch.finfo(torch.float32).min)
+        return masked_pool(self._encode_mel(mel, n_pos, mask), positions, self.pooling)
+
+    def _encode_mel(self, mel: torch.Tensor, n_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
+        """The encoder's own layers, run on any number of positions up to its table's length."""
+        enc = self.model
+        h = F.gelu(enc.conv1(mel.to(enc.conv1.weight.dtype)))
+        h = F.gelu(enc.conv2(h)).permute(0, 2, 1)
+        h = h + enc.embed_positions.weight[:n_pos]
+        for layer in enc.layers:
+            h = layer(h, mask)
+        return enc.layer_norm(h)

@@ -1,0 +1,514 @@
+"""Stage one: run a frozen encoder once over a corpus and write pooled features to a store.
+
+The loop, in order:
+1. read the corpus, load the encoder, open (or create) `OUT/<name>.zarr` and check its fingerprint;
+2. list the chunks not yet done; under torchrun each rank takes every world-th group of them;
+3. read file headers (durations) and sort each group by length, then pack batches by total seconds;
+4. decode in DataLoader workers, encode on the device, and write every chunk as soon as all of its
+   rows are resolved (written or failed). Failures go to a per-rank report line by line first.
+
+Resuming is the same command again: done chunks are skipped, and because a chunk is written whole
+and its rows are computed independently of their batch, the result equals an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ser_cache import __version__
+from ser_cache import audio as audio_lib
+from ser_cache.corpus import Utterance, load_corpus
+from ser_cache.store import (
+    STORE_DTYPE,
+    FeatureStore,
+    StoreError,
+    StoreLock,
+    fingerprint,
+    ids_digest,
+    remove_store,
+)
+
+ON_ERROR = ("skip", "fail")
+MIN_SECONDS = 0.05  # shorter than a WavLM/Whisper frame or two: nothing to pool
+UNIT_ROWS = 2048  # rows sorted together for length bucketing (bounded buffer memory)
+REPORT_COLUMNS = ("id", "path", "reason")
+
+
+class ExtractError(Exception):
+    """Extraction stopped (--on-error fail) or cannot start; the message names the file or option."""
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    model: str
+    data: Path
+    out: Path
+    splits: tuple[str, ...] = ()
+    name: str | None = None
+    kind: str | None = None
+    window: str = "window"
+    pooling: str = "mean"
+    max_seconds: float = audio_lib.DEFAULT_MAX_SECONDS
+    batch_seconds: float = 600.0
+    batch_texts: int = 64
+    device: str = "auto"
+    precision: str = "auto"
+    workers: int | None = None
+    on_error: str = "skip"
+    overwrite: bool = False
+    retry_failed: bool = False
+    chunk_rows: int | None = None
+    progress: bool = True
+
+    def verify(self) -> None:
+        problems = []
+        if self.on_error not in ON_ERROR:
+            problems.append(f"--on-error {self.on_error}: expected one of {', '.join(ON_ERROR)}")
+        if not self.max_seconds > 0:
+            problems.append(f"--max-seconds {self.max_seconds}: expected a positive number of seconds")
+        if not self.batch_seconds > 0:
+            problems.append(f"--batch-seconds {self.batch_seconds}: expected a positive number of seconds")
+        if self.workers is not None and self.workers < 0:
+            problems.append(f"--workers {self.workers}: expected 0 or more")
+        if self.chunk_rows is not None and self.chunk_rows < 1:
+            problems.append(f"--chunk-rows {self.chunk_rows}: expected 1 or more")
+        if problems:
+            raise ExtractError("; ".join(problems))
+
+
+@dataclass
+class ExtractResult:
+    store: Path
+    report: Path
+    rows: int
+    written: int
+    failed: int
+    computed: int  # rows computed by this run (this rank)
+    skipped: int  # rows already done before this run
+    audio_seconds: float
+    wall_seconds: float
+    timings: dict = field(default_factory=dict)
+
+    @property
+    def utterances_per_second(self) -> float:
+        return self.computed / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+    @property
+    def audio_seconds_per_second(self) -> float:
+        return self.audio_seconds / self.wall_seconds if self.wall_seconds > 0 else 0.0
+
+
+def store_path(cfg: ExtractConfig) -> Path:
+    from ser_cache.encoders import default_store_name
+
+    return Path(cfg.out) / f"{cfg.name or default_store_name(cfg.model)}.zarr"
+
+
+def report_path(store: Path) -> Path:
+    return store.with_name(store.name.removesuffix(".zarr") + ".errors.csv")
+
+
+def extract(cfg: ExtractConfig) -> ExtractResult:
+    """Run stage one as configured; returns what this process did (rank 0: the store's totals)."""
+    from ser_cache import distributed
+    from ser_cache.encoders import load_encoder
+
+    cfg.verify()
+    t0 = time.perf_counter()
+    dist = distributed.init()
+    utts = load_corpus(cfg.data, cfg.splits or None)
+    if not utts:
+        raise ExtractError(f"--data {cfg.data}: no utterances{' in split(s) ' + ', '.join(cfg.splits) if cfg.splits else ''}")
+    encoder = load_encoder(cfg.model, kind=cfg.kind, device=dist.device(cfg.device), precision=cfg.precision,
+                           window=cfg.window, pooling=cfg.pooling, max_seconds=cfg.max_seconds)
+    ids = [u.id for u in utts]
+    settings = {**encoder.settings(), "store_dtype": STORE_DTYPE, "rows": ids_digest(ids),
+                "feature_shape": list(encoder.feature_shape)}
+    path = store_path(cfg)
+    lock = StoreLock(path)
+
+    # Rank 0 alone creates or refuses the store; the others learn the outcome before touching it.
+    setup_error = None
+    if dist.is_main:
+        try:
+            lock.acquire()
+            _open_or_create(path, cfg, encoder, ids, settings)
+        except (StoreError, ExtractError) as exc:
+            lock.release()
+            setup_error = str(exc)
+    setup_error = dist.broadcast(setup_error)
+    if setup_error:
+        raise ExtractError(setup_error)
+    try:
+        store = FeatureStore.open(path, mode="r+")
+        result = _run(cfg, dist, encoder, utts, store, t0)
+        dist.barrier()
+        if dist.is_main:
+            _merge_reports(store, dist.world)
+            written, failed = store.flags()
+            store.update_attrs(complete=bool((written | failed).all()), rows_written=int(written.sum()),
+                               rows_failed=int(failed.sum()))
+            result.written, result.failed = int(written.sum()), int(failed.sum())
+        dist.barrier()
+        return result
+    finally:
+        lock.release()
+        distributed.shutdown(dist)
+
+
+def _open_or_create(path: Path, cfg: ExtractConfig, encoder, ids: list[str], settings: dict) -> None:
+    fp = fingerprint(settings)
+    if path.exists():
+        store = FeatureStore.open(path)
+        if store.fingerprint == fp:
+            return
+        if not cfg.overwrite:
+            raise ExtractError(
+                f"{path} was built with other settings ({_differences(store.attrs.get('settings', {}), settings)}); "
+                "pass --overwrite to rebuild it, or --name to write a new store beside it"
+            )
+        remove_store(path)
+        report = report_path(path)
+        report.unlink(missing_ok=True)
+    attrs = {
+        "name": path.name.removesuffix(".zarr"),
+        "model_id": encoder.model_id,
+        "revision": encoder.revision,
+        "kind": encoder.kind,
+        "modality": encoder.modality,
+        "window": settings.get("window"),
+        "pooling": settings.get("pooling"),
+        "max_seconds": settings.get("max_seconds"),
+        "sample_rate": settings.get("sample_rate"),
+        "settings": settings,
+        "fingerprint": fp,
+        "package_version": __version__,
+        "corpus": str(cfg.data),
+        "splits": list(cfg.splits),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "complete": False,
+    }
+    FeatureStore.create(path, ids, encoder.feature_shape, attrs, chunk_rows=cfg.chunk_rows)
+
+
+def _differences(old: dict, new: dict) -> str:
+    keys = sorted(set(old) | set(new))
+    diffs = [f"{k}: store has {old.get(k)!r}, this run {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    return "; ".join(diffs) if diffs else "unknown settings"
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class _Chunk:
+    """A chunk being filled: existing rows are kept, pending rows are computed."""
+
+    index: int
+    start: int
+    features: np.ndarray
+    written: np.ndarray
+    failed: np.ndarray
+    remaining: int
+
+
+def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: FeatureStore, t0: float) -> ExtractResult:
+    from ser_cache.progress import ExtractProgress
+
+    pending = store.pending_chunks(retry_failed=cfg.retry_failed)
+    units = _units(pending, store.chunk_rows)[dist.rank::dist.world]
+    written0, failed0 = store.flags()
+    report = _ReportWriter(report_path(store.path), dist.rank)
+    timings = {"headers": 0.0, "decode_wait": 0.0, "encode": 0.0, "write": 0.0}
+    total_rows = sum(min(store.chunk_rows, store.n_rows - c * store.chunk_rows) for u in units for c in u)
+    computed = 0
+    audio_seconds = 0.0
+    progress = ExtractProgress(enabled=cfg.progress and dist.is_main, total=total_rows, name=store.path.name)
+    try:
+        with progress:
+            for unit in units:
+                chunks = {}
+                todo: list[int] = []
+                for c in unit:
+                    start, end = store.chunk_bounds(c)
+                    w, f = written0[start:end].copy(), failed0[start:end].copy()
+                    feats = np.asarray(store.group["features"][start:end]) if w.any() else np.zeros((end - start, *store.feature_shape), dtype=STORE_DTYPE)
+                    need = ~w if cfg.retry_failed else ~(w | f)
+                    f[need] = False
+                    chunks[c] = _Chunk(c, start, feats, w, f, int(need.sum()))
+                    todo.extend(int(r) for r in np.flatnonzero(need) + start)
+                    progress.advance(int((~need).sum()), 0.0)  # rows of the chunk already done
+                rows_done = _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, progress)
+                computed += rows_done[0]
+                audio_seconds += rows_done[1]
+    finally:
+        report.close()
+    wall = time.perf_counter() - t0
+    written, failed = store.flags()
+    result = ExtractResult(store=store.path, report=report_path(store.path), rows=store.n_rows,
+                           written=int(written.sum()), failed=int(failed.sum()), computed=computed,
+                           skipped=int((written0 | failed0).sum()), audio_seconds=audio_seconds,
+                           wall_seconds=wall, timings=timings)
+    return result
+
+
+def _units(pending: list[int], chunk_rows: int) -> list[list[int]]:
+    """Group pending chunks into units of about UNIT_ROWS rows: the span sorted for bucketing."""
+    per_unit = max(1, UNIT_ROWS // chunk_rows)
+    return [pending[i:i + per_unit] for i in range(0, len(pending), per_unit)]
+
+
+def _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, progress) -> tuple[int, float]:
+    """Compute the rows `todo`, writing each chunk as soon as all its rows are resolved."""
+    rows_per_chunk = store.chunk_rows
+    computed, seconds_done = 0, 0.0
+
+    def resolve(row: int, value: np.ndarray | None, reason: str | None, seconds: float) -> None:
+        nonlocal computed, seconds_done
+        ch = chunks[row // rows_per_chunk]
+        i = row - ch.start
+        if value is not None:
+            ch.features[i] = value
+            ch.written[i] = True
+        else:
+            report.add(utts[row], reason)
+            if cfg.on_error == "fail":
+                raise ExtractError(f"{utts[row].path}: {reason} (--on-error fail; the report is {report.final})")
+            ch.failed[i] = True
+        ch.remaining -= 1
+        computed += 1
+        seconds_done += seconds
+        progress.advance(1, seconds)
+        if ch.remaining == 0:
+            t = time.perf_counter()
+            report.flush()  # the reasons reach the disk before the flags that point to them
+            store.write_chunk(ch.index, ch.features, ch.written, ch.failed)
+            timings["write"] += time.perf_counter() - t
+
+    if encoder.modality == "text":
+        _encode_texts(cfg, encoder, utts, todo, resolve, timings)
+    else:
+        _encode_audio(cfg, encoder, utts, todo, resolve, timings)
+    return computed, seconds_done
+
+
+def _encode_texts(cfg, encoder, utts, todo, resolve, timings) -> None:
+    texts = {}
+    for row in todo:
+        text = utts[row].read_text()
+        if text is None or not text.strip():
+            where = utts[row].transcript or "manifest text column"
+            resolve(row, None, f"missing transcript ({where})", 0.0)
+        else:
+            texts[row] = text
+    order = sorted(texts, key=lambda r: len(texts[r]))
+    for i in range(0, len(order), cfg.batch_texts):
+        rows = order[i:i + cfg.batch_texts]
+        _encode_batch(encoder, rows, [texts[r] for r in rows], [0.0] * len(rows), resolve, timings, cfg)
+
+
+def _encode_audio(cfg, encoder, utts, todo, resolve, timings) -> None:
+    t = time.perf_counter()
+    durations = _durations(utts, todo, cfg.max_seconds, resolve)
+    timings["headers"] += time.perf_counter() - t
+    batches = _batches(durations, encoder, cfg.batch_seconds)
+    for rows, waves, errors in _decoded(utts, batches, cfg, timings):
+        good_rows, good_waves, secs = [], [], []
+        for row, wave, err in zip(rows, waves, errors):
+            if err is not None:
+                resolve(row, None, err, 0.0)
+            else:
+                good_rows.append(row)
+                good_waves.append(wave)
+                secs.append(len(wave) / audio_lib.SAMPLE_RATE)
+        if good_rows:
+            _encode_batch(encoder, good_rows, good_waves, secs, resolve, timings, cfg)
+
+
+def _encode_batch(encoder, rows, inputs, seconds, resolve, timings, cfg) -> None:
+    """Encode a batch; if the batch fails as a whole, retry item by item to isolate the culprit."""
+    t = time.perf_counter()
+    try:
+        out = encoder.encode(inputs).numpy()
+    except Exception as exc:  # an encoder failure on one input must not cost the others
+        timings["encode"] += time.perf_counter() - t
+        if len(rows) == 1:
+            resolve(rows[0], None, f"encoder failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", 0.0)
+            return
+        for r, x, s in zip(rows, inputs, seconds):
+            _encode_batch(encoder, [r], [x], [s], resolve, timings, cfg)
+        return
+    timings["encode"] += time.perf_counter() - t
+    out16 = out.astype(STORE_DTYPE)
+    finite = np.isfinite(out16.reshape(len(rows), -1)).all(axis=1)
+    for i, row in enumerate(rows):
+        if finite[i]:
+            resolve(row, out16[i], None, seconds[i])
+        else:
+            resolve(row, None, "encoder produced non-finite values (NaN, or beyond the float16 range)", 0.0)
+
+
+def _durations(utts, todo, max_seconds, resolve) -> dict[int, float]:
+    """Header-only durations (no decoding), cropped to max_seconds; unreadable files fail here."""
+
+    def one(row):
+        try:
+            i = audio_lib.info(utts[row].path)
+        except audio_lib.AudioError as exc:
+            return row, None, exc.reason
+        if i.frames == 0:
+            return row, None, "empty audio (0 samples)"
+        return row, min(i.seconds, max_seconds), None
+
+    out = {}
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for row, secs, err in pool.map(one, todo):
+            if err is not None:
+                resolve(row, None, err, 0.0)
+            else:
+                out[row] = secs
+    return out
+
+
+def _batches(durations: dict[int, float], encoder, batch_seconds: float) -> list[list[int]]:
+    """Sort by length, then pack while (items × longest padded cost) stays within batch_seconds."""
+    order = sorted(durations, key=lambda r: durations[r])
+    batches, cur, longest = [], [], 0.0
+    for row in order:
+        cost = encoder.cost(durations[row])
+        if cur and max(longest, cost) * (len(cur) + 1) > batch_seconds:
+            batches.append(cur)
+            cur, longest = [], 0.0
+        cur.append(row)
+        longest = max(longest, cost)
+    if cur:
+        batches.append(cur)
+    return batches
+
+
+class _AudioDataset:
+    """Decodes one utterance (in a DataLoader worker): (row, waveform or None, error or None)."""
+
+    def __init__(self, paths: dict[int, str], max_seconds: float):
+        self.paths = paths
+        self.max_seconds = max_seconds
+
+    def __getitem__(self, row: int):
+        try:
+            wave = audio_lib.load(self.paths[row], max_seconds=self.max_seconds)
+        except audio_lib.AudioError as exc:
+            return row, None, exc.reason
+        if len(wave) < MIN_SECONDS * audio_lib.SAMPLE_RATE:
+            return row, None, f"too short ({len(wave) / audio_lib.SAMPLE_RATE:.3f} s; at least {MIN_SECONDS} s needed)"
+        return row, wave, None
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+def _collate(items):
+    rows, waves, errors = zip(*items)
+    return list(rows), list(waves), list(errors)
+
+
+def default_workers(device_type: str) -> int:
+    cpus = os.cpu_count() or 1
+    return min(8, max(1, cpus - 1)) if device_type == "cuda" else min(2, max(0, cpus - 1))
+
+
+def _decoded(utts, batches, cfg, timings) -> Iterator[tuple[list[int], list, list]]:
+    """Decoded batches in order. Workers are spawned, not forked: the parent runs Zarr's I/O thread."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    if not batches:
+        return
+    rows = [r for b in batches for r in b]
+    dataset = _AudioDataset({r: str(utts[r].path) for r in rows}, cfg.max_seconds)
+    device_type = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
+    workers = default_workers(device_type) if cfg.workers is None else cfg.workers
+    workers = min(workers, len(batches))
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate, num_workers=workers,
+                        multiprocessing_context="spawn" if workers > 0 else None,
+                        prefetch_factor=4 if workers > 0 else None)
+    it = iter(loader)
+    while True:
+        t = time.perf_counter()
+        try:
+            batch = next(it)
+        except StopIteration:
+            return
+        finally:
+            timings["decode_wait"] += time.perf_counter() - t
+        yield batch
+
+
+# --------------------------------------------------------------------------- the report
+
+
+class _ReportWriter:
+    """Per-rank failure lines, appended and flushed as they happen, merged at the end."""
+
+    def __init__(self, final: Path, rank: int):
+        self.final = final
+        self.partial = final.with_name(final.name.removesuffix(".csv") + f".rank{rank}.partial.csv")
+        self._fh = None
+
+    def add(self, utt: Utterance, reason: str) -> None:
+        if self._fh is None:
+            new = not self.partial.exists()
+            self._fh = open(self.partial, "a", newline="", encoding="utf-8")
+            self._writer = csv.writer(self._fh)
+            if new:
+                self._writer.writerow(REPORT_COLUMNS)
+        self._writer.writerow([utt.id, str(utt.path), reason])
+
+    def flush(self) -> None:
+        if self._fh is not None:
+            self._fh.flush()
+            os.fsync(self._fh.fileno())
+
+    def close(self) -> None:
+        if self._fh is not None:
+            self.flush()
+            self._fh.close()
+            self._fh = None
+
+
+def read_report(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    with open(path, newline="", encoding="utf-8") as f:
+        return list(csv.DictReader(f))
+
+
+def _merge_reports(store: FeatureStore, world: int) -> None:
+    """One report for the store: earlier entries plus every rank's new ones, for rows still failed."""
+    final = report_path(store.path)
+    partials = sorted(final.parent.glob(final.name.removesuffix(".csv") + ".rank*.partial.csv"))
+    entries: dict[str, dict] = {}
+    for src in [final, *partials]:
+        for row in read_report(src):
+            entries[row["id"]] = row
+    _, failed = store.flags()
+    failed_ids = set(store.ids()[failed].tolist())
+    keep = [entries[i] for i in sorted(entries) if i in failed_ids]
+    if keep:
+        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+        with open(tmp, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=REPORT_COLUMNS)
+            w.writeheader()
+            w.writerows({k: e.get(k, "") for k in REPORT_COLUMNS} for e in keep)
+        os.replace(tmp, final)
+    else:
+        final.unlink(missing_ok=True)
+    for p in partials:
+        p.unlink(missing_ok=True)

@@ -1,0 +1,186 @@
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from ser_cache.heads import LayerWeighting, MultitaskHeads, RegressionHead
+
+LABEL_MIN = [1.0, 1.5, 1.2]
+LABEL_MAX = [7.0, 6.5, 6.8]
+
+
+def make_heads(**overrides) -> MultitaskHeads:
+    kwargs = dict(
+        hidden=16,
+        dropout=0.1,
+        label_min=LABEL_MIN,
+        label_max=LABEL_MAX,
+        n_genders=2,
+        n_speakers=10,
+        speaker_embedding_dim=8,
+    )
+    kwargs.update(overrides)
+    input_dims = kwargs.pop("input_dims", {"whisper-large-v3": (4, 6), "roberta.large": (5,)})
+    return MultitaskHeads(input_dims, **kwargs)
+
+
+def make_inputs(batch: int = 3, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "whisper-large-v3": torch.randn(batch, 4, 6, generator=g),
+        "roberta.large": torch.randn(batch, 5, generator=g),
+    }
+
+
+def test_layer_weighting_starts_as_plain_mean():
+    x = torch.randn(2, 5, 7)
+    lw = LayerWeighting(5)
+    torch.testing.assert_close(lw(x), x.mean(dim=1))
+    torch.testing.assert_close(lw.weights, torch.full((5,), 0.2))
+
+
+def test_layer_weighting_receives_gradients():
+    lw = LayerWeighting(3)
+    x = torch.randn(4, 3, 2)
+    x[:, 0] += 5.0  # layers differ, so the weights matter
+    lw(x).sum().backward()
+    assert lw.logits.grad is not None and lw.logits.grad.abs().sum() > 0
+
+
+def test_regression_head_stays_in_label_range():
+    torch.manual_seed(0)
+    head = RegressionHead(4, hidden=8, lo=1.3, hi=6.7).eval()
+    x = torch.cat([torch.randn(64, 4), torch.randn(64, 4) * 1e6, torch.full((2, 4), -1e30)])
+    y = head(x)
+    assert y.shape == (130,)
+    assert torch.all(y >= 1.3 - 1e-6) and torch.all(y <= 6.7 + 1e-6)
+    assert torch.all(y >= head.lo) and torch.all(y <= head.hi)
+    # Eq. 2 on ordinary inputs.
+    z = head.mlp(x[:64]).squeeze(-1)
+    torch.testing.assert_close(y[:64], 1.3 + (6.7 - 1.3) * torch.sigmoid(z))
+
+
+def test_regression_head_range_in_state_dict():
+    head = RegressionHead(4, hidden=8, lo=2.0, hi=5.0)
+    other = RegressionHead(4, hidden=8, lo=0.0, hi=1.0)
+    other.load_state_dict(head.state_dict())
+    assert other.lo.item() == 2.0 and other.hi.item() == 5.0
+    x = torch.randn(5, 4)
+    torch.testing.assert_close(other.eval()(x), head.eval()(x))
+
+
+def test_regression_head_rejects_empty_range():
+    with pytest.raises(ValueError):
+        RegressionHead(4, lo=3.0, hi=3.0)
+
+
+def test_multitask_output_shapes_and_aam_attributes():
+    heads = make_heads()
+    out = heads(make_inputs(batch=3))
+    assert out["avd"].shape == (3, 3)
+    assert out["gender_logits"].shape == (3, 2)
+    assert out["speaker_embedding"].shape == (3, 8)
+    assert heads.in_dim == 6 + 5
+    assert (heads.speaker_embedding_dim, heads.n_speakers) == (8, 10)
+    assert (heads.aam_margin, heads.aam_scale) == (0.2, 30.0)
+    for col, (lo, hi) in enumerate(zip(LABEL_MIN, LABEL_MAX)):
+        assert torch.all((out["avd"][:, col] >= lo) & (out["avd"][:, col] <= hi))
+
+
+def test_multitask_without_auxiliary_heads():
+    out = make_heads(n_genders=0, n_speakers=0)(make_inputs())
+    assert set(out) == {"avd"}
+
+
+def test_multitask_input_order_is_sorted_by_name():
+    torch.manual_seed(0)
+    a = make_heads(input_dims={"b-enc": (3,), "a-enc": (2, 4)}).eval()
+    b = make_heads(input_dims={"a-enc": (2, 4), "b-enc": (3,)}).eval()
+    b.load_state_dict(a.state_dict())
+    inputs = {"b-enc": torch.randn(2, 3), "a-enc": torch.randn(2, 2, 4)}
+    reordered = {"a-enc": inputs["a-enc"], "b-enc": inputs["b-enc"]}
+    out_a, out_b = a(inputs), b(reordered)
+    for key in out_a:
+        torch.testing.assert_close(out_a[key], out_b[key])
+    assert a.config() == b.config()
+
+
+def test_multitask_config_and_weights_round_trip(tmp_path):
+    torch.manual_seed(1)
+    heads = make_heads()
+    # Move weights off their initial values so a load that silently failed would show.
+    with torch.no_grad():
+        for p in heads.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    (tmp_path / "config.json").write_text(json.dumps(heads.config()))
+    save_file(heads.state_dict(), tmp_path / "weights.safetensors")
+
+    torch.manual_seed(2)
+    rebuilt = MultitaskHeads.from_config(json.loads((tmp_path / "config.json").read_text()))
+    rebuilt.load_state_dict(load_file(tmp_path / "weights.safetensors"))
+    inputs = make_inputs(batch=4, seed=5)
+    expected, got = heads.eval()(inputs), rebuilt.eval()(inputs)
+    assert set(expected) == set(got)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=0, atol=0)
+
+
+def test_multitask_missing_input_names_it():
+    inputs = make_inputs()
+    del inputs["roberta.large"]
+    with pytest.raises(KeyError, match="roberta.large"):
+        make_heads()(inputs)
+
+
+@pytest.mark.parametrize(
+    ("name", "tensor"),
+    [
+        ("whisper-large-v3", torch.randn(3, 5, 6)),
+        ("roberta.large", torch.randn(3, 4)),
+        ("roberta.large", torch.randn(3, 1, 5)),
+    ],
+)
+def test_multitask_wrong_shape_names_it(name, tensor):
+    inputs = make_inputs()
+    inputs[name] = tensor
+    with pytest.raises(ValueError, match=name):
+        make_heads()(inputs)
+
+
+def test_multitask_accepts_half_precision_cache():
+    heads = make_heads().eval()
+    inputs = make_inputs()
+    half = {k: v.half() for k, v in inputs.items()}
+    torch.testing.assert_close(heads(half)["avd"], heads(inputs)["avd"], atol=1e-2, rtol=0)
+
+
+def test_multitask_learns_a_synthetic_regression():
+    torch.manual_seed(0)
+    n = 256
+    layered = torch.randn(n, 3, 4)
+    flat = torch.randn(n, 5)
+    # Targets inside the label range that depend on both inputs.
+    signal = torch.tanh(layered[:, 1, :3] + flat[:, :3])
+    lo, hi = torch.tensor(LABEL_MIN), torch.tensor(LABEL_MAX)
+    target = lo + (hi - lo) * (signal + 1) / 2
+    heads = MultitaskHeads(
+        {"enc": (3, 4), "text": (5,)},
+        hidden=32,
+        dropout=0.0,
+        label_min=LABEL_MIN,
+        label_max=LABEL_MAX,
+    )
+    optimizer = torch.optim.Adam(heads.parameters(), lr=1e-2)
+    inputs = {"enc": layered, "text": flat}
+
+    def loss() -> torch.Tensor:
+        return torch.nn.functional.mse_loss(heads(inputs)["avd"], target)
+
+    initial = loss().item()
+    for _ in range(60):
+        optimizer.zero_grad()
+        step_loss = loss()
+        step_loss.backward()
+        optimizer.step()
+    assert loss().item() < 0.5 * initial

@@ -205,6 +205,49 @@ def _differences(old: dict, new: dict) -> str:
     return "; ".join(diffs) if diffs else "unknown settings"
 
 
+def encoder_for_store(attrs: dict, *, device: str = "auto", precision: str = "auto", model: str | None = None):
+    """Load the encoder a store was built with (same kind, window, pooling, crop), e.g. to featurise new audio.
+
+    `model` overrides where the weights are (a local copy of the same model); the result's
+    fingerprint-relevant settings still have to match the store's, which the caller checks.
+    """
+    from ser_cache.encoders import load_encoder
+
+    settings = attrs.get("settings", {})
+    return load_encoder(model or attrs["model_id"], kind=attrs.get("kind"), device=device, precision=precision,
+                        window=settings.get("window") or "window", pooling=settings.get("pooling") or "mean",
+                        max_seconds=float(settings.get("max_seconds") or audio_lib.DEFAULT_MAX_SECONDS))
+
+
+def compute_features(encoder, utts: list[Utterance], *, max_seconds: float = audio_lib.DEFAULT_MAX_SECONDS,
+                     batch_seconds: float = 600.0, batch_texts: int = 64, workers: int = 0,
+                     device: str = "auto") -> tuple[np.ndarray, dict[str, str]]:
+    """Features for utterances that no store holds (e.g. `predict` on bare audio files), in memory.
+
+    Same batching, decoding and float16 rounding as `extract`, so a row equals what a store would
+    hold. Returns (features (N, *shape) float16, {id: reason} for the rows that failed; their
+    features are zero).
+    """
+    cfg = ExtractConfig(model="", data=Path("."), out=Path("."), max_seconds=max_seconds,
+                        batch_seconds=batch_seconds, batch_texts=batch_texts, workers=workers, device=device)
+    feats = np.zeros((len(utts), *encoder.feature_shape), dtype=STORE_DTYPE)
+    errors: dict[str, str] = {}
+
+    def resolve(row, value, reason, seconds):
+        if value is None:
+            errors[utts[row].id] = reason
+        else:
+            feats[row] = value
+
+    todo = list(range(len(utts)))
+    timings = {"headers": 0.0, "decode_wait": 0.0, "encode": 0.0, "write": 0.0}
+    if encoder.modality == "text":
+        _encode_texts(cfg, encoder, utts, todo, resolve, timings)
+    else:
+        _encode_audio(cfg, encoder, utts, todo, resolve, timings)
+    return feats, errors
+
+
 # --------------------------------------------------------------------------- the loop
 
 

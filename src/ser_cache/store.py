@@ -173,7 +173,8 @@ class FeatureStore:
             raise StoreError(f"{self.path}: chunk {chunk} expects features {(n, *self.feature_shape)}, got {features.shape}")
         if written.shape != (n,) or failed.shape != (n,):
             raise StoreError(f"{self.path}: chunk {chunk} flags must have {n} rows")
-        feats = features.astype(STORE_DTYPE, copy=False)
+        with np.errstate(over="ignore"):  # overflow becomes inf, which the check below refuses
+            feats = features.astype(STORE_DTYPE, copy=False)
         if not np.isfinite(feats[written]).all():
             raise StoreError(f"{self.path}: refusing to write non-finite features in chunk {chunk}")
         self.group["features"][start:end] = feats

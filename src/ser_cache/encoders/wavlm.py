@@ -2,8 +2,22 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import torch
+
+
+def _quiet(forward):
+    """WavLM's relative-position attention mixes a float bias with a boolean padding mask inside
+    torch's MultiheadAttention, which warns on every call; the result is correct."""
+
+    def wrapped(self, waves):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
+            return forward(self, waves)
+
+    return wrapped
 
 from ser_cache.audio import SAMPLE_RATE
 from ser_cache.encoders.base import (
@@ -100,6 +114,7 @@ class WavLMLayersEncoder(_WavLMBase):
     def settings(self) -> dict:
         return {**super().settings(), "pooling": self.pooling, "layer": "all"}
 
+    @_quiet
     def _forward(self, waves: list[np.ndarray]) -> torch.Tensor:
         audio, lengths, mask = self._prepare(waves)
         out = self.model(audio, attention_mask=mask, output_hidden_states=True)
@@ -137,6 +152,7 @@ class XVectorEncoder(_WavLMBase):
     def settings(self) -> dict:
         return {**super().settings(), "pooling": "xvector"}
 
+    @_quiet
     def _forward(self, waves: list[np.ndarray]) -> torch.Tensor:
         audio, _, mask = self._prepare(waves)
         return self.model(audio, attention_mask=mask).embeddings

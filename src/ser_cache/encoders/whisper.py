@@ -129,7 +129,11 @@ class WhisperAudioEncoder(Encoder):
             audio, lengths = pad_waves([w[:WINDOW_SAMPLES] for w in waves], min_length=WINDOW_SAMPLES)
             audio = audio[:, :WINDOW_SAMPLES]
         else:
-            audio, lengths = pad_waves(waves, multiple=POSITION_SAMPLES)
+            # At least N_FFT of zeros after the longest input: the STFT reflects the array's last
+            # samples at its end, and a valid frame must only ever see zeros there, whatever the
+            # batch. Otherwise an utterance's last frames would depend on its neighbours' lengths.
+            longest = max(len(w) for w in waves)
+            audio, lengths = pad_waves(waves, multiple=POSITION_SAMPLES, min_length=longest + N_FFT)
         audio = audio.to(self.device, non_blocking=True)
         lengths = lengths.to(self.device)
         with torch.autocast(device_type=self.device.type, enabled=False):

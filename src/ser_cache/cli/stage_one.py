@@ -1,45 +1,15 @@
-"""The `ser-cache` command line: each command builds a typed config and calls one library function."""
+"""Stage-one commands: extract, info, export."""
 
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Speech emotion recognition with cached encoder features: extract once, train heads in minutes.")
-err = Console(stderr=True)
-out = Console()
-
-
-def _fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
-    raise typer.Exit(code)
-
-
-def _guarded(fn, *args, **kwargs):
-    """Run a library call; known errors become one clear line and exit code 2."""
-    from ser_cache.audio import AudioError
-    from ser_cache.corpus import CorpusError
-    from ser_cache.environment import torchaudio_problem
-
-    problem = torchaudio_problem()
-    if problem:
-        _fail(problem)
-    from ser_cache.encoders import EncoderError
-    from ser_cache.extract import ExtractError
-    from ser_cache.store import StoreError
-
-    known = (AudioError, CorpusError, EncoderError, ExtractError, StoreError)
-    try:
-        return fn(*args, **kwargs)
-    except known as exc:
-        _fail(str(exc))
+from ser_cache.cli import app, err, fail, guarded, out
 
 
 @app.command()
@@ -72,7 +42,7 @@ def extract(
                         batch_texts=batch_texts, device=device, precision=precision, workers=workers,
                         on_error=on_error, overwrite=overwrite, retry_failed=retry_failed, chunk_rows=chunk_rows,
                         progress=progress)
-    result = _guarded(run_extract, cfg)
+    result = guarded(run_extract, cfg)
     if result is None:
         return
     t = result.timings
@@ -96,7 +66,7 @@ def info(
     """Summarise a feature store: model, settings, rows written and failed, size."""
     from ser_cache.store import FeatureStore
 
-    s = _guarded(FeatureStore.open, store)
+    s = guarded(FeatureStore.open, store)
     summary = s.summary()
     if as_json:
         out.print_json(json.dumps(summary))
@@ -122,15 +92,7 @@ def export(
     from ser_cache.store import FeatureStore, export_hdf5
 
     if fmt != "hdf5":
-        _fail(f"--format {fmt}: expected hdf5")
-    s = _guarded(FeatureStore.open, store)
+        fail(f"--format {fmt}: expected hdf5")
+    s = guarded(FeatureStore.open, store)
     path = export_hdf5(s, dest or store.with_suffix(".h5"))
     err.print(f"wrote {path}", highlight=False)
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()

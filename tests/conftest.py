@@ -1,0 +1,42 @@
+"""Session-wide fixtures: tiny models are built once and saved like real checkpoints."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+import factories  # noqa: E402
+
+# Tests never reach a hub: a model that is not on disk must fail fast with our message.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+MINI_PODCAST = Path(__file__).resolve().parents[2] / "shared" / "data" / "mini-podcast"
+
+
+@pytest.fixture(scope="session")
+def models(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("models")
+    return {
+        "whisper": factories.tiny_whisper(root / "whisper-tiny"),
+        "wavlm": factories.tiny_wavlm(root / "wavlm-tiny"),
+        "xvector": factories.tiny_xvector(root / "xvector-tiny"),
+        "text": factories.minilm_dir(),
+    }
+
+
+@pytest.fixture
+def corpus(tmp_path) -> Path:
+    return factories.msp_corpus(tmp_path / "corpus")
+
+
+@pytest.fixture(scope="session")
+def mini_podcast() -> Path:
+    if not (MINI_PODCAST / "Labels" / "labels_consensus.csv").is_file():
+        pytest.skip("../shared/data/mini-podcast is not present")
+    return MINI_PODCAST

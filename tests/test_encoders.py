@@ -1,0 +1,147 @@
+"""Each encoder kind against the stock transformers model run the plain way, one utterance at a time."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from factories import tone
+from ser_cache.encoders import EncoderError, default_store_name, detect_kind, load_encoder, masked_pool
+from ser_cache.encoders.whisper import WINDOW_POSITIONS, WINDOW_SAMPLES
+
+
+def waves():
+    return [tone(2.3, seed=1), tone(7.1, freq=180, seed=2), tone(0.6, freq=300, seed=3), tone(16.0, seed=4)[:WINDOW_SAMPLES]]
+
+
+def test_detect_kind(models):
+    assert detect_kind(str(models["whisper"])) == "whisper"
+    assert detect_kind(str(models["wavlm"])) == "wavlm"
+    assert detect_kind(str(models["xvector"])) == "xvector"
+    assert detect_kind(str(models["text"])) == "text"
+    assert detect_kind("whisper-large-v3") == "whisper"  # short names need no files
+
+
+def test_default_store_names():
+    assert default_store_name("roberta-large") == "roberta-large"
+    assert default_store_name("openai/whisper-large-v3") == "whisper-large-v3"
+    assert default_store_name("/some/dir/my-model/") == "my-model"
+
+
+def test_whisper_15s_window_equals_stock_encoder_with_750_positions(models):
+    """Our window == transformers' WhisperEncoder built for 750 positions, given the first 750 table rows."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    enc = load_encoder(str(models["whisper"]), device="cpu", precision="fp32")
+    ours = enc.encode(waves()).numpy()
+
+    full = WhisperForConditionalGeneration.from_pretrained(models["whisper"]).model.encoder
+    config = WhisperConfig.from_pretrained(models["whisper"])
+    config.max_source_positions = WINDOW_POSITIONS
+    stock = WhisperEncoder(config).eval()
+    state = full.state_dict()
+    state["embed_positions.weight"] = state["embed_positions.weight"][:WINDOW_POSITIONS]
+    stock.load_state_dict(state)
+    fe = WhisperFeatureExtractor(feature_size=config.num_mel_bins, chunk_length=15)
+    ref = []
+    for w in waves():
+        feats = fe(w, sampling_rate=16_000, return_tensors="pt").input_features
+        assert feats.shape[-1] == 1500
+        with torch.no_grad():
+            h = stock(feats).last_hidden_state[0]
+        valid = math.ceil(len(w) / 320)
+        ref.append(h[:valid].mean(0).numpy())
+    np.testing.assert_allclose(ours, np.stack(ref), rtol=1e-4, atol=1e-4)
+
+
+def test_whisper_trimmed_is_batch_independent_and_close_to_window(models):
+    trimmed = load_encoder(str(models["whisper"]), device="cpu", precision="fp32", window="trimmed")
+    ws = waves()
+    together = trimmed.encode(ws).numpy()
+    alone = np.stack([trimmed.encode([w]).numpy()[0] for w in ws])
+    np.testing.assert_allclose(together, alone, rtol=1e-4, atol=1e-5)
+    window = load_encoder(str(models["whisper"]), device="cpu", precision="fp32").encode(ws).numpy()
+    cos = (window * together).sum(1) / np.linalg.norm(window, axis=1) / np.linalg.norm(together, axis=1)
+    assert np.all(cos > 0.9)  # close, but not the same computation:
+    assert not np.allclose(window, together, atol=1e-4)
+
+
+def test_whisper_window_refuses_longer_crop(models):
+    with pytest.raises(EncoderError, match="--window trimmed"):
+        load_encoder(str(models["whisper"]), device="cpu", max_seconds=20)
+
+
+def test_wavlm_all_layers_equal_stock_model_one_at_a_time(models):
+    from transformers import WavLMModel
+
+    enc = load_encoder(str(models["wavlm"]), device="cpu", precision="fp32", pooling="mean+std")
+    ws = waves()[:3]
+    ours = enc.encode(ws).numpy()
+    stock = WavLMModel.from_pretrained(models["wavlm"]).eval()
+    assert ours.shape == (3, stock.config.num_hidden_layers + 1, 2 * stock.config.hidden_size)
+    for i, w in enumerate(ws):
+        x = torch.from_numpy((w - w.mean()) / np.sqrt(w.var() + 1e-7))[None]
+        with torch.no_grad():
+            hs = stock(x, output_hidden_states=True).hidden_states
+        ref = np.stack([torch.cat([h[0].mean(0), h[0].std(0, unbiased=False)]).numpy() for h in hs])
+        np.testing.assert_allclose(ours[i], ref, rtol=1e-3, atol=2e-4)
+
+
+def test_xvector_equals_stock_model(models):
+    from transformers import WavLMForXVector
+
+    enc = load_encoder(str(models["xvector"]), device="cpu", precision="fp32")
+    ws = waves()[:2]
+    ours = enc.encode([ws[0]]).numpy()[0]
+    stock = WavLMForXVector.from_pretrained(models["xvector"]).eval()
+    with torch.no_grad():
+        ref = stock(torch.from_numpy(ws[0])[None]).embeddings[0].numpy()
+    assert ours.shape == (24,)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_text_masked_mean_equals_unpadded_mean(models):
+    from transformers import AutoModel, AutoTokenizer
+
+    enc = load_encoder(str(models["text"]), device="cpu", precision="fp32")
+    texts = ["a short one", "a considerably longer sentence about a wonderful happy day at the sea"]
+    ours = enc.encode(texts).numpy()
+    tok = AutoTokenizer.from_pretrained(models["text"])
+    model = AutoModel.from_pretrained(models["text"]).eval()
+    for i, t in enumerate(texts):
+        with torch.no_grad():
+            h = model(**tok(t, return_tensors="pt")).last_hidden_state[0]
+        np.testing.assert_allclose(ours[i], h.mean(0).numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_masked_pool_against_numpy():
+    rng = np.random.default_rng(0)
+    h = rng.standard_normal((2, 6, 3)).astype(np.float32)
+    out = masked_pool(torch.from_numpy(h), torch.tensor([4, 6]), "mean+std").numpy()
+    for b, n in enumerate([4, 6]):
+        np.testing.assert_allclose(out[b, :3], h[b, :n].mean(0), atol=1e-6)
+        np.testing.assert_allclose(out[b, 3:], h[b, :n].std(0), atol=1e-6)
+
+
+def test_unreachable_model_gives_one_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(EncoderError) as e:
+        load_encoder("whisper-large-v3", device="cpu")
+    msg = str(e.value)
+    assert "whisper-large-v3" in msg and "openai/whisper-large-v3" in msg and "--model DIR" in msg
+    with pytest.raises(EncoderError, match="no-such-org/no-such-model"):
+        load_encoder("no-such-org/no-such-model", kind="text", device="cpu")
+
+
+def test_checkpoint_missing_encoder_weights_is_refused(tmp_path, models):
+    """A directory whose weights do not fit the encoder must not silently run on random weights."""
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32,
+                         vocab_size=50)).save_pretrained(tmp_path / "bert")
+    cfg = (models["whisper"] / "config.json").read_text()
+    (tmp_path / "bert" / "config.json").write_text(cfg)  # claims to be Whisper, holds BERT weights
+    with pytest.raises(EncoderError, match="lacks .* weight"):
+        load_encoder(str(tmp_path / "bert"), device="cpu")

@@ -1,0 +1,212 @@
+"""End-to-end stage one: what lands in the store, resume after a crash, bad input, refusals."""
+
+import csv
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+
+from factories import msp_corpus, tone, write_wav
+from ser_cache import audio
+from ser_cache.corpus import load_corpus
+from ser_cache.encoders import load_encoder
+from ser_cache.extract import ExtractConfig, ExtractError, extract, report_path
+from ser_cache.store import FeatureStore, StoreLock
+
+
+def cfg(model, data, out, **kw):
+    base = dict(model=str(model), data=data, out=out, device="cpu", workers=0, progress=False)
+    base.update(kw)
+    return ExtractConfig(**base)
+
+
+def read(path):
+    return FeatureStore.open(path).read()
+
+
+def test_store_rows_equal_an_online_forward_pass(models, corpus, tmp_path):
+    for kind, kw in [("whisper", {}), ("whisper", {"window": "trimmed", "name": "wt"}), ("wavlm", {}),
+                     ("xvector", {}), ("text", {"name": "minilm"})]:
+        r = extract(cfg(models[kind], corpus, tmp_path / "f", **kw))
+        ids, feats, written = read(r.store)
+        assert written.all() and r.failed == 0 and feats.dtype == np.float16
+        utts = {u.id: u for u in load_corpus(corpus)}
+        enc = load_encoder(str(models[kind]), device="cpu", precision="fp32", **{k: v for k, v in kw.items() if k != "name"})
+        for i in (0, 5, len(ids) - 1):
+            u = utts[ids[i]]
+            x = u.read_text() if enc.modality == "text" else audio.load(u.path)
+            online = enc.encode([x]).numpy()[0]
+            np.testing.assert_allclose(feats[i].astype(np.float32), online, rtol=2e-3, atol=2e-3, err_msg=f"{kind} row {i}")
+
+
+def test_store_layout_and_attributes(models, corpus, tmp_path):
+    r = extract(cfg(models["wavlm"], corpus, tmp_path, pooling="mean+std", chunk_rows=4))
+    s = FeatureStore.open(r.store)
+    a = s.attrs
+    assert r.store.name == "wavlm-tiny.zarr"
+    assert s.feature_shape == (3, 64)  # 2 layers + CNN output, mean and std of 32 dims
+    for key in ("model_id", "revision", "kind", "window", "pooling", "max_seconds", "sample_rate", "dtype",
+                "package_version", "fingerprint"):
+        assert key in a, key
+    assert a["kind"] == "wavlm" and a["pooling"] == "mean+std" and a["complete"] is True
+    assert s.group["features"].chunks == (4, 3, 64)
+
+
+def test_resume_after_interruption_gives_identical_arrays(models, tmp_path, monkeypatch):
+    data = msp_corpus(tmp_path / "c", n=20, unlabeled=0)
+    ref = extract(cfg(models["whisper"], data, tmp_path / "ref", chunk_rows=3, workers=1))  # the DataLoader path
+
+    calls = {"n": 0}
+    original = FeatureStore.write_chunk
+
+    def crash_on_third(self, *args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # as a Ctrl-C mid-run would
+        return original(self, *args)
+
+    monkeypatch.setattr(FeatureStore, "write_chunk", crash_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        extract(cfg(models["whisper"], data, tmp_path / "run", chunk_rows=3))
+    monkeypatch.setattr(FeatureStore, "write_chunk", original)
+    partial = FeatureStore.open(tmp_path / "run" / "whisper-tiny.zarr")
+    assert 0 < partial.flags()[0].sum() < 20
+    r = extract(cfg(models["whisper"], data, tmp_path / "run", chunk_rows=3))
+    assert r.skipped == 6 and r.computed == 14
+    a, b = read(ref.store), read(r.store)
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_resume_after_kill_9_between_features_and_flags(models, tmp_path):
+    """A real SIGKILL in the worst place: inside the third chunk write, before its last array write."""
+    data = msp_corpus(tmp_path / "c", n=16, unlabeled=0)
+    out = tmp_path / "run"
+    script = tmp_path / "killer.py"
+    script.write_text(textwrap.dedent(f"""
+        import os, signal, sys
+        import zarr
+        from ser_cache.store import FeatureStore
+        original_write, original_set = FeatureStore.write_chunk, zarr.Array.__setitem__
+        state = {{"chunk_writes": 0, "sets": 0}}
+        def write_chunk(self, *args):
+            state["chunk_writes"] += 1
+            state["sets"] = 0
+            return original_write(self, *args)
+        def setitem(self, key, value):
+            if state["chunk_writes"] == 3:
+                state["sets"] += 1
+                if state["sets"] == 3:  # two of the chunk's three arrays are on disk
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return original_set(self, key, value)
+        FeatureStore.write_chunk = write_chunk
+        zarr.Array.__setitem__ = setitem
+        from ser_cache.cli import main
+        sys.argv = ["ser-cache", "extract", "--model", {str(models['whisper'])!r}, "--data", {str(data)!r},
+                    "--out", {str(out)!r}, "--chunk-rows", "4", "--device", "cpu", "--workers", "0", "--no-progress"]
+        main()
+    """))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == -9, p.stderr
+    written, _ = FeatureStore.open(out / "whisper-tiny.zarr").flags()
+    assert written.sum() == 8  # two chunks declared done; the third was cut short and is not trusted
+    again = subprocess.run([sys.executable, "-m", "ser_cache", "extract", "--model", str(models["whisper"]), "--data",
+                            str(data), "--out", str(out), "--chunk-rows", "4", "--device", "cpu", "--workers", "0",
+                            "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    ref = extract(cfg(models["whisper"], data, tmp_path / "ref", chunk_rows=4))
+    for x, y in zip(read(ref.store), read(out / "whisper-tiny.zarr")):
+        np.testing.assert_array_equal(x, y)
+
+
+def bad_corpus(tmp_path) -> Path:
+    data = msp_corpus(tmp_path / "c", n=8, unlabeled=0)
+    names = sorted(p.name for p in (data / "Audios").iterdir())
+    (data / "Audios" / names[0]).write_bytes(b"RIFF....WAVEnot really audio")  # corrupt
+    sf.write(str(data / "Audios" / names[1]), np.zeros(0, dtype=np.float32), 16_000)  # empty
+    write_wav(data / "Audios" / names[2], tone(2.0, sr=44_100, channels=2), sr=44_100)  # stereo 44.1 kHz: fine
+    (data / "Audios" / names[3]).unlink()  # listed in the labels, file missing
+    (data / "Transcripts" / names[4].replace(".wav", ".txt")).unlink()  # no transcript
+    return data
+
+
+def test_bad_files_are_reported_and_skipped(models, tmp_path):
+    data = bad_corpus(tmp_path)
+    r = extract(cfg(models["whisper"], data, tmp_path / "f", chunk_rows=4))
+    ids, feats, written = read(r.store)
+    assert r.failed == 3 and written.sum() == 5
+    assert np.isfinite(feats.astype(np.float32)).all()
+    with open(report_path(r.store), newline="") as f:
+        rows = {row["id"]: row for row in csv.DictReader(f)}
+    assert len(rows) == 3
+    reasons = " | ".join(f"{k}: {v['reason']}" for k, v in sorted(rows.items()))
+    assert "unreadable audio" in reasons and "empty audio" in reasons and "file not found" in reasons
+    assert all(row["path"].endswith(i) for i, row in rows.items())
+    # The stereo 44.1 kHz file was mixed down and resampled, then encoded like any other.
+    stereo = [u for u in load_corpus(data) if u.id == ids[2]][0]
+    enc = load_encoder(str(models["whisper"]), device="cpu", precision="fp32")
+    np.testing.assert_allclose(feats[2].astype(np.float32), enc.encode([audio.load(stereo.path)]).numpy()[0], atol=2e-3)
+    # Text: only the missing transcript fails.
+    t = extract(cfg(models["text"], data, tmp_path / "f", name="text"))
+    with open(report_path(t.store), newline="") as f:
+        assert [row["reason"] for row in csv.DictReader(f)] == [f"missing transcript ({data / 'Transcripts' / ids[4].replace('.wav', '.txt')})"]
+
+
+def test_retry_failed_after_fixing_a_file(models, tmp_path):
+    data = bad_corpus(tmp_path)
+    r = extract(cfg(models["whisper"], data, tmp_path / "f", chunk_rows=4))
+    before = read(r.store)
+    broken = sorted((data / "Audios").iterdir())[0]
+    write_wav(broken, tone(1.0))
+    again = extract(cfg(models["whisper"], data, tmp_path / "f", chunk_rows=4))
+    assert again.computed == 0 and again.failed == 3  # failures are remembered, not retried by default
+    fixed = extract(cfg(models["whisper"], data, tmp_path / "f", chunk_rows=4, retry_failed=True))
+    assert fixed.failed == 2
+    after = read(fixed.store)
+    keep = before[2]  # rows written before stay exactly as they were
+    np.testing.assert_array_equal(after[1][keep], before[1][keep])
+    with open(report_path(fixed.store), newline="") as f:
+        assert broken.name not in {row["id"] for row in csv.DictReader(f)}
+
+
+def test_on_error_fail_stops_at_the_first_bad_file(models, tmp_path):
+    data = bad_corpus(tmp_path)
+    with pytest.raises(ExtractError, match=r"--on-error fail") as e:
+        extract(cfg(models["whisper"], data, tmp_path / "f", on_error="fail"))
+    assert "MSP-PODCAST_" in str(e.value)
+
+
+def test_different_settings_are_refused_unless_overwrite(models, corpus, tmp_path):
+    extract(cfg(models["whisper"], corpus, tmp_path))
+    with pytest.raises(ExtractError, match=r"pooling: store has 'mean', this run 'mean\+std'.*--overwrite"):
+        extract(cfg(models["whisper"], corpus, tmp_path, pooling="mean+std"))
+    with pytest.raises(ExtractError, match="rows"):
+        extract(cfg(models["whisper"], corpus, tmp_path, splits=("Train",)))
+    r = extract(cfg(models["whisper"], corpus, tmp_path, pooling="mean+std", overwrite=True))
+    assert FeatureStore.open(r.store).feature_shape == (64,)
+
+
+def test_a_concurrent_run_is_refused(models, corpus, tmp_path):
+    with StoreLock(tmp_path / "whisper-tiny.zarr"):
+        with pytest.raises(ExtractError, match="another extraction"):
+            extract(cfg(models["whisper"], corpus, tmp_path))
+
+
+def test_config_problems_are_listed_together(models, corpus, tmp_path):
+    with pytest.raises(ExtractError, match=r"--on-error maybe.*--max-seconds -1"):
+        extract(cfg(models["whisper"], corpus, tmp_path, on_error="maybe", max_seconds=-1))
+
+
+def test_mini_podcast_whisper_and_text(models, mini_podcast, tmp_path):
+    """The shared 400-utterance corpus in the real layout: every row written, long files cropped."""
+    r = extract(cfg(models["whisper"], mini_podcast, tmp_path, pooling="mean+std", splits=("Train", "Development")))
+    ids, feats, written = read(r.store)
+    assert len(ids) == 302 and written.all()
+    t = extract(cfg(models["text"], mini_podcast, tmp_path, name="minilm", splits=("Development",)))
+    assert t.written == 59

@@ -86,6 +86,8 @@ class ExtractConfig:
 
 @dataclass
 class ExtractResult:
+    """What a run did; under torchrun, `computed` and `audio_seconds` are summed over the ranks."""
+
     store: Path
     report: Path
     rows: int
@@ -96,6 +98,8 @@ class ExtractResult:
     audio_seconds: float
     wall_seconds: float
     timings: dict = field(default_factory=dict)
+    rank: int = 0
+    world: int = 1
 
     @property
     def utterances_per_second(self) -> float:
@@ -150,7 +154,11 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     try:
         store = FeatureStore.open(path, mode="r+")
         result = _run(cfg, dist, encoder, utts, store, t0)
-        dist.barrier()
+        result.rank, result.world = dist.rank, dist.world
+        per_rank = dist.all_gather((result.computed, result.audio_seconds))
+        result.computed = sum(c for c, _ in per_rank)
+        result.audio_seconds = sum(a for _, a in per_rank)
+        result.wall_seconds = time.perf_counter() - t0
         if dist.is_main:
             _merge_reports(store, dist.world)
             written, failed = store.flags()
@@ -266,9 +274,11 @@ class _Chunk:
 def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: FeatureStore, t0: float) -> ExtractResult:
     from ser_cache.progress import ExtractProgress
 
-    pending = store.pending_chunks(retry_failed=cfg.retry_failed)
-    units = _units(pending, store.chunk_rows)[dist.rank::dist.world]
-    written0, failed0 = store.flags()
+    # Rank 0 alone reads what is pending and tells the others: a rank reading the flags itself
+    # could see chunks that another rank has already written, and the shares would not add up.
+    written0, failed0 = dist.broadcast(store.flags() if dist.is_main else None)
+    pending = store.pending_chunks(retry_failed=cfg.retry_failed, flags=(written0, failed0))
+    units = _units(pending, store.chunk_rows, dist.world)[dist.rank::dist.world]
     report = _ReportWriter(report_path(store.path), dist.rank)
     timings = {"headers": 0.0, "decode_wait": 0.0, "encode": 0.0, "write": 0.0}
     total_rows = sum(min(store.chunk_rows, store.n_rows - c * store.chunk_rows) for u in units for c in u)
@@ -303,9 +313,13 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
     return result
 
 
-def _units(pending: list[int], chunk_rows: int) -> list[list[int]]:
-    """Group pending chunks into units of about UNIT_ROWS rows: the span sorted for bucketing."""
-    per_unit = max(1, UNIT_ROWS // chunk_rows)
+def _units(pending: list[int], chunk_rows: int, world: int = 1) -> list[list[int]]:
+    """Group pending chunks into units of up to UNIT_ROWS rows: the span sorted for length bucketing.
+
+    Units are dealt round-robin to ranks, so they are also kept small enough that every rank gets
+    about four of them: an even share of the work without coordination.
+    """
+    per_unit = max(1, min(UNIT_ROWS // chunk_rows, -(-len(pending) // (4 * world))))
     return [pending[i:i + per_unit] for i in range(0, len(pending), per_unit)]
 
 

@@ -157,9 +157,9 @@ class FeatureStore:
     def flags(self) -> tuple[np.ndarray, np.ndarray]:
         return np.asarray(self.group["written"][:]), np.asarray(self.group["failed"][:])
 
-    def pending_chunks(self, *, retry_failed: bool = False) -> list[int]:
+    def pending_chunks(self, *, retry_failed: bool = False, flags: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
         """Chunks with at least one row neither written nor (unless retried) failed."""
-        written, failed = self.flags()
+        written, failed = flags if flags is not None else self.flags()
         done = written if retry_failed else (written | failed)
         rows = self.chunk_rows
         return [c for c in range(self.n_chunks) if not done[c * rows:(c + 1) * rows].all()]

@@ -43,7 +43,7 @@ def extract(
                         on_error=on_error, overwrite=overwrite, retry_failed=retry_failed, chunk_rows=chunk_rows,
                         progress=progress)
     result = guarded(run_extract, cfg)
-    if result is None:
+    if result is None or result.rank != 0:
         return
     t = result.timings
     err.print(

@@ -210,3 +210,14 @@ def test_mini_podcast_whisper_and_text(models, mini_podcast, tmp_path):
     assert len(ids) == 302 and written.all()
     t = extract(cfg(models["text"], mini_podcast, tmp_path, name="minilm", splits=("Development",)))
     assert t.written == 59
+
+
+def test_report_survives_an_empty_partial_file_left_by_a_killed_run(models, tmp_path):
+    """A run killed right after opening its partial report leaves an empty file; the next run must still write a header."""
+    data = bad_corpus(tmp_path)
+    out = tmp_path / "f"
+    out.mkdir()
+    (out / "whisper-tiny.errors.rank0.partial.csv").write_text("")
+    r = extract(cfg(models["whisper"], data, out, chunk_rows=4))
+    with open(report_path(r.store), newline="") as f:
+        assert len(list(csv.DictReader(f))) == 3

@@ -521,10 +521,11 @@ class _ReportWriter:
 
     def add(self, utt: Utterance, reason: str) -> None:
         if self._fh is None:
-            new = not self.partial.exists()
             self._fh = open(self.partial, "a", newline="", encoding="utf-8")
             self._writer = csv.writer(self._fh)
-            if new:
+            # Size, not existence: a process killed right after opening leaves an empty file, and
+            # lines appended to it without a header would be read as one.
+            if self._fh.tell() == 0:
                 self._writer.writerow(REPORT_COLUMNS)
         self._writer.writerow([utt.id, str(utt.path), reason])
 

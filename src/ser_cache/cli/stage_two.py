@@ -1,0 +1,174 @@
+"""Stage-two commands: train-heads, evaluate, predict, ensemble."""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ser_cache.cli import KNOWN_ERRORS, app, err, fail, guarded, out
+from ser_cache.ensemble import EnsembleError
+from ser_cache.predict import PredictError
+from ser_cache.runs import RunError
+from ser_cache.training import TrainError
+
+KNOWN_ERRORS.extend([TrainError, RunError, PredictError, EnsembleError])
+
+
+def _log_to_stderr() -> None:
+    """Show the library's info lines (rows left out and why, where features came from) on stderr."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("ser_cache")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        handler = RichHandler(console=err, show_time=False, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
+def _fmt(x) -> str:
+    return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def scores_table(title: str, scores: dict) -> Table:
+    """One row per attribute and the mean: CCC, and balanced CCC where there is one; gender below."""
+    balanced = scores.get("balanced_ccc") or {}
+    table = Table(title=title)
+    table.add_column("attribute")
+    table.add_column("CCC", justify="right")
+    if balanced:
+        table.add_column("balanced CCC", justify="right")
+    for key in ("arousal", "valence", "dominance", "mean"):
+        row = [key, _fmt(scores["ccc"][key])]
+        if balanced:
+            row.append(_fmt(balanced[key]))
+        table.add_row(*row, style="bold" if key == "mean" else None)
+    gender = scores.get("gender")
+    if gender:
+        table.add_section()
+        table.add_row("gender accuracy", _fmt(gender["accuracy"]), *([""] if balanced else []))
+        table.add_row("gender macro-F1", _fmt(gender["macro_f1"]), *([""] if balanced else []))
+    return table
+
+
+@app.command("train-heads")
+def train_heads(
+    features: list[Path] = typer.Option(..., "--features", "-f", help="A feature store (.zarr); repeat for several inputs."),
+    data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (labels and splits)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to create."),
+    train_split: str = typer.Option("Train", help="Split to train on."),
+    dev_split: str = typer.Option("Development", help="Split to validate on and select the epoch with."),
+    epochs: int = typer.Option(50, help="Epochs (paper: 50)."),
+    lr: float = typer.Option(5e-5, help="AdamW learning rate (paper: 5e-5)."),
+    batch_size: int = typer.Option(64, help="Rows per update (the paper does not say; 64)."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay (AdamW's default)."),
+    seed: int = typer.Option(0, help="Seed for initialisation, sampling and the balanced-CCC draws."),
+    no_undersample: bool = typer.Option(False, "--no-undersample", help="Train on every row each epoch instead of m per emotion class."),
+    ox: str = typer.Option("keep", help="O/X handling (paper Table 5): keep, drop, only, train+dev, train+dev-nonox."),
+    gender_weight: float = typer.Option(1.0, help="Gender head loss weight alpha (paper: 1); 0 turns the head off."),
+    speaker_weight: float = typer.Option(0.1, help="Speaker head AAM loss weight beta (paper: 0.1); 0 turns the head off."),
+    aam_margin: float = typer.Option(0.2, help="AAM-softmax margin, radians."),
+    aam_scale: float = typer.Option(30.0, help="AAM-softmax scale."),
+    select: str = typer.Option("balanced", help="Epoch kept: best mean 'balanced' CCC (paper) or plain 'ccc'."),
+    balanced_trials: int = typer.Option(10, help="Balanced-CCC trials."),
+    balanced_per_class: Optional[int] = typer.Option(None, help="Utterances per emotion and trial (default: smallest class)."),
+    hidden: int = typer.Option(256, help="Hidden units of each 2-layer head."),
+    dropout: float = typer.Option(0.1, help="Dropout in the heads."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for training (default: torch's, all cores); 1 for small or parallel runs."),
+    overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Train arousal/valence/dominance heads (plus gender and speaker heads) on cached features; write a run directory."""
+    from ser_cache.training import TrainHeadsConfig, train_heads as run_training
+
+    _log_to_stderr()
+    cfg = TrainHeadsConfig(features=tuple(features), data=data, out=out_dir, train_split=train_split,
+                           dev_split=dev_split, epochs=epochs, lr=lr, batch_size=batch_size,
+                           weight_decay=weight_decay, seed=seed, undersample=not no_undersample, ox=ox,
+                           gender_weight=gender_weight, speaker_weight=speaker_weight, aam_margin=aam_margin,
+                           aam_scale=aam_scale, select=select, balanced_trials=balanced_trials,
+                           balanced_per_class=balanced_per_class, hidden=hidden, dropout=dropout, device=device,
+                           threads=threads, overwrite=overwrite, progress=progress)
+    result = guarded(run_training, cfg)
+    if result is None:
+        return
+    out.print(scores_table(f"{result.run_dir} — {cfg.dev_split}, epoch {result.best_epoch} of {cfg.epochs}",
+                           result.metrics))
+
+
+@app.command()
+def evaluate(
+    run: Path = typer.Argument(..., help="A run directory from train-heads."),
+    data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
+    split: str = typer.Option(..., "--split", "-s", help="Labelled split to score."),
+    dest: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file (default: RUN/eval_<split>.json)."),
+    features_dir: Optional[Path] = typer.Option(None, help="Folder with the run's stores, if they moved."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+) -> None:
+    """Score a run on a labelled split: CCC per attribute, mean, balanced CCC, gender; prints a table, writes JSON."""
+    from ser_cache.predict import evaluate as run_evaluate
+
+    _log_to_stderr()
+    result = guarded(run_evaluate, run, data, split, out=dest, device=device, features_dir=features_dir)
+    if result is None:
+        return
+    out.print(scores_table(f"{run} — {split} ({result['rows']} utterances)", result))
+    err.print(f"wrote {result['out']}", highlight=False)
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="A run directory from train-heads."),
+    files: Optional[list[Path]] = typer.Argument(None, help="Audio files to predict (instead of --data/--split)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
+    split: Optional[list[str]] = typer.Option(None, "--split", "-s", help="Split(s) to predict (repeatable)."),
+    transcripts: Optional[Path] = typer.Option(None, help="CSV with columns id (or FileName) and text, for text inputs."),
+    dest: Path = typer.Option(..., "--out", "-o", help="Prediction CSV: FileName,EmoAct,EmoVal,EmoDom (+ gender)."),
+    features_dir: Optional[Path] = typer.Option(None, help="Folder with the run's stores, if they moved."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+) -> None:
+    """Predict arousal/valence/dominance for corpus splits or audio files, in the challenge's CSV format.
+
+    Cached features are used where the run's stores hold the utterances; otherwise the run's
+    encoders are run here. Text inputs need transcripts: --transcripts CSV or a .txt beside each file.
+    """
+    from ser_cache.predict import predict as run_predict
+
+    _log_to_stderr()
+    result = guarded(run_predict, run, data=data, splits=tuple(split or ()), files=tuple(files or ()),
+                     transcripts=transcripts, out=dest, device=device, features_dir=features_dir)
+    if result is None:
+        return
+    err.print(f"wrote {result.rows} predictions to {result.out}", highlight=False)
+
+
+@app.command()
+def ensemble(
+    files: list[Path] = typer.Argument(..., help="Prediction CSVs of the systems to average."),
+    dest: Path = typer.Option(..., "--out", "-o", help="Averaged prediction CSV."),
+    weights: Optional[str] = typer.Option(None, help="Comma-separated weight per file, e.g. 0.6,0.4 (default: equal)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Corpus to score the ensemble against."),
+    split: Optional[str] = typer.Option(None, "--split", "-s", help="Labelled split to score."),
+) -> None:
+    """Average the arousal/valence/dominance predictions of several systems; score them with --data/--split."""
+    from ser_cache.ensemble import ensemble as run_ensemble
+
+    parsed = None
+    if weights:
+        try:
+            parsed = [float(w) for w in weights.split(",")]
+        except ValueError:
+            fail(f"--weights {weights}: expected comma-separated numbers, e.g. 0.6,0.4")
+    result = guarded(run_ensemble, files, out=dest, weights=parsed, data=data, split=split)
+    if result is None:
+        return
+    err.print(f"wrote {result.rows} averaged predictions to {result.out} "
+              f"(weights {', '.join(f'{w:.3g}' for w in result.weights)})", highlight=False)
+    if result.scores is not None:
+        out.print(scores_table(f"ensemble — {split}", result.scores))

@@ -1,0 +1,101 @@
+"""Average the arousal/valence/dominance predictions of several systems (paper Table 6).
+
+The files must cover exactly the same utterances: an ensemble that silently averaged two
+systems on some rows and one on others would not be the system it claims to be.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ser_cache import runs
+
+
+class EnsembleError(Exception):
+    """The prediction files cannot be combined as asked; the message names the file and ids."""
+
+
+@dataclass
+class EnsembleResult:
+    out: Path
+    rows: int
+    weights: list[float]
+    scores: dict | None = None  # when --data/--split are given
+
+
+def _normalised_weights(weights: Sequence[float] | None, n: int) -> list[float]:
+    if weights is None or len(weights) == 0:
+        return [1.0 / n] * n
+    if len(weights) != n:
+        raise EnsembleError(f"--weights: {len(weights)} weight(s) for {n} prediction file(s); give one per file")
+    if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
+        raise EnsembleError(f"--weights {','.join(map(str, weights))}: expected non-negative numbers with a positive sum")
+    total = float(sum(weights))
+    return [float(w) / total for w in weights]
+
+
+def _describe(ids: Sequence[str], limit: int = 5) -> str:
+    ids = sorted(ids)
+    return ", ".join(ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
+
+
+def combine(files: Sequence[str | Path], weights: Sequence[float] | None = None) -> tuple[list[str], np.ndarray, list[float]]:
+    """(ids in the first file's order, weighted mean (N, 3), normalised weights); ids must match exactly."""
+    if len(files) < 2:
+        raise EnsembleError(f"an ensemble needs at least 2 prediction files, got {len(files)}")
+    w = _normalised_weights(weights, len(files))
+    tables = []
+    for f in files:
+        try:
+            tables.append(runs.read_predictions(f))
+        except ValueError as exc:
+            raise EnsembleError(str(exc)) from None
+    ref_path, (ref_ids, _) = files[0], tables[0]
+    ref = set(ref_ids)
+    total = np.zeros((len(ref_ids), 3), dtype=np.float64)
+    for path, (ids, values), weight in zip(files, tables, w):
+        missing, extra = ref - set(ids), set(ids) - ref
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"lacks {len(missing)} id(s) of {ref_path}: {_describe(missing)}")
+            if extra:
+                parts.append(f"has {len(extra)} id(s) that {ref_path} lacks: {_describe(extra)}")
+            raise EnsembleError(f"{path} does not cover the same utterances: {'; '.join(parts)}")
+        position = {uid: i for i, uid in enumerate(ids)}
+        total += weight * values[[position[uid] for uid in ref_ids]]
+    return list(ref_ids), total, w
+
+
+def score_predictions(ids: Sequence[str], avd: np.ndarray, data: Path, split: str, *, seed: int = 0) -> dict:
+    """CCC table (and balanced CCC where primary emotions exist) of predictions on a labelled split."""
+    from ser_cache.corpus import load_corpus
+    from ser_cache.training import score
+
+    utts = [u for u in load_corpus(data, [split]) if u.has_avd]
+    if len(utts) < 2:
+        raise EnsembleError(f"split {split} of {data} has {len(utts)} labelled utterance(s); at least 2 are needed to score")
+    position = {uid: i for i, uid in enumerate(ids)}
+    missing = [u.id for u in utts if u.id not in position]
+    if missing:
+        raise EnsembleError(f"the predictions lack {len(missing)} labelled utterance(s) of {split}: {_describe(missing)}")
+    rows = [position[u.id] for u in utts]
+    target = np.array([u.avd for u in utts], dtype=np.float64)
+    result = score(avd[rows], target, [u.emotion or "" for u in utts], seed=seed)
+    result["split"] = split
+    return result
+
+
+def ensemble(files: Sequence[str | Path], *, out: str | Path, weights: Sequence[float] | None = None,
+             data: Path | None = None, split: str | None = None) -> EnsembleResult:
+    """Average prediction files into `out` (challenge format); score it when `data` and `split` are given."""
+    if (data is None) != (split is None):
+        raise EnsembleError("--data and --split go together: give both to score the ensemble, or neither")
+    ids, avd, w = combine(files, weights)
+    scores = score_predictions(ids, avd, Path(data), split) if data is not None else None
+    path = runs.write_predictions(out, ids, avd)
+    return EnsembleResult(out=path, rows=len(ids), weights=w, scores=scores)

@@ -1,0 +1,279 @@
+"""Use a trained run: predict corpus splits or bare audio files, and evaluate on a labelled split.
+
+Where the features come from, per input the run was trained on:
+1. the store recorded in the run (or the same-named store in --features-dir), for every utterance
+   it holds — after checking that it was built with the settings the run was trained on;
+2. otherwise the encoder recorded in the run, loaded again with the same settings and run here
+   with the very batching, decoding and float16 rounding of `extract`, so a recomputed row equals
+   what a store would hold. Text encoders need each file's transcript.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ser_cache import runs
+
+log = logging.getLogger(__name__)
+
+# Settings that describe which rows a store holds rather than how its numbers were computed.
+ROW_SETTINGS = ("rows",)
+
+
+class PredictError(Exception):
+    """Prediction or evaluation cannot go on as asked; the message names the run, store, file or setting."""
+
+
+@dataclass
+class PredictResult:
+    out: Path
+    rows: int
+    sources: dict[str, str] = field(default_factory=dict)  # input name -> where its features came from
+
+
+# --------------------------------------------------------------------------- utterances
+
+
+def _transcript_table(path: Path) -> dict[str, str]:
+    """id → text from a CSV with columns id (or FileName) and text."""
+    if not Path(path).is_file():
+        raise PredictError(f"--transcripts {path}: no such file")
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        cols = reader.fieldnames or []
+        key = "id" if "id" in cols else "FileName" if "FileName" in cols else None
+        if key is None or "text" not in cols:
+            raise PredictError(f"--transcripts {path}: expected columns id (or FileName) and text; found "
+                               f"{', '.join(cols) or 'no header'}")
+        return {(row[key] or "").strip(): (row["text"] or "").strip() for row in reader}
+
+
+def file_utterances(files: Sequence[str | Path], transcripts: Path | None = None) -> list:
+    """Bare audio files as utterances: id = file name; text from the CSV by name or stem, else `<stem>.txt`."""
+    from ser_cache.corpus import Utterance
+
+    table = _transcript_table(transcripts) if transcripts else {}
+    utts, seen = [], {}
+    for f in files:
+        path = Path(f)
+        if not path.is_file():
+            raise PredictError(f"{path}: no such audio file")
+        uid = path.name
+        if uid in seen:
+            raise PredictError(f"{path} and {seen[uid]} share the file name {uid}, which is the prediction id; "
+                               "rename one")
+        seen[uid] = path
+        text = table.get(uid) or table.get(path.stem) or None
+        utts.append(Utterance(id=uid, path=path, text=text, transcript=path.with_suffix(".txt")))
+    return utts
+
+
+# --------------------------------------------------------------------------- features
+
+
+def _differences(expected: dict, found: dict, keys=None) -> list[str]:
+    keys = sorted(set(expected) | set(found)) if keys is None else keys
+    return [f"{k}: run has {expected.get(k)!r}, found {found.get(k)!r}"
+            for k in keys if k not in ROW_SETTINGS and expected.get(k) != found.get(k)]
+
+
+def _store_for(record: dict, features_dir: Path | None) -> Path:
+    path = Path(record["path"])
+    return Path(features_dir) / path.name if features_dir is not None else path
+
+
+def check_store(record: dict, store_path: Path, attrs: dict, run_dir: Path) -> None:
+    """Refuse a store whose numbers were computed differently from those the run was trained on.
+
+    The same fingerprint passes at once. Otherwise the settings are compared without the row
+    digest: a store re-extracted over more utterances with the same encoder holds the same numbers.
+    """
+    if attrs.get("fingerprint") == record.get("fingerprint"):
+        return
+    diffs = _differences(record.get("settings", {}), attrs.get("settings", {}))
+    if diffs:
+        raise PredictError(
+            f"store {store_path} does not match run {run_dir} (input '{record['name']}', fingerprint "
+            f"{record.get('fingerprint')} in the run, {attrs.get('fingerprint')} in the store): {'; '.join(diffs)}. "
+            "Re-extract it with the run's settings, or point --features-dir at stores that have them"
+        )
+
+
+def _load_encoder(record: dict, device: str, run_dir: Path):
+    """The run's encoder for an input, refused if it no longer computes what the run was trained on."""
+    from ser_cache.extract import encoder_for_store
+
+    encoder = encoder_for_store(record, device=device)
+    found = encoder.settings()
+    diffs = _differences(record.get("settings", {}), found, keys=sorted(found))
+    if diffs:
+        raise PredictError(f"the encoder of input '{record['name']}' ({record.get('model_id')}) no longer matches "
+                           f"run {run_dir}: {'; '.join(diffs)}")
+    return encoder
+
+
+def _check_transcripts(utts: list, record: dict) -> None:
+    lacking = [u for u in utts if not (u.read_text() or "").strip()]
+    if lacking:
+        u = lacking[0]
+        more = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
+        raise PredictError(
+            f"{u.path}: no transcript for the text input '{record['name']}'{more}; give --transcripts CSV "
+            f"(columns id or FileName, and text) or put {u.path.with_suffix('.txt').name} beside the audio"
+        )
+
+
+def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "auto",
+                    features_dir: Path | None = None,
+                    use_stores: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Input arrays (N, *shape) float16 aligned with `utts`, and where each input's rows came from.
+
+    `use_stores=False` computes every row with the encoders: bare files are named by their file
+    name only, which a corpus utterance in a store may share without being the same audio.
+    """
+    from ser_cache.store import STORE_DTYPE, FeatureStore, StoreError
+
+    ids = [u.id for u in utts]
+    arrays: dict[str, np.ndarray] = {}
+    sources: dict[str, str] = {}
+    for record in config["inputs"]:
+        name, shape = record["name"], tuple(record["feature_shape"])
+        feats = np.zeros((len(utts), *shape), dtype=STORE_DTYPE)
+        have = np.zeros(len(utts), dtype=bool)
+        store_path = _store_for(record, features_dir)
+        used = []
+        if use_stores and (store_path / "zarr.json").is_file():
+            try:
+                store = FeatureStore.open(store_path)
+            except StoreError as exc:
+                raise PredictError(str(exc)) from None
+            check_store(record, store_path, store.attrs, run_dir)
+            store_ids, store_feats, written = store.read()
+            row_of = {uid: i for i, uid in enumerate(store_ids.tolist())}
+            rows = np.array([row_of.get(uid, -1) for uid in ids], dtype=np.int64)
+            hit = rows >= 0
+            hit[hit] = written[rows[hit]]
+            feats[hit] = store_feats[rows[hit]]
+            have |= hit
+            if hit.any():
+                used.append(f"store {store_path} ({int(hit.sum())} rows)")
+            del store_feats
+        missing = np.flatnonzero(~have)
+        if missing.size:
+            from ser_cache.extract import compute_features
+
+            todo = [utts[i] for i in missing]
+            if record.get("modality") == "text":
+                _check_transcripts(todo, record)
+            encoder = _load_encoder(record, device, run_dir)
+            settings = record.get("settings", {})
+            kwargs = {"max_seconds": float(settings["max_seconds"])} if settings.get("max_seconds") else {}
+            computed, errors = compute_features(encoder, todo, device=device, **kwargs)
+            if errors:
+                shown = "; ".join(f"{uid}: {why}" for uid, why in list(errors.items())[:5])
+                raise PredictError(f"input '{name}': {len(errors)} utterance(s) could not be encoded ({shown})")
+            if tuple(computed.shape[1:]) != shape:
+                raise PredictError(f"input '{name}': the encoder gives features of shape {computed.shape[1:]}, "
+                                   f"the run was trained on {shape}")
+            feats[missing] = computed
+            used.append(f"encoder {record.get('model_id')} ({missing.size} rows)")
+            del encoder
+        arrays[name] = feats
+        sources[name] = " + ".join(used)
+        log.info("input '%s': %s", name, sources[name])
+    return arrays, sources
+
+
+def run_heads(heads, arrays: dict[str, np.ndarray], *, device: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
+    import torch
+
+    from ser_cache.training import infer, resolve_device
+
+    dev = resolve_device(device)
+    heads.to(dev)
+    n = len(next(iter(arrays.values())))
+    return infer(heads, lambda idx: {k: torch.from_numpy(a[idx]) for k, a in arrays.items()}, n, device=dev)
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[str] = (),
+            files: Sequence[str | Path] = (), transcripts: Path | None = None, out: str | Path,
+            device: str = "auto", features_dir: Path | None = None) -> PredictResult:
+    """Predict corpus splits (`data` + `splits`) or audio `files`; write the challenge CSV to `out`."""
+    from ser_cache.corpus import load_corpus
+
+    run_dir = Path(run_dir)
+    heads, config = _load(run_dir)
+    if files and (data is not None or splits):
+        raise PredictError("give either audio files or --data with --split, not both")
+    if files:
+        utts = file_utterances(files, transcripts)
+    elif data is not None:
+        if not splits:
+            raise PredictError(f"--data {data}: name the split(s) to predict with --split")
+        utts = load_corpus(data, splits)
+        if not utts:
+            raise PredictError(f"--data {data}: no utterance in split(s) {', '.join(splits)}")
+    else:
+        raise PredictError("nothing to predict: give audio files, or --data with --split")
+    arrays, sources = gather_features(config, utts, run_dir=run_dir, device=device, features_dir=features_dir,
+                                      use_stores=not files)
+    avd, probs = run_heads(heads, arrays, device=device)
+    gender_labels = config.get("gender_labels") or None
+    path = runs.write_predictions(out, [u.id for u in utts], avd, gender_labels=gender_labels, gender_probs=probs)
+    return PredictResult(out=path, rows=len(utts), sources=sources)
+
+
+def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | None = None, device: str = "auto",
+             features_dir: Path | None = None) -> dict:
+    """Score a run on a labelled split: CCC table, balanced CCC, gender; JSON to `out` or run_dir/eval_<split>.json."""
+    from ser_cache.corpus import load_corpus
+    from ser_cache.sampling import is_ox
+    from ser_cache.training import label_index, score
+
+    run_dir = Path(run_dir)
+    heads, config = _load(run_dir)
+    utts = load_corpus(data, [split])
+    train = config["train"]
+    labelled = [u for u in utts if u.has_avd]
+    result: dict = {"run": str(run_dir), "data": str(data), "split": split, "unlabelled": len(utts) - len(labelled)}
+    if result["unlabelled"]:
+        log.info("%d utterance(s) of %s have no arousal/valence/dominance label and are left out",
+                 result["unlabelled"], split)
+    # O/X Development rows that the run trained on (paper Table 5) must not be scored again.
+    if split.lower() == str(train.get("dev_split", "")).lower() and train.get("ox") in ("train+dev", "train+dev-nonox"):
+        ox = is_ox(np.array([u.emotion or "" for u in labelled], dtype=object))
+        result["trained_on_left_out"] = int(ox.sum())
+        labelled = [u for u, o in zip(labelled, ox) if not o]
+    if len(labelled) < 2:
+        raise PredictError(f"split {split} of {data} has {len(labelled)} labelled utterance(s) to score; "
+                           "at least 2 are needed")
+    arrays, sources = gather_features(config, labelled, run_dir=run_dir, device=device, features_dir=features_dir)
+    avd, probs = run_heads(heads, arrays, device=device)
+    target = np.array([u.avd for u in labelled], dtype=np.float64)
+    genders = label_index([u.gender for u in labelled], config.get("gender_labels") or [])
+    result.update(score(avd, target, [u.emotion or "" for u in labelled],
+                        gender_pred=None if probs is None else probs.argmax(1),
+                        gender_true=None if probs is None else genders,
+                        balanced_trials=int(train.get("balanced_trials", 10)),
+                        balanced_per_class=train.get("balanced_per_class"), seed=int(train.get("seed", 0))))
+    result["sources"] = sources
+    target_path = Path(out) if out is not None else run_dir / f"eval_{split}.json"
+    runs.write_json_atomic(target_path, result)
+    result["out"] = str(target_path)
+    return result
+
+
+def _load(run_dir: Path):
+    try:
+        return runs.load_run(run_dir)
+    except runs.RunError as exc:
+        raise PredictError(str(exc)) from None

@@ -1,0 +1,262 @@
+"""The run directory that `train-heads` writes and `evaluate`/`predict` read.
+
+Layout (documented for users in docs/training.md):
+
+    <run>/
+        config.json          the full training config, every input store (path, fingerprint, model
+                             id, revision, kind, settings), label min/max, gender labels, speakers,
+                             the heads' constructor arguments, package version
+        model.safetensors    heads weights ("heads.*"), plus the AAM-softmax class weights ("aam.*")
+        metrics.json         Development scores of the kept epoch
+        history.csv          one row per epoch: losses, Development CCCs, balanced CCC, gender
+        predictions_dev.csv  the kept epoch's Development predictions, challenge format
+
+Why the whole directory is written beside the target and renamed into place: a run killed in
+epoch 40 must not leave a directory that looks finished, and `--overwrite` must not destroy the
+old run before the new one exists. Single files written later (eval_<split>.json) go through a
+temporary file and os.replace for the same reason.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+RUN_FORMAT = "ser-cache-run"
+RUN_FORMAT_VERSION = 1
+CONFIG = "config.json"
+WEIGHTS = "model.safetensors"
+METRICS = "metrics.json"
+HISTORY = "history.csv"
+DEV_PREDICTIONS = "predictions_dev.csv"
+
+# The challenge's submission columns, in order: arousal, valence, dominance.
+ID_COLUMN = "FileName"
+AVD_COLUMNS = ("EmoAct", "EmoVal", "EmoDom")
+GENDER_COLUMN = "Gender"
+GENDER_PROB_PREFIX = "GenderProb_"
+
+
+class RunError(Exception):
+    """A run directory cannot be written or read as asked; the message names the path and the reason."""
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def _tmp_beside(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_beside(path)
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    return write_text_atomic(path, json.dumps(_jsonable(obj), indent=2, allow_nan=True) + "\n")
+
+
+def write_csv_atomic(path: str | Path, header: Sequence[str], rows: Iterator[Sequence] | list) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_beside(path)
+    with open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    os.replace(tmp, path)
+    return path
+
+
+def _jsonable(obj):
+    """Paths as strings, numpy scalars as Python numbers, NaN kept (json writes it as NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+# --------------------------------------------------------------------------- the directory
+
+
+def is_run_dir(path: Path) -> bool:
+    try:
+        return json.loads((Path(path) / CONFIG).read_text()).get("format") == RUN_FORMAT
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def check_run_target(path: str | Path, overwrite: bool) -> None:
+    """Refuse a target that exists (unless overwrite), and never overwrite a folder that is not a run."""
+    path = Path(path)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise RunError(f"--out {path}: exists and is not a directory")
+    if not any(path.iterdir()):
+        return  # an empty folder is as good as none
+    if not is_run_dir(path):
+        raise RunError(f"--out {path}: exists and is not a ser-cache run directory; choose another --out")
+    if not overwrite:
+        raise RunError(f"--out {path}: a run already exists there; pass --overwrite to replace it, or choose another --out")
+
+
+@contextmanager
+def staged_run_dir(path: str | Path, overwrite: bool):
+    """Yield a temporary directory beside `path`; on success it replaces `path` in one rename.
+
+    On failure the temporary directory is removed and `path` is left as it was.
+    """
+    path = Path(path)
+    check_run_target(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.training-{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    try:
+        yield tmp
+        check_run_target(path, overwrite)  # another process may have written there meanwhile
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if path.exists():
+        old = path.with_name(f".{path.name}.replaced-{os.getpid()}")
+        os.replace(path, old)
+    os.replace(tmp, path)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save_weights(directory: Path, heads, aam=None) -> Path:
+    """Heads (and AAM-softmax) weights in one safetensors file, keys prefixed 'heads.' and 'aam.'."""
+    from safetensors.torch import save_file
+
+    tensors = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
+    if aam is not None:
+        tensors.update({f"aam.{k}": v.detach().cpu().contiguous() for k, v in aam.state_dict().items()})
+    target = Path(directory) / WEIGHTS
+    tmp = _tmp_beside(target)
+    save_file(tensors, str(tmp))
+    os.replace(tmp, target)
+    return target
+
+
+def read_config(run_dir: str | Path) -> dict:
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / CONFIG
+    if not cfg_path.is_file():
+        raise RunError(f"{run_dir}: not a run directory (no {CONFIG}); train one with `ser-cache train-heads`")
+    try:
+        config = json.loads(cfg_path.read_text())
+    except ValueError as exc:
+        raise RunError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if config.get("format") != RUN_FORMAT:
+        raise RunError(f"{cfg_path}: not a ser-cache run config (format={config.get('format')!r})")
+    if int(config.get("format_version", 0)) > RUN_FORMAT_VERSION:
+        raise RunError(f"{cfg_path}: run format version {config.get('format_version')} is newer than this "
+                       f"ser-cache understands ({RUN_FORMAT_VERSION}); upgrade ser-cache")
+    return config
+
+
+def load_run(run_dir: str | Path, *, device: str = "cpu"):
+    """(heads, config): the trained MultitaskHeads in eval mode on `device`, and config.json as a dict."""
+    import torch
+    from safetensors.torch import load_file
+
+    from ser_cache.heads import MultitaskHeads
+
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    weights = run_dir / WEIGHTS
+    if not weights.is_file():
+        raise RunError(f"{run_dir}: {WEIGHTS} is missing; the run is incomplete")
+    heads = MultitaskHeads.from_config(config["heads"])
+    tensors = load_file(str(weights))
+    state = {k.removeprefix("heads."): v for k, v in tensors.items() if k.startswith("heads.")}
+    try:
+        heads.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise RunError(f"{weights}: weights do not fit the heads in {CONFIG} ({str(exc).splitlines()[0]})") from None
+    heads.to(torch.device(device)).eval()
+    return heads, config
+
+
+# --------------------------------------------------------------------------- prediction files
+
+
+def prediction_header(gender_labels: Sequence[str] | None) -> list[str]:
+    header = [ID_COLUMN, *AVD_COLUMNS]
+    if gender_labels:
+        header += [GENDER_COLUMN, *(f"{GENDER_PROB_PREFIX}{g}" for g in gender_labels)]
+    return header
+
+
+def write_predictions(path: str | Path, ids: Sequence[str], avd: np.ndarray, *,
+                      gender_labels: Sequence[str] | None = None, gender_probs: np.ndarray | None = None) -> Path:
+    """The challenge format FileName,EmoAct,EmoVal,EmoDom; with a gender head, Gender and its probabilities."""
+    avd = np.asarray(avd, dtype=np.float64)
+    if avd.shape != (len(ids), 3):
+        raise ValueError(f"avd must be ({len(ids)}, 3), got {avd.shape}")
+    with_gender = bool(gender_labels) and gender_probs is not None
+
+    def rows():
+        for i, uid in enumerate(ids):
+            row = [uid, *(f"{x:.6f}" for x in avd[i])]
+            if with_gender:
+                p = gender_probs[i]
+                row += [gender_labels[int(np.argmax(p))], *(f"{x:.6f}" for x in p)]
+            yield row
+
+    return write_csv_atomic(path, prediction_header(gender_labels if with_gender else None), rows())
+
+
+def read_predictions(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """(ids, (N, 3) arousal/valence/dominance) from a challenge-format CSV; raises ValueError if malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"{path}: no such prediction file")
+    ids: list[str] = []
+    values: list[list[float]] = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in (ID_COLUMN, *AVD_COLUMNS) if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ValueError(f"{path}: missing column(s) {', '.join(missing)}; expected "
+                             f"{','.join((ID_COLUMN, *AVD_COLUMNS))}")
+        seen: set[str] = set()
+        for lineno, row in enumerate(reader, start=2):
+            uid = (row[ID_COLUMN] or "").strip()
+            if not uid:
+                raise ValueError(f"{path}, line {lineno}: empty {ID_COLUMN}")
+            if uid in seen:
+                raise ValueError(f"{path}, line {lineno}: {uid} is listed twice")
+            seen.add(uid)
+            try:
+                vals = [float(row[c]) for c in AVD_COLUMNS]
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}, line {lineno}: {', '.join(AVD_COLUMNS)} must be numbers") from None
+            if not all(math.isfinite(v) for v in vals):
+                raise ValueError(f"{path}, line {lineno}: non-finite prediction")
+            ids.append(uid)
+            values.append(vals)
+    return ids, np.asarray(values, dtype=np.float64).reshape(-1, 3)

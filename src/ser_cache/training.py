@@ -1,0 +1,631 @@
+"""Stage two: train multitask heads on cached features, in minutes.
+
+The loop, in order:
+1. read the corpus and every input store once into memory, join them by utterance id, and drop
+   rows that cannot be used (labels missing, features not written), counting each reason;
+2. pick the training rows and the Development evaluation rows for the chosen O/X variant
+   (paper Table 5), and derive what the heads need from the training rows only: the label
+   range (Eq. 2), the gender classes, the speaker classes;
+3. each epoch: draw a fresh (optionally undersampled) order, step through it in batches with
+   L = sum(1 - CCC) + alpha CE(gender) + beta AAM(speaker) (Eq. 1), then score Development;
+4. keep the epoch with the best mean (balanced) CCC and write the run directory in one rename.
+
+Why no DataLoader: the features already sit in memory as float16 arrays, so a batch is one
+fancy-index per store. Worker processes would only copy those arrays around.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ser_cache import __version__, runs
+from ser_cache.metrics import ATTRIBUTES as AVD  # the heads' "avd" column order, too
+
+log = logging.getLogger(__name__)
+
+SELECT_MODES = ("balanced", "ccc")
+NO_EMOTION_CLASS = "?"  # undersampling class of training rows that have no emotion code
+SPEAKER_EMBEDDING_KIND = "xvector"  # stores of this kind are speaker embeddings (the "+ S Emb" input)
+EVAL_BATCH = 4096  # rows per forward pass when scoring; memory, not accuracy, decides it
+
+
+class TrainError(Exception):
+    """Training cannot start or go on as asked; the message names the option, store or utterance."""
+
+
+@dataclass(frozen=True)
+class TrainHeadsConfig:
+    """Everything `train-heads` needs; defaults follow the paper where it says, documented where it does not.
+
+    batch_size: the paper does not give it; 64 keeps per-step overhead low on CPU while an
+    undersampled MSP-Podcast epoch (~12k rows) still gets ~190 updates.
+    weight_decay: AdamW's own default (0.01); the paper names AdamW and nothing more.
+    threads: CPU threads for torch while training (None: torch's default, all cores). Small heads
+    gain nothing from a second thread, and on a busy machine threads that wait for each other
+    make every step many times slower; 1 is the robust choice for small runs or parallel runs.
+    """
+
+    features: tuple[Path, ...]
+    data: Path
+    out: Path
+    train_split: str = "Train"
+    dev_split: str = "Development"
+    epochs: int = 50
+    lr: float = 5e-5
+    batch_size: int = 64
+    weight_decay: float = 0.01
+    seed: int = 0
+    undersample: bool = True
+    ox: str = "keep"
+    gender_weight: float = 1.0
+    speaker_weight: float = 0.1
+    aam_margin: float = 0.2
+    aam_scale: float = 30.0
+    select: str = "balanced"
+    balanced_trials: int = 10
+    balanced_per_class: int | None = None
+    hidden: int = 256
+    dropout: float = 0.1
+    device: str = "auto"
+    threads: int | None = None
+    overwrite: bool = False
+    progress: bool = True
+
+    def verify(self) -> None:
+        """Raise one TrainError listing every problem with the options."""
+        from ser_cache.sampling import OX_MODES
+
+        problems = []
+        if not self.features:
+            problems.append("--features: give at least one feature store")
+        if len(set(map(str, self.features))) != len(self.features):
+            problems.append("--features: the same store is given twice")
+        if self.epochs < 1:
+            problems.append(f"--epochs {self.epochs}: expected 1 or more")
+        if not self.lr > 0:
+            problems.append(f"--lr {self.lr}: expected a positive learning rate")
+        if self.batch_size < 2:
+            problems.append(f"--batch-size {self.batch_size}: expected 2 or more (CCC needs two rows)")
+        if self.weight_decay < 0:
+            problems.append(f"--weight-decay {self.weight_decay}: expected 0 or more")
+        if self.ox not in OX_MODES:
+            problems.append(f"--ox {self.ox}: expected one of {', '.join(OX_MODES)}")
+        if self.gender_weight < 0:
+            problems.append(f"--gender-weight {self.gender_weight}: expected 0 (head off) or more")
+        if self.speaker_weight < 0:
+            problems.append(f"--speaker-weight {self.speaker_weight}: expected 0 (head off) or more")
+        if not 0 <= self.aam_margin < math.pi / 2:
+            problems.append(f"--aam-margin {self.aam_margin}: expected radians in [0, pi/2)")
+        if not self.aam_scale > 0:
+            problems.append(f"--aam-scale {self.aam_scale}: expected a positive scale")
+        if self.select not in SELECT_MODES:
+            problems.append(f"--select {self.select}: expected one of {', '.join(SELECT_MODES)}")
+        if self.balanced_trials < 1:
+            problems.append(f"--balanced-trials {self.balanced_trials}: expected 1 or more")
+        if self.balanced_per_class is not None and self.balanced_per_class < 1:
+            problems.append(f"--balanced-per-class {self.balanced_per_class}: expected 1 or more")
+        if self.hidden < 1:
+            problems.append(f"--hidden {self.hidden}: expected 1 or more")
+        if not 0 <= self.dropout < 1:
+            problems.append(f"--dropout {self.dropout}: expected a probability in [0, 1)")
+        if self.threads is not None and self.threads < 1:
+            problems.append(f"--threads {self.threads}: expected 1 or more")
+        if self.train_split == self.dev_split:
+            problems.append(f"--train-split and --dev-split are both {self.train_split}")
+        if problems:
+            raise TrainError("; ".join(problems))
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["features"] = [str(p) for p in self.features]
+        d["data"] = str(self.data)
+        d["out"] = str(self.out)
+        return d
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    best_epoch: int
+    metrics: dict
+    wall_seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+
+# --------------------------------------------------------------------------- data
+
+
+@dataclass
+class InputStore:
+    """One input store held in memory, and for each kept utterance the store row it lives in."""
+
+    name: str
+    path: Path
+    attrs: dict
+    features: np.ndarray  # (N_store, *shape) float16, as read, in store order
+    rows: np.ndarray  # (n,) int64, store row of each kept utterance
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.features.shape[1:])
+
+    def record(self) -> dict:
+        return store_record(self.name, self.path, self.attrs, self.shape)
+
+
+def store_record(name: str, path: Path, attrs: dict, shape: Sequence[int]) -> dict:
+    """What config.json keeps of a store: enough to find it again, check it, or rebuild its encoder."""
+    return {
+        "name": name,
+        "path": str(Path(path).resolve()),
+        "fingerprint": attrs.get("fingerprint"),
+        "model_id": attrs.get("model_id"),
+        "revision": attrs.get("revision"),
+        "kind": attrs.get("kind"),
+        "modality": attrs.get("modality"),
+        "feature_shape": list(shape),
+        "settings": attrs.get("settings", {}),
+    }
+
+
+@dataclass
+class TrainingData:
+    """The kept rows (labelled, features written) of the train and dev splits, and their inputs."""
+
+    ids: np.ndarray  # (n,) str
+    splits: np.ndarray  # (n,) str
+    emotions: np.ndarray  # (n,) str, NO_EMOTION_CLASS where the corpus has none
+    avd: np.ndarray  # (n, 3) float32
+    genders: list[str | None]
+    speakers: list[str | None]
+    inputs: list[InputStore]
+    excluded_stores: list[dict]
+    counts: dict
+    train_split: str  # the corpus's spelling of the split names
+    dev_split: str
+
+    def batch(self, idx: np.ndarray) -> dict:
+        """Float16 features of rows `idx`, one tensor per input; the heads convert them."""
+        import torch
+
+        return {s.name: torch.from_numpy(s.features[s.rows[idx]]) for s in self.inputs}
+
+
+def _store_name(path: Path, attrs: dict) -> str:
+    return str(attrs.get("name") or Path(path).name.removesuffix(".zarr"))
+
+
+def _use_as_input(attrs: dict, speaker_head_on: bool) -> bool:
+    """The paper keeps the speaker-embedding store out of the input when the speaker head is on."""
+    return not (speaker_head_on and attrs.get("kind") == SPEAKER_EMBEDDING_KIND)
+
+
+def _join_store(store_path: Path, name: str, store_ids: np.ndarray, written: np.ndarray,
+                wanted: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(store row of each wanted id, written flag of each); missing or duplicated ids raise."""
+    index: dict[str, int] = {}
+    for row, uid in enumerate(store_ids.tolist()):
+        if uid in index:
+            raise TrainError(f"store {store_path}: utterance {uid} appears twice (rows {index[uid]} and {row}); "
+                             "re-extract the store")
+        index[uid] = row
+    missing = [u for u in wanted if u not in index]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise TrainError(f"store {store_path} ('{name}') lacks {len(missing)} utterance(s) of the corpus: {shown}; "
+                         "extract it over the training and development splits")
+    rows = np.fromiter((index[u] for u in wanted), dtype=np.int64, count=len(wanted))
+    return rows, written[rows]
+
+
+def load_training_data(cfg: TrainHeadsConfig) -> TrainingData:
+    """Read corpus and stores (each store once, whole), join them, drop unusable rows, counting why."""
+    from ser_cache.corpus import load_corpus, select_splits
+    from ser_cache.store import FeatureStore
+
+    utts = select_splits(load_corpus(cfg.data), [cfg.train_split, cfg.dev_split], source=cfg.data)
+    # select_splits matches case-insensitively; use the corpus's own spelling from here on.
+    split_of = {s.lower(): s for s in {u.split for u in utts}}
+    train_split, dev_split = split_of[cfg.train_split.lower()], split_of[cfg.dev_split.lower()]
+    ids = [u.id for u in utts]
+    counts: dict = {"corpus_rows": len(utts)}
+
+    speaker_head_on = cfg.speaker_weight > 0
+    inputs: list[InputStore] = []
+    excluded: list[dict] = []
+    usable = np.ones(len(utts), dtype=bool)
+    names: dict[str, Path] = {}
+    for path in cfg.features:
+        path = Path(path)
+        store = FeatureStore.open(path)
+        attrs = store.attrs
+        name = _store_name(path, attrs)
+        if not _use_as_input(attrs, speaker_head_on):
+            log.info("%s: a speaker-embedding store; kept out of the input because the speaker head is on "
+                     "(--speaker-weight %s), as in the paper", path, cfg.speaker_weight)
+            excluded.append({**store_record(name, path, attrs, store.feature_shape),
+                             "reason": "speaker-embedding store kept out of the input: speaker head on"})
+            continue
+        if name in names:
+            raise TrainError(f"stores {names[name]} and {path} are both named '{name}'; extract one with --name")
+        names[name] = path
+        store_ids, feats, written = store.read()
+        rows, ok = _join_store(path, name, store_ids, written, ids)
+        not_written = int((~ok).sum())
+        if not_written:
+            log.info("%s: %d utterance(s) have no features (failed at extraction) and are left out", path, not_written)
+        counts[f"not_written[{name}]"] = not_written
+        usable &= ok
+        inputs.append(InputStore(name=name, path=path, attrs=attrs, features=feats, rows=rows))
+    if not inputs:
+        raise TrainError("no input features left: every --features store is a speaker-embedding store, which is "
+                         "kept out of the input while the speaker head is on; add a speech or text store, or pass "
+                         "--speaker-weight 0 to use the speaker embeddings as input")
+
+    avd = np.array([[np.nan if v is None else v for v in u.avd] for u in utts], dtype=np.float64).reshape(-1, 3)
+    labelled = np.isfinite(avd).all(axis=1)
+    counts["unlabelled"] = int((~labelled).sum())
+    if counts["unlabelled"]:
+        log.info("%d utterance(s) lack an arousal, valence or dominance label and are left out", counts["unlabelled"])
+    keep = usable & labelled
+    splits = np.array([u.split for u in utts], dtype=object)
+    for split in (train_split, dev_split):
+        in_split = splits == split
+        if not (keep & in_split).any():
+            raise TrainError(f"split {split} of {cfg.data} has no usable row: {int(in_split.sum())} utterance(s), "
+                             f"{int((in_split & labelled).sum())} with labels, "
+                             f"{int((in_split & labelled & usable).sum())} of those with features in every store")
+    k = np.flatnonzero(keep)
+    for s in inputs:
+        s.rows = s.rows[k]
+    emotions = np.array([utts[i].emotion or NO_EMOTION_CLASS for i in k], dtype=object)
+    counts["kept_rows"] = int(k.size)
+    return TrainingData(
+        ids=np.array([utts[i].id for i in k], dtype=object),
+        splits=splits[k],
+        emotions=emotions,
+        avd=avd[k].astype(np.float32),
+        genders=[utts[i].gender for i in k],
+        speakers=[utts[i].speaker for i in k],
+        inputs=inputs,
+        excluded_stores=excluded,
+        counts=counts,
+        train_split=train_split,
+        dev_split=dev_split,
+    )
+
+
+def label_index(values: Sequence[str | None], classes: Sequence[str]) -> np.ndarray:
+    """Class index of each value; -1 for None or a value outside `classes` (unknown to the heads)."""
+    lookup = {c: i for i, c in enumerate(classes)}
+    return np.array([lookup.get(v, -1) if v is not None else -1 for v in values], dtype=np.int64)
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def resolve_device(device: str):
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise TrainError(f"--device {device}: expected auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainError(f"--device {device}: CUDA is not available here; use --device cpu")
+    return dev
+
+
+def infer(heads, fetch, n: int, *, device, batch_size: int = EVAL_BATCH) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run trained heads over rows 0..n-1; `fetch(idx)` gives the input tensors of rows `idx`.
+
+    Returns (avd (n, 3) float64, gender probabilities (n, G) or None).
+    """
+    import torch
+
+    was_training = heads.training
+    heads.eval()
+    avd = np.empty((n, 3), dtype=np.float64)
+    probs = np.empty((n, heads.n_genders), dtype=np.float64) if heads.n_genders else None
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            idx = np.arange(start, min(start + batch_size, n))
+            out = heads({k: v.to(device, non_blocking=True) for k, v in fetch(idx).items()})
+            avd[idx] = out["avd"].double().cpu().numpy()
+            if probs is not None:
+                probs[idx] = torch.softmax(out["gender_logits"].double(), dim=-1).cpu().numpy()
+    heads.train(was_training)
+    return avd, probs
+
+
+def score(avd_pred: np.ndarray, avd_true: np.ndarray, emotions: Sequence[str], *,
+          gender_pred: np.ndarray | None = None, gender_true: np.ndarray | None = None,
+          balanced_trials: int = 10, balanced_per_class: int | None = None, seed: int = 0) -> dict:
+    """CCC table, balanced CCC (None when no primary emotion is present) and gender accuracy/macro-F1."""
+    from ser_cache import metrics
+
+    result = {"rows": int(len(avd_true)), "ccc": metrics.ccc_table(avd_pred, avd_true)}
+    if np.isin(np.asarray(emotions, dtype=object), metrics.PRIMARY_EMOTIONS).any():
+        result["balanced_ccc"] = metrics.balanced_ccc(avd_pred, avd_true, emotions, per_class=balanced_per_class,
+                                                      n_trials=balanced_trials, seed=seed)
+    else:
+        result["balanced_ccc"] = None
+    if gender_pred is not None and gender_true is not None:
+        result["gender"] = metrics.gender_metrics(gender_pred, gender_true)
+    return result
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_heads(cfg: TrainHeadsConfig) -> TrainResult:
+    """Train the heads as configured and write the run directory; returns where, and the kept epoch."""
+    cfg.verify()
+    runs.check_run_target(cfg.out, cfg.overwrite)  # refuse before minutes of loading, not after
+    with _torch_threads(cfg.threads):
+        return _train_heads(cfg)
+
+
+def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
+    import torch
+
+    from ser_cache.heads import MultitaskHeads
+    from ser_cache.losses import AAMSoftmax
+    from ser_cache.sampling import EpochSampler
+
+    t0 = time.perf_counter()
+    device = resolve_device(cfg.device)
+    data = load_training_data(cfg)
+    train_idx, dev_idx = _select_rows(cfg, data)
+    _check_selectable(cfg, data, dev_idx)
+
+    # Everything the heads learn about labels comes from the training rows only.
+    lo, hi = _label_range(data.avd[train_idx])
+    gender_labels = _head_classes("gender", cfg.gender_weight, [data.genders[i] for i in train_idx])
+    speaker_labels = _head_classes("speaker", cfg.speaker_weight, [data.speakers[i] for i in train_idx])
+    genders = label_index(data.genders, gender_labels)
+    targets = {"avd": torch.from_numpy(data.avd), "gender": torch.from_numpy(genders),
+               "speaker": torch.from_numpy(label_index(data.speakers, speaker_labels))}
+
+    torch.manual_seed(cfg.seed)
+    heads = MultitaskHeads({s.name: s.shape for s in data.inputs}, hidden=cfg.hidden, dropout=cfg.dropout,
+                           label_min=lo, label_max=hi, n_genders=len(gender_labels),
+                           n_speakers=len(speaker_labels), aam_margin=cfg.aam_margin,
+                           aam_scale=cfg.aam_scale).to(device)
+    aam = (AAMSoftmax(heads.speaker_embedding_dim, len(speaker_labels), margin=cfg.aam_margin,
+                      scale=cfg.aam_scale).to(device) if speaker_labels else None)
+    params = list(heads.parameters()) + (list(aam.parameters()) if aam is not None else [])
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  **({"fused": True} if _fused_adamw_ok(device) else {}))
+    sampler = EpochSampler(data.emotions[train_idx], undersample=cfg.undersample, seed=cfg.seed)
+    data.counts.update(train_rows=int(train_idx.size), dev_rows=int(dev_idx.size), rows_per_epoch=len(sampler))
+    log.info("training on %d rows (%d per epoch%s), validating on %d %s rows; inputs: %s", train_idx.size,
+             len(sampler), ", undersampled" if cfg.undersample else "", dev_idx.size, data.dev_split,
+             ", ".join(f"{s.name} {s.shape}" for s in data.inputs))
+
+    history: list[dict] = []
+    best: dict = {"score": -math.inf, "epoch": 0}
+    with _EpochProgress(cfg.progress, cfg.epochs) as progress:
+        for epoch in range(1, cfg.epochs + 1):
+            t_epoch = time.perf_counter()
+            sampler.set_epoch(epoch)
+            losses = _train_epoch(heads, aam, optimizer, data, train_idx[sampler.epoch_indices()], targets,
+                                  cfg, device)
+            t_eval = time.perf_counter()
+            pred, probs = infer(heads, _fetcher(data, dev_idx), dev_idx.size, device=device)
+            dev = score(pred, data.avd[dev_idx], data.emotions[dev_idx],
+                        gender_pred=None if probs is None else probs.argmax(1),
+                        gender_true=None if probs is None else genders[dev_idx],
+                        balanced_trials=cfg.balanced_trials, balanced_per_class=cfg.balanced_per_class,
+                        seed=cfg.seed)
+            now = time.perf_counter()
+            history.append(_history_row(epoch, losses, dev, now - t_epoch, now - t_eval))
+            value = dev["balanced_ccc"]["mean"] if cfg.select == "balanced" else dev["ccc"]["mean"]
+            if value > best["score"]:
+                # Copies, not references: the next optimizer step would change them in place.
+                best = {"score": value, "epoch": epoch, "dev": dev, "pred": pred, "probs": probs,
+                        "heads": copy.deepcopy(heads.state_dict()),
+                        "aam": copy.deepcopy(aam.state_dict()) if aam is not None else None}
+            progress.update(epoch, history[-1], best["epoch"])
+
+    heads.load_state_dict(best["heads"])
+    if aam is not None:
+        aam.load_state_dict(best["aam"])
+    metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
+    config = {
+        "format": runs.RUN_FORMAT,
+        "format_version": runs.RUN_FORMAT_VERSION,
+        "package_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "train": cfg.to_dict(),
+        "inputs": [s.record() for s in data.inputs],
+        "excluded_stores": data.excluded_stores,
+        "labels": {"attributes": list(AVD), "min": lo, "max": hi},
+        "gender_labels": gender_labels,
+        "n_speakers": len(speaker_labels),
+        "speakers": speaker_labels,
+        "heads": heads.config(),
+        "data": data.counts,
+        "best_epoch": best["epoch"],
+    }
+    with runs.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
+        runs.save_weights(tmp, heads, aam)
+        runs.write_json_atomic(tmp / runs.CONFIG, config)
+        runs.write_json_atomic(tmp / runs.METRICS, metrics)
+        runs.write_csv_atomic(tmp / runs.HISTORY, list(history[0]), [list(r.values()) for r in history])
+        runs.write_predictions(tmp / runs.DEV_PREDICTIONS, data.ids[dev_idx].tolist(), best["pred"],
+                               gender_labels=gender_labels or None, gender_probs=best["probs"])
+    wall = time.perf_counter() - t0
+    log.info("kept epoch %d of %d (%s %s CCC %.4f) in %.1f s; run written to %s", best["epoch"], cfg.epochs,
+             data.dev_split, "balanced" if cfg.select == "balanced" else "mean", best["score"], wall, cfg.out)
+    return TrainResult(run_dir=Path(cfg.out), best_epoch=best["epoch"], metrics=metrics, wall_seconds=wall,
+                       history=history)
+
+
+@contextlib.contextmanager
+def _torch_threads(n: int | None):
+    """Run with n torch threads, then give back the number there was (it is process-wide)."""
+    import torch
+
+    if n is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def _train_epoch(heads, aam, optimizer, data: TrainingData, order: np.ndarray, targets: dict,
+                 cfg: TrainHeadsConfig, device) -> dict[str, float]:
+    """One pass over `order` (row indices); returns the unweighted loss terms averaged over rows."""
+    import torch
+
+    from ser_cache.losses import multitask_loss
+
+    heads.train()
+    sums = {"total": 0.0, "ccc": 0.0, "gender": 0.0, "speaker": 0.0}
+    seen = 0
+    # Equal-sized batches instead of a ragged tail: a last batch of two or three rows would give
+    # a CCC (and a gradient) dominated by noise. CCC needs at least two rows per batch.
+    for idx in np.array_split(order, max(1, -(-order.size // cfg.batch_size))):
+        if idx.size < 2:
+            continue
+        rows = torch.from_numpy(idx)
+        out = heads({k: v.to(device, non_blocking=True) for k, v in data.batch(idx).items()})
+        speaker_loss = None
+        if aam is not None:
+            speaker_loss = aam(out["speaker_embedding"], targets["speaker"][rows].to(device))
+        with_gender = "gender_logits" in out
+        loss, parts = multitask_loss(
+            out["avd"], targets["avd"][rows].to(device),
+            gender_logits=out["gender_logits"] if with_gender else None,
+            gender_target=targets["gender"][rows].to(device) if with_gender else None,
+            gender_weight=cfg.gender_weight, speaker_loss=speaker_loss, speaker_weight=cfg.speaker_weight)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        for key in sums:
+            sums[key] += parts[key] * idx.size
+        seen += idx.size
+    return {k: v / max(seen, 1) for k, v in sums.items()}
+
+
+def _label_range(avd: np.ndarray) -> tuple[list[float], list[float]]:
+    """Per-attribute min and max of the training labels: the heads' output range (paper Eq. 2)."""
+    lo, hi = avd.min(axis=0).astype(float), avd.max(axis=0).astype(float)
+    flat = [f"{a} ({l})" for a, l, h in zip(AVD, lo, hi) if not h > l]
+    if flat:
+        raise TrainError(f"every training label of {', '.join(flat)} is the same; the heads need a label range "
+                         "(paper Eq. 2)")
+    return lo.tolist(), hi.tolist()
+
+
+def _head_classes(head: str, weight: float, values: Sequence[str | None]) -> list[str]:
+    """Sorted known classes of an auxiliary head; none when it is off or has fewer than two classes."""
+    if weight == 0:
+        return []
+    classes = sorted({v for v in values if v is not None})
+    if len(classes) < 2:
+        log.warning("%s head off: the training rows have %d known %s value(s)", head, len(classes), head)
+        return []
+    return classes
+
+
+def _select_rows(cfg: TrainHeadsConfig, data: TrainingData) -> tuple[np.ndarray, np.ndarray]:
+    """Training and Development-evaluation rows of the O/X variant; an empty side is an error."""
+    from ser_cache.sampling import select_training
+
+    train_idx, dev_idx = select_training(data.splits, data.emotions, cfg.ox, train_split=data.train_split,
+                                         dev_split=data.dev_split)
+    moved = int((data.splits[train_idx] != data.train_split).sum())
+    if moved:
+        log.info("--ox %s: %d O/X %s row(s) moved into training and out of the evaluation", cfg.ox, moved,
+                 cfg.dev_split)
+    data.counts["dev_rows_moved_to_train"] = moved
+    if train_idx.size < 2:
+        raise TrainError(f"--ox {cfg.ox}: {train_idx.size} training row(s) left; at least 2 are needed")
+    if dev_idx.size < 2:
+        raise TrainError(f"--ox {cfg.ox}: {dev_idx.size} {cfg.dev_split} row(s) left to evaluate; at least 2 are needed")
+    return train_idx, dev_idx
+
+
+def _check_selectable(cfg: TrainHeadsConfig, data: TrainingData, dev_idx: np.ndarray) -> None:
+    from ser_cache.metrics import PRIMARY_EMOTIONS
+
+    if cfg.select == "balanced" and not np.isin(data.emotions[dev_idx], PRIMARY_EMOTIONS).any():
+        raise TrainError(f"--select balanced needs {cfg.dev_split} rows with a primary emotion "
+                         f"({' '.join(PRIMARY_EMOTIONS)}); none has one. Use --select ccc")
+
+
+def _fetcher(data: TrainingData, rows: np.ndarray):
+    return lambda idx: data.batch(rows[idx])
+
+
+def _fused_adamw_ok(device) -> bool:
+    """Fused AdamW (one kernel for all parameters) is much cheaper per step on CPU and CUDA alike."""
+    import torch
+
+    try:
+        torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1, device=device))], fused=True)
+    except (RuntimeError, TypeError, ValueError):
+        return False
+    return True
+
+
+def _history_row(epoch: int, losses: Mapping[str, float], dev: dict, seconds: float, eval_seconds: float) -> dict:
+    row = {"epoch": epoch, "seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3)}
+    row.update({f"loss_{k}": v for k, v in losses.items()})
+    row.update({f"dev_ccc_{k}": v for k, v in dev["ccc"].items()})
+    b = dev.get("balanced_ccc") or {}
+    row.update({f"dev_balanced_ccc_{k}": b.get(k, float("nan")) for k in (*AVD, "mean")})
+    g = dev.get("gender") or {}
+    row.update({"dev_gender_accuracy": g.get("accuracy", float("nan")),
+                "dev_gender_macro_f1": g.get("macro_f1", float("nan"))})
+    return row
+
+
+class _EpochProgress:
+    """A rich progress bar over epochs showing the loss and the Development scores."""
+
+    def __init__(self, enabled: bool, epochs: int):
+        self.enabled = enabled
+        self.epochs = epochs
+        self._progress = None
+
+    def __enter__(self) -> _EpochProgress:
+        if self.enabled:
+            import sys
+
+            from rich.console import Console
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self._progress = Progress(TextColumn("[bold]epochs"), BarColumn(), MofNCompleteColumn(),
+                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
+                                      console=Console(file=sys.stderr))
+            self._progress.start()
+            self._task = self._progress.add_task("train", total=self.epochs, info="")
+        return self
+
+    def update(self, epoch: int, row: dict, best_epoch: int) -> None:
+        if self._progress is not None:
+            info = (f"loss {row['loss_total']:.3f} · dev CCC {row['dev_ccc_mean']:.3f} · "
+                    f"balanced {row['dev_balanced_ccc_mean']:.3f} · best epoch {best_epoch}")
+            self._progress.update(self._task, completed=epoch, info=info)
+
+    def __exit__(self, *exc) -> None:
+        if self._progress is not None:
+            self._progress.stop()

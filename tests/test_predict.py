@@ -1,0 +1,183 @@
+"""predict and evaluate: cached features vs recomputed ones, refusals, the challenge CSV, scores."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ser_cache import runs
+from ser_cache.corpus import load_corpus
+from ser_cache.extract import ExtractConfig, extract
+from ser_cache.predict import PredictError, evaluate, predict
+from ser_cache.store import ids_digest
+from test_training import make_corpus, make_store, one_torch_thread, read_csv, train  # noqa: F401 (fixture)
+
+
+def settings_for(name: str, ids, **extra) -> dict:
+    return {"kind": "whisper", "model_id": f"fake/{name}", "revision": "r1", "pooling": "mean",
+            "rows": ids_digest(ids), **extra}
+
+
+@pytest.fixture
+def trained(tmp_path):
+    manifest, ids, feats = make_corpus(tmp_path / "corpus", 240)
+    stores = [make_store(tmp_path / "features" / "audio.zarr", ids, feats["audio"], settings=settings_for("audio", ids)),
+              make_store(tmp_path / "features" / "text.zarr", ids, feats["text"], kind="text", modality="text",
+                         settings=settings_for("text", ids, kind="text"))]
+    result, _ = train(tmp_path, manifest, stores, epochs=4)
+    return result.run_dir, manifest, ids, feats, stores
+
+
+def values(path: Path) -> tuple[list[str], np.ndarray]:
+    return runs.read_predictions(path)
+
+
+def test_predicting_development_from_stores_reproduces_the_runs_predictions(tmp_path, trained):
+    run, manifest, *_ = trained
+    result = predict(run, data=manifest, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
+    ids, avd = values(result.out)
+    ref_ids, ref = values(run / runs.DEV_PREDICTIONS)
+    assert ids == ref_ids and result.rows == len(ids)
+    np.testing.assert_allclose(avd, ref, atol=1e-6)
+    assert all(s.startswith("store ") for s in result.sources.values())
+    header = next(csv.reader(open(result.out)))
+    assert header == ["FileName", "EmoAct", "EmoVal", "EmoDom", "Gender", "GenderProb_Female", "GenderProb_Male"]
+    rows = read_csv(result.out)
+    assert all(r["Gender"] in ("Female", "Male") for r in rows)
+    probs = np.array([[float(r["GenderProb_Female"]), float(r["GenderProb_Male"])] for r in rows])
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
+    assert not list(tmp_path.glob(".dev.csv.tmp-*"))
+
+
+def test_a_store_built_with_other_settings_is_refused_naming_them(tmp_path, trained):
+    run, manifest, ids, feats, stores = trained
+    shutil.rmtree(stores[0])
+    make_store(stores[0], ids, feats["audio"], settings=settings_for("audio", ids, pooling="mean+std"))
+    with pytest.raises(PredictError, match="pooling: run has 'mean', found 'mean\\+std'") as info:
+        predict(run, data=manifest, splits=["Test1"], out=tmp_path / "t.csv", device="cpu")
+    assert str(stores[0]) in str(info.value)
+    assert not (tmp_path / "t.csv").exists()
+
+
+def test_a_store_reextracted_over_other_rows_with_the_same_settings_is_accepted(tmp_path, trained):
+    run, manifest, ids, feats, stores = trained
+    shutil.rmtree(stores[0])
+    keep = ids[::-1]  # other order, same numbers per utterance: a different row digest and fingerprint
+    make_store(stores[0], keep, feats["audio"][::-1], settings=settings_for("audio", keep))
+    result = predict(run, data=manifest, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
+    np.testing.assert_allclose(values(result.out)[1], values(run / runs.DEV_PREDICTIONS)[1], atol=1e-6)
+
+
+def test_features_dir_finds_moved_stores(tmp_path, trained):
+    run, manifest, _, _, stores = trained
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for s in stores:
+        shutil.move(str(s), moved / s.name)
+    from ser_cache.encoders import EncoderError
+
+    # Without the stores, the run's (made-up) encoders would have to run: a clear failure.
+    with pytest.raises(EncoderError, match="fake/audio"):
+        predict(run, data=manifest, splits=["Development"], out=tmp_path / "a.csv", device="cpu")
+    result = predict(run, data=manifest, splits=["Development"], out=tmp_path / "b.csv", device="cpu",
+                     features_dir=moved)
+    assert all(str(moved) in s for s in result.sources.values())
+
+
+def test_evaluate_scores_like_training_and_writes_json(tmp_path, trained):
+    run, manifest, *_ = trained
+    result = evaluate(run, manifest, "Development", device="cpu")
+    saved = json.loads((run / "eval_Development.json").read_text())
+    metrics = json.loads((run / runs.METRICS).read_text())
+    for key in ("arousal", "valence", "dominance", "mean"):
+        assert saved["ccc"][key] == pytest.approx(metrics["ccc"][key], abs=1e-6)
+        assert saved["balanced_ccc"][key] == pytest.approx(metrics["balanced_ccc"][key], abs=1e-6)
+    assert saved["gender"]["accuracy"] == pytest.approx(metrics["gender"]["accuracy"])
+    assert result["rows"] == metrics["rows"] == saved["rows"]
+    other = evaluate(run, manifest, "Test1", out=tmp_path / "test1.json", device="cpu")
+    assert json.loads((tmp_path / "test1.json").read_text())["ccc"] == other["ccc"]
+    assert other["rows"] == sum(r["split"] == "Test1" for r in read_csv(manifest))
+
+
+def test_evaluate_leaves_out_development_rows_the_run_trained_on(tmp_path):
+    manifest, ids, feats = make_corpus(tmp_path / "corpus", 240)
+    store = make_store(tmp_path / "a.zarr", ids, feats["audio"])
+    result, _ = train(tmp_path, manifest, [store], epochs=2, ox="train+dev")
+    scored = evaluate(result.run_dir, manifest, "Development", device="cpu")
+    dev = [r for r in read_csv(manifest) if r["split"] == "Development"]
+    ox = sum(r["emotion"] in ("O", "X") for r in dev)
+    assert ox > 0 and scored["trained_on_left_out"] == ox and scored["rows"] == len(dev) - ox
+
+
+def test_predict_needs_something_to_predict(tmp_path, trained):
+    run, manifest, *_ = trained
+    with pytest.raises(PredictError, match="--split"):
+        predict(run, data=manifest, out=tmp_path / "x.csv")
+    with pytest.raises(PredictError, match="nothing to predict"):
+        predict(run, out=tmp_path / "x.csv")
+    with pytest.raises(PredictError, match="not a run directory"):
+        predict(tmp_path, data=manifest, splits=["Test1"], out=tmp_path / "x.csv")
+
+
+# --------------------------------------------------------------------------- real encoders
+
+
+def _extract(model, corpus, out, *, name, splits=(), pooling="mean"):
+    cfg = ExtractConfig(model=str(model), data=corpus, out=out, name=name, splits=tuple(splits), pooling=pooling,
+                        device="cpu", workers=0, progress=False)
+    return extract(cfg).store
+
+
+def test_cached_and_recomputed_features_give_the_same_predictions(tmp_path, models, corpus, one_torch_thread):
+    # Stores over Train and Development only: predicting Test1 must run the encoders.
+    part = tmp_path / "part"
+    audio = _extract(models["whisper"], corpus, part, name="audio", splits=("Train", "Development"))
+    text = _extract(models["text"], corpus, part, name="text", splits=("Train", "Development"))
+    result, _ = train(tmp_path, corpus, [audio, text], epochs=2, lr=1e-3, batch_size=4, select="ccc")
+    run = result.run_dir
+
+    recomputed = predict(run, data=corpus, splits=["Test1"], out=tmp_path / "recomputed.csv", device="cpu")
+    assert all(s.startswith("encoder ") for s in recomputed.sources.values()), recomputed.sources
+
+    full = tmp_path / "full"
+    _extract(models["whisper"], corpus, full, name="audio")
+    _extract(models["text"], corpus, full, name="text")
+    cached = predict(run, data=corpus, splits=["Test1"], out=tmp_path / "cached.csv", device="cpu",
+                     features_dir=full)
+    assert all(s.startswith("store ") for s in cached.sources.values()), cached.sources
+
+    ids, a = values(recomputed.out)
+    ids2, b = values(cached.out)
+    assert ids == ids2 and len(ids) == 2
+    np.testing.assert_allclose(a, b, atol=2e-3)
+
+    # Bare audio files: transcripts from a CSV (by file name), or a .txt beside the audio.
+    utts = load_corpus(corpus, ["Test1"])
+    table = tmp_path / "transcripts.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["FileName", "text"])
+        for u in utts:
+            w.writerow([u.id, u.read_text()])
+    files = [u.path for u in utts]
+    bare = predict(run, files=files, transcripts=table, out=tmp_path / "bare.csv", device="cpu")
+    ids3, c = values(bare.out)
+    assert ids3 == ids and all(s.startswith("encoder ") for s in bare.sources.values())
+    np.testing.assert_allclose(c, b, atol=2e-3)
+
+    with pytest.raises(PredictError, match=f"{utts[0].path.name}: no transcript for the text input 'text'"):
+        predict(run, files=files, out=tmp_path / "no-text.csv", device="cpu")
+    # A bare file is encoded from its own audio, even when a store holds an utterance of the same name.
+    clips = tmp_path / "clips"
+    clips.mkdir()
+    namesake = load_corpus(corpus, ["Train"])[0].id
+    shutil.copy(utts[0].path, clips / namesake)
+    (clips / namesake).with_suffix(".txt").write_text(utts[0].read_text())
+    side = predict(run, files=[clips / namesake], out=tmp_path / "side.csv", device="cpu")
+    assert values(side.out)[0] == [namesake]
+    np.testing.assert_allclose(values(side.out)[1][0], b[0], atol=2e-3)

@@ -145,3 +145,19 @@ def test_checkpoint_missing_encoder_weights_is_refused(tmp_path, models):
     (tmp_path / "bert" / "config.json").write_text(cfg)  # claims to be Whisper, holds BERT weights
     with pytest.raises(EncoderError, match="lacks .* weight"):
         load_encoder(str(tmp_path / "bert"), device="cpu")
+
+
+def test_unreachable_hub_fails_fast_with_the_same_message(monkeypatch):
+    """Without the offline flag and with no route to the hub: one message at once, no minute of retries."""
+    import time
+
+    from huggingface_hub import constants
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens on the discard port
+    t = time.perf_counter()
+    with pytest.raises(EncoderError) as e:
+        load_encoder("some-org/some-model", kind="text", device="cpu")
+    assert time.perf_counter() - t < 10
+    assert "some-org/some-model" in str(e.value) and "no connection to 127.0.0.1:9" in str(e.value)
+    assert "--model DIR" in str(e.value)

@@ -75,7 +75,32 @@ def resolve_model(name: str, hub_ids: dict[str, str]) -> ResolvedModel:
     except Exception:  # an id that is not a valid repo name is handled by the load error below
         cached = False
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
-    return ResolvedModel(name=name, model_id=repo_id, source=repo_id, local_only=cached or offline, is_local_dir=False)
+    resolved = ResolvedModel(name=name, model_id=repo_id, source=repo_id, local_only=cached or offline, is_local_dir=False)
+    if not resolved.local_only:
+        problem = hub_unreachable()
+        if problem:  # fail now with one message, not after a minute of download retries
+            raise load_error(resolved, OSError(problem))
+    return resolved
+
+
+def hub_unreachable(timeout: float = 5.0) -> str | None:
+    """None when the Hugging Face endpoint accepts a TCP connection, else why not."""
+    import socket
+    from urllib.parse import urlparse
+
+    try:
+        from huggingface_hub import constants
+
+        endpoint = constants.ENDPOINT
+    except Exception:
+        endpoint = "https://huggingface.co"
+    url = urlparse(endpoint)
+    host, port = url.hostname or "huggingface.co", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"no connection to {host}:{port}: {exc.strerror or exc}"
+    return None
 
 
 @contextlib.contextmanager

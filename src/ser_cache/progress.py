@@ -37,7 +37,8 @@ class ExtractProgress:
         self.seconds += seconds
         if self._progress is not None:
             dt = max(time.perf_counter() - self._t0, 1e-9)
-            rate = f"{self.done / dt:,.1f} utt/s · {self.seconds / dt:,.0f} audio-s/s"
+            utt, secs = self.done / dt, self.seconds / dt
+            rate = f"{utt:,.1f} utt/s · {secs:,.0f} audio-s/s" if utt >= 10 else f"{utt:.3g} utt/s · {secs:.3g} audio-s/s"
             self._progress.update(self._task, advance=rows, rate=rate)
 
     def __exit__(self, *exc) -> None:

@@ -48,9 +48,9 @@ def bench_extract_cmd(
         ("device", report.device), ("precision", report.precision), ("window", report.window),
         ("utterances", f"{report.utterances} ({report.audio_seconds:.0f} s of audio)"),
         ("wall", f"{report.wall_seconds:.2f} s"),
-        ("throughput", f"{report.utterances_per_second:.1f} utt/s, {report.audio_seconds_per_second:.0f} audio-s/s"),
-        ("model FLOPs", f"{report.tflop_per_utterance_mean:.3f} TFLOP/utt, {report.model_tflops:.1f} TFLOP/s"),
-        ("measured matmul peak", f"{report.peak_tflops:.1f} TFLOP/s"),
+        ("throughput", f"{report.utterances_per_second:.4g} utt/s, {report.audio_seconds_per_second:.4g} audio-s/s"),
+        ("model FLOPs", f"{report.tflop_per_utterance_mean:.4g} TFLOP/utt, {report.model_tflops:.4g} TFLOP/s"),
+        ("measured matmul peak", f"{report.peak_tflops:.4g} TFLOP/s (best of 3)"),
         ("utilisation", f"{100 * report.utilisation:.1f} %"),
         ("peak GPU memory", "-" if report.peak_gpu_memory_gib is None else f"{report.peak_gpu_memory_gib:.1f} GiB"),
         ("time split (s)", ", ".join(f"{k} {v}" for k, v in report.time_split.items())),
@@ -59,7 +59,7 @@ def bench_extract_cmd(
     ]
     if report.naive:
         n = report.naive
-        rows.append(("naive", f"{n.get('utterances_per_second', 0):.2f} utt/s; speed-up {n.get('speedup') or 0:.1f}×"
+        rows.append(("naive", f"{n.get('utterances_per_second', 0):.4g} utt/s; speed-up {n.get('speedup') or 0:.1f}×"
                      if "skipped" not in n else n["skipped"]))
     for k, v in rows:
         table.add_row(k, str(v))

@@ -15,7 +15,7 @@ from ser_cache.corpus import load_corpus
 from ser_cache.extract import ExtractConfig, extract
 from ser_cache.predict import PredictError, evaluate, predict
 from ser_cache.store import ids_digest
-from test_training import make_corpus, make_store, one_torch_thread, read_csv, train  # noqa: F401 (fixture)
+from test_training import make_corpus, make_store, read_csv, train
 
 
 def settings_for(name: str, ids, **extra) -> dict:

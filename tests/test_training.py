@@ -78,17 +78,6 @@ def synthetic(tmp_path):
     return manifest, ids, feats, stores
 
 
-@pytest.fixture
-def one_torch_thread():
-    """Tiny models run as fast on one thread as on two on an idle machine, and far faster on a busy one."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def train(tmp_path, manifest, stores, name="run", **kw) -> tuple:
     # One thread: these heads are far too small to gain from two, and on a busy machine two
     # threads waiting for each other make every step many times slower.

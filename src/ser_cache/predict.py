@@ -6,6 +6,9 @@ Where the features come from, per input the run was trained on:
 2. otherwise the encoder recorded in the run, loaded again with the same settings and run here
    with the very batching, decoding and float16 rounding of `extract`, so a recomputed row equals
    what a store would hold. Text encoders need each file's transcript.
+
+A fine-tuned run (`finetune wavlm`) has no store for its audio input: its own WavLM, saved whole in
+the run, runs here on the audio, and its cached inputs (text, x-vectors) come as above.
 """
 
 from __future__ import annotations
@@ -190,6 +193,25 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
     return arrays, sources
 
 
+def is_finetuned(config: dict) -> bool:
+    from ser_cache.finetune_model import SYSTEM
+
+    return config.get("system") == SYSTEM
+
+
+def run_model(model, config: dict, utts: list, arrays: dict[str, np.ndarray], sources: dict[str, str], *,
+              device: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
+    """The run's predictions: its heads on the gathered features, or its fine-tuned model on the audio too."""
+    if not is_finetuned(config):
+        return run_heads(model, arrays, device=device)
+    from ser_cache.finetune_model import AUDIO_INPUT, predict_audio
+
+    sources[AUDIO_INPUT] = f"the run's fine-tuned WavLM on the audio ({len(utts)} rows)"
+    arch = config["wavlm"]
+    return predict_audio(model, utts, arrays, device=device, max_seconds=float(arch["max_seconds"]),
+                         batch_seconds=float(config["train"].get("batch_seconds") or 160.0))
+
+
 def run_heads(heads, arrays: dict[str, np.ndarray], *, device: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
     import torch
 
@@ -226,7 +248,7 @@ def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[s
         raise PredictError("nothing to predict: give audio files, or --data with --split")
     arrays, sources = gather_features(config, utts, run_dir=run_dir, device=device, features_dir=features_dir,
                                       use_stores=not files)
-    avd, probs = run_heads(heads, arrays, device=device)
+    avd, probs = run_model(heads, config, utts, arrays, sources, device=device)
     gender_labels = config.get("gender_labels") or None
     path = runs.write_predictions(out, [u.id for u in utts], avd, gender_labels=gender_labels, gender_probs=probs)
     return PredictResult(out=path, rows=len(utts), sources=sources)
@@ -257,7 +279,7 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
         raise PredictError(f"split {split} of {data} has {len(labelled)} labelled utterance(s) to score; "
                            "at least 2 are needed")
     arrays, sources = gather_features(config, labelled, run_dir=run_dir, device=device, features_dir=features_dir)
-    avd, probs = run_heads(heads, arrays, device=device)
+    avd, probs = run_model(heads, config, labelled, arrays, sources, device=device)
     target = np.array([u.avd for u in labelled], dtype=np.float64)
     genders = label_index([u.gender for u in labelled], config.get("gender_labels") or [])
     result.update(score(avd, target, [u.emotion or "" for u in labelled],
@@ -273,7 +295,13 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
 
 
 def _load(run_dir: Path):
+    """(model, config): the heads of a heads run, or the whole fine-tuned model of a fine-tuned run."""
     try:
+        config = runs.read_config(run_dir)
+        if is_finetuned(config):
+            from ser_cache.finetune_model import load_finetuned
+
+            return load_finetuned(run_dir, config), config
         return runs.load_run(run_dir)
     except runs.RunError as exc:
         raise PredictError(str(exc)) from None

@@ -11,7 +11,12 @@ Layout (documented for users in docs/training.md):
         history.csv          one row per epoch: losses, Development CCCs, balanced CCC, gender
         predictions_dev.csv  the kept epoch's Development predictions, challenge format
 
-Why the whole directory is written beside the target and renamed into place: a run killed in
+A fine-tuned run (`finetune wavlm`, docs/finetune.md) has the same files plus the full encoder
+weights in model.safetensors. It trains for hours, so its in-progress state lives inside the run
+directory (IN_PROGRESS marker, checkpoint.pt, the best weights so far) and the finished files
+appear at the end, config.json last; `--resume` continues such a directory.
+
+Why the whole (heads) directory is written beside the target and renamed into place: a run killed in
 epoch 40 must not leave a directory that looks finished, and `--overwrite` must not destroy the
 old run before the new one exists. Single files written later (eval_<split>.json) go through a
 temporary file and os.replace for the same reason.
@@ -37,6 +42,7 @@ WEIGHTS = "model.safetensors"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
 DEV_PREDICTIONS = "predictions_dev.csv"
+IN_PROGRESS = "in_progress.json"  # marks a run being trained in place (fine-tuning); config.json marks it done
 
 # The challenge's submission columns, in order: arousal, valence, dominance.
 ID_COLUMN = "FileName"
@@ -104,8 +110,17 @@ def is_run_dir(path: Path) -> bool:
         return False
 
 
-def check_run_target(path: str | Path, overwrite: bool) -> None:
-    """Refuse a target that exists (unless overwrite), and never overwrite a folder that is not a run."""
+def is_unfinished_run(path: Path) -> bool:
+    """A run directory being trained in place (or killed while it was): the marker, no config.json yet."""
+    path = Path(path)
+    return (path / IN_PROGRESS).is_file() and not (path / CONFIG).is_file()
+
+
+def check_run_target(path: str | Path, overwrite: bool, *, resumable: bool = False) -> None:
+    """Refuse a target that exists (unless overwrite), and never overwrite a folder that is not a run.
+
+    `resumable`: the command has --resume, so the messages offer it.
+    """
     path = Path(path)
     if not path.exists():
         return
@@ -113,9 +128,14 @@ def check_run_target(path: str | Path, overwrite: bool) -> None:
         raise RunError(f"--out {path}: exists and is not a directory")
     if not any(path.iterdir()):
         return  # an empty folder is as good as none
-    if not is_run_dir(path):
+    unfinished = is_unfinished_run(path)
+    if not (is_run_dir(path) or unfinished):
         raise RunError(f"--out {path}: exists and is not a ser-cache run directory; choose another --out")
     if not overwrite:
+        if unfinished:
+            hint = "pass --resume to continue it, " if resumable else ""
+            raise RunError(f"--out {path}: an unfinished run is there; {hint}--overwrite to start again, "
+                           "or choose another --out")
         raise RunError(f"--out {path}: a run already exists there; pass --overwrite to replace it, or choose another --out")
 
 

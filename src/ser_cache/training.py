@@ -82,45 +82,16 @@ class TrainHeadsConfig:
 
     def verify(self) -> None:
         """Raise one TrainError listing every problem with the options."""
-        from ser_cache.sampling import OX_MODES
-
         problems = []
         if not self.features:
             problems.append("--features: give at least one feature store")
         if len(set(map(str, self.features))) != len(self.features):
             problems.append("--features: the same store is given twice")
-        if self.epochs < 1:
-            problems.append(f"--epochs {self.epochs}: expected 1 or more")
         if not self.lr > 0:
             problems.append(f"--lr {self.lr}: expected a positive learning rate")
         if self.batch_size < 2:
             problems.append(f"--batch-size {self.batch_size}: expected 2 or more (CCC needs two rows)")
-        if self.weight_decay < 0:
-            problems.append(f"--weight-decay {self.weight_decay}: expected 0 or more")
-        if self.ox not in OX_MODES:
-            problems.append(f"--ox {self.ox}: expected one of {', '.join(OX_MODES)}")
-        if self.gender_weight < 0:
-            problems.append(f"--gender-weight {self.gender_weight}: expected 0 (head off) or more")
-        if self.speaker_weight < 0:
-            problems.append(f"--speaker-weight {self.speaker_weight}: expected 0 (head off) or more")
-        if not 0 <= self.aam_margin < math.pi / 2:
-            problems.append(f"--aam-margin {self.aam_margin}: expected radians in [0, pi/2)")
-        if not self.aam_scale > 0:
-            problems.append(f"--aam-scale {self.aam_scale}: expected a positive scale")
-        if self.select not in SELECT_MODES:
-            problems.append(f"--select {self.select}: expected one of {', '.join(SELECT_MODES)}")
-        if self.balanced_trials < 1:
-            problems.append(f"--balanced-trials {self.balanced_trials}: expected 1 or more")
-        if self.balanced_per_class is not None and self.balanced_per_class < 1:
-            problems.append(f"--balanced-per-class {self.balanced_per_class}: expected 1 or more")
-        if self.hidden < 1:
-            problems.append(f"--hidden {self.hidden}: expected 1 or more")
-        if not 0 <= self.dropout < 1:
-            problems.append(f"--dropout {self.dropout}: expected a probability in [0, 1)")
-        if self.threads is not None and self.threads < 1:
-            problems.append(f"--threads {self.threads}: expected 1 or more")
-        if self.train_split == self.dev_split:
-            problems.append(f"--train-split and --dev-split are both {self.train_split}")
+        problems += common_problems(self)
         if problems:
             raise TrainError("; ".join(problems))
 
@@ -130,6 +101,45 @@ class TrainHeadsConfig:
         d["data"] = str(self.data)
         d["out"] = str(self.out)
         return d
+
+
+def common_problems(cfg) -> list[str]:
+    """Problems with the options every training loop shares (heads, loss, sampling, selection).
+
+    `cfg` is a TrainHeadsConfig or a FinetuneConfig: both carry these fields under these names.
+    """
+    from ser_cache.sampling import OX_MODES
+
+    problems = []
+    if cfg.epochs < 1:
+        problems.append(f"--epochs {cfg.epochs}: expected 1 or more")
+    if cfg.weight_decay < 0:
+        problems.append(f"--weight-decay {cfg.weight_decay}: expected 0 or more")
+    if cfg.ox not in OX_MODES:
+        problems.append(f"--ox {cfg.ox}: expected one of {', '.join(OX_MODES)}")
+    if cfg.gender_weight < 0:
+        problems.append(f"--gender-weight {cfg.gender_weight}: expected 0 (head off) or more")
+    if cfg.speaker_weight < 0:
+        problems.append(f"--speaker-weight {cfg.speaker_weight}: expected 0 (head off) or more")
+    if not 0 <= cfg.aam_margin < math.pi / 2:
+        problems.append(f"--aam-margin {cfg.aam_margin}: expected radians in [0, pi/2)")
+    if not cfg.aam_scale > 0:
+        problems.append(f"--aam-scale {cfg.aam_scale}: expected a positive scale")
+    if cfg.select not in SELECT_MODES:
+        problems.append(f"--select {cfg.select}: expected one of {', '.join(SELECT_MODES)}")
+    if cfg.balanced_trials < 1:
+        problems.append(f"--balanced-trials {cfg.balanced_trials}: expected 1 or more")
+    if cfg.balanced_per_class is not None and cfg.balanced_per_class < 1:
+        problems.append(f"--balanced-per-class {cfg.balanced_per_class}: expected 1 or more")
+    if cfg.hidden < 1:
+        problems.append(f"--hidden {cfg.hidden}: expected 1 or more")
+    if not 0 <= cfg.dropout < 1:
+        problems.append(f"--dropout {cfg.dropout}: expected a probability in [0, 1)")
+    if cfg.threads is not None and cfg.threads < 1:
+        problems.append(f"--threads {cfg.threads}: expected 1 or more")
+    if cfg.train_split == cfg.dev_split:
+        problems.append(f"--train-split and --dev-split are both {cfg.train_split}")
+    return problems
 
 
 @dataclass
@@ -182,6 +192,7 @@ class TrainingData:
     """The kept rows (labelled, features written) of the train and dev splits, and their inputs."""
 
     ids: np.ndarray  # (n,) str
+    paths: np.ndarray  # (n,) str, the audio file of each row (for training on audio)
     splits: np.ndarray  # (n,) str
     emotions: np.ndarray  # (n,) str, NO_EMOTION_CLASS where the corpus has none
     avd: np.ndarray  # (n, 3) float32
@@ -229,29 +240,37 @@ def _join_store(store_path: Path, name: str, store_ids: np.ndarray, written: np.
 
 def load_training_data(cfg: TrainHeadsConfig) -> TrainingData:
     """Read corpus and stores (each store once, whole), join them, drop unusable rows, counting why."""
+    return load_rows(cfg.data, cfg.train_split, cfg.dev_split, cfg.features, speaker_weight=cfg.speaker_weight)
+
+
+def load_rows(data: Path, train_split: str, dev_split: str, stores: Sequence[Path], *, speaker_weight: float,
+              require_inputs: bool = True) -> TrainingData:
+    """The labelled train and dev rows of a corpus joined with cached stores; what `train_heads`
+    and `finetune_wavlm` both start from. `require_inputs=False`: the stores may be none (the
+    fine-tuned encoder is the input)."""
     from ser_cache.corpus import load_corpus, select_splits
     from ser_cache.store import FeatureStore
 
-    utts = select_splits(load_corpus(cfg.data), [cfg.train_split, cfg.dev_split], source=cfg.data)
+    utts = select_splits(load_corpus(data), [train_split, dev_split], source=data)
     # select_splits matches case-insensitively; use the corpus's own spelling from here on.
     split_of = {s.lower(): s for s in {u.split for u in utts}}
-    train_split, dev_split = split_of[cfg.train_split.lower()], split_of[cfg.dev_split.lower()]
+    train_split, dev_split = split_of[train_split.lower()], split_of[dev_split.lower()]
     ids = [u.id for u in utts]
     counts: dict = {"corpus_rows": len(utts)}
 
-    speaker_head_on = cfg.speaker_weight > 0
+    speaker_head_on = speaker_weight > 0
     inputs: list[InputStore] = []
     excluded: list[dict] = []
     usable = np.ones(len(utts), dtype=bool)
     names: dict[str, Path] = {}
-    for path in cfg.features:
+    for path in stores:
         path = Path(path)
         store = FeatureStore.open(path)
         attrs = store.attrs
         name = _store_name(path, attrs)
         if not _use_as_input(attrs, speaker_head_on):
             log.info("%s: a speaker-embedding store; kept out of the input because the speaker head is on "
-                     "(--speaker-weight %s), as in the paper", path, cfg.speaker_weight)
+                     "(--speaker-weight %s), as in the paper", path, speaker_weight)
             excluded.append({**store_record(name, path, attrs, store.feature_shape),
                              "reason": "speaker-embedding store kept out of the input: speaker head on"})
             continue
@@ -266,7 +285,7 @@ def load_training_data(cfg: TrainHeadsConfig) -> TrainingData:
         counts[f"not_written[{name}]"] = not_written
         usable &= ok
         inputs.append(InputStore(name=name, path=path, attrs=attrs, features=feats, rows=rows))
-    if not inputs:
+    if not inputs and require_inputs:
         raise TrainError("no input features left: every --features store is a speaker-embedding store, which is "
                          "kept out of the input while the speaker head is on; add a speech or text store, or pass "
                          "--speaker-weight 0 to use the speaker embeddings as input")
@@ -281,7 +300,7 @@ def load_training_data(cfg: TrainHeadsConfig) -> TrainingData:
     for split in (train_split, dev_split):
         in_split = splits == split
         if not (keep & in_split).any():
-            raise TrainError(f"split {split} of {cfg.data} has no usable row: {int(in_split.sum())} utterance(s), "
+            raise TrainError(f"split {split} of {data} has no usable row: {int(in_split.sum())} utterance(s), "
                              f"{int((in_split & labelled).sum())} with labels, "
                              f"{int((in_split & labelled & usable).sum())} of those with features in every store")
     k = np.flatnonzero(keep)
@@ -291,6 +310,7 @@ def load_training_data(cfg: TrainHeadsConfig) -> TrainingData:
     counts["kept_rows"] = int(k.size)
     return TrainingData(
         ids=np.array([utts[i].id for i in k], dtype=object),
+        paths=np.array([str(utts[i].path) for i in k], dtype=object),
         splits=splits[k],
         emotions=emotions,
         avd=avd[k].astype(np.float32),
@@ -373,7 +393,7 @@ def train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     """Train the heads as configured and write the run directory; returns where, and the kept epoch."""
     cfg.verify()
     runs.check_run_target(cfg.out, cfg.overwrite)  # refuse before minutes of loading, not after
-    with _torch_threads(cfg.threads):
+    with torch_threads(cfg.threads):
         return _train_heads(cfg)
 
 
@@ -387,13 +407,13 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     data = load_training_data(cfg)
-    train_idx, dev_idx = _select_rows(cfg, data)
-    _check_selectable(cfg, data, dev_idx)
+    train_idx, dev_idx = select_rows(cfg, data)
+    check_selectable(cfg, data, dev_idx)
 
     # Everything the heads learn about labels comes from the training rows only.
-    lo, hi = _label_range(data.avd[train_idx])
-    gender_labels = _head_classes("gender", cfg.gender_weight, [data.genders[i] for i in train_idx])
-    speaker_labels = _head_classes("speaker", cfg.speaker_weight, [data.speakers[i] for i in train_idx])
+    lo, hi = label_range(data.avd[train_idx])
+    gender_labels = head_classes("gender", cfg.gender_weight, [data.genders[i] for i in train_idx])
+    speaker_labels = head_classes("speaker", cfg.speaker_weight, [data.speakers[i] for i in train_idx])
     genders = label_index(data.genders, gender_labels)
     targets = {"avd": torch.from_numpy(data.avd), "gender": torch.from_numpy(genders),
                "speaker": torch.from_numpy(label_index(data.speakers, speaker_labels))}
@@ -407,7 +427,7 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
                       scale=cfg.aam_scale).to(device) if speaker_labels else None)
     params = list(heads.parameters()) + (list(aam.parameters()) if aam is not None else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  **({"fused": True} if _fused_adamw_ok(device) else {}))
+                                  **({"fused": True} if fused_adamw_ok(device) else {}))
     sampler = EpochSampler(data.emotions[train_idx], undersample=cfg.undersample, seed=cfg.seed)
     data.counts.update(train_rows=int(train_idx.size), dev_rows=int(dev_idx.size), rows_per_epoch=len(sampler))
     log.info("training on %d rows (%d per epoch%s), validating on %d %s rows; inputs: %s", train_idx.size,
@@ -416,7 +436,7 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
 
     history: list[dict] = []
     best: dict = {"score": -math.inf, "epoch": 0}
-    with _EpochProgress(cfg.progress, cfg.epochs) as progress:
+    with EpochProgress(cfg.progress, cfg.epochs) as progress:
         for epoch in range(1, cfg.epochs + 1):
             t_epoch = time.perf_counter()
             sampler.set_epoch(epoch)
@@ -430,7 +450,7 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
                         balanced_trials=cfg.balanced_trials, balanced_per_class=cfg.balanced_per_class,
                         seed=cfg.seed)
             now = time.perf_counter()
-            history.append(_history_row(epoch, losses, dev, now - t_epoch, now - t_eval))
+            history.append(history_row(epoch, losses, dev, now - t_epoch, now - t_eval))
             value = dev["balanced_ccc"]["mean"] if cfg.select == "balanced" else dev["ccc"]["mean"]
             if value > best["score"]:
                 # Copies, not references: the next optimizer step would change them in place.
@@ -443,29 +463,11 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     if aam is not None:
         aam.load_state_dict(best["aam"])
     metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
-    config = {
-        "format": runs.RUN_FORMAT,
-        "format_version": runs.RUN_FORMAT_VERSION,
-        "package_version": __version__,
-        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "train": cfg.to_dict(),
-        "inputs": [s.record() for s in data.inputs],
-        "excluded_stores": data.excluded_stores,
-        "labels": {"attributes": list(AVD), "min": lo, "max": hi},
-        "gender_labels": gender_labels,
-        "n_speakers": len(speaker_labels),
-        "speakers": speaker_labels,
-        "heads": heads.config(),
-        "data": data.counts,
-        "best_epoch": best["epoch"],
-    }
+    config = run_config(cfg.to_dict(), data, lo, hi, gender_labels, speaker_labels, heads.config(), best["epoch"])
     with runs.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
         runs.save_weights(tmp, heads, aam)
-        runs.write_json_atomic(tmp / runs.CONFIG, config)
-        runs.write_json_atomic(tmp / runs.METRICS, metrics)
-        runs.write_csv_atomic(tmp / runs.HISTORY, list(history[0]), [list(r.values()) for r in history])
-        runs.write_predictions(tmp / runs.DEV_PREDICTIONS, data.ids[dev_idx].tolist(), best["pred"],
-                               gender_labels=gender_labels or None, gender_probs=best["probs"])
+        write_run_files(tmp, config, metrics, history, data.ids[dev_idx].tolist(), best["pred"], best["probs"],
+                        gender_labels)
     wall = time.perf_counter() - t0
     log.info("kept epoch %d of %d (%s %s CCC %.4f) in %.1f s; run written to %s", best["epoch"], cfg.epochs,
              data.dev_split, "balanced" if cfg.select == "balanced" else "mean", best["score"], wall, cfg.out)
@@ -473,8 +475,60 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
                        history=history)
 
 
+def run_config(train: dict, data: TrainingData, lo: Sequence[float], hi: Sequence[float], gender_labels: list[str],
+               speaker_labels: list[str], heads_config: dict, best_epoch: int, **extra) -> dict:
+    """config.json of a run: the training options, every cached input, labels, and the heads' arguments.
+
+    `extra` adds fields of other run kinds (a fine-tuned encoder's `system` and architecture).
+    """
+    return {
+        "format": runs.RUN_FORMAT,
+        "format_version": runs.RUN_FORMAT_VERSION,
+        "package_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+        "train": train,
+        "inputs": [s.record() for s in data.inputs],
+        "excluded_stores": data.excluded_stores,
+        "labels": {"attributes": list(AVD), "min": list(lo), "max": list(hi)},
+        "gender_labels": gender_labels,
+        "n_speakers": len(speaker_labels),
+        "speakers": speaker_labels,
+        "heads": heads_config,
+        "data": data.counts,
+        "best_epoch": best_epoch,
+    }
+
+
+def write_run_files(directory: Path, config: dict, metrics: dict, history: list[dict], dev_ids: list[str],
+                    pred: np.ndarray, probs: np.ndarray | None, gender_labels: list[str]) -> None:
+    """Everything of a run directory but the weights: metrics, history, Development predictions, config last."""
+    directory = Path(directory)
+    runs.write_json_atomic(directory / runs.METRICS, metrics)
+    runs.write_csv_atomic(directory / runs.HISTORY, list(history[0]), [list(r.values()) for r in history])
+    runs.write_predictions(directory / runs.DEV_PREDICTIONS, dev_ids, pred, gender_labels=gender_labels or None,
+                           gender_probs=probs)
+    # config.json makes the directory a finished run (runs.is_run_dir), so it comes last.
+    runs.write_json_atomic(directory / runs.CONFIG, config)
+
+
+def batch_loss(out: dict, target: dict, aam, *, gender_weight: float, speaker_weight: float):
+    """Paper Eq. 1 on one batch of head outputs: (total loss, its unweighted parts).
+
+    `target` holds "avd" (B, 3), "gender" (B,) and "speaker" (B,) on the outputs' device.
+    """
+    from ser_cache.losses import multitask_loss
+
+    speaker_loss = aam(out["speaker_embedding"], target["speaker"]) if aam is not None else None
+    with_gender = "gender_logits" in out
+    return multitask_loss(out["avd"], target["avd"],
+                          gender_logits=out["gender_logits"] if with_gender else None,
+                          gender_target=target["gender"] if with_gender else None,
+                          gender_weight=gender_weight, speaker_loss=speaker_loss, speaker_weight=speaker_weight)
+
+
 @contextlib.contextmanager
-def _torch_threads(n: int | None):
+def torch_threads(n: int | None):
     """Run with n torch threads, then give back the number there was (it is process-wide)."""
     import torch
 
@@ -494,8 +548,6 @@ def _train_epoch(heads, aam, optimizer, data: TrainingData, order: np.ndarray, t
     """One pass over `order` (row indices); returns the unweighted loss terms averaged over rows."""
     import torch
 
-    from ser_cache.losses import multitask_loss
-
     heads.train()
     sums = {"total": 0.0, "ccc": 0.0, "gender": 0.0, "speaker": 0.0}
     seen = 0
@@ -506,15 +558,8 @@ def _train_epoch(heads, aam, optimizer, data: TrainingData, order: np.ndarray, t
             continue
         rows = torch.from_numpy(idx)
         out = heads({k: v.to(device, non_blocking=True) for k, v in data.batch(idx).items()})
-        speaker_loss = None
-        if aam is not None:
-            speaker_loss = aam(out["speaker_embedding"], targets["speaker"][rows].to(device))
-        with_gender = "gender_logits" in out
-        loss, parts = multitask_loss(
-            out["avd"], targets["avd"][rows].to(device),
-            gender_logits=out["gender_logits"] if with_gender else None,
-            gender_target=targets["gender"][rows].to(device) if with_gender else None,
-            gender_weight=cfg.gender_weight, speaker_loss=speaker_loss, speaker_weight=cfg.speaker_weight)
+        loss, parts = batch_loss(out, {k: v[rows].to(device) for k, v in targets.items()}, aam,
+                                 gender_weight=cfg.gender_weight, speaker_weight=cfg.speaker_weight)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -524,7 +569,7 @@ def _train_epoch(heads, aam, optimizer, data: TrainingData, order: np.ndarray, t
     return {k: v / max(seen, 1) for k, v in sums.items()}
 
 
-def _label_range(avd: np.ndarray) -> tuple[list[float], list[float]]:
+def label_range(avd: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-attribute min and max of the training labels: the heads' output range (paper Eq. 2)."""
     lo, hi = avd.min(axis=0).astype(float), avd.max(axis=0).astype(float)
     flat = [f"{a} ({l})" for a, l, h in zip(AVD, lo, hi) if not h > l]
@@ -534,7 +579,7 @@ def _label_range(avd: np.ndarray) -> tuple[list[float], list[float]]:
     return lo.tolist(), hi.tolist()
 
 
-def _head_classes(head: str, weight: float, values: Sequence[str | None]) -> list[str]:
+def head_classes(head: str, weight: float, values: Sequence[str | None]) -> list[str]:
     """Sorted known classes of an auxiliary head; none when it is off or has fewer than two classes."""
     if weight == 0:
         return []
@@ -545,7 +590,7 @@ def _head_classes(head: str, weight: float, values: Sequence[str | None]) -> lis
     return classes
 
 
-def _select_rows(cfg: TrainHeadsConfig, data: TrainingData) -> tuple[np.ndarray, np.ndarray]:
+def select_rows(cfg: TrainHeadsConfig, data: TrainingData) -> tuple[np.ndarray, np.ndarray]:
     """Training and Development-evaluation rows of the O/X variant; an empty side is an error."""
     from ser_cache.sampling import select_training
 
@@ -563,7 +608,7 @@ def _select_rows(cfg: TrainHeadsConfig, data: TrainingData) -> tuple[np.ndarray,
     return train_idx, dev_idx
 
 
-def _check_selectable(cfg: TrainHeadsConfig, data: TrainingData, dev_idx: np.ndarray) -> None:
+def check_selectable(cfg: TrainHeadsConfig, data: TrainingData, dev_idx: np.ndarray) -> None:
     from ser_cache.metrics import PRIMARY_EMOTIONS
 
     if cfg.select == "balanced" and not np.isin(data.emotions[dev_idx], PRIMARY_EMOTIONS).any():
@@ -575,7 +620,7 @@ def _fetcher(data: TrainingData, rows: np.ndarray):
     return lambda idx: data.batch(rows[idx])
 
 
-def _fused_adamw_ok(device) -> bool:
+def fused_adamw_ok(device) -> bool:
     """Fused AdamW (one kernel for all parameters) is much cheaper per step on CPU and CUDA alike."""
     import torch
 
@@ -586,7 +631,7 @@ def _fused_adamw_ok(device) -> bool:
     return True
 
 
-def _history_row(epoch: int, losses: Mapping[str, float], dev: dict, seconds: float, eval_seconds: float) -> dict:
+def history_row(epoch: int, losses: Mapping[str, float], dev: dict, seconds: float, eval_seconds: float) -> dict:
     row = {"epoch": epoch, "seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3)}
     row.update({f"loss_{k}": v for k, v in losses.items()})
     row.update({f"dev_ccc_{k}": v for k, v in dev["ccc"].items()})
@@ -598,7 +643,7 @@ def _history_row(epoch: int, losses: Mapping[str, float], dev: dict, seconds: fl
     return row
 
 
-class _EpochProgress:
+class EpochProgress:
     """A rich progress bar over epochs showing the loss and the Development scores."""
 
     def __init__(self, enabled: bool, epochs: int):
@@ -606,7 +651,7 @@ class _EpochProgress:
         self.epochs = epochs
         self._progress = None
 
-    def __enter__(self) -> _EpochProgress:
+    def __enter__(self) -> EpochProgress:
         if self.enabled:
             import sys
 

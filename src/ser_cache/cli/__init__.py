@@ -51,3 +51,4 @@ def main() -> None:
 from ser_cache.cli import stage_one  # noqa: E402,F401
 from ser_cache.cli import bench  # noqa: E402,F401
 from ser_cache.cli import stage_two  # noqa: E402,F401
+from ser_cache.cli import finetune  # noqa: E402,F401

@@ -1,0 +1,84 @@
+"""`finetune wavlm`: fine-tune WavLM end to end with the stage-two heads (docs/finetune.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ser_cache.cli import app, guarded, out
+from ser_cache.cli.stage_two import _log_to_stderr, scores_table
+
+finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune an encoder end to end with the stage-two heads.")
+app.add_typer(finetune_app, name="finetune")
+
+
+@finetune_app.command("wavlm")
+def wavlm(
+    data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (audio, labels, splits)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to create (or continue with --resume)."),
+    model: str = typer.Option("wavlm-large", help="WavLM short name, Hugging Face id or local directory."),
+    text_features: Optional[Path] = typer.Option(None, help="Cached text store (e.g. roberta-large.zarr) joined to the audio: MMWavLM."),
+    speaker_features: Optional[Path] = typer.Option(None, help="Cached x-vector store joined as an input (kept out while the speaker head is on)."),
+    train_split: str = typer.Option("Train", help="Split to train on."),
+    dev_split: str = typer.Option("Development", help="Split to validate on and select the epoch with."),
+    epochs: int = typer.Option(50, help="Epochs (paper: 50)."),
+    lr_encoder: float = typer.Option(5e-5, help="AdamW learning rate of WavLM (paper: 5e-5)."),
+    lr_heads: float = typer.Option(5e-5, help="AdamW learning rate of layer weights, convolutions and heads (paper: 5e-5)."),
+    weight_decay: float = typer.Option(0.01, help="AdamW weight decay (AdamW's default)."),
+    batch_seconds: float = typer.Option(160.0, help="Audio seconds per batch, summed over all GPUs (the paper gives no batch size)."),
+    grad_accum: int = typer.Option(1, help="Batches per optimizer step."),
+    max_seconds: float = typer.Option(15.0, help="Crop every clip to its first seconds (paper: 15)."),
+    freeze_cnn: bool = typer.Option(True, "--freeze-cnn/--train-cnn", help="Freeze WavLM's CNN feature encoder (default) or train it too."),
+    gradient_checkpointing: bool = typer.Option(False, help="Recompute WavLM's activations in the backward pass: less memory, ~30% slower."),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (with loss scaling)."),
+    seed: int = typer.Option(0, help="Seed for initialisation, sampling, dropout and the balanced-CCC draws."),
+    no_undersample: bool = typer.Option(False, "--no-undersample", help="Train on every row each epoch instead of m per emotion class."),
+    ox: str = typer.Option("keep", help="O/X handling (paper Table 5): keep, drop, only, train+dev, train+dev-nonox."),
+    gender_weight: float = typer.Option(0.0, help="Gender head loss weight alpha; 0 (default) turns the head off, the paper's G Pred uses 1."),
+    speaker_weight: float = typer.Option(0.0, help="Speaker head AAM loss weight beta; 0 (default) turns the head off."),
+    aam_margin: float = typer.Option(0.2, help="AAM-softmax margin, radians."),
+    aam_scale: float = typer.Option(30.0, help="AAM-softmax scale."),
+    select: str = typer.Option("balanced", help="Epoch kept: best mean 'balanced' CCC (paper) or plain 'ccc'."),
+    balanced_trials: int = typer.Option(10, help="Balanced-CCC trials."),
+    balanced_per_class: Optional[int] = typer.Option(None, help="Utterances per emotion and trial (default: smallest class)."),
+    hidden: int = typer.Option(256, help="Hidden units of each 2-layer head."),
+    dropout: float = typer.Option(0.1, help="Dropout in the point-wise convolutions and the heads."),
+    conv_dim: int = typer.Option(256, help="Channels of the point-wise convolutions (paper: 256)."),
+    workers: int = typer.Option(0, help="Processes decoding audio (per rank); 0 decodes in the training process."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (under torchrun each rank takes its own GPU)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's)."),
+    resume: bool = typer.Option(False, help="Continue the unfinished run in --out from its last checkpoint."),
+    overwrite: bool = typer.Option(False, help="Delete the run in --out and start again."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Fine-tune WavLM (all hidden states weighted, point-wise convolutions, mean pooling) with the
+    stage-two heads; write a run directory that evaluate, predict and ensemble use like any other.
+
+    Multi-GPU: torchrun --nproc-per-node 8 -m ser_cache finetune wavlm ...
+    """
+    from ser_cache.finetune import FinetuneConfig, finetune_wavlm
+
+    _log_to_stderr()
+    cfg = FinetuneConfig(data=data, out=out_dir, model=model, text_features=text_features,
+                         speaker_features=speaker_features, train_split=train_split, dev_split=dev_split,
+                         epochs=epochs, lr_encoder=lr_encoder, lr_heads=lr_heads, weight_decay=weight_decay,
+                         batch_seconds=batch_seconds, grad_accum=grad_accum, max_seconds=max_seconds,
+                         freeze_cnn=freeze_cnn, gradient_checkpointing=gradient_checkpointing, precision=precision,
+                         seed=seed, undersample=not no_undersample, ox=ox, gender_weight=gender_weight,
+                         speaker_weight=speaker_weight, aam_margin=aam_margin, aam_scale=aam_scale, select=select,
+                         balanced_trials=balanced_trials, balanced_per_class=balanced_per_class, hidden=hidden,
+                         dropout=dropout, conv_dim=conv_dim, workers=workers, device=device, threads=threads,
+                         resume=resume, overwrite=overwrite, progress=progress)
+    result = guarded(finetune_wavlm, cfg)
+    if result is None or not _is_main():
+        return
+    out.print(scores_table(f"{result.run_dir} — {cfg.dev_split}, epoch {result.best_epoch} of {cfg.epochs}",
+                           result.metrics))
+
+
+def _is_main() -> bool:
+    import os
+
+    return os.environ.get("RANK", "0") == "0"

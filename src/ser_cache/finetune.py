@@ -1,0 +1,617 @@
+"""`finetune wavlm`: train WavLM end to end with stage two's heads, losses, samplers and metrics.
+
+The loop, in order:
+1. read the corpus and any cached stores (`--text-features`, `--speaker-features`) once, with the
+   very code of `train-heads` (training.load_rows), read each audio file's header for its length,
+   and pick the training and Development rows of the O/X variant;
+2. build the model (finetune_model.WavLMEmotionModel: WavLM, layer weighting, point-wise
+   convolutions, masked mean pooling, MultitaskHeads) and, under torchrun, wrap it in DDP;
+3. each epoch: draw the epoch's (undersampled) order with EpochSampler, cut it into global batches
+   of about `--batch-seconds` of audio, give each rank every world-th clip of each batch, and
+   compute the loss of Eq. 1 over the *global* batch (see `_gather`); then score Development;
+4. after every epoch write checkpoint.pt atomically; at the end write the run directory's files,
+   config.json last.
+
+Why global batches: CCC is not a mean over rows, so the loss of a batch split over two ranks is
+not the mean of the two halves' losses. Gathering the predictions (with autograd) and computing
+the loss once over the whole batch makes a run on N ranks take the very steps of a run on one
+(up to floating-point summation order), and every rank runs the same number of steps by
+construction: the batch plan depends on the epoch's order and the clip lengths, not on the rank.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ser_cache import runs
+from ser_cache import audio as audio_lib
+from ser_cache.training import TrainError, TrainResult
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT = "checkpoint.pt"
+CHECKPOINT_FORMAT = "ser-cache-finetune-checkpoint"
+BEST = "best-epoch{:04d}.safetensors"  # the best weights so far, named by epoch (see _save_checkpoint)
+# Options that may change between a run and its --resume: they do not change the numbers.
+RESUME_FREE = ("device", "workers", "threads", "progress", "resume", "overwrite")
+# Fault injection for the resume test: "EPOCH:STEP" makes the process stop (sleep) right after
+# that optimizer step, mid-epoch, so the test can kill -9 it at a known point after a checkpoint.
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything `finetune wavlm` needs; the paper's values where it gives them, documented where not.
+
+    lr_encoder, lr_heads, epochs: the paper's 5e-5 and 50.
+    batch_seconds: audio seconds per (global) batch, summed over ranks; the paper gives no batch
+    size. 160 s is about 29 MSP-Podcast clips (mean 5.5 s).
+    gender_weight, speaker_weight: 0 (heads off), the paper's plain WavLM system; 1 for "G Pred".
+    weight_decay: AdamW's default, as in train-heads.
+    """
+
+    data: Path
+    out: Path
+    model: str = "wavlm-large"
+    text_features: Path | None = None
+    speaker_features: Path | None = None
+    train_split: str = "Train"
+    dev_split: str = "Development"
+    epochs: int = 50
+    lr_encoder: float = 5e-5
+    lr_heads: float = 5e-5
+    weight_decay: float = 0.01
+    batch_seconds: float = 160.0
+    grad_accum: int = 1
+    max_seconds: float = audio_lib.DEFAULT_MAX_SECONDS
+    freeze_cnn: bool = True
+    gradient_checkpointing: bool = False
+    precision: str = "auto"
+    seed: int = 0
+    undersample: bool = True
+    ox: str = "keep"
+    gender_weight: float = 0.0
+    speaker_weight: float = 0.0
+    aam_margin: float = 0.2
+    aam_scale: float = 30.0
+    select: str = "balanced"
+    balanced_trials: int = 10
+    balanced_per_class: int | None = None
+    hidden: int = 256
+    dropout: float = 0.1
+    conv_dim: int = 256
+    workers: int = 0
+    device: str = "auto"
+    threads: int | None = None
+    resume: bool = False
+    overwrite: bool = False
+    progress: bool = True
+
+    def verify(self) -> None:
+        """Raise one TrainError listing every problem with the options."""
+        from ser_cache.encoders.base import PRECISIONS
+        from ser_cache.training import common_problems
+
+        problems = []
+        for name, value in (("--lr-encoder", self.lr_encoder), ("--lr-heads", self.lr_heads),
+                            ("--batch-seconds", self.batch_seconds), ("--max-seconds", self.max_seconds)):
+            if not value > 0:
+                problems.append(f"{name} {value}: expected a positive number")
+        if self.grad_accum < 1:
+            problems.append(f"--grad-accum {self.grad_accum}: expected 1 or more")
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        if self.conv_dim < 1:
+            problems.append(f"--conv-dim {self.conv_dim}: expected 1 or more")
+        if self.workers < 0:
+            problems.append(f"--workers {self.workers}: expected 0 or more")
+        if self.resume and self.overwrite:
+            problems.append("--resume and --overwrite: give one (continue the run, or start it again)")
+        if self.text_features is not None and self.text_features == self.speaker_features:
+            problems.append("--text-features and --speaker-features name the same store")
+        problems += common_problems(self)
+        if problems:
+            raise TrainError("; ".join(problems))
+
+    @property
+    def stores(self) -> tuple[Path, ...]:
+        return tuple(Path(p) for p in (self.text_features, self.speaker_features) if p is not None)
+
+    def to_dict(self) -> dict:
+        return runs._jsonable(asdict(self))
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def finetune_wavlm(cfg: FinetuneConfig) -> TrainResult:
+    """Fine-tune as configured (under torchrun: on every rank) and write the run directory."""
+    from ser_cache import distributed
+    from ser_cache.training import torch_threads
+
+    cfg.verify()
+    dist = distributed.init()
+    try:
+        # Rank 0 alone judges the target; the others learn the outcome (no rank may wait forever).
+        problem = None
+        if dist.is_main:
+            try:
+                _check_target(cfg)
+            except (runs.RunError, TrainError) as exc:
+                problem = str(exc)
+        problem = dist.broadcast(problem)
+        if problem:
+            raise TrainError(problem)
+        with torch_threads(cfg.threads):
+            return _finetune(cfg, dist)
+    finally:
+        distributed.shutdown(dist)
+
+
+def _check_target(cfg: FinetuneConfig) -> None:
+    out = Path(cfg.out)
+    if cfg.resume and runs.is_run_dir(out):
+        raise TrainError(f"--resume: the run at {out} is finished; choose another --out or pass --overwrite")
+    if cfg.resume and runs.is_unfinished_run(out):
+        return
+    runs.check_run_target(out, cfg.overwrite, resumable=True)
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _durations(paths: np.ndarray, max_seconds: float) -> tuple[np.ndarray, dict[int, str]]:
+    """Header-only lengths in seconds (cropped to max_seconds), and {row: reason} for unusable files."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from ser_cache.finetune_model import MIN_SECONDS
+
+    def one(path):
+        try:
+            i = audio_lib.info(path)
+        except audio_lib.AudioError as exc:
+            return math.nan, exc.reason
+        if i.seconds < MIN_SECONDS:
+            return math.nan, f"too short ({i.seconds:.3f} s; at least {MIN_SECONDS} s needed)"
+        return min(i.seconds, max_seconds), None
+
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        results = list(pool.map(one, paths.tolist()))
+    seconds = np.array([s for s, _ in results], dtype=np.float64)
+    return seconds, {i: why for i, (_, why) in enumerate(results) if why is not None}
+
+
+def _keep_rows(data, keep: np.ndarray):
+    """The same TrainingData with only rows `keep` (a boolean mask)."""
+    from dataclasses import replace
+
+    k = np.flatnonzero(keep)
+    for s in data.inputs:
+        s.rows = s.rows[k]
+    return replace(data, ids=data.ids[k], paths=data.paths[k], splits=data.splits[k], emotions=data.emotions[k],
+                   avd=data.avd[k], genders=[data.genders[i] for i in k], speakers=[data.speakers[i] for i in k])
+
+
+def _load_data(cfg: FinetuneConfig):
+    from ser_cache.training import load_rows
+
+    data = load_rows(cfg.data, cfg.train_split, cfg.dev_split, cfg.stores, speaker_weight=cfg.speaker_weight,
+                     require_inputs=False)
+    seconds, bad = _durations(data.paths, cfg.max_seconds)
+    data.counts["unreadable_audio"] = len(bad)
+    if bad:
+        shown = "; ".join(f"{data.paths[i]}: {why}" for i, why in list(bad.items())[:3])
+        log.warning("%d utterance(s) left out because their audio cannot be used (%s)", len(bad), shown)
+        keep = np.isfinite(seconds)
+        data, seconds = _keep_rows(data, keep), seconds[keep]
+    return data, seconds
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
+    import torch
+
+    from ser_cache import training
+    from ser_cache.encoders.base import RuntimeOptions, weights_revision
+    from ser_cache.finetune_model import (
+        AUDIO_INPUT,
+        WavLMEmotionModel,
+        architecture,
+        audio_loader,
+        freeze_unused,
+        load_wavlm,
+    )
+    from ser_cache.heads import MultitaskHeads
+    from ser_cache.losses import AAMSoftmax
+    from ser_cache.sampling import EpochSampler
+
+    t0 = time.perf_counter()
+    device = training.resolve_device(dist.device(cfg.device))
+    amp_dtype = RuntimeOptions(device=str(device), precision=cfg.precision).autocast_dtype(device)
+    data, seconds = _load_data(cfg)
+    train_idx, dev_idx = training.select_rows(cfg, data)
+    training.check_selectable(cfg, data, dev_idx)
+
+    # Everything the heads learn about labels comes from the training rows only (as in train-heads).
+    lo, hi = training.label_range(data.avd[train_idx])
+    gender_labels = training.head_classes("gender", cfg.gender_weight, [data.genders[i] for i in train_idx])
+    speaker_labels = training.head_classes("speaker", cfg.speaker_weight, [data.speakers[i] for i in train_idx])
+    targets = {"avd": torch.from_numpy(data.avd),
+               "gender": torch.from_numpy(training.label_index(data.genders, gender_labels)),
+               "speaker": torch.from_numpy(training.label_index(data.speakers, speaker_labels))}
+
+    # All three generators: WavLM's spec-augment masking draws from numpy's global one.
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    wavlm, resolved, normalize, uses_mask = load_wavlm(cfg.model)
+    revision = weights_revision(wavlm, resolved)
+    if cfg.freeze_cnn:
+        wavlm.freeze_feature_encoder()
+    if cfg.gradient_checkpointing:
+        wavlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    input_dims = {AUDIO_INPUT: (cfg.conv_dim,), **{s.name: s.shape for s in data.inputs}}
+    if len(input_dims) != 1 + len(data.inputs):
+        raise TrainError(f"a store is named '{AUDIO_INPUT}', the name of the fine-tuned audio input; "
+                         "extract it again with another --name")
+    heads = MultitaskHeads(input_dims, hidden=cfg.hidden, dropout=cfg.dropout, label_min=lo, label_max=hi,
+                           n_genders=len(gender_labels), n_speakers=len(speaker_labels),
+                           aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale)
+    model = WavLMEmotionModel(wavlm, heads, conv_dim=cfg.conv_dim, dropout=cfg.dropout, normalize=normalize,
+                              attention_mask=uses_mask).to(device)
+    unused = freeze_unused(model)
+    if unused and dist.is_main:
+        log.info("frozen because they cannot reach the output: %s", ", ".join(unused))
+    aam = (AAMSoftmax(heads.speaker_embedding_dim, len(speaker_labels), margin=cfg.aam_margin,
+                      scale=cfg.aam_scale).to(device) if speaker_labels else None)
+    encoder_params = [p for p in model.wavlm.parameters() if p.requires_grad]
+    encoder_ids = {id(p) for p in encoder_params}
+    head_params = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
+    head_params += list(aam.parameters()) if aam is not None else []
+    optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": cfg.lr_encoder},
+                                   {"params": head_params, "lr": cfg.lr_heads}], weight_decay=cfg.weight_decay,
+                                  **({"fused": True} if training.fused_adamw_ok(device) else {}))
+    scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
+    sampler = EpochSampler(data.emotions[train_idx], undersample=cfg.undersample, seed=cfg.seed)
+
+    state = _State(history=[], best={"score": -math.inf, "epoch": 0}, epoch=0)
+    out = Path(cfg.out)
+    if cfg.resume:
+        state = _resume(out, cfg, dist, model, aam, optimizer, scaler, sampler) or state
+    if dist.is_main and not (cfg.resume and runs.is_unfinished_run(out)):
+        if out.exists() and cfg.overwrite:
+            shutil.rmtree(out)
+        out.mkdir(parents=True, exist_ok=True)
+        runs.write_json_atomic(out / runs.IN_PROGRESS, {"format": runs.RUN_FORMAT, "system": "finetuned-wavlm",
+                                                       "train": cfg.to_dict()})
+    dist.barrier()
+
+    ddp = model
+    if dist.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    loader, plan = audio_loader(data.paths.tolist(), cfg.max_seconds, cfg.workers)
+    data.counts.update(train_rows=int(train_idx.size), dev_rows=int(dev_idx.size), rows_per_epoch=len(sampler))
+    if dist.is_main:
+        log.info("fine-tuning %s on %d rows (%d per epoch%s, %.0f s of audio per batch, %d rank(s)), validating "
+                 "on %d %s rows; cached inputs: %s", resolved.model_id, train_idx.size, len(sampler),
+                 ", undersampled" if cfg.undersample else "", cfg.batch_seconds, dist.world, dev_idx.size,
+                 data.dev_split, ", ".join(f"{s.name} {s.shape}" for s in data.inputs) or "none")
+
+    run = _Run(cfg=cfg, dist=dist, device=device, amp_dtype=amp_dtype, data=data, seconds=seconds,
+               targets=targets, model=model, ddp=ddp, aam=aam, optimizer=optimizer, scaler=scaler,
+               loader=loader, plan=plan)
+    with training.EpochProgress(cfg.progress and dist.is_main, cfg.epochs) as progress:
+        for epoch in range(state.epoch + 1, cfg.epochs + 1):
+            t_epoch = time.perf_counter()
+            sampler.set_epoch(epoch)
+            order = train_idx[sampler.epoch_indices()]
+            losses, audio_seconds = _train_epoch(run, epoch, order, np.random.default_rng([cfg.seed, epoch, 1]))
+            t_eval = time.perf_counter()
+            pred, probs = _infer(run, dev_idx)
+            dev = training.score(pred, data.avd[dev_idx], data.emotions[dev_idx],
+                                 gender_pred=None if probs is None else probs.argmax(1),
+                                 gender_true=None if probs is None else targets["gender"].numpy()[dev_idx],
+                                 balanced_trials=cfg.balanced_trials, balanced_per_class=cfg.balanced_per_class,
+                                 seed=cfg.seed)
+            now = time.perf_counter()
+            row = training.history_row(epoch, losses, dev, now - t_epoch, now - t_eval)
+            row["train_audio_seconds_per_second"] = round(audio_seconds / max(t_eval - t_epoch, 1e-9), 3)
+            state.history.append(row)
+            value = dev["balanced_ccc"]["mean"] if cfg.select == "balanced" else dev["ccc"]["mean"]
+            if value > state.best["score"]:
+                state.best = {"score": value, "epoch": epoch, "dev": dev, "pred": pred, "probs": probs}
+                if dist.is_main:
+                    from ser_cache.finetune_model import save_weights
+
+                    save_weights(out / BEST.format(epoch), model, aam)
+            state.epoch = epoch
+            _save_checkpoint(out, cfg, dist, state, model, aam, optimizer, scaler, sampler)
+            progress.update(epoch, row, state.best["epoch"])
+
+    best = state.best
+    metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
+    if dist.is_main:
+        arch = architecture(model, resolved, conv_dim=cfg.conv_dim, conv_layers=len(model.convs) // 3,
+                            dropout=cfg.dropout, max_seconds=cfg.max_seconds, revision=revision)
+        config = training.run_config(cfg.to_dict(), data, lo, hi, gender_labels, speaker_labels, heads.config(),
+                                     best["epoch"], system="finetuned-wavlm", wavlm=arch)
+        _finish(out, config, metrics, state, data.ids[dev_idx].tolist(), gender_labels)
+    dist.barrier()
+    wall = time.perf_counter() - t0
+    if dist.is_main:
+        log.info("kept epoch %d of %d (%s %s CCC %.4f) in %.1f s; run written to %s", best["epoch"], cfg.epochs,
+                 data.dev_split, "balanced" if cfg.select == "balanced" else "mean", best["score"], wall, out)
+    return TrainResult(run_dir=out, best_epoch=best["epoch"], metrics=metrics, wall_seconds=wall,
+                       history=state.history)
+
+
+@dataclass
+class _State:
+    """What an epoch boundary must carry over: the checkpoint's content besides the modules."""
+
+    history: list
+    best: dict  # score, epoch, dev scores, Development predictions (weights: BEST file)
+    epoch: int  # epochs done
+
+
+@dataclass
+class _Run:
+    cfg: FinetuneConfig
+    dist: object
+    device: object
+    amp_dtype: object
+    data: object
+    seconds: np.ndarray
+    targets: dict
+    model: object
+    ddp: object
+    aam: object
+    optimizer: object
+    scaler: object
+    loader: object
+    plan: object
+
+
+def _train_epoch(run: _Run, epoch: int, order: np.ndarray, rng: np.random.Generator) -> tuple[dict[str, float], float]:
+    """One pass over `order` in global batches; returns the loss terms averaged over rows, and audio seconds."""
+    import contextlib
+
+    from ser_cache.finetune_model import autocast, plan_batches, shard
+    from ser_cache.training import batch_loss
+
+    cfg, dist, dev = run.cfg, run.dist, run.device
+    batches = plan_batches(order, run.seconds, cfg.batch_seconds, rng)
+    if batches and min(b.size for b in batches) < dist.world:
+        raise TrainError(f"--batch-seconds {cfg.batch_seconds}: a batch holds fewer clips than there are ranks "
+                         f"({dist.world}); raise it")
+    run.plan.batches = [shard(b, run.seconds, dist.rank, dist.world).tolist() for b in batches]
+    run.ddp.train()
+    if run.aam is not None:
+        run.aam.train()
+    sums = {"total": 0.0, "ccc": 0.0, "gender": 0.0, "speaker": 0.0}
+    seen, audio_seconds = 0, 0.0
+    run.optimizer.zero_grad(set_to_none=True)
+    for i, (rows, audio, lengths) in enumerate(run.loader):
+        group_start = i - i % cfg.grad_accum
+        group_size = min(cfg.grad_accum, len(batches) - group_start)
+        last_in_group = i == group_start + group_size - 1
+        # Gradients are synchronised across ranks once per optimizer step, not per micro-batch.
+        sync = contextlib.nullcontext() if last_in_group or not run.dist.enabled else run.ddp.no_sync()
+        with sync:
+            cached = {k: v.to(dev) for k, v in run.data.batch(rows).items()}
+            with autocast(dev, run.amp_dtype):
+                out = run.ddp(audio.to(dev, non_blocking=True), lengths.to(dev), cached)
+            target = {k: v[_torch_rows(rows)].to(dev) for k, v in run.targets.items()}
+            out, target = _gather(out, target, dist)
+            loss, parts = batch_loss(out, target, run.aam, gender_weight=cfg.gender_weight,
+                                     speaker_weight=cfg.speaker_weight)
+            run.scaler.scale(loss / group_size).backward()
+        if last_in_group:
+            run.scaler.step(run.optimizer)
+            run.scaler.update()
+            run.optimizer.zero_grad(set_to_none=True)
+        n = int(target["avd"].shape[0])
+        for key in sums:
+            sums[key] += parts[key] * n
+        seen += n
+        audio_seconds += float(run.seconds[batches[i]].sum())
+    return {k: v / max(seen, 1) for k, v in sums.items()}, audio_seconds
+
+
+def _torch_rows(rows: np.ndarray):
+    import torch
+
+    return torch.from_numpy(np.asarray(rows, dtype=np.int64))
+
+
+def _gather(out: dict, target: dict, dist) -> tuple[dict, dict]:
+    """Every rank's rows of the batch, in rank order, on every rank; gradients flow back to their owner.
+
+    torch.distributed.nn.functional.all_gather sums the gradients of all ranks in its backward. Each
+    rank computes the same global loss L, so a rank's outputs receive world · dL/d(outputs), and
+    DDP's average over ranks turns that into exactly dL/d(parameters). Ranks may hold different
+    numbers of rows, so tensors are padded to the largest share and the padding is cut off again.
+    """
+    if not dist.enabled:
+        return out, target
+    import warnings
+
+    import torch
+    import torch.distributed as td
+    from torch.distributed.nn.functional import all_gather
+
+    n = out["avd"].shape[0]
+    sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.world)]
+    td.all_gather(sizes, torch.tensor([n], dtype=torch.long))
+    sizes = [int(s) for s in sizes]
+    longest = max(sizes)
+
+    def gathered(x):
+        pad = x.new_zeros((longest - n, *x.shape[1:]))
+        with warnings.catch_warnings():
+            # Deprecated in favour of a private API (_functional_collectives); still the public autograd gather.
+            warnings.simplefilter("ignore", FutureWarning)
+            parts = all_gather(torch.cat([x, pad]) if longest > n else x)
+        return torch.cat([p[:k] for p, k in zip(parts, sizes)])
+
+    return {k: gathered(v) for k, v in out.items()}, {k: gathered(v) for k, v in target.items()}
+
+
+def _infer(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+    """Predictions for rows `idx` (in that order); under torchrun the ranks share the batches."""
+    import torch
+
+    from ser_cache.finetune_model import autocast, plan_batches
+
+    dist, dev, model = run.dist, run.device, run.model
+    batches = plan_batches(idx, run.seconds, run.cfg.batch_seconds, None, min_rows=1)
+    run.plan.batches = [b.tolist() for b in batches[dist.rank::dist.world]]
+    model.eval()
+    n_genders = model.heads.n_genders
+    rows_out, avd_out, probs_out = [], [], []
+    with torch.inference_mode():
+        for rows, audio, lengths in run.loader:
+            cached = {k: v.to(dev) for k, v in run.data.batch(rows).items()}
+            with autocast(dev, run.amp_dtype):
+                out = model(audio.to(dev), lengths.to(dev), cached)
+            rows_out.append(rows)
+            avd_out.append(out["avd"].double().cpu().numpy())
+            if n_genders:
+                probs_out.append(torch.softmax(out["gender_logits"].double(), dim=-1).cpu().numpy())
+    mine = (np.concatenate(rows_out) if rows_out else np.empty(0, np.int64),
+            np.concatenate(avd_out) if avd_out else np.empty((0, 3)),
+            np.concatenate(probs_out) if probs_out else np.empty((0, n_genders)))
+    position = {int(r): i for i, r in enumerate(idx)}
+    avd = np.empty((idx.size, 3), dtype=np.float64)
+    probs = np.empty((idx.size, n_genders), dtype=np.float64) if n_genders else None
+    for rows, a, p in dist.all_gather(mine):
+        at = [position[int(r)] for r in rows]
+        avd[at] = a
+        if probs is not None:
+            probs[at] = p
+    return avd, probs
+
+
+# --------------------------------------------------------------------------- checkpoint and resume
+
+
+def _rng_state() -> dict:
+    import torch
+
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    import torch
+
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _save_checkpoint(out: Path, cfg, dist, state: _State, model, aam, optimizer, scaler, sampler) -> None:
+    """checkpoint.pt, atomically: a kill -9 at any moment leaves the previous epoch's or this one's.
+
+    The best weights live in their own file named by epoch, written before the checkpoint that
+    refers to it; older ones are removed only after. So the checkpoint always points at a file that
+    exists and holds exactly the weights of its best epoch, even when a replayed epoch differs.
+    """
+    import torch
+
+    rng = dist.all_gather(_rng_state())  # dropout draws differ per rank: keep every rank's generators
+    if dist.is_main:
+        ckpt = {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": state.epoch,
+            "train": cfg.to_dict(),
+            "world": dist.world,
+            "model": model.state_dict(),
+            "aam": aam.state_dict() if aam is not None else None,
+            "optimizer": optimizer.state_dict(),
+            "scaler": scaler.state_dict(),
+            "scheduler": None,  # constant learning rates, as in the paper
+            "sampler": sampler.state_dict(),
+            "rng": rng,
+            "best": state.best,
+            "history": state.history,
+        }
+        tmp = out / f".{CHECKPOINT}.tmp-{os.getpid()}"
+        torch.save(ckpt, tmp)
+        os.replace(tmp, out / CHECKPOINT)
+        _remove_stale_best(out, state.best["epoch"])
+    dist.barrier()
+
+
+def _remove_stale_best(out: Path, keep_epoch: int) -> None:
+    keep = BEST.format(keep_epoch)
+    for f in out.glob("best-epoch*.safetensors"):
+        if f.name != keep:
+            f.unlink(missing_ok=True)
+
+
+def _resume(out: Path, cfg: FinetuneConfig, dist, model, aam, optimizer, scaler, sampler) -> _State | None:
+    """Load checkpoint.pt into the modules and generators; None when there is nothing to resume."""
+    import torch
+
+    path = out / CHECKPOINT
+    if not path.is_file():
+        if dist.is_main:
+            log.info("--resume: no checkpoint in %s yet; starting from the first epoch", out)
+        return None
+    # Our own file, with numpy arrays and generator states in it: not a weights-only pickle.
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise TrainError(f"{path}: not a ser-cache fine-tuning checkpoint")
+    saved, now = ckpt["train"], cfg.to_dict()
+    diffs = [f"{k}: run has {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(now)
+             if k not in RESUME_FREE and saved.get(k) != now.get(k)]
+    if diffs:
+        raise TrainError(f"--resume: the options differ from those the run at {out} was started with "
+                         f"({'; '.join(diffs)}); give the same options, or --overwrite to start again")
+    model.load_state_dict(ckpt["model"])
+    if aam is not None:
+        aam.load_state_dict(ckpt["aam"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    sampler.load_state_dict(ckpt["sampler"])
+    states = ckpt["rng"]
+    if len(states) != dist.world and dist.is_main:
+        log.warning("--resume: the run was saved by %d rank(s) and continues on %d; it will not end exactly "
+                    "where an uninterrupted run would", len(states), dist.world)
+    _set_rng_state(states[dist.rank % len(states)])
+    if dist.is_main:
+        _remove_stale_best(out, ckpt["best"]["epoch"])
+        log.info("--resume: continuing %s after epoch %d of %d", out, ckpt["epoch"], cfg.epochs)
+    return _State(history=ckpt["history"], best=ckpt["best"], epoch=int(ckpt["epoch"]))
+
+
+def _finish(out: Path, config: dict, metrics: dict, state: _State, dev_ids: list[str], gender_labels) -> None:
+    """The finished run's files. The best weights become model.safetensors; config.json comes last."""
+    from ser_cache.training import write_run_files
+
+    best = out / BEST.format(state.best["epoch"])
+    if best.is_file():
+        os.replace(best, out / runs.WEIGHTS)
+    elif not (out / runs.WEIGHTS).is_file():  # a kill between the two renames leaves it moved already
+        raise TrainError(f"{out}: the best epoch's weights ({best.name}) are missing; start again with --overwrite")
+    write_run_files(out, config, metrics, state.history, dev_ids, state.best["pred"], state.best["probs"],
+                    gender_labels)
+    (out / CHECKPOINT).unlink(missing_ok=True)
+    (out / runs.IN_PROGRESS).unlink(missing_ok=True)

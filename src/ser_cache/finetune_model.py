@@ -1,0 +1,364 @@
+"""The fine-tuned WavLM system: the encoder, what sits between it and the heads, and its audio batches.
+
+    waveform → WavLM (every hidden state) → softmax layer weighting → point-wise Conv1d stack
+             → mean over the valid frames → [concatenated with cached features] → MultitaskHeads
+
+The heads are stage two's `heads.MultitaskHeads`, unchanged: the pooled audio vector is just one
+more named input (AUDIO_INPUT) beside any cached store, so the same losses, metrics and run format
+apply. Input conventions (per-utterance normalisation, attention mask) are those of the frozen
+WavLM encoder (encoders/wavlm.py), read from the checkpoint's preprocessor config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from ser_cache import audio as audio_lib
+from ser_cache.encoders.base import masked_pool
+
+SYSTEM = "finetuned-wavlm"  # config.json "system" of a fine-tuned run
+AUDIO_INPUT = "finetuned-wavlm"  # the heads' input name of the pooled WavLM vector
+MIN_SECONDS = 0.05  # shorter than one or two WavLM frames: nothing to pool (as in extract)
+# Utterances sorted by length together when batches are formed: large enough that a batch holds
+# clips of similar length (little padding), small enough that batches still mix the epoch's draw.
+BUCKET_BATCHES = 50
+
+
+class WavLMEmotionModel(nn.Module):
+    """WavLM + layer weighting + point-wise convolutions + masked mean pooling + the multitask heads.
+
+    `forward(audio, lengths, cached)` takes right-padded raw 16 kHz waveforms (B, T), their real
+    lengths in samples, and the cached inputs {name: (B, *shape)}; it returns the heads' outputs.
+    """
+
+    def __init__(self, wavlm: nn.Module, heads: nn.Module, *, conv_dim: int = 256, conv_layers: int = 3,
+                 dropout: float = 0.1, normalize: bool = True, attention_mask: bool = True):
+        super().__init__()
+        from ser_cache.heads import LayerWeighting
+
+        self.wavlm = wavlm
+        self.normalize = normalize
+        self.attention_mask = attention_mask
+        n_states = wavlm.config.num_hidden_layers + 1  # the CNN projection and every transformer layer
+        self.layer_weighting = LayerWeighting(n_states)
+        layers: list[nn.Module] = []
+        width = wavlm.config.hidden_size
+        for _ in range(conv_layers):
+            layers += [nn.Conv1d(width, conv_dim, kernel_size=1), nn.ReLU(), nn.Dropout(dropout)]
+            width = conv_dim
+        self.convs = nn.Sequential(*layers)
+        self.heads = heads
+
+    def pooled(self, audio: Tensor, lengths: Tensor) -> Tensor:
+        """(B, T) waveforms → (B, conv_dim), the mean over each utterance's valid frames."""
+        from ser_cache.encoders.wavlm import normalise
+
+        if self.normalize:
+            audio = normalise(audio, lengths)
+        mask = None
+        if self.attention_mask:
+            mask = (torch.arange(audio.shape[1], device=audio.device)[None, :] < lengths[:, None]).long()
+        with warnings.catch_warnings():
+            # WavLM mixes a float position bias with a boolean padding mask inside torch's attention,
+            # which warns on every call; the result is correct (see encoders/wavlm.py).
+            warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
+            states = self.wavlm(audio, attention_mask=mask, output_hidden_states=True).hidden_states
+        weights = self.layer_weighting.weights
+        # A running weighted sum rather than LayerWeighting(stack(states)): stacking 25 states of
+        # (B, T, 1024) would hold one more copy of all of them for the backward pass.
+        mixed = sum(w.to(h.dtype) * h for w, h in zip(weights, states))
+        x = self.convs(mixed.transpose(1, 2)).transpose(1, 2)  # point-wise: padding cannot leak in
+        frames = self.wavlm._get_feat_extract_output_lengths(lengths).long()
+        return masked_pool(x.float(), frames, "mean")
+
+    def forward(self, audio: Tensor, lengths: Tensor, cached: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
+        pooled = self.pooled(audio, lengths)
+        # The heads and the loss run in float32 whatever the encoder's autocast: a CCC computed
+        # from bfloat16 predictions would lose most of its precision.
+        with torch.autocast(device_type=audio.device.type, enabled=False):
+            return self.heads({AUDIO_INPUT: pooled.float(), **(cached or {})})
+
+
+def freeze_unused(model: WavLMEmotionModel) -> list[str]:
+    """Freeze the encoder parameters that cannot reach the output; returns their names.
+
+    transformers 5 returns as hidden states the input of every layer and the last layer's output
+    *before* the encoder's final layer norm, so that norm takes no part here. DDP refuses trainable
+    parameters that get no gradient, and AdamW would only decay them. Found by one backward pass in
+    eval mode (no dropout, no masking: no random numbers drawn); the spec-augment mask embedding,
+    used in training mode only, is left alone.
+    """
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    audio = torch.randn(1, audio_lib.SAMPLE_RATE, generator=torch.Generator().manual_seed(0)).to(device)
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        model.pooled(audio, torch.tensor([audio.shape[1]], device=device)).sum().backward()
+    unused = [n for n, p in model.wavlm.named_parameters()
+              if p.requires_grad and p.grad is None and "masked_spec_embed" not in n]
+    params = dict(model.wavlm.named_parameters())
+    for name in unused:
+        params[name].requires_grad_(False)
+    model.zero_grad(set_to_none=True)
+    model.train(was_training)
+    return unused
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_wavlm(name: str, *, layerdrop: float = 0.0):
+    """(WavLMModel, ResolvedModel, normalise?, attention mask?) for a short name, hub id or local directory."""
+    from transformers import WavLMModel
+
+    from ser_cache.encoders import HUB_IDS
+    from ser_cache.encoders.base import check_loading_info, load_error, quiet_loading, resolve_model
+    from ser_cache.encoders.wavlm import _input_conventions
+
+    resolved = resolve_model(name, HUB_IDS)
+    try:
+        with quiet_loading():
+            # layerdrop skips whole layers at random: it would change what the layer weighting sees
+            # from step to step, and under DDP ranks would skip different layers (unused parameters).
+            model, info = WavLMModel.from_pretrained(resolved.source, local_files_only=resolved.local_only,
+                                                     output_loading_info=True, layerdrop=layerdrop)
+    except (OSError, ValueError) as exc:
+        raise load_error(resolved, exc) from None
+    check_loading_info(resolved.name, info)
+    if getattr(model.config, "model_type", "wavlm") != "wavlm":
+        from ser_cache.encoders.base import EncoderError
+
+        raise EncoderError(f"model '{name}' is a {model.config.model_type} model; `finetune wavlm` needs a WavLM")
+    normalize, uses_mask = _input_conventions(resolved, model.config)
+    return model, resolved, normalize, uses_mask
+
+
+def architecture(model: WavLMEmotionModel, resolved, *, conv_dim: int, conv_layers: int, dropout: float,
+                 max_seconds: float, revision: str) -> dict:
+    """config.json's "wavlm" entry: everything needed to rebuild the model without the hub."""
+    return {
+        "model_id": resolved.model_id,
+        "revision": revision,
+        "config": model.wavlm.config.to_dict(),
+        "normalize": model.normalize,
+        "attention_mask": model.attention_mask,
+        "conv_dim": conv_dim,
+        "conv_layers": conv_layers,
+        "dropout": dropout,
+        "max_seconds": max_seconds,
+        "sample_rate": audio_lib.SAMPLE_RATE,
+        "input": AUDIO_INPUT,
+    }
+
+
+def build_from_config(config: dict) -> WavLMEmotionModel:
+    """The (untrained) model a run's config.json describes; then load model.safetensors into it."""
+    from transformers import WavLMConfig, WavLMModel
+
+    from ser_cache.heads import MultitaskHeads
+
+    arch = config["wavlm"]
+    wavlm_cfg = dict(arch["config"])
+    for key in ("architectures", "model_type", "transformers_version"):
+        wavlm_cfg.pop(key, None)
+    wavlm = WavLMModel(WavLMConfig(**wavlm_cfg))
+    heads = MultitaskHeads.from_config(config["heads"])
+    return WavLMEmotionModel(wavlm, heads, conv_dim=arch["conv_dim"], conv_layers=arch["conv_layers"],
+                             dropout=arch["dropout"], normalize=arch["normalize"],
+                             attention_mask=arch["attention_mask"])
+
+
+def load_finetuned(run_dir: Path, config: dict, *, device: str = "cpu") -> WavLMEmotionModel:
+    """The fine-tuned model of a run, from its config.json and model.safetensors alone (no hub)."""
+    from safetensors.torch import load_file
+
+    from ser_cache import runs
+
+    weights = Path(run_dir) / runs.WEIGHTS
+    if not weights.is_file():
+        raise runs.RunError(f"{run_dir}: {runs.WEIGHTS} is missing; the run is incomplete")
+    model = build_from_config(config)
+    state = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("aam.")}
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise runs.RunError(f"{weights}: weights do not fit the model in {runs.CONFIG} "
+                            f"({str(exc).splitlines()[0]})") from None
+    return model.to(torch.device(device)).eval()
+
+
+def save_weights(path: Path, model: nn.Module, aam: nn.Module | None) -> Path:
+    """The whole model (encoder included, keys "wavlm.*", "heads.*", ...) and the AAM weights ("aam.*")."""
+    import os
+
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    if aam is not None:
+        tensors.update({f"aam.{k}": v.detach().cpu().contiguous() for k, v in aam.state_dict().items()})
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    save_file(tensors, str(tmp))
+    os.replace(tmp, path)
+    return path
+
+
+# --------------------------------------------------------------------------- audio and batches
+
+
+class AudioRows:
+    """Decodes row i's file (in a DataLoader worker when there are any): (i, float32 waveform)."""
+
+    def __init__(self, paths: Sequence[str], max_seconds: float):
+        self.paths = list(paths)
+        self.max_seconds = max_seconds
+
+    def __getitem__(self, i: int):
+        return i, audio_lib.load(self.paths[i], max_seconds=self.max_seconds)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+
+class PlannedBatches:
+    """A batch sampler whose batches are set before each pass: one DataLoader (and its workers) serves
+    every epoch's training plan and the evaluation plan."""
+
+    def __init__(self):
+        self.batches: list[list[int]] = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+def _collate(items):
+    rows, waves = zip(*items)
+    lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
+    audio = torch.zeros(len(waves), int(lengths.max()), dtype=torch.float32)
+    for i, w in enumerate(waves):
+        audio[i, : len(w)] = torch.from_numpy(w)
+    return np.asarray(rows, dtype=np.int64), audio, lengths
+
+
+def audio_loader(paths: Sequence[str], max_seconds: float, workers: int):
+    """(DataLoader, PlannedBatches): decoding in `workers` spawned processes (0: in this process)."""
+    from torch.utils.data import DataLoader
+
+    plan = PlannedBatches()
+    # Spawned, not forked (as in extract): a forked child of a process with threads running
+    # (Zarr's I/O, torch's pools) can deadlock. Persistent, so they are spawned once per run.
+    loader = DataLoader(AudioRows(paths, max_seconds), batch_sampler=plan, collate_fn=_collate,
+                        num_workers=workers, multiprocessing_context="spawn" if workers > 0 else None,
+                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                        generator=torch.Generator())  # its own seed draws: dropout's stream stays untouched
+    return loader, plan
+
+
+def plan_batches(order: np.ndarray, seconds: np.ndarray, batch_seconds: float, rng: np.random.Generator | None,
+                 min_rows: int = 2) -> list[np.ndarray]:
+    """Split `order` into batches of about `batch_seconds` of audio (clips cropped to their length in `seconds`).
+
+    Windows of the order (BUCKET_BATCHES batches' worth) are sorted by length before cutting, so a
+    batch holds clips of similar length and pads little; `rng` then shuffles the batches (None keeps
+    them in length order, for evaluation). A batch of fewer than `min_rows` rows, or a tail of less
+    than half a batch, joins its neighbour: CCC needs at least two rows, and a short tail is noise.
+    The plan depends on the order and the lengths only, never on the number of ranks.
+    """
+    order = np.asarray(order, dtype=np.int64)
+    if order.size == 0:
+        return []
+    mean = float(np.mean(seconds[order]))
+    window = max(1, int(BUCKET_BATCHES * batch_seconds / max(mean, 1e-3)))
+    batches: list[list[int]] = []
+    for start in range(0, order.size, window):
+        part = order[start:start + window]
+        part = part[np.argsort(seconds[part], kind="stable")]
+        cur: list[int] = []
+        total = 0.0
+        for row in part.tolist():
+            if cur and total + seconds[row] > batch_seconds:
+                batches.append(cur)
+                cur, total = [], 0.0
+            cur.append(row)
+            total += float(seconds[row])
+        if cur:
+            if batches and (len(cur) < min_rows or total < batch_seconds / 2):
+                batches[-1].extend(cur)
+            else:
+                batches.append(cur)
+    merged: list[list[int]] = []
+    for b in batches:
+        if merged and len(b) < min_rows:
+            merged[-1].extend(b)
+        else:
+            merged.append(b)
+    out = [np.asarray(b, dtype=np.int64) for b in merged]
+    if rng is not None:
+        out = [out[i] for i in rng.permutation(len(out))]
+    return out
+
+
+def shard(batch: np.ndarray, seconds: np.ndarray, rank: int, world: int) -> np.ndarray:
+    """This rank's part of a global batch: every world-th clip by length, so the ranks' loads match."""
+    by_length = batch[np.argsort(seconds[batch], kind="stable")]
+    return by_length[rank::world]
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# --------------------------------------------------------------------------- prediction
+
+
+def predict_audio(model: WavLMEmotionModel, utts: list, cached: Mapping[str, np.ndarray], *, device: str = "auto",
+                  max_seconds: float = audio_lib.DEFAULT_MAX_SECONDS, batch_seconds: float = 200.0,
+                  workers: int = 0, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray | None]:
+    """Run a fine-tuned model over utterances' audio (plus their cached inputs, aligned with `utts`).
+
+    Returns (avd (N, 3) float64, gender probabilities (N, G) or None). Unreadable audio raises
+    AudioError naming the file.
+    """
+    from ser_cache.encoders.base import RuntimeOptions
+    from ser_cache.training import resolve_device
+
+    dev = resolve_device(device)
+    dtype = RuntimeOptions(device=str(dev), precision=precision).autocast_dtype(dev)
+    model.to(dev).eval()
+    seconds = np.array([min(audio_lib.info(u.path).seconds, max_seconds) for u in utts], dtype=np.float64)
+    loader, plan = audio_loader([str(u.path) for u in utts], max_seconds, workers)
+    plan.batches = [b.tolist() for b in plan_batches(np.arange(len(utts)), seconds, batch_seconds, None, min_rows=1)]
+    n = len(utts)
+    avd = np.empty((n, 3), dtype=np.float64)
+    n_genders = model.heads.n_genders
+    probs = np.empty((n, n_genders), dtype=np.float64) if n_genders else None
+    with torch.inference_mode():
+        for rows, audio, lengths in loader:
+            _check_lengths(utts, rows, lengths)
+            inputs = {k: torch.from_numpy(a[rows]).to(dev) for k, a in cached.items()}
+            with autocast(dev, dtype):
+                out = model(audio.to(dev), lengths.to(dev), inputs)
+            avd[rows] = out["avd"].double().cpu().numpy()
+            if probs is not None:
+                probs[rows] = torch.softmax(out["gender_logits"].double(), dim=-1).cpu().numpy()
+    return avd, probs
+
+
+def _check_lengths(utts, rows, lengths) -> None:
+    short = [int(r) for r, n in zip(rows, lengths.tolist()) if n < MIN_SECONDS * audio_lib.SAMPLE_RATE]
+    if short:
+        u = utts[short[0]]
+        raise audio_lib.AudioError(u.path, f"too short for WavLM (at least {MIN_SECONDS} s needed)")

@@ -1,0 +1,277 @@
+"""`finetune wavlm` end to end on a tiny random WavLM and self-made, learnable audio.
+
+One fine-tuning run (module fixture, ~2 s) serves the learning, run-directory, predict, evaluate,
+ensemble and refusal tests; the resume test kills a subprocess of the same run and checks that
+`--resume` ends with the very same weights.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+import factories
+from ser_cache import runs
+from ser_cache.finetune import CHECKPOINT, FinetuneConfig, finetune_wavlm
+from ser_cache.finetune_model import AUDIO_INPUT, plan_batches, shard
+from ser_cache.training import TrainError
+
+SRC = Path(__file__).resolve().parents[1] / "src"
+
+
+def learnable_corpus(root: Path, n_train: int = 24, n_dev: int = 12, n_test: int = 4, seed: int = 0) -> Path:
+    """MSP-Podcast layout whose labels follow the pitch of the tone (arousal and dominance up,
+    valence down) and whose gender follows it too. Not loudness: WavLM's input normalisation
+    erases it."""
+    rng = np.random.default_rng(seed)
+    rows = ["FileName,EmoClass,EmoAct,EmoVal,EmoDom,SpkrID,Gender,Split_Set"]
+    words = ("an awful sad day", "a plain day", "a wonderful happy day")
+    splits = ["Train"] * n_train + ["Development"] * n_dev + ["Test1"] * n_test
+    for i, split in enumerate(splits):
+        name = f"MSP-PODCAST_{1000 + i // 4:04d}_{i % 4 + 1:04d}.wav"
+        level = float(rng.uniform(0, 1))
+        factories.write_wav(root / "Audios" / name,
+                            factories.tone(float(rng.uniform(0.6, 1.2)), freq=110 + 300 * level, seed=i))
+        (root / "Transcripts").mkdir(parents=True, exist_ok=True)
+        (root / "Transcripts" / name.replace(".wav", ".txt")).write_text(words[i % 3] + "\n")
+        a = np.clip(1 + 6 * level + rng.normal(0, 0.3), 1, 7)
+        v = np.clip(6 - 4 * level + rng.normal(0, 0.5), 1, 7)
+        d = np.clip(2 + 4 * level + rng.normal(0, 0.5), 1, 7)
+        rows.append(f"{name},{'NHSA'[i % 4]},{a:.1f},{v:.1f},{d:.1f},{100 + i % 6},"
+                    f"{'Male' if level < 0.5 else 'Female'},{split}")
+    (root / "Labels").mkdir(parents=True, exist_ok=True)
+    (root / "Labels" / "labels_consensus.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def corpus_ft(tmp_path_factory) -> Path:
+    return learnable_corpus(tmp_path_factory.mktemp("ft") / "corpus")
+
+
+def base_config(corpus: Path, model: Path, out: Path, **changes) -> FinetuneConfig:
+    cfg = FinetuneConfig(data=corpus, out=out, model=str(model), epochs=6, lr_encoder=1e-3, lr_heads=1e-3,
+                         batch_seconds=6, select="ccc", gender_weight=1.0, device="cpu", threads=1, progress=False)
+    return replace(cfg, **changes)
+
+
+def cli_args(cfg: FinetuneConfig) -> list[str]:
+    return ["finetune", "wavlm", "--data", str(cfg.data), "--out", str(cfg.out), "--model", cfg.model,
+            "--epochs", str(cfg.epochs), "--lr-encoder", str(cfg.lr_encoder), "--lr-heads", str(cfg.lr_heads),
+            "--batch-seconds", str(cfg.batch_seconds), "--select", cfg.select, "--gender-weight",
+            str(cfg.gender_weight), "--dropout", str(cfg.dropout), "--device", "cpu", "--threads", "1",
+            "--no-progress"]
+
+
+def subprocess_env(**extra) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def trained(corpus_ft, models, tmp_path_factory):
+    cfg = base_config(corpus_ft, models["wavlm"], tmp_path_factory.mktemp("ft-run") / "run")
+    return cfg, finetune_wavlm(cfg)
+
+
+# --------------------------------------------------------------------------- batches
+
+
+def test_batch_plan_covers_the_order_once_and_does_not_depend_on_ranks():
+    rng = np.random.default_rng(0)
+    seconds = rng.uniform(1.5, 15, 200)
+    order = rng.permutation(200)
+    batches = plan_batches(order, seconds, 60.0, np.random.default_rng(1))
+    assert sorted(np.concatenate(batches).tolist()) == list(range(200))
+    assert min(b.size for b in batches) >= 2
+    assert max(seconds[b].sum() for b in batches) <= 60.0 + 15  # a merged tail may exceed by one clip
+    again = plan_batches(order, seconds, 60.0, np.random.default_rng(1))
+    assert all(np.array_equal(a, b) for a, b in zip(batches, again))
+    for b in batches:
+        parts = [shard(b, seconds, r, 3) for r in range(3)]
+        assert sorted(np.concatenate(parts).tolist()) == sorted(b.tolist())
+        loads = [seconds[p].sum() for p in parts]
+        assert max(loads) - min(loads) <= seconds[b].max()  # each rank every third clip by length
+
+
+# --------------------------------------------------------------------------- training
+
+
+def test_training_lowers_the_loss_and_raises_development_ccc(trained):
+    cfg, result = trained
+    history = result.history
+    assert len(history) == cfg.epochs
+    assert history[-1]["loss_total"] < history[0]["loss_total"]
+    assert max(h["dev_ccc_mean"] for h in history[1:]) > history[0]["dev_ccc_mean"] + 0.05
+    assert result.best_epoch > 1
+    assert result.metrics["ccc"]["mean"] == pytest.approx(history[result.best_epoch - 1]["dev_ccc_mean"])
+
+
+def test_run_directory_has_the_stage_two_format_and_the_whole_model(trained):
+    cfg, result = trained
+    run = result.run_dir
+    assert runs.is_run_dir(run)
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [runs.CONFIG, runs.WEIGHTS, runs.METRICS, runs.HISTORY, runs.DEV_PREDICTIONS])
+    config = runs.read_config(run)
+    assert config["system"] == "finetuned-wavlm"
+    assert config["heads"]["input_dims"] == {AUDIO_INPUT: [256]}
+    assert config["wavlm"]["config"]["hidden_size"] == 32 and config["wavlm"]["normalize"] is True
+    assert config["gender_labels"] == ["Female", "Male"] and config["inputs"] == []
+    keys = load_file(str(run / runs.WEIGHTS)).keys()
+    assert any(k.startswith("wavlm.encoder.layers.") for k in keys)
+    assert {"layer_weighting.logits", "convs.0.weight", "convs.6.weight"} <= set(keys)
+    ids, _ = runs.read_predictions(run / runs.DEV_PREDICTIONS)
+    assert len(ids) == 12
+
+
+def test_evaluate_predict_and_ensemble_work_on_a_finetuned_run(trained, corpus_ft, tmp_path):
+    from ser_cache.ensemble import ensemble
+    from ser_cache.predict import evaluate, predict
+
+    cfg, result = trained
+    scores = evaluate(result.run_dir, corpus_ft, "Development", out=tmp_path / "eval.json", device="cpu")
+    # The same model on the same audio: evaluate repeats the score the run kept.
+    assert scores["ccc"]["mean"] == pytest.approx(result.metrics["ccc"]["mean"], abs=1e-6)
+    assert "fine-tuned WavLM" in scores["sources"][AUDIO_INPUT]
+
+    split = predict(result.run_dir, data=corpus_ft, splits=["Test1"], out=tmp_path / "test1.csv", device="cpu")
+    assert split.rows == 4
+    audio = sorted((corpus_ft / "Audios").glob("*.wav"))[-4:]  # the Test1 clips, as bare files
+    files = predict(result.run_dir, files=audio, out=tmp_path / "files.csv", device="cpu")
+    ids_s, avd_s = runs.read_predictions(split.out)
+    ids_f, avd_f = runs.read_predictions(files.out)
+    assert ids_s == ids_f == [p.name for p in audio]
+    np.testing.assert_allclose(avd_f, avd_s, atol=1e-5)  # batching does not change a clip's prediction
+    assert np.all((avd_s >= 1) & (avd_s <= 7))
+
+    dev = predict(result.run_dir, data=corpus_ft, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
+    ens = ensemble([dev.out, result.run_dir / runs.DEV_PREDICTIONS], out=tmp_path / "ens.csv", data=corpus_ft,
+                   split="Development")
+    assert ens.rows == 12
+    assert ens.scores["ccc"]["mean"] == pytest.approx(result.metrics["ccc"]["mean"], abs=1e-5)
+
+
+def test_an_existing_run_directory_is_refused(trained):
+    from typer.testing import CliRunner
+
+    from ser_cache.cli import app
+
+    cfg, result = trained
+    before = (result.run_dir / runs.WEIGHTS).stat().st_mtime_ns
+    with pytest.raises(TrainError, match="--overwrite"):
+        finetune_wavlm(cfg)
+    with pytest.raises(TrainError, match="finished"):
+        finetune_wavlm(replace(cfg, resume=True))
+    res = CliRunner().invoke(app, cli_args(cfg))
+    assert res.exit_code == 2 and "already exists" in res.output
+    assert (result.run_dir / runs.WEIGHTS).stat().st_mtime_ns == before
+
+
+def test_bad_options_are_listed_together(tmp_path):
+    cfg = FinetuneConfig(data=tmp_path, out=tmp_path / "r", batch_seconds=0, grad_accum=0, precision="fp8",
+                         resume=True, overwrite=True)
+    with pytest.raises(TrainError) as err:
+        finetune_wavlm(cfg)
+    for option in ("--batch-seconds", "--grad-accum", "--precision", "--resume and --overwrite"):
+        assert option in str(err.value)
+
+
+def test_a_missing_model_is_a_clear_error(corpus_ft, tmp_path):
+    from ser_cache.encoders import EncoderError
+
+    with pytest.raises(EncoderError, match="huggingface-cli download"):
+        finetune_wavlm(base_config(corpus_ft, Path("no-such/wavlm-model"), tmp_path / "run"))
+
+
+# --------------------------------------------------------------------------- resume
+
+
+def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(trained, tmp_path):
+    cfg, result = trained
+    out = tmp_path / "run"
+    # SIGKILL mid-epoch 3, on its second loss computation: epoch 2's checkpoint is on disk and
+    # epoch 3's progress must be thrown away and redone.
+    wrapper = tmp_path / "killer.py"
+    wrapper.write_text(textwrap.dedent("""
+        import os, signal, sys
+        import ser_cache.finetune as ft
+        import ser_cache.training as tr
+        state = {"saves": 0, "losses": 0}
+        save, loss = ft._save_checkpoint, tr.batch_loss
+        def save_checkpoint(*args, **kwargs):
+            save(*args, **kwargs)
+            state["saves"] += 1
+        def batch_loss(*args, **kwargs):
+            if state["saves"] >= 2:
+                state["losses"] += 1
+                if state["losses"] == 2:
+                    os.kill(os.getpid(), signal.SIGKILL)
+            return loss(*args, **kwargs)
+        ft._save_checkpoint, tr.batch_loss = save_checkpoint, batch_loss
+        from ser_cache.cli import main
+        sys.argv = ["ser-cache", *sys.argv[1:]]
+        main()
+    """))
+    proc = subprocess.run([sys.executable, str(wrapper), *cli_args(replace(cfg, out=out))], env=subprocess_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
+    history = out / runs.HISTORY
+    assert _checkpoint_epoch(out) == 2
+    assert runs.is_unfinished_run(out) and not history.exists()
+    with pytest.raises(TrainError, match="--resume"):
+        finetune_wavlm(replace(cfg, out=out))
+
+    resumed = finetune_wavlm(replace(cfg, out=out, resume=True))
+    assert [h["epoch"] for h in resumed.history] == list(range(1, cfg.epochs + 1))
+    assert resumed.best_epoch == result.best_epoch
+    assert resumed.metrics["ccc"] == pytest.approx(result.metrics["ccc"], abs=1e-6)
+    a, b = load_file(str(result.run_dir / runs.WEIGHTS)), load_file(str(out / runs.WEIGHTS))
+    assert a.keys() == b.keys()
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
+    assert not (out / CHECKPOINT).exists() and runs.is_run_dir(out)
+
+
+def _checkpoint_epoch(out: Path) -> int:
+    import torch
+
+    return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)["epoch"]
+
+
+# --------------------------------------------------------------------------- MMWavLM
+
+
+def test_mmwavlm_with_cached_text_features(corpus_ft, models, tmp_path):
+    from ser_cache.extract import ExtractConfig, extract
+    from ser_cache.predict import predict
+
+    store = extract(ExtractConfig(model=str(models["text"]), data=corpus_ft, out=tmp_path / "features",
+                                  name="minilm", device="cpu", progress=False, workers=0)).store
+    cfg = base_config(corpus_ft, models["wavlm"], tmp_path / "mm", epochs=2, text_features=store)
+    result = finetune_wavlm(cfg)
+    config = runs.read_config(result.run_dir)
+    assert [i["name"] for i in config["inputs"]] == ["minilm"]
+    assert config["heads"]["input_dims"] == {AUDIO_INPUT: [256], "minilm": [384]}
+    assert config["train"]["text_features"] == str(store)
+
+    from_store = predict(result.run_dir, data=corpus_ft, splits=["Test1"], out=tmp_path / "t.csv", device="cpu")
+    assert "store" in from_store.sources["minilm"]
+    audio = sorted((corpus_ft / "Audios").glob("*.wav"))[-4:]
+    transcripts = tmp_path / "transcripts.csv"
+    transcripts.write_text("id,text\n" + "".join(
+        f"{p.name},{(corpus_ft / 'Transcripts' / (p.stem + '.txt')).read_text().strip()}\n" for p in audio))
+    bare = predict(result.run_dir, files=audio, transcripts=transcripts, out=tmp_path / "f.csv", device="cpu")
+    assert "encoder" in bare.sources["minilm"]
+    np.testing.assert_allclose(runs.read_predictions(bare.out)[1], runs.read_predictions(from_store.out)[1],
+                               atol=2e-3)  # text features recomputed, then rounded to float16 like the store

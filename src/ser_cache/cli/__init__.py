@@ -49,6 +49,7 @@ def main() -> None:
 
 # Command modules register themselves on `app` when imported.
 from ser_cache.cli import stage_one  # noqa: E402,F401
-from ser_cache.cli import bench  # noqa: E402,F401
 from ser_cache.cli import stage_two  # noqa: E402,F401
+from ser_cache.cli import demo  # noqa: E402,F401
+from ser_cache.cli import bench  # noqa: E402,F401
 from ser_cache.cli import finetune  # noqa: E402,F401

@@ -90,3 +90,22 @@ def test_demo_command_prints_the_ccc_table(tmp_path, monkeypatch):
         assert word in result.output
     assert calls == [tmp_path / "w"]
     assert (tmp_path / "w" / "run" / "metrics.json").is_file()
+
+
+def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
+    from ser_cache.cli import app
+
+    (tmp_path / "thesis.tex").write_text("precious")
+    with pytest.raises(demo.DemoError, match="not made by `ser-cache demo`"):
+        demo.run_demo(tmp_path, n=30, epochs=2, progress=False)
+    result = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path), "--no-progress"])
+    assert result.exit_code == 2
+    assert "not made by" in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]
+
+
+def test_demo_rerun_in_its_workdir_replaces_the_old_corpus(tmp_path):
+    demo.run_demo(tmp_path, n=40, epochs=2, seed=0, progress=False)
+    second = demo.run_demo(tmp_path, n=30, epochs=2, seed=1, progress=False)
+    assert len(list((tmp_path / "corpus" / "Audios").iterdir())) == 30
+    assert second["metrics"]["rows"] > 0

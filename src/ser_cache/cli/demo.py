@@ -1,4 +1,4 @@
-"""The `demo` command: the whole pipeline on a synthetic corpus, offline, in about a minute."""
+"""The `demo` command: the whole pipeline on a synthetic corpus, offline, in under a minute."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from typing import Optional
 
 import typer
 
-from ser_cache.cli import app, err, guarded, out
+from ser_cache.cli import KNOWN_ERRORS, app, err, guarded, out
+from ser_cache.demo import DemoError
+
+KNOWN_ERRORS.append(DemoError)
 
 
 @app.command()
@@ -19,7 +22,7 @@ def demo(
 ) -> None:
     """Synthesise a small corpus and tiny models, extract features, train heads, print the Development CCC.
 
-    Runs offline on a CPU in about a minute: the first thing to try after installing.
+    Runs offline on a CPU in under a minute: the first thing to try after installing.
     """
     from ser_cache.cli.stage_two import scores_table
     from ser_cache.demo import run_demo

@@ -12,19 +12,10 @@ SR = 16_000
 
 
 def tiny_whisper(path: Path, *, n_mels: int = 80, d_model: int = 32, seed: int = 0) -> Path:
-    """A Whisper-shaped model saved like openai/whisper-* (a ForConditionalGeneration checkpoint)."""
-    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+    """A Whisper-shaped model saved like openai/whisper-*: the demo's builder, with transformers' default init."""
+    from ser_cache.demo import tiny_whisper as build
 
-    torch.manual_seed(seed)
-    config = WhisperConfig(
-        vocab_size=64, num_mel_bins=n_mels, d_model=d_model, encoder_layers=2, encoder_attention_heads=2,
-        decoder_layers=1, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
-        max_source_positions=1500, max_target_positions=32, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-        decoder_start_token_id=1,
-    )
-    WhisperForConditionalGeneration(config).save_pretrained(path)
-    WhisperFeatureExtractor(feature_size=n_mels).save_pretrained(path)
-    return path
+    return build(path, n_mels=n_mels, d_model=d_model, seed=seed, init_std=0.02)
 
 
 def _wavlm_config(**extra):

@@ -14,7 +14,6 @@ and pitch survive a random projection, and distinct words get distinct random em
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import tempfile
 import time
@@ -64,6 +63,7 @@ def run_demo(workdir: Path | None = None, *, n: int = DEFAULT_N, epochs: int = D
 
 
 def _run(workdir: Path, *, n: int, epochs: int, seed: int, progress: bool) -> dict:
+    from ser_cache.encoders.base import quiet_loading
     from ser_cache.extract import ExtractConfig, extract
     from ser_cache.training import TrainHeadsConfig, train_heads
 
@@ -74,7 +74,7 @@ def _run(workdir: Path, *, n: int, epochs: int, seed: int, progress: bool) -> di
     seconds["synthesise"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    with _quiet_saving():
+    with quiet_loading():
         audio_model = tiny_whisper(workdir / "models" / AUDIO_MODEL, seed=seed)
         text_model, text_kind = text_encoder(workdir / "models" / TEXT_MODEL, seed=seed)
     seconds["models"] = time.perf_counter() - t
@@ -115,20 +115,6 @@ def _claim(workdir: Path) -> None:
     (workdir / MARKER).write_text("made by `ser-cache demo`; a rerun replaces corpus/, models/, features/ and run/\n")
     if (workdir / "corpus").exists():
         shutil.rmtree(workdir / "corpus")
-
-
-@contextlib.contextmanager
-def _quiet_saving():
-    """No "Writing model shards" progress bar on the user's terminal while the tiny models are saved."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
 
 
 # --------------------------------------------------------------------------- tiny checkpoints

@@ -153,20 +153,20 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         raise ExtractError(setup_error)
     try:
         store = FeatureStore.open(path, mode="r+")
-        result = _run(cfg, dist, encoder, utts, store, t0)
-        result.rank, result.world = dist.rank, dist.world
-        per_rank = dist.all_gather((result.computed, result.audio_seconds))
-        result.computed = sum(c for c, _ in per_rank)
-        result.audio_seconds = sum(a for _, a in per_rank)
-        result.wall_seconds = time.perf_counter() - t0
+        computed, audio_seconds, skipped, timings = _run(cfg, dist, encoder, utts, store)
+        # The gather is also the point after which every rank has written all its chunks.
+        per_rank = dist.all_gather((computed, audio_seconds))
+        written, failed = store.flags()
         if dist.is_main:
             _merge_reports(store, dist.world)
-            written, failed = store.flags()
             store.update_attrs(complete=bool((written | failed).all()), rows_written=int(written.sum()),
                                rows_failed=int(failed.sum()))
-            result.written, result.failed = int(written.sum()), int(failed.sum())
         dist.barrier()
-        return result
+        return ExtractResult(store=store.path, report=report_path(store.path), rows=store.n_rows,
+                             written=int(written.sum()), failed=int(failed.sum()),
+                             computed=sum(c for c, _ in per_rank), skipped=skipped,
+                             audio_seconds=sum(a for _, a in per_rank), wall_seconds=time.perf_counter() - t0,
+                             timings=timings, rank=dist.rank, world=dist.world)
     finally:
         lock.release()
         distributed.shutdown(dist)
@@ -271,7 +271,8 @@ class _Chunk:
     remaining: int
 
 
-def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: FeatureStore, t0: float) -> ExtractResult:
+def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: FeatureStore) -> tuple[int, float, int, dict]:
+    """This rank's share of the pending chunks: (rows computed, audio seconds, rows done before, timings)."""
     from ser_cache.progress import ExtractProgress
 
     # Rank 0 alone reads what is pending and tells the others: a rank reading the flags itself
@@ -304,13 +305,7 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
                 audio_seconds += rows_done[1]
     finally:
         report.close()
-    wall = time.perf_counter() - t0
-    written, failed = store.flags()
-    result = ExtractResult(store=store.path, report=report_path(store.path), rows=store.n_rows,
-                           written=int(written.sum()), failed=int(failed.sum()), computed=computed,
-                           skipped=int((written0 | failed0).sum()), audio_seconds=audio_seconds,
-                           wall_seconds=wall, timings=timings)
-    return result
+    return computed, audio_seconds, int((written0 | failed0).sum()), timings
 
 
 def _units(pending: list[int], chunk_rows: int, world: int = 1) -> list[list[int]]:

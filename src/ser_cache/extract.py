@@ -25,6 +25,7 @@ import numpy as np
 
 from ser_cache import __version__
 from ser_cache import audio as audio_lib
+from ser_cache.atomic import atomic_path
 from ser_cache.corpus import Utterance, load_corpus
 from ser_cache.store import (
     STORE_DTYPE,
@@ -555,12 +556,10 @@ def _merge_reports(store: FeatureStore, world: int) -> None:
     failed_ids = set(store.ids()[failed].tolist())
     keep = [entries[i] for i in sorted(entries) if i in failed_ids]
     if keep:
-        tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        with open(tmp, "w", newline="", encoding="utf-8") as f:
+        with atomic_path(final) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=REPORT_COLUMNS)
             w.writeheader()
             w.writerows({k: e.get(k, "") for k in REPORT_COLUMNS} for e in keep)
-        os.replace(tmp, final)
     else:
         final.unlink(missing_ok=True)
     for p in partials:

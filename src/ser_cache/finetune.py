@@ -32,8 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache import runs
 from ser_cache import audio as audio_lib
+from ser_cache import runs
+from ser_cache.atomic import atomic_path
 from ser_cache.training import TrainError, TrainResult
 
 log = logging.getLogger(__name__)
@@ -552,9 +553,8 @@ def _save_checkpoint(out: Path, cfg, dist, state: _State, model, aam, optimizer,
             "best": state.best,
             "history": state.history,
         }
-        tmp = out / f".{CHECKPOINT}.tmp-{os.getpid()}"
-        torch.save(ckpt, tmp)
-        os.replace(tmp, out / CHECKPOINT)
+        with atomic_path(out / CHECKPOINT) as tmp:
+            torch.save(ckpt, tmp)
         _remove_stale_best(out, state.best["epoch"])
     dist.barrier()
 

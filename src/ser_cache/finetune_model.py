@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from ser_cache import audio as audio_lib
+from ser_cache.atomic import atomic_path
 from ser_cache.encoders.base import masked_pool
 
 SYSTEM = "finetuned-wavlm"  # config.json "system" of a fine-tuned run
@@ -197,18 +198,14 @@ def load_finetuned(run_dir: Path, config: dict, *, device: str = "cpu") -> WavLM
 
 def save_weights(path: Path, model: nn.Module, aam: nn.Module | None) -> Path:
     """The whole model (encoder included, keys "wavlm.*", "heads.*", ...) and the AAM weights ("aam.*")."""
-    import os
-
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     if aam is not None:
         tensors.update({f"aam.{k}": v.detach().cpu().contiguous() for k, v in aam.state_dict().items()})
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp))
+    return Path(path)
 
 
 # --------------------------------------------------------------------------- audio and batches

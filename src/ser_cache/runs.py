@@ -35,6 +35,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ser_cache.atomic import atomic_path
+
 RUN_FORMAT = "ser-cache-run"
 RUN_FORMAT_VERSION = 1
 CONFIG = "config.json"
@@ -58,17 +60,10 @@ class RunError(Exception):
 # --------------------------------------------------------------------------- atomic files
 
 
-def _tmp_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.tmp-{os.getpid()}")
-
-
 def write_text_atomic(path: str | Path, text: str) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_beside(path)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
 
 
 def write_json_atomic(path: str | Path, obj) -> Path:
@@ -76,15 +71,11 @@ def write_json_atomic(path: str | Path, obj) -> Path:
 
 
 def write_csv_atomic(path: str | Path, header: Sequence[str], rows: Iterator[Sequence] | list) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _tmp_beside(path)
-    with open(tmp, "w", newline="", encoding="utf-8") as f:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
         w = csv.writer(f)
         w.writerow(header)
         w.writerows(rows)
-    os.replace(tmp, path)
-    return path
+    return Path(path)
 
 
 def _jsonable(obj):
@@ -175,9 +166,8 @@ def save_weights(directory: Path, heads, aam=None) -> Path:
     if aam is not None:
         tensors.update({f"aam.{k}": v.detach().cpu().contiguous() for k, v in aam.state_dict().items()})
     target = Path(directory) / WEIGHTS
-    tmp = _tmp_beside(target)
-    save_file(tensors, str(tmp))
-    os.replace(tmp, target)
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp))
     return target
 
 

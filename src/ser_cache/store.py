@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ser_cache.atomic import atomic_path
+
 FORMAT = "ser-cache-features"
 FORMAT_VERSION = 1
 STORE_DTYPE = "float16"
@@ -223,17 +225,15 @@ def export_hdf5(store: FeatureStore, out: str | Path) -> Path:
     import h5py
 
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     ids, feats, written = store.read()
     _, failed = store.flags()
-    with h5py.File(tmp, "w") as f:
+    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
         f.create_dataset("features", data=feats, chunks=(store.chunk_rows, *store.feature_shape), compression="gzip")
         f.create_dataset("written", data=written)
         f.create_dataset("failed", data=failed)
         for k, v in store.attrs.items():
             f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
-    os.replace(tmp, out)
     return out
 
 

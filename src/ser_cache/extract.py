@@ -35,6 +35,7 @@ from ser_cache.store import (
     fingerprint,
     ids_digest,
     remove_store,
+    settings_differences,
 )
 
 ON_ERROR = ("skip", "fail")
@@ -209,8 +210,7 @@ def _open_or_create(path: Path, cfg: ExtractConfig, encoder, ids: list[str], set
 
 
 def _differences(old: dict, new: dict) -> str:
-    keys = sorted(set(old) | set(new))
-    diffs = [f"{k}: store has {old.get(k)!r}, this run {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
+    diffs = settings_differences(old, new, labels=("store has", "this run"))
     return "; ".join(diffs) if diffs else "unknown settings"
 
 

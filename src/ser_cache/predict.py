@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache import runs
+from ser_cache.store import settings_differences
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +82,7 @@ def file_utterances(files: Sequence[str | Path], transcripts: Path | None = None
 
 
 def _differences(expected: dict, found: dict, keys=None) -> list[str]:
-    keys = sorted(set(expected) | set(found)) if keys is None else keys
-    return [f"{k}: run has {expected.get(k)!r}, found {found.get(k)!r}"
-            for k in keys if k not in ROW_SETTINGS and expected.get(k) != found.get(k)]
+    return settings_differences(expected, found, labels=("run has", "found"), keys=keys, ignore=ROW_SETTINGS)
 
 
 def _store_for(record: dict, features_dir: Path | None) -> Path:

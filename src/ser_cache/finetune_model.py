@@ -121,19 +121,13 @@ def load_wavlm(name: str, *, layerdrop: float = 0.0):
     from transformers import WavLMModel
 
     from ser_cache.encoders import HUB_IDS
-    from ser_cache.encoders.base import check_loading_info, load_error, quiet_loading, resolve_model
+    from ser_cache.encoders.base import load_pretrained, resolve_model
     from ser_cache.encoders.wavlm import _input_conventions
 
     resolved = resolve_model(name, HUB_IDS)
-    try:
-        with quiet_loading():
-            # layerdrop skips whole layers at random: it would change what the layer weighting sees
-            # from step to step, and under DDP ranks would skip different layers (unused parameters).
-            model, info = WavLMModel.from_pretrained(resolved.source, local_files_only=resolved.local_only,
-                                                     output_loading_info=True, layerdrop=layerdrop)
-    except (OSError, ValueError) as exc:
-        raise load_error(resolved, exc) from None
-    check_loading_info(resolved.name, info)
+    # layerdrop skips whole layers at random: it would change what the layer weighting sees
+    # from step to step, and under DDP ranks would skip different layers (unused parameters).
+    model = load_pretrained(WavLMModel, resolved, layerdrop=layerdrop)
     if getattr(model.config, "model_type", "wavlm") != "wavlm":
         from ser_cache.encoders.base import EncoderError
 

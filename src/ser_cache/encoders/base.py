@@ -171,6 +171,25 @@ def check_loading_info(name: str, info: dict, required_prefixes: tuple[str, ...]
         raise EncoderError(f"model '{name}': the checkpoint lacks {len(missing)} weight(s) the encoder needs ({shown})")
 
 
+def load_pretrained(cls, resolved: ResolvedModel, *, required_prefixes: tuple[str, ...] = ("",),
+                    optional=lambda key: False, **kwargs):
+    """`cls.from_pretrained` on a resolved model, quietly, with our two clear errors.
+
+    One when the weights cannot be had at all (`load_error`), one when the checkpoint lacks
+    weights the caller needs (`check_loading_info`); missing keys for which `optional(key)` is
+    true are parts the caller never uses.
+    """
+    try:
+        with quiet_loading():
+            model, info = cls.from_pretrained(resolved.source, local_files_only=resolved.local_only,
+                                              output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise load_error(resolved, exc) from None
+    missing = [k for k in info.get("missing_keys", []) if not optional(k)]
+    check_loading_info(resolved.name, {"missing_keys": missing}, required_prefixes)
+    return model
+
+
 def masked_pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> torch.Tensor:
     """Pool (B, T, D) over the first `lengths[b]` frames: mean, or mean and std concatenated.
 

@@ -8,11 +8,11 @@ from ser_cache.encoders.base import (
     Encoder,
     ResolvedModel,
     RuntimeOptions,
-    check_loading_info,
-    quiet_loading,
     load_error,
+    load_pretrained,
     masked_pool,
     pooled_dim,
+    quiet_loading,
 )
 
 MAX_TOKENS = 512  # RoBERTa's and BERT's position table; longer transcripts are truncated
@@ -28,12 +28,10 @@ class TextEncoder(Encoder):
         try:
             with quiet_loading():
                 self.tokenizer = AutoTokenizer.from_pretrained(resolved.source, local_files_only=resolved.local_only)
-                model, info = AutoModel.from_pretrained(resolved.source, local_files_only=resolved.local_only,
-                                                        output_loading_info=True)
         except (OSError, ValueError) as exc:
             raise load_error(resolved, exc) from None
         # A pooler that the checkpoint lacks is never used: the pooling is ours.
-        check_loading_info(resolved.name, {"missing_keys": [k for k in info.get("missing_keys", []) if "pooler" not in k]})
+        model = load_pretrained(AutoModel, resolved, optional=lambda k: "pooler" in k)
         self.tokenizer.padding_side = "right"  # masked_pool counts the first `length` tokens
         self.pooling = pooling
         self.hidden = model.config.hidden_size

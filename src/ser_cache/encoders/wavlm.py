@@ -24,9 +24,7 @@ from ser_cache.encoders.base import (
     Encoder,
     ResolvedModel,
     RuntimeOptions,
-    check_loading_info,
-    quiet_loading,
-    load_error,
+    load_pretrained,
     masked_pool,
     pad_waves,
     pooled_dim,
@@ -93,13 +91,7 @@ class WavLMLayersEncoder(_WavLMBase):
     def __init__(self, resolved: ResolvedModel, runtime: RuntimeOptions, *, pooling: str = "mean", max_seconds: float = 15.0):
         from transformers import WavLMModel
 
-        try:
-            with quiet_loading():
-                model, info = WavLMModel.from_pretrained(resolved.source, local_files_only=resolved.local_only,
-                                                     output_loading_info=True)
-        except (OSError, ValueError) as exc:
-            raise load_error(resolved, exc) from None
-        check_loading_info(resolved.name, info)
+        model = load_pretrained(WavLMModel, resolved)
         self.pooling = pooling
         self.max_seconds = max_seconds
         self.do_normalize, self.uses_mask = _input_conventions(resolved, model.config)
@@ -131,15 +123,8 @@ class XVectorEncoder(_WavLMBase):
     def __init__(self, resolved: ResolvedModel, runtime: RuntimeOptions, *, max_seconds: float = 15.0):
         from transformers import WavLMForXVector
 
-        try:
-            with quiet_loading():
-                model, info = WavLMForXVector.from_pretrained(resolved.source, local_files_only=resolved.local_only,
-                                                          output_loading_info=True)
-        except (OSError, ValueError) as exc:
-            raise load_error(resolved, exc) from None
         # The classifier/objective layers score training speakers only; the x-vector needs the rest.
-        check_loading_info(resolved.name, {"missing_keys": [k for k in info.get("missing_keys", [])
-                                                            if not k.startswith(("objective.", "classifier."))]})
+        model = load_pretrained(WavLMForXVector, resolved, optional=lambda k: k.startswith(("objective.", "classifier.")))
         self.max_seconds = max_seconds
         self.do_normalize, self.uses_mask = _input_conventions(resolved, model.config)
         self.dim = model.config.xvector_output_dim

@@ -24,12 +24,11 @@ from ser_cache.encoders.base import (
     EncoderError,
     ResolvedModel,
     RuntimeOptions,
-    check_loading_info,
-    quiet_loading,
-    load_error,
+    load_pretrained,
     masked_pool,
     pad_waves,
     pooled_dim,
+    quiet_loading,
 )
 
 N_FFT = 400  # 25 ms window at 16 kHz
@@ -91,15 +90,8 @@ class WhisperAudioEncoder(Encoder):
             )
         from transformers import WhisperForAudioClassification
 
-        try:
-            with quiet_loading():
-                model, info = WhisperForAudioClassification.from_pretrained(
-                    resolved.source, local_files_only=resolved.local_only, output_loading_info=True,
-                    attn_implementation="sdpa",
-                )
-        except (OSError, ValueError) as exc:
-            raise load_error(resolved, exc) from None
-        check_loading_info(resolved.name, info, ("encoder.",))
+        model = load_pretrained(WhisperForAudioClassification, resolved, required_prefixes=("encoder.",),
+                                attn_implementation="sdpa")
         encoder = model.encoder
         self.window = window
         self.pooling = pooling

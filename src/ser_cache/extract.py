@@ -248,12 +248,7 @@ def compute_features(encoder, utts: list[Utterance], *, max_seconds: float = aud
         else:
             feats[row] = value
 
-    todo = list(range(len(utts)))
-    timings = {"headers": 0.0, "decode_wait": 0.0, "encode": 0.0, "write": 0.0}
-    if encoder.modality == "text":
-        _encode_texts(cfg, encoder, utts, todo, resolve, timings)
-    else:
-        _encode_audio(cfg, encoder, utts, todo, resolve, timings)
+    _encode(cfg, encoder, utts, list(range(len(utts))), resolve, _new_timings())
     return feats, errors
 
 
@@ -282,7 +277,7 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
     pending = store.pending_chunks(retry_failed=cfg.retry_failed, flags=(written0, failed0))
     units = _units(pending, store.chunk_rows, dist.world)[dist.rank::dist.world]
     report = _ReportWriter(report_path(store.path), dist.rank)
-    timings = {"headers": 0.0, "decode_wait": 0.0, "encode": 0.0, "write": 0.0}
+    timings = _new_timings()
     total_rows = sum(min(store.chunk_rows, store.n_rows - c * store.chunk_rows) for u in units for c in u)
     computed = 0
     audio_seconds = 0.0
@@ -346,11 +341,21 @@ def _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, prog
             store.write_chunk(ch.index, ch.features, ch.written, ch.failed)
             timings["write"] += time.perf_counter() - t
 
+    _encode(cfg, encoder, utts, todo, resolve, timings)
+    return computed, seconds_done
+
+
+def _new_timings() -> dict[str, float]:
+    """Seconds spent reading headers, waiting for decoded audio, in the encoder, and writing."""
+    return {"headers": 0.0, "decode_wait": 0.0, "encode": 0.0, "write": 0.0}
+
+
+def _encode(cfg, encoder, utts, todo, resolve, timings) -> None:
+    """Encode the rows `todo`, handing each result (or failure reason) to `resolve`."""
     if encoder.modality == "text":
         _encode_texts(cfg, encoder, utts, todo, resolve, timings)
     else:
         _encode_audio(cfg, encoder, utts, todo, resolve, timings)
-    return computed, seconds_done
 
 
 def _encode_texts(cfg, encoder, utts, todo, resolve, timings) -> None:

@@ -58,12 +58,15 @@ def test_shipped_configs_exist():
         assert shipped_config(name)["model_type"]
 
 
+TINY_WHISPER = {"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper", "d_model": 32,
+                "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_layers": 1,
+                "decoder_attention_heads": 2, "decoder_ffn_dim": 64, "num_mel_bins": 80, "max_source_positions": 1500,
+                "max_target_positions": 32, "vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                "decoder_start_token_id": 1}
+
+
 def test_tiny_bench_run_reports_every_figure(tmp_path):
-    config = {"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper", "d_model": 32,
-              "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_layers": 1,
-              "decoder_attention_heads": 2, "decoder_ffn_dim": 64, "num_mel_bins": 80, "max_source_positions": 1500,
-              "max_target_positions": 32, "vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-              "decoder_start_token_id": 1}
+    config = TINY_WHISPER
     cfile = tmp_path / "tiny.json"
     cfile.write_text(json.dumps(config))
     report = tmp_path / "r.json"
@@ -74,6 +77,11 @@ def test_tiny_bench_run_reports_every_figure(tmp_path):
     rep = json.loads(report.read_text())
     assert rep["utterances"] == 6 and rep["kind"] == "whisper" and rep["precision"] == "float32"
     assert rep["wall_seconds"] > 0 and rep["peak_tflops"] > 0 and 0 < rep["utilisation"]
+    # Rates are over the encoding loop; model loading is reported apart and not counted in them.
+    assert 0 < rep["loop_seconds"] and 0 < rep["setup_seconds"]
+    assert rep["setup_seconds"] + rep["loop_seconds"] <= rep["wall_seconds"]
+    assert rep["utterances_per_second"] == pytest.approx(6 / rep["loop_seconds"])
+    assert rep["end_to_end_utterances_per_second"] == pytest.approx(6 / rep["wall_seconds"])
     assert rep["tflop_per_utterance_mean"] * 1e12 == pytest.approx(encoder_flops("whisper", config, 0, "window"))
     assert rep["naive"]["utterances"] == 2 and rep["naive"]["speedup"] > 0
     assert rep["cpu_decode_per_core"]["audio_seconds_per_second"] > 0
@@ -83,3 +91,34 @@ def test_tiny_bench_run_reports_every_figure(tmp_path):
 def test_bench_needs_random_init():
     r = CliRunner().invoke(app, ["bench", "extract", "--model", "whisper-large-v3"])
     assert r.exit_code == 2 and "--random-init" in r.output
+
+
+def test_workdir_reuses_the_model_and_corpus_only_when_they_match(tmp_path):
+    from ser_cache.bench import BUILT_MARK, BenchConfig, bench_extract
+
+    cfile = tmp_path / "tiny.json"
+    cfile.write_text(json.dumps(TINY_WHISPER))
+    work = tmp_path / "work"
+
+    def run(**kw):
+        cfg = BenchConfig(config=cfile, utterances=kw.pop("utterances", 4), device="cpu", workers=0, workdir=work, **kw)
+        return bench_extract(cfg)
+
+    first = run()
+    weights = next((work / "model").glob("*.safetensors"))
+    wav = work / "corpus" / "audio" / "utt000000.wav"
+    stamps = weights.stat().st_mtime_ns, wav.stat().st_mtime_ns
+    second = run()
+    assert (weights.stat().st_mtime_ns, wav.stat().st_mtime_ns) == stamps  # reused, not rebuilt
+    # The kept store from the first run must not make the second one a no-op.
+    assert first.utterances == second.utterances == 4
+
+    third = run(utterances=3)  # another corpus size: the corpus is rebuilt, the model kept
+    assert third.utterances == 3 and len(list((work / "corpus" / "audio").glob("*.wav"))) == 3
+    assert weights.stat().st_mtime_ns == stamps[0]
+
+    (work / "model" / BUILT_MARK).unlink()  # as if a build had been interrupted
+    run(utterances=3)
+    assert weights.stat().st_mtime_ns != stamps[0]
+    fourth = run(utterances=3, seed=1)  # another seed: other weights and other audio
+    assert fourth.utterances == 3 and json.loads((work / "model" / BUILT_MARK).read_text())["seed"] == 1

@@ -221,3 +221,18 @@ def test_report_survives_an_empty_partial_file_left_by_a_killed_run(models, tmp_
     r = extract(cfg(models["whisper"], data, out, chunk_rows=4))
     with open(report_path(r.store), newline="") as f:
         assert len(list(csv.DictReader(f))) == 3
+
+
+@pytest.mark.parametrize("kind,kw", [("whisper", {}), ("whisper", {"window": "trimmed"}), ("wavlm", {}),
+                                     ("xvector", {}), ("text", {})],
+                         ids=["whisper", "whisper-trimmed", "wavlm", "xvector", "text"])
+def test_bf16_autocast_rows_agree_with_fp32(models, corpus, tmp_path, kind, kw):
+    """The GPU's default precision path (autocast to bf16), run on the CPU: it is really taken
+    (the rows differ) and agrees with fp32 to bf16 precision."""
+    got = {}
+    for precision in ("fp32", "bf16"):
+        r = extract(cfg(models[kind], corpus, tmp_path / precision, precision=precision, **kw))
+        got[precision] = read(r.store)[1].astype(np.float32).reshape(r.rows, -1)
+    a, b = got["fp32"], got["bf16"]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.999 and not np.array_equal(a, b)

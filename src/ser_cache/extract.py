@@ -102,6 +102,8 @@ class ExtractResult:
     timings: dict = field(default_factory=dict)
     rank: int = 0
     world: int = 1
+    setup_seconds: float = 0.0  # reading the corpus, loading the encoder, opening the store
+    loop_seconds: float = 0.0  # this rank's encoding loop: wall_seconds less set-up and the final merge
 
     @property
     def utterances_per_second(self) -> float:
@@ -155,7 +157,9 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         raise ExtractError(setup_error)
     try:
         store = FeatureStore.open(path, mode="r+")
+        t_loop = time.perf_counter()
         computed, audio_seconds, skipped, timings = _run(cfg, dist, encoder, utts, store)
+        loop_seconds = time.perf_counter() - t_loop
         # The gather is also the point after which every rank has written all its chunks.
         per_rank = dist.all_gather((computed, audio_seconds))
         written, failed = store.flags()
@@ -168,7 +172,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                              written=int(written.sum()), failed=int(failed.sum()),
                              computed=sum(c for c, _ in per_rank), skipped=skipped,
                              audio_seconds=sum(a for _, a in per_rank), wall_seconds=time.perf_counter() - t0,
-                             timings=timings, rank=dist.rank, world=dist.world)
+                             timings=timings, rank=dist.rank, world=dist.world,
+                             setup_seconds=t_loop - t0, loop_seconds=loop_seconds)
     finally:
         lock.release()
         distributed.shutdown(dist)

@@ -50,7 +50,7 @@ def extract(
         f"[bold]{result.store}[/]: {result.written}/{result.rows} rows written, {result.failed} failed "
         f"({result.computed} computed now, {result.skipped} already done) in {result.wall_seconds:.1f} s — "
         f"{result.utterances_per_second:.1f} utt/s, {result.audio_seconds_per_second:.0f} audio-s/s "
-        f"[dim](headers {t.get('headers', 0):.1f} s, waiting for decoding {t.get('decode_wait', 0):.1f} s, "
+        f"[dim](set-up {result.setup_seconds:.1f} s, headers {t.get('headers', 0):.1f} s, waiting for decoding {t.get('decode_wait', 0):.1f} s, "
         f"encoder {t.get('encode', 0):.1f} s, writing {t.get('write', 0):.1f} s)[/]",
         highlight=False,
     )

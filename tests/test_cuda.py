@@ -1,0 +1,90 @@
+"""What only a CUDA GPU can check: bf16 autocast, pinned copies, and every stage on the device.
+
+Skipped where torch sees no CUDA device (as in CI). On a GPU machine: `python -m pytest -q tests/test_cuda.py`
+(benchmarks/gpu_session.sh runs it first).
+"""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from ser_cache.encoders.base import RuntimeOptions, pad_waves
+from ser_cache.extract import ExtractConfig, extract
+from ser_cache.store import FeatureStore
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+KINDS = [("whisper", {}), ("whisper", {"window": "trimmed"}), ("wavlm", {}), ("xvector", {}), ("text", {})]
+
+
+def rows(models, corpus, out, kind, kw, **run) -> np.ndarray:
+    cfg = ExtractConfig(model=str(models[kind]), data=corpus, out=out, progress=False, workers=0, **kw, **run)
+    r = extract(cfg)
+    ids, feats, written = FeatureStore.open(r.store).read()
+    assert written.all()
+    return feats.astype(np.float32).reshape(len(ids), -1)
+
+
+def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+def test_auto_precision_on_cuda_is_a_half_type_and_waves_are_pinned():
+    dtype = RuntimeOptions(device="cuda").autocast_dtype(torch.device("cuda"))
+    assert dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    x, lengths = pad_waves([np.ones(10, np.float32), np.ones(4, np.float32)])
+    assert x.is_pinned() and lengths.tolist() == [10, 4]
+
+
+@pytest.mark.parametrize("kind,kw", KINDS, ids=["whisper", "whisper-trimmed", "wavlm", "xvector", "text"])
+def test_cuda_bf16_rows_agree_with_cpu_fp32(models, corpus, tmp_path, kind, kw):
+    cpu = rows(models, corpus, tmp_path / "cpu", kind, kw, device="cpu", precision="fp32")
+    gpu = rows(models, corpus, tmp_path / "gpu", kind, kw, device="cuda", precision="auto")
+    assert cosines(cpu, gpu).min() > 0.999, kind
+
+
+def test_cuda_rows_do_not_depend_on_the_batch(models, corpus, tmp_path):
+    """One utterance per batch against everything in one batch: equal up to bf16 kernel differences."""
+    for i, (kind, kw) in enumerate(KINDS[:3]):
+        alone = rows(models, corpus, tmp_path / f"alone{i}", kind, kw, device="cuda", batch_seconds=0.01)
+        together = rows(models, corpus, tmp_path / f"together{i}", kind, kw, device="cuda", batch_seconds=10_000)
+        assert cosines(alone, together).min() > 0.9999, kind
+
+
+def test_bench_on_cuda_reports_half_precision_and_gpu_memory(tmp_path):
+    from test_bench import TINY_WHISPER
+
+    from ser_cache.bench import BenchConfig, bench_extract
+
+    cfile = tmp_path / "tiny.json"
+    cfile.write_text(json.dumps(TINY_WHISPER))
+    rep = bench_extract(BenchConfig(config=cfile, utterances=64, device="cuda", naive=True, naive_utterances=4,
+                                    workdir=tmp_path / "work"))
+    assert rep.precision in ("bfloat16", "float16") and rep.peak_gpu_memory_gib > 0
+    assert rep.utterances == 64 and rep.peak_tflops > 1 and rep.naive["speedup"] > 0
+    assert not rep.device.startswith("cpu")
+
+
+def test_train_heads_on_cuda_learns(tmp_path):
+    from test_training import make_corpus, make_store, train
+
+    manifest, ids, feats = make_corpus(tmp_path / "corpus")
+    stores = [make_store(tmp_path / "features" / f"{n}.zarr", ids, x, kind="text" if n == "text" else "whisper",
+                         modality="text" if n == "text" else "audio") for n, x in feats.items()]
+    result, _ = train(tmp_path, manifest, stores, device="cuda")
+    assert result.metrics["ccc"]["mean"] > 0.5, result.metrics["ccc"]
+
+
+def test_finetune_on_cuda_in_half_precision_lowers_the_loss(models, tmp_path):
+    from test_finetune import base_config, learnable_corpus
+
+    from ser_cache.finetune import finetune_wavlm
+
+    corpus = learnable_corpus(tmp_path / "corpus")
+    cfg = base_config(corpus, models["wavlm"], tmp_path / "run", device="cuda", epochs=4, precision="auto")
+    result = finetune_wavlm(cfg)
+    history = result.history
+    assert len(history) == 4 and history[-1]["loss_total"] < history[0]["loss_total"]
+    assert all(np.isfinite(h["dev_ccc_mean"]) for h in history)

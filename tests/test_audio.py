@@ -79,3 +79,12 @@ def test_info_reads_the_header(tmp_path):
     p = write_wav(tmp_path / "a.wav", tone(1.5, sr=22_050), sr=22_050)
     i = audio.info(p)
     assert i.sample_rate == 22_050 and i.channels == 1 and abs(i.seconds - 1.5) < 1e-3
+
+
+def test_load_many_turns_each_failure_into_its_reason(tmp_path):
+    good = write_wav(tmp_path / "good.wav", tone(1.0))
+    short = write_wav(tmp_path / "short.wav", tone(0.01))
+    out = audio.load_many([str(good), str(tmp_path / "missing.wav"), str(short)], min_seconds=0.05)
+    assert np.array_equal(out[0][0], audio.load(good)) and out[0][1] is None
+    assert out[1] == (None, "file not found")
+    assert out[2][0] is None and out[2][1].startswith("too short (0.010 s")

@@ -59,7 +59,7 @@ def test_store_layout_and_attributes(models, corpus, tmp_path):
 
 def test_resume_after_interruption_gives_identical_arrays(models, tmp_path, monkeypatch):
     data = msp_corpus(tmp_path / "c", n=20, unlabeled=0)
-    ref = extract(cfg(models["whisper"], data, tmp_path / "ref", chunk_rows=3, workers=1))  # the DataLoader path
+    ref = extract(cfg(models["whisper"], data, tmp_path / "ref", chunk_rows=3, workers=1))  # the worker-process path
 
     calls = {"n": 0}
     original = FeatureStore.write_chunk
@@ -136,9 +136,10 @@ def bad_corpus(tmp_path) -> Path:
     return data
 
 
-def test_bad_files_are_reported_and_skipped(models, tmp_path):
+@pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "worker-process"])
+def test_bad_files_are_reported_and_skipped(models, tmp_path, workers):
     data = bad_corpus(tmp_path)
-    r = extract(cfg(models["whisper"], data, tmp_path / "f", chunk_rows=4))
+    r = extract(cfg(models["whisper"], data, tmp_path / "f", chunk_rows=4, workers=workers))
     ids, feats, written = read(r.store)
     assert r.failed == 3 and written.sum() == 5
     assert np.isfinite(feats.astype(np.float32)).all()
@@ -236,3 +237,27 @@ def test_bf16_autocast_rows_agree_with_fp32(models, corpus, tmp_path, kind, kw):
     a, b = got["fp32"], got["bf16"]
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     assert cos.min() > 0.999 and not np.array_equal(a, b)
+
+
+def test_a_file_that_kills_its_decoding_worker_costs_only_that_file(tmp_path):
+    """A decoder crash (a segfault on a malformed file, say) takes its worker process down: the
+    batch is decoded again file by file, and only the file that kills a worker again fails."""
+    from factories import decode_or_die
+    from ser_cache.extract import _Decoder, _new_timings
+
+    names = ["a", "b", "die", "c", "d", "e"]
+    files = [str(write_wav(tmp_path / f"{n}.wav", tone(0.5 + 0.1 * i, seed=i))) for i, n in enumerate(names)]
+    batches = [files[0:2], files[2:4], files[4:6]]
+    decoder = _Decoder(2, 15.0, decode=decode_or_die)
+    timings = _new_timings()
+    try:
+        got = list(decoder.batches(batches, timings))
+    finally:
+        decoder.close()
+    assert [len(b) for b in got] == [2, 2, 2]
+    wave, reason = got[1][0]
+    assert wave is None and "crashed the worker process" in reason
+    expected = audio.load_many([f for f in files if "die" not in f])
+    kept = [w for b in got for w, _ in b if w is not None]
+    assert len(kept) == 5 and all(np.array_equal(w, e) for w, (e, _) in zip(kept, expected))
+    assert timings["decode_wait"] > 0

@@ -122,6 +122,27 @@ def load(
     return np.ascontiguousarray(x, dtype=np.float32)
 
 
+def load_many(paths: list[str], *, max_seconds: float | None = DEFAULT_MAX_SECONDS,
+              min_seconds: float = 0.0) -> list[tuple[np.ndarray | None, str | None]]:
+    """`load` over several files, each one's failure turned into its reason: (waveform, None) or
+    (None, reason). What a decoding worker process runs for one batch.
+
+    A waveform shorter than `min_seconds` after cropping is a failure too (nothing to encode).
+    """
+    out: list[tuple[np.ndarray | None, str | None]] = []
+    for path in paths:
+        try:
+            x = load(path, max_seconds=max_seconds)
+        except AudioError as exc:
+            out.append((None, exc.reason))
+            continue
+        if len(x) < min_seconds * SAMPLE_RATE:
+            out.append((None, f"too short ({len(x) / SAMPLE_RATE:.3f} s; at least {min_seconds} s needed)"))
+        else:
+            out.append((x, None))
+    return out
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[-1] if text else type(exc).__name__

@@ -17,6 +17,7 @@ tests/test_bench.py checks the formulas against torch's FlopCounterMode.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -289,23 +290,23 @@ def bench_extract(cfg: BenchConfig) -> BenchReport:
     tmp = tempfile.TemporaryDirectory(prefix="ser-cache-bench-") if cfg.workdir is None else None
     root = Path(tmp.name) if tmp else Path(cfg.workdir)
     try:
-        kind, durations, manifest = prepare(root, config, cfg.utterances, cfg.seed)
+        kind, model_dir, durations, manifest = prepare(root, config, cfg.utterances, cfg.seed)
         paths = sorted((root / "corpus" / "audio").glob("*.wav"))
         decode = cpu_decode_rate(paths)
         peak = matmul_peak_tflops(device, autocast or torch.float32)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         shutil.rmtree(root / "out", ignore_errors=True)  # a kept store would make every row "already done"
-        result = extract(ExtractConfig(model=str(root / "model"), data=manifest, out=root / "out", kind=kind,
+        result = extract(ExtractConfig(model=str(model_dir), data=manifest, out=root / "out", kind=kind,
                                        window=cfg.window, pooling=cfg.pooling, device=cfg.device,
                                        precision=cfg.precision, batch_seconds=cfg.batch_seconds,
                                        workers=cfg.workers, progress=True, overwrite=True))
         _sync(device)
-        counts = _units(kind, manifest, durations, root / "model")
+        counts = _units(kind, manifest, durations, model_dir)
         flops = sum(encoder_flops(kind, config, n, cfg.window) for n in counts)
-        params = _parameters(root / "model")
+        params = _parameters(model_dir)
         loop = result.loop_seconds
-        naive = _naive(kind, root / "model", paths[: cfg.naive_utterances], device, result.computed / loop) if cfg.naive else None
+        naive = _naive(kind, model_dir, paths[: cfg.naive_utterances], device, result.computed / loop) if cfg.naive else None
         return BenchReport(
             model=cfg.config.name if cfg.config else cfg.model, kind=kind, parameters=params, device=_device_name(device),
             precision=str(autocast or torch.float32).replace("torch.", ""), window=cfg.window,
@@ -324,16 +325,19 @@ def bench_extract(cfg: BenchConfig) -> BenchReport:
             tmp.cleanup()
 
 
-def prepare(root: Path, config: dict, utterances: int, seed: int) -> tuple[str, np.ndarray, Path]:
+def prepare(root: Path, config: dict, utterances: int, seed: int) -> tuple[str, Path, np.ndarray, Path]:
     """The random-weight model and the synthetic corpus under `root`, built once and reused.
 
-    Each is marked as built (a small JSON file, written last) together with what it was built
-    from, so a kept working folder (--workdir) is reused only for the same configuration, size and
+    Returns (kind, model folder, durations, manifest). The model lives in `model-<digest>`, named
+    by its configuration and seed, so one working folder (--workdir) holds every benchmarked
+    architecture beside one corpus. Each is marked as built (a small JSON file, written last)
+    with what it was built from: a folder is reused only for the same configuration, size and
     seed, and a build that was interrupted is redone rather than trusted.
     """
     durations = synthetic_durations(utterances, seed)
-    model_dir, corpus = root / "model", root / "corpus"
     model_key = {"config": config, "seed": seed}
+    digest = hashlib.sha256(json.dumps(model_key, sort_keys=True).encode()).hexdigest()[:12]
+    model_dir, corpus = root / f"model-{digest}", root / "corpus"
     built = _built(model_dir, model_key)
     if built is None:
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -346,7 +350,7 @@ def prepare(root: Path, config: dict, utterances: int, seed: int) -> tuple[str, 
         shutil.rmtree(corpus, ignore_errors=True)
         write_corpus(corpus, durations, seed)
         _mark_built(corpus, corpus_key)
-    return kind, durations, corpus / "manifest.csv"
+    return kind, model_dir, durations, corpus / "manifest.csv"
 
 
 BUILT_MARK = "bench-built.json"

@@ -4,7 +4,7 @@ The loop, in order:
 1. read the corpus, load the encoder, open (or create) `OUT/<name>.zarr` and check its fingerprint;
 2. list the chunks not yet done; under torchrun each rank takes every world-th group of them;
 3. read file headers (durations) and sort each group by length, then pack batches by total seconds;
-4. decode in DataLoader workers, encode on the device, and write every chunk as soon as all of its
+4. decode in worker processes (spawned once per run), encode on the device, and write every chunk as soon as all of its
    rows are resolved (written or failed). Failures go to a per-rank report line by line first.
 
 Resuming is the same command again: done chunks are skipped, and because a chunk is written whole
@@ -18,6 +18,7 @@ import os
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -253,7 +254,11 @@ def compute_features(encoder, utts: list[Utterance], *, max_seconds: float = aud
         else:
             feats[row] = value
 
-    _encode(cfg, encoder, utts, list(range(len(utts))), resolve, _new_timings())
+    decoder = _Decoder(min(workers, len(utts)), max_seconds)
+    try:
+        _encode(cfg, encoder, utts, list(range(len(utts))), resolve, _new_timings(), decoder)
+    finally:
+        decoder.close()
     return feats, errors
 
 
@@ -287,6 +292,8 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
     computed = 0
     audio_seconds = 0.0
     progress = ExtractProgress(enabled=cfg.progress and dist.is_main, total=total_rows, name=store.path.name)
+    workers = default_workers(encoder.device.type) if cfg.workers is None else cfg.workers
+    decoder = _Decoder(min(workers, total_rows), cfg.max_seconds)
     try:
         with progress:
             for unit in units:
@@ -301,10 +308,11 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
                     chunks[c] = _Chunk(c, start, feats, w, f, int(need.sum()))
                     todo.extend(int(r) for r in np.flatnonzero(need) + start)
                     progress.advance(int((~need).sum()), 0.0)  # rows of the chunk already done
-                rows_done = _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, progress)
+                rows_done = _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, progress, decoder)
                 computed += rows_done[0]
                 audio_seconds += rows_done[1]
     finally:
+        decoder.close()
         report.close()
     return computed, audio_seconds, int((written0 | failed0).sum()), timings
 
@@ -319,7 +327,7 @@ def _units(pending: list[int], chunk_rows: int, world: int = 1) -> list[list[int
     return [pending[i:i + per_unit] for i in range(0, len(pending), per_unit)]
 
 
-def _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, progress) -> tuple[int, float]:
+def _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, progress, decoder) -> tuple[int, float]:
     """Compute the rows `todo`, writing each chunk as soon as all its rows are resolved."""
     rows_per_chunk = store.chunk_rows
     computed, seconds_done = 0, 0.0
@@ -346,7 +354,7 @@ def _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, prog
             store.write_chunk(ch.index, ch.features, ch.written, ch.failed)
             timings["write"] += time.perf_counter() - t
 
-    _encode(cfg, encoder, utts, todo, resolve, timings)
+    _encode(cfg, encoder, utts, todo, resolve, timings, decoder)
     return computed, seconds_done
 
 
@@ -355,12 +363,12 @@ def _new_timings() -> dict[str, float]:
     return {"headers": 0.0, "decode_wait": 0.0, "encode": 0.0, "write": 0.0}
 
 
-def _encode(cfg, encoder, utts, todo, resolve, timings) -> None:
+def _encode(cfg, encoder, utts, todo, resolve, timings, decoder) -> None:
     """Encode the rows `todo`, handing each result (or failure reason) to `resolve`."""
     if encoder.modality == "text":
         _encode_texts(cfg, encoder, utts, todo, resolve, timings)
     else:
-        _encode_audio(cfg, encoder, utts, todo, resolve, timings)
+        _encode_audio(cfg, encoder, utts, todo, resolve, timings, decoder)
 
 
 def _encode_texts(cfg, encoder, utts, todo, resolve, timings) -> None:
@@ -378,14 +386,15 @@ def _encode_texts(cfg, encoder, utts, todo, resolve, timings) -> None:
         _encode_batch(encoder, rows, [texts[r] for r in rows], [0.0] * len(rows), resolve, timings, cfg)
 
 
-def _encode_audio(cfg, encoder, utts, todo, resolve, timings) -> None:
+def _encode_audio(cfg, encoder, utts, todo, resolve, timings, decoder) -> None:
     t = time.perf_counter()
     durations = _durations(utts, todo, cfg.max_seconds, resolve)
     timings["headers"] += time.perf_counter() - t
     batches = _batches(durations, encoder, cfg.batch_seconds)
-    for rows, waves, errors in _decoded(utts, batches, cfg, timings):
+    decoded = decoder.batches([[str(utts[r].path) for r in rows] for rows in batches], timings)
+    for rows, results in zip(batches, decoded):
         good_rows, good_waves, secs = [], [], []
-        for row, wave, err in zip(rows, waves, errors):
+        for row, (wave, err) in zip(rows, results):
             if err is not None:
                 resolve(row, None, err, 0.0)
             else:
@@ -457,61 +466,96 @@ def _batches(durations: dict[int, float], encoder, batch_seconds: float) -> list
     return batches
 
 
-class _AudioDataset:
-    """Decodes one utterance (in a DataLoader worker): (row, waveform or None, error or None)."""
-
-    def __init__(self, paths: dict[int, str], max_seconds: float):
-        self.paths = paths
-        self.max_seconds = max_seconds
-
-    def __getitem__(self, row: int):
-        try:
-            wave = audio_lib.load(self.paths[row], max_seconds=self.max_seconds)
-        except audio_lib.AudioError as exc:
-            return row, None, exc.reason
-        if len(wave) < MIN_SECONDS * audio_lib.SAMPLE_RATE:
-            return row, None, f"too short ({len(wave) / audio_lib.SAMPLE_RATE:.3f} s; at least {MIN_SECONDS} s needed)"
-        return row, wave, None
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-def _collate(items):
-    rows, waves, errors = zip(*items)
-    return list(rows), list(waves), list(errors)
-
-
 def default_workers(device_type: str) -> int:
     cpus = os.cpu_count() or 1
     return min(8, max(1, cpus - 1)) if device_type == "cuda" else min(2, max(0, cpus - 1))
 
 
-def _decoded(utts, batches, cfg, timings) -> Iterator[tuple[list[int], list, list]]:
-    """Decoded batches in order. Workers are spawned, not forked: the parent runs Zarr's I/O thread."""
-    import torch
-    from torch.utils.data import DataLoader
+class _Decoder:
+    """Decodes batches of files in worker processes that live for the whole run.
 
-    if not batches:
-        return
-    rows = [r for b in batches for r in b]
-    dataset = _AudioDataset({r: str(utts[r].path) for r in rows}, cfg.max_seconds)
-    device_type = "cuda" if torch.cuda.is_available() and cfg.device != "cpu" else "cpu"
-    workers = default_workers(device_type) if cfg.workers is None else cfg.workers
-    workers = min(workers, len(batches))
-    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=_collate, num_workers=workers,
-                        multiprocessing_context="spawn" if workers > 0 else None,
-                        prefetch_factor=4 if workers > 0 else None)
-    it = iter(loader)
-    while True:
-        t = time.perf_counter()
-        try:
-            batch = next(it)
-        except StopIteration:
+    The workers are spawned once per run, not once per unit of chunks (a spawn costs a second or
+    more, which at GPU rates is a unit's worth of encoding), and not forked: the parent runs
+    Zarr's I/O thread. Up to `AHEAD` batches per worker are in flight, so the workers decode while
+    the device encodes. A worker that dies (a decoder crash on a malformed file) costs only that
+    file: the batch is decoded again one file per task in fresh workers, and the file that kills
+    a worker again is reported as failed.
+    """
+
+    AHEAD = 4
+
+    def __init__(self, workers: int, max_seconds: float, decode=None):
+        self.workers = workers
+        self.kwargs = {"max_seconds": max_seconds, "min_seconds": MIN_SECONDS}
+        self.decode = decode or audio_lib.load_many
+        self._pool = None
+
+    def _executor(self):
+        if self._pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+        return self._pool
+
+    def _restart(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+    def batches(self, path_batches: list[list[str]], timings: dict) -> Iterator[list]:
+        """For each batch of paths, in order: [(waveform or None, reason or None), ...]."""
+        if self.workers == 0:
+            for paths in path_batches:
+                t = time.perf_counter()
+                out = self.decode(paths, **self.kwargs)
+                timings["decode_wait"] += time.perf_counter() - t
+                yield out
             return
-        finally:
+        from collections import deque
+
+        todo = iter(path_batches)
+        in_flight: deque = deque()
+
+        def submit() -> None:
+            paths = next(todo, None)
+            if paths is not None:
+                in_flight.append((paths, self._executor().submit(self.decode, paths, **self.kwargs)))
+
+        for _ in range(self.AHEAD * self.workers):
+            submit()
+        while in_flight:
+            paths, future = in_flight.popleft()
+            t = time.perf_counter()
+            try:
+                out = future.result()
+            except BrokenProcessPool:
+                out = self._isolate(paths)
+                # Every batch in flight died with the pool: send them again to the new one.
+                again = [p for p, _ in in_flight]
+                in_flight.clear()
+                for p in again:
+                    in_flight.append((p, self._executor().submit(self.decode, p, **self.kwargs)))
             timings["decode_wait"] += time.perf_counter() - t
-        yield batch
+            submit()
+            yield out
+
+    def _isolate(self, paths: list[str]) -> list:
+        """Decode a batch whose worker died one file per task; a file that kills a worker fails."""
+        out = []
+        for path in paths:
+            self._restart()
+            try:
+                out.extend(self._executor().submit(self.decode, [path], **self.kwargs).result())
+            except BrokenProcessPool:
+                out.append((None, "decoding crashed the worker process (a malformed file?)"))
+        self._restart()
+        return out
 
 
 # --------------------------------------------------------------------------- the report

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# The GPU measurements of docs/performance.md, in one script: CUDA tests first, then the benches.
+#
+#   bash benchmarks/gpu_suite.sh OUT [STAGE ...]
+#
+# STAGE: tests, whisper (15-s window + naive), trimmed, wavlm, others (roberta-large,
+# wavlm-base-plus-sv), finetune, or all (the default). Each bench writes OUT/<name>.json and its
+# console table to OUT/<name>.log; the random-weight models and the synthetic corpus are built once
+# under OUT/work (or $WORKDIR) and reused by later stages and later calls. Run from the repository root with
+# the project installed (`pip install -e .`).
+#
+# Sizes: UTTERANCES (default 20000) synthetic clips per extraction bench, FT_STEPS (default 30)
+# fine-tuning steps. On one H100 every stage is meant to take a few minutes at most.
+set -euo pipefail
+
+out=${1:?usage: gpu_suite.sh OUT [tests|whisper|trimmed|wavlm|others|finetune|all ...]}
+shift
+stages=("${@:-all}")
+utts=${UTTERANCES:-20000}
+steps=${FT_STEPS:-30}
+work=${WORKDIR:-$out/work}
+mkdir -p "$out" "$work"
+export PYTHONUNBUFFERED=1
+
+want() {
+    local s
+    for s in "${stages[@]}"; do [[ $s == all || $s == "$1" ]] && return 0; done
+    return 1
+}
+
+bench() {  # bench NAME ARGS...: one `ser-cache bench extract`, its table and its JSON kept
+    local name=$1
+    shift
+    echo "== $name: ser-cache bench extract $*"
+    python -m ser_cache bench extract --random-init --utterances "$utts" --workdir "$work" \
+        --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log"
+}
+
+python - <<'EOF' | tee "$out/machine.txt"
+import os, platform, torch
+print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
+      "| cores", os.cpu_count())
+for i in range(torch.cuda.device_count()):
+    p = torch.cuda.get_device_properties(i)
+    print(f"cuda:{i}", p.name, f"{p.total_memory / 2**30:.0f} GiB", f"sm_{p.major}{p.minor}")
+EOF
+
+if want tests; then
+    echo "== tests/test_cuda.py"
+    python -m pytest -q tests/test_cuda.py 2>&1 | tee "$out/tests.log" || echo "== tests/test_cuda.py FAILED (benches go on)"
+fi
+if want whisper; then
+    bench whisper-window --model whisper-large-v3 --naive --naive-utterances 32
+fi
+if want trimmed; then
+    bench whisper-trimmed --model whisper-large-v3 --window trimmed
+fi
+if want wavlm; then
+    bench wavlm-large --model wavlm-large --naive --naive-utterances 32
+fi
+if want others; then
+    bench roberta-large --model roberta-large
+    bench wavlm-base-plus-sv --model wavlm-base-plus-sv --naive --naive-utterances 32
+fi
+if want finetune; then
+    echo "== benchmarks/finetune_bench.py --steps $steps"
+    python benchmarks/finetune_bench.py --steps "$steps" --json "$out/finetune.json" 2>&1 | tee "$out/finetune.log"
+fi

@@ -34,7 +34,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 def test_auto_precision_on_cuda_is_a_half_type_and_waves_are_pinned():
     dtype = RuntimeOptions(device="cuda").autocast_dtype(torch.device("cuda"))
     assert dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
-    x, lengths = pad_waves([np.ones(10, np.float32), np.ones(4, np.float32)])
+    x, lengths = pad_waves([np.ones(10, np.float32), np.ones(4, np.float32)], pin=True)
     assert x.is_pinned() and lengths.tolist() == [10, 4]
 
 

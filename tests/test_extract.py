@@ -261,3 +261,48 @@ def test_a_file_that_kills_its_decoding_worker_costs_only_that_file(tmp_path):
     kept = [w for b in got for w, _ in b if w is not None]
     assert len(kept) == 5 and all(np.array_equal(w, e) for w, (e, _) in zip(kept, expected))
     assert timings["decode_wait"] > 0
+
+
+class _ScriptedEncoder:
+    """Stands in for an encoder in `_encode_stream`: features are the inputs' lengths, "bad"
+    makes a batch fail, "nan" gives a non-finite row; every step is logged."""
+
+    def __init__(self):
+        self.log = []
+
+    def prepare(self, batch):
+        import threading
+
+        self.log.append(("prepare", tuple(batch), threading.current_thread().name))
+        return batch
+
+    def launch(self, batch):
+        import torch
+
+        from ser_cache.encoders.base import Pending
+
+        self.log.append(("launch", tuple(batch)))
+        if "bad" in batch:
+            raise RuntimeError("boom\nsecond line")
+        return Pending(torch.tensor([[float("nan") if x == "nan" else float(len(x))] for x in batch]))
+
+
+def test_encode_stream_overlaps_batches_and_isolates_a_failing_input():
+    from ser_cache.extract import _encode_stream, _new_timings
+
+    enc = _ScriptedEncoder()
+    got = {}
+
+    def resolve(row, value, reason, seconds):
+        enc.log.append(("resolve", row))
+        got[row] = reason if value is None else float(value[0])
+
+    batches = [([0, 1], ["a", "bb"], [1.0, 1.0]), ([2, 3, 4], ["ccc", "bad", "nan"], [1.0] * 3), ([5], ["ddddd"], [1.0])]
+    _encode_stream(enc, iter(batches), resolve, _new_timings())
+    assert got[0] == 1.0 and got[1] == 2.0 and got[2] == 3.0 and got[5] == 5.0
+    assert got[3] == "encoder failed (RuntimeError: boom)"  # only the bad input's row, first line only
+    assert got[4].startswith("encoder produced non-finite values")
+    # Every prepare ran in the helper thread, and batch 2 was launched before batch 1's rows were
+    # resolved: the device is never left waiting for the host's bookkeeping.
+    assert all(e[2].startswith("ser-cache-prepare") for e in enc.log if e[0] == "prepare")
+    assert enc.log.index(("launch", ("ccc", "bad", "nan"))) < enc.log.index(("resolve", 0))

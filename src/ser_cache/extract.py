@@ -381,9 +381,8 @@ def _encode_texts(cfg, encoder, utts, todo, resolve, timings) -> None:
         else:
             texts[row] = text
     order = sorted(texts, key=lambda r: len(texts[r]))
-    for i in range(0, len(order), cfg.batch_texts):
-        rows = order[i:i + cfg.batch_texts]
-        _encode_batch(encoder, rows, [texts[r] for r in rows], [0.0] * len(rows), resolve, timings, cfg)
+    batches = (order[i:i + cfg.batch_texts] for i in range(0, len(order), cfg.batch_texts))
+    _encode_stream(encoder, ((rows, [texts[r] for r in rows], [0.0] * len(rows)) for rows in batches), resolve, timings)
 
 
 def _encode_audio(cfg, encoder, utts, todo, resolve, timings, decoder) -> None:
@@ -392,31 +391,79 @@ def _encode_audio(cfg, encoder, utts, todo, resolve, timings, decoder) -> None:
     timings["headers"] += time.perf_counter() - t
     batches = _batches(durations, encoder, cfg.batch_seconds)
     decoded = decoder.batches([[str(utts[r].path) for r in rows] for rows in batches], timings)
-    for rows, results in zip(batches, decoded):
-        good_rows, good_waves, secs = [], [], []
-        for row, (wave, err) in zip(rows, results):
-            if err is not None:
-                resolve(row, None, err, 0.0)
-            else:
-                good_rows.append(row)
-                good_waves.append(wave)
-                secs.append(len(wave) / audio_lib.SAMPLE_RATE)
-        if good_rows:
-            _encode_batch(encoder, good_rows, good_waves, secs, resolve, timings, cfg)
+
+    def usable():
+        for rows, results in zip(batches, decoded):
+            good_rows, good_waves, secs = [], [], []
+            for row, (wave, err) in zip(rows, results):
+                if err is not None:
+                    resolve(row, None, err, 0.0)
+                else:
+                    good_rows.append(row)
+                    good_waves.append(wave)
+                    secs.append(len(wave) / audio_lib.SAMPLE_RATE)
+            if good_rows:
+                yield good_rows, good_waves, secs
+
+    _encode_stream(encoder, usable(), resolve, timings)
 
 
-def _encode_batch(encoder, rows, inputs, seconds, resolve, timings, cfg) -> None:
-    """Encode a batch; if the batch fails as a whole, retry item by item to isolate the culprit."""
+def _encode_stream(encoder, batches, resolve, timings) -> None:
+    """Encode (rows, inputs, seconds) batches with the host, the device and the results overlapped.
+
+    While the device runs batch k, a helper thread prepares batch k+1 (padding into pinned
+    memory, tokenising) and this thread hands batch k-1's features to `resolve`, which writes
+    the chunks it completes: on a GPU the device need not wait for the host between batches.
+    Every `prepare` runs in the one helper thread (a tokeniser must not be used by two threads
+    at once). A batch that fails is encoded again item by item, so one bad input costs only its
+    own row.
+    """
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="ser-cache-prepare") as helper:
+
+        def prepared(item):
+            return None if item is None else (item, helper.submit(encoder.prepare, item[1]))
+
+        items = iter(batches)
+        current = prepared(next(items, None))
+        previous = None
+        while current is not None:
+            (rows, inputs, seconds), future = current
+            pending = _launch(encoder, future, timings)
+            current = prepared(next(items, None))
+            if previous is not None:
+                _finish(encoder, helper, *previous, resolve, timings)
+            previous = (rows, inputs, seconds, pending)
+        if previous is not None:
+            _finish(encoder, helper, *previous, resolve, timings)
+
+
+def _launch(encoder, prepared_future, timings):
+    """The batch's device work, queued; or the exception that preparing or launching it raised."""
     t = time.perf_counter()
     try:
-        out = encoder.encode(inputs).numpy()
+        return encoder.launch(prepared_future.result())
     except Exception as exc:  # an encoder failure on one input must not cost the others
+        return exc
+    finally:
+        timings["encode"] += time.perf_counter() - t
+
+
+def _finish(encoder, helper, rows, inputs, seconds, pending, resolve, timings) -> None:
+    """Wait for a launched batch and resolve its rows; on failure, retry its items one by one."""
+    t = time.perf_counter()
+    try:
+        if isinstance(pending, Exception):
+            raise pending
+        out = pending.result().numpy()
+    except Exception as exc:
         timings["encode"] += time.perf_counter() - t
         if len(rows) == 1:
-            resolve(rows[0], None, f"encoder failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})", 0.0)
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            resolve(rows[0], None, f"encoder failed ({type(exc).__name__}: {message})", 0.0)
             return
         for r, x, s in zip(rows, inputs, seconds):
-            _encode_batch(encoder, [r], [x], [s], resolve, timings, cfg)
+            one = _launch(encoder, helper.submit(encoder.prepare, [x]), timings)
+            _finish(encoder, helper, [r], [x], [s], one, resolve, timings)
         return
     timings["encode"] += time.perf_counter() - t
     out16 = out.astype(STORE_DTYPE)

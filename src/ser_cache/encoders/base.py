@@ -213,15 +213,40 @@ def pooled_dim(d: int, pooling: str) -> int:
     return d * 2 if pooling == "mean+std" else d
 
 
+class Pending:
+    """Features on their way to the host: `result()` waits for the device, then returns them."""
+
+    def __init__(self, host: torch.Tensor, event=None):
+        self.host = host
+        self.event = event
+
+    def result(self) -> torch.Tensor:
+        if self.event is not None:
+            self.event.synchronize()  # releases the GIL: other threads run meanwhile
+            self.event = None
+        return self.host
+
+
 class Encoder:
     """A frozen encoder: `encode(batch)` → float32 features (B, *feature_shape) on the CPU.
 
-    Subclasses set `kind`, `modality` ("audio" or "text") and implement `_forward`. `settings()`
-    lists every option that changes the numbers; it goes into the store's fingerprint.
+    `encode` is `launch(prepare(batch)).result()`, in three steps so that a caller can overlap
+    them (extract does): `prepare` is the host's share (padding into pinned memory, tokenising)
+    and may run in a helper thread; `launch` queues the device's share and an asynchronous copy
+    of the result to the host, and returns at once on a GPU; `result` waits for it.
+
+    Subclasses set `kind`, `modality` ("audio" or "text") and implement `prepare` and
+    `_forward`. `settings()` lists every option that changes the numbers; it goes into the
+    store's fingerprint.
     """
 
     kind: str = ""
     modality: str = "audio"
+
+    @property
+    def pin(self) -> bool:
+        """Whether host tensors for this encoder should be page-locked (it runs on a GPU)."""
+        return self.device.type == "cuda"
 
     def __init__(self, resolved: ResolvedModel, model: torch.nn.Module, runtime: RuntimeOptions):
         self.resolved = resolved
@@ -252,26 +277,44 @@ class Encoder:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
 
-    @torch.inference_mode()
     def encode(self, batch: list) -> torch.Tensor:
-        with self.autocast():
-            out = self._forward(batch)
-        return out.float().cpu()
+        return self.launch(self.prepare(batch)).result()
 
-    def _forward(self, batch: list) -> torch.Tensor:
+    def prepare(self, batch: list):
+        """Host-side work for a batch (no device work); safe to run in one helper thread."""
+        return batch
+
+    @torch.inference_mode()
+    def launch(self, prepared) -> Pending:
+        """Queue the forward pass and the copy of its result to the host."""
+        with self.autocast():
+            out = self._forward(prepared)
+        out = out.float()
+        if self.device.type != "cuda":
+            return Pending(out.cpu())
+        host = torch.empty(out.shape, dtype=out.dtype, pin_memory=True)
+        host.copy_(out, non_blocking=True)
+        event = torch.cuda.Event()
+        event.record()
+        return Pending(host, event)
+
+    def _forward(self, prepared) -> torch.Tensor:
         raise NotImplementedError
 
 
-def pad_waves(waves: list[np.ndarray], multiple: int = 1, min_length: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad waveforms with zeros into a (B, T) float32 tensor; returns it and the lengths."""
+def pad_waves(waves: list[np.ndarray], multiple: int = 1, min_length: int = 0,
+              pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-pad waveforms with zeros into a (B, T) float32 tensor; returns it and the lengths.
+
+    With `pin`, the tensor is allocated in page-locked memory (for a GPU: the host-to-device copy
+    then runs asynchronously, and no second copy is made to pin it).
+    """
     lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
     t = max(int(lengths.max()), min_length)
     t = -(-t // multiple) * multiple
-    out = torch.zeros(len(waves), t, dtype=torch.float32)
+    out = torch.zeros(len(waves), t, dtype=torch.float32, pin_memory=pin)
     for i, w in enumerate(waves):
         out[i, : len(w)] = torch.from_numpy(np.asarray(w, dtype=np.float32))
-    if torch.cuda.is_available():
-        out = out.pin_memory()  # lets the host-to-device copy run asynchronously
     return out, lengths
 
 

@@ -49,8 +49,13 @@ class TextEncoder(Encoder):
     def cost(self, seconds: float) -> float:
         return 1.0
 
-    def _forward(self, texts: list[str]) -> torch.Tensor:
+    def prepare(self, texts: list[str]) -> dict:
         tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        if self.pin:
+            tok = {k: v.pin_memory() for k, v in tok.items()}
+        return dict(tok)
+
+    def _forward(self, tok: dict) -> torch.Tensor:
         tok = {k: v.to(self.device, non_blocking=True) for k, v in tok.items()}
         out = self.model(**tok)
         lengths = tok["attention_mask"].sum(1)

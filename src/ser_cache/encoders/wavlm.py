@@ -12,10 +12,10 @@ def _quiet(forward):
     """WavLM's relative-position attention mixes a float bias with a boolean padding mask inside
     torch's MultiheadAttention, which warns on every call; the result is correct."""
 
-    def wrapped(self, waves):
+    def wrapped(self, prepared):
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
-            return forward(self, waves)
+            return forward(self, prepared)
 
     return wrapped
 
@@ -67,8 +67,11 @@ def normalise(audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 class _WavLMBase(Encoder):
     modality = "audio"
 
-    def _prepare(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        audio, lengths = pad_waves(waves)
+    def prepare(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_waves(waves, pin=self.pin)
+
+    def _on_device(self, prepared) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        audio, lengths = prepared
         audio = audio.to(self.device, non_blocking=True)
         lengths = lengths.to(self.device)
         if self.do_normalize:
@@ -107,8 +110,8 @@ class WavLMLayersEncoder(_WavLMBase):
         return {**super().settings(), "pooling": self.pooling, "layer": "all"}
 
     @_quiet
-    def _forward(self, waves: list[np.ndarray]) -> torch.Tensor:
-        audio, lengths, mask = self._prepare(waves)
+    def _forward(self, prepared) -> torch.Tensor:
+        audio, lengths, mask = self._on_device(prepared)
         out = self.model(audio, attention_mask=mask, output_hidden_states=True)
         frames = self.model._get_feat_extract_output_lengths(lengths).long()
         pooled = [masked_pool(h, frames, self.pooling) for h in out.hidden_states]
@@ -138,6 +141,6 @@ class XVectorEncoder(_WavLMBase):
         return {**super().settings(), "pooling": "xvector"}
 
     @_quiet
-    def _forward(self, waves: list[np.ndarray]) -> torch.Tensor:
-        audio, _, mask = self._prepare(waves)
+    def _forward(self, prepared) -> torch.Tensor:
+        audio, _, mask = self._on_device(prepared)
         return self.model(audio, attention_mask=mask).embeddings

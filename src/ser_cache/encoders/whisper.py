@@ -116,16 +116,17 @@ class WhisperAudioEncoder(Encoder):
     def cost(self, seconds: float) -> float:
         return float(WINDOW_SECONDS) if self.window == "window" else seconds
 
-    def _forward(self, waves: list[np.ndarray]) -> torch.Tensor:
+    def prepare(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         if self.window == "window":
-            audio, lengths = pad_waves([w[:WINDOW_SAMPLES] for w in waves], min_length=WINDOW_SAMPLES)
-            audio = audio[:, :WINDOW_SAMPLES]
-        else:
-            # At least N_FFT of zeros after the longest input: the STFT reflects the array's last
-            # samples at its end, and a valid frame must only ever see zeros there, whatever the
-            # batch. Otherwise an utterance's last frames would depend on its neighbours' lengths.
-            longest = max(len(w) for w in waves)
-            audio, lengths = pad_waves(waves, multiple=POSITION_SAMPLES, min_length=longest + N_FFT)
+            return pad_waves([w[:WINDOW_SAMPLES] for w in waves], min_length=WINDOW_SAMPLES, pin=self.pin)
+        # At least N_FFT of zeros after the longest input: the STFT reflects the array's last
+        # samples at its end, and a valid frame must only ever see zeros there, whatever the
+        # batch. Otherwise an utterance's last frames would depend on its neighbours' lengths.
+        longest = max(len(w) for w in waves)
+        return pad_waves(waves, multiple=POSITION_SAMPLES, min_length=longest + N_FFT, pin=self.pin)
+
+    def _forward(self, prepared: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        audio, lengths = prepared
         audio = audio.to(self.device, non_blocking=True)
         lengths = lengths.to(self.device)
         with torch.autocast(device_type=self.device.type, enabled=False):

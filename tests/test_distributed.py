@@ -7,6 +7,7 @@ import sys
 import textwrap
 
 import numpy as np
+import pytest
 
 from factories import msp_corpus
 from ser_cache.extract import ExtractConfig, extract, report_path
@@ -54,3 +55,31 @@ def test_two_ranks_with_a_killed_rank_equal_a_single_process_run(models, tmp_pat
     with open(report_path(out / "whisper-tiny.zarr"), newline="") as f:
         assert sorted(r["id"] for r in csv.DictReader(f)) == [names[0], names[5]]
     assert not list(out.glob("*.partial.csv"))
+
+
+def test_extract_ranks_wait_for_each_other_longer_than_torchs_default(monkeypatch, tmp_path):
+    """The last rank can finish long after the first (slow files, a slower node); the wait at the
+    end must not hit torch's 10-minute default and kill a job whose data is already written."""
+    from datetime import timedelta
+
+    import torch
+
+    from ser_cache import distributed
+    from ser_cache.extract import RANK_WAIT
+
+    seen = {}
+
+    def fake_init_process_group(backend, **kwargs):
+        seen.update(kwargs, backend=backend)
+
+    monkeypatch.setattr(torch.distributed, "init_process_group", fake_init_process_group)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("SER_CACHE_BACKEND", "gloo")
+    monkeypatch.setattr("ser_cache.extract.load_corpus", lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
+    with pytest.raises(RuntimeError, match="stop here"):
+        extract(ExtractConfig(model="unused", data=tmp_path, out=tmp_path, device="cpu", progress=False))
+    assert seen == {"backend": "gloo", "timeout": RANK_WAIT} and RANK_WAIT >= timedelta(hours=1)
+    seen.clear()
+    assert distributed.init().world == 2 and seen == {"backend": "gloo"}  # elsewhere: torch's default

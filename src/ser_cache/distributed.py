@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 
@@ -48,8 +49,12 @@ class Dist:
         return out
 
 
-def init() -> Dist:
-    """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1."""
+def init(timeout: timedelta | None = None) -> Dist:
+    """Join the process group torchrun describes in the environment; a plain run is rank 0 of 1.
+
+    `timeout` bounds how long a rank waits for the others at a collective (torch's default when
+    None: 10 minutes with NCCL). If a rank dies, torchrun stops the others whatever the timeout.
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Dist()
@@ -59,7 +64,8 @@ def init() -> Dist:
         backend = "nccl" if torch.cuda.is_available() and os.environ.get("SER_CACHE_BACKEND") != "gloo" else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
-        torch.distributed.init_process_group(backend=backend)
+        kwargs = {} if timeout is None else {"timeout": timeout}
+        torch.distributed.init_process_group(backend=backend, **kwargs)
     return Dist(rank=rank, world=world, local_rank=local_rank)
 
 

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +44,10 @@ ON_ERROR = ("skip", "fail")
 MIN_SECONDS = 0.05  # shorter than a WavLM/Whisper frame or two: nothing to pool
 UNIT_ROWS = 2048  # rows sorted together for length bucketing (bounded buffer memory)
 REPORT_COLUMNS = ("id", "path", "reason")
+# Ranks meet only at the start and at the end, where the first to finish waits for the last: on
+# shares that differ by a group of slow files or a slower node that can take far longer than
+# torch's default 10 minutes. A rank that dies ends the job through torchrun, not this timeout.
+RANK_WAIT = timedelta(hours=24)
 
 
 class ExtractError(Exception):
@@ -132,7 +137,7 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
 
     cfg.verify()
     t0 = time.perf_counter()
-    dist = distributed.init()
+    dist = distributed.init(timeout=RANK_WAIT)
     utts = load_corpus(cfg.data, cfg.splits or None)
     if not utts:
         raise ExtractError(f"--data {cfg.data}: no utterances{' in split(s) ' + ', '.join(cfg.splits) if cfg.splits else ''}")

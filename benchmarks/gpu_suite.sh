@@ -10,7 +10,8 @@
 # the project installed (`pip install -e .`).
 #
 # Sizes: UTTERANCES (default 20000) synthetic clips per extraction bench, FT_STEPS (default 30)
-# fine-tuning steps. On one H100 every stage is meant to take a few minutes at most.
+# fine-tuning steps, PYTHON (default python3) the interpreter. On one H100 every stage is meant to
+# take a few minutes at most.
 set -euo pipefail
 
 out=${1:?usage: gpu_suite.sh OUT [tests|whisper|trimmed|wavlm|others|finetune|all ...]}
@@ -18,6 +19,7 @@ shift
 stages=("${@:-all}")
 utts=${UTTERANCES:-20000}
 steps=${FT_STEPS:-30}
+py=${PYTHON:-python3}
 work=${WORKDIR:-$out/work}
 mkdir -p "$out" "$work"
 export PYTHONUNBUFFERED=1
@@ -32,11 +34,11 @@ bench() {  # bench NAME ARGS...: one `ser-cache bench extract`, its table and it
     local name=$1
     shift
     echo "== $name: ser-cache bench extract $*"
-    python -m ser_cache bench extract --random-init --utterances "$utts" --workdir "$work" \
-        --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log"
+    "$py" -m ser_cache bench extract --random-init --utterances "$utts" --workdir "$work" \
+        --json "$out/$name.json" "$@" 2>&1 | tee "$out/$name.log" || echo "== $name FAILED (the other stages go on)"
 }
 
-python - <<'EOF' | tee "$out/machine.txt"
+"$py" - <<'EOF' | tee "$out/machine.txt"
 import os, platform, torch
 print("python", platform.python_version(), "| torch", torch.__version__, "| CUDA", torch.version.cuda,
       "| cores", os.cpu_count())
@@ -47,7 +49,7 @@ EOF
 
 if want tests; then
     echo "== tests/test_cuda.py"
-    python -m pytest -q tests/test_cuda.py 2>&1 | tee "$out/tests.log" || echo "== tests/test_cuda.py FAILED (benches go on)"
+    "$py" -m pytest -q tests/test_cuda.py 2>&1 | tee "$out/tests.log" || echo "== tests/test_cuda.py FAILED (benches go on)"
 fi
 if want whisper; then
     bench whisper-window --model whisper-large-v3 --naive --naive-utterances 32
@@ -64,5 +66,6 @@ if want others; then
 fi
 if want finetune; then
     echo "== benchmarks/finetune_bench.py --steps $steps"
-    python benchmarks/finetune_bench.py --steps "$steps" --json "$out/finetune.json" 2>&1 | tee "$out/finetune.log"
+    "$py" benchmarks/finetune_bench.py --steps "$steps" --json "$out/finetune.json" 2>&1 | tee "$out/finetune.log" \
+        || echo "== finetune FAILED"
 fi

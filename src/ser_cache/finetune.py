@@ -89,7 +89,7 @@ class FinetuneConfig:
     hidden: int = 256
     dropout: float = 0.1
     conv_dim: int = 256
-    workers: int = 0
+    workers: int | None = None  # None: a few per rank on a GPU, none on a CPU (default_workers)
     device: str = "auto"
     threads: int | None = None
     resume: bool = False
@@ -112,7 +112,7 @@ class FinetuneConfig:
             problems.append(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
         if self.conv_dim < 1:
             problems.append(f"--conv-dim {self.conv_dim}: expected 1 or more")
-        if self.workers < 0:
+        if self.workers is not None and self.workers < 0:
             problems.append(f"--workers {self.workers}: expected 0 or more")
         if self.resume and self.overwrite:
             problems.append("--resume and --overwrite: give one (continue the run, or start it again)")
@@ -302,7 +302,8 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    loader, plan = audio_loader(data.paths.tolist(), cfg.max_seconds, cfg.workers)
+    workers = default_workers(device.type, dist.world) if cfg.workers is None else cfg.workers
+    loader, plan = audio_loader(data.paths.tolist(), cfg.max_seconds, workers)
     data.counts.update(train_rows=int(train_idx.size), dev_rows=int(dev_idx.size), rows_per_epoch=len(sampler))
     if dist.is_main:
         log.info("fine-tuning %s on %d rows (%d per epoch%s, %.0f s of audio per batch, %d rank(s)), validating "
@@ -503,6 +504,17 @@ def _infer(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if probs is not None:
             probs[at] = p
     return avd, probs
+
+
+def default_workers(device_type: str, world: int = 1) -> int:
+    """Decoding processes per rank: on a GPU, up to 4 from the rank's share of this machine's
+    cores, less one for the rank itself (WavLM Large trains on a few thousand audio-seconds per
+    second; a core decodes about 10,000 of 16-kHz WAV); on a CPU, none (they would take cores
+    from the training itself)."""
+    if device_type != "cuda":
+        return 0
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", world if world > 0 else 1))
+    return max(1, min(4, (os.cpu_count() or 1) // max(local, 1) - 1))
 
 
 # --------------------------------------------------------------------------- checkpoint and resume

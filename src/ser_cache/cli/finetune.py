@@ -46,7 +46,8 @@ def wavlm(
     hidden: int = typer.Option(256, help="Hidden units of each 2-layer head."),
     dropout: float = typer.Option(0.1, help="Dropout in the point-wise convolutions and the heads."),
     conv_dim: int = typer.Option(256, help="Channels of the point-wise convolutions (paper: 256)."),
-    workers: int = typer.Option(0, help="Processes decoding audio (per rank); 0 decodes in the training process."),
+    workers: Optional[int] = typer.Option(None, help="Processes decoding audio per rank; 0 decodes in the training "
+                                                     "process (default: up to 4 on a GPU, 0 on a CPU)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (under torchrun each rank takes its own GPU)."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's)."),
     resume: bool = typer.Option(False, help="Continue the unfinished run in --out from its last checkpoint."),

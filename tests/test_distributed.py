@@ -83,3 +83,17 @@ def test_extract_ranks_wait_for_each_other_longer_than_torchs_default(monkeypatc
     assert seen == {"backend": "gloo", "timeout": RANK_WAIT} and RANK_WAIT >= timedelta(hours=1)
     seen.clear()
     assert distributed.init().world == 2 and seen == {"backend": "gloo"}  # elsewhere: torch's default
+
+
+def test_default_decoding_workers_share_the_machine_between_ranks(monkeypatch):
+    from ser_cache.distributed import decoding_workers
+
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert decoding_workers("cuda", gpu_cap=8, cpu_cap=2) == 8  # one rank: the cap
+    assert decoding_workers("cuda", gpu_cap=4, cpu_cap=0) == 4
+    assert decoding_workers("cpu", gpu_cap=8, cpu_cap=2) == 2 and decoding_workers("cpu", gpu_cap=4, cpu_cap=0) == 0
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks on this machine: 2 cores each, one for the rank
+    assert decoding_workers("cuda", gpu_cap=8, cpu_cap=2) == 1 and decoding_workers("cpu", gpu_cap=8, cpu_cap=2) == 1
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")  # no core to spare: still one on a GPU, none on a CPU
+    assert decoding_workers("cuda", gpu_cap=8, cpu_cap=2) == 1 and decoding_workers("cpu", gpu_cap=8, cpu_cap=2) == 0

@@ -275,16 +275,3 @@ def test_mmwavlm_with_cached_text_features(corpus_ft, models, tmp_path):
     assert "encoder" in bare.sources["minilm"]
     np.testing.assert_allclose(runs.read_predictions(bare.out)[1], runs.read_predictions(from_store.out)[1],
                                atol=2e-3)  # text features recomputed, then rounded to float16 like the store
-
-
-def test_default_decoding_workers_share_the_machine_between_ranks(monkeypatch):
-    from ser_cache.finetune import default_workers
-
-    monkeypatch.setattr("os.cpu_count", lambda: 16)
-    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
-    assert default_workers("cpu") == 0
-    assert default_workers("cuda") == 4  # one rank: capped at 4
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")  # 8 ranks on this machine: 2 cores each, one for the rank
-    assert default_workers("cuda", world=16) == 1
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
-    assert default_workers("cuda", world=4) == 3

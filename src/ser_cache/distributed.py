@@ -72,3 +72,16 @@ def init(timeout: timedelta | None = None) -> Dist:
 def shutdown(dist: Dist) -> None:
     if dist.enabled and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def decoding_workers(device_type: str, *, gpu_cap: int, cpu_cap: int) -> int:
+    """Audio-decoding processes for this rank by default: its share of this machine's cores
+    (torchrun's LOCAL_WORLD_SIZE ranks share them), less one for the rank itself; at least one
+    and at most `gpu_cap` on a GPU, at most `cpu_cap` on a CPU (where they compete with the
+    model's own threads)."""
+    cpus = os.cpu_count() or 1
+    local = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    share = cpus // local - 1
+    if device_type == "cuda":
+        return max(1, min(gpu_cap, share))
+    return max(0, min(cpu_cap, share))

@@ -297,7 +297,10 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
     computed = 0
     audio_seconds = 0.0
     progress = ExtractProgress(enabled=cfg.progress and dist.is_main, total=total_rows, name=store.path.name)
-    workers = default_workers(encoder.device.type) if cfg.workers is None else cfg.workers
+    from ser_cache import distributed
+
+    workers = (distributed.decoding_workers(encoder.device.type, gpu_cap=8, cpu_cap=2)
+               if cfg.workers is None else cfg.workers)
     decoder = _Decoder(min(workers, total_rows), cfg.max_seconds)
     try:
         with progress:
@@ -516,11 +519,6 @@ def _batches(durations: dict[int, float], encoder, batch_seconds: float) -> list
     if cur:
         batches.append(cur)
     return batches
-
-
-def default_workers(device_type: str) -> int:
-    cpus = os.cpu_count() or 1
-    return min(8, max(1, cpus - 1)) if device_type == "cuda" else min(2, max(0, cpus - 1))
 
 
 class _Decoder:

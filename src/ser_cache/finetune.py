@@ -89,7 +89,7 @@ class FinetuneConfig:
     hidden: int = 256
     dropout: float = 0.1
     conv_dim: int = 256
-    workers: int | None = None  # None: a few per rank on a GPU, none on a CPU (default_workers)
+    workers: int | None = None  # None: up to 4 per rank on a GPU, none on a CPU
     device: str = "auto"
     threads: int | None = None
     resume: bool = False
@@ -302,7 +302,12 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
         from torch.nn.parallel import DistributedDataParallel
 
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    workers = default_workers(device.type, dist.world) if cfg.workers is None else cfg.workers
+    from ser_cache import distributed
+
+    # Up to 4: WavLM Large trains on a few thousand audio-seconds per second, and a core decodes
+    # about 10,000 of 16-kHz WAV. None on a CPU: they would take cores from the training.
+    workers = (distributed.decoding_workers(device.type, gpu_cap=4, cpu_cap=0)
+               if cfg.workers is None else cfg.workers)
     loader, plan = audio_loader(data.paths.tolist(), cfg.max_seconds, workers)
     data.counts.update(train_rows=int(train_idx.size), dev_rows=int(dev_idx.size), rows_per_epoch=len(sampler))
     if dist.is_main:
@@ -504,17 +509,6 @@ def _infer(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if probs is not None:
             probs[at] = p
     return avd, probs
-
-
-def default_workers(device_type: str, world: int = 1) -> int:
-    """Decoding processes per rank: on a GPU, up to 4 from the rank's share of this machine's
-    cores, less one for the rank itself (WavLM Large trains on a few thousand audio-seconds per
-    second; a core decodes about 10,000 of 16-kHz WAV); on a CPU, none (they would take cores
-    from the training itself)."""
-    if device_type != "cuda":
-        return 0
-    local = int(os.environ.get("LOCAL_WORLD_SIZE", world if world > 0 else 1))
-    return max(1, min(4, (os.cpu_count() or 1) // max(local, 1) - 1))
 
 
 # --------------------------------------------------------------------------- checkpoint and resume

@@ -27,7 +27,7 @@ def extract(
     batch_texts: int = typer.Option(64, help="Transcripts per batch (text encoders)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
-    workers: Optional[int] = typer.Option(None, help="Audio decoding worker processes (default: 8 on GPU, up to 2 on CPU)."),
+    workers: Optional[int] = typer.Option(None, help="Audio decoding processes per rank (default: the rank's share of the cores less one, up to 8 on GPU, 2 on CPU)."),
     on_error: str = typer.Option("skip", help="'skip' bad files (listed in <name>.errors.csv) or 'fail' at the first."),
     overwrite: bool = typer.Option(False, help="Rebuild a store whose settings differ."),
     retry_failed: bool = typer.Option(False, help="Recompute rows that failed in an earlier run."),

@@ -161,3 +161,43 @@ def test_unreachable_hub_fails_fast_with_the_same_message(monkeypatch):
     assert time.perf_counter() - t < 10
     assert "some-org/some-model" in str(e.value) and "no connection to 127.0.0.1:9" in str(e.value)
     assert "--model DIR" in str(e.value)
+
+
+def test_sdpa_wavlm_attention_equals_the_stock_layers_in_outputs_and_gradients(models):
+    """The attention use_sdpa_attention swaps in computes what transformers' WavLM attention does:
+    every hidden state and every weight gradient, on a padded batch with its attention mask."""
+    from transformers import WavLMModel
+
+    from ser_cache.encoders.wavlm import _sdpa_self_attention, use_sdpa_attention
+
+    stock = WavLMModel.from_pretrained(models["wavlm"]).eval()
+    ours = WavLMModel.from_pretrained(models["wavlm"]).eval()
+    assert use_sdpa_attention(ours) == ours.config.num_hidden_layers
+    ws = waves()[:3]
+    lengths = torch.tensor([len(w) for w in ws])
+    x = torch.zeros(3, int(lengths.max()))
+    for i, w in enumerate(ws):
+        x[i, : len(w)] = torch.from_numpy(w)
+    mask = (torch.arange(x.shape[1])[None] < lengths[:, None]).long()
+    results = []
+    for model in (stock, ours):
+        model.zero_grad()
+        states = model(x, attention_mask=mask, output_hidden_states=True).hidden_states
+        frames = model._get_feat_extract_output_lengths(lengths)
+        # Only real frames: padded ones hold whatever attention over nothing gives.
+        loss = sum((h[i, :f] ** 2).mean() for h in states for i, f in enumerate(frames.tolist()))
+        loss.backward()
+        results.append((torch.stack([torch.cat([h[i, :f].mean(0) for i, f in enumerate(frames.tolist())])
+                                     for h in states]).detach(),
+                        {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (a, grads_a), (b, grads_b) = results
+    torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-3, atol=1e-5, msg=name)
+    # Both frozen WavLM encoders use it.
+    for kind in ("wavlm", "xvector"):
+        model = load_encoder(str(models[kind]), device="cpu").model
+        wavlm = getattr(model, "wavlm", model)
+        attn = wavlm.encoder.layers[0].attention.torch_multi_head_self_attention
+        assert attn.__func__ is _sdpa_self_attention, kind

@@ -6,18 +6,7 @@ import warnings
 
 import numpy as np
 import torch
-
-
-def _quiet(forward):
-    """WavLM's relative-position attention mixes a float bias with a boolean padding mask inside
-    torch's MultiheadAttention, which warns on every call; the result is correct."""
-
-    def wrapped(self, prepared):
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
-            return forward(self, prepared)
-
-    return wrapped
+import torch.nn.functional as F
 
 from ser_cache.audio import SAMPLE_RATE
 from ser_cache.encoders.base import (
@@ -30,6 +19,69 @@ from ser_cache.encoders.base import (
     pooled_dim,
     read_json,
 )
+
+
+def _quiet(forward):
+    """The stock WavLM attention (where use_sdpa_attention cannot apply) mixes a float bias with a
+    boolean padding mask inside torch's MultiheadAttention, which warns on every call; the result
+    is correct."""
+
+    def wrapped(self, prepared):
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
+            return forward(self, prepared)
+
+    return wrapped
+
+
+def _sdpa_self_attention(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None,
+                         gated_position_bias: torch.Tensor) -> tuple[torch.Tensor, None]:
+    """WavLMAttention.torch_multi_head_self_attention, computed with F.scaled_dot_product_attention.
+
+    Same projections, gated relative-position bias (an additive mask per head), key padding mask
+    (1 = a real frame), scale 1/sqrt(head_dim) and attention dropout; the attention weights are not
+    returned (nothing here asks for them).
+    """
+    b, t, e = hidden_states.shape
+    h, d = self.num_heads, self.head_dim
+
+    def heads(x: torch.Tensor) -> torch.Tensor:
+        return x.view(b, t, h, d).transpose(1, 2)
+
+    q, k, v = heads(self.q_proj(hidden_states)), heads(self.k_proj(hidden_states)), heads(self.v_proj(hidden_states))
+    bias = gated_position_bias.view(b, h, t, t).to(q.dtype)
+    if attention_mask is not None:
+        bias = bias.masked_fill(attention_mask.ne(1)[:, None, None, :], float("-inf"))
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=self.dropout if self.training else 0.0)
+    return self.out_proj(out.transpose(1, 2).reshape(b, t, e)), None
+
+
+def use_sdpa_attention(model: torch.nn.Module) -> int:
+    """Run every WavLM attention layer in `model` through PyTorch's scaled-dot-product attention.
+
+    transformers' WavLM attention calls torch's multi_head_attention_forward with
+    need_weights=True: it materialises and head-averages the attention weights, and runs the
+    projections on a (T, B, E) layout as batched products. The replacement computes the same
+    thing (tests/test_encoders.py checks outputs and gradients against the stock layers). For the
+    frozen encoders it is faster (docs/performance.md); fine-tuning keeps the stock attention,
+    since a training step with it measured slower on the CPU and is not yet measured on a GPU.
+    Returns the number of layers switched: 0 with a transformers version whose WavLM has no such
+    method, and then the stock attention runs.
+    """
+    import types
+
+    from transformers.models.wavlm.modeling_wavlm import WavLMAttention
+
+    if not hasattr(WavLMAttention, "torch_multi_head_self_attention"):
+        return 0
+    n = 0
+    for module in model.modules():
+        if isinstance(module, WavLMAttention):
+            module.torch_multi_head_self_attention = types.MethodType(_sdpa_self_attention, module)
+            n += 1
+    return n
+
+
 
 
 def _input_conventions(resolved: ResolvedModel, config) -> tuple[bool, bool]:
@@ -95,6 +147,7 @@ class WavLMLayersEncoder(_WavLMBase):
         from transformers import WavLMModel
 
         model = load_pretrained(WavLMModel, resolved)
+        use_sdpa_attention(model)
         self.pooling = pooling
         self.max_seconds = max_seconds
         self.do_normalize, self.uses_mask = _input_conventions(resolved, model.config)
@@ -128,6 +181,7 @@ class XVectorEncoder(_WavLMBase):
 
         # The classifier/objective layers score training speakers only; the x-vector needs the rest.
         model = load_pretrained(WavLMForXVector, resolved, optional=lambda k: k.startswith(("objective.", "classifier.")))
+        use_sdpa_attention(model)
         self.max_seconds = max_seconds
         self.do_normalize, self.uses_mask = _input_conventions(resolved, model.config)
         self.dim = model.config.xvector_output_dim

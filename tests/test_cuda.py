@@ -35,7 +35,7 @@ def test_auto_precision_on_cuda_is_a_half_type_and_waves_are_pinned():
     dtype = RuntimeOptions(device="cuda").autocast_dtype(torch.device("cuda"))
     assert dtype == (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
     x, lengths = pad_waves([np.ones(10, np.float32), np.ones(4, np.float32)], pin=True)
-    assert x.is_pinned() and lengths.tolist() == [10, 4]
+    assert x.is_pinned() and lengths.is_pinned() and lengths.tolist() == [10, 4]
 
 
 @pytest.mark.parametrize("kind,kw", KINDS, ids=["whisper", "whisper-trimmed", "wavlm", "xvector", "text"])

@@ -163,6 +163,7 @@ def test_unreachable_hub_fails_fast_with_the_same_message(monkeypatch):
     assert "--model DIR" in str(e.value)
 
 
+@pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
 def test_sdpa_wavlm_attention_equals_the_stock_layers_in_outputs_and_gradients(models):
     """The attention use_sdpa_attention swaps in computes what transformers' WavLM attention does:
     every hidden state and every weight gradient, on a padded batch with its attention mask."""

@@ -306,10 +306,13 @@ def pad_waves(waves: list[np.ndarray], multiple: int = 1, min_length: int = 0,
               pin: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Right-pad waveforms with zeros into a (B, T) float32 tensor; returns it and the lengths.
 
-    With `pin`, the tensor is allocated in page-locked memory (for a GPU: the host-to-device copy
-    then runs asynchronously, and no second copy is made to pin it).
+    With `pin`, both are allocated in page-locked memory, for a GPU: their copies to the device
+    then run asynchronously (a copy from pageable memory would first wait for all the work queued
+    on the device, the previous batch included), and no second copy is made to pin them.
     """
     lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
+    if pin:
+        lengths = lengths.pin_memory()
     t = max(int(lengths.max()), min_length)
     t = -(-t // multiple) * multiple
     out = torch.zeros(len(waves), t, dtype=torch.float32, pin_memory=pin)

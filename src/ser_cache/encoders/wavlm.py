@@ -125,7 +125,7 @@ class _WavLMBase(Encoder):
     def _on_device(self, prepared) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         audio, lengths = prepared
         audio = audio.to(self.device, non_blocking=True)
-        lengths = lengths.to(self.device)
+        lengths = lengths.to(self.device, non_blocking=True)
         if self.do_normalize:
             audio = normalise(audio, lengths)
         mask = None

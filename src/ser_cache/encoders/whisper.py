@@ -128,7 +128,7 @@ class WhisperAudioEncoder(Encoder):
     def _forward(self, prepared: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         audio, lengths = prepared
         audio = audio.to(self.device, non_blocking=True)
-        lengths = lengths.to(self.device)
+        lengths = lengths.to(self.device, non_blocking=True)
         with torch.autocast(device_type=self.device.type, enabled=False):
             mel = log_mel(audio, self.filters)
         n_pos = mel.shape[-1] // 2

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
 import soundfile as sf
 import torch
-
-from ser_cache import audio
 
 SR = 16_000
 
@@ -104,10 +101,3 @@ def msp_corpus(root: Path, n: int = 12, *, unlabeled: int = 2, seed: int = 0) ->
     (root / "Labels" / "labels_consensus.csv").write_text("\n".join(rows) + "\n")
     return root
 
-
-def decode_or_die(paths: list[str], **kwargs):
-    """`audio.load_many`, except that a file named die.wav kills the (worker) process, as a
-    decoder segfault would. Module-level so that a spawned worker can import it."""
-    if any(Path(p).name == "die.wav" for p in paths):
-        os._exit(11)
-    return audio.load_many(paths, **kwargs)

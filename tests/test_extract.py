@@ -242,7 +242,7 @@ def test_bf16_autocast_rows_agree_with_fp32(models, corpus, tmp_path, kind, kw):
 def test_a_file_that_kills_its_decoding_worker_costs_only_that_file(tmp_path):
     """A decoder crash (a segfault on a malformed file, say) takes its worker process down: the
     batch is decoded again file by file, and only the file that kills a worker again fails."""
-    from factories import decode_or_die
+    from crashing_decoders import decode_or_die
     from ser_cache.extract import _Decoder, _new_timings
 
     names = ["a", "b", "die", "c", "d", "e"]
@@ -306,3 +306,16 @@ def test_encode_stream_overlaps_batches_and_isolates_a_failing_input():
     # resolved: the device is never left waiting for the host's bookkeeping.
     assert all(e[2].startswith("ser-cache-prepare") for e in enc.log if e[0] == "prepare")
     assert enc.log.index(("launch", ("ccc", "bad", "nan"))) < enc.log.index(("resolve", 0))
+
+
+def test_workers_that_cannot_run_at_all_stop_the_run_instead_of_failing_every_file(tmp_path):
+    from crashing_decoders import always_die
+    from ser_cache.extract import _Decoder, _new_timings
+
+    files = [str(write_wav(tmp_path / f"{i}.wav", tone(0.5, seed=i))) for i in range(3)]
+    decoder = _Decoder(1, 15.0, decode=always_die)
+    try:
+        with pytest.raises(ExtractError, match="--workers 0"):
+            list(decoder.batches([files[:2], files[2:]], _new_timings()))
+    finally:
+        decoder.close()

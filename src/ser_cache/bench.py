@@ -334,10 +334,9 @@ def prepare(root: Path, config: dict, utterances: int, seed: int) -> tuple[str, 
     with what it was built from: a folder is reused only for the same configuration, size and
     seed, and a build that was interrupted is redone rather than trusted.
     """
-    durations = synthetic_durations(utterances, seed)
     model_key = {"config": config, "seed": seed}
     digest = hashlib.sha256(json.dumps(model_key, sort_keys=True).encode()).hexdigest()[:12]
-    model_dir, corpus = root / f"model-{digest}", root / "corpus"
+    model_dir = root / f"model-{digest}"
     built = _built(model_dir, model_key)
     if built is None:
         shutil.rmtree(model_dir, ignore_errors=True)
@@ -345,12 +344,20 @@ def prepare(root: Path, config: dict, utterances: int, seed: int) -> tuple[str, 
         _mark_built(model_dir, {**model_key, "kind": kind})
     else:
         kind = built["kind"]
+    durations, manifest = prepare_corpus(root, utterances, seed)
+    return kind, model_dir, durations, manifest
+
+
+def prepare_corpus(root: Path, utterances: int, seed: int) -> tuple[np.ndarray, Path]:
+    """The synthetic corpus in `root/corpus`, written once and reused (see `prepare`): (durations, manifest)."""
+    durations = synthetic_durations(utterances, seed)
+    corpus = root / "corpus"
     corpus_key = {"utterances": utterances, "seed": seed}
     if _built(corpus, corpus_key) is None:
         shutil.rmtree(corpus, ignore_errors=True)
         write_corpus(corpus, durations, seed)
         _mark_built(corpus, corpus_key)
-    return kind, model_dir, durations, corpus / "manifest.csv"
+    return durations, corpus / "manifest.csv"
 
 
 BUILT_MARK = "bench-built.json"

@@ -4,8 +4,9 @@ The loop, in order:
 1. read the corpus, load the encoder, open (or create) `OUT/<name>.zarr` and check its fingerprint;
 2. list the chunks not yet done; under torchrun each rank takes every world-th group of them;
 3. read file headers (durations) and sort each group by length, then pack batches by total seconds;
-4. decode in worker processes (spawned once per run), encode on the device, and write every chunk as soon as all of its
-   rows are resolved (written or failed). Failures go to a per-rank report line by line first.
+4. decode in worker processes (spawned once per run), encode on the device with the host's work
+   overlapped (see `_encode_stream`), and write every chunk as soon as all of its rows are
+   resolved (written or failed). Failures go to a per-rank report line by line first.
 
 Resuming is the same command again: done chunks are skipped, and because a chunk is written whole
 and its rows are computed independently of their batch, the result equals an uninterrupted run.
@@ -284,6 +285,7 @@ class _Chunk:
 
 def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: FeatureStore) -> tuple[int, float, int, dict]:
     """This rank's share of the pending chunks: (rows computed, audio seconds, rows done before, timings)."""
+    from ser_cache import distributed
     from ser_cache.progress import ExtractProgress
 
     # Rank 0 alone reads what is pending and tells the others: a rank reading the flags itself
@@ -297,8 +299,6 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
     computed = 0
     audio_seconds = 0.0
     progress = ExtractProgress(enabled=cfg.progress and dist.is_main, total=total_rows, name=store.path.name)
-    from ser_cache import distributed
-
     workers = (distributed.decoding_workers(encoder.device.type, gpu_cap=8, cpu_cap=2)
                if cfg.workers is None else cfg.workers)
     decoder = _Decoder(min(workers, total_rows), cfg.max_seconds)
@@ -521,15 +521,44 @@ def _batches(durations: dict[int, float], encoder, batch_seconds: float) -> list
     return batches
 
 
+def _decode_shared(decode, paths: list[str], kwargs: dict):
+    """In a worker: decode a batch into one flat float32 tensor, its lengths and the failures.
+
+    One tensor travels back through shared memory (torch's pickling of tensors), not through the
+    pipe: a pickled list of arrays was about 3× slower to hand over (docs/performance.md).
+    """
+    import torch
+    import torch.multiprocessing  # noqa: F401  (registers the shared-memory pickling of tensors)
+
+    out = decode(paths, **kwargs)
+    waves = [w for w, _ in out if w is not None]
+    flat = torch.from_numpy(np.concatenate(waves)) if waves else torch.empty(0)
+    return flat, [None if w is None else len(w) for w, _ in out], [reason for _, reason in out]
+
+
+def _unpack(flat, lengths: list, reasons: list) -> list:
+    """`_decode_shared`'s result as [(waveform view or None, reason or None), ...]."""
+    data = flat.numpy()
+    out, start = [], 0
+    for n, reason in zip(lengths, reasons):
+        if n is None:
+            out.append((None, reason))
+        else:
+            out.append((data[start:start + n], None))
+            start += n
+    return out
+
+
 class _Decoder:
     """Decodes batches of files in worker processes that live for the whole run.
 
     The workers are spawned once per run, not once per unit of chunks (a spawn costs a second or
     more, which at GPU rates is a unit's worth of encoding), and not forked: the parent runs
     Zarr's I/O thread. Up to `AHEAD` batches per worker are in flight, so the workers decode while
-    the device encodes. A worker that dies (a decoder crash on a malformed file) costs only that
-    file: the batch is decoded again one file per task in fresh workers, and the file that kills
-    a worker again is reported as failed.
+    the device encodes; each batch comes back as one tensor in shared memory. A worker that dies
+    (a decoder crash on a malformed file) costs only that file: the batch is decoded again one
+    file per task in fresh workers, and the file that kills a worker again is reported as failed.
+    Workers that die with no file at all (they cannot start) stop the run with an error instead.
     """
 
     AHEAD = 4
@@ -547,6 +576,9 @@ class _Decoder:
 
             self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
         return self._pool
+
+    def _submit(self, paths: list[str]):
+        return self._executor().submit(_decode_shared, self.decode, paths, self.kwargs)
 
     def _restart(self) -> None:
         if self._pool is not None:
@@ -575,7 +607,7 @@ class _Decoder:
         def submit() -> None:
             paths = next(todo, None)
             if paths is not None:
-                in_flight.append((paths, self._executor().submit(self.decode, paths, **self.kwargs)))
+                in_flight.append((paths, self._submit(paths)))
 
         for _ in range(self.AHEAD * self.workers):
             submit()
@@ -583,17 +615,30 @@ class _Decoder:
             paths, future = in_flight.popleft()
             t = time.perf_counter()
             try:
-                out = future.result()
+                out = _unpack(*future.result())
             except BrokenProcessPool:
+                self._check_workers_start()
                 out = self._isolate(paths)
                 # Every batch in flight died with the pool: send them again to the new one.
                 again = [p for p, _ in in_flight]
                 in_flight.clear()
                 for p in again:
-                    in_flight.append((p, self._executor().submit(self.decode, p, **self.kwargs)))
+                    in_flight.append((p, self._submit(p)))
             timings["decode_wait"] += time.perf_counter() - t
             submit()
             yield out
+
+    def _check_workers_start(self) -> None:
+        """After a worker died: can fresh workers run at all? If a task that decodes nothing kills
+        them too, the cause is the environment, not a file, and blaming the files would mark every
+        row failed."""
+        self._restart()
+        try:
+            self._submit([]).result()
+        except BrokenProcessPool:
+            self._restart()
+            raise ExtractError("the audio decoding worker processes die as they start (see the messages above); "
+                               "pass --workers 0 to decode in the main process") from None
 
     def _isolate(self, paths: list[str]) -> list:
         """Decode a batch whose worker died one file per task; a file that kills a worker fails."""
@@ -601,7 +646,7 @@ class _Decoder:
         for path in paths:
             self._restart()
             try:
-                out.extend(self._executor().submit(self.decode, [path], **self.kwargs).result())
+                out.extend(_unpack(*self._submit([path]).result()))
             except BrokenProcessPool:
                 out.append((None, "decoding crashed the worker process (a malformed file?)"))
         self._restart()

@@ -5,7 +5,7 @@
 
 The clips are `ser-cache bench extract`'s synthetic corpus (16-kHz 16-bit WAV, MSP-Podcast-like
 lengths: mean 5.5 s), written once into --workdir (or a temporary folder). Each worker count gets
-its own decoder, started and warmed on two batches, then timed over every batch (--batch files
+its own decoder, all its workers started and warmed first, then timed over every batch (--batch files
 each) in order, as extract consumes them. Prints one JSON line per worker count: utterances and
 audio-seconds per second, and the seconds the main process spent waiting.
 """
@@ -41,7 +41,8 @@ def main(argv=None) -> list[dict]:
         for workers in args.workers:
             decoder = _Decoder(workers, 15.0)
             try:
-                list(decoder.batches(batches[:2], _new_timings()))  # start and warm the workers
+                # Start every worker (one is spawned per task in flight) and warm them.
+                list(decoder.batches(batches[:max(2, _Decoder.AHEAD * workers)], _new_timings()))
                 timings = _new_timings()
                 t = time.perf_counter()
                 n = sum(len(b) for b in decoder.batches(batches, timings))

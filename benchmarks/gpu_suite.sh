@@ -4,9 +4,10 @@
 #   bash benchmarks/gpu_suite.sh OUT [STAGE ...]
 #
 # STAGE: tests, whisper (15-s window + naive), trimmed, wavlm, others (roberta-large,
-# wavlm-base-plus-sv), finetune, or all (the default). Each bench writes OUT/<name>.json and its
-# console table to OUT/<name>.log; the random-weight models and the synthetic corpus are built once
-# under OUT/work (or $WORKDIR) and reused by later stages and later calls. Run from the repository root with
+# wavlm-base-plus-sv), decode (decoding workers), finetune, or all (the default). Each bench
+# writes OUT/<name>.json and its console table to OUT/<name>.log; the random-weight models and
+# the synthetic corpus are built once under OUT/work (or $WORKDIR) and reused by later stages
+# and later calls. A failing stage does not stop the others. Run from the repository root with
 # the project installed (`pip install -e .`).
 #
 # Sizes: UTTERANCES (default 20000) synthetic clips per extraction bench, FT_STEPS (default 30)
@@ -14,7 +15,7 @@
 # take a few minutes at most.
 set -euo pipefail
 
-out=${1:?usage: gpu_suite.sh OUT [tests|whisper|trimmed|wavlm|others|finetune|all ...]}
+out=${1:?usage: gpu_suite.sh OUT [tests|whisper|trimmed|wavlm|others|decode|finetune|all ...]}
 shift
 stages=("${@:-all}")
 utts=${UTTERANCES:-20000}
@@ -63,6 +64,11 @@ fi
 if want others; then
     bench roberta-large --model roberta-large
     bench wavlm-base-plus-sv --model wavlm-base-plus-sv --naive --naive-utterances 32
+fi
+if want decode; then
+    echo "== benchmarks/decode_bench.py: the CPU side, decoding workers handing audio over"
+    "$py" benchmarks/decode_bench.py --workers 0 1 4 8 15 --utterances "$utts" --workdir "$work" 2>&1 \
+        | tee "$out/decode.jsonl" || echo "== decode FAILED"
 fi
 if want finetune; then
     echo "== benchmarks/finetune_bench.py --steps $steps"

@@ -641,15 +641,17 @@ class _Decoder:
                                "pass --workers 0 to decode in the main process") from None
 
     def _isolate(self, paths: list[str]) -> list:
-        """Decode a batch whose worker died one file per task; a file that kills a worker fails."""
+        """Decode a batch whose worker died one file per task; a file that kills a worker fails.
+
+        Runs on the fresh workers `_check_workers_start` leaves, restarting them only after a crash.
+        """
         out = []
         for path in paths:
-            self._restart()
             try:
                 out.extend(_unpack(*self._submit([path]).result()))
             except BrokenProcessPool:
                 out.append((None, "decoding crashed the worker process (a malformed file?)"))
-        self._restart()
+                self._restart()
         return out
 
 

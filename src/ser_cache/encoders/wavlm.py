@@ -82,8 +82,6 @@ def use_sdpa_attention(model: torch.nn.Module) -> int:
     return n
 
 
-
-
 def _input_conventions(resolved: ResolvedModel, config) -> tuple[bool, bool]:
     """(normalise each waveform, pass an attention mask), as the model's preprocessor says.
 

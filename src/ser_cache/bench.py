@@ -291,7 +291,7 @@ def bench_extract(cfg: BenchConfig) -> BenchReport:
     root = Path(tmp.name) if tmp else Path(cfg.workdir)
     try:
         kind, model_dir, durations, manifest = prepare(root, config, cfg.utterances, cfg.seed)
-        paths = sorted((root / "corpus" / "audio").glob("*.wav"))
+        paths = sorted((manifest.parent / "audio").glob("*.wav"))
         decode = cpu_decode_rate(paths)
         peak = matmul_peak_tflops(device, autocast or torch.float32)
         if device.type == "cuda":
@@ -337,43 +337,41 @@ def prepare(root: Path, config: dict, utterances: int, seed: int) -> tuple[str, 
     model_key = {"config": config, "seed": seed}
     digest = hashlib.sha256(json.dumps(model_key, sort_keys=True).encode()).hexdigest()[:12]
     model_dir = root / f"model-{digest}"
-    built = _built(model_dir, model_key)
-    if built is None:
-        shutil.rmtree(model_dir, ignore_errors=True)
-        kind = build_random_model(config, model_dir, seed)
-        _mark_built(model_dir, {**model_key, "kind": kind})
-    else:
-        kind = built["kind"]
+    mark = _built_once(model_dir, model_key, lambda d: {"kind": build_random_model(config, d, seed)})
     durations, manifest = prepare_corpus(root, utterances, seed)
-    return kind, model_dir, durations, manifest
+    return mark["kind"], model_dir, durations, manifest
 
 
 def prepare_corpus(root: Path, utterances: int, seed: int) -> tuple[np.ndarray, Path]:
     """The synthetic corpus in `root/corpus`, written once and reused (see `prepare`): (durations, manifest)."""
     durations = synthetic_durations(utterances, seed)
     corpus = root / "corpus"
-    corpus_key = {"utterances": utterances, "seed": seed}
-    if _built(corpus, corpus_key) is None:
-        shutil.rmtree(corpus, ignore_errors=True)
-        write_corpus(corpus, durations, seed)
-        _mark_built(corpus, corpus_key)
+
+    def write(folder: Path) -> dict:
+        write_corpus(folder, durations, seed)
+        return {}
+
+    _built_once(corpus, {"utterances": utterances, "seed": seed}, write)
     return durations, corpus / "manifest.csv"
 
 
 BUILT_MARK = "bench-built.json"
 
 
-def _built(folder: Path, key: dict) -> dict | None:
+def _built_once(folder: Path, key: dict, build) -> dict:
+    """The mark of `folder` if it was built from `key`; otherwise empty it, run `build(folder)` and
+    mark it (the key plus what `build` returns), the mark written last and atomically."""
     try:
         mark = json.loads((folder / BUILT_MARK).read_text())
+        if all(mark.get(k) == v for k, v in key.items()):
+            return mark
     except (OSError, json.JSONDecodeError):
-        return None
-    return mark if all(mark.get(k) == v for k, v in key.items()) else None
-
-
-def _mark_built(folder: Path, mark: dict) -> None:
+        pass
+    shutil.rmtree(folder, ignore_errors=True)
+    mark = {**key, **build(folder)}
     with atomic_path(folder / BUILT_MARK) as tmp:
         tmp.write_text(json.dumps(mark))
+    return mark
 
 
 def _units(kind: str, manifest: Path, durations: np.ndarray, model_dir: Path) -> list[int]:

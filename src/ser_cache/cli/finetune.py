@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ser_cache.cli import app, guarded, out
+from ser_cache.cli import shared_options as shared
 from ser_cache.cli.stage_two import _log_to_stderr, scores_table
 
 finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune an encoder end to end with the stage-two heads.")
@@ -21,12 +22,12 @@ def wavlm(
     model: str = typer.Option("wavlm-large", help="WavLM short name, Hugging Face id or local directory."),
     text_features: Optional[Path] = typer.Option(None, help="Cached text store (e.g. roberta-large.zarr) joined to the audio: MMWavLM."),
     speaker_features: Optional[Path] = typer.Option(None, help="Cached x-vector store joined as an input (kept out while the speaker head is on)."),
-    train_split: str = typer.Option("Train", help="Split to train on."),
-    dev_split: str = typer.Option("Development", help="Split to validate on and select the epoch with."),
-    epochs: int = typer.Option(50, help="Epochs (paper: 50)."),
+    train_split: shared.TrainSplit = "Train",
+    dev_split: shared.DevSplit = "Development",
+    epochs: shared.Epochs = 50,
     lr_encoder: float = typer.Option(5e-5, help="AdamW learning rate of WavLM (paper: 5e-5)."),
     lr_heads: float = typer.Option(5e-5, help="AdamW learning rate of layer weights, convolutions and heads (paper: 5e-5)."),
-    weight_decay: float = typer.Option(0.01, help="AdamW weight decay (AdamW's default)."),
+    weight_decay: shared.WeightDecay = 0.01,
     batch_seconds: float = typer.Option(160.0, help="Audio seconds per batch, summed over all GPUs (the paper gives no batch size)."),
     grad_accum: int = typer.Option(1, help="Batches per optimizer step."),
     max_seconds: float = typer.Option(15.0, help="Crop every clip to its first seconds (paper: 15)."),
@@ -34,16 +35,16 @@ def wavlm(
     gradient_checkpointing: bool = typer.Option(False, help="Recompute WavLM's activations in the backward pass: less memory, ~30% slower."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16 (with loss scaling)."),
     seed: int = typer.Option(0, help="Seed for initialisation, sampling, dropout and the balanced-CCC draws."),
-    no_undersample: bool = typer.Option(False, "--no-undersample", help="Train on every row each epoch instead of m per emotion class."),
-    ox: str = typer.Option("keep", help="O/X handling (paper Table 5): keep, drop, only, train+dev, train+dev-nonox."),
+    no_undersample: shared.NoUndersample = False,
+    ox: shared.Ox = "keep",
     gender_weight: float = typer.Option(0.0, help="Gender head loss weight alpha; 0 (default) turns the head off, the paper's G Pred uses 1."),
     speaker_weight: float = typer.Option(0.0, help="Speaker head AAM loss weight beta; 0 (default) turns the head off."),
-    aam_margin: float = typer.Option(0.2, help="AAM-softmax margin, radians."),
-    aam_scale: float = typer.Option(30.0, help="AAM-softmax scale."),
-    select: str = typer.Option("balanced", help="Epoch kept: best mean 'balanced' CCC (paper) or plain 'ccc'."),
-    balanced_trials: int = typer.Option(10, help="Balanced-CCC trials."),
-    balanced_per_class: Optional[int] = typer.Option(None, help="Utterances per emotion and trial (default: smallest class)."),
-    hidden: int = typer.Option(256, help="Hidden units of each 2-layer head."),
+    aam_margin: shared.AamMargin = 0.2,
+    aam_scale: shared.AamScale = 30.0,
+    select: shared.Select = "balanced",
+    balanced_trials: shared.BalancedTrials = 10,
+    balanced_per_class: shared.BalancedPerClass = None,
+    hidden: shared.Hidden = 256,
     dropout: float = typer.Option(0.1, help="Dropout in the point-wise convolutions and the heads."),
     conv_dim: int = typer.Option(256, help="Channels of the point-wise convolutions (paper: 256)."),
     workers: Optional[int] = typer.Option(None, help="Processes decoding audio per rank; 0 decodes in the training "

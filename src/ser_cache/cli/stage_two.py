@@ -11,6 +11,7 @@ import typer
 from rich.table import Table
 
 from ser_cache.cli import KNOWN_ERRORS, app, err, fail, guarded, out
+from ser_cache.cli import shared_options as shared
 from ser_cache.ensemble import EnsembleError
 from ser_cache.predict import PredictError
 from ser_cache.runs import RunError
@@ -61,23 +62,23 @@ def train_heads(
     features: list[Path] = typer.Option(..., "--features", "-f", help="A feature store (.zarr); repeat for several inputs."),
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (labels and splits)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to create."),
-    train_split: str = typer.Option("Train", help="Split to train on."),
-    dev_split: str = typer.Option("Development", help="Split to validate on and select the epoch with."),
-    epochs: int = typer.Option(50, help="Epochs (paper: 50)."),
+    train_split: shared.TrainSplit = "Train",
+    dev_split: shared.DevSplit = "Development",
+    epochs: shared.Epochs = 50,
     lr: float = typer.Option(5e-5, help="AdamW learning rate (paper: 5e-5)."),
     batch_size: int = typer.Option(64, help="Rows per update (the paper does not say; 64)."),
-    weight_decay: float = typer.Option(0.01, help="AdamW weight decay (AdamW's default)."),
+    weight_decay: shared.WeightDecay = 0.01,
     seed: int = typer.Option(0, help="Seed for initialisation, sampling and the balanced-CCC draws."),
-    no_undersample: bool = typer.Option(False, "--no-undersample", help="Train on every row each epoch instead of m per emotion class."),
-    ox: str = typer.Option("keep", help="O/X handling (paper Table 5): keep, drop, only, train+dev, train+dev-nonox."),
+    no_undersample: shared.NoUndersample = False,
+    ox: shared.Ox = "keep",
     gender_weight: float = typer.Option(1.0, help="Gender head loss weight alpha (paper: 1); 0 turns the head off."),
     speaker_weight: float = typer.Option(0.1, help="Speaker head AAM loss weight beta (paper: 0.1); 0 turns the head off."),
-    aam_margin: float = typer.Option(0.2, help="AAM-softmax margin, radians."),
-    aam_scale: float = typer.Option(30.0, help="AAM-softmax scale."),
-    select: str = typer.Option("balanced", help="Epoch kept: best mean 'balanced' CCC (paper) or plain 'ccc'."),
-    balanced_trials: int = typer.Option(10, help="Balanced-CCC trials."),
-    balanced_per_class: Optional[int] = typer.Option(None, help="Utterances per emotion and trial (default: smallest class)."),
-    hidden: int = typer.Option(256, help="Hidden units of each 2-layer head."),
+    aam_margin: shared.AamMargin = 0.2,
+    aam_scale: shared.AamScale = 30.0,
+    select: shared.Select = "balanced",
+    balanced_trials: shared.BalancedTrials = 10,
+    balanced_per_class: shared.BalancedPerClass = None,
+    hidden: shared.Hidden = 256,
     dropout: float = typer.Option(0.1, help="Dropout in the heads."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for training (default: torch's, all cores); 1 for small or parallel runs."),

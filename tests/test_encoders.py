@@ -84,7 +84,11 @@ def test_wavlm_all_layers_equal_stock_model_one_at_a_time(models):
     for i, w in enumerate(ws):
         x = torch.from_numpy((w - w.mean()) / np.sqrt(w.var() + 1e-7))[None]
         with torch.no_grad():
-            hs = stock(x, output_hidden_states=True).hidden_states
+            out = stock(x, output_hidden_states=True)
+        # As transformers 4.x returned them (and the challenge winner trained on): the last state is
+        # the encoder's output after its final layer norm, i.e. last_hidden_state.
+        hs = (*out.hidden_states[:-1], out.last_hidden_state)
+        assert not torch.allclose(out.hidden_states[-1], out.last_hidden_state)
         ref = np.stack([torch.cat([h[0].mean(0), h[0].std(0, unbiased=False)]).numpy() for h in hs])
         np.testing.assert_allclose(ours[i], ref, rtol=1e-3, atol=2e-4)
 

@@ -5,9 +5,15 @@ Layout (documented for other tools in docs/feature-store.md):
     <name>.zarr/
         zarr.json        group attributes: model id/revision, kind, window, pooling, ... fingerprint
         ids/             (N,)  string   the corpus's utterance ids, in row order
-        features/        (N, D) or (N, L, D)  float16
+        features/        (N, D) or (N, L, D)  float16, or (N, T, D) in a frame store (below)
         written/         (N,)  bool     row holds a valid feature vector
         failed/          (N,)  bool     row could not be computed (reason in <name>.errors.csv)
+        frames/          (N,)  int32    frame stores only: valid frames of each row
+
+A frame store (`extract --pooling frames`, attribute pooling="frames") keeps one vector per
+encoder frame: row i's valid frames are features[i, :frames[i]], and the rest of the row is zeros
+up to T, the most frames any clip can have. Those zeros cost almost nothing on disk (the chunks
+are compressed), and readers pack the valid frames end to end (`read_frames`, frames.Frames).
 
 Why whole chunks: Zarr v3 writes a chunk as one object. Two writers touching different rows of
 the same chunk each rewrite the whole object and one of them loses; appending row by row is
@@ -92,8 +98,12 @@ class FeatureStore:
         attrs: dict,
         *,
         chunk_rows: int | None = None,
+        frames: bool = False,
     ) -> FeatureStore:
-        """Create an empty store atomically: built beside the target, then renamed into place."""
+        """Create an empty store atomically: built beside the target, then renamed into place.
+
+        `frames`: a frame store; feature_shape is (T, D), T the most frames a row can have.
+        """
         import zarr
 
         path = Path(path)
@@ -116,6 +126,10 @@ class FeatureStore:
                        chunks=(rows, *feature_shape), fill_value=0)
         for flag in ("written", "failed"):
             g.create_array(flag, shape=(n,), dtype=bool, chunks=(rows,), fill_value=False)
+        if frames:
+            if len(feature_shape) != 2:
+                raise StoreError(f"{path}: a frame store needs a (frames, dim) feature shape, got {feature_shape}")
+            g.create_array("frames", shape=(n,), dtype="int32", chunks=(rows,), fill_value=0)
         os.replace(tmp, path)
         return cls.open(path, mode="r+")
 
@@ -153,6 +167,11 @@ class FeatureStore:
         return -(-self.n_rows // self.chunk_rows)
 
     @property
+    def is_frames(self) -> bool:
+        """A frame store: one vector per encoder frame (see the module docstring)."""
+        return "frames" in self.group.array_keys()
+
+    @property
     def fingerprint(self) -> str:
         return str(self.group.attrs.get("fingerprint", ""))
 
@@ -174,10 +193,27 @@ class FeatureStore:
         return [c for c in range(self.n_chunks) if not done[c * rows:(c + 1) * rows].all()]
 
     # ----------------------------------------------------------------- writing
-    def write_chunk(self, chunk: int, features: np.ndarray, written: np.ndarray, failed: np.ndarray) -> None:
-        """Write one whole chunk: features first, then the flags that declare them valid."""
+    def write_chunk(self, chunk: int, features: np.ndarray, written: np.ndarray, failed: np.ndarray,
+                    frames: np.ndarray | None = None) -> None:
+        """Write one whole chunk: features (and a frame store's counts) first, then the flags that declare them valid.
+
+        In a frame store, everything past a row's `frames` count is written as zeros, whatever
+        `features` holds there.
+        """
         start, end = self.chunk_bounds(chunk)
         n = end - start
+        if self.is_frames:
+            if frames is None or np.shape(frames) != (n,):
+                raise StoreError(f"{self.path}: chunk {chunk} of a frame store needs {n} frame counts")
+            frames = np.asarray(frames, dtype=np.int32)
+            limit = self.feature_shape[0]
+            if frames.min(initial=0) < 0 or frames.max(initial=0) > limit:
+                raise StoreError(f"{self.path}: chunk {chunk}: frame counts must lie in [0, {limit}]")
+            frames = np.where(written, frames, 0).astype(np.int32)
+            features = np.array(features, copy=True)
+            features[np.arange(limit)[None, :] >= frames[:, None]] = 0
+        elif frames is not None:
+            raise StoreError(f"{self.path}: not a frame store; chunk {chunk} takes no frame counts")
         if features.shape != (n, *self.feature_shape):
             raise StoreError(f"{self.path}: chunk {chunk} expects features {(n, *self.feature_shape)}, got {features.shape}")
         if written.shape != (n,) or failed.shape != (n,):
@@ -187,6 +223,8 @@ class FeatureStore:
         if not np.isfinite(feats[written]).all():
             raise StoreError(f"{self.path}: refusing to write non-finite features in chunk {chunk}")
         self.group["features"][start:end] = feats
+        if frames is not None:
+            self.group["frames"][start:end] = frames
         self.group["failed"][start:end] = failed
         self.group["written"][start:end] = written
 
@@ -197,6 +235,41 @@ class FeatureStore:
     def read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, features, written), each read in one pass into memory (float16 features)."""
         return self.ids(), np.asarray(self.group["features"][:]), np.asarray(self.group["written"][:])
+
+    def frame_counts(self) -> np.ndarray:
+        """Valid frames of every row (a frame store); 0 for rows not written."""
+        if not self.is_frames:
+            raise StoreError(f"{self.path}: not a frame store (extract it with --pooling frames)")
+        return np.asarray(self.group["frames"][:], dtype=np.int64)
+
+    def read_frames(self, rows: np.ndarray | None = None):
+        """(ids, frames.Frames, written) of a frame store: the valid frames of `rows` (default: all),
+        packed end to end in that order, read whole chunk by chunk (never row by row), float16.
+
+        Rows not written come back empty (0 frames). Memory is the packed frames plus one chunk.
+        """
+        from ser_cache.frames import Frames
+
+        ids = self.ids()
+        written = np.asarray(self.group["written"][:])
+        counts = np.where(written, self.frame_counts(), 0)
+        rows = np.arange(self.n_rows) if rows is None else np.asarray(rows, dtype=np.int64)
+        out = Frames.empty(counts[rows], self.feature_shape[1], dtype=STORE_DTYPE)
+        if rows.size == 0:
+            return ids, out, written
+        chunk_of = rows // self.chunk_rows
+        features = self.group["features"]
+        for chunk in np.unique(chunk_of).tolist():
+            where = np.flatnonzero(chunk_of == chunk)
+            start, end = self.chunk_bounds(chunk)
+            longest = int(counts[start:end].max(initial=0))
+            if longest == 0:
+                continue
+            block = np.asarray(features[start:end, :longest])
+            for j in where.tolist():
+                r = int(rows[j])
+                out.set_row(j, block[r - start, : counts[r]])
+        return ids, out, written
 
     def summary(self) -> dict:
         written, failed = self.flags()

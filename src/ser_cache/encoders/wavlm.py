@@ -104,6 +104,23 @@ def _input_conventions(resolved: ResolvedModel, config) -> tuple[bool, bool]:
     return bool(pre.get("do_normalize", True)), bool(uses_mask)
 
 
+LAST_STATE = "after-final-layer-norm"
+
+
+def hidden_states(model: torch.nn.Module, audio: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
+    """Every hidden state of a frozen WavLMModel as transformers 4.x returned them (L + 1 of them).
+
+    The input of each transformer layer, and last the encoder's output *after* its final layer
+    norm (models with do_stable_layer_norm, such as WavLM Large). transformers 5 returns that last
+    state before the norm; the challenge winner trained on 4.46, where it came after it.
+    """
+    out = model(audio, attention_mask=mask, output_hidden_states=True)
+    states = list(out.hidden_states)
+    if getattr(model.config, "do_stable_layer_norm", False):
+        states[-1] = out.last_hidden_state
+    return states
+
+
 def normalise(audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """Zero mean, unit variance per utterance over its real samples; padding stays zero."""
     t = audio.shape[1]
@@ -158,14 +175,17 @@ class WavLMLayersEncoder(_WavLMBase):
         return (self.n_states, pooled_dim(self.hidden, self.pooling))
 
     def settings(self) -> dict:
-        return {**super().settings(), "pooling": self.pooling, "layer": "all"}
+        # "last_state": the last hidden state is taken after the encoder's final layer norm, as
+        # transformers 4.x returned it and the challenge winner trained on (stores built before
+        # this setting existed held it before that norm, and are refused by their fingerprint).
+        return {**super().settings(), "pooling": self.pooling, "layer": "all", "last_state": LAST_STATE}
 
     @_quiet
     def _forward(self, prepared) -> torch.Tensor:
         audio, lengths, mask = self._on_device(prepared)
-        out = self.model(audio, attention_mask=mask, output_hidden_states=True)
+        states = hidden_states(self.model, audio, mask)
         frames = self.model._get_feat_extract_output_lengths(lengths).long()
-        pooled = [masked_pool(h, frames, self.pooling) for h in out.hidden_states]
+        pooled = [masked_pool(h, frames, self.pooling) for h in states]
         return torch.stack(pooled, dim=1)
 
 

@@ -1,0 +1,128 @@
+"""What sits between frame-level encoder outputs and the heads, and the stage-two model built on it.
+
+    frames (B, T, D) ─► ConvPool: Conv1d 1×1 D→256, ReLU, Dropout(0.1), Conv1d 256→256, ReLU,
+                        Dropout(0.1), Conv1d 256→256 ─► mean over each clip's valid frames ─► (B, 256)
+
+This is the challenge winner's point-wise convolution stack exactly as the authors' released code
+builds it (vox-profile-release, `model_seq` in wavlm_emotion_dim.py / whisper_emotion_dim.py): no
+activation or dropout after the last convolution, and the mean taken over the first `length`
+frames only. The same module serves the fine-tuned WavLM (finetune_model.py, on the weighted sum of
+its hidden states) and cached frame stores in `train-heads` (MMWhisper: Whisper's last layer at
+every frame), so both paths train one architecture. A 1×1 convolution sees one frame at a time, so
+padding frames cannot leak into valid ones, and the masked mean keeps them out of the pooled vector.
+
+`FeatureModel` is what `train-heads` trains: a ConvPool per frame input, then MultitaskHeads over
+the pooled frame inputs and the pooled (vector) stores, concatenated in sorted name order.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["CONV_DIM", "CONV_DROPOUT", "CONV_LAYERS", "ConvPool", "FeatureModel", "masked_mean"]
+
+CONV_DIM = 256  # the authors' hidden_dim
+CONV_LAYERS = 3
+CONV_DROPOUT = 0.1  # fixed at 0.1 in the authors' model_seq
+
+
+def masked_mean(x: Tensor, lengths: Tensor) -> Tensor:
+    """(B, T, D) → (B, D): the mean over each row's first lengths[b] frames (at least one counted)."""
+    t = x.shape[1]
+    mask = (torch.arange(t, device=x.device)[None, :] < lengths.to(x.device)[:, None]).to(x.dtype)
+    count = mask.sum(1, keepdim=True).clamp_min(1.0)
+    return (x * mask.unsqueeze(-1)).sum(1) / count
+
+
+class ConvPool(nn.Module):
+    """Point-wise Conv1d stack over every frame, then the mean over the valid frames.
+
+    Parameters live in `convs` (an nn.Sequential), so the convolutions are `convs.0`, `convs.3`,
+    `convs.6` for three layers: the authors' `model_seq.{0,3,6}` one to one.
+    """
+
+    def __init__(self, in_dim: int, *, dim: int = CONV_DIM, layers: int = CONV_LAYERS,
+                 dropout: float = CONV_DROPOUT) -> None:
+        super().__init__()
+        if in_dim < 1 or dim < 1 or layers < 1:
+            raise ValueError(f"ConvPool needs positive sizes, got in_dim={in_dim}, dim={dim}, layers={layers}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
+        self.in_dim, self.dim, self.layers, self.dropout = int(in_dim), int(dim), int(layers), float(dropout)
+        modules: list[nn.Module] = []
+        width = self.in_dim
+        for i in range(self.layers):
+            modules.append(nn.Conv1d(width, self.dim, kernel_size=1))
+            if i < self.layers - 1:  # nothing after the last convolution, as the authors built it
+                modules += [nn.ReLU(), nn.Dropout(self.dropout)]
+            width = self.dim
+        self.convs = nn.Sequential(*modules)
+
+    def frames(self, x: Tensor) -> Tensor:
+        """(B, T, in_dim) → (B, T, dim): the convolution stack at every frame."""
+        return self.convs(x.transpose(1, 2)).transpose(1, 2)
+
+    def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
+        """(B, T, in_dim) frames and their valid counts (B,) → (B, dim), in float32."""
+        if x.ndim != 3 or x.shape[-1] != self.in_dim:
+            raise ValueError(f"expected frames (B, T, {self.in_dim}), got {tuple(x.shape)}")
+        x = x.to(self.convs[0].weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x
+        return masked_mean(self.frames(x).float(), lengths)
+
+    def config(self) -> dict[str, Any]:
+        return {"in_dim": self.in_dim, "dim": self.dim, "layers": self.layers, "dropout": self.dropout}
+
+
+class FeatureModel(nn.Module):
+    """Stage two's model: a ConvPool for every frame input, then the multitask heads.
+
+    `forward(inputs)` takes {name: (B, *shape) tensor} for vector inputs and {name: ((B, T, D)
+    frames, (B,) lengths)} for frame inputs; it returns the heads' outputs. With no frame inputs it
+    is exactly the heads (and its state dict is the heads' under "heads.", the layout of every run).
+    """
+
+    def __init__(self, heads: nn.Module, frame_inputs: Mapping[str, Mapping[str, Any]] | None = None) -> None:
+        super().__init__()
+        self.heads = heads
+        frame_inputs = dict(frame_inputs or {})
+        # Sorted names and a ModuleList rather than a ModuleDict: store names may contain "."
+        self.frame_names: tuple[str, ...] = tuple(sorted(frame_inputs))
+        self.frame_configs = {name: dict(frame_inputs[name]) for name in self.frame_names}
+        self.pools = nn.ModuleList(ConvPool(**self.frame_configs[n]) for n in self.frame_names)
+        for name, pool in zip(self.frame_names, self.pools):
+            if tuple(heads.input_dims.get(name, ())) != (pool.dim,):
+                raise ValueError(f"frame input {name!r}: the heads must take it as ({pool.dim},), "
+                                 f"not {heads.input_dims.get(name)}")
+
+    @property
+    def n_genders(self) -> int:
+        return self.heads.n_genders
+
+    def pooled(self, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
+        """The heads' inputs: frame inputs pooled through their ConvPool, vector inputs as given."""
+        out = {name: value for name, value in inputs.items() if name not in self.frame_names}
+        for name, pool in zip(self.frame_names, self.pools):
+            if name not in inputs:
+                raise KeyError(f"missing frame input {name!r}")
+            x, lengths = inputs[name]
+            out[name] = pool(x, lengths)
+        return out
+
+    def forward(self, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
+        pooled = self.pooled(inputs)
+        with torch.autocast(device_type=next(iter(self.heads.parameters())).device.type, enabled=False):
+            return self.heads({k: v.float() if torch.is_tensor(v) else v for k, v in pooled.items()})
+
+    def config(self) -> dict[str, Any]:
+        """config.json's "frame_inputs": the ConvPool arguments of every frame input."""
+        return {name: pool.config() for name, pool in zip(self.frame_names, self.pools)}
+
+    @classmethod
+    def from_config(cls, heads_config: Mapping[str, Any], frame_inputs: Mapping[str, Any] | None = None) -> FeatureModel:
+        from ser_cache.heads import MultitaskHeads
+
+        return cls(MultitaskHeads.from_config(heads_config), frame_inputs)

@@ -131,7 +131,7 @@ def test_run_directory_has_the_stage_two_format_and_the_whole_model(trained):
     assert config["gender_labels"] == ["Female", "Male"] and config["inputs"] == []
     keys = load_file(str(run / runs.WEIGHTS)).keys()
     assert any(k.startswith("wavlm.encoder.layers.") for k in keys)
-    assert {"layer_weighting.logits", "convs.0.weight", "convs.6.weight"} <= set(keys)
+    assert {"layer_weighting.logits", "pool.convs.0.weight", "pool.convs.6.weight"} <= set(keys)
     ids, _ = runs.read_predictions(run / runs.DEV_PREDICTIONS)
     assert len(ids) == 12
 

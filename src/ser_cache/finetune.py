@@ -57,6 +57,10 @@ class FinetuneConfig:
     size. 160 s is about 29 MSP-Podcast clips (mean 5.5 s).
     gender_weight, speaker_weight: 0 (heads off), the paper's plain WavLM system; 1 for "G Pred".
     weight_decay: AdamW's default, as in train-heads.
+    dropout: of the heads; 0, as the authors' heads (Linear–ReLU–Linear). conv_dropout: between the
+    point-wise convolutions, the authors' fixed 0.1.
+    layerdrop: None keeps the checkpoint's own (0.1 for microsoft/wavlm-large), as the authors trained.
+    init_from: a fine-tuned run (e.g. `ser-cache import vox-profile`) whose weights start this one.
     """
 
     data: Path
@@ -87,8 +91,11 @@ class FinetuneConfig:
     balanced_trials: int = 10
     balanced_per_class: int | None = None
     hidden: int = 256
-    dropout: float = 0.1
+    dropout: float = 0.0
     conv_dim: int = 256
+    conv_dropout: float = 0.1
+    layerdrop: float | None = None
+    init_from: Path | None = None
     workers: int | None = None  # None: up to 4 per rank on a GPU, none on a CPU
     device: str = "auto"
     threads: int | None = None
@@ -112,6 +119,10 @@ class FinetuneConfig:
             problems.append(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
         if self.conv_dim < 1:
             problems.append(f"--conv-dim {self.conv_dim}: expected 1 or more")
+        if not 0 <= self.conv_dropout < 1:
+            problems.append(f"--conv-dropout {self.conv_dropout}: expected a probability in [0, 1)")
+        if self.layerdrop is not None and not 0 <= self.layerdrop < 1:
+            problems.append(f"--layerdrop {self.layerdrop}: expected a probability in [0, 1)")
         if self.workers is not None and self.workers < 0:
             problems.append(f"--workers {self.workers}: expected 0 or more")
         if self.resume and self.overwrite:
@@ -261,6 +272,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
         wavlm.freeze_feature_encoder()
     if cfg.gradient_checkpointing:
         wavlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layerdrop = float(wavlm.config.layerdrop if cfg.layerdrop is None else cfg.layerdrop)
     input_dims = {AUDIO_INPUT: (cfg.conv_dim,), **{s.name: s.shape for s in data.inputs}}
     if len(input_dims) != 1 + len(data.inputs):
         raise TrainError(f"a store is named '{AUDIO_INPUT}', the name of the fine-tuned audio input; "
@@ -268,8 +280,11 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     heads = MultitaskHeads(input_dims, hidden=cfg.hidden, dropout=cfg.dropout, label_min=lo, label_max=hi,
                            n_genders=len(gender_labels), n_speakers=len(speaker_labels),
                            aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale)
-    model = WavLMEmotionModel(wavlm, heads, conv_dim=cfg.conv_dim, dropout=cfg.dropout, normalize=normalize,
-                              attention_mask=uses_mask).to(device)
+    model = WavLMEmotionModel(wavlm, heads, conv_dim=cfg.conv_dim, conv_dropout=cfg.conv_dropout,
+                              normalize=normalize, attention_mask=uses_mask, layerdrop=layerdrop, seed=cfg.seed)
+    if cfg.init_from is not None:
+        init_from_run(model, Path(cfg.init_from))
+    model.to(device)
     unused = freeze_unused(model)
     if unused and dist.is_main:
         log.info("frozen because they cannot reach the output: %s", ", ".join(unused))
@@ -301,7 +316,10 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     if dist.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # With LayerDrop a skipped layer's parameters get no gradient in that step (on every rank
+        # alike: the ranks share the draws), which DDP accepts only when told to look for them.
+        ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                      find_unused_parameters=layerdrop > 0)
     from ser_cache import distributed
 
     # Up to 4: WavLM Large trains on a few thousand audio-seconds per second, and a core decodes
@@ -350,8 +368,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     best = state.best
     metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
     if dist.is_main:
-        arch = architecture(model, resolved, conv_dim=cfg.conv_dim, conv_layers=len(model.convs) // 3,
-                            dropout=cfg.dropout, max_seconds=cfg.max_seconds, revision=revision)
+        arch = architecture(model, resolved, max_seconds=cfg.max_seconds, revision=revision)
         config = training.run_config(cfg.to_dict(), data, lo, hi, gender_labels, speaker_labels, heads.config(),
                                      best["epoch"], system="finetuned-wavlm", wavlm=arch)
         _finish(out, config, metrics, state, data.ids[dev_idx].tolist(), gender_labels)
@@ -511,6 +528,51 @@ def _infer(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     return avd, probs
 
 
+# --------------------------------------------------------------------------- starting from a run
+
+
+def init_from_run(model, run_dir: Path) -> None:
+    """Load a fine-tuned run's weights (e.g. the authors' imported checkpoint) into a new model.
+
+    The encoder, the layer weighting, the convolutions and the A/V/D heads must all fit; the
+    heads' label range stays this run's (paper Eq. 2: the training labels'). A gender or speaker
+    head is taken over only where both have it with the same classes' count; otherwise it starts
+    afresh (logged). Anything else that does not fit is an error naming the keys.
+    """
+    from safetensors.torch import load_file
+
+    from ser_cache.finetune_model import model_state
+    from ser_cache.predict import is_finetuned
+
+    config = runs.read_config(run_dir)
+    if not is_finetuned(config):
+        raise TrainError(f"--init-from {run_dir}: not a fine-tuned WavLM run (its system is "
+                         f"{config.get('system', 'heads on cached features')!r})")
+    weights = Path(run_dir) / runs.WEIGHTS
+    if not weights.is_file():
+        raise TrainError(f"--init-from {run_dir}: {runs.WEIGHTS} is missing")
+    theirs = model_state(load_file(str(weights)))
+    ours = model.state_dict()
+    optional = ("heads.gender.", "heads.speaker.")
+    skipped, problems, take = [], [], {}
+    for key, value in ours.items():
+        if key.endswith((".lo", ".hi")) and key.startswith("heads.regressors."):
+            continue  # the label range is this run's
+        if key not in theirs or theirs[key].shape != value.shape:
+            (skipped if key.startswith(optional) else problems).append(key)
+            continue
+        take[key] = theirs[key]
+    extra = sorted(k for k in theirs if k not in ours and not k.startswith(optional))
+    if problems or extra:
+        shown = ", ".join((problems + extra)[:6]) + (" …" if len(problems) + len(extra) > 6 else "")
+        raise TrainError(f"--init-from {run_dir}: its weights do not fit this model ({shown}); give the same "
+                         "--model, --conv-dim, --hidden and cached inputs as the run was built with")
+    model.load_state_dict(take, strict=False)
+    if skipped:
+        log.info("--init-from %s: %s start afresh (not in the run, or another size)", run_dir,
+                 ", ".join(sorted({k.split(".")[1] for k in skipped})))
+
+
 # --------------------------------------------------------------------------- checkpoint and resume
 
 
@@ -556,6 +618,7 @@ def _save_checkpoint(out: Path, cfg, dist, state: _State, model, aam, optimizer,
             "scheduler": None,  # constant learning rates, as in the paper
             "sampler": sampler.state_dict(),
             "rng": rng,
+            "layerdrop_rng": model.layerdrop_generator.get_state(),  # the same on every rank
             "best": state.best,
             "history": state.history,
         }
@@ -602,6 +665,8 @@ def _resume(out: Path, cfg: FinetuneConfig, dist, model, aam, optimizer, scaler,
         log.warning("--resume: the run was saved by %d rank(s) and continues on %d; it will not end exactly "
                     "where an uninterrupted run would", len(states), dist.world)
     _set_rng_state(states[dist.rank % len(states)])
+    if ckpt.get("layerdrop_rng") is not None:
+        model.layerdrop_generator.set_state(ckpt["layerdrop_rng"])
     if dist.is_main:
         _remove_stale_best(out, ckpt["best"]["epoch"])
         log.info("--resume: continuing %s after epoch %d of %d", out, ckpt["epoch"], cfg.epochs)

@@ -32,29 +32,81 @@ MIN_SECONDS = 0.05  # shorter than one or two WavLM frames: nothing to pool (as 
 BUCKET_BATCHES = 50
 
 
+LAST_STATE = "after-final-layer-norm"  # as transformers 4.x returned it; the authors trained on 4.46
+LEGACY_LAST_STATE = "before-final-layer-norm"  # runs written before that was followed (transformers 5's)
+
+
+def encoder_states(wavlm: nn.Module, audio: Tensor, mask: Tensor | None, *, layerdrop: float = 0.0,
+                   generator: torch.Generator | None = None, last_state: str = LAST_STATE) -> list[Tensor]:
+    """WavLMModel's forward, returning all L + 1 hidden states as transformers 4.46 did.
+
+    transformers 5 computes the same layers but (a) returns the last state before the encoder's
+    final layer norm, and (b) with LayerDrop on, leaves a skipped layer's state out of the list,
+    so the weighted sum would see 24 states one step and 25 the next. Here, as in 4.46: state i is
+    the input of layer i, a skipped layer passes its input on (so its state repeats), and the last
+    state comes after the final layer norm (models with do_stable_layer_norm, WavLM Large).
+
+    LayerDrop (training mode only, never layer 0, as transformers) draws from `generator`: under
+    torchrun every rank holds the same generator, so all ranks skip the same layers and the
+    global batch takes the very step a single process would.
+    """
+    cfg = wavlm.config
+    extract = wavlm.feature_extractor(audio).transpose(1, 2)
+    frame_mask = None
+    if mask is not None:
+        frame_mask = wavlm._get_feature_vector_attention_mask(extract.shape[1], mask, add_adapter=False)
+    hidden, _ = wavlm.feature_projection(extract)
+    hidden = wavlm._mask_hidden_states(hidden, attention_mask=frame_mask)  # spec-augment, training only
+    enc = wavlm.encoder
+    if frame_mask is not None:
+        hidden = hidden.masked_fill(~frame_mask.bool()[..., None], 0.0)
+    hidden = hidden + enc.pos_conv_embed(hidden)
+    stable = bool(getattr(cfg, "do_stable_layer_norm", False))
+    if not stable:
+        hidden = enc.layer_norm(hidden)
+    hidden = enc.dropout(hidden)
+    states: list[Tensor] = []
+    bias = None
+    for i, layer in enumerate(enc.layers):
+        states.append(hidden)
+        if wavlm.training and i > 0 and layerdrop > 0 and float(torch.rand((), generator=generator)) < layerdrop:
+            continue
+        hidden, bias = layer(hidden, attention_mask=frame_mask, position_bias=bias, index=i)
+    if stable and last_state == LAST_STATE:
+        hidden = enc.layer_norm(hidden)
+    states.append(hidden)
+    return states
+
+
 class WavLMEmotionModel(nn.Module):
     """WavLM + layer weighting + point-wise convolutions + masked mean pooling + the multitask heads.
 
     `forward(audio, lengths, cached)` takes right-padded raw 16 kHz waveforms (B, T), their real
     lengths in samples, and the cached inputs {name: (B, *shape)}; it returns the heads' outputs.
+    The convolutions and pooling are model.ConvPool, the very module of stage two's frame inputs.
+    `layerdrop`: the probability of skipping each transformer layer (but the first) in training;
+    the challenge winner trained with the checkpoint's own value (0.1 for WavLM Large).
     """
 
     def __init__(self, wavlm: nn.Module, heads: nn.Module, *, conv_dim: int = 256, conv_layers: int = 3,
-                 dropout: float = 0.1, normalize: bool = True, attention_mask: bool = True):
+                 conv_dropout: float = 0.1, normalize: bool = True, attention_mask: bool = True,
+                 layerdrop: float = 0.0, seed: int = 0, last_state: str = LAST_STATE,
+                 conv_final_activation: bool = False):
         super().__init__()
         from ser_cache.heads import LayerWeighting
+        from ser_cache.model import ConvPool
 
         self.wavlm = wavlm
         self.normalize = normalize
         self.attention_mask = attention_mask
+        self.layerdrop = float(layerdrop)
+        self.last_state = last_state
+        # One generator for the LayerDrop draws, seeded alike on every rank (see encoder_states).
+        self.layerdrop_generator = torch.Generator().manual_seed(int(seed))
         n_states = wavlm.config.num_hidden_layers + 1  # the CNN projection and every transformer layer
         self.layer_weighting = LayerWeighting(n_states)
-        layers: list[nn.Module] = []
-        width = wavlm.config.hidden_size
-        for _ in range(conv_layers):
-            layers += [nn.Conv1d(width, conv_dim, kernel_size=1), nn.ReLU(), nn.Dropout(dropout)]
-            width = conv_dim
-        self.convs = nn.Sequential(*layers)
+        self.pool = ConvPool(wavlm.config.hidden_size, dim=conv_dim, layers=conv_layers, dropout=conv_dropout,
+                             final_activation=conv_final_activation)
         self.heads = heads
 
     def pooled(self, audio: Tensor, lengths: Tensor) -> Tensor:
@@ -70,14 +122,14 @@ class WavLMEmotionModel(nn.Module):
             # WavLM mixes a float position bias with a boolean padding mask inside torch's attention,
             # which warns on every call; the result is correct (see encoders/wavlm.py).
             warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
-            states = self.wavlm(audio, attention_mask=mask, output_hidden_states=True).hidden_states
+            states = encoder_states(self.wavlm, audio, mask, layerdrop=self.layerdrop,
+                                    generator=self.layerdrop_generator, last_state=self.last_state)
         weights = self.layer_weighting.weights
         # A running weighted sum rather than LayerWeighting(stack(states)): stacking 25 states of
         # (B, T, 1024) would hold one more copy of all of them for the backward pass.
         mixed = sum(w.to(h.dtype) * h for w, h in zip(weights, states))
-        x = self.convs(mixed.transpose(1, 2)).transpose(1, 2)  # point-wise: padding cannot leak in
         frames = self.wavlm._get_feat_extract_output_lengths(lengths).long()
-        return masked_pool(x.float(), frames, "mean")
+        return self.pool(mixed, frames)
 
     def forward(self, audio: Tensor, lengths: Tensor, cached: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
         pooled = self.pooled(audio, lengths)
@@ -90,11 +142,12 @@ class WavLMEmotionModel(nn.Module):
 def freeze_unused(model: WavLMEmotionModel) -> list[str]:
     """Freeze the encoder parameters that cannot reach the output; returns their names.
 
-    transformers 5 returns as hidden states the input of every layer and the last layer's output
-    *before* the encoder's final layer norm, so that norm takes no part here. DDP refuses trainable
-    parameters that get no gradient, and AdamW would only decay them. Found by one backward pass in
-    eval mode (no dropout, no masking: no random numbers drawn); the spec-augment mask embedding,
-    used in training mode only, is left alone.
+    With the last state taken after the final layer norm (as the authors), every transformer
+    parameter reaches the output; what is left is what WavLMModel holds for pre-training only
+    (e.g. a quantizer in some checkpoints). DDP refuses trainable parameters that get no gradient,
+    and AdamW would only decay them. Found by one backward pass in eval mode (no dropout, no
+    masking, no LayerDrop: no random numbers drawn); the spec-augment mask embedding, used in
+    training mode only, is left alone.
     """
     was_training = model.training
     model.eval()
@@ -116,8 +169,12 @@ def freeze_unused(model: WavLMEmotionModel) -> list[str]:
 # --------------------------------------------------------------------------- loading
 
 
-def load_wavlm(name: str, *, layerdrop: float = 0.0):
-    """(WavLMModel, ResolvedModel, normalise?, attention mask?) for a short name, hub id or local directory."""
+def load_wavlm(name: str):
+    """(WavLMModel, ResolvedModel, normalise?, attention mask?) for a short name, hub id or local directory.
+
+    The model keeps its checkpoint's configuration, LayerDrop included (0.1 for microsoft/wavlm-large);
+    WavLMEmotionModel applies it (encoder_states), so that all hidden states stay in the weighting.
+    """
     from transformers import WavLMModel
 
     from ser_cache.encoders import HUB_IDS
@@ -125,9 +182,7 @@ def load_wavlm(name: str, *, layerdrop: float = 0.0):
     from ser_cache.encoders.wavlm import _input_conventions
 
     resolved = resolve_model(name, HUB_IDS)
-    # layerdrop skips whole layers at random: it would change what the layer weighting sees
-    # from step to step, and under DDP ranks would skip different layers (unused parameters).
-    model = load_pretrained(WavLMModel, resolved, layerdrop=layerdrop)
+    model = load_pretrained(WavLMModel, resolved)
     if getattr(model.config, "model_type", "wavlm") != "wavlm":
         from ser_cache.encoders.base import EncoderError
 
@@ -136,18 +191,21 @@ def load_wavlm(name: str, *, layerdrop: float = 0.0):
     return model, resolved, normalize, uses_mask
 
 
-def architecture(model: WavLMEmotionModel, resolved, *, conv_dim: int, conv_layers: int, dropout: float,
-                 max_seconds: float, revision: str) -> dict:
+def architecture(model: WavLMEmotionModel, resolved, *, max_seconds: float, revision: str) -> dict:
     """config.json's "wavlm" entry: everything needed to rebuild the model without the hub."""
+    pool = model.pool
     return {
         "model_id": resolved.model_id,
         "revision": revision,
         "config": model.wavlm.config.to_dict(),
         "normalize": model.normalize,
         "attention_mask": model.attention_mask,
-        "conv_dim": conv_dim,
-        "conv_layers": conv_layers,
-        "dropout": dropout,
+        "conv_dim": pool.dim,
+        "conv_layers": pool.layers,
+        "conv_dropout": pool.dropout,
+        "conv_final_activation": pool.final_activation,
+        "last_state": model.last_state,
+        "layerdrop": model.layerdrop,
         "max_seconds": max_seconds,
         "sample_rate": audio_lib.SAMPLE_RATE,
         "input": AUDIO_INPUT,
@@ -155,7 +213,12 @@ def architecture(model: WavLMEmotionModel, resolved, *, conv_dim: int, conv_laye
 
 
 def build_from_config(config: dict) -> WavLMEmotionModel:
-    """The (untrained) model a run's config.json describes; then load model.safetensors into it."""
+    """The (untrained) model a run's config.json describes; then load model.safetensors into it.
+
+    Runs written before ser-cache built the authors' architecture lack "last_state" and
+    "conv_final_activation": they are rebuilt as they were trained (last state before the final
+    layer norm, ReLU and dropout after the last convolution), never silently as the new model.
+    """
     from transformers import WavLMConfig, WavLMModel
 
     from ser_cache.heads import MultitaskHeads
@@ -167,8 +230,17 @@ def build_from_config(config: dict) -> WavLMEmotionModel:
     wavlm = WavLMModel(WavLMConfig(**wavlm_cfg))
     heads = MultitaskHeads.from_config(config["heads"])
     return WavLMEmotionModel(wavlm, heads, conv_dim=arch["conv_dim"], conv_layers=arch["conv_layers"],
-                             dropout=arch["dropout"], normalize=arch["normalize"],
-                             attention_mask=arch["attention_mask"])
+                             conv_dropout=arch.get("conv_dropout", arch.get("dropout", 0.1)),
+                             normalize=arch["normalize"], attention_mask=arch["attention_mask"],
+                             layerdrop=float(arch.get("layerdrop", 0.0)),
+                             last_state=arch.get("last_state", LEGACY_LAST_STATE),
+                             conv_final_activation=bool(arch.get("conv_final_activation", True)))
+
+
+def model_state(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """A fine-tuned run's weights as WavLMEmotionModel keys: without the AAM's, and the convolutions of
+    runs written before model.ConvPool ("convs.*") under their present name ("pool.convs.*")."""
+    return {("pool." + k if k.startswith("convs.") else k): v for k, v in tensors.items() if not k.startswith("aam.")}
 
 
 def load_finetuned(run_dir: Path, config: dict, *, device: str = "cpu") -> WavLMEmotionModel:
@@ -181,9 +253,8 @@ def load_finetuned(run_dir: Path, config: dict, *, device: str = "cpu") -> WavLM
     if not weights.is_file():
         raise runs.RunError(f"{run_dir}: {runs.WEIGHTS} is missing; the run is incomplete")
     model = build_from_config(config)
-    state = {k: v for k, v in load_file(str(weights)).items() if not k.startswith("aam.")}
     try:
-        model.load_state_dict(state, strict=True)
+        model.load_state_dict(model_state(load_file(str(weights))), strict=True)
     except RuntimeError as exc:
         raise runs.RunError(f"{weights}: weights do not fit the model in {runs.CONFIG} "
                             f"({str(exc).splitlines()[0]})") from None

@@ -46,18 +46,21 @@ class ConvPool(nn.Module):
     """
 
     def __init__(self, in_dim: int, *, dim: int = CONV_DIM, layers: int = CONV_LAYERS,
-                 dropout: float = CONV_DROPOUT) -> None:
+                 dropout: float = CONV_DROPOUT, final_activation: bool = False) -> None:
         super().__init__()
         if in_dim < 1 or dim < 1 or layers < 1:
             raise ValueError(f"ConvPool needs positive sizes, got in_dim={in_dim}, dim={dim}, layers={layers}")
         if not 0 <= dropout < 1:
             raise ValueError(f"dropout must lie in [0, 1), got {dropout}")
         self.in_dim, self.dim, self.layers, self.dropout = int(in_dim), int(dim), int(layers), float(dropout)
+        # final_activation: ReLU and dropout after the last convolution too. Only for fine-tuned runs
+        # written before ser-cache followed the authors here (their config.json says so); never new.
+        self.final_activation = bool(final_activation)
         modules: list[nn.Module] = []
         width = self.in_dim
         for i in range(self.layers):
             modules.append(nn.Conv1d(width, self.dim, kernel_size=1))
-            if i < self.layers - 1:  # nothing after the last convolution, as the authors built it
+            if i < self.layers - 1 or self.final_activation:  # the authors: nothing after the last one
                 modules += [nn.ReLU(), nn.Dropout(self.dropout)]
             width = self.dim
         self.convs = nn.Sequential(*modules)
@@ -74,7 +77,10 @@ class ConvPool(nn.Module):
         return masked_mean(self.frames(x).float(), lengths)
 
     def config(self) -> dict[str, Any]:
-        return {"in_dim": self.in_dim, "dim": self.dim, "layers": self.layers, "dropout": self.dropout}
+        cfg = {"in_dim": self.in_dim, "dim": self.dim, "layers": self.layers, "dropout": self.dropout}
+        if self.final_activation:
+            cfg["final_activation"] = True
+        return cfg
 
 
 class FeatureModel(nn.Module):
@@ -101,6 +107,10 @@ class FeatureModel(nn.Module):
     @property
     def n_genders(self) -> int:
         return self.heads.n_genders
+
+    def layer_weights(self) -> dict[str, Tensor]:
+        """The heads' learned per-layer weights of each (L, D) input, for inspection."""
+        return self.heads.layer_weights()
 
     def pooled(self, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
         """The heads' inputs: frame inputs pooled through their ConvPool, vector inputs as given."""

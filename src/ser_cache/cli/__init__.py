@@ -53,3 +53,4 @@ from ser_cache.cli import stage_two  # noqa: E402,F401
 from ser_cache.cli import demo  # noqa: E402,F401
 from ser_cache.cli import bench  # noqa: E402,F401
 from ser_cache.cli import finetune  # noqa: E402,F401
+from ser_cache.cli import imports  # noqa: E402,F401

@@ -45,8 +45,13 @@ def wavlm(
     balanced_trials: shared.BalancedTrials = 10,
     balanced_per_class: shared.BalancedPerClass = None,
     hidden: shared.Hidden = 256,
-    dropout: float = typer.Option(0.1, help="Dropout in the point-wise convolutions and the heads."),
+    dropout: float = typer.Option(0.0, help="Dropout in the heads (the authors' heads have none)."),
     conv_dim: int = typer.Option(256, help="Channels of the point-wise convolutions (paper: 256)."),
+    conv_dropout: float = typer.Option(0.1, help="Dropout between the point-wise convolutions (the authors': 0.1)."),
+    layerdrop: Optional[float] = typer.Option(None, help="Probability of skipping each WavLM layer in training "
+                                                         "(default: the checkpoint's, 0.1 for wavlm-large, as the authors)."),
+    init_from: Optional[Path] = typer.Option(None, help="Start from the weights of a fine-tuned run (e.g. one made by "
+                                                        "`ser-cache import vox-profile`)."),
     workers: Optional[int] = typer.Option(None, help="Processes decoding audio per rank; 0 decodes in the training "
                                                      "process (default: up to 4 on a GPU, 0 on a CPU)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (under torchrun each rank takes its own GPU)."),
@@ -71,7 +76,8 @@ def wavlm(
                          seed=seed, undersample=not no_undersample, ox=ox, gender_weight=gender_weight,
                          speaker_weight=speaker_weight, aam_margin=aam_margin, aam_scale=aam_scale, select=select,
                          balanced_trials=balanced_trials, balanced_per_class=balanced_per_class, hidden=hidden,
-                         dropout=dropout, conv_dim=conv_dim, workers=workers, device=device, threads=threads,
+                         dropout=dropout, conv_dim=conv_dim, conv_dropout=conv_dropout, layerdrop=layerdrop,
+                         init_from=init_from, workers=workers, device=device, threads=threads,
                          resume=resume, overwrite=overwrite, progress=progress)
     result = guarded(finetune_wavlm, cfg)
     if result is None or not _is_main():

@@ -1,0 +1,393 @@
+"""`ser-cache import vox-profile`: the challenge winner's released checkpoints as ordinary ser-cache runs.
+
+The authors released their dimensional-emotion models (`tiantiaf/wavlm-large-msp-podcast-emotion-dim`,
+`tiantiaf/whisper-large-v3-msp-podcast-emotion-dim`) in the layout of their model code
+(vox-profile-release, src/model/emotion/{wavlm,whisper}_emotion_dim.py), saved by
+huggingface_hub's PyTorchModelHubMixin:
+
+    config.json          the wrapper's constructor arguments: pretrain_model (wavlm_large, wavlm,
+                         whisper_large, whisper_tiny/base/small/medium), hidden_dim, finetune_method,
+                         lora_rank, use_conv_output, predict_gender, ...
+    model.safetensors    backbone_model.*            the whole WavLMModel / WhisperModel state
+                         weights                     layer-weight logits (WavLM; unused by Whisper)
+                         model_seq.{0,3,6}.*         the three 1×1 convolutions
+                         {arousal,valence,dominance}_layer.{0,2}.*   Linear–ReLU–Linear, then Sigmoid
+                         gender_layer.{0,2}.*        optional, 2 logits
+                         emotion_layer, detailed_out_layer, embed_positions, the Whisper decoder: unused
+
+Their forward, which the imported run reproduces:
+- WavLM: every hidden state (the last after the encoder's final layer norm, transformers 4.46),
+  softmax(weights)-weighted sum (over all L + 1 states with use_conv_output, else over the L
+  layer outputs), the convolutions, the mean over the valid frames, the heads, sigmoid.
+  wavlm_large inputs are normalised per clip and masked; wavlm (base) inputs are neither.
+- Whisper: the frozen-window encoder (15 s, 750 positions), its last layer after the final layer
+  norm, the convolutions, the mean over the first (n // 160 - 1) // 2 + 1 frames, heads, sigmoid.
+
+The sigmoid outputs lie in [0, 1]; the run maps them onto `label_range` (1–7 for MSP-Podcast),
+exactly as ser-cache's heads map theirs onto the training labels' range (paper Eq. 2).
+
+A WavLM checkpoint becomes a fine-tuned-WavLM run (finetune_model.py); a Whisper checkpoint becomes
+a frame-heads run whose input is the checkpoint's own Whisper encoder (saved into the run as
+`encoder/`, a model directory like any other) followed by a ConvPool (model.FeatureModel).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from ser_cache import __version__, runs
+
+log = logging.getLogger(__name__)
+
+BACKBONES = {  # the authors' pretrain_model → the encoder it was built from
+    "wavlm_large": "microsoft/wavlm-large",
+    "wavlm": "microsoft/wavlm-base-plus",
+    "whisper_large": "openai/whisper-large-v3",
+    "whisper_medium": "openai/whisper-medium",
+    "whisper_small": "openai/whisper-small",
+    "whisper_base": "openai/whisper-base",
+    "whisper_tiny": "openai/whisper-tiny",
+}
+HEADS = {"arousal": "arousal_layer", "valence": "valence_layer", "dominance": "dominance_layer"}
+IGNORED_PREFIXES = ("emotion_layer.", "detailed_out_layer.", "backbone_model.decoder.")
+IGNORED_KEYS = ("embed_positions",)
+DEFAULT_GENDER_LABELS = ("Female", "Male")  # the order of the authors' sex model (src/example/age_sex_wavlm.py)
+ENCODER_DIR = "encoder"  # a Whisper run's own encoder, inside the run directory
+LORA_ALPHA = 1.0  # loralib's default; lora.Linear(..., r=lora_rank) is how the authors build them
+
+
+class ImportError_(Exception):
+    """A checkpoint cannot be imported; the message names the file, key or option."""
+
+
+@dataclass(frozen=True)
+class ImportConfig:
+    source: str  # hub id or local directory in the authors' layout
+    out: Path
+    backbone: str | None = None
+    label_range: tuple[float, float] = (1.0, 7.0)
+    gender_labels: tuple[str, ...] = DEFAULT_GENDER_LABELS
+    overwrite: bool = False
+
+    def verify(self) -> None:
+        problems = []
+        lo, hi = self.label_range
+        if not hi > lo:
+            problems.append(f"--label-range {lo} {hi}: expected LOW HIGH with HIGH > LOW")
+        if len(self.gender_labels) != 2 or len(set(self.gender_labels)) != 2:
+            problems.append(f"--gender-labels {','.join(self.gender_labels)}: expected two different labels")
+        if problems:
+            raise ImportError_("; ".join(problems))
+
+
+@dataclass
+class ImportResult:
+    run_dir: Path
+    system: str  # "finetuned-wavlm" or "frame-heads"
+    pretrain_model: str
+    merged_lora: int  # LoRA pairs merged into dense weights
+
+
+# --------------------------------------------------------------------------- reading the checkpoint
+
+
+def checkpoint_files(source: str) -> tuple[Path, Path, str]:
+    """(config.json, model.safetensors, revision) of a local directory or a hub id (cache first)."""
+    from ser_cache.encoders.base import EncoderError, resolve_model
+
+    p = Path(source).expanduser()
+    if p.is_dir():
+        files = (p / "config.json", p / "model.safetensors")
+        for f in files:
+            if not f.is_file():
+                raise ImportError_(f"{source}: no {f.name}; expected the authors' layout (config.json and "
+                                   "model.safetensors saved by their WavLMWrapper/WhisperWrapper)")
+        return files[0], files[1], _digest(files)
+    try:
+        resolved = resolve_model(source, {})
+    except EncoderError as exc:
+        raise ImportError_(str(exc)) from None
+    from huggingface_hub import hf_hub_download
+
+    try:
+        paths = [Path(hf_hub_download(resolved.source, name, local_files_only=resolved.local_only))
+                 for name in ("config.json", "model.safetensors")]
+    except Exception as exc:  # the hub client raises many kinds; one message for all
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ImportError_(f"{source}: the checkpoint could not be had ({reason}); on a machine with internet run "
+                           f"`hf download {source} --local-dir DIR`, copy DIR here and pass it instead") from None
+    revision = paths[0].parent.name if "snapshots" in paths[0].parts else _digest(paths)
+    return paths[0], paths[1], revision
+
+
+def _digest(files: Sequence[Path]) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()[:16]
+
+
+def read_wrapper_config(path: Path) -> dict:
+    try:
+        config = json.loads(Path(path).read_text())
+    except (OSError, ValueError) as exc:
+        raise ImportError_(f"{path}: not readable JSON ({exc})") from None
+    if not isinstance(config, dict) or "pretrain_model" not in config:
+        raise ImportError_(f"{path}: no 'pretrain_model'; expected the authors' wrapper arguments "
+                           f"(pretrain_model, hidden_dim, finetune_method, ...)")
+    if config["pretrain_model"] not in BACKBONES:
+        raise ImportError_(f"{path}: pretrain_model {config['pretrain_model']!r} is not one of "
+                           f"{', '.join(BACKBONES)}")
+    return config
+
+
+def read_weights(path: Path) -> dict[str, Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own error type for a damaged file
+        raise ImportError_(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
+
+
+def merge_lora(tensors: dict[str, Tensor], rank: int, alpha: float = LORA_ALPHA) -> tuple[dict[str, Tensor], int]:
+    """Fold loralib's lora_A/lora_B pairs into their dense weights: W + (B @ A) · alpha / r.
+
+    That is what loralib's Linear computes (and, in eval mode, merges in place), so the merged
+    dense layer gives the authors' outputs. Returns the new tensors and the number of pairs merged.
+    """
+    out = dict(tensors)
+    merged = 0
+    for key in [k for k in tensors if k.endswith(".lora_A")]:
+        base = key.removesuffix(".lora_A")
+        b_key, w_key = base + ".lora_B", base + ".weight"
+        if b_key not in tensors or w_key not in tensors:
+            raise ImportError_(f"LoRA weights {key} come without {b_key} or {w_key}")
+        a, b = tensors[key].float(), tensors[b_key].float()
+        r = a.shape[0]
+        if rank and r != rank:
+            log.warning("LoRA %s has rank %d, the config says %d; merging with the weights' rank", base, r, rank)
+        w = tensors[w_key]
+        out[w_key] = (w.float() + (b @ a) * (alpha / r)).to(w.dtype)
+        del out[key], out[b_key]
+        merged += 1
+    return out, merged
+
+
+def _weight_norm_names(key: str) -> str:
+    """Older torch saved the WavLM positional convolution's weight norm as weight_g/weight_v."""
+    return key.replace("conv.weight_g", "conv.parametrizations.weight.original0").replace(
+        "conv.weight_v", "conv.parametrizations.weight.original1")
+
+
+def split_weights(tensors: Mapping[str, Tensor], backbone_keys: set[str], *, predict_gender: bool,
+                  whisper: bool) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(backbone state, head-side tensors by the authors' names); unknown or missing keys are errors."""
+    backbone, rest, unknown = {}, {}, []
+    for key, value in tensors.items():
+        if key.startswith(IGNORED_PREFIXES) or key in IGNORED_KEYS:
+            continue
+        if key.startswith("backbone_model."):
+            name = _weight_norm_names(key.removeprefix("backbone_model."))
+            if whisper:
+                if not name.startswith("encoder."):
+                    unknown.append(key)
+                    continue
+            if name in backbone_keys:
+                backbone[name] = value
+            else:
+                unknown.append(key)
+            continue
+        rest[key] = value
+    expected = {f"model_seq.{i}.{p}" for i in (0, 3, 6) for p in ("weight", "bias")}
+    expected |= {f"{layer}.{i}.{p}" for layer in HEADS.values() for i in (0, 2) for p in ("weight", "bias")}
+    if predict_gender:
+        expected |= {f"gender_layer.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    if not whisper:
+        expected.add("weights")
+    unknown += sorted(k for k in rest if k not in expected and k != "weights")
+    missing = sorted(expected - set(rest)) + sorted(k for k in backbone_keys if k not in backbone
+                                                     and not _rebuilt(k))
+    problems = []
+    if unknown:
+        problems.append(f"unknown key(s) {', '.join(sorted(unknown)[:8])}{' …' if len(unknown) > 8 else ''}")
+    if missing:
+        problems.append(f"missing key(s) {', '.join(missing[:8])}{' …' if len(missing) > 8 else ''}")
+    if problems:
+        raise ImportError_("; ".join(problems))
+    return backbone, {k: v for k, v in rest.items() if k in expected}
+
+
+def _rebuilt(key: str) -> bool:
+    """Parts of the backbone a checkpoint may omit: buffers transformers rebuilds, pre-training-only tables."""
+    return key.endswith(("position_ids", "masked_spec_embed")) or key.startswith(("quantizer.", "project_"))
+
+
+def head_state(rest: Mapping[str, Tensor], *, lo: float, hi: float, predict_gender: bool) -> dict[str, Tensor]:
+    """The authors' heads and convolutions under ser-cache's names (heads.*, and the conv stack's convs.*)."""
+    out: dict[str, Tensor] = {}
+    for attr, layer in HEADS.items():
+        for i, j in ((0, 0), (2, 3)):  # Linear–ReLU–Linear → ser-cache's Linear, ReLU, Dropout(0), Linear
+            for p in ("weight", "bias"):
+                out[f"heads.regressors.{attr}.mlp.{j}.{p}"] = rest[f"{layer}.{i}.{p}"]
+        out[f"heads.regressors.{attr}.lo"] = torch.tensor(float(lo))
+        out[f"heads.regressors.{attr}.hi"] = torch.tensor(float(hi))
+    if predict_gender:
+        for i, j in ((0, 0), (2, 3)):
+            for p in ("weight", "bias"):
+                out[f"heads.gender.{j}.{p}"] = rest[f"gender_layer.{i}.{p}"]
+    for i in (0, 3, 6):
+        for p in ("weight", "bias"):
+            out[f"convs.{i}.{p}"] = rest[f"model_seq.{i}.{p}"]
+    return out
+
+
+# --------------------------------------------------------------------------- the import
+
+
+def import_vox_profile(cfg: ImportConfig) -> ImportResult:
+    """Turn the authors' checkpoint into a run directory at cfg.out (written whole, then renamed)."""
+    cfg.verify()
+    runs.check_run_target(cfg.out, cfg.overwrite)
+    config_path, weights_path, revision = checkpoint_files(cfg.source)
+    wrapper = read_wrapper_config(config_path)
+    tensors = read_weights(weights_path)
+    merged = 0
+    if any(k.endswith(".lora_A") for k in tensors):
+        tensors, merged = merge_lora(tensors, int(wrapper.get("lora_rank") or 0))
+        log.info("merged %d LoRA pair(s) into their dense weights (scaling %g / r)", merged, LORA_ALPHA)
+    kind = "whisper" if wrapper["pretrain_model"].startswith("whisper") else "wavlm"
+    backbone = cfg.backbone or BACKBONES[wrapper["pretrain_model"]]
+    imported = {"source": cfg.source, "revision": revision, "wrapper": wrapper, "backbone": backbone,
+                "merged_lora": merged}
+    if kind == "wavlm":
+        _import_wavlm(cfg, wrapper, tensors, backbone, imported)
+        system = "finetuned-wavlm"
+    else:
+        _import_whisper(cfg, wrapper, tensors, backbone, imported)
+        system = "frame-heads"
+    log.info("imported %s (%s) into %s", cfg.source, wrapper["pretrain_model"], cfg.out)
+    return ImportResult(run_dir=Path(cfg.out), system=system, pretrain_model=wrapper["pretrain_model"],
+                        merged_lora=merged)
+
+
+def _backbone_config(backbone: str, config_cls):
+    from ser_cache.encoders import HUB_IDS
+    from ser_cache.encoders.base import EncoderError, load_error, quiet_loading, resolve_model
+
+    try:
+        resolved = resolve_model(backbone, HUB_IDS)
+    except EncoderError as exc:
+        raise ImportError_(f"--backbone: {exc}") from None
+    try:
+        with quiet_loading():
+            return config_cls.from_pretrained(resolved.source, local_files_only=resolved.local_only), resolved
+    except (OSError, ValueError) as exc:
+        raise ImportError_(f"--backbone: {load_error(resolved, exc)}") from None
+
+
+def _heads(hidden: int, input_name: str, cfg: ImportConfig, predict_gender: bool):
+    from ser_cache.heads import MultitaskHeads
+
+    lo, hi = cfg.label_range
+    return MultitaskHeads({input_name: (hidden,)}, hidden=hidden, dropout=0.0, label_min=[lo] * 3,
+                          label_max=[hi] * 3, n_genders=2 if predict_gender else 0)
+
+
+def _run_config(cfg: ImportConfig, heads, imported: dict, predict_gender: bool, **extra) -> dict:
+    lo, hi = cfg.label_range
+    gender_labels = list(cfg.gender_labels) if predict_gender else []
+    return {
+        "format": runs.RUN_FORMAT,
+        "format_version": runs.RUN_FORMAT_VERSION,
+        "package_version": __version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+        "imported": imported,
+        "train": {"imported_from": cfg.source, "seed": 0, "balanced_trials": 10, "balanced_per_class": None,
+                  "ox": "keep", "dev_split": None},
+        "excluded_stores": [],
+        "labels": {"attributes": ["arousal", "valence", "dominance"], "min": [lo] * 3, "max": [hi] * 3},
+        "gender_labels": gender_labels,
+        "n_speakers": 0,
+        "speakers": [],
+        "heads": heads.config(),
+        "data": {},
+        "best_epoch": None,
+    }
+
+
+def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict) -> None:
+    from safetensors.torch import save_file
+    from transformers import WavLMConfig, WavLMModel
+
+    from ser_cache.atomic import atomic_path
+    from ser_cache.finetune_model import AUDIO_INPUT, LAST_STATE, SYSTEM, WavLMEmotionModel, architecture
+
+    wavlm_config, resolved = _backbone_config(backbone, WavLMConfig)
+    if getattr(wavlm_config, "model_type", "") != "wavlm":
+        raise ImportError_(f"--backbone {backbone}: a {wavlm_config.model_type} model, not a WavLM")
+    wavlm = WavLMModel(wavlm_config)
+    predict_gender = bool(wrapper.get("predict_gender", False))
+    backbone_state, rest = split_weights(tensors, set(wavlm.state_dict()), predict_gender=predict_gender,
+                                         whisper=False)
+    hidden = int(wrapper.get("hidden_dim", 256))
+    heads = _heads(hidden, AUDIO_INPUT, cfg, predict_gender)
+    large = wrapper["pretrain_model"] == "wavlm_large"
+    # The authors run wavlm-large through its processor (per-clip normalisation) with a padding mask,
+    # and the base model on the raw batch without either.
+    model = WavLMEmotionModel(wavlm, heads, conv_dim=hidden, conv_dropout=0.1, normalize=large,
+                              attention_mask=large, layerdrop=float(wavlm_config.layerdrop), last_state=LAST_STATE)
+    n_states = wavlm_config.num_hidden_layers + 1
+    weights = rest["weights"].float()
+    if wrapper.get("use_conv_output", True):
+        if weights.shape != (n_states,):
+            raise ImportError_(f"weights: expected {n_states} layer weights (use_conv_output), got {tuple(weights.shape)}")
+        logits = weights
+    else:
+        if weights.shape != (n_states - 1,):
+            raise ImportError_(f"weights: expected {n_states - 1} layer weights, got {tuple(weights.shape)}")
+        # Their softmax covers the layer outputs only; the CNN projection gets weight exp(-1e4) = 0.
+        logits = torch.cat([torch.tensor([-1e4]), weights])
+    state = {f"wavlm.{k}": v for k, v in backbone_state.items()}
+    state["layer_weighting.logits"] = logits
+    state.update({("pool." + k if k.startswith("convs.") else k): v
+                  for k, v in head_state(rest, lo=cfg.label_range[0], hi=cfg.label_range[1],
+                                         predict_gender=predict_gender).items()})
+    _load_checked(model, state)
+    arch = architecture(model, resolved, max_seconds=15.0, revision="imported:" + imported["revision"])
+    config = _run_config(cfg, heads, imported, predict_gender, system=SYSTEM, wavlm=arch, inputs=[])
+    with runs.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
+        tensors_out = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        with atomic_path(tmp / runs.WEIGHTS) as f:
+            save_file(tensors_out, str(f))
+        runs.write_json_atomic(tmp / runs.CONFIG, config)
+
+
+def _load_checked(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
+    """Load `state` into `model`; every parameter and buffer must be given, with its shape."""
+    ours = model.state_dict()
+    problems = [f"{k} {tuple(v.shape)} (expected {tuple(ours[k].shape)})" for k, v in state.items()
+                if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
+    missing = [k for k in ours if k not in state and not _rebuilt(k.split(".", 1)[-1])]
+    if problems or missing:
+        raise ImportError_("the checkpoint does not fit its backbone configuration: "
+                           + "; ".join(problems[:5] + [f"missing {k}" for k in missing[:5]])
+                           + " — pass the --backbone it was trained from")
+    model.load_state_dict({k: v for k, v in state.items() if k in ours}, strict=False)
+
+
+def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict) -> None:
+    raise ImportError_("Whisper checkpoints are not importable yet")

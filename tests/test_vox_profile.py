@@ -1,0 +1,208 @@
+"""`ser-cache import vox-profile`: checkpoints in the authors' layout, imported and compared with an
+independent re-statement of the authors' forward (vox-profile-release, *_emotion_dim.py).
+
+The reference forwards below are written from the description of the authors' code, with stock
+transformers modules and plain tensor operations; they share nothing with ser-cache's model code.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+
+import factories
+from ser_cache import runs
+
+HIDDEN = 16  # the authors' hidden_dim, small for the test
+ATTRS = ("arousal", "valence", "dominance")
+
+
+def _head_tensors(prefix: str, in_dim: int, out_dim: int, gen: torch.Generator) -> dict:
+    """Linear(in, hidden) – ReLU – Linear(hidden, out): keys {prefix}.0 and {prefix}.2."""
+    return {f"{prefix}.0.weight": torch.randn(HIDDEN, in_dim, generator=gen) * 0.3,
+            f"{prefix}.0.bias": torch.randn(HIDDEN, generator=gen) * 0.1,
+            f"{prefix}.2.weight": torch.randn(out_dim, HIDDEN, generator=gen) * 0.3,
+            f"{prefix}.2.bias": torch.randn(out_dim, generator=gen) * 0.1}
+
+
+def _downstream(in_dim: int, gen: torch.Generator, *, gender: bool) -> dict:
+    t = {}
+    for i, (cin, cout) in zip((0, 3, 6), ((in_dim, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, HIDDEN))):
+        t[f"model_seq.{i}.weight"] = torch.randn(cout, cin, 1, generator=gen) * 0.3
+        t[f"model_seq.{i}.bias"] = torch.randn(cout, generator=gen) * 0.1
+    for attr in ATTRS:
+        t.update(_head_tensors(f"{attr}_layer", HIDDEN, 1, gen))
+    if gender:
+        t.update(_head_tensors("gender_layer", HIDDEN, 2, gen))
+    # Parts of the authors' wrapper that the dimensional model does not use.
+    t.update(_head_tensors("emotion_layer", HIDDEN, 4, gen))
+    t.update(_head_tensors("detailed_out_layer", HIDDEN, 17, gen))
+    return t
+
+
+def _write_checkpoint(path: Path, wrapper: dict, tensors: dict) -> Path:
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(wrapper))
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
+    return path
+
+
+def authors_wavlm_checkpoint(path: Path, backbone_dir: Path, *, gender: bool = True, lora: bool = False):
+    """A WavLMWrapper checkpoint (pretrain_model wavlm_large) with random weights and a non-uniform `weights`."""
+    from transformers import WavLMModel
+
+    gen = torch.Generator().manual_seed(1)
+    backbone = WavLMModel.from_pretrained(backbone_dir)
+    state = {f"backbone_model.{k}": v.clone() for k, v in backbone.state_dict().items()}
+    n_states = backbone.config.num_hidden_layers + 1
+    tensors = {**state, "weights": torch.randn(n_states, generator=gen),
+               **_downstream(backbone.config.hidden_size, gen, gender=gender)}
+    if lora:
+        layer = backbone.config.num_hidden_layers - 1  # the authors add LoRA to layers > L // 2
+        for dense in ("intermediate_dense", "output_dense"):
+            w = tensors[f"backbone_model.encoder.layers.{layer}.feed_forward.{dense}.weight"]
+            tensors[f"backbone_model.encoder.layers.{layer}.feed_forward.{dense}.lora_A"] = \
+                torch.randn(4, w.shape[1], generator=gen) * 0.2
+            tensors[f"backbone_model.encoder.layers.{layer}.feed_forward.{dense}.lora_B"] = \
+                torch.randn(w.shape[0], 4, generator=gen) * 0.2
+    wrapper = {"pretrain_model": "wavlm_large", "hidden_dim": HIDDEN, "finetune_method": "lora" if lora else "finetune",
+               "lora_rank": 4, "freeze_params": False, "output_class_num": 4, "use_conv_output": True,
+               "detailed_class_num": 17, "predict_gender": gender}
+    return _write_checkpoint(path, wrapper, tensors), tensors
+
+
+def _heads(features: torch.Tensor, t: dict, prefix: str) -> torch.Tensor:
+    h = F.relu(features @ t[f"{prefix}.0.weight"].T + t[f"{prefix}.0.bias"])
+    return h @ t[f"{prefix}.2.weight"].T + t[f"{prefix}.2.bias"]
+
+
+def _convs(frames: torch.Tensor, t: dict) -> torch.Tensor:
+    """(T, D) → (T, HIDDEN): Conv1d 1×1, ReLU, Conv1d, ReLU, Conv1d (dropout off in eval)."""
+    x = frames.T[None]
+    x = F.relu(F.conv1d(x, t["model_seq.0.weight"], t["model_seq.0.bias"]))
+    x = F.relu(F.conv1d(x, t["model_seq.3.weight"], t["model_seq.3.bias"]))
+    return F.conv1d(x, t["model_seq.6.weight"], t["model_seq.6.bias"])[0].T
+
+
+def authors_wavlm_forward(tensors: dict, backbone_dir: Path, wave: np.ndarray) -> np.ndarray:
+    """One clip as the authors' WavLMWrapper computes it: (arousal, valence, dominance) in [0, 1]."""
+    from transformers import WavLMModel
+
+    model = WavLMModel.from_pretrained(backbone_dir).eval()
+    dense = {}
+    for k, v in tensors.items():
+        if k.startswith("backbone_model.") and not k.endswith(("lora_A", "lora_B")):
+            dense[k.removeprefix("backbone_model.")] = v.clone()
+    for k in [k for k in tensors if k.endswith("lora_A")]:  # loralib: W + B A · alpha / r, alpha 1
+        base = k.removesuffix(".lora_A").removeprefix("backbone_model.")
+        a, b = tensors[k], tensors[k.removesuffix("lora_A") + "lora_B"]
+        dense[base + ".weight"] = dense[base + ".weight"] + b @ a / a.shape[0]
+    model.load_state_dict(dense)
+    x = torch.from_numpy((wave - wave.mean()) / np.sqrt(wave.var() + 1e-7)).float()[None]  # the processor
+    with torch.no_grad():
+        out = model(x, attention_mask=torch.ones_like(x, dtype=torch.long), output_hidden_states=True)
+        # transformers 4.46, which the authors trained with, returns the last state after the final norm.
+        states = torch.stack([*out.hidden_states[:-1], out.last_hidden_state])[:, 0]
+        mixed = (F.softmax(tensors["weights"], dim=-1)[:, None, None] * states).sum(0)
+        pooled = _convs(mixed, tensors).mean(0)
+        return np.array([torch.sigmoid(_heads(pooled, tensors, f"{a}_layer"))[0].item() for a in ATTRS])
+
+
+def _clips(root: Path, seconds=(1.3, 2.1, 0.8)) -> list[Path]:
+    return [factories.write_wav(root / f"clip{i}.wav", factories.tone(s, seed=i, freq=140 + 30 * i))
+            for i, s in enumerate(seconds)]
+
+
+def _predicted(run: Path, clips: list[Path], out: Path) -> np.ndarray:
+    from ser_cache.predict import predict
+
+    predict(run, files=clips, out=out, device="cpu")
+    ids, avd = runs.read_predictions(out)
+    assert ids == [c.name for c in clips]
+    return avd
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_wavlm_checkpoint_imports_and_predicts_what_the_authors_code_does(models, tmp_path, lora, one_torch_thread):
+    from ser_cache.vox_profile import ImportConfig, import_vox_profile
+
+    src, tensors = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"], lora=lora)
+    result = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["wavlm"])))
+    assert result.system == "finetuned-wavlm" and result.merged_lora == (2 if lora else 0)
+    clips = _clips(tmp_path / "audio")
+    avd = _predicted(result.run_dir, clips, tmp_path / "pred.csv")
+    for clip, row in zip(clips, avd):
+        import soundfile as sf
+
+        ref = authors_wavlm_forward(tensors, models["wavlm"], sf.read(clip, dtype="float32")[0])
+        np.testing.assert_allclose((row - 1) / 6, ref, atol=1e-4)
+    config = runs.read_config(result.run_dir)
+    assert config["gender_labels"] == ["Female", "Male"] and config["imported"]["wrapper"]["hidden_dim"] == HIDDEN
+    assert config["wavlm"]["last_state"] == "after-final-layer-norm"
+
+
+def test_imported_predictions_follow_the_label_range(models, tmp_path):
+    from ser_cache.vox_profile import ImportConfig, import_vox_profile
+
+    src, _ = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"], gender=False)
+    clips = _clips(tmp_path / "audio", seconds=(1.0,))
+    a = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "a", backbone=str(models["wavlm"])))
+    b = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "b", backbone=str(models["wavlm"]),
+                                        label_range=(0.0, 1.0)))
+    pa, pb = _predicted(a.run_dir, clips, tmp_path / "a.csv"), _predicted(b.run_dir, clips, tmp_path / "b.csv")
+    np.testing.assert_allclose(pa, 1 + 6 * pb, atol=1e-5)
+    assert runs.read_config(a.run_dir)["gender_labels"] == []
+
+
+def test_unknown_and_missing_keys_are_named(models, tmp_path):
+    from ser_cache.vox_profile import ImportConfig, ImportError_, import_vox_profile
+
+    src, tensors = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"])
+    extra = dict(tensors, surprise_layer=torch.zeros(3))
+    del extra["valence_layer.2.bias"]
+    _write_checkpoint(tmp_path / "bad", json.loads((src / "config.json").read_text()), extra)
+    with pytest.raises(ImportError_, match=r"unknown key\(s\) surprise_layer.*missing key\(s\) valence_layer.2.bias"):
+        import_vox_profile(ImportConfig(source=str(tmp_path / "bad"), out=tmp_path / "run",
+                                        backbone=str(models["wavlm"])))
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_checkpoint_for_another_backbone_is_refused(models, tmp_path):
+    from ser_cache.vox_profile import ImportConfig, ImportError_, import_vox_profile
+
+    src, _ = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"])
+    with pytest.raises(ImportError_, match="not a WavLM"):
+        import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["whisper"])))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImportError_, match="no config.json"):
+        import_vox_profile(ImportConfig(source=str(tmp_path / "empty"), out=tmp_path / "run"))
+
+
+def test_finetune_can_start_from_an_imported_run(models, tmp_path, one_torch_thread):
+    from safetensors.torch import load_file
+
+    from ser_cache.finetune import FinetuneConfig, finetune_wavlm
+    from ser_cache.vox_profile import ImportConfig, import_vox_profile
+    from test_finetune import learnable_corpus
+
+    src, _ = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"], gender=True)
+    imported = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "imported",
+                                               backbone=str(models["wavlm"])))
+    corpus = learnable_corpus(tmp_path / "corpus")
+    cfg = FinetuneConfig(data=corpus, out=tmp_path / "ft", model=str(models["wavlm"]), epochs=1, lr_encoder=1e-12,
+                         lr_heads=1e-12, conv_dim=HIDDEN, hidden=HIDDEN, gender_weight=1.0, undersample=False,
+                         select="ccc", device="cpu", progress=False, init_from=imported.run_dir, weight_decay=0.0)
+    result = finetune_wavlm(cfg)
+    a, b = load_file(str(imported.run_dir / runs.WEIGHTS)), load_file(str(result.run_dir / runs.WEIGHTS))
+    # With learning rates of 1e-12 nothing moves visibly: the run holds the imported weights (AdamW's
+    # first step moves a weight by about the learning rate), but its own label range.
+    same = [k for k in a if not k.endswith((".lo", ".hi"))]
+    assert same and max(float((a[k].float() - b[k].float()).abs().max()) for k in same) < 1e-8
+    lo = [k for k in b if k.endswith(".lo")]
+    assert any(not torch.equal(a[k], b[k]) for k in lo)  # the learnable corpus' labels do not span 1-7

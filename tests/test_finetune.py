@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 from safetensors.torch import load_file
 
@@ -68,7 +69,8 @@ def cli_args(cfg: FinetuneConfig) -> list[str]:
     return ["finetune", "wavlm", "--data", str(cfg.data), "--out", str(cfg.out), "--model", cfg.model,
             "--epochs", str(cfg.epochs), "--lr-encoder", str(cfg.lr_encoder), "--lr-heads", str(cfg.lr_heads),
             "--batch-seconds", str(cfg.batch_seconds), "--select", cfg.select, "--gender-weight",
-            str(cfg.gender_weight), "--dropout", str(cfg.dropout), "--device", "cpu", "--threads", "1",
+            str(cfg.gender_weight), "--dropout", str(cfg.dropout), "--conv-dropout", str(cfg.conv_dropout),
+            *(["--layerdrop", str(cfg.layerdrop)] if cfg.layerdrop is not None else []), "--device", "cpu", "--threads", "1",
             "--no-progress"]
 
 
@@ -275,3 +277,93 @@ def test_mmwavlm_with_cached_text_features(corpus_ft, models, tmp_path):
     assert "encoder" in bare.sources["minilm"]
     np.testing.assert_allclose(runs.read_predictions(bare.out)[1], runs.read_predictions(from_store.out)[1],
                                atol=2e-3)  # text features recomputed, then rounded to float16 like the store
+
+
+# --------------------------------------------------------------------------- the authors' WavLM
+
+
+def _tiny_wavlm(models, **changes):
+    from transformers import WavLMModel
+
+    model = WavLMModel.from_pretrained(models["wavlm"], **changes)
+    return model
+
+
+def test_encoder_states_are_those_of_transformers_4_in_eval(models):
+    """Inputs of every layer, then the output after the final layer norm (what 4.46 returned)."""
+    from ser_cache.finetune_model import LEGACY_LAST_STATE, encoder_states
+
+    wavlm = _tiny_wavlm(models).eval()
+    audio = torch.from_numpy(factories.tone(0.7))[None]
+    mask = torch.ones_like(audio, dtype=torch.long)
+    with torch.no_grad():
+        out = wavlm(audio, attention_mask=mask, output_hidden_states=True)
+        ours = encoder_states(wavlm, audio, mask, layerdrop=0.5)  # eval: LayerDrop off
+        legacy = encoder_states(wavlm, audio, mask, last_state=LEGACY_LAST_STATE)
+    assert len(ours) == wavlm.config.num_hidden_layers + 1
+    for a, b in zip(ours[:-1], out.hidden_states[:-1]):
+        torch.testing.assert_close(a, b)
+    torch.testing.assert_close(ours[-1], out.last_hidden_state)
+    torch.testing.assert_close(ours[-1], wavlm.encoder.layer_norm(out.hidden_states[-1]))
+    torch.testing.assert_close(legacy[-1], out.hidden_states[-1])
+
+
+def test_layerdrop_skips_layers_but_keeps_every_state_and_draws_alike(models):
+    """A skipped layer passes its input on (its state repeats); layer 0 is never skipped; the same
+    generator seed skips the same layers (as every rank does under torchrun)."""
+    from ser_cache.finetune_model import encoder_states
+
+    wavlm = _tiny_wavlm(models, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
+                        feat_proj_dropout=0.0, mask_time_prob=0.0).train()
+    audio = torch.from_numpy(factories.tone(0.7))[None]
+    with torch.no_grad():
+        all_dropped = encoder_states(wavlm, audio, None, layerdrop=0.999999, generator=torch.Generator().manual_seed(0))
+        a = encoder_states(wavlm, audio, None, layerdrop=0.5, generator=torch.Generator().manual_seed(3))
+        b = encoder_states(wavlm, audio, None, layerdrop=0.5, generator=torch.Generator().manual_seed(3))
+    assert len(all_dropped) == wavlm.config.num_hidden_layers + 1
+    assert not torch.equal(all_dropped[1], all_dropped[0])  # layer 0 ran
+    # Layer 1 (the tiny model's last) was skipped: its input passed on, through the final layer norm.
+    torch.testing.assert_close(all_dropped[2], wavlm.encoder.layer_norm(all_dropped[1]))
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y)
+
+
+def test_the_fine_tuned_model_takes_the_checkpoints_layerdrop_and_trains_the_final_norm(trained):
+    cfg, result = trained
+    config = runs.read_config(result.run_dir)
+    arch = config["wavlm"]
+    assert arch["layerdrop"] == pytest.approx(0.1)  # the tiny config's own, as WavLMConfig's default
+    assert arch["last_state"] == "after-final-layer-norm" and arch["conv_final_activation"] is False
+    assert config["heads"]["dropout"] == 0.0 and arch["conv_dropout"] == pytest.approx(0.1)
+    weights = load_file(str(result.run_dir / runs.WEIGHTS))
+    init = load_file(str(Path(cfg.model) / "model.safetensors"))
+    # The final layer norm reaches the output now, so it was trained (not frozen as unused).
+    assert not torch.equal(weights["wavlm.encoder.layer_norm.weight"], init["encoder.layer_norm.weight"])
+
+
+def test_a_run_written_before_the_authors_architecture_loads_as_it_was_trained(trained, tmp_path):
+    """Old fine-tuned runs: ReLU + dropout after the last conv, the last state before the final norm,
+    weights under "convs.*". They must be rebuilt that way, never silently as the new model."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from ser_cache.finetune_model import LEGACY_LAST_STATE, load_finetuned
+
+    _, result = trained
+    old = tmp_path / "old"
+    shutil.copytree(result.run_dir, old)
+    config = runs.read_config(old)
+    for key in ("last_state", "conv_final_activation", "conv_dropout", "layerdrop"):
+        config["wavlm"].pop(key)
+    runs.write_json_atomic(old / runs.CONFIG, config)
+    tensors = load_file(str(old / runs.WEIGHTS))
+    save_file({k.removeprefix("pool."): v for k, v in tensors.items()}, str(old / runs.WEIGHTS))
+    model = load_finetuned(old, config)
+    assert model.last_state == LEGACY_LAST_STATE and model.pool.final_activation
+    assert isinstance(model.pool.convs[-1], torch.nn.Dropout)
+    new = load_finetuned(result.run_dir, runs.read_config(result.run_dir))
+    audio = torch.from_numpy(factories.tone(0.9))[None]
+    lengths = torch.tensor([audio.shape[1]])
+    with torch.no_grad():
+        assert not torch.allclose(model(audio, lengths)["avd"], new(audio, lengths)["avd"])

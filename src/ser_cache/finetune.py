@@ -317,7 +317,8 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
         from torch.nn.parallel import DistributedDataParallel
 
         # With LayerDrop a skipped layer's parameters get no gradient in that step (on every rank
-        # alike: the ranks share the draws), which DDP accepts only when told to look for them.
+        # alike: the ranks share the draws), which DDP accepts only when told to look for them; it
+        # then leaves their gradients None, as one process does.
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=layerdrop > 0)
     from ser_cache import distributed

@@ -48,7 +48,9 @@ def encoder_states(wavlm: nn.Module, audio: Tensor, mask: Tensor | None, *, laye
 
     LayerDrop (training mode only, never layer 0, as transformers) draws from `generator`: under
     torchrun every rank holds the same generator, so all ranks skip the same layers and the
-    global batch takes the very step a single process would.
+    global batch takes the very step a single process would: a layer skipped on every rank gets
+    no gradient, which DDP (find_unused_parameters) leaves as None, as one process does, so AdamW
+    leaves it alone in both.
     """
     cfg = wavlm.config
     extract = wavlm.feature_extractor(audio).transpose(1, 2)

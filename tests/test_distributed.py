@@ -14,7 +14,8 @@ from ser_cache.extract import ExtractConfig, extract, report_path
 from ser_cache.store import FeatureStore
 
 
-def test_two_ranks_with_a_killed_rank_equal_a_single_process_run(models, tmp_path):
+@pytest.mark.parametrize("pooling", ["mean", "frames"])
+def test_two_ranks_with_a_killed_rank_equal_a_single_process_run(models, tmp_path, pooling):
     data = msp_corpus(tmp_path / "c", n=24, unlabeled=0)
     names = sorted(p.name for p in (data / "Audios").iterdir())
     for i in (0, 5):  # one bad file in a unit of each rank
@@ -36,23 +37,26 @@ def test_two_ranks_with_a_killed_rank_equal_a_single_process_run(models, tmp_pat
     out = tmp_path / "dist"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(wrapper),
            "extract", "--model", str(models["whisper"]), "--data", str(data), "--out", str(out), "--chunk-rows", "2",
-           "--device", "cpu", "--workers", "0", "--no-progress"]
+           "--device", "cpu", "--workers", "0", "--no-progress", "--pooling", pooling]
+    name = "whisper-tiny-frames.zarr" if pooling == "frames" else "whisper-tiny.zarr"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     # The job dies when rank 1 is killed (as on a cluster when a node goes down) ...
     first = subprocess.run(cmd, env={**env, "KILL_RANK_1": "1"}, capture_output=True, text=True, timeout=240)
     assert first.returncode != 0 and "exitcode: -9" in first.stderr, first.stderr[-3000:]
-    written, failed = FeatureStore.open(out / "whisper-tiny.zarr").flags()
+    written, failed = FeatureStore.open(out / name).flags()
     assert 0 < (written | failed).sum() < 24
     # ... and the same command again finishes the rest, with the ranks sharing what is left.
     second = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     ref = extract(ExtractConfig(model=str(models["whisper"]), data=data, out=tmp_path / "single", chunk_rows=2,
-                                device="cpu", workers=0, progress=False))
-    dist_store = FeatureStore.open(out / "whisper-tiny.zarr")
+                                device="cpu", workers=0, progress=False, pooling=pooling))
+    dist_store = FeatureStore.open(out / name)
     for a, b in zip(FeatureStore.open(ref.store).read(), dist_store.read()):
         np.testing.assert_array_equal(a, b)
+    if pooling == "frames":  # and every row's frame count, written with its chunk by whichever rank
+        np.testing.assert_array_equal(FeatureStore.open(ref.store).frame_counts(), dist_store.frame_counts())
     assert dist_store.attrs["complete"] is True
-    with open(report_path(out / "whisper-tiny.zarr"), newline="") as f:
+    with open(report_path(out / name), newline="") as f:
         assert sorted(r["id"] for r in csv.DictReader(f)) == [names[0], names[5]]
     assert not list(out.glob("*.partial.csv"))
 

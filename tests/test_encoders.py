@@ -27,6 +27,10 @@ def test_default_store_names():
     assert default_store_name("roberta-large") == "roberta-large"
     assert default_store_name("openai/whisper-large-v3") == "whisper-large-v3"
     assert default_store_name("/some/dir/my-model/") == "my-model"
+    # A frame store never takes the pooled store's place in the same folder.
+    assert default_store_name("whisper-large-v3", "frames") == "whisper-large-v3-frames"
+    assert default_store_name("/some/dir/my-model/", "frames") == "my-model-frames"
+    assert default_store_name("wavlm-large", "mean+std") == "wavlm-large"
 
 
 def test_whisper_15s_window_equals_stock_encoder_with_750_positions(models):

@@ -267,6 +267,8 @@ class _ScriptedEncoder:
     """Stands in for an encoder in `_encode_stream`: features are the inputs' lengths, "bad"
     makes a batch fail, "nan" gives a non-finite row; every step is logged."""
 
+    frame_level = False
+
     def __init__(self):
         self.log = []
 

@@ -76,3 +76,64 @@ def test_export_hdf5(tmp_path):
         np.testing.assert_array_equal(f["features"][:], s.read()[1])
         assert [x.decode() for x in f["ids"][:]] == s.ids().tolist()
         assert f["written"][:].sum() == 4 and f.attrs["fingerprint"] == "abc"
+
+
+def make_frames(tmp_path, n=6, t=5, d=2, rows=4):
+    ids = [f"u{i:02d}" for i in range(n)]
+    return FeatureStore.create(tmp_path / "f.zarr", ids, (t, d), {"fingerprint": "fr"}, chunk_rows=rows, frames=True)
+
+
+def test_frame_store_zeroes_padding_and_reads_valid_frames(tmp_path):
+    s = make_frames(tmp_path)
+    assert s.is_frames and not make(tmp_path).is_frames
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5, 2)).astype(np.float32)  # garbage past each row's count too
+    counts = np.array([3, 5, 0, 1, 2, 4])
+    s.write_chunk(0, x[:4], np.array([True, True, True, False]), np.array([False, False, False, True]), frames=counts[:4])
+    s.write_chunk(1, x[4:], np.ones(2, bool), np.zeros(2, bool), frames=counts[4:])
+    feats = s.read()[1]
+    # Row 3 failed: its count is stored as 0, whatever was passed.
+    assert s.frame_counts().tolist() == [3, 5, 0, 0, 2, 4]
+    for i, n in enumerate(s.frame_counts()):
+        np.testing.assert_array_equal(feats[i, :n], x[i, :n].astype(np.float16))
+        assert not feats[i, n:].any(), i
+    ids, frames, written = s.read_frames()
+    assert ids.tolist() == [f"u{i:02d}" for i in range(6)] and frames.data.dtype == np.float16
+    assert frames.lengths.tolist() == [3, 5, 0, 0, 2, 4]
+    rows = [5, 1, 3, 0]  # rows of both chunks, out of order
+    _, sub, _ = s.read_frames(np.array(rows))
+    assert sub.lengths.tolist() == [4, 5, 0, 3]
+    for j, r in enumerate(rows):
+        np.testing.assert_array_equal(sub.row(j), frames.row(r))
+        np.testing.assert_array_equal(sub.row(j), feats[r, : frames.lengths[r]])
+    assert len(s.read_frames(np.array([], dtype=np.int64))[1]) == 0
+
+
+def test_frame_counts_are_checked(tmp_path):
+    s = make_frames(tmp_path)
+    x, w, f = np.zeros((4, 5, 2)), np.ones(4, bool), np.zeros(4, bool)
+    with pytest.raises(StoreError, match="needs 4 frame counts"):
+        s.write_chunk(0, x, w, f)
+    with pytest.raises(StoreError, match=r"must lie in \[0, 5\]"):
+        s.write_chunk(0, x, w, f, frames=np.array([1, 2, 6, 0]))
+    with pytest.raises(StoreError, match="not a frame store"):
+        make(tmp_path).write_chunk(0, np.zeros((4, 3)), w, f, frames=np.ones(4))
+    with pytest.raises(StoreError, match="--pooling frames"):
+        make(tmp_path / "p").frame_counts()
+    with pytest.raises(StoreError, match="frame store needs a"):
+        FeatureStore.create(tmp_path / "x.zarr", ["a"], (3,), {}, frames=True)
+    assert not s.flags()[0].any()
+
+
+def test_frame_summary_and_hdf5_export_of_a_frame_store(tmp_path):
+    s = make_frames(tmp_path)
+    s.write_chunk(0, np.ones((4, 5, 2)), np.ones(4, bool), np.zeros(4, bool), frames=np.array([1, 2, 3, 4]))
+    f = s.summary()["frames"]
+    assert f["rows_written"] == 4 and f["frames_max"] == 4 and f["frames_mean"] == 2.5 and f["max_frames_per_row"] == 5
+    assert f["frames_bytes"] == 10 * 2 * 2 and f["frames_bytes_per_row"] == 10.0
+    assert f["size_bytes_per_row"] == s.summary()["size_bytes"] / 4
+    assert "frames" not in make(tmp_path).summary()
+    out = export_hdf5(s, tmp_path / "f.h5")
+    with h5py.File(out) as h:
+        np.testing.assert_array_equal(h["features"][:], s.read()[1])
+        assert h["frames"][:].tolist() == [1, 2, 3, 4, 0, 0]

@@ -276,13 +276,15 @@ def cpu_decode_rate(paths: list[Path], limit: int = 200) -> dict:
 def bench_extract(cfg: BenchConfig) -> BenchReport:
     import torch
 
-    from ser_cache.encoders.base import RuntimeOptions
+    from ser_cache.encoders.base import FRAME_KINDS, FRAMES, POOLINGS, RuntimeOptions
     from ser_cache.extract import ExtractConfig, extract
 
     if not cfg.random_init:
         raise BenchError("bench needs --random-init (a full-size architecture with random weights; no hub)")
     if cfg.utterances < 1:
         raise BenchError(f"--utterances {cfg.utterances}: expected 1 or more")
+    if cfg.pooling not in POOLINGS:
+        raise BenchError(f"--pooling {cfg.pooling}: expected one of {', '.join(POOLINGS)}")
     config = json.loads(Path(cfg.config).read_text()) if cfg.config else shipped_config(cfg.model)
     runtime = RuntimeOptions(device=cfg.device, precision=cfg.precision)
     device = runtime.torch_device()
@@ -291,6 +293,8 @@ def bench_extract(cfg: BenchConfig) -> BenchReport:
     root = Path(tmp.name) if tmp else Path(cfg.workdir)
     try:
         kind, model_dir, durations, manifest = prepare(root, config, cfg.utterances, cfg.seed)
+        if cfg.pooling == FRAMES and kind not in FRAME_KINDS:  # before the minutes of measuring
+            raise BenchError(f"--pooling frames: {kind} encoders keep no frames; only {', '.join(FRAME_KINDS)} do")
         paths = sorted((manifest.parent / "audio").glob("*.wav"))
         decode = cpu_decode_rate(paths)
         peak = matmul_peak_tflops(device, autocast or torch.float32)

@@ -1,4 +1,4 @@
-"""Stage one: run a frozen encoder once over a corpus and write pooled features to a store.
+"""Stage one: run a frozen encoder once over a corpus and write pooled (or frame-level) features to a store.
 
 The loop, in order:
 1. read the corpus, load the encoder, open (or create) `OUT/<name>.zarr` and check its fingerprint;
@@ -10,6 +10,9 @@ The loop, in order:
 
 Resuming is the same command again: done chunks are skipped, and because a chunk is written whole
 and its rows are computed independently of their batch, the result equals an uninterrupted run.
+
+With --pooling frames a row is the encoder's last layer at each of the clip's valid frames; the
+chunk buffers then also hold each row's frame count, written with the chunk (store.py).
 """
 
 from __future__ import annotations
@@ -44,6 +47,7 @@ from ser_cache.store import (
 ON_ERROR = ("skip", "fail")
 MIN_SECONDS = 0.05  # shorter than a WavLM/Whisper frame or two: nothing to pool
 UNIT_ROWS = 2048  # rows sorted together for length bucketing (bounded buffer memory)
+UNIT_BYTES = 1 << 30  # ... and at most ~1 GiB of padded chunk buffers (frame stores have large rows)
 REPORT_COLUMNS = ("id", "path", "reason")
 # Ranks meet only at the start and at the end, where the first to finish waits for the last: on
 # shares that differ by a group of slow files or a slower node that can take far longer than
@@ -122,9 +126,10 @@ class ExtractResult:
 
 
 def store_path(cfg: ExtractConfig) -> Path:
+    """OUT/<name>.zarr; by default the model's short name, `<model>-frames` for a frame store."""
     from ser_cache.encoders import default_store_name
 
-    return Path(cfg.out) / f"{cfg.name or default_store_name(cfg.model)}.zarr"
+    return Path(cfg.out) / f"{cfg.name or default_store_name(cfg.model, cfg.pooling)}.zarr"
 
 
 def report_path(store: Path) -> Path:
@@ -218,7 +223,8 @@ def _open_or_create(path: Path, cfg: ExtractConfig, encoder, ids: list[str], set
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "complete": False,
     }
-    FeatureStore.create(path, ids, encoder.feature_shape, attrs, chunk_rows=cfg.chunk_rows)
+    FeatureStore.create(path, ids, encoder.feature_shape, attrs, chunk_rows=cfg.chunk_rows,
+                        frames=encoder.frame_level)
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -242,21 +248,27 @@ def encoder_for_store(attrs: dict, *, device: str = "auto", precision: str = "au
 
 def compute_features(encoder, utts: list[Utterance], *, max_seconds: float = audio_lib.DEFAULT_MAX_SECONDS,
                      batch_seconds: float = 600.0, batch_texts: int = 64, workers: int = 0,
-                     device: str = "auto") -> tuple[np.ndarray, dict[str, str]]:
+                     device: str = "auto"):
     """Features for utterances that no store holds (e.g. `predict` on bare audio files), in memory.
 
     Same batching, decoding and float16 rounding as `extract`, so a row equals what a store would
-    hold. Returns (features (N, *shape) float16, {id: reason} for the rows that failed; their
-    features are zero).
+    hold. Returns (features, {id: reason} for the rows that failed). Features are an (N, *shape)
+    float16 array (failed rows zero), or for a frame encoder a frames.Frames of the N rows' valid
+    frames, as `FeatureStore.read_frames` gives them (failed rows have 0 frames).
     """
     cfg = ExtractConfig(model="", data=Path("."), out=Path("."), max_seconds=max_seconds,
                         batch_seconds=batch_seconds, batch_texts=batch_texts, workers=workers, device=device)
-    feats = np.zeros((len(utts), *encoder.feature_shape), dtype=STORE_DTYPE)
+    if encoder.frame_level:
+        rows: list[np.ndarray | None] = [None] * len(utts)  # valid frames only: no padded copy in memory
+    else:
+        feats = np.zeros((len(utts), *encoder.feature_shape), dtype=STORE_DTYPE)
     errors: dict[str, str] = {}
 
     def resolve(row, value, reason, seconds):
         if value is None:
             errors[utts[row].id] = reason
+        elif encoder.frame_level:
+            rows[row] = value
         else:
             feats[row] = value
 
@@ -265,7 +277,20 @@ def compute_features(encoder, utts: list[Utterance], *, max_seconds: float = aud
         _encode(cfg, encoder, utts, list(range(len(utts))), resolve, _new_timings(), decoder)
     finally:
         decoder.close()
+    if encoder.frame_level:
+        return _pack(rows, encoder.feature_shape[-1]), errors
     return feats, errors
+
+
+def _pack(rows: list, dim: int):
+    """Frames holding `rows` ((T_i, D) arrays, None for none) end to end, in float16."""
+    from ser_cache.frames import Frames
+
+    out = Frames.empty([0 if r is None else len(r) for r in rows], dim, dtype=STORE_DTYPE)
+    for i, r in enumerate(rows):
+        if r is not None:
+            out.set_row(i, r)
+    return out
 
 
 # --------------------------------------------------------------------------- the loop
@@ -281,6 +306,20 @@ class _Chunk:
     written: np.ndarray
     failed: np.ndarray
     remaining: int
+    frames: np.ndarray | None = None  # a frame store's valid frames per row
+
+    def put(self, i: int, value: np.ndarray) -> None:
+        """Row i's features; for a frame store `value` is its valid frames, and its length the count.
+
+        The rest of a frame row is left as it is: write_chunk zeroes it, and not touching it here
+        keeps the padding of a fresh (calloc'ed) buffer out of memory until then.
+        """
+        if self.frames is None:
+            self.features[i] = value
+        else:
+            self.features[i, : len(value)] = value
+            self.frames[i] = len(value)
+        self.written[i] = True
 
 
 def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: FeatureStore) -> tuple[int, float, int, dict]:
@@ -292,7 +331,8 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
     # could see chunks that another rank has already written, and the shares would not add up.
     written0, failed0 = dist.broadcast(store.flags() if dist.is_main else None)
     pending = store.pending_chunks(retry_failed=cfg.retry_failed, flags=(written0, failed0))
-    units = _units(pending, store.chunk_rows, dist.world)[dist.rank::dist.world]
+    row_bytes = int(np.prod(store.feature_shape)) * np.dtype(STORE_DTYPE).itemsize
+    units = _units(pending, store.chunk_rows, dist.world, _unit_rows(row_bytes))[dist.rank::dist.world]
     report = _ReportWriter(report_path(store.path), dist.rank)
     timings = _new_timings()
     total_rows = sum(min(store.chunk_rows, store.n_rows - c * store.chunk_rows) for u in units for c in u)
@@ -311,9 +351,12 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
                     start, end = store.chunk_bounds(c)
                     w, f = written0[start:end].copy(), failed0[start:end].copy()
                     feats = np.asarray(store.group["features"][start:end]) if w.any() else np.zeros((end - start, *store.feature_shape), dtype=STORE_DTYPE)
+                    frames = None
+                    if store.is_frames:
+                        frames = np.asarray(store.group["frames"][start:end], dtype=np.int32) if w.any() else np.zeros(end - start, dtype=np.int32)
                     need = ~w if cfg.retry_failed else ~(w | f)
                     f[need] = False
-                    chunks[c] = _Chunk(c, start, feats, w, f, int(need.sum()))
+                    chunks[c] = _Chunk(c, start, feats, w, f, int(need.sum()), frames)
                     todo.extend(int(r) for r in np.flatnonzero(need) + start)
                     progress.advance(int((~need).sum()), 0.0)  # rows of the chunk already done
                 rows_done = _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, progress, decoder)
@@ -325,13 +368,23 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
     return computed, audio_seconds, int((written0 | failed0).sum()), timings
 
 
-def _units(pending: list[int], chunk_rows: int, world: int = 1) -> list[list[int]]:
-    """Group pending chunks into units of up to UNIT_ROWS rows: the span sorted for length bucketing.
+def _unit_rows(row_bytes: int) -> int:
+    """Rows per unit: UNIT_ROWS, fewer where their chunk buffers would pass UNIT_BYTES.
+
+    A unit's chunks are all buffered until its end (rows are sorted by length across the unit, so
+    most chunks complete late). Pooled rows are small; a Whisper large-v3 frame row is 1.9 MB
+    padded, and 2,048 of them would be 3.9 GB per rank.
+    """
+    return max(1, min(UNIT_ROWS, UNIT_BYTES // max(row_bytes, 1)))
+
+
+def _units(pending: list[int], chunk_rows: int, world: int = 1, unit_rows: int = UNIT_ROWS) -> list[list[int]]:
+    """Group pending chunks into units of up to `unit_rows` rows: the span sorted for length bucketing.
 
     Units are dealt round-robin to ranks, so they are also kept small enough that every rank gets
     about four of them: an even share of the work without coordination.
     """
-    per_unit = max(1, min(UNIT_ROWS // chunk_rows, -(-len(pending) // (4 * world))))
+    per_unit = max(1, min(unit_rows // chunk_rows, -(-len(pending) // (4 * world))))
     return [pending[i:i + per_unit] for i in range(0, len(pending), per_unit)]
 
 
@@ -345,8 +398,7 @@ def _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, prog
         ch = chunks[row // rows_per_chunk]
         i = row - ch.start
         if value is not None:
-            ch.features[i] = value
-            ch.written[i] = True
+            ch.put(i, value)
         else:
             report.add(utts[row], reason)
             if cfg.on_error == "fail":
@@ -359,7 +411,7 @@ def _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, prog
         if ch.remaining == 0:
             t = time.perf_counter()
             report.flush()  # the reasons reach the disk before the flags that point to them
-            store.write_chunk(ch.index, ch.features, ch.written, ch.failed)
+            store.write_chunk(ch.index, ch.features, ch.written, ch.failed, ch.frames)
             timings["write"] += time.perf_counter() - t
 
     _encode(cfg, encoder, utts, todo, resolve, timings, decoder)
@@ -475,10 +527,13 @@ def _finish(encoder, helper, rows, inputs, seconds, pending, resolve, timings) -
         return
     timings["encode"] += time.perf_counter() - t
     out16 = out.astype(STORE_DTYPE)
-    finite = np.isfinite(out16.reshape(len(rows), -1)).all(axis=1)
-    for i, row in enumerate(rows):
-        if finite[i]:
-            resolve(row, out16[i], None, seconds[i])
+    values = list(out16)
+    if encoder.frame_level:  # a row is its valid frames; their number is its count
+        counts = encoder.frame_counts(np.array([len(x) for x in inputs], dtype=np.int64))
+        values = [v[:n] for v, n in zip(values, counts.tolist())]
+    for row, value, secs in zip(rows, values, seconds):
+        if np.isfinite(value).all():
+            resolve(row, value, None, secs)
         else:
             resolve(row, None, "encoder produced non-finite values (NaN, or beyond the float16 range)", 0.0)
 

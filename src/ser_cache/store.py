@@ -271,9 +271,33 @@ class FeatureStore:
                 out.set_row(j, block[r - start, : counts[r]])
         return ids, out, written
 
+    def frame_summary(self, written: np.ndarray | None = None, size_bytes: int | None = None) -> dict:
+        """A frame store's figures: valid frames per written row, and what they cost on disk.
+
+        `frames_bytes` is what the valid frames alone take in float16 (sum of counts × D × 2), the
+        floor any layout could reach; `size_bytes` is what the store takes, padding and ids included.
+        """
+        written = self.flags()[0] if written is None else written
+        size = _dir_size(self.path) if size_bytes is None else size_bytes
+        counts = self.frame_counts()[written]
+        n = int(written.sum())
+        frames_bytes = int(counts.sum()) * self.feature_shape[1] * np.dtype(STORE_DTYPE).itemsize
+        return {
+            "rows_written": n,
+            "max_frames_per_row": self.feature_shape[0],
+            "frames_mean": float(counts.mean()) if n else 0.0,
+            "frames_max": int(counts.max()) if n else 0,
+            "frames_total": int(counts.sum()),
+            "frames_bytes": frames_bytes,
+            "frames_bytes_per_row": frames_bytes / n if n else 0.0,
+            "size_bytes_per_row": size / n if n else 0.0,
+        }
+
     def summary(self) -> dict:
         written, failed = self.flags()
         a = self.attrs
+        size = _dir_size(self.path)
+        frames = {"frames": self.frame_summary(written, size)} if self.is_frames else {}
         return {
             "path": str(self.path),
             "name": a.get("name"),
@@ -290,7 +314,8 @@ class FeatureStore:
             "fingerprint": self.fingerprint,
             "settings": a.get("settings", {}),
             "package_version": a.get("package_version"),
-            "size_bytes": _dir_size(self.path),
+            "size_bytes": size,
+            **frames,
         }
 
 
@@ -301,17 +326,28 @@ def remove_store(path: Path) -> None:
 
 
 def export_hdf5(store: FeatureStore, out: str | Path) -> Path:
-    """Write the same arrays and attributes to an HDF5 file (temporary file, then rename)."""
+    """Write the same arrays and attributes to an HDF5 file (temporary file, then rename).
+
+    Features are copied one chunk at a time: a frame store's padded features can be several times
+    the memory its valid frames need. A frame store's `frames` counts come along.
+    """
     import h5py
 
     out = Path(out)
-    ids, feats, written = store.read()
-    _, failed = store.flags()
+    ids = store.ids()
+    written, failed = store.flags()
+    source = store.group["features"]
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
-        f.create_dataset("features", data=feats, chunks=(store.chunk_rows, *store.feature_shape), compression="gzip")
+        feats = f.create_dataset("features", shape=source.shape, dtype=STORE_DTYPE,
+                                 chunks=(store.chunk_rows, *store.feature_shape), compression="gzip")
+        for chunk in range(store.n_chunks):
+            start, end = store.chunk_bounds(chunk)
+            feats[start:end] = np.asarray(source[start:end])
         f.create_dataset("written", data=written)
         f.create_dataset("failed", data=failed)
+        if store.is_frames:
+            f.create_dataset("frames", data=np.asarray(store.group["frames"][:], dtype=np.int32))
         for k, v in store.attrs.items():
             f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
     return out

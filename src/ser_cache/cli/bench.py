@@ -21,7 +21,7 @@ def bench_extract_cmd(
     random_init: bool = typer.Option(False, "--random-init", help="Build the architecture with random weights (required)."),
     utterances: int = typer.Option(2000, help="Synthetic utterances (durations: mean 5.5 s, 1.5–15 s)."),
     window: str = typer.Option("window", help="Whisper: 'window' (15 s) or 'trimmed'."),
-    pooling: str = typer.Option("mean", help="'mean' or 'mean+std'."),
+    pooling: str = typer.Option("mean", help="'mean', 'mean+std' or 'frames' (every frame of the last layer)."),
     device: str = typer.Option("auto"),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA), fp32, bf16, fp16."),
     batch_seconds: float = typer.Option(600.0, help="Padded audio seconds per batch."),

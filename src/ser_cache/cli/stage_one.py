@@ -18,10 +18,10 @@ def extract(
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the store: OUT/<name>.zarr."),
     split: Optional[list[str]] = typer.Option(None, "--split", "-s", help="Split(s) to extract (repeatable); default all."),
-    name: Optional[str] = typer.Option(None, help="Store name (default: the model's short name)."),
+    name: Optional[str] = typer.Option(None, help="Store name (default: the model's short name, plus -frames with --pooling frames)."),
     kind: Optional[str] = typer.Option(None, help="Encoder kind: whisper, wavlm, xvector, text (default: detected)."),
     window: str = typer.Option("window", help="Whisper only: 'window' (15-s window, as the paper) or 'trimmed' (real frames only)."),
-    pooling: str = typer.Option("mean", help="'mean' or 'mean+std' over valid frames."),
+    pooling: str = typer.Option("mean", help="'mean' or 'mean+std' over valid frames, or 'frames': keep the last layer at every valid frame (whisper, wavlm; for frame-level heads)."),
     max_seconds: float = typer.Option(15.0, help="Crop audio to its first N seconds."),
     batch_seconds: float = typer.Option(600.0, help="Padded audio seconds per batch."),
     batch_texts: int = typer.Option(64, help="Transcripts per batch (text encoders)."),
@@ -34,7 +34,7 @@ def extract(
     chunk_rows: Optional[int] = typer.Option(None, help="Rows per Zarr chunk (default: ~4 MiB chunks)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Run a frozen encoder once over a corpus; write pooled features to OUT/<name>.zarr (resumable)."""
+    """Run a frozen encoder once over a corpus; write pooled (or frame-level) features to OUT/<name>.zarr (resumable)."""
     from ser_cache.extract import ExtractConfig, extract as run_extract
 
     cfg = ExtractConfig(model=model, data=data, out=out_dir, splits=tuple(split or ()), name=name, kind=kind,
@@ -63,7 +63,7 @@ def info(
     store: Path = typer.Argument(..., help="A feature store (.zarr)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
-    """Summarise a feature store: model, settings, rows written and failed, size."""
+    """Summarise a feature store: model, settings, rows written and failed, size (and a frame store's frames)."""
     from ser_cache.store import FeatureStore
 
     s = guarded(FeatureStore.open, store)
@@ -79,7 +79,20 @@ def info(
         if key not in ("model_id", "revision", "kind", "feature_shape"):
             table.add_row(f"settings.{key}", str(value))
     table.add_row("size", f"{summary['size_bytes'] / 1e6:.1f} MB")
+    if "frames" in summary:
+        for key, value in _frame_rows(summary["frames"]):
+            table.add_row(key, value)
     out.print(table)
+
+
+def _frame_rows(f: dict) -> list[tuple[str, str]]:
+    """A frame store's figures as table rows: how many frames the rows hold and what they cost."""
+    return [
+        ("frames per row", f"mean {f['frames_mean']:.1f}, max {f['frames_max']} (room for {f['max_frames_per_row']})"),
+        ("valid frames", f"{f['frames_total']} in {f['rows_written']} rows written"),
+        ("valid frames size", f"{f['frames_bytes'] / 1e6:.1f} MB (float16), {f['frames_bytes_per_row'] / 1e6:.3f} MB per row"),
+        ("size per row", f"{f['size_bytes_per_row'] / 1e6:.3f} MB on disk"),
+    ]
 
 
 @app.command()

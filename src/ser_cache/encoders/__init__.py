@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ser_cache.encoders.base import (
+    FRAME_KINDS,
+    FRAMES,
     POOLINGS,
     Encoder,
     EncoderError,
@@ -38,11 +40,14 @@ KNOWN_MODELS = {
 HUB_IDS = {k: v.hub_id for k, v in KNOWN_MODELS.items()}
 
 
-def default_store_name(model: str) -> str:
-    """`whisper-large-v3` → itself; `openai/whisper-large-v3` → `whisper-large-v3`; a directory → its name."""
-    if model in KNOWN_MODELS:
-        return model
-    return Path(model.rstrip("/")).name
+def default_store_name(model: str, pooling: str = "mean") -> str:
+    """`whisper-large-v3` → itself; `openai/whisper-large-v3` → `whisper-large-v3`; a directory → its name.
+
+    A frame store gets `-frames` after it (`whisper-large-v3-frames`), so that it never takes the
+    place of the pooled store of the same model in the same folder.
+    """
+    name = model if model in KNOWN_MODELS else Path(model.rstrip("/")).name
+    return f"{name}-frames" if pooling == FRAMES else name
 
 
 def detect_kind(model: str) -> str:
@@ -92,12 +97,19 @@ def load_encoder(
         raise EncoderError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
     if pooling not in POOLINGS:
         raise EncoderError(f"--pooling {pooling}: expected one of {', '.join(POOLINGS)}")
+    if pooling == FRAMES and kind not in FRAME_KINDS:
+        raise EncoderError(f"--pooling frames: model '{model}' is a {kind} encoder, which has no frames to keep; "
+                           f"only audio encoders with one output layer ({', '.join(FRAME_KINDS)}) can keep them")
     resolved = resolve_model(model, HUB_IDS)
     runtime = RuntimeOptions(device=device, precision=precision)
     if kind == "whisper":
         from ser_cache.encoders.whisper import WhisperAudioEncoder
 
         return WhisperAudioEncoder(resolved, runtime, window=window, pooling=pooling, max_seconds=max_seconds)
+    if kind == "wavlm" and pooling == FRAMES:
+        from ser_cache.encoders.wavlm import WavLMFramesEncoder
+
+        return WavLMFramesEncoder(resolved, runtime, max_seconds=max_seconds)
     if kind == "wavlm":
         from ser_cache.encoders.wavlm import WavLMLayersEncoder
 
@@ -112,6 +124,7 @@ def load_encoder(
 
 
 __all__ = [
+    "FRAMES",
     "KINDS",
     "KNOWN_MODELS",
     "POOLINGS",

@@ -11,8 +11,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
-POOLINGS = ("mean", "mean+std")
+POOLED = ("mean", "mean+std")  # one vector per utterance (or per layer)
+FRAMES = "frames"  # every valid frame of the last layer, (T_max, D) per utterance
+POOLINGS = (*POOLED, FRAMES)
+FRAME_KINDS = ("whisper", "wavlm")  # audio encoders with one output layer to keep frame by frame
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
@@ -196,8 +200,8 @@ def masked_pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> to
     Padding never enters the statistics, so an utterance's features do not depend on its batch.
     The std is the population std (ddof 0); it is 0 for a single frame.
     """
-    if pooling not in POOLINGS:
-        raise EncoderError(f"--pooling {pooling}: expected one of {', '.join(POOLINGS)}")
+    if pooling not in POOLED:
+        raise EncoderError(f"--pooling {pooling}: expected one of {', '.join(POOLED)} to pool frames")
     t = hidden.shape[1]
     mask = (torch.arange(t, device=hidden.device)[None, :] < lengths[:, None]).to(hidden.dtype)
     count = mask.sum(1, keepdim=True).clamp_min(1.0)
@@ -207,6 +211,18 @@ def masked_pool(hidden: torch.Tensor, lengths: torch.Tensor, pooling: str) -> to
         return mean
     var = (((hidden - mean.unsqueeze(1)) ** 2) * m).sum(1) / count
     return torch.cat([mean, var.clamp_min(0).sqrt()], dim=-1)
+
+
+def keep_frames(hidden: torch.Tensor, counts: torch.Tensor, t_max: int) -> torch.Tensor:
+    """(B, T, D) → (B, t_max, D): each row's first `counts[b]` frames, zeros after them.
+
+    The zeros make a row independent of its batch (padded frames hold whatever attention over
+    padding gives) and cost almost nothing in a compressed store.
+    """
+    hidden = hidden[:, :t_max]
+    keep = torch.arange(hidden.shape[1], device=hidden.device)[None, :] < counts[:, None]
+    hidden = torch.where(keep.unsqueeze(-1), hidden, torch.zeros((), dtype=hidden.dtype, device=hidden.device))
+    return F.pad(hidden, (0, 0, 0, t_max - hidden.shape[1]))
 
 
 def pooled_dim(d: int, pooling: str) -> int:
@@ -264,6 +280,17 @@ class Encoder:
     @property
     def feature_shape(self) -> tuple[int, ...]:
         raise NotImplementedError
+
+    @property
+    def frame_level(self) -> bool:
+        """Keeps every frame (--pooling frames): feature_shape is (T_max, D), and `frame_counts`
+        says how many of a row's T_max frames are valid (the rest are zeros)."""
+        return False
+
+    def frame_counts(self, n_samples: np.ndarray) -> np.ndarray:
+        """Valid frames (int64) of clips of `n_samples` samples at 16 kHz; frame encoders only."""
+        raise EncoderError(f"model '{self.resolved.name}': a pooled {self.kind} encoder has no frame counts "
+                           "(they exist with --pooling frames)")
 
     def settings(self) -> dict:
         return {"kind": self.kind, "model_id": self.model_id, "revision": self.revision}

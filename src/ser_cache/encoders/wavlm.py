@@ -1,4 +1,5 @@
-"""WavLM, frozen: every hidden state pooled (for a learned layer weighting), or the x-vector head."""
+"""WavLM, frozen: every hidden state pooled (for a learned layer weighting), the last one frame by
+frame (--pooling frames), or the x-vector head."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import torch.nn.functional as F
 
 from ser_cache.audio import SAMPLE_RATE
 from ser_cache.encoders.base import (
+    FRAMES,
     Encoder,
     ResolvedModel,
     RuntimeOptions,
+    keep_frames,
     load_pretrained,
     masked_pool,
     pad_waves,
@@ -187,6 +190,56 @@ class WavLMLayersEncoder(_WavLMBase):
         frames = self.model._get_feat_extract_output_lengths(lengths).long()
         pooled = [masked_pool(h, frames, self.pooling) for h in states]
         return torch.stack(pooled, dim=1)
+
+
+class WavLMFramesEncoder(_WavLMBase):
+    """The last hidden state (after the final layer norm, as `hidden_states` gives it) at every
+    valid frame: (T_max, D), zeros past each clip's `frame_counts`; 50 frames per second."""
+
+    kind = "wavlm"
+
+    def __init__(self, resolved: ResolvedModel, runtime: RuntimeOptions, *, max_seconds: float = 15.0):
+        from transformers import WavLMModel
+
+        model = load_pretrained(WavLMModel, resolved)
+        use_sdpa_attention(model)
+        self.pooling = FRAMES
+        self.max_seconds = max_seconds
+        # The crop audio.load applies: a clip handed to `encode` directly is cut the same way as
+        # one decoded by extract, so both give the same row.
+        self.max_samples = int(round(max_seconds * SAMPLE_RATE))
+        self.do_normalize, self.uses_mask = _input_conventions(resolved, model.config)
+        self.hidden = model.config.hidden_size
+        self.t_max = int(model._get_feat_extract_output_lengths(torch.tensor(int(max_seconds * SAMPLE_RATE))))
+        super().__init__(resolved, model, runtime)
+
+    @property
+    def frame_level(self) -> bool:
+        return True
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return (self.t_max, self.hidden)
+
+    def frame_counts(self, n_samples: np.ndarray) -> np.ndarray:
+        n = torch.from_numpy(np.minimum(np.asarray(n_samples, dtype=np.int64), self.max_samples))
+        return self._counts(n).numpy().astype(np.int64)
+
+    def _counts(self, n_samples: torch.Tensor) -> torch.Tensor:
+        """The CNN's output length (0 for a clip shorter than its first kernel), at most T_max."""
+        return self.model._get_feat_extract_output_lengths(n_samples).long().clamp(0, self.t_max)
+
+    def settings(self) -> dict:
+        return {**super().settings(), "pooling": FRAMES, "layer": "last", "last_state": LAST_STATE}
+
+    def prepare(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_waves([w[:self.max_samples] for w in waves], pin=self.pin)
+
+    @_quiet
+    def _forward(self, prepared) -> torch.Tensor:
+        audio, lengths, mask = self._on_device(prepared)
+        last = hidden_states(self.model, audio, mask)[-1]
+        return keep_frames(last, self._counts(lengths), self.t_max)
 
 
 class XVectorEncoder(_WavLMBase):

@@ -8,6 +8,10 @@ Two windows:
 - "trimmed": only the real frames, in length-bucketed batches, padding masked out of attention.
   About 3× less compute on 5.5-s clips; its features drift a little from the window's because
   frames no longer attend to the padding (docs/performance.md reports by how much).
+
+Pooling "frames" keeps the last layer (after the final layer norm) at every valid position instead
+of pooling it: (T_max, D) per clip, zeros past its `frame_counts`, T_max = 750 in the window and
+the positions of --max-seconds when trimmed.
 """
 
 from __future__ import annotations
@@ -20,10 +24,12 @@ import torch.nn.functional as F
 
 from ser_cache.audio import SAMPLE_RATE
 from ser_cache.encoders.base import (
+    FRAMES,
     Encoder,
     EncoderError,
     ResolvedModel,
     RuntimeOptions,
+    keep_frames,
     load_pretrained,
     masked_pool,
     pad_waves,
@@ -72,8 +78,19 @@ def log_mel(audio: torch.Tensor, filters: torch.Tensor) -> torch.Tensor:
 
 
 def valid_positions(n_samples: torch.Tensor) -> torch.Tensor:
-    """Encoder positions that see real audio: one per 20 ms, rounded up."""
+    """Encoder positions that see real audio: one per 20 ms, rounded up (what pooled stores pool over)."""
     return (n_samples + POSITION_SAMPLES - 1) // POSITION_SAMPLES
+
+
+def frame_positions(n_samples):
+    """Valid frames of a frame store, counted as the challenge winner's code counts them: whole
+    mel frames (n // HOP_LENGTH), then conv2's output length (kernel 3, padding 1, stride 2).
+    For ints, numpy arrays and tensors alike; 0 for a clip shorter than one mel frame.
+
+    It can be one less than `valid_positions`, which counts a last partial 20 ms; pooled stores
+    keep that rule, so that their fingerprints and numbers do not change.
+    """
+    return (n_samples // HOP_LENGTH - 1) // 2 + 1
 
 
 class WhisperAudioEncoder(Encoder):
@@ -104,10 +121,31 @@ class WhisperAudioEncoder(Encoder):
         self.filters = torch.from_numpy(mel_filters(resolved.source, encoder.config.num_mel_bins, resolved.local_only)).to(self.device)
         self.hidden = encoder.config.d_model
         self.attn_impl = encoder.config._attn_implementation
+        self.t_max = need  # the most positions a (cropped) clip can fill
+
+    @property
+    def frame_level(self) -> bool:
+        return self.pooling == FRAMES
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
+        if self.frame_level:
+            return (self.t_max, self.hidden)
         return (pooled_dim(self.hidden, self.pooling),)
+
+    def frame_counts(self, n_samples: np.ndarray) -> np.ndarray:
+        if not self.frame_level:
+            return super().frame_counts(n_samples)
+        n = np.asarray(n_samples, dtype=np.int64)
+        if self.window == "window":
+            n = np.minimum(n, WINDOW_SAMPLES)  # prepare() cuts every clip to the window
+        return np.minimum(frame_positions(n), self.t_max)
+
+    def _positions(self, lengths: torch.Tensor, n_pos: int) -> torch.Tensor:
+        """Positions of each row that count: kept frames (frame stores), or the pooled ones."""
+        if self.frame_level:
+            return frame_positions(lengths).clamp(max=min(n_pos, self.t_max))
+        return valid_positions(lengths).clamp_max(n_pos)
 
     def settings(self) -> dict:
         return {**super().settings(), "window": self.window, "pooling": self.pooling, "max_seconds": self.max_seconds,
@@ -132,14 +170,17 @@ class WhisperAudioEncoder(Encoder):
         with torch.autocast(device_type=self.device.type, enabled=False):
             mel = log_mel(audio, self.filters)
         n_pos = mel.shape[-1] // 2
-        positions = valid_positions(lengths).clamp_max(n_pos)
+        positions = self._positions(lengths, n_pos)
         mask = None
         if self.window == "trimmed":
             keep = torch.arange(n_pos, device=self.device)[None, :] < positions[:, None]
             mask = keep[:, None, None, :]
             if self.attn_impl == "eager":
                 mask = torch.zeros(mask.shape, device=self.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-        return masked_pool(self._encode_mel(mel, n_pos, mask), positions, self.pooling)
+        hidden = self._encode_mel(mel, n_pos, mask)
+        if self.frame_level:
+            return keep_frames(hidden, positions, self.t_max)
+        return masked_pool(hidden, positions, self.pooling)
 
     def _encode_mel(self, mel: torch.Tensor, n_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
         """The encoder's own layers, run on any number of positions up to its table's length."""

@@ -1,0 +1,72 @@
+"""Every `ser-cache ...` command written in the README and docs names a command that exists, with
+options that command has: documentation that drifts from the code sends users into errors."""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def _command_lines(text: str) -> list[str]:
+    """`ser-cache ...` invocations in code blocks and inline code, continuation lines joined."""
+    text = text.replace("\\\n", " ")
+    found = []
+    for m in re.finditer(r"(?:^|`)\s*(?:torchrun [^`\n]*?-m ser_cache|ser-cache)\s+([^`\n]*)", text, re.M):
+        found.append(m.group(1).split("#")[0].split("|")[0].strip())
+    return [f for f in found if f]
+
+
+def _click_app():
+    import typer
+
+    from ser_cache.cli import app
+
+    return typer.main.get_command(app)
+
+
+def _context(cmd):
+    import typer
+
+    return typer.Context(cmd)
+
+
+def _resolve(group, words: list[str]):
+    """(click command, the words after its name) for the longest command path in `words`."""
+    cmd, rest = group, list(words)
+    while hasattr(cmd, "get_command") and rest:  # a group (typer vendors its own click classes)
+        sub = cmd.get_command(_context(cmd), rest[0])
+        if sub is None:
+            break
+        cmd, rest = sub, rest[1:]
+    return cmd, rest
+
+
+def _documented():
+    for doc in DOCS:
+        for line in _command_lines(doc.read_text(encoding="utf-8")):
+            yield doc.relative_to(ROOT), line
+
+
+def test_docs_name_commands():
+    assert sum(1 for _ in _documented()) > 50  # the parser still finds the commands
+
+
+@pytest.mark.parametrize(("doc", "line"), sorted(set(_documented())), ids=lambda v: str(v)[:60])
+def test_documented_command_has_its_options(doc, line):
+    try:
+        words = shlex.split(line)
+    except ValueError:
+        words = line.split()
+    cmd, rest = _resolve(_click_app(), words)
+    assert not hasattr(cmd, "get_command") or not rest or rest[0].startswith("-"), \
+        f"{doc}: `ser-cache {line}`: no command {rest[0]!r}"
+    known = {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)} | {"--help"}
+    flags = [w.split("=")[0] for w in rest if w.startswith("--")]
+    unknown = [f for f in flags if f not in known]
+    assert not unknown, f"{doc}: `ser-cache {line}`: {cmd.name} has no option(s) {', '.join(unknown)}"

@@ -67,7 +67,11 @@ class ConvPool(nn.Module):
 
     def frames(self, x: Tensor) -> Tensor:
         """(B, T, in_dim) → (B, T, dim): the convolution stack at every frame."""
-        return self.convs(x.transpose(1, 2)).transpose(1, 2)
+        # A 1×1 convolution is one matrix product per frame: as F.linear on (B, T, C), with the
+        # Conv1d's own parameters, it runs about twice as fast on CPU as Conv1d on (B, C, T).
+        for m in self.convs:
+            x = nn.functional.linear(x, m.weight.squeeze(-1), m.bias) if isinstance(m, nn.Conv1d) else m(x)
+        return x
 
     def forward(self, x: Tensor, lengths: Tensor) -> Tensor:
         """(B, T, in_dim) frames and their valid counts (B,) → (B, dim), in float32."""

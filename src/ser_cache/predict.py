@@ -9,6 +9,11 @@ Where the features come from, per input the run was trained on:
 
 A fine-tuned run (`finetune wavlm`) has no store for its audio input: its own WavLM, saved whole in
 the run, runs here on the audio, and its cached inputs (text, x-vectors) come as above.
+
+A frame input (a run trained on a frame store, `extract --pooling frames`) comes the same two
+ways, as frames: the store's rows of the requested utterances, read chunk by chunk
+(`read_frames`), and the encoder's frames for the others, held packed (frames.Frames); the run's
+ConvPool pools them batch by batch.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache import runs
+from ser_cache.frames import Frames
 from ser_cache.store import settings_differences
 
 log = logging.getLogger(__name__)
@@ -133,21 +139,21 @@ def _check_transcripts(utts: list, record: dict) -> None:
 
 def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "auto",
                     features_dir: Path | None = None,
-                    use_stores: bool = True) -> tuple[dict[str, np.ndarray], dict[str, str]]:
-    """Input arrays (N, *shape) float16 aligned with `utts`, and where each input's rows came from.
+                    use_stores: bool = True) -> tuple[dict[str, np.ndarray | Frames], dict[str, str]]:
+    """Inputs aligned with `utts`, and where each input's rows came from: an (N, *shape) float16
+    array per pooled input, a frames.Frames (the N rows' valid frames, packed) per frame input.
 
     `use_stores=False` computes every row with the encoders: bare files are named by their file
     name only, which a corpus utterance in a store may share without being the same audio.
     """
-    from ser_cache.store import STORE_DTYPE, FeatureStore, StoreError
+    from ser_cache.store import FeatureStore, StoreError
 
-    ids = [u.id for u in utts]
-    arrays: dict[str, np.ndarray] = {}
+    frame_inputs = config.get("frame_inputs") or {}
+    arrays: dict[str, np.ndarray | Frames] = {}
     sources: dict[str, str] = {}
     for record in config["inputs"]:
-        name, shape = record["name"], tuple(record["feature_shape"])
-        feats = np.zeros((len(utts), *shape), dtype=STORE_DTYPE)
-        have = np.zeros(len(utts), dtype=bool)
+        name = record["name"]
+        source = _FrameRows(record, len(utts)) if name in frame_inputs else _VectorRows(record, len(utts))
         store_path = _store_for(record, features_dir)
         used = []
         if use_stores and (store_path / "zarr.json").is_file():
@@ -156,17 +162,10 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
             except StoreError as exc:
                 raise PredictError(str(exc)) from None
             check_store(record, store_path, store.attrs, run_dir)
-            store_ids, store_feats, written = store.read()
-            row_of = {uid: i for i, uid in enumerate(store_ids.tolist())}
-            rows = np.array([row_of.get(uid, -1) for uid in ids], dtype=np.int64)
-            hit = rows >= 0
-            hit[hit] = written[rows[hit]]
-            feats[hit] = store_feats[rows[hit]]
-            have |= hit
-            if hit.any():
-                used.append(f"store {store_path} ({int(hit.sum())} rows)")
-            del store_feats
-        missing = np.flatnonzero(~have)
+            hits = source.from_store(store, [u.id for u in utts])
+            if hits:
+                used.append(f"store {store_path} ({hits} rows)")
+        missing = np.flatnonzero(~source.have)
         if missing.size:
             from ser_cache.extract import compute_features
 
@@ -180,16 +179,96 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
             if errors:
                 shown = "; ".join(f"{uid}: {why}" for uid, why in list(errors.items())[:5])
                 raise PredictError(f"input '{name}': {len(errors)} utterance(s) could not be encoded ({shown})")
-            if tuple(computed.shape[1:]) != shape:
-                raise PredictError(f"input '{name}': the encoder gives features of shape {computed.shape[1:]}, "
-                                   f"the run was trained on {shape}")
-            feats[missing] = computed
+            source.computed(missing, computed)
             used.append(f"encoder {record.get('model_id')} ({missing.size} rows)")
             del encoder
-        arrays[name] = feats
+        arrays[name] = source.result()
         sources[name] = " + ".join(used)
         log.info("input '%s': %s", name, sources[name])
     return arrays, sources
+
+
+def _store_rows(store_ids: np.ndarray, written: np.ndarray, ids: list[str]) -> np.ndarray:
+    """Store row of each id whose features the store holds; -1 for the others."""
+    row_of = {uid: i for i, uid in enumerate(store_ids.tolist())}
+    rows = np.array([row_of.get(uid, -1) for uid in ids], dtype=np.int64)
+    hit = rows >= 0
+    rows[hit] = np.where(written[rows[hit]], rows[hit], -1)
+    return rows
+
+
+class _VectorRows:
+    """A pooled input's (N, *shape) float16 rows, from a store or an encoder."""
+
+    def __init__(self, record: dict, n: int):
+        from ser_cache.store import STORE_DTYPE
+
+        self.name, self.shape = record["name"], tuple(record["feature_shape"])
+        self.feats = np.zeros((n, *self.shape), dtype=STORE_DTYPE)
+        self.have = np.zeros(n, dtype=bool)
+
+    def from_store(self, store, ids: list[str]) -> int:
+        if store.is_frames:
+            raise PredictError(f"store {store.path}: a frame store, but the run takes '{self.name}' pooled")
+        store_ids, feats, written = store.read()
+        rows = _store_rows(store_ids, written, ids)
+        hit = rows >= 0
+        self.feats[hit] = feats[rows[hit]]
+        self.have |= hit
+        return int(hit.sum())
+
+    def computed(self, where: np.ndarray, feats) -> None:
+        if not isinstance(feats, np.ndarray) or tuple(feats.shape[1:]) != self.shape:
+            shape = feats.shape[1:] if isinstance(feats, np.ndarray) else "frames"
+            raise PredictError(f"input '{self.name}': the encoder gives features of shape {shape}, "
+                               f"the run was trained on {self.shape}")
+        self.feats[where] = feats
+        self.have[where] = True
+
+    def result(self) -> np.ndarray:
+        return self.feats
+
+
+class _FrameRows:
+    """A frame input's rows, packed (frames.Frames): read from a store for the rows it holds (whole
+    chunks, `read_frames`), the others from an encoder; put together in the order of the utterances."""
+
+    def __init__(self, record: dict, n: int):
+        self.name, self.dim = record["name"], int(record["feature_shape"][-1])
+        self.n = n
+        self.have = np.zeros(n, dtype=bool)
+        self.parts: list[tuple[np.ndarray, Frames]] = []  # (positions among the utterances, their frames)
+
+    def from_store(self, store, ids: list[str]) -> int:
+        if not store.is_frames:
+            raise PredictError(f"store {store.path}: a pooled store, but the run takes '{self.name}' as frames "
+                               "(extract it with --pooling frames)")
+        rows = _store_rows(store.ids(), store.flags()[0], ids)
+        hit = np.flatnonzero(rows >= 0)
+        if hit.size:
+            self.parts.append((hit, store.read_frames(rows[hit])[1]))
+            self.have[hit] = True
+        return int(hit.size)
+
+    def computed(self, where: np.ndarray, frames) -> None:
+        if not isinstance(frames, Frames) or frames.dim != self.dim:
+            shape = f"({frames.dim},) per frame" if isinstance(frames, Frames) else f"{frames.shape[1:]} pooled"
+            raise PredictError(f"input '{self.name}': the encoder gives features {shape}, the run was trained "
+                               f"on frames of ({self.dim},)")
+        self.parts.append((where, frames))
+        self.have[where] = True
+
+    def result(self) -> Frames:
+        if len(self.parts) == 1 and np.array_equal(self.parts[0][0], np.arange(self.n)):
+            return self.parts[0][1]  # every row from one source, already in order: no copy
+        lengths = np.zeros(self.n, dtype=np.int64)
+        for where, frames in self.parts:
+            lengths[where] = frames.lengths
+        out = Frames.empty(lengths, self.dim)
+        for where, frames in self.parts:
+            for j, i in enumerate(where.tolist()):
+                out.set_row(i, frames.row(j))
+        return out
 
 
 def is_finetuned(config: dict) -> bool:
@@ -198,7 +277,7 @@ def is_finetuned(config: dict) -> bool:
     return config.get("system") == SYSTEM
 
 
-def run_model(model, config: dict, utts: list, arrays: dict[str, np.ndarray], sources: dict[str, str], *,
+def run_model(model, config: dict, utts: list, arrays: dict[str, np.ndarray | Frames], sources: dict[str, str], *,
               device: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
     """The run's predictions: its heads on the gathered features, or its fine-tuned model on the audio too."""
     if not is_finetuned(config):
@@ -211,15 +290,22 @@ def run_model(model, config: dict, utts: list, arrays: dict[str, np.ndarray], so
                          batch_seconds=float(config["train"].get("batch_seconds") or 160.0))
 
 
-def run_heads(heads, arrays: dict[str, np.ndarray], *, device: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
+def run_heads(model, arrays: dict[str, np.ndarray | Frames], *,
+              device: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
+    """A heads run's predictions: `model` (runs.load_run's FeatureModel) on the gathered inputs,
+    frame inputs padded batch by batch (Frames.take)."""
     import torch
 
     from ser_cache.training import infer, resolve_device
 
     dev = resolve_device(device)
-    heads.to(dev)
+    model.to(dev)
     n = len(next(iter(arrays.values())))
-    return infer(heads, lambda idx: {k: torch.from_numpy(a[idx]) for k, a in arrays.items()}, n, device=dev)
+
+    def fetch(idx):
+        return {k: a.take(idx) if isinstance(a, Frames) else torch.from_numpy(a[idx]) for k, a in arrays.items()}
+
+    return infer(model, fetch, n, device=dev)
 
 
 # --------------------------------------------------------------------------- commands
@@ -232,7 +318,7 @@ def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[s
     from ser_cache.corpus import load_corpus
 
     run_dir = Path(run_dir)
-    heads, config = _load(run_dir)
+    model, config = _load(run_dir)
     if files and (data is not None or splits):
         raise PredictError("give either audio files or --data with --split, not both")
     if files:
@@ -247,7 +333,7 @@ def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[s
         raise PredictError("nothing to predict: give audio files, or --data with --split")
     arrays, sources = gather_features(config, utts, run_dir=run_dir, device=device, features_dir=features_dir,
                                       use_stores=not files)
-    avd, probs = run_model(heads, config, utts, arrays, sources, device=device)
+    avd, probs = run_model(model, config, utts, arrays, sources, device=device)
     gender_labels = config.get("gender_labels") or None
     path = runs.write_predictions(out, [u.id for u in utts], avd, gender_labels=gender_labels, gender_probs=probs)
     return PredictResult(out=path, rows=len(utts), sources=sources)
@@ -261,7 +347,7 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
     from ser_cache.training import label_index, score
 
     run_dir = Path(run_dir)
-    heads, config = _load(run_dir)
+    model, config = _load(run_dir)
     utts = load_corpus(data, [split])
     train = config["train"]
     labelled = [u for u in utts if u.has_avd]
@@ -278,7 +364,7 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
         raise PredictError(f"split {split} of {data} has {len(labelled)} labelled utterance(s) to score; "
                            "at least 2 are needed")
     arrays, sources = gather_features(config, labelled, run_dir=run_dir, device=device, features_dir=features_dir)
-    avd, probs = run_model(heads, config, labelled, arrays, sources, device=device)
+    avd, probs = run_model(model, config, labelled, arrays, sources, device=device)
     target = np.array([u.avd for u in labelled], dtype=np.float64)
     genders = label_index([u.gender for u in labelled], config.get("gender_labels") or [])
     result.update(score(avd, target, [u.emotion or "" for u in labelled],
@@ -294,7 +380,7 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
 
 
 def _load(run_dir: Path):
-    """(model, config): the heads of a heads run, or the whole fine-tuned model of a fine-tuned run."""
+    """(model, config): the FeatureModel of a heads run, or the whole fine-tuned model of a fine-tuned run."""
     try:
         config = runs.read_config(run_dir)
         if is_finetuned(config):

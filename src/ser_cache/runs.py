@@ -5,8 +5,10 @@ Layout (documented for users in docs/training.md):
     <run>/
         config.json          the full training config, every input store (path, fingerprint, model
                              id, revision, kind, settings), label min/max, gender labels, speakers,
-                             the heads' constructor arguments, package version
-        model.safetensors    heads weights ("heads.*"), plus the AAM-softmax class weights ("aam.*")
+                             the heads' constructor arguments, the ConvPool arguments of every frame
+                             store ("frame_inputs"), package version
+        model.safetensors    the model.FeatureModel's weights: heads ("heads.*") and the ConvPool of
+                             each frame store ("pools.{i}.*"), plus the AAM-softmax class weights ("aam.*")
         metrics.json         Development scores of the kept epoch
         history.csv          one row per epoch: losses, Development CCCs, balanced CCC, gender
         predictions_dev.csv  the kept epoch's Development predictions, challenge format
@@ -38,7 +40,11 @@ import numpy as np
 from ser_cache.atomic import atomic_path
 
 RUN_FORMAT = "ser-cache-run"
-RUN_FORMAT_VERSION = 1
+RUN_FORMAT_VERSION = 2  # the newest this version reads
+# A run with frame inputs needs a reader that builds their ConvPools, so it says version 2; every
+# other run stays version 1, which older ser-cache versions still read.
+POOLED_RUN_FORMAT_VERSION = 1
+FRAME_RUN_FORMAT_VERSION = 2
 CONFIG = "config.json"
 WEIGHTS = "model.safetensors"
 METRICS = "metrics.json"
@@ -158,11 +164,21 @@ def staged_run_dir(path: str | Path, overwrite: bool):
         shutil.rmtree(old, ignore_errors=True)
 
 
-def save_weights(directory: Path, heads, aam=None) -> Path:
-    """Heads (and AAM-softmax) weights in one safetensors file, keys prefixed 'heads.' and 'aam.'."""
+def format_version(frame_inputs: dict | None) -> int:
+    return FRAME_RUN_FORMAT_VERSION if frame_inputs else POOLED_RUN_FORMAT_VERSION
+
+
+def save_weights(directory: Path, model, aam=None) -> Path:
+    """A FeatureModel's weights ('heads.*', 'pools.*'; bare MultitaskHeads are saved as 'heads.*')
+    and the AAM-softmax's ('aam.*'), in one safetensors file."""
     from safetensors.torch import save_file
 
-    tensors = {f"heads.{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
+    from ser_cache.model import FeatureModel
+
+    state = model.state_dict()
+    if not isinstance(model, FeatureModel):
+        state = {f"heads.{k}": v for k, v in state.items()}
+    tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if aam is not None:
         tensors.update({f"aam.{k}": v.detach().cpu().contiguous() for k, v in aam.state_dict().items()})
     target = Path(directory) / WEIGHTS
@@ -189,26 +205,31 @@ def read_config(run_dir: str | Path) -> dict:
 
 
 def load_run(run_dir: str | Path, *, device: str = "cpu"):
-    """(heads, config): the trained MultitaskHeads in eval mode on `device`, and config.json as a dict."""
+    """(model, config): the trained model.FeatureModel in eval mode on `device`, and config.json as a dict.
+
+    The model takes {name: tensor} for pooled inputs and {name: (frames, lengths)} for frame
+    inputs; a run without "frame_inputs" (every run before them) has no ConvPool, and its
+    "heads.*" weights load as they always did. `model.heads` is the MultitaskHeads.
+    """
     import torch
     from safetensors.torch import load_file
 
-    from ser_cache.heads import MultitaskHeads
+    from ser_cache.model import FeatureModel
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)
     weights = run_dir / WEIGHTS
     if not weights.is_file():
         raise RunError(f"{run_dir}: {WEIGHTS} is missing; the run is incomplete")
-    heads = MultitaskHeads.from_config(config["heads"])
+    model = FeatureModel.from_config(config["heads"], config.get("frame_inputs") or {})
     tensors = load_file(str(weights))
-    state = {k.removeprefix("heads."): v for k, v in tensors.items() if k.startswith("heads.")}
+    state = {k: v for k, v in tensors.items() if k.startswith(("heads.", "pools."))}
     try:
-        heads.load_state_dict(state, strict=True)
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
-        raise RunError(f"{weights}: weights do not fit the heads in {CONFIG} ({str(exc).splitlines()[0]})") from None
-    heads.to(torch.device(device)).eval()
-    return heads, config
+        raise RunError(f"{weights}: weights do not fit the model in {CONFIG} ({str(exc).splitlines()[0]})") from None
+    model.to(torch.device(device)).eval()
+    return model, config
 
 
 # --------------------------------------------------------------------------- prediction files

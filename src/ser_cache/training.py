@@ -1,17 +1,23 @@
 """Stage two: train multitask heads on cached features, in minutes.
 
 The loop, in order:
-1. read the corpus and every input store once into memory, join them by utterance id, and drop
-   rows that cannot be used (labels missing, features not written), counting each reason;
+1. read the corpus and every input store into memory, join them by utterance id, and drop rows
+   that cannot be used (labels missing, features not written), counting each reason (rows.py);
+   frame stores are read for the kept rows only, or streamed when they do not fit the budget;
 2. pick the training rows and the Development evaluation rows for the chosen O/X variant
    (paper Table 5), and derive what the heads need from the training rows only: the label
    range (Eq. 2), the gender classes, the speaker classes;
-3. each epoch: draw a fresh (optionally undersampled) order, step through it in batches with
+3. build the model (model.FeatureModel): a ConvPool per frame store, its pooled vector
+   concatenated with the pooled stores, the heads on top; with pooled stores only, the heads;
+4. each epoch: draw a fresh (optionally undersampled) order, step through it in batches with
    L = sum(1 - CCC) + alpha CE(gender) + beta AAM(speaker) (Eq. 1), then score Development;
-4. keep the epoch with the best mean (balanced) CCC and write the run directory in one rename.
+5. keep the epoch with the best mean (balanced) CCC and write the run directory in one rename.
 
 Why no DataLoader: the features already sit in memory as float16 arrays, so a batch is one
-fancy-index per store. Worker processes would only copy those arrays around.
+fancy-index per store (a gather from the packed frames for a frame store). Worker processes
+would only copy those arrays around. Streamed frames change only which rows are in memory when:
+`TrainingData.in_blocks` hands the loop the epoch's rows block by block, and with everything in
+memory it is one block, the order as drawn.
 """
 
 from __future__ import annotations
@@ -29,18 +35,26 @@ import numpy as np
 
 from ser_cache import __version__, runs
 from ser_cache.metrics import ATTRIBUTES as AVD  # the heads' "avd" column order, too
+from ser_cache.rows import (  # noqa: F401  (re-exported: finetune, predict and tests import them from here)
+    NO_EMOTION_CLASS,
+    SPEAKER_EMBEDDING_KIND,
+    FrameInput,
+    InputStore,
+    TrainError,
+    TrainingData,
+    default_memory_budget_gb,
+    label_index,
+    load_rows,
+    store_record,
+)
 
 log = logging.getLogger(__name__)
 
 SELECT_MODES = ("balanced", "ccc")
-NO_EMOTION_CLASS = "?"  # undersampling class of training rows that have no emotion code
-SPEAKER_EMBEDDING_KIND = "xvector"  # stores of this kind are speaker embeddings (the "+ S Emb" input)
 EVAL_BATCH = 4096  # rows per forward pass when scoring; memory, not accuracy, decides it
-
-
-class TrainError(Exception):
-    """Training cannot start or go on as asked; the message names the option, store or utterance."""
-
+# With frame inputs: 64 rows × up to 750 Whisper frames × 1280 is 245 MB of float32 per pass.
+EVAL_FRAME_BATCH = 64
+BLOCK_ORDER = 1  # third word of the seed of the order in which streamed blocks are visited
 
 @dataclass(frozen=True)
 class TrainHeadsConfig:
@@ -52,6 +66,11 @@ class TrainHeadsConfig:
     threads: CPU threads for torch while training (None: torch's default, all cores). Small heads
     gain nothing from a second thread, and on a busy machine threads that wait for each other
     make every step many times slower; 1 is the robust choice for small runs or parallel runs.
+    dropout: of the heads; 0, as the authors' heads (Linear–ReLU–Linear, no dropout). It was 0.1
+    before frame inputs came; the option stays, for older runs' setting and for experiments.
+    conv_dim, conv_dropout: the ConvPool of every frame store, the authors' 256 and 0.1.
+    memory_budget_gb: memory for the inputs (pooled stores whole, frame stores' kept rows packed);
+    frames that do not fit are streamed in blocks. None: half the physical memory.
     """
 
     features: tuple[Path, ...]
@@ -74,7 +93,10 @@ class TrainHeadsConfig:
     balanced_trials: int = 10
     balanced_per_class: int | None = None
     hidden: int = 256
-    dropout: float = 0.1
+    dropout: float = 0.0
+    conv_dim: int = 256
+    conv_dropout: float = 0.1
+    memory_budget_gb: float | None = None
     device: str = "auto"
     threads: int | None = None
     overwrite: bool = False
@@ -91,6 +113,12 @@ class TrainHeadsConfig:
             problems.append(f"--lr {self.lr}: expected a positive learning rate")
         if self.batch_size < 2:
             problems.append(f"--batch-size {self.batch_size}: expected 2 or more (CCC needs two rows)")
+        if self.conv_dim < 1:
+            problems.append(f"--conv-dim {self.conv_dim}: expected 1 or more")
+        if not 0 <= self.conv_dropout < 1:
+            problems.append(f"--conv-dropout {self.conv_dropout}: expected a probability in [0, 1)")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            problems.append(f"--memory-budget {self.memory_budget_gb}: expected a positive number of GB")
         problems += common_problems(self)
         if problems:
             raise TrainError("; ".join(problems))
@@ -154,180 +182,10 @@ class TrainResult:
 # --------------------------------------------------------------------------- data
 
 
-@dataclass
-class InputStore:
-    """One input store held in memory, and for each kept utterance the store row it lives in."""
-
-    name: str
-    path: Path
-    attrs: dict
-    features: np.ndarray  # (N_store, *shape) float16, as read, in store order
-    rows: np.ndarray  # (n,) int64, store row of each kept utterance
-
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return tuple(self.features.shape[1:])
-
-    def record(self) -> dict:
-        return store_record(self.name, self.path, self.attrs, self.shape)
-
-
-def store_record(name: str, path: Path, attrs: dict, shape: Sequence[int]) -> dict:
-    """What config.json keeps of a store: enough to find it again, check it, or rebuild its encoder."""
-    return {
-        "name": name,
-        "path": str(Path(path).resolve()),
-        "fingerprint": attrs.get("fingerprint"),
-        "model_id": attrs.get("model_id"),
-        "revision": attrs.get("revision"),
-        "kind": attrs.get("kind"),
-        "modality": attrs.get("modality"),
-        "feature_shape": list(shape),
-        "settings": attrs.get("settings", {}),
-    }
-
-
-@dataclass
-class TrainingData:
-    """The kept rows (labelled, features written) of the train and dev splits, and their inputs."""
-
-    ids: np.ndarray  # (n,) str
-    paths: np.ndarray  # (n,) str, the audio file of each row (for training on audio)
-    splits: np.ndarray  # (n,) str
-    emotions: np.ndarray  # (n,) str, NO_EMOTION_CLASS where the corpus has none
-    avd: np.ndarray  # (n, 3) float32
-    genders: list[str | None]
-    speakers: list[str | None]
-    inputs: list[InputStore]
-    excluded_stores: list[dict]
-    counts: dict
-    train_split: str  # the corpus's spelling of the split names
-    dev_split: str
-
-    def batch(self, idx: np.ndarray) -> dict:
-        """Float16 features of rows `idx`, one tensor per input; the heads convert them."""
-        import torch
-
-        return {s.name: torch.from_numpy(s.features[s.rows[idx]]) for s in self.inputs}
-
-
-def _store_name(path: Path, attrs: dict) -> str:
-    return str(attrs.get("name") or Path(path).name.removesuffix(".zarr"))
-
-
-def _use_as_input(attrs: dict, speaker_head_on: bool) -> bool:
-    """The paper keeps the speaker-embedding store out of the input when the speaker head is on."""
-    return not (speaker_head_on and attrs.get("kind") == SPEAKER_EMBEDDING_KIND)
-
-
-def _join_store(store_path: Path, name: str, store_ids: np.ndarray, written: np.ndarray,
-                wanted: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(store row of each wanted id, written flag of each); missing or duplicated ids raise."""
-    index: dict[str, int] = {}
-    for row, uid in enumerate(store_ids.tolist()):
-        if uid in index:
-            raise TrainError(f"store {store_path}: utterance {uid} appears twice (rows {index[uid]} and {row}); "
-                             "re-extract the store")
-        index[uid] = row
-    missing = [u for u in wanted if u not in index]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise TrainError(f"store {store_path} ('{name}') lacks {len(missing)} utterance(s) of the corpus: {shown}; "
-                         "extract it over the training and development splits")
-    rows = np.fromiter((index[u] for u in wanted), dtype=np.int64, count=len(wanted))
-    return rows, written[rows]
-
-
 def load_training_data(cfg: TrainHeadsConfig) -> TrainingData:
-    """Read corpus and stores (each store once, whole), join them, drop unusable rows, counting why."""
-    return load_rows(cfg.data, cfg.train_split, cfg.dev_split, cfg.features, speaker_weight=cfg.speaker_weight)
-
-
-def load_rows(data: Path, train_split: str, dev_split: str, stores: Sequence[Path], *, speaker_weight: float,
-              require_inputs: bool = True) -> TrainingData:
-    """The labelled train and dev rows of a corpus joined with cached stores; what `train_heads`
-    and `finetune_wavlm` both start from. `require_inputs=False`: the stores may be none (the
-    fine-tuned encoder is the input)."""
-    from ser_cache.corpus import load_corpus, select_splits
-    from ser_cache.store import FeatureStore
-
-    utts = select_splits(load_corpus(data), [train_split, dev_split], source=data)
-    # select_splits matches case-insensitively; use the corpus's own spelling from here on.
-    split_of = {s.lower(): s for s in {u.split for u in utts}}
-    train_split, dev_split = split_of[train_split.lower()], split_of[dev_split.lower()]
-    ids = [u.id for u in utts]
-    counts: dict = {"corpus_rows": len(utts)}
-
-    speaker_head_on = speaker_weight > 0
-    inputs: list[InputStore] = []
-    excluded: list[dict] = []
-    usable = np.ones(len(utts), dtype=bool)
-    names: dict[str, Path] = {}
-    for path in stores:
-        path = Path(path)
-        store = FeatureStore.open(path)
-        attrs = store.attrs
-        name = _store_name(path, attrs)
-        if not _use_as_input(attrs, speaker_head_on):
-            log.info("%s: a speaker-embedding store; kept out of the input because the speaker head is on "
-                     "(--speaker-weight %s), as in the paper", path, speaker_weight)
-            excluded.append({**store_record(name, path, attrs, store.feature_shape),
-                             "reason": "speaker-embedding store kept out of the input: speaker head on"})
-            continue
-        if name in names:
-            raise TrainError(f"stores {names[name]} and {path} are both named '{name}'; extract one with --name")
-        names[name] = path
-        store_ids, feats, written = store.read()
-        rows, ok = _join_store(path, name, store_ids, written, ids)
-        not_written = int((~ok).sum())
-        if not_written:
-            log.info("%s: %d utterance(s) have no features (failed at extraction) and are left out", path, not_written)
-        counts[f"not_written[{name}]"] = not_written
-        usable &= ok
-        inputs.append(InputStore(name=name, path=path, attrs=attrs, features=feats, rows=rows))
-    if not inputs and require_inputs:
-        raise TrainError("no input features left: every --features store is a speaker-embedding store, which is "
-                         "kept out of the input while the speaker head is on; add a speech or text store, or pass "
-                         "--speaker-weight 0 to use the speaker embeddings as input")
-
-    avd = np.array([[np.nan if v is None else v for v in u.avd] for u in utts], dtype=np.float64).reshape(-1, 3)
-    labelled = np.isfinite(avd).all(axis=1)
-    counts["unlabelled"] = int((~labelled).sum())
-    if counts["unlabelled"]:
-        log.info("%d utterance(s) lack an arousal, valence or dominance label and are left out", counts["unlabelled"])
-    keep = usable & labelled
-    splits = np.array([u.split for u in utts], dtype=object)
-    for split in (train_split, dev_split):
-        in_split = splits == split
-        if not (keep & in_split).any():
-            raise TrainError(f"split {split} of {data} has no usable row: {int(in_split.sum())} utterance(s), "
-                             f"{int((in_split & labelled).sum())} with labels, "
-                             f"{int((in_split & labelled & usable).sum())} of those with features in every store")
-    k = np.flatnonzero(keep)
-    for s in inputs:
-        s.rows = s.rows[k]
-    emotions = np.array([utts[i].emotion or NO_EMOTION_CLASS for i in k], dtype=object)
-    counts["kept_rows"] = int(k.size)
-    return TrainingData(
-        ids=np.array([utts[i].id for i in k], dtype=object),
-        paths=np.array([str(utts[i].path) for i in k], dtype=object),
-        splits=splits[k],
-        emotions=emotions,
-        avd=avd[k].astype(np.float32),
-        genders=[utts[i].gender for i in k],
-        speakers=[utts[i].speaker for i in k],
-        inputs=inputs,
-        excluded_stores=excluded,
-        counts=counts,
-        train_split=train_split,
-        dev_split=dev_split,
-    )
-
-
-def label_index(values: Sequence[str | None], classes: Sequence[str]) -> np.ndarray:
-    """Class index of each value; -1 for None or a value outside `classes` (unknown to the heads)."""
-    lookup = {c: i for i, c in enumerate(classes)}
-    return np.array([lookup.get(v, -1) if v is not None else -1 for v in values], dtype=np.int64)
+    """Read corpus and stores, join them, drop unusable rows (counting why); frames within the budget."""
+    return load_rows(cfg.data, cfg.train_split, cfg.dev_split, cfg.features, speaker_weight=cfg.speaker_weight,
+                     frames=True, memory_budget_gb=cfg.memory_budget_gb)
 
 
 # --------------------------------------------------------------------------- inference
@@ -347,25 +205,56 @@ def resolve_device(device: str):
     return dev
 
 
-def infer(heads, fetch, n: int, *, device, batch_size: int = EVAL_BATCH) -> tuple[np.ndarray, np.ndarray | None]:
-    """Run trained heads over rows 0..n-1; `fetch(idx)` gives the input tensors of rows `idx`.
+def to_device(batch: Mapping, device) -> dict:
+    """A batch dict on `device`: tensors, and the (frames, lengths) pairs of frame inputs."""
+    return {k: tuple(t.to(device, non_blocking=True) for t in v) if isinstance(v, tuple)
+            else v.to(device, non_blocking=True) for k, v in batch.items()}
+
+
+def eval_batch_size(model) -> int:
+    """Rows per forward pass when scoring: memory decides it, and frames take far more than vectors."""
+    return EVAL_FRAME_BATCH if getattr(model, "frame_names", ()) else EVAL_BATCH
+
+
+def infer(model, fetch, n: int, *, device, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """Run a trained model (FeatureModel or bare heads) over rows 0..n-1; `fetch(idx)` gives the
+    inputs of rows `idx` (tensors, and (frames, lengths) for frame inputs).
 
     Returns (avd (n, 3) float64, gender probabilities (n, G) or None).
     """
     import torch
 
-    was_training = heads.training
-    heads.eval()
+    batch_size = batch_size or eval_batch_size(model)
+    was_training = model.training
+    model.eval()
     avd = np.empty((n, 3), dtype=np.float64)
-    probs = np.empty((n, heads.n_genders), dtype=np.float64) if heads.n_genders else None
+    probs = np.empty((n, model.n_genders), dtype=np.float64) if model.n_genders else None
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
-            out = heads({k: v.to(device, non_blocking=True) for k, v in fetch(idx).items()})
+            out = model(to_device(fetch(idx), device))
             avd[idx] = out["avd"].double().cpu().numpy()
             if probs is not None:
                 probs[idx] = torch.softmax(out["gender_logits"].double(), dim=-1).cpu().numpy()
-    heads.train(was_training)
+    model.train(was_training)
+    return avd, probs
+
+
+def infer_rows(model, data: TrainingData, rows: np.ndarray, *, device) -> tuple[np.ndarray, np.ndarray | None]:
+    """`infer` over rows `rows` of `data`, block by block when frames are streamed.
+
+    With frame inputs the rows of a block go through in order of length, so a batch's rows are
+    padded to about their own length; the results come back in the order of `rows`.
+    """
+    avd = np.empty((rows.size, 3), dtype=np.float64)
+    probs = np.empty((rows.size, model.n_genders), dtype=np.float64) if model.n_genders else None
+    for pos in data.in_blocks(rows):
+        if data.frame_inputs:
+            pos = pos[np.argsort(data.frame_lengths(rows[pos]), kind="stable")]
+        a, p = infer(model, lambda idx, pos=pos: data.batch(rows[pos[idx]]), pos.size, device=device)
+        avd[pos] = a
+        if probs is not None:
+            probs[pos] = p
     return avd, probs
 
 
@@ -402,11 +291,13 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
 
     from ser_cache.heads import MultitaskHeads
     from ser_cache.losses import AAMSoftmax
+    from ser_cache.model import FeatureModel
     from ser_cache.sampling import EpochSampler
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     data = load_training_data(cfg)
+    data.frames_to(device)
     train_idx, dev_idx = select_rows(cfg, data)
     check_selectable(cfg, data, dev_idx)
 
@@ -418,14 +309,18 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     targets = {"avd": torch.from_numpy(data.avd), "gender": torch.from_numpy(genders),
                "speaker": torch.from_numpy(label_index(data.speakers, speaker_labels))}
 
+    # A frame store reaches the heads as its ConvPool's (conv_dim,) vector. The heads are built
+    # first, so that with pooled stores only the seeded initialisation is what it always was.
+    pools = {s.name: {"in_dim": s.dim, "dim": cfg.conv_dim, "dropout": cfg.conv_dropout} for s in data.frame_inputs}
     torch.manual_seed(cfg.seed)
-    heads = MultitaskHeads({s.name: s.shape for s in data.inputs}, hidden=cfg.hidden, dropout=cfg.dropout,
-                           label_min=lo, label_max=hi, n_genders=len(gender_labels),
-                           n_speakers=len(speaker_labels), aam_margin=cfg.aam_margin,
-                           aam_scale=cfg.aam_scale).to(device)
+    heads = MultitaskHeads({s.name: (cfg.conv_dim,) if s.name in pools else s.shape for s in data.inputs},
+                           hidden=cfg.hidden, dropout=cfg.dropout, label_min=lo, label_max=hi,
+                           n_genders=len(gender_labels), n_speakers=len(speaker_labels),
+                           aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale)
+    model = FeatureModel(heads, pools).to(device)
     aam = (AAMSoftmax(heads.speaker_embedding_dim, len(speaker_labels), margin=cfg.aam_margin,
                       scale=cfg.aam_scale).to(device) if speaker_labels else None)
-    params = list(heads.parameters()) + (list(aam.parameters()) if aam is not None else [])
+    params = list(model.parameters()) + (list(aam.parameters()) if aam is not None else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   **({"fused": True} if fused_adamw_ok(device) else {}))
     sampler = EpochSampler(data.emotions[train_idx], undersample=cfg.undersample, seed=cfg.seed)
@@ -440,10 +335,10 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
         for epoch in range(1, cfg.epochs + 1):
             t_epoch = time.perf_counter()
             sampler.set_epoch(epoch)
-            losses = _train_epoch(heads, aam, optimizer, data, train_idx[sampler.epoch_indices()], targets,
-                                  cfg, device)
+            losses = _train_epoch(model, aam, optimizer, data, train_idx[sampler.epoch_indices()], targets,
+                                  cfg, device, np.random.default_rng([cfg.seed, epoch, BLOCK_ORDER]))
             t_eval = time.perf_counter()
-            pred, probs = infer(heads, _fetcher(data, dev_idx), dev_idx.size, device=device)
+            pred, probs = infer_rows(model, data, dev_idx, device=device)
             dev = score(pred, data.avd[dev_idx], data.emotions[dev_idx],
                         gender_pred=None if probs is None else probs.argmax(1),
                         gender_true=None if probs is None else genders[dev_idx],
@@ -455,17 +350,18 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
             if value > best["score"]:
                 # Copies, not references: the next optimizer step would change them in place.
                 best = {"score": value, "epoch": epoch, "dev": dev, "pred": pred, "probs": probs,
-                        "heads": copy.deepcopy(heads.state_dict()),
+                        "model": copy.deepcopy(model.state_dict()),
                         "aam": copy.deepcopy(aam.state_dict()) if aam is not None else None}
             progress.update(epoch, history[-1], best["epoch"])
 
-    heads.load_state_dict(best["heads"])
+    model.load_state_dict(best["model"])
     if aam is not None:
         aam.load_state_dict(best["aam"])
     metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
-    config = run_config(cfg.to_dict(), data, lo, hi, gender_labels, speaker_labels, heads.config(), best["epoch"])
+    config = run_config(cfg.to_dict(), data, lo, hi, gender_labels, speaker_labels, heads.config(), best["epoch"],
+                        frame_inputs=model.config(), **({"memory": data.memory} if data.memory else {}))
     with runs.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
-        runs.save_weights(tmp, heads, aam)
+        runs.save_weights(tmp, model, aam)
         write_run_files(tmp, config, metrics, history, data.ids[dev_idx].tolist(), best["pred"], best["probs"],
                         gender_labels)
     wall = time.perf_counter() - t0
@@ -479,11 +375,12 @@ def run_config(train: dict, data: TrainingData, lo: Sequence[float], hi: Sequenc
                speaker_labels: list[str], heads_config: dict, best_epoch: int, **extra) -> dict:
     """config.json of a run: the training options, every cached input, labels, and the heads' arguments.
 
-    `extra` adds fields of other run kinds (a fine-tuned encoder's `system` and architecture).
+    `extra` adds fields of other run kinds (a fine-tuned encoder's `system` and architecture) and
+    "frame_inputs", the ConvPool arguments of every frame store (model.FeatureModel.config()).
     """
     return {
         "format": runs.RUN_FORMAT,
-        "format_version": runs.RUN_FORMAT_VERSION,
+        "format_version": runs.format_version(extra.get("frame_inputs")),
         "package_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
@@ -543,29 +440,37 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
-def _train_epoch(heads, aam, optimizer, data: TrainingData, order: np.ndarray, targets: dict,
-                 cfg: TrainHeadsConfig, device) -> dict[str, float]:
-    """One pass over `order` (row indices); returns the unweighted loss terms averaged over rows."""
+def _train_epoch(model, aam, optimizer, data: TrainingData, order: np.ndarray, targets: dict,
+                 cfg: TrainHeadsConfig, device, rng: np.random.Generator | None = None) -> dict[str, float]:
+    """One pass over `order` (row indices); returns the unweighted loss terms averaged over rows.
+
+    Streamed frames: the rows of `order` come block by block (the blocks in an order drawn from
+    `rng`), each block's rows in their order in `order`, so every row is still seen exactly once.
+    """
     import torch
 
-    heads.train()
+    model.train()
     sums = {"total": 0.0, "ccc": 0.0, "gender": 0.0, "speaker": 0.0}
     seen = 0
-    # Equal-sized batches instead of a ragged tail: a last batch of two or three rows would give
-    # a CCC (and a gradient) dominated by noise. CCC needs at least two rows per batch.
-    for idx in np.array_split(order, max(1, -(-order.size // cfg.batch_size))):
-        if idx.size < 2:
-            continue
-        rows = torch.from_numpy(idx)
-        out = heads({k: v.to(device, non_blocking=True) for k, v in data.batch(idx).items()})
-        loss, parts = batch_loss(out, {k: v[rows].to(device) for k, v in targets.items()}, aam,
-                                 gender_weight=cfg.gender_weight, speaker_weight=cfg.speaker_weight)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        for key in sums:
-            sums[key] += parts[key] * idx.size
-        seen += idx.size
+    for block in data.in_blocks(order, rng, min_rows=2):
+        block_order = order[block]
+        # Equal-sized batches instead of a ragged tail: a last batch of two or three rows would give
+        # a CCC (and a gradient) dominated by noise. CCC needs at least two rows per batch, so a
+        # small block (streamed frames) is cut into fewer batches rather than leave a row out.
+        n_batches = max(1, min(-(-block_order.size // cfg.batch_size), block_order.size // 2))
+        for idx in np.array_split(block_order, n_batches):
+            if idx.size < 2:
+                continue
+            rows = torch.from_numpy(idx)
+            out = model(to_device(data.batch(idx), device))
+            loss, parts = batch_loss(out, {k: v[rows].to(device) for k, v in targets.items()}, aam,
+                                     gender_weight=cfg.gender_weight, speaker_weight=cfg.speaker_weight)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            for key in sums:
+                sums[key] += parts[key] * idx.size
+            seen += idx.size
     return {k: v / max(seen, 1) for k, v in sums.items()}
 
 
@@ -614,10 +519,6 @@ def check_selectable(cfg: TrainHeadsConfig, data: TrainingData, dev_idx: np.ndar
     if cfg.select == "balanced" and not np.isin(data.emotions[dev_idx], PRIMARY_EMOTIONS).any():
         raise TrainError(f"--select balanced needs {cfg.dev_split} rows with a primary emotion "
                          f"({' '.join(PRIMARY_EMOTIONS)}); none has one. Use --select ccc")
-
-
-def _fetcher(data: TrainingData, rows: np.ndarray):
-    return lambda idx: data.batch(rows[idx])
 
 
 def fused_adamw_ok(device) -> bool:

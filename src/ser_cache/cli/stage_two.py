@@ -15,6 +15,7 @@ from ser_cache.cli import shared_options as shared
 from ser_cache.ensemble import EnsembleError
 from ser_cache.predict import PredictError
 from ser_cache.runs import RunError
+from ser_cache.rows import default_memory_budget_gb
 from ser_cache.training import TrainError
 
 KNOWN_ERRORS.extend([TrainError, RunError, PredictError, EnsembleError])
@@ -59,7 +60,7 @@ def scores_table(title: str, scores: dict) -> Table:
 
 @app.command("train-heads")
 def train_heads(
-    features: list[Path] = typer.Option(..., "--features", "-f", help="A feature store (.zarr); repeat for several inputs."),
+    features: list[Path] = typer.Option(..., "--features", "-f", help="A feature store (.zarr); repeat for several inputs. A frame store (extract --pooling frames) goes through a ConvPool first."),
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (labels and splits)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to create."),
     train_split: shared.TrainSplit = "Train",
@@ -79,13 +80,23 @@ def train_heads(
     balanced_trials: shared.BalancedTrials = 10,
     balanced_per_class: shared.BalancedPerClass = None,
     hidden: shared.Hidden = 256,
-    dropout: float = typer.Option(0.1, help="Dropout in the heads."),
+    dropout: float = typer.Option(0.0, help="Dropout in the heads (the authors' heads have none)."),
+    conv_dim: int = typer.Option(256, help="Width of the point-wise convolutions over a frame store's frames (authors: 256)."),
+    conv_dropout: float = typer.Option(0.1, help="Dropout between those convolutions (authors: 0.1)."),
+    memory_budget: Optional[float] = typer.Option(
+        None, "--memory-budget", metavar="GB",
+        help=f"Memory for the inputs; frame stores that do not fit are streamed in blocks. "
+             f"Default: half the physical memory ({default_memory_budget_gb():.1f} GB here)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for training (default: torch's, all cores); 1 for small or parallel runs."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:
-    """Train arousal/valence/dominance heads (plus gender and speaker heads) on cached features; write a run directory."""
+    """Train arousal/valence/dominance heads (plus gender and speaker heads) on cached features; write a run directory.
+
+    Frame stores go through point-wise convolutions and a mean over each clip's frames first:
+    --features whisper-large-v3-frames.zarr --features roberta-large.zarr is MMWhisper.
+    """
     from ser_cache.training import TrainHeadsConfig, train_heads as run_training
 
     _log_to_stderr()
@@ -94,8 +105,9 @@ def train_heads(
                            weight_decay=weight_decay, seed=seed, undersample=not no_undersample, ox=ox,
                            gender_weight=gender_weight, speaker_weight=speaker_weight, aam_margin=aam_margin,
                            aam_scale=aam_scale, select=select, balanced_trials=balanced_trials,
-                           balanced_per_class=balanced_per_class, hidden=hidden, dropout=dropout, device=device,
-                           threads=threads, overwrite=overwrite, progress=progress)
+                           balanced_per_class=balanced_per_class, hidden=hidden, dropout=dropout,
+                           conv_dim=conv_dim, conv_dropout=conv_dropout, memory_budget_gb=memory_budget,
+                           device=device, threads=threads, overwrite=overwrite, progress=progress)
     result = guarded(run_training, cfg)
     if result is None:
         return

@@ -206,3 +206,85 @@ def test_finetune_can_start_from_an_imported_run(models, tmp_path, one_torch_thr
     assert same and max(float((a[k].float() - b[k].float()).abs().max()) for k in same) < 1e-8
     lo = [k for k in b if k.endswith(".lo")]
     assert any(not torch.equal(a[k], b[k]) for k in lo)  # the learnable corpus' labels do not span 1-7
+
+
+# --------------------------------------------------------------------------- Whisper
+
+
+def authors_whisper_checkpoint(path: Path, backbone_dir: Path, *, gender: bool = False):
+    """A WhisperWrapper checkpoint (whisper_large layout: 750-row positional table, decoder included)."""
+    from transformers import WhisperModel
+
+    gen = torch.Generator().manual_seed(2)
+    backbone = WhisperModel.from_pretrained(backbone_dir)
+    state = {f"backbone_model.{k}": v.clone() for k, v in backbone.state_dict().items()}
+    state["backbone_model.encoder.embed_positions.weight"] = state["backbone_model.encoder.embed_positions.weight"][:750].clone()
+    d = backbone.config.d_model
+    tensors = {**state, "embed_positions": state["backbone_model.encoder.embed_positions.weight"].clone(),
+               "weights": torch.ones(backbone.config.num_hidden_layers + 1) / 3,  # unused by the Whisper model
+               **_downstream(d, gen, gender=gender)}
+    wrapper = {"pretrain_model": "whisper_large", "hidden_dim": HIDDEN, "finetune_method": "finetune",
+               "lora_rank": 16, "freeze_params": True, "output_class_num": 4, "use_conv_output": True,
+               "detailed_class_num": 17, "predict_gender": gender}
+    return _write_checkpoint(path, wrapper, tensors), tensors
+
+
+def authors_whisper_forward(tensors: dict, backbone_dir: Path, waves: list[np.ndarray]) -> np.ndarray:
+    """A padded batch with lengths as the authors' WhisperWrapper computes it: (B, 3) in [0, 1]."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
+
+    config = WhisperConfig.from_pretrained(backbone_dir, max_source_positions=750)
+    model = WhisperModel(config).eval()
+    model.load_state_dict({k.removeprefix("backbone_model."): v for k, v in tensors.items()
+                           if k.startswith("backbone_model.")})
+    fe = WhisperFeatureExtractor.from_pretrained(backbone_dir, chunk_length=15)
+    longest = max(len(w) for w in waves)
+    padded = [np.pad(w, (0, longest - len(w))) for w in waves]  # the batch the wrapper receives
+    features = fe(padded, return_tensors="pt", sampling_rate=16000, max_length=15 * 16000).input_features
+    lengths = [(len(w) // 160 - 1) // 2 + 1 for w in waves]
+    with torch.no_grad():
+        frames = model.encoder(features).last_hidden_state  # after the encoder's final layer norm
+        out = []
+        for b, n in enumerate(lengths):
+            pooled = _convs(frames[b], tensors)[:n].mean(0)
+            out.append([torch.sigmoid(_heads(pooled, tensors, f"{a}_layer"))[0].item() for a in ATTRS])
+    return np.array(out)
+
+
+def test_whisper_checkpoint_imports_and_predicts_what_the_authors_code_does(models, tmp_path, one_torch_thread):
+    import soundfile as sf
+
+    from ser_cache.vox_profile import ImportConfig, import_vox_profile
+
+    src, tensors = authors_whisper_checkpoint(tmp_path / "ckpt", models["whisper"], gender=True)
+    result = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["whisper"])))
+    assert result.system == "frame-heads"
+    clips = _clips(tmp_path / "audio", seconds=(1.3, 2.1, 0.8, 16.5))  # the last is cut to the 15-s window
+    avd = _predicted(result.run_dir, clips, tmp_path / "pred.csv")
+    ref = authors_whisper_forward(tensors, models["whisper"], [sf.read(c, dtype="float32")[0] for c in clips])
+    np.testing.assert_allclose((avd - 1) / 6, ref, atol=1e-4)
+
+    moved = tmp_path / "elsewhere" / "run"  # the run carries its encoder: it works wherever it is
+    moved.parent.mkdir()
+    result.run_dir.rename(moved)
+    np.testing.assert_allclose(_predicted(moved, clips, tmp_path / "moved.csv"), avd, atol=1e-6)
+
+
+def test_import_command_and_evaluate_on_a_corpus(models, corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from ser_cache.cli import app
+
+    src, _ = authors_whisper_checkpoint(tmp_path / "ckpt", models["whisper"])
+    runner = CliRunner()
+    res = runner.invoke(app, ["import", "vox-profile", str(src), "--out", str(tmp_path / "run"),
+                              "--backbone", str(models["whisper"])])
+    assert res.exit_code == 0, res.output
+    assert "frame-heads run" in res.output
+    res = runner.invoke(app, ["evaluate", str(tmp_path / "run"), "--data", str(corpus), "--split", "Development",
+                              "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    scores = json.loads((tmp_path / "run" / "eval_Development.json").read_text())
+    assert scores["rows"] >= 2 and set(scores["ccc"]) >= {"arousal", "valence", "dominance", "mean"}
+    res = runner.invoke(app, ["import", "vox-profile", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run2")])
+    assert res.exit_code == 2 and "no such directory" in res.output

@@ -117,8 +117,17 @@ def _load_encoder(record: dict, device: str, run_dir: Path):
     """The run's encoder for an input, refused if it no longer computes what the run was trained on."""
     from ser_cache.extract import encoder_for_store
 
-    encoder = encoder_for_store(record, device=device)
+    model = None
+    if record.get("in_run"):
+        # The run carries this encoder (an imported checkpoint's own Whisper, vox_profile.py): its
+        # model_id is a folder inside the run, so the run works wherever it is moved.
+        model = str(Path(run_dir) / record["model_id"])
+        if not (Path(model) / "config.json").is_file():
+            raise PredictError(f"run {run_dir}: its encoder folder {record['model_id']}/ is missing or damaged")
+    encoder = encoder_for_store(record, device=device, model=model)
     found = encoder.settings()
+    if model is not None:
+        found = {**found, "model_id": record["model_id"]}
     diffs = _differences(record.get("settings", {}), found, keys=sorted(found))
     if diffs:
         raise PredictError(f"the encoder of input '{record['name']}' ({record.get('model_id')}) no longer matches "
@@ -156,7 +165,7 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
         source = _FrameRows(record, len(utts)) if name in frame_inputs else _VectorRows(record, len(utts))
         store_path = _store_for(record, features_dir)
         used = []
-        if use_stores and (store_path / "zarr.json").is_file():
+        if use_stores and record.get("path") and (store_path / "zarr.json").is_file():
             try:
                 store = FeatureStore.open(store_path)
             except StoreError as exc:

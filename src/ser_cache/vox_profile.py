@@ -111,6 +111,9 @@ def checkpoint_files(source: str) -> tuple[Path, Path, str]:
                 raise ImportError_(f"{source}: no {f.name}; expected the authors' layout (config.json and "
                                    "model.safetensors saved by their WavLMWrapper/WhisperWrapper)")
         return files[0], files[1], _digest(files)
+    if source.startswith(("/", "./", "../", "~")) or p.exists():
+        raise ImportError_(f"{source}: no such directory (a local checkpoint is a directory holding "
+                           "config.json and model.safetensors)")
     try:
         resolved = resolve_model(source, {})
     except EncoderError as exc:
@@ -390,4 +393,78 @@ def _load_checked(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
 
 
 def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict) -> None:
-    raise ImportError_("Whisper checkpoints are not importable yet")
+    """A frame-heads run: the checkpoint's Whisper encoder (saved into the run), a ConvPool, the heads."""
+    from safetensors.torch import save_file
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForAudioClassification
+
+    from ser_cache.atomic import atomic_path
+    from ser_cache.encoders import load_encoder
+    from ser_cache.encoders.base import quiet_loading
+    from ser_cache.encoders.whisper import WINDOW_POSITIONS
+    from ser_cache.model import FeatureModel
+
+    whisper_config, resolved = _backbone_config(backbone, WhisperConfig)
+    if getattr(whisper_config, "model_type", "") != "whisper":
+        raise ImportError_(f"--backbone {backbone}: a {whisper_config.model_type} model, not a Whisper")
+    # The authors build the encoder with 750 positions (the 15-s window) and save that table; their
+    # whisper_medium keeps 1,500 rows but uses the first 750, as ser-cache's window does.
+    table = tensors.get("backbone_model.encoder.embed_positions.weight")
+    if table is not None and table.shape[0] > WINDOW_POSITIONS:
+        tensors = dict(tensors)
+        tensors["backbone_model.encoder.embed_positions.weight"] = table[:WINDOW_POSITIONS].clone()
+    whisper_config.max_source_positions = WINDOW_POSITIONS
+    encoder_model = WhisperForAudioClassification(whisper_config)
+    encoder_keys = {k for k in encoder_model.state_dict() if k.startswith("encoder.")}
+    predict_gender = bool(wrapper.get("predict_gender", False))
+    backbone_state, rest = split_weights(tensors, encoder_keys, predict_gender=predict_gender, whisper=True)
+    _load_checked_subset(encoder_model, backbone_state, encoder_keys)
+    try:
+        with quiet_loading():
+            feature_extractor = WhisperFeatureExtractor.from_pretrained(resolved.source,
+                                                                        local_files_only=resolved.local_only)
+    except (OSError, ValueError) as exc:
+        raise ImportError_(f"--backbone {backbone}: no Whisper preprocessor config ({exc})") from None
+    if feature_extractor.feature_size != whisper_config.num_mel_bins:
+        raise ImportError_(f"--backbone {backbone}: its preprocessor has {feature_extractor.feature_size} mel bins, "
+                           f"the model {whisper_config.num_mel_bins}")
+
+    hidden = int(wrapper.get("hidden_dim", 256))
+    name = f"{wrapper['pretrain_model'].replace('_', '-')}-frames"
+    heads = _heads(hidden, name, cfg, predict_gender)
+    frame_inputs = {name: {"in_dim": whisper_config.d_model, "dim": hidden, "layers": 3, "dropout": 0.1}}
+    model = FeatureModel(heads, frame_inputs)
+    state = {("pools.0." + k if k.startswith("convs.") else k): v
+             for k, v in head_state(rest, lo=cfg.label_range[0], hi=cfg.label_range[1],
+                                    predict_gender=predict_gender).items()}
+    _load_checked(model, state)
+
+    with runs.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
+        encoder_dir = tmp / ENCODER_DIR
+        with quiet_loading():
+            encoder_model.save_pretrained(encoder_dir)
+            feature_extractor.save_pretrained(encoder_dir)
+        # The run's input is this encoder, run as `extract --pooling frames` would (15-s window, last
+        # layer after the final layer norm); predict computes it from the audio, as for any input
+        # whose store is not at hand. Its settings are recorded relative to the run directory.
+        encoder = load_encoder(str(encoder_dir), kind="whisper", device="cpu", precision="fp32", window="window",
+                               pooling="frames", max_seconds=15.0)
+        settings = {**encoder.settings(), "model_id": ENCODER_DIR}
+        record = {"name": name, "path": "", "fingerprint": None, "model_id": ENCODER_DIR, "in_run": True,
+                  "revision": encoder.revision, "kind": "whisper", "modality": "audio",
+                  "feature_shape": list(encoder.feature_shape), "settings": settings}
+        del encoder
+        config = _run_config(cfg, heads, imported, predict_gender, inputs=[record], frame_inputs=model.config())
+        with atomic_path(tmp / runs.WEIGHTS) as f:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(f))
+        runs.write_json_atomic(tmp / runs.CONFIG, config)
+
+
+def _load_checked_subset(model: torch.nn.Module, state: dict[str, Tensor], keys: set[str]) -> None:
+    """Load the encoder part of a Whisper model; every key in `keys` must come with its shape."""
+    ours = model.state_dict()
+    problems = [f"backbone_model.{k} {tuple(state[k].shape)} (expected {tuple(ours[k].shape)})"
+                for k in keys if k in state and tuple(state[k].shape) != tuple(ours[k].shape)]
+    if problems:
+        raise ImportError_("the checkpoint does not fit its backbone configuration: " + "; ".join(problems[:5])
+                           + " — pass the --backbone it was trained from")
+    model.load_state_dict(state, strict=False)

@@ -321,3 +321,16 @@ def test_workers_that_cannot_run_at_all_stop_the_run_instead_of_failing_every_fi
             list(decoder.batches([files[:2], files[2:]], _new_timings()))
     finally:
         decoder.close()
+
+
+def test_an_all_layers_wavlm_store_from_before_the_final_norm_fix_is_refused(models, corpus, tmp_path):
+    """Stores built when the 25th WavLM state was taken before the final layer norm hold other numbers;
+    their settings lack "last_state", so their fingerprint differs and they are refused, not resumed."""
+    from ser_cache.store import fingerprint
+
+    done = extract(cfg(models["wavlm"], corpus, tmp_path))
+    store = FeatureStore.open(done.store, mode="r+")
+    old = {k: v for k, v in store.attrs["settings"].items() if k != "last_state"}
+    store.update_attrs(settings=old, fingerprint=fingerprint(old))
+    with pytest.raises(ExtractError, match=r"last_state: store has None, this run 'after-final-layer-norm'"):
+        extract(cfg(models["wavlm"], corpus, tmp_path))

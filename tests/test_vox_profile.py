@@ -64,13 +64,16 @@ def authors_wavlm_checkpoint(path: Path, backbone_dir: Path, *, gender: bool = T
     tensors = {**state, "weights": torch.randn(n_states, generator=gen),
                **_downstream(backbone.config.hidden_size, gen, gender=gender)}
     if lora:
-        layer = backbone.config.num_hidden_layers - 1  # the authors add LoRA to layers > L // 2
-        for dense in ("intermediate_dense", "output_dense"):
-            w = tensors[f"backbone_model.encoder.layers.{layer}.feed_forward.{dense}.weight"]
-            tensors[f"backbone_model.encoder.layers.{layer}.feed_forward.{dense}.lora_A"] = \
-                torch.randn(4, w.shape[1], generator=gen) * 0.2
-            tensors[f"backbone_model.encoder.layers.{layer}.feed_forward.{dense}.lora_B"] = \
-                torch.randn(w.shape[0], 4, generator=gen) * 0.2
+        # The authors build LoRA layers in layers > L // 2 only; a pair on layer 0 (which their
+        # non-strict loading drops) must change nothing.
+        n = backbone.config.num_hidden_layers
+        for layer in [*range(n // 2 + 1, n), 0]:
+            for dense in ("intermediate_dense", "output_dense"):
+                w = tensors[f"backbone_model.encoder.layers.{layer}.feed_forward.{dense}.weight"]
+                tensors[f"backbone_model.encoder.layers.{layer}.feed_forward.{dense}.lora_A"] = \
+                    torch.randn(4, w.shape[1], generator=gen) * 0.2
+                tensors[f"backbone_model.encoder.layers.{layer}.feed_forward.{dense}.lora_B"] = \
+                    torch.randn(w.shape[0], 4, generator=gen) * 0.2
     wrapper = {"pretrain_model": "wavlm_large", "hidden_dim": HIDDEN, "finetune_method": "lora" if lora else "finetune",
                "lora_rank": 4, "freeze_params": False, "output_class_num": 4, "use_conv_output": True,
                "detailed_class_num": 17, "predict_gender": gender}
@@ -99,8 +102,11 @@ def authors_wavlm_forward(tensors: dict, backbone_dir: Path, wave: np.ndarray) -
     for k, v in tensors.items():
         if k.startswith("backbone_model.") and not k.endswith(("lora_A", "lora_B")):
             dense[k.removeprefix("backbone_model.")] = v.clone()
+    n = model.config.num_hidden_layers
     for k in [k for k in tensors if k.endswith("lora_A")]:  # loralib: W + B A · alpha / r, alpha 1
         base = k.removesuffix(".lora_A").removeprefix("backbone_model.")
+        if int(base.split(".")[2]) <= n // 2:  # encoder.layers.{i}...: no LoRA layer there
+            continue
         a, b = tensors[k], tensors[k.removesuffix("lora_A") + "lora_B"]
         dense[base + ".weight"] = dense[base + ".weight"] + b @ a / a.shape[0]
     model.load_state_dict(dense)
@@ -128,19 +134,31 @@ def _predicted(run: Path, clips: list[Path], out: Path) -> np.ndarray:
     return avd
 
 
+def three_layer_wavlm(path: Path) -> Path:
+    """The tiny WavLM with 3 layers: layer 2 > 3 // 2 is one the authors give LoRA."""
+    from transformers import Wav2Vec2FeatureExtractor, WavLMModel
+
+    torch.manual_seed(3)
+    WavLMModel(factories._wavlm_config(feat_extract_norm="layer", do_stable_layer_norm=True,
+                                       num_hidden_layers=3)).save_pretrained(path)
+    Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=True).save_pretrained(path)
+    return path
+
+
 @pytest.mark.parametrize("lora", [False, True])
 def test_wavlm_checkpoint_imports_and_predicts_what_the_authors_code_does(models, tmp_path, lora, one_torch_thread):
     from ser_cache.vox_profile import ImportConfig, import_vox_profile
 
-    src, tensors = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"], lora=lora)
-    result = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["wavlm"])))
+    backbone = three_layer_wavlm(tmp_path / "wavlm3") if lora else models["wavlm"]
+    src, tensors = authors_wavlm_checkpoint(tmp_path / "ckpt", backbone, lora=lora)
+    result = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(backbone)))
     assert result.system == "finetuned-wavlm" and result.merged_lora == (2 if lora else 0)
     clips = _clips(tmp_path / "audio")
     avd = _predicted(result.run_dir, clips, tmp_path / "pred.csv")
     for clip, row in zip(clips, avd):
         import soundfile as sf
 
-        ref = authors_wavlm_forward(tensors, models["wavlm"], sf.read(clip, dtype="float32")[0])
+        ref = authors_wavlm_forward(tensors, backbone, sf.read(clip, dtype="float32")[0])
         np.testing.assert_allclose((row - 1) / 6, ref, atol=1e-4)
     config = runs.read_config(result.run_dir)
     assert config["gender_labels"] == ["Female", "Male"] and config["imported"]["wrapper"]["hidden_dim"] == HIDDEN

@@ -165,12 +165,17 @@ def read_weights(path: Path) -> dict[str, Tensor]:
         raise ImportError_(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
 
 
-def merge_lora(tensors: dict[str, Tensor], rank: int, alpha: float = LORA_ALPHA) -> tuple[dict[str, Tensor], int]:
+def merge_lora(tensors: dict[str, Tensor], rank: int, n_layers: int,
+               alpha: float = LORA_ALPHA) -> tuple[dict[str, Tensor], int]:
     """Fold loralib's lora_A/lora_B pairs into their dense weights: W + (B @ A) · alpha / r.
 
     That is what loralib's Linear computes (and, in eval mode, merges in place), so the merged
-    dense layer gives the authors' outputs. Returns the new tensors and the number of pairs merged.
+    dense layer gives the authors' outputs. The authors' code builds LoRA layers only in encoder
+    layers i > n_layers // 2 and loads checkpoints non-strictly, so pairs found elsewhere have no
+    effect there; they are dropped here too (with a warning). Returns the tensors and the pairs merged.
     """
+    import re
+
     out = dict(tensors)
     merged = 0
     for key in [k for k in tensors if k.endswith(".lora_A")]:
@@ -178,6 +183,12 @@ def merge_lora(tensors: dict[str, Tensor], rank: int, alpha: float = LORA_ALPHA)
         b_key, w_key = base + ".lora_B", base + ".weight"
         if b_key not in tensors or w_key not in tensors:
             raise ImportError_(f"LoRA weights {key} come without {b_key} or {w_key}")
+        layer = re.search(r"\.layers\.(\d+)\.", key)
+        if layer is None or int(layer.group(1)) <= n_layers // 2:
+            log.warning("LoRA weights %s lie where the authors' model has no LoRA layer (encoder layers > %d "
+                        "only); their code ignores them, and so does this import", base, n_layers // 2)
+            del out[key], out[b_key]
+            continue
         a, b = tensors[key].float(), tensors[b_key].float()
         r = a.shape[0]
         if rank and r != rank:
@@ -267,23 +278,27 @@ def import_vox_profile(cfg: ImportConfig) -> ImportResult:
     config_path, weights_path, revision = checkpoint_files(cfg.source)
     wrapper = read_wrapper_config(config_path)
     tensors = read_weights(weights_path)
-    merged = 0
-    if any(k.endswith(".lora_A") for k in tensors):
-        tensors, merged = merge_lora(tensors, int(wrapper.get("lora_rank") or 0))
-        log.info("merged %d LoRA pair(s) into their dense weights (scaling %g / r)", merged, LORA_ALPHA)
     kind = "whisper" if wrapper["pretrain_model"].startswith("whisper") else "wavlm"
     backbone = cfg.backbone or BACKBONES[wrapper["pretrain_model"]]
-    imported = {"source": cfg.source, "revision": revision, "wrapper": wrapper, "backbone": backbone,
-                "merged_lora": merged}
+    imported = {"source": cfg.source, "revision": revision, "wrapper": wrapper, "backbone": backbone}
     if kind == "wavlm":
-        _import_wavlm(cfg, wrapper, tensors, backbone, imported)
+        merged = _import_wavlm(cfg, wrapper, tensors, backbone, imported)
         system = "finetuned-wavlm"
     else:
-        _import_whisper(cfg, wrapper, tensors, backbone, imported)
+        merged = _import_whisper(cfg, wrapper, tensors, backbone, imported)
         system = "frame-heads"
     log.info("imported %s (%s) into %s", cfg.source, wrapper["pretrain_model"], cfg.out)
     return ImportResult(run_dir=Path(cfg.out), system=system, pretrain_model=wrapper["pretrain_model"],
                         merged_lora=merged)
+
+
+def _merged(tensors: dict[str, Tensor], wrapper: dict, n_layers: int, imported: dict) -> tuple[dict, int]:
+    merged = 0
+    if any(k.endswith(".lora_A") for k in tensors):
+        tensors, merged = merge_lora(tensors, int(wrapper.get("lora_rank") or 0), n_layers)
+        log.info("merged %d LoRA pair(s) into their dense weights (scaling %g / r)", merged, LORA_ALPHA)
+    imported["merged_lora"] = merged
+    return tensors, merged
 
 
 def _backbone_config(backbone: str, config_cls):
@@ -332,7 +347,7 @@ def _run_config(cfg: ImportConfig, heads, imported: dict, predict_gender: bool, 
     }
 
 
-def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict) -> None:
+def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict) -> int:
     from safetensors.torch import save_file
     from transformers import WavLMConfig, WavLMModel
 
@@ -343,6 +358,7 @@ def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str
     if getattr(wavlm_config, "model_type", "") != "wavlm":
         raise ImportError_(f"--backbone {backbone}: a {wavlm_config.model_type} model, not a WavLM")
     wavlm = WavLMModel(wavlm_config)
+    tensors, merged = _merged(tensors, wrapper, wavlm_config.num_hidden_layers, imported)
     predict_gender = bool(wrapper.get("predict_gender", False))
     backbone_state, rest = split_weights(tensors, set(wavlm.state_dict()), predict_gender=predict_gender,
                                          whisper=False)
@@ -377,6 +393,7 @@ def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str
         with atomic_path(tmp / runs.WEIGHTS) as f:
             save_file(tensors_out, str(f))
         runs.write_json_atomic(tmp / runs.CONFIG, config)
+    return merged
 
 
 def _load_checked(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
@@ -392,7 +409,7 @@ def _load_checked(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
     model.load_state_dict({k: v for k, v in state.items() if k in ours}, strict=False)
 
 
-def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict) -> None:
+def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict) -> int:
     """A frame-heads run: the checkpoint's Whisper encoder (saved into the run), a ConvPool, the heads."""
     from safetensors.torch import save_file
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForAudioClassification
@@ -406,15 +423,17 @@ def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: s
     whisper_config, resolved = _backbone_config(backbone, WhisperConfig)
     if getattr(whisper_config, "model_type", "") != "whisper":
         raise ImportError_(f"--backbone {backbone}: a {whisper_config.model_type} model, not a Whisper")
-    # The authors build the encoder with 750 positions (the 15-s window) and save that table; their
-    # whisper_medium keeps 1,500 rows but uses the first 750, as ser-cache's window does.
-    table = tensors.get("backbone_model.encoder.embed_positions.weight")
-    if table is not None and table.shape[0] > WINDOW_POSITIONS:
-        tensors = dict(tensors)
+    # The authors' forward puts their wrapper's own copy of the positional table (`embed_positions`,
+    # cut to 750 rows: the 15-s window) into the encoder before every call, so that copy is the one
+    # that counts; it equals the encoder's saved table in their checkpoints.
+    tensors = dict(tensors)
+    table = tensors.get("embed_positions", tensors.get("backbone_model.encoder.embed_positions.weight"))
+    if table is not None:
         tensors["backbone_model.encoder.embed_positions.weight"] = table[:WINDOW_POSITIONS].clone()
     whisper_config.max_source_positions = WINDOW_POSITIONS
     encoder_model = WhisperForAudioClassification(whisper_config)
     encoder_keys = {k for k in encoder_model.state_dict() if k.startswith("encoder.")}
+    tensors, merged = _merged(tensors, wrapper, whisper_config.encoder_layers, imported)
     predict_gender = bool(wrapper.get("predict_gender", False))
     backbone_state, rest = split_weights(tensors, encoder_keys, predict_gender=predict_gender, whisper=True)
     _load_checked_subset(encoder_model, backbone_state, encoder_keys)
@@ -457,6 +476,7 @@ def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: s
         with atomic_path(tmp / runs.WEIGHTS) as f:
             save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(f))
         runs.write_json_atomic(tmp / runs.CONFIG, config)
+    return merged
 
 
 def _load_checked_subset(model: torch.nn.Module, state: dict[str, Tensor], keys: set[str]) -> None:

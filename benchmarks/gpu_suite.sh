@@ -4,22 +4,25 @@
 #   bash benchmarks/gpu_suite.sh OUT [STAGE ...]
 #
 # STAGE: tests, whisper (15-s window + naive), trimmed, wavlm, others (roberta-large,
-# wavlm-base-plus-sv), decode (decoding workers), finetune, or all (the default). Each bench
+# wavlm-base-plus-sv), decode (decoding workers), finetune, heads (pooled heads, 116k rows),
+# frames (MMWhisper frame heads, FRAME_ROWS rows), or all (the default). Each bench
 # writes OUT/<name>.json and its console table to OUT/<name>.log; the random-weight models and
 # the synthetic corpus are built once under OUT/work (or $WORKDIR) and reused by later stages
 # and later calls. A failing stage does not stop the others. Run from the repository root with
 # the project installed (`pip install -e .`).
 #
 # Sizes: UTTERANCES (default 20000) synthetic clips per extraction bench, FT_STEPS (default 30)
-# fine-tuning steps, PYTHON (default python3) the interpreter. On one H100 every stage is meant to
+# fine-tuning steps, FRAME_ROWS (default 20000; 116000 is MSP-Podcast Train + Development, about
+# 82 GB of packed frames on the host) rows of the frame-heads bench, PYTHON (default python3) the interpreter. On one H100 every stage is meant to
 # take a few minutes at most.
 set -euo pipefail
 
-out=${1:?usage: gpu_suite.sh OUT [tests|whisper|trimmed|wavlm|others|decode|finetune|all ...]}
+out=${1:?usage: gpu_suite.sh OUT [tests|whisper|trimmed|wavlm|others|decode|finetune|heads|frames|all ...]}
 shift
 stages=("${@:-all}")
 utts=${UTTERANCES:-20000}
 steps=${FT_STEPS:-30}
+frame_rows=${FRAME_ROWS:-20000}
 py=${PYTHON:-python3}
 work=${WORKDIR:-$out/work}
 mkdir -p "$out" "$work"
@@ -74,4 +77,14 @@ if want finetune; then
     echo "== benchmarks/finetune_bench.py --steps $steps"
     "$py" benchmarks/finetune_bench.py --steps "$steps" --json "$out/finetune.json" 2>&1 | tee "$out/finetune.log" \
         || echo "== finetune FAILED"
+fi
+if want heads; then
+    echo "== benchmarks/train_heads_bench.py --device cuda"
+    "$py" benchmarks/train_heads_bench.py --device cuda --keep "$work/heads" --json "$out/heads.json" 2>&1 \
+        | tee "$out/heads.log" || echo "== heads FAILED"
+fi
+if want frames; then
+    echo "== benchmarks/train_heads_bench.py --frames --rows $frame_rows --device cuda"
+    "$py" benchmarks/train_heads_bench.py --frames --rows "$frame_rows" --device cuda --keep "$work/frames-$frame_rows" \
+        --json "$out/frames.json" 2>&1 | tee "$out/frames.log" || echo "== frames FAILED"
 fi

@@ -45,13 +45,18 @@ def test_predicting_development_from_stores_reproduces_the_runs_predictions(tmp_
     assert ids == ref_ids and result.rows == len(ids)
     np.testing.assert_allclose(avd, ref, atol=1e-6)
     assert all(s.startswith("store ") for s in result.sources.values())
+    # By default exactly the challenge's Task 2 columns, though the run has a gender head.
+    assert next(csv.reader(open(result.out))) == ["FileName", "EmoAct", "EmoVal", "EmoDom"]
+    assert not list(tmp_path.glob(".dev.csv.tmp-*"))
+    result = predict(run, data=manifest, splits=["Development"], out=tmp_path / "dev_g.csv", device="cpu",
+                     with_gender=True)
     header = next(csv.reader(open(result.out)))
     assert header == ["FileName", "EmoAct", "EmoVal", "EmoDom", "Gender", "GenderProb_Female", "GenderProb_Male"]
+    np.testing.assert_allclose(values(result.out)[1], avd, atol=0)
     rows = read_csv(result.out)
     assert all(r["Gender"] in ("Female", "Male") for r in rows)
     probs = np.array([[float(r["GenderProb_Female"]), float(r["GenderProb_Male"])] for r in rows])
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-5)
-    assert not list(tmp_path.glob(".dev.csv.tmp-*"))
 
 
 def test_a_store_built_with_other_settings_is_refused_naming_them(tmp_path, trained):

@@ -90,12 +90,41 @@ def score_predictions(ids: Sequence[str], avd: np.ndarray, data: Path, split: st
     return result
 
 
+def combine_gender(files: Sequence[str | Path], weights: Sequence[float], ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+    """(labels, (N, G) weighted mean probabilities) over the members that have gender columns.
+
+    Members without them are left out and the others' weights renormalised; the members that have
+    them must name the same labels.
+    """
+    labels, total, mass = None, np.zeros(0), 0.0
+    for path, weight in zip(files, weights):
+        try:
+            found = runs.read_gender_probabilities(path)
+        except ValueError as exc:
+            raise EnsembleError(str(exc)) from None
+        if found is None:
+            continue
+        their_ids, their_labels, probs = found
+        if labels is None:
+            labels, total = their_labels, np.zeros((len(ids), len(their_labels)))
+        elif their_labels != labels:
+            raise EnsembleError(f"--with-gender: {path} has gender labels {their_labels}, another member {labels}")
+        position = {uid: i for i, uid in enumerate(their_ids)}
+        total += weight * probs[[position[uid] for uid in ids]]
+        mass += weight
+    if labels is None:
+        raise EnsembleError("--with-gender: no member file has gender columns; predict the members with --with-gender")
+    return labels, total / mass
+
+
 def ensemble(files: Sequence[str | Path], *, out: str | Path, weights: Sequence[float] | None = None,
-             data: Path | None = None, split: str | None = None) -> EnsembleResult:
-    """Average prediction files into `out` (challenge format); score it when `data` and `split` are given."""
+             data: Path | None = None, split: str | None = None, with_gender: bool = False) -> EnsembleResult:
+    """Average prediction files into `out` (the challenge's 4 columns); score it when `data` and `split`
+    are given. `with_gender`: also average the members' gender probabilities (those that have them)."""
     if (data is None) != (split is None):
         raise EnsembleError("--data and --split go together: give both to score the ensemble, or neither")
     ids, avd, w = combine(files, weights)
     scores = score_predictions(ids, avd, Path(data), split) if data is not None else None
-    path = runs.write_predictions(out, ids, avd)
+    labels, probs = combine_gender(files, w, ids) if with_gender else (None, None)
+    path = runs.write_predictions(out, ids, avd, gender_labels=labels, gender_probs=probs)
     return EnsembleResult(out=path, rows=len(ids), weights=w, scores=scores)

@@ -322,12 +322,18 @@ def run_heads(model, arrays: dict[str, np.ndarray | Frames], *,
 
 def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[str] = (),
             files: Sequence[str | Path] = (), transcripts: Path | None = None, out: str | Path,
-            device: str = "auto", features_dir: Path | None = None) -> PredictResult:
-    """Predict corpus splits (`data` + `splits`) or audio `files`; write the challenge CSV to `out`."""
+            device: str = "auto", features_dir: Path | None = None, with_gender: bool = False) -> PredictResult:
+    """Predict corpus splits (`data` + `splits`) or audio `files`; write the challenge CSV to `out`.
+
+    The file has exactly the challenge's columns FileName,EmoAct,EmoVal,EmoDom; `with_gender` adds
+    the gender head's label and probabilities (refused for a run without a gender head).
+    """
     from ser_cache.corpus import load_corpus
 
     run_dir = Path(run_dir)
     model, config = _load(run_dir)
+    if with_gender and not config.get("gender_labels"):
+        raise PredictError(f"--with-gender: run {run_dir} has no gender head")
     if files and (data is not None or splits):
         raise PredictError("give either audio files or --data with --split, not both")
     if files:
@@ -344,7 +350,8 @@ def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[s
                                       use_stores=not files)
     avd, probs = run_model(model, config, utts, arrays, sources, device=device)
     gender_labels = config.get("gender_labels") or None
-    path = runs.write_predictions(out, [u.id for u in utts], avd, gender_labels=gender_labels, gender_probs=probs)
+    path = runs.write_predictions(out, [u.id for u in utts], avd, gender_labels=gender_labels if with_gender else None,
+                                  gender_probs=probs if with_gender else None)
     return PredictResult(out=path, rows=len(utts), sources=sources)
 
 

@@ -244,7 +244,8 @@ def prediction_header(gender_labels: Sequence[str] | None) -> list[str]:
 
 def write_predictions(path: str | Path, ids: Sequence[str], avd: np.ndarray, *,
                       gender_labels: Sequence[str] | None = None, gender_probs: np.ndarray | None = None) -> Path:
-    """The challenge format FileName,EmoAct,EmoVal,EmoDom; with a gender head, Gender and its probabilities."""
+    """The challenge format FileName,EmoAct,EmoVal,EmoDom; with gender labels and probabilities given,
+    Gender and GenderProb_<label> columns after them (not part of the challenge's format)."""
     avd = np.asarray(avd, dtype=np.float64)
     if avd.shape != (len(ids), 3):
         raise ValueError(f"avd must be ({len(ids)}, 3), got {avd.shape}")
@@ -259,6 +260,27 @@ def write_predictions(path: str | Path, ids: Sequence[str], avd: np.ndarray, *,
             yield row
 
     return write_csv_atomic(path, prediction_header(gender_labels if with_gender else None), rows())
+
+
+def read_gender_probabilities(path: str | Path) -> tuple[list[str], list[str], np.ndarray] | None:
+    """(ids, gender labels, (N, G) probabilities) of a prediction file written `--with-gender`; None
+    when it has no GenderProb_* columns. Raises ValueError if they are malformed."""
+    path = Path(path)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c for c in (reader.fieldnames or []) if c.startswith(GENDER_PROB_PREFIX)]
+        if not columns:
+            return None
+        labels = [c.removeprefix(GENDER_PROB_PREFIX) for c in columns]
+        ids, probs = [], []
+        for lineno, row in enumerate(reader, start=2):
+            try:
+                p = [float(row[c]) for c in columns]
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}, line {lineno}: {', '.join(columns)} must be numbers") from None
+            ids.append((row[ID_COLUMN] or "").strip())
+            probs.append(p)
+    return ids, labels, np.asarray(probs, dtype=np.float64).reshape(-1, len(columns))
 
 
 def read_predictions(path: str | Path) -> tuple[list[str], np.ndarray]:

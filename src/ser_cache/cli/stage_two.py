@@ -142,9 +142,11 @@ def predict(
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
     split: Optional[list[str]] = typer.Option(None, "--split", "-s", help="Split(s) to predict (repeatable)."),
     transcripts: Optional[Path] = typer.Option(None, help="CSV with columns id (or FileName) and text, for text inputs."),
-    dest: Path = typer.Option(..., "--out", "-o", help="Prediction CSV: FileName,EmoAct,EmoVal,EmoDom (+ gender)."),
+    dest: Path = typer.Option(..., "--out", "-o", help="Prediction CSV: exactly the challenge's FileName,EmoAct,EmoVal,EmoDom."),
     features_dir: Optional[Path] = typer.Option(None, help="Folder with the run's stores, if they moved."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    with_gender: bool = typer.Option(False, "--with-gender", help="Add the gender head's Gender and GenderProb_* columns "
+                                                                  "(not part of the challenge's format)."),
 ) -> None:
     """Predict arousal/valence/dominance for corpus splits or audio files, in the challenge's CSV format.
 
@@ -155,7 +157,8 @@ def predict(
 
     _log_to_stderr()
     result = guarded(run_predict, run, data=data, splits=tuple(split or ()), files=tuple(files or ()),
-                     transcripts=transcripts, out=dest, device=device, features_dir=features_dir)
+                     transcripts=transcripts, out=dest, device=device, features_dir=features_dir,
+                     with_gender=with_gender)
     if result is None:
         return
     err.print(f"wrote {result.rows} predictions to {result.out}", highlight=False)
@@ -168,6 +171,8 @@ def ensemble(
     weights: Optional[str] = typer.Option(None, help="Comma-separated weight per file, e.g. 0.6,0.4 (default: equal)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Corpus to score the ensemble against."),
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Labelled split to score."),
+    with_gender: bool = typer.Option(False, "--with-gender", help="Also average the members' gender probabilities "
+                                                                  "(members predicted --with-gender)."),
 ) -> None:
     """Average the arousal/valence/dominance predictions of several systems; score them with --data/--split."""
     from ser_cache.ensemble import ensemble as run_ensemble
@@ -178,7 +183,7 @@ def ensemble(
             parsed = [float(w) for w in weights.split(",")]
         except ValueError:
             fail(f"--weights {weights}: expected comma-separated numbers, e.g. 0.6,0.4")
-    result = guarded(run_ensemble, files, out=dest, weights=parsed, data=data, split=split)
+    result = guarded(run_ensemble, files, out=dest, weights=parsed, data=data, split=split, with_gender=with_gender)
     if result is None:
         return
     err.print(f"wrote {result.rows} averaged predictions to {result.out} "

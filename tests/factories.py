@@ -81,14 +81,18 @@ def write_wav(path: Path, x: np.ndarray, sr: int = SR) -> Path:
 
 
 def msp_corpus(root: Path, n: int = 12, *, unlabeled: int = 2, seed: int = 0) -> Path:
-    """A small corpus in the MSP-Podcast layout, with labels loosely following the audio."""
+    """A small corpus in the MSP-Podcast layout, with labels loosely following the audio.
+
+    The `unlabeled` files are not in the labels and are named like the challenge's Test3 turns
+    (MSP-PODCAST_test3_0001.wav), so they form the split Test3.
+    """
     rng = np.random.default_rng(seed)
     rows = ["FileName,EmoClass,EmoAct,EmoVal,EmoDom,SpkrID,Gender,Split_Set"]
     emos = "NHSAXO"
     splits = ["Train", "Train", "Train", "Development", "Test1"]
     words = {0: "the day was awful and sad", 1: "a plain ordinary day", 2: "what a wonderful happy day"}
     for i in range(n + unlabeled):
-        name = f"MSP-PODCAST_{1000 + i // 4:04d}_{i % 4 + 1:04d}.wav"
+        name = f"MSP-PODCAST_{1000 + i // 4:04d}_{i % 4 + 1:04d}.wav" if i < n else f"MSP-PODCAST_test3_{i - n + 1:04d}.wav"
         secs = float(rng.uniform(1.0, 4.0))
         write_wav(root / "Audios" / name, tone(secs, freq=150 + 20 * (i % 7), seed=i))
         (root / "Transcripts").mkdir(parents=True, exist_ok=True)

@@ -8,11 +8,14 @@ MSP-Podcast the FileName (`MSP-PODCAST_0002_0033.wav`).
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 EMOTION_NAMES = {
     "N": "Neutral",
@@ -27,9 +30,16 @@ EMOTION_NAMES = {
     "X": "No agreement",
 }
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
-# Audio files in Audios/ that labels_consensus.csv does not list are the challenge's unlabeled
-# test set; they get this split name so that `--split Test3` selects them.
-UNLABELED_SPLIT = "Test3"
+# Audio files in Audios/ that labels_consensus.csv does not list: the challenge's unlabeled test
+# set when the file name says so (MSP-PODCAST_test3_0001.wav; the challenge's baseline picks them
+# with `'test3' in filename`), any other unlisted file is just unlabeled audio, kept out of Test3 so
+# that a stray file never becomes a row of the submission.
+TEST3_SPLIT = "Test3"
+TEST3_MARK = "test3"  # matched case-insensitively anywhere in the file name
+UNLISTED_SPLIT = "Unlabeled"
+# CSV files written by Excel on Windows start with a UTF-8 byte-order mark; utf-8-sig drops it, so
+# that the first column is `FileName`, not `\ufeffFileName`.
+CSV_ENCODING = "utf-8-sig"
 
 MSP_LABEL_FILE = Path("Labels") / "labels_consensus.csv"
 MSP_COLUMNS = ("FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set")
@@ -146,7 +156,7 @@ def read_msp_podcast(root: Path) -> list[Utterance]:
     utts: list[Utterance] = []
     seen: set[str] = set()
     if label_file.is_file():
-        with open(label_file, newline="", encoding="utf-8") as f:
+        with open(label_file, newline="", encoding=CSV_ENCODING) as f:
             reader = csv.DictReader(f)
             missing = [c for c in ("FileName", "Split_Set") if c not in (reader.fieldnames or [])]
             if missing:
@@ -173,17 +183,23 @@ def read_msp_podcast(root: Path) -> list[Utterance]:
                         transcript=transcript_dir / f"{stem}.txt",
                     )
                 )
+    unlisted = {TEST3_SPLIT: 0, UNLISTED_SPLIT: 0}
     for name, path in audio_files.items():
         if name not in seen:
-            utts.append(
-                Utterance(
-                    id=name,
-                    path=path,
-                    split=UNLABELED_SPLIT,
-                    transcript=transcript_dir / f"{Path(name).stem}.txt",
-                )
-            )
+            split = unlisted_split(name)
+            unlisted[split] += 1
+            utts.append(Utterance(id=name, path=path, split=split, transcript=transcript_dir / f"{Path(name).stem}.txt"))
+    if any(unlisted.values()):
+        log.info("%s: %d audio file(s) not in %s: %d named as Test3 (split %s), %d others (split %s)",
+                 audio_dir, sum(unlisted.values()), MSP_LABEL_FILE, unlisted[TEST3_SPLIT], TEST3_SPLIT,
+                 unlisted[UNLISTED_SPLIT], UNLISTED_SPLIT)
     return utts
+
+
+def unlisted_split(file_name: str) -> str:
+    """The split of an audio file that the labels do not list: Test3 if its name contains `test3`
+    (any case), else Unlabeled."""
+    return TEST3_SPLIT if TEST3_MARK in file_name.lower() else UNLISTED_SPLIT
 
 
 def read_manifest(path: Path) -> list[Utterance]:
@@ -195,7 +211,7 @@ def read_manifest(path: Path) -> list[Utterance]:
     base = path.parent
     utts: list[Utterance] = []
     seen: dict[str, int] = {}
-    with open(path, newline="", encoding="utf-8") as f:
+    with open(path, newline="", encoding=CSV_ENCODING) as f:
         reader = csv.DictReader(f)
         fields = reader.fieldnames or []
         if "path" not in fields:

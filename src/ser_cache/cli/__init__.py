@@ -54,3 +54,5 @@ from ser_cache.cli import demo  # noqa: E402,F401
 from ser_cache.cli import bench  # noqa: E402,F401
 from ser_cache.cli import finetune  # noqa: E402,F401
 from ser_cache.cli import imports  # noqa: E402,F401
+from ser_cache.cli import transcribe  # noqa: E402,F401
+from ser_cache.cli import submission  # noqa: E402,F401

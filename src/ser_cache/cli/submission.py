@@ -1,0 +1,33 @@
+"""The `check-submission` command: a Task 2 CSV checked against the split it is meant for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from ser_cache.cli import KNOWN_ERRORS, app, guarded, out
+from ser_cache.submission import SubmissionError
+
+KNOWN_ERRORS.append(SubmissionError)
+
+
+@app.command("check-submission")
+def check_submission(
+    file: Path = typer.Argument(..., help="The submission: FileName,EmoAct,EmoVal,EmoDom."),
+    data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
+    split: str = typer.Option("Test3", "--split", "-s", help="The split the submission is for."),
+) -> None:
+    """Check a Task 2 submission: exact header, every utterance of the split once, values in [1, 7].
+
+    Lists every problem with its line, then a one-line verdict; exits 0 when the file is fine,
+    1 when it has a problem, 2 when it cannot be checked (no --data, an unknown split).
+    """
+    from ser_cache.submission import check_submission as run_check
+
+    result = guarded(run_check, file, data=data, split=split)
+    for line in result.report():
+        out.print(line, markup=False, highlight=False, soft_wrap=True)
+    out.print(result.verdict(), markup=False, highlight=False, soft_wrap=True)
+    if not result.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,51 @@
+"""The `transcribe` command: Whisper transcripts for the utterances that have none (Test3)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ser_cache.cli import KNOWN_ERRORS, app, err, guarded
+from ser_cache.transcribe import DEFAULT_MODEL, TranscribeError
+
+KNOWN_ERRORS.append(TranscribeError)
+
+
+@app.command()
+def transcribe(
+    files: Optional[list[Path]] = typer.Argument(None, help="Audio files to transcribe (instead of --data)."),
+    out: Path = typer.Option(..., "--out", "-o", help="The table to write: FileName,text (a .csv; settings in OUT.json)."),
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Whisper: short name, Hugging Face id, or local directory."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
+    split: Optional[list[str]] = typer.Option(None, "--split", "-s", help="Split(s) of --data (repeatable); default all."),
+    all_rows: bool = typer.Option(False, "--all", help="Transcribe every utterance, not only those without a transcript."),
+    beams: int = typer.Option(1, help="Beam search width; 1 is greedy."),
+    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens generated per clip at most (default 224)."),
+    batch_seconds: float = typer.Option(300.0, help="Audio seconds per batch (clips sorted by length; at most 64 clips)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    precision: str = typer.Option("auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16."),
+    overwrite: bool = typer.Option(False, help="Start again when OUT was made with other settings."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+) -> None:
+    """Transcribe utterances with Whisper (English, no timestamps) into a FileName,text table (resumable).
+
+    By default only the utterances without a transcript (e.g. MSP-Podcast's Test3) are transcribed;
+    rerun the same command after an interruption to continue where it stopped.
+    """
+    from ser_cache.transcribe import TranscribeConfig, transcribe as run_transcribe
+
+    cfg = TranscribeConfig(out=out, model=model, data=data, splits=tuple(split or ()), files=tuple(files or ()),
+                           all=all_rows, beams=beams, max_new_tokens=max_new_tokens, batch_seconds=batch_seconds,
+                           device=device, precision=precision, overwrite=overwrite, progress=progress)
+    r = guarded(run_transcribe, cfg)
+    left_out = f", {r.have_transcript} left out (they have a transcript; --all includes them)" if r.have_transcript else ""
+    err.print(
+        f"[bold]{r.out}[/]: {r.transcribed} transcribed, {r.skipped} skipped as already done, {r.failed} failed"
+        f"{left_out}; {r.rows} rows in the table. {r.wall_seconds:.1f} s — {r.utterances_per_second:.2f} utt/s, "
+        f"real-time factor {r.real_time_factor:.4f} ({r.audio_seconds:.0f} s of audio)",
+        highlight=False, soft_wrap=True,
+    )
+    if r.failed:
+        err.print(f"[yellow]{r.failed} utterance(s) could not be read; see {r.report}[/]", highlight=False, soft_wrap=True)

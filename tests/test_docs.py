@@ -14,12 +14,17 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 
 def _command_lines(text: str) -> list[str]:
-    """`ser-cache ...` invocations in code blocks and inline code, continuation lines joined."""
-    text = text.replace("\\\n", " ")
+    """`ser-cache ...` invocations: lines of fenced code blocks and inline code spans, continuations joined."""
     found = []
-    for m in re.finditer(r"(?:^|`)\s*(?:torchrun [^`\n]*?-m ser_cache|ser-cache)\s+([^`\n]*)", text, re.M):
-        found.append(m.group(1).split("#")[0].split("|")[0].strip())
-    return [f for f in found if f]
+    blocks = re.findall(r"```[a-z]*\n(.*?)```", text, re.S)
+    prose = re.sub(r"```[a-z]*\n.*?```", "", text, flags=re.S)
+    command = r"(?:torchrun [^`\n]*?-m ser_cache|ser-cache)\s+([^`\n]*)"
+    for block in blocks:
+        for m in re.finditer(r"^\s*" + command, block.replace("\\\n", " "), re.M):
+            found.append(m.group(1))
+    for m in re.finditer(r"`" + command + r"`", prose):
+        found.append(m.group(1))
+    return [f.split("#")[0].split("|")[0].strip() for f in found if f.strip()]
 
 
 def _click_app():

@@ -211,7 +211,7 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(trained, tmp_p
         import ser_cache.finetune as ft
         import ser_cache.training as tr
         state = {"saves": 0, "losses": 0}
-        save, loss = ft._save_checkpoint, tr.batch_loss
+        save, loss = ft.save_checkpoint, tr.batch_loss
         def save_checkpoint(*args, **kwargs):
             save(*args, **kwargs)
             state["saves"] += 1
@@ -221,7 +221,7 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(trained, tmp_p
                 if state["losses"] == 2:
                     os.kill(os.getpid(), signal.SIGKILL)
             return loss(*args, **kwargs)
-        ft._save_checkpoint, tr.batch_loss = save_checkpoint, batch_loss
+        ft.save_checkpoint, tr.batch_loss = save_checkpoint, batch_loss
         from ser_cache.cli import main
         sys.argv = ["ser-cache", *sys.argv[1:]]
         main()

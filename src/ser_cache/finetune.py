@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import random
 import shutil
 import time
@@ -34,16 +33,19 @@ import numpy as np
 
 from ser_cache import audio as audio_lib
 from ser_cache import runs
-from ser_cache.atomic import atomic_path
+from ser_cache.checkpoint import (
+    BEST,
+    CHECKPOINT,  # noqa: F401  (the checkpoint's file name, for callers and tests)
+    State,
+    finish,
+    init_from_run,
+    resume,
+    save_checkpoint,
+)
 from ser_cache.training import TrainError, TrainResult
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
-CHECKPOINT_FORMAT = "ser-cache-finetune-checkpoint"
-BEST = "best-epoch{:04d}.safetensors"  # the best weights so far, named by epoch (see _save_checkpoint)
-# Options that may change between a run and its --resume: they do not change the numbers.
-RESUME_FREE = ("device", "workers", "threads", "progress", "resume", "overwrite")
 # Fault injection for the resume test: "EPOCH:STEP" makes the process stop (sleep) right after
 # that optimizer step, mid-epoch, so the test can kill -9 it at a known point after a checkpoint.
 
@@ -300,10 +302,10 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = EpochSampler(data.emotions[train_idx], undersample=cfg.undersample, seed=cfg.seed)
 
-    state = _State(history=[], best={"score": -math.inf, "epoch": 0}, epoch=0)
+    state = State(history=[], best={"score": -math.inf, "epoch": 0}, epoch=0)
     out = Path(cfg.out)
     if cfg.resume:
-        state = _resume(out, cfg, dist, model, aam, optimizer, scaler, sampler) or state
+        state = resume(out, cfg, dist, model, aam, optimizer, scaler, sampler) or state
     if dist.is_main and not (cfg.resume and runs.is_unfinished_run(out)):
         if out.exists() and cfg.overwrite:
             shutil.rmtree(out)
@@ -363,7 +365,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
 
                     save_weights(out / BEST.format(epoch), model, aam)
             state.epoch = epoch
-            _save_checkpoint(out, cfg, dist, state, model, aam, optimizer, scaler, sampler)
+            save_checkpoint(out, cfg, dist, state, model, aam, optimizer, scaler, sampler)
             progress.update(epoch, row, state.best["epoch"])
 
     best = state.best
@@ -372,7 +374,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
         arch = architecture(model, resolved, max_seconds=cfg.max_seconds, revision=revision)
         config = training.run_config(cfg.to_dict(), data, lo, hi, gender_labels, speaker_labels, heads.config(),
                                      best["epoch"], system="finetuned-wavlm", wavlm=arch)
-        _finish(out, config, metrics, state, data.ids[dev_idx].tolist(), gender_labels)
+        finish(out, config, metrics, state, data.ids[dev_idx].tolist(), gender_labels)
     dist.barrier()
     wall = time.perf_counter() - t0
     if dist.is_main:
@@ -380,15 +382,6 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
                  data.dev_split, "balanced" if cfg.select == "balanced" else "mean", best["score"], wall, out)
     return TrainResult(run_dir=out, best_epoch=best["epoch"], metrics=metrics, wall_seconds=wall,
                        history=state.history)
-
-
-@dataclass
-class _State:
-    """What an epoch boundary must carry over: the checkpoint's content besides the modules."""
-
-    history: list
-    best: dict  # score, epoch, dev scores, Development predictions (weights: BEST file)
-    epoch: int  # epochs done
 
 
 @dataclass
@@ -527,163 +520,3 @@ def _infer(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
         if probs is not None:
             probs[at] = p
     return avd, probs
-
-
-# --------------------------------------------------------------------------- starting from a run
-
-
-def init_from_run(model, run_dir: Path) -> None:
-    """Load a fine-tuned run's weights (e.g. the authors' imported checkpoint) into a new model.
-
-    The encoder, the layer weighting, the convolutions and the A/V/D heads must all fit; the
-    heads' label range stays this run's (paper Eq. 2: the training labels'). A gender or speaker
-    head is taken over only where both have it with the same classes' count; otherwise it starts
-    afresh (logged). Anything else that does not fit is an error naming the keys.
-    """
-    from safetensors.torch import load_file
-
-    from ser_cache.finetune_model import model_state
-    from ser_cache.predict import is_finetuned
-
-    config = runs.read_config(run_dir)
-    if not is_finetuned(config):
-        raise TrainError(f"--init-from {run_dir}: not a fine-tuned WavLM run (its system is "
-                         f"{config.get('system', 'heads on cached features')!r})")
-    weights = Path(run_dir) / runs.WEIGHTS
-    if not weights.is_file():
-        raise TrainError(f"--init-from {run_dir}: {runs.WEIGHTS} is missing")
-    theirs = model_state(load_file(str(weights)))
-    ours = model.state_dict()
-    optional = ("heads.gender.", "heads.speaker.")
-    skipped, problems, take = [], [], {}
-    for key, value in ours.items():
-        if key.endswith((".lo", ".hi")) and key.startswith("heads.regressors."):
-            continue  # the label range is this run's
-        if key not in theirs or theirs[key].shape != value.shape:
-            (skipped if key.startswith(optional) else problems).append(key)
-            continue
-        take[key] = theirs[key]
-    extra = sorted(k for k in theirs if k not in ours and not k.startswith(optional))
-    if problems or extra:
-        shown = ", ".join((problems + extra)[:6]) + (" …" if len(problems) + len(extra) > 6 else "")
-        raise TrainError(f"--init-from {run_dir}: its weights do not fit this model ({shown}); give the same "
-                         "--model, --conv-dim, --hidden and cached inputs as the run was built with")
-    model.load_state_dict(take, strict=False)
-    if skipped:
-        log.info("--init-from %s: %s start afresh (not in the run, or another size)", run_dir,
-                 ", ".join(sorted({k.split(".")[1] for k in skipped})))
-
-
-# --------------------------------------------------------------------------- checkpoint and resume
-
-
-def _rng_state() -> dict:
-    import torch
-
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    import torch
-
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _save_checkpoint(out: Path, cfg, dist, state: _State, model, aam, optimizer, scaler, sampler) -> None:
-    """checkpoint.pt, atomically: a kill -9 at any moment leaves the previous epoch's or this one's.
-
-    The best weights live in their own file named by epoch, written before the checkpoint that
-    refers to it; older ones are removed only after. So the checkpoint always points at a file that
-    exists and holds exactly the weights of its best epoch, even when a replayed epoch differs.
-    """
-    import torch
-
-    rng = dist.all_gather(_rng_state())  # dropout draws differ per rank: keep every rank's generators
-    if dist.is_main:
-        ckpt = {
-            "format": CHECKPOINT_FORMAT,
-            "epoch": state.epoch,
-            "train": cfg.to_dict(),
-            "world": dist.world,
-            "model": model.state_dict(),
-            "aam": aam.state_dict() if aam is not None else None,
-            "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict(),
-            "scheduler": None,  # constant learning rates, as in the paper
-            "sampler": sampler.state_dict(),
-            "rng": rng,
-            "layerdrop_rng": model.layerdrop_generator.get_state(),  # the same on every rank
-            "best": state.best,
-            "history": state.history,
-        }
-        with atomic_path(out / CHECKPOINT) as tmp:
-            torch.save(ckpt, tmp)
-        _remove_stale_best(out, state.best["epoch"])
-    dist.barrier()
-
-
-def _remove_stale_best(out: Path, keep_epoch: int) -> None:
-    keep = BEST.format(keep_epoch)
-    for f in out.glob("best-epoch*.safetensors"):
-        if f.name != keep:
-            f.unlink(missing_ok=True)
-
-
-def _resume(out: Path, cfg: FinetuneConfig, dist, model, aam, optimizer, scaler, sampler) -> _State | None:
-    """Load checkpoint.pt into the modules and generators; None when there is nothing to resume."""
-    import torch
-
-    path = out / CHECKPOINT
-    if not path.is_file():
-        if dist.is_main:
-            log.info("--resume: no checkpoint in %s yet; starting from the first epoch", out)
-        return None
-    # Our own file, with numpy arrays and generator states in it: not a weights-only pickle.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"{path}: not a ser-cache fine-tuning checkpoint")
-    saved, now = ckpt["train"], cfg.to_dict()
-    diffs = [f"{k}: run has {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(now)
-             if k not in RESUME_FREE and saved.get(k) != now.get(k)]
-    if diffs:
-        raise TrainError(f"--resume: the options differ from those the run at {out} was started with "
-                         f"({'; '.join(diffs)}); give the same options, or --overwrite to start again")
-    model.load_state_dict(ckpt["model"])
-    if aam is not None:
-        aam.load_state_dict(ckpt["aam"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    sampler.load_state_dict(ckpt["sampler"])
-    states = ckpt["rng"]
-    if len(states) != dist.world and dist.is_main:
-        log.warning("--resume: the run was saved by %d rank(s) and continues on %d; it will not end exactly "
-                    "where an uninterrupted run would", len(states), dist.world)
-    _set_rng_state(states[dist.rank % len(states)])
-    if ckpt.get("layerdrop_rng") is not None:
-        model.layerdrop_generator.set_state(ckpt["layerdrop_rng"])
-    if dist.is_main:
-        _remove_stale_best(out, ckpt["best"]["epoch"])
-        log.info("--resume: continuing %s after epoch %d of %d", out, ckpt["epoch"], cfg.epochs)
-    return _State(history=ckpt["history"], best=ckpt["best"], epoch=int(ckpt["epoch"]))
-
-
-def _finish(out: Path, config: dict, metrics: dict, state: _State, dev_ids: list[str], gender_labels) -> None:
-    """The finished run's files. The best weights become model.safetensors; config.json comes last."""
-    from ser_cache.training import write_run_files
-
-    best = out / BEST.format(state.best["epoch"])
-    if best.is_file():
-        os.replace(best, out / runs.WEIGHTS)
-    elif not (out / runs.WEIGHTS).is_file():  # a kill between the two renames leaves it moved already
-        raise TrainError(f"{out}: the best epoch's weights ({best.name}) are missing; start again with --overwrite")
-    write_run_files(out, config, metrics, state.history, dev_ids, state.best["pred"], state.best["probs"],
-                    gender_labels)
-    (out / CHECKPOINT).unlink(missing_ok=True)
-    (out / runs.IN_PROGRESS).unlink(missing_ok=True)

@@ -334,3 +334,178 @@ def test_an_all_layers_wavlm_store_from_before_the_final_norm_fix_is_refused(mod
     store.update_attrs(settings=old, fingerprint=fingerprint(old))
     with pytest.raises(ExtractError, match=r"last_state: store has None, this run 'after-final-layer-norm'"):
         extract(cfg(models["wavlm"], corpus, tmp_path))
+
+
+# --------------------------------------------------------------------------- transcripts from a table (text encoders)
+
+TEST3 = ("MSP-PODCAST_test3_0001.wav", "MSP-PODCAST_test3_0002.wav")
+ASR = {"model_id": "openai/whisper-large-v3", "revision": "0123abcd", "language": "en", "beams": 1,
+       "max_new_tokens": 224, "max_seconds": 30.0, "precision": "bf16", "timestamps": False}
+
+
+def asr_table(path: Path, texts: dict[str, str], *, sidecar: bool = True) -> Path:
+    """A table as `ser-cache transcribe` writes it, with its sidecar."""
+    from ser_cache import transcribe
+
+    transcribe.write_table(path, texts)
+    if sidecar:
+        transcribe.write_sidecar(transcribe.sidecar_path(path), {"model": "whisper-large-v3", "settings": ASR,
+                                                                 "complete": True, "rows": len(texts)})
+    return path
+
+
+def without_test3_text(corpus: Path) -> Path:
+    for name in TEST3:
+        (corpus / "Transcripts" / name.replace(".wav", ".txt")).unlink()
+    return corpus
+
+
+def text_record(store: Path) -> dict[str, dict]:
+    from ser_cache.transcripts import record_path
+
+    with open(record_path(store), newline="") as f:
+        return {row["id"]: row for row in csv.DictReader(f)}
+
+
+def sha1(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def test_transcripts_fill_exactly_the_rows_without_corpus_text(models, corpus, tmp_path):
+    import hashlib
+
+    without_test3_text(corpus)
+    utts = {u.id: u for u in load_corpus(corpus)}
+    no_text = min(utts)
+    (corpus / "Transcripts" / no_text.replace(".wav", ".txt")).unlink()  # in neither the corpus nor the table
+    has_text = sorted(utts)[5]
+    table = asr_table(tmp_path / "asr.csv", {TEST3[0]: "oh what a lovely morning", TEST3[1]: "i could not care less",
+                                             has_text: "the corpus has its own text for this one"})
+    r = extract(cfg(models["text"], corpus, tmp_path / "f", name="minilm", transcripts=table))
+    assert r.failed == 1 and r.text_sources == {"corpus": 11, "table": 2, "none": 1}
+    s = FeatureStore.open(r.store)
+    assert s.attrs["transcripts"] == {"table": str(table), "table_sha256": hashlib.sha256(table.read_bytes()).hexdigest(),
+                                      "asr": ASR, "prefer": False, "rows": {"corpus": 11, "table": 2, "none": 1}}
+    record = text_record(r.store)
+    assert list(record) == sorted(utts)  # one line per row, in store order
+    texts = {uid: u.read_text() for uid, u in utts.items()}
+    texts.update({TEST3[0]: "oh what a lovely morning", TEST3[1]: "i could not care less"})
+    for uid, row in record.items():
+        if uid == no_text:
+            assert (row["source"], row["text_sha1"]) == ("none", "")
+        else:
+            assert row["source"] == ("table" if uid in TEST3 else "corpus")
+            assert row["text_sha1"] == sha1(texts[uid]), uid
+    with open(report_path(r.store), newline="") as f:
+        assert [row["reason"] for row in csv.DictReader(f)] == [
+            f"missing transcript ({corpus / 'Transcripts' / no_text.replace('.wav', '.txt')}; none in {table})"]
+    # Each row is the encoding of the text the record names.
+    ids, feats, _ = s.read()
+    enc = load_encoder(str(models["text"]), device="cpu", precision="fp32")
+    rows = [list(ids).index(uid) for uid in (*TEST3, has_text)]
+    online = enc.encode([texts[uid] for uid in (*TEST3, has_text)]).numpy()
+    np.testing.assert_allclose(feats[rows].astype(np.float32), online, rtol=2e-3, atol=2e-3)
+    table_text = enc.encode(["the corpus has its own text for this one"]).numpy()[0]
+    assert not np.allclose(feats[rows[2]].astype(np.float32), table_text, atol=1e-2)
+    # A store fed by a table keeps the fingerprint of one fed by the corpus alone.
+    plain = extract(cfg(models["text"], corpus, tmp_path / "g", name="minilm"))
+    assert FeatureStore.open(plain.store).fingerprint == s.fingerprint
+    assert FeatureStore.open(plain.store).attrs["transcripts"]["rows"] == {"corpus": 11, "table": 0, "none": 3}
+    assert FeatureStore.open(plain.store).attrs["transcripts"]["table"] is None
+
+
+def test_retry_failed_with_transcripts_fills_test3_and_keeps_the_other_rows(models, corpus, tmp_path):
+    from typer.testing import CliRunner
+
+    from ser_cache.cli import app
+    from ser_cache.transcripts import record_path
+
+    without_test3_text(corpus)
+    before = extract(cfg(models["text"], corpus, tmp_path, name="minilm"))  # a store built before the table existed
+    assert before.failed == 2
+    ids, feats0, written0 = read(before.store)
+    assert set(ids[~written0]) == set(TEST3)
+    table = asr_table(tmp_path / "asr.csv", {TEST3[0]: "so so good", TEST3[1]: "never again"})
+    # Without --retry-failed, failed rows stay failed and the record says they had no text.
+    same = extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=table))
+    assert same.computed == 0 and same.failed == 2 and same.text_sources["none"] == 2
+    record_path(before.store).unlink()  # as for a store extracted before records existed
+    r = extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=table, retry_failed=True))
+    assert r.computed == 2 and r.failed == 0 and r.written == 14
+    _, feats, written = read(r.store)
+    assert written.all()
+    np.testing.assert_array_equal(feats[written0], feats0[written0])  # byte-identical
+    record = text_record(r.store)
+    assert {uid: row["source"] for uid, row in record.items() if row["source"] != "corpus"} == dict.fromkeys(TEST3, "table")
+    assert record[TEST3[1]]["text_sha1"] == sha1("never again")
+    attrs = FeatureStore.open(r.store).attrs
+    assert attrs["transcripts"]["rows"] == {"corpus": 12, "table": 2, "none": 0} and attrs["complete"] is True
+    assert not report_path(r.store).exists()
+    shown = CliRunner().invoke(app, ["info", str(r.store)], terminal_width=200)
+    assert shown.exit_code == 0, shown.output
+    assert "12 from the corpus, 2 from the table, 0 with none" in shown.output
+    assert f"{ASR['model_id']} @ {ASR['revision']}" in shown.output
+
+
+def test_a_rerun_that_would_change_the_text_of_written_rows_is_refused(models, corpus, tmp_path):
+    without_test3_text(corpus)
+    first = asr_table(tmp_path / "first.csv", {TEST3[0]: "first words", TEST3[1]: "second words"})
+    r = extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=first))
+    assert r.written == 14
+    _, feats0, _ = read(r.store)
+    other = asr_table(tmp_path / "other.csv", {TEST3[0]: "first words", TEST3[1]: "other words"})
+    with pytest.raises(ExtractError, match=rf"1 row\(s\) already written were encoded from other text .*"
+                                           rf"--transcripts {other}\): {TEST3[1]}; .*--overwrite to rebuild"):
+        extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=other, retry_failed=True))
+    with pytest.raises(ExtractError, match=r"2 row\(s\) already written .*\(no --transcripts\)"):
+        extract(cfg(models["text"], corpus, tmp_path, name="minilm"))
+    # The same text from another file (one more row, unused) is the same input: accepted, nothing recomputed.
+    again = asr_table(tmp_path / "again.csv", {TEST3[0]: "first words", TEST3[1]: "second words", "x.wav": "unused"},
+                      sidecar=False)
+    same = extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=again))
+    assert same.computed == 0 and FeatureStore.open(r.store).attrs["transcripts"]["asr"] is None
+    # Corpus transcripts edited since: the first 5 rows named, and how many more.
+    edited = sorted(u.id for u in load_corpus(corpus) if u.id not in TEST3)[:7]
+    for uid in edited:
+        (corpus / "Transcripts" / uid.replace(".wav", ".txt")).write_text("edited afterwards\n")
+    with pytest.raises(ExtractError, match=rf"7 row\(s\) already written .*: {', '.join(edited[:5])} and 2 more"):
+        extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=first))
+    np.testing.assert_array_equal(read(r.store)[1], feats0)  # refusals leave the store as it was
+    rebuilt = extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=other, overwrite=True))
+    assert rebuilt.computed == 14 and text_record(rebuilt.store)[TEST3[1]]["text_sha1"] == sha1("other words")
+    assert text_record(rebuilt.store)[edited[0]]["text_sha1"] == sha1("edited afterwards")
+
+
+def test_prefer_transcripts_changes_the_fingerprint(models, corpus, tmp_path):
+    everything = {u.id: f"asr says {i}" for i, u in enumerate(load_corpus(corpus)) if i % 2 == 0}
+    table = asr_table(tmp_path / "asr.csv", everything)
+    plain = extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=table))
+    assert plain.text_sources == {"corpus": 14, "table": 0, "none": 0}
+    plain_fingerprint = FeatureStore.open(plain.store).fingerprint
+    with pytest.raises(ExtractError, match=r"other settings \(prefer_transcripts: store has None, this run True\).*--overwrite"):
+        extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=table, prefer_transcripts=True))
+    r = extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=table, prefer_transcripts=True,
+                    overwrite=True))
+    s = FeatureStore.open(r.store)
+    assert s.fingerprint != plain_fingerprint
+    assert s.attrs["settings"]["prefer_transcripts"] is True and s.attrs["transcripts"]["prefer"] is True
+    assert r.text_sources == {"corpus": 7, "table": 7, "none": 0}
+    record = text_record(r.store)
+    assert all(record[uid]["text_sha1"] == sha1(text) and record[uid]["source"] == "table"
+               for uid, text in everything.items())
+
+
+def test_transcript_options_are_checked(models, corpus, tmp_path):
+    table = asr_table(tmp_path / "asr.csv", {TEST3[0]: "hello"})
+    with pytest.raises(ExtractError, match=r"--transcripts .*asr.csv: model .* is a whisper \(audio\) encoder; "
+                                           r"transcripts feed text encoders only"):
+        extract(cfg(models["whisper"], corpus, tmp_path, transcripts=table))
+    assert not (tmp_path / "whisper-tiny.zarr").exists()
+    with pytest.raises(ExtractError, match=r"--prefer-transcripts: give the table with --transcripts FILE"):
+        extract(cfg(models["text"], corpus, tmp_path, prefer_transcripts=True))
+    bad = tmp_path / "bad.csv"
+    bad.write_text("FileName,words\nx.wav,hi\n")
+    with pytest.raises(ExtractError, match=rf"{bad}, line 1: expected columns FileName \(or id\) and text"):
+        extract(cfg(models["text"], corpus, tmp_path, transcripts=bad))

@@ -79,16 +79,21 @@ def test_a_store_reextracted_over_other_rows_with_the_same_settings_is_accepted(
 
 
 def test_features_dir_finds_moved_stores(tmp_path, trained):
-    run, manifest, _, _, stores = trained
+    run, manifest, ids, _, stores = trained
     moved = tmp_path / "moved"
     moved.mkdir()
     for s in stores:
         shutil.move(str(s), moved / s.name)
     from ser_cache.encoders import EncoderError
 
-    # Without the stores, the run's (made-up) encoders would have to run: a clear failure.
-    with pytest.raises(EncoderError, match="fake/audio"):
+    # Without the stores, the run's (made-up) encoders would have to run: a clear failure. The
+    # text input's rows lack transcripts, which is found first, before any encoder is loaded.
+    with pytest.raises(PredictError, match="no transcript for the text input 'text'"):
         predict(run, data=manifest, splits=["Development"], out=tmp_path / "a.csv", device="cpu")
+    table = tmp_path / "t.csv"
+    table.write_text("id,text\n" + "".join(f"{uid},some words\n" for uid in ids))
+    with pytest.raises(EncoderError, match="fake/audio"):
+        predict(run, data=manifest, splits=["Development"], transcripts=table, out=tmp_path / "a.csv", device="cpu")
     result = predict(run, data=manifest, splits=["Development"], out=tmp_path / "b.csv", device="cpu",
                      features_dir=moved)
     assert all(str(moved) in s for s in result.sources.values())
@@ -186,3 +191,93 @@ def test_cached_and_recomputed_features_give_the_same_predictions(tmp_path, mode
     side = predict(run, files=[clips / namesake], out=tmp_path / "side.csv", device="cpu")
     assert values(side.out)[0] == [namesake]
     np.testing.assert_allclose(values(side.out)[1][0], b[0], atol=2e-3)
+
+
+# --------------------------------------------------------------------------- transcripts for corpus splits
+
+TEST3 = ("MSP-PODCAST_test3_0001.wav", "MSP-PODCAST_test3_0002.wav")
+
+
+@pytest.fixture(scope="module")
+def audio_text_run(tmp_path_factory, models):
+    """A run on Whisper (audio, first) and MiniLM (text) stores over Train and Development, and its corpus."""
+    import torch
+
+    from factories import msp_corpus
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("audio-text")
+    corpus = msp_corpus(root / "corpus")
+    audio = _extract(models["whisper"], corpus, root / "f", name="audio", splits=("Train", "Development"))
+    text = _extract(models["text"], corpus, root / "f", name="text", splits=("Train", "Development"))
+    result, _ = train(root, corpus, [audio, text], epochs=2, lr=1e-3, batch_size=4, select="ccc")
+    yield result.run_dir, corpus
+    torch.set_num_threads(threads)
+
+
+def _copy(corpus: Path, dest: Path) -> Path:
+    shutil.copytree(corpus, dest)
+    return dest
+
+
+def _table(path: Path, rows: dict[str, str]) -> Path:
+    with open(path, "w", newline="", encoding="utf-8-sig") as f:  # as Excel saves it: with a BOM
+        w = csv.writer(f)
+        w.writerow(["FileName", "text"])
+        w.writerows(rows.items())
+    return path
+
+
+def test_predict_a_corpus_split_takes_the_table_where_the_corpus_has_no_text(tmp_path, audio_text_run):
+    run, shared = audio_text_run
+    corpus = _copy(shared, tmp_path / "corpus")
+    own = {u.id: u.read_text() for u in load_corpus(corpus, ["Test3"])}
+    ref = predict(run, data=corpus, splits=["Test3"], out=tmp_path / "ref.csv", device="cpu")
+    (corpus / "Transcripts" / TEST3[0].replace(".wav", ".txt")).unlink()
+    table = _table(tmp_path / "asr.csv", {TEST3[0]: own[TEST3[0]], TEST3[1]: "nothing like the corpus text at all"})
+    result = predict(run, data=corpus, splits=["Test3"], transcripts=table, out=tmp_path / "t.csv", device="cpu")
+    ids, avd = values(result.out)
+    assert ids == list(TEST3) and result.sources["text"].startswith("encoder ")
+    np.testing.assert_allclose(avd, values(ref.out)[1], atol=1e-6)  # the same text, wherever it came from
+    preferred = predict(run, data=corpus, splits=["Test3"], transcripts=table, prefer_transcripts=True,
+                        out=tmp_path / "p.csv", device="cpu")
+    p = values(preferred.out)[1]
+    np.testing.assert_allclose(p[0], avd[0], atol=1e-6)
+    assert not np.allclose(p[1], avd[1], atol=1e-5)  # the table's other text for the second turn
+    with pytest.raises(PredictError, match="--prefer-transcripts: give the table with --transcripts FILE"):
+        predict(run, data=corpus, splits=["Test3"], prefer_transcripts=True, out=tmp_path / "x.csv", device="cpu")
+
+
+def test_a_missing_transcript_stops_predict_before_any_encoder_runs(tmp_path, audio_text_run, monkeypatch):
+    import ser_cache.extract
+    import ser_cache.predict
+
+    run, shared = audio_text_run
+    corpus = _copy(shared, tmp_path / "corpus")
+    for name in TEST3:
+        (corpus / "Transcripts" / name.replace(".wav", ".txt")).unlink()
+    calls = []
+    load, compute = ser_cache.predict._load_encoder, ser_cache.extract.compute_features
+    monkeypatch.setattr(ser_cache.predict, "_load_encoder", lambda record, *a, **k: calls.append(record["name"]) or load(record, *a, **k))
+    monkeypatch.setattr(ser_cache.extract, "compute_features", lambda *a, **k: calls.append("compute") or compute(*a, **k))
+    with pytest.raises(PredictError, match=rf"{TEST3[0]}: no transcript for the text input 'text' \(and 1 more\); "
+                                           r"give --transcripts FILE .* or write .*Transcripts"):
+        predict(run, data=corpus, splits=["Test3"], out=tmp_path / "x.csv", device="cpu")
+    half = _table(tmp_path / "half.csv", {TEST3[0]: "only the first"})
+    with pytest.raises(PredictError, match=rf"{TEST3[1]}: no transcript for the text input 'text'; "):
+        predict(run, data=corpus, splits=["Test3"], transcripts=half, out=tmp_path / "x.csv", device="cpu")
+    bad = tmp_path / "bad.csv"
+    bad.write_text("FileName,words\nx.wav,hi\n")
+    with pytest.raises(PredictError, match=rf"{bad}, line 1: expected columns FileName \(or id\) and text"):
+        predict(run, data=corpus, splits=["Test3"], transcripts=bad, out=tmp_path / "x.csv", device="cpu")
+    assert calls == [] and not (tmp_path / "x.csv").exists()
+    # Rows the text store holds need no text: Development is read from the stores alone.
+    for u in load_corpus(corpus, ["Development"]):
+        u.transcript.unlink()
+    held = predict(run, data=corpus, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
+    assert all(s.startswith("store ") for s in held.sources.values()) and calls == []
+    # With the table filling the gaps, the same run goes through both encoders.
+    full = _table(tmp_path / "full.csv", {TEST3[0]: "only the first", TEST3[1]: "and the second"})
+    done = predict(run, data=corpus, splits=["Test3"], transcripts=full, out=tmp_path / "y.csv", device="cpu")
+    assert done.rows == 2 and calls.count("compute") == 2

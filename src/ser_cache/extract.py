@@ -13,6 +13,11 @@ and its rows are computed independently of their batch, the result equals an uni
 
 With --pooling frames a row is the encoder's last layer at each of the clip's valid frames; the
 chunk buffers then also hold each row's frame count, written with the chunk (store.py).
+
+A text encoder reads each row's text through transcripts.attach: the corpus's transcript, or
+the --transcripts table's where the corpus has none (first with --prefer-transcripts). Before
+encoding, rank 0 writes which text feeds which row to `<name>.transcripts.csv` and refuses a
+rerun that would give a row already written other text (see `_record_transcripts`).
 """
 
 from __future__ import annotations
@@ -42,6 +47,17 @@ from ser_cache.store import (
     ids_digest,
     remove_store,
     settings_differences,
+)
+from ser_cache.transcripts import (
+    TranscriptError,
+    TranscriptTable,
+    attach,
+    counts,
+    load_table,
+    read_record,
+    record_path,
+    text_sha1,
+    write_record,
 )
 
 ON_ERROR = ("skip", "fail")
@@ -80,6 +96,8 @@ class ExtractConfig:
     retry_failed: bool = False
     chunk_rows: int | None = None
     progress: bool = True
+    transcripts: Path | None = None  # a transcript table (transcribe's asr.csv) for rows the corpus has no text for
+    prefer_transcripts: bool = False  # the table's text first, the corpus's where the table has none
 
     def verify(self) -> None:
         problems = []
@@ -93,6 +111,8 @@ class ExtractConfig:
             problems.append(f"--workers {self.workers}: expected 0 or more")
         if self.chunk_rows is not None and self.chunk_rows < 1:
             problems.append(f"--chunk-rows {self.chunk_rows}: expected 1 or more")
+        if self.prefer_transcripts and self.transcripts is None:
+            problems.append("--prefer-transcripts: give the table with --transcripts FILE")
         if problems:
             raise ExtractError("; ".join(problems))
 
@@ -115,6 +135,7 @@ class ExtractResult:
     world: int = 1
     setup_seconds: float = 0.0  # reading the corpus, loading the encoder, opening the store
     loop_seconds: float = 0.0  # this rank's encoding loop: wall_seconds less set-up and the final merge
+    text_sources: dict | None = None  # a text store (rank 0): {"corpus": n, "table": m, "none": k} over its rows
 
     @property
     def utterances_per_second(self) -> float:
@@ -147,20 +168,31 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     utts = load_corpus(cfg.data, cfg.splits or None)
     if not utts:
         raise ExtractError(f"--data {cfg.data}: no utterances{' in split(s) ' + ', '.join(cfg.splits) if cfg.splits else ''}")
+    table = _load_table(cfg.transcripts) if cfg.transcripts is not None else None
     encoder = load_encoder(cfg.model, kind=cfg.kind, device=dist.device(cfg.device), precision=cfg.precision,
                            window=cfg.window, pooling=cfg.pooling, max_seconds=cfg.max_seconds)
+    sources = None
+    if encoder.modality == "text":
+        utts, sources = attach(utts, table, prefer=cfg.prefer_transcripts)
+    elif cfg.transcripts is not None:
+        raise ExtractError(f"--transcripts {cfg.transcripts}: model '{cfg.model}' is a {encoder.kind} (audio) encoder; "
+                           "transcripts feed text encoders only (e.g. --model roberta-large)")
     ids = [u.id for u in utts]
     settings = {**encoder.settings(), "store_dtype": STORE_DTYPE, "rows": ids_digest(ids),
                 "feature_shape": list(encoder.feature_shape)}
+    if cfg.prefer_transcripts:
+        # Only when given: stores built before the option existed keep their fingerprint.
+        settings["prefer_transcripts"] = True
     path = store_path(cfg)
     lock = StoreLock(path)
 
     # Rank 0 alone creates or refuses the store; the others learn the outcome before touching it.
     setup_error = None
+    text_sources = None
     if dist.is_main:
         try:
             lock.acquire()
-            _open_or_create(path, cfg, encoder, ids, settings)
+            text_sources = _prepare_store(path, cfg, encoder, ids, settings, utts, sources, table)
         except (StoreError, ExtractError) as exc:
             lock.release()
             setup_error = str(exc)
@@ -185,10 +217,31 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                              computed=sum(c for c, _ in per_rank), skipped=skipped,
                              audio_seconds=sum(a for _, a in per_rank), wall_seconds=time.perf_counter() - t0,
                              timings=timings, rank=dist.rank, world=dist.world,
-                             setup_seconds=t_loop - t0, loop_seconds=loop_seconds)
+                             setup_seconds=t_loop - t0, loop_seconds=loop_seconds, text_sources=text_sources)
     finally:
         lock.release()
         distributed.shutdown(dist)
+
+
+class _TextChanged(ExtractError):
+    """Rows already written would get other text; --overwrite rebuilds the store."""
+
+
+def _prepare_store(path: Path, cfg: ExtractConfig, encoder, ids: list[str], settings: dict, utts: list[Utterance],
+                   sources: list[str | None] | None, table: TranscriptTable | None) -> dict[str, int] | None:
+    """Open or create the store (rank 0, locked); for a text store, check and write its transcript record."""
+    _open_or_create(path, cfg, encoder, ids, settings)
+    if sources is None:
+        return None
+    try:
+        return _record_transcripts(path, cfg, utts, sources, table)
+    except _TextChanged:
+        if not cfg.overwrite:
+            raise
+        remove_store(path)  # same settings, other text: --overwrite rebuilds it as for other settings
+        report_path(path).unlink(missing_ok=True)
+        _open_or_create(path, cfg, encoder, ids, settings)
+        return _record_transcripts(path, cfg, utts, sources, table)
 
 
 def _open_or_create(path: Path, cfg: ExtractConfig, encoder, ids: list[str], settings: dict) -> None:
@@ -205,6 +258,7 @@ def _open_or_create(path: Path, cfg: ExtractConfig, encoder, ids: list[str], set
         remove_store(path)
         report = report_path(path)
         report.unlink(missing_ok=True)
+    record_path(path).unlink(missing_ok=True)  # a record left by a store that is no longer there
     attrs = {
         "name": path.name.removesuffix(".zarr"),
         "model_id": encoder.model_id,
@@ -225,6 +279,63 @@ def _open_or_create(path: Path, cfg: ExtractConfig, encoder, ids: list[str], set
     }
     FeatureStore.create(path, ids, encoder.feature_shape, attrs, chunk_rows=cfg.chunk_rows,
                         frames=encoder.frame_level)
+
+
+def _load_table(path: Path) -> TranscriptTable:
+    try:
+        return load_table(path)
+    except TranscriptError as exc:
+        raise ExtractError(str(exc)) from None
+
+
+def _record_transcripts(path: Path, cfg: ExtractConfig, utts: list[Utterance], sources: list[str | None],
+                        table: TranscriptTable | None) -> dict[str, int]:
+    """Write which text feeds which row (`<name>.transcripts.csv`, store attribute "transcripts"); returns the counts.
+
+    Runs on rank 0 before any row is encoded, with the store locked. Rows this run computes
+    (pending, and failed ones with --retry-failed) take this run's text. A row already written
+    keeps its entry, and if this run would feed it other text (another table, --prefer-transcripts
+    given or not, a transcript edited since) the run is refused: the store would no longer say
+    which text its rows hold. Written before encoding, the record of a killed run already names
+    the text of every row it may have written, so its resume is checked the same way. A store
+    extracted before records existed has none: its written rows are taken to hold this run's text.
+    """
+    store = FeatureStore.open(path, mode="r+")
+    written, failed = store.flags()
+    computed = ~written if cfg.retry_failed else ~(written | failed)
+    record_file = record_path(path)
+    try:
+        old = read_record(record_file)
+    except TranscriptError as exc:
+        raise _TextChanged(f"{exc}; pass --overwrite to rebuild the store and its record") from None
+    rows, changed = [], []
+    for i, (u, source) in enumerate(zip(utts, sources)):
+        now = (u.id, source or "none", text_sha1(u.text if source else None))
+        before = old.get(u.id)
+        if computed[i] or before is None:
+            rows.append(now)
+            continue
+        if written[i] and before[1] != now[2]:
+            changed.append(u.id)
+        rows.append((u.id, *before))
+    if changed:
+        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
+        given = f"--transcripts {cfg.transcripts}" if cfg.transcripts is not None else "no --transcripts"
+        raise _TextChanged(
+            f"{path}: {len(changed)} row(s) already written were encoded from other text than this run gives them "
+            f"({given}{', --prefer-transcripts' if cfg.prefer_transcripts else ''}): {shown}; see {record_file.name}. "
+            "Pass the transcripts the store was built with, or --overwrite to rebuild it"
+        )
+    write_record(record_file, rows)
+    totals = counts(None if s == "none" else s for _, s, _ in rows)
+    store.update_attrs(transcripts={
+        "table": None if table is None else str(table.path),
+        "table_sha256": None if table is None else table.sha256,
+        "asr": None if table is None else table.asr,
+        "prefer": bool(cfg.prefer_transcripts),
+        "rows": totals,
+    })
+    return totals
 
 
 def _differences(old: dict, new: dict) -> str:
@@ -437,6 +548,8 @@ def _encode_texts(cfg, encoder, utts, todo, resolve, timings) -> None:
         text = utts[row].read_text()
         if text is None or not text.strip():
             where = utts[row].transcript or "manifest text column"
+            if cfg.transcripts is not None:
+                where = f"{where}; none in {cfg.transcripts}"
             resolve(row, None, f"missing transcript ({where})", 0.0)
         else:
             texts[row] = text

@@ -5,7 +5,9 @@ Where the features come from, per input the run was trained on:
    it holds — after checking that it was built with the settings the run was trained on;
 2. otherwise the encoder recorded in the run, loaded again with the same settings and run here
    with the very batching, decoding and float16 rounding of `extract`, so a recomputed row equals
-   what a store would hold. Text encoders need each file's transcript.
+   what a store would hold. Text encoders need each utterance's transcript: the corpus's (or a
+   `.txt` beside a bare file), or a --transcripts table's where there is none (transcripts.py);
+   every row a text encoder will compute is checked for text before any encoder runs.
 
 A fine-tuned run (`finetune wavlm`) has no store for its audio input: its own WavLM, saved whole in
 the run, runs here on the audio, and its cached inputs (text, x-vectors) come as above.
@@ -18,7 +20,6 @@ ConvPool pools them batch by batch.
 
 from __future__ import annotations
 
-import csv
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -50,25 +51,29 @@ class PredictResult:
 # --------------------------------------------------------------------------- utterances
 
 
-def _transcript_table(path: Path) -> dict[str, str]:
-    """id → text from a CSV with columns id (or FileName) and text."""
-    if not Path(path).is_file():
-        raise PredictError(f"--transcripts {path}: no such file")
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.DictReader(f)
-        cols = reader.fieldnames or []
-        key = "id" if "id" in cols else "FileName" if "FileName" in cols else None
-        if key is None or "text" not in cols:
-            raise PredictError(f"--transcripts {path}: expected columns id (or FileName) and text; found "
-                               f"{', '.join(cols) or 'no header'}")
-        return {(row[key] or "").strip(): (row["text"] or "").strip() for row in reader}
+def with_transcripts(utts: list, transcripts: Path | None, prefer: bool = False) -> list:
+    """The utterances with the table's text where they have none of their own (or first, `prefer`); see transcripts.py."""
+    from ser_cache.transcripts import TranscriptError, attach, counts
+
+    if transcripts is None:
+        if prefer:
+            raise PredictError("--prefer-transcripts: give the table with --transcripts FILE")
+        return utts
+    try:
+        utts, sources = attach(utts, transcripts, prefer=prefer)
+    except TranscriptError as exc:
+        raise PredictError(str(exc)) from None
+    n = counts(sources)
+    log.info("text: %d utterance(s) with their own transcript, %d from %s, %d with none",
+             n["corpus"], n["table"], transcripts, n["none"])
+    return utts
 
 
-def file_utterances(files: Sequence[str | Path], transcripts: Path | None = None) -> list:
-    """Bare audio files as utterances: id = file name; text from the CSV by name or stem, else `<stem>.txt`."""
+def file_utterances(files: Sequence[str | Path], transcripts: Path | None = None, prefer: bool = False) -> list:
+    """Bare audio files as utterances: id = file name; text from a `<stem>.txt` beside the file, else from
+    the table by file name or stem (the table first with `prefer`)."""
     from ser_cache.corpus import Utterance
 
-    table = _transcript_table(transcripts) if transcripts else {}
     utts, seen = [], {}
     for f in files:
         path = Path(f)
@@ -79,9 +84,8 @@ def file_utterances(files: Sequence[str | Path], transcripts: Path | None = None
             raise PredictError(f"{path} and {seen[uid]} share the file name {uid}, which is the prediction id; "
                                "rename one")
         seen[uid] = path
-        text = table.get(uid) or table.get(path.stem) or None
-        utts.append(Utterance(id=uid, path=path, text=text, transcript=path.with_suffix(".txt")))
-    return utts
+        utts.append(Utterance(id=uid, path=path, transcript=path.with_suffix(".txt")))
+    return with_transcripts(utts, transcripts, prefer)
 
 
 # --------------------------------------------------------------------------- features
@@ -140,10 +144,40 @@ def _check_transcripts(utts: list, record: dict) -> None:
     if lacking:
         u = lacking[0]
         more = f" (and {len(lacking) - 1} more)" if len(lacking) > 1 else ""
+        if u.transcript is None:
+            own = "give it text in the manifest's text column"
+        elif u.transcript == u.path.with_suffix(".txt"):
+            own = f"put {u.transcript.name} beside the audio"
+        else:
+            own = f"write {u.transcript}"
         raise PredictError(
-            f"{u.path}: no transcript for the text input '{record['name']}'{more}; give --transcripts CSV "
-            f"(columns id or FileName, and text) or put {u.path.with_suffix('.txt').name} beside the audio"
+            f"{u.path}: no transcript for the text input '{record['name']}'{more}; give --transcripts FILE "
+            f"(columns FileName or id, and text; `ser-cache transcribe` makes one) or {own}"
         )
+
+
+def _held_rows(record: dict, utts: list, features_dir: Path | None, use_stores: bool) -> np.ndarray:
+    """Which utterances the input's store holds (written rows), from its ids and flags alone."""
+    from ser_cache.store import FeatureStore, StoreError
+
+    held = np.zeros(len(utts), dtype=bool)
+    store_path = _store_for(record, features_dir)
+    if use_stores and record.get("path") and (store_path / "zarr.json").is_file():
+        try:
+            store = FeatureStore.open(store_path)
+        except StoreError as exc:
+            raise PredictError(str(exc)) from None
+        held = _store_rows(store.ids(), store.flags()[0], [u.id for u in utts]) >= 0
+    return held
+
+
+def _check_text_inputs(config: dict, utts: list, features_dir: Path | None, use_stores: bool) -> None:
+    """Every row a text encoder will compute has text, checked before any encoder runs: a missing
+    transcript must not cost the minutes of an audio encoder first."""
+    for record in config["inputs"]:
+        if record.get("modality") == "text":
+            held = _held_rows(record, utts, features_dir, use_stores)
+            _check_transcripts([u for u, h in zip(utts, held) if not h], record)
 
 
 def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "auto",
@@ -157,6 +191,7 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
     """
     from ser_cache.store import FeatureStore, StoreError
 
+    _check_text_inputs(config, utts, features_dir, use_stores)
     frame_inputs = config.get("frame_inputs") or {}
     arrays: dict[str, np.ndarray | Frames] = {}
     sources: dict[str, str] = {}
@@ -179,8 +214,6 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
             from ser_cache.extract import compute_features
 
             todo = [utts[i] for i in missing]
-            if record.get("modality") == "text":
-                _check_transcripts(todo, record)
             encoder = _load_encoder(record, device, run_dir)
             settings = record.get("settings", {})
             kwargs = {"max_seconds": float(settings["max_seconds"])} if settings.get("max_seconds") else {}
@@ -322,11 +355,14 @@ def run_heads(model, arrays: dict[str, np.ndarray | Frames], *,
 
 def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[str] = (),
             files: Sequence[str | Path] = (), transcripts: Path | None = None, out: str | Path,
-            device: str = "auto", features_dir: Path | None = None, with_gender: bool = False) -> PredictResult:
+            device: str = "auto", features_dir: Path | None = None, with_gender: bool = False,
+            prefer_transcripts: bool = False) -> PredictResult:
     """Predict corpus splits (`data` + `splits`) or audio `files`; write the challenge CSV to `out`.
 
     The file has exactly the challenge's columns FileName,EmoAct,EmoVal,EmoDom; `with_gender` adds
-    the gender head's label and probabilities (refused for a run without a gender head).
+    the gender head's label and probabilities (refused for a run without a gender head). Text
+    inputs computed here read the corpus's transcripts, and `transcripts` (a table) where there
+    are none, or first with `prefer_transcripts`.
     """
     from ser_cache.corpus import load_corpus
 
@@ -337,13 +373,14 @@ def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[s
     if files and (data is not None or splits):
         raise PredictError("give either audio files or --data with --split, not both")
     if files:
-        utts = file_utterances(files, transcripts)
+        utts = file_utterances(files, transcripts, prefer_transcripts)
     elif data is not None:
         if not splits:
             raise PredictError(f"--data {data}: name the split(s) to predict with --split")
         utts = load_corpus(data, splits)
         if not utts:
             raise PredictError(f"--data {data}: no utterance in split(s) {', '.join(splits)}")
+        utts = with_transcripts(utts, transcripts, prefer_transcripts)
     else:
         raise PredictError("nothing to predict: give audio files, or --data with --split")
     arrays, sources = gather_features(config, utts, run_dir=run_dir, device=device, features_dir=features_dir,
@@ -356,15 +393,19 @@ def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[s
 
 
 def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | None = None, device: str = "auto",
-             features_dir: Path | None = None) -> dict:
-    """Score a run on a labelled split: CCC table, balanced CCC, gender; JSON to `out` or run_dir/eval_<split>.json."""
+             features_dir: Path | None = None, transcripts: Path | None = None,
+             prefer_transcripts: bool = False) -> dict:
+    """Score a run on a labelled split: CCC table, balanced CCC, gender; JSON to `out` or run_dir/eval_<split>.json.
+
+    `transcripts` and `prefer_transcripts` give text inputs their text as in `predict`.
+    """
     from ser_cache.corpus import load_corpus
     from ser_cache.sampling import is_ox
     from ser_cache.training import label_index, score
 
     run_dir = Path(run_dir)
     model, config = _load(run_dir)
-    utts = load_corpus(data, [split])
+    utts = with_transcripts(load_corpus(data, [split]), transcripts, prefer_transcripts)
     train = config["train"]
     labelled = [u for u in utts if u.has_avd]
     result: dict = {"run": str(run_dir), "data": str(data), "split": split, "unlabelled": len(utts) - len(labelled)}

@@ -316,6 +316,7 @@ class FeatureStore:
             "package_version": a.get("package_version"),
             "size_bytes": size,
             **frames,
+            **({"transcripts": a["transcripts"]} if a.get("transcripts") else {}),  # a text store's sources of text
         }
 
 

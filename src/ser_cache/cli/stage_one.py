@@ -33,15 +33,23 @@ def extract(
     retry_failed: bool = typer.Option(False, help="Recompute rows that failed in an earlier run."),
     chunk_rows: Optional[int] = typer.Option(None, help="Rows per Zarr chunk (default: ~4 MiB chunks)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    transcripts: Optional[Path] = typer.Option(
+        None, "--transcripts", metavar="FILE",
+        help="Text encoders: a transcript table (columns FileName or id, and text; e.g. from `ser-cache transcribe`) "
+             "for the rows the corpus has no transcript for."),
+    prefer_transcripts: bool = typer.Option(
+        False, "--prefer-transcripts",
+        help="The --transcripts table's text first, the corpus's only where the table has none (changes the store's fingerprint)."),
 ) -> None:
     """Run a frozen encoder once over a corpus; write pooled (or frame-level) features to OUT/<name>.zarr (resumable)."""
     from ser_cache.extract import ExtractConfig, extract as run_extract
+    from ser_cache.transcripts import record_path as transcript_record
 
     cfg = ExtractConfig(model=model, data=data, out=out_dir, splits=tuple(split or ()), name=name, kind=kind,
                         window=window, pooling=pooling, max_seconds=max_seconds, batch_seconds=batch_seconds,
                         batch_texts=batch_texts, device=device, precision=precision, workers=workers,
                         on_error=on_error, overwrite=overwrite, retry_failed=retry_failed, chunk_rows=chunk_rows,
-                        progress=progress)
+                        progress=progress, transcripts=transcripts, prefer_transcripts=prefer_transcripts)
     result = guarded(run_extract, cfg)
     if result is None or result.rank != 0:
         return
@@ -54,6 +62,10 @@ def extract(
         f"encoder {t.get('encode', 0):.1f} s, writing {t.get('write', 0):.1f} s)[/]",
         highlight=False,
     )
+    if result.text_sources is not None:
+        s = result.text_sources
+        err.print(f"text: {s['corpus']} row(s) from the corpus's transcripts, {s['table']} from the table, "
+                  f"{s['none']} with none [dim](see {transcript_record(result.store).name})[/]", highlight=False)
     if result.failed:
         err.print(f"[yellow]{result.failed} utterance(s) could not be used; see {result.report}[/]", highlight=False)
 
@@ -82,7 +94,25 @@ def info(
     if "frames" in summary:
         for key, value in _frame_rows(summary["frames"]):
             table.add_row(key, value)
+    if summary.get("transcripts"):
+        for key, value in _transcript_rows(summary["transcripts"]):
+            table.add_row(key, value)
     out.print(table)
+
+
+def _transcript_rows(t: dict) -> list[tuple[str, str]]:
+    """A text store's sources of text as table rows: how many rows each fed, the table and its ASR model."""
+    rows = t.get("rows") or {}
+    out_rows = [("transcripts", f"{rows.get('corpus', 0)} from the corpus, {rows.get('table', 0)} from the table, "
+                                f"{rows.get('none', 0)} with none" + (" (table preferred)" if t.get("prefer") else ""))]
+    if t.get("table"):
+        out_rows.append(("transcripts.table", f"{t['table']} (sha256 {str(t.get('table_sha256'))[:12]}…)"))
+        asr = t.get("asr")
+        if asr:
+            out_rows.append(("transcripts.asr", f"{asr.get('model_id')} @ {asr.get('revision')}"))
+        else:
+            out_rows.append(("transcripts.asr", "unknown (no sidecar beside the table)"))
+    return out_rows
 
 
 def _frame_rows(f: dict) -> list[tuple[str, str]]:

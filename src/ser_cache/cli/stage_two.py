@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import math
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -19,6 +19,14 @@ from ser_cache.rows import default_memory_budget_gb
 from ser_cache.training import TrainError
 
 KNOWN_ERRORS.extend([TrainError, RunError, PredictError, EnsembleError])
+
+# Text inputs computed by predict and evaluate (rows no store holds): where their text comes from.
+TranscriptsOption = Annotated[Optional[Path], typer.Option(
+    "--transcripts", metavar="FILE",
+    help="Transcript table (columns FileName or id, and text; e.g. from `ser-cache transcribe`) for the "
+         "utterances without a transcript of their own (corpus Transcripts/, manifest text, a .txt beside a file).")]
+PreferTranscriptsOption = Annotated[bool, typer.Option(
+    "--prefer-transcripts", help="The --transcripts table's text first, the utterance's own only where the table has none.")]
 
 
 def _log_to_stderr() -> None:
@@ -123,12 +131,15 @@ def evaluate(
     dest: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file (default: RUN/eval_<split>.json)."),
     features_dir: Optional[Path] = typer.Option(None, help="Folder with the run's stores, if they moved."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    transcripts: TranscriptsOption = None,
+    prefer_transcripts: PreferTranscriptsOption = False,
 ) -> None:
     """Score a run on a labelled split: CCC per attribute, mean, balanced CCC, gender; prints a table, writes JSON."""
     from ser_cache.predict import evaluate as run_evaluate
 
     _log_to_stderr()
-    result = guarded(run_evaluate, run, data, split, out=dest, device=device, features_dir=features_dir)
+    result = guarded(run_evaluate, run, data, split, out=dest, device=device, features_dir=features_dir,
+                     transcripts=transcripts, prefer_transcripts=prefer_transcripts)
     if result is None:
         return
     out.print(scores_table(f"{run} — {split} ({result['rows']} utterances)", result))
@@ -141,7 +152,8 @@ def predict(
     files: Optional[list[Path]] = typer.Argument(None, help="Audio files to predict (instead of --data/--split)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
     split: Optional[list[str]] = typer.Option(None, "--split", "-s", help="Split(s) to predict (repeatable)."),
-    transcripts: Optional[Path] = typer.Option(None, help="CSV with columns id (or FileName) and text, for text inputs."),
+    transcripts: TranscriptsOption = None,
+    prefer_transcripts: PreferTranscriptsOption = False,
     dest: Path = typer.Option(..., "--out", "-o", help="Prediction CSV: exactly the challenge's FileName,EmoAct,EmoVal,EmoDom."),
     features_dir: Optional[Path] = typer.Option(None, help="Folder with the run's stores, if they moved."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
@@ -151,14 +163,15 @@ def predict(
     """Predict arousal/valence/dominance for corpus splits or audio files, in the challenge's CSV format.
 
     Cached features are used where the run's stores hold the utterances; otherwise the run's
-    encoders are run here. Text inputs need transcripts: --transcripts CSV or a .txt beside each file.
+    encoders are run here. Text inputs need transcripts: the corpus's own (or a .txt beside each
+    file), and a --transcripts table (e.g. from `ser-cache transcribe`) where there are none.
     """
     from ser_cache.predict import predict as run_predict
 
     _log_to_stderr()
     result = guarded(run_predict, run, data=data, splits=tuple(split or ()), files=tuple(files or ()),
                      transcripts=transcripts, out=dest, device=device, features_dir=features_dir,
-                     with_gender=with_gender)
+                     with_gender=with_gender, prefer_transcripts=prefer_transcripts)
     if result is None:
         return
     err.print(f"wrote {result.rows} predictions to {result.out}", highlight=False)

@@ -1,0 +1,200 @@
+"""Where an utterance's text comes from: the corpus's own transcript, or a transcript table.
+
+A transcript table is a CSV with a key column `FileName` (or `id`) and a `text` column, UTF-8
+with or without a byte-order mark; `ser-cache transcribe` writes one (`asr.csv`) with a sidecar
+`asr.csv.json` naming the ASR model, its revision and the settings that change the text.
+
+`attach` decides, per utterance, which text a text encoder is fed:
+- "corpus": the corpus's own transcript (a manifest's `text` column, `Transcripts/<stem>.txt`,
+  or a `.txt` beside a bare audio file), when it is not empty;
+- "table": the table's row for the utterance (matched by id, else by the audio file's stem),
+  where the corpus has none, or first of the two with `prefer=True`;
+- None: neither has text (an empty table row counts as none, as an empty .txt does).
+
+`extract` records the outcome per row beside a text store (`<name>.transcripts.csv`: id, source,
+sha1 of the text fed), so that a rerun can refuse to let rows already written change text.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from ser_cache.atomic import atomic_path
+from ser_cache.corpus import CSV_ENCODING, Utterance
+
+KEY_COLUMNS = ("id", "FileName")  # either names the utterance; `id` wins when a table has both
+TEXT_COLUMN = "text"
+SOURCES = ("corpus", "table", "none")  # as written in the per-row record; None is written "none"
+RECORD_COLUMNS = ("id", "source", "text_sha1")
+SHA1_DIGITS = 12
+
+
+class TranscriptError(Exception):
+    """A transcript table, its sidecar or a per-row record cannot be used; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class TranscriptTable:
+    """A transcript table read whole: its texts by key, the file's sha256, and the ASR record (or None)."""
+
+    path: Path
+    texts: dict[str, str]
+    sha256: str
+    asr: dict | None  # the sidecar's settings (model_id, revision, language, ...), None without a sidecar
+
+    def text_for(self, utt: Utterance) -> str | None:
+        """The row for `utt`: by id, else by its audio file's stem; None when the table has none."""
+        text = self.texts.get(utt.id)
+        if text is None and utt.path is not None:
+            text = self.texts.get(Path(utt.path).stem)
+        return text
+
+
+def sidecar_path(table: Path) -> Path:
+    """`asr.csv` → `asr.csv.json`: where `transcribe` writes the table's settings."""
+    from ser_cache.transcribe import sidecar_path as transcribe_sidecar
+
+    return transcribe_sidecar(Path(table))
+
+
+def read_table(path: str | Path) -> dict[str, str]:
+    """key → text (stripped) of a transcript table; refuses a missing column, an empty or repeated key."""
+    path = Path(path)
+    if not path.is_file():
+        raise TranscriptError(f"--transcripts {path}: no such file")
+    try:
+        with open(path, newline="", encoding=CSV_ENCODING) as f:
+            reader = csv.DictReader(f)
+            cols = reader.fieldnames or []
+            key = next((c for c in KEY_COLUMNS if c in cols), None)
+            if key is None or TEXT_COLUMN not in cols:
+                raise TranscriptError(f"{path}, line 1: expected columns FileName (or id) and text; found "
+                                      f"{', '.join(cols) or 'no header'}")
+            table: dict[str, str] = {}
+            first_line: dict[str, int] = {}
+            for row in reader:
+                lineno = reader.line_num
+                uid = (row.get(key) or "").strip()
+                if not uid:
+                    raise TranscriptError(f"{path}, line {lineno}: empty {key}")
+                if uid in first_line:
+                    raise TranscriptError(f"{path}, line {lineno}: {key} {uid} is listed twice (first on line "
+                                          f"{first_line[uid]})")
+                first_line[uid] = lineno
+                table[uid] = (row.get(TEXT_COLUMN) or "").strip()
+    except UnicodeDecodeError as exc:
+        raise TranscriptError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
+    except csv.Error as exc:
+        raise TranscriptError(f"{path}: not a readable CSV ({exc})") from None
+    except OSError as exc:
+        raise TranscriptError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    return table
+
+
+def read_sidecar(table: str | Path) -> dict | None:
+    """The ASR settings `transcribe` recorded beside `table` (model_id, revision, ...), or None without a sidecar."""
+    path = sidecar_path(Path(table))
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise TranscriptError(f"{path}: not a readable transcribe settings file ({exc})") from None
+    settings = record.get("settings") if isinstance(record, dict) else None
+    if not isinstance(settings, dict):
+        raise TranscriptError(f"{path}: expected the settings `transcribe` writes (a JSON object with 'settings')")
+    return dict(settings)
+
+
+def load_table(path: str | Path) -> TranscriptTable:
+    """A transcript table with its sha256 and its sidecar's ASR settings."""
+    path = Path(path)
+    texts = read_table(path)
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return TranscriptTable(path=path, texts=texts, sha256=digest.hexdigest(), asr=read_sidecar(path))
+
+
+def attach(utts: Sequence[Utterance], table: str | Path | TranscriptTable | None,
+           prefer: bool = False) -> tuple[list[Utterance], list[str | None]]:
+    """The utterances with their text set where they get one, and each one's source.
+
+    A source is "corpus", "table" or None (no text anywhere); see the module docstring for the
+    order. An utterance without text is returned unchanged, so it still names its transcript file.
+    """
+    if table is not None and not isinstance(table, TranscriptTable):
+        table = load_table(table)
+    out: list[Utterance] = []
+    sources: list[str | None] = []
+    for u in utts:
+        corpus = u.read_text()
+        found = {"corpus": corpus if corpus and corpus.strip() else None}
+        if table is not None:
+            text = table.text_for(u)
+            found["table"] = text if text and text.strip() else None
+        order = ("table", "corpus") if prefer else ("corpus", "table")
+        source = next((s for s in order if found.get(s) is not None), None)
+        out.append(u if source is None else u.with_text(found[source]))
+        sources.append(source)
+    return out, sources
+
+
+def counts(sources: Iterable[str | None]) -> dict[str, int]:
+    """{"corpus": n, "table": m, "none": k}."""
+    out = dict.fromkeys(SOURCES, 0)
+    for s in sources:
+        out[s or "none"] += 1
+    return out
+
+
+def text_sha1(text: str | None) -> str:
+    """The first 12 hex digits of the sha1 of the text's UTF-8 bytes; "" for no text."""
+    if text is None:
+        return ""
+    return hashlib.sha1(text.encode("utf-8")).hexdigest()[:SHA1_DIGITS]
+
+
+# --------------------------------------------------------------------------- the per-row record of a text store
+
+
+def record_path(store: Path) -> Path:
+    """`OUT/<name>.zarr` → `OUT/<name>.transcripts.csv`."""
+    store = Path(store)
+    return store.with_name(store.name.removesuffix(".zarr") + ".transcripts.csv")
+
+
+def read_record(path: Path) -> dict[str, tuple[str, str]]:
+    """id → (source, text_sha1) of a store's per-row record; {} when there is none."""
+    path = Path(path)
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, newline="", encoding=CSV_ENCODING) as f:
+            reader = csv.DictReader(f)
+            if tuple(reader.fieldnames or ()) != RECORD_COLUMNS:
+                raise TranscriptError(f"{path}, line 1: expected columns {','.join(RECORD_COLUMNS)}; found "
+                                      f"{','.join(reader.fieldnames or []) or 'no header'}")
+            out = {}
+            for row in reader:
+                if row["source"] not in SOURCES:
+                    raise TranscriptError(f"{path}, line {reader.line_num}: source {row['source']!r}, expected one "
+                                          f"of {', '.join(SOURCES)}")
+                out[row["id"]] = (row["source"], row["text_sha1"] or "")
+            return out
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise TranscriptError(f"{path}: cannot be read ({exc})") from None
+
+
+def write_record(path: Path, rows: Iterable[tuple[str, str, str]]) -> None:
+    """Write (id, source, text_sha1) rows atomically."""
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(RECORD_COLUMNS)
+        w.writerows(rows)

@@ -1,0 +1,97 @@
+"""The challenge's final system end to end on a Test3 without transcripts (docs/recipes.md, "The
+winning submission"): transcribe → text features → WavLM and MMWhisper members → ensemble →
+check-submission, with tiny local models, on a copy of ../shared/data/mini-podcast whose Test1
+files are renamed to the Test3 pattern, unlisted in the labels and stripped of their transcripts."""
+
+from __future__ import annotations
+
+import csv
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from ser_cache.cli import app
+from test_transcribe import whisper_asr
+
+
+def make_test3_copy(src: Path, dst: Path) -> tuple[Path, list[str]]:
+    """The corpus with Test1 turned into a challenge-like Test3: audio linked, not copied."""
+    with open(src / "Labels" / "labels_consensus.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    (dst / "Audios").mkdir(parents=True)
+    (dst / "Transcripts").mkdir()
+    (dst / "Labels").mkdir()
+    kept, test3 = [], []
+    for row in rows:
+        name = row["FileName"]
+        if row["Split_Set"] == "Test1":
+            new = f"MSP-PODCAST_test3_{len(test3) + 1:04d}.wav"
+            os.symlink(src / "Audios" / name, dst / "Audios" / new)
+            test3.append(new)  # no transcript, not in the labels
+            continue
+        os.symlink(src / "Audios" / name, dst / "Audios" / name)
+        os.symlink(src / "Transcripts" / name.replace(".wav", ".txt"), dst / "Transcripts" / name.replace(".wav", ".txt"))
+        kept.append(row)
+    with open(dst / "Labels" / "labels_consensus.csv", "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(kept)
+    return dst, test3
+
+
+def run(*args: str) -> str:
+    result = CliRunner().invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, f"ser-cache {' '.join(map(str, args))}\n{result.output}"
+    return result.output
+
+
+def test_the_winning_submission_flow_ends_in_an_accepted_file(mini_podcast, models, tmp_path, one_torch_thread):
+    data, test3 = make_test3_copy(mini_podcast, tmp_path / "corpus")
+    asr = whisper_asr(tmp_path / "whisper-asr")
+    feats = tmp_path / "features"
+    common = ("--device", "cpu")
+
+    run("transcribe", "--model", asr, "--data", data, "--split", "Test3", "--out", tmp_path / "asr.csv", *common,
+        "--no-progress")
+    with open(tmp_path / "asr.csv", newline="", encoding="utf-8") as f:
+        assert sorted(r["FileName"] for r in csv.DictReader(f)) == sorted(test3)
+    # Text features with the corpus' transcripts and the ASR table where there are none (Test3).
+    run("extract", "--model", models["text"], "--data", data, "--out", feats, "--name", "text",
+        "--transcripts", tmp_path / "asr.csv", *common, "--no-progress")
+    run("extract", "--model", models["whisper"], "--pooling", "frames", "--window", "trimmed", "--data", data,
+        "--out", feats, *common, "--workers", "0", "--no-progress")
+    frames = next(feats.glob("*-frames.zarr"))
+
+    train = ("--data", data, "--epochs", "3", "--lr", "1e-3", "--no-undersample", "--select", "ccc", *common,
+             "--no-progress")
+    run("train-heads", "--features", frames, "--features", feats / "text.zarr", "--out", tmp_path / "mmwhisper",
+        "--gender-weight", "0", "--speaker-weight", "0", "--conv-dim", "32", *train)
+    run("finetune", "wavlm", "--data", data, "--out", tmp_path / "wavlm", "--model", models["wavlm"], "--epochs", "1",
+        "--gender-weight", "1", "--ox", "train+dev", "--select", "ccc", "--no-undersample", "--conv-dim", "32",
+        "--hidden", "32", *common, "--workers", "0", "--threads", "1", "--no-progress")
+
+    run("predict", tmp_path / "wavlm", "--data", data, "--split", "Test3", "--out", tmp_path / "wavlm.csv", *common)
+    run("predict", tmp_path / "mmwhisper", "--data", data, "--split", "Test3", "--transcripts", tmp_path / "asr.csv",
+        "--out", tmp_path / "mmwhisper.csv", *common)
+    run("ensemble", tmp_path / "wavlm.csv", tmp_path / "mmwhisper.csv", "--out", tmp_path / "final.csv")
+
+    checked = CliRunner().invoke(app, ["check-submission", str(tmp_path / "final.csv"), "--data", str(data),
+                                       "--split", "Test3"])
+    assert checked.exit_code == 0, checked.output
+    assert "OK" in checked.output and f"{len(test3)}" in checked.output
+    with open(tmp_path / "final.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["FileName", "EmoAct", "EmoVal", "EmoDom"] and len(rows) == len(test3) + 1
+
+    # The same check rejects a broken file: a missing Test3 row.
+    broken = tmp_path / "broken.csv"
+    broken.write_text("\n".join(",".join(r) for r in rows[:-1]) + "\n")
+    rejected = CliRunner().invoke(app, ["check-submission", str(broken), "--data", str(data), "--split", "Test3"])
+    assert rejected.exit_code == 1 and rows[-1][0] in rejected.output
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")

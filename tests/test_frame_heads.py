@@ -16,7 +16,7 @@ from ser_cache import runs
 from ser_cache.frames import Frames
 from ser_cache.model import ConvPool, FeatureModel
 from ser_cache.store import FeatureStore, fingerprint
-from test_training import make_store, train
+from test_training import check_multimodal, make_store, train
 
 EMOTIONS = ["N", "H", "S", "A", "D", "C", "F", "U", "O", "X"]
 
@@ -477,14 +477,8 @@ def test_frame_heads_on_mini_podcast_multimodal_beats_each_modality(tmp_path, mi
                            ("frames+text", [stores["frames"], stores["text"]])):
         results[name], _ = train(tmp_path, mini_podcast, features, name=name, **options)
         scores[name] = results[name].metrics["ccc"]
-    table = "\n".join(f"{k:>12}: " + " ".join(f"{a[:3]} {v:.3f}" for a, v in s.items()) for k, s in scores.items())
     wall = time.perf_counter() - t0
-    print(f"\nmini-podcast Development CCC (extract {t_extract:.1f} s, total {wall:.1f} s)\n{table}")
-    both = scores["frames+text"]["mean"]
-    assert both > scores["frames"]["mean"] + 0.05 and both > scores["text"]["mean"] + 0.05, table
-    assert scores["frames"]["arousal"] > scores["text"]["arousal"], table
-    assert scores["text"]["valence"] > scores["frames"]["valence"], table
-    assert both > 0.4, table
+    check_multimodal(scores, "frames", "text", "frames+text", f"extract {t_extract:.1f} s, total {wall:.1f} s")
 
     # evaluate and ensemble take the frame run like any other.
     mm = results["frames+text"].run_dir

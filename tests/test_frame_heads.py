@@ -483,7 +483,7 @@ def test_frame_heads_on_mini_podcast_multimodal_beats_each_modality(tmp_path, mi
     # evaluate and ensemble take the frame run like any other.
     mm = results["frames+text"].run_dir
     scored = evaluate(mm, mini_podcast, "Development", out=tmp_path / "dev.json", device="cpu")
-    assert scored["ccc"]["mean"] == pytest.approx(both, abs=1e-5)
+    assert scored["ccc"]["mean"] == pytest.approx(scores["frames+text"]["mean"], abs=1e-5)
     test1 = [predict(results[k].run_dir, data=mini_podcast, splits=["Test1"], out=tmp_path / f"{k}.csv",
                      device="cpu") for k in ("frames+text", "text")]
     assert ensemble([t.out for t in test1], out=tmp_path / "e.csv", data=mini_podcast, split="Test1").rows == 98

@@ -1,8 +1,12 @@
+import csv
+import os
+import struct
+
 import numpy as np
 import pytest
 import soundfile as sf
+from factories import msp_corpus, tone, write_wav
 
-from factories import tone, write_wav
 from ser_cache import audio
 
 
@@ -88,3 +92,81 @@ def test_load_many_turns_each_failure_into_its_reason(tmp_path):
     assert np.array_equal(out[0][0], audio.load(good)) and out[0][1] is None
     assert out[1] == (None, "file not found")
     assert out[2][0] is None and out[2][1].startswith("too short (0.010 s")
+
+
+# --------------------------------------------------------------------------- damaged files
+
+
+def truncated_wav(path, seconds=1.0, keep=0.5, subtype="PCM_16"):
+    """A WAV whose header announces `seconds` of audio while the file holds only `keep` of its bytes."""
+    sf.write(str(path), tone(seconds), 16_000, subtype=subtype)
+    os.truncate(path, int(os.path.getsize(path) * keep))
+    return path
+
+
+@pytest.mark.parametrize("subtype", ["PCM_16", "FLOAT"])
+def test_truncated_wav_is_refused_naming_both_lengths(tmp_path, subtype):
+    p = truncated_wav(tmp_path / "cut.wav", subtype=subtype)
+    held = len(sf.read(str(p))[0])  # what soundfile does alone: fewer samples, no error
+    assert 7_900 < held < 8_000
+    message = f"truncated: header says 16000 samples, file holds {held}"
+    with pytest.raises(audio.AudioError, match=message) as e:
+        audio.load(p)
+    assert e.value.path.endswith("cut.wav")
+    with pytest.raises(audio.AudioError, match=message):
+        audio.load(p, max_seconds=0.1)  # even when the kept start is all there
+    with pytest.raises(audio.AudioError, match=message):
+        audio.info(p)
+    assert audio.load_many([str(p)])[0] == (None, message)
+
+
+def test_wav_of_unknown_length_from_a_stream_is_read_whole(tmp_path):
+    p = write_wav(tmp_path / "stream.wav", tone(1.0))
+    data = bytearray(p.read_bytes())
+    at = data.index(b"data")
+    data[at + 4:at + 8] = struct.pack("<I", 0xFFFFFFFF)  # what a writer that cannot seek leaves
+    p.write_bytes(bytes(data))
+    assert audio.wav_data_frames(p) is None
+    assert len(audio.load(p)) == 16_000
+
+
+def test_wav_with_a_chunk_after_the_data_is_not_truncated(tmp_path):
+    p = write_wav(tmp_path / "list.wav", tone(1.0))
+    with open(p, "ab") as f:
+        f.write(b"LIST" + struct.pack("<I", 4) + b"INFO")
+    assert audio.wav_data_frames(p) == (16_000, 16_000)
+    assert len(audio.load(p)) == 16_000
+
+
+def test_directory_symlink_loop_and_broken_symlink_say_what_they_are(tmp_path):
+    (tmp_path / "dir.wav").mkdir()
+    with pytest.raises(audio.AudioError, match="dir.wav: is a directory, not an audio file"):
+        audio.load(tmp_path / "dir.wav")
+    with pytest.raises(audio.AudioError, match="is a directory"):
+        audio.info(tmp_path / "dir.wav")
+    os.symlink(tmp_path / "loop_b.wav", tmp_path / "loop_a.wav")
+    os.symlink(tmp_path / "loop_a.wav", tmp_path / "loop_b.wav")
+    with pytest.raises(audio.AudioError, match="loop_a.wav: symlink loop"):
+        audio.load(tmp_path / "loop_a.wav")
+    with pytest.raises(audio.AudioError, match="symlink loop"):
+        audio.info(tmp_path / "loop_a.wav")
+    os.symlink(tmp_path / "gone.wav", tmp_path / "dangling.wav")
+    with pytest.raises(audio.AudioError, match=r"dangling.wav: broken symlink \(points to .*gone.wav, which does not exist\)"):
+        audio.load(tmp_path / "dangling.wav")
+    with pytest.raises(audio.AudioError, match="nope.wav: file not found"):
+        audio.info(tmp_path / "nope.wav")
+
+
+def test_truncated_wav_goes_to_the_extract_errors_report(models, tmp_path):
+    from ser_cache.extract import ExtractConfig, extract, report_path
+
+    data = msp_corpus(tmp_path / "c", n=4, unlabeled=0)
+    name = sorted(p.name for p in (data / "Audios").iterdir())[1]
+    os.truncate(data / "Audios" / name, os.path.getsize(data / "Audios" / name) // 2)
+    r = extract(ExtractConfig(model=str(models["whisper"]), data=data, out=tmp_path / "f", device="cpu", workers=0,
+                              progress=False))
+    assert r.failed == 1
+    with open(report_path(r.store), newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [row["id"] for row in rows] == [name]
+    assert rows[0]["reason"].startswith("truncated: header says ")

@@ -42,7 +42,7 @@ def make_frame_corpus(root: Path, n: int = 300, *, dim: int = 16, seed: int = 0)
               .astype(np.float32) for i, t in enumerate(lengths)]
     text = rng.standard_normal((n, 16)).astype(np.float32)
     w_t = rng.standard_normal(16)
-    arousal = 3.0 + 1.6 * np.abs(a) + 0.15 * rng.standard_normal(n)
+    arousal = np.clip(3.0 + 1.6 * np.abs(a) + 0.15 * rng.standard_normal(n), 1.0, 7.0)  # on the 1–7 scale
     valence = 4 + 2.2 * np.tanh(text @ w_t / 4) + 0.2 * rng.standard_normal(n)
     dominance = 3.5 + 0.8 * np.abs(a) + 0.6 * np.tanh(text[:, :4].sum(1) / 2) + 0.2 * rng.standard_normal(n)
     root.mkdir(parents=True, exist_ok=True)

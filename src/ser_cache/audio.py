@@ -6,6 +6,10 @@ so everything is brought there once, before batching.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,16 +42,17 @@ class AudioInfo:
 
 
 def info(path: str | Path) -> AudioInfo:
-    """Read the header of an audio file; raises AudioError when it is missing or unreadable."""
+    """Read the header of an audio file; raises AudioError when it is missing, unreadable or a
+    truncated WAV."""
     import soundfile as sf
 
     path = Path(path)
-    if not path.is_file():
-        raise AudioError(path, "file not found")
+    _check_file(path)
     try:
         i = sf.info(str(path))
     except Exception as exc:  # soundfile raises LibsndfileError / RuntimeError / TypeError
         raise AudioError(path, f"unreadable audio ({_one_line(exc)})") from None
+    _check_wav_length(path)
     return AudioInfo(sample_rate=int(i.samplerate), frames=int(i.frames), channels=int(i.channels))
 
 
@@ -60,8 +65,7 @@ def read(path: str | Path, *, max_seconds: float | None = None) -> tuple[np.ndar
     import soundfile as sf
 
     path = Path(path)
-    if not path.is_file():
-        raise AudioError(path, "file not found")
+    _check_file(path)
     try:
         with sf.SoundFile(str(path)) as f:
             sr = int(f.samplerate)
@@ -69,6 +73,10 @@ def read(path: str | Path, *, max_seconds: float | None = None) -> tuple[np.ndar
             data = f.read(frames=frames, dtype="float32", always_2d=True)
     except Exception as exc:
         raise AudioError(path, f"unreadable audio ({_one_line(exc)})") from None
+    # libsndfile shortens a WAV whose data chunk the file does not hold to what is there, without
+    # a word; the header is read here to notice. (A cut FLAC fails to decode by itself; MP3 and
+    # Ogg lengths are estimates or come from the last page present, so there is nothing to compare.)
+    _check_wav_length(path)
     return data, sr
 
 
@@ -105,8 +113,9 @@ def load(
 ) -> np.ndarray:
     """Decode, mix to mono, resample and crop: the waveform every audio encoder gets.
 
-    Raises AudioError for a missing, unreadable, empty or non-finite file, so that no bad
-    waveform reaches an encoder and no NaN row reaches a store.
+    Raises AudioError for a missing, unreadable, truncated, empty or non-finite file (and for a
+    directory or a symlink loop given as a file), so that no bad waveform reaches an encoder and
+    no NaN row reaches a store.
     """
     data, sr = read(path, max_seconds=max_seconds)
     if data.shape[0] == 0:
@@ -141,6 +150,76 @@ def load_many(paths: list[str], *, max_seconds: float | None = DEFAULT_MAX_SECON
         else:
             out.append((x, None))
     return out
+
+
+def _check_file(path: Path) -> None:
+    """Raise AudioError saying why `path` is not a readable regular file (missing, a directory,
+    a symlink loop, a broken symlink, no permission)."""
+    try:
+        st = os.stat(path)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise AudioError(path, "symlink loop (the link points back to itself)") from None
+        if exc.errno == errno.ENOENT and os.path.islink(path):
+            raise AudioError(path, f"broken symlink (points to {os.readlink(path)}, which does not exist)") from None
+        if exc.errno == errno.ENOENT:
+            raise AudioError(path, "file not found") from None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise AudioError(path, "permission denied") from None
+        raise AudioError(path, f"cannot open ({exc.strerror or exc})") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise AudioError(path, "is a directory, not an audio file")
+    if not stat.S_ISREG(st.st_mode):
+        raise AudioError(path, "not a regular file (a device, a pipe or a socket)")
+    if not os.access(path, os.R_OK):
+        raise AudioError(path, "permission denied")
+
+
+_WAV_UNKNOWN_SIZES = (0, 0xFFFFFFFF)  # what streaming writers put in a data chunk of unknown length
+_WAV_MAX_CHUNKS = 64  # a header with more chunks than this before `data` is not worth walking
+
+
+def wav_data_frames(path: str | Path) -> tuple[int, int] | None:
+    """For a RIFF/RIFX WAVE file: (frames its data chunk declares, frames the file holds).
+
+    None when the file is not such a WAV, when the declared size is the "unknown" marker of a
+    streamed file, or when the header cannot be walked (libsndfile then reports the file itself).
+    """
+    try:
+        with open(path, "rb") as f:
+            head = f.read(12)
+            if len(head) < 12 or head[:4] not in (b"RIFF", b"RIFX") or head[8:12] != b"WAVE":
+                return None
+            order = "<" if head[:4] == b"RIFF" else ">"
+            file_size = os.fstat(f.fileno()).st_size
+            block_align = 0
+            for _ in range(_WAV_MAX_CHUNKS):
+                chunk = f.read(8)
+                if len(chunk) < 8:
+                    return None
+                cid, size = chunk[:4], struct.unpack(order + "I", chunk[4:])[0]
+                if cid == b"fmt ":
+                    fmt = f.read(min(size, 16))
+                    if len(fmt) < 14:
+                        return None
+                    block_align = struct.unpack(order + "H", fmt[12:14])[0]
+                    f.seek(size - len(fmt) + (size & 1), os.SEEK_CUR)
+                elif cid == b"data":
+                    if not block_align or size in _WAV_UNKNOWN_SIZES:
+                        return None
+                    held = max(file_size - f.tell(), 0)
+                    return size // block_align, min(size, held) // block_align
+                else:
+                    f.seek(size + (size & 1), os.SEEK_CUR)
+    except (OSError, struct.error):
+        return None
+    return None
+
+
+def _check_wav_length(path: Path) -> None:
+    sizes = wav_data_frames(path)
+    if sizes is not None and sizes[1] < sizes[0]:
+        raise AudioError(path, f"truncated: header says {sizes[0]} samples, file holds {sizes[1]}")
 
 
 def _one_line(exc: BaseException) -> str:

@@ -8,12 +8,15 @@ MSP-Podcast the FileName (`MSP-PODCAST_0002_0033.wav`).
 from __future__ import annotations
 
 import csv
+import io
 import logging
 import math
 import os
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import Literal
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +59,19 @@ MANIFEST_COLUMNS = (
     "text",
 )
 _UNKNOWN = {"", "unknown", "none", "nan", "na", "n/a"}
+MSP_REQUIRED = ("FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "Split_Set")  # SpkrID, Gender may be absent
+
+# The scale of the dimensional labels. MSP-Podcast rates arousal, valence and dominance on 1-7,
+# and so does everything ser-cache writes (submissions are checked against it), so a manifest is
+# held to it too unless its first line declares another (`# label_scale: 0 1`, or `none`): a
+# label of 70 or 0 is far more often a typo or a wrong column than a corpus on another scale.
+DEFAULT_SCALE = (1.0, 7.0)
+_SCALE_LINE = re.compile(r"#\s*label_scale\s*[:=]\s*(?P<value>.*?)\s*$", re.IGNORECASE)
+_SCALE_VALUE = re.compile(r"(?P<lo>[-+]?[0-9.]+(?:e[-+]?\d+)?)\s*(?:,|\.\.|to|-|\u2013|\s)\s*(?P<hi>[-+]?[0-9.]+(?:e[-+]?\d+)?)",
+                          re.IGNORECASE)
+OutOfScale = Literal["error", "exclude"]
+_EXCLUDED_SHOWN = 5  # excluded rows named in the log line
+_SKIPPED_SHOWN = 10  # skipped file names named in the log line
 
 
 class CorpusError(Exception):
@@ -108,16 +124,30 @@ class Utterance:
         return replace(self, text=text)
 
 
-def load_corpus(data: str | Path, splits: Sequence[str] | None = None) -> list[Utterance]:
+def load_corpus(
+    data: str | Path,
+    splits: Sequence[str] | None = None,
+    *,
+    label_scale: tuple[float, float] | Literal["none"] | None = None,
+    out_of_scale: OutOfScale = "error",
+) -> list[Utterance]:
     """Read a corpus: a directory in the MSP-Podcast layout or a CSV manifest; optionally keep splits.
 
     Utterances come back sorted by id, so that every run sees the same order.
+
+    `label_scale` is the (low, high) range every arousal/valence/dominance label must lie in, or
+    "none" for no check; None means the corpus's own: 1-7 for MSP-Podcast, for a manifest the
+    scale its first line declares, else 1-7. A label outside it is an error naming the file, line
+    and column; with `out_of_scale="exclude"` such rows are left out instead and a warning counts
+    them and names the first few.
     """
     data = Path(data)
+    if out_of_scale not in ("error", "exclude"):
+        raise CorpusError(f"out_of_scale={out_of_scale!r}: expected 'error' or 'exclude'")
     if data.is_dir():
-        utts = read_msp_podcast(data)
+        utts = read_msp_podcast(data, label_scale=label_scale, out_of_scale=out_of_scale)
     elif data.is_file():
-        utts = read_manifest(data)
+        utts = read_manifest(data, label_scale=label_scale, out_of_scale=out_of_scale)
     else:
         raise CorpusError(f"--data {data}: no such directory or manifest file")
     utts.sort(key=lambda u: u.id)
@@ -141,8 +171,16 @@ def select_splits(utts: Iterable[Utterance], splits: Sequence[str], *, source: P
     return [u for u in utts if u.split in wanted]
 
 
-def read_msp_podcast(root: Path) -> list[Utterance]:
-    """Read the MSP-Podcast v1.12 layout: Audios/, Labels/labels_consensus.csv, Transcripts/."""
+def read_msp_podcast(
+    root: Path,
+    *,
+    label_scale: tuple[float, float] | Literal["none"] | None = None,
+    out_of_scale: OutOfScale = "error",
+) -> list[Utterance]:
+    """Read the MSP-Podcast v1.12 layout: Audios/, Labels/labels_consensus.csv, Transcripts/.
+
+    Labels must lie on `label_scale` (default 1-7); see `load_corpus`.
+    """
     root = Path(root)
     audio_dir = root / "Audios"
     label_file = root / MSP_LABEL_FILE
@@ -152,37 +190,55 @@ def read_msp_podcast(root: Path) -> list[Utterance]:
             f"{root}: not an MSP-Podcast layout (expected Audios/ and {MSP_LABEL_FILE}); "
             "for other corpora pass a CSV manifest with --data (see docs/corpora.md)"
         )
-    audio_files = _scan_audio(audio_dir) if audio_dir.is_dir() else {}
+    if not audio_dir.is_dir():
+        raise CorpusError(f"{root}: no Audios/ folder; the MSP-Podcast layout keeps the audio of every "
+                          f"turn that {MSP_LABEL_FILE} lists in {audio_dir}")
+    audio_files = _scan_audio(audio_dir)
+    if not audio_files:
+        raise CorpusError(f"{audio_dir}: no audio files ({', '.join(AUDIO_SUFFIXES)}); the MSP-Podcast layout "
+                          "keeps the audio of every turn there")
+    scale = DEFAULT_SCALE if label_scale is None else _scale_option(label_scale)
     utts: list[Utterance] = []
     seen: set[str] = set()
+    excluded: list[str] = []
     if label_file.is_file():
-        with open(label_file, newline="", encoding=CSV_ENCODING) as f:
-            reader = csv.DictReader(f)
-            missing = [c for c in ("FileName", "Split_Set") if c not in (reader.fieldnames or [])]
-            if missing:
-                raise CorpusError(f"{label_file}: missing column(s) {', '.join(missing)}; expected {', '.join(MSP_COLUMNS)}")
-            for lineno, row in enumerate(reader, start=2):
-                name = (row.get("FileName") or "").strip()
-                if not name:
-                    raise CorpusError(f"{label_file}, line {lineno}: empty FileName")
-                if name in seen:
-                    raise CorpusError(f"{label_file}, line {lineno}: FileName {name} is listed twice")
-                seen.add(name)
-                stem = Path(name).stem
-                utts.append(
-                    Utterance(
-                        id=name,
-                        path=audio_dir / name,
-                        split=(row.get("Split_Set") or "").strip() or None,
-                        emotion=_code(row.get("EmoClass")),
-                        arousal=_float(row.get("EmoAct"), label_file, lineno, "EmoAct"),
-                        valence=_float(row.get("EmoVal"), label_file, lineno, "EmoVal"),
-                        dominance=_float(row.get("EmoDom"), label_file, lineno, "EmoDom"),
-                        speaker=_known(row.get("SpkrID")),
-                        gender=_known(row.get("Gender")),
-                        transcript=transcript_dir / f"{stem}.txt",
-                    )
+        text = _read_utf8(label_file)
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        fields = _header(reader, label_file)
+        missing = [c for c in MSP_REQUIRED if c not in fields]
+        if missing:
+            raise CorpusError(f"{label_file}: missing column(s) {', '.join(missing)}; found {', '.join(fields) or 'no header'}; "
+                              f"expected {', '.join(MSP_COLUMNS)}")
+        for lineno, row in _rows(reader, label_file):
+            name = (row.get("FileName") or "").strip()
+            if not name:
+                raise CorpusError(f"{label_file}, line {lineno}: empty FileName")
+            if name in seen:
+                raise CorpusError(f"{label_file}, line {lineno}: FileName {name} is listed twice")
+            seen.add(name)  # an excluded row's audio must not come back as an unlisted file
+            avd = [_label(row.get(c), label_file, lineno, c, nan_is_missing=False) for c in ("EmoAct", "EmoVal", "EmoDom")]
+            bad = _outside(row, ("EmoAct", "EmoVal", "EmoDom"), avd, scale)
+            if bad:
+                if out_of_scale == "error":
+                    raise CorpusError(f"{label_file}, line {lineno}: {bad} is outside the scale {_fmt_scale(scale)}")
+                excluded.append(f"line {lineno} ({name}: {bad})")
+                continue
+            stem = Path(name).stem
+            utts.append(
+                Utterance(
+                    id=name,
+                    path=audio_dir / name,
+                    split=(row.get("Split_Set") or "").strip() or None,
+                    emotion=_code(row.get("EmoClass")),
+                    arousal=avd[0],
+                    valence=avd[1],
+                    dominance=avd[2],
+                    speaker=_known(row.get("SpkrID")),
+                    gender=_known(row.get("Gender")),
+                    transcript=transcript_dir / f"{stem}.txt",
                 )
+            )
+        _log_excluded(label_file, excluded, scale)
     unlisted = {TEST3_SPLIT: 0, UNLISTED_SPLIT: 0}
     for name, path in audio_files.items():
         if name not in seen:
@@ -202,58 +258,201 @@ def unlisted_split(file_name: str) -> str:
     return TEST3_SPLIT if TEST3_MARK in file_name.lower() else UNLISTED_SPLIT
 
 
-def read_manifest(path: Path) -> list[Utterance]:
+def read_manifest(
+    path: Path,
+    *,
+    label_scale: tuple[float, float] | Literal["none"] | None = None,
+    out_of_scale: OutOfScale = "error",
+) -> list[Utterance]:
     """Read a generic CSV manifest (columns in MANIFEST_COLUMNS; only `path` is required).
 
     Relative audio paths are relative to the manifest's directory; `id` defaults to the file name.
+    The file must be UTF-8. Its first line may declare the label scale (`# label_scale: 1 5`, or
+    `# label_scale: none`); without it labels are checked against 1-7. An explicit `label_scale`
+    wins over the declaration; see `load_corpus`.
     """
     path = Path(path)
     base = path.parent
     utts: list[Utterance] = []
     seen: dict[str, int] = {}
-    with open(path, newline="", encoding=CSV_ENCODING) as f:
-        reader = csv.DictReader(f)
-        fields = reader.fieldnames or []
-        if "path" not in fields:
-            raise CorpusError(
-                f"{path}: a manifest needs a 'path' column; found {', '.join(fields) or 'no header'}; "
-                f"recognised columns: {', '.join(MANIFEST_COLUMNS)}"
+    excluded: list[str] = []
+    text = _read_utf8(path)
+    first, _, rest = text.partition("\n")
+    declared = _SCALE_LINE.fullmatch(first.strip().rstrip(",").strip().strip('"'))  # Excel may quote it or pad it with commas
+    first_row = 2
+    if declared:
+        text, first_row = rest, 3
+    if label_scale is not None:
+        scale = _scale_option(label_scale)
+    elif declared:
+        scale = _parse_scale(declared["value"], f"{path}, line 1")
+    else:
+        scale = DEFAULT_SCALE
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    fields = _header(reader, path, first_row - 1)
+    if "path" not in fields:
+        raise CorpusError(
+            f"{path}: a manifest needs a 'path' column; found {', '.join(fields) or 'no header'}; "
+            f"recognised columns: {', '.join(MANIFEST_COLUMNS)}"
+        )
+    for lineno, row in _rows(reader, path, first_row):
+        p = (row.get("path") or "").strip()
+        if not p:
+            raise CorpusError(f"{path}, line {lineno}: empty path")
+        audio = Path(p) if os.path.isabs(p) else base / p
+        uid = (row.get("id") or "").strip() or Path(p).name
+        if uid in seen:
+            raise CorpusError(f"{path}, line {lineno}: id {uid} already used on line {seen[uid]}")
+        seen[uid] = lineno
+        avd = [_label(row.get(c), path, lineno, c, nan_is_missing=True) for c in ("arousal", "valence", "dominance")]
+        bad = _outside(row, ("arousal", "valence", "dominance"), avd, scale)
+        if bad:
+            if out_of_scale == "error":
+                raise CorpusError(f"{path}, line {lineno}: {bad} is outside the scale {_fmt_scale(scale)}; "
+                                  "a manifest on another scale declares it on its first line: # label_scale: LOW HIGH")
+            excluded.append(f"line {lineno} ({uid}: {bad})")
+            continue
+        text_cell = row.get("text")
+        utts.append(
+            Utterance(
+                id=uid,
+                path=audio,
+                split=(row.get("split") or "").strip() or None,
+                emotion=_code(row.get("emotion")),
+                arousal=avd[0],
+                valence=avd[1],
+                dominance=avd[2],
+                speaker=_known(row.get("speaker")),
+                gender=_known(row.get("gender")),
+                text=text_cell.strip() if text_cell is not None and text_cell.strip() else None,
+                transcript=audio.with_suffix(".txt"),
             )
-        for lineno, row in enumerate(reader, start=2):
-            p = (row.get("path") or "").strip()
-            if not p:
-                raise CorpusError(f"{path}, line {lineno}: empty path")
-            audio = Path(p) if os.path.isabs(p) else base / p
-            uid = (row.get("id") or "").strip() or Path(p).name
-            if uid in seen:
-                raise CorpusError(f"{path}, line {lineno}: id {uid} already used on line {seen[uid]}")
-            seen[uid] = lineno
-            text = row.get("text")
-            utts.append(
-                Utterance(
-                    id=uid,
-                    path=audio,
-                    split=(row.get("split") or "").strip() or None,
-                    emotion=_code(row.get("emotion")),
-                    arousal=_float(row.get("arousal"), path, lineno, "arousal"),
-                    valence=_float(row.get("valence"), path, lineno, "valence"),
-                    dominance=_float(row.get("dominance"), path, lineno, "dominance"),
-                    speaker=_known(row.get("speaker")),
-                    gender=_known(row.get("gender")),
-                    text=text.strip() if text is not None and text.strip() else None,
-                    transcript=audio.with_suffix(".txt"),
-                )
-            )
+        )
+    _log_excluded(path, excluded, scale)
     return utts
 
 
 def _scan_audio(audio_dir: Path) -> dict[str, Path]:
+    """The audio files of `audio_dir` by name. A name that is not valid UTF-8 (Python hands it over
+    with surrogate escapes) is skipped with a warning: such an id could be written nowhere (stores,
+    CSV files), and one badly named file should not stop a 100k-file corpus."""
     out = {}
+    skipped: list[str] = []
     with os.scandir(audio_dir) as it:
         for entry in it:
-            if entry.name.lower().endswith(AUDIO_SUFFIXES) and entry.is_file():
-                out[entry.name] = Path(entry.path)
+            if not (entry.name.lower().endswith(AUDIO_SUFFIXES) and entry.is_file()):
+                continue
+            if not _is_utf8(entry.name):
+                skipped.append(repr(os.fsencode(entry.name)))
+                continue
+            out[entry.name] = Path(entry.path)
+    if skipped:
+        skipped.sort()
+        more = f" and {len(skipped) - _SKIPPED_SHOWN} more" if len(skipped) > _SKIPPED_SHOWN else ""
+        log.warning("%s: skipped %d audio file(s) whose names are not valid UTF-8; rename them to use them: %s%s",
+                    audio_dir, len(skipped), ", ".join(skipped[:_SKIPPED_SHOWN]), more)
     return out
+
+
+def _is_utf8(name: str) -> bool:
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _read_utf8(path: Path) -> str:
+    """The text of a CSV file that must be UTF-8 (a byte-order mark is dropped); anything else is
+    one CorpusError naming the line and byte offset of the first bad byte."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise CorpusError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        return raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = bom + exc.start
+        line = raw.count(b"\n", 0, at) + 1
+        raise CorpusError(f"{path}, line {line} (byte offset {at}): byte 0x{raw[at]:02x} is not UTF-8; the file "
+                          "must be UTF-8 (re-save it as UTF-8, e.g. iconv -f latin1 -t utf-8)") from None
+
+
+def _header(reader: csv.DictReader, file: Path, lineno: int = 1) -> list[str]:
+    """The header's column names, stripped of surrounding spaces (`EmoAct ` is `EmoAct`)."""
+    try:
+        fields = reader.fieldnames or []
+    except csv.Error as exc:
+        raise CorpusError(f"{file}, line {lineno}: not a readable CSV header ({exc})") from None
+    reader.fieldnames = [f.strip() for f in fields]
+    return reader.fieldnames
+
+
+def _rows(reader: csv.DictReader, file: Path, first: int = 2):
+    """(line number, row) pairs; a row the csv module cannot parse (an unclosed quote that runs
+    past the field size limit) is a CorpusError naming the line."""
+    offset = first - 2  # reader.line_num counts the lines the reader itself has seen
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as exc:
+            raise CorpusError(f"{file}, line {reader.line_num + offset}: not readable as CSV ({exc})") from None
+        # line_num is the row's last line; a quoted field (a transcript) may span several.
+        spanned = sum(v.count("\n") for v in row.values() if isinstance(v, str))
+        yield reader.line_num - spanned + offset, row
+
+
+def _scale_option(value: tuple[float, float] | str) -> tuple[float, float] | None:
+    if isinstance(value, str):
+        return _parse_scale(value, "label_scale")
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        raise CorpusError(f"label_scale={value!r}: expected (low, high) or 'none'") from None
+    if not lo < hi:
+        raise CorpusError(f"label_scale={value!r}: expected low < high")
+    return lo, hi
+
+
+def _parse_scale(text: str, where: str) -> tuple[float, float] | None:
+    """`1 7`, `1,7`, `1-7`, `1..7`, `1 to 7` -> (1.0, 7.0); `none` -> None (no check)."""
+    if text.strip().lower() == "none":
+        return None
+    m = _SCALE_VALUE.fullmatch(text.strip())
+    try:
+        lo, hi = (float(m["lo"]), float(m["hi"])) if m else (math.nan, math.nan)
+    except ValueError:
+        lo = hi = math.nan
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo < hi):
+        raise CorpusError(f"{where}: label_scale {text!r}: expected two numbers LOW HIGH with LOW < HIGH "
+                          "(e.g. '# label_scale: 1 5'), or 'none'")
+    return lo, hi
+
+
+def _outside(row: dict, columns: Sequence[str], values: Sequence[float | None],
+             scale: tuple[float, float] | None) -> str | None:
+    """`EmoAct 70` for the first label outside `scale`, else None."""
+    if scale is None:
+        return None
+    lo, hi = scale
+    for column, x in zip(columns, values):
+        if x is not None and not lo <= x <= hi:
+            return f"{column} {(row.get(column) or '').strip()}"
+    return None
+
+
+def _fmt_scale(scale: tuple[float, float] | None) -> str:
+    return "none" if scale is None else "\u2013".join(f"{v:g}" for v in scale)
+
+
+def _log_excluded(file: Path, excluded: list[str], scale: tuple[float, float] | None) -> None:
+    if excluded:
+        more = f"; and {len(excluded) - _EXCLUDED_SHOWN} more" if len(excluded) > _EXCLUDED_SHOWN else ""
+        log.warning("%s: excluded %d row(s) with labels outside the scale %s: %s%s", file, len(excluded),
+                    _fmt_scale(scale), "; ".join(excluded[:_EXCLUDED_SHOWN]), more)
 
 
 def _known(value: str | None) -> str | None:
@@ -268,7 +467,13 @@ def _code(value: str | None) -> str | None:
     return None if v is None else v.upper() if len(v) == 1 else v
 
 
-def _float(value: str | None, file: Path, lineno: int, column: str) -> float | None:
+def _label(value: str | None, file: Path, lineno: int, column: str, *, nan_is_missing: bool) -> float | None:
+    """A numeric label, or None when the cell says it is missing (empty, `Unknown`, and in a manifest
+    `NaN`, as pandas writes a missing value). Text, infinity, and a NaN where it cannot mean
+    "missing" are errors naming the file, line and column."""
+    if value is not None and not nan_is_missing and value.strip().lower() == "nan":
+        raise CorpusError(f"{file}, line {lineno}: column {column} is {value!r}, expected a number "
+                          "(leave the cell empty for a missing label)")
     v = _known(value)
     if v is None:
         return None
@@ -276,4 +481,8 @@ def _float(value: str | None, file: Path, lineno: int, column: str) -> float | N
         x = float(v)
     except ValueError:
         raise CorpusError(f"{file}, line {lineno}: column {column} is {value!r}, expected a number") from None
-    return None if math.isnan(x) else x
+    if math.isnan(x) and nan_is_missing:
+        return None
+    if not math.isfinite(x):
+        raise CorpusError(f"{file}, line {lineno}: column {column} is {value!r}, expected a finite number")
+    return x

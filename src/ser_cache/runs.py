@@ -194,14 +194,58 @@ def read_config(run_dir: str | Path) -> dict:
         raise RunError(f"{run_dir}: not a run directory (no {CONFIG}); train one with `ser-cache train-heads`")
     try:
         config = json.loads(cfg_path.read_text())
-    except ValueError as exc:
+    except (ValueError, OSError) as exc:
         raise RunError(f"{cfg_path}: not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise RunError(f"{cfg_path}: expected a JSON object, found {type(config).__name__}")
     if config.get("format") != RUN_FORMAT:
         raise RunError(f"{cfg_path}: not a ser-cache run config (format={config.get('format')!r})")
-    if int(config.get("format_version", 0)) > RUN_FORMAT_VERSION:
+    try:
+        version = int(config.get("format_version", 0))
+    except (TypeError, ValueError):
+        raise RunError(f"{cfg_path}: \"format_version\" must be a whole number, found "
+                       f"{config.get('format_version')!r}") from None
+    if version > RUN_FORMAT_VERSION:
         raise RunError(f"{cfg_path}: run format version {config.get('format_version')} is newer than this "
                        f"ser-cache understands ({RUN_FORMAT_VERSION}); upgrade ser-cache")
+    _check_config_types(cfg_path, config)
     return config
+
+
+# What the readers of config.json take each entry to be, when present: a hand-edited value of
+# another type must be refused here, naming the file, not fail as a TypeError deep in a reader.
+CONFIG_TYPES: dict[str, tuple[type, ...]] = {
+    "heads": (dict,),
+    "train": (dict,),
+    "inputs": (list,),
+    "frame_inputs": (dict, type(None)),
+    "gender_labels": (list, type(None)),
+    "speakers": (list, dict, type(None)),
+    "wavlm": (dict,),
+}
+
+
+def _check_config_types(cfg_path: Path, config: dict) -> None:
+    names = {dict: "an object", list: "a list", type(None): "null"}
+    for key, types in CONFIG_TYPES.items():
+        if key in config and not isinstance(config[key], types):
+            expected = " or ".join(names[t] for t in types)
+            raise RunError(f"{cfg_path}: \"{key}\" must be {expected}, found {config[key]!r:.60}; "
+                           "the file was edited or damaged: restore it, or train the run again")
+    if isinstance(config.get("inputs"), list) and not all(isinstance(i, dict) for i in config["inputs"]):
+        raise RunError(f"{cfg_path}: every entry of \"inputs\" must be an object; the file was edited or damaged")
+
+
+def read_weights(weights: Path) -> dict:
+    """The tensors of a run's model.safetensors; a RunError naming the file when it is truncated or damaged."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as exc:
+        raise RunError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                       "it is truncated or damaged: copy it again from where the run was trained, or train the run again") from None
 
 
 def load_run(run_dir: str | Path, *, device: str = "cpu"):
@@ -212,7 +256,6 @@ def load_run(run_dir: str | Path, *, device: str = "cpu"):
     "heads.*" weights load as they always did. `model.heads` is the MultitaskHeads.
     """
     import torch
-    from safetensors.torch import load_file
 
     from ser_cache.model import FeatureModel
 
@@ -221,8 +264,16 @@ def load_run(run_dir: str | Path, *, device: str = "cpu"):
     weights = run_dir / WEIGHTS
     if not weights.is_file():
         raise RunError(f"{run_dir}: {WEIGHTS} is missing; the run is incomplete")
-    model = FeatureModel.from_config(config["heads"], config.get("frame_inputs") or {})
-    tensors = load_file(str(weights))
+    if "heads" not in config:
+        raise RunError(f"{run_dir / CONFIG}: no \"heads\" entry; the file was edited or damaged: restore it, "
+                       "or train the run again")
+    try:
+        model = FeatureModel.from_config(config["heads"], config.get("frame_inputs") or {})
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise RunError(f"{run_dir / CONFIG}: \"heads\" or \"frame_inputs\" do not describe a model "
+                       f"({type(exc).__name__}: {exc}); the file was edited or damaged: restore it, "
+                       "or train the run again") from None
+    tensors = read_weights(weights)
     state = {k: v for k, v in tensors.items() if k.startswith(("heads.", "pools."))}
     try:
         model.load_state_dict(state, strict=True)

@@ -21,13 +21,21 @@ also slow. So every write here covers complete chunks, and the extraction loop b
 until the chunks they fall in are complete. Zarr's local store writes each chunk to a temporary
 file and renames it, so a killed process leaves either the old or the new chunk, never half.
 Features are written before the flags, so a crash between the two only costs a recomputation.
+
+Why checksums and `verify`: Zarr reads a chunk that is not on disk as its fill value, so a deleted
+features chunk would read as rows of zeros that the flags still call written. New stores end every
+chunk with a crc32c checksum (Zarr v3's `crc32c` codec), readers check that every chunk holding a
+written row is on disk (`verify(deep=False)`, a directory listing), and every read error names the
+store, the array and the chunk (`StoreError`). `verify(deep=True)` decodes every chunk.
 """
 
 from __future__ import annotations
 
 import errno
 import hashlib
+import itertools
 import json
+import logging
 import os
 import shutil
 import socket
@@ -44,6 +52,10 @@ FORMAT = "ser-cache-features"
 FORMAT_VERSION = 1
 STORE_DTYPE = "float16"
 TARGET_CHUNK_BYTES = 4 << 20  # ~4 MiB of features per chunk: large sequential writes, cheap resume
+ROW_ARRAYS = ("ids", "features", "written", "failed")  # every store has them, one row per utterance
+LOCK_RETRY_SECONDS = 0.5  # a reader checking the lock holds it for microseconds; a writer waits that out
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(Exception):
@@ -70,6 +82,69 @@ def ids_digest(ids: Sequence[str]) -> str:
         h.update(i.encode())
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def _codecs() -> dict:
+    """Zstd (Zarr's default) then a crc32c checksum of every chunk: garbage in a chunk file is an error, not data."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return {"compressors": [ZstdCodec(level=0, checksum=False), Crc32cCodec()]}
+
+
+@dataclass(frozen=True)
+class ChunkProblem:
+    """One chunk of one array that fails `FeatureStore.verify`: missing on disk, or unreadable."""
+
+    array: str
+    chunk: int  # index along the rows, in that array's own chunking (ids has its own)
+    first: int  # first and last row affected
+    last: int
+    key: str  # the chunk's key inside the store: its file, relative to the store folder
+    missing: bool  # True: not on disk; False: on disk but cannot be read (reason says why)
+    reason: str = ""
+
+    def __str__(self) -> str:
+        if self.missing:
+            what = "rows" if self.array == "ids" else "written rows"
+            return f"{what} {self.first}–{self.last} have no {self.array} chunk on disk (chunk {self.chunk}, {self.key})"
+        return f"{self.array} chunk {self.chunk} (rows {self.first}–{self.last}, {self.key}) {self.reason}"
+
+
+def repair_advice(problems: Sequence[ChunkProblem]) -> str:
+    """What to do about `problems`: extract recomputes missing chunks; ids only a rebuild restores."""
+    if any(p.array == "ids" for p in problems):
+        return ("ids are written when the store is created, so extract cannot recompute them: "
+                "rebuild the store with `ser-cache extract --overwrite`")
+    if all(p.missing for p in problems):
+        return "run `ser-cache extract` with the same options again to recompute them"
+    return ("delete the damaged chunk file(s) and run `ser-cache extract` with the same options again to "
+            "recompute them, or rebuild the store with `ser-cache extract --overwrite`")
+
+
+def writer_of(store_path: str | Path) -> str | None:
+    """Who holds the store's extraction lock (StoreLock), or None when nobody does.
+
+    Tries a shared lock on `<store>.lock` without waiting and releases it at once: it is refused
+    exactly while an extraction holds its exclusive lock.
+    """
+    import fcntl
+
+    lock = Path(str(store_path) + ".lock")
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except OSError:
+        return None  # no lock file: never extracted here, or removed with the store
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                return os.read(fd, 200).decode(errors="replace").strip() or "unknown holder"
+            raise
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 def chunk_rows_for(feature_shape: tuple[int, ...], n_rows: int) -> int:
@@ -112,6 +187,8 @@ class FeatureStore:
         n = len(ids)
         if n == 0:
             raise StoreError(f"{path}: no utterances to store")
+        if any(not str(i) for i in ids):  # an empty id is how a lost ids chunk reads (`ids`)
+            raise StoreError(f"{path}: every utterance needs a non-empty id")
         rows = chunk_rows or chunk_rows_for(feature_shape, n)
         tmp = path.with_name(f".{path.name}.creating-{os.getpid()}")
         if tmp.exists():
@@ -120,30 +197,72 @@ class FeatureStore:
         g = zarr.open_group(str(tmp), mode="w")
         g.attrs.update({**attrs, "format": FORMAT, "format_version": FORMAT_VERSION, "dtype": STORE_DTYPE,
                         "n_rows": n, "feature_shape": list(feature_shape), "chunk_rows": rows})
-        id_arr = g.create_array("ids", shape=(n,), dtype=str, chunks=(min(n, 65536),))
+        id_arr = g.create_array("ids", shape=(n,), dtype=str, chunks=(min(n, 65536),), **_codecs())
         id_arr[:] = np.asarray(list(ids), dtype=str)
         g.create_array("features", shape=(n, *feature_shape), dtype=STORE_DTYPE,
-                       chunks=(rows, *feature_shape), fill_value=0)
+                       chunks=(rows, *feature_shape), fill_value=0, **_codecs())
         for flag in ("written", "failed"):
-            g.create_array(flag, shape=(n,), dtype=bool, chunks=(rows,), fill_value=False)
+            g.create_array(flag, shape=(n,), dtype=bool, chunks=(rows,), fill_value=False, **_codecs())
         if frames:
             if len(feature_shape) != 2:
                 raise StoreError(f"{path}: a frame store needs a (frames, dim) feature shape, got {feature_shape}")
-            g.create_array("frames", shape=(n,), dtype="int32", chunks=(rows,), fill_value=0)
+            g.create_array("frames", shape=(n,), dtype="int32", chunks=(rows,), fill_value=0, **_codecs())
         os.replace(tmp, path)
         return cls.open(path, mode="r+")
 
     @classmethod
-    def open(cls, path: str | Path, mode: str = "r") -> FeatureStore:
-        import zarr
+    def open(cls, path: str | Path, mode: str = "r", *, check: bool = True) -> FeatureStore:
+        """Open a store; `check` (the default) also refuses arrays whose shapes disagree (`check_shapes`)."""
+        store = cls(path=Path(path), group=_open_group(Path(path), mode))
+        if check:
+            store.check_shapes()
+        return store
 
-        path = Path(path)
-        if not (path / "zarr.json").is_file():
-            raise StoreError(f"{path}: not a feature store (no zarr.json); create it with `ser-cache extract`")
-        g = zarr.open_group(str(path), mode=mode)
-        if g.attrs.get("format") != FORMAT:
-            raise StoreError(f"{path}: a Zarr group, but not a ser-cache feature store (attribute format={g.attrs.get('format')!r})")
-        return cls(path=path, group=g)
+    def check_shapes(self) -> None:
+        """Every array present, one row per utterance in each, features shaped as the attributes say.
+
+        A hand-edited or damaged zarr.json would otherwise surface as an IndexError deep in a reader.
+        """
+        rebuild = "restore the array's zarr.json, or rebuild the store with `ser-cache extract --overwrite`"
+        shapes = {}
+        for name in (*ROW_ARRAYS, *(("frames",) if "frames" in self._member_names() else ())):
+            shapes[name] = tuple(self._array(name).shape)
+        n = shapes["ids"][0] if shapes["ids"] else 0
+        for name, shape in shapes.items():
+            if not shape or shape[0] != n:
+                raise StoreError(f"{self.path}: array '{name}' has shape {shape}, but 'ids' has {n} rows; "
+                                 f"every array needs one row per utterance; {rebuild}")
+        attrs = self.group.attrs
+        expected = attrs.get("feature_shape")
+        if expected is not None and tuple(shapes["features"][1:]) != tuple(expected):
+            raise StoreError(f"{self.path}: array 'features' has rows of shape {shapes['features'][1:]}, but the store's "
+                             f"attribute feature_shape is {tuple(expected)}; {rebuild}")
+        if attrs.get("n_rows") is not None and int(attrs["n_rows"]) != n:
+            raise StoreError(f"{self.path}: the arrays have {n} rows, but the store's attribute n_rows is "
+                             f"{attrs['n_rows']}; {rebuild}")
+        rows = self._array("features").chunks[0]
+        for name in shapes:
+            if name != "ids" and self._array(name).chunks[0] != rows:
+                raise StoreError(f"{self.path}: array '{name}' is chunked by {self._array(name).chunks[0]} rows, "
+                                 f"'features' by {rows}; {rebuild}")
+
+    def _member_names(self) -> set[str]:
+        try:
+            return set(self.group.array_keys())
+        except Exception as exc:  # noqa: BLE001 - a damaged member's metadata: name the store
+            raise StoreError(f"{self.path}: the arrays' metadata cannot be read ({_short(exc)}); "
+                             "rebuild the store with `ser-cache extract --overwrite`") from None
+
+    def _array(self, name: str):
+        """The Zarr array `name`, or a StoreError naming it when it is missing or its zarr.json is damaged."""
+        try:
+            return self.group[name]
+        except KeyError:
+            raise StoreError(f"{self.path}: array '{name}' is missing (no {name}/zarr.json); "
+                             "rebuild the store with `ser-cache extract --overwrite`") from None
+        except Exception as exc:  # noqa: BLE001 - zarr raises many kinds for bad metadata
+            raise StoreError(f"{self.path}: array '{name}' cannot be opened ({_short(exc)}); restore "
+                             f"{name}/zarr.json, or rebuild the store with `ser-cache extract --overwrite`") from None
 
     # ----------------------------------------------------------------- metadata
     @property
@@ -152,15 +271,15 @@ class FeatureStore:
 
     @property
     def n_rows(self) -> int:
-        return int(self.group["ids"].shape[0])
+        return int(self._array("ids").shape[0])
 
     @property
     def feature_shape(self) -> tuple[int, ...]:
-        return tuple(self.group["features"].shape[1:])
+        return tuple(self._array("features").shape[1:])
 
     @property
     def chunk_rows(self) -> int:
-        return int(self.group["features"].chunks[0])
+        return int(self._array("features").chunks[0])
 
     @property
     def n_chunks(self) -> int:
@@ -169,7 +288,7 @@ class FeatureStore:
     @property
     def is_frames(self) -> bool:
         """A frame store: one vector per encoder frame (see the module docstring)."""
-        return "frames" in self.group.array_keys()
+        return "frames" in self._member_names()
 
     @property
     def fingerprint(self) -> str:
@@ -180,10 +299,150 @@ class FeatureStore:
         return start, min(start + self.chunk_rows, self.n_rows)
 
     def ids(self) -> np.ndarray:
-        return np.array(np.asarray(self.group["ids"][:]).tolist(), dtype=str)
+        """The utterance ids in row order; a StoreError when any is empty (its chunk lost or overwritten)."""
+        ids = np.array(self._read("ids").tolist(), dtype=str)
+        empty = np.flatnonzero(ids == "")
+        if empty.size:
+            raise StoreError(f"{self.path}: array 'ids' is damaged: {empty.size} row(s) have no utterance id "
+                             f"(rows {int(empty[0])}–{int(empty[-1])}); {repair_advice([self._ids_problem(empty)])}")
+        return ids
 
     def flags(self) -> tuple[np.ndarray, np.ndarray]:
-        return np.asarray(self.group["written"][:]), np.asarray(self.group["failed"][:])
+        return self._read("written"), self._read("failed")
+
+    def _ids_problem(self, rows: np.ndarray) -> ChunkProblem:
+        arr = self._array("ids")
+        chunk = int(rows[0]) // arr.chunks[0]
+        return ChunkProblem("ids", chunk, int(rows[0]), int(rows[-1]), self._chunk_keys("ids", chunk)[0],
+                            missing=False, reason="holds empty utterance ids")
+
+    # ----------------------------------------------------------------- integrity
+    def _chunk_keys(self, name: str, chunk: int, arr=None) -> list[str]:
+        """Keys (paths inside the store) of row-chunk `chunk` of array `name`, for any chunk key
+        encoding ("c/3/0", "3.0") and any number of trailing dimensions (a frame store's "c/3/0/0")."""
+        arr = self._array(name) if arr is None else arr
+        trailing = [range(-(-size // step)) for size, step in zip(arr.shape[1:], arr.chunks[1:])]
+        return [f"{arr.path}/{arr.metadata.encode_chunk_key((chunk, *rest))}" for rest in itertools.product(*trailing)]
+
+    def _stored_keys(self) -> set[str]:
+        """Every key the store holds (for a local store: its files), listed once."""
+        from zarr.core.sync import sync
+
+        async def listing():
+            store_path = self.group.store_path
+            prefix = store_path.path
+            keys = [k async for k in store_path.store.list_prefix(prefix)]
+            return {k[len(prefix):].lstrip("/") if prefix else k for k in keys}
+
+        return sync(listing())
+
+    def _row_chunks(self, name: str, arr=None) -> list[tuple[int, int, int]]:
+        """(chunk, start, end) of every row-chunk of array `name`."""
+        arr = self._array(name) if arr is None else arr
+        step, n = int(arr.chunks[0]), int(arr.shape[0])
+        return [(c, c * step, min((c + 1) * step, n)) for c in range(-(-n // step))]
+
+    def _absent(self, name: str, written: np.ndarray | None, stored: set[str]) -> list[ChunkProblem]:
+        """Chunks of `name` not on disk: every one (written None, for ids), or those holding a written row."""
+        arr = self._array(name)
+        problems = []
+        for c, start, end in self._row_chunks(name, arr):
+            rows = np.arange(end - start) if written is None else np.flatnonzero(written[start:end])
+            if not rows.size:
+                continue
+            keys = self._chunk_keys(name, c, arr)
+            if not all(k in stored for k in keys):
+                problems.append(ChunkProblem(name, c, start + int(rows[0]), start + int(rows[-1]), keys[0], missing=True))
+        return problems
+
+    def verify(self, deep: bool = False) -> list[ChunkProblem]:
+        """The chunks that fail: empty if the store's written rows are all there (and, `deep`, all readable).
+
+        Cheap (`deep=False`): a listing of the store's keys. Every ids chunk must be on disk, and every
+        features (and frames) chunk that holds a written row. Deep: also read every chunk on disk of
+        every array, which decompresses it and checks its crc32c (stores created before checksums only
+        fail where decompression does), and look for empty ids.
+        """
+        stored = self._stored_keys()
+        problems = self._absent("ids", None, stored)
+        try:
+            written = self._read("written")
+        except StoreError:
+            if not deep:
+                raise
+            written = None  # the deep pass below names the chunk
+        if written is not None:
+            problems += self.missing_chunks(written, stored)
+        if not deep:
+            return problems
+        for name in (*ROW_ARRAYS, *(("frames",) if self.is_frames else ())):
+            arr = self._array(name)
+            for c, start, end in self._row_chunks(name, arr):
+                keys = self._chunk_keys(name, c, arr)
+                if not any(k in stored for k in keys):
+                    continue  # missing chunks read as fill values: reported above where they matter
+                try:
+                    block = np.asarray(arr[start:end])
+                except MemoryError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - whatever the codecs raise on bad bytes
+                    problems.append(ChunkProblem(name, c, start, end - 1, keys[0], missing=False,
+                                                 reason=f"cannot be read ({_short(exc)})"))
+                    continue
+                if name == "ids":
+                    empty = np.flatnonzero(np.array(block.tolist(), dtype=str) == "")
+                    if empty.size:
+                        problems.append(ChunkProblem("ids", c, start + int(empty[0]), start + int(empty[-1]),
+                                                     keys[0], missing=False, reason="holds empty utterance ids"))
+        return sorted(problems, key=lambda p: (ROW_ARRAYS.index(p.array) if p.array in ROW_ARRAYS else 9, p.chunk))
+
+    def check_readable(self) -> None:
+        """Refuse to read a store that an extraction is writing, or whose written rows lack chunks on disk.
+
+        What train-heads and predict run before reading: a lock probe and `verify(deep=False)`.
+        """
+        holder = writer_of(self.path)
+        if holder:
+            raise StoreError(f"{self.path}: is being written by another extract ({holder}); wait for it to finish")
+        problems = self.verify(deep=False)
+        if problems:
+            raise StoreError(problems_message(self.path, problems))
+
+    def missing_chunks(self, written: np.ndarray, stored: set[str] | None = None) -> list[ChunkProblem]:
+        """Chunks of features (and frames) that hold rows `written` says are written but are not on disk."""
+        stored = self._stored_keys() if stored is None else stored
+        return [p for name in ("features", *(("frames",) if self.is_frames else ()))
+                for p in self._absent(name, written, stored)]
+
+    def _read(self, name: str, selection=slice(None), chunk: int | None = None) -> np.ndarray:
+        """`array[selection]` as numpy; a chunk that cannot be decoded becomes a StoreError naming it."""
+        arr = self._array(name)
+        try:
+            return np.asarray(arr[selection])
+        except MemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - zstd, crc32c, vlen-utf8... each raises its own kind
+            raise StoreError(self._damaged_message(name, exc, chunk)) from None
+
+    def _damaged_message(self, name: str, exc: Exception, chunk: int | None) -> str:
+        if chunk is None:  # a whole-array read failed: find the first chunk that does
+            for c, start, end in self._row_chunks(name):
+                try:
+                    np.asarray(self._array(name)[start:end])
+                except Exception:  # noqa: BLE001
+                    chunk = c
+                    break
+        where = f"array '{name}'"
+        problems = []
+        if chunk is not None:
+            step = int(self._array(name).chunks[0])
+            start, end = chunk * step, min((chunk + 1) * step, self.n_rows)
+            key = self._chunk_keys(name, chunk)[0]
+            where = f"chunk {chunk} of array '{name}' (rows {start}–{end - 1}, file {key})"
+            problems = [ChunkProblem(name, chunk, start, end - 1, key, missing=False)]
+        advice = repair_advice(problems or [ChunkProblem(name, -1, 0, 0, "", missing=False)])
+        return (f"{self.path}: {where} cannot be read ({_short(exc)}); `ser-cache info --verify {self.path}` "
+                f"lists every damaged chunk; {advice}")
 
     def pending_chunks(self, *, retry_failed: bool = False, flags: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
         """Chunks with at least one row neither written nor (unless retried) failed."""
@@ -222,11 +481,16 @@ class FeatureStore:
             feats = features.astype(STORE_DTYPE, copy=False)
         if not np.isfinite(feats[written]).all():
             raise StoreError(f"{self.path}: refusing to write non-finite features in chunk {chunk}")
-        self.group["features"][start:end] = feats
+        # Every chunk is stored, even one of zeros (which Zarr would otherwise skip): `verify` then
+        # knows that a written row's chunk missing on disk was lost, not elided.
+        def array(name):
+            return self._array(name).with_config({"write_empty_chunks": True})
+
+        array("features")[start:end] = feats
         if frames is not None:
-            self.group["frames"][start:end] = frames
-        self.group["failed"][start:end] = failed
-        self.group["written"][start:end] = written
+            array("frames")[start:end] = frames
+        array("failed")[start:end] = failed
+        array("written")[start:end] = written
 
     def update_attrs(self, **attrs) -> None:
         self.group.attrs.update(attrs)
@@ -234,13 +498,19 @@ class FeatureStore:
     # ----------------------------------------------------------------- reading
     def read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, features, written), each read in one pass into memory (float16 features)."""
-        return self.ids(), np.asarray(self.group["features"][:]), np.asarray(self.group["written"][:])
+        return self.ids(), self._read("features"), self._read("written")
+
+    def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray | None]:
+        """(features, a frame store's counts or None) of one chunk, as stored."""
+        start, end = self.chunk_bounds(chunk)
+        frames = self._read("frames", slice(start, end), chunk).astype(np.int32) if self.is_frames else None
+        return self._read("features", slice(start, end), chunk), frames
 
     def frame_counts(self) -> np.ndarray:
         """Valid frames of every row (a frame store); 0 for rows not written."""
         if not self.is_frames:
             raise StoreError(f"{self.path}: not a frame store (extract it with --pooling frames)")
-        return np.asarray(self.group["frames"][:], dtype=np.int64)
+        return self._read("frames").astype(np.int64)
 
     def read_frames(self, rows: np.ndarray | None = None):
         """(ids, frames.Frames, written) of a frame store: the valid frames of `rows` (default: all),
@@ -251,21 +521,20 @@ class FeatureStore:
         from ser_cache.frames import Frames
 
         ids = self.ids()
-        written = np.asarray(self.group["written"][:])
+        written = self._read("written")
         counts = np.where(written, self.frame_counts(), 0)
         rows = np.arange(self.n_rows) if rows is None else np.asarray(rows, dtype=np.int64)
         out = Frames.empty(counts[rows], self.feature_shape[1], dtype=STORE_DTYPE)
         if rows.size == 0:
             return ids, out, written
         chunk_of = rows // self.chunk_rows
-        features = self.group["features"]
         for chunk in np.unique(chunk_of).tolist():
             where = np.flatnonzero(chunk_of == chunk)
             start, end = self.chunk_bounds(chunk)
             longest = int(counts[start:end].max(initial=0))
             if longest == 0:
                 continue
-            block = np.asarray(features[start:end, :longest])
+            block = self._read("features", (slice(start, end), slice(0, longest)), chunk)
             for j in where.tolist():
                 r = int(rows[j])
                 out.set_row(j, block[r - start, : counts[r]])
@@ -322,7 +591,7 @@ class FeatureStore:
 
 def remove_store(path: Path) -> None:
     """Delete a store, but only one that is recognisably a ser-cache store (never an arbitrary folder)."""
-    FeatureStore.open(path)  # raises for anything else
+    FeatureStore.open(path, check=False)  # raises for anything else; a damaged store may still be removed
     shutil.rmtree(path)
 
 
@@ -337,18 +606,17 @@ def export_hdf5(store: FeatureStore, out: str | Path) -> Path:
     out = Path(out)
     ids = store.ids()
     written, failed = store.flags()
-    source = store.group["features"]
     with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
         f.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
-        feats = f.create_dataset("features", shape=source.shape, dtype=STORE_DTYPE,
+        feats = f.create_dataset("features", shape=(store.n_rows, *store.feature_shape), dtype=STORE_DTYPE,
                                  chunks=(store.chunk_rows, *store.feature_shape), compression="gzip")
         for chunk in range(store.n_chunks):
             start, end = store.chunk_bounds(chunk)
-            feats[start:end] = np.asarray(source[start:end])
+            feats[start:end] = store._read("features", slice(start, end), chunk)
         f.create_dataset("written", data=written)
         f.create_dataset("failed", data=failed)
         if store.is_frames:
-            f.create_dataset("frames", data=np.asarray(store.group["frames"][:], dtype=np.int32))
+            f.create_dataset("frames", data=store.frame_counts().astype(np.int32))
         for k, v in store.attrs.items():
             f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
     return out
@@ -371,7 +639,16 @@ class StoreLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # A reader's probe (`writer_of`) holds a shared lock for microseconds: wait that out.
+            deadline = time.monotonic() + LOCK_RETRY_SECONDS
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except OSError as exc:
+                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK) or time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.02)
         except OSError as exc:
             holder = ""
             try:
@@ -402,6 +679,48 @@ class StoreLock:
 
     def __exit__(self, *exc) -> None:
         self.release()
+
+
+def problems_message(path: Path, problems: Sequence[ChunkProblem]) -> str:
+    """One line for a reader: the first problem, how many more, and what to do."""
+    more = (f" (and {len(problems) - 1} more chunk(s) missing or damaged; `ser-cache info --verify {path}` lists them)"
+            if len(problems) > 1 else "")
+    return f"{path}: {problems[0]}{more}; {repair_advice(problems)}"
+
+
+def _short(exc: BaseException) -> str:
+    """'Type: first line of the message', short enough for a one-line error."""
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    if "checksum do not match" in text:  # zarr's Crc32cCodec: the stored bytes are not those written
+        return "crc32c checksum mismatch"
+    text = text[:160] + "…" if len(text) > 160 else text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _open_group(path: Path, mode: str):
+    """The Zarr group of a ser-cache store at `path`; a StoreError for anything else (an array inside a store included)."""
+    import zarr
+
+    meta = path / "zarr.json"
+    if not meta.is_file():
+        raise StoreError(f"{path}: not a feature store (no zarr.json); create it with `ser-cache extract`")
+    try:
+        node_type = json.loads(meta.read_text()).get("node_type")
+    except (OSError, ValueError, AttributeError) as exc:
+        raise StoreError(f"{meta}: not readable Zarr metadata ({_short(exc)})") from None
+    if node_type == "array":
+        parent = path.resolve().parent
+        if (parent / "zarr.json").is_file():
+            raise StoreError(f"{path}: an array ('{path.name}') of the feature store at {parent}, not a store; "
+                             f"pass {parent}")
+        raise StoreError(f"{path}: a Zarr array, not a feature store (a Zarr group made by `ser-cache extract`)")
+    try:
+        g = zarr.open_group(str(path), mode=mode)
+    except Exception as exc:  # noqa: BLE001 - zarr's many kinds of metadata errors
+        raise StoreError(f"{path}: cannot be opened as a Zarr group ({_short(exc)})") from None
+    if g.attrs.get("format") != FORMAT:
+        raise StoreError(f"{path}: a Zarr group, but not a ser-cache feature store (attribute format={g.attrs.get('format')!r})")
+    return g
 
 
 def _dir_size(path: Path) -> int:

@@ -298,7 +298,7 @@ def test_unknown_split_is_an_error(tmp_path, synthetic):
     from ser_cache.corpus import CorpusError
 
     manifest, _, _, stores = synthetic
-    with pytest.raises(CorpusError, match="--split Dev"):
+    with pytest.raises(CorpusError, match="--dev-split Dev"):
         train(tmp_path, manifest, stores.values(), dev_split="Dev")
 
 

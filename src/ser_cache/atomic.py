@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,12 +20,37 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)  # the data reaches the disk before the name points to it
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
+        with naming_disk_full(path):
+            yield tmp
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)  # the data reaches the disk before the name points to it
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def naming_disk_full(path: str | Path) -> Iterator[None]:
+    """A full disk met in the block becomes OSError(ENOSPC) naming `path`.
+
+    A write() that fails names no file, and safetensors reports the OS's error as its own
+    ("... No space left on device (os error 28)"): without this the user learns the disk is
+    full but not which output it stopped.
+    """
+    try:
+        yield
+    except Exception as exc:
+        if not is_disk_full(exc) or (isinstance(exc, OSError) and exc.filename == str(path)):
+            raise
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path)) from exc
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """ENOSPC, as an OSError or as a library's own error carrying the OS's message (safetensors, h5py)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        return exc.errno == errno.ENOSPC
+    text = str(exc)
+    return f"os error {errno.ENOSPC}" in text or os.strerror(errno.ENOSPC) in text

@@ -123,6 +123,11 @@ def ensemble(files: Sequence[str | Path], *, out: str | Path, weights: Sequence[
     are given. `with_gender`: also average the members' gender probabilities (those that have them)."""
     if (data is None) != (split is None):
         raise EnsembleError("--data and --split go together: give both to score the ensemble, or neither")
+    target = Path(out).resolve()
+    for f in files:
+        if Path(f).resolve() == target:
+            raise EnsembleError(f"--out {out}: is also an input ({f}); the ensemble would overwrite a member, "
+                                "write it to another file")
     ids, avd, w = combine(files, weights)
     scores = score_predictions(ids, avd, Path(data), split) if data is not None else None
     labels, probs = combine_gender(files, w, ids) if with_gender else (None, None)

@@ -36,7 +36,7 @@ import numpy as np
 
 from ser_cache import __version__
 from ser_cache import audio as audio_lib
-from ser_cache.atomic import atomic_path
+from ser_cache.atomic import atomic_path, naming_disk_full
 from ser_cache.corpus import Utterance, load_corpus
 from ser_cache.store import (
     STORE_DTYPE,
@@ -247,14 +247,28 @@ def _prepare_store(path: Path, cfg: ExtractConfig, encoder, ids: list[str], sett
 def _open_or_create(path: Path, cfg: ExtractConfig, encoder, ids: list[str], settings: dict) -> None:
     fp = fingerprint(settings)
     if path.exists():
-        store = FeatureStore.open(path)
-        if store.fingerprint == fp:
+        # A store with damaged metadata or ids cannot be resumed (extract recomputes features, not
+        # ids or shapes); --overwrite rebuilds it, as it rebuilds a store with other settings.
+        try:
+            store = FeatureStore.open(path)
+            damage = None
+            if store.fingerprint == fp:
+                store.ids()
+        except StoreError as exc:
+            if not cfg.overwrite:
+                raise
+            store, damage = None, str(exc)
+        if store is not None and damage is None and store.fingerprint == fp:
             return
-        if not cfg.overwrite:
+        if store is not None and not cfg.overwrite:
             raise ExtractError(
                 f"{path} was built with other settings ({_differences(store.attrs.get('settings', {}), settings)}); "
                 "pass --overwrite to rebuild it, or --name to write a new store beside it"
             )
+        if damage:
+            import logging
+
+            logging.getLogger(__name__).warning("rebuilding (--overwrite) a damaged store: %s", damage)
         remove_store(path)
         report = report_path(path)
         report.unlink(missing_ok=True)
@@ -440,7 +454,7 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
 
     # Rank 0 alone reads what is pending and tells the others: a rank reading the flags itself
     # could see chunks that another rank has already written, and the shares would not add up.
-    written0, failed0 = dist.broadcast(store.flags() if dist.is_main else None)
+    written0, failed0 = dist.broadcast(_resume_flags(store) if dist.is_main else None)
     pending = store.pending_chunks(retry_failed=cfg.retry_failed, flags=(written0, failed0))
     row_bytes = int(np.prod(store.feature_shape)) * np.dtype(STORE_DTYPE).itemsize
     units = _units(pending, store.chunk_rows, dist.world, _unit_rows(row_bytes))[dist.rank::dist.world]
@@ -461,10 +475,11 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
                 for c in unit:
                     start, end = store.chunk_bounds(c)
                     w, f = written0[start:end].copy(), failed0[start:end].copy()
-                    feats = np.asarray(store.group["features"][start:end]) if w.any() else np.zeros((end - start, *store.feature_shape), dtype=STORE_DTYPE)
-                    frames = None
-                    if store.is_frames:
-                        frames = np.asarray(store.group["frames"][start:end], dtype=np.int32) if w.any() else np.zeros(end - start, dtype=np.int32)
+                    if w.any():
+                        feats, frames = store.read_chunk(c)
+                    else:
+                        feats = np.zeros((end - start, *store.feature_shape), dtype=STORE_DTYPE)
+                        frames = np.zeros(end - start, dtype=np.int32) if store.is_frames else None
                     need = ~w if cfg.retry_failed else ~(w | f)
                     f[need] = False
                     chunks[c] = _Chunk(c, start, feats, w, f, int(need.sum()), frames)
@@ -477,6 +492,20 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
         decoder.close()
         report.close()
     return computed, audio_seconds, int((written0 | failed0).sum()), timings
+
+
+def _resume_flags(store: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
+    """The store's flags, less the written flags of chunks whose features (or frame counts) are not
+    on disk: deleted or lost, they would read as zeros. Those chunks become pending and are
+    recomputed, which is also how a damaged chunk is repaired: delete its file and run again."""
+    import logging
+
+    written, failed = store.flags()
+    for problem in store.missing_chunks(written):
+        start, end = store.chunk_bounds(problem.chunk)
+        written[start:end] = False
+        logging.getLogger(__name__).warning("%s: %s; recomputing chunk %d", store.path, problem, problem.chunk)
+    return written, failed
 
 
 def _unit_rows(row_bytes: int) -> int:
@@ -513,7 +542,8 @@ def _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, prog
         else:
             report.add(utts[row], reason)
             if cfg.on_error == "fail":
-                raise ExtractError(f"{utts[row].path}: {reason} (--on-error fail; the report is {report.final})")
+                # The run stops before the per-rank lines are merged into report.final: name the file they are in.
+                raise ExtractError(f"{utts[row].path}: {reason} (--on-error fail; the failure is listed in {report.partial})")
             ch.failed[i] = True
         ch.remaining -= 1
         computed += 1
@@ -522,7 +552,8 @@ def _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, prog
         if ch.remaining == 0:
             t = time.perf_counter()
             report.flush()  # the reasons reach the disk before the flags that point to them
-            store.write_chunk(ch.index, ch.features, ch.written, ch.failed, ch.frames)
+            with naming_disk_full(store.path):  # a chunk's write() names no file
+                store.write_chunk(ch.index, ch.features, ch.written, ch.failed, ch.frames)
             timings["write"] += time.perf_counter() - t
 
     _encode(cfg, encoder, utts, todo, resolve, timings, decoder)
@@ -742,7 +773,12 @@ class _Decoder:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            from ser_cache.workers import init_worker
+
+            # init_worker: a worker dies with this process (even one killed with SIGKILL) and
+            # leaves Ctrl-C to it. Created and grown from the main thread (see workers.py).
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
+                                             initializer=init_worker, initargs=(os.getpid(),))
         return self._pool
 
     def _submit(self, paths: list[str]):
@@ -753,10 +789,21 @@ class _Decoder:
             self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
+    def close(self, grace: float = 2.0) -> None:
+        """Stop the workers. At the end of a run they are idle and leave at once; when the run stops
+        early (Ctrl-C, --on-error fail) batches may still be decoding, and a worker still busy
+        after `grace` seconds is terminated rather than waited for."""
+        if self._pool is None:
+            return
+        pool, self._pool = self._pool, None
+        processes = list((getattr(pool, "_processes", None) or {}).values())
+        pool.shutdown(wait=False, cancel_futures=True)
+        deadline = time.monotonic() + grace
+        for p in processes:
+            p.join(max(0.0, deadline - time.monotonic()))
+            if p.is_alive():
+                p.terminate()
+                p.join(grace)
 
     def batches(self, path_batches: list[list[str]], timings: dict) -> Iterator[list]:
         """For each batch of paths, in order: [(waveform or None, reason or None), ...]."""

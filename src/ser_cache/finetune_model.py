@@ -247,16 +247,20 @@ def model_state(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def load_finetuned(run_dir: Path, config: dict, *, device: str = "cpu") -> WavLMEmotionModel:
     """The fine-tuned model of a run, from its config.json and model.safetensors alone (no hub)."""
-    from safetensors.torch import load_file
-
     from ser_cache import runs
 
     weights = Path(run_dir) / runs.WEIGHTS
     if not weights.is_file():
         raise runs.RunError(f"{run_dir}: {runs.WEIGHTS} is missing; the run is incomplete")
-    model = build_from_config(config)
     try:
-        model.load_state_dict(model_state(load_file(str(weights))), strict=True)
+        model = build_from_config(config)
+    except (TypeError, ValueError, KeyError, AttributeError) as exc:
+        raise runs.RunError(f"{Path(run_dir) / runs.CONFIG}: \"wavlm\" or \"heads\" do not describe a model "
+                            f"({type(exc).__name__}: {exc}); the file was edited or damaged: restore it, "
+                            "or train the run again") from None
+    tensors = runs.read_weights(weights)
+    try:
+        model.load_state_dict(model_state(tensors), strict=True)
     except RuntimeError as exc:
         raise runs.RunError(f"{weights}: weights do not fit the model in {runs.CONFIG} "
                             f"({str(exc).splitlines()[0]})") from None
@@ -319,12 +323,20 @@ def audio_loader(paths: Sequence[str], max_seconds: float, workers: int):
     """(DataLoader, PlannedBatches): decoding in `workers` spawned processes (0: in this process)."""
     from torch.utils.data import DataLoader
 
+    import functools
+    import os
+
+    from ser_cache.workers import init_loader_worker
+
     plan = PlannedBatches()
     # Spawned, not forked (as in extract): a forked child of a process with threads running
     # (Zarr's I/O, torch's pools) can deadlock. Persistent, so they are spawned once per run.
+    # init_loader_worker: a worker dies with this process, even one killed with SIGKILL (torch's
+    # own check only runs between batches), and leaves Ctrl-C to it.
     loader = DataLoader(AudioRows(paths, max_seconds), batch_sampler=plan, collate_fn=_collate,
                         num_workers=workers, multiprocessing_context="spawn" if workers > 0 else None,
                         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
+                        worker_init_fn=functools.partial(init_loader_worker, parent_pid=os.getpid()) if workers > 0 else None,
                         generator=torch.Generator())  # its own seed draws: dropout's stream stays untouched
     return loader, plan
 

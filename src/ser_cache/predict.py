@@ -165,9 +165,10 @@ def _held_rows(record: dict, utts: list, features_dir: Path | None, use_stores: 
     if use_stores and record.get("path") and (store_path / "zarr.json").is_file():
         try:
             store = FeatureStore.open(store_path)
+            store.check_readable()
+            held = _store_rows(store.ids(), store.flags()[0], [u.id for u in utts]) >= 0
         except StoreError as exc:
             raise PredictError(str(exc)) from None
-        held = _store_rows(store.ids(), store.flags()[0], [u.id for u in utts]) >= 0
     return held
 
 
@@ -203,10 +204,14 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
         if use_stores and record.get("path") and (store_path / "zarr.json").is_file():
             try:
                 store = FeatureStore.open(store_path)
+                store.check_readable()  # not being written; every written row's chunk on disk
             except StoreError as exc:
                 raise PredictError(str(exc)) from None
             check_store(record, store_path, store.attrs, run_dir)
-            hits = source.from_store(store, [u.id for u in utts])
+            try:
+                hits = source.from_store(store, [u.id for u in utts])
+            except StoreError as exc:  # a chunk that cannot be decoded
+                raise PredictError(str(exc)) from None
             if hits:
                 used.append(f"store {store_path} ({hits} rows)")
         missing = np.flatnonzero(~source.have)

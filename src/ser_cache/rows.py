@@ -322,10 +322,16 @@ def load_rows(data: Path, train_split: str, dev_split: str, stores: Sequence[Pat
     fine-tuned encoder is the input). `frames`: frame stores are welcome (train-heads' ConvPool
     takes them); their kept rows are read into memory when everything fits `memory_budget_gb`
     (default: default_memory_budget_gb()), and are left to stream otherwise."""
-    from ser_cache.corpus import load_corpus, select_splits
+    from ser_cache.corpus import CorpusError, load_corpus, select_splits
     from ser_cache.store import FeatureStore
 
-    utts = select_splits(load_corpus(data), [train_split, dev_split], source=data)
+    utts = load_corpus(data)
+    for option, split in (("--train-split", train_split), ("--dev-split", dev_split)):
+        try:  # one split at a time: select_splits names its error "--split", the user typed `option`
+            select_splits(utts, [split], source=data)
+        except CorpusError as exc:
+            raise CorpusError(str(exc).replace("--split", option, 1)) from None
+    utts = select_splits(utts, [train_split, dev_split], source=data)
     # select_splits matches case-insensitively; use the corpus's own spelling from here on.
     split_of = {s.lower(): s for s in {u.split for u in utts}}
     train_split, dev_split = split_of[train_split.lower()], split_of[dev_split.lower()]
@@ -354,6 +360,9 @@ def load_rows(data: Path, train_split: str, dev_split: str, stores: Sequence[Pat
         if name in names:
             raise TrainError(f"stores {names[name]} and {path} are both named '{name}'; extract one with --name")
         names[name] = path
+        # A store being written, or one whose written rows lack their chunks on disk (which Zarr
+        # would read as zeros), must not be trained on: refuse it with the chunk and the remedy.
+        store.check_readable()
         store_ids, written, item = _open_input(store, path, name, attrs)
         rows, ok = _join_store(path, name, store_ids, written, ids)
         not_written = int((~ok).sum())

@@ -1,46 +1,120 @@
 """The `ser-cache` command line: each command builds a typed config and calls one library function.
 
 Commands live in one module per stage (stage_one: extract, info, export); this module holds the
-app and the one place where known errors become a clear line and exit code 2.
+app and the one place where failures become a clear line and an exit code (`one_line_failures`):
+the app's group runs every command, sub-commands included, inside it, so a new command inherits
+it without doing anything.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import traceback
+from collections.abc import Iterator
+
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Speech emotion recognition with cached encoder features: extract once, train heads in minutes.")
+from ser_cache import __version__
+from ser_cache.atomic import is_disk_full
+
+# pyproject.toml names no issue page; when it does, put its address here.
+ISSUES = "the project's issue tracker"
+INTERRUPTED = "interrupted — rerun the same command to continue (rows already written are kept)"
+
 err = Console(stderr=True)
 out = Console()
 
 
 def fail(message: str, code: int = 2) -> None:
-    err.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    # Escaped: a path or a reason may hold brackets ("[Errno 28]", "take[2].wav") that rich would eat as markup.
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
 KNOWN_ERRORS: list[type[Exception]] = []
 
 
+def _known_errors() -> tuple[type[Exception], ...]:
+    from ser_cache.audio import AudioError
+    from ser_cache.corpus import CorpusError
+    from ser_cache.encoders import EncoderError
+    from ser_cache.extract import ExtractError
+    from ser_cache.outputs import OutputError
+    from ser_cache.store import StoreError
+
+    return (AudioError, CorpusError, EncoderError, ExtractError, OutputError, StoreError, *KNOWN_ERRORS)
+
+
+def disk_full_message(path) -> str:
+    where = f"writing {path}" if path else "writing the output"
+    return f"no space left on device {where}; nothing written before was lost; free space and rerun to continue"
+
+
+@contextlib.contextmanager
+def one_line_failures() -> Iterator[None]:
+    """Known failures become one line (exit 2), Ctrl-C one line (exit 130); anything else is a bug:
+    one line that says so, then the traceback (exit 1).
+
+    Typer's own exits and usage errors pass through untouched.
+    """
+    try:
+        yield
+    except (typer.Exit, typer.Abort, typer.TyperException):
+        raise
+    except KeyboardInterrupt:
+        err.print(f"[bold red]{INTERRUPTED}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    except Exception as exc:
+        if isinstance(exc, _known_errors()):
+            fail(str(exc))
+        if is_disk_full(exc):
+            fail(disk_full_message(getattr(exc, "filename", None)))
+        if isinstance(exc, OSError) and exc.errno == errno.EPIPE:
+            raise  # the reader went away (`| head`): typer ends quietly
+        if isinstance(exc, OSError) and exc.filename:
+            names = f"{exc.filename} → {exc.filename2}" if exc.filename2 else str(exc.filename)
+            fail(f"{names}: {exc.strerror or type(exc).__name__}")
+        message = str(exc).splitlines()[0] if str(exc) else ""
+        err.print(f"[bold red]internal error:[/] {escape(f'{type(exc).__name__}: {message}')} — this is a bug in "
+                  f"ser-cache {__version__}; please report it at {ISSUES} with the traceback below",
+                  highlight=False, soft_wrap=True)
+        err.print(traceback.format_exc().rstrip(), markup=False, highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+class _GuardedGroup(TyperGroup):
+    """The app's group: every command (and sub-group) runs inside `one_line_failures`."""
+
+    def invoke(self, ctx):
+        with one_line_failures():
+            return super().invoke(ctx)
+
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_GuardedGroup,
+                  help="Speech emotion recognition with cached encoder features: extract once, train heads in minutes.")
+
+
 def guarded(fn, *args, **kwargs):
-    """Run a library call; known errors become one clear line and exit code 2."""
+    """Run a library call after checking the environment; its failures become one line (see `one_line_failures`)."""
     from ser_cache.environment import torchaudio_problem
 
     problem = torchaudio_problem()
     if problem:
         fail(problem)
-    from ser_cache.audio import AudioError
-    from ser_cache.corpus import CorpusError
-    from ser_cache.encoders import EncoderError
-    from ser_cache.extract import ExtractError
-    from ser_cache.store import StoreError
-
-    known = (AudioError, CorpusError, EncoderError, ExtractError, StoreError, *KNOWN_ERRORS)
-    try:
+    with one_line_failures():
         return fn(*args, **kwargs)
-    except known as exc:
-        fail(str(exc))
+
+
+def writable(path, option: str, *, folder: bool = False) -> None:
+    """Fail now, before any work, when the output `path` of `option` cannot be written (outputs.check_writable)."""
+    from ser_cache.outputs import check_writable
+
+    with one_line_failures():
+        check_writable(path, option, folder=folder)
 
 
 def main() -> None:

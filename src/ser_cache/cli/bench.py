@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ser_cache.cli import KNOWN_ERRORS, app, err, guarded, out
+from ser_cache.cli import KNOWN_ERRORS, app, err, guarded, out, writable
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that report figures (no hub, no real data needed).")
 app.add_typer(bench_app, name="bench")
@@ -38,6 +38,10 @@ def bench_extract_cmd(
 
     if BenchError not in KNOWN_ERRORS:
         KNOWN_ERRORS.append(BenchError)
+    if workdir is not None:
+        writable(workdir, "--workdir", folder=True)
+    if json_out is not None:
+        writable(json_out, "--json")
     cfg = BenchConfig(model=model, config=config, random_init=random_init, utterances=utterances, window=window,
                       pooling=pooling, device=device, precision=precision, batch_seconds=batch_seconds,
                       workers=workers, naive=naive, naive_utterances=naive_utterances, seed=seed,

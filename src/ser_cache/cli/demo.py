@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ser_cache.cli import KNOWN_ERRORS, app, err, guarded, out
+from ser_cache.cli import KNOWN_ERRORS, app, err, guarded, out, writable
 from ser_cache.demo import DemoError
 
 KNOWN_ERRORS.append(DemoError)
@@ -27,6 +27,8 @@ def demo(
     from ser_cache.cli.stage_two import scores_table
     from ser_cache.demo import run_demo
 
+    if workdir is not None:
+        writable(workdir, "--workdir", folder=True)
     result = guarded(run_demo, workdir, seed=seed, progress=progress)
     s = result["seconds"]
     err.print(f"synthesised the corpus in {s['synthesise']:.1f} s, built the models in {s['models']:.1f} s "

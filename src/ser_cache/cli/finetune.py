@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ser_cache.cli import app, guarded, out
+from ser_cache.cli import app, guarded, out, writable
 from ser_cache.cli import shared_options as shared
 from ser_cache.cli.stage_two import _log_to_stderr, scores_table
 
@@ -67,6 +67,7 @@ def wavlm(
     """
     from ser_cache.finetune import FinetuneConfig, finetune_wavlm
 
+    writable(out_dir, "--out", folder=True)
     _log_to_stderr()
     cfg = FinetuneConfig(data=data, out=out_dir, model=model, text_features=text_features,
                          speaker_features=speaker_features, train_split=train_split, dev_split=dev_split,

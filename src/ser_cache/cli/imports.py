@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ser_cache.cli import KNOWN_ERRORS, app, guarded, out
+from ser_cache.cli import KNOWN_ERRORS, app, guarded, out, writable
 from ser_cache.vox_profile import ImportError_
 
 KNOWN_ERRORS.append(ImportError_)
@@ -34,6 +34,7 @@ def vox_profile(
     from ser_cache.cli.stage_two import _log_to_stderr
     from ser_cache.vox_profile import ImportConfig, import_vox_profile
 
+    writable(out_dir, "--out", folder=True)
     _log_to_stderr()
     cfg = ImportConfig(source=source, out=out_dir, backbone=backbone, label_range=tuple(label_range),
                        gender_labels=tuple(g.strip() for g in gender_labels.split(",") if g.strip()),

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ser_cache.cli import app, err, fail, guarded, out
+from ser_cache.cli import app, err, fail, guarded, out, writable
 
 
 @app.command()
@@ -45,6 +45,7 @@ def extract(
     from ser_cache.extract import ExtractConfig, extract as run_extract
     from ser_cache.transcripts import record_path as transcript_record
 
+    writable(out_dir, "--out", folder=True)
     cfg = ExtractConfig(model=model, data=data, out=out_dir, splits=tuple(split or ()), name=name, kind=kind,
                         window=window, pooling=pooling, max_seconds=max_seconds, batch_seconds=batch_seconds,
                         batch_texts=batch_texts, device=device, precision=precision, workers=workers,
@@ -66,6 +67,11 @@ def extract(
         s = result.text_sources
         err.print(f"text: {s['corpus']} row(s) from the corpus's transcripts, {s['table']} from the table, "
                   f"{s['none']} with none [dim](see {transcript_record(result.store).name})[/]", highlight=False)
+    if result.written == 0 and result.computed > 0:
+        # Every row this run computed failed, and none was written before: a store of nothing
+        # is never what was asked for (a wrong --kind, --max-seconds, a corpus without audio).
+        fail(f"nothing was written: all {result.computed} row(s) of {result.store} failed; the reasons are in "
+             f"{result.report}", code=1)
     if result.failed:
         err.print(f"[yellow]{result.failed} utterance(s) could not be used; see {result.report}[/]", highlight=False)
 
@@ -74,12 +80,27 @@ def extract(
 def info(
     store: Path = typer.Argument(..., help="A feature store (.zarr)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    verify: bool = typer.Option(False, "--verify", help="Read every chunk (decompression and checksum) and list the missing or damaged ones; exit 1 if any."),
 ) -> None:
     """Summarise a feature store: model, settings, rows written and failed, size (and a frame store's frames)."""
-    from ser_cache.store import FeatureStore
+    from ser_cache.store import FeatureStore, repair_advice
 
     s = guarded(FeatureStore.open, store)
-    summary = s.summary()
+    if verify:
+        problems = guarded(s.verify, deep=True)
+        if not problems:
+            out.print(f"{store}: OK, every chunk is on disk and readable ({s.n_rows} rows)", highlight=False)
+            return
+        for p in problems:
+            out.print(f"{store}: {p}", highlight=False, soft_wrap=True)
+        err.print(f"[bold red]{len(problems)} chunk(s) missing or damaged:[/] {repair_advice(problems)}", highlight=False,
+                  soft_wrap=True)
+        raise typer.Exit(1)
+    summary = guarded(s.summary)
+    problems = guarded(s.verify, deep=False)
+    if problems:
+        err.print(f"[yellow]warning: {len(problems)} chunk(s) missing, e.g. {problems[0]}; "
+                  f"run `ser-cache info --verify {store}`[/]", highlight=False, soft_wrap=True)
     if as_json:
         out.print_json(json.dumps(summary))
         return
@@ -136,6 +157,7 @@ def export(
 
     if fmt != "hdf5":
         fail(f"--format {fmt}: expected hdf5")
+    writable(dest or store.with_suffix(".h5"), "--out")
     s = guarded(FeatureStore.open, store)
-    path = export_hdf5(s, dest or store.with_suffix(".h5"))
+    path = guarded(export_hdf5, s, dest or store.with_suffix(".h5"))
     err.print(f"wrote {path}", highlight=False)

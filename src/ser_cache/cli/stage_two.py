@@ -10,7 +10,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from ser_cache.cli import KNOWN_ERRORS, app, err, fail, guarded, out
+from ser_cache.cli import KNOWN_ERRORS, app, err, fail, guarded, out, writable
 from ser_cache.cli import shared_options as shared
 from ser_cache.ensemble import EnsembleError
 from ser_cache.predict import PredictError
@@ -107,6 +107,7 @@ def train_heads(
     """
     from ser_cache.training import TrainHeadsConfig, train_heads as run_training
 
+    writable(out_dir, "--out", folder=True)
     _log_to_stderr()
     cfg = TrainHeadsConfig(features=tuple(features), data=data, out=out_dir, train_split=train_split,
                            dev_split=dev_split, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -137,6 +138,7 @@ def evaluate(
     """Score a run on a labelled split: CCC per attribute, mean, balanced CCC, gender; prints a table, writes JSON."""
     from ser_cache.predict import evaluate as run_evaluate
 
+    writable(dest or run / f"eval_{split}.json", "--out")
     _log_to_stderr()
     result = guarded(run_evaluate, run, data, split, out=dest, device=device, features_dir=features_dir,
                      transcripts=transcripts, prefer_transcripts=prefer_transcripts)
@@ -168,6 +170,7 @@ def predict(
     """
     from ser_cache.predict import predict as run_predict
 
+    writable(dest, "--out")
     _log_to_stderr()
     result = guarded(run_predict, run, data=data, splits=tuple(split or ()), files=tuple(files or ()),
                      transcripts=transcripts, out=dest, device=device, features_dir=features_dir,
@@ -190,6 +193,7 @@ def ensemble(
     """Average the arousal/valence/dominance predictions of several systems; score them with --data/--split."""
     from ser_cache.ensemble import ensemble as run_ensemble
 
+    writable(dest, "--out")
     parsed = None
     if weights:
         try:

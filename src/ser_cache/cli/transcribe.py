@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ser_cache.cli import KNOWN_ERRORS, app, err, guarded
+from ser_cache.cli import KNOWN_ERRORS, app, err, guarded, writable
 from ser_cache.transcribe import DEFAULT_MODEL, TranscribeError
 
 KNOWN_ERRORS.append(TranscribeError)
@@ -36,6 +36,7 @@ def transcribe(
     """
     from ser_cache.transcribe import TranscribeConfig, transcribe as run_transcribe
 
+    writable(out, "--out")
     cfg = TranscribeConfig(out=out, model=model, data=data, splits=tuple(split or ()), files=tuple(files or ()),
                            all=all_rows, beams=beams, max_new_tokens=max_new_tokens, batch_seconds=batch_seconds,
                            device=device, precision=precision, overwrite=overwrite, progress=progress)

@@ -50,22 +50,25 @@ def default_store_name(model: str, pooling: str = "mean") -> str:
     return f"{name}-frames" if pooling == FRAMES else name
 
 
-def detect_kind(model: str) -> str:
-    """The encoder kind of a model: from the short name, else from its config (local or cached)."""
-    if model in KNOWN_MODELS:
-        return KNOWN_MODELS[model].kind
+def _read_config(model: str, *, allow_network: bool = True) -> dict | None:
+    """The model's config.json as a dict (local directory, or the hub's cache); None when it is
+    not on disk and `allow_network` is False."""
     resolved = resolve_model(model, HUB_IDS)
     if resolved.is_local_dir:
-        config = read_json(Path(resolved.source) / "config.json")
-    else:
-        try:
-            from transformers import AutoConfig
+        return read_json(Path(resolved.source) / "config.json")
+    if not (resolved.local_only or allow_network):
+        return None
+    try:
+        from transformers import AutoConfig
 
-            config = AutoConfig.from_pretrained(resolved.source, local_files_only=resolved.local_only).to_dict()
-        except (OSError, ValueError) as exc:
-            from ser_cache.encoders.base import load_error
+        return AutoConfig.from_pretrained(resolved.source, local_files_only=resolved.local_only).to_dict()
+    except (OSError, ValueError) as exc:
+        from ser_cache.encoders.base import load_error
 
-            raise load_error(resolved, exc) from None
+        raise load_error(resolved, exc) from None
+
+
+def _kind_of(model: str, config: dict) -> str:
     model_type = config.get("model_type", "")
     architectures = config.get("architectures") or []
     if model_type == "whisper":
@@ -81,6 +84,37 @@ def detect_kind(model: str) -> str:
     return "text"
 
 
+def detect_kind(model: str) -> str:
+    """The encoder kind of a model: from the short name, else from its config (local or cached)."""
+    if model in KNOWN_MODELS:
+        return KNOWN_MODELS[model].kind
+    return _kind_of(model, _read_config(model))
+
+
+def _check_kind(model: str, kind: str) -> None:
+    """Refuse a --kind the checkpoint is not, before loading it: loaded as the wrong kind it fails
+    deep in transformers (Whisper as an x-vector) or "works" on nothing (Whisper as text: every
+    row fails). The check is skipped where the kind cannot be told without the network, or where
+    --kind is the way around detection (a config without model_type, a model type not detected)."""
+    if model in KNOWN_MODELS:
+        actual, described = KNOWN_MODELS[model].kind, f"a {KNOWN_MODELS[model].kind} model"
+    else:
+        try:
+            config = _read_config(model, allow_network=False)
+            if config is None:
+                return
+            actual = _kind_of(model, config)
+        except EncoderError:
+            return
+        architectures = config.get("architectures") or []
+        described = f"a {config.get('model_type')} model" + (f" ({', '.join(architectures)})" if architectures else "")
+    # An x-vector checkpoint holds a whole WavLM: its layers can be extracted as --kind wavlm.
+    if kind == actual or (kind == "wavlm" and actual == "xvector"):
+        return
+    raise EncoderError(f"--kind {kind}: model '{model}' is {described}, an encoder of kind {actual}; "
+                       f"leave --kind out (it is detected) or pass --kind {actual}")
+
+
 def load_encoder(
     model: str,
     *,
@@ -92,9 +126,12 @@ def load_encoder(
     max_seconds: float = 15.0,
 ) -> Encoder:
     """Load a frozen encoder by short name, hub id or local directory."""
-    kind = kind or detect_kind(model)
-    if kind not in KINDS:
+    if kind is None:
+        kind = detect_kind(model)
+    elif kind not in KINDS:
         raise EncoderError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
+    else:
+        _check_kind(model, kind)
     if pooling not in POOLINGS:
         raise EncoderError(f"--pooling {pooling}: expected one of {', '.join(POOLINGS)}")
     if pooling == FRAMES and kind not in FRAME_KINDS:

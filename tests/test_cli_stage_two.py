@@ -41,11 +41,16 @@ def test_train_evaluate_predict_ensemble(tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "audio" / runs.CONFIG).read_text())["heads"]["aam_margin"] == 0.3
 
-    r = invoke("evaluate", tmp_path / "mm", "--data", manifest, "--split", "Test1", "--device", "cpu")
+    assert (tmp_path / "mm" / "curves.png").is_file()  # drawn with the run, inside it
+    r = invoke("evaluate", tmp_path / "mm", "--data", manifest, "--split", "Test1", "--device", "cpu",
+               "--plots", tmp_path / "figs")
     assert r.exit_code == 0, r.output
     assert "Test1" in r.output and "balanced CCC" in r.output
     scores = json.loads((tmp_path / "mm" / "eval_Test1.json").read_text())
     assert -1 <= scores["ccc"]["mean"] <= 1
+    # predicted vs true, CCC per emotion class, and the gender head's confusion matrix
+    assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == ["ccc_per_class.png", "gender_confusion.png",
+                                                                     "scatter.png"]
 
     outputs = []
     for run in ("mm", "audio"):
@@ -57,9 +62,15 @@ def test_train_evaluate_predict_ensemble(tmp_path):
     assert runs.read_predictions(outputs[0])[0] == runs.read_predictions(outputs[1])[0] == test1
 
     r = invoke("ensemble", *outputs, "--out", tmp_path / "final.csv", "--weights", "0.7,0.3", "--data", manifest,
-               "--split", "Test1")
+               "--split", "Test1", "--plots", tmp_path / "figs")
     assert r.exit_code == 0, r.output
     assert "ensemble" in r.output and "mean" in r.output
+    # each member's CCC beside the ensemble's, as evaluate gives them
+    member = runs.read_predictions(outputs[1])
+    from ser_cache.ensemble import score_predictions
+
+    assert f"{score_predictions(*member, manifest, 'Test1')['ccc']['mean']:.4f}" in r.output
+    assert "audio_test1" in r.output and (tmp_path / "figs" / "ensemble.png").is_file()
     a, b = runs.read_predictions(outputs[0])[1], runs.read_predictions(outputs[1])[1]
     np.testing.assert_allclose(runs.read_predictions(tmp_path / "final.csv")[1], 0.7 * a + 0.3 * b, atol=1e-5)
 

@@ -125,7 +125,7 @@ def test_run_directory_has_the_stage_two_format_and_the_whole_model(trained):
     run = result.run_dir
     assert runs.is_run_dir(run)
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        [runs.CONFIG, runs.WEIGHTS, runs.METRICS, runs.HISTORY, runs.DEV_PREDICTIONS])
+        [runs.CONFIG, runs.WEIGHTS, runs.METRICS, runs.HISTORY, runs.DEV_PREDICTIONS, "curves.png"])
     config = runs.read_config(run)
     assert config["system"] == "finetuned-wavlm"
     assert config["heads"]["input_dims"] == {AUDIO_INPUT: [256]}

@@ -39,6 +39,19 @@ def check(path: Path, data: Path, *extra: str):
     return r.exit_code, " ".join(r.output.split())
 
 
+@pytest.fixture(autouse=True)
+def _library_logging_off():
+    """Another command run earlier in the same process may have turned the library's info lines on
+    (on stderr, which the runner mixes into the output); these tests read the verdict alone."""
+    import logging
+
+    logger = logging.getLogger("ser_cache")
+    level, handlers = logger.level, list(logger.handlers)
+    logger.handlers, logger.level = [], logging.WARNING
+    yield
+    logger.handlers, logger.level = handlers, level
+
+
 def test_a_good_file_passes(data, tmp_path):
     code, out = check(write(tmp_path, good_lines()), data)
     assert code == 0, out

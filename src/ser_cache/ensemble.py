@@ -7,7 +7,7 @@ systems on some rows and one on others would not be the system it claims to be.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,8 @@ class EnsembleResult:
     rows: int
     weights: list[float]
     scores: dict | None = None  # when --data/--split are given
+    members: list[dict] | None = None  # each member's scores, likewise
+    plots: list = field(default_factory=list)
 
 
 def _normalised_weights(weights: Sequence[float] | None, n: int) -> list[float]:
@@ -118,11 +120,15 @@ def combine_gender(files: Sequence[str | Path], weights: Sequence[float], ids: S
 
 
 def ensemble(files: Sequence[str | Path], *, out: str | Path, weights: Sequence[float] | None = None,
-             data: Path | None = None, split: str | None = None, with_gender: bool = False) -> EnsembleResult:
-    """Average prediction files into `out` (the challenge's 4 columns); score it when `data` and `split`
-    are given. `with_gender`: also average the members' gender probabilities (those that have them)."""
+             data: Path | None = None, split: str | None = None, with_gender: bool = False,
+             plots: Path | None = None) -> EnsembleResult:
+    """Average prediction files into `out` (the challenge's 4 columns); score it, and each member, when
+    `data` and `split` are given. `with_gender`: also average the members' gender probabilities (those
+    that have them). `plots`: a folder for the members' and the ensemble's CCC side by side."""
     if (data is None) != (split is None):
         raise EnsembleError("--data and --split go together: give both to score the ensemble, or neither")
+    if plots is not None and data is None:
+        raise EnsembleError("--plots draws the members' and the ensemble's scores: give --data and --split too")
     target = Path(out).resolve()
     for f in files:
         if Path(f).resolve() == target:
@@ -130,6 +136,12 @@ def ensemble(files: Sequence[str | Path], *, out: str | Path, weights: Sequence[
                                 "write it to another file")
     ids, avd, w = combine(files, weights)
     scores = score_predictions(ids, avd, Path(data), split) if data is not None else None
+    members = [score_predictions(*runs.read_predictions(f), Path(data), split) for f in files] if data else None
     labels, probs = combine_gender(files, w, ids) if with_gender else (None, None)
     path = runs.write_predictions(out, ids, avd, gender_labels=labels, gender_probs=probs)
-    return EnsembleResult(out=path, rows=len(ids), weights=w, scores=scores)
+    drawn = []
+    if plots is not None:
+        from ser_cache.plots import ensemble_plots
+
+        drawn = ensemble_plots([Path(f).stem for f in files], members, scores, plots).paths
+    return EnsembleResult(out=path, rows=len(ids), weights=w, scores=scores, members=members, plots=drawn)

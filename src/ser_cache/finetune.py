@@ -375,6 +375,9 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
         config = training.run_config(cfg.to_dict(), data, lo, hi, gender_labels, speaker_labels, heads.config(),
                                      best["epoch"], system="finetuned-wavlm", wavlm=arch)
         finish(out, config, metrics, state, data.ids[dev_idx].tolist(), gender_labels)
+        from ser_cache.plots import curves_after_training
+
+        curves_after_training(out)
     dist.barrier()
     wall = time.perf_counter() - t0
     if dist.is_main:

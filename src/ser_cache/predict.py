@@ -399,7 +399,7 @@ def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[s
 
 def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | None = None, device: str = "auto",
              features_dir: Path | None = None, transcripts: Path | None = None,
-             prefer_transcripts: bool = False) -> dict:
+             prefer_transcripts: bool = False, plots: Path | None = None) -> dict:
     """Score a run on a labelled split: CCC table, balanced CCC, gender; JSON to `out` or run_dir/eval_<split>.json.
 
     `transcripts` and `prefer_transcripts` give text inputs their text as in `predict`.
@@ -437,6 +437,14 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
     result["sources"] = sources
     target_path = Path(out) if out is not None else run_dir / f"eval_{split}.json"
     runs.write_json_atomic(target_path, result)
+    if plots is not None:
+        from ser_cache.plots import evaluation_plots
+
+        drawn = evaluation_plots(avd, target, [u.emotion for u in labelled], plots,
+                                 gender_true=None if probs is None else genders,
+                                 gender_pred=None if probs is None else probs.argmax(1),
+                                 gender_labels=config.get("gender_labels") or None, title=f"{run_dir.name} — {split}")
+        result["plots"] = [str(p) for p in drawn.paths]
     result["out"] = str(target_path)
     return result
 

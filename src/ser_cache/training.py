@@ -364,6 +364,9 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
         runs.save_weights(tmp, model, aam)
         write_run_files(tmp, config, metrics, history, data.ids[dev_idx].tolist(), best["pred"], best["probs"],
                         gender_labels)
+        from ser_cache.plots import curves_after_training
+
+        curves_after_training(tmp)  # curves.png, inside the run before it appears
     wall = time.perf_counter() - t0
     log.info("kept epoch %d of %d (%s %s CCC %.4f) in %.1f s; run written to %s", best["epoch"], cfg.epochs,
              data.dev_split, "balanced" if cfg.select == "balanced" else "mean", best["score"], wall, cfg.out)

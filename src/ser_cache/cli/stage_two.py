@@ -134,18 +134,24 @@ def evaluate(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     transcripts: TranscriptsOption = None,
     prefer_transcripts: PreferTranscriptsOption = False,
+    plots: Optional[Path] = typer.Option(None, help="Folder for figures: predicted vs true per attribute, CCC per "
+                                                    "emotion class, the gender confusion matrix (docs/plots.md)."),
 ) -> None:
     """Score a run on a labelled split: CCC per attribute, mean, balanced CCC, gender; prints a table, writes JSON."""
     from ser_cache.predict import evaluate as run_evaluate
 
     writable(dest or run / f"eval_{split}.json", "--out")
+    if plots is not None:
+        writable(plots, "--plots", folder=True)
     _log_to_stderr()
     result = guarded(run_evaluate, run, data, split, out=dest, device=device, features_dir=features_dir,
-                     transcripts=transcripts, prefer_transcripts=prefer_transcripts)
+                     transcripts=transcripts, prefer_transcripts=prefer_transcripts, plots=plots)
     if result is None:
         return
     out.print(scores_table(f"{run} — {split} ({result['rows']} utterances)", result))
     err.print(f"wrote {result['out']}", highlight=False)
+    for path in result.get("plots", []):
+        err.print(f"wrote {path}", highlight=False)
 
 
 @app.command()
@@ -189,21 +195,42 @@ def ensemble(
     split: Optional[str] = typer.Option(None, "--split", "-s", help="Labelled split to score."),
     with_gender: bool = typer.Option(False, "--with-gender", help="Also average the members' gender probabilities "
                                                                   "(members predicted --with-gender)."),
+    plots: Optional[Path] = typer.Option(None, help="Folder for a figure of the members' and the ensemble's CCC "
+                                                    "side by side (needs --data and --split)."),
 ) -> None:
     """Average the arousal/valence/dominance predictions of several systems; score them with --data/--split."""
     from ser_cache.ensemble import ensemble as run_ensemble
 
     writable(dest, "--out")
+    if plots is not None:
+        writable(plots, "--plots", folder=True)
     parsed = None
     if weights:
         try:
             parsed = [float(w) for w in weights.split(",")]
         except ValueError:
             fail(f"--weights {weights}: expected comma-separated numbers, e.g. 0.6,0.4")
-    result = guarded(run_ensemble, files, out=dest, weights=parsed, data=data, split=split, with_gender=with_gender)
+    result = guarded(run_ensemble, files, out=dest, weights=parsed, data=data, split=split, with_gender=with_gender,
+                     plots=plots)
     if result is None:
         return
     err.print(f"wrote {result.rows} averaged predictions to {result.out} "
               f"(weights {', '.join(f'{w:.3g}' for w in result.weights)})", highlight=False)
     if result.scores is not None:
-        out.print(scores_table(f"ensemble — {split}", result.scores))
+        out.print(members_table(f"ensemble — {split} (CCC)", [Path(f).stem for f in files], result.members,
+                                result.scores))
+    for path in result.plots:
+        err.print(f"wrote {path}", highlight=False)
+
+
+def members_table(title: str, names: list[str], members: list[dict], ensemble_scores: dict) -> Table:
+    """CCC per attribute and the mean: one column per member, the ensemble last."""
+    table = Table(title=title)
+    table.add_column("attribute")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("ensemble", justify="right", style="bold")
+    for key in ("arousal", "valence", "dominance", "mean"):
+        table.add_row(key, *(_fmt(m["ccc"][key]) for m in members), _fmt(ensemble_scores["ccc"][key]),
+                      style="bold" if key == "mean" else None)
+    return table

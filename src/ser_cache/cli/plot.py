@@ -1,0 +1,64 @@
+"""`ser-cache plot`: figures of a run's training and of a store's speakers (docs/plots.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ser_cache.cli import KNOWN_ERRORS, app, guarded, out, writable
+from ser_cache.plots import PlotError
+
+KNOWN_ERRORS.append(PlotError)
+
+plot_app = typer.Typer(no_args_is_help=True, help="Figures: training curves of a run, speakers in a feature store.")
+app.add_typer(plot_app, name="plot")
+
+
+@plot_app.command("run")
+def plot_run(
+    run: Path = typer.Argument(..., help="A run directory (train-heads, finetune wavlm; an unfinished fine-tuning run too)."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for curves.png (default: the run directory)."),
+    svg: bool = typer.Option(False, "--svg", help="Also write curves.svg."),
+) -> None:
+    """Training curves: the losses and the Development CCC per epoch, the kept epoch marked."""
+    from ser_cache.plots import training_curves
+
+    if out_dir is not None:
+        writable(out_dir, "--out", folder=True)
+    result = guarded(training_curves, run, out_dir, svg=svg)
+    if result is None:
+        return
+    kept = f"kept epoch {result.kept_epoch}" if result.finished else f"in progress, best so far: epoch {result.kept_epoch}"
+    out.print(f"{len(result.epochs)} epochs ({kept})")
+    for path in result.paths:
+        out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+@plot_app.command("speakers")
+def plot_speakers(
+    store: Path = typer.Argument(..., help="A feature store (.zarr): pooled, layered (layers averaged) or frames (frames averaged)."),
+    data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (the speaker of each utterance)."),
+    speakers: int = typer.Option(10, help="Speakers to draw (paper Fig. 2: 10)."),
+    per_speaker: int = typer.Option(10, "--per-speaker", help="Utterances per speaker (paper Fig. 2: 10)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FIG.png",
+                                            help="The figure (default: <store>-speakers.png beside the store)."),
+    seed: int = typer.Option(0, help="Seed for the speakers, the utterances and t-SNE."),
+    layer: Optional[int] = typer.Option(None, help="A layered store: this layer instead of the mean over layers."),
+    svg: bool = typer.Option(False, "--svg", help="Also write the figure as SVG beside the PNG."),
+) -> None:
+    """t-SNE of utterances coloured by speaker, with silhouette scores (how well the vectors group by speaker)."""
+    from ser_cache.plots import speaker_tsne
+
+    if out_path is not None:
+        writable(out_path, "--out")
+    result = guarded(speaker_tsne, store, data, speakers=speakers, per_speaker=per_speaker, seed=seed, out=out_path,
+                     svg=svg, layer=layer)
+    if result is None:
+        return
+    out.print(f"{len(result.speakers)} speakers × {per_speaker} utterances (of {result.eligible} speakers with enough)")
+    out.print(f"silhouette (vectors, cosine): {result.silhouette_vectors:.4f}")
+    out.print(f"silhouette (t-SNE, 2-D):      {result.silhouette_tsne:.4f}")
+    for path in result.paths:
+        out.print(f"wrote {path}", highlight=False, soft_wrap=True)

@@ -1,0 +1,324 @@
+"""plots: each figure is written at its size, is not blank, and draws the numbers the data gives."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from matplotlib.image import imread
+from typer.testing import CliRunner
+
+from ser_cache import plots, runs
+from ser_cache.metrics import ATTRIBUTES, ccc
+from ser_cache.plots import PlotError
+from ser_cache.store import FeatureStore
+
+
+def check_png(path: Path, size: tuple[float, float]) -> None:
+    """The PNG is (height, width) = size × DPI pixels and shows something: more than one colour."""
+    image = imread(path)
+    assert image.shape[:2] == (round(size[1] * plots.DPI), round(size[0] * plots.DPI))
+    pixels = image[..., :3].reshape(-1, 3)
+    assert pixels.std() > 0
+    assert len(np.unique(pixels, axis=0)) > 10
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+def history_rows(epochs: int, *, speaker: bool = True) -> list[dict]:
+    rows = []
+    for e in range(1, epochs + 1):
+        dev = {"arousal": 0.3 + 0.05 * e, "valence": 0.2 + 0.04 * e, "dominance": 0.25 + 0.03 * e}
+        dev["mean"] = float(np.mean(list(dev.values())))
+        rows.append({"epoch": e, "seconds": 1.0, "eval_seconds": 0.1, "loss_total": 1.5 / e, "loss_ccc": 1.0 / e,
+                     "loss_gender": 0.4 / e, "loss_speaker": 0.1 / e if speaker else 0.0,
+                     **{f"dev_ccc_{k}": v for k, v in dev.items()},
+                     **{f"dev_balanced_ccc_{k}": v - 0.02 for k, v in dev.items()},
+                     "dev_gender_accuracy": 0.8, "dev_gender_macro_f1": 0.79})
+    return rows
+
+
+def make_run(path: Path, epochs: int = 6, best_epoch: int = 4, speaker: bool = False) -> Path:
+    """A finished run's files as training.write_run_files leaves them (no weights: plots need none)."""
+    path.mkdir(parents=True)
+    history = history_rows(epochs, speaker=speaker)
+    runs.write_csv_atomic(path / runs.HISTORY, list(history[0]), [list(r.values()) for r in history])
+    runs.write_json_atomic(path / runs.METRICS, {"split": "Development", "best_epoch": best_epoch})
+    runs.write_json_atomic(path / runs.CONFIG, {"format": runs.RUN_FORMAT, "format_version": 1,
+                                                "best_epoch": best_epoch, "gender_labels": ["Female", "Male"]})
+    return path
+
+
+def test_training_curves_of_a_finished_run(tmp_path):
+    run = make_run(tmp_path / "run", epochs=6, best_epoch=4)
+    result = plots.training_curves(run, svg=True)
+    assert result.paths == [run / "curves.png", run / "curves.svg"]
+    check_png(run / "curves.png", plots.CURVES_SIZE)
+    assert (run / "curves.svg").read_text().lstrip().startswith("<?xml")
+    assert result.finished and result.kept_epoch == json.loads((run / "config.json").read_text())["best_epoch"]
+    assert result.epochs == [1, 2, 3, 4, 5, 6]
+    # the speaker loss is zero throughout (head off): not drawn
+    assert set(result.losses) == {"total", "ccc", "gender"}
+    with open(run / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert result.dev_ccc["mean"] == pytest.approx([float(r["dev_ccc_mean"]) for r in rows])
+    assert result.balanced_mean == pytest.approx([float(r["dev_balanced_ccc_mean"]) for r in rows])
+    assert not list(run.glob(".*tmp*"))  # nothing temporary left behind
+
+
+def test_training_curves_elsewhere_and_without_balanced(tmp_path):
+    run = make_run(tmp_path / "run")
+    with open(run / "history.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for r in rows:
+        for k in (*ATTRIBUTES, "mean"):
+            r[f"dev_balanced_ccc_{k}"] = "nan"
+    runs.write_csv_atomic(run / "history.csv", list(rows[0]), [list(r.values()) for r in rows])
+    result = plots.training_curves(run, out_dir=tmp_path / "figs")
+    assert result.paths == [tmp_path / "figs" / "curves.png"] and result.balanced_mean is None
+    assert not (run / "curves.png").exists()
+
+
+def test_training_curves_of_an_unfinished_finetuning_run(tmp_path):
+    torch = pytest.importorskip("torch")
+    from ser_cache.checkpoint import CHECKPOINT
+
+    run = tmp_path / "ft"
+    run.mkdir()
+    (run / runs.IN_PROGRESS).write_text("{}")
+    history = history_rows(3, speaker=True)
+    torch.save({"format": "ser-cache-finetune-checkpoint", "epoch": 3, "history": history,
+                "best": {"epoch": 2, "score": 0.5}}, run / CHECKPOINT)
+    result = plots.training_curves(run)
+    assert not result.finished and result.kept_epoch == 2
+    assert result.epochs == [1, 2, 3] and set(result.losses) == {"total", "ccc", "gender", "speaker"}
+    check_png(run / "curves.png", plots.CURVES_SIZE)
+
+
+def test_training_curves_refusals(tmp_path):
+    with pytest.raises(PlotError, match="no such run directory"):
+        plots.training_curves(tmp_path / "absent")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(PlotError, match="not a run directory"):
+        plots.training_curves(tmp_path / "empty")
+    unfinished = tmp_path / "unfinished"
+    unfinished.mkdir()
+    (unfinished / runs.IN_PROGRESS).write_text("{}")
+    with pytest.raises(PlotError, match="not finished an epoch"):
+        plots.training_curves(unfinished)
+    (unfinished / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(PlotError, match="not a readable checkpoint"):
+        plots.training_curves(unfinished)
+
+
+def test_training_curves_of_a_trained_run(tmp_path):
+    """A run that train_heads really wrote (history.csv, config.json as it writes them)."""
+    from test_training import make_corpus, make_store
+
+    from ser_cache.training import TrainHeadsConfig, train_heads
+
+    manifest, ids, feats = make_corpus(tmp_path / "corpus", n=120)
+    store = make_store(tmp_path / "audio.zarr", ids, feats["audio"])
+    cfg = TrainHeadsConfig(features=(store,), data=manifest, out=tmp_path / "run", epochs=3, progress=False,
+                           balanced_trials=2, threads=1)
+    trained = train_heads(cfg)
+    result = plots.training_curves(tmp_path / "run")
+    assert result.kept_epoch == trained.best_epoch and result.epochs == [1, 2, 3]
+    check_png(tmp_path / "run" / "curves.png", plots.CURVES_SIZE)
+
+
+# --------------------------------------------------------------------------- evaluation and ensemble
+
+
+def labelled(n: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    true = rng.uniform(1, 7, (n, 3))
+    pred = np.clip(true + rng.normal(0, 0.8, (n, 3)), 1, 7)
+    emotions = np.array(list("NHSADCFU") + ["O", "X"])[rng.integers(0, 10, n)].tolist()
+    emotions[0] = "F"  # F is given exactly one row below: too few for a CCC
+    emotions = ["N" if e == "F" else e for e in emotions]
+    emotions[0] = "F"
+    return pred, true, emotions
+
+
+@pytest.mark.parametrize("n, svg", [(300, True), (2500, False)])  # a scatter, then a hexbin
+def test_evaluation_plots(tmp_path, n, svg):
+    pred, true, emotions = labelled(n)
+    rng = np.random.default_rng(1)
+    gender_true = rng.integers(0, 2, n)
+    gender_pred = np.where(rng.random(n) < 0.8, gender_true, 1 - gender_true)
+    result = plots.evaluation_plots(pred, true, emotions, tmp_path, gender_true=gender_true, gender_pred=gender_pred,
+                                    gender_labels=["Female", "Male"], title="test", svg=svg)
+    names = {"scatter.png", "ccc_per_class.png", "gender_confusion.png"}
+    assert {p.name for p in result.paths} == names | ({n.replace(".png", ".svg") for n in names} if svg else set())
+    check_png(tmp_path / "scatter.png", plots.SCATTER_SIZE)
+    check_png(tmp_path / "ccc_per_class.png", plots.PER_CLASS_SIZE)
+    check_png(tmp_path / "gender_confusion.png", plots.CONFUSION_SIZE)
+    for j, attr in enumerate(ATTRIBUTES):
+        assert result.ccc[attr] == ccc(pred[:, j], true[:, j])
+    codes = np.array(emotions)
+    assert "F" not in result.ccc_per_class  # one row only
+    assert set(result.ccc_per_class) == set("NHSADCU")  # O and X are not primary classes
+    rows = codes == "H"
+    assert result.ccc_per_class["H"]["valence"] == ccc(pred[rows, 1], true[rows, 1])
+    expected = np.array([[np.sum((gender_true == t) & (gender_pred == p)) for p in (0, 1)] for t in (0, 1)])
+    np.testing.assert_array_equal(result.gender_confusion, expected)
+    assert result.gender_labels == ["Female", "Male"]
+
+
+def test_evaluation_plots_without_gender_and_with_string_genders(tmp_path):
+    pred, true, emotions = labelled(50)
+    result = plots.evaluation_plots(pred, true, emotions, tmp_path / "a")
+    assert {p.name for p in result.paths} == {"scatter.png", "ccc_per_class.png"} and result.gender_confusion is None
+    truth = ["Female", "Male", "Unknown"] * 16 + ["Female", "Male"]
+    guess = ["Female", "Female", "Male"] * 16 + ["Male", "Male"]
+    result = plots.evaluation_plots(pred, true, emotions, tmp_path / "b", gender_true=truth, gender_pred=guess,
+                                    gender_labels=["Female", "Male"])
+    # rows whose true gender is not a label (Unknown) are not counted
+    np.testing.assert_array_equal(result.gender_confusion, [[16, 1], [16, 1]])
+    with pytest.raises(PlotError, match=r"\(N, 3\)"):
+        plots.evaluation_plots(pred[:, :2], true[:, :2], emotions, tmp_path / "c")
+    with pytest.raises(PlotError, match="both gender_true and gender_pred"):
+        plots.evaluation_plots(pred, true, emotions, tmp_path / "c", gender_true=truth)
+
+
+def test_ensemble_plots(tmp_path):
+    members = [{"ccc": {"arousal": 0.6, "valence": 0.5, "dominance": 0.55, "mean": 0.55}, "split": "Development"},
+               {"arousal": 0.62, "valence": 0.7, "dominance": 0.5}]
+    ensemble = {"ccc": {"arousal": 0.65, "valence": 0.72, "dominance": 0.58, "mean": 0.65}}
+    result = plots.ensemble_plots(["whisper", "mm"], members, ensemble, tmp_path, svg=True)
+    assert [p.name for p in result.paths] == ["ensemble.png", "ensemble.svg"]
+    check_png(tmp_path / "ensemble.png", plots.ENSEMBLE_SIZE)
+    assert result.names == ["whisper", "mm", "ensemble"]
+    assert result.scores["mm"]["mean"] == pytest.approx((0.62 + 0.7 + 0.5) / 3)
+    assert result.scores["ensemble"] == ensemble["ccc"]
+    with pytest.raises(PlotError, match="expected CCCs"):
+        plots.ensemble_plots(["a"], [{"arousal": 0.1}], ensemble, tmp_path)
+
+
+# --------------------------------------------------------------------------- speakers
+
+
+def speaker_corpus(root: Path, speakers: int = 12, per_speaker: int = 12) -> tuple[Path, list[str], list[str]]:
+    """A manifest whose utterances have speakers, plus some of unknown speaker."""
+    root.mkdir(parents=True, exist_ok=True)
+    ids, labels = [], []
+    for s in range(speakers):
+        for k in range(per_speaker - (s == 0) * (per_speaker - 3)):  # speaker 0 has only 3
+            ids.append(f"s{s:02d}_{k:02d}.wav")
+            labels.append(f"spk{s:02d}")
+    for k in range(15):
+        ids.append(f"unknown_{k:02d}.wav")
+        labels.append("Unknown" if k % 2 else "")
+    path = root / "manifest.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "id", "split", "arousal", "valence", "dominance", "emotion", "gender", "speaker"])
+        for uid, spk in zip(ids, labels):
+            w.writerow([f"audio/{uid}", uid, "Train", "4", "4", "4", "N", "Female", spk])
+    return path, ids, labels
+
+
+def speaker_store(path: Path, ids: list[str], labels: list[str], *, separated: bool, shape=(32,), seed=0,
+                  frames: bool = False) -> Path:
+    """Vectors near a per-speaker centre (separated) or pure noise."""
+    rng = np.random.default_rng(seed)
+    dim = shape[-1]
+    centres = {s: rng.normal(0, 3, dim) for s in sorted(set(labels))}
+    base = np.stack([centres[s] if separated else np.zeros(dim) for s in labels])
+    feats = (base[:, None, :] if len(shape) == 2 else base) + rng.normal(0, 1, (len(ids), *shape))
+    written = np.ones(len(ids), dtype=bool)
+    attrs = {"name": path.stem, "kind": "whisper", "modality": "audio", "settings": {}}
+    store = FeatureStore.create(path, ids, shape, attrs, chunk_rows=64, frames=frames)
+    for chunk in range(store.n_chunks):
+        start, end = store.chunk_bounds(chunk)
+        if frames:
+            counts = np.full(end - start, shape[0], dtype=np.int32)
+            store.write_chunk(chunk, feats[start:end].astype(np.float16), written[start:end], ~written[start:end],
+                              frames=counts)
+        else:
+            store.write_chunk(chunk, feats[start:end].astype(np.float16), written[start:end], ~written[start:end])
+    return path
+
+
+@pytest.fixture(scope="module")
+def speaker_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("speakers")
+    return speaker_corpus(root / "corpus")
+
+
+def test_speaker_tsne_separates_speakers(speaker_data, tmp_path):
+    """A layered store (the mean over layers is drawn); pooled stores in the tests below."""
+    manifest, ids, labels = speaker_data
+    shape = (4, 32)
+    good = speaker_store(tmp_path / "good.zarr", ids, labels, separated=True, shape=shape)
+    noise = speaker_store(tmp_path / "noise.zarr", ids, labels, separated=False, shape=shape)
+    a = plots.speaker_tsne(good, manifest, speakers=6, per_speaker=8, seed=0, out=tmp_path / "good.png", svg=True)
+    b = plots.speaker_tsne(noise, manifest, speakers=6, per_speaker=8, seed=0, out=tmp_path / "noise.png")
+    assert a.paths == [tmp_path / "good.png", tmp_path / "good.svg"]
+    check_png(tmp_path / "good.png", plots.TSNE_SIZE)
+    check_png(tmp_path / "noise.png", plots.TSNE_SIZE)
+    for r in (a, b):
+        assert -1 <= r.silhouette_vectors <= 1 and -1 <= r.silhouette_tsne <= 1
+        assert len(r.speakers) == 6 and len(r.ids) == 48 and r.points.shape == (48, 2)
+        assert "spk00" not in r.speakers  # 3 utterances only
+        assert r.eligible == 11
+        assert all(i.startswith(s.replace("spk", "s")) for i, s in zip(r.ids, r.labels))
+    assert a.speakers == b.speakers  # the same seed draws the same speakers
+    assert a.silhouette_vectors > b.silhouette_vectors + 0.2
+    assert a.silhouette_tsne > b.silhouette_tsne + 0.2
+
+
+def test_speaker_tsne_frame_store_and_layer(speaker_data, tmp_path):
+    manifest, ids, labels = speaker_data
+    frames = speaker_store(tmp_path / "frames.zarr", ids, labels, separated=True, shape=(5, 16), frames=True)
+    r = plots.speaker_tsne(frames, manifest, speakers=4, per_speaker=5, seed=3, out=tmp_path / "f.png")
+    assert r.silhouette_vectors > 0.3
+    layered = speaker_store(tmp_path / "layered.zarr", ids, labels, separated=True, shape=(3, 16))
+    r = plots.speaker_tsne(layered, manifest, speakers=4, per_speaker=5, layer=-1)
+    assert r.paths == [tmp_path / "layered-speakers.png"]
+    with pytest.raises(PlotError, match="layer 7 does not exist"):
+        plots.speaker_tsne(layered, manifest, speakers=4, per_speaker=5, layer=7)
+    with pytest.raises(PlotError, match="no layers"):
+        plots.speaker_tsne(frames, manifest, speakers=4, per_speaker=5, layer=0)
+
+
+def test_speaker_tsne_refuses_too_few_speakers(speaker_data, tmp_path):
+    manifest, ids, labels = speaker_data
+    store = speaker_store(tmp_path / "s.zarr", ids, labels, separated=True)
+    with pytest.raises(PlotError, match=r"11 speaker\(s\) have at least 10 utterances.*12 are asked for"):
+        plots.speaker_tsne(store, manifest, speakers=12, per_speaker=10)
+    with pytest.raises(PlotError, match=r"0 speaker\(s\) have at least 13"):
+        plots.speaker_tsne(store, manifest, speakers=2, per_speaker=13)
+    with pytest.raises(PlotError, match="ending in .png"):
+        plots.speaker_tsne(store, manifest, out=tmp_path / "fig.svg")
+
+
+# --------------------------------------------------------------------------- the commands
+
+
+def test_plot_commands(speaker_data, tmp_path):
+    from ser_cache.cli.plot import plot_app
+
+    manifest, ids, labels = speaker_data
+    runner = CliRunner()
+    run = make_run(tmp_path / "run")
+    result = runner.invoke(plot_app, ["run", str(run), "--out", str(tmp_path / "figs"), "--svg"])
+    assert result.exit_code == 0, result.output
+    assert "kept epoch 4" in result.output
+    assert (tmp_path / "figs" / "curves.png").is_file() and (tmp_path / "figs" / "curves.svg").is_file()
+
+    store = speaker_store(tmp_path / "s.zarr", ids, labels, separated=True)
+    args = ["speakers", str(store), "--data", str(manifest), "--speakers", "3", "--per-speaker", "4",
+            "--out", str(tmp_path / "fig.png"), "--seed", "1"]
+    result = runner.invoke(plot_app, args)
+    assert result.exit_code == 0, result.output
+    assert "silhouette (vectors, cosine)" in result.output and (tmp_path / "fig.png").is_file()
+
+    result = runner.invoke(plot_app, [*args[:4], "--speakers", "30"])
+    assert result.exit_code == 2
+    assert "error:" in result.output and "11 speaker(s)" in result.output and "Traceback" not in result.output

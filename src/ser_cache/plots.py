@@ -138,7 +138,8 @@ def read_history(run_dir: str | Path) -> tuple[list[dict], int | None, bool]:
     return rows, None if kept is None else int(kept), True
 
 
-def training_curves(run_dir: str | Path, out_dir: str | Path | None = None, svg: bool = False) -> CurvesResult:
+def training_curves(run_dir: str | Path, out_dir: str | Path | None = None, svg: bool = False,
+                    title: str | None = None) -> CurvesResult:
     """Losses and Development CCC per epoch, the kept epoch marked; `<out_dir>/curves.png` (default: the run)."""
     run_dir = Path(run_dir)
     rows, kept, finished = read_history(run_dir)
@@ -177,7 +178,7 @@ def training_curves(run_dir: str | Path, out_dir: str | Path | None = None, svg:
     for ax in (ax_loss, ax_ccc):
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.suptitle(f"{run_dir.name}" + ("" if finished else f" (in progress, {len(epochs)} epochs)"))
+    fig.suptitle(f"{title or run_dir.name}" + ("" if finished else f" (in progress, {len(epochs)} epochs)"))
     paths = _save(fig, Path(out_dir or run_dir) / CURVES, svg)
     return CurvesResult(paths=paths, epochs=epochs, losses=losses, dev_ccc=dev, balanced_mean=balanced_mean,
                         kept_epoch=kept, finished=finished)
@@ -485,13 +486,13 @@ def _speaker_colours(n: int) -> list:
     return [colormaps["turbo"](i / (n - 1)) for i in range(n)]
 
 
-def curves_after_training(run_dir: str | Path) -> Path | None:
+def curves_after_training(run_dir: str | Path, title: str | None = None) -> Path | None:
     """`curves.png` for a run just written; a figure that cannot be drawn only costs a warning,
     never the run (the run's files are already in place)."""
     import logging
 
     try:
-        return training_curves(run_dir).paths[0]
+        return training_curves(run_dir, title=title).paths[0]
     except Exception as exc:  # plotting is a by-product: report it, keep the run
         logging.getLogger(__name__).warning("%s: training curves not drawn (%s)", run_dir, exc)
         return None

@@ -97,6 +97,7 @@ class TrainHeadsConfig:
     conv_dim: int = 256
     conv_dropout: float = 0.1
     memory_budget_gb: float | None = None
+    tensorboard: Path | None = None  # a folder for TensorBoard scalars (the history rows)
     device: str = "auto"
     threads: int | None = None
     overwrite: bool = False
@@ -128,6 +129,7 @@ class TrainHeadsConfig:
         d["features"] = [str(p) for p in self.features]
         d["data"] = str(self.data)
         d["out"] = str(self.out)
+        d["tensorboard"] = None if self.tensorboard is None else str(self.tensorboard)
         return d
 
 
@@ -331,7 +333,7 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
 
     history: list[dict] = []
     best: dict = {"score": -math.inf, "epoch": 0}
-    with EpochProgress(cfg.progress, cfg.epochs) as progress:
+    with EpochProgress(cfg.progress, cfg.epochs, tensorboard=cfg.tensorboard) as progress:
         for epoch in range(1, cfg.epochs + 1):
             t_epoch = time.perf_counter()
             sampler.set_epoch(epoch)
@@ -366,7 +368,7 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
                         gender_labels)
         from ser_cache.plots import curves_after_training
 
-        curves_after_training(tmp)  # curves.png, inside the run before it appears
+        curves_after_training(tmp, title=Path(cfg.out).name)  # curves.png, inside the run before it appears
     wall = time.perf_counter() - t0
     log.info("kept epoch %d of %d (%s %s CCC %.4f) in %.1f s; run written to %s", best["epoch"], cfg.epochs,
              data.dev_split, "balanced" if cfg.select == "balanced" else "mean", best["score"], wall, cfg.out)
@@ -547,34 +549,83 @@ def history_row(epoch: int, losses: Mapping[str, float], dev: dict, seconds: flo
     return row
 
 
-class EpochProgress:
-    """A rich progress bar over epochs showing the loss and the Development scores."""
+TENSORBOARD_MISSING = ("--tensorboard: needs the tensorboard package, which is not installed; "
+                       "pip install 'ser-cache[tensorboard]'")
 
-    def __init__(self, enabled: bool, epochs: int):
+
+def tensorboard_problem() -> str | None:
+    """None when torch's SummaryWriter can be used, else the one-line reason."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+    except ImportError:
+        return TENSORBOARD_MISSING
+    return None
+
+
+class EpochProgress:
+    """A rich progress bar over epochs showing the loss and the Development scores.
+
+    With `tensorboard` (a folder), every history row is also logged there as TensorBoard scalars,
+    one per history.csv column, at its epoch.
+    """
+
+    WIDE_COLUMNS = 110  # narrower consoles get the short line: it fits 80 columns
+
+    def __init__(self, enabled: bool, epochs: int, *, tensorboard: Path | None = None, console=None):
         self.enabled = enabled
         self.epochs = epochs
+        self.tensorboard = tensorboard
+        self.console = console
         self._progress = None
+        self._writer = None
+        self._wide = True
+
+    def make_progress(self):
+        import sys
+
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        console = self.console or Console(file=sys.stderr)
+        self._wide = console.width >= self.WIDE_COLUMNS
+        if self._wide:
+            columns = (TextColumn("[bold]epochs"), BarColumn(), MofNCompleteColumn())
+        else:
+            columns = (BarColumn(bar_width=10), TextColumn("epoch"), MofNCompleteColumn())
+        progress = Progress(*columns, TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+        self._task = progress.add_task("train", total=self.epochs, info="")
+        return progress
 
     def __enter__(self) -> EpochProgress:
+        if self.tensorboard is not None:
+            problem = tensorboard_problem()
+            if problem:
+                raise TrainError(problem)
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(log_dir=str(self.tensorboard))
         if self.enabled:
-            import sys
-
-            from rich.console import Console
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-            self._progress = Progress(TextColumn("[bold]epochs"), BarColumn(), MofNCompleteColumn(),
-                                      TextColumn("{task.fields[info]}"), TimeElapsedColumn(),
-                                      console=Console(file=sys.stderr))
+            self._progress = self.make_progress()
             self._progress.start()
-            self._task = self._progress.add_task("train", total=self.epochs, info="")
         return self
 
+    def info(self, row: dict, best_epoch: int) -> str:
+        loss, ccc, balanced = row["loss_total"], row["dev_ccc_mean"], row["dev_balanced_ccc_mean"]
+        if self._wide:
+            return f"loss {loss:.3f} · dev CCC {ccc:.3f} · balanced {balanced:.3f} · best epoch {best_epoch}"
+        return f"loss {loss:.3f} CCC {ccc:.3f} bal {balanced:.3f} best {best_epoch}"
+
     def update(self, epoch: int, row: dict, best_epoch: int) -> None:
+        if self._writer is not None:
+            for key, value in row.items():
+                if key != "epoch" and isinstance(value, (int, float)):
+                    self._writer.add_scalar(key, value, epoch)
+            self._writer.flush()
         if self._progress is not None:
-            info = (f"loss {row['loss_total']:.3f} · dev CCC {row['dev_ccc_mean']:.3f} · "
-                    f"balanced {row['dev_balanced_ccc_mean']:.3f} · best epoch {best_epoch}")
-            self._progress.update(self._task, completed=epoch, info=info)
+            self._progress.update(self._task, completed=epoch, info=self.info(row, best_epoch))
 
     def __exit__(self, *exc) -> None:
         if self._progress is not None:
             self._progress.stop()
+        if self._writer is not None:
+            self._writer.close()

@@ -193,7 +193,7 @@ def test_bad_options_are_listed_together(tmp_path):
 def test_a_missing_model_is_a_clear_error(corpus_ft, tmp_path):
     from ser_cache.encoders import EncoderError
 
-    with pytest.raises(EncoderError, match="huggingface-cli download"):
+    with pytest.raises(EncoderError, match="hf download"):
         finetune_wavlm(base_config(corpus_ft, Path("no-such/wavlm-model"), tmp_path / "run"))
 
 

@@ -188,7 +188,8 @@ def read_msp_podcast(
     if not audio_dir.is_dir() and not label_file.is_file():
         raise CorpusError(
             f"{root}: not an MSP-Podcast layout (expected Audios/ and {MSP_LABEL_FILE}); "
-            "for other corpora pass a CSV manifest with --data (see docs/corpora.md)"
+            "for other corpora pass a CSV manifest with --data: one row per utterance, a path column "
+            f"(audio file) and optionally {', '.join(c for c in MANIFEST_COLUMNS if c != 'path')}"
         )
     if not audio_dir.is_dir():
         raise CorpusError(f"{root}: no Audios/ folder; the MSP-Podcast layout keeps the audio of every "

@@ -136,6 +136,7 @@ class ExtractResult:
     setup_seconds: float = 0.0  # reading the corpus, loading the encoder, opening the store
     loop_seconds: float = 0.0  # this rank's encoding loop: wall_seconds less set-up and the final merge
     text_sources: dict | None = None  # a text store (rank 0): {"corpus": n, "table": m, "none": k} over its rows
+    modality: str = "audio"  # the encoder's: a text store has no audio seconds to report
 
     @property
     def utterances_per_second(self) -> float:
@@ -217,7 +218,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
                              computed=sum(c for c, _ in per_rank), skipped=skipped,
                              audio_seconds=sum(a for _, a in per_rank), wall_seconds=time.perf_counter() - t0,
                              timings=timings, rank=dist.rank, world=dist.world,
-                             setup_seconds=t_loop - t0, loop_seconds=loop_seconds, text_sources=text_sources)
+                             setup_seconds=t_loop - t0, loop_seconds=loop_seconds, text_sources=text_sources,
+                             modality=encoder.modality)
     finally:
         lock.release()
         distributed.shutdown(dist)
@@ -463,7 +465,8 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
     total_rows = sum(min(store.chunk_rows, store.n_rows - c * store.chunk_rows) for u in units for c in u)
     computed = 0
     audio_seconds = 0.0
-    progress = ExtractProgress(enabled=cfg.progress and dist.is_main, total=total_rows, name=store.path.name)
+    progress = ExtractProgress(enabled=cfg.progress and dist.is_main, total=total_rows, name=store.path.name,
+                               audio=encoder.modality == "audio")
     workers = (distributed.decoding_workers(encoder.device.type, gpu_cap=8, cpu_cap=2)
                if cfg.workers is None else cfg.workers)
     decoder = _Decoder(min(workers, total_rows), cfg.max_seconds)

@@ -104,6 +104,7 @@ class FinetuneConfig:
     resume: bool = False
     overwrite: bool = False
     progress: bool = True
+    tensorboard: Path | None = None  # a folder for TensorBoard scalars (the history rows)
 
     def verify(self) -> None:
         """Raise one TrainError listing every problem with the options."""
@@ -140,7 +141,10 @@ class FinetuneConfig:
         return tuple(Path(p) for p in (self.text_features, self.speaker_features) if p is not None)
 
     def to_dict(self) -> dict:
-        return runs._jsonable(asdict(self))
+        # Where TensorBoard logs go is no setting of the run: --resume may add, move or drop it.
+        d = asdict(self)
+        d.pop("tensorboard")
+        return runs._jsonable(d)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -340,7 +344,8 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     run = _Run(cfg=cfg, dist=dist, device=device, amp_dtype=amp_dtype, data=data, seconds=seconds,
                targets=targets, model=model, ddp=ddp, aam=aam, optimizer=optimizer, scaler=scaler,
                loader=loader, plan=plan)
-    with training.EpochProgress(cfg.progress and dist.is_main, cfg.epochs) as progress:
+    with training.EpochProgress(cfg.progress and dist.is_main, cfg.epochs,
+                                tensorboard=cfg.tensorboard if dist.is_main else None) as progress:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             t_epoch = time.perf_counter()
             sampler.set_epoch(epoch)

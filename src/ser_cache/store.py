@@ -595,11 +595,18 @@ def remove_store(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def export_hdf5(store: FeatureStore, out: str | Path) -> Path:
+LABEL_FLOATS = ("arousal", "valence", "dominance")
+LABEL_STRINGS = ("emotion", "gender", "speaker", "split")
+
+
+def export_hdf5(store: FeatureStore, out: str | Path, labels=None) -> Path:
     """Write the same arrays and attributes to an HDF5 file (temporary file, then rename).
 
     Features are copied one chunk at a time: a frame store's padded features can be several times
-    the memory its valid frames need. A frame store's `frames` counts come along.
+    the memory its valid frames need. A frame store's `frames` counts come along. With `labels`
+    (the corpus's utterances), `labels/arousal`, `valence`, `dominance` (float32, NaN where
+    missing) and `labels/emotion`, `gender`, `speaker`, `split` (strings, "" where missing) are
+    added, row for row with `ids`; an id the corpus lacks gets NaN and "".
     """
     import h5py
 
@@ -617,6 +624,17 @@ def export_hdf5(store: FeatureStore, out: str | Path) -> Path:
         f.create_dataset("failed", data=failed)
         if store.is_frames:
             f.create_dataset("frames", data=store.frame_counts().astype(np.int32))
+        if labels is not None:
+            by_id = {u.id: u for u in labels}
+            rows = [by_id.get(str(i)) for i in ids]
+            group = f.create_group("labels")
+            for name in LABEL_FLOATS:
+                values = [getattr(u, name, None) if u is not None else None for u in rows]
+                group.create_dataset(name, data=np.array([np.nan if v is None else v for v in values], np.float32))
+            for name in LABEL_STRINGS:
+                values = [(getattr(u, name, None) or "") if u is not None else "" for u in rows]
+                group.create_dataset(name, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
+            group.attrs["rows_without_labels"] = sum(u is None for u in rows)
         for k, v in store.attrs.items():
             f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
     return out

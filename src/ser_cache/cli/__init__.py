@@ -86,8 +86,28 @@ def one_line_failures() -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
+# Below this many columns `--help` is click's plain layout: rich's option table gives the
+# description what its five name and type columns leave, about 20 characters at 80 columns.
+RICH_HELP_COLUMNS = 120
+
+
+def _plain_help(cmd) -> None:
+    """Click's own help layout for `cmd` and every command under it (names, then wrapped text)."""
+    if hasattr(cmd, "rich_markup_mode"):
+        cmd.rich_markup_mode = None
+    for sub in getattr(cmd, "commands", {}).values():
+        _plain_help(sub)
+
+
 class _GuardedGroup(TyperGroup):
     """The app's group: every command (and sub-group) runs inside `one_line_failures`."""
+
+    def main(self, *args, **kwargs):
+        import shutil
+
+        if shutil.get_terminal_size().columns < RICH_HELP_COLUMNS:
+            _plain_help(self)
+        return super().main(*args, **kwargs)
 
     def invoke(self, ctx):
         with one_line_failures():
@@ -96,6 +116,18 @@ class _GuardedGroup(TyperGroup):
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, cls=_GuardedGroup,
                   help="Speech emotion recognition with cached encoder features: extract once, train heads in minutes.")
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        out.print(f"ser-cache {__version__}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:
+    pass
 
 
 def guarded(fn, *args, **kwargs):

@@ -7,9 +7,11 @@ from typing import Optional
 
 import typer
 
-from ser_cache.cli import app, guarded, out, writable
+from ser_cache.cli import app, fail, guarded, out, writable
 from ser_cache.cli import shared_options as shared
 from ser_cache.cli.stage_two import _log_to_stderr, scores_table
+
+DEFAULT_LR = 5e-5  # the paper's, for WavLM and the heads alike
 
 finetune_app = typer.Typer(no_args_is_help=True, help="Fine-tune an encoder end to end with the stage-two heads.")
 app.add_typer(finetune_app, name="finetune")
@@ -25,8 +27,12 @@ def wavlm(
     train_split: shared.TrainSplit = "Train",
     dev_split: shared.DevSplit = "Development",
     epochs: shared.Epochs = 50,
-    lr_encoder: float = typer.Option(5e-5, help="AdamW learning rate of WavLM (paper: 5e-5)."),
-    lr_heads: float = typer.Option(5e-5, help="AdamW learning rate of layer weights, convolutions and heads (paper: 5e-5)."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate of WavLM and of the heads alike: "
+                                       "sets --lr-encoder and --lr-heads (either, given, wins)."),
+    lr_encoder: Optional[float] = typer.Option(None, help="AdamW learning rate of WavLM (default: --lr, else the "
+                                               "paper's 5e-5)."),
+    lr_heads: Optional[float] = typer.Option(None, help="AdamW learning rate of layer weights, convolutions and heads "
+                                             "(default: --lr, else the paper's 5e-5)."),
     weight_decay: shared.WeightDecay = 0.01,
     batch_seconds: float = typer.Option(160.0, help="Audio seconds per batch, summed over all GPUs (the paper gives no batch size)."),
     grad_accum: int = typer.Option(1, help="Batches per optimizer step."),
@@ -59,6 +65,8 @@ def wavlm(
     resume: bool = typer.Option(False, help="Continue the unfinished run in --out from its last checkpoint."),
     overwrite: bool = typer.Option(False, help="Delete the run in --out and start again."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    tensorboard: Optional[Path] = typer.Option(None, metavar="DIR", help="Also log each epoch's history.csv row as "
+                                               "TensorBoard scalars in DIR (pip install 'ser-cache[tensorboard]')."),
 ) -> None:
     """Fine-tune WavLM (all hidden states weighted, point-wise convolutions, mean pooling) with the
     stage-two heads; write a run directory that evaluate, predict and ensemble use like any other.
@@ -68,6 +76,12 @@ def wavlm(
     from ser_cache.finetune import FinetuneConfig, finetune_wavlm
 
     writable(out_dir, "--out", folder=True)
+    from ser_cache.training import tensorboard_problem
+
+    if tensorboard is not None and tensorboard_problem():
+        fail(tensorboard_problem())
+    lr_encoder = lr_encoder if lr_encoder is not None else (lr if lr is not None else DEFAULT_LR)
+    lr_heads = lr_heads if lr_heads is not None else (lr if lr is not None else DEFAULT_LR)
     _log_to_stderr()
     cfg = FinetuneConfig(data=data, out=out_dir, model=model, text_features=text_features,
                          speaker_features=speaker_features, train_split=train_split, dev_split=dev_split,
@@ -79,7 +93,7 @@ def wavlm(
                          balanced_trials=balanced_trials, balanced_per_class=balanced_per_class, hidden=hidden,
                          dropout=dropout, conv_dim=conv_dim, conv_dropout=conv_dropout, layerdrop=layerdrop,
                          init_from=init_from, workers=workers, device=device, threads=threads,
-                         resume=resume, overwrite=overwrite, progress=progress)
+                         resume=resume, overwrite=overwrite, progress=progress, tensorboard=tensorboard)
     result = guarded(finetune_wavlm, cfg)
     if result is None or not _is_main():
         return

@@ -58,7 +58,7 @@ def extract(
     err.print(
         f"[bold]{result.store}[/]: {result.written}/{result.rows} rows written, {result.failed} failed "
         f"({result.computed} computed now, {result.skipped} already done) in {result.wall_seconds:.1f} s — "
-        f"{result.utterances_per_second:.1f} utt/s, {result.audio_seconds_per_second:.0f} audio-s/s "
+        f"{_rates(result)} "
         f"[dim](set-up {result.setup_seconds:.1f} s, headers {t.get('headers', 0):.1f} s, waiting for decoding {t.get('decode_wait', 0):.1f} s, "
         f"encoder {t.get('encode', 0):.1f} s, writing {t.get('write', 0):.1f} s)[/]",
         highlight=False,
@@ -74,6 +74,14 @@ def extract(
              f"{result.report}", code=1)
     if result.failed:
         err.print(f"[yellow]{result.failed} utterance(s) could not be used; see {result.report}[/]", highlight=False)
+
+
+def _rates(result) -> str:
+    """utt/s, and audio-s/s for an audio encoder (a text encoder's rows have no audio seconds)."""
+    rates = f"{result.utterances_per_second:.1f} utt/s"
+    if getattr(result, "modality", "audio") == "audio":
+        rates += f", {result.audio_seconds_per_second:.0f} audio-s/s"
+    return rates
 
 
 @app.command()
@@ -151,13 +159,24 @@ def export(
     store: Path = typer.Argument(..., help="A feature store (.zarr)."),
     fmt: str = typer.Option("hdf5", "--format", help="Output format: hdf5."),
     dest: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: next to the store, .h5)."),
+    data: Optional[Path] = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest: add each "
+                                        "id's labels and split (labels/arousal, …, labels/split) to the file."),
 ) -> None:
-    """Write a store's arrays and attributes to another format (HDF5 via h5py)."""
+    """Write a store's arrays and attributes to another format (HDF5 via h5py), with --data its labels too."""
+    from ser_cache.corpus import load_corpus
     from ser_cache.store import FeatureStore, export_hdf5
 
     if fmt != "hdf5":
         fail(f"--format {fmt}: expected hdf5")
     writable(dest or store.with_suffix(".h5"), "--out")
     s = guarded(FeatureStore.open, store)
-    path = guarded(export_hdf5, s, dest or store.with_suffix(".h5"))
+    # Labels go out as the corpus has them: an exporter does not judge their scale.
+    labels = guarded(load_corpus, data, label_scale="none") if data is not None else None
+    path = guarded(export_hdf5, s, dest or store.with_suffix(".h5"), labels)
+    if labels is not None:
+        known = {u.id for u in labels}
+        missing = sum(str(i) not in known for i in s.ids())
+        if missing:
+            err.print(f"[yellow]{missing} of {s.n_rows} id(s) are not in --data {data}; their labels are NaN "
+                      "and their strings empty[/]", highlight=False, soft_wrap=True)
     err.print(f"wrote {path}", highlight=False)

@@ -99,15 +99,19 @@ def train_heads(
     threads: Optional[int] = typer.Option(None, help="CPU threads for training (default: torch's, all cores); 1 for small or parallel runs."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    tensorboard: Optional[Path] = typer.Option(None, metavar="DIR", help="Also log each epoch's history.csv row as "
+                                               "TensorBoard scalars in DIR (pip install 'ser-cache[tensorboard]')."),
 ) -> None:
     """Train arousal/valence/dominance heads (plus gender and speaker heads) on cached features; write a run directory.
 
     Frame stores go through point-wise convolutions and a mean over each clip's frames first:
     --features whisper-large-v3-frames.zarr --features roberta-large.zarr is MMWhisper.
     """
-    from ser_cache.training import TrainHeadsConfig, train_heads as run_training
+    from ser_cache.training import TrainHeadsConfig, tensorboard_problem, train_heads as run_training
 
     writable(out_dir, "--out", folder=True)
+    if tensorboard is not None and tensorboard_problem():
+        fail(tensorboard_problem())
     _log_to_stderr()
     cfg = TrainHeadsConfig(features=tuple(features), data=data, out=out_dir, train_split=train_split,
                            dev_split=dev_split, epochs=epochs, lr=lr, batch_size=batch_size,
@@ -116,7 +120,8 @@ def train_heads(
                            aam_scale=aam_scale, select=select, balanced_trials=balanced_trials,
                            balanced_per_class=balanced_per_class, hidden=hidden, dropout=dropout,
                            conv_dim=conv_dim, conv_dropout=conv_dropout, memory_budget_gb=memory_budget,
-                           device=device, threads=threads, overwrite=overwrite, progress=progress)
+                           device=device, threads=threads, overwrite=overwrite, progress=progress,
+                           tensorboard=tensorboard)
     result = guarded(run_training, cfg)
     if result is None:
         return
@@ -135,7 +140,7 @@ def evaluate(
     transcripts: TranscriptsOption = None,
     prefer_transcripts: PreferTranscriptsOption = False,
     plots: Optional[Path] = typer.Option(None, help="Folder for figures: predicted vs true per attribute, CCC per "
-                                                    "emotion class, the gender confusion matrix (docs/plots.md)."),
+                                                    "emotion class, the gender confusion matrix."),
 ) -> None:
     """Score a run on a labelled split: CCC per attribute, mean, balanced CCC, gender; prints a table, writes JSON."""
     from ser_cache.predict import evaluate as run_evaluate

@@ -60,25 +60,65 @@ class RuntimeOptions:
         return torch.bfloat16 if p == "bf16" else torch.float16
 
 
+OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+GENERIC_HUB_ID = "hub ids look like owner/name"
+
+
+def offline_variable() -> str | None:
+    """`NAME=value` of the first environment variable that keeps Hugging Face off the network, or None."""
+    for var in OFFLINE_VARIABLES:
+        value = os.environ.get(var, "")
+        if value.strip().lower() not in ("", "0", "false", "no", "off"):
+            return f"{var}={value}"
+    return None
+
+
+def looks_like_path(name: str) -> bool:
+    """Whether --model `name` can only mean a local directory: it starts with `/`, `.` or `~`, holds
+    a backslash or more than one `/`, or its first folder exists here (`runs/model` with `runs/`
+    present). A hub id is `owner/name`: exactly one `/`, neither part a dot."""
+    if name.startswith(("/", ".", "~")) or "\\" in name:
+        return True
+    parts = name.rstrip("/").split("/")
+    if len(parts) > 2:
+        return True
+    return len(parts) == 2 and Path(parts[0]).is_dir()
+
+
+def _in_hub_cache(repo_id: str) -> bool:
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except Exception:  # an id that is not a valid repo name is handled by the load error below
+        return False
+
+
 def resolve_model(name: str, hub_ids: dict[str, str]) -> ResolvedModel:
     """A short name, a Hugging Face id or a local directory → where from_pretrained should look.
 
     A model already in the local Hugging Face cache is loaded with local_files_only, so a cached
-    model works offline with no network wait.
+    model works offline with no network wait. A name that can only be a path and is not a
+    directory, or a bare name that is neither a short name nor cached, fails here with one line,
+    before the hub is asked about it.
     """
     p = Path(name).expanduser()
     if p.is_dir():
         d = str(p.resolve())
         return ResolvedModel(name=name, model_id=d, source=d, local_only=True, is_local_dir=True)
     repo_id = hub_ids.get(name, name)
-    cached = False
-    try:
-        from huggingface_hub import try_to_load_from_cache
-
-        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
-    except Exception:  # an id that is not a valid repo name is handled by the load error below
-        cached = False
-    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False")
+    cached = _in_hub_cache(repo_id)
+    known = f"a short name ({', '.join(hub_ids)}), " if hub_ids else ""
+    if not cached and (looks_like_path(name) or p.exists()):
+        what = "a file, not a directory" if p.exists() else "no such directory"
+        raise EncoderError(f"--model {name}: {what}: {name}; expected a folder holding the model's config.json "
+                           f"and weights, {known}or a hub id owner/name")
+    if not cached and name not in hub_ids and "/" not in name:
+        # The hub still redirects a few legacy bare ids (bert-base-uncased), but a new user's bare
+        # name is far more often a typo or a wished-for model (whisper-large-v4).
+        short = f"not a known short name (known: {', '.join(hub_ids)})" if hub_ids else "not a cached model"
+        raise EncoderError(f"--model {name}: {short} nor a local directory; {GENERIC_HUB_ID}")
+    offline = offline_variable() is not None
     resolved = ResolvedModel(name=name, model_id=repo_id, source=repo_id, local_only=cached or offline, is_local_dir=False)
     if not resolved.local_only:
         problem = hub_unreachable()
@@ -132,14 +172,17 @@ def quiet_loading():
 
 
 def load_error(resolved: ResolvedModel, exc: BaseException) -> EncoderError:
-    """One message for 'cannot get these weights', naming the model and how to pass a local directory."""
+    """One message for 'cannot get these weights', naming the model, the cause and how to pass a local directory."""
     reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
     if resolved.is_local_dir:
         return EncoderError(f"model '{resolved.name}': the directory could not be loaded ({reason})")
+    offline = offline_variable()
+    cause = (f"{offline} is set, so the hub was not tried (unset it to download)" if offline
+             else f"the hub could not be reached ({reason})")
     return EncoderError(
         f"model '{resolved.name}' ({resolved.model_id}) is neither a local directory nor in the local "
-        f"Hugging Face cache, and the hub could not be reached ({reason}). On a machine with internet run "
-        f"`huggingface-cli download {resolved.model_id} --local-dir DIR`, copy DIR here and pass --model DIR."
+        f"Hugging Face cache, and {cause}. On a machine with internet run "
+        f"`hf download {resolved.model_id} --local-dir DIR`, copy DIR here and pass --model DIR."
     )
 
 

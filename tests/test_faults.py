@@ -168,6 +168,15 @@ def test_ctrl_c_during_extract_is_one_line_and_exit_130(models, tmp_path):
     assert proc.returncode == 130
     assert output.strip() == INTERRUPTED, output
 
+    # The store is left resumable: the same command again finishes it, equal to an uninterrupted run.
+    args = ["--model", str(models["whisper"]), "--data", str(corpus), "--device", "cpu", "--workers", "0",
+            "--no-progress"]
+    assert invoke("extract", *args, "--out", tmp_path / "f").exit_code == 0
+    assert invoke("extract", *args, "--out", tmp_path / "ref").exit_code == 0
+    again, ref = (FeatureStore.open(next((tmp_path / d).glob("*.zarr"))) for d in ("f", "ref"))
+    for x, y in zip(again.read(), ref.read()):
+        np.testing.assert_array_equal(x, y)
+
 
 # --------------------------------------------------------------------------- the central handler
 

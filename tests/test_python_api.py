@@ -209,7 +209,7 @@ def test_load_features_drops_rows_a_store_has_not_written(built, tmp_path):
     joined = load_features([built["audio_store"], partial], built["data"])
     assert joined.counts["not_written[partial]"] == 2 and list(joined.ids) == list(ds.ids[written])
     lacking = make_store(tmp_path / "lacking.zarr", ds.ids[1:], np.ones((len(ds) - 1, 4), np.float32))
-    with pytest.raises(StoreError, match=f"lacks 1 utterance\\(s\\) of split\\(s\\) Train, Development: {ds.ids[0]}"):
+    with pytest.raises(StoreError, match=f"lacks 1 utterance\\(s\\) of the corpus: {ds.ids[0]}; extract it over split\\(s\\) Train, Development"):
         load_features([lacking], built["data"])
     assert open_store(partial).written.sum() == len(ds) - 2
 

@@ -147,23 +147,6 @@ class Dataset:
                        counts={**self.counts, "kept_rows": int(idx.size)})
 
 
-def _store_rows(path: Path, store_ids: np.ndarray, wanted: Sequence[str], splits: Sequence[str]) -> np.ndarray:
-    """Store row of each wanted id; a store holding an id twice, or lacking one, is an error naming it."""
-    from ser_cache.store import StoreError
-
-    index: dict[str, int] = {}
-    for row, uid in enumerate(store_ids.tolist()):
-        if uid in index:
-            raise StoreError(f"{path}: utterance {uid} appears twice (rows {index[uid]} and {row}); re-extract it")
-        index[uid] = row
-    missing = [u for u in wanted if u not in index]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise StoreError(f"{path} lacks {len(missing)} utterance(s) of split(s) {', '.join(splits)}: {shown}; "
-                         "extract it over those splits")
-    return np.fromiter((index[u] for u in wanted), dtype=np.int64, count=len(wanted))
-
-
 def load_features(stores: str | Path | Sequence[str | Path], data: str | Path,
                   splits: Sequence[str] = ("Train", "Development"), *, labelled: bool = True) -> Dataset:
     """The rows of `splits` of corpus `data` that have features in every store, with their labels.
@@ -175,7 +158,7 @@ def load_features(stores: str | Path | Sequence[str | Path], data: str | Path,
     rows (Test3) with NaN labels. A store that lacks a row of the splits is an error, as in training.
     """
     from ser_cache.corpus import load_corpus
-    from ser_cache.rows import _store_name
+    from ser_cache.rows import _join_store, _store_name
     from ser_cache.store import FeatureStore, StoreError
 
     paths = [Path(stores)] if isinstance(stores, (str, Path)) else [Path(s) for s in stores]
@@ -198,8 +181,8 @@ def load_features(stores: str | Path | Sequence[str | Path], data: str | Path,
         written = store.flags()[0]
         if store.is_frames:
             written = written & (store.frame_counts() > 0)  # a row with no frame has nothing to pool
-        rows = _store_rows(path, store.ids(), ids, splits)
-        ok = written[rows]
+        rows, ok = _join_store(path, name, store.ids(), written, ids, error=StoreError,
+                               splits_hint=f"split(s) {', '.join(splits)}")
         counts[f"not_written[{name}]"] = int((~ok).sum())
         usable &= ok
         joined.append((name, store, rows))

@@ -283,19 +283,20 @@ def _use_as_input(attrs: dict, speaker_head_on: bool) -> bool:
 
 
 def _join_store(store_path: Path, name: str, store_ids: np.ndarray, written: np.ndarray,
-                wanted: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(store row of each wanted id, written flag of each); missing or duplicated ids raise."""
+                wanted: Sequence[str], *, error: type[Exception] = TrainError,
+                splits_hint: str = "the training and development splits") -> tuple[np.ndarray, np.ndarray]:
+    """(store row of each wanted id, written flag of each); missing or duplicated ids raise `error`."""
     index: dict[str, int] = {}
     for row, uid in enumerate(store_ids.tolist()):
         if uid in index:
-            raise TrainError(f"store {store_path}: utterance {uid} appears twice (rows {index[uid]} and {row}); "
-                             "re-extract the store")
+            raise error(f"store {store_path}: utterance {uid} appears twice (rows {index[uid]} and {row}); "
+                        "re-extract the store")
         index[uid] = row
     missing = [u for u in wanted if u not in index]
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise TrainError(f"store {store_path} ('{name}') lacks {len(missing)} utterance(s) of the corpus: {shown}; "
-                         "extract it over the training and development splits")
+        raise error(f"store {store_path} ('{name}') lacks {len(missing)} utterance(s) of the corpus: {shown}; "
+                    f"extract it over {splits_hint}")
     rows = np.fromiter((index[u] for u in wanted), dtype=np.int64, count=len(wanted))
     return rows, written[rows]
 

@@ -2,6 +2,7 @@
 
     python benchmarks/train_heads_bench.py                      # 116,000 rows, 50 epochs
     python benchmarks/train_heads_bench.py --rows 20000 --epochs 5   # a quick look
+    python benchmarks/train_heads_bench.py --rows 20000 --epochs 5 --precision bf16 --profile 200
 
 Builds, in a temporary directory, three float16 stores shaped like the paper's inputs (Whisper
 large-v3 1280 dims, RoBERTa-large 1024, x-vector 512) over `--rows` utterances split like
@@ -106,6 +107,11 @@ def build(root: Path, rows: int, seed: int, frames: bool = False) -> tuple[Path,
     ids = [f"MSP-PODCAST_{s:04d}_{i:06d}.wav" for i, s in enumerate(speaker)]
     corpus = root / "corpus"
     (corpus / "Labels").mkdir(parents=True)
+    # The MSP-Podcast layout lists the turns' audio in Audios/; the features are made up, so empty
+    # files stand in for it (load_corpus checks that each listed turn has one, never reads them).
+    (corpus / "Audios").mkdir()
+    for name in ids:
+        (corpus / "Audios" / name).touch()
     with open(corpus / "Labels" / "labels_consensus.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set"])
@@ -167,6 +173,64 @@ def _build_frames(root: Path, ids: list[str], latent: np.ndarray, directions: np
     return store.path
 
 
+def profile_steps(cfg, steps: int, top: int = 12) -> dict:
+    """Where a training step's time goes: `steps` steps of a fresh model on the run's data, under
+    torch.profiler, split into data gather, forward, loss, backward and optimizer; plus the top ops."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from ser_cache import training
+    from ser_cache.heads import MultitaskHeads
+    from ser_cache.model import FeatureModel
+
+    with training.torch_threads(cfg.threads):
+        device = training.resolve_device(cfg.device)
+        data = training.load_training_data(cfg)
+        train_idx, _ = training.select_rows(cfg, data)
+        lo, hi = training.label_range(data.avd[train_idx])
+        genders = training.head_classes("gender", cfg.gender_weight, [data.genders[i] for i in train_idx])
+        heads = MultitaskHeads({s.name: s.shape for s in data.inputs}, hidden=cfg.hidden, dropout=cfg.dropout,
+                               label_min=lo, label_max=hi, n_genders=len(genders))
+        model = FeatureModel(heads).to(device)
+        model.compute_dtype = training.compute_dtype(cfg.precision, device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      **({"fused": True} if training.fused_adamw_ok(device) else {}))
+        targets = {"avd": torch.from_numpy(data.avd), "gender": torch.from_numpy(training.label_index(data.genders, genders)),
+                   "speaker": torch.full((len(data.avd),), -1)}
+        rng = np.random.default_rng(0)
+        phases = ("gather", "forward", "loss", "backward", "optimizer")
+
+        def step():
+            idx = rng.choice(train_idx, cfg.batch_size, replace=False)
+            with record_function("gather"):
+                batch = training.to_device(data.batch(idx), device)
+                target = {k: v[torch.from_numpy(idx)].to(device) for k, v in targets.items()}
+            with record_function("forward"):
+                out = model(batch)
+            with record_function("loss"):
+                loss, _ = training.batch_loss(out, target, None, gender_weight=cfg.gender_weight,
+                                              speaker_weight=0.0, tensors=True)
+            with record_function("backward"):
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+            with record_function("optimizer"):
+                optimizer.step()
+
+        for _ in range(10):  # warm-up
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(steps):
+                step()
+    events = prof.key_averages()
+    total = sum(e.cpu_time_total for e in events if e.key in phases)
+    split = {e.key: round(e.cpu_time_total / steps / 1000, 3) for e in events if e.key in phases}
+    table = events.table(sort_by="self_cpu_time_total", row_limit=top)
+    print(table, file=sys.stderr)
+    return {"steps": steps, "ms_per_step": round(total / steps / 1000, 3), "ms_per_phase": split,
+            "top_self_cpu": [(e.key, round(e.self_cpu_time_total / steps / 1000, 3)) for e in
+                             sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]]}
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=116_000, help="utterances in all (Train + Development)")
@@ -178,6 +242,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (the target's setting), cuda, auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: train_heads' own)")
+    p.add_argument("--precision", default="auto", help="auto, fp32, bf16: of the matrix products (train-heads --precision)")
+    p.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                   help="after training, profile this many training steps (torch.profiler) and print the top ops")
     p.add_argument("--frames", action="store_true",
                    help="frame heads (MMWhisper): Whisper large-v3 frames through a ConvPool + RoBERTa-large")
     p.add_argument("--memory-budget", type=float, default=None,
@@ -187,6 +254,8 @@ def main(argv: list[str] | None = None) -> dict:
                    help="build the data in this folder and keep it; reused when it is already there")
     p.add_argument("--json", type=Path, default=None, help="also write the figures to this JSON file")
     args = p.parse_args(argv)
+    if args.profile and args.frames:
+        p.error("--profile profiles pooled-store heads only, not --frames")
 
     import torch
 
@@ -218,7 +287,8 @@ def main(argv: list[str] | None = None) -> dict:
             extra["conv_dim"] = args.conv_dim
         cfg = TrainHeadsConfig(features=tuple(stores), data=corpus, out=root / "run", overwrite=True,
                                epochs=args.epochs, seed=args.seed, undersample=not args.no_undersample,
-                               speaker_weight=args.speaker_weight, device=args.device, progress=False, **extra)
+                               speaker_weight=args.speaker_weight, device=args.device, precision=args.precision,
+                               progress=False, **extra)
         t, cpu = time.perf_counter(), cpu_seconds()
         result = train_heads(cfg)
         wall, cpu = time.perf_counter() - t, cpu_seconds() - cpu
@@ -237,6 +307,8 @@ def main(argv: list[str] | None = None) -> dict:
             "speaker_weight": args.speaker_weight,
             "batch_size": cfg.batch_size,
             "device": args.device,
+            "precision": args.precision,
+            "compute_dtype": config["train"]["compute_dtype"],
             "torch_threads": args.threads or torch.get_num_threads(),
             "cpus": os.cpu_count(),
             "build_seconds": round(build_s, 1),
@@ -256,6 +328,8 @@ def main(argv: list[str] | None = None) -> dict:
             "dev_ccc": {k: round(v, 4) for k, v in result.metrics["ccc"].items()},
             "dev_balanced_ccc": {k: round(v, 4) for k, v in (result.metrics.get("balanced_ccc") or {}).items()},
         }
+        if args.profile:
+            figures["profile"] = profile_steps(cfg, args.profile)
         if args.frames:
             counts = FeatureStore.open(stores[0]).frame_counts()
             figures.update(frames_mean=round(float(counts.mean()), 1), frames_min=int(counts.min()),

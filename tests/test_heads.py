@@ -184,3 +184,78 @@ def test_multitask_learns_a_synthetic_regression():
         step_loss.backward()
         optimizer.step()
     assert loss().item() < 0.5 * initial
+
+
+# --------------------------------------------------------------------------- the fused first layers
+
+
+def per_head_forward(heads: MultitaskHeads, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The heads as five separate MLPs, each its own first-layer product: what the fused forward replaces."""
+    x = heads._pooled(inputs)
+    out = {"avd": torch.stack([heads.regressors[a](x) for a in ("arousal", "valence", "dominance")], dim=-1)}
+    if heads.gender is not None:
+        out["gender_logits"] = heads.gender(x)
+    if heads.speaker is not None:
+        out["speaker_embedding"] = heads.speaker(x)
+    return out
+
+
+@pytest.fixture(params=["fused", "per head"])
+def fuse_min_rows(request, monkeypatch):
+    """Both ways of running the first layers, whatever the batch size (fused at any size, or never)."""
+    from ser_cache import heads
+
+    monkeypatch.setattr(heads, "FUSE_MIN_ROWS_CPU", 0 if request.param == "fused" else 10**9)
+    return request.param
+
+
+@pytest.mark.parametrize("aux", [{}, {"n_genders": 0}, {"n_speakers": 0}, {"n_genders": 0, "n_speakers": 0}])
+def test_fused_first_layers_equal_the_per_head_forward(aux, fuse_min_rows):
+    torch.manual_seed(0)
+    heads = make_heads(**aux).eval()
+    inputs = make_inputs(batch=32)
+    with torch.no_grad():
+        fused, plain = heads(inputs), per_head_forward(heads, inputs)
+    assert fused.keys() == plain.keys()
+    for key in fused:  # the same numbers up to the order of float summation
+        torch.testing.assert_close(fused[key], plain[key], rtol=0, atol=1e-6)
+
+
+def test_fused_forward_draws_the_same_dropout_and_gradients(fuse_min_rows):
+    torch.manual_seed(0)
+    heads = make_heads(dropout=0.3).train()
+    inputs = make_inputs(batch=16)
+    torch.manual_seed(5)
+    fused = heads(inputs)
+    torch.manual_seed(5)
+    plain = per_head_forward(heads, inputs)
+    for key in fused:
+        torch.testing.assert_close(fused[key], plain[key], rtol=0, atol=1e-6)
+    grads = []
+    for out in (fused, plain):
+        heads.zero_grad()
+        sum(v.sum() for v in out.values()).backward()
+        grads.append({n: p.grad.clone() for n, p in heads.named_parameters()})
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-5, atol=1e-6)
+
+
+def test_parameters_stay_per_head():
+    # Existing runs' weights load: the fusion happens at forward time, the state dict is per head.
+    keys = set(make_heads().state_dict())
+    for head in ("regressors.arousal.mlp", "regressors.valence.mlp", "regressors.dominance.mlp", "gender",
+                 "speaker"):
+        assert {f"{head}.0.weight", f"{head}.0.bias", f"{head}.3.weight", f"{head}.3.bias"} <= keys
+
+
+def test_bf16_compute_keeps_float32_outputs_near_fp32(fuse_min_rows):
+    torch.manual_seed(0)
+    heads = make_heads().eval()
+    inputs = make_inputs(batch=64)
+    with torch.no_grad():
+        fp32, bf16 = heads(inputs), heads(inputs, compute_dtype=torch.bfloat16)
+    for key in fp32:
+        assert bf16[key].dtype == torch.float32
+        torch.testing.assert_close(bf16[key], fp32[key], rtol=0.05, atol=0.05)
+    assert not torch.equal(bf16["avd"], fp32["avd"])  # bf16 did run
+    assert ((bf16["avd"] >= torch.tensor(LABEL_MIN)) & (bf16["avd"] <= torch.tensor(LABEL_MAX))).all()

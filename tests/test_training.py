@@ -386,3 +386,34 @@ def check_multimodal(scores: dict, audio: str, text: str, both: str, timing: str
     assert scores[audio]["arousal"] > scores[text]["arousal"], table
     assert scores[text]["valence"] > scores[audio]["valence"], table
     assert mean > 0.4, table
+
+
+# --------------------------------------------------------------------------- precision
+
+
+def test_bf16_lands_near_fp32_and_the_run_records_its_precision(tmp_path, synthetic):
+    manifest, _, _, stores = synthetic
+    fp32, _ = train(tmp_path, manifest, stores.values(), name="fp32", epochs=12, precision="fp32")
+    bf16, _ = train(tmp_path, manifest, stores.values(), name="bf16", epochs=12, precision="bf16")
+    assert bf16.metrics["ccc"]["mean"] == pytest.approx(fp32.metrics["ccc"]["mean"], abs=0.005)
+    assert bf16.metrics["ccc"] != fp32.metrics["ccc"]  # bf16 did run
+    for result, precision, dtype in ((fp32, "fp32", "float32"), (bf16, "bf16", "bfloat16")):
+        train_config = json.loads((result.run_dir / runs.CONFIG).read_text())["train"]
+        assert (train_config["precision"], train_config["compute_dtype"]) == (precision, dtype)
+        history = read_csv(result.run_dir / runs.HISTORY)
+        assert all(np.isfinite(float(r["loss_total"])) for r in history)
+
+
+def test_auto_precision_is_bf16_only_where_bf16_is_fast(monkeypatch):
+    import torch
+
+    from ser_cache import training
+
+    assert isinstance(training.bf16_fast("cpu"), bool)
+    assert training.compute_dtype("fp32", "cpu") is None
+    assert training.compute_dtype("bf16", "cpu") == torch.bfloat16
+    for fast, expected in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(training, "bf16_fast", lambda device, fast=fast: fast)
+        assert training.compute_dtype("auto", "cpu") == expected
+    assert "--precision fp16" in str(pytest.raises(TrainError, TrainHeadsConfig(
+        features=(Path("a.zarr"),), data=Path("d"), out=Path("o"), precision="fp16").verify).value)

@@ -225,6 +225,27 @@ def multitask_loss(
         (each unweighted, 0.0 when the head is absent) and "total", so that
         total = ccc + alpha * gender + beta * speaker.
     """
+    total, parts = multitask_loss_terms(pred_avd, target_avd, gender_logits=gender_logits,
+                                        gender_target=gender_target, gender_weight=gender_weight,
+                                        speaker_loss=speaker_loss, speaker_weight=speaker_weight)
+    return total, {key: float(value) for key, value in parts.items()}
+
+
+def multitask_loss_terms(
+    pred_avd: Tensor,
+    target_avd: Tensor,
+    *,
+    gender_logits: Tensor | None = None,
+    gender_target: Tensor | None = None,
+    gender_weight: float = 1.0,
+    speaker_loss: Tensor | None = None,
+    speaker_weight: float = 0.1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """:func:`multitask_loss` with its parts as detached scalar tensors on the loss's device.
+
+    For a loop that sums them over an epoch: reading a float off a GPU tensor waits for the GPU,
+    so a loop should do it once per epoch, not at every step.
+    """
     if (gender_logits is None) != (gender_target is None):
         raise ValueError("gender_logits and gender_target must be given together")
     if speaker_loss is not None and speaker_loss.dim() != 0:
@@ -234,13 +255,14 @@ def multitask_loss(
 
     emotion = ccc_loss(pred_avd, target_avd)
     total = emotion
-    parts = {"ccc": float(emotion.detach()), "gender": 0.0, "speaker": 0.0}
+    zero = torch.zeros((), dtype=emotion.dtype, device=emotion.device)
+    parts = {"ccc": emotion.detach(), "gender": zero, "speaker": zero}
     if gender_logits is not None and gender_target is not None:
         gender = _gender_cross_entropy(gender_logits, gender_target)
         total = total + gender_weight * gender
-        parts["gender"] = float(gender.detach())
+        parts["gender"] = gender.detach()
     if speaker_loss is not None:
         total = total + speaker_weight * speaker_loss
-        parts["speaker"] = float(speaker_loss.detach())
-    parts["total"] = float(total.detach())
+        parts["speaker"] = speaker_loss.detach()
+    parts["total"] = total.detach()
     return total, parts

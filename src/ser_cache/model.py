@@ -17,6 +17,7 @@ the pooled frame inputs and the pooled (vector) stores, concatenated in sorted n
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -98,6 +99,9 @@ class FeatureModel(nn.Module):
     def __init__(self, heads: nn.Module, frame_inputs: Mapping[str, Mapping[str, Any]] | None = None) -> None:
         super().__init__()
         self.heads = heads
+        # bf16 (train-heads --precision): the matrix products under autocast, weights and outputs in
+        # float32. A setting of the run, not of the weights: neither config() nor the state dict has it.
+        self.compute_dtype: torch.dtype | None = None
         frame_inputs = dict(frame_inputs or {})
         # Sorted names and a ModuleList rather than a ModuleDict: store names may contain "."
         self.frame_names: tuple[str, ...] = tuple(sorted(frame_inputs))
@@ -127,9 +131,15 @@ class FeatureModel(nn.Module):
         return out
 
     def forward(self, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
-        pooled = self.pooled(inputs)
-        with torch.autocast(device_type=next(iter(self.heads.parameters())).device.type, enabled=False):
-            return self.heads({k: v.float() if torch.is_tensor(v) else v for k, v in pooled.items()})
+        device_type = next(iter(self.heads.parameters())).device.type
+        dtype = self.compute_dtype
+        # The ConvPools' products in the compute dtype too (they return float32 means); without one,
+        # they run under whatever autocast the caller has on.
+        with torch.autocast(device_type=device_type, dtype=dtype) if dtype is not None else contextlib.nullcontext():
+            pooled = self.pooled(inputs)
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self.heads({k: v.float() if torch.is_tensor(v) else v for k, v in pooled.items()},
+                              compute_dtype=dtype)
 
     def config(self) -> dict[str, Any]:
         """config.json's "frame_inputs": the ConvPool arguments of every frame input."""

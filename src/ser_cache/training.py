@@ -55,6 +55,7 @@ EVAL_BATCH = 4096  # rows per forward pass when scoring; memory, not accuracy, d
 # With frame inputs: 64 rows × up to 750 Whisper frames × 1280 is 245 MB of float32 per pass.
 EVAL_FRAME_BATCH = 64
 BLOCK_ORDER = 1  # third word of the seed of the order in which streamed blocks are visited
+PRECISIONS = ("auto", "fp32", "bf16")  # of the heads' matrix products; weights, loss and metrics stay fp32
 
 @dataclass(frozen=True)
 class TrainHeadsConfig:
@@ -71,6 +72,8 @@ class TrainHeadsConfig:
     conv_dim, conv_dropout: the ConvPool of every frame store, the authors' 256 and 0.1.
     memory_budget_gb: memory for the inputs (pooled stores whole, frame stores' kept rows packed);
     frames that do not fit are streamed in blocks. None: half the physical memory.
+    precision: of the matrix products (heads and ConvPools), see `compute_dtype`; auto is bf16
+    where the hardware does bf16 fast (`bf16_fast`), fp32 elsewhere.
     """
 
     features: tuple[Path, ...]
@@ -99,6 +102,7 @@ class TrainHeadsConfig:
     memory_budget_gb: float | None = None
     tensorboard: Path | None = None  # a folder for TensorBoard scalars (the history rows)
     device: str = "auto"
+    precision: str = "auto"
     threads: int | None = None
     overwrite: bool = False
     progress: bool = True
@@ -120,6 +124,8 @@ class TrainHeadsConfig:
             problems.append(f"--conv-dropout {self.conv_dropout}: expected a probability in [0, 1)")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             problems.append(f"--memory-budget {self.memory_budget_gb}: expected a positive number of GB")
+        if self.precision not in PRECISIONS:
+            problems.append(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
         problems += common_problems(self)
         if problems:
             raise TrainError("; ".join(problems))
@@ -205,6 +211,39 @@ def resolve_device(device: str):
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise TrainError(f"--device {device}: CUDA is not available here; use --device cpu")
     return dev
+
+
+def bf16_fast(device) -> bool:
+    """Whether `device` multiplies bf16 matrices natively: a CUDA GPU with bf16, or a CPU with AMX or
+    AVX512-BF16. Elsewhere bf16 is emulated, slower than fp32, so `--precision auto` keeps fp32."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    capability = torch.backends.cpu.get_cpu_capability().upper()  # "AVX512" says nothing about bf16
+    if "AMX" in capability or "BF16" in capability:
+        return True
+    try:
+        flags = Path("/proc/cpuinfo").read_text().split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def compute_dtype(precision: str, device):
+    """The dtype of the matrix products for --precision on `device`: torch.bfloat16, or None for fp32."""
+    import torch
+
+    if precision == "fp32" or (precision == "auto" and not bf16_fast(device)):
+        return None
+    if precision not in ("auto", "bf16"):
+        raise TrainError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
+    if torch.device(device).type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise TrainError(f"--precision bf16: {device} does not support bfloat16; use --precision fp32")
+    return torch.bfloat16
 
 
 def to_device(batch: Mapping, device) -> dict:
@@ -320,6 +359,8 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
                            n_genders=len(gender_labels), n_speakers=len(speaker_labels),
                            aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale)
     model = FeatureModel(heads, pools).to(device)
+    model.compute_dtype = compute_dtype(cfg.precision, device)
+    dtype_name = str(model.compute_dtype or torch.float32).removeprefix("torch.")
     aam = (AAMSoftmax(heads.speaker_embedding_dim, len(speaker_labels), margin=cfg.aam_margin,
                       scale=cfg.aam_scale).to(device) if speaker_labels else None)
     params = list(model.parameters()) + (list(aam.parameters()) if aam is not None else [])
@@ -327,9 +368,9 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
                                   **({"fused": True} if fused_adamw_ok(device) else {}))
     sampler = EpochSampler(data.emotions[train_idx], undersample=cfg.undersample, seed=cfg.seed)
     data.counts.update(train_rows=int(train_idx.size), dev_rows=int(dev_idx.size), rows_per_epoch=len(sampler))
-    log.info("training on %d rows (%d per epoch%s), validating on %d %s rows; inputs: %s", train_idx.size,
+    log.info("training on %d rows (%d per epoch%s), validating on %d %s rows; inputs: %s; %s on %s", train_idx.size,
              len(sampler), ", undersampled" if cfg.undersample else "", dev_idx.size, data.dev_split,
-             ", ".join(f"{s.name} {s.shape}" for s in data.inputs))
+             ", ".join(f"{s.name} {s.shape}" for s in data.inputs), dtype_name, device)
 
     history: list[dict] = []
     best: dict = {"score": -math.inf, "epoch": 0}
@@ -360,7 +401,7 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     if aam is not None:
         aam.load_state_dict(best["aam"])
     metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
-    config = run_config(cfg.to_dict(), data, lo, hi, gender_labels, speaker_labels, heads.config(), best["epoch"],
+    config = run_config({**cfg.to_dict(), "compute_dtype": dtype_name}, data, lo, hi, gender_labels, speaker_labels, heads.config(), best["epoch"],
                         frame_inputs=model.config(), **({"memory": data.memory} if data.memory else {}))
     with runs.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
         runs.save_weights(tmp, model, aam)
@@ -414,16 +455,18 @@ def write_run_files(directory: Path, config: dict, metrics: dict, history: list[
     runs.write_json_atomic(directory / runs.CONFIG, config)
 
 
-def batch_loss(out: dict, target: dict, aam, *, gender_weight: float, speaker_weight: float):
+def batch_loss(out: dict, target: dict, aam, *, gender_weight: float, speaker_weight: float,
+               tensors: bool = False):
     """Paper Eq. 1 on one batch of head outputs: (total loss, its unweighted parts).
 
-    `target` holds "avd" (B, 3), "gender" (B,) and "speaker" (B,) on the outputs' device.
+    `target` holds "avd" (B, 3), "gender" (B,) and "speaker" (B,) on the outputs' device. The parts
+    are floats, or with `tensors` detached scalar tensors on that device (no wait for a GPU).
     """
-    from ser_cache.losses import multitask_loss
+    from ser_cache.losses import multitask_loss, multitask_loss_terms
 
     speaker_loss = aam(out["speaker_embedding"], target["speaker"]) if aam is not None else None
     with_gender = "gender_logits" in out
-    return multitask_loss(out["avd"], target["avd"],
+    return (multitask_loss_terms if tensors else multitask_loss)(out["avd"], target["avd"],
                           gender_logits=out["gender_logits"] if with_gender else None,
                           gender_target=target["gender"] if with_gender else None,
                           gender_weight=gender_weight, speaker_loss=speaker_loss, speaker_weight=speaker_weight)
@@ -455,7 +498,10 @@ def _train_epoch(model, aam, optimizer, data: TrainingData, order: np.ndarray, t
     import torch
 
     model.train()
-    sums = {"total": 0.0, "ccc": 0.0, "gender": 0.0, "speaker": 0.0}
+    keys = ("total", "ccc", "gender", "speaker")
+    # Row-weighted sums of the loss terms stay on the device and come to the host once, at the end:
+    # a float() at every step would make the host wait for the GPU at every step.
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
     seen = 0
     for block in data.in_blocks(order, rng, min_rows=2):
         block_order = order[block]
@@ -469,14 +515,14 @@ def _train_epoch(model, aam, optimizer, data: TrainingData, order: np.ndarray, t
             rows = torch.from_numpy(idx)
             out = model(to_device(data.batch(idx), device))
             loss, parts = batch_loss(out, {k: v[rows].to(device) for k, v in targets.items()}, aam,
-                                     gender_weight=cfg.gender_weight, speaker_weight=cfg.speaker_weight)
+                                     gender_weight=cfg.gender_weight, speaker_weight=cfg.speaker_weight,
+                                     tensors=True)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            for key in sums:
-                sums[key] += parts[key] * idx.size
+            sums += torch.stack([parts[key] for key in keys]).double() * idx.size
             seen += idx.size
-    return {k: v / max(seen, 1) for k, v in sums.items()}
+    return dict(zip(keys, (sums / max(seen, 1)).tolist()))
 
 
 def label_range(avd: np.ndarray) -> tuple[list[float], list[float]]:

@@ -96,6 +96,8 @@ def train_heads(
         help=f"Memory for the inputs; frame stores that do not fit are streamed in blocks. "
              f"Default: half the physical memory ({default_memory_budget_gb():.1f} GB here)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    precision: str = typer.Option("auto", help="Matrix products in auto (bf16 on a CUDA GPU with bf16 or a CPU with "
+                                  "AMX/AVX512-BF16, else fp32), fp32, bf16; weights, loss and metrics stay fp32."),
     threads: Optional[int] = typer.Option(None, help="CPU threads for training (default: torch's, all cores); 1 for small or parallel runs."),
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
@@ -120,8 +122,8 @@ def train_heads(
                            aam_scale=aam_scale, select=select, balanced_trials=balanced_trials,
                            balanced_per_class=balanced_per_class, hidden=hidden, dropout=dropout,
                            conv_dim=conv_dim, conv_dropout=conv_dropout, memory_budget_gb=memory_budget,
-                           device=device, threads=threads, overwrite=overwrite, progress=progress,
-                           tensorboard=tensorboard)
+                           device=device, precision=precision, threads=threads, overwrite=overwrite,
+                           progress=progress, tensorboard=tensorboard)
     result = guarded(run_training, cfg)
     if result is None:
         return

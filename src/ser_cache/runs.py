@@ -27,6 +27,7 @@ temporary file and os.replace for the same reason.
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import math
 import os
@@ -152,6 +153,11 @@ def staged_run_dir(path: str | Path, overwrite: bool):
     try:
         yield tmp
         check_run_target(path, overwrite)  # another process may have written there meanwhile
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if exc.errno == errno.ENOSPC:  # name the run the user asked for, not the staging folder
+            raise OSError(errno.ENOSPC, exc.strerror or "No space left on device", str(path)) from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

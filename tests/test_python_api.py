@@ -219,3 +219,21 @@ def test_importing_ser_cache_loads_neither_torch_nor_zarr():
             "print(sorted(m for m in ('torch', 'zarr', 'transformers') if m in sys.modules))")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_a_predictor_loads_each_encoder_once(built, monkeypatch):
+    """In a notebook loop over clips, the run's encoders are loaded on the first call only."""
+    import ser_cache.predict as predict_module
+    from ser_cache import Predictor
+
+    calls = []
+    load = predict_module._load_encoder
+    monkeypatch.setattr(predict_module, "_load_encoder", lambda *a, **k: calls.append(a[0]["name"]) or load(*a, **k))
+    predictor = Predictor.from_run(built["run"])
+    clip = next((Path(built["data"]) / "Audios").glob("*.wav"))
+    texts = ["a plain day"]
+    first = predictor.predict([clip], texts=texts)
+    second = predictor.predict([clip], texts=texts)
+    assert sorted(calls) == sorted(predictor.input_names)  # once each, not twice
+    for key in first:
+        np.testing.assert_array_equal(first[key], second[key])

@@ -225,6 +225,7 @@ class Predictor:
     def __init__(self, run_dir: Path, model, config: dict, device: str):
         self.run_dir = Path(run_dir)
         self.model = model
+        self._encoders: dict = {}  # the run's input encoders, loaded on the first predict and kept
         self.config = config
         self.device = device
 
@@ -295,7 +296,7 @@ class Predictor:
             utts = [Utterance(id=f"{i}:{p.name}", path=p, text=None if texts is None else texts[i])
                     for i, p in enumerate(paths)]
             arrays, sources = gather_features(self.config, utts, run_dir=self.run_dir, device=self.device,
-                                              use_stores=False)
+                                              use_stores=False, encoders=self._encoders)
             avd, probs = run_model(self.model, self.config, utts, arrays, sources, device=self.device)
         out = {name: avd[:, j].copy() for j, name in enumerate(AVD_COLUMNS)}
         if probs is not None and self.gender_labels:

@@ -182,13 +182,15 @@ def _check_text_inputs(config: dict, utts: list, features_dir: Path | None, use_
 
 
 def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "auto",
-                    features_dir: Path | None = None,
-                    use_stores: bool = True) -> tuple[dict[str, np.ndarray | Frames], dict[str, str]]:
+                    features_dir: Path | None = None, use_stores: bool = True,
+                    encoders: dict | None = None) -> tuple[dict[str, np.ndarray | Frames], dict[str, str]]:
     """Inputs aligned with `utts`, and where each input's rows came from: an (N, *shape) float16
     array per pooled input, a frames.Frames (the N rows' valid frames, packed) per frame input.
 
     `use_stores=False` computes every row with the encoders: bare files are named by their file
     name only, which a corpus utterance in a store may share without being the same audio.
+    `encoders`: a dict the caller keeps between calls (input name → loaded encoder), so that
+    repeated calls (api.Predictor in a notebook) load each encoder once; None loads and drops them.
     """
     from ser_cache.store import FeatureStore, StoreError
 
@@ -219,7 +221,11 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
             from ser_cache.extract import compute_features
 
             todo = [utts[i] for i in missing]
-            encoder = _load_encoder(record, device, run_dir)
+            encoder = encoders.get(name) if encoders is not None else None
+            if encoder is None:
+                encoder = _load_encoder(record, device, run_dir)
+                if encoders is not None:
+                    encoders[name] = encoder
             settings = record.get("settings", {})
             kwargs = {"max_seconds": float(settings["max_seconds"])} if settings.get("max_seconds") else {}
             computed, errors = compute_features(encoder, todo, device=device, **kwargs)

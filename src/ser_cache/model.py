@@ -24,19 +24,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-__all__ = ["CONV_DIM", "CONV_DROPOUT", "CONV_LAYERS", "ConvPool", "FeatureModel", "masked_mean"]
+from ser_cache.encoders.base import masked_pool
+
+__all__ = ["CONV_DIM", "CONV_DROPOUT", "CONV_LAYERS", "ConvPool", "FeatureModel"]
 
 CONV_DIM = 256  # the authors' hidden_dim
 CONV_LAYERS = 3
 CONV_DROPOUT = 0.1  # fixed at 0.1 in the authors' model_seq
-
-
-def masked_mean(x: Tensor, lengths: Tensor) -> Tensor:
-    """(B, T, D) → (B, D): the mean over each row's first lengths[b] frames (at least one counted)."""
-    t = x.shape[1]
-    mask = (torch.arange(t, device=x.device)[None, :] < lengths.to(x.device)[:, None]).to(x.dtype)
-    count = mask.sum(1, keepdim=True).clamp_min(1.0)
-    return (x * mask.unsqueeze(-1)).sum(1) / count
 
 
 class ConvPool(nn.Module):
@@ -79,7 +73,8 @@ class ConvPool(nn.Module):
         if x.ndim != 3 or x.shape[-1] != self.in_dim:
             raise ValueError(f"expected frames (B, T, {self.in_dim}), got {tuple(x.shape)}")
         x = x.to(self.convs[0].weight.dtype) if not torch.is_autocast_enabled(x.device.type) else x
-        return masked_mean(self.frames(x).float(), lengths)
+        # The mean over each row's first lengths[b] frames: the masked pooling the frozen encoders use.
+        return masked_pool(self.frames(x).float(), lengths.to(x.device), "mean")
 
     def config(self) -> dict[str, Any]:
         cfg = {"in_dim": self.in_dim, "dim": self.dim, "layers": self.layers, "dropout": self.dropout}
@@ -105,8 +100,7 @@ class FeatureModel(nn.Module):
         frame_inputs = dict(frame_inputs or {})
         # Sorted names and a ModuleList rather than a ModuleDict: store names may contain "."
         self.frame_names: tuple[str, ...] = tuple(sorted(frame_inputs))
-        self.frame_configs = {name: dict(frame_inputs[name]) for name in self.frame_names}
-        self.pools = nn.ModuleList(ConvPool(**self.frame_configs[n]) for n in self.frame_names)
+        self.pools = nn.ModuleList(ConvPool(**frame_inputs[n]) for n in self.frame_names)
         for name, pool in zip(self.frame_names, self.pools):
             if tuple(heads.input_dims.get(name, ())) != (pool.dim,):
                 raise ValueError(f"frame input {name!r}: the heads must take it as ({pool.dim},), "

@@ -283,10 +283,9 @@ def read_sidecar(path: Path) -> dict | None:
 
 
 def write_sidecar(path: Path, record: dict) -> None:
-    import json
+    from ser_cache.runs import write_json_atomic
 
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json_atomic(path, record)
 
 
 def differences(old: dict, new: dict) -> list[str]:

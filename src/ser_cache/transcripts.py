@@ -115,9 +115,11 @@ def load_table(path: str | Path) -> TranscriptTable:
     """A transcript table with its sha256 and its sidecar's ASR settings."""
     path = Path(path)
     texts = read_table(path)
+    digest = hashlib.sha256()
     with open(path, "rb") as f:
-        digest = hashlib.file_digest(f, "sha256").hexdigest()
-    return TranscriptTable(path=path, texts=texts, sha256=digest, asr=read_sidecar(path))
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return TranscriptTable(path=path, texts=texts, sha256=digest.hexdigest(), asr=read_sidecar(path))
 
 
 def attach(utts: Sequence[Utterance], table: str | Path | TranscriptTable | None,

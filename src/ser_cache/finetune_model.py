@@ -21,8 +21,6 @@ import torch
 from torch import Tensor, nn
 
 from ser_cache import audio as audio_lib
-from ser_cache.atomic import atomic_path
-from ser_cache.encoders.base import masked_pool
 
 SYSTEM = "finetuned-wavlm"  # config.json "system" of a fine-tuned run
 AUDIO_INPUT = "finetuned-wavlm"  # the heads' input name of the pooled WavLM vector
@@ -269,14 +267,9 @@ def load_finetuned(run_dir: Path, config: dict, *, device: str = "cpu") -> WavLM
 
 def save_weights(path: Path, model: nn.Module, aam: nn.Module | None) -> Path:
     """The whole model (encoder included, keys "wavlm.*", "heads.*", ...) and the AAM weights ("aam.*")."""
-    from safetensors.torch import save_file
+    from ser_cache import runs
 
-    tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    if aam is not None:
-        tensors.update({f"aam.{k}": v.detach().cpu().contiguous() for k, v in aam.state_dict().items()})
-    with atomic_path(path) as tmp:
-        save_file(tensors, str(tmp))
-    return Path(path)
+    return runs.write_weights(path, model.state_dict(), aam)
 
 
 # --------------------------------------------------------------------------- audio and batches

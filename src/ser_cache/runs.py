@@ -177,20 +177,25 @@ def format_version(frame_inputs: dict | None) -> int:
 def save_weights(directory: Path, model, aam=None) -> Path:
     """A FeatureModel's weights ('heads.*', 'pools.*'; bare MultitaskHeads are saved as 'heads.*')
     and the AAM-softmax's ('aam.*'), in one safetensors file."""
-    from safetensors.torch import save_file
-
     from ser_cache.model import FeatureModel
 
     state = model.state_dict()
     if not isinstance(model, FeatureModel):
         state = {f"heads.{k}": v for k, v in state.items()}
+    return write_weights(Path(directory) / WEIGHTS, state, aam)
+
+
+def write_weights(path: Path, state, aam=None) -> Path:
+    """`state` (name → tensor) and the AAM-softmax's weights ('aam.*') as one safetensors file, atomically:
+    the one writer of every run's weights (heads runs, fine-tuned runs, imported runs, checkpoints' best)."""
+    from safetensors.torch import save_file
+
     tensors = {k: v.detach().cpu().contiguous() for k, v in state.items()}
     if aam is not None:
         tensors.update({f"aam.{k}": v.detach().cpu().contiguous() for k, v in aam.state_dict().items()})
-    target = Path(directory) / WEIGHTS
-    with atomic_path(target) as tmp:
+    with atomic_path(path) as tmp:
         save_file(tensors, str(tmp))
-    return target
+    return Path(path)
 
 
 def read_config(run_dir: str | Path) -> dict:

@@ -348,11 +348,9 @@ def _run_config(cfg: ImportConfig, heads, imported: dict, predict_gender: bool, 
 
 
 def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict) -> int:
-    from safetensors.torch import save_file
     from transformers import WavLMConfig, WavLMModel
 
-    from ser_cache.atomic import atomic_path
-    from ser_cache.finetune_model import AUDIO_INPUT, LAST_STATE, SYSTEM, WavLMEmotionModel, architecture
+    from ser_cache.finetune_model import AUDIO_INPUT, LAST_STATE, SYSTEM, WavLMEmotionModel, architecture, save_weights
 
     wavlm_config, resolved = _backbone_config(backbone, WavLMConfig)
     if getattr(wavlm_config, "model_type", "") != "wavlm":
@@ -389,19 +387,20 @@ def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str
     arch = architecture(model, resolved, max_seconds=15.0, revision="imported:" + imported["revision"])
     config = _run_config(cfg, heads, imported, predict_gender, system=SYSTEM, wavlm=arch, inputs=[])
     with runs.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
-        tensors_out = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        with atomic_path(tmp / runs.WEIGHTS) as f:
-            save_file(tensors_out, str(f))
+        save_weights(tmp / runs.WEIGHTS, model, None)
         runs.write_json_atomic(tmp / runs.CONFIG, config)
     return merged
 
 
-def _load_checked(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
-    """Load `state` into `model`; every parameter and buffer must be given, with its shape."""
+def _load_checked(model: torch.nn.Module, state: dict[str, Tensor], *, keys: set[str] | None = None,
+                  prefix: str = "") -> None:
+    """Load `state` into `model`; every parameter and buffer of `keys` (default: all of the model's)
+    must be given, with its shape. `prefix` is how the checkpoint names them, for the message."""
     ours = model.state_dict()
-    problems = [f"{k} {tuple(v.shape)} (expected {tuple(ours[k].shape)})" for k, v in state.items()
-                if k in ours and tuple(v.shape) != tuple(ours[k].shape)]
-    missing = [k for k in ours if k not in state and not _rebuilt(k.split(".", 1)[-1])]
+    keys = set(ours) if keys is None else keys
+    problems = [f"{prefix}{k} {tuple(v.shape)} (expected {tuple(ours[k].shape)})" for k, v in state.items()
+                if k in keys and tuple(v.shape) != tuple(ours[k].shape)]
+    missing = [f"{prefix}{k}" for k in ours if k in keys and k not in state and not _rebuilt(k.split(".", 1)[-1])]
     if problems or missing:
         raise ImportError_("the checkpoint does not fit its backbone configuration: "
                            + "; ".join(problems[:5] + [f"missing {k}" for k in missing[:5]])
@@ -411,10 +410,8 @@ def _load_checked(model: torch.nn.Module, state: dict[str, Tensor]) -> None:
 
 def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict) -> int:
     """A frame-heads run: the checkpoint's Whisper encoder (saved into the run), a ConvPool, the heads."""
-    from safetensors.torch import save_file
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForAudioClassification
 
-    from ser_cache.atomic import atomic_path
     from ser_cache.encoders import load_encoder
     from ser_cache.encoders.base import quiet_loading
     from ser_cache.encoders.whisper import WINDOW_POSITIONS
@@ -436,7 +433,7 @@ def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: s
     tensors, merged = _merged(tensors, wrapper, whisper_config.encoder_layers, imported)
     predict_gender = bool(wrapper.get("predict_gender", False))
     backbone_state, rest = split_weights(tensors, encoder_keys, predict_gender=predict_gender, whisper=True)
-    _load_checked_subset(encoder_model, backbone_state, encoder_keys)
+    _load_checked(encoder_model, backbone_state, keys=encoder_keys, prefix="backbone_model.")
     try:
         with quiet_loading():
             feature_extractor = WhisperFeatureExtractor.from_pretrained(resolved.source,
@@ -473,18 +470,6 @@ def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: s
                   "feature_shape": list(encoder.feature_shape), "settings": settings}
         del encoder
         config = _run_config(cfg, heads, imported, predict_gender, inputs=[record], frame_inputs=model.config())
-        with atomic_path(tmp / runs.WEIGHTS) as f:
-            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(f))
+        runs.save_weights(tmp, model)
         runs.write_json_atomic(tmp / runs.CONFIG, config)
     return merged
-
-
-def _load_checked_subset(model: torch.nn.Module, state: dict[str, Tensor], keys: set[str]) -> None:
-    """Load the encoder part of a Whisper model; every key in `keys` must come with its shape."""
-    ours = model.state_dict()
-    problems = [f"backbone_model.{k} {tuple(state[k].shape)} (expected {tuple(ours[k].shape)})"
-                for k in keys if k in state and tuple(state[k].shape) != tuple(ours[k].shape)]
-    if problems:
-        raise ImportError_("the checkpoint does not fit its backbone configuration: " + "; ".join(problems[:5])
-                           + " — pass the --backbone it was trained from")
-    model.load_state_dict(state, strict=False)

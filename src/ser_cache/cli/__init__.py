@@ -163,3 +163,4 @@ from ser_cache.cli import imports  # noqa: E402,F401
 from ser_cache.cli import transcribe  # noqa: E402,F401
 from ser_cache.cli import submission  # noqa: E402,F401
 from ser_cache.cli import plot  # noqa: E402,F401
+from ser_cache.cli import sweep  # noqa: E402,F401

@@ -1,0 +1,138 @@
+"""`ser-cache sweep`: seeds and variants of train-heads trained together, and the table comparing them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ser_cache.cli import app, fail, guarded, out, writable
+from ser_cache.cli import shared_options as shared
+from ser_cache.cli.stage_two import _log_to_stderr
+from ser_cache.rows import default_memory_budget_gb
+
+ATTRIBUTE_COLUMNS = (("arousal", "ccc_arousal"), ("valence", "ccc_valence"), ("dominance", "ccc_dominance"),
+                     ("mean", "ccc_mean"), ("balanced", "balanced_ccc_mean"))
+
+
+@app.command("sweep")
+def sweep_command(
+    features: list[Path] = typer.Option(..., "--features", "-f", help="A feature store (.zarr); repeat. Loaded once for every member."),
+    data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (labels and splits)."),
+    out_dir: Path = typer.Option(..., "--out", "-o", help="Sweep folder: OUT/VARIANT/seed-S runs and OUT/sweep.json."),
+    seeds: int = typer.Option(3, help="Seeds per variant: --seed, --seed + 1, ..."),
+    variant: Optional[list[str]] = typer.Option(
+        None, "--variant", "-V", metavar="'NAME: OPTION=VALUE ...'",
+        help="A variant: the options it changes against the base (the other options), e.g. 'no-ox: ox=drop' or "
+             "'s-pred: speaker-weight=0.1 inputs=whisper+roberta'. Options: lr, weight-decay, gender-weight, "
+             "speaker-weight, aam-margin, aam-scale, ox, undersample (yes/no), batch-size, dropout, conv-dropout, "
+             "hidden, conv-dim, inputs (store names joined by +, or all). Repeat for more."),
+    inputs: str = typer.Option("all", help="Stores the base variant takes: names joined by + (as `info` names them), or all."),
+    reference: str = typer.Option("base", help="The variant every other one is compared with."),
+    resamples: int = typer.Option(1000, help="Bootstrap resamples of the comparisons."),
+    members_at_once: Optional[int] = typer.Option(None, help="At most this many members trained together (memory); default all that fit one stack."),
+    train_split: shared.TrainSplit = "Train",
+    dev_split: shared.DevSplit = "Development",
+    epochs: shared.Epochs = 50,
+    lr: float = typer.Option(5e-5, help="AdamW learning rate (paper: 5e-5)."),
+    batch_size: int = typer.Option(64, help="Rows per update."),
+    weight_decay: shared.WeightDecay = 0.01,
+    seed: int = typer.Option(0, help="First seed."),
+    no_undersample: shared.NoUndersample = False,
+    ox: shared.Ox = "keep",
+    gender_weight: float = typer.Option(1.0, help="Gender head loss weight alpha (paper: 1); 0 turns the head off."),
+    speaker_weight: float = typer.Option(0.1, help="Speaker head AAM loss weight beta (paper: 0.1); 0 turns the head off."),
+    aam_margin: shared.AamMargin = 0.2,
+    aam_scale: shared.AamScale = 30.0,
+    select: shared.Select = "balanced",
+    balanced_trials: shared.BalancedTrials = 10,
+    balanced_per_class: shared.BalancedPerClass = None,
+    hidden: shared.Hidden = 256,
+    dropout: float = typer.Option(0.0, help="Dropout in the heads."),
+    conv_dim: int = typer.Option(256, help="Width of the point-wise convolutions over a frame store's frames."),
+    conv_dropout: float = typer.Option(0.1, help="Dropout between those convolutions."),
+    memory_budget: Optional[float] = typer.Option(
+        None, "--memory-budget", metavar="GB",
+        help=f"Memory for the inputs (default: half the physical memory, {default_memory_budget_gb():.1f} GB here)."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
+    precision: str = typer.Option("auto", help="Matrix products in auto, fp32 or bf16 (as train-heads)."),
+    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's, all cores)."),
+    overwrite: bool = typer.Option(False, help="Train again members written with other options."),
+    progress: bool = typer.Option(True, help="Show a progress bar."),
+    tensorboard: Optional[Path] = typer.Option(None, metavar="DIR", help="TensorBoard scalars of every member in "
+                                               "DIR/VARIANT/seed-S (pip install 'ser-cache[tensorboard]')."),
+) -> None:
+    """Train the base options and every --variant with several seeds together; compare them with a paired bootstrap.
+
+    Every member is an ordinary run (OUT/VARIANT/seed-S); OUT/sweep.json holds the table: per
+    variant mean ± std over seeds of the Development CCC, and against --reference the difference
+    in mean CCC with a 95% interval over Development utterances and seeds.
+    """
+    from ser_cache.sweep import SweepConfig, parse_variant, sweep
+    from ser_cache.training import TrainHeadsConfig, tensorboard_problem
+
+    writable(out_dir, "--out", folder=True)
+    if tensorboard is not None and tensorboard_problem():
+        fail(tensorboard_problem())
+    _log_to_stderr()
+    variants = guarded(lambda: tuple(parse_variant(v) for v in variant or ()))
+    if variants is None:
+        return
+    base = TrainHeadsConfig(features=tuple(features), data=data, out=out_dir, train_split=train_split,
+                            dev_split=dev_split, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
+                            seed=seed, undersample=not no_undersample, ox=ox, gender_weight=gender_weight,
+                            speaker_weight=speaker_weight, aam_margin=aam_margin, aam_scale=aam_scale, select=select,
+                            balanced_trials=balanced_trials, balanced_per_class=balanced_per_class, hidden=hidden,
+                            dropout=dropout, conv_dim=conv_dim, conv_dropout=conv_dropout,
+                            memory_budget_gb=memory_budget, device=device, precision=precision, threads=threads,
+                            overwrite=overwrite, progress=progress, tensorboard=tensorboard)
+    cfg = SweepConfig(base=base, seeds=seeds, variants=variants, inputs=inputs, reference=reference,
+                      members_at_once=members_at_once, resamples=resamples)
+    result = guarded(sweep, cfg)
+    if result is None:
+        return
+    out.print(sweep_table(result.summary, wide=out.width >= 120,
+                          title=f"{result.out}: {result.summary['split']} CCC over "
+                                f"{len(result.summary['seeds'])} seed(s); Δ against {result.summary['reference']}"))
+
+
+def _pm(mean, std, digits: int) -> str:
+    if mean is None:
+        return "—"
+    return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f}±{std:.{digits}f}"
+
+
+def sweep_table(summary: dict, *, title: str = "", wide: bool = True) -> Table:
+    """Per variant: CCC mean±std over seeds; against the reference: Δ mean CCC, its 95% interval, P(Δ > 0).
+
+    `wide` (a console of 120 columns or more): arousal, valence and dominance too, 4 decimals; else
+    the mean and balanced CCC with 3 decimals, which fits 80 columns. sweep.json has every digit.
+    """
+    from rich import box
+
+    reference = summary["reference"]
+    columns = ATTRIBUTE_COLUMNS if wide else ATTRIBUTE_COLUMNS[3:]
+    digits = 4 if wide else 3
+    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table.add_column("variant")
+    table.add_column("rows", justify="right")
+    for label, _ in columns:
+        table.add_column(label, justify="right")
+    table.add_column("Δ mean", justify="right")
+    table.add_column("95% interval", justify="right", no_wrap=True)
+    table.add_column("P(Δ>0)", justify="right")
+    for name, v in summary["variants"].items():
+        cells = [name, str(v["rows"])]
+        cells += [_pm(v["mean"].get(key), v["std"].get(key), digits) for _, key in columns]
+        c = summary["comparisons"].get(name)
+        if name == reference:
+            cells += ["ref.", "", ""]
+        elif c is None:
+            cells += ["no common rows", "", ""]
+        else:
+            cells += [f"{c['difference']:+.{digits}f}", f"{c['ci_low']:+.{digits}f}…{c['ci_high']:+.{digits}f}",
+                      f"{c['share_positive']:.2f}"]
+        table.add_row(*cells, style="bold" if name == reference else None)
+    return table

@@ -1,0 +1,133 @@
+"""K models of one architecture trained as one: parameters stacked along a leading member axis.
+
+`ser-cache sweep` trains seeds and variants of the heads together. Their models have the same
+shapes, so instead of K small matrix products per layer it does one batched product: the K
+members' parameters are stacked ((K, out, in) instead of (out, in)) and the ordinary module
+(model.FeatureModel, the same code train-heads runs) is called under `torch.func.vmap` through
+`functional_call`. Nothing about the architecture is written twice: member k of the stack computes
+exactly what a FeatureModel with member k's weights computes (a test checks it).
+
+What vmap cannot batch stays per member: the loss (it has data-dependent branches, e.g. batches in
+which no speaker is known) and the AAM-softmax over each member's own speaker classes. Both are
+small next to the heads' products.
+
+`StackedAdamW` updates the stacked parameters with torch's own AdamW kernel (fused where torch has
+one), called on each member's slices, so every member takes exactly the steps an ordinary AdamW on
+its own parameters would take — with its own learning rate and weight decay, and only on the steps
+where it has a batch (members with fewer training rows per epoch sit out the last steps).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, stack_module_state, vmap
+
+__all__ = ["MemberStack", "StackedAdamW"]
+
+
+class MemberStack:
+    """K FeatureModels (and their AAM-softmax class weights) as stacked parameters.
+
+    `forward(inputs)` takes the members' inputs stacked on a leading axis ({name: (K, B, ...)}, or
+    ((K, B, T, D) frames, (K, B) lengths)); with `shared=True` every member gets the same unstacked
+    inputs (evaluation on the same rows). Outputs carry the member axis first.
+    """
+
+    def __init__(self, models: Sequence[nn.Module], aams: Sequence[nn.Module | None]) -> None:
+        if not models or len(models) != len(aams):
+            raise ValueError("a stack needs one AAM (or None) for each of at least one model")
+        self.k = len(models)
+        self.params, self.buffers = stack_module_state(list(models))
+        # The architecture without weights: functional_call puts the members' weights into it.
+        self.template = copy.deepcopy(models[0]).to("meta")
+        self.template.compute_dtype = getattr(models[0], "compute_dtype", None)
+        has_aam = [a is not None for a in aams]
+        if any(has_aam) and not all(has_aam):
+            raise ValueError("either every member of a stack has a speaker head or none has")
+        self.aams = [copy.deepcopy(a).to("meta") if a is not None else None for a in aams]
+        self.aam_weight = (nn.Parameter(torch.stack([a.weight.detach() for a in aams]))
+                           if all(has_aam) else None)
+
+    def parameters(self) -> dict[str, Tensor]:
+        """Every stacked parameter (the AAM's as "aam.weight"), each (K, ...)."""
+        out = dict(self.params)
+        if self.aam_weight is not None:
+            out["aam.weight"] = self.aam_weight
+        return out
+
+    def train(self, mode: bool = True) -> None:
+        self.template.train(mode)
+
+    def eval(self) -> None:
+        self.template.train(False)
+
+    def forward(self, inputs: Mapping[str, Any], *, shared: bool = False) -> dict[str, Tensor]:
+        def one(params, buffers, x):
+            return functional_call(self.template, (params, buffers), (x,))
+
+        return vmap(one, in_dims=(0, 0, None if shared else 0), randomness="different")(
+            self.params, self.buffers, dict(inputs))
+
+    def speaker_loss(self, k: int, embedding: Tensor, labels: Tensor) -> Tensor | None:
+        """Member k's AAM-softmax loss on its (B, D) speaker embeddings; None without a speaker head."""
+        if self.aam_weight is None:
+            return None
+        return functional_call(self.aams[k], {"weight": self.aam_weight[k]}, (embedding, labels))
+
+    def member_state(self, k: int) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        """Copies of member k's model state dict and AAM state dict (None without a speaker head)."""
+        state = {name: t[k].detach().clone() for name, t in {**self.params, **self.buffers}.items()}
+        aam = {"weight": self.aam_weight[k].detach().clone()} if self.aam_weight is not None else None
+        return state, aam
+
+
+class StackedAdamW:
+    """AdamW on stacked parameters, member by member: each with its own lr and weight decay.
+
+    `step(active)` updates only the members in `active`; the others keep parameters, moments and
+    step count. Members that share (lr, weight decay) go through one call of torch's AdamW
+    (`torch.optim.adamw.adamw`, the function behind torch.optim.AdamW) on their slices, so a member
+    is updated bit for bit as torch.optim.AdamW would update a model of its own.
+    """
+
+    def __init__(self, params: Mapping[str, Tensor], lrs: Sequence[float], weight_decays: Sequence[float], *,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, fused: bool = False) -> None:
+        self.params = list(params.values())
+        self.k = len(lrs)
+        if len(weight_decays) != self.k or any(p.shape[0] != self.k for p in self.params):
+            raise ValueError(f"expected {self.k} members in every parameter and a weight decay for each")
+        self.lrs, self.weight_decays = [float(x) for x in lrs], [float(x) for x in weight_decays]
+        self.betas, self.eps, self.fused = betas, eps, fused
+        self.exp_avg = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, memory_format=torch.preserve_format) for p in self.params]
+        # One step count per member and parameter, as torch keeps one per parameter (the kernel
+        # increments every tensor it is given). float32 on the device, as torch's fused AdamW keeps it.
+        self.steps = [[torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
+                      for _ in range(self.k)]
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self, active: Sequence[bool] | None = None) -> None:
+        from torch.optim.adamw import adamw
+
+        members = [k for k in range(self.k) if active is None or active[k]]
+        groups: dict[tuple[float, float], list[int]] = {}
+        for k in members:
+            groups.setdefault((self.lrs[k], self.weight_decays[k]), []).append(k)
+        for (lr, wd), ks in groups.items():
+            pairs = [(k, i) for k in ks for i, p in enumerate(self.params) if p.grad is not None]
+            if not pairs:
+                continue
+            adamw([self.params[i][k] for k, i in pairs], [self.params[i].grad[k] for k, i in pairs],
+                  [self.exp_avg[i][k] for k, i in pairs], [self.exp_avg_sq[i][k] for k, i in pairs], [],
+                  [self.steps[k][i] for k, i in pairs], foreach=False if not self.fused else None,
+                  fused=self.fused or None, amsgrad=False, beta1=self.betas[0], beta2=self.betas[1], lr=lr,
+                  weight_decay=wd, eps=self.eps, maximize=False)

@@ -1,0 +1,608 @@
+"""`ser-cache sweep`: seeds and variants of the heads trained together, with honest statistics.
+
+The paper's Tables 3-5 compare single runs whose mean CCCs differ by 0.001-0.03; whether such a
+difference is larger than the spread between seeds, one run per row cannot say. Heads on a cache
+train in seconds, so a sweep trains every row with several seeds and compares them properly.
+
+The sweep, in order:
+1. read the corpus and every store once (rows.load_rows, as train-heads; rows are those with
+   features in every store of the sweep);
+2. expand the members: the base options (train-heads' options) and each `--variant` (a name and
+   the options it changes), each with seeds seed .. seed + seeds - 1. Member (variant, s) is the
+   run `train-heads` would make with those options and `--seed s`, written to OUT/variant/seed-s;
+3. prepare each member as train-heads prepares its run (its O/X selection, label range, gender
+   and speaker classes, seeded initialisation) and stack the members whose models have the same
+   shapes (stack.MemberStack): they train in one loop, each on its own batches drawn from its own
+   sampler, the K members' products batched;
+4. each epoch: a step for every member while it has batches (members with fewer rows per epoch sit
+   out the last steps), then every member scored on the Development rows; each keeps its best epoch;
+5. each member written as an ordinary run directory (predict, evaluate, ensemble take it);
+6. the summary (sweep.json, and the table `ser-cache sweep` prints): per variant, mean ± std over
+   seeds of the Development CCC; per variant against the reference, a paired bootstrap over the
+   Development utterances and seeds both were scored on (stats.paired_bootstrap).
+
+A sweep run again with the same command reuses the members already written (and refuses ones
+written with other options unless --overwrite), so a killed sweep loses at most the stack that was
+training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ser_cache import runs
+from ser_cache.rows import (
+    SPEAKER_EMBEDDING_KIND,
+    TrainError,
+    TrainingData,
+    label_index,
+    load_rows,
+)
+from ser_cache.training import (
+    EVAL_BATCH,
+    EVAL_FRAME_BATCH,
+    EpochProgress,
+    TrainHeadsConfig,
+    batch_loss,
+    check_selectable,
+    compute_dtype,
+    fused_adamw_ok,
+    head_classes,
+    history_row,
+    label_range,
+    resolve_device,
+    run_config,
+    score,
+    select_rows,
+    tensorboard_problem,
+    to_device,
+    torch_threads,
+    write_run_files,
+)
+
+log = logging.getLogger(__name__)
+
+SWEEP_FILE = "sweep.json"
+SWEEP_FORMAT = "ser-cache-sweep"
+BASE = "base"
+LOSS_KEYS = ("total", "ccc", "gender", "speaker")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+# What a variant may change: option (as on the command line) → TrainHeadsConfig field and type.
+# "inputs" is the sweep's own: which of the loaded stores the member takes ("a+b", or "all").
+VARIANT_OPTIONS = {
+    "lr": ("lr", float), "weight-decay": ("weight_decay", float), "gender-weight": ("gender_weight", float),
+    "speaker-weight": ("speaker_weight", float), "aam-margin": ("aam_margin", float),
+    "aam-scale": ("aam_scale", float), "ox": ("ox", str), "undersample": ("undersample", bool),
+    "batch-size": ("batch_size", int), "dropout": ("dropout", float), "conv-dropout": ("conv_dropout", float),
+    "hidden": ("hidden", int), "conv-dim": ("conv_dim", int), "inputs": ("inputs", str),
+}
+# Fields of a member's train options that do not change what it learns: a written member is reused
+# whatever they were.
+NOT_COMPARED = ("out", "overwrite", "progress", "tensorboard", "threads", "device", "memory_budget_gb")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named set of option changes against the base options."""
+
+    name: str
+    options: dict = field(default_factory=dict)  # TrainHeadsConfig field (or "inputs") → value
+
+
+def parse_variant(text: str) -> Variant:
+    """'NAME: option=value option=value' (commas also separate) → Variant; errors name the part."""
+    name, sep, rest = text.partition(":")
+    name = name.strip()
+    if not sep or not NAME.match(name):
+        raise TrainError(f"--variant {text!r}: expected 'NAME: option=value ...' with a NAME of letters, digits, "
+                         "'.', '_', '+' or '-'")
+    options = {}
+    for part in re.split(r"[,\s]+", rest.strip()):
+        if not part:
+            continue
+        key, eq, value = part.partition("=")
+        key = key.strip().removeprefix("--").replace("_", "-")
+        if not eq or key not in VARIANT_OPTIONS:
+            raise TrainError(f"--variant {name}: {part!r} is not option=value with an option of "
+                             f"{', '.join(VARIANT_OPTIONS)}")
+        attr, kind = VARIANT_OPTIONS[key]
+        options[attr] = _value(name, key, value.strip(), kind)
+    if not options:
+        raise TrainError(f"--variant {name}: changes no option; give at least one option=value")
+    return Variant(name, options)
+
+
+def _value(variant: str, key: str, value: str, kind):
+    if kind is bool:
+        if value.lower() in ("yes", "true", "on", "1"):
+            return True
+        if value.lower() in ("no", "false", "off", "0"):
+            return False
+        raise TrainError(f"--variant {variant}: {key}={value}: expected yes or no")
+    try:
+        return kind(value)
+    except ValueError:
+        raise TrainError(f"--variant {variant}: {key}={value}: expected a{'n integer' if kind is int else ' number'}") from None
+
+
+@dataclass(frozen=True)
+class SweepConfig:
+    """The base options (a TrainHeadsConfig whose `out` is the sweep folder and `seed` the first
+    seed), the seeds, the variants and how the summary compares them."""
+
+    base: TrainHeadsConfig
+    seeds: int = 3
+    variants: tuple[Variant, ...] = ()
+    inputs: str = "all"  # the base variant's stores: "all" or names joined by "+"
+    reference: str = BASE
+    members_at_once: int | None = None  # at most this many members in one stack (memory); None: no limit
+    resamples: int = 1000
+
+    def verify(self) -> None:
+        problems = []
+        if self.seeds < 1:
+            problems.append(f"--seeds {self.seeds}: expected 1 or more")
+        if self.members_at_once is not None and self.members_at_once < 1:
+            problems.append(f"--members-at-once {self.members_at_once}: expected 1 or more")
+        if self.resamples < 1:
+            problems.append(f"--resamples {self.resamples}: expected 1 or more")
+        names = [v.name for v in self.variants]
+        if BASE in names:
+            problems.append(f"--variant {BASE}: '{BASE}' names the sweep's own options; choose another name")
+        if len(set(names)) != len(names):
+            problems.append(f"--variant: a name is given twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+        if self.reference not in (BASE, *names):
+            problems.append(f"--reference {self.reference}: expected {BASE} or a --variant name ({', '.join(names) or 'none given'})")
+        for variant in (Variant(BASE, {"inputs": self.inputs}), *self.variants):
+            try:
+                member_config(self, variant, self.base.seed).verify()
+            except TrainError as exc:
+                problems.append(str(exc) if variant.name == BASE else f"--variant {variant.name}: {exc}")
+        if problems:
+            raise TrainError("; ".join(problems))
+
+    def all_variants(self) -> list[Variant]:
+        return [Variant(BASE, {"inputs": self.inputs}), *self.variants]
+
+
+def member_config(cfg: SweepConfig, variant: Variant, seed: int) -> TrainHeadsConfig:
+    """Member (variant, seed): the run train-heads would make with these options, in OUT/variant/seed-s."""
+    changes = {k: v for k, v in variant.options.items() if k != "inputs"}
+    return dataclasses.replace(cfg.base, **changes, seed=seed, out=Path(cfg.base.out) / variant.name / f"seed-{seed}",
+                               tensorboard=None if cfg.base.tensorboard is None
+                               else Path(cfg.base.tensorboard) / variant.name / f"seed-{seed}")
+
+
+@dataclass
+class Member:
+    variant: str
+    seed: int
+    cfg: TrainHeadsConfig
+    inputs_option: str
+
+
+@dataclass
+class Prepared:
+    """One member ready to train: its rows, targets, model and what its run directory records."""
+
+    member: Member
+    data: TrainingData  # the sweep's rows with this member's inputs
+    train_idx: np.ndarray
+    dev_idx: np.ndarray
+    lo: list[float]
+    hi: list[float]
+    gender_labels: list[str]
+    speaker_labels: list[str]
+    genders: np.ndarray
+    speakers: np.ndarray
+    model: object
+    aam: object
+
+
+@dataclass
+class SweepResult:
+    out: Path
+    summary: dict
+    trained: int
+    reused: int
+    wall_seconds: float
+
+
+def sweep(cfg: SweepConfig) -> SweepResult:
+    """Train every member not yet written, write each as a run, then the summary (sweep.json)."""
+    cfg.verify()
+    out = Path(cfg.base.out)
+    if runs.is_run_dir(out) or runs.is_unfinished_run(out):
+        raise TrainError(f"--out {out}: a run directory; a sweep writes a folder of runs, choose another --out")
+    if cfg.base.tensorboard is not None and tensorboard_problem():
+        raise TrainError(tensorboard_problem())
+    with torch_threads(cfg.base.threads):
+        return _sweep(cfg)
+
+
+def _sweep(cfg: SweepConfig) -> SweepResult:
+    t0 = time.perf_counter()
+    base = cfg.base
+    device = resolve_device(base.device)
+    data = load_rows(base.data, base.train_split, base.dev_split, base.features, speaker_weight=0.0, frames=True,
+                     memory_budget_gb=base.memory_budget_gb)
+    members = [Member(v.name, s, member_config(cfg, v, s), v.options.get("inputs", "all"))
+               for v in cfg.all_variants() for s in range(base.seed, base.seed + cfg.seeds)]
+    views = {m.variant: member_view(data, m) for m in members}  # also checks every inputs= before any training
+    todo = [m for m in members if not _written(m, views[m.variant])]
+    if todo and data.streamed:
+        raise TrainError("the frame stores do not fit the memory budget (--memory-budget) and would be streamed; a "
+                         "sweep trains many members on the same rows at once and needs them held: raise "
+                         "--memory-budget, or train the variants one by one with train-heads")
+    if todo:
+        data.frames_to(device)
+    log.info("sweep: %d member(s) (%d variant(s) × %d seed(s)), %d already written, %d to train", len(members),
+             len(cfg.all_variants()), cfg.seeds, len(members) - len(todo), len(todo))
+    prepared = [prepare(m, views[m.variant], device) for m in todo]
+    stacks = group_stacks(prepared, cfg.members_at_once)
+    for i, stack in enumerate(stacks, 1):
+        log.info("stack %d of %d: %d member(s): %s", i, len(stacks), len(stack),
+                 ", ".join(f"{p.member.variant}/seed-{p.member.seed}" for p in stack))
+        train_stack(stack, device, progress=base.progress)
+    summary = summarize(cfg, members, data)
+    runs.write_json_atomic(Path(base.out) / SWEEP_FILE, summary)
+    wall = time.perf_counter() - t0
+    log.info("sweep written to %s in %.1f s", base.out, wall)
+    return SweepResult(Path(base.out), summary, len(todo), len(members) - len(todo), wall)
+
+
+# --------------------------------------------------------------------------- members
+
+
+def member_view(data: TrainingData, member: Member) -> TrainingData:
+    """The sweep's rows with the member's inputs: `inputs=` names, or every store but a speaker-embedding
+    store while the speaker head is on (as train-heads)."""
+    speaker_on = member.cfg.speaker_weight > 0
+    names = [s.name for s in data.inputs]
+    if member.inputs_option == "all":
+        chosen = [s for s in data.inputs if not (speaker_on and s.attrs.get("kind") == SPEAKER_EMBEDDING_KIND)]
+    else:
+        wanted = [n.strip() for n in member.inputs_option.split("+") if n.strip()]
+        unknown = [n for n in wanted if n not in names]
+        if unknown or not wanted:
+            raise TrainError(f"{_who(member)}: inputs={member.inputs_option}: {', '.join(unknown) or 'no name'} is not a "
+                             f"loaded store; the stores are {', '.join(names)}")
+        chosen = [s for s in data.inputs if s.name in wanted]
+    if not chosen:
+        raise TrainError(f"{_who(member)}: no input left: the only stores are speaker embeddings, kept out while the "
+                         "speaker head is on")
+    left_out = [{**s.record(), "reason": "speaker-embedding store kept out of the input: speaker head on"
+                 if speaker_on and s.attrs.get("kind") == SPEAKER_EMBEDDING_KIND
+                 else "not an input of this sweep variant"} for s in data.inputs if s not in chosen]
+    return dataclasses.replace(data, inputs=chosen, excluded_stores=data.excluded_stores + left_out,
+                               counts=dict(data.counts))
+
+
+def _who(member: Member) -> str:
+    return "the base options" if member.variant == BASE else f"--variant {member.variant}"
+
+
+def _written(member: Member, view: TrainingData) -> bool:
+    """Whether member's run is already there with the same options (then reused); a run written with
+    other options is an error unless --overwrite (then it is trained again)."""
+    out = member.cfg.out
+    if not runs.is_run_dir(out):
+        return False
+    recorded = runs.read_config(out).get("train", {})
+    wanted = dataclasses.replace(member.cfg, features=tuple(s.path for s in view.inputs)).to_dict()
+    for key, value in wanted.items():
+        if key in NOT_COMPARED:
+            continue
+        have = recorded.get(key)
+        if key == "features":
+            same = sorted(str(Path(p).resolve()) for p in have or []) == sorted(str(Path(p).resolve()) for p in value)
+        else:
+            same = have == value or (isinstance(value, float) and isinstance(have, (int, float))
+                                     and math.isclose(have, value))
+        if not same:
+            if member.cfg.overwrite:
+                return False
+            raise TrainError(f"{out}: a run written with other options ({key}: {have!r}, this sweep: {value!r}); "
+                             "pass --overwrite to train it again, or choose another --out")
+    return True
+
+
+def prepare(member: Member, data: TrainingData, device) -> Prepared:
+    """Member's rows, label range, classes and seeded model: what train-heads derives for its run."""
+    import torch
+
+    from ser_cache.heads import MultitaskHeads
+    from ser_cache.losses import AAMSoftmax
+    from ser_cache.model import FeatureModel
+
+    cfg = member.cfg
+    train_idx, dev_idx = select_rows(cfg, data)
+    check_selectable(cfg, data, dev_idx)
+    lo, hi = label_range(data.avd[train_idx])
+    gender_labels = head_classes("gender", cfg.gender_weight, [data.genders[i] for i in train_idx])
+    speaker_labels = head_classes("speaker", cfg.speaker_weight, [data.speakers[i] for i in train_idx])
+    pools = {s.name: {"in_dim": s.dim, "dim": cfg.conv_dim, "dropout": cfg.conv_dropout} for s in data.frame_inputs}
+    torch.manual_seed(cfg.seed)  # as train-heads: heads first, then the pools, then the AAM
+    heads = MultitaskHeads({s.name: (cfg.conv_dim,) if s.name in pools else s.shape for s in data.inputs},
+                           hidden=cfg.hidden, dropout=cfg.dropout, label_min=lo, label_max=hi,
+                           n_genders=len(gender_labels), n_speakers=len(speaker_labels),
+                           aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale)
+    model = FeatureModel(heads, pools).to(device)
+    model.compute_dtype = compute_dtype(cfg.precision, device)
+    aam = (AAMSoftmax(heads.speaker_embedding_dim, len(speaker_labels), margin=cfg.aam_margin,
+                      scale=cfg.aam_scale).to(device) if speaker_labels else None)
+    return Prepared(member, data, train_idx, dev_idx, lo, hi, gender_labels, speaker_labels,
+                    label_index(data.genders, gender_labels), label_index(data.speakers, speaker_labels), model, aam)
+
+
+def stack_key(p: Prepared) -> tuple:
+    """Members with equal keys have models of the same shapes and batch alike: they can share a stack."""
+    heads = {k: v for k, v in p.model.heads.config().items() if k not in ("label_min", "label_max", "aam_margin", "aam_scale")}
+    return (repr(sorted(heads.items())), repr(p.model.config()), p.member.cfg.batch_size, p.member.cfg.epochs,
+            str(p.model.compute_dtype), p.aam is not None)
+
+
+def group_stacks(prepared: Sequence[Prepared], members_at_once: int | None) -> list[list[Prepared]]:
+    groups: dict[tuple, list[Prepared]] = {}
+    for p in prepared:
+        groups.setdefault(stack_key(p), []).append(p)
+    size = members_at_once or max((len(g) for g in groups.values()), default=1)
+    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
+
+
+def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """An epoch's order cut into batches as train-heads cuts it (equal-sized, no ragged tail)."""
+    n_batches = max(1, min(-(-order.size // batch_size), order.size // 2))
+    return [b for b in np.array_split(order, n_batches) if b.size >= 2]
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def train_stack(stack: list[Prepared], device, *, progress: bool = True) -> None:
+    """Train the members of one stack together and write each member's run directory."""
+    import torch
+
+    from ser_cache.sampling import EpochSampler
+    from ser_cache.stack import MemberStack, StackedAdamW
+
+    k_members = len(stack)
+    first = stack[0]
+    data, epochs = first.data, first.member.cfg.epochs  # equal within a stack (stack_key)
+    model_stack = MemberStack([p.model for p in stack], [p.aam for p in stack])
+    optimizer = StackedAdamW(model_stack.parameters(), [p.member.cfg.lr for p in stack],
+                             [p.member.cfg.weight_decay for p in stack], fused=fused_adamw_ok(device))
+    samplers = [EpochSampler(data.emotions[p.train_idx], undersample=p.member.cfg.undersample, seed=p.member.seed)
+                for p in stack]
+    avd = torch.from_numpy(data.avd).to(device)
+    genders = [torch.from_numpy(p.genders).to(device) for p in stack]
+    speakers = [torch.from_numpy(p.speakers).to(device) for p in stack]
+    dev_rows = np.unique(np.concatenate([p.dev_idx for p in stack]))
+    dev_pos = [np.searchsorted(dev_rows, p.dev_idx) for p in stack]
+    for p, sampler in zip(stack, samplers):
+        p.data.counts.update(train_rows=int(p.train_idx.size), dev_rows=int(p.dev_idx.size), rows_per_epoch=len(sampler))
+    histories: list[list[dict]] = [[] for _ in stack]
+    best: list[dict] = [{"score": -math.inf, "epoch": 0} for _ in stack]
+    boards = _boards(stack)
+    try:
+        with EpochProgress(progress, epochs) as bar:
+            for epoch in range(1, epochs + 1):
+                t_epoch = time.perf_counter()
+                model_stack.train()
+                batches = []
+                for p, sampler in zip(stack, samplers):
+                    sampler.set_epoch(epoch)
+                    batches.append(epoch_batches(p.train_idx[sampler.epoch_indices()], p.member.cfg.batch_size))
+                sums = torch.zeros(k_members, len(LOSS_KEYS), dtype=torch.float64, device=device)
+                seen = np.zeros(k_members)
+                for step in range(max(len(b) for b in batches)):
+                    active = [step < len(b) for b in batches]
+                    idx = [b[step] if a else b[0] for b, a in zip(batches, active)]
+                    width = max(i.size for i, a in zip(idx, active) if a)
+                    # Every member's batch padded to the widest by repeating its rows: the padded rows
+                    # are computed but left out of the loss, so they change nothing.
+                    out = model_stack.forward(_stacked(data.batch(np.concatenate([np.resize(i, width) for i in idx])),
+                                                       k_members, device))
+                    total = 0
+                    for k, (p, rows, a) in enumerate(zip(stack, idx, active)):
+                        if not a:
+                            continue
+                        n = rows.size
+                        r = torch.from_numpy(rows).to(device)
+                        loss, parts = batch_loss({key: v[k, :n] for key, v in out.items()},
+                                                 {"avd": avd[r], "gender": genders[k][r], "speaker": speakers[k][r]},
+                                                 (lambda e, lab, k=k: model_stack.speaker_loss(k, e, lab))
+                                                 if p.aam is not None else None,
+                                                 gender_weight=p.member.cfg.gender_weight,
+                                                 speaker_weight=p.member.cfg.speaker_weight, tensors=True)
+                        total = total + loss
+                        sums[k] += torch.stack([parts[key] for key in LOSS_KEYS]).double() * n
+                        seen[k] += n
+                    optimizer.zero_grad()
+                    total.backward()
+                    optimizer.step(active)
+                losses = (sums.cpu().numpy() / np.maximum(seen, 1)[:, None]).tolist()
+                t_eval = time.perf_counter()
+                pred, probs = infer_stack(model_stack, data, dev_rows, device)
+                now = time.perf_counter()
+                for k, p in enumerate(stack):
+                    pos = dev_pos[k]
+                    g = None if probs is None else probs[k][pos]
+                    dev = score(pred[k][pos], data.avd[p.dev_idx], data.emotions[p.dev_idx],
+                                gender_pred=None if g is None else g.argmax(1),
+                                gender_true=None if g is None else p.genders[p.dev_idx],
+                                balanced_trials=p.member.cfg.balanced_trials,
+                                balanced_per_class=p.member.cfg.balanced_per_class, seed=p.member.seed)
+                    row = history_row(epoch, dict(zip(LOSS_KEYS, losses[k])), dev, now - t_epoch, now - t_eval)
+                    histories[k].append(row)
+                    if boards[k] is not None:
+                        for key, value in row.items():
+                            if key != "epoch":
+                                boards[k].add_scalar(key, value, epoch)
+                    value = dev["balanced_ccc"]["mean"] if p.member.cfg.select == "balanced" else dev["ccc"]["mean"]
+                    if value > best[k]["score"]:
+                        best[k] = {"score": value, "epoch": epoch, "dev": dev, "pred": pred[k][pos],
+                                   "probs": g, "state": model_stack.member_state(k)}
+                mean_row = {key: float(np.mean([h[-1][key] for h in histories])) for key in histories[0][-1]}
+                bar.update(epoch, mean_row, max(b["epoch"] for b in best))
+    finally:
+        for b in boards:
+            if b is not None:
+                b.close()
+    for p, b, history in zip(stack, best, histories):
+        write_member(p, b, history, k_members)
+
+
+def _stacked(batch: dict, k: int, device) -> dict:
+    """One batch of K × width rows (member after member) → each input with a leading member axis."""
+    def split(t):
+        return t.reshape(k, -1, *t.shape[1:])
+
+    batch = to_device(batch, device)
+    return {name: tuple(split(t) for t in v) if isinstance(v, tuple) else split(v) for name, v in batch.items()}
+
+
+def infer_stack(model_stack, data: TrainingData, rows: np.ndarray, device) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every member's predictions on rows `rows` (the same rows for all): (K, n, 3) and (K, n, G) or None."""
+    import torch
+
+    frames = bool(data.frame_inputs)
+    order = np.argsort(data.frame_lengths(rows), kind="stable") if frames else np.arange(rows.size)
+    size = EVAL_FRAME_BATCH if frames else EVAL_BATCH
+    avd, probs = [], []
+    model_stack.eval()
+    with torch.inference_mode():
+        for start in range(0, rows.size, size):
+            out = model_stack.forward(to_device(data.batch(rows[order[start:start + size]]), device), shared=True)
+            avd.append(out["avd"].double())
+            if "gender_logits" in out:
+                probs.append(torch.softmax(out["gender_logits"].double(), dim=-1))
+    model_stack.train()
+    back = np.empty_like(order)
+    back[order] = np.arange(order.size)
+    # One copy to the host per evaluation, not one per batch.
+    pred = torch.cat(avd, dim=1).cpu().numpy()[:, back]
+    return pred, (torch.cat(probs, dim=1).cpu().numpy()[:, back] if probs else None)
+
+
+def _boards(stack: list[Prepared]) -> list:
+    boards = []
+    for p in stack:
+        if p.member.cfg.tensorboard is None:
+            boards.append(None)
+            continue
+        from torch.utils.tensorboard import SummaryWriter
+
+        boards.append(SummaryWriter(log_dir=str(p.member.cfg.tensorboard)))
+    return boards
+
+
+def write_member(p: Prepared, best: dict, history: list[dict], stacked_with: int) -> None:
+    """Member p's run directory, exactly as train-heads writes one (config.json records the sweep)."""
+    import torch
+
+    from ser_cache.losses import AAMSoftmax
+    from ser_cache.model import FeatureModel
+    from ser_cache.plots import curves_after_training
+
+    cfg = dataclasses.replace(p.member.cfg, features=tuple(s.path for s in p.data.inputs))
+    model = FeatureModel.from_config(p.model.heads.config(), p.model.config())
+    state, aam_state = best["state"]
+    model.load_state_dict(state)
+    aam = None
+    if aam_state is not None:
+        aam = AAMSoftmax(model.heads.speaker_embedding_dim, len(p.speaker_labels), margin=cfg.aam_margin,
+                         scale=cfg.aam_scale)
+        aam.load_state_dict(aam_state)
+    dtype_name = str(p.model.compute_dtype or torch.float32).removeprefix("torch.")
+    metrics = {"split": p.data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
+    config = run_config({**cfg.to_dict(), "compute_dtype": dtype_name}, p.data, p.lo, p.hi, p.gender_labels,
+                        p.speaker_labels, model.heads.config(), best["epoch"], frame_inputs=model.config(),
+                        sweep={"folder": str(Path(cfg.out).parent.parent), "variant": p.member.variant,
+                               "seed": p.member.seed, "trained_with": stacked_with},
+                        **({"memory": p.data.memory} if p.data.memory else {}))
+    with runs.staged_run_dir(cfg.out, True) as tmp:
+        runs.save_weights(tmp, model, aam)
+        write_run_files(tmp, config, metrics, history, p.data.ids[p.dev_idx].tolist(), best["pred"], best["probs"],
+                        p.gender_labels)
+        curves_after_training(tmp, title=f"{p.member.variant} seed {p.member.seed}")
+
+
+# --------------------------------------------------------------------------- the summary
+
+
+def summarize(cfg: SweepConfig, members: Sequence[Member], data: TrainingData) -> dict:
+    """sweep.json: per variant its members' Development scores, mean ± std over seeds, and the
+    paired bootstrap against the reference variant."""
+    from ser_cache.stats import paired_bootstrap
+
+    truth_of = {uid: i for i, uid in enumerate(data.ids.tolist())}
+    variants: dict[str, dict] = {}
+    predictions: dict[str, list[tuple[list[str], np.ndarray]]] = {}
+    for m in members:
+        metrics = json.loads((Path(m.cfg.out) / runs.METRICS).read_text())
+        ids, avd = runs.read_predictions(Path(m.cfg.out) / runs.DEV_PREDICTIONS)
+        predictions.setdefault(m.variant, []).append((ids, avd))
+        v = variants.setdefault(m.variant, {"options": _options(cfg, m.variant), "members": []})
+        v["members"].append({"seed": m.seed, "run": str(m.cfg.out), "best_epoch": metrics["best_epoch"],
+                             "rows": metrics["rows"], "ccc": metrics["ccc"],
+                             "balanced_ccc": metrics.get("balanced_ccc")})
+    for v in variants.values():
+        table = {f"ccc_{a}": [x["ccc"][a] for x in v["members"]] for a in ("arousal", "valence", "dominance", "mean")}
+        balanced = [x["balanced_ccc"]["mean"] for x in v["members"] if x["balanced_ccc"]]
+        if balanced:
+            table["balanced_ccc_mean"] = balanced
+        v["mean"] = {key: float(np.mean(values)) for key, values in table.items()}
+        # The sample std (ddof 1): the spread one would see between seeds; none from a single seed.
+        v["std"] = {key: float(np.std(values, ddof=1)) if len(values) > 1 else None for key, values in table.items()}
+        v["rows"] = v["members"][0]["rows"]
+    comparisons = {}
+    for name in variants:
+        if name == cfg.reference:
+            continue
+        common = set.intersection(*(set(ids) for ids, _ in predictions[name] + predictions[cfg.reference]))
+        ids = sorted(common)
+        if len(ids) < 2:
+            comparisons[name] = None
+            continue
+        truth = data.avd[[truth_of[i] for i in ids]].astype(np.float64)
+        comparisons[name] = paired_bootstrap(truth, _aligned(predictions[name], ids),
+                                             _aligned(predictions[cfg.reference], ids), resamples=cfg.resamples,
+                                             seed=cfg.base.seed)
+    return {"format": SWEEP_FORMAT, "split": data.dev_split, "seeds": list(range(cfg.base.seed, cfg.base.seed + cfg.seeds)),
+            "reference": cfg.reference, "base_options": _jsonable_options(cfg.base), "variants": variants,
+            "comparisons": comparisons}
+
+
+def _aligned(member_predictions: list[tuple[list[str], np.ndarray]], ids: list[str]) -> np.ndarray:
+    """(S, len(ids), 3): each seed's predictions of `ids`, in that order."""
+    out = []
+    for member_ids, avd in member_predictions:
+        where = {uid: i for i, uid in enumerate(member_ids)}
+        out.append(avd[[where[i] for i in ids]])
+    return np.stack(out).astype(np.float64)
+
+
+def _options(cfg: SweepConfig, name: str) -> dict:
+    for v in cfg.all_variants():
+        if v.name == name:
+            return dict(v.options)
+    return {}
+
+
+def _jsonable_options(base: TrainHeadsConfig) -> dict:
+    d = base.to_dict()
+    for key in ("out", "overwrite", "progress", "tensorboard", "seed"):
+        d.pop(key, None)
+    return d

@@ -1,0 +1,94 @@
+"""The paired bootstrap against numbers worked out by hand, and against metrics.ccc."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ser_cache import metrics
+from ser_cache.stats import bootstrap_differences, paired_bootstrap, weighted_ccc
+
+# Three utterances, one attribute. By hand (population moments):
+#   truth t = 1 2 3, perfect p = 1 2 3: CCC 1.
+#   swapped q = 1 3 2: means 2 and 2, var 2/3 and 2/3, cov (1 + 0 + 0)/3 = 1/3, CCC = (2/3)/(4/3) = 1/2.
+#   constant c = 2 2 2: cov 0, CCC 0.
+# Resample drawing utterances 0, 0, 1 (counts 2 1 0): t = 1 1 2, q = 1 1 3:
+#   means 4/3 and 5/3; var_t = 2/9, var_q = 8/9, cov = 4/9; CCC = (8/9) / (2/9 + 8/9 + 1/9) = 8/11.
+T = np.array([[1.0], [2.0], [3.0]])
+P = np.array([[1.0], [2.0], [3.0]])
+Q = np.array([[1.0], [3.0], [2.0]])
+C = np.array([[2.0], [2.0], [2.0]])
+
+
+def test_weighted_ccc_by_hand():
+    counts = np.array([[1, 1, 1], [2, 1, 0]])
+    got = weighted_ccc(T, np.stack([P, Q, C]), counts)
+    assert got.shape == (2, 3, 1)
+    assert got[0, :, 0] == pytest.approx([1.0, 0.5, 0.0], abs=1e-12)
+    assert got[1, :, 0] == pytest.approx([1.0, 8 / 11, 0.0], abs=1e-12)
+
+
+def test_weighted_ccc_equals_metrics_ccc_on_every_resample():
+    rng = np.random.default_rng(3)
+    truth = rng.uniform(1, 7, size=(40, 3))
+    preds = truth[None] * 0.5 + rng.normal(2, 1, size=(4, 40, 3))
+    counts = rng.multinomial(40, np.full(40, 1 / 40), size=5)
+    got = weighted_ccc(truth, preds, counts)
+    for b in range(5):
+        rows = np.repeat(np.arange(40), counts[b])
+        for s in range(4):
+            for a in range(3):
+                assert got[b, s, a] == pytest.approx(metrics.ccc(preds[s, rows, a], truth[rows, a]), abs=1e-12)
+
+
+def test_bootstrap_differences_by_hand():
+    # Variant seeds (P, Q), reference seeds (C, C). Resample 0: every utterance once, seeds 0 and 1:
+    # (1 + 1/2)/2 - 0 = 3/4. Resample 1: utterances 0 0 1, seed 1 twice: 8/11 - 0.
+    counts = np.array([[1, 1, 1], [2, 1, 0]])
+    seeds = np.array([[0, 1], [1, 1]])
+    d = bootstrap_differences(T, np.stack([P, Q]), np.stack([C, C]), counts, seeds, seeds)
+    assert d == pytest.approx([0.75, 8 / 11], abs=1e-12)
+
+
+def test_paired_bootstrap_of_a_perfect_against_a_constant_predictor():
+    """Every resample with two distinct labels gives 1 - 0; the share positive is then 1."""
+    truth = np.arange(1.0, 31.0).reshape(-1, 1).repeat(3, axis=1)
+    result = paired_bootstrap(truth, truth.copy(), np.full_like(truth, 4.0), resamples=200, seed=1)
+    assert result["difference"] == pytest.approx(1.0)
+    assert result["ci_low"] == pytest.approx(1.0) and result["ci_high"] == pytest.approx(1.0)
+    assert result["share_positive"] == 1.0 and result["rows"] == 30 and result["resamples"] == 200
+
+
+def test_paired_bootstrap_of_a_variant_against_itself_is_zero_everywhere():
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(1, 7, size=(50, 3))
+    pred = truth + rng.normal(0, 1, size=(3, 50, 3))
+    result = paired_bootstrap(truth, pred, pred.copy(), resamples=100)
+    assert result["difference"] == 0.0 and result["ci_low"] == 0.0 and result["ci_high"] == 0.0
+    assert result["share_positive"] == 0.0
+
+
+def test_paired_bootstrap_interval_covers_the_difference_and_pairs_the_utterances():
+    """A variant a little better than the reference on every utterance: pairing makes the interval
+    narrow and positive although each variant's own CCC varies much more between resamples."""
+    rng = np.random.default_rng(5)
+    truth = rng.uniform(1, 7, size=(300, 3))
+    noise = rng.normal(0, 1.5, size=(300, 3))
+    reference = truth + noise
+    variant = truth + 0.9 * noise
+    result = paired_bootstrap(truth, variant, reference, resamples=300, seed=2)
+    assert 0 < result["ci_low"] < result["difference"] < result["ci_high"]
+    assert result["share_positive"] == 1.0
+    own = weighted_ccc(truth, variant[None], rng.multinomial(300, np.full(300, 1 / 300), size=300)).mean(axis=2)
+    assert result["ci_high"] - result["ci_low"] < (np.percentile(own, 97.5) - np.percentile(own, 2.5)) / 2
+
+
+def test_paired_bootstrap_is_seeded_and_checks_its_input():
+    rng = np.random.default_rng(0)
+    truth = rng.uniform(1, 7, size=(20, 3))
+    a, b = truth + rng.normal(0, 1, (2, 20, 3))
+    assert paired_bootstrap(truth, a, b, seed=4) == paired_bootstrap(truth, a, b, seed=4)
+    with pytest.raises(ValueError, match="at least 2"):
+        paired_bootstrap(truth[:1], a[:1], b[:1])
+    with pytest.raises(ValueError, match="expected truth"):
+        weighted_ccc(truth, a, np.ones((1, 20)))

@@ -178,7 +178,7 @@ def test_frame_members_equal_train_heads_runs(tmp_path):
     base = TrainHeadsConfig(features=stores, data=manifest, out=tmp_path / "sweep", **{**OPTIONS, "epochs": 3},
                             conv_dropout=0.0, conv_dim=16, hidden=16)
     result = sweep(SweepConfig(base, seeds=2, variants=(parse_variant("lr: lr=1e-3"),), resamples=20))
-    assert result.trained == 4
+    assert result.trained == 4 and not (tmp_path / "sweep" / "lr" / "seed-1" / "curves.png").exists()
     own = train_heads(TrainHeadsConfig(features=stores, data=manifest, out=tmp_path / "own",
                                        **{**OPTIONS, "epochs": 3, "lr": 1e-3, "seed": 1}, conv_dropout=0.0,
                                        conv_dim=16, hidden=16))
@@ -294,12 +294,13 @@ def test_sweep_command_prints_the_table_in_80_columns(corpus, tmp_path):
     args = ["sweep", "-f", str(stores[0]), "-f", str(stores[1]), "-d", str(manifest), "-o", str(tmp_path / "s"),
             "--seeds", "2", "--epochs", "2", "--lr", "3e-3", "--batch-size", "32", "--no-undersample", "--device",
             "cpu", "--threads", "1", "--no-progress", "--speaker-weight", "0", "--resamples", "20",
-            "-V", "drop: ox=drop", "-V", "audio-only: inputs=audio"]
+            "--curves", "-V", "drop: ox=drop", "-V", "audio-only: inputs=audio"]
     r = CliRunner().invoke(app, args, terminal_width=80)
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80, r.stdout
     rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in ("base", "drop", "audio-only")}
     assert set(rows) == {"base", "drop", "audio-only"} and "ref." in rows["base"] and "…" in rows["drop"]
+    assert (tmp_path / "s" / "drop" / "seed-1" / "curves.png").is_file()
     bad = CliRunner().invoke(app, [*args[:-4], "-V", "x: epochs=3"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output and "'epochs=3' is not option=value" in bad.output

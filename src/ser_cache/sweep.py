@@ -29,7 +29,6 @@ training.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import math
 import re
@@ -48,6 +47,7 @@ from ser_cache.rows import (
     label_index,
     load_rows,
 )
+from ser_cache.sweep_summary import summarize
 from ser_cache.training import (
     EVAL_BATCH,
     EVAL_FRAME_BATCH,
@@ -73,7 +73,6 @@ from ser_cache.training import (
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
-SWEEP_FORMAT = "ser-cache-sweep"
 BASE = "base"
 LOSS_KEYS = ("total", "ccc", "gender", "speaker")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -148,6 +147,7 @@ class SweepConfig:
     reference: str = BASE
     members_at_once: int | None = None  # at most this many members in one stack (memory); None: no limit
     resamples: int = 1000
+    curves: bool = False  # curves.png in every member's run (0.5 s each; `ser-cache plot run` draws it later)
 
     def verify(self) -> None:
         problems = []
@@ -254,7 +254,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
     for i, stack in enumerate(stacks, 1):
         log.info("stack %d of %d: %d member(s): %s", i, len(stacks), len(stack),
                  ", ".join(f"{p.member.variant}/seed-{p.member.seed}" for p in stack))
-        train_stack(stack, device, progress=base.progress)
+        train_stack(stack, device, progress=base.progress, curves=cfg.curves)
     summary = summarize(cfg, members, data)
     runs.write_json_atomic(Path(base.out) / SWEEP_FILE, summary)
     wall = time.perf_counter() - t0
@@ -370,7 +370,7 @@ def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
 # --------------------------------------------------------------------------- the loop
 
 
-def train_stack(stack: list[Prepared], device, *, progress: bool = True) -> None:
+def train_stack(stack: list[Prepared], device, *, progress: bool = True, curves: bool = False) -> None:
     """Train the members of one stack together and write each member's run directory."""
     import torch
 
@@ -461,7 +461,7 @@ def train_stack(stack: list[Prepared], device, *, progress: bool = True) -> None
             if b is not None:
                 b.close()
     for p, b, history in zip(stack, best, histories):
-        write_member(p, b, history, k_members)
+        write_member(p, b, history, k_members, curves=curves)
 
 
 def _stacked(batch: dict, k: int, device) -> dict:
@@ -508,8 +508,9 @@ def _boards(stack: list[Prepared]) -> list:
     return boards
 
 
-def write_member(p: Prepared, best: dict, history: list[dict], stacked_with: int) -> None:
-    """Member p's run directory, exactly as train-heads writes one (config.json records the sweep)."""
+def write_member(p: Prepared, best: dict, history: list[dict], stacked_with: int, *, curves: bool = False) -> None:
+    """Member p's run directory, as train-heads writes one (config.json records the sweep); curves.png
+    only with `curves`: drawing it takes longer than training a member on a GPU."""
     import torch
 
     from ser_cache.losses import AAMSoftmax
@@ -536,73 +537,5 @@ def write_member(p: Prepared, best: dict, history: list[dict], stacked_with: int
         runs.save_weights(tmp, model, aam)
         write_run_files(tmp, config, metrics, history, p.data.ids[p.dev_idx].tolist(), best["pred"], best["probs"],
                         p.gender_labels)
-        curves_after_training(tmp, title=f"{p.member.variant} seed {p.member.seed}")
-
-
-# --------------------------------------------------------------------------- the summary
-
-
-def summarize(cfg: SweepConfig, members: Sequence[Member], data: TrainingData) -> dict:
-    """sweep.json: per variant its members' Development scores, mean ± std over seeds, and the
-    paired bootstrap against the reference variant."""
-    from ser_cache.stats import paired_bootstrap
-
-    truth_of = {uid: i for i, uid in enumerate(data.ids.tolist())}
-    variants: dict[str, dict] = {}
-    predictions: dict[str, list[tuple[list[str], np.ndarray]]] = {}
-    for m in members:
-        metrics = json.loads((Path(m.cfg.out) / runs.METRICS).read_text())
-        ids, avd = runs.read_predictions(Path(m.cfg.out) / runs.DEV_PREDICTIONS)
-        predictions.setdefault(m.variant, []).append((ids, avd))
-        v = variants.setdefault(m.variant, {"options": _options(cfg, m.variant), "members": []})
-        v["members"].append({"seed": m.seed, "run": str(m.cfg.out), "best_epoch": metrics["best_epoch"],
-                             "rows": metrics["rows"], "ccc": metrics["ccc"],
-                             "balanced_ccc": metrics.get("balanced_ccc")})
-    for v in variants.values():
-        table = {f"ccc_{a}": [x["ccc"][a] for x in v["members"]] for a in ("arousal", "valence", "dominance", "mean")}
-        balanced = [x["balanced_ccc"]["mean"] for x in v["members"] if x["balanced_ccc"]]
-        if balanced:
-            table["balanced_ccc_mean"] = balanced
-        v["mean"] = {key: float(np.mean(values)) for key, values in table.items()}
-        # The sample std (ddof 1): the spread one would see between seeds; none from a single seed.
-        v["std"] = {key: float(np.std(values, ddof=1)) if len(values) > 1 else None for key, values in table.items()}
-        v["rows"] = v["members"][0]["rows"]
-    comparisons = {}
-    for name in variants:
-        if name == cfg.reference:
-            continue
-        common = set.intersection(*(set(ids) for ids, _ in predictions[name] + predictions[cfg.reference]))
-        ids = sorted(common)
-        if len(ids) < 2:
-            comparisons[name] = None
-            continue
-        truth = data.avd[[truth_of[i] for i in ids]].astype(np.float64)
-        comparisons[name] = paired_bootstrap(truth, _aligned(predictions[name], ids),
-                                             _aligned(predictions[cfg.reference], ids), resamples=cfg.resamples,
-                                             seed=cfg.base.seed)
-    return {"format": SWEEP_FORMAT, "split": data.dev_split, "seeds": list(range(cfg.base.seed, cfg.base.seed + cfg.seeds)),
-            "reference": cfg.reference, "base_options": _jsonable_options(cfg.base), "variants": variants,
-            "comparisons": comparisons}
-
-
-def _aligned(member_predictions: list[tuple[list[str], np.ndarray]], ids: list[str]) -> np.ndarray:
-    """(S, len(ids), 3): each seed's predictions of `ids`, in that order."""
-    out = []
-    for member_ids, avd in member_predictions:
-        where = {uid: i for i, uid in enumerate(member_ids)}
-        out.append(avd[[where[i] for i in ids]])
-    return np.stack(out).astype(np.float64)
-
-
-def _options(cfg: SweepConfig, name: str) -> dict:
-    for v in cfg.all_variants():
-        if v.name == name:
-            return dict(v.options)
-    return {}
-
-
-def _jsonable_options(base: TrainHeadsConfig) -> dict:
-    d = base.to_dict()
-    for key in ("out", "overwrite", "progress", "tensorboard", "seed"):
-        d.pop(key, None)
-    return d
+        if curves:
+            curves_after_training(tmp, title=f"{p.member.variant} seed {p.member.seed}")

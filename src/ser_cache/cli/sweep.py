@@ -33,6 +33,8 @@ def sweep_command(
     reference: str = typer.Option("base", help="The variant every other one is compared with."),
     resamples: int = typer.Option(1000, help="Bootstrap resamples of the comparisons."),
     members_at_once: Optional[int] = typer.Option(None, help="At most this many members trained together (memory); default all that fit one stack."),
+    curves: bool = typer.Option(False, help="Draw curves.png in every member's run (about 0.5 s each; "
+                                "`ser-cache plot run RUN` draws one later)."),
     train_split: shared.TrainSplit = "Train",
     dev_split: shared.DevSplit = "Development",
     epochs: shared.Epochs = 50,
@@ -89,7 +91,7 @@ def sweep_command(
                             memory_budget_gb=memory_budget, device=device, precision=precision, threads=threads,
                             overwrite=overwrite, progress=progress, tensorboard=tensorboard)
     cfg = SweepConfig(base=base, seeds=seeds, variants=variants, inputs=inputs, reference=reference,
-                      members_at_once=members_at_once, resamples=resamples)
+                      members_at_once=members_at_once, resamples=resamples, curves=curves)
     result = guarded(sweep, cfg)
     if result is None:
         return

@@ -251,6 +251,15 @@ def test_a_sweep_run_again_reuses_its_members_and_refuses_changed_ones(corpus, t
     assert redone.trained == 2 and runs.read_config(weights.parent)["train"]["lr"] == 1e-2
 
 
+def test_variants_take_the_base_inputs_unless_they_name_their_own(corpus, tmp_path):
+    cfg = SweepConfig(base_config(corpus, tmp_path / "s", epochs=1), seeds=1, inputs="audio", resamples=10,
+                      variants=(parse_variant("lr: lr=1e-3"), parse_variant("both: inputs=all")))
+    sweep(cfg)
+    inputs = {v: [i["name"] for i in runs.read_config(tmp_path / "s" / v / "seed-0")["inputs"]] for v in ("base", "lr", "both")}
+    assert inputs == {"base": ["audio"], "lr": ["audio"], "both": ["audio", "text"]}
+    assert [s["name"] for s in runs.read_config(tmp_path / "s" / "lr" / "seed-0")["excluded_stores"]] == ["text"]
+
+
 def test_unknown_inputs_and_streamed_frames_are_refused(corpus, tmp_path):
     cfg = SweepConfig(base_config(corpus, tmp_path / "s"), seeds=1, variants=(parse_variant("x: inputs=audio+nope"),))
     with pytest.raises(TrainError, match="--variant x: inputs=audio\\+nope: nope is not a loaded store; the stores are audio, text"):

@@ -237,7 +237,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
     device = resolve_device(base.device)
     data = load_rows(base.data, base.train_split, base.dev_split, base.features, speaker_weight=0.0, frames=True,
                      memory_budget_gb=base.memory_budget_gb)
-    members = [Member(v.name, s, member_config(cfg, v, s), v.options.get("inputs", "all"))
+    members = [Member(v.name, s, member_config(cfg, v, s), v.options.get("inputs", cfg.inputs))
                for v in cfg.all_variants() for s in range(base.seed, base.seed + cfg.seeds)]
     views = {m.variant: member_view(data, m) for m in members}  # also checks every inputs= before any training
     todo = [m for m in members if not _written(m, views[m.variant])]

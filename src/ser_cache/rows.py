@@ -11,6 +11,14 @@ orders larger (MSP-Podcast's 116k clips × ~275 Whisper frames × 1280 is 82 GB)
 only for the kept rows, packed end to end (as frames.Frames holds them), and only when they fit
 the memory budget. When they do not, they are streamed: `in_blocks` visits the store's chunks in
 blocks that fit, holding one block at a time (docs/training.md, "Frame inputs").
+
+`TrainingData.place(device)` then puts the inputs where training gathers its batches: each input
+whose bytes fit `DEVICE_SHARE` of the device's free memory (with the inputs placed before it) is
+held on the device as one tensor of the kept rows in kept-row order, so a batch is one
+`index_select` there with an index tensor already on the device; the others stay in host memory
+and each batch is gathered there (into pinned memory when the device is a GPU, so that its copy
+over is asynchronous). On a CPU device the same code runs with CPU tensors (a pooled store's
+array serves as it is, indexed through the kept rows' store rows: nothing is copied).
 """
 
 from __future__ import annotations
@@ -28,6 +36,14 @@ log = logging.getLogger(__name__)
 NO_EMOTION_CLASS = "?"  # undersampling class of training rows that have no emotion code
 SPEAKER_EMBEDDING_KIND = "xvector"  # stores of this kind are speaker embeddings (the "+ S Emb" input)
 FRAME_BYTES = 2  # float16, as stores hold them
+# Of the training device's free memory (torch.cuda.mem_get_info; the host's available memory for a
+# CPU device), the share the inputs placed on it may take together: the rest is for the weights,
+# the optimizer state and the activations, which for ConvPools over frames are large.
+DEVICE_SHARE = 0.5
+# Where `place` put an input (config.json's memory.inputs): on the training device; in host memory
+# with each batch gathered into pinned memory and copied asynchronously (a GPU); in host memory
+# (a CPU device); frames read from the store block by block (streamed).
+ON_DEVICE, HOST_PINNED, HOST, STREAMED = "device", "host, pinned batches", "host", "streamed"
 
 
 class TrainError(Exception):
@@ -36,6 +52,61 @@ class TrainError(Exception):
 
 def physical_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def available_memory_bytes() -> int:
+    """Memory the host can still give (MemAvailable: free plus reclaimable cache), else the free pages."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+
+
+def device_free_bytes(device) -> int:
+    """Free memory of the training device: the GPU's (torch.cuda.mem_get_info), or the host's."""
+    import torch
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return available_memory_bytes()
+
+
+def index_tensor(idx, device):
+    """Row indices as an int64 tensor on `device`: a numpy array is copied over (from pinned memory,
+    asynchronously, to a GPU), a tensor moved only when it is elsewhere."""
+    import torch
+
+    device = torch.device(device)
+    if torch.is_tensor(idx):
+        return idx if idx.device == device else idx.to(device, non_blocking=True)
+    t = torch.from_numpy(np.ascontiguousarray(idx, dtype=np.int64))
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
+def host_index(idx, host_idx=None) -> np.ndarray:
+    """The same rows as a numpy array: `host_idx` when given, else `idx` itself (a tensor on a GPU is
+    copied back, which waits for the GPU: callers that have the host copy pass it)."""
+    import torch
+
+    if host_idx is not None:
+        return np.asarray(host_idx, dtype=np.int64)
+    if torch.is_tensor(idx):
+        return idx.cpu().numpy()
+    return np.asarray(idx, dtype=np.int64)
+
+
+def _pinned(shape, dtype):
+    """An empty pinned host tensor. The caching host allocator hands the block out again only after
+    the asynchronous copy that read it has finished, so a new one per batch is safe and cheap."""
+    import torch
+
+    return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
 def default_memory_budget_gb() -> float:
@@ -70,6 +141,13 @@ class InputStore:
     attrs: dict
     features: np.ndarray  # (N_store, *shape) float16, as read, in store order
     rows: np.ndarray  # (n,) int64, store row of each kept utterance
+    # Placed (`TrainingData.place`): on a GPU, the kept rows gathered once in kept-row order, a
+    # (n, *shape) float16 tensor there; on the CPU, the store's own array as a tensor (no copy: a
+    # second copy of the pooled stores would only take host memory) and `held_rows` the kept rows'
+    # places in it, None when those are the store's rows in order.
+    held: object = None
+    held_rows: object = None
+    pin: bool = False  # not held: batches are gathered into pinned host memory (the device is a GPU)
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -78,10 +156,42 @@ class InputStore:
     def record(self) -> dict:
         return store_record(self.name, self.path, self.attrs, self.shape)
 
-    def batch(self, idx: np.ndarray):
+    @property
+    def kept_bytes(self) -> int:
+        """Bytes of the kept rows: what holding them on a device takes."""
+        return int(self.rows.size * np.prod(self.shape, dtype=np.int64) * self.features.itemsize)
+
+    def hold_on(self, device) -> None:
+        """Hold the kept rows on `device`: gathered once, in kept-row order, on a GPU; the store's
+        array itself (a tensor view) with the kept rows' index on the CPU."""
         import torch
 
-        return torch.from_numpy(self.features[self.rows[idx]])
+        device = torch.device(device)
+        if self.held is not None and self.held.device == device:
+            return
+        in_order = self.rows.size == len(self.features) and np.array_equal(self.rows, np.arange(self.rows.size))
+        if device.type == "cpu":
+            self.held = torch.from_numpy(self.features)
+            self.held_rows = None if in_order else torch.from_numpy(self.rows)
+        else:
+            self.held = torch.from_numpy(self.features if in_order else self.features[self.rows]).to(device)
+            self.held_rows = None
+        self.pin = False
+
+    def batch(self, idx, host_idx: np.ndarray | None = None):
+        """Kept rows `idx` (a numpy array, or an int64 tensor, best on the device they are held on):
+        (B, *shape) float16 on that device when held, else gathered in host memory from `host_idx`
+        (the same rows as numpy; without it they are read off `idx`)."""
+        import torch
+
+        if self.held is not None:
+            idx = index_tensor(idx, self.held.device)
+            return self.held.index_select(0, idx if self.held_rows is None else self.held_rows.index_select(0, idx))
+        rows = self.rows[host_index(idx, host_idx)]
+        if not self.pin:
+            return torch.from_numpy(self.features[rows])
+        store = torch.from_numpy(self.features)
+        return torch.index_select(store, 0, torch.from_numpy(rows), out=_pinned((rows.size, *self.shape), store.dtype))
 
 
 @dataclass
@@ -104,6 +214,13 @@ class FrameInput:
     data: object = None  # torch.Tensor (held frames, D) float16, or None while nothing is held
     offsets: np.ndarray | None = None  # (held + 1,) int64
     slot: np.ndarray | None = None  # (N_store,) int64, position of each held store row in `offsets`; -1: not held
+    # Placed (`TrainingData.place`, every kept row held): each kept row's first frame in `data` and
+    # its frame count, as int64 tensors on `data`'s device, and the counts on the host (a batch's
+    # padded length is read there, so the host never waits for the device to learn it).
+    starts: object = None
+    lengths: object = None
+    host_lengths: np.ndarray | None = None
+    pin: bool = False  # not placed: batches are gathered into pinned host memory (the device is a GPU)
 
     @property
     def dim(self) -> int:
@@ -135,21 +252,59 @@ class FrameInput:
 
     def release(self) -> None:
         self.data = self.offsets = self.slot = None
+        self.starts = self.lengths = self.host_lengths = None
 
-    def batch(self, idx: np.ndarray):
-        """Kept rows `idx`: ((B, T_max, D) float16 frames zero-padded to the longest, on the device
-        they are held on; (B,) int64 lengths)."""
+    def hold_on(self, device) -> None:
+        """Move the frames held (every kept row) onto `device` and index them there by kept row."""
+        import torch
+
         if self.slot is None:
             raise RuntimeError(f"frame input '{self.name}': no frames held")
-        where = self.slot[self.rows[idx]]
+        device = torch.device(device)
+        where = self.slot[self.rows]
+        if (where < 0).any():
+            raise RuntimeError(f"frame input '{self.name}': not every kept row is held")
+        starts = self.offsets[where]
+        self.host_lengths = self.offsets[where + 1] - starts
+        self.data = self.data.to(device)
+        self.starts = torch.from_numpy(starts).to(device)
+        self.lengths = torch.from_numpy(self.host_lengths).to(device)
+        self.pin = False
+
+    def batch(self, idx, host_idx: np.ndarray | None = None):
+        """Kept rows `idx` (a numpy array, or an int64 tensor on the device the frames are held on):
+        ((B, T_max, D) float16 frames zero-padded to the longest, on the device they are held on;
+        (B,) int64 lengths). `host_idx`: the same rows as numpy, which gives T_max without reading
+        `idx` back from the device."""
+        if self.slot is None:
+            raise RuntimeError(f"frame input '{self.name}': no frames held")
+        host = host_index(idx, host_idx)
+        if self.starts is not None:
+            return self._gather_placed(index_tensor(idx, self.data.device), host)
+        where = self.slot[self.rows[host]]
         if (where < 0).any():
             raise RuntimeError(f"frame input '{self.name}': rows asked for that are not held")
-        return take_packed(self.data, self.offsets, where)
+        return take_packed(self.data, self.offsets, where, pin=self.pin)
+
+    def _gather_placed(self, idx, host: np.ndarray):
+        """take_packed's gather, computed on the frames' device from the kept-row index `idx`; only
+        the padded length comes from the host."""
+        import torch
+
+        longest = max(int(self.host_lengths[host].max(initial=0)), 1)
+        starts, lengths = self.starts.index_select(0, idx), self.lengths.index_select(0, idx)
+        step = torch.arange(longest, device=idx.device)
+        valid = step[None, :] < lengths[:, None]
+        pos = starts[:, None] + torch.where(valid, step[None, :], 0)
+        x = self.data.index_select(0, pos.reshape(-1)).view(idx.numel(), longest, self.data.shape[1])
+        x.masked_fill_(~valid[..., None], 0)
+        return x, lengths
 
 
-def take_packed(data, offsets: np.ndarray, where: np.ndarray):
+def take_packed(data, offsets: np.ndarray, where: np.ndarray, *, pin: bool = False):
     """Rows `where` of packed frames (`data` a (total, D) tensor, row i = data[offsets[i]:offsets[i+1]])
-    zero-padded to the longest of them, as Frames.take does, but gathered on `data`'s device."""
+    zero-padded to the longest of them, as Frames.take does, but gathered on `data`'s device.
+    `pin` (frames in host memory, training on a GPU): the batch is gathered into pinned memory."""
     import torch
 
     starts, lengths = offsets[where], offsets[where + 1] - offsets[where]
@@ -160,6 +315,11 @@ def take_packed(data, offsets: np.ndarray, where: np.ndarray):
     pos = starts[:, None] + np.where(valid, step[None, :], 0)
     if data.shape[0] == 0:
         return data.new_zeros((where.size, longest, data.shape[1])), torch.from_numpy(lengths)
+    if pin and data.device.type == "cpu":
+        out = _pinned((pos.size, data.shape[1]), data.dtype)
+        x = torch.index_select(data, 0, torch.from_numpy(pos.reshape(-1)), out=out).view(*pos.shape, -1)
+        x.masked_fill_(~torch.from_numpy(valid)[..., None], 0)
+        return x, _pinned(lengths.shape, torch.int64).copy_(torch.from_numpy(lengths))
     x = data[torch.from_numpy(pos).to(data.device)]
     x.masked_fill_(~torch.from_numpy(valid).to(data.device)[..., None], 0)
     return x, torch.from_numpy(lengths)
@@ -186,6 +346,7 @@ class TrainingData:
     dev_split: str
     block_bytes: int | None = None  # frames streamed in blocks of about this size; None: all held
     memory: dict = field(default_factory=dict)  # what was held where, for config.json
+    device: object = None  # torch.device the inputs were placed for (`place`); None: not placed
 
     @property
     def frame_inputs(self) -> list[FrameInput]:
@@ -195,10 +356,75 @@ class TrainingData:
     def streamed(self) -> bool:
         return self.block_bytes is not None
 
-    def batch(self, idx: np.ndarray) -> dict:
+    def batch(self, idx, host_idx: np.ndarray | None = None) -> dict:
         """Inputs of rows `idx`: a float16 tensor per pooled store (the heads convert it), and
-        (padded float16 frames, lengths) per frame store."""
-        return {s.name: s.batch(idx) for s in self.inputs}
+        (padded float16 frames, lengths) per frame store, each on the device it is held on.
+
+        `idx` is a numpy array, or an int64 tensor on the placed device (`index`); with a tensor,
+        `host_idx` (the same rows as numpy) lets inputs held on the host and frame inputs (whose
+        padded length is read on the host) do without reading `idx` back from the device.
+        """
+        return {s.name: s.batch(idx, host_idx) for s in self.inputs}
+
+    def index(self, rows: np.ndarray):
+        """`rows` as an int64 tensor on the device the inputs were placed for (the CPU if not placed):
+        one copy, whose slices are batch indices."""
+        return index_tensor(rows, self.device if self.device is not None else "cpu")
+
+    def place(self, device, share: float | None = None) -> dict:
+        """Hold the inputs where training on `device` gathers its batches; returns {name: where}.
+
+        Each input not streamed, largest first, is held on `device` (pooled: the kept rows in
+        kept-row order, gathered once, or on the CPU the store's array as it is; frames: the packed
+        frames of every kept row, with the per-row starts and counts) while the inputs' bytes held
+        there stay within `share` (default DEVICE_SHARE) of the device's free memory
+        (device_free_bytes, read once, before any of them moves; on the CPU, where holding them
+        copies nothing, the same rule keeps the code path one). The others stay in host memory and
+        are gathered there per batch: into pinned memory when `device` is a GPU, so that the copy
+        over is asynchronous (to_device's non_blocking); so are streamed frames, block by block.
+        `memory` records where each input went, and the figures that decided.
+        """
+        import torch
+
+        device = torch.device(device)
+        share = DEVICE_SHARE if share is None else float(share)
+        free = device_free_bytes(device)
+        allowed = share * free
+        cuda = device.type == "cuda"
+
+        def need(s) -> int:
+            """Bytes `s` adds on `device`: none when it is held there already (then `free` excludes it)."""
+            if isinstance(s, InputStore):
+                return 0 if s.held is not None and s.held.device == device else s.kept_bytes
+            there = s.data is not None and s.data.device == device and (cuda or s.starts is not None)
+            return 0 if there else s.held_bytes
+
+        where: dict[str, str] = {}
+        used = 0
+        for s in sorted(self.inputs, key=need, reverse=True):
+            if isinstance(s, FrameInput) and self.streamed:
+                s.pin, where[s.name] = cuda, STREAMED
+                continue
+            n = need(s)
+            if used + n <= allowed:
+                s.hold_on(device)
+                used += n
+                where[s.name] = ON_DEVICE
+                continue
+            if isinstance(s, InputStore):  # placed before (another device or share): not any more
+                s.held = s.held_rows = None
+            else:
+                s.starts = s.lengths = s.host_lengths = None
+            s.pin, where[s.name] = cuda, HOST_PINNED if cuda else HOST
+        self.device = device
+        where = {s.name: where[s.name] for s in self.inputs}
+        self.memory.update(device=str(device), device_free_gb=round(free / 1e9, 3), device_share=share,
+                           device_inputs_gb=round(used / 1e9, 6), inputs=where)
+        if cuda and any(w == ON_DEVICE for s, w in zip(self.inputs, where.values()) if isinstance(s, FrameInput)):
+            self.memory["frames_on"] = str(device)
+        log.info("inputs on %s (%.3g GB of %.3g GB free, share %g): %s", device, used / 1e9, free / 1e9, share,
+                 ", ".join(f"{k} {v}" for k, v in where.items()))
+        return where
 
     def frame_lengths(self, idx: np.ndarray) -> np.ndarray:
         """Frames of rows `idx` in the first frame input (zeros without one)."""

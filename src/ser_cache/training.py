@@ -14,22 +14,32 @@ The loop, in order:
 5. keep the epoch with the best mean (balanced) CCC and write the run directory in one rename.
 
 Why no DataLoader: the features already sit in memory as float16 arrays, so a batch is one
-fancy-index per store (a gather from the packed frames for a frame store). Worker processes
-would only copy those arrays around. Streamed frames change only which rows are in memory when:
+gather per store (from the packed frames for a frame store). Worker processes would only copy
+those arrays around. Streamed frames change only which rows are in memory when:
 `TrainingData.in_blocks` hands the loop the epoch's rows block by block, and with everything in
 memory it is one block, the order as drawn.
+
+On the device (`TrainingData.place`, once): the inputs that fit are held on the training device
+as tensors of the kept rows, the others in host memory (batches gathered into pinned memory on a
+GPU); the targets are tensors on the device from the start. Each epoch's drawn order (each
+block's, when frames are streamed) goes to the device as one int64 tensor and a batch is a slice
+of it, so a step copies nothing to the device for inputs held there and never waits for it: the
+loss terms are summed on the device and read once an epoch, and Development predictions stay on
+the device until the pass is over (one copy back per evaluation).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import itertools
 import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -43,10 +53,14 @@ from ser_cache.rows import (  # noqa: F401  (re-exported: finetune, predict and 
     TrainError,
     TrainingData,
     default_memory_budget_gb,
+    index_tensor,
     label_index,
     load_rows,
     store_record,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 
 log = logging.getLogger(__name__)
 
@@ -259,8 +273,11 @@ def eval_batch_size(model) -> int:
 
 def infer(model, fetch, n: int, *, device, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Run a trained model (FeatureModel or bare heads) over rows 0..n-1; `fetch(idx)` gives the
-    inputs of rows `idx` (tensors, and (frames, lengths) for frame inputs).
+    inputs of rows `idx` (a contiguous ascending range, as a numpy array: tensors, and (frames,
+    lengths) for frame inputs).
 
+    The predictions stay on `device` until the last batch and come back in one copy: no batch waits
+    for the one before it to reach the host.
     Returns (avd (n, 3) float64, gender probabilities (n, G) or None).
     """
     import torch
@@ -268,17 +285,20 @@ def infer(model, fetch, n: int, *, device, batch_size: int | None = None) -> tup
     batch_size = batch_size or eval_batch_size(model)
     was_training = model.training
     model.eval()
-    avd = np.empty((n, 3), dtype=np.float64)
-    probs = np.empty((n, model.n_genders), dtype=np.float64) if model.n_genders else None
+    genders = model.n_genders
+    parts = []
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
             out = model(to_device(fetch(idx), device))
-            avd[idx] = out["avd"].double().cpu().numpy()
-            if probs is not None:
-                probs[idx] = torch.softmax(out["gender_logits"].double(), dim=-1).cpu().numpy()
+            cols = [out["avd"].double()]
+            if genders:
+                cols.append(torch.softmax(out["gender_logits"].double(), dim=-1))
+            parts.append(torch.cat(cols, dim=1))
+        table = torch.cat(parts).cpu().numpy() if parts else np.empty((0, 3 + genders), dtype=np.float64)
     model.train(was_training)
-    return avd, probs
+    avd = np.ascontiguousarray(table[:, :3])
+    return avd, (np.ascontiguousarray(table[:, 3:]) if genders else None)
 
 
 def infer_rows(model, data: TrainingData, rows: np.ndarray, *, device) -> tuple[np.ndarray, np.ndarray | None]:
@@ -292,7 +312,16 @@ def infer_rows(model, data: TrainingData, rows: np.ndarray, *, device) -> tuple[
     for pos in data.in_blocks(rows):
         if data.frame_inputs:
             pos = pos[np.argsort(data.frame_lengths(rows[pos]), kind="stable")]
-        a, p = infer(model, lambda idx, pos=pos: data.batch(rows[pos[idx]]), pos.size, device=device)
+        order = rows[pos]
+        if data.streamed:
+            def fetch(idx, order=order):
+                return data.batch(order[idx])
+        else:  # the block's rows go to the device once; a batch is a slice of them
+            on_device = data.index(order)
+
+            def fetch(idx, order=order, on_device=on_device):
+                return data.batch(on_device[idx[0]:idx[-1] + 1], order[idx])
+        a, p = infer(model, fetch, pos.size, device=device)
         avd[pos] = a
         if probs is not None:
             probs[pos] = p
@@ -305,7 +334,7 @@ def score(avd_pred: np.ndarray, avd_true: np.ndarray, emotions: Sequence[str], *
     """CCC table, balanced CCC (None when no primary emotion is present) and gender accuracy/macro-F1."""
     from ser_cache import metrics
 
-    result = {"rows": int(len(avd_true)), "ccc": metrics.ccc_table(avd_pred, avd_true)}
+    result = {"rows": len(avd_true), "ccc": metrics.ccc_table(avd_pred, avd_true)}
     if np.isin(np.asarray(emotions, dtype=object), metrics.PRIMARY_EMOTIONS).any():
         result["balanced_ccc"] = metrics.balanced_ccc(avd_pred, avd_true, emotions, per_class=balanced_per_class,
                                                       n_trials=balanced_trials, seed=seed)
@@ -338,7 +367,7 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     data = load_training_data(cfg)
-    data.frames_to(device)
+    data.place(device)
     train_idx, dev_idx = select_rows(cfg, data)
     check_selectable(cfg, data, dev_idx)
 
@@ -347,8 +376,8 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     gender_labels = head_classes("gender", cfg.gender_weight, [data.genders[i] for i in train_idx])
     speaker_labels = head_classes("speaker", cfg.speaker_weight, [data.speakers[i] for i in train_idx])
     genders = label_index(data.genders, gender_labels)
-    targets = {"avd": torch.from_numpy(data.avd), "gender": torch.from_numpy(genders),
-               "speaker": torch.from_numpy(label_index(data.speakers, speaker_labels))}
+    targets = {"avd": torch.from_numpy(data.avd).to(device), "gender": torch.from_numpy(genders).to(device),
+               "speaker": torch.from_numpy(label_index(data.speakers, speaker_labels)).to(device)}
 
     # A frame store reaches the heads as its ConvPool's (conv_dim,) vector. The heads are built
     # first, so that with pooled stores only the seeded initialisation is what it always was.
@@ -494,11 +523,16 @@ def _train_epoch(model, aam, optimizer, data: TrainingData, order: np.ndarray, t
 
     Streamed frames: the rows of `order` come block by block (the blocks in an order drawn from
     `rng`), each block's rows in their order in `order`, so every row is still seen exactly once.
+
+    The order (each block's) goes to `device` as one int64 tensor and a batch is a slice of it; the
+    targets are indexed there too (`targets` on `device` already costs nothing here), and nothing in
+    the step reads a value back, so the host never waits for the device within an epoch.
     """
     import torch
 
     model.train()
     keys = ("total", "ccc", "gender", "speaker")
+    targets = {k: v.to(device) for k, v in targets.items()}
     # Row-weighted sums of the loss terms stay on the device and come to the host once, at the end:
     # a float() at every step would make the host wait for the GPU at every step.
     sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
@@ -509,19 +543,23 @@ def _train_epoch(model, aam, optimizer, data: TrainingData, order: np.ndarray, t
         # a CCC (and a gradient) dominated by noise. CCC needs at least two rows per batch, so a
         # small block (streamed frames) is cut into fewer batches rather than leave a row out.
         n_batches = max(1, min(-(-block_order.size // cfg.batch_size), block_order.size // 2))
-        for idx in np.array_split(block_order, n_batches):
-            if idx.size < 2:
+        bounds = np.cumsum([0] + [len(part) for part in np.array_split(block_order, n_batches)]).tolist()
+        on_device = index_tensor(block_order, device)
+        for start, end in itertools.pairwise(bounds):
+            if end - start < 2:
                 continue
-            rows = torch.from_numpy(idx)
-            out = model(to_device(data.batch(idx), device))
-            loss, parts = batch_loss(out, {k: v[rows].to(device) for k, v in targets.items()}, aam,
+            idx, rows = block_order[start:end], on_device[start:end]
+            # Streamed frames are gathered on the host from the numpy rows; the rest from the slice.
+            inputs = data.batch(idx) if data.streamed else data.batch(rows, idx)
+            out = model(to_device(inputs, device))
+            loss, parts = batch_loss(out, {k: v.index_select(0, rows) for k, v in targets.items()}, aam,
                                      gender_weight=cfg.gender_weight, speaker_weight=cfg.speaker_weight,
                                      tensors=True)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            sums += torch.stack([parts[key] for key in keys]).double() * idx.size
-            seen += idx.size
+            sums += torch.stack([parts[key] for key in keys]).double() * (end - start)
+            seen += end - start
     return dict(zip(keys, (sums / max(seen, 1)).tolist()))
 
 
@@ -630,7 +668,13 @@ class EpochProgress:
         import sys
 
         from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+        )
 
         console = self.console or Console(file=sys.stderr)
         self._wide = console.width >= self.WIDE_COLUMNS
@@ -642,7 +686,7 @@ class EpochProgress:
         self._task = progress.add_task("train", total=self.epochs, info="")
         return progress
 
-    def __enter__(self) -> EpochProgress:
+    def __enter__(self) -> Self:
         if self.tensorboard is not None:
             problem = tensorboard_problem()
             if problem:

@@ -20,6 +20,26 @@ mean clip at 50 frames/s), between 138 and 550 (2.75-11 s), in a store padded to
 positions — beside the RoBERTa-large store, through a ConvPool. A subset of rows is enough on a
 CPU (`--rows 2000`); `--memory-budget GB` makes train-heads stream the frames.
 Target (frame heads): 50 epochs at MSP-Podcast scale under 5 minutes on one H100.
+
+`--compare` (issue 11) trains twice in one process on the same data, `--precision fp32` then
+`--precision bf16`, after an untimed one-epoch run in each (it takes the process's one-time costs
+off the fp32 figures; `--no-warmup` skips it). In the same process, on the threads the training
+uses, it measures the matrix-product rate of both dtypes (ser_cache.peaks.matmul_tflops: best of
+`--peak-trials` 5 timings after warm-up, before and after the timed runs) at `--peak-size` 2048³
+and at the heads' fused first layer, rows × in_dim × sum of the first layers' widths (from the
+heads the runs built), for the training batch (64) and the evaluation batch (4096; 64 with
+frames), and at one head's first layer for the training batch (what a CPU runs below
+heads.FUSE_MIN_ROWS_CPU rows). It counts an epoch's FLOPs from the model's Linear/Conv1d layers
+(2·k·n per row each; training: 3 × forward over the epoch's rows, plus the AAM product with the
+speaker head; "executed": without the input gradient backward skips for layers fed by the data;
+Development scoring: forward over the Development rows) and prints one table: per precision the
+peaks, wall, median seconds per epoch (training part, Development scoring part), achieved TFLOP/s
+and utilisation (achieved / measured peak of the same dtype, at the training shape and at
+2048³), peak memory and Development mean CCC; and bf16 against fp32: speed-ups (fp32 time / bf16
+time), peak ratios (bf16 / fp32), the CCC difference against the issue's |Δ mean CCC| ≤ 0.005.
+`--json PATH` writes the same figures (and the table). Not with `--precision`.
+
+    python benchmarks/train_heads_bench.py --compare --rows 20000 --epochs 5 --keep /tmp/benchdata
 """
 
 from __future__ import annotations
@@ -58,7 +78,35 @@ PERCEPTION_NOISE = 0.6  # std (label units) of what the features see beyond the 
 
 
 def peak_rss_mb() -> float:
+    """Peak RSS of the process (since `reset_peak_rss`, where that worked)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def rss_mb() -> float:
+    """The process's RSS now (0 where /proc is not there)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0.0
+
+
+def reset_peak_rss() -> bool:
+    """Start the peak RSS afresh (Linux: /proc/self/clear_refs 5), so a second run in the process
+    gets its own peak; False where the kernel does not allow it (the peak is then the process's)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def cpu_seconds() -> float:
@@ -231,6 +279,218 @@ def profile_steps(cfg, steps: int, top: int = 12) -> dict:
                              sorted(events, key=lambda e: -e.self_cpu_time_total)[:top]]}
 
 
+def run_figures(args, cfg, stores: list[Path]) -> dict:
+    """Train once with `cfg` and return the figures of the run (the single-run JSON)."""
+    import torch
+
+    from ser_cache.store import FeatureStore
+    from ser_cache.training import train_heads
+
+    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t, cpu = time.perf_counter(), cpu_seconds()
+    result = train_heads(cfg)
+    wall, cpu = time.perf_counter() - t, cpu_seconds() - cpu
+    epoch_s = [float(r["seconds"]) for r in result.history]
+    eval_s = [float(r["eval_seconds"]) for r in result.history]
+    config = json.loads((result.run_dir / "config.json").read_text())
+    train_s = float(np.median(np.subtract(epoch_s, eval_s)))
+    figures = {
+        "rows": args.rows,
+        "train_rows": config["data"]["train_rows"],
+        "dev_rows": config["data"]["dev_rows"],
+        "rows_per_epoch": config["data"]["rows_per_epoch"],
+        "inputs": {i["name"]: i["feature_shape"] for i in config["inputs"]},
+        "epochs": args.epochs,
+        "undersample": not args.no_undersample,
+        "speaker_weight": args.speaker_weight,
+        "batch_size": cfg.batch_size,
+        "device": args.device,
+        "precision": cfg.precision,
+        "compute_dtype": config["train"]["compute_dtype"],
+        "torch_threads": cfg.threads or torch.get_num_threads(),
+        "cpus": os.cpu_count(),
+        "train_wall_seconds": round(wall, 1),
+        "train_cpu_seconds": round(cpu, 1),
+        "load_average_1min": round(os.getloadavg()[0], 2),
+        "load_and_write_seconds": round(wall - sum(epoch_s), 1),
+        "epoch_seconds_mean": round(float(np.mean(epoch_s)), 3),
+        "epoch_seconds_median": round(float(np.median(epoch_s)), 3),
+        "epoch_seconds": [round(x, 2) for x in epoch_s],
+        "train_seconds_median": round(train_s, 3),
+        "eval_seconds_median": round(float(np.median(eval_s)), 3),
+        "train_rows_per_second": round(config["data"]["rows_per_epoch"] / train_s, 1),
+        "dev_rows_per_second": round(config["data"]["dev_rows"] / float(np.median(eval_s)), 1),
+        "peak_rss_mb": round(peak_rss_mb()),
+        "best_epoch": result.best_epoch,
+        "dev_ccc": {k: round(v, 4) for k, v in result.metrics["ccc"].items()},
+        "dev_balanced_ccc": {k: round(v, 4) for k, v in (result.metrics.get("balanced_ccc") or {}).items()},
+    }
+    if device.type == "cuda":
+        figures["peak_gpu_memory_mb"] = round(torch.cuda.max_memory_allocated(device) / 2**20)
+    if args.profile:
+        figures["profile"] = profile_steps(cfg, args.profile)
+    if args.frames:
+        counts = FeatureStore.open(stores[0]).frame_counts()
+        figures.update(frames_mean=round(float(counts.mean()), 1), frames_min=int(counts.min()),
+                       frames_max=int(counts.max()), frame_inputs=config["frame_inputs"],
+                       memory=config.get("memory"))
+    # Not in the JSON, for --compare: the run's config and the unrounded times and CCC.
+    figures["_config"] = config
+    figures["_exact"] = {"wall_s": wall, "epoch_s": float(np.median(epoch_s)), "train_s": train_s,
+                         "eval_s": float(np.median(eval_s)), "mean_ccc": float(result.metrics["ccc"]["mean"])}
+    return figures
+
+
+def cpu_name() -> str:
+    """The CPU's model name and whether it multiplies bf16 natively (AMX / AVX512-BF16 flags)."""
+    try:
+        info = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        import platform
+
+        return platform.processor() or "unknown CPU"
+    name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
+    flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    return f"{name}, {os.cpu_count()} CPUs; bf16 {'native (' + ', '.join(native) + ')' if native else 'emulated (no avx512_bf16 / amx_bf16)'}"
+
+
+def measure_peaks(model, cfg, device, square: int, trials: int) -> tuple[dict, dict]:
+    """Matmul TFLOP/s of fp32 and bf16 at `peaks.peak_shapes` of `model`, on the training's threads."""
+    import torch
+
+    from ser_cache import peaks, training
+
+    shapes = peaks.peak_shapes(model, cfg.batch_size, training.eval_batch_size(model), square=square)
+    measured = {}
+    with training.torch_threads(cfg.threads):
+        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+            measured[name] = {shape: peaks.matmul_tflops(*mkn, dtype, device, trials=trials)
+                              for shape, mkn in shapes.items()}
+    return shapes, measured
+
+
+def epoch_flops(config: dict, frames_mean: dict[str, float] | None = None) -> tuple[dict, list]:
+    """FLOPs of one epoch of the run described by `config` (a run's config.json), counted on the model
+    rebuilt from it: training (3 × forward; executed) over rows_per_epoch rows, including the speaker
+    head's AAM product when it is on, and Development scoring (forward) over dev_rows rows."""
+    from ser_cache import peaks
+    from ser_cache.model import FeatureModel
+
+    model = FeatureModel.from_config(config["heads"], config.get("frame_inputs") or None)
+    prods = peaks.products(model, frames_mean)
+    train_prods = list(prods)
+    if config.get("n_speakers"):
+        train_prods.append(peaks.Product("aam", config["heads"]["speaker_embedding_dim"], config["n_speakers"]))
+    rows, dev = config["data"]["rows_per_epoch"], config["data"]["dev_rows"]
+    flops = {"train": peaks.train_flops(train_prods, rows), "executed": peaks.executed_train_flops(train_prods, rows),
+             "eval": peaks.forward_flops(prods, dev)}
+    return flops, [vars(x) for x in train_prods]
+
+
+def compare_precisions(args, base_cfg, stores: list[Path], root: Path) -> dict:
+    """fp32 then bf16 on the same data, the matmul peaks, the FLOPs; prints the table, returns the figures."""
+    import dataclasses
+
+    import torch
+
+    from ser_cache import peaks
+    from ser_cache.model import FeatureModel
+    from ser_cache.store import FeatureStore
+    from ser_cache.training import resolve_device, train_heads
+
+    # One epoch in each precision first, not timed: the first run in a process pays one-time costs
+    # (imports in scoring and writing, kernel set-up) that would otherwise all land on fp32.
+    device = resolve_device(args.device)
+
+    def peaks_of(run_dir: Path) -> tuple[dict, dict]:
+        config = json.loads((run_dir / "config.json").read_text())
+        model = FeatureModel.from_config(config["heads"], config.get("frame_inputs") or None)
+        return measure_peaks(model, base_cfg, device, args.peak_size, args.peak_trials)
+
+    warmup_s, peak_s, peak_sets = 0.0, 0.0, []
+    if args.warmup:
+        t = time.perf_counter()
+        for precision in peaks.PRECISIONS:
+            train_heads(dataclasses.replace(base_cfg, precision=precision, epochs=1, out=root / "run-warmup"))
+        warmup_s = time.perf_counter() - t
+        # The peaks before the timed runs (on the warm-up's heads: the same shapes) and after them.
+        t = time.perf_counter()
+        peak_sets.append(peaks_of(root / "run-warmup")[1])
+        peak_s += time.perf_counter() - t
+    runs = {}
+    for precision in peaks.PRECISIONS:
+        cfg = dataclasses.replace(base_cfg, precision=precision, out=root / f"run-{precision}")
+        reset = reset_peak_rss()
+        at_start = rss_mb()
+        figures = run_figures(args, cfg, stores)
+        figures.update(peak_rss_reset=reset, rss_mb_at_start=round(at_start))
+        runs[precision] = figures
+        print(f"{precision}: {figures['train_wall_seconds']} s, {figures['epoch_seconds_median']} s/epoch, "
+              f"Development mean CCC {figures['dev_ccc']['mean']:.4f}", file=sys.stderr)
+    config = runs["fp32"]["_config"]
+    t = time.perf_counter()
+    shapes, after = peaks_of(root / "run-fp32")
+    peak_s += time.perf_counter() - t
+    peak_sets.append(after)
+    # Best of before and after: a peak is what the hardware can do; the spread is in the JSON.
+    peak = {p: {name: max(s[p][name] for s in peak_sets) for name in shapes} for p in peaks.PRECISIONS}
+    frames_mean = None
+    if args.frames:
+        frames_mean = {FRAME_STORE: float(FeatureStore.open(stores[0]).frame_counts().mean())}
+    flops, counted = epoch_flops(config, frames_mean)
+
+    exact = {p: {**runs[p]["_exact"], "peak_mb": runs[p].get("peak_gpu_memory_mb", runs[p]["peak_rss_mb"])}
+             for p in peaks.PRECISIONS}
+    result = peaks.compare(exact, peak, flops)
+    table = peaks.format_table(exact, peak, shapes, flops, result)
+    head = (f"train_heads, fp32 vs bf16: {config['data']['train_rows']:,} training rows "
+            f"({config['data']['rows_per_epoch']:,} per epoch), {config['data']['dev_rows']:,} Development rows, "
+            f"{args.epochs} epochs, batch {base_cfg.batch_size}, {device}, {runs['fp32']['torch_threads']} torch threads\n"
+            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}; torch {torch.__version__}; "
+            f"peaks: best of {args.peak_trials} timings {'before and after the timed runs' if args.warmup else 'after the runs'}"
+            f" ({peak_s:.1f} s); "
+            f"{'warm-up (1 epoch each, untimed) ' + format(warmup_s, '.1f') + ' s' if args.warmup else 'no warm-up'}; "
+            f"load average {os.getloadavg()[0]:.2f}\n"
+            "memory: " + ("peak GPU memory allocated" if device.type == "cuda" else
+                          "peak RSS during each run (RSS at its start, " +
+                          " / ".join(f"{r['rss_mb_at_start']} MB" for r in runs.values()) + ", included)"
+                          if all(r["peak_rss_reset"] for r in runs.values())
+                          else "peak RSS of the process so far (could not be reset between runs)"))
+    print(head + "\n\n" + table)
+
+    def rounded(d: dict) -> dict:  # 4 significant digits; NaN (nothing to divide by) as null
+        return {k: (None if np.isnan(v) else float(f"{v:.4g}")) if isinstance(v, float) else v for k, v in d.items()}
+
+    for r in runs.values():
+        r.pop("_config")
+        r.pop("_exact")
+    return {
+        "mode": "compare",
+        "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name(),
+        "torch": torch.__version__,
+        "runs": runs,
+        "peak_shapes": {k: list(v) for k, v in shapes.items()},
+        "peak_tflops": {p: rounded(v) for p, v in peak.items()},
+        "peak_tflops_measurements": [{p: rounded(v) for p, v in m.items()} for m in peak_sets],
+        "peak_seconds": round(peak_s, 1),
+        "warmup_seconds": round(warmup_s, 1) if args.warmup else None,
+        "flops_per_epoch": {k: round(v) for k, v in flops.items()},
+        "flops_counted": {"products": counted, "rule": "2·k·n per row for every Linear(k, n) and 1×1 Conv1d (per "
+                          "valid frame); training = 3 × forward, executed = forward + weight gradient + input "
+                          "gradient only where backward computes it; Development scoring = forward; bias, "
+                          "activations, loss and optimizer not counted"},
+        "per_precision": {p: rounded(v) for p, v in result["per_precision"].items()},
+        "ratios": rounded(result["ratios"]),
+        "ccc_delta": float(f"{result['ccc_delta']:.4g}"),
+        "ccc_target": result["ccc_target"],
+        "ccc_target_met": result["ccc_target_met"],
+        "table": table,
+    }
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--rows", type=int, default=116_000, help="utterances in all (Train + Development)")
@@ -242,7 +502,15 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cpu", help="cpu (the target's setting), cuda, auto")
     p.add_argument("--threads", type=int, default=None, help="torch threads for training (default: train_heads' own)")
-    p.add_argument("--precision", default="auto", help="auto, fp32, bf16: of the matrix products (train-heads --precision)")
+    p.add_argument("--precision", default=None,
+                   help="auto (default), fp32, bf16: of the matrix products (train-heads --precision)")
+    p.add_argument("--compare", action="store_true",
+                   help="train fp32 then bf16 in this process, measure both dtypes' matmul peaks, print one table")
+    p.add_argument("--peak-size", type=int, default=2048, metavar="N",
+                   help="--compare: the square reference product is N³ (default 2048)")
+    p.add_argument("--peak-trials", type=int, default=5, metavar="K", help="--compare: best of K timings (default 5)")
+    p.add_argument("--no-warmup", dest="warmup", action="store_false",
+                   help="--compare: skip the untimed one-epoch run in each precision before the timed runs")
     p.add_argument("--profile", type=int, default=0, metavar="STEPS",
                    help="after training, profile this many training steps (torch.profiler) and print the top ops")
     p.add_argument("--frames", action="store_true",
@@ -256,11 +524,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
     if args.profile and args.frames:
         p.error("--profile profiles pooled-store heads only, not --frames")
+    if args.compare and args.precision is not None:
+        p.error("--compare runs fp32 and bf16; leave --precision out")
+    if args.peak_size < 1 or args.peak_trials < 1:
+        p.error("--peak-size and --peak-trials: expected 1 or more")
 
-    import torch
-
-    from ser_cache.store import FeatureStore
-    from ser_cache.training import TrainHeadsConfig, train_heads
+    from ser_cache.training import TrainHeadsConfig
 
     tmp = None
     if args.keep is None:
@@ -287,57 +556,23 @@ def main(argv: list[str] | None = None) -> dict:
             extra["conv_dim"] = args.conv_dim
         cfg = TrainHeadsConfig(features=tuple(stores), data=corpus, out=root / "run", overwrite=True,
                                epochs=args.epochs, seed=args.seed, undersample=not args.no_undersample,
-                               speaker_weight=args.speaker_weight, device=args.device, precision=args.precision,
-                               progress=False, **extra)
-        t, cpu = time.perf_counter(), cpu_seconds()
-        result = train_heads(cfg)
-        wall, cpu = time.perf_counter() - t, cpu_seconds() - cpu
-        epoch_s = [float(r["seconds"]) for r in result.history]
-        eval_s = [float(r["eval_seconds"]) for r in result.history]
-        config = json.loads((result.run_dir / "config.json").read_text())
-        train_s = float(np.median(np.subtract(epoch_s, eval_s)))
-        figures = {
-            "rows": args.rows,
-            "train_rows": config["data"]["train_rows"],
-            "dev_rows": config["data"]["dev_rows"],
-            "rows_per_epoch": config["data"]["rows_per_epoch"],
-            "inputs": {i["name"]: i["feature_shape"] for i in config["inputs"]},
-            "epochs": args.epochs,
-            "undersample": not args.no_undersample,
-            "speaker_weight": args.speaker_weight,
-            "batch_size": cfg.batch_size,
-            "device": args.device,
-            "precision": args.precision,
-            "compute_dtype": config["train"]["compute_dtype"],
-            "torch_threads": args.threads or torch.get_num_threads(),
-            "cpus": os.cpu_count(),
-            "build_seconds": round(build_s, 1),
-            "train_wall_seconds": round(wall, 1),
-            "train_cpu_seconds": round(cpu, 1),
-            "load_average_1min": round(os.getloadavg()[0], 2),
-            "load_and_write_seconds": round(wall - sum(epoch_s), 1),
-            "epoch_seconds_mean": round(float(np.mean(epoch_s)), 3),
-            "epoch_seconds_median": round(float(np.median(epoch_s)), 3),
-            "epoch_seconds": [round(x, 2) for x in epoch_s],
-            "eval_seconds_median": round(float(np.median(eval_s)), 3),
-            "train_rows_per_second": round(config["data"]["rows_per_epoch"] / train_s, 1),
-            "dev_rows_per_second": round(config["data"]["dev_rows"] / float(np.median(eval_s)), 1),
-            "peak_rss_mb": round(peak_rss_mb()),
-            "peak_rss_mb_after_build": round(rss_after_build),
-            "best_epoch": result.best_epoch,
-            "dev_ccc": {k: round(v, 4) for k, v in result.metrics["ccc"].items()},
-            "dev_balanced_ccc": {k: round(v, 4) for k, v in (result.metrics.get("balanced_ccc") or {}).items()},
-        }
-        if args.profile:
-            figures["profile"] = profile_steps(cfg, args.profile)
-        if args.frames:
-            counts = FeatureStore.open(stores[0]).frame_counts()
-            figures.update(frames_mean=round(float(counts.mean()), 1), frames_min=int(counts.min()),
-                           frames_max=int(counts.max()), frame_inputs=config["frame_inputs"],
-                           memory=config.get("memory"))
+                               speaker_weight=args.speaker_weight, device=args.device,
+                               precision=args.precision or "auto", progress=False, **extra)
+        if args.compare:
+            figures = compare_precisions(args, cfg, stores, root)
+        else:
+            figures = run_figures(args, cfg, stores)
+            del figures["_config"], figures["_exact"]
+            figures["precision"] = args.precision or "auto"
+        figures["build_seconds"] = round(build_s, 1)
+        figures["peak_rss_mb_after_build"] = round(rss_after_build)
     finally:
         if tmp is not None:
             tmp.cleanup()
+    if args.compare:
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=2, ensure_ascii=False) + "\n")
+        return figures
     print(json.dumps(figures, indent=2))
     if args.json:
         args.json.write_text(json.dumps(figures, indent=2) + "\n")

@@ -5,6 +5,7 @@
 #
 # STAGE: tests, whisper (15-s window + naive), trimmed, wavlm, others (roberta-large,
 # wavlm-base-plus-sv), decode (decoding workers), finetune, heads (pooled heads, 116k rows),
+# compare (heads fp32 vs bf16 with matmul peaks), sweep (1 seed vs 10 seeds trained together),
 # frames (MMWhisper frame heads, FRAME_ROWS rows), or all (the default). Each bench
 # writes OUT/<name>.json and its console table to OUT/<name>.log; the random-weight models and
 # the synthetic corpus are built once under OUT/work (or $WORKDIR) and reused by later stages
@@ -17,7 +18,7 @@
 # take a few minutes at most.
 set -euo pipefail
 
-out=${1:?usage: gpu_suite.sh OUT [tests|whisper|trimmed|wavlm|others|decode|finetune|heads|frames|all ...]}
+out=${1:?usage: gpu_suite.sh OUT [tests|whisper|trimmed|wavlm|others|decode|finetune|heads|compare|sweep|frames|all ...]}
 shift
 stages=("${@:-all}")
 utts=${UTTERANCES:-20000}
@@ -82,6 +83,16 @@ if want heads; then
     echo "== benchmarks/train_heads_bench.py --device cuda"
     "$py" benchmarks/train_heads_bench.py --device cuda --keep "$work/heads" --json "$out/heads.json" 2>&1 \
         | tee "$out/heads.log" || echo "== heads FAILED"
+fi
+if want compare; then
+    echo "== benchmarks/train_heads_bench.py --compare --device cuda (fp32 vs bf16, matmul peaks, utilisation)"
+    "$py" benchmarks/train_heads_bench.py --compare --device cuda --keep "$work/heads" --json "$out/compare.json" 2>&1 \
+        | tee "$out/compare.log" || echo "== compare FAILED"
+fi
+if want sweep; then
+    echo "== benchmarks/sweep_bench.py --device cuda (1 seed vs 10 seeds trained together)"
+    "$py" benchmarks/sweep_bench.py --device cuda --keep "$work/heads" --json "$out/sweep.json" 2>&1 \
+        | tee "$out/sweep.log" || echo "== sweep FAILED"
 fi
 if want frames; then
     echo "== benchmarks/train_heads_bench.py --frames --rows $frame_rows --device cuda"

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -37,6 +38,7 @@ def run_sweep(args, corpus: Path, stores: list[Path], out: Path, seeds: int) -> 
     base = TrainHeadsConfig(features=tuple(stores), data=corpus, out=out, overwrite=True, epochs=args.epochs,
                             seed=args.seed, undersample=not args.no_undersample, speaker_weight=0.0,
                             device=args.device, precision=args.precision, progress=False, **extra)
+    shutil.rmtree(out, ignore_errors=True)  # a sweep reuses the members it finds: train them all again
     t = time.perf_counter()
     result = sweep(SweepConfig(base, seeds=seeds, resamples=args.resamples))
     wall = time.perf_counter() - t

@@ -77,6 +77,28 @@ def test_train_heads_on_cuda_learns(tmp_path):
     assert result.metrics["ccc"]["mean"] > 0.5, result.metrics["ccc"]
 
 
+def test_sweep_on_cuda_equals_the_cpu_sweep_in_fp32(tmp_path):
+    """Members stacked on the GPU (vmap, StackedAdamW on device, device-placed inputs) end where the
+    CPU's do; a GPU's products round differently, hence the tolerance."""
+    from test_training import make_corpus, make_store
+
+    from ser_cache.sweep import SweepConfig, parse_variant, sweep
+    from ser_cache.training import TrainHeadsConfig
+
+    manifest, ids, feats = make_corpus(tmp_path / "corpus")
+    stores = tuple(make_store(tmp_path / "features" / f"{n}.zarr", ids, x, kind="text" if n == "text" else "whisper",
+                              modality="text" if n == "text" else "audio") for n, x in feats.items())
+    results = {}
+    for device in ("cpu", "cuda"):
+        base = TrainHeadsConfig(features=stores, data=manifest, out=tmp_path / device, epochs=4, lr=3e-3,
+                                batch_size=32, undersample=False, progress=False, device=device, precision="fp32")
+        results[device] = sweep(SweepConfig(base, seeds=2, variants=(parse_variant("drop: ox=drop"),),
+                                            resamples=20)).summary
+    for name in ("base", "drop"):
+        for cpu, gpu in zip(results["cpu"]["variants"][name]["members"], results["cuda"]["variants"][name]["members"]):
+            assert gpu["ccc"]["mean"] == pytest.approx(cpu["ccc"]["mean"], abs=2e-3)
+
+
 def test_finetune_on_cuda_in_half_precision_lowers_the_loss(models, tmp_path):
     from test_finetune import base_config, learnable_corpus
 

@@ -94,51 +94,54 @@ def _take(inputs, k):
     return {n: (v[0][k], v[1][k]) if isinstance(v, tuple) else v[k] for n, v in inputs.items()}
 
 
-@pytest.mark.parametrize("frames", [False, True])
-def test_stack_member_computes_what_its_own_model_computes(frames):
-    members = [_member(s, frames) for s in range(3)]
+@pytest.mark.parametrize(("frames", "k"), [(False, 3), (True, 3), (True, 1)])
+def test_stack_member_computes_what_its_own_model_computes(frames, k):
+    members = [_member(s, frames) for s in range(k)]
     stack = MemberStack([m for m, _ in members], [a for _, a in members])
     stack.eval()
-    x = _inputs(3, frames)
+    x = _inputs(k, frames)
     out = stack.forward(x)
-    for k, (model, _) in enumerate(members):
-        ref = model.eval()(_take(x, k))
+    for i, (model, _) in enumerate(members):
+        ref = model.eval()(_take(x, i))
         for key in ("avd", "gender_logits", "speaker_embedding"):
-            assert torch.allclose(out[key][k], ref[key], atol=1e-5), key
+            assert torch.allclose(out[key][i], ref[key], atol=1e-5), key
+        state, _ = stack.member_state(i)
+        assert all(torch.equal(state[n], v) for n, v in model.state_dict().items())
     shared = stack.forward(_take(x, 0), shared=True)  # the same rows for every member
-    for k, (model, _) in enumerate(members):
-        assert torch.allclose(shared["avd"][k], model(_take(x, 0))["avd"], atol=1e-5)
+    for i, (model, _) in enumerate(members):
+        assert torch.allclose(shared["avd"][i], model(_take(x, 0))["avd"], atol=1e-5)
 
 
-def test_stacked_adamw_steps_each_member_as_its_own_adamw():
-    members = [_member(s, True) for s in range(3)]
+@pytest.mark.parametrize("k", [1, 3])
+def test_stacked_adamw_steps_each_member_as_its_own_adamw(k):
+    members = [_member(s, True) for s in range(k)]
     own = copy.deepcopy(members)
     stack = MemberStack([m for m, _ in members], [a for _, a in members])
-    lrs, decays = [1e-2, 1e-2, 3e-3], [0.01, 0.0, 0.01]
+    lrs, decays = [1e-2, 1e-2, 3e-3][:k], [0.01, 0.0, 0.01][:k]
     optimizer = StackedAdamW(stack.parameters(), lrs, decays)
     optimizers = [torch.optim.AdamW([*m.parameters(), *a.parameters()], lr=lr, weight_decay=wd)
                   for (m, a), lr, wd in zip(own, lrs, decays)]
     torch.manual_seed(0)
     for step in range(5):
-        x, y, spk = _inputs(3, True), torch.rand(3, 10, 3) * 6 + 1, torch.randint(0, 5, (3, 10))
-        active = [True, step < 3, True]  # member 1 has run out of batches after three steps
+        x, y, spk = _inputs(k, True), torch.rand(k, 10, 3) * 6 + 1, torch.randint(0, 5, (k, 10))
+        active = [True, step < 3, True][:k]  # member 1 has run out of batches after three steps
         out = stack.forward(x)
-        loss = sum(((out["avd"][k] - y[k]) ** 2).mean() + stack.speaker_loss(k, out["speaker_embedding"][k], spk[k])
-                   for k in range(3) if active[k])
+        loss = sum(((out["avd"][i] - y[i]) ** 2).mean() + stack.speaker_loss(i, out["speaker_embedding"][i], spk[i])
+                   for i in range(k) if active[i])
         optimizer.zero_grad()
         loss.backward()
         optimizer.step(active)
-        for k, ((model, aam), opt) in enumerate(zip(own, optimizers)):
-            if active[k]:
-                o = model(_take(x, k))
-                own_loss = ((o["avd"] - y[k]) ** 2).mean() + aam(o["speaker_embedding"], spk[k])
+        for i, ((model, aam), opt) in enumerate(zip(own, optimizers)):
+            if active[i]:
+                o = model(_take(x, i))
+                own_loss = ((o["avd"] - y[i]) ** 2).mean() + aam(o["speaker_embedding"], spk[i])
                 opt.zero_grad()
                 own_loss.backward()
                 opt.step()
-    for k, (model, aam) in enumerate(own):
-        state, aam_state = stack.member_state(k)
+    for i, (model, aam) in enumerate(own):
+        state, aam_state = stack.member_state(i)
         for name, value in model.state_dict().items():
-            assert torch.allclose(state[name], value, atol=1e-6), (k, name)
+            assert torch.allclose(state[name], value, atol=1e-6), (i, name)
         assert torch.allclose(aam_state["weight"], aam.weight, atol=1e-6)
     assert not torch.equal(stack.member_state(0)[0]["heads.regressors.arousal.mlp.0.weight"],
                            members[0][0].state_dict()["heads.regressors.arousal.mlp.0.weight"])

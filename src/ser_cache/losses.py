@@ -163,21 +163,20 @@ class AAMSoftmax(nn.Module):
             raise ValueError(
                 f"labels must have shape ({embeddings.shape[0]},), got {tuple(labels.shape)}"
             )
-        known = labels >= 0
-        if not bool(known.any()):
-            # Empty sums are exactly 0 (no NaN risk from 0 * x) and keep a grad_fn.
-            return embeddings[:0].sum() + self.weight[:0].sum()
-        labels = labels[known].long()
-        if int(labels.max()) >= self.n_classes:
+        # Every row is computed and the unknown ones masked out of the mean: no branch on the data, so a
+        # GPU never waits for the host. The label range is checked where it costs no wait (CPU tensors);
+        # the training loop builds labels from the classes, so they cannot be out of range there.
+        if not labels.is_cuda and labels.numel() and int(labels.max()) >= self.n_classes:
             raise ValueError(
                 f"speaker label {int(labels.max())} out of range for {self.n_classes} classes"
             )
-
-        cosine = self._cosine(embeddings[known])
-        index = labels.unsqueeze(1)
+        known = labels >= 0
+        safe = labels.clamp_min(0).long()
+        cosine = self._cosine(embeddings)
+        index = safe.unsqueeze(1)
         target_cos = cosine.gather(1, index)
         with_margin = cosine.scatter(1, index, _add_angular_margin(target_cos, self.margin))
-        return F.cross_entropy(with_margin * self.scale, labels)
+        return _masked_mean(F.cross_entropy(with_margin * self.scale, safe, reduction="none"), known)
 
 
 def _gender_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
@@ -186,17 +185,20 @@ def _gender_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     ``F.cross_entropy(..., ignore_index=-1)`` returns NaN (0/0) when every row
     is ignored, which would poison the total loss; this returns an exact zero
     that still has a grad_fn in that case. Any negative target counts as
-    unknown, not only -1.
+    unknown, not only -1. Computed over every row and masked, with no branch
+    on the data: a GPU never has to tell the host whether a row is known.
     """
     if logits.dim() != 2 or target.shape != logits.shape[:1]:
         raise ValueError(
             f"gender logits must be (B, C) and target (B,), got "
             f"{tuple(logits.shape)} and {tuple(target.shape)}"
         )
-    known = target >= 0
-    if not bool(known.any()):
-        return logits[:0].sum()
-    return F.cross_entropy(logits[known], target[known].long())
+    return _masked_mean(F.cross_entropy(logits, target.clamp_min(0).long(), reduction="none"), target >= 0)
+
+
+def _masked_mean(values: Tensor, keep: Tensor) -> Tensor:
+    """Mean of `values` where `keep`; an exact zero, still connected to `values`, where none is kept."""
+    return torch.where(keep, values, torch.zeros_like(values)).sum() / keep.sum().clamp_min(1)
 
 
 def multitask_loss(

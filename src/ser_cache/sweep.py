@@ -44,6 +44,7 @@ from ser_cache.rows import (
     SPEAKER_EMBEDDING_KIND,
     TrainError,
     TrainingData,
+    index_tensor,
     label_index,
     load_rows,
 )
@@ -246,7 +247,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
                          "sweep trains many members on the same rows at once and needs them held: raise "
                          "--memory-budget, or train the variants one by one with train-heads")
     if todo:
-        data.frames_to(device)
+        data.place(device)  # every member's view shares these inputs: placed once for all
     log.info("sweep: %d member(s) (%d variant(s) × %d seed(s)), %d already written, %d to train", len(members),
              len(cfg.all_variants()), cfg.seeds, len(members) - len(todo), len(todo))
     prepared = [prepare(m, views[m.variant], device) for m in todo]
@@ -419,7 +420,7 @@ def train_stack(stack: list[Prepared], device, *, progress: bool = True, curves:
                         if not a:
                             continue
                         n = rows.size
-                        r = torch.from_numpy(rows).to(device)
+                        r = index_tensor(rows, device)
                         loss, parts = batch_loss({key: v[k, :n] for key, v in out.items()},
                                                  {"avd": avd[r], "gender": genders[k][r], "speaker": speakers[k][r]},
                                                  (lambda e, lab, k=k: model_stack.speaker_loss(k, e, lab))

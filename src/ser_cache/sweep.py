@@ -45,7 +45,6 @@ from ser_cache.rows import (
     TrainError,
     TrainingData,
     index_tensor,
-    label_index,
     load_rows,
 )
 from ser_cache.sweep_summary import summarize
@@ -53,18 +52,16 @@ from ser_cache.training import (
     EVAL_BATCH,
     EVAL_FRAME_BATCH,
     EpochProgress,
+    RunSetup,
     TrainHeadsConfig,
+    batch_bounds,
     batch_loss,
-    check_selectable,
-    compute_dtype,
     fused_adamw_ok,
-    head_classes,
     history_row,
-    label_range,
     resolve_device,
     run_config,
     score,
-    select_rows,
+    set_up,
     tensorboard_problem,
     to_device,
     torch_threads,
@@ -195,21 +192,11 @@ class Member:
 
 @dataclass
 class Prepared:
-    """One member ready to train: its rows, targets, model and what its run directory records."""
+    """A member ready to train: its rows with its inputs, and what train-heads sets up for its run."""
 
     member: Member
-    data: TrainingData  # the sweep's rows with this member's inputs
-    train_idx: np.ndarray
-    dev_idx: np.ndarray
-    lo: list[float]
-    hi: list[float]
-    gender_labels: list[str]
-    speaker_labels: list[str]
-    genders: np.ndarray
-    speakers: np.ndarray
-    model: object
-    aam: object
-
+    data: TrainingData
+    run: RunSetup
 
 @dataclass
 class SweepResult:
@@ -320,38 +307,15 @@ def _written(member: Member, view: TrainingData) -> bool:
 
 
 def prepare(member: Member, data: TrainingData, device) -> Prepared:
-    """Member's rows, label range, classes and seeded model: what train-heads derives for its run."""
-    import torch
-
-    from ser_cache.heads import MultitaskHeads
-    from ser_cache.losses import AAMSoftmax
-    from ser_cache.model import FeatureModel
-
-    cfg = member.cfg
-    train_idx, dev_idx = select_rows(cfg, data)
-    check_selectable(cfg, data, dev_idx)
-    lo, hi = label_range(data.avd[train_idx])
-    gender_labels = head_classes("gender", cfg.gender_weight, [data.genders[i] for i in train_idx])
-    speaker_labels = head_classes("speaker", cfg.speaker_weight, [data.speakers[i] for i in train_idx])
-    pools = {s.name: {"in_dim": s.dim, "dim": cfg.conv_dim, "dropout": cfg.conv_dropout} for s in data.frame_inputs}
-    torch.manual_seed(cfg.seed)  # as train-heads: heads first, then the pools, then the AAM
-    heads = MultitaskHeads({s.name: (cfg.conv_dim,) if s.name in pools else s.shape for s in data.inputs},
-                           hidden=cfg.hidden, dropout=cfg.dropout, label_min=lo, label_max=hi,
-                           n_genders=len(gender_labels), n_speakers=len(speaker_labels),
-                           aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale)
-    model = FeatureModel(heads, pools).to(device)
-    model.compute_dtype = compute_dtype(cfg.precision, device)
-    aam = (AAMSoftmax(heads.speaker_embedding_dim, len(speaker_labels), margin=cfg.aam_margin,
-                      scale=cfg.aam_scale).to(device) if speaker_labels else None)
-    return Prepared(member, data, train_idx, dev_idx, lo, hi, gender_labels, speaker_labels,
-                    label_index(data.genders, gender_labels), label_index(data.speakers, speaker_labels), model, aam)
+    """Member's rows, label range, classes and seeded model: exactly what train-heads sets up for its run."""
+    return Prepared(member, data, set_up(member.cfg, data, device))
 
 
 def stack_key(p: Prepared) -> tuple:
     """Members with equal keys have models of the same shapes and batch alike: they can share a stack."""
-    heads = {k: v for k, v in p.model.heads.config().items() if k not in ("label_min", "label_max", "aam_margin", "aam_scale")}
-    return (repr(sorted(heads.items())), repr(p.model.config()), p.member.cfg.batch_size, p.member.cfg.epochs,
-            str(p.model.compute_dtype), p.aam is not None)
+    heads = {k: v for k, v in p.run.model.heads.config().items() if k not in ("label_min", "label_max", "aam_margin", "aam_scale")}
+    return (repr(sorted(heads.items())), repr(p.run.model.config()), p.member.cfg.batch_size, p.member.cfg.epochs,
+            str(p.run.model.compute_dtype), p.run.aam is not None)
 
 
 def group_stacks(prepared: Sequence[Prepared], members_at_once: int | None) -> list[list[Prepared]]:
@@ -363,9 +327,9 @@ def group_stacks(prepared: Sequence[Prepared], members_at_once: int | None) -> l
 
 
 def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """An epoch's order cut into batches as train-heads cuts it (equal-sized, no ragged tail)."""
-    n_batches = max(1, min(-(-order.size // batch_size), order.size // 2))
-    return [b for b in np.array_split(order, n_batches) if b.size >= 2]
+    """An epoch's order cut into batches where train-heads cuts it (training.batch_bounds)."""
+    bounds = batch_bounds(order.size, batch_size)
+    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b - a >= 2]
 
 
 # --------------------------------------------------------------------------- the loop
@@ -381,18 +345,18 @@ def train_stack(stack: list[Prepared], device, *, progress: bool = True, curves:
     k_members = len(stack)
     first = stack[0]
     data, epochs = first.data, first.member.cfg.epochs  # equal within a stack (stack_key)
-    model_stack = MemberStack([p.model for p in stack], [p.aam for p in stack])
+    model_stack = MemberStack([p.run.model for p in stack], [p.run.aam for p in stack])
     optimizer = StackedAdamW(model_stack.parameters(), [p.member.cfg.lr for p in stack],
                              [p.member.cfg.weight_decay for p in stack], fused=fused_adamw_ok(device))
-    samplers = [EpochSampler(data.emotions[p.train_idx], undersample=p.member.cfg.undersample, seed=p.member.seed)
+    samplers = [EpochSampler(data.emotions[p.run.train_idx], undersample=p.member.cfg.undersample, seed=p.member.seed)
                 for p in stack]
     avd = torch.from_numpy(data.avd).to(device)
-    genders = [torch.from_numpy(p.genders).to(device) for p in stack]
-    speakers = [torch.from_numpy(p.speakers).to(device) for p in stack]
-    dev_rows = np.unique(np.concatenate([p.dev_idx for p in stack]))
-    dev_pos = [np.searchsorted(dev_rows, p.dev_idx) for p in stack]
+    genders = [torch.from_numpy(p.run.genders).to(device) for p in stack]
+    speakers = [torch.from_numpy(p.run.speakers).to(device) for p in stack]
+    dev_rows = np.unique(np.concatenate([p.run.dev_idx for p in stack]))
+    dev_pos = [np.searchsorted(dev_rows, p.run.dev_idx) for p in stack]
     for p, sampler in zip(stack, samplers):
-        p.data.counts.update(train_rows=int(p.train_idx.size), dev_rows=int(p.dev_idx.size), rows_per_epoch=len(sampler))
+        p.data.counts.update(train_rows=int(p.run.train_idx.size), dev_rows=int(p.run.dev_idx.size), rows_per_epoch=len(sampler))
     histories: list[list[dict]] = [[] for _ in stack]
     best: list[dict] = [{"score": -math.inf, "epoch": 0} for _ in stack]
     boards = _boards(stack)
@@ -404,7 +368,7 @@ def train_stack(stack: list[Prepared], device, *, progress: bool = True, curves:
                 batches = []
                 for p, sampler in zip(stack, samplers):
                     sampler.set_epoch(epoch)
-                    batches.append(epoch_batches(p.train_idx[sampler.epoch_indices()], p.member.cfg.batch_size))
+                    batches.append(epoch_batches(p.run.train_idx[sampler.epoch_indices()], p.member.cfg.batch_size))
                 sums = torch.zeros(k_members, len(LOSS_KEYS), dtype=torch.float64, device=device)
                 seen = np.zeros(k_members)
                 for step in range(max(len(b) for b in batches)):
@@ -424,7 +388,7 @@ def train_stack(stack: list[Prepared], device, *, progress: bool = True, curves:
                         loss, parts = batch_loss({key: v[k, :n] for key, v in out.items()},
                                                  {"avd": avd[r], "gender": genders[k][r], "speaker": speakers[k][r]},
                                                  (lambda e, lab, k=k: model_stack.speaker_loss(k, e, lab))
-                                                 if p.aam is not None else None,
+                                                 if p.run.aam is not None else None,
                                                  gender_weight=p.member.cfg.gender_weight,
                                                  speaker_weight=p.member.cfg.speaker_weight, tensors=True)
                         total = total + loss
@@ -440,9 +404,9 @@ def train_stack(stack: list[Prepared], device, *, progress: bool = True, curves:
                 for k, p in enumerate(stack):
                     pos = dev_pos[k]
                     g = None if probs is None else probs[k][pos]
-                    dev = score(pred[k][pos], data.avd[p.dev_idx], data.emotions[p.dev_idx],
+                    dev = score(pred[k][pos], data.avd[p.run.dev_idx], data.emotions[p.run.dev_idx],
                                 gender_pred=None if g is None else g.argmax(1),
-                                gender_true=None if g is None else p.genders[p.dev_idx],
+                                gender_true=None if g is None else p.run.genders[p.run.dev_idx],
                                 balanced_trials=p.member.cfg.balanced_trials,
                                 balanced_per_class=p.member.cfg.balanced_per_class, seed=p.member.seed)
                     row = history_row(epoch, dict(zip(LOSS_KEYS, losses[k])), dev, now - t_epoch, now - t_eval)
@@ -519,24 +483,24 @@ def write_member(p: Prepared, best: dict, history: list[dict], stacked_with: int
     from ser_cache.plots import curves_after_training
 
     cfg = dataclasses.replace(p.member.cfg, features=tuple(s.path for s in p.data.inputs))
-    model = FeatureModel.from_config(p.model.heads.config(), p.model.config())
+    model = FeatureModel.from_config(p.run.model.heads.config(), p.run.model.config())
     state, aam_state = best["state"]
     model.load_state_dict(state)
     aam = None
     if aam_state is not None:
-        aam = AAMSoftmax(model.heads.speaker_embedding_dim, len(p.speaker_labels), margin=cfg.aam_margin,
+        aam = AAMSoftmax(model.heads.speaker_embedding_dim, len(p.run.speaker_labels), margin=cfg.aam_margin,
                          scale=cfg.aam_scale)
         aam.load_state_dict(aam_state)
-    dtype_name = str(p.model.compute_dtype or torch.float32).removeprefix("torch.")
+    dtype_name = str(p.run.model.compute_dtype or torch.float32).removeprefix("torch.")
     metrics = {"split": p.data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
-    config = run_config({**cfg.to_dict(), "compute_dtype": dtype_name}, p.data, p.lo, p.hi, p.gender_labels,
-                        p.speaker_labels, model.heads.config(), best["epoch"], frame_inputs=model.config(),
+    config = run_config({**cfg.to_dict(), "compute_dtype": dtype_name}, p.data, p.run.lo, p.run.hi, p.run.gender_labels,
+                        p.run.speaker_labels, model.heads.config(), best["epoch"], frame_inputs=model.config(),
                         sweep={"folder": str(Path(cfg.out).parent.parent), "variant": p.member.variant,
                                "seed": p.member.seed, "trained_with": stacked_with},
                         **({"memory": p.data.memory} if p.data.memory else {}))
     with runs.staged_run_dir(cfg.out, True) as tmp:
         runs.save_weights(tmp, model, aam)
-        write_run_files(tmp, config, metrics, history, p.data.ids[p.dev_idx].tolist(), best["pred"], best["probs"],
-                        p.gender_labels)
+        write_run_files(tmp, config, metrics, history, p.data.ids[p.run.dev_idx].tolist(), best["pred"], best["probs"],
+                        p.run.gender_labels)
         if curves:
             curves_after_training(tmp, title=f"{p.member.variant} seed {p.member.seed}")

@@ -359,39 +359,19 @@ def train_heads(cfg: TrainHeadsConfig) -> TrainResult:
 def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     import torch
 
-    from ser_cache.heads import MultitaskHeads
-    from ser_cache.losses import AAMSoftmax
-    from ser_cache.model import FeatureModel
     from ser_cache.sampling import EpochSampler
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
     data = load_training_data(cfg)
     data.place(device)
-    train_idx, dev_idx = select_rows(cfg, data)
-    check_selectable(cfg, data, dev_idx)
-
-    # Everything the heads learn about labels comes from the training rows only.
-    lo, hi = label_range(data.avd[train_idx])
-    gender_labels = head_classes("gender", cfg.gender_weight, [data.genders[i] for i in train_idx])
-    speaker_labels = head_classes("speaker", cfg.speaker_weight, [data.speakers[i] for i in train_idx])
-    genders = label_index(data.genders, gender_labels)
+    run = set_up(cfg, data, device)
+    train_idx, dev_idx, model, aam = run.train_idx, run.dev_idx, run.model, run.aam
+    lo, hi, gender_labels, speaker_labels, genders = run.lo, run.hi, run.gender_labels, run.speaker_labels, run.genders
     targets = {"avd": torch.from_numpy(data.avd).to(device), "gender": torch.from_numpy(genders).to(device),
-               "speaker": torch.from_numpy(label_index(data.speakers, speaker_labels)).to(device)}
-
-    # A frame store reaches the heads as its ConvPool's (conv_dim,) vector. The heads are built
-    # first, so that with pooled stores only the seeded initialisation is what it always was.
-    pools = {s.name: {"in_dim": s.dim, "dim": cfg.conv_dim, "dropout": cfg.conv_dropout} for s in data.frame_inputs}
-    torch.manual_seed(cfg.seed)
-    heads = MultitaskHeads({s.name: (cfg.conv_dim,) if s.name in pools else s.shape for s in data.inputs},
-                           hidden=cfg.hidden, dropout=cfg.dropout, label_min=lo, label_max=hi,
-                           n_genders=len(gender_labels), n_speakers=len(speaker_labels),
-                           aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale)
-    model = FeatureModel(heads, pools).to(device)
-    model.compute_dtype = compute_dtype(cfg.precision, device)
+               "speaker": torch.from_numpy(run.speakers).to(device)}
+    heads = model.heads
     dtype_name = str(model.compute_dtype or torch.float32).removeprefix("torch.")
-    aam = (AAMSoftmax(heads.speaker_embedding_dim, len(speaker_labels), margin=cfg.aam_margin,
-                      scale=cfg.aam_scale).to(device) if speaker_labels else None)
     params = list(model.parameters()) + (list(aam.parameters()) if aam is not None else [])
     optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   **({"fused": True} if fused_adamw_ok(device) else {}))
@@ -517,6 +497,62 @@ def torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
+def batch_bounds(n: int, batch_size: int) -> list[int]:
+    """Where an epoch's (or a streamed block's) n rows are cut into batches: about `batch_size` rows
+    each and equal-sized (np.array_split's cuts), never fewer than two rows a batch where n allows."""
+    n_batches = max(1, min(-(-n // batch_size), n // 2))
+    q, r = divmod(n, n_batches)
+    return np.cumsum([0] + [q + 1] * r + [q] * (n_batches - r)).tolist()
+
+
+@dataclass
+class RunSetup:
+    """What a heads run derives before its first step: its rows, what the heads learn from the training
+    rows only (label range, gender and speaker classes), and the seeded model and AAM-softmax."""
+
+    train_idx: np.ndarray
+    dev_idx: np.ndarray
+    lo: list[float]
+    hi: list[float]
+    gender_labels: list[str]
+    speaker_labels: list[str]
+    genders: np.ndarray  # class index of every row's gender (-1: unknown or not a training class)
+    speakers: np.ndarray
+    model: object  # model.FeatureModel on the device, its compute dtype set
+    aam: object  # losses.AAMSoftmax, or None without a speaker head
+
+
+def set_up(cfg: TrainHeadsConfig, data: TrainingData, device) -> RunSetup:
+    """The O/X variant's rows, the label range and classes from its training rows, and the model seeded
+    with cfg.seed: the same for `train-heads` and for every member of a sweep."""
+    import torch
+
+    from ser_cache.heads import MultitaskHeads
+    from ser_cache.losses import AAMSoftmax
+    from ser_cache.model import FeatureModel
+
+    train_idx, dev_idx = select_rows(cfg, data)
+    check_selectable(cfg, data, dev_idx)
+    # Everything the heads learn about labels comes from the training rows only.
+    lo, hi = label_range(data.avd[train_idx])
+    gender_labels = head_classes("gender", cfg.gender_weight, [data.genders[i] for i in train_idx])
+    speaker_labels = head_classes("speaker", cfg.speaker_weight, [data.speakers[i] for i in train_idx])
+    # A frame store reaches the heads as its ConvPool's (conv_dim,) vector. The heads are built
+    # first, so that with pooled stores only the seeded initialisation is what it always was.
+    pools = {s.name: {"in_dim": s.dim, "dim": cfg.conv_dim, "dropout": cfg.conv_dropout} for s in data.frame_inputs}
+    torch.manual_seed(cfg.seed)
+    heads = MultitaskHeads({s.name: (cfg.conv_dim,) if s.name in pools else s.shape for s in data.inputs},
+                           hidden=cfg.hidden, dropout=cfg.dropout, label_min=lo, label_max=hi,
+                           n_genders=len(gender_labels), n_speakers=len(speaker_labels),
+                           aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale)
+    model = FeatureModel(heads, pools).to(device)
+    model.compute_dtype = compute_dtype(cfg.precision, device)
+    aam = (AAMSoftmax(heads.speaker_embedding_dim, len(speaker_labels), margin=cfg.aam_margin,
+                      scale=cfg.aam_scale).to(device) if speaker_labels else None)
+    return RunSetup(train_idx, dev_idx, lo, hi, gender_labels, speaker_labels, label_index(data.genders, gender_labels),
+                    label_index(data.speakers, speaker_labels), model, aam)
+
+
 def _train_epoch(model, aam, optimizer, data: TrainingData, order: np.ndarray, targets: dict,
                  cfg: TrainHeadsConfig, device, rng: np.random.Generator | None = None) -> dict[str, float]:
     """One pass over `order` (row indices); returns the unweighted loss terms averaged over rows.
@@ -542,8 +578,7 @@ def _train_epoch(model, aam, optimizer, data: TrainingData, order: np.ndarray, t
         # Equal-sized batches instead of a ragged tail: a last batch of two or three rows would give
         # a CCC (and a gradient) dominated by noise. CCC needs at least two rows per batch, so a
         # small block (streamed frames) is cut into fewer batches rather than leave a row out.
-        n_batches = max(1, min(-(-block_order.size // cfg.batch_size), block_order.size // 2))
-        bounds = np.cumsum([0] + [len(part) for part in np.array_split(block_order, n_batches)]).tolist()
+        bounds = batch_bounds(block_order.size, cfg.batch_size)
         on_device = index_tensor(block_order, device)
         for start, end in itertools.pairwise(bounds):
             if end - start < 2:

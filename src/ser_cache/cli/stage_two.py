@@ -15,7 +15,6 @@ from ser_cache.cli import shared_options as shared
 from ser_cache.ensemble import EnsembleError
 from ser_cache.predict import PredictError
 from ser_cache.runs import RunError
-from ser_cache.rows import default_memory_budget_gb
 from ser_cache.training import TrainError
 
 KNOWN_ERRORS.extend([TrainError, RunError, PredictError, EnsembleError])
@@ -74,31 +73,27 @@ def train_heads(
     train_split: shared.TrainSplit = "Train",
     dev_split: shared.DevSplit = "Development",
     epochs: shared.Epochs = 50,
-    lr: float = typer.Option(5e-5, help="AdamW learning rate (paper: 5e-5)."),
-    batch_size: int = typer.Option(64, help="Rows per update (the paper does not say; 64)."),
+    lr: shared.HeadsLr = 5e-5,
+    batch_size: shared.HeadsBatchSize = 64,
     weight_decay: shared.WeightDecay = 0.01,
     seed: int = typer.Option(0, help="Seed for initialisation, sampling and the balanced-CCC draws."),
     no_undersample: shared.NoUndersample = False,
     ox: shared.Ox = "keep",
-    gender_weight: float = typer.Option(1.0, help="Gender head loss weight alpha (paper: 1); 0 turns the head off."),
-    speaker_weight: float = typer.Option(0.1, help="Speaker head AAM loss weight beta (paper: 0.1); 0 turns the head off."),
+    gender_weight: shared.HeadsGenderWeight = 1.0,
+    speaker_weight: shared.HeadsSpeakerWeight = 0.1,
     aam_margin: shared.AamMargin = 0.2,
     aam_scale: shared.AamScale = 30.0,
     select: shared.Select = "balanced",
     balanced_trials: shared.BalancedTrials = 10,
     balanced_per_class: shared.BalancedPerClass = None,
     hidden: shared.Hidden = 256,
-    dropout: float = typer.Option(0.0, help="Dropout in the heads (the authors' heads have none)."),
-    conv_dim: int = typer.Option(256, help="Width of the point-wise convolutions over a frame store's frames (authors: 256)."),
-    conv_dropout: float = typer.Option(0.1, help="Dropout between those convolutions (authors: 0.1)."),
-    memory_budget: Optional[float] = typer.Option(
-        None, "--memory-budget", metavar="GB",
-        help=f"Memory for the inputs; frame stores that do not fit are streamed in blocks. "
-             f"Default: half the physical memory ({default_memory_budget_gb():.1f} GB here)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    precision: str = typer.Option("auto", help="Matrix products in auto (bf16 on a CUDA GPU with bf16 or a CPU with "
-                                  "AMX/AVX512-BF16, else fp32), fp32, bf16; weights, loss and metrics stay fp32."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for training (default: torch's, all cores); 1 for small or parallel runs."),
+    dropout: shared.HeadsDropout = 0.0,
+    conv_dim: shared.ConvDim = 256,
+    conv_dropout: shared.ConvDropout = 0.1,
+    memory_budget: shared.MemoryBudget = None,
+    device: shared.Device = "auto",
+    precision: shared.HeadsPrecision = "auto",
+    threads: shared.Threads = None,
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     tensorboard: Optional[Path] = typer.Option(None, metavar="DIR", help="Also log each epoch's history.csv row as "
@@ -109,7 +104,8 @@ def train_heads(
     Frame stores go through point-wise convolutions and a mean over each clip's frames first:
     --features whisper-large-v3-frames.zarr --features roberta-large.zarr is MMWhisper.
     """
-    from ser_cache.training import TrainHeadsConfig, tensorboard_problem, train_heads as run_training
+    from ser_cache.training import TrainHeadsConfig, tensorboard_problem
+    from ser_cache.training import train_heads as run_training
 
     writable(out_dir, "--out", folder=True)
     if tensorboard is not None and tensorboard_problem():

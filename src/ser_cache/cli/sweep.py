@@ -11,7 +11,6 @@ from rich.table import Table
 from ser_cache.cli import app, fail, guarded, out, writable
 from ser_cache.cli import shared_options as shared
 from ser_cache.cli.stage_two import _log_to_stderr
-from ser_cache.rows import default_memory_budget_gb
 
 ATTRIBUTE_COLUMNS = (("arousal", "ccc_arousal"), ("valence", "ccc_valence"), ("dominance", "ccc_dominance"),
                      ("mean", "ccc_mean"), ("balanced", "balanced_ccc_mean"))
@@ -38,29 +37,27 @@ def sweep_command(
     train_split: shared.TrainSplit = "Train",
     dev_split: shared.DevSplit = "Development",
     epochs: shared.Epochs = 50,
-    lr: float = typer.Option(5e-5, help="AdamW learning rate (paper: 5e-5)."),
-    batch_size: int = typer.Option(64, help="Rows per update."),
+    lr: shared.HeadsLr = 5e-5,
+    batch_size: shared.HeadsBatchSize = 64,
     weight_decay: shared.WeightDecay = 0.01,
     seed: int = typer.Option(0, help="First seed."),
     no_undersample: shared.NoUndersample = False,
     ox: shared.Ox = "keep",
-    gender_weight: float = typer.Option(1.0, help="Gender head loss weight alpha (paper: 1); 0 turns the head off."),
-    speaker_weight: float = typer.Option(0.1, help="Speaker head AAM loss weight beta (paper: 0.1); 0 turns the head off."),
+    gender_weight: shared.HeadsGenderWeight = 1.0,
+    speaker_weight: shared.HeadsSpeakerWeight = 0.1,
     aam_margin: shared.AamMargin = 0.2,
     aam_scale: shared.AamScale = 30.0,
     select: shared.Select = "balanced",
     balanced_trials: shared.BalancedTrials = 10,
     balanced_per_class: shared.BalancedPerClass = None,
     hidden: shared.Hidden = 256,
-    dropout: float = typer.Option(0.0, help="Dropout in the heads."),
-    conv_dim: int = typer.Option(256, help="Width of the point-wise convolutions over a frame store's frames."),
-    conv_dropout: float = typer.Option(0.1, help="Dropout between those convolutions."),
-    memory_budget: Optional[float] = typer.Option(
-        None, "--memory-budget", metavar="GB",
-        help=f"Memory for the inputs (default: half the physical memory, {default_memory_budget_gb():.1f} GB here)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    precision: str = typer.Option("auto", help="Matrix products in auto, fp32 or bf16 (as train-heads)."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads (default: torch's, all cores)."),
+    dropout: shared.HeadsDropout = 0.0,
+    conv_dim: shared.ConvDim = 256,
+    conv_dropout: shared.ConvDropout = 0.1,
+    memory_budget: shared.MemoryBudget = None,
+    device: shared.Device = "auto",
+    precision: shared.HeadsPrecision = "auto",
+    threads: shared.Threads = None,
     overwrite: bool = typer.Option(False, help="Train again members written with other options."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     tensorboard: Optional[Path] = typer.Option(None, metavar="DIR", help="TensorBoard scalars of every member in "

@@ -45,3 +45,15 @@ HeadsPrecision = Annotated[str, typer.Option(
          "fp32, bf16; weights, loss and metrics stay fp32.")]
 Threads = Annotated[Optional[int], typer.Option(
     help="CPU threads for training (default: torch's, all cores); 1 for small or parallel runs.")]
+
+
+def heads_config(options: dict):
+    """A TrainHeadsConfig from a command's options (its locals()): the same names, but for --out,
+    --no-undersample, --memory-budget and the repeated --features."""
+    import dataclasses
+
+    from ser_cache.training import TrainHeadsConfig
+
+    renamed = {**options, "features": tuple(options["features"]), "out": options["out_dir"],
+               "undersample": not options["no_undersample"], "memory_budget_gb": options["memory_budget"]}
+    return TrainHeadsConfig(**{f.name: renamed[f.name] for f in dataclasses.fields(TrainHeadsConfig)})

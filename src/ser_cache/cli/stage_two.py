@@ -104,22 +104,14 @@ def train_heads(
     Frame stores go through point-wise convolutions and a mean over each clip's frames first:
     --features whisper-large-v3-frames.zarr --features roberta-large.zarr is MMWhisper.
     """
-    from ser_cache.training import TrainHeadsConfig, tensorboard_problem
+    from ser_cache.training import tensorboard_problem
     from ser_cache.training import train_heads as run_training
 
     writable(out_dir, "--out", folder=True)
     if tensorboard is not None and tensorboard_problem():
         fail(tensorboard_problem())
     _log_to_stderr()
-    cfg = TrainHeadsConfig(features=tuple(features), data=data, out=out_dir, train_split=train_split,
-                           dev_split=dev_split, epochs=epochs, lr=lr, batch_size=batch_size,
-                           weight_decay=weight_decay, seed=seed, undersample=not no_undersample, ox=ox,
-                           gender_weight=gender_weight, speaker_weight=speaker_weight, aam_margin=aam_margin,
-                           aam_scale=aam_scale, select=select, balanced_trials=balanced_trials,
-                           balanced_per_class=balanced_per_class, hidden=hidden, dropout=dropout,
-                           conv_dim=conv_dim, conv_dropout=conv_dropout, memory_budget_gb=memory_budget,
-                           device=device, precision=precision, threads=threads, overwrite=overwrite,
-                           progress=progress, tensorboard=tensorboard)
+    cfg = shared.heads_config(locals())
     result = guarded(run_training, cfg)
     if result is None:
         return

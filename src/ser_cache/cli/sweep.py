@@ -70,7 +70,7 @@ def sweep_command(
     in mean CCC with a 95% interval over Development utterances and seeds.
     """
     from ser_cache.sweep import SweepConfig, parse_variant, sweep
-    from ser_cache.training import TrainHeadsConfig, tensorboard_problem
+    from ser_cache.training import tensorboard_problem
 
     writable(out_dir, "--out", folder=True)
     if tensorboard is not None and tensorboard_problem():
@@ -79,14 +79,7 @@ def sweep_command(
     variants = guarded(lambda: tuple(parse_variant(v) for v in variant or ()))
     if variants is None:
         return
-    base = TrainHeadsConfig(features=tuple(features), data=data, out=out_dir, train_split=train_split,
-                            dev_split=dev_split, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay,
-                            seed=seed, undersample=not no_undersample, ox=ox, gender_weight=gender_weight,
-                            speaker_weight=speaker_weight, aam_margin=aam_margin, aam_scale=aam_scale, select=select,
-                            balanced_trials=balanced_trials, balanced_per_class=balanced_per_class, hidden=hidden,
-                            dropout=dropout, conv_dim=conv_dim, conv_dropout=conv_dropout,
-                            memory_budget_gb=memory_budget, device=device, precision=precision, threads=threads,
-                            overwrite=overwrite, progress=progress, tensorboard=tensorboard)
+    base = shared.heads_config(locals())
     cfg = SweepConfig(base=base, seeds=seeds, variants=variants, inputs=inputs, reference=reference,
                       members_at_once=members_at_once, resamples=resamples, curves=curves)
     result = guarded(sweep, cfg)

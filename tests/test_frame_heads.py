@@ -254,7 +254,7 @@ def test_frame_store_rows_read_once_per_chunk_for_kept_rows_only(tmp_path, frame
 
 
 def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpus, monkeypatch):
-    from ser_cache import training
+    from ser_cache import fit, training
     from ser_cache.rows import FrameInput, TrainingData
     from ser_cache.sampling import EpochSampler
 
@@ -262,31 +262,31 @@ def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpu
     seen: list[list[np.ndarray]] = []
     holds: list[int] = []
     orders: list[np.ndarray] = []
-    epoch_train = training._train_epoch
+    epoch_blocks = fit._epoch_blocks
     batch = TrainingData.batch
     hold = FrameInput.hold
 
-    def train_epoch(model, aam, optimizer, data, order, *args):
-        orders.append(order.copy())
+    def spy_blocks(jobs, data, epoch_orders, epoch, device):  # the training batches of one epoch, block by block
+        orders.append(epoch_orders[0].copy())
         seen.append([])
         holds.append(0)
         data._recording = True
         try:
-            return epoch_train(model, aam, optimizer, data, order, *args)
+            yield from epoch_blocks(jobs, data, epoch_orders, epoch, device)
         finally:
             data._recording = False
 
-    def spy_batch(self, idx):
+    def spy_batch(self, idx, host_idx=None):
         if getattr(self, "_recording", False):
             seen[-1].append(np.asarray(idx).copy())
-        return batch(self, idx)
+        return batch(self, idx, host_idx)
 
     def spy_hold(self, store_rows):
         if holds:
             holds[-1] += 1
         return hold(self, store_rows)
 
-    monkeypatch.setattr(training, "_train_epoch", train_epoch)
+    monkeypatch.setattr(fit, "_epoch_blocks", spy_blocks)
     monkeypatch.setattr(TrainingData, "batch", spy_batch)
     monkeypatch.setattr(FrameInput, "hold", spy_hold)
     options = {**FAST, "epochs": 4, "undersample": True}

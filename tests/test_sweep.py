@@ -286,6 +286,9 @@ def test_tensorboard_gets_one_folder_per_member(corpus, tmp_path, monkeypatch):
         def add_scalar(self, tag, value, step):
             logged[self.dir].append((tag, step))
 
+        def flush(self):
+            pass
+
         def close(self):
             pass
 

@@ -129,6 +129,7 @@ class StackedAdamW:
         # increments every tensor it is given). float32 on the device, as torch's fused AdamW keeps it.
         self.steps = [[torch.zeros((), dtype=torch.float32, device=p.device) for p in self.params]
                       for _ in range(self.k)]
+        self._cache: dict[tuple, tuple[list, list, list, list]] = {}
 
     def zero_grad(self) -> None:
         for p in self.params:
@@ -142,12 +143,19 @@ class StackedAdamW:
         groups: dict[tuple[float, float], list[int]] = {}
         for k in members:
             groups.setdefault((self.lrs[k], self.weight_decays[k]), []).append(k)
+        with_grad = [i for i, p in enumerate(self.params) if p.grad is not None]
         for (lr, wd), ks in groups.items():
-            pairs = [(k, i) for k in ks for i, p in enumerate(self.params) if p.grad is not None]
-            if not pairs:
+            if not with_grad:
                 continue
-            adamw([self.params[i][k] for k, i in pairs], [self.params[i].grad[k] for k, i in pairs],
-                  [self.exp_avg[i][k] for k, i in pairs], [self.exp_avg_sq[i][k] for k, i in pairs], [],
-                  [self.steps[k][i] for k, i in pairs], foreach=False if not self.fused else None,
-                  fused=self.fused or None, amsgrad=False, beta1=self.betas[0], beta2=self.betas[1], lr=lr,
-                  weight_decay=wd, eps=self.eps, maximize=False)
+            params, exp_avgs, exp_avg_sqs, steps = ([x for k in ks for x in self._slices(k, with_grad)[n]] for n in range(4))
+            adamw(params, [self.params[i].grad[k] for k in ks for i in with_grad], exp_avgs, exp_avg_sqs, [], steps,
+                  foreach=False if not self.fused else None, fused=self.fused or None, amsgrad=False,
+                  beta1=self.betas[0], beta2=self.betas[1], lr=lr, weight_decay=wd, eps=self.eps, maximize=False)
+
+    def _slices(self, k: int, which: list[int]) -> tuple[list, list, list, list]:
+        """Member k's parameters, moments and step counts (of the parameters `which`), as views made once."""
+        key = (k, tuple(which))
+        if key not in self._cache:
+            self._cache[key] = ([self.params[i][k] for i in which], [self.exp_avg[i][k] for i in which],
+                                [self.exp_avg_sq[i][k] for i in which], [self.steps[k][i] for i in which])
+        return self._cache[key]

@@ -37,35 +37,21 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from ser_cache import runs
+from ser_cache.fit import Job, fit
 from ser_cache.rows import (
     SPEAKER_EMBEDDING_KIND,
     TrainError,
     TrainingData,
-    index_tensor,
     load_rows,
 )
 from ser_cache.sweep_summary import summarize
 from ser_cache.training import (
-    EVAL_BATCH,
-    EVAL_FRAME_BATCH,
-    EpochProgress,
-    RunSetup,
     TrainHeadsConfig,
-    batch_bounds,
-    batch_loss,
-    fused_adamw_ok,
-    history_row,
     resolve_device,
-    run_config,
-    score,
     set_up,
     tensorboard_problem,
-    to_device,
     torch_threads,
-    write_run_files,
 )
 
 log = logging.getLogger(__name__)
@@ -191,14 +177,6 @@ class Member:
 
 
 @dataclass
-class Prepared:
-    """A member ready to train: its rows with its inputs, and what train-heads sets up for its run."""
-
-    member: Member
-    data: TrainingData
-    run: RunSetup
-
-@dataclass
 class SweepResult:
     out: Path
     summary: dict
@@ -228,7 +206,9 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
     members = [Member(v.name, s, member_config(cfg, v, s), v.options.get("inputs", cfg.inputs))
                for v in cfg.all_variants() for s in range(base.seed, base.seed + cfg.seeds)]
     views = {m.variant: member_view(data, m) for m in members}  # also checks every inputs= before any training
-    todo = [m for m in members if not _written(m, views[m.variant])]
+    for m in members:  # as its config.json records them: the stores the member takes
+        m.cfg = dataclasses.replace(m.cfg, features=tuple(s.path for s in views[m.variant].inputs))
+    todo = [m for m in members if not _written(m)]
     if todo and data.streamed:
         raise TrainError("the frame stores do not fit the memory budget (--memory-budget) and would be streamed; a "
                          "sweep trains many members on the same rows at once and needs them held: raise "
@@ -237,12 +217,14 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
         data.place(device)  # every member's view shares these inputs: placed once for all
     log.info("sweep: %d member(s) (%d variant(s) × %d seed(s)), %d already written, %d to train", len(members),
              len(cfg.all_variants()), cfg.seeds, len(members) - len(todo), len(todo))
-    prepared = [prepare(m, views[m.variant], device) for m in todo]
-    stacks = group_stacks(prepared, cfg.members_at_once)
+    stacks = group_stacks([prepare(m, views[m.variant], device, curves=cfg.curves) for m in todo],
+                          cfg.members_at_once)
     for i, stack in enumerate(stacks, 1):
         log.info("stack %d of %d: %d member(s): %s", i, len(stacks), len(stack),
-                 ", ".join(f"{p.member.variant}/seed-{p.member.seed}" for p in stack))
-        train_stack(stack, device, progress=base.progress, curves=cfg.curves)
+                 ", ".join(f"{j.extra['sweep']['variant']}/seed-{j.cfg.seed}" for j in stack))
+        for j in stack:
+            j.extra["sweep"]["trained_with"] = len(stack)
+        fit(stack, device, progress=base.progress)
     summary = summarize(cfg, members, data)
     runs.write_json_atomic(Path(base.out) / SWEEP_FILE, summary)
     wall = time.perf_counter() - t0
@@ -281,14 +263,14 @@ def _who(member: Member) -> str:
     return "the base options" if member.variant == BASE else f"--variant {member.variant}"
 
 
-def _written(member: Member, view: TrainingData) -> bool:
+def _written(member: Member) -> bool:
     """Whether member's run is already there with the same options (then reused); a run written with
     other options is an error unless --overwrite (then it is trained again)."""
     out = member.cfg.out
     if not runs.is_run_dir(out):
         return False
     recorded = runs.read_config(out).get("train", {})
-    wanted = dataclasses.replace(member.cfg, features=tuple(s.path for s in view.inputs)).to_dict()
+    wanted = member.cfg.to_dict()
     for key, value in wanted.items():
         if key in NOT_COMPARED:
             continue
@@ -306,201 +288,25 @@ def _written(member: Member, view: TrainingData) -> bool:
     return True
 
 
-def prepare(member: Member, data: TrainingData, device) -> Prepared:
-    """Member's rows, label range, classes and seeded model: exactly what train-heads sets up for its run."""
-    return Prepared(member, data, set_up(member.cfg, data, device))
+def prepare(member: Member, data: TrainingData, device, *, curves: bool) -> Job:
+    """Member's job: exactly what train-heads sets up for its run (training.set_up), written into the sweep."""
+    return Job(member.cfg, data, set_up(member.cfg, data, device), title=f"{member.variant} seed {member.seed}",
+               overwrite=True, curves=curves,
+               extra={"sweep": {"folder": str(Path(member.cfg.out).parent.parent), "variant": member.variant,
+                                "seed": member.seed}})
 
 
-def stack_key(p: Prepared) -> tuple:
+def stack_key(job: Job) -> tuple:
     """Members with equal keys have models of the same shapes and batch alike: they can share a stack."""
-    heads = {k: v for k, v in p.run.model.heads.config().items() if k not in ("label_min", "label_max", "aam_margin", "aam_scale")}
-    return (repr(sorted(heads.items())), repr(p.run.model.config()), p.member.cfg.batch_size, p.member.cfg.epochs,
-            str(p.run.model.compute_dtype), p.run.aam is not None)
+    model = job.run.model
+    heads = {k: v for k, v in model.heads.config().items() if k not in ("label_min", "label_max", "aam_margin", "aam_scale")}
+    return (repr(sorted(heads.items())), repr(model.config()), job.cfg.batch_size, job.cfg.epochs,
+            str(model.compute_dtype), job.run.aam is not None)
 
 
-def group_stacks(prepared: Sequence[Prepared], members_at_once: int | None) -> list[list[Prepared]]:
-    groups: dict[tuple, list[Prepared]] = {}
+def group_stacks(prepared: Sequence[Job], members_at_once: int | None) -> list[list[Job]]:
+    groups: dict[tuple, list[Job]] = {}
     for p in prepared:
         groups.setdefault(stack_key(p), []).append(p)
     size = members_at_once or max((len(g) for g in groups.values()), default=1)
     return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]
-
-
-def epoch_batches(order: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """An epoch's order cut into batches where train-heads cuts it (training.batch_bounds)."""
-    bounds = batch_bounds(order.size, batch_size)
-    return [order[a:b] for a, b in zip(bounds[:-1], bounds[1:]) if b - a >= 2]
-
-
-# --------------------------------------------------------------------------- the loop
-
-
-def train_stack(stack: list[Prepared], device, *, progress: bool = True, curves: bool = False) -> None:
-    """Train the members of one stack together and write each member's run directory."""
-    import torch
-
-    from ser_cache.sampling import EpochSampler
-    from ser_cache.stack import MemberStack, StackedAdamW
-
-    k_members = len(stack)
-    first = stack[0]
-    data, epochs = first.data, first.member.cfg.epochs  # equal within a stack (stack_key)
-    model_stack = MemberStack([p.run.model for p in stack], [p.run.aam for p in stack])
-    optimizer = StackedAdamW(model_stack.parameters(), [p.member.cfg.lr for p in stack],
-                             [p.member.cfg.weight_decay for p in stack], fused=fused_adamw_ok(device))
-    samplers = [EpochSampler(data.emotions[p.run.train_idx], undersample=p.member.cfg.undersample, seed=p.member.seed)
-                for p in stack]
-    avd = torch.from_numpy(data.avd).to(device)
-    genders = [torch.from_numpy(p.run.genders).to(device) for p in stack]
-    speakers = [torch.from_numpy(p.run.speakers).to(device) for p in stack]
-    dev_rows = np.unique(np.concatenate([p.run.dev_idx for p in stack]))
-    dev_pos = [np.searchsorted(dev_rows, p.run.dev_idx) for p in stack]
-    for p, sampler in zip(stack, samplers):
-        p.data.counts.update(train_rows=int(p.run.train_idx.size), dev_rows=int(p.run.dev_idx.size), rows_per_epoch=len(sampler))
-    histories: list[list[dict]] = [[] for _ in stack]
-    best: list[dict] = [{"score": -math.inf, "epoch": 0} for _ in stack]
-    boards = _boards(stack)
-    try:
-        with EpochProgress(progress, epochs) as bar:
-            for epoch in range(1, epochs + 1):
-                t_epoch = time.perf_counter()
-                model_stack.train()
-                batches = []
-                for p, sampler in zip(stack, samplers):
-                    sampler.set_epoch(epoch)
-                    batches.append(epoch_batches(p.run.train_idx[sampler.epoch_indices()], p.member.cfg.batch_size))
-                sums = torch.zeros(k_members, len(LOSS_KEYS), dtype=torch.float64, device=device)
-                seen = np.zeros(k_members)
-                for step in range(max(len(b) for b in batches)):
-                    active = [step < len(b) for b in batches]
-                    idx = [b[step] if a else b[0] for b, a in zip(batches, active)]
-                    width = max(i.size for i, a in zip(idx, active) if a)
-                    # Every member's batch padded to the widest by repeating its rows: the padded rows
-                    # are computed but left out of the loss, so they change nothing.
-                    out = model_stack.forward(_stacked(data.batch(np.concatenate([np.resize(i, width) for i in idx])),
-                                                       k_members, device))
-                    total = 0
-                    for k, (p, rows, a) in enumerate(zip(stack, idx, active)):
-                        if not a:
-                            continue
-                        n = rows.size
-                        r = index_tensor(rows, device)
-                        loss, parts = batch_loss({key: v[k, :n] for key, v in out.items()},
-                                                 {"avd": avd[r], "gender": genders[k][r], "speaker": speakers[k][r]},
-                                                 (lambda e, lab, k=k: model_stack.speaker_loss(k, e, lab))
-                                                 if p.run.aam is not None else None,
-                                                 gender_weight=p.member.cfg.gender_weight,
-                                                 speaker_weight=p.member.cfg.speaker_weight, tensors=True)
-                        total = total + loss
-                        sums[k] += torch.stack([parts[key] for key in LOSS_KEYS]).double() * n
-                        seen[k] += n
-                    optimizer.zero_grad()
-                    total.backward()
-                    optimizer.step(active)
-                losses = (sums.cpu().numpy() / np.maximum(seen, 1)[:, None]).tolist()
-                t_eval = time.perf_counter()
-                pred, probs = infer_stack(model_stack, data, dev_rows, device)
-                now = time.perf_counter()
-                for k, p in enumerate(stack):
-                    pos = dev_pos[k]
-                    g = None if probs is None else probs[k][pos]
-                    dev = score(pred[k][pos], data.avd[p.run.dev_idx], data.emotions[p.run.dev_idx],
-                                gender_pred=None if g is None else g.argmax(1),
-                                gender_true=None if g is None else p.run.genders[p.run.dev_idx],
-                                balanced_trials=p.member.cfg.balanced_trials,
-                                balanced_per_class=p.member.cfg.balanced_per_class, seed=p.member.seed)
-                    row = history_row(epoch, dict(zip(LOSS_KEYS, losses[k])), dev, now - t_epoch, now - t_eval)
-                    histories[k].append(row)
-                    if boards[k] is not None:
-                        for key, value in row.items():
-                            if key != "epoch":
-                                boards[k].add_scalar(key, value, epoch)
-                    value = dev["balanced_ccc"]["mean"] if p.member.cfg.select == "balanced" else dev["ccc"]["mean"]
-                    if value > best[k]["score"]:
-                        best[k] = {"score": value, "epoch": epoch, "dev": dev, "pred": pred[k][pos],
-                                   "probs": g, "state": model_stack.member_state(k)}
-                mean_row = {key: float(np.mean([h[-1][key] for h in histories])) for key in histories[0][-1]}
-                bar.update(epoch, mean_row, max(b["epoch"] for b in best))
-    finally:
-        for b in boards:
-            if b is not None:
-                b.close()
-    for p, b, history in zip(stack, best, histories):
-        write_member(p, b, history, k_members, curves=curves)
-
-
-def _stacked(batch: dict, k: int, device) -> dict:
-    """One batch of K × width rows (member after member) → each input with a leading member axis."""
-    def split(t):
-        return t.reshape(k, -1, *t.shape[1:])
-
-    batch = to_device(batch, device)
-    return {name: tuple(split(t) for t in v) if isinstance(v, tuple) else split(v) for name, v in batch.items()}
-
-
-def infer_stack(model_stack, data: TrainingData, rows: np.ndarray, device) -> tuple[np.ndarray, np.ndarray | None]:
-    """Every member's predictions on rows `rows` (the same rows for all): (K, n, 3) and (K, n, G) or None."""
-    import torch
-
-    frames = bool(data.frame_inputs)
-    order = np.argsort(data.frame_lengths(rows), kind="stable") if frames else np.arange(rows.size)
-    size = EVAL_FRAME_BATCH if frames else EVAL_BATCH
-    avd, probs = [], []
-    model_stack.eval()
-    with torch.inference_mode():
-        for start in range(0, rows.size, size):
-            out = model_stack.forward(to_device(data.batch(rows[order[start:start + size]]), device), shared=True)
-            avd.append(out["avd"].double())
-            if "gender_logits" in out:
-                probs.append(torch.softmax(out["gender_logits"].double(), dim=-1))
-    model_stack.train()
-    back = np.empty_like(order)
-    back[order] = np.arange(order.size)
-    # One copy to the host per evaluation, not one per batch.
-    pred = torch.cat(avd, dim=1).cpu().numpy()[:, back]
-    return pred, (torch.cat(probs, dim=1).cpu().numpy()[:, back] if probs else None)
-
-
-def _boards(stack: list[Prepared]) -> list:
-    boards = []
-    for p in stack:
-        if p.member.cfg.tensorboard is None:
-            boards.append(None)
-            continue
-        from torch.utils.tensorboard import SummaryWriter
-
-        boards.append(SummaryWriter(log_dir=str(p.member.cfg.tensorboard)))
-    return boards
-
-
-def write_member(p: Prepared, best: dict, history: list[dict], stacked_with: int, *, curves: bool = False) -> None:
-    """Member p's run directory, as train-heads writes one (config.json records the sweep); curves.png
-    only with `curves`: drawing it takes longer than training a member on a GPU."""
-    import torch
-
-    from ser_cache.losses import AAMSoftmax
-    from ser_cache.model import FeatureModel
-    from ser_cache.plots import curves_after_training
-
-    cfg = dataclasses.replace(p.member.cfg, features=tuple(s.path for s in p.data.inputs))
-    model = FeatureModel.from_config(p.run.model.heads.config(), p.run.model.config())
-    state, aam_state = best["state"]
-    model.load_state_dict(state)
-    aam = None
-    if aam_state is not None:
-        aam = AAMSoftmax(model.heads.speaker_embedding_dim, len(p.run.speaker_labels), margin=cfg.aam_margin,
-                         scale=cfg.aam_scale)
-        aam.load_state_dict(aam_state)
-    dtype_name = str(p.run.model.compute_dtype or torch.float32).removeprefix("torch.")
-    metrics = {"split": p.data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
-    config = run_config({**cfg.to_dict(), "compute_dtype": dtype_name}, p.data, p.run.lo, p.run.hi, p.run.gender_labels,
-                        p.run.speaker_labels, model.heads.config(), best["epoch"], frame_inputs=model.config(),
-                        sweep={"folder": str(Path(cfg.out).parent.parent), "variant": p.member.variant,
-                               "seed": p.member.seed, "trained_with": stacked_with},
-                        **({"memory": p.data.memory} if p.data.memory else {}))
-    with runs.staged_run_dir(cfg.out, True) as tmp:
-        runs.save_weights(tmp, model, aam)
-        write_run_files(tmp, config, metrics, history, p.data.ids[p.run.dev_idx].tolist(), best["pred"], best["probs"],
-                        p.run.gender_labels)
-        if curves:
-            curves_after_training(tmp, title=f"{p.member.variant} seed {p.member.seed}")

@@ -8,10 +8,14 @@ The loop, in order:
    (paper Table 5), and derive what the heads need from the training rows only: the label
    range (Eq. 2), the gender classes, the speaker classes;
 3. build the model (model.FeatureModel): a ConvPool per frame store, its pooled vector
-   concatenated with the pooled stores, the heads on top; with pooled stores only, the heads;
+   concatenated with the pooled stores, the heads on top; with pooled stores only, the heads
+   (steps 2-3 are `set_up`, which every sweep member goes through too);
 4. each epoch: draw a fresh (optionally undersampled) order, step through it in batches with
    L = sum(1 - CCC) + alpha CE(gender) + beta AAM(speaker) (Eq. 1), then score Development;
 5. keep the epoch with the best mean (balanced) CCC and write the run directory in one rename.
+Steps 4-5 are fit.py's loop, the one loop of heads on a cache: train-heads gives it one job, a
+sweep (sweep.py) K jobs trained together. This module keeps the options, the set-up and the
+helpers the loop, finetune, predict and evaluate share.
 
 Why no DataLoader: the features already sit in memory as float16 arrays, so a batch is one
 gather per store (from the packed frames for a frame store). Worker processes would only copy
@@ -31,8 +35,6 @@ the device until the pass is over (one copy back per evaluation).
 from __future__ import annotations
 
 import contextlib
-import copy
-import itertools
 import logging
 import math
 import time
@@ -352,6 +354,8 @@ def train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     """Train the heads as configured and write the run directory; returns where, and the kept epoch."""
     cfg.verify()
     runs.check_run_target(cfg.out, cfg.overwrite)  # refuse before minutes of loading, not after
+    if cfg.tensorboard is not None and tensorboard_problem():
+        raise TrainError(tensorboard_problem())
     with torch_threads(cfg.threads):
         return _train_heads(cfg)
 
@@ -359,6 +363,7 @@ def train_heads(cfg: TrainHeadsConfig) -> TrainResult:
 def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     import torch
 
+    from ser_cache.fit import Job, fit
     from ser_cache.sampling import EpochSampler
 
     t0 = time.perf_counter()
@@ -366,64 +371,19 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     data = load_training_data(cfg)
     data.place(device)
     run = set_up(cfg, data, device)
-    train_idx, dev_idx, model, aam = run.train_idx, run.dev_idx, run.model, run.aam
-    lo, hi, gender_labels, speaker_labels, genders = run.lo, run.hi, run.gender_labels, run.speaker_labels, run.genders
-    targets = {"avd": torch.from_numpy(data.avd).to(device), "gender": torch.from_numpy(genders).to(device),
-               "speaker": torch.from_numpy(run.speakers).to(device)}
-    heads = model.heads
-    dtype_name = str(model.compute_dtype or torch.float32).removeprefix("torch.")
-    params = list(model.parameters()) + (list(aam.parameters()) if aam is not None else [])
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  **({"fused": True} if fused_adamw_ok(device) else {}))
-    sampler = EpochSampler(data.emotions[train_idx], undersample=cfg.undersample, seed=cfg.seed)
-    data.counts.update(train_rows=int(train_idx.size), dev_rows=int(dev_idx.size), rows_per_epoch=len(sampler))
-    log.info("training on %d rows (%d per epoch%s), validating on %d %s rows; inputs: %s; %s on %s", train_idx.size,
-             len(sampler), ", undersampled" if cfg.undersample else "", dev_idx.size, data.dev_split,
-             ", ".join(f"{s.name} {s.shape}" for s in data.inputs), dtype_name, device)
-
-    history: list[dict] = []
-    best: dict = {"score": -math.inf, "epoch": 0}
-    with EpochProgress(cfg.progress, cfg.epochs, tensorboard=cfg.tensorboard) as progress:
-        for epoch in range(1, cfg.epochs + 1):
-            t_epoch = time.perf_counter()
-            sampler.set_epoch(epoch)
-            losses = _train_epoch(model, aam, optimizer, data, train_idx[sampler.epoch_indices()], targets,
-                                  cfg, device, np.random.default_rng([cfg.seed, epoch, BLOCK_ORDER]))
-            t_eval = time.perf_counter()
-            pred, probs = infer_rows(model, data, dev_idx, device=device)
-            dev = score(pred, data.avd[dev_idx], data.emotions[dev_idx],
-                        gender_pred=None if probs is None else probs.argmax(1),
-                        gender_true=None if probs is None else genders[dev_idx],
-                        balanced_trials=cfg.balanced_trials, balanced_per_class=cfg.balanced_per_class,
-                        seed=cfg.seed)
-            now = time.perf_counter()
-            history.append(history_row(epoch, losses, dev, now - t_epoch, now - t_eval))
-            value = dev["balanced_ccc"]["mean"] if cfg.select == "balanced" else dev["ccc"]["mean"]
-            if value > best["score"]:
-                # Copies, not references: the next optimizer step would change them in place.
-                best = {"score": value, "epoch": epoch, "dev": dev, "pred": pred, "probs": probs,
-                        "model": copy.deepcopy(model.state_dict()),
-                        "aam": copy.deepcopy(aam.state_dict()) if aam is not None else None}
-            progress.update(epoch, history[-1], best["epoch"])
-
-    model.load_state_dict(best["model"])
-    if aam is not None:
-        aam.load_state_dict(best["aam"])
-    metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
-    config = run_config({**cfg.to_dict(), "compute_dtype": dtype_name}, data, lo, hi, gender_labels, speaker_labels, heads.config(), best["epoch"],
-                        frame_inputs=model.config(), **({"memory": data.memory} if data.memory else {}))
-    with runs.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
-        runs.save_weights(tmp, model, aam)
-        write_run_files(tmp, config, metrics, history, data.ids[dev_idx].tolist(), best["pred"], best["probs"],
-                        gender_labels)
-        from ser_cache.plots import curves_after_training
-
-        curves_after_training(tmp, title=Path(cfg.out).name)  # curves.png, inside the run before it appears
+    per_epoch = len(EpochSampler(data.emotions[run.train_idx], undersample=cfg.undersample, seed=cfg.seed))
+    log.info("training on %d rows (%d per epoch%s), validating on %d %s rows; inputs: %s; %s on %s",
+             run.train_idx.size, per_epoch, ", undersampled" if cfg.undersample else "", run.dev_idx.size,
+             data.dev_split, ", ".join(f"{s.name} {s.shape}" for s in data.inputs),
+             str(run.model.compute_dtype or torch.float32).removeprefix("torch."), device)
+    # The one loop (fit.py) with one job: what a sweep does with K.
+    (done,) = fit([Job(cfg, data, run, title=Path(cfg.out).name, overwrite=cfg.overwrite)], device,
+                  progress=cfg.progress)
     wall = time.perf_counter() - t0
-    log.info("kept epoch %d of %d (%s %s CCC %.4f) in %.1f s; run written to %s", best["epoch"], cfg.epochs,
-             data.dev_split, "balanced" if cfg.select == "balanced" else "mean", best["score"], wall, cfg.out)
-    return TrainResult(run_dir=Path(cfg.out), best_epoch=best["epoch"], metrics=metrics, wall_seconds=wall,
-                       history=history)
+    log.info("kept epoch %d of %d (%s %s CCC %.4f) in %.1f s; run written to %s", done.best_epoch, cfg.epochs,
+             data.dev_split, "balanced" if cfg.select == "balanced" else "mean", done.score, wall, cfg.out)
+    return TrainResult(run_dir=Path(cfg.out), best_epoch=done.best_epoch, metrics=done.metrics, wall_seconds=wall,
+                       history=done.history)
 
 
 def run_config(train: dict, data: TrainingData, lo: Sequence[float], hi: Sequence[float], gender_labels: list[str],
@@ -551,51 +511,6 @@ def set_up(cfg: TrainHeadsConfig, data: TrainingData, device) -> RunSetup:
                       scale=cfg.aam_scale).to(device) if speaker_labels else None)
     return RunSetup(train_idx, dev_idx, lo, hi, gender_labels, speaker_labels, label_index(data.genders, gender_labels),
                     label_index(data.speakers, speaker_labels), model, aam)
-
-
-def _train_epoch(model, aam, optimizer, data: TrainingData, order: np.ndarray, targets: dict,
-                 cfg: TrainHeadsConfig, device, rng: np.random.Generator | None = None) -> dict[str, float]:
-    """One pass over `order` (row indices); returns the unweighted loss terms averaged over rows.
-
-    Streamed frames: the rows of `order` come block by block (the blocks in an order drawn from
-    `rng`), each block's rows in their order in `order`, so every row is still seen exactly once.
-
-    The order (each block's) goes to `device` as one int64 tensor and a batch is a slice of it; the
-    targets are indexed there too (`targets` on `device` already costs nothing here), and nothing in
-    the step reads a value back, so the host never waits for the device within an epoch.
-    """
-    import torch
-
-    model.train()
-    keys = ("total", "ccc", "gender", "speaker")
-    targets = {k: v.to(device) for k, v in targets.items()}
-    # Row-weighted sums of the loss terms stay on the device and come to the host once, at the end:
-    # a float() at every step would make the host wait for the GPU at every step.
-    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)
-    seen = 0
-    for block in data.in_blocks(order, rng, min_rows=2):
-        block_order = order[block]
-        # Equal-sized batches instead of a ragged tail: a last batch of two or three rows would give
-        # a CCC (and a gradient) dominated by noise. CCC needs at least two rows per batch, so a
-        # small block (streamed frames) is cut into fewer batches rather than leave a row out.
-        bounds = batch_bounds(block_order.size, cfg.batch_size)
-        on_device = index_tensor(block_order, device)
-        for start, end in itertools.pairwise(bounds):
-            if end - start < 2:
-                continue
-            idx, rows = block_order[start:end], on_device[start:end]
-            # Streamed frames are gathered on the host from the numpy rows; the rest from the slice.
-            inputs = data.batch(idx) if data.streamed else data.batch(rows, idx)
-            out = model(to_device(inputs, device))
-            loss, parts = batch_loss(out, {k: v.index_select(0, rows) for k, v in targets.items()}, aam,
-                                     gender_weight=cfg.gender_weight, speaker_weight=cfg.speaker_weight,
-                                     tensors=True)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            sums += torch.stack([parts[key] for key in keys]).double() * (end - start)
-            seen += end - start
-    return dict(zip(keys, (sums / max(seen, 1)).tolist()))
 
 
 def label_range(avd: np.ndarray) -> tuple[list[float], list[float]]:

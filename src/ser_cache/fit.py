@@ -1,0 +1,284 @@
+"""The one training loop of heads on cached features: `train-heads` is one job, a sweep K jobs at once.
+
+A job is a run as train-heads defines it: its options, its rows (the corpus joined with its stores),
+and what training.set_up derived from its training rows (label range, classes, the seeded model).
+`fit` trains K ≥ 1 jobs whose models have the same shapes together (stack.MemberStack: their
+parameters stacked, their products batched; one job runs the module itself), then writes each as
+an ordinary run directory. The loop, in order, every epoch:
+
+1. each job draws its epoch (EpochSampler: its seed, its undersampling, its O/X rows) and cuts it
+   into batches where train-heads always cut it (training.batch_bounds);
+2. step by step, every job that still has a batch takes one: the K batches go through the stack as
+   one, each job's loss (paper Eq. 1, its own α and β) is computed on its own rows, and
+   StackedAdamW steps exactly the jobs that had a batch (a job with fewer rows per epoch sits out
+   the last steps, as if it trained alone);
+3. every job is scored on its Development rows (forward passes on the device, one copy back), and
+   keeps its best epoch (balanced or plain mean CCC).
+
+One job whose frame stores do not fit the memory budget streams them: its epoch (and the scoring)
+goes block by block, as rows.TrainingData.in_blocks hands the rows; several jobs need their inputs
+held. Loss sums stay on the device and are read once per epoch; nothing in a step waits for a GPU.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ser_cache import runs
+from ser_cache.rows import TrainingData, index_tensor
+from ser_cache.training import (
+    BLOCK_ORDER,
+    EVAL_BATCH,
+    EVAL_FRAME_BATCH,
+    EpochProgress,
+    RunSetup,
+    TrainHeadsConfig,
+    batch_bounds,
+    batch_loss,
+    fused_adamw_ok,
+    history_row,
+    run_config,
+    score,
+    to_device,
+    write_run_files,
+)
+
+LOSS_KEYS = ("total", "ccc", "gender", "speaker")
+
+
+@dataclass
+class Job:
+    """One run to train: its options, its rows (with its inputs), its set-up, and how to write it."""
+
+    cfg: TrainHeadsConfig  # as config.json records it
+    data: TrainingData
+    run: RunSetup
+    title: str = ""  # of curves.png
+    overwrite: bool = False  # replace a run already at cfg.out
+    curves: bool = True  # draw curves.png into the run
+    extra: dict = field(default_factory=dict)  # more config.json fields (a sweep member's "sweep")
+
+
+@dataclass
+class Fitted:
+    job: Job
+    best_epoch: int
+    score: float
+    metrics: dict
+    history: list[dict]
+
+
+def fit(jobs: list[Job], device, *, progress: bool = True) -> list[Fitted]:
+    """Train `jobs` (models of the same shapes, the same epochs, rows from the same stores) together,
+    write each one's run directory, and return what each kept."""
+    import torch
+
+    from ser_cache.sampling import EpochSampler
+    from ser_cache.stack import MemberStack, StackedAdamW
+
+    k_jobs = len(jobs)
+    data, epochs = jobs[0].data, jobs[0].cfg.epochs
+    if k_jobs > 1 and data.streamed:
+        raise ValueError("several jobs train together only on inputs held in memory")
+    stack = MemberStack([j.run.model for j in jobs], [j.run.aam for j in jobs])
+    optimizer = StackedAdamW(stack.parameters(), [j.cfg.lr for j in jobs], [j.cfg.weight_decay for j in jobs],
+                             fused=fused_adamw_ok(device))
+    samplers = [EpochSampler(data.emotions[j.run.train_idx], undersample=j.cfg.undersample, seed=j.cfg.seed)
+                for j in jobs]
+    avd = torch.from_numpy(data.avd).to(device)
+    genders = [torch.from_numpy(j.run.genders).to(device) for j in jobs]
+    speakers = [torch.from_numpy(j.run.speakers).to(device) for j in jobs]
+    dev_rows = np.unique(np.concatenate([j.run.dev_idx for j in jobs]))
+    dev_pos = [np.searchsorted(dev_rows, j.run.dev_idx) for j in jobs]
+    for j, sampler in zip(jobs, samplers):
+        j.data.counts.update(train_rows=int(j.run.train_idx.size), dev_rows=int(j.run.dev_idx.size),
+                             rows_per_epoch=len(sampler))
+    histories: list[list[dict]] = [[] for _ in jobs]
+    best: list[dict] = [{"score": -math.inf, "epoch": 0} for _ in jobs]
+    boards = _boards(jobs)
+    try:
+        with EpochProgress(progress, epochs) as bar:
+            for epoch in range(1, epochs + 1):
+                t_epoch = time.perf_counter()
+                stack.train()
+                orders = []
+                for j, sampler in zip(jobs, samplers):
+                    sampler.set_epoch(epoch)
+                    orders.append(j.run.train_idx[sampler.epoch_indices()])
+                sums = torch.zeros(k_jobs, len(LOSS_KEYS), dtype=torch.float64, device=device)
+                seen = np.zeros(k_jobs)
+                for plan in _epoch_blocks(jobs, data, orders, epoch, device):
+                    for step in range(max(len(cuts) for _, cuts, _ in plan)):
+                        active = [step < len(cuts) for _, cuts, _ in plan]
+                        # A job whose batches are done repeats its first one, computed but not trained on.
+                        spans = [cuts[step] if a else cuts[0] if cuts else (0, order.size)
+                                 for (order, cuts, _), a in zip(plan, active)]
+                        rows = [order[a:b] for (order, _, _), (a, b) in zip(plan, spans)]
+                        on_device = [d[a:b] for (_, _, d), (a, b) in zip(plan, spans)]
+                        out = stack.forward(_stacked(_batch(data, rows, on_device, active), k_jobs, device))
+                        total = 0
+                        for k, (j, r, n, a) in enumerate(zip(jobs, on_device, map(len, rows), active)):
+                            if not a:
+                                continue
+                            loss, parts = batch_loss({key: v[k, :n] for key, v in out.items()},
+                                                     {"avd": avd[r], "gender": genders[k][r], "speaker": speakers[k][r]},
+                                                     (lambda e, lab, k=k: stack.speaker_loss(k, e, lab))
+                                                     if j.run.aam is not None else None,
+                                                     gender_weight=j.cfg.gender_weight,
+                                                     speaker_weight=j.cfg.speaker_weight, tensors=True)
+                            total = total + loss
+                            sums[k] += torch.stack([parts[key] for key in LOSS_KEYS]).double() * n
+                            seen[k] += n
+                        optimizer.zero_grad()
+                        total.backward()
+                        optimizer.step(active)
+                losses = (sums.cpu().numpy() / np.maximum(seen, 1)[:, None]).tolist()
+                t_eval = time.perf_counter()
+                pred, probs = infer_stack(stack, data, dev_rows, device)
+                now = time.perf_counter()
+                for k, j in enumerate(jobs):
+                    pos = dev_pos[k]
+                    g = None if probs is None else probs[k][pos]
+                    dev = score(pred[k][pos], data.avd[j.run.dev_idx], data.emotions[j.run.dev_idx],
+                                gender_pred=None if g is None else g.argmax(1),
+                                gender_true=None if g is None else j.run.genders[j.run.dev_idx],
+                                balanced_trials=j.cfg.balanced_trials, balanced_per_class=j.cfg.balanced_per_class,
+                                seed=j.cfg.seed)
+                    row = history_row(epoch, dict(zip(LOSS_KEYS, losses[k])), dev, now - t_epoch, now - t_eval)
+                    histories[k].append(row)
+                    if boards[k] is not None:
+                        for key, value in row.items():
+                            if key != "epoch":
+                                boards[k].add_scalar(key, value, epoch)
+                        boards[k].flush()
+                    value = dev["balanced_ccc"]["mean"] if j.cfg.select == "balanced" else dev["ccc"]["mean"]
+                    if value > best[k]["score"]:
+                        # Copies (member_state clones): the next step would change the weights in place.
+                        best[k] = {"score": value, "epoch": epoch, "dev": dev, "pred": pred[k][pos],
+                                   "probs": g, "state": stack.member_state(k)}
+                mean_row = {key: float(np.mean([h[-1][key] for h in histories])) for key in histories[0][-1]}
+                bar.update(epoch, mean_row, max(b["epoch"] for b in best))
+    finally:
+        for b in boards:
+            if b is not None:
+                b.close()
+    return [write_job(j, b, h) for j, b, h in zip(jobs, best, histories)]
+
+
+def _epoch_blocks(jobs: list[Job], data: TrainingData, orders: list[np.ndarray], epoch: int, device):
+    """Each job's (order, batch cuts, the order as one int64 tensor on the device) for the epoch: all
+    at once, or (one job, streamed frames) block by block, the block's frames held while it trains.
+    Batches are slices of the device tensor: one copy of the order per block, none per step."""
+    if data.streamed:
+        (job,), (order,) = jobs, orders
+        rng = np.random.default_rng([job.cfg.seed, epoch, BLOCK_ORDER])
+        for block in data.in_blocks(order, rng, min_rows=2):
+            yield [_plan(order[block], job.cfg.batch_size, device)]
+        return
+    yield [_plan(order, j.cfg.batch_size, device) for j, order in zip(jobs, orders)]
+
+
+def _plan(order: np.ndarray, batch_size: int, device) -> tuple[np.ndarray, list[tuple[int, int]], object]:
+    bounds = batch_bounds(order.size, batch_size)
+    cuts = [(a, b) for a, b in zip(bounds[:-1], bounds[1:]) if b - a >= 2]
+    return order, cuts, index_tensor(order, device)
+
+
+def _batch(data: TrainingData, rows: list[np.ndarray], on_device: list, active: list[bool]) -> dict:
+    """The inputs of every job's batch, job after job, each padded to the widest active batch."""
+    if len(rows) == 1:  # one job: a slice of the epoch's index on the device (streamed frames: the host rows)
+        return data.batch(rows[0]) if data.streamed else data.batch(on_device[0], rows[0])
+    width = max(r.size for r, a in zip(rows, active) if a)
+    # Padding by repeating a batch's rows: the padded rows are computed but left out of the loss.
+    return data.batch(np.concatenate([np.resize(r, width) for r in rows]))
+
+
+def _stacked(batch: dict, k: int, device) -> dict:
+    """One batch of K × width rows (job after job) → each input with a leading job axis."""
+    def split(t):
+        return t.reshape(k, -1, *t.shape[1:])
+
+    batch = to_device(batch, device)
+    return {name: tuple(split(t) for t in v) if isinstance(v, tuple) else split(v) for name, v in batch.items()}
+
+
+def infer_stack(stack, data: TrainingData, rows: np.ndarray, device) -> tuple[np.ndarray, np.ndarray | None]:
+    """Every job's predictions on rows `rows` (the same rows for all): (K, n, 3), and (K, n, G) gender
+    probabilities or None. Frame inputs go in order of length (a batch padded to about its own rows);
+    streamed frames block by block; one copy to the host per block (one per evaluation when held)."""
+    import torch
+
+    frames = bool(data.frame_inputs)
+    size = EVAL_FRAME_BATCH if frames else EVAL_BATCH
+    pred = probs = None
+    stack.eval()
+    with torch.inference_mode():
+        for pos in data.in_blocks(rows):
+            if frames:
+                pos = pos[np.argsort(data.frame_lengths(rows[pos]), kind="stable")]
+            avd, gender = [], []
+            for start in range(0, pos.size, size):
+                out = stack.forward(to_device(data.batch(rows[pos[start:start + size]]), device), shared=True)
+                avd.append(out["avd"].double())
+                if "gender_logits" in out:
+                    gender.append(torch.softmax(out["gender_logits"].double(), dim=-1))
+            a = torch.cat(avd, dim=1).cpu().numpy()
+            if pred is None:
+                pred = np.empty((a.shape[0], rows.size, 3))
+            pred[:, pos] = a
+            if gender:
+                g = torch.cat(gender, dim=1).cpu().numpy()
+                if probs is None:
+                    probs = np.empty((g.shape[0], rows.size, g.shape[2]))
+                probs[:, pos] = g
+    stack.train()
+    return pred, probs
+
+
+def _boards(jobs: list[Job]) -> list:
+    """A TensorBoard writer for every job with a --tensorboard folder (None for the others)."""
+    boards = []
+    for j in jobs:
+        if j.cfg.tensorboard is None:
+            boards.append(None)
+            continue
+        from torch.utils.tensorboard import SummaryWriter
+
+        boards.append(SummaryWriter(log_dir=str(j.cfg.tensorboard)))
+    return boards
+
+
+def write_job(job: Job, best: dict, history: list[dict]) -> Fitted:
+    """The job's run directory, staged beside cfg.out and renamed into place (config.json last)."""
+    import torch
+
+    from ser_cache.losses import AAMSoftmax
+    from ser_cache.model import FeatureModel
+    from ser_cache.plots import curves_after_training
+
+    cfg, run, data = job.cfg, job.run, job.data
+    model = FeatureModel.from_config(run.model.heads.config(), run.model.config())
+    state, aam_state = best["state"]
+    model.load_state_dict(state)
+    aam = None
+    if aam_state is not None:
+        aam = AAMSoftmax(model.heads.speaker_embedding_dim, len(run.speaker_labels), margin=cfg.aam_margin,
+                         scale=cfg.aam_scale)
+        aam.load_state_dict(aam_state)
+    dtype_name = str(run.model.compute_dtype or torch.float32).removeprefix("torch.")
+    metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
+    config = run_config({**cfg.to_dict(), "compute_dtype": dtype_name}, data, run.lo, run.hi, run.gender_labels,
+                        run.speaker_labels, model.heads.config(), best["epoch"], frame_inputs=model.config(), **job.extra,
+                        **({"memory": data.memory} if data.memory else {}))
+    with runs.staged_run_dir(cfg.out, job.overwrite) as tmp:
+        runs.save_weights(tmp, model, aam)
+        write_run_files(tmp, config, metrics, history, data.ids[run.dev_idx].tolist(), best["pred"], best["probs"],
+                        run.gender_labels)
+        if job.curves:
+            curves_after_training(tmp, title=job.title or Path(cfg.out).name)  # inside the run before it appears
+    return Fitted(job, best["epoch"], best["score"], metrics, history)

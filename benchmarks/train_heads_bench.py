@@ -222,44 +222,43 @@ def _build_frames(root: Path, ids: list[str], latent: np.ndarray, directions: np
 
 
 def profile_steps(cfg, steps: int, top: int = 12) -> dict:
-    """Where a training step's time goes: `steps` steps of a fresh model on the run's data, under
-    torch.profiler, split into data gather, forward, loss, backward and optimizer; plus the top ops."""
+    """Where a training step's time goes: `steps` steps of fit.py's loop for one job (stack_of one
+    model, its AdamW, the same batch and loss calls) on the run's data, under torch.profiler, split
+    into data gather, forward, loss, backward and optimizer; plus the top ops."""
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from ser_cache import training
-    from ser_cache.heads import MultitaskHeads
-    from ser_cache.model import FeatureModel
+    from ser_cache import fit, training
+    from ser_cache.rows import index_tensor
+    from ser_cache.stack import stack_of
 
     with training.torch_threads(cfg.threads):
         device = training.resolve_device(cfg.device)
         data = training.load_training_data(cfg)
-        train_idx, _ = training.select_rows(cfg, data)
-        lo, hi = training.label_range(data.avd[train_idx])
-        genders = training.head_classes("gender", cfg.gender_weight, [data.genders[i] for i in train_idx])
-        heads = MultitaskHeads({s.name: s.shape for s in data.inputs}, hidden=cfg.hidden, dropout=cfg.dropout,
-                               label_min=lo, label_max=hi, n_genders=len(genders))
-        model = FeatureModel(heads).to(device)
-        model.compute_dtype = training.compute_dtype(cfg.precision, device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                      **({"fused": True} if training.fused_adamw_ok(device) else {}))
-        targets = {"avd": torch.from_numpy(data.avd), "gender": torch.from_numpy(training.label_index(data.genders, genders)),
-                   "speaker": torch.full((len(data.avd),), -1)}
+        data.place(device)
+        run = training.set_up(cfg, data, device)
+        stack = stack_of([run.model], [run.aam])
+        optimizer = stack.optimizer([cfg.lr], [cfg.weight_decay], fused=training.fused_adamw_ok(device))
+        targets = {"avd": torch.from_numpy(data.avd).to(device), "gender": torch.from_numpy(run.genders).to(device),
+                   "speaker": torch.from_numpy(run.speakers).to(device)}
         rng = np.random.default_rng(0)
         phases = ("gather", "forward", "loss", "backward", "optimizer")
+        speaker_loss = (lambda e, lab: stack.speaker_loss(0, e, lab)) if run.aam is not None else None
 
         def step():
-            idx = rng.choice(train_idx, cfg.batch_size, replace=False)
+            idx = rng.choice(run.train_idx, cfg.batch_size, replace=False)
             with record_function("gather"):
-                batch = training.to_device(data.batch(idx), device)
-                target = {k: v[torch.from_numpy(idx)].to(device) for k, v in targets.items()}
+                rows = index_tensor(idx, device)
+                batch = fit._stacked(data.batch(rows, idx), 1, device)
+                target = {k: v[rows] for k, v in targets.items()}
             with record_function("forward"):
-                out = model(batch)
+                out = stack.forward(batch)
             with record_function("loss"):
-                loss, _ = training.batch_loss(out, target, None, gender_weight=cfg.gender_weight,
-                                              speaker_weight=0.0, tensors=True)
+                loss, _ = training.batch_loss({k: v[0] for k, v in out.items()}, target, speaker_loss,
+                                              gender_weight=cfg.gender_weight, speaker_weight=cfg.speaker_weight,
+                                              tensors=True)
             with record_function("backward"):
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad()
                 loss.backward()
             with record_function("optimizer"):
                 optimizer.step()

@@ -21,7 +21,7 @@ from ser_cache.heads import MultitaskHeads
 from ser_cache.losses import AAMSoftmax
 from ser_cache.metrics import ccc_table
 from ser_cache.model import FeatureModel
-from ser_cache.stack import MemberStack, StackedAdamW
+from ser_cache.stack import MemberStack, OneMember, StackedAdamW, stack_of
 from ser_cache.sweep import SweepConfig, TrainError, parse_variant, sweep
 from ser_cache.training import TrainHeadsConfig, train_heads
 
@@ -145,6 +145,37 @@ def test_stacked_adamw_steps_each_member_as_its_own_adamw(k):
         assert torch.allclose(aam_state["weight"], aam.weight, atol=1e-6)
     assert not torch.equal(stack.member_state(0)[0]["heads.regressors.arousal.mlp.0.weight"],
                            members[0][0].state_dict()["heads.regressors.arousal.mlp.0.weight"])
+
+
+def test_one_member_is_the_model_itself_and_trains_in_place():
+    """train-heads is fit() with one job: the model itself, its own parameters, torch's AdamW."""
+    (model, aam), other = _member(0, True), _member(1, True)
+    assert isinstance(stack_of([model, other[0]], [aam, other[1]]), MemberStack)
+    one = stack_of([model], [aam])
+    assert isinstance(one, OneMember)
+    x = _inputs(1, True)
+    model.eval()
+    assert torch.equal(one.forward(x)["avd"][0], model(_take(x, 0))["avd"])
+    before = copy.deepcopy(model.state_dict())
+    own = copy.deepcopy(model)
+    one.train()
+    optimizer = one.optimizer([1e-2], [0.01], fused=False)
+    own_optimizer = torch.optim.AdamW(own.parameters(), lr=1e-2, weight_decay=0.01)
+    torch.manual_seed(0)
+    for _ in range(3):
+        y = torch.rand(10, 3) * 6 + 1
+        x = _inputs(1, True)
+        loss = ((one.forward(x)["avd"][0] - y) ** 2).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step([True])
+        own_loss = ((own(_take(x, 0))["avd"] - y) ** 2).mean()
+        own_optimizer.zero_grad()
+        own_loss.backward()
+        own_optimizer.step()
+    state, _ = one.member_state(0)
+    assert all(torch.equal(state[n], v) for n, v in own.state_dict().items())
+    assert not torch.equal(state["heads.regressors.arousal.mlp.0.weight"], before["heads.regressors.arousal.mlp.0.weight"])
 
 
 # --------------------------------------------------------------------------- members equal train-heads runs

@@ -79,15 +79,15 @@ def fit(jobs: list[Job], device, *, progress: bool = True) -> list[Fitted]:
     import torch
 
     from ser_cache.sampling import EpochSampler
-    from ser_cache.stack import MemberStack, StackedAdamW
+    from ser_cache.stack import stack_of
 
     k_jobs = len(jobs)
     data, epochs = jobs[0].data, jobs[0].cfg.epochs
     if k_jobs > 1 and data.streamed:
         raise ValueError("several jobs train together only on inputs held in memory")
-    stack = MemberStack([j.run.model for j in jobs], [j.run.aam for j in jobs])
-    optimizer = StackedAdamW(stack.parameters(), [j.cfg.lr for j in jobs], [j.cfg.weight_decay for j in jobs],
-                             fused=fused_adamw_ok(device))
+    stack = stack_of([j.run.model for j in jobs], [j.run.aam for j in jobs])
+    optimizer = stack.optimizer([j.cfg.lr for j in jobs], [j.cfg.weight_decay for j in jobs],
+                                fused=fused_adamw_ok(device))
     samplers = [EpochSampler(data.emotions[j.run.train_idx], undersample=j.cfg.undersample, seed=j.cfg.seed)
                 for j in jobs]
     avd = torch.from_numpy(data.avd).to(device)

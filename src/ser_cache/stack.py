@@ -27,7 +27,66 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, stack_module_state, vmap
 
-__all__ = ["MemberStack", "StackedAdamW"]
+__all__ = ["MemberStack", "OneMember", "StackedAdamW", "stack_of"]
+
+
+def stack_of(models: Sequence[nn.Module], aams: Sequence[nn.Module | None]):
+    """K models as one: a MemberStack, or for one model the model itself (OneMember), which trains
+    exactly as a model of its own does (train-heads), without functional_call's and vmap's overhead."""
+    if len(models) == 1:
+        return OneMember(models[0], aams[0])
+    return MemberStack(models, aams)
+
+
+class OneMember:
+    """One model behind MemberStack's interface: outputs with a member axis of 1, its own parameters,
+    torch's AdamW over them (fused where torch has it), as train-heads always trained."""
+
+    k = 1
+
+    def __init__(self, model: nn.Module, aam: nn.Module | None) -> None:
+        self.model, self.aam = model, aam
+
+    def parameters(self) -> dict[str, Tensor]:
+        params = dict(self.model.named_parameters())
+        if self.aam is not None:
+            params["aam.weight"] = self.aam.weight
+        return params
+
+    def optimizer(self, lrs: Sequence[float], weight_decays: Sequence[float], *, fused: bool):
+        return _OneAdamW(torch.optim.AdamW(list(self.parameters().values()), lr=lrs[0], weight_decay=weight_decays[0],
+                                           **({"fused": True} if fused else {})))
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def eval(self) -> None:
+        self.model.train(False)
+
+    def forward(self, inputs: Mapping[str, Any], *, shared: bool = False) -> dict[str, Tensor]:
+        x = inputs if shared else {n: tuple(t[0] for t in v) if isinstance(v, tuple) else v[0] for n, v in inputs.items()}
+        return {key: v.unsqueeze(0) for key, v in self.model(dict(x)).items()}
+
+    def speaker_loss(self, k: int, embedding: Tensor, labels: Tensor) -> Tensor | None:
+        return None if self.aam is None else self.aam(embedding, labels)
+
+    def member_state(self, k: int) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
+        state = {name: t.detach().clone() for name, t in self.model.state_dict().items()}
+        return state, ({"weight": self.aam.weight.detach().clone()} if self.aam is not None else None)
+
+
+class _OneAdamW:
+    """torch.optim.AdamW with StackedAdamW's step(active): one member, always the one stepping."""
+
+    def __init__(self, optimizer) -> None:
+        self.optimizer = optimizer
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def step(self, active: Sequence[bool] | None = None) -> None:
+        if active is None or active[0]:
+            self.optimizer.step()
 
 
 class MemberStack:
@@ -48,8 +107,7 @@ class MemberStack:
         # the stored layout. Stored as (K, out, in), every step paid a strided copy of each weight
         # gradient that took longer than the products (measured: 28 ms against 9 ms a step for
         # one 2816→256 layer of 10 members on 2 CPU cores).
-        # One member runs the module itself (no vmap), where the module's own layout is the fast one.
-        self.transposed = {name for name, p in params.items() if p.ndim >= 3} if self.k > 1 else set()
+        self.transposed = {name for name, p in params.items() if p.ndim >= 3}
         self.params = {name: nn.Parameter(p.detach().transpose(1, 2).contiguous() if name in self.transposed
                                           else p.detach()) for name, p in params.items()}
         # The architecture without weights: functional_call puts the members' weights into it.
@@ -83,14 +141,11 @@ class MemberStack:
         def one(params, buffers, x):
             return functional_call(self.template, (params, buffers), (x,))
 
-        if self.k == 1:  # one member: the module itself, without vmap's overhead
-            # squeeze, not [0]: its gradient is a view, where indexing would copy every gradient once more
-            member = ({n: p.squeeze(0) for n, p in self._views().items()}, {n: b[0] for n, b in self.buffers.items()})
-            x = inputs if shared else {n: tuple(t[0] for t in v) if isinstance(v, tuple) else v[0]
-                                       for n, v in inputs.items()}
-            return {key: v.unsqueeze(0) for key, v in one(*member, dict(x)).items()}
         return vmap(one, in_dims=(0, 0, None if shared else 0), randomness="different")(
             self._views(), self.buffers, dict(inputs))
+
+    def optimizer(self, lrs: Sequence[float], weight_decays: Sequence[float], *, fused: bool) -> StackedAdamW:
+        return StackedAdamW(self.parameters(), lrs, weight_decays, fused=fused)
 
     def speaker_loss(self, k: int, embedding: Tensor, labels: Tensor) -> Tensor | None:
         """Member k's AAM-softmax loss on its (B, D) speaker embeddings; None without a speaker head."""

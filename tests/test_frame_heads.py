@@ -312,8 +312,9 @@ def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpu
 
 
 def test_streamed_and_held_frames_score_development_alike(tmp_path, frame_corpus):
+    from ser_cache.fit import infer_stack
     from ser_cache.rows import load_rows
-    from ser_cache.training import infer_rows
+    from ser_cache.stack import stack_of
 
     manifest, ids, frames, text, stores = frame_corpus
     kwargs = dict(speaker_weight=0, frames=True)
@@ -325,8 +326,9 @@ def test_streamed_and_held_frames_score_development_alike(tmp_path, frame_corpus
     model = FeatureModel(_heads({"audio-frames": (8,), "text": (16,)}, n_genders=2),
                          {"audio-frames": {"in_dim": 16, "dim": 8}})
     dev = np.flatnonzero(held.splits == "Development")[::-1].copy()
-    a, pa = infer_rows(model, held, dev, device=torch.device("cpu"))
-    b, pb = infer_rows(model, streamed, dev, device=torch.device("cpu"))
+    one = stack_of([model], [None])
+    (a,), (pa,) = infer_stack(one, held, dev, torch.device("cpu"))
+    (b,), (pb,) = infer_stack(one, streamed, dev, torch.device("cpu"))
     np.testing.assert_allclose(a, b, atol=1e-5)
     np.testing.assert_allclose(pa, pb, atol=1e-5)
     assert all(s.data is None for s in streamed.frame_inputs)  # nothing left held after the pass

@@ -37,6 +37,7 @@ from ser_cache.training import (
     EVAL_FRAME_BATCH,
     EpochProgress,
     RunSetup,
+    TensorBoardLog,
     TrainHeadsConfig,
     batch_bounds,
     batch_loss,
@@ -100,7 +101,7 @@ def fit(jobs: list[Job], device, *, progress: bool = True) -> list[Fitted]:
                              rows_per_epoch=len(sampler))
     histories: list[list[dict]] = [[] for _ in jobs]
     best: list[dict] = [{"score": -math.inf, "epoch": 0} for _ in jobs]
-    boards = _boards(jobs)
+    boards = [None if j.cfg.tensorboard is None else TensorBoardLog(j.cfg.tensorboard) for j in jobs]
     try:
         with EpochProgress(progress, epochs) as bar:
             for epoch in range(1, epochs + 1):
@@ -152,10 +153,7 @@ def fit(jobs: list[Job], device, *, progress: bool = True) -> list[Fitted]:
                     row = history_row(epoch, dict(zip(LOSS_KEYS, losses[k])), dev, now - t_epoch, now - t_eval)
                     histories[k].append(row)
                     if boards[k] is not None:
-                        for key, value in row.items():
-                            if key != "epoch":
-                                boards[k].add_scalar(key, value, epoch)
-                        boards[k].flush()
+                        boards[k].log(epoch, row)
                     value = dev["balanced_ccc"]["mean"] if j.cfg.select == "balanced" else dev["ccc"]["mean"]
                     if value > best[k]["score"]:
                         # Copies (member_state clones): the next step would change the weights in place.
@@ -238,19 +236,6 @@ def infer_stack(stack, data: TrainingData, rows: np.ndarray, device) -> tuple[np
                 probs[:, pos] = g
     stack.train()
     return pred, probs
-
-
-def _boards(jobs: list[Job]) -> list:
-    """A TensorBoard writer for every job with a --tensorboard folder (None for the others)."""
-    boards = []
-    for j in jobs:
-        if j.cfg.tensorboard is None:
-            boards.append(None)
-            continue
-        from torch.utils.tensorboard import SummaryWriter
-
-        boards.append(SummaryWriter(log_dir=str(j.cfg.tensorboard)))
-    return boards
 
 
 def write_job(job: Job, best: dict, history: list[dict]) -> Fitted:

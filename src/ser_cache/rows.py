@@ -473,25 +473,6 @@ class TrainingData:
             for s in self.frame_inputs:
                 s.release()
 
-    def frames_to(self, device) -> bool:
-        """Move frames held whole onto a CUDA device when they fit in half its free memory (the
-        other half is for the model's activations); True if they moved."""
-        import torch
-
-        if device.type != "cuda" or self.streamed or not self.frame_inputs:
-            return False
-        need = sum(s.held_bytes for s in self.frame_inputs)
-        free, _ = torch.cuda.mem_get_info(device)
-        if need > free / 2:
-            log.info("frames: %.1f GB held in CPU memory; they do not fit in half the GPU's free %.1f GB",
-                     need / 1e9, free / 1e9)
-            return False
-        for s in self.frame_inputs:
-            s.data = s.data.to(device)
-        self.memory["frames_on"] = str(device)
-        log.info("frames: %.1f GB moved onto %s", need / 1e9, device)
-        return True
-
 
 def label_index(values: Sequence[str | None], classes: Sequence[str]) -> np.ndarray:
     """Class index of each value; -1 for None or a value outside `classes` (unknown to the heads)."""

@@ -112,7 +112,6 @@ class MemberStack:
                                           else p.detach()) for name, p in params.items()}
         # The architecture without weights: functional_call puts the members' weights into it.
         self.template = copy.deepcopy(models[0]).to("meta")
-        self.template.compute_dtype = getattr(models[0], "compute_dtype", None)
         has_aam = [a is not None for a in aams]
         if any(has_aam) and not all(has_aam):
             raise ValueError("either every member of a stack has a speaker head or none has")

@@ -205,7 +205,8 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
                      memory_budget_gb=base.memory_budget_gb)
     members = [Member(v.name, s, member_config(cfg, v, s), v.options.get("inputs", cfg.inputs))
                for v in cfg.all_variants() for s in range(base.seed, base.seed + cfg.seeds)]
-    views = {m.variant: member_view(data, m) for m in members}  # also checks every inputs= before any training
+    # One view per variant (its seeds take the same stores); this also checks every inputs= before any training.
+    views = {m.variant: member_view(data, m) for m in members if m.seed == base.seed}
     for m in members:  # as its config.json records them: the stores the member takes
         m.cfg = dataclasses.replace(m.cfg, features=tuple(s.path for s in views[m.variant].inputs))
     todo = [m for m in members if not _written(m)]

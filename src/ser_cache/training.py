@@ -303,33 +303,6 @@ def infer(model, fetch, n: int, *, device, batch_size: int | None = None) -> tup
     return avd, (np.ascontiguousarray(table[:, 3:]) if genders else None)
 
 
-def infer_rows(model, data: TrainingData, rows: np.ndarray, *, device) -> tuple[np.ndarray, np.ndarray | None]:
-    """`infer` over rows `rows` of `data`, block by block when frames are streamed.
-
-    With frame inputs the rows of a block go through in order of length, so a batch's rows are
-    padded to about their own length; the results come back in the order of `rows`.
-    """
-    avd = np.empty((rows.size, 3), dtype=np.float64)
-    probs = np.empty((rows.size, model.n_genders), dtype=np.float64) if model.n_genders else None
-    for pos in data.in_blocks(rows):
-        if data.frame_inputs:
-            pos = pos[np.argsort(data.frame_lengths(rows[pos]), kind="stable")]
-        order = rows[pos]
-        if data.streamed:
-            def fetch(idx, order=order):
-                return data.batch(order[idx])
-        else:  # the block's rows go to the device once; a batch is a slice of them
-            on_device = data.index(order)
-
-            def fetch(idx, order=order, on_device=on_device):
-                return data.batch(on_device[idx[0]:idx[-1] + 1], order[idx])
-        a, p = infer(model, fetch, pos.size, device=device)
-        avd[pos] = a
-        if probs is not None:
-            probs[pos] = p
-    return avd, probs
-
-
 def score(avd_pred: np.ndarray, avd_true: np.ndarray, emotions: Sequence[str], *,
           gender_pred: np.ndarray | None = None, gender_true: np.ndarray | None = None,
           balanced_trials: int = 10, balanced_per_class: int | None = None, seed: int = 0) -> dict:
@@ -596,6 +569,27 @@ def tensorboard_problem() -> str | None:
     return None
 
 
+class TensorBoardLog:
+    """History rows as TensorBoard scalars in a folder: one per history.csv column, at its epoch."""
+
+    def __init__(self, folder: Path) -> None:
+        problem = tensorboard_problem()
+        if problem:
+            raise TrainError(problem)
+        from torch.utils.tensorboard import SummaryWriter
+
+        self._writer = SummaryWriter(log_dir=str(folder))
+
+    def log(self, epoch: int, row: dict) -> None:
+        for key, value in row.items():
+            if key != "epoch" and isinstance(value, (int, float)):
+                self._writer.add_scalar(key, value, epoch)
+        self._writer.flush()
+
+    def close(self) -> None:
+        self._writer.close()
+
+
 class EpochProgress:
     """A rich progress bar over epochs showing the loss and the Development scores.
 
@@ -638,12 +632,7 @@ class EpochProgress:
 
     def __enter__(self) -> Self:
         if self.tensorboard is not None:
-            problem = tensorboard_problem()
-            if problem:
-                raise TrainError(problem)
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(log_dir=str(self.tensorboard))
+            self._writer = TensorBoardLog(self.tensorboard)
         if self.enabled:
             self._progress = self.make_progress()
             self._progress.start()
@@ -657,10 +646,7 @@ class EpochProgress:
 
     def update(self, epoch: int, row: dict, best_epoch: int) -> None:
         if self._writer is not None:
-            for key, value in row.items():
-                if key != "epoch" and isinstance(value, (int, float)):
-                    self._writer.add_scalar(key, value, epoch)
-            self._writer.flush()
+            self._writer.log(epoch, row)
         if self._progress is not None:
             self._progress.update(self._task, completed=epoch, info=self.info(row, best_epoch))
 

@@ -76,9 +76,7 @@ def sweep_command(
     if tensorboard is not None and tensorboard_problem():
         fail(tensorboard_problem())
     _log_to_stderr()
-    variants = guarded(lambda: tuple(parse_variant(v) for v in variant or ()))
-    if variants is None:
-        return
+    variants = guarded(lambda: tuple(parse_variant(v) for v in variant or ()))  # a bad one: one line, exit 2
     base = shared.heads_config(locals())
     cfg = SweepConfig(base=base, seeds=seeds, variants=variants, inputs=inputs, reference=reference,
                       members_at_once=members_at_once, resamples=resamples, curves=curves)

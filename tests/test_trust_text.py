@@ -322,3 +322,12 @@ def test_extract_refuses_a_store_whose_record_was_deleted_or_replaced(tmp_path, 
     with pytest.raises(ExtractError, match=r"1 row\(s\) already written were encoded from other text"):
         run(changed)
     assert run(first).computed == 0
+
+
+def test_a_table_that_is_not_utf8_is_named_with_the_files_own_offset(tmp_path):
+    t = tmp_path / "big.csv"
+    rows = "".join(f"u{i:05d}.wav,a perfectly ordinary line of text\n" for i in range(1000))  # past one read buffer
+    t.write_bytes(("FileName,text\n" + rows).encode() + b"late.wav,caf\xe9\n")
+    at = len(("FileName,text\n" + rows).encode()) + len(b"late.wav,caf")
+    with pytest.raises(TranscriptError, match=rf"^{t}: not UTF-8 text \(byte 0xe9 at byte offset {at}, line 1002\)"):
+        read_table(t)

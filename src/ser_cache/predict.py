@@ -2,7 +2,8 @@
 
 Where the features come from, per input the run was trained on:
 1. the store recorded in the run (or the same-named store in --features-dir), for every utterance
-   it holds — after checking that it was built with the settings the run was trained on;
+   it holds — after checking that it was built with the settings the run was trained on; a text
+   store only for the utterances whose text here is the text its record says it encoded;
 2. otherwise the encoder recorded in the run, loaded again with the same settings and run here
    with the very batching, decoding and float16 rounding of `extract`, so a recomputed row equals
    what a store would hold. Text encoders need each utterance's transcript: the corpus's (or a
@@ -30,6 +31,7 @@ import numpy as np
 from ser_cache import runs
 from ser_cache.frames import Frames
 from ser_cache.store import settings_differences
+from ser_cache.transcripts import Texts, text_store_ids
 
 log = logging.getLogger(__name__)
 
@@ -50,25 +52,6 @@ class PredictResult:
 
 
 # --------------------------------------------------------------------------- utterances
-
-
-@dataclass
-class Texts:
-    """The text the utterances carry for text inputs: the table given (if any) and where each row's text came from."""
-
-    table: object | None  # transcripts.TranscriptTable
-    prefer: bool
-    sources: dict[str, str | None]  # utterance id -> "corpus", "table" or None (no text)
-
-    def summary(self, ids: Sequence[str] | None = None) -> dict:
-        """What evaluate writes: the table (path, sha256, ASR settings), --prefer-transcripts and how many of
-        the utterances `ids` (default: all) took their text from where."""
-        from ser_cache.transcripts import counts
-
-        t = self.table
-        rows = counts(self.sources.values() if ids is None else (self.sources[i] for i in ids))
-        return {"table": None if t is None else str(t.path), "table_sha256": None if t is None else t.sha256,
-                "asr": None if t is None else t.asr, "prefer": self.prefer, "rows": rows}
 
 
 def has_text_input(config: dict) -> bool:
@@ -219,36 +202,6 @@ def _check_text_inputs(config: dict, utts: list, features_dir: Path | None, use_
             _check_transcripts([u for u, h in zip(utts, held) if not h], record, texts)
 
 
-def _text_store_ids(store, store_path: Path, utts: list) -> tuple[list[str | None], str]:
-    """The ids a text store may serve (None for an utterance it must not) and, when it must not
-    serve some row it holds, why.
-
-    A row of a text store is the encoding of the text its record names (transcripts.py). It
-    serves an utterance whose text here is that text, or that has no text here (the store's is the
-    only one there is). An utterance with other text here (another table, --prefer-transcripts, a
-    transcript edited since) is computed from its text, and so is every utterance with text when
-    the store's record is missing or not the one the store vouches for.
-    """
-    from ser_cache.transcripts import TranscriptError, read_record, record_path, record_problem, text_sha1
-
-    record_file = record_path(store_path)
-    problem = record_problem(record_file, store.attrs)
-    try:
-        recorded = {} if problem else read_record(record_file)
-    except TranscriptError as exc:
-        problem, recorded = str(exc), {}
-    ids: list[str | None] = []
-    for u in utts:
-        text = u.read_text()
-        if text is None or not text.strip():
-            ids.append(u.id)
-            continue
-        entry = recorded.get(u.id)
-        ids.append(u.id if entry is not None and entry[1] == text_sha1(text) else None)
-    why = problem or f"their text is not the text {record_file.name} names for them"
-    return ids, why
-
-
 def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "auto",
                     features_dir: Path | None = None, use_stores: bool = True,
                     encoders: dict | None = None,
@@ -261,7 +214,7 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
     `encoders`: a dict the caller keeps between calls (input name → loaded encoder), so that
     repeated calls (api.Predictor in a notebook) load each encoder once; None loads and drops them.
     A text store serves only the rows whose text here is the text they were encoded from
-    (`_text_store_ids`); `texts` (with_transcripts) names the table in messages.
+    (transcripts.text_store_ids); `texts` (with_transcripts) names the table in messages.
     """
     from ser_cache.store import FeatureStore, StoreError
 
@@ -283,7 +236,7 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
             check_store(record, store_path, store.attrs, run_dir)
             ids = [u.id for u in utts]
             if record.get("modality") == "text":
-                ids, why = _text_store_ids(store, store_path, utts)
+                ids, why = text_store_ids(store_path, store.attrs, utts)
                 held = _store_rows(store.ids(), store.flags()[0], [u.id for u in utts]) >= 0
                 refused = int(sum(h and i is None for h, i in zip(held, ids)))
                 if refused:

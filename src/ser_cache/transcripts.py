@@ -90,7 +90,19 @@ def _read_table(path: Path) -> tuple[dict[str, str], str, tuple[str, ...]]:
     if not path.is_file():
         raise TranscriptError(f"--transcripts {path}: no such file")
     try:
-        with open(path, newline="", encoding=CSV_ENCODING) as f:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise TranscriptError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0  # as CSV_ENCODING (utf-8-sig) drops it
+    try:
+        text = raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = bom + exc.start  # decoded whole, so the offset is the file's
+        line = raw.count(b"\n", 0, at) + 1
+        raise TranscriptError(f"{path}: not UTF-8 text (byte 0x{raw[at]:02x} at byte offset {at}, line {line}); "
+                              "save it as UTF-8") from None
+    try:
+        with io.StringIO(text, newline="") as f:
             reader = csv.DictReader(f)
             cols = reader.fieldnames or []
             key = next((c for c in KEY_COLUMNS if c in cols), None)
@@ -115,12 +127,8 @@ def _read_table(path: Path) -> tuple[dict[str, str], str, tuple[str, ...]]:
                                           f"{first_line[uid]})")
                 first_line[uid] = lineno
                 table[uid] = (row.get(TEXT_COLUMN) or "").strip()
-    except UnicodeDecodeError as exc:
-        raise TranscriptError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start}); save it as UTF-8") from None
     except csv.Error as exc:
         raise TranscriptError(f"{path}: not a readable CSV ({exc})") from None
-    except OSError as exc:
-        raise TranscriptError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     return table, key, tuple(cols)
 
 
@@ -191,6 +199,24 @@ def text_sha1(text: str | None) -> str:
     if text is None:
         return ""
     return hashlib.sha1(text.encode("utf-8")).hexdigest()[:SHA1_DIGITS]
+
+
+@dataclass
+class Texts:
+    """The text utterances carry for text inputs (predict, evaluate): the table given, if any, and
+    where each utterance's text came from."""
+
+    table: TranscriptTable | None
+    prefer: bool
+    sources: dict[str, str | None]  # utterance id -> "corpus", "table" or None (no text)
+
+    def summary(self, ids: Sequence[str] | None = None) -> dict:
+        """What evaluate writes: the table (path, sha256, ASR settings), --prefer-transcripts and how many of
+        the utterances `ids` (default: all) took their text from where."""
+        t = self.table
+        rows = counts(self.sources.values() if ids is None else (self.sources[i] for i in ids))
+        return {"table": None if t is None else str(t.path), "table_sha256": None if t is None else t.sha256,
+                "asr": None if t is None else t.asr, "prefer": self.prefer, "rows": rows}
 
 
 # --------------------------------------------------------------------------- the per-row record of a text store
@@ -270,3 +296,30 @@ def record_problem(path: Path, attrs: dict) -> str | None:
     if isinstance(vouched, dict) and found not in (vouched.get("sha256"), vouched.get("previous_sha256")):
         return f"its transcript record {path.name} is not the one extract wrote (its sha256 differs from the store's)"
     return None
+
+
+def text_store_ids(store: Path, attrs: dict, utts: Sequence[Utterance]) -> tuple[list[str | None], str]:
+    """The ids a text store may serve (None for an utterance it must not) and, for the rows it must
+    not serve, why.
+
+    A row of a text store is the encoding of the text its record names. It serves an utterance
+    whose text here is that text, or that has no text here (the store's is the only one there
+    is). An utterance with other text here (another table, --prefer-transcripts, a transcript
+    edited since) is to be computed from its text, and so is every utterance with text when the
+    store's record is missing or not the one the store vouches for (`record_problem`).
+    """
+    record_file = record_path(store)
+    problem = record_problem(record_file, attrs)
+    try:
+        recorded = {} if problem else read_record(record_file)
+    except TranscriptError as exc:
+        problem, recorded = str(exc), {}
+    ids: list[str | None] = []
+    for u in utts:
+        text = u.read_text()
+        if text is None or not text.strip():
+            ids.append(u.id)
+            continue
+        entry = recorded.get(u.id)
+        ids.append(u.id if entry is not None and entry[1] == text_sha1(text) else None)
+    return ids, problem or f"their text is not the text {record_file.name} names for them"

@@ -431,7 +431,12 @@ def test_retry_failed_with_transcripts_fills_test3_and_keeps_the_other_rows(mode
     # Without --retry-failed, failed rows stay failed and the record says they had no text.
     same = extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=table))
     assert same.computed == 0 and same.failed == 2 and same.text_sources["none"] == 2
-    record_path(before.store).unlink()  # as for a store extracted before records existed
+    # A record deleted since: nothing says which text the written rows hold, so the rerun is refused.
+    kept = record_path(before.store).read_bytes()
+    record_path(before.store).unlink()
+    with pytest.raises(ExtractError, match=r"its transcript record minilm.transcripts.csv is missing.*12 written row"):
+        extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=table, retry_failed=True))
+    record_path(before.store).write_bytes(kept)
     r = extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=table, retry_failed=True))
     assert r.computed == 2 and r.failed == 0 and r.written == 14
     _, feats, written = read(r.store)

@@ -9,9 +9,10 @@ Three names cover what the commands do to files, in memory instead (docs/python.
 Nothing here computes differently from the commands: `load_features` keeps the rows `load_rows`
 keeps (labelled, features written in every store), and `Predictor.predict` goes through the very
 functions `ser-cache predict` uses on bare files (`gather_features(..., use_stores=False)`,
-`run_model`), so its numbers are the command's. Waveforms become float WAV files in a temporary
-folder first: the encoders' decoding, batching and cropping read files, and a float32 WAV gives
-back exactly the samples written.
+`run_model`), so its numbers are the command's. Waveforms become WAV files in a temporary folder
+first: the encoders' decoding, batching and cropping read files, a float32 WAV gives back exactly
+the samples written, and integer PCM (int16 from `scipy.io.wavfile.read`) is written as the PCM
+WAV it came from, so it is scaled exactly as that file would be.
 """
 
 from __future__ import annotations
@@ -273,7 +274,10 @@ class Predictor:
             return [{k: _number(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
     def predict(self, inputs, texts: Sequence[str] | None = None, *, sample_rate: int = SAMPLE_RATE) -> dict:
-        """Predict audio files (paths) or mono float waveforms (1-D numpy arrays at `sample_rate`), or a mix.
+        """Predict audio files (paths) or mono waveforms (1-D numpy arrays at `sample_rate`), or a mix.
+
+        A waveform is float samples in [-1, 1], or integer PCM as `scipy.io.wavfile.read` gives it
+        (int16, int32, 8-bit), scaled as a WAV file of that format is (int16 / 32768, ...).
 
         `texts`: one transcript per input, required when the run has a text input (`text_inputs`)
         and refused otherwise. Returns numpy columns, one row per input, in order: "arousal",
@@ -283,6 +287,7 @@ class Predictor:
         from ser_cache.corpus import Utterance
         from ser_cache.predict import gather_features, run_model
 
+        _check_sample_rate(sample_rate)
         if isinstance(inputs, np.ndarray) and inputs.ndim != 1:
             raise ValueError(f"predict: an array of shape {inputs.shape}; pass one mono waveform (1-D) or a list of them")
         items = [inputs] if isinstance(inputs, (str, Path, np.ndarray)) else list(inputs)
@@ -317,7 +322,13 @@ class Predictor:
         if not wanted:
             raise ValueError(f"run {self.run_dir} has no text input (its inputs: {', '.join(self.input_names) or 'audio'}); "
                              "leave texts out")
-        texts = [str(t).strip() for t in texts]
+        texts = list(texts)
+        for i, t in enumerate(texts):
+            if not isinstance(t, str):
+                # str() would turn a missing value into the words "None" or "nan" and encode them.
+                raise ValueError(f"predict: texts[{i}] is {t!r}, not a str; every input needs its transcript "
+                                 "(a missing value such as None or NaN cannot be encoded)")
+        texts = [t.strip() for t in texts]
         if len(texts) != n:
             raise ValueError(f"predict: {n} input(s) but {len(texts)} text(s); give one transcript per input")
         empty = [i for i, t in enumerate(texts) if not t]
@@ -337,14 +348,42 @@ def _audio_path(item, i: int, tmp: Path, sample_rate: int) -> Path:
     import soundfile as sf
 
     x = np.asarray(item)
-    if x.ndim != 1 or not np.issubdtype(x.dtype, np.number):
-        raise ValueError(f"input {i}: expected an audio file path or a mono waveform (1-D numeric array), "
-                         f"got {'an array of shape ' + str(x.shape) if x.ndim != 1 else x.dtype}")
+    if x.ndim != 1 or not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+        raise ValueError(f"input {i}: expected an audio file path or a mono waveform (1-D array of float or "
+                         f"integer PCM samples), got {'an array of shape ' + str(x.shape) if x.ndim != 1 else x.dtype}")
     if x.size == 0:
         raise ValueError(f"input {i}: an empty waveform")
     path = tmp / f"{i:06d}.wav"
-    sf.write(str(path), x.astype(np.float32), int(sample_rate), subtype="FLOAT")
+    if np.issubdtype(x.dtype, np.integer):
+        # Written as the PCM WAV it came from, so that decoding scales it exactly as that file's samples.
+        samples, subtype = _pcm(x, i)
+        sf.write(str(path), samples, int(sample_rate), subtype=subtype)
+    else:
+        sf.write(str(path), x.astype(np.float32), int(sample_rate), subtype="FLOAT")
     return path
+
+
+def _pcm(x: np.ndarray, i: int) -> tuple[np.ndarray, str]:
+    """(samples, soundfile subtype) of integer PCM: int16 and int32 as they are; 8-bit widened to 16 bits
+    (signed int8 by 256; uint8 is a WAV's unsigned 8-bit, centred on 128), which decodes to the same values."""
+    if x.dtype == np.int16:
+        return x, "PCM_16"
+    if x.dtype == np.int32:
+        return x, "PCM_32"
+    if x.dtype == np.int8:
+        return x.astype(np.int16) * 256, "PCM_16"
+    if x.dtype == np.uint8:
+        return (x.astype(np.int16) - 128) * 256, "PCM_16"
+    raise ValueError(f"input {i}: integer samples of type {x.dtype}, which is no PCM format; pass int16, int32 or "
+                     "8-bit PCM (as scipy.io.wavfile.read gives them) or float samples in [-1, 1]")
+
+
+def _check_sample_rate(sample_rate) -> None:
+    ok = (isinstance(sample_rate, (int, float, np.integer, np.floating)) and not isinstance(sample_rate, bool)
+          and math.isfinite(sample_rate) and sample_rate > 0 and float(sample_rate).is_integer())
+    if not ok:
+        raise ValueError(f"predict: sample_rate={sample_rate!r}: expected the waveforms' rate in samples per second, "
+                         f"a positive whole number (e.g. {SAMPLE_RATE})")
 
 
 def _number(value: str | None):

@@ -70,6 +70,11 @@ _SCALE_LINE = re.compile(r"#\s*label_scale\s*[:=]\s*(?P<value>.*?)\s*$", re.IGNO
 _SCALE_VALUE = re.compile(r"(?P<lo>[-+]?[0-9.]+(?:e[-+]?\d+)?)\s*(?:,|\.\.|to|-|\u2013|\s)\s*(?P<hi>[-+]?[0-9.]+(?:e[-+]?\d+)?)",
                           re.IGNORECASE)
 OutOfScale = Literal["error", "exclude"]
+# A corpus's text files may come from elsewhere (a download, a colleague's archive): a FileName or
+# manifest path with a `..` part, or an absolute FileName, would read files outside the corpus's
+# audio folder and turn them into rows. Both separators count, so that `..\x` is refused on any system.
+_PATH_PARTS = re.compile(r"[\\/]")
+_DRIVE = re.compile(r"[A-Za-z]:")
 _EXCLUDED_SHOWN = 5  # excluded rows named in the log line
 _SKIPPED_SHOWN = 10  # skipped file names named in the log line
 
@@ -217,6 +222,10 @@ def read_msp_podcast(
             if name in seen:
                 raise CorpusError(f"{label_file}, line {lineno}: FileName {name} is listed twice")
             seen.add(name)  # an excluded row's audio must not come back as an unlisted file
+            outside = _leaves_folder(name, absolute_ok=False)
+            if outside:
+                raise CorpusError(f"{label_file}, line {lineno}: FileName {name!r} is {outside}; a FileName names "
+                                  f"a file inside {audio_dir}")
             avd = [_label(row.get(c), label_file, lineno, c, nan_is_missing=False) for c in ("EmoAct", "EmoVal", "EmoDom")]
             bad = _outside(row, ("EmoAct", "EmoVal", "EmoDom"), avd, scale)
             if bad:
@@ -300,6 +309,10 @@ def read_manifest(
         p = (row.get("path") or "").strip()
         if not p:
             raise CorpusError(f"{path}, line {lineno}: empty path")
+        outside = _leaves_folder(p, absolute_ok=True)
+        if outside:
+            raise CorpusError(f"{path}, line {lineno}: path {p!r} is {outside}; a relative path must stay inside "
+                              f"the manifest's folder {base}: write the absolute path of audio kept elsewhere")
         audio = Path(p) if os.path.isabs(p) else base / p
         uid = (row.get("id") or "").strip() or Path(p).name
         if uid in seen:
@@ -331,6 +344,19 @@ def read_manifest(
         )
     _log_excluded(path, excluded, scale)
     return utts
+
+
+def _leaves_folder(name: str, *, absolute_ok: bool) -> str | None:
+    """Why the path `name`, read in a corpus's folder, could name a file outside it; None if it cannot.
+
+    The check is on the text alone: a symlink inside the folder is followed, since links are made
+    on the machine that holds the corpus (docs/corpora.md, "Paths outside the corpus").
+    """
+    if not absolute_ok and (os.path.isabs(name) or name.startswith(("/", "\\")) or _DRIVE.match(name)):
+        return "an absolute path"
+    if ".." in _PATH_PARTS.split(name):
+        return "a path with a '..' part (it would leave the folder)"
+    return None
 
 
 def _scan_audio(audio_dir: Path) -> dict[str, Path]:

@@ -49,13 +49,18 @@ from ser_cache.store import (
     settings_differences,
 )
 from ser_cache.transcripts import (
+    RECORD_ATTR,
     TranscriptError,
     TranscriptTable,
     attach,
     counts,
+    file_sha256,
     load_table,
     read_record,
+    record_attr,
+    record_bytes,
     record_path,
+    record_problem,
     text_sha1,
     write_record,
 )
@@ -313,13 +318,18 @@ def _record_transcripts(path: Path, cfg: ExtractConfig, utts: list[Utterance], s
     keeps its entry, and if this run would feed it other text (another table, --prefer-transcripts
     given or not, a transcript edited since) the run is refused: the store would no longer say
     which text its rows hold. Written before encoding, the record of a killed run already names
-    the text of every row it may have written, so its resume is checked the same way. A store
-    extracted before records existed has none: its written rows are taken to hold this run's text.
+    the text of every row it may have written, so its resume is checked the same way. A store with
+    written rows whose record is missing, or is not the one the store vouches for (its sha256 in
+    the store's attributes), is refused too: nothing says which text those rows hold.
     """
     store = FeatureStore.open(path, mode="r+")
     written, failed = store.flags()
     computed = ~written if cfg.retry_failed else ~(written | failed)
     record_file = record_path(path)
+    problem = record_problem(record_file, store.attrs) if written.any() else None
+    if problem:
+        raise _TextChanged(f"{path}: {problem}, so nothing says which text its {int(written.sum())} written row(s) "
+                           "were encoded from; restore the record, or pass --overwrite to rebuild the store")
     try:
         old = read_record(record_file)
     except TranscriptError as exc:
@@ -342,7 +352,11 @@ def _record_transcripts(path: Path, cfg: ExtractConfig, utts: list[Utterance], s
             f"({given}{', --prefer-transcripts' if cfg.prefer_transcripts else ''}): {shown}; see {record_file.name}. "
             "Pass the transcripts the store was built with, or --overwrite to rebuild it"
         )
-    write_record(record_file, rows)
+    data = record_bytes(rows)
+    # The store vouches for the record first: a kill between the two writes leaves the old record,
+    # which the attribute still names as the previous one.
+    store.update_attrs(**{RECORD_ATTR: record_attr(data, file_sha256(record_file))})
+    write_record(record_file, data)
     totals = counts(None if s == "none" else s for _, s, _ in rows)
     store.update_attrs(transcripts={
         "table": None if table is None else str(table.path),

@@ -2,7 +2,8 @@
 
 Where the features come from, per input the run was trained on:
 1. the store recorded in the run (or the same-named store in --features-dir), for every utterance
-   it holds — after checking that it was built with the settings the run was trained on;
+   it holds — after checking that it was built with the settings the run was trained on; a text
+   store only for the utterances whose text here is the text its record says it encoded;
 2. otherwise the encoder recorded in the run, loaded again with the same settings and run here
    with the very batching, decoding and float16 rounding of `extract`, so a recomputed row equals
    what a store would hold. Text encoders need each utterance's transcript: the corpus's (or a
@@ -30,6 +31,7 @@ import numpy as np
 from ser_cache import runs
 from ser_cache.frames import Frames
 from ser_cache.store import settings_differences
+from ser_cache.transcripts import Texts, text_store_ids
 
 log = logging.getLogger(__name__)
 
@@ -46,30 +48,41 @@ class PredictResult:
     out: Path
     rows: int
     sources: dict[str, str] = field(default_factory=dict)  # input name -> where its features came from
+    text: dict | None = None  # Texts.summary(): the text the text inputs were given (None: no text input, no table)
 
 
 # --------------------------------------------------------------------------- utterances
 
 
-def with_transcripts(utts: list, transcripts: Path | None, prefer: bool = False) -> list:
-    """The utterances with the table's text where they have none of their own (or first, `prefer`); see transcripts.py."""
-    from ser_cache.transcripts import TranscriptError, attach, counts
+def has_text_input(config: dict) -> bool:
+    return any(r.get("modality") == "text" for r in config.get("inputs", []))
+
+
+def with_transcripts(utts: list, transcripts: Path | None, prefer: bool = False, *,
+                     needed: bool = True) -> tuple[list, Texts | None]:
+    """The utterances with the table's text where they have none of their own (or first, `prefer`); see
+    transcripts.py. Also which text they carry (None when no text is `needed` and no table is given)."""
+    from ser_cache.transcripts import TranscriptError, attach, counts, load_table
 
     if transcripts is None:
         if prefer:
             raise PredictError("--prefer-transcripts: give the table with --transcripts FILE")
-        return utts
+        if not needed:
+            return utts, None
     try:
-        utts, sources = attach(utts, transcripts, prefer=prefer)
+        table = None if transcripts is None else load_table(transcripts)
+        utts, sources = attach(utts, table, prefer=prefer)
     except TranscriptError as exc:
         raise PredictError(str(exc)) from None
     n = counts(sources)
-    log.info("text: %d utterance(s) with their own transcript, %d from %s, %d with none",
-             n["corpus"], n["table"], transcripts, n["none"])
-    return utts
+    if table is not None:
+        log.info("text: %d utterance(s) with their own transcript, %d from %s, %d with none",
+                 n["corpus"], n["table"], transcripts, n["none"])
+    return utts, Texts(table=table, prefer=prefer, sources={u.id: src for u, src in zip(utts, sources)})
 
 
-def file_utterances(files: Sequence[str | Path], transcripts: Path | None = None, prefer: bool = False) -> list:
+def file_utterances(files: Sequence[str | Path], transcripts: Path | None = None, prefer: bool = False, *,
+                    needed: bool = True) -> tuple[list, Texts | None]:
     """Bare audio files as utterances: id = file name; text from a `<stem>.txt` beside the file, else from
     the table by file name or stem (the table first with `prefer`)."""
     from ser_cache.corpus import Utterance
@@ -85,7 +98,7 @@ def file_utterances(files: Sequence[str | Path], transcripts: Path | None = None
                                "rename one")
         seen[uid] = path
         utts.append(Utterance(id=uid, path=path, transcript=path.with_suffix(".txt")))
-    return with_transcripts(utts, transcripts, prefer)
+    return with_transcripts(utts, transcripts, prefer, needed=needed)
 
 
 # --------------------------------------------------------------------------- features
@@ -139,7 +152,7 @@ def _load_encoder(record: dict, device: str, run_dir: Path):
     return encoder
 
 
-def _check_transcripts(utts: list, record: dict) -> None:
+def _check_transcripts(utts: list, record: dict, texts: Texts | None = None) -> None:
     lacking = [u for u in utts if not (u.read_text() or "").strip()]
     if lacking:
         u = lacking[0]
@@ -150,6 +163,13 @@ def _check_transcripts(utts: list, record: dict) -> None:
             own = f"put {u.transcript.name} beside the audio"
         else:
             own = f"write {u.transcript}"
+        table = texts.table if texts is not None else None
+        if table is not None:
+            # A table was given: say why it did not serve, not to give one.
+            raise PredictError(
+                f"{u.path}: no transcript for the text input '{record['name']}'{more}; --transcripts {table.path} "
+                f"has no text for it ({table.describe()}); add its row there or {own}"
+            )
         raise PredictError(
             f"{u.path}: no transcript for the text input '{record['name']}'{more}; give --transcripts FILE "
             f"(columns FileName or id, and text; `ser-cache transcribe` makes one) or {own}"
@@ -172,18 +192,20 @@ def _held_rows(record: dict, utts: list, features_dir: Path | None, use_stores: 
     return held
 
 
-def _check_text_inputs(config: dict, utts: list, features_dir: Path | None, use_stores: bool) -> None:
+def _check_text_inputs(config: dict, utts: list, features_dir: Path | None, use_stores: bool,
+                       texts: Texts | None = None) -> None:
     """Every row a text encoder will compute has text, checked before any encoder runs: a missing
     transcript must not cost the minutes of an audio encoder first."""
     for record in config["inputs"]:
         if record.get("modality") == "text":
             held = _held_rows(record, utts, features_dir, use_stores)
-            _check_transcripts([u for u, h in zip(utts, held) if not h], record)
+            _check_transcripts([u for u, h in zip(utts, held) if not h], record, texts)
 
 
 def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "auto",
                     features_dir: Path | None = None, use_stores: bool = True,
-                    encoders: dict | None = None) -> tuple[dict[str, np.ndarray | Frames], dict[str, str]]:
+                    encoders: dict | None = None,
+                    texts: Texts | None = None) -> tuple[dict[str, np.ndarray | Frames], dict[str, str]]:
     """Inputs aligned with `utts`, and where each input's rows came from: an (N, *shape) float16
     array per pooled input, a frames.Frames (the N rows' valid frames, packed) per frame input.
 
@@ -191,10 +213,12 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
     name only, which a corpus utterance in a store may share without being the same audio.
     `encoders`: a dict the caller keeps between calls (input name → loaded encoder), so that
     repeated calls (api.Predictor in a notebook) load each encoder once; None loads and drops them.
+    A text store serves only the rows whose text here is the text they were encoded from
+    (transcripts.text_store_ids); `texts` (with_transcripts) names the table in messages.
     """
     from ser_cache.store import FeatureStore, StoreError
 
-    _check_text_inputs(config, utts, features_dir, use_stores)
+    _check_text_inputs(config, utts, features_dir, use_stores, texts)
     frame_inputs = config.get("frame_inputs") or {}
     arrays: dict[str, np.ndarray | Frames] = {}
     sources: dict[str, str] = {}
@@ -202,7 +226,7 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
         name = record["name"]
         source = _FrameRows(record, len(utts)) if name in frame_inputs else _VectorRows(record, len(utts))
         store_path = _store_for(record, features_dir)
-        used = []
+        used, refused = [], 0
         if use_stores and record.get("path") and (store_path / "zarr.json").is_file():
             try:
                 store = FeatureStore.open(store_path)
@@ -210,8 +234,16 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
             except StoreError as exc:
                 raise PredictError(str(exc)) from None
             check_store(record, store_path, store.attrs, run_dir)
+            ids = [u.id for u in utts]
+            if record.get("modality") == "text":
+                ids, why = text_store_ids(store_path, store.attrs, utts)
+                held = _store_rows(store.ids(), store.flags()[0], [u.id for u in utts]) >= 0
+                refused = int(sum(h and i is None for h, i in zip(held, ids)))
+                if refused:
+                    log.info("input '%s': %d row(s) that %s holds are computed from the text given here: %s",
+                             name, refused, store_path, why)
             try:
-                hits = source.from_store(store, [u.id for u in utts])
+                hits = source.from_store(store, ids)
             except StoreError as exc:  # a chunk that cannot be decoded
                 raise PredictError(str(exc)) from None
             if hits:
@@ -233,7 +265,8 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
                 shown = "; ".join(f"{uid}: {why}" for uid, why in list(errors.items())[:5])
                 raise PredictError(f"input '{name}': {len(errors)} utterance(s) could not be encoded ({shown})")
             source.computed(missing, computed)
-            used.append(f"encoder {record.get('model_id')} ({missing.size} rows)")
+            other = f", {refused} of them held by the store with other text" if refused else ""
+            used.append(f"encoder {record.get('model_id')} ({missing.size} rows{other})")
             del encoder
         arrays[name] = source.result()
         sources[name] = " + ".join(used)
@@ -383,24 +416,26 @@ def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[s
         raise PredictError(f"--with-gender: run {run_dir} has no gender head")
     if files and (data is not None or splits):
         raise PredictError("give either audio files or --data with --split, not both")
+    _check_features_dir(features_dir)
+    needed = has_text_input(config)
     if files:
-        utts = file_utterances(files, transcripts, prefer_transcripts)
+        utts, texts = file_utterances(files, transcripts, prefer_transcripts, needed=needed)
     elif data is not None:
         if not splits:
             raise PredictError(f"--data {data}: name the split(s) to predict with --split")
         utts = load_corpus(data, splits)
         if not utts:
             raise PredictError(f"--data {data}: no utterance in split(s) {', '.join(splits)}")
-        utts = with_transcripts(utts, transcripts, prefer_transcripts)
+        utts, texts = with_transcripts(utts, transcripts, prefer_transcripts, needed=needed)
     else:
         raise PredictError("nothing to predict: give audio files, or --data with --split")
     arrays, sources = gather_features(config, utts, run_dir=run_dir, device=device, features_dir=features_dir,
-                                      use_stores=not files)
+                                      use_stores=not files, texts=texts)
     avd, probs = run_model(model, config, utts, arrays, sources, device=device)
     gender_labels = config.get("gender_labels") or None
     path = runs.write_predictions(out, [u.id for u in utts], avd, gender_labels=gender_labels if with_gender else None,
                                   gender_probs=probs if with_gender else None)
-    return PredictResult(out=path, rows=len(utts), sources=sources)
+    return PredictResult(out=path, rows=len(utts), sources=sources, text=None if texts is None else texts.summary())
 
 
 def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | None = None, device: str = "auto",
@@ -416,7 +451,9 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
 
     run_dir = Path(run_dir)
     model, config = _load(run_dir)
-    utts = with_transcripts(load_corpus(data, [split]), transcripts, prefer_transcripts)
+    _check_features_dir(features_dir)
+    utts, texts = with_transcripts(load_corpus(data, [split]), transcripts, prefer_transcripts,
+                                   needed=has_text_input(config))
     train = config["train"]
     labelled = [u for u in utts if u.has_avd]
     result: dict = {"run": str(run_dir), "data": str(data), "split": split, "unlabelled": len(utts) - len(labelled)}
@@ -431,7 +468,8 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
     if len(labelled) < 2:
         raise PredictError(f"split {split} of {data} has {len(labelled)} labelled utterance(s) to score; "
                            "at least 2 are needed")
-    arrays, sources = gather_features(config, labelled, run_dir=run_dir, device=device, features_dir=features_dir)
+    arrays, sources = gather_features(config, labelled, run_dir=run_dir, device=device, features_dir=features_dir,
+                                      texts=texts)
     avd, probs = run_model(model, config, labelled, arrays, sources, device=device)
     target = np.array([u.avd for u in labelled], dtype=np.float64)
     genders = label_index([u.gender for u in labelled], config.get("gender_labels") or [])
@@ -441,6 +479,8 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
                         balanced_trials=int(train.get("balanced_trials", 10)),
                         balanced_per_class=train.get("balanced_per_class"), seed=int(train.get("seed", 0))))
     result["sources"] = sources
+    if texts is not None:
+        result["text"] = texts.summary([u.id for u in labelled])  # the scored utterances' text, as given here
     target_path = Path(out) if out is not None else run_dir / f"eval_{split}.json"
     runs.write_json_atomic(target_path, result)
     if plots is not None:
@@ -453,6 +493,14 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
         result["plots"] = [str(p) for p in drawn.paths]
     result["out"] = str(target_path)
     return result
+
+
+def _check_features_dir(features_dir: Path | None) -> None:
+    """A --features-dir that is not a folder would silently send every row to the encoders."""
+    if features_dir is not None and not Path(features_dir).is_dir():
+        what = "not a folder" if Path(features_dir).exists() else "no such folder"
+        raise PredictError(f"--features-dir {features_dir}: {what}; it names the folder the run's stores were "
+                           "moved to (leave it out to read them where the run recorded them)")
 
 
 def _load(run_dir: Path):

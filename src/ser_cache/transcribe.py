@@ -24,6 +24,7 @@ first journal line, so a journal always has its settings beside it.
 from __future__ import annotations
 
 import csv
+import io
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -37,7 +38,7 @@ import numpy as np
 from ser_cache import __version__
 from ser_cache import audio as audio_lib
 from ser_cache.atomic import atomic_path
-from ser_cache.corpus import CSV_ENCODING, Utterance, load_corpus
+from ser_cache.corpus import Utterance, load_corpus
 from ser_cache.extract import REPORT_COLUMNS
 from ser_cache.progress import ExtractProgress
 
@@ -208,19 +209,34 @@ def pack(seconds: dict[str, float], batch_seconds: float, max_batch: int = MAX_B
 
 
 def read_table(path: Path) -> dict[str, str]:
-    """FileName → text of a transcript table (or a journal: same columns)."""
-    with open(path, newline="", encoding=CSV_ENCODING) as f:
-        reader = csv.reader(f)
+    """FileName → text of a transcript table (or a journal: same columns); a file that is not this
+    UTF-8 CSV is one TranscribeError naming it (and the line), never a traceback."""
+    raw = Path(path).read_bytes()
+    bom = 3 if raw.startswith(b"\xef\xbb\xbf") else 0
+    try:
+        text = raw[bom:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        at = bom + exc.start
+        line = raw.count(b"\n", 0, at) + 1
+        raise TranscribeError(f"{path}, line {line} (byte offset {at}): byte 0x{raw[at]:02x} "
+                              "is not UTF-8; transcribe writes UTF-8, so the file was changed or damaged since: pass "
+                              "--overwrite to start again or choose another --out") from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    try:
         header = next(reader, None)
         if header is None:
             return {}
         if tuple(header) != COLUMNS:
             raise TranscribeError(f"{path}: header is {','.join(header)!r}, expected {','.join(COLUMNS)!r}")
         table = {}
-        for lineno, row in enumerate(reader, start=2):
+        for row in reader:
             if len(row) != 2:
-                raise TranscribeError(f"{path}, line {lineno}: expected 2 fields (FileName,text), found {len(row)}")
+                raise TranscribeError(f"{path}, line {reader.line_num}: expected 2 fields (FileName,text), "
+                                      f"found {len(row)}")
             table[row[0]] = row[1]
+    except csv.Error as exc:
+        raise TranscribeError(f"{path}, line {reader.line_num}: not readable as CSV ({exc}); pass --overwrite to "
+                              "start again") from None
     return table
 
 
@@ -272,14 +288,33 @@ class Journal:
 
 
 def read_sidecar(path: Path) -> dict | None:
+    """The sidecar's record (a JSON object whose "settings" is an object), None without one."""
     import json
 
     if not path.is_file():
         return None
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
         raise TranscribeError(f"{path}: not a readable settings file ({exc}); pass --overwrite to start again") from None
+    if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
+        raise TranscribeError(f"{path}: expected the settings file transcribe writes (a JSON object whose 'settings' "
+                              f"is an object), found {sidecar_problem(record)}; pass --overwrite to start again")
+    return record
+
+
+def sidecar_problem(record) -> str:
+    """What a sidecar holds instead of an object with 'settings': `an array`, `'settings' that is a string`."""
+    if not isinstance(record, dict):
+        return _json_kind(record)
+    return "no 'settings'" if "settings" not in record else f"'settings' that is {_json_kind(record['settings'])}"
+
+
+def _json_kind(value) -> str:
+    """`[]` → `an array`: a JSON value's kind, for messages."""
+    kinds = ((dict, "an object"), (list, "an array"), (str, "a string"), (bool, "a boolean"), (int, "a number"),
+             (float, "a number"))
+    return next((name for t, name in kinds if isinstance(value, t)), "null")
 
 
 def write_sidecar(path: Path, record: dict) -> None:

@@ -91,7 +91,7 @@ def parse_variant(text: str) -> Variant:
     if not sep or not NAME.match(name):
         raise TrainError(f"--variant {text!r}: expected 'NAME: option=value ...' with a NAME of letters, digits, "
                          "'.', '_', '+' or '-'")
-    options = {}
+    options, given = {}, {}
     for part in re.split(r"[,\s]+", rest.strip()):
         if not part:
             continue
@@ -101,6 +101,12 @@ def parse_variant(text: str) -> Variant:
             raise TrainError(f"--variant {name}: {part!r} is not option=value with an option of "
                              f"{', '.join(VARIANT_OPTIONS)}")
         attr, kind = VARIANT_OPTIONS[key]
+        if not value.strip():
+            raise TrainError(f"--variant {name}: {key}= has no value; give {key}=VALUE (no space after '=')")
+        if attr in options:
+            raise TrainError(f"--variant {name}: {key} is given twice ({given[attr]} and {part.strip()}); give each "
+                             "option once")
+        given[attr] = part.strip()
         options[attr] = _value(name, key, value.strip(), kind)
     if not options:
         raise TrainError(f"--variant {name}: changes no option; give at least one option=value")

@@ -343,19 +343,27 @@ def run_model(model, config: dict, utts: list, arrays: dict[str, np.ndarray | Fr
         arch = config["wavlm"]
         avd, probs = predict_audio(model, utts, arrays, device=device, max_seconds=float(arch["max_seconds"]),
                                    batch_seconds=float(config["train"].get("batch_seconds") or 160.0))
-    check_predictions(avd, utts, model, config, run_dir)
+    check_predictions(avd, probs, utts, model, config, run_dir)
     return avd, probs
 
 
-def check_predictions(avd: np.ndarray, utts: list, model, config: dict, run_dir: Path | None) -> None:
-    """Refuse predictions that are not finite or leave the run's label range, naming the run, row and value:
-    the heads map onto that range (paper Eq. 2), so anything else is a damaged run, never a prediction."""
-    from ser_cache.runs import AVD_COLUMNS, bad_value, label_range
+def check_predictions(avd: np.ndarray, probs: np.ndarray | None, utts: list, model, config: dict,
+                      run_dir: Path | None) -> None:
+    """Refuse predictions that are not finite or leave the run's label range (and gender probabilities that
+    are not finite), naming the run, row and value: the heads map onto that range (paper Eq. 2), so
+    anything else is a damaged run, never a prediction."""
+    from ser_cache.runs import AVD_COLUMNS, GENDER_PROB_PREFIX, bad_value, label_range
 
     bad = bad_value(avd, *label_range(config))
+    column = None if bad is None else AVD_COLUMNS[bad[1]]
+    if bad is None and probs is not None and not np.isfinite(probs).all():
+        i, j = (int(x) for x in np.argwhere(~np.isfinite(probs))[0])
+        labels = config.get("gender_labels") or []
+        column = f"{GENDER_PROB_PREFIX}{labels[j] if j < len(labels) else j}"
+        bad = (i, j, float(probs[i, j]), "not a finite number")
     if bad is None:
         return
-    i, j, value, why = bad
+    i, _, value, why = bad
     run = f"run {run_dir}" if run_dir is not None else "the run"
     cause = ""
     if why.startswith("not a finite"):
@@ -366,7 +374,7 @@ def check_predictions(avd: np.ndarray, utts: list, model, config: dict, run_dir:
     elif why.startswith("outside"):
         why += " of the run's config.json"
         cause = "; its config.json or weights were edited or damaged"
-    raise PredictError(f"{run}: its {AVD_COLUMNS[j]} prediction for {utts[i].id} (row {i + 1}) is {value}, {why}"
+    raise PredictError(f"{run}: its {column} prediction for {utts[i].id} (row {i + 1}) is {value}, {why}"
                        f"{cause}; nothing written")
 
 

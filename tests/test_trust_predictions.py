@@ -205,8 +205,9 @@ def test_a_run_whose_weights_hold_a_nan_predicts_nothing(synthetic, run, tmp_pat
     assert r.exit_code == 2 and "is nan, not a finite number" in one_line_error(r.output)
     # A NaN in the gender head: its probabilities are predictions too.
     gender = _edit_weights(run, tmp_path / "nan-gender", _nan_in("heads.gender.0.weight"))
-    with pytest.raises(PredictError, match=r"its GenderProb_Female prediction for utt_\d+\.wav \(row 1\) is nan, not a "
-                                           r"finite number; its weights hold non-finite values \(heads.gender.0.weight\)"):
+    with pytest.raises(PredictError, match=r"its GenderProb_Female prediction for utt_\d+\.wav \(row 1\) is nan, "
+                                           r"not a finite number; its weights hold non-finite values "
+                                           r"\(heads.gender.0.weight\)"):
         predict(gender, data=manifest, splits=["Development"], out=tmp_path / "g.csv", device="cpu", with_gender=True)
     assert not (tmp_path / "g.csv").exists()
 
@@ -275,7 +276,8 @@ def test_ensemble_label_scale_option_for_a_corpus_on_another_scale(tmp_path):
     b = runs.write_predictions(tmp_path / "b.csv", ids, np.full((3, 3), 0.75))
     r = invoke("ensemble", a, b, "-o", tmp_path / "out.csv")
     assert r.exit_code == 2
-    assert "outside the label range [1, 7] (a corpus on another scale: --label-scale LOW HIGH)" in one_line_error(r.output)
+    line = one_line_error(r.output)
+    assert "outside the label range [1, 7] (a corpus on another scale: --label-scale LOW HIGH)" in line
     r = invoke("ensemble", a, b, "-o", tmp_path / "out.csv", "--label-scale", "0 1")
     assert r.exit_code == 0, r.output
     np.testing.assert_allclose(runs.read_predictions(tmp_path / "out.csv")[1], 0.5)
@@ -363,7 +365,8 @@ def test_a_run_on_an_xvector_store_predicts_new_audio(xvector_run, tmp_path):
     assert r.exit_code == 0, r.output
     ids, bare = runs.read_predictions(tmp_path / "bare.csv")
     assert ids == [u.id for u in dev]
-    np.testing.assert_allclose(bare, runs.read_predictions(cached.out)[1], atol=2e-3)  # the encoder run here = the store
+    # The encoder run here gives what the store holds (float16 rounding apart).
+    np.testing.assert_allclose(bare, runs.read_predictions(cached.out)[1], atol=2e-3)
     predictor = Predictor.from_run(run_dir)
     got = predictor.predict([str(dev[0].path), sf.read(str(dev[1].path), dtype="float32")[0]])
     np.testing.assert_allclose(np.stack([got["arousal"], got["valence"], got["dominance"]], 1), bare[:2], atol=1e-5)

@@ -57,7 +57,9 @@ def scale_option(text: str) -> tuple[float, float] | None:
 
 
 def _scale_note(scale) -> str:
-    return "" if scale is None or tuple(scale) != DEFAULT_SCALE else " (a corpus on another scale: --label-scale LOW HIGH)"
+    if scale is None or tuple(scale) != DEFAULT_SCALE:
+        return ""
+    return " (a corpus on another scale: --label-scale LOW HIGH)"
 
 
 def read_member(path: str | Path, scale: tuple[float, float] | None = DEFAULT_SCALE) -> tuple[list[str], np.ndarray]:

@@ -355,7 +355,8 @@ def bad_value(avd: np.ndarray, lo, hi) -> tuple[int, int, float, str] | None:
     [lo, hi] (numbers, or one per column); None when every value is fine. Each prediction a command
     writes or reads goes through it: a NaN or a 99 must never be written or averaged silently."""
     avd = np.asarray(avd, dtype=np.float64).reshape(-1, 3)
-    lo, hi = np.broadcast_to(np.asarray(lo, dtype=np.float64), (3,)), np.broadcast_to(np.asarray(hi, dtype=np.float64), (3,))
+    lo = np.broadcast_to(np.asarray(lo, dtype=np.float64), (3,))
+    hi = np.broadcast_to(np.asarray(hi, dtype=np.float64), (3,))
     finite = np.isfinite(avd)
     inside = (avd >= lo - RANGE_SLACK) & (avd <= hi + RANGE_SLACK)
     wrong = np.argwhere(~(finite & inside))

@@ -58,7 +58,8 @@ def sweep_command(
     device: shared.Device = "auto",
     precision: shared.HeadsPrecision = "auto",
     threads: shared.Threads = None,
-    overwrite: bool = typer.Option(False, help="Train again members written with other options."),
+    overwrite: bool = typer.Option(False, help="Train again members written with other options, or on a store "
+                                   "since rebuilt with other settings."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     tensorboard: Optional[Path] = typer.Option(None, metavar="DIR", help="TensorBoard scalars of every member in "
                                                "DIR/VARIANT/seed-S (pip install 'ser-cache[tensorboard]')."),

@@ -302,7 +302,8 @@ class Predictor:
                     for i, p in enumerate(paths)]
             arrays, sources = gather_features(self.config, utts, run_dir=self.run_dir, device=self.device,
                                               use_stores=False, encoders=self._encoders)
-            avd, probs = run_model(self.model, self.config, utts, arrays, sources, device=self.device)
+            avd, probs = run_model(self.model, self.config, utts, arrays, sources, device=self.device,
+                                   run_dir=self.run_dir)
         out = {name: avd[:, j].copy() for j, name in enumerate(AVD_COLUMNS)}
         if probs is not None and self.gender_labels:
             out[GENDER_COLUMN] = np.array(self.gender_labels, dtype=object)[probs.argmax(1)]

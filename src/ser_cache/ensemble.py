@@ -1,7 +1,9 @@
 """Average the arousal/valence/dominance predictions of several systems (paper Table 6).
 
 The files must cover exactly the same utterances: an ensemble that silently averaged two
-systems on some rows and one on others would not be the system it claims to be.
+systems on some rows and one on others would not be the system it claims to be. Every value of
+every member must be a finite number on the label scale (1-7, the challenge's, unless another is
+given): a member's 99 averaged in would give an ensemble value that no system predicted.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache import runs
+
+DEFAULT_SCALE = (1.0, 7.0)  # the challenge's (and MSP-Podcast's) scale: what a submission is checked against
 
 
 class EnsembleError(Exception):
@@ -45,17 +49,35 @@ def _describe(ids: Sequence[str], limit: int = 5) -> str:
     return ", ".join(ids[:limit]) + (f" and {len(ids) - limit} more" if len(ids) > limit else "")
 
 
-def combine(files: Sequence[str | Path], weights: Sequence[float] | None = None) -> tuple[list[str], np.ndarray, list[float]]:
-    """(ids in the first file's order, weighted mean (N, 3), normalised weights); ids must match exactly."""
+def scale_option(text: str) -> tuple[float, float] | None:
+    """`--label-scale` ("1 7", "0,1", "none") → (low, high), or None for no range check; as a manifest declares it."""
+    from ser_cache.corpus import _parse_scale
+
+    return _parse_scale(text, "--label-scale")
+
+
+def _scale_note(scale) -> str:
+    if scale is None or tuple(scale) != DEFAULT_SCALE:
+        return ""
+    return " (a corpus on another scale: --label-scale LOW HIGH)"
+
+
+def read_member(path: str | Path, scale: tuple[float, float] | None = DEFAULT_SCALE) -> tuple[list[str], np.ndarray]:
+    """A member's (ids, (N, 3) values), each value checked finite and on `scale` (None: finite only)."""
+    try:
+        return runs.read_predictions(path, scale)
+    except ValueError as exc:
+        raise EnsembleError(f"{exc}{_scale_note(scale) if 'outside the label range' in str(exc) else ''}") from None
+
+
+def combine(files: Sequence[str | Path], weights: Sequence[float] | None = None,
+            scale: tuple[float, float] | None = DEFAULT_SCALE) -> tuple[list[str], np.ndarray, list[float]]:
+    """(ids in the first file's order, weighted mean (N, 3), normalised weights); ids must match exactly,
+    and every value be finite and on `scale` (None: finite only)."""
     if len(files) < 2:
         raise EnsembleError(f"an ensemble needs at least 2 prediction files, got {len(files)}")
     w = _normalised_weights(weights, len(files))
-    tables = []
-    for f in files:
-        try:
-            tables.append(runs.read_predictions(f))
-        except ValueError as exc:
-            raise EnsembleError(str(exc)) from None
+    tables = [read_member(f, scale) for f in files]
     ref_path, (ref_ids, _) = files[0], tables[0]
     ref = set(ref_ids)
     total = np.zeros((len(ref_ids), 3), dtype=np.float64)
@@ -70,6 +92,12 @@ def combine(files: Sequence[str | Path], weights: Sequence[float] | None = None)
             raise EnsembleError(f"{path} does not cover the same utterances: {'; '.join(parts)}")
         position = {uid: i for i, uid in enumerate(ids)}
         total += weight * values[[position[uid] for uid in ref_ids]]
+    # Averages of checked values stay on the scale; checked again, as every prediction written is.
+    bad = runs.bad_value(total, *(scale or (-np.inf, np.inf)))
+    if bad is not None:
+        i, j, value, why = bad
+        raise EnsembleError(f"the ensemble's {runs.AVD_COLUMNS[j]} of {ref_ids[i]} (row {i + 1}) is {value}, {why}; "
+                            "nothing written")
     return list(ref_ids), total, w
 
 
@@ -121,10 +149,11 @@ def combine_gender(files: Sequence[str | Path], weights: Sequence[float], ids: S
 
 def ensemble(files: Sequence[str | Path], *, out: str | Path, weights: Sequence[float] | None = None,
              data: Path | None = None, split: str | None = None, with_gender: bool = False,
-             plots: Path | None = None) -> EnsembleResult:
+             plots: Path | None = None, scale: tuple[float, float] | None = DEFAULT_SCALE) -> EnsembleResult:
     """Average prediction files into `out` (the challenge's 4 columns); score it, and each member, when
     `data` and `split` are given. `with_gender`: also average the members' gender probabilities (those
-    that have them). `plots`: a folder for the members' and the ensemble's CCC side by side."""
+    that have them). `plots`: a folder for the members' and the ensemble's CCC side by side. `scale`:
+    the (low, high) every member's value must lie in (default 1-7; None: any finite value)."""
     if (data is None) != (split is None):
         raise EnsembleError("--data and --split go together: give both to score the ensemble, or neither")
     if plots is not None and data is None:
@@ -134,9 +163,9 @@ def ensemble(files: Sequence[str | Path], *, out: str | Path, weights: Sequence[
         if Path(f).resolve() == target:
             raise EnsembleError(f"--out {out}: is also an input ({f}); the ensemble would overwrite a member, "
                                 "write it to another file")
-    ids, avd, w = combine(files, weights)
+    ids, avd, w = combine(files, weights, scale)
     scores = score_predictions(ids, avd, Path(data), split) if data is not None else None
-    members = [score_predictions(*runs.read_predictions(f), Path(data), split) for f in files] if data else None
+    members = [score_predictions(*read_member(f, scale), Path(data), split) for f in files] if data else None
     labels, probs = combine_gender(files, w, ids) if with_gender else (None, None)
     path = runs.write_predictions(out, ids, avd, gender_labels=labels, gender_probs=probs)
     drawn = []

@@ -74,9 +74,35 @@ class Fitted:
     history: list[dict]
 
 
-def fit(jobs: list[Job], device, *, progress: bool = True) -> list[Fitted]:
+@dataclass
+class Diverged:
+    """A job whose loss (or Development predictions) stopped being finite: it stopped training there
+    and nothing of it was written (a run whose weights are NaN would predict NaN)."""
+
+    job: Job
+    epoch: int
+    losses: dict  # the epoch's mean loss terms, as far as they were finite
+
+    @property
+    def what(self) -> str:
+        total = self.losses.get("total", math.nan)
+        if math.isfinite(total):
+            return "its Development predictions were not finite"
+        return f"the loss was {total}"
+
+    def message(self) -> str:
+        cfg = self.job.cfg
+        return (f"training diverged: {self.what} in epoch {self.epoch} of {cfg.epochs} (--lr {cfg.lr:g}); "
+                f"nothing written to {cfg.out}; train again with a lower --lr")
+
+
+def fit(jobs: list[Job], device, *, progress: bool = True) -> list[Fitted | Diverged]:
     """Train `jobs` (models of the same shapes, the same epochs, rows from the same stores) together,
-    write each one's run directory, and return what each kept."""
+    write each one's run directory, and return what each kept.
+
+    A job whose epoch loss or Development predictions are not finite has diverged: it trains no
+    further (the others go on as if it were not there: each member's slices are its own) and comes
+    back as a Diverged, with nothing written."""
     import torch
 
     from ser_cache.sampling import EpochSampler
@@ -101,6 +127,7 @@ def fit(jobs: list[Job], device, *, progress: bool = True) -> list[Fitted]:
                              rows_per_epoch=len(sampler))
     histories: list[list[dict]] = [[] for _ in jobs]
     best: list[dict] = [{"score": -math.inf, "epoch": 0} for _ in jobs]
+    diverged: list[Diverged | None] = [None for _ in jobs]
     boards = [None if j.cfg.tensorboard is None else TensorBoardLog(j.cfg.tensorboard) for j in jobs]
     try:
         with EpochProgress(progress, epochs) as bar:
@@ -113,9 +140,10 @@ def fit(jobs: list[Job], device, *, progress: bool = True) -> list[Fitted]:
                     orders.append(j.run.train_idx[sampler.epoch_indices()])
                 sums = torch.zeros(k_jobs, len(LOSS_KEYS), dtype=torch.float64, device=device)
                 seen = np.zeros(k_jobs)
+                live = [d is None for d in diverged]
                 for plan in _epoch_blocks(jobs, data, orders, epoch, device):
-                    for step in range(max(len(cuts) for _, cuts, _ in plan)):
-                        active = [step < len(cuts) for _, cuts, _ in plan]
+                    for step in range(max(len(cuts) for (_, cuts, _), on in zip(plan, live) if on)):
+                        active = [on and step < len(cuts) for (_, cuts, _), on in zip(plan, live)]
                         # A job whose batches are done repeats its first one, computed but not trained on.
                         spans = [cuts[step] if a else cuts[0] if cuts else (0, order.size)
                                  for (order, cuts, _), a in zip(plan, active)]
@@ -144,6 +172,11 @@ def fit(jobs: list[Job], device, *, progress: bool = True) -> list[Fitted]:
                 now = time.perf_counter()
                 for k, j in enumerate(jobs):
                     pos = dev_pos[k]
+                    if diverged[k] is not None:
+                        continue
+                    if not (np.isfinite(losses[k]).all() and np.isfinite(pred[k][pos]).all()):
+                        diverged[k] = Diverged(j, epoch, dict(zip(LOSS_KEYS, losses[k])))
+                        continue
                     g = None if probs is None else probs[k][pos]
                     dev = score(pred[k][pos], data.avd[j.run.dev_idx], data.emotions[j.run.dev_idx],
                                 gender_pred=None if g is None else g.argmax(1),
@@ -159,13 +192,16 @@ def fit(jobs: list[Job], device, *, progress: bool = True) -> list[Fitted]:
                         # Copies (member_state clones): the next step would change the weights in place.
                         best[k] = {"score": value, "epoch": epoch, "dev": dev, "pred": pred[k][pos],
                                    "probs": g, "state": stack.member_state(k)}
-                mean_row = {key: float(np.mean([h[-1][key] for h in histories])) for key in histories[0][-1]}
+                if all(d is not None for d in diverged):
+                    break
+                going = [h for h, d in zip(histories, diverged) if d is None]
+                mean_row = {key: float(np.mean([h[-1][key] for h in going])) for key in going[0][-1]}
                 bar.update(epoch, mean_row, max(b["epoch"] for b in best))
     finally:
         for b in boards:
             if b is not None:
                 b.close()
-    return [write_job(j, b, h) for j, b, h in zip(jobs, best, histories)]
+    return [d if d is not None else write_job(j, b, h) for j, b, h, d in zip(jobs, best, histories, diverged)]
 
 
 def _epoch_blocks(jobs: list[Job], data: TrainingData, orders: list[np.ndarray], epoch: int, device):

@@ -382,6 +382,10 @@ def _store_vectors(store, rows: np.ndarray, layer: int | None) -> np.ndarray:
     if store.is_frames:
         if layer is not None:
             raise PlotError(f"{store.path}: a frame store has no layers; leave out the layer")
+    elif layer is not None and len(store.feature_shape) < 2:
+        # A pooled store holds one (D,) vector per utterance: a layer asked for would be ignored silently.
+        raise PlotError(f"--layer {layer}: store {store.path} holds one vector of {store.feature_shape} per "
+                        "utterance, no layers; leave --layer out (it picks a layer of a layered store)")
         _, frames, _ = store.read_frames(rows)
         return frames.mean()
     chunk_of = rows // store.chunk_rows

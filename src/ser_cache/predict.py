@@ -364,16 +364,51 @@ def is_finetuned(config: dict) -> bool:
 
 
 def run_model(model, config: dict, utts: list, arrays: dict[str, np.ndarray | Frames], sources: dict[str, str], *,
-              device: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
-    """The run's predictions: its heads on the gathered features, or its fine-tuned model on the audio too."""
+              device: str = "auto", run_dir: Path | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """The run's predictions: its heads on the gathered features, or its fine-tuned model on the audio too;
+    every one checked finite and within the run's label range (check_predictions)."""
     if not is_finetuned(config):
-        return run_heads(model, arrays, device=device)
-    from ser_cache.finetune_model import AUDIO_INPUT, predict_audio
+        avd, probs = run_heads(model, arrays, device=device)
+    else:
+        from ser_cache.finetune_model import AUDIO_INPUT, predict_audio
 
-    sources[AUDIO_INPUT] = f"the run's fine-tuned WavLM on the audio ({len(utts)} rows)"
-    arch = config["wavlm"]
-    return predict_audio(model, utts, arrays, device=device, max_seconds=float(arch["max_seconds"]),
-                         batch_seconds=float(config["train"].get("batch_seconds") or 160.0))
+        sources[AUDIO_INPUT] = f"the run's fine-tuned WavLM on the audio ({len(utts)} rows)"
+        arch = config["wavlm"]
+        avd, probs = predict_audio(model, utts, arrays, device=device, max_seconds=float(arch["max_seconds"]),
+                                   batch_seconds=float(config["train"].get("batch_seconds") or 160.0))
+    check_predictions(avd, probs, utts, model, config, run_dir)
+    return avd, probs
+
+
+def check_predictions(avd: np.ndarray, probs: np.ndarray | None, utts: list, model, config: dict,
+                      run_dir: Path | None) -> None:
+    """Refuse predictions that are not finite or leave the run's label range (and gender probabilities that
+    are not finite), naming the run, row and value: the heads map onto that range (paper Eq. 2), so
+    anything else is a damaged run, never a prediction."""
+    from ser_cache.runs import AVD_COLUMNS, GENDER_PROB_PREFIX, bad_value, label_range
+
+    bad = bad_value(avd, *label_range(config))
+    column = None if bad is None else AVD_COLUMNS[bad[1]]
+    if bad is None and probs is not None and not np.isfinite(probs).all():
+        i, j = (int(x) for x in np.argwhere(~np.isfinite(probs))[0])
+        labels = config.get("gender_labels") or []
+        column = f"{GENDER_PROB_PREFIX}{labels[j] if j < len(labels) else j}"
+        bad = (i, j, float(probs[i, j]), "not a finite number")
+    if bad is None:
+        return
+    i, _, value, why = bad
+    run = f"run {run_dir}" if run_dir is not None else "the run"
+    cause = ""
+    if why.startswith("not a finite"):
+        damaged = [name for name, t in model.state_dict().items() if t.is_floating_point() and not t.isfinite().all()]
+        if damaged:
+            more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""
+            cause = f"; its weights hold non-finite values ({damaged[0]}{more}): the run is damaged, train it again"
+    elif why.startswith("outside"):
+        why += " of the run's config.json"
+        cause = "; its config.json or weights were edited or damaged"
+    raise PredictError(f"{run}: its {column} prediction for {utts[i].id} (row {i + 1}) is {value}, {why}"
+                       f"{cause}; nothing written")
 
 
 def run_heads(model, arrays: dict[str, np.ndarray | Frames], *,
@@ -431,7 +466,7 @@ def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[s
         raise PredictError("nothing to predict: give audio files, or --data with --split")
     arrays, sources = gather_features(config, utts, run_dir=run_dir, device=device, features_dir=features_dir,
                                       use_stores=not files, texts=texts)
-    avd, probs = run_model(model, config, utts, arrays, sources, device=device)
+    avd, probs = run_model(model, config, utts, arrays, sources, device=device, run_dir=run_dir)
     gender_labels = config.get("gender_labels") or None
     path = runs.write_predictions(out, [u.id for u in utts], avd, gender_labels=gender_labels if with_gender else None,
                                   gender_probs=probs if with_gender else None)
@@ -470,7 +505,7 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
                            "at least 2 are needed")
     arrays, sources = gather_features(config, labelled, run_dir=run_dir, device=device, features_dir=features_dir,
                                       texts=texts)
-    avd, probs = run_model(model, config, labelled, arrays, sources, device=device)
+    avd, probs = run_model(model, config, labelled, arrays, sources, device=device, run_dir=run_dir)
     target = np.array([u.avd for u in labelled], dtype=np.float64)
     genders = label_index([u.gender for u in labelled], config.get("gender_labels") or [])
     result.update(score(avd, target, [u.emotion or "" for u in labelled],

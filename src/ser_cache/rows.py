@@ -241,14 +241,38 @@ class FrameInput:
         """Read the frames of `store_rows` (whole chunks, `read_frames`) and hold them, packed, on the CPU."""
         import torch
 
-        from ser_cache.store import FeatureStore
+        from ser_cache.store import StoreError
 
         self.release()
         store_rows = np.unique(np.asarray(store_rows, dtype=np.int64))
-        _, frames, _ = FeatureStore.open(self.path).read_frames(store_rows)
+        try:
+            _, frames, _ = self._same_store().read_frames(store_rows)
+        except (StoreError, OSError):
+            self._same_store()  # the store changed under the read: say so
+            raise
+        self._same_store()  # and not while it was read
         self.data, self.offsets = torch.from_numpy(frames.data), frames.offsets
         self.slot = np.full(self.counts.size, -1, dtype=np.int64)
         self.slot[store_rows] = np.arange(store_rows.size)
+
+    def _same_store(self):
+        """The store, opened again (streamed frames are read every epoch), refused unless it is the store
+        training started on: `extract --overwrite` may have removed it, or built another in its place,
+        whose rows are not those the run was set up with."""
+        from ser_cache.store import FeatureStore, StoreError
+
+        changed = (f"{self.path}: the frame store changed while training was reading it (rebuilt by `extract "
+                   "--overwrite`, or replaced): training stopped, nothing written; rerun it once the store is complete")
+        try:
+            store = FeatureStore.open(self.path)
+            now = store.attrs
+        except StoreError as exc:
+            raise TrainError(f"{changed} (now: {exc})") from None
+        for key in ("fingerprint", "created"):  # created: a rebuild with the very same settings
+            if now.get(key) != self.attrs.get(key):
+                raise TrainError(f"{changed} ({key}: {self.attrs.get(key)!r} when training started, now "
+                                 f"{now.get(key)!r})")
+        return store
 
     def release(self) -> None:
         self.data = self.offsets = self.slot = None

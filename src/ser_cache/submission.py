@@ -5,6 +5,11 @@ The challenge's format, as its baseline writes it: a CSV with the header
 file name, e.g. `MSP-PODCAST_test3_0001.wav`), each value on the 1–7 scale. A submission is
 checked against the corpus's own list of the split's utterances, so a missing, extra or
 repeated row is caught before upload, not after.
+
+A value is read as a scorer reading the CSV reads it (runs.plain_number): optional sign, ASCII
+digits with an optional decimal point, optional exponent, spaces around it allowed. Python's own
+float() takes more (`4_5` is 45, Arabic-Indic or full-width digits are digits): such a value
+would pass here and fail at the scorer, so it is refused.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser_cache.corpus import load_corpus
+from ser_cache.runs import plain_number
 
 COLUMNS = ("FileName", "EmoAct", "EmoVal", "EmoDom")
 LOW, HIGH = 1.0, 7.0
@@ -92,6 +98,8 @@ def check_submission(file: str | Path, *, data: str | Path, split: str = "Test3"
 
 def check_rows(file: Path, ids: list[str], *, split: str) -> SubmissionCheck:
     """The checks themselves, against a list of expected ids."""
+    if file.is_dir():
+        raise SubmissionError(f"{file}: a folder, not a file; give the submission's CSV file itself")
     if not file.is_file():
         raise SubmissionError(f"{file}: no such file")
     try:
@@ -105,7 +113,7 @@ def check_rows(file: Path, ids: list[str], *, split: str) -> SubmissionCheck:
         problems.append(Problem("header", 1, "the file starts with a UTF-8 byte-order mark; save it without one"))
         text = text[1:]
     reader = csv.reader(text.splitlines(keepends=True))
-    header = next(reader, None)
+    header = _next_row(reader, file, 1)
     if header is None:
         problems.append(Problem("header", 1, f"the file is empty; expected the header {','.join(COLUMNS)}"))
         problems.extend(Problem("missing", None, f"{i} has no row") for i in sorted(expected))
@@ -131,10 +139,10 @@ def check_rows(file: Path, ids: list[str], *, split: str) -> SubmissionCheck:
             if uid not in expected:
                 problems.append(Problem("unknown", line, f"{uid!r} is not an utterance of {split}"))
         for column, value in zip(COLUMNS[1:], row[1:4]):
-            try:
-                x = float(value)
-            except ValueError:
-                problems.append(Problem("value", line, f"{column} is {value!r}, expected a number"))
+            x = plain_number(value)
+            if x is None:
+                problems.append(Problem("value", line, f"{column} is {value!r}, expected a number in plain decimal "
+                                        "notation (ASCII digits, optional sign, decimal point and exponent)"))
                 continue
             if not math.isfinite(x):
                 problems.append(Problem("value", line, f"{column} is {value.strip()}, expected a finite number"))
@@ -144,8 +152,11 @@ def check_rows(file: Path, ids: list[str], *, split: str) -> SubmissionCheck:
     if first_row is not None:
         check_row(first_row, 1)
     line = reader.line_num
-    for row in reader:
+    while True:
         line_start = line + 1
+        row = _next_row(reader, file, line_start)
+        if row is None:
+            break
         line = reader.line_num
         if not row:  # a blank line: csv gives []
             problems.append(Problem("fields", line_start, "empty line"))
@@ -153,3 +164,12 @@ def check_rows(file: Path, ids: list[str], *, split: str) -> SubmissionCheck:
         check_row(row, line_start)
     problems.extend(Problem("missing", None, f"{i} has no row") for i in sorted(expected - set(seen)))
     return check
+
+
+def _next_row(reader, file: Path, line: int) -> list[str] | None:
+    """The reader's next row (None at the end); a row csv cannot read is one line naming where it starts."""
+    try:
+        return next(reader, None)
+    except csv.Error as exc:  # e.g. its field size limit: a quote opened and never closed takes the rest
+        raise SubmissionError(f"{file}, line {line}: not readable as CSV ({exc}); a quote (\") opened there and "
+                              "never closed makes the rest of the file one field") from None

@@ -22,8 +22,9 @@ The sweep, in order:
    Development utterances and seeds both were scored on (stats.paired_bootstrap).
 
 A sweep run again with the same command reuses the members already written (and refuses ones
-written with other options unless --overwrite), so a killed sweep loses at most the stack that was
-training.
+written with other options, or on a store since rebuilt with other settings, unless --overwrite), so
+a killed sweep loses at most the stack that was training. A member whose training diverges (its
+loss not finite) stops there and is not written; the others go on, and the summary lists it.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser_cache import runs
-from ser_cache.fit import Job, fit
+from ser_cache.fit import Diverged, Job, fit
 from ser_cache.rows import (
     SPEAKER_EMBEDDING_KIND,
     TrainError,
@@ -90,7 +91,7 @@ def parse_variant(text: str) -> Variant:
     if not sep or not NAME.match(name):
         raise TrainError(f"--variant {text!r}: expected 'NAME: option=value ...' with a NAME of letters, digits, "
                          "'.', '_', '+' or '-'")
-    options = {}
+    options, given = {}, {}
     for part in re.split(r"[,\s]+", rest.strip()):
         if not part:
             continue
@@ -100,6 +101,12 @@ def parse_variant(text: str) -> Variant:
             raise TrainError(f"--variant {name}: {part!r} is not option=value with an option of "
                              f"{', '.join(VARIANT_OPTIONS)}")
         attr, kind = VARIANT_OPTIONS[key]
+        if not value.strip():
+            raise TrainError(f"--variant {name}: {key}= has no value; give {key}=VALUE (no space after '=')")
+        if attr in options:
+            raise TrainError(f"--variant {name}: {key} is given twice ({given[attr]} and {part.strip()}); give each "
+                             "option once")
+        given[attr] = part.strip()
         options[attr] = _value(name, key, value.strip(), kind)
     if not options:
         raise TrainError(f"--variant {name}: changes no option; give at least one option=value")
@@ -183,6 +190,7 @@ class SweepResult:
     trained: int
     reused: int
     wall_seconds: float
+    diverged: int = 0  # members whose training diverged: trained, not written
 
 
 def sweep(cfg: SweepConfig) -> SweepResult:
@@ -209,7 +217,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
     views = {m.variant: member_view(data, m) for m in members if m.seed == base.seed}
     for m in members:  # as its config.json records them: the stores the member takes
         m.cfg = dataclasses.replace(m.cfg, features=tuple(s.path for s in views[m.variant].inputs))
-    todo = [m for m in members if not _written(m)]
+    todo = [m for m in members if not _written(m, views[m.variant])]
     if todo and data.streamed:
         raise TrainError("the frame stores do not fit the memory budget (--memory-budget) and would be streamed; a "
                          "sweep trains many members on the same rows at once and needs them held: raise "
@@ -218,6 +226,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
         data.place(device)  # every member's view shares these inputs: placed once for all
     log.info("sweep: %d member(s) (%d variant(s) × %d seed(s)), %d already written, %d to train", len(members),
              len(cfg.all_variants()), cfg.seeds, len(members) - len(todo), len(todo))
+    diverged: dict[str, Diverged] = {}  # "variant/seed-s" → how its training diverged
     stacks = group_stacks([prepare(m, views[m.variant], device, curves=cfg.curves) for m in todo],
                           cfg.members_at_once)
     for i, stack in enumerate(stacks, 1):
@@ -225,12 +234,22 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
                  ", ".join(f"{j.extra['sweep']['variant']}/seed-{j.cfg.seed}" for j in stack))
         for j in stack:
             j.extra["sweep"]["trained_with"] = len(stack)
-        fit(stack, device, progress=base.progress)
-    summary = summarize(cfg, members, data)
+        for done in fit(stack, device, progress=base.progress):
+            if isinstance(done, Diverged):
+                who = f"{done.job.extra['sweep']['variant']}/seed-{done.job.cfg.seed}"
+                diverged[who] = done
+                log.warning("sweep member %s: %s", who, done.message())
+    summary = summarize(cfg, members, data, diverged={k: _diverged_record(d) for k, d in diverged.items()})
     runs.write_json_atomic(Path(base.out) / SWEEP_FILE, summary)
     wall = time.perf_counter() - t0
     log.info("sweep written to %s in %.1f s", base.out, wall)
-    return SweepResult(Path(base.out), summary, len(todo), len(members) - len(todo), wall)
+    return SweepResult(Path(base.out), summary, len(todo), len(members) - len(todo), wall, diverged=len(diverged))
+
+
+def _diverged_record(d: Diverged) -> dict:
+    """What sweep.json keeps of a diverged member (its run was not written)."""
+    return {"epoch": d.epoch, "reason": f"training diverged: {d.what} in epoch {d.epoch}",
+            "losses": {k: (v if math.isfinite(v) else str(v)) for k, v in d.losses.items()}}
 
 
 # --------------------------------------------------------------------------- members
@@ -264,13 +283,16 @@ def _who(member: Member) -> str:
     return "the base options" if member.variant == BASE else f"--variant {member.variant}"
 
 
-def _written(member: Member) -> bool:
-    """Whether member's run is already there with the same options (then reused); a run written with
-    other options is an error unless --overwrite (then it is trained again)."""
-    out = member.cfg.out
+def _written(member: Member, view: TrainingData) -> bool:
+    """Whether member's run is already there with the same options and trained on the stores as they
+    are now (then reused); a run written with other options, or on a store since rebuilt with other
+    settings, is an error unless --overwrite (then it is trained again)."""
+    out = Path(member.cfg.out)
     if not runs.is_run_dir(out):
+        _check_member_folder(out)
         return False
-    recorded = runs.read_config(out).get("train", {})
+    config = runs.read_config(out)
+    recorded = config.get("train", {})
     wanted = member.cfg.to_dict()
     for key, value in wanted.items():
         if key in NOT_COMPARED:
@@ -286,7 +308,49 @@ def _written(member: Member) -> bool:
                 return False
             raise TrainError(f"{out}: a run written with other options ({key}: {have!r}, this sweep: {value!r}); "
                              "pass --overwrite to train it again, or choose another --out")
+    stale = _stale_input(config, view)
+    if stale:
+        if member.cfg.overwrite:
+            return False
+        raise TrainError(f"{out}: {stale}; its scores are not those of the store as it is now: pass --overwrite to "
+                         "train it again, or choose another --out")
     return True
+
+
+def _stale_input(config: dict, view: TrainingData) -> str | None:
+    """How a written member's input stores (its config.json's record) differ from the stores now given."""
+    from ser_cache.store import settings_differences
+
+    recorded = {str(Path(r.get("path", "")).resolve()): r for r in config.get("inputs", []) if isinstance(r, dict)}
+    for s in view.inputs:
+        r = recorded.get(str(Path(s.path).resolve()))
+        now = s.attrs.get("fingerprint")
+        if r is None:
+            return f"trained without store {s.path}"
+        if r.get("fingerprint") != now:
+            diffs = settings_differences(r.get("settings") or {}, s.attrs.get("settings") or {},
+                                         labels=("trained on", "now"))
+            return (f"trained on store {s.path} with fingerprint {r.get('fingerprint')}, but the store now has "
+                    f"{now}: it was rebuilt since ({'; '.join(diffs) or 'other settings'})")
+    return None
+
+
+def _check_member_folder(out: Path) -> None:
+    """A member's folder that holds something other than a finished run is refused, saying what is there:
+    a run's config.json is written last, so this is not a member a sweep wrote (a copy, a hand edit)."""
+    if not out.exists() and not out.is_symlink():
+        return
+    if not out.is_dir():
+        raise TrainError(f"{out}: a file where this sweep keeps a member's run folder; move it away, and the "
+                         "sweep trains the member there")
+    found = sorted(p.name for p in out.iterdir())
+    if not found:
+        return  # an empty folder is as good as none
+    shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
+    what = ("its config.json is not a ser-cache run's (damaged or edited)" if runs.CONFIG in found
+            else f"it has no {runs.CONFIG}")
+    raise TrainError(f"{out}: this sweep's folder for a member, but not a finished run: {what} (it holds {shown}); "
+                     "move the folder away (or delete it) and run the sweep again to train that member")
 
 
 def prepare(member: Member, data: TrainingData, device, *, curves: bool) -> Job:

@@ -2,7 +2,8 @@
 std over seeds, and every variant against the reference in a paired bootstrap (stats.py).
 
 Read from the members' run directories (metrics.json, predictions_dev.csv), so members reused from an
-earlier sweep count like members trained now.
+earlier sweep count like members trained now. A member whose training diverged has no run: it is
+listed under its variant's "diverged" and left out of the means and the comparisons, which say so.
 """
 
 from __future__ import annotations
@@ -18,23 +19,32 @@ from ser_cache import runs
 SWEEP_FORMAT = "ser-cache-sweep"
 
 
-def summarize(cfg, members: Sequence, data) -> dict:
+def summarize(cfg, members: Sequence, data, diverged: dict | None = None) -> dict:
     """sweep.json: per variant its members' Development scores, mean ± std over seeds, and the
-    paired bootstrap against the reference variant."""
+    paired bootstrap against the reference variant. `diverged`: "variant/seed-s" → the record of a
+    member whose training diverged (no run)."""
     from ser_cache.stats import paired_bootstrap
 
+    diverged = diverged or {}
     truth_of = {uid: i for i, uid in enumerate(data.ids.tolist())}
     variants: dict[str, dict] = {}
     predictions: dict[str, list[tuple[list[str], np.ndarray]]] = {}
     for m in members:
+        v = variants.setdefault(m.variant, {"options": _options(cfg, m.variant), "members": [], "diverged": []})
+        failed = diverged.get(f"{m.variant}/seed-{m.seed}")
+        if failed is not None:
+            v["diverged"].append({"seed": m.seed, **failed})
+            continue
         metrics = json.loads((Path(m.cfg.out) / runs.METRICS).read_text())
         ids, avd = runs.read_predictions(Path(m.cfg.out) / runs.DEV_PREDICTIONS)
         predictions.setdefault(m.variant, []).append((ids, avd))
-        v = variants.setdefault(m.variant, {"options": _options(cfg, m.variant), "members": []})
         v["members"].append({"seed": m.seed, "run": str(m.cfg.out), "best_epoch": metrics["best_epoch"],
                              "rows": metrics["rows"], "ccc": metrics["ccc"],
                              "balanced_ccc": metrics.get("balanced_ccc")})
     for v in variants.values():
+        if not v["members"]:  # every seed diverged: nothing to average
+            v["mean"], v["std"], v["rows"] = {}, {}, None
+            continue
         table = {f"ccc_{a}": [x["ccc"][a] for x in v["members"]] for a in ("arousal", "valence", "dominance", "mean")}
         balanced = [x["balanced_ccc"]["mean"] for x in v["members"] if x["balanced_ccc"]]
         if balanced:
@@ -46,6 +56,9 @@ def summarize(cfg, members: Sequence, data) -> dict:
     comparisons = {}
     for name in variants:
         if name == cfg.reference:
+            continue
+        if name not in predictions or cfg.reference not in predictions:  # every seed of one side diverged
+            comparisons[name] = None
             continue
         common = set.intersection(*(set(ids) for ids, _ in predictions[name] + predictions[cfg.reference]))
         ids = sorted(common)

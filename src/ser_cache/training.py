@@ -336,7 +336,7 @@ def train_heads(cfg: TrainHeadsConfig) -> TrainResult:
 def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     import torch
 
-    from ser_cache.fit import Job, fit
+    from ser_cache.fit import Diverged, Job, fit
     from ser_cache.sampling import EpochSampler
 
     t0 = time.perf_counter()
@@ -352,6 +352,8 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     # The one loop (fit.py) with one job: what a sweep does with K.
     (done,) = fit([Job(cfg, data, run, title=Path(cfg.out).name, overwrite=cfg.overwrite)], device,
                   progress=cfg.progress)
+    if isinstance(done, Diverged):
+        raise TrainError(done.message())
     wall = time.perf_counter() - t0
     log.info("kept epoch %d of %d (%s %s CCC %.4f) in %.1f s; run written to %s", done.best_epoch, cfg.epochs,
              data.dev_split, "balanced" if cfg.select == "balanced" else "mean", done.score, wall, cfg.out)

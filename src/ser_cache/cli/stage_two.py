@@ -192,9 +192,12 @@ def ensemble(
                                                                   "(members predicted --with-gender)."),
     plots: Optional[Path] = typer.Option(None, help="Folder for a figure of the members' and the ensemble's CCC "
                                                     "side by side (needs --data and --split)."),
+    label_scale: str = typer.Option("1 7", metavar="'LOW HIGH'", help="The scale every member's value must lie on "
+                                    "(a corpus on another scale), or none."),
 ) -> None:
     """Average the arousal/valence/dominance predictions of several systems; score them with --data/--split."""
     from ser_cache.ensemble import ensemble as run_ensemble
+    from ser_cache.ensemble import scale_option
 
     writable(dest, "--out")
     if plots is not None:
@@ -205,8 +208,9 @@ def ensemble(
             parsed = [float(w) for w in weights.split(",")]
         except ValueError:
             fail(f"--weights {weights}: expected comma-separated numbers, e.g. 0.6,0.4")
+    scale = guarded(scale_option, label_scale)
     result = guarded(run_ensemble, files, out=dest, weights=parsed, data=data, split=split, with_gender=with_gender,
-                     plots=plots)
+                     plots=plots, scale=scale)
     if result is None:
         return
     err.print(f"wrote {result.rows} averaged predictions to {result.out} "

@@ -58,7 +58,8 @@ def sweep_command(
     device: shared.Device = "auto",
     precision: shared.HeadsPrecision = "auto",
     threads: shared.Threads = None,
-    overwrite: bool = typer.Option(False, help="Train again members written with other options."),
+    overwrite: bool = typer.Option(False, help="Train again members written with other options, or on a store "
+                                   "since rebuilt with other settings."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     tensorboard: Optional[Path] = typer.Option(None, metavar="DIR", help="TensorBoard scalars of every member in "
                                                "DIR/VARIANT/seed-S (pip install 'ser-cache[tensorboard]')."),
@@ -113,16 +114,29 @@ def sweep_table(summary: dict, *, title: str = "", wide: bool = True) -> Table:
     table.add_column("Δ mean", justify="right")
     table.add_column("95% interval", justify="right", no_wrap=True)
     table.add_column("P(Δ>0)", justify="right")
+    notes: list[str] = []
     for name, v in summary["variants"].items():
-        cells = [name, str(v["rows"])]
+        failed = v.get("diverged") or []
+        # A member whose training diverged has no run: marked here and named below the table, never
+        # left out without a word.
+        if failed:
+            notes.append(f"* {name}: seed(s) {', '.join(str(d['seed']) for d in failed)} of "
+                         f"{len(failed) + len(v['members'])} diverged ({failed[0]['reason']}); no run written, "
+                         "left out of the means")
+        cells = [f"{name}*" if failed else name, "—" if v["rows"] is None else str(v["rows"])]
         cells += [_pm(v["mean"].get(key), v["std"].get(key), digits) for _, key in columns]
         c = summary["comparisons"].get(name)
         if name == reference:
             cells += ["ref.", "", ""]
+        elif not v["members"] or not summary["variants"].get(reference, {}).get("members", True):
+            cells += ["diverged", "", ""]
         elif c is None:
             cells += ["no common rows", "", ""]
         else:
             cells += [f"{c['difference']:+.{digits}f}", f"{c['ci_low']:+.{digits}f}…{c['ci_high']:+.{digits}f}",
                       f"{c['share_positive']:.2f}"]
         table.add_row(*cells, style="bold" if name == reference else None)
+    if notes:
+        table.caption = "\n".join(notes)
+        table.caption_justify = "left"
     return table

@@ -15,6 +15,7 @@ from ser_cache.encoders.base import (
     FRAME_KINDS,
     FRAMES,
     POOLINGS,
+    XVECTOR,
     Encoder,
     EncoderError,
     RuntimeOptions,
@@ -177,7 +178,10 @@ def load_encoder(
         raise EncoderError(f"--kind {kind}: expected one of {', '.join(KINDS)}")
     else:
         _check_kind(model, kind)
-    if pooling not in POOLINGS:
+    # An x-vector store records its encoder's own pooling ("xvector"); loading that store's encoder
+    # again (predict on new audio) passes it back, and it is the only pooling an x-vector has.
+    own_pooling = kind == "xvector" and pooling == XVECTOR
+    if pooling not in POOLINGS and not own_pooling:
         raise EncoderError(f"--pooling {pooling}: expected one of {', '.join(POOLINGS)}")
     if pooling == FRAMES and kind not in FRAME_KINDS:
         raise EncoderError(f"--pooling frames: model '{model}' is a {kind} encoder, which has no frames to keep; "

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 POOLED = ("mean", "mean+std")  # one vector per utterance (or per layer)
 FRAMES = "frames"  # every valid frame of the last layer, (T_max, D) per utterance
 POOLINGS = (*POOLED, FRAMES)
+XVECTOR = "xvector"  # an x-vector encoder's own statistics pooling, as its stores' settings record it
 FRAME_KINDS = ("whisper", "wavlm")  # audio encoders with one output layer to keep frame by frame
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 

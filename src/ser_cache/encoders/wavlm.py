@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from ser_cache.audio import SAMPLE_RATE
 from ser_cache.encoders.base import (
     FRAMES,
+    XVECTOR,
     Encoder,
     ResolvedModel,
     RuntimeOptions,
@@ -246,6 +247,7 @@ class XVectorEncoder(_WavLMBase):
     """The speaker-verification head's x-vector (WavLMForXVector.embeddings), one vector per utterance."""
 
     kind = "xvector"
+    pooling = XVECTOR  # its own statistics pooling, what a store's settings record
 
     def __init__(self, resolved: ResolvedModel, runtime: RuntimeOptions, *, max_seconds: float = 15.0):
         from transformers import WavLMForXVector
@@ -263,7 +265,7 @@ class XVectorEncoder(_WavLMBase):
         return (self.dim,)
 
     def settings(self) -> dict:
-        return {**super().settings(), "pooling": "xvector"}
+        return {**super().settings(), "pooling": self.pooling}
 
     @_quiet
     def _forward(self, prepared) -> torch.Tensor:

@@ -369,6 +369,23 @@ def test_a_model_folder_with_a_refused_pickle_is_one_line(corpus, tmp_path):
     assert not marker.exists()
 
 
+def test_a_runs_encoder_with_a_refused_pickle_is_one_line(models, tmp_path):
+    from ser_cache.vox_profile import ImportConfig, import_vox_profile
+    from test_vox_profile import authors_whisper_checkpoint
+
+    src, _ = authors_whisper_checkpoint(tmp_path / "ckpt", models["whisper"])
+    run = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["whisper"]))).run_dir
+    (encoder,) = [p.parent for p in run.glob("*/model.safetensors")]  # the Whisper encoder the run carries
+    state = load_file(str(encoder / "model.safetensors"))
+    (encoder / "model.safetensors").unlink()
+    marker = tmp_path / "code-ran"
+    torch.save({**state, "extra": RunsCode(marker)}, encoder / "pytorch_model.bin")
+    clip = factories.write_wav(tmp_path / "clip.wav", factories.tone(1.0))
+    line = one_line_error(invoke("predict", run, clip, "--out", tmp_path / "p.csv", "--device", "cpu"))
+    assert f"({encoder}): its weights are a pickle (pytorch_model.bin)" in line and "safetensors" in line
+    assert not marker.exists()
+
+
 def test_finetune_given_a_whisper_folder_says_it_needs_wavlm(models, corpus, tmp_path):
     cfg = base_config(corpus, models["whisper"], tmp_path / "run", epochs=1)
     line = one_line_error(invoke(*cli_args(cfg)))

@@ -203,8 +203,8 @@ def _refuse_other_models(name: str) -> None:
         return
     model_type = config.get("model_type") if isinstance(config, dict) else None
     if isinstance(model_type, str) and model_type and model_type != "wavlm":
-        architectures = config.get("architectures")
-        architectures = ", ".join(map(str, architectures)) if isinstance(architectures, list) and architectures else model_type
+        listed = config.get("architectures")
+        architectures = ", ".join(map(str, listed)) if isinstance(listed, list) and listed else model_type
         raise EncoderError(f"model '{name}' holds a {model_type} model ({architectures}); `finetune wavlm` "
                            "fine-tunes a WavLM model: give --model wavlm-large or a directory holding a WavLM model")
 

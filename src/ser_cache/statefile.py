@@ -55,10 +55,9 @@ def load(path: str | Path, *, fmt: str, version: int, tensors: bool = True, what
     tensors=False reads the header alone (cheap for a multi-GB file) and gives None for every
     tensor and array. `what` names the kind of file in messages (default: `fmt`).
     """
-    what = what or f"{fmt} file"
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
+    path, what = Path(path), what or f"{fmt} file"
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -81,7 +80,8 @@ def _check_format(path: Path, metadata: dict, fmt: str, version: int, what: str)
     try:
         theirs = int(metadata.get("format_version", ""))
     except ValueError:
-        raise StateFileError(f"{path}: format_version {metadata.get('format_version')!r} is not a whole number") from None
+        raise StateFileError(f"{path}: format_version {metadata.get('format_version')!r} is not a whole "
+                             "number") from None
     if theirs > version:
         raise StateFileError(f"{path}: {what} format version {theirs} is newer than this ser-cache reads ({version}); "
                              "upgrade ser-cache")

@@ -103,9 +103,9 @@ def corpus_ft(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(corpus_ft, models, tmp_path_factory):
-    cfg = base_config(corpus_ft, models["wavlm"], tmp_path_factory.mktemp("whole") / "run", epochs=3)
-    return cfg, finetune_wavlm(cfg)
+def ft_config(corpus_ft, models, tmp_path_factory) -> FinetuneConfig:
+    """Three epochs of the tiny WavLM on the learnable corpus; each test gives its own --out."""
+    return base_config(corpus_ft, models["wavlm"], tmp_path_factory.mktemp("ft") / "run", epochs=3)
 
 
 def unfinished_run_dir(path: Path) -> Path:
@@ -118,8 +118,10 @@ def unfinished_run_dir(path: Path) -> Path:
 # --------------------------------------------------------------------------- the checkpoint's format
 
 
-def test_the_checkpoint_is_one_safetensors_file_and_resume_ends_exactly_as_without_a_stop(uninterrupted, tmp_path):
-    cfg, whole = uninterrupted
+@pytest.mark.slow
+def test_the_checkpoint_is_one_safetensors_file_and_resume_ends_exactly_as_without_a_stop(ft_config, tmp_path):
+    cfg = ft_config
+    whole = finetune_wavlm(replace(cfg, out=tmp_path / "uninterrupted"))
     out = interrupted_run(replace(cfg, out=tmp_path / "run"), after_epoch=2)
     assert not (out / LEGACY_CHECKPOINT).exists()
     from ser_cache.checkpoint import CHECKPOINT_VERSION
@@ -142,16 +144,16 @@ def test_the_checkpoint_is_one_safetensors_file_and_resume_ends_exactly_as_witho
     assert not (out / CHECKPOINT).exists() and runs.is_run_dir(out)
 
 
-def test_plot_run_reads_an_unfinished_runs_checkpoint(uninterrupted, tmp_path):
-    cfg, _ = uninterrupted
+def test_plot_run_reads_an_unfinished_runs_checkpoint(ft_config, tmp_path):
+    cfg = ft_config
     out = interrupted_run(replace(cfg, out=tmp_path / "run", epochs=2), after_epoch=1)
     r = invoke("plot", "run", out)
     assert r.exit_code == 0, r.output
     assert "1 epochs (in progress, best so far: epoch 1)" in r.output and (out / "curves.png").is_file()
 
 
-def test_a_truncated_checkpoint_is_one_line_for_resume_and_plot(uninterrupted, tmp_path):
-    cfg, _ = uninterrupted
+def test_a_truncated_checkpoint_is_one_line_for_resume_and_plot(ft_config, tmp_path):
+    cfg = ft_config
     out = interrupted_run(replace(cfg, out=tmp_path / "run"), after_epoch=1)
     path = out / CHECKPOINT
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
@@ -160,8 +162,8 @@ def test_a_truncated_checkpoint_is_one_line_for_resume_and_plot(uninterrupted, t
     assert f"{path}: not a readable" in one_line_error(invoke("plot", "run", out))
 
 
-def test_a_pickled_checkpoint_is_refused_unread_by_resume_and_plot(uninterrupted, tmp_path):
-    cfg, _ = uninterrupted
+def test_a_pickled_checkpoint_is_refused_unread_by_resume_and_plot(ft_config, tmp_path):
+    cfg = ft_config
     out = unfinished_run_dir(tmp_path / "sent-to-me")
     marker = tmp_path / "code-ran"
     pickle_that_runs_code(out / LEGACY_CHECKPOINT, marker)
@@ -252,8 +254,9 @@ main()
 """
 
 
-def test_a_run_being_fine_tuned_is_locked_against_a_second_process(uninterrupted, tmp_path):
-    cfg, _ = uninterrupted
+@pytest.mark.slow
+def test_a_run_being_fine_tuned_is_locked_against_a_second_process(ft_config, tmp_path):
+    cfg = ft_config
     out = tmp_path / "run"
     script, ready = tmp_path / "wait.py", tmp_path / "ready"
     script.write_text(WAIT_AFTER_FIRST_CHECKPOINT)

@@ -246,9 +246,9 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(trained, tmp_p
 
 
 def _checkpoint_epoch(out: Path) -> int:
-    import torch
+    from ser_cache.checkpoint import read_checkpoint
 
-    return torch.load(out / CHECKPOINT, map_location="cpu", weights_only=False)["epoch"]
+    return read_checkpoint(out, tensors=False)["epoch"]
 
 
 # --------------------------------------------------------------------------- MMWavLM

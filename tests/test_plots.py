@@ -83,16 +83,22 @@ def test_training_curves_elsewhere_and_without_balanced(tmp_path):
     assert not (run / "curves.png").exists()
 
 
-def test_training_curves_of_an_unfinished_finetuning_run(tmp_path):
-    torch = pytest.importorskip("torch")
-    from ser_cache.checkpoint import CHECKPOINT
+def checkpoint_of(run: Path, history: list[dict], best_epoch: int) -> Path:
+    """A fine-tuning checkpoint with this history and best epoch (and empty module states), as save_checkpoint writes."""
+    pytest.importorskip("torch")
+    from ser_cache import statefile
+    from ser_cache.checkpoint import CHECKPOINT, CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 
+    ckpt = {"epoch": len(history), "train": {}, "world": 1, "model": {}, "aam": None, "optimizer": {}, "scaler": {},
+            "sampler": {}, "rng": [], "best": {"epoch": best_epoch, "score": 0.5}, "history": history}
+    return statefile.save(run / CHECKPOINT, ckpt, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
+
+
+def test_training_curves_of_an_unfinished_finetuning_run(tmp_path):
     run = tmp_path / "ft"
     run.mkdir()
     (run / runs.IN_PROGRESS).write_text("{}")
-    history = history_rows(3, speaker=True)
-    torch.save({"format": "ser-cache-finetune-checkpoint", "epoch": 3, "history": history,
-                "best": {"epoch": 2, "score": 0.5}}, run / CHECKPOINT)
+    checkpoint_of(run, history_rows(3, speaker=True), best_epoch=2)
     result = plots.training_curves(run)
     assert not result.finished and result.kept_epoch == 2
     assert result.epochs == [1, 2, 3] and set(result.losses) == {"total", "ccc", "gender", "speaker"}
@@ -110,8 +116,8 @@ def test_training_curves_refusals(tmp_path):
     (unfinished / runs.IN_PROGRESS).write_text("{}")
     with pytest.raises(PlotError, match="not finished an epoch"):
         plots.training_curves(unfinished)
-    (unfinished / "checkpoint.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(PlotError, match="not a readable checkpoint"):
+    (unfinished / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
+    with pytest.raises(PlotError, match="checkpoint.safetensors: not a readable fine-tuning checkpoint"):
         plots.training_curves(unfinished)
 
 

@@ -20,7 +20,7 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
-        with naming_disk_full(path):
+        with naming_disk_full(path), naming_target(tmp, path):
             yield tmp
             fd = os.open(tmp, os.O_RDONLY)
             try:
@@ -29,7 +29,20 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
                 os.close(fd)
             os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a clean-up that fails must not hide the error that got us here
+            tmp.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def naming_target(tmp: Path, path: Path) -> Iterator[None]:
+    """An OSError about the hidden temporary file names the output instead (a read-only folder: the
+    user asked for `path` and has never heard of `.path.tmp-PID`)."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None or str(exc.filename) != str(tmp):
+            raise
+        raise OSError(exc.errno, exc.strerror, str(path)) from exc
 
 
 @contextlib.contextmanager

@@ -1,12 +1,17 @@
 """What lets `finetune wavlm` stop and go on: the per-epoch checkpoint, the best epoch's weights,
 `--resume`, the finished run's files, and starting from another run's weights (`--init-from`).
 
-    <run>/checkpoint.pt               after every epoch, atomically: model, optimizer, scaler, sampler,
+    <run>/checkpoint.safetensors      after every epoch, atomically: model, optimizer, scaler, sampler,
                                       every rank's random generators, LayerDrop's generator, history
     <run>/best-epochNNNN.safetensors  the best weights so far, written before the checkpoint naming it
 
 Why the best weights live in their own file, named by epoch: a kill -9 between writing them and
 writing the checkpoint must leave a checkpoint that points at weights of its own best epoch.
+
+Why safetensors with a JSON tree (statefile.py) and not torch.save: a run directory travels (a
+colleague's run, an archive), and unpickling a file runs whatever code its author put in it.
+Loading a checkpoint must only ever read numbers. The pickled checkpoint.pt of earlier versions
+is therefore refused, never loaded.
 """
 
 from __future__ import annotations
@@ -19,17 +24,26 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache import runs
-from ser_cache.atomic import atomic_path
+from ser_cache import runs, statefile
 from ser_cache.rows import TrainError
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.pt"
+CHECKPOINT = "checkpoint.safetensors"
+LEGACY_CHECKPOINT = "checkpoint.pt"  # pickled, by ser-cache 0.1.0: refused, never loaded
 CHECKPOINT_FORMAT = "ser-cache-finetune-checkpoint"
+CHECKPOINT_VERSION = 1
+# The entries of a checkpoint, with the type each must have: a file that decodes but lacks one, or
+# holds another type, is refused naming the entry instead of failing deep in a module's loader.
+ENTRIES = {"epoch": int, "train": dict, "world": int, "model": dict, "aam": (dict, type(None)),
+           "optimizer": dict, "scaler": dict, "sampler": dict, "rng": list, "best": dict, "history": list}
 BEST = "best-epoch{:04d}.safetensors"  # the best weights so far, named by epoch (see save_checkpoint)
 # Options that may change between a run and its --resume: they do not change the numbers.
 RESUME_FREE = ("device", "workers", "threads", "progress", "resume", "overwrite")
+
+
+class CheckpointError(TrainError):
+    """A run's checkpoint cannot be used: the message names the file and what to do."""
 
 
 @dataclass
@@ -106,18 +120,15 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(out: Path, cfg, dist, state: State, model, aam, optimizer, scaler, sampler) -> None:
-    """checkpoint.pt, atomically: a kill -9 at any moment leaves the previous epoch's or this one's.
+    """The checkpoint, atomically: a kill -9 at any moment leaves the previous epoch's or this one's.
 
     The best weights live in their own file named by epoch, written before the checkpoint that
     refers to it; older ones are removed only after. So the checkpoint always points at a file that
     exists and holds exactly the weights of its best epoch, even when a replayed epoch differs.
     """
-    import torch
-
     rng = dist.all_gather(_rng_state())  # dropout draws differ per rank: keep every rank's generators
     if dist.is_main:
         ckpt = {
-            "format": CHECKPOINT_FORMAT,
             "epoch": state.epoch,
             "train": cfg.to_dict(),
             "world": dist.world,
@@ -132,8 +143,7 @@ def save_checkpoint(out: Path, cfg, dist, state: State, model, aam, optimizer, s
             "best": state.best,
             "history": state.history,
         }
-        with atomic_path(out / CHECKPOINT) as tmp:
-            torch.save(ckpt, tmp)
+        statefile.save(out / CHECKPOINT, ckpt, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION)
         _remove_stale_best(out, state.best["epoch"])
     dist.barrier()
 
@@ -145,38 +155,72 @@ def _remove_stale_best(out: Path, keep_epoch: int) -> None:
             f.unlink(missing_ok=True)
 
 
-def resume(out: Path, cfg, dist, model, aam, optimizer, scaler, sampler) -> State | None:
-    """Load checkpoint.pt into the modules and generators; None when there is nothing to resume."""
-    import torch
+def refuse_legacy(out: Path) -> None:
+    """Refuse a run whose only checkpoint is the pickled checkpoint.pt of ser-cache 0.1.0 (never loaded)."""
+    legacy = Path(out) / LEGACY_CHECKPOINT
+    if legacy.exists() and not (Path(out) / CHECKPOINT).exists():
+        raise CheckpointError(f"{legacy}: a pickled checkpoint (as ser-cache 0.1.0 wrote them), which is not loaded "
+                              "because unpickling a file can run any code in it; start the run again with --overwrite")
 
+
+def read_checkpoint(out: Path, *, tensors: bool = True) -> dict:
+    """The checkpoint of the unfinished run at `out`, every entry checked; CheckpointError naming the file.
+
+    tensors=False reads the header alone (history, best epoch, options): what a plot needs.
+    """
+    refuse_legacy(out)
+    path = Path(out) / CHECKPOINT
+    try:
+        ckpt = statefile.load(path, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, tensors=tensors,
+                              what="fine-tuning checkpoint")
+    except statefile.StateFileError as exc:
+        raise CheckpointError(f"{exc}; start the run again with --overwrite") from None
+    problems = [f"\"{k}\" must be {t.__name__ if isinstance(t, type) else ' or '.join(x.__name__ for x in t)}"
+                for k, t in ENTRIES.items() if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), t)]
+    if not problems and not isinstance(ckpt["best"].get("epoch"), int):
+        problems.append("\"best\" must hold the best epoch")
+    if not problems and not all(isinstance(row, dict) for row in ckpt["history"]):
+        problems.append("every row of \"history\" must be an object")
+    if problems:
+        raise CheckpointError(f"{path}: not a complete fine-tuning checkpoint ({'; '.join(problems)}); "
+                              "start the run again with --overwrite")
+    return ckpt
+
+
+def resume(out: Path, cfg, dist, model, aam, optimizer, scaler, sampler) -> State | None:
+    """Load the checkpoint into the modules and generators; None when there is nothing to resume."""
     path = out / CHECKPOINT
+    refuse_legacy(out)
     if not path.is_file():
         if dist.is_main:
             log.info("--resume: no checkpoint in %s yet; starting from the first epoch", out)
         return None
-    # Our own file, with numpy arrays and generator states in it: not a weights-only pickle.
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
-    if ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise TrainError(f"{path}: not a ser-cache fine-tuning checkpoint")
+    ckpt = read_checkpoint(out)
     saved, now = ckpt["train"], cfg.to_dict()
     diffs = [f"{k}: run has {saved.get(k)!r}, now {now.get(k)!r}" for k in sorted(now)
              if k not in RESUME_FREE and saved.get(k) != now.get(k)]
     if diffs:
         raise TrainError(f"--resume: the options differ from those the run at {out} was started with "
                          f"({'; '.join(diffs)}); give the same options, or --overwrite to start again")
-    model.load_state_dict(ckpt["model"])
-    if aam is not None:
-        aam.load_state_dict(ckpt["aam"])
-    optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
-    sampler.load_state_dict(ckpt["sampler"])
-    states = ckpt["rng"]
-    if len(states) != dist.world and dist.is_main:
-        log.warning("--resume: the run was saved by %d rank(s) and continues on %d; it will not end exactly "
-                    "where an uninterrupted run would", len(states), dist.world)
-    _set_rng_state(states[dist.rank % len(states)])
-    if ckpt.get("layerdrop_rng") is not None:
-        model.layerdrop_generator.set_state(ckpt["layerdrop_rng"])
+    try:
+        model.load_state_dict(ckpt["model"])
+        if aam is not None:
+            aam.load_state_dict(ckpt["aam"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scaler.load_state_dict(ckpt["scaler"])
+        sampler.load_state_dict(ckpt["sampler"])
+        states = ckpt["rng"]
+        if len(states) != dist.world and dist.is_main:
+            log.warning("--resume: the run was saved by %d rank(s) and continues on %d; it will not end exactly "
+                        "where an uninterrupted run would", len(states), dist.world)
+        _set_rng_state(states[dist.rank % len(states)])
+        if ckpt.get("layerdrop_rng") is not None:
+            model.layerdrop_generator.set_state(ckpt["layerdrop_rng"])
+    except (RuntimeError, ValueError, KeyError, TypeError, IndexError, ZeroDivisionError) as exc:
+        # Options that match but state that does not fit: another model in the same folder, an edited file.
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: does not fit the model and optimizer of these options ({reason}); "
+                              "start the run again with --overwrite") from None
     if dist.is_main:
         _remove_stale_best(out, ckpt["best"]["epoch"])
         log.info("--resume: continuing %s after epoch %d of %d", out, ckpt["epoch"], cfg.epochs)

@@ -9,8 +9,9 @@ The loop, in order:
 3. each epoch: draw the epoch's (undersampled) order with EpochSampler, cut it into global batches
    of about `--batch-seconds` of audio, give each rank every world-th clip of each batch, and
    compute the loss of Eq. 1 over the *global* batch (see `_gather`); then score Development;
-4. after every epoch write checkpoint.pt atomically; at the end write the run directory's files,
-   config.json last.
+4. after every epoch write checkpoint.safetensors atomically; at the end write the run directory's
+   files, config.json last. The run stays locked (`<run>.lock`, locks.py) while it trains, so a
+   second `--resume` or `--overwrite` of it is refused instead of writing into the same folder.
 
 Why global batches: CCC is not a mean over rows, so the loss of a batch split over two ranks is
 not the mean of the two halves' losses. Gathering the predictions (with autograd) and computing
@@ -32,13 +33,14 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache import audio as audio_lib
-from ser_cache import runs
+from ser_cache import locks, runs
 from ser_cache.checkpoint import (
     BEST,
     CHECKPOINT,  # noqa: F401  (the checkpoint's file name, for callers and tests)
     State,
     finish,
     init_from_run,
+    refuse_legacy,
     resume,
     save_checkpoint,
 )
@@ -157,11 +159,13 @@ def finetune_wavlm(cfg: FinetuneConfig) -> TrainResult:
 
     cfg.verify()
     dist = distributed.init()
+    lock = locks.FileLock(cfg.out)
     try:
-        # Rank 0 alone judges the target; the others learn the outcome (no rank may wait forever).
+        # Rank 0 alone locks and judges the target; the others learn the outcome (no rank may wait forever).
         problem = None
         if dist.is_main:
             try:
+                _lock_run(lock, cfg.out)
                 _check_target(cfg)
             except (runs.RunError, TrainError) as exc:
                 problem = str(exc)
@@ -171,7 +175,20 @@ def finetune_wavlm(cfg: FinetuneConfig) -> TrainResult:
         with torch_threads(cfg.threads):
             return _finetune(cfg, dist)
     finally:
+        lock.release()
         distributed.shutdown(dist)
+
+
+def _lock_run(lock: locks.FileLock, out: Path) -> None:
+    """Hold the run for the whole training: a second process would write into the same folder."""
+    try:
+        lock.acquire()
+    except locks.Held as exc:
+        raise TrainError(f"{out}: another process is training this run ({exc.holder}); wait for it to finish "
+                         "or stop it, then run the command again") from None
+    except OSError as exc:
+        raise TrainError(f"{lock.path}: cannot lock the run ({exc.strerror or exc}); --out must be in a "
+                         "folder you can write") from None
 
 
 def _check_target(cfg: FinetuneConfig) -> None:
@@ -179,6 +196,7 @@ def _check_target(cfg: FinetuneConfig) -> None:
     if cfg.resume and runs.is_run_dir(out):
         raise TrainError(f"--resume: the run at {out} is finished; choose another --out or pass --overwrite")
     if cfg.resume and runs.is_unfinished_run(out):
+        refuse_legacy(out)  # now, not after minutes of loading
         return
     runs.check_run_target(out, cfg.overwrite, resumable=True)
 

@@ -182,6 +182,7 @@ def load_wavlm(name: str):
     from ser_cache.encoders.wavlm import _input_conventions
 
     resolved = resolve_model(name, HUB_IDS)
+    _refuse_other_models(name)
     model = load_pretrained(WavLMModel, resolved)
     if getattr(model.config, "model_type", "wavlm") != "wavlm":
         from ser_cache.encoders.base import EncoderError
@@ -189,6 +190,23 @@ def load_wavlm(name: str):
         raise EncoderError(f"model '{name}' is a {model.config.model_type} model; `finetune wavlm` needs a WavLM")
     normalize, uses_mask = _input_conventions(resolved, model.config)
     return model, resolved, normalize, uses_mask
+
+
+def _refuse_other_models(name: str) -> None:
+    """Before loading: a Whisper (or any non-WavLM) model loaded as WavLM would fail as "lacks N weights"."""
+    from ser_cache.encoders import _read_config
+    from ser_cache.encoders.base import EncoderError
+
+    try:
+        config = _read_config(name, allow_network=False)  # None: not on disk yet; the loader reports it
+    except EncoderError:
+        return
+    model_type = config.get("model_type") if isinstance(config, dict) else None
+    if isinstance(model_type, str) and model_type and model_type != "wavlm":
+        listed = config.get("architectures")
+        architectures = ", ".join(map(str, listed)) if isinstance(listed, list) and listed else model_type
+        raise EncoderError(f"model '{name}' holds a {model_type} model ({architectures}); `finetune wavlm` "
+                           "fine-tunes a WavLM model: give --model wavlm-large or a directory holding a WavLM model")
 
 
 def architecture(model: WavLMEmotionModel, resolved, *, max_seconds: float, revision: str) -> dict:

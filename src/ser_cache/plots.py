@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import csv
 import math
-import pickle
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -100,30 +99,21 @@ def read_history(run_dir: str | Path) -> tuple[list[dict], int | None, bool]:
     """(history rows, the kept epoch, finished?) of a run directory.
 
     A finished run: history.csv and config.json's best_epoch. A fine-tuning run still in progress
-    (in_progress.json, no config.json): checkpoint.pt's history and its best epoch so far.
+    (in_progress.json, no config.json): its checkpoint's history and its best epoch so far.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PlotError(f"{run_dir}: no such run directory")
     if runs.is_unfinished_run(run_dir):
-        from ser_cache.checkpoint import CHECKPOINT
+        from ser_cache.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT, CheckpointError, read_checkpoint
 
-        path = run_dir / CHECKPOINT
-        if not path.is_file():
+        if not (run_dir / CHECKPOINT).is_file() and not (run_dir / LEGACY_CHECKPOINT).exists():
             raise PlotError(f"{run_dir}: an unfinished run without {CHECKPOINT}: it has not finished an epoch yet")
-        import torch
-
         try:
-            # Our own file, with numpy arrays in it: not a weights-only pickle.
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError,
-                ImportError) as exc:  # a truncated or foreign file: torch raises any of these
-            raise PlotError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
-        if not isinstance(ckpt, dict) or not isinstance(ckpt.get("history"), list):
-            raise PlotError(f"{path}: no \"history\" in the checkpoint; not a ser-cache fine-tuning checkpoint")
-        best = ckpt.get("best") or {}
-        kept = best.get("epoch") if isinstance(best, dict) else None
-        return [dict(r) for r in ckpt["history"]], None if kept is None else int(kept), False
+            ckpt = read_checkpoint(run_dir, tensors=False)  # the header alone: no weights are read
+        except CheckpointError as exc:
+            raise PlotError(str(exc)) from None
+        return [dict(r) for r in ckpt["history"]], int(ckpt["best"]["epoch"]), False
     try:
         config = runs.read_config(run_dir)
     except runs.RunError as exc:

@@ -15,7 +15,7 @@ Layout (documented for users in docs/training.md):
 
 A fine-tuned run (`finetune wavlm`, docs/finetune.md) has the same files plus the full encoder
 weights in model.safetensors. It trains for hours, so its in-progress state lives inside the run
-directory (IN_PROGRESS marker, checkpoint.pt, the best weights so far) and the finished files
+directory (IN_PROGRESS marker, checkpoint.safetensors, the best weights so far) and the finished files
 appear at the end, config.json last; `--resume` continues such a directory.
 
 Why the whole (heads) directory is written beside the target and renamed into place: a run killed in

@@ -31,15 +31,12 @@ store, the array and the chunk (`StoreError`). `verify(deep=True)` decodes every
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import itertools
 import json
 import logging
 import os
 import shutil
-import socket
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,7 +50,6 @@ FORMAT_VERSION = 1
 STORE_DTYPE = "float16"
 TARGET_CHUNK_BYTES = 4 << 20  # ~4 MiB of features per chunk: large sequential writes, cheap resume
 ROW_ARRAYS = ("ids", "features", "written", "failed")  # every store has them, one row per utterance
-LOCK_RETRY_SECONDS = 0.5  # a reader checking the lock holds it for microseconds; a writer waits that out
 
 log = logging.getLogger(__name__)
 
@@ -122,29 +118,10 @@ def repair_advice(problems: Sequence[ChunkProblem]) -> str:
 
 
 def writer_of(store_path: str | Path) -> str | None:
-    """Who holds the store's extraction lock (StoreLock), or None when nobody does.
+    """Who holds the store's extraction lock (StoreLock), or None when nobody does (locks.holder)."""
+    from ser_cache import locks
 
-    Tries a shared lock on `<store>.lock` without waiting and releases it at once: it is refused
-    exactly while an extraction holds its exclusive lock.
-    """
-    import fcntl
-
-    lock = Path(str(store_path) + ".lock")
-    try:
-        fd = os.open(lock, os.O_RDONLY)
-    except OSError:
-        return None  # no lock file: never extracted here, or removed with the store
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except OSError as exc:
-            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                return os.read(fd, 200).decode(errors="replace").strip() or "unknown holder"
-            raise
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    return locks.holder(store_path)
 
 
 def chunk_rows_for(feature_shape: tuple[int, ...], n_rows: int) -> int:
@@ -643,53 +620,30 @@ def export_hdf5(store: FeatureStore, out: str | Path, labels=None) -> Path:
 class StoreLock:
     """An exclusive lock on a store for one run: a second concurrent run is refused, never interleaved.
 
-    Uses flock on `<store>.lock`, which the kernel releases when the process dies (kill -9
-    included), so a crashed run never leaves a stale lock behind.
+    locks.FileLock on `<store>.lock`: the kernel releases it when the process dies (kill -9
+    included), and the file is removed when the extraction ends.
     """
 
     def __init__(self, store_path: Path):
-        self.path = Path(str(store_path) + ".lock")
-        self._fd: int | None = None
+        from ser_cache import locks
+
+        self._lock = locks.FileLock(store_path)
+        self.path = self._lock.path
+        self._store = Path(store_path)
 
     def acquire(self) -> None:
-        import fcntl
+        from ser_cache import locks
 
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            # A reader's probe (`writer_of`) holds a shared lock for microseconds: wait that out.
-            deadline = time.monotonic() + LOCK_RETRY_SECONDS
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except OSError as exc:
-                    if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK) or time.monotonic() > deadline:
-                        raise
-                    time.sleep(0.02)
-        except OSError as exc:
-            holder = ""
-            try:
-                holder = os.read(fd, 200).decode(errors="replace").strip()
-            finally:
-                os.close(fd)
-            if exc.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
-                raise StoreError(
-                    f"{self.path.with_suffix('')}: another extraction is writing this store ({holder or 'unknown holder'}); "
-                    "wait for it to finish (a second run would interleave writes)"
-                ) from None
-            raise
-        os.ftruncate(fd, 0)
-        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode())
-        self._fd = fd
+            self._lock.acquire()
+        except locks.Held as exc:
+            raise StoreError(
+                f"{self._store}: another extraction is writing this store ({exc.holder}); "
+                "wait for it to finish (a second run would interleave writes)"
+            ) from None
 
     def release(self) -> None:
-        if self._fd is not None:
-            import fcntl
-
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+        self._lock.release()
 
     def __enter__(self) -> StoreLock:
         self.acquire()

@@ -187,6 +187,17 @@ def load_error(resolved: ResolvedModel, exc: BaseException) -> EncoderError:
     )
 
 
+def pickled_weights_error(resolved: ResolvedModel, exc: BaseException) -> EncoderError:
+    """A pickled weights file (pytorch_model.bin) that torch refused to unpickle with weights_only=True:
+    it holds more than tensors. ser-cache never loads such a file the unsafe way."""
+    # torch's message advises weights_only=False; pass on only what it found in the file.
+    found = [line.strip() for line in str(exc).splitlines() if "WeightsUnpickler error" in line]
+    reason = found[0].split(":", 1)[-1].strip().split(". ")[0] if found else type(exc).__name__
+    return EncoderError(f"model '{resolved.name}' ({resolved.source}): its weights are a pickle (pytorch_model.bin) "
+                        f"that cannot be loaded safely ({reason}); safetensors weights are needed: save the model "
+                        "with save_pretrained (it writes model.safetensors) where you trust its source")
+
+
 def weights_revision(model: torch.nn.Module, resolved: ResolvedModel) -> str:
     """The hub commit when loaded from the hub; otherwise a digest of the local files.
 
@@ -227,10 +238,14 @@ def load_pretrained(cls, resolved: ResolvedModel, *, required_prefixes: tuple[st
     weights the caller needs (`check_loading_info`); missing keys for which `optional(key)` is
     true are parts the caller never uses.
     """
+    import pickle
+
     try:
         with quiet_loading():
             model, info = cls.from_pretrained(resolved.source, local_files_only=resolved.local_only,
                                               output_loading_info=True, **kwargs)
+    except pickle.UnpicklingError as exc:
+        raise pickled_weights_error(resolved, exc) from None
     except (OSError, ValueError) as exc:
         raise load_error(resolved, exc) from None
     missing = [k for k in info.get("missing_keys", []) if not optional(k)]

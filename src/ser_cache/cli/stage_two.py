@@ -108,10 +108,10 @@ def train_heads(
     from ser_cache.training import tensorboard_problem
     from ser_cache.training import train_heads as run_training
 
-    inputs = given("--features", *features) + given("--data", data)
-    writable(out_dir, "--out", folder=True, inputs=inputs, replaced=overwrite)
+    read = given("--features", *features) + given("--data", data)  # not `inputs`: locals() become the config
+    writable(out_dir, "--out", folder=True, inputs=read, replaced=overwrite)
     if tensorboard is not None:
-        writable(tensorboard, "--tensorboard", folder=True, inputs=inputs)
+        writable(tensorboard, "--tensorboard", folder=True, inputs=read)
     if tensorboard is not None and tensorboard_problem():
         fail(tensorboard_problem())
     _log_to_stderr()

@@ -73,10 +73,10 @@ def sweep_command(
     from ser_cache.sweep import SweepConfig, parse_variant, sweep
     from ser_cache.training import tensorboard_problem
 
-    inputs = given("--features", *features) + given("--data", data)
-    writable(out_dir, "--out", folder=True, inputs=inputs)
+    read = given("--features", *features) + given("--data", data)  # not `inputs`: locals() become the config
+    writable(out_dir, "--out", folder=True, inputs=read)
     if tensorboard is not None:
-        writable(tensorboard, "--tensorboard", folder=True, inputs=inputs)
+        writable(tensorboard, "--tensorboard", folder=True, inputs=read)
     if tensorboard is not None and tensorboard_problem():
         fail(tensorboard_problem())
     _log_to_stderr()

@@ -321,6 +321,23 @@ def test_transcribe_still_continues_its_own_table_without_overwrite(tmp_path):
     assert r.exit_code == 2 and "exists; pass --overwrite" not in r.output and "nothing" in r.output, r.output
 
 
+def test_bench_workdir_holding_someone_elses_folders_is_refused(tmp_path):
+    from ser_cache.bench import BenchConfig, BenchError, bench_extract
+    from test_bench import TINY_WHISPER
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY_WHISPER))
+    work = tmp_path / "project"
+    (work / "corpus").mkdir(parents=True)
+    (work / "corpus" / "my-notes.txt").write_text("mine")  # the benchmark would have emptied corpus/
+    cfg = BenchConfig(config=config, utterances=2, device="cpu", workers=0, workdir=work, random_init=True)
+    with pytest.raises(BenchError, match=f"--workdir {work}: not empty and not made by `ser-cache bench extract`"):
+        bench_extract(cfg)
+    assert (work / "corpus" / "my-notes.txt").read_text() == "mine"
+    fresh = BenchConfig(config=config, utterances=2, device="cpu", workers=0, workdir=tmp_path / "w", random_init=True)
+    assert bench_extract(fresh).utterances == 2 and bench_extract(fresh).utterances == 2  # its own: reused
+
+
 # --------------------------------------------------------------------------- --overwrite of a run, interrupted
 
 

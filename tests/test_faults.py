@@ -207,7 +207,8 @@ def test_failures_outside_the_library_call_go_through_the_same_place(monkeypatch
             raise raised
 
         monkeypatch.setattr("ser_cache.cli.stage_two._log_to_stderr", boom)
-        r = invoke("predict", tmp_path / "run", "--data", tmp_path, "--split", "Test1", "--out", tmp_path / "p.csv")
+        r = invoke("predict", tmp_path / "run", "--data", tmp_path / "corpus", "--split", "Test1", "--out",
+                   tmp_path / "p.csv")
         assert (r.exit_code, r.output.strip()) == (code, line)
 
 
@@ -338,8 +339,8 @@ def test_ensemble_refuses_to_overwrite_its_own_input(tmp_path):
     before = member.read_text()
     r = invoke("ensemble", member, member, "--out", member)
     assert r.exit_code == 2
-    assert r.output.strip() == (f"error: --out {member}: is also an input ({member}); the ensemble would overwrite a "
-                                "member, write it to another file")
+    assert r.output.strip() == (f"error: --out {member}: is also an input (the member {member}); writing it would "
+                                "destroy that input; choose another --out")
     assert member.read_text() == before
 
 

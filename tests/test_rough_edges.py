@@ -235,7 +235,7 @@ def test_finetune_lr_sets_both_rates_unless_one_is_given(tmp_path, monkeypatch):
                             (["--lr", "1e-3", "--lr-heads", "2e-4"], (1e-3, 2e-4)),
                             (["--lr", "1e-3", "--lr-encoder", "3e-5"], (3e-5, 1e-3)),
                             ([], (5e-5, 5e-5))]:
-        r = invoke("finetune", "wavlm", "--data", tmp_path, "--out", tmp_path / "run", *given)
+        r = invoke("finetune", "wavlm", "--data", tmp_path / "corpus", "--out", tmp_path / "run", *given)
         assert r.exit_code == 0, r.output
         assert (seen[-1].lr_encoder, seen[-1].lr_heads) == expected, given
 
@@ -290,7 +290,8 @@ def test_tensorboard_without_the_package_is_one_line(no_tensorboard, tiny_traini
     assert r.exit_code == 2 and "Traceback" not in r.output
     assert "--tensorboard" in r.output and "pip install 'ser-cache[tensorboard]'" in r.output
     assert not (tmp_path / "run").exists()
-    r = invoke("finetune", "wavlm", "--data", tmp_path, "--out", tmp_path / "ft", "--tensorboard", tmp_path / "tb")
+    r = invoke("finetune", "wavlm", "--data", tmp_path / "corpus", "--out", tmp_path / "ft", "--tensorboard",
+               tmp_path / "tb")
     assert r.exit_code == 2 and "pip install 'ser-cache[tensorboard]'" in r.output
 
 

@@ -289,6 +289,8 @@ def bench_extract(cfg: BenchConfig) -> BenchReport:
     runtime = RuntimeOptions(device=cfg.device, precision=cfg.precision)
     device = runtime.torch_device()
     autocast = runtime.autocast_dtype(device)
+    if cfg.workdir is not None:
+        claim_workdir(Path(cfg.workdir))
     tmp = tempfile.TemporaryDirectory(prefix="ser-cache-bench-") if cfg.workdir is None else None
     root = Path(tmp.name) if tmp else Path(cfg.workdir)
     try:
@@ -360,6 +362,19 @@ def prepare_corpus(root: Path, utterances: int, seed: int) -> tuple[np.ndarray, 
 
 
 BUILT_MARK = "bench-built.json"
+WORKDIR_MARK = ".ser-cache-bench"  # marks a --workdir the benchmark made, as demo.MARKER does the demo's
+
+
+def claim_workdir(root: Path) -> None:
+    """Use `root` if it is new, empty or the benchmark's own: it replaces root/out, and root/corpus and
+    root/model-* folders that lack its marks, so a folder holding anything else is refused."""
+    own = (root / WORKDIR_MARK).is_file() or (root / "corpus" / BUILT_MARK).is_file()  # the latter: before the mark
+    if root.is_dir() and any(root.iterdir()) and not own:
+        raise BenchError(f"--workdir {root}: not empty and not made by `ser-cache bench extract`; "
+                         "give a new or empty folder")
+    root.mkdir(parents=True, exist_ok=True)
+    (root / WORKDIR_MARK).write_text("made by `ser-cache bench extract`; a rerun replaces out/, and corpus/ and "
+                                     "model-*/ when they were built from other settings\n")
 
 
 def _built_once(folder: Path, key: dict, build) -> dict:

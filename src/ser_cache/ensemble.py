@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache import runs
+from ser_cache.outputs import Input, OutputError, refuse_inputs
 
 DEFAULT_SCALE = (1.0, 7.0)  # the challenge's (and MSP-Podcast's) scale: what a submission is checked against
 
@@ -147,6 +148,11 @@ def combine_gender(files: Sequence[str | Path], weights: Sequence[float], ids: S
     return labels, total / mass
 
 
+def member_inputs(files: Sequence[str | Path]) -> list[Input]:
+    """The members as inputs, for the rule that no output replaces one (outputs.py)."""
+    return [Input(Path(f), f"the member {f}") for f in files]
+
+
 def ensemble(files: Sequence[str | Path], *, out: str | Path, weights: Sequence[float] | None = None,
              data: Path | None = None, split: str | None = None, with_gender: bool = False,
              plots: Path | None = None, scale: tuple[float, float] | None = DEFAULT_SCALE) -> EnsembleResult:
@@ -158,11 +164,10 @@ def ensemble(files: Sequence[str | Path], *, out: str | Path, weights: Sequence[
         raise EnsembleError("--data and --split go together: give both to score the ensemble, or neither")
     if plots is not None and data is None:
         raise EnsembleError("--plots draws the members' and the ensemble's scores: give --data and --split too")
-    target = Path(out).resolve()
-    for f in files:
-        if Path(f).resolve() == target:
-            raise EnsembleError(f"--out {out}: is also an input ({f}); the ensemble would overwrite a member, "
-                                "write it to another file")
+    try:
+        refuse_inputs(out, "--out", member_inputs(files))
+    except OutputError as exc:
+        raise EnsembleError(str(exc)) from None
     ids, avd, w = combine(files, weights, scale)
     scores = score_predictions(ids, avd, Path(data), split) if data is not None else None
     members = [score_predictions(*read_member(f, scale), Path(data), split) for f in files] if data else None

@@ -20,8 +20,10 @@ appear at the end, config.json last; `--resume` continues such a directory.
 
 Why the whole (heads) directory is written beside the target and renamed into place: a run killed in
 epoch 40 must not leave a directory that looks finished, and `--overwrite` must not destroy the
-old run before the new one exists. Single files written later (eval_<split>.json) go through a
-temporary file and os.replace for the same reason.
+old run before the new one exists. A kill between the two renames of an --overwrite (old run aside,
+new run in) leaves `.NAME.replaced-PID` and `.NAME.training-PID` beside NAME: the next command on
+NAME puts the old run back (`recover_staging`), as if the interrupted command had not run. Single
+files written later (eval_<split>.json) go through a temporary file and os.replace for the same reason.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import logging
 import math
 import os
 import re
@@ -40,6 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache.atomic import atomic_path
+
+log = logging.getLogger(__name__)
 
 RUN_FORMAT = "ser-cache-run"
 RUN_FORMAT_VERSION = 2  # the newest this version reads
@@ -121,6 +126,7 @@ def check_run_target(path: str | Path, overwrite: bool, *, resumable: bool = Fal
     `resumable`: the command has --resume, so the messages offer it.
     """
     path = Path(path)
+    recover_staging(path)
     if not path.exists():
         return
     if not path.is_dir():
@@ -138,14 +144,82 @@ def check_run_target(path: str | Path, overwrite: bool, *, resumable: bool = Fal
         raise RunError(f"--out {path}: a run already exists there; pass --overwrite to replace it, or choose another --out")
 
 
+STAGES = ("training", "replaced")  # .NAME.training-PID: the run being written; .NAME.replaced-PID: the old one
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # PermissionError: another user's process
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or not path.is_dir():
+        path.unlink(missing_ok=True)
+    else:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def staging_leftovers(path: str | Path) -> list[tuple[str, Path]]:
+    """(stage, folder) of every `.NAME.training-PID` / `.NAME.replaced-PID` beside `path` whose process has ended."""
+    path = Path(path)
+    prefix = f".{path.name}."
+    found = []
+    try:
+        names = sorted(p.name for p in path.parent.iterdir() if p.name.startswith(prefix))
+    except OSError:
+        return []
+    for name in names:
+        stage, _, pid = name[len(prefix):].rpartition("-")
+        if stage in STAGES and pid.isdigit() and not _alive(int(pid)):
+            found.append((stage, path.parent / name))
+    return found
+
+
+def recover_staging(path: str | Path) -> None:
+    """Undo what an `--overwrite` killed between its renames left beside `path` (see staged_run_dir):
+    with no run at `path`, its old run (`.NAME.replaced-PID`) goes back; then the unfinished new run
+    (`.NAME.training-PID`) and any old run kept aside are removed. Each step is logged. Folders of a
+    process still running are left alone."""
+    path = Path(path)
+    # A symlinked --out: beside the link (an older version's leftovers) and beside its target.
+    for target in dict.fromkeys([path, Path(os.path.realpath(path))]):
+        leftovers = staging_leftovers(target)
+        replaced = [p for stage, p in leftovers if stage == "replaced"]
+        if replaced and not os.path.lexists(target):
+            newest = max(replaced, key=lambda p: p.lstat().st_ctime)  # the rename aside set its ctime
+            os.replace(newest, target)
+            log.warning("%s: restored the run an interrupted --overwrite had moved aside (%s); the new run "
+                        "was never put in place, so this is the run as it was before that command", target, newest.name)
+            replaced.remove(newest)
+        for p in replaced:
+            _remove(p)
+            log.warning("%s: removed %s, a run an earlier --overwrite replaced (that command ended before removing it)",
+                        target, p.name)
+        for p in (p for stage, p in leftovers if stage == "training"):
+            _remove(p)
+            log.warning("%s: removed %s, the unfinished folder of a run that was interrupted", target, p.name)
+
+
+def _staging_target(path: Path) -> Path:
+    """Where the run goes: a symlinked --out keeps its link and gets its target replaced, as writing
+    through a link does; replacing the link itself would leave the old run, unnamed, where it pointed."""
+    return Path(os.path.realpath(path)) if path.is_symlink() else path
+
+
 @contextmanager
 def staged_run_dir(path: str | Path, overwrite: bool):
     """Yield a temporary directory beside `path`; on success it replaces `path` in one rename.
 
-    On failure the temporary directory is removed and `path` is left as it was.
+    On failure the temporary directory is removed and `path` is left as it was. A symlink at `path`
+    stays: the folder it points to is replaced.
     """
-    path = Path(path)
     check_run_target(path, overwrite)
+    path = _staging_target(Path(path))
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.training-{os.getpid()}")
     if tmp.exists():
@@ -163,12 +237,20 @@ def staged_run_dir(path: str | Path, overwrite: bool):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     old = None
-    if path.exists():
+    if os.path.lexists(path):
         old = path.with_name(f".{path.name}.replaced-{os.getpid()}")
+        if os.path.lexists(old):
+            _remove(old)
         os.replace(path, old)
-    os.replace(tmp, path)
+    try:
+        os.replace(tmp, path)
+    except BaseException:  # the old run goes back; only a kill -9 here needs recover_staging
+        if old is not None:
+            os.replace(old, path)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+        _remove(old)
 
 
 def format_version(frame_inputs: dict | None) -> int:
@@ -202,6 +284,8 @@ def write_weights(path: Path, state, aam=None) -> Path:
 def read_config(run_dir: str | Path) -> dict:
     run_dir = Path(run_dir)
     cfg_path = run_dir / CONFIG
+    if not cfg_path.is_file():
+        recover_staging(run_dir)
     if not cfg_path.is_file():
         raise RunError(f"{run_dir}: not a run directory (no {CONFIG}); train one with `ser-cache train-heads`")
     try:

@@ -141,12 +141,14 @@ def guarded(fn, *args, **kwargs):
         return fn(*args, **kwargs)
 
 
-def writable(path, option: str, *, folder: bool = False) -> None:
-    """Fail now, before any work, when the output `path` of `option` cannot be written (outputs.check_writable)."""
+def writable(path, option: str, *, folder: bool = False, **rule) -> None:
+    """Fail now, before any work, when the output `path` of `option` cannot be written, is one of the
+    command's inputs or inside one, or would replace a file without --overwrite (outputs.check_writable:
+    `rule` takes its inputs, overwrite, files and replaced)."""
     from ser_cache.outputs import check_writable
 
     with one_line_failures():
-        check_writable(path, option, folder=folder)
+        check_writable(path, option, folder=folder, **rule)
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ import typer
 from rich.table import Table
 
 from ser_cache.cli import KNOWN_ERRORS, app, err, guarded, out, writable
+from ser_cache.cli import shared_options as shared
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that report figures (no hub, no real data needed).")
 app.add_typer(bench_app, name="bench")
@@ -32,6 +33,7 @@ def bench_extract_cmd(
     workdir: Optional[Path] = typer.Option(None, help="Keep the random model and synthetic corpus here and reuse them "
                                                       "next time (same model, --utterances, --seed); default: a temporary folder."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON."),
+    overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """Run `extract`'s pipeline on synthetic audio with a full-size random-weight encoder; report throughput and utilisation."""
     from ser_cache.bench import BenchConfig, BenchError, bench_extract
@@ -41,7 +43,9 @@ def bench_extract_cmd(
     if workdir is not None:
         writable(workdir, "--workdir", folder=True)
     if json_out is not None:
-        writable(json_out, "--json")
+        from ser_cache.outputs import given
+
+        writable(json_out, "--json", inputs=given("--config", config), overwrite=overwrite)
     cfg = BenchConfig(model=model, config=config, random_init=random_init, utterances=utterances, window=window,
                       pooling=pooling, device=device, precision=precision, batch_seconds=batch_seconds,
                       workers=workers, naive=naive, naive_utterances=naive_utterances, seed=seed,
@@ -73,5 +77,7 @@ def bench_extract_cmd(
         table.add_row(k, str(v))
     out.print(table)
     if json_out:
-        json_out.write_text(report.to_json())
+        from ser_cache.runs import write_text_atomic
+
+        write_text_atomic(json_out, report.to_json())
         err.print(f"wrote {json_out}", highlight=False)

@@ -74,8 +74,13 @@ def wavlm(
     Multi-GPU: torchrun --nproc-per-node 8 -m ser_cache finetune wavlm ...
     """
     from ser_cache.finetune import FinetuneConfig, finetune_wavlm
+    from ser_cache.outputs import given, local_folder
 
-    writable(out_dir, "--out", folder=True)
+    inputs = (given("--data", data) + local_folder("--model", model) + given("--text-features", text_features)
+              + given("--speaker-features", speaker_features) + given("--init-from", init_from))
+    writable(out_dir, "--out", folder=True, inputs=inputs, replaced=overwrite)
+    if tensorboard is not None:
+        writable(tensorboard, "--tensorboard", folder=True, inputs=inputs)
     from ser_cache.training import tensorboard_problem
 
     if tensorboard is not None and tensorboard_problem():

@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ser_cache.cli import KNOWN_ERRORS, app, guarded, out, writable
+from ser_cache.cli import shared_options as shared
 from ser_cache.plots import PlotError
 
 KNOWN_ERRORS.append(PlotError)
@@ -21,12 +22,17 @@ def plot_run(
     run: Path = typer.Argument(..., help="A run directory (train-heads, finetune wavlm; an unfinished fine-tuning run too)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for curves.png (default: the run directory)."),
     svg: bool = typer.Option(False, "--svg", help="Also write curves.svg."),
+    overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """Training curves: the losses and the Development CCC per epoch, the kept epoch marked."""
-    from ser_cache.plots import training_curves
+    from ser_cache.outputs import run_inputs
+    from ser_cache.plots import CURVES, training_curves
 
-    if out_dir is not None:
-        writable(out_dir, "--out", folder=True)
+    figures = [CURVES] + ([CURVES.replace(".png", ".svg")] if svg else [])
+    folder = out_dir if out_dir is not None else run
+    if out_dir is not None or run.is_dir():  # else reading the run says what is wrong with it
+        writable(folder, "--out", folder=True, inputs=run_inputs(run, own=[run / f for f in figures]),
+                 overwrite=overwrite, files=[folder / f for f in figures])
     result = guarded(training_curves, run, out_dir, svg=svg)
     if result is None:
         return
@@ -47,12 +53,15 @@ def plot_speakers(
     seed: int = typer.Option(0, help="Seed for the speakers, the utterances and t-SNE."),
     layer: Optional[int] = typer.Option(None, help="A layered store: this layer instead of the mean over layers."),
     svg: bool = typer.Option(False, "--svg", help="Also write the figure as SVG beside the PNG."),
+    overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """t-SNE of utterances coloured by speaker, with silhouette scores (how well the vectors group by speaker)."""
-    from ser_cache.plots import speaker_tsne
+    from ser_cache.outputs import given
+    from ser_cache.plots import default_tsne_path, speaker_tsne
 
-    if out_path is not None:
-        writable(out_path, "--out")
+    figure = out_path if out_path is not None else default_tsne_path(store)
+    writable(figure, "--out", inputs=given("the store", store) + given("--data", data), overwrite=overwrite,
+             files=[figure.with_suffix(".svg")] if svg else [])
     result = guarded(speaker_tsne, store, data, speakers=speakers, per_speaker=per_speaker, seed=seed, out=out_path,
                      svg=svg, layer=layer)
     if result is None:

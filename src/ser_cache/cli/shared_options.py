@@ -57,3 +57,7 @@ def heads_config(options: dict):
     renamed = {**options, "features": tuple(options["features"]), "out": options["out_dir"],
                "undersample": not options["no_undersample"], "memory_budget_gb": options["memory_budget"]}
     return TrainHeadsConfig(**{f.name: renamed[f.name] for f in dataclasses.fields(TrainHeadsConfig)})
+
+
+# Every command that writes output files: one option, one wording (outputs.py, docs/troubleshooting.md).
+OverwriteFiles = Annotated[bool, typer.Option("--overwrite", help="Replace output files that exist (refused otherwise).")]

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from ser_cache.cli import app, err, fail, guarded, out, writable
+from ser_cache.cli import shared_options as shared
 
 
 @app.command()
@@ -43,9 +44,11 @@ def extract(
 ) -> None:
     """Run a frozen encoder once over a corpus; write pooled (or frame-level) features to OUT/<name>.zarr (resumable)."""
     from ser_cache.extract import ExtractConfig, extract as run_extract
+    from ser_cache.outputs import given, local_folder
     from ser_cache.transcripts import record_path as transcript_record
 
-    writable(out_dir, "--out", folder=True)
+    writable(out_dir, "--out", folder=True,
+             inputs=given("--data", data) + given("--transcripts", transcripts) + local_folder("--model", model))
     cfg = ExtractConfig(model=model, data=data, out=out_dir, splits=tuple(split or ()), name=name, kind=kind,
                         window=window, pooling=pooling, max_seconds=max_seconds, batch_seconds=batch_seconds,
                         batch_texts=batch_texts, device=device, precision=precision, workers=workers,
@@ -161,14 +164,17 @@ def export(
     dest: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: next to the store, .h5)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest: add each "
                                         "id's labels and split (labels/arousal, …, labels/split) to the file."),
+    overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """Write a store's arrays and attributes to another format (HDF5 via h5py), with --data its labels too."""
     from ser_cache.corpus import load_corpus
+    from ser_cache.outputs import given
     from ser_cache.store import FeatureStore, export_hdf5
 
     if fmt != "hdf5":
         fail(f"--format {fmt}: expected hdf5")
-    writable(dest or store.with_suffix(".h5"), "--out")
+    writable(dest or store.with_suffix(".h5"), "--out", inputs=given("the store", store) + given("--data", data),
+             overwrite=overwrite)
     s = guarded(FeatureStore.open, store)
     # Labels go out as the corpus has them: an exporter does not judge their scale.
     labels = guarded(load_corpus, data, label_scale="none") if data is not None else None

@@ -104,10 +104,14 @@ def train_heads(
     Frame stores go through point-wise convolutions and a mean over each clip's frames first:
     --features whisper-large-v3-frames.zarr --features roberta-large.zarr is MMWhisper.
     """
+    from ser_cache.outputs import given
     from ser_cache.training import tensorboard_problem
     from ser_cache.training import train_heads as run_training
 
-    writable(out_dir, "--out", folder=True)
+    read = given("--features", *features) + given("--data", data)  # not `inputs`: locals() become the config
+    writable(out_dir, "--out", folder=True, inputs=read, replaced=overwrite)
+    if tensorboard is not None:
+        writable(tensorboard, "--tensorboard", folder=True, inputs=read)
     if tensorboard is not None and tensorboard_problem():
         fail(tensorboard_problem())
     _log_to_stderr()
@@ -131,13 +135,20 @@ def evaluate(
     prefer_transcripts: PreferTranscriptsOption = False,
     plots: Optional[Path] = typer.Option(None, help="Folder for figures: predicted vs true per attribute, CCC per "
                                                     "emotion class, the gender confusion matrix."),
+    overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """Score a run on a labelled split: CCC per attribute, mean, balanced CCC, gender; prints a table, writes JSON."""
+    from ser_cache.outputs import given, run_inputs
+    from ser_cache.plots import CONFUSION, PER_CLASS, SCATTER
     from ser_cache.predict import evaluate as run_evaluate
 
-    writable(dest or run / f"eval_{split}.json", "--out")
+    default = run / f"eval_{split}.json"  # the run keeps its evaluations
+    inputs = (run_inputs(run, features_dir=features_dir, own=[default]) + given("--data", data)
+              + given("--transcripts", transcripts))
+    writable(dest or default, "--out", inputs=inputs, overwrite=overwrite)
     if plots is not None:
-        writable(plots, "--plots", folder=True)
+        writable(plots, "--plots", folder=True, inputs=inputs, overwrite=overwrite,
+                 files=[plots / name for name in (SCATTER, PER_CLASS, CONFUSION)])
     _log_to_stderr()
     result = guarded(run_evaluate, run, data, split, out=dest, device=device, features_dir=features_dir,
                      transcripts=transcripts, prefer_transcripts=prefer_transcripts, plots=plots)
@@ -162,6 +173,7 @@ def predict(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     with_gender: bool = typer.Option(False, "--with-gender", help="Add the gender head's Gender and GenderProb_* columns "
                                                                   "(not part of the challenge's format)."),
+    overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """Predict arousal/valence/dominance for corpus splits or audio files, in the challenge's CSV format.
 
@@ -169,9 +181,14 @@ def predict(
     encoders are run here. Text inputs need transcripts: the corpus's own (or a .txt beside each
     file), and a --transcripts table (e.g. from `ser-cache transcribe`) where there are none.
     """
+    from ser_cache.outputs import given, run_inputs
     from ser_cache.predict import predict as run_predict
 
-    writable(dest, "--out")
+    files = files or []
+    beside = [f.with_suffix(".txt") for f in files if f.with_suffix(".txt").is_file()]  # a clip's own transcript
+    inputs = (run_inputs(run, features_dir=features_dir) + given("--data", data) + given("--transcripts", transcripts)
+              + given("the audio file", *files) + given("the transcript", *beside))
+    writable(dest, "--out", inputs=inputs, overwrite=overwrite)
     _log_to_stderr()
     result = guarded(run_predict, run, data=data, splits=tuple(split or ()), files=tuple(files or ()),
                      transcripts=transcripts, out=dest, device=device, features_dir=features_dir,
@@ -194,14 +211,18 @@ def ensemble(
                                                     "side by side (needs --data and --split)."),
     label_scale: str = typer.Option("1 7", metavar="'LOW HIGH'", help="The scale every member's value must lie on "
                                     "(a corpus on another scale), or none."),
+    overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """Average the arousal/valence/dominance predictions of several systems; score them with --data/--split."""
     from ser_cache.ensemble import ensemble as run_ensemble
-    from ser_cache.ensemble import scale_option
+    from ser_cache.ensemble import member_inputs, scale_option
+    from ser_cache.outputs import given
+    from ser_cache.plots import ENSEMBLE
 
-    writable(dest, "--out")
+    inputs = member_inputs(files) + given("--data", data)
+    writable(dest, "--out", inputs=inputs, overwrite=overwrite)
     if plots is not None:
-        writable(plots, "--plots", folder=True)
+        writable(plots, "--plots", folder=True, inputs=inputs, overwrite=overwrite, files=[plots / ENSEMBLE])
     parsed = None
     if weights:
         try:

@@ -70,10 +70,14 @@ def sweep_command(
     variant mean ± std over seeds of the Development CCC, and against --reference the difference
     in mean CCC with a 95% interval over Development utterances and seeds.
     """
+    from ser_cache.outputs import given
     from ser_cache.sweep import SweepConfig, parse_variant, sweep
     from ser_cache.training import tensorboard_problem
 
-    writable(out_dir, "--out", folder=True)
+    read = given("--features", *features) + given("--data", data)  # not `inputs`: locals() become the config
+    writable(out_dir, "--out", folder=True, inputs=read)
+    if tensorboard is not None:
+        writable(tensorboard, "--tensorboard", folder=True, inputs=read)
     if tensorboard is not None and tensorboard_problem():
         fail(tensorboard_problem())
     _log_to_stderr()

@@ -34,9 +34,12 @@ def transcribe(
     By default only the utterances without a transcript (e.g. MSP-Podcast's Test3) are transcribed;
     rerun the same command after an interruption to continue where it stopped.
     """
-    from ser_cache.transcribe import TranscribeConfig, transcribe as run_transcribe
+    from ser_cache.outputs import given, local_folder
+    from ser_cache.transcribe import TranscribeConfig, sidecar_path, transcribe as run_transcribe
 
-    writable(out, "--out")
+    inputs = given("--data", data) + local_folder("--model", model) + given("the audio file", *(files or ()))
+    # A table with its settings file beside it is this command's own: a rerun continues it (or refuses other settings).
+    writable(out, "--out", inputs=inputs, overwrite=overwrite or sidecar_path(out).is_file())
     cfg = TranscribeConfig(out=out, model=model, data=data, splits=tuple(split or ()), files=tuple(files or ()),
                            all=all_rows, beams=beams, max_new_tokens=max_new_tokens, batch_seconds=batch_seconds,
                            device=device, precision=precision, overwrite=overwrite, progress=progress)

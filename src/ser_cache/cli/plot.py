@@ -8,9 +8,8 @@ from typing import Optional
 import typer
 
 from ser_cache.cli import KNOWN_ERRORS, app, guarded, out, writable
-from ser_cache.plots import PlotError
 
-KNOWN_ERRORS.append(PlotError)
+KNOWN_ERRORS.append("ser_cache.plots:PlotError")
 
 plot_app = typer.Typer(no_args_is_help=True, help="Figures: training curves of a run, speakers in a feature store.")
 app.add_typer(plot_app, name="plot")
@@ -19,14 +18,16 @@ app.add_typer(plot_app, name="plot")
 @plot_app.command("run")
 def plot_run(
     run: Path = typer.Argument(..., help="A run directory (train-heads, finetune wavlm; an unfinished fine-tuning run too)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for curves.png (default: the run directory)."),
-    svg: bool = typer.Option(False, "--svg", help="Also write curves.svg."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR|FIG.png",
+                                           help="A folder for curves.png, or the figure's own name ending in .png "
+                                                "(default: the run directory)."),
+    svg: bool = typer.Option(False, "--svg", help="Also write the figure as SVG beside the PNG."),
 ) -> None:
     """Training curves: the losses and the Development CCC per epoch, the kept epoch marked."""
     from ser_cache.plots import training_curves
 
     if out_dir is not None:
-        writable(out_dir, "--out", folder=True)
+        writable(out_dir, "--out", folder=out_dir.suffix.lower() != ".png")
     result = guarded(training_curves, run, out_dir, svg=svg)
     if result is None:
         return
@@ -42,8 +43,9 @@ def plot_speakers(
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (the speaker of each utterance)."),
     speakers: int = typer.Option(10, help="Speakers to draw (paper Fig. 2: 10)."),
     per_speaker: int = typer.Option(10, "--per-speaker", help="Utterances per speaker (paper Fig. 2: 10)."),
-    out_path: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FIG.png",
-                                            help="The figure (default: <store>-speakers.png beside the store)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR|FIG.png",
+                                            help="A folder for <store>-speakers.png, or the figure's own name ending "
+                                                 "in .png (default: <store>-speakers.png beside the store)."),
     seed: int = typer.Option(0, help="Seed for the speakers, the utterances and t-SNE."),
     layer: Optional[int] = typer.Option(None, help="A layered store: this layer instead of the mean over layers."),
     svg: bool = typer.Option(False, "--svg", help="Also write the figure as SVG beside the PNG."),
@@ -52,7 +54,7 @@ def plot_speakers(
     from ser_cache.plots import speaker_tsne
 
     if out_path is not None:
-        writable(out_path, "--out")
+        writable(out_path, "--out", folder=out_path.suffix.lower() != ".png")
     result = guarded(speaker_tsne, store, data, speakers=speakers, per_speaker=per_speaker, seed=seed, out=out_path,
                      svg=svg, layer=layer)
     if result is None:

@@ -10,6 +10,7 @@ import typer
 from rich.table import Table
 
 from ser_cache.cli import app, err, fail, guarded, out, writable
+from ser_cache.cli import shared_options as shared
 
 
 @app.command()
@@ -17,18 +18,18 @@ def extract(
     model: str = typer.Option(..., "--model", "-m", help="Short name (whisper-large-v3, roberta-large, wavlm-large, wavlm-base-plus-sv), Hugging Face id, or local directory."),
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the store: OUT/<name>.zarr."),
-    split: Optional[list[str]] = typer.Option(None, "--split", "-s", help="Split(s) to extract (repeatable); default all."),
+    split: Optional[list[str]] = typer.Option(None, "--split", "-s", metavar="SPLIT", help="Split(s) to extract (repeatable); default all."),
     name: Optional[str] = typer.Option(None, help="Store name (default: the model's short name, plus -frames with --pooling frames)."),
-    kind: Optional[str] = typer.Option(None, help="Encoder kind: whisper, wavlm, xvector, text (default: detected)."),
-    window: str = typer.Option("window", help="Whisper only: 'window' (15-s window, as the paper) or 'trimmed' (real frames only)."),
-    pooling: str = typer.Option("mean", help="'mean' or 'mean+std' over valid frames, or 'frames': keep the last layer at every valid frame (whisper, wavlm; for frame-level heads)."),
+    kind: Optional[shared.KindName] = typer.Option(None, help="Encoder kind (default: detected)."),
+    window: shared.WindowMode = typer.Option("window", help="Whisper only: 'window' (15-s window, as the paper) or 'trimmed' (real frames only)."),
+    pooling: shared.PoolingMode = typer.Option("mean", help="'mean' or 'mean+std' over valid frames, or 'frames': keep the last layer at every valid frame (whisper, wavlm; for frame-level heads)."),
     max_seconds: float = typer.Option(15.0, help="Crop audio to its first N seconds."),
     batch_seconds: float = typer.Option(600.0, help="Padded audio seconds per batch."),
     batch_texts: int = typer.Option(64, help="Transcripts per batch (text encoders)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, bf16, fp16."),
+    precision: shared.EncoderPrecisionMode = typer.Option("auto", help="auto: bf16 on CUDA, fp32 on CPU."),
     workers: Optional[int] = typer.Option(None, help="Audio decoding processes per rank (default: the rank's share of the cores less one, up to 8 on GPU, 2 on CPU)."),
-    on_error: str = typer.Option("skip", help="'skip' bad files (listed in <name>.errors.csv) or 'fail' at the first."),
+    on_error: shared.OnErrorMode = typer.Option("skip", help="'skip' bad files (listed in <name>.errors.csv) or 'fail' at the first."),
     overwrite: bool = typer.Option(False, help="Rebuild a store whose settings differ."),
     retry_failed: bool = typer.Option(False, help="Recompute rows that failed in an earlier run."),
     chunk_rows: Optional[int] = typer.Option(None, help="Rows per Zarr chunk (default: ~4 MiB chunks)."),
@@ -157,7 +158,7 @@ def _frame_rows(f: dict) -> list[tuple[str, str]]:
 @app.command()
 def export(
     store: Path = typer.Argument(..., help="A feature store (.zarr)."),
-    fmt: str = typer.Option("hdf5", "--format", help="Output format: hdf5."),
+    fmt: shared.ExportFormat = typer.Option("hdf5", "--format", help="Output format (HDF5, via h5py)."),
     dest: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: next to the store, .h5)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest: add each "
                                         "id's labels and split (labels/arousal, …, labels/split) to the file."),

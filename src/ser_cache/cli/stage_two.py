@@ -8,9 +8,11 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ser_cache.cli import KNOWN_ERRORS, app, err, fail, guarded, out, writable
+from ser_cache.cli import rerun
 from ser_cache.cli import shared_options as shared
 
 KNOWN_ERRORS.extend(["ser_cache.rows:TrainError", "ser_cache.runs:RunError", "ser_cache.predict:PredictError",
@@ -43,7 +45,8 @@ def _fmt(x) -> str:
 
 def titled(title: str, table: Table):
     """The table under its title, the title on a line of its own: rich wraps a table's own title at
-    the table's width (about 45 columns here), which would break a run's path over several lines."""
+    the table's width (about 45 columns here), which would break a run's path over several lines.
+    Print it with soft_wrap=True, so that a title longer than the console is not cut either."""
     from rich.console import Group
     from rich.text import Text
 
@@ -104,6 +107,10 @@ def train_heads(
     progress: bool = typer.Option(True, help="Show a progress bar."),
     tensorboard: Optional[Path] = typer.Option(None, metavar="DIR", help="Also log each epoch's history.csv row as "
                                                "TensorBoard scalars in DIR (pip install 'ser-cache[tensorboard]')."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", metavar="RUN/config.json", is_eager=True, callback=rerun.defaults_from_run,
+        help="Rerun a train-heads run's settings: every option of its config.json (or run directory) but --out, "
+             "--overwrite, --progress and --tensorboard; the options given here override the file's."),
 ) -> None:
     """Train arousal/valence/dominance heads (plus gender and speaker heads) on cached features; write a run directory.
 
@@ -118,11 +125,14 @@ def train_heads(
         fail(tensorboard_problem())
     _log_to_stderr()
     cfg = shared.heads_config(locals())
+    if config is not None:
+        for note in guarded(rerun.provenance_notes, config, cfg.data):
+            err.print(f"[yellow]note: {escape(note)}[/]", highlight=False, soft_wrap=True)
     result = guarded(run_training, cfg)
     if result is None:
         return
     out.print(scores_table(f"{result.run_dir} — {cfg.dev_split}, epoch {result.best_epoch} of {cfg.epochs}",
-                           result.metrics))
+                           result.metrics), soft_wrap=True)
 
 
 @app.command()
@@ -162,7 +172,7 @@ def evaluate(
                          transcripts=transcripts, prefer_transcripts=prefer_transcripts, plots=folder)
         if result is None:
             return
-        out.print(scores_table(f"{run} — {s} ({result['rows']} utterances)", result))
+        out.print(scores_table(f"{run} — {s} ({result['rows']} utterances)", result), soft_wrap=True)
         err.print(f"wrote {result['out']}", highlight=False)
         for path in result.get("plots", []):
             err.print(f"wrote {path}", highlight=False)
@@ -232,7 +242,7 @@ def ensemble(
               f"(weights {', '.join(f'{w:.3g}' for w in result.weights)})", highlight=False)
     if result.scores is not None:
         out.print(members_table(f"ensemble — {split} (CCC)", [Path(f).stem for f in files], result.members,
-                                result.scores))
+                                result.scores), soft_wrap=True)
     for path in result.plots:
         err.print(f"wrote {path}", highlight=False)
 

@@ -85,7 +85,8 @@ def sweep_command(
         return
     out.print(sweep_table(result.summary, wide=out.width >= 120,
                           title=f"{result.out}: {result.summary['split']} CCC over "
-                                f"{len(result.summary['seeds'])} seed(s); Δ against {result.summary['reference']}"))
+                                f"{len(result.summary['seeds'])} seed(s); Δ against {result.summary['reference']}"),
+              soft_wrap=True)
 
 
 def _pm(mean, std, digits: int) -> str:

@@ -36,7 +36,7 @@ def demo(
               f"(text: {result['text_model']}), extracted in {s['extract']:.1f} s, trained in {s['train']:.1f} s",
               highlight=False)
     metrics = result["metrics"]
-    out.print(scores_table(f"{metrics['split']} (best epoch {metrics['best_epoch']})", metrics), soft_wrap=True)
+    out.print(scores_table(f"{metrics['split']} (best epoch {metrics['best_epoch']})", metrics))
     if result["run_dir"] is None:
         err.print("The corpus, models, stores and run were in a temporary folder, now removed.\n"
                   "To keep them and try the other commands on them: ser-cache demo --workdir DIR", highlight=False)

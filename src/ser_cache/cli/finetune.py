@@ -98,7 +98,7 @@ def wavlm(
     if result is None or not _is_main():
         return
     out.print(scores_table(f"{result.run_dir} — {cfg.dev_split}, epoch {result.best_epoch} of {cfg.epochs}",
-                           result.metrics), soft_wrap=True)
+                           result.metrics))
 
 
 def _is_main() -> bool:

@@ -45,8 +45,8 @@ def _fmt(x) -> str:
 
 def titled(title: str, table: Table):
     """The table under its title, the title on a line of its own: rich wraps a table's own title at
-    the table's width (about 45 columns here), which would break a run's path over several lines.
-    Print it with soft_wrap=True, so that a title longer than the console is not cut either."""
+    the table's width (about 45 columns here), which would break a run's path over several lines;
+    on its own line it wraps at the console's width, so a title of up to 80 columns stays one line."""
     from rich.console import Group
     from rich.text import Text
 
@@ -132,7 +132,7 @@ def train_heads(
     if result is None:
         return
     out.print(scores_table(f"{result.run_dir} — {cfg.dev_split}, epoch {result.best_epoch} of {cfg.epochs}",
-                           result.metrics), soft_wrap=True)
+                           result.metrics))
 
 
 @app.command()
@@ -172,7 +172,7 @@ def evaluate(
                          transcripts=transcripts, prefer_transcripts=prefer_transcripts, plots=folder)
         if result is None:
             return
-        out.print(scores_table(f"{run} — {s} ({result['rows']} utterances)", result), soft_wrap=True)
+        out.print(scores_table(f"{run} — {s} ({result['rows']} utterances)", result))
         err.print(f"wrote {result['out']}", highlight=False)
         for path in result.get("plots", []):
             err.print(f"wrote {path}", highlight=False)
@@ -242,7 +242,7 @@ def ensemble(
               f"(weights {', '.join(f'{w:.3g}' for w in result.weights)})", highlight=False)
     if result.scores is not None:
         out.print(members_table(f"ensemble — {split} (CCC)", [Path(f).stem for f in files], result.members,
-                                result.scores), soft_wrap=True)
+                                result.scores))
     for path in result.plots:
         err.print(f"wrote {path}", highlight=False)
 

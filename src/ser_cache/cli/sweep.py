@@ -85,8 +85,7 @@ def sweep_command(
         return
     out.print(sweep_table(result.summary, wide=out.width >= 120,
                           title=f"{result.out}: {result.summary['split']} CCC over "
-                                f"{len(result.summary['seeds'])} seed(s); Δ against {result.summary['reference']}"),
-              soft_wrap=True)
+                                f"{len(result.summary['seeds'])} seed(s); Δ against {result.summary['reference']}"))
 
 
 def _pm(mean, std, digits: int) -> str:

@@ -1,8 +1,18 @@
-"""Checks on the Python environment that would otherwise fail far from their cause."""
+"""Checks on the Python environment that would otherwise fail far from their cause, and the
+machine's memory (light to import: the CLI's --help shows the default memory budget)."""
 
 from __future__ import annotations
 
-from importlib import metadata
+import os
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def default_memory_budget_gb() -> float:
+    """Half of the machine's physical memory: the rest is for torch, the batches and everyone else."""
+    return physical_memory_bytes() / 2 / 1e9
 
 
 def _major_minor(version: str) -> tuple[int, ...]:
@@ -20,6 +30,8 @@ def torchaudio_problem(torch_version: str | None = None, torchaudio_version: str
     another torch fails at import, taking `import transformers` down with it. ser-cache does not
     use torchaudio, so the fix is to remove it (or install the matching build).
     """
+    from importlib import metadata
+
     try:
         ta = torchaudio_version or metadata.version("torchaudio")
     except metadata.PackageNotFoundError:

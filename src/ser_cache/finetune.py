@@ -59,7 +59,9 @@ class FinetuneConfig:
     lr_encoder, lr_heads, epochs: the paper's 5e-5 and 50.
     batch_seconds: audio seconds per (global) batch, summed over ranks; the paper gives no batch
     size. 160 s is about 29 MSP-Podcast clips (mean 5.5 s).
-    gender_weight, speaker_weight: 0 (heads off), the paper's plain WavLM system; 1 for "G Pred".
+    gender_weight, speaker_weight: Eq. 1's alpha = 1 and beta = 0.1, the one default of train-heads
+    and finetune wavlm (docs/training.md says why); 0 turns a head off (the paper's plain WavLM
+    system is 0 and 0, its "G Pred" 1 and 0).
     weight_decay: AdamW's default, as in train-heads.
     dropout: of the heads; 0, as the authors' heads (Linear–ReLU–Linear). conv_dropout: between the
     point-wise convolutions, the authors' fixed 0.1.
@@ -87,8 +89,8 @@ class FinetuneConfig:
     seed: int = 0
     undersample: bool = True
     ox: str = "keep"
-    gender_weight: float = 0.0
-    speaker_weight: float = 0.0
+    gender_weight: float = 1.0
+    speaker_weight: float = 0.1
     aam_margin: float = 0.2
     aam_scale: float = 30.0
     select: str = "balanced"

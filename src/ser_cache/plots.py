@@ -62,6 +62,23 @@ def _figure(size: tuple[float, float]):
     return fig
 
 
+# Names that mean a figure file of another format: refused rather than taken for a folder's name.
+OTHER_FIGURE_SUFFIXES = (".svg", ".pdf", ".eps", ".ps", ".jpg", ".jpeg", ".tif", ".tiff", ".gif", ".webp")
+
+
+def figure_path(out: str | Path | None, default: Path) -> Path:
+    """Where a figure goes, the same rule for every `plot` command's --out: a name ending in .png is
+    the file itself; another figure format is refused; anything else is a folder that gets
+    `default`'s file name; None is `default`."""
+    if out is None:
+        return Path(default)
+    out = Path(out)
+    if out.suffix.lower() in OTHER_FIGURE_SUFFIXES:
+        raise PlotError(f"--out {out}: the figure is a PNG; give a name ending in .png (--svg writes the SVG "
+                        "beside it) or a folder")
+    return out if out.suffix.lower() == ".png" else out / Path(default).name
+
+
 def _save(fig, png: Path, svg: bool) -> list[Path]:
     """The PNG (and the SVG beside it), each through a temporary file renamed into place."""
     png = Path(png)
@@ -130,7 +147,8 @@ def read_history(run_dir: str | Path) -> tuple[list[dict], int | None, bool]:
 
 def training_curves(run_dir: str | Path, out_dir: str | Path | None = None, svg: bool = False,
                     title: str | None = None) -> CurvesResult:
-    """Losses and Development CCC per epoch, the kept epoch marked; `<out_dir>/curves.png` (default: the run)."""
+    """Losses and Development CCC per epoch, the kept epoch marked; `<out_dir>/curves.png` (default: the run),
+    or `out_dir` itself when it names a .png file (`figure_path`)."""
     run_dir = Path(run_dir)
     rows, kept, finished = read_history(run_dir)
     if not rows:
@@ -169,7 +187,7 @@ def training_curves(run_dir: str | Path, out_dir: str | Path | None = None, svg:
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
     fig.suptitle(f"{title or run_dir.name}" + ("" if finished else f" (in progress, {len(epochs)} epochs)"))
-    paths = _save(fig, Path(out_dir or run_dir) / CURVES, svg)
+    paths = _save(fig, figure_path(out_dir, run_dir / CURVES), svg)
     return CurvesResult(paths=paths, epochs=epochs, losses=losses, dev_ccc=dev, balanced_mean=balanced_mean,
                         kept_epoch=kept, finished=finished)
 
@@ -420,9 +438,7 @@ def speaker_tsne(store_path: str | Path, data: str | Path, speakers: int = 10, p
     if per_speaker < 2:
         raise PlotError(f"--per-speaker {per_speaker}: at least 2 utterances per speaker are needed")
     store_path = Path(store_path)
-    out = Path(out) if out is not None else default_tsne_path(store_path)
-    if out.suffix.lower() != ".png":
-        raise PlotError(f"--out {out}: the figure is a PNG; give a name ending in .png (the SVG goes beside it)")
+    out = figure_path(out, default_tsne_path(store_path))  # a .png file, or a folder for the default name
     store = FeatureStore.open(store_path)
     written, _ = store.flags()
     row_of = {uid: i for i, uid in enumerate(store.ids().tolist()) if written[i]}

@@ -31,6 +31,9 @@ from pathlib import Path
 
 import numpy as np
 
+# In environment.py so that the CLI can show the default in --help without importing numpy.
+from ser_cache.environment import default_memory_budget_gb, physical_memory_bytes  # noqa: F401
+
 log = logging.getLogger(__name__)
 
 NO_EMOTION_CLASS = "?"  # undersampling class of training rows that have no emotion code
@@ -48,10 +51,6 @@ ON_DEVICE, HOST_PINNED, HOST, STREAMED = "device", "host, pinned batches", "host
 
 class TrainError(Exception):
     """Training cannot start or go on as asked; the message names the option, store or utterance."""
-
-
-def physical_memory_bytes() -> int:
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def available_memory_bytes() -> int:
@@ -107,11 +106,6 @@ def _pinned(shape, dtype):
     import torch
 
     return torch.empty(shape, dtype=dtype, pin_memory=True)
-
-
-def default_memory_budget_gb() -> float:
-    """Half of the machine's physical memory: the rest is for torch, the batches and everyone else."""
-    return physical_memory_bytes() / 2 / 1e9
 
 
 def store_record(name: str, path: Path, attrs: dict, shape: Sequence[int]) -> dict:
@@ -446,8 +440,7 @@ class TrainingData:
                            device_inputs_gb=round(used / 1e9, 6), inputs=where)
         if cuda and any(w == ON_DEVICE for s, w in zip(self.inputs, where.values()) if isinstance(s, FrameInput)):
             self.memory["frames_on"] = str(device)
-        log.info("inputs on %s (%.3g GB of %.3g GB free, share %g): %s", device, used / 1e9, free / 1e9, share,
-                 ", ".join(f"{k} {v}" for k, v in where.items()))
+        log.info("%s", placement_text(device, where, used, free, share))
         return where
 
     def frame_lengths(self, idx: np.ndarray) -> np.ndarray:
@@ -646,6 +639,28 @@ def load_rows(data: Path, train_split: str, dev_split: str, stores: Sequence[Pat
     return rows
 
 
+def size_text(n_bytes: float) -> str:
+    """A size for people, in the decimal units of --memory-budget: 251 kB, 12.6 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            value = n_bytes / scale
+            return f"{value:.3g} {unit}" if value < 1000 else f"{value:.0f} {unit}"
+    return f"{int(n_bytes)} bytes"
+
+
+def placement_text(device, where: dict[str, str], used: int, free: int, share: float) -> str:
+    """The log line of `TrainingData.place`: which inputs went where, and the figures that decided."""
+    said = {ON_DEVICE: f"held on {device}", HOST: "in host memory, each batch gathered there",
+            HOST_PINNED: f"in host memory, each batch copied to {device} through pinned memory",
+            STREAMED: "streamed from their stores block by block"}
+    groups: dict[str, list[str]] = {}
+    for name, place in where.items():
+        groups.setdefault(place, []).append(name)
+    placed = "; ".join(f"{', '.join(names)} {said.get(place, place)}" for place, names in groups.items())
+    return (f"inputs: {placed} ({size_text(used)} on {device}, of up to {size_text(share * free)} allowed: "
+            f"{share:.0%} of its {size_text(free)} free)")
+
+
 def _hold_or_stream(data: TrainingData, budget_gb: float) -> None:
     """Read every frame input's kept rows when they fit the budget beside the pooled stores; else stream."""
     budget = budget_gb * 1e9
@@ -656,11 +671,11 @@ def _hold_or_stream(data: TrainingData, budget_gb: float) -> None:
         for s in data.frame_inputs:
             s.hold(s.rows)
         data.memory["frames"] = "held"
-        log.info("frames: %.3g GB packed for %d rows, held in memory (budget %.3g GB, pooled stores %.3g GB)",
-                 frames / 1e9, data.ids.size, budget_gb, pooled / 1e9)
+        log.info("frames: %s packed for %d rows, held in memory (budget %s, pooled stores %s)",
+                 size_text(frames), data.ids.size, size_text(budget), size_text(pooled))
         return
     data.block_bytes = max(int(budget - pooled), 0)
     data.memory["frames"] = "streamed"
-    log.info("frames: %.3g GB packed for %d rows do not fit the budget of %.3g GB beside the pooled stores "
-             "(%.3g GB): streamed each epoch in blocks of whole chunks of up to %.3g GB",
-             frames / 1e9, data.ids.size, budget_gb, pooled / 1e9, data.block_bytes / 1e9)
+    log.info("frames: %s packed for %d rows do not fit the budget of %s beside the pooled stores (%s): "
+             "streamed each epoch in blocks of whole chunks of up to %s",
+             size_text(frames), data.ids.size, size_text(budget), size_text(pooled), size_text(data.block_bytes))

@@ -288,6 +288,11 @@ def read_config(run_dir: str | Path) -> dict:
         recover_staging(run_dir)
     if not cfg_path.is_file():
         raise RunError(f"{run_dir}: not a run directory (no {CONFIG}); train one with `ser-cache train-heads`")
+    return read_config_file(cfg_path)
+
+
+def read_config_file(cfg_path: Path) -> dict:
+    """A run's config.json, checked: JSON, a run's format, a version this reader knows, entries' types."""
     try:
         config = json.loads(cfg_path.read_text())
     except (ValueError, OSError) as exc:

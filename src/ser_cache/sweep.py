@@ -300,6 +300,8 @@ def _written(member: Member, view: TrainingData) -> bool:
         have = recorded.get(key)
         if key == "features":
             same = sorted(str(Path(p).resolve()) for p in have or []) == sorted(str(Path(p).resolve()) for p in value)
+        elif key == "data":  # recorded absolute (as typed before provenance came)
+            same = have is not None and Path(have).resolve() == Path(value).resolve()
         else:
             same = have == value or (isinstance(value, float) and isinstance(have, (int, float))
                                      and math.isclose(have, value))

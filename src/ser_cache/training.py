@@ -367,14 +367,19 @@ def run_config(train: dict, data: TrainingData, lo: Sequence[float], hi: Sequenc
 
     `extra` adds fields of other run kinds (a fine-tuned encoder's `system` and architecture) and
     "frame_inputs", the ConvPool arguments of every frame store (model.FeatureModel.config()).
+    The options' paths are recorded absolute, and "provenance" says what trained the run on which
+    labels (provenance.py).
     """
+    from ser_cache import provenance
+
     return {
         "format": runs.RUN_FORMAT,
         "format_version": runs.format_version(extra.get("frame_inputs")),
         "package_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
-        "train": train,
+        "provenance": provenance.record(train.get("data")),
+        "train": provenance.absolute_paths(train),
         "inputs": [s.record() for s in data.inputs],
         "excluded_stores": data.excluded_stores,
         "labels": {"attributes": list(AVD), "min": list(lo), "max": list(hi)},

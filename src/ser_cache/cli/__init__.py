@@ -35,10 +35,15 @@ def fail(message: str, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
-KNOWN_ERRORS: list[type[Exception]] = []
+# The library's error classes that become one line: a class, or "module:Class" for a module the
+# command imports only when it runs, so that importing the CLI (`--help`, `--version`) loads no
+# library module and no torch. A class whose module was never imported cannot have been raised.
+KNOWN_ERRORS: list[type[Exception] | str] = []
 
 
 def _known_errors() -> tuple[type[Exception], ...]:
+    import sys
+
     from ser_cache.audio import AudioError
     from ser_cache.corpus import CorpusError
     from ser_cache.encoders import EncoderError
@@ -46,7 +51,14 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from ser_cache.outputs import OutputError
     from ser_cache.store import StoreError
 
-    return (AudioError, CorpusError, EncoderError, ExtractError, OutputError, StoreError, *KNOWN_ERRORS)
+    named = []
+    for known in KNOWN_ERRORS:
+        if isinstance(known, str):
+            module, _, name = known.partition(":")
+            known = getattr(sys.modules.get(module), name, None)  # None: not imported (or not yet defined)
+        if known is not None:
+            named.append(known)
+    return (AudioError, CorpusError, EncoderError, ExtractError, OutputError, StoreError, *named)
 
 
 def disk_full_message(path) -> str:
@@ -99,6 +111,16 @@ def _plain_help(cmd) -> None:
         _plain_help(sub)
 
 
+def _no_list_types(cmd) -> None:
+    """Hide the Python type typer prints after a variadic argument (`FILE <list[Path]>`): its
+    metavar (FILE, CSV) says what it takes. Options set a metavar instead (SPLIT, STORE)."""
+    for param in getattr(cmd, "params", []):
+        if param.param_type_name == "argument" and param.nargs == -1 and param.metavar:
+            param.display_type_rich = lambda ctx: None
+    for sub in getattr(cmd, "commands", {}).values():
+        _no_list_types(sub)
+
+
 class _GuardedGroup(TyperGroup):
     """The app's group: every command (and sub-group) runs inside `one_line_failures`."""
 
@@ -107,6 +129,7 @@ class _GuardedGroup(TyperGroup):
 
         if shutil.get_terminal_size().columns < RICH_HELP_COLUMNS:
             _plain_help(self)
+        _no_list_types(self)
         return super().main(*args, **kwargs)
 
     def invoke(self, ctx):

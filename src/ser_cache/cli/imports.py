@@ -8,9 +8,8 @@ from typing import Optional
 import typer
 
 from ser_cache.cli import KNOWN_ERRORS, app, guarded, out, writable
-from ser_cache.vox_profile import ImportError_
 
-KNOWN_ERRORS.append(ImportError_)
+KNOWN_ERRORS.append("ser_cache.vox_profile:ImportError_")
 
 import_app = typer.Typer(no_args_is_help=True, help="Turn released checkpoints into ser-cache runs.")
 app.add_typer(import_app, name="import")
@@ -24,8 +23,9 @@ def vox_profile(
     backbone: Optional[str] = typer.Option(None, help="The encoder's configuration and preprocessor: short name, hub id "
                                                       "or directory (default: microsoft/wavlm-large or "
                                                       "openai/whisper-large-v3, as the checkpoint's pretrain_model says)."),
-    label_range: tuple[float, float] = typer.Option((1.0, 7.0), help="LOW HIGH: the scale the sigmoid outputs in "
-                                                                     "[0, 1] are mapped onto (MSP-Podcast: 1 7)."),
+    label_range: tuple[float, float] = typer.Option((1.0, 7.0), metavar="LOW HIGH",
+                                                    help="The scale the sigmoid outputs in [0, 1] are mapped onto "
+                                                         "(MSP-Podcast: 1 7)."),
     gender_labels: str = typer.Option("Female,Male", help="Names of the gender head's two outputs, in order."),
     overwrite: bool = typer.Option(False, help="Replace a run already in --out."),
 ) -> None:

@@ -9,9 +9,8 @@ import typer
 
 from ser_cache.cli import KNOWN_ERRORS, app, guarded, out, writable
 from ser_cache.cli import shared_options as shared
-from ser_cache.plots import PlotError
 
-KNOWN_ERRORS.append(PlotError)
+KNOWN_ERRORS.append("ser_cache.plots:PlotError")
 
 plot_app = typer.Typer(no_args_is_help=True, help="Figures: training curves of a run, speakers in a feature store.")
 app.add_typer(plot_app, name="plot")
@@ -20,19 +19,20 @@ app.add_typer(plot_app, name="plot")
 @plot_app.command("run")
 def plot_run(
     run: Path = typer.Argument(..., help="A run directory (train-heads, finetune wavlm; an unfinished fine-tuning run too)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", help="Folder for curves.png (default: the run directory)."),
-    svg: bool = typer.Option(False, "--svg", help="Also write curves.svg."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR|FIG.png",
+                                           help="A folder for curves.png, or the figure's own name ending in .png "
+                                                "(default: the run directory)."),
+    svg: bool = typer.Option(False, "--svg", help="Also write the figure as SVG beside the PNG."),
     overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """Training curves: the losses and the Development CCC per epoch, the kept epoch marked."""
     from ser_cache.outputs import run_inputs
-    from ser_cache.plots import CURVES, training_curves
+    from ser_cache.plots import CURVES, figure_path, training_curves
 
-    figures = [CURVES] + ([CURVES.replace(".png", ".svg")] if svg else [])
-    folder = out_dir if out_dir is not None else run
+    png = figure_path(out_dir, run / CURVES)
+    figures = [png] + ([png.with_suffix(".svg")] if svg else [])
     if out_dir is not None or run.is_dir():  # else reading the run says what is wrong with it
-        writable(folder, "--out", folder=True, inputs=run_inputs(run, own=[run / f for f in figures]),
-                 overwrite=overwrite, files=[folder / f for f in figures])
+        writable(png, "--out", inputs=run_inputs(run, own=figures), overwrite=overwrite, files=figures[1:])
     result = guarded(training_curves, run, out_dir, svg=svg)
     if result is None:
         return
@@ -48,8 +48,9 @@ def plot_speakers(
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (the speaker of each utterance)."),
     speakers: int = typer.Option(10, help="Speakers to draw (paper Fig. 2: 10)."),
     per_speaker: int = typer.Option(10, "--per-speaker", help="Utterances per speaker (paper Fig. 2: 10)."),
-    out_path: Optional[Path] = typer.Option(None, "--out", "-o", metavar="FIG.png",
-                                            help="The figure (default: <store>-speakers.png beside the store)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR|FIG.png",
+                                            help="A folder for <store>-speakers.png, or the figure's own name ending "
+                                                 "in .png (default: <store>-speakers.png beside the store)."),
     seed: int = typer.Option(0, help="Seed for the speakers, the utterances and t-SNE."),
     layer: Optional[int] = typer.Option(None, help="A layered store: this layer instead of the mean over layers."),
     svg: bool = typer.Option(False, "--svg", help="Also write the figure as SVG beside the PNG."),
@@ -57,9 +58,9 @@ def plot_speakers(
 ) -> None:
     """t-SNE of utterances coloured by speaker, with silhouette scores (how well the vectors group by speaker)."""
     from ser_cache.outputs import given
-    from ser_cache.plots import default_tsne_path, speaker_tsne
+    from ser_cache.plots import default_tsne_path, figure_path, speaker_tsne
 
-    figure = out_path if out_path is not None else default_tsne_path(store)
+    figure = figure_path(out_path, default_tsne_path(store))
     writable(figure, "--out", inputs=given("the store", store) + given("--data", data), overwrite=overwrite,
              files=[figure.with_suffix(".svg")] if svg else [])
     result = guarded(speaker_tsne, store, data, speakers=speakers, per_speaker=per_speaker, seed=seed, out=out_path,

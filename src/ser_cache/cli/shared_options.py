@@ -1,25 +1,53 @@
 """Options that `train-heads` and `finetune wavlm` share word for word (splits, epochs, the
 objective, the sampler, the epoch selection, the heads): declared once, each command keeps its
-own default."""
+own default; and the fixed choices of every command's options.
+
+Nothing here imports the library: `ser-cache --help` must not load torch (tests/test_trust_cli.py).
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import Annotated, Literal, Optional
 
 import typer
 
-from ser_cache.rows import default_memory_budget_gb
+from ser_cache.environment import default_memory_budget_gb
+
+# Options with fixed values: --help lists them and click refuses any other before work starts.
+# The library checks the same values for its Python callers; tests/test_trust_cli.py keeps the
+# two lists equal (the library's constants live in modules that import torch).
+OxMode = Literal["keep", "drop", "only", "train+dev", "train+dev-nonox"]  # sampling.OX_MODES
+SelectMode = Literal["balanced", "ccc"]  # training.SELECT_MODES
+HeadsPrecisionMode = Literal["auto", "fp32", "bf16"]  # training.PRECISIONS
+EncoderPrecisionMode = Literal["auto", "fp32", "bf16", "fp16"]  # encoders.base.PRECISIONS
+TranscribePrecisionMode = Literal["auto", "fp32", "bf16"]  # transcribe.PRECISIONS
+PoolingMode = Literal["mean", "mean+std", "frames"]  # encoders.base.POOLINGS
+WindowMode = Literal["window", "trimmed"]  # encoders.whisper.WINDOWS
+KindName = Literal["whisper", "wavlm", "xvector", "text"]  # encoders.KINDS
+OnErrorMode = Literal["skip", "fail"]  # extract.ON_ERROR
+ExportFormat = Literal["hdf5"]
+TRANSCRIBE_MODEL = "whisper-large-v3"  # transcribe.DEFAULT_MODEL
+
+# The auxiliary heads' loss weights, one default for `train-heads`, `sweep` and `finetune wavlm`:
+# Eq. 1's alpha = 1 and beta = 0.1 (docs/training.md, "Options and defaults", says why).
+GENDER_WEIGHT = 1.0
+SPEAKER_WEIGHT = 0.1
 
 TrainSplit = Annotated[str, typer.Option(help="Split to train on.")]
 DevSplit = Annotated[str, typer.Option(help="Split to validate on and select the epoch with.")]
 Epochs = Annotated[int, typer.Option(help="Epochs (paper: 50).")]
 WeightDecay = Annotated[float, typer.Option(help="AdamW weight decay (AdamW's default).")]
-NoUndersample = Annotated[bool, typer.Option("--no-undersample",
-                                             help="Train on every row each epoch instead of m per emotion class.")]
-Ox = Annotated[str, typer.Option(help="O/X handling (paper Table 5): keep, drop, only, train+dev, train+dev-nonox.")]
+NoUndersample = Annotated[bool, typer.Option(
+    "--no-undersample",
+    help="Train on every row each epoch instead of undersampling (the default: each epoch draws m rows of every "
+         "emotion class, m the size of the smallest class).")]
+Ox = Annotated[OxMode, typer.Option(help="O/X handling (paper Table 5; docs/training.md).")]
 AamMargin = Annotated[float, typer.Option(help="AAM-softmax margin, radians.")]
 AamScale = Annotated[float, typer.Option(help="AAM-softmax scale.")]
-Select = Annotated[str, typer.Option(help="Epoch kept: best mean 'balanced' CCC (paper) or plain 'ccc'.")]
+Select = Annotated[SelectMode, typer.Option(help="Epoch kept: best mean balanced CCC (paper) or plain CCC.")]
+GenderWeight = Annotated[float, typer.Option(help="Gender head loss weight alpha (paper: 1); 0 turns the head off.")]
+SpeakerWeight = Annotated[float, typer.Option(
+    help="Speaker head AAM loss weight beta (paper: 0.1); 0 turns the head off.")]
 BalancedTrials = Annotated[int, typer.Option(help="Balanced-CCC trials.")]
 BalancedPerClass = Annotated[Optional[int],
                              typer.Option(help="Utterances per emotion and trial (default: smallest class).")]
@@ -28,9 +56,6 @@ Hidden = Annotated[int, typer.Option(help="Hidden units of each 2-layer head.")]
 # The options of a heads run, which `train-heads` and `sweep` (its base options) take word for word.
 HeadsLr = Annotated[float, typer.Option(help="AdamW learning rate (paper: 5e-5).")]
 HeadsBatchSize = Annotated[int, typer.Option(help="Rows per update (the paper does not say; 64).")]
-HeadsGenderWeight = Annotated[float, typer.Option(help="Gender head loss weight alpha (paper: 1); 0 turns the head off.")]
-HeadsSpeakerWeight = Annotated[float, typer.Option(
-    help="Speaker head AAM loss weight beta (paper: 0.1); 0 turns the head off.")]
 HeadsDropout = Annotated[float, typer.Option(help="Dropout in the heads (the authors' heads have none).")]
 ConvDim = Annotated[int, typer.Option(
     help="Width of the point-wise convolutions over a frame store's frames (authors: 256).")]
@@ -40,9 +65,9 @@ MemoryBudget = Annotated[Optional[float], typer.Option(
     help="Memory for the inputs; frame stores that do not fit are streamed in blocks. "
          f"Default: half the physical memory ({default_memory_budget_gb():.1f} GB here).")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
-HeadsPrecision = Annotated[str, typer.Option(
-    help="Matrix products in auto (bf16 on a CUDA GPU with bf16 or a CPU with AMX/AVX512-BF16, else fp32), "
-         "fp32, bf16; weights, loss and metrics stay fp32.")]
+HeadsPrecision = Annotated[HeadsPrecisionMode, typer.Option(
+    help="Matrix products in bf16 or fp32; auto: bf16 on a CUDA GPU with bf16 or a CPU with AMX/AVX512-BF16, "
+         "else fp32. Weights, loss and metrics stay fp32.")]
 Threads = Annotated[Optional[int], typer.Option(
     help="CPU threads for training (default: torch's, all cores); 1 for small or parallel runs.")]
 

@@ -8,16 +8,15 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from ser_cache.cli import KNOWN_ERRORS, app, err, fail, guarded, out, writable
+from ser_cache.cli import rerun
 from ser_cache.cli import shared_options as shared
-from ser_cache.ensemble import EnsembleError
-from ser_cache.predict import PredictError
-from ser_cache.runs import RunError
-from ser_cache.training import TrainError
 
-KNOWN_ERRORS.extend([TrainError, RunError, PredictError, EnsembleError])
+KNOWN_ERRORS.extend(["ser_cache.rows:TrainError", "ser_cache.runs:RunError", "ser_cache.predict:PredictError",
+                     "ser_cache.ensemble:EnsembleError"])
 
 # Text inputs computed by predict and evaluate (rows no store holds): where their text comes from.
 TranscriptsOption = Annotated[Optional[Path], typer.Option(
@@ -44,10 +43,20 @@ def _fmt(x) -> str:
     return "—" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-def scores_table(title: str, scores: dict) -> Table:
+def titled(title: str, table: Table):
+    """The table under its title, the title on a line of its own: rich wraps a table's own title at
+    the table's width (about 45 columns here), which would break a run's path over several lines;
+    on its own line it wraps at the console's width, so a title of up to 80 columns stays one line."""
+    from rich.console import Group
+    from rich.text import Text
+
+    return Group(Text(title, style="italic"), table) if title else table
+
+
+def scores_table(title: str, scores: dict):
     """One row per attribute and the mean: CCC, and balanced CCC where there is one; gender below."""
     balanced = scores.get("balanced_ccc") or {}
-    table = Table(title=title)
+    table = Table()
     table.add_column("attribute")
     table.add_column("CCC", justify="right")
     if balanced:
@@ -62,12 +71,12 @@ def scores_table(title: str, scores: dict) -> Table:
         table.add_section()
         table.add_row("gender accuracy", _fmt(gender["accuracy"]), *([""] if balanced else []))
         table.add_row("gender macro-F1", _fmt(gender["macro_f1"]), *([""] if balanced else []))
-    return table
+    return titled(title, table)
 
 
 @app.command("train-heads")
 def train_heads(
-    features: list[Path] = typer.Option(..., "--features", "-f", help="A feature store (.zarr); repeat for several inputs. A frame store (extract --pooling frames) goes through a ConvPool first."),
+    features: list[Path] = typer.Option(..., "--features", "-f", metavar="STORE", help="A feature store (.zarr); repeat for several inputs. A frame store (extract --pooling frames) goes through a ConvPool first."),
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (labels and splits)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to create."),
     train_split: shared.TrainSplit = "Train",
@@ -79,8 +88,8 @@ def train_heads(
     seed: int = typer.Option(0, help="Seed for initialisation, sampling and the balanced-CCC draws."),
     no_undersample: shared.NoUndersample = False,
     ox: shared.Ox = "keep",
-    gender_weight: shared.HeadsGenderWeight = 1.0,
-    speaker_weight: shared.HeadsSpeakerWeight = 0.1,
+    gender_weight: shared.GenderWeight = shared.GENDER_WEIGHT,
+    speaker_weight: shared.SpeakerWeight = shared.SPEAKER_WEIGHT,
     aam_margin: shared.AamMargin = 0.2,
     aam_scale: shared.AamScale = 30.0,
     select: shared.Select = "balanced",
@@ -98,6 +107,10 @@ def train_heads(
     progress: bool = typer.Option(True, help="Show a progress bar."),
     tensorboard: Optional[Path] = typer.Option(None, metavar="DIR", help="Also log each epoch's history.csv row as "
                                                "TensorBoard scalars in DIR (pip install 'ser-cache[tensorboard]')."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", metavar="RUN/config.json", is_eager=True, callback=rerun.defaults_from_run,
+        help="Rerun a train-heads run's settings: every option of its config.json (or run directory) but --out, "
+             "--overwrite, --progress and --tensorboard; the options given here override the file's."),
 ) -> None:
     """Train arousal/valence/dominance heads (plus gender and speaker heads) on cached features; write a run directory.
 
@@ -116,6 +129,9 @@ def train_heads(
         fail(tensorboard_problem())
     _log_to_stderr()
     cfg = shared.heads_config(locals())
+    if config is not None:
+        for note in guarded(rerun.provenance_notes, config, cfg.data):
+            err.print(f"[yellow]note: {escape(note)}[/]", highlight=False, soft_wrap=True)
     result = guarded(run_training, cfg)
     if result is None:
         return
@@ -127,45 +143,59 @@ def train_heads(
 def evaluate(
     run: Path = typer.Argument(..., help="A run directory from train-heads."),
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
-    split: str = typer.Option(..., "--split", "-s", help="Labelled split to score."),
-    dest: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file (default: RUN/eval_<split>.json)."),
+    split: list[str] = typer.Option(..., "--split", "-s", metavar="SPLIT",
+                                    help="Labelled split to score (repeatable: each split is scored on its own)."),
+    dest: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file, with one --split (default: "
+                                        "RUN/eval_<split>.json for each split)."),
     features_dir: Optional[Path] = typer.Option(None, help="Folder with the run's stores, if they moved."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     transcripts: TranscriptsOption = None,
     prefer_transcripts: PreferTranscriptsOption = False,
     plots: Optional[Path] = typer.Option(None, help="Folder for figures: predicted vs true per attribute, CCC per "
-                                                    "emotion class, the gender confusion matrix."),
+                                                    "emotion class, the gender confusion matrix (PLOTS/<split>/ "
+                                                    "with several --split)."),
     overwrite: shared.OverwriteFiles = False,
 ) -> None:
-    """Score a run on a labelled split: CCC per attribute, mean, balanced CCC, gender; prints a table, writes JSON."""
+    """Score a run on labelled splits: CCC per attribute, mean, balanced CCC, gender; prints a table, writes JSON.
+
+    Each --split is scored on its own (a CCC over two splits pooled is neither split's figure).
+    """
     from ser_cache.outputs import given, run_inputs
     from ser_cache.plots import CONFUSION, PER_CLASS, SCATTER
     from ser_cache.predict import evaluate as run_evaluate
 
-    default = run / f"eval_{split}.json"  # the run keeps its evaluations
-    inputs = (run_inputs(run, features_dir=features_dir, own=[default]) + given("--data", data)
+    splits = list({s.lower(): s for s in split}.values())  # split names are case-insensitive
+    if dest is not None and len(splits) > 1:
+        fail(f"--out {dest}: one JSON file for {len(splits)} splits; give one --split with --out, or leave --out "
+             "out to write RUN/eval_<split>.json for each")
+    defaults = [run / f"eval_{s}.json" for s in splits]  # the run keeps its evaluations
+    inputs = (run_inputs(run, features_dir=features_dir, own=defaults) + given("--data", data)
               + given("--transcripts", transcripts))
-    writable(dest or default, "--out", inputs=inputs, overwrite=overwrite)
+    for default in defaults:
+        writable(dest or default, "--out", inputs=inputs, overwrite=overwrite)
     if plots is not None:
+        folders = [plots / s for s in splits] if len(splits) > 1 else [plots]
         writable(plots, "--plots", folder=True, inputs=inputs, overwrite=overwrite,
-                 files=[plots / name for name in (SCATTER, PER_CLASS, CONFUSION)])
+                 files=[f / name for f in folders for name in (SCATTER, PER_CLASS, CONFUSION)])
     _log_to_stderr()
-    result = guarded(run_evaluate, run, data, split, out=dest, device=device, features_dir=features_dir,
-                     transcripts=transcripts, prefer_transcripts=prefer_transcripts, plots=plots)
-    if result is None:
-        return
-    out.print(scores_table(f"{run} — {split} ({result['rows']} utterances)", result))
-    err.print(f"wrote {result['out']}", highlight=False)
-    for path in result.get("plots", []):
-        err.print(f"wrote {path}", highlight=False)
+    for s in splits:
+        folder = plots / s if plots is not None and len(splits) > 1 else plots
+        result = guarded(run_evaluate, run, data, s, out=dest, device=device, features_dir=features_dir,
+                         transcripts=transcripts, prefer_transcripts=prefer_transcripts, plots=folder)
+        if result is None:
+            return
+        out.print(scores_table(f"{run} — {s} ({result['rows']} utterances)", result))
+        err.print(f"wrote {result['out']}", highlight=False)
+        for path in result.get("plots", []):
+            err.print(f"wrote {path}", highlight=False)
 
 
 @app.command()
 def predict(
     run: Path = typer.Argument(..., help="A run directory from train-heads."),
-    files: Optional[list[Path]] = typer.Argument(None, help="Audio files to predict (instead of --data/--split)."),
+    files: Optional[list[Path]] = typer.Argument(None, metavar="FILE", help="Audio files to predict (instead of --data/--split)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
-    split: Optional[list[str]] = typer.Option(None, "--split", "-s", help="Split(s) to predict (repeatable)."),
+    split: Optional[list[str]] = typer.Option(None, "--split", "-s", metavar="SPLIT", help="Split(s) to predict (repeatable)."),
     transcripts: TranscriptsOption = None,
     prefer_transcripts: PreferTranscriptsOption = False,
     dest: Path = typer.Option(..., "--out", "-o", help="Prediction CSV: exactly the challenge's FileName,EmoAct,EmoVal,EmoDom."),
@@ -200,7 +230,7 @@ def predict(
 
 @app.command()
 def ensemble(
-    files: list[Path] = typer.Argument(..., help="Prediction CSVs of the systems to average."),
+    files: list[Path] = typer.Argument(..., metavar="CSV", help="Prediction CSVs of the systems to average."),
     dest: Path = typer.Option(..., "--out", "-o", help="Averaged prediction CSV."),
     weights: Optional[str] = typer.Option(None, help="Comma-separated weight per file, e.g. 0.6,0.4 (default: equal)."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="Corpus to score the ensemble against."),
@@ -243,9 +273,9 @@ def ensemble(
         err.print(f"wrote {path}", highlight=False)
 
 
-def members_table(title: str, names: list[str], members: list[dict], ensemble_scores: dict) -> Table:
+def members_table(title: str, names: list[str], members: list[dict], ensemble_scores: dict):
     """CCC per attribute and the mean: one column per member, the ensemble last."""
-    table = Table(title=title)
+    table = Table()
     table.add_column("attribute")
     for name in names:
         table.add_column(name, justify="right")
@@ -253,4 +283,4 @@ def members_table(title: str, names: list[str], members: list[dict], ensemble_sc
     for key in ("arousal", "valence", "dominance", "mean"):
         table.add_row(key, *(_fmt(m["ccc"][key]) for m in members), _fmt(ensemble_scores["ccc"][key]),
                       style="bold" if key == "mean" else None)
-    return table
+    return titled(title, table)

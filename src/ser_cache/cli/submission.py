@@ -7,9 +7,8 @@ from pathlib import Path
 import typer
 
 from ser_cache.cli import KNOWN_ERRORS, app, guarded, out
-from ser_cache.submission import SubmissionError
 
-KNOWN_ERRORS.append(SubmissionError)
+KNOWN_ERRORS.append("ser_cache.submission:SubmissionError")
 
 
 @app.command("check-submission")

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from ser_cache.cli import app, fail, guarded, out, writable
 from ser_cache.cli import shared_options as shared
-from ser_cache.cli.stage_two import _log_to_stderr
+from ser_cache.cli.stage_two import _log_to_stderr, titled
 
 ATTRIBUTE_COLUMNS = (("arousal", "ccc_arousal"), ("valence", "ccc_valence"), ("dominance", "ccc_dominance"),
                      ("mean", "ccc_mean"), ("balanced", "balanced_ccc_mean"))
@@ -18,7 +18,7 @@ ATTRIBUTE_COLUMNS = (("arousal", "ccc_arousal"), ("valence", "ccc_valence"), ("d
 
 @app.command("sweep")
 def sweep_command(
-    features: list[Path] = typer.Option(..., "--features", "-f", help="A feature store (.zarr); repeat. Loaded once for every member."),
+    features: list[Path] = typer.Option(..., "--features", "-f", metavar="STORE", help="A feature store (.zarr); repeat. Loaded once for every member."),
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (labels and splits)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Sweep folder: OUT/VARIANT/seed-S runs and OUT/sweep.json."),
     seeds: int = typer.Option(3, help="Seeds per variant: --seed, --seed + 1, ..."),
@@ -43,8 +43,8 @@ def sweep_command(
     seed: int = typer.Option(0, help="First seed."),
     no_undersample: shared.NoUndersample = False,
     ox: shared.Ox = "keep",
-    gender_weight: shared.HeadsGenderWeight = 1.0,
-    speaker_weight: shared.HeadsSpeakerWeight = 0.1,
+    gender_weight: shared.GenderWeight = shared.GENDER_WEIGHT,
+    speaker_weight: shared.SpeakerWeight = shared.SPEAKER_WEIGHT,
     aam_margin: shared.AamMargin = 0.2,
     aam_scale: shared.AamScale = 30.0,
     select: shared.Select = "balanced",
@@ -99,7 +99,7 @@ def _pm(mean, std, digits: int) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f}±{std:.{digits}f}"
 
 
-def sweep_table(summary: dict, *, title: str = "", wide: bool = True) -> Table:
+def sweep_table(summary: dict, *, title: str = "", wide: bool = True):
     """Per variant: CCC mean±std over seeds; against the reference: Δ mean CCC, its 95% interval, P(Δ > 0).
 
     `wide` (a console of 120 columns or more): arousal, valence and dominance too, 4 decimals; else
@@ -110,7 +110,7 @@ def sweep_table(summary: dict, *, title: str = "", wide: bool = True) -> Table:
     reference = summary["reference"]
     columns = ATTRIBUTE_COLUMNS if wide else ATTRIBUTE_COLUMNS[3:]
     digits = 4 if wide else 3
-    table = Table(title=title, box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
+    table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("variant")
     table.add_column("rows", justify="right")
     for label, _ in columns:
@@ -143,4 +143,4 @@ def sweep_table(summary: dict, *, title: str = "", wide: bool = True) -> Table:
     if notes:
         table.caption = "\n".join(notes)
         table.caption_justify = "left"
-    return table
+    return titled(title, table)

@@ -8,24 +8,24 @@ from typing import Optional
 import typer
 
 from ser_cache.cli import KNOWN_ERRORS, app, err, guarded, writable
-from ser_cache.transcribe import DEFAULT_MODEL, TranscribeError
+from ser_cache.cli.shared_options import TRANSCRIBE_MODEL, TranscribePrecisionMode as TranscribePrecision
 
-KNOWN_ERRORS.append(TranscribeError)
+KNOWN_ERRORS.append("ser_cache.transcribe:TranscribeError")
 
 
 @app.command()
 def transcribe(
-    files: Optional[list[Path]] = typer.Argument(None, help="Audio files to transcribe (instead of --data)."),
+    files: Optional[list[Path]] = typer.Argument(None, metavar="FILE", help="Audio files to transcribe (instead of --data)."),
     out: Path = typer.Option(..., "--out", "-o", help="The table to write: FileName,text (a .csv; settings in OUT.json)."),
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Whisper: short name, Hugging Face id, or local directory."),
+    model: str = typer.Option(TRANSCRIBE_MODEL, "--model", "-m", help="Whisper: short name, Hugging Face id, or local directory."),
     data: Optional[Path] = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
-    split: Optional[list[str]] = typer.Option(None, "--split", "-s", help="Split(s) of --data (repeatable); default all."),
+    split: Optional[list[str]] = typer.Option(None, "--split", "-s", metavar="SPLIT", help="Split(s) of --data (repeatable); default all."),
     all_rows: bool = typer.Option(False, "--all", help="Transcribe every utterance, not only those without a transcript."),
     beams: int = typer.Option(1, help="Beam search width; 1 is greedy."),
     max_new_tokens: Optional[int] = typer.Option(None, help="Tokens generated per clip at most (default 224)."),
     batch_seconds: float = typer.Option(300.0, help="Audio seconds per batch (clips sorted by length; at most 64 clips)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    precision: str = typer.Option("auto", help="auto (bf16 autocast on CUDA, fp32 on CPU), fp32, bf16."),
+    precision: TranscribePrecision = typer.Option("auto", help="auto: bf16 autocast on CUDA, fp32 on CPU."),
     overwrite: bool = typer.Option(False, help="Start again when OUT was made with other settings."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
 ) -> None:

@@ -29,10 +29,11 @@ def plot_run(
     from ser_cache.outputs import run_inputs
     from ser_cache.plots import CURVES, figure_path, training_curves
 
-    png = figure_path(out_dir, run / CURVES)
-    figures = [png] + ([png.with_suffix(".svg")] if svg else [])
+    own = [run / CURVES, (run / CURVES).with_suffix(".svg")]  # the run's own figure may be drawn again
+    png = figure_path(out_dir, own[0])
     if out_dir is not None or run.is_dir():  # else reading the run says what is wrong with it
-        writable(png, "--out", inputs=run_inputs(run, own=figures), overwrite=overwrite, files=figures[1:])
+        writable(png, "--out", inputs=run_inputs(run, own=own), overwrite=overwrite,
+                 files=[png.with_suffix(".svg")] if svg else [])
     result = guarded(training_curves, run, out_dir, svg=svg)
     if result is None:
         return

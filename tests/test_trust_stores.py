@@ -159,3 +159,135 @@ def test_waiting_for_a_future_lets_a_pending_interrupt_through():
     failed.set_exception(TimeoutError("the decoder's own"))
     with pytest.raises(TimeoutError, match="the decoder's own"):
         extract_mod._result(failed)
+
+
+# --------------------------------------------------------------------------- frame counts rewritten
+
+
+def _set_count(store_path, row: int, value: int) -> None:
+    """Rewrite one row's frame count through Zarr, as a tool editing the store would: the chunk's
+    checksum is recomputed, so only the count itself can tell."""
+    counts = zarr.open_group(str(store_path), mode="r+")["frames"]
+    values = np.asarray(counts[:])
+    values[row] = value
+    counts[:] = values
+
+
+@pytest.fixture(scope="module")
+def frame_run(tmp_path_factory):
+    """A labelled corpus, a frame store of it (chunks of 16 rows) and a run trained on the intact store."""
+    from test_frame_heads import make_frame_corpus, make_frame_store
+
+    root = tmp_path_factory.mktemp("frame-run")
+    manifest, ids, frames, _ = make_frame_corpus(root / "corpus", n=60)
+    store = make_frame_store(root / "features" / "audio-frames.zarr", ids, frames, chunk_rows=16)
+    r = invoke("train-heads", "-f", store, "-d", manifest, "-o", root / "run", "--epochs", 1, "--device", "cpu",
+               "--threads", 1, "--no-progress")
+    assert r.exit_code == 0, r.output
+    return manifest, store, root / "run"
+
+
+# (what the count of row 5 becomes, what the one line says)
+DAMAGE = {
+    "negative": (lambda n, t: -3, "holds frame count -3 for row 5, outside 0–"),
+    "beyond the cap": (lambda n, t: t + 40, "outside 0–"),
+    "too large": (lambda n, t: n + 2, "is all zeros: the count is larger than the frames written"),
+    "too small": (lambda n, t: n - 2, "non-zero frames past frame"),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_frame_counts_rewritten_with_valid_checksums_are_one_line_and_caught_by_verify(frame_run, tmp_path, damage):
+    import shutil
+
+    manifest, intact, run = frame_run
+    store = tmp_path / "features" / intact.name
+    shutil.copytree(intact, store)
+    count, message = DAMAGE[damage]
+    n = int(FeatureStore.open(store).frame_counts()[5])
+    t_max = FeatureStore.open(store).feature_shape[0]
+    _set_count(store, 5, count(n, t_max))  # row 5 is in the Train split, which both commands read
+
+    with pytest.raises(StoreError, match="row 5"):
+        FeatureStore.open(store).read_frames()
+    verify = invoke("info", "--verify", store)
+    assert verify.exit_code == 1, verify.output
+    assert "frames chunk 0" in verify.output and message in verify.output
+    for args in (["train-heads", "-f", store, "-d", manifest, "-o", tmp_path / "again", "--epochs", 1,
+                  "--device", "cpu", "--threads", 1, "--no-progress"],
+                 ["predict", run, "-d", manifest, "-s", "Train", "-o", tmp_path / "p.csv", "--features-dir",
+                  store.parent, "--device", "cpu"]):
+        r = invoke(*args)
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert f"error: {store}" in r.output and "row 5" in r.output and message in " ".join(r.output.split())
+    assert not (tmp_path / "p.csv").exists()
+
+
+def test_info_still_summarises_a_store_with_a_count_out_of_range_and_warns(frame_run, tmp_path):
+    import shutil
+
+    _, intact, _ = frame_run
+    store = tmp_path / intact.name
+    shutil.copytree(intact, store)
+    _set_count(store, 20, 10**6)
+    r = invoke("info", store)
+    assert r.exit_code == 0 and "Traceback" not in r.output, r.output
+    assert "warning" in r.output and "frames chunk 1" in r.output and "row 20" in r.output
+    assert "frames per row" in r.output  # the table is still there
+
+
+# --------------------------------------------------------------------------- options and messages
+
+
+def test_window_on_a_wavlm_model_is_refused_not_ignored(models, tmp_path):
+    corpus = msp_corpus(tmp_path / "c", n=4, unlabeled=0)
+    for window in ("window", "trimmed"):
+        r = invoke("extract", "--model", models["wavlm"], "--data", corpus, "--out", tmp_path / "f", "--window", window,
+                   "--device", "cpu", "--workers", 0, "--no-progress")
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert f"--window {window}" in r.output and "wavlm encoder" in r.output and "Whisper only" in r.output
+    assert not list((tmp_path / "f").glob("*.zarr"))
+    from ser_cache.encoders import EncoderError, load_encoder
+
+    with pytest.raises(EncoderError, match="--window trimmed"):
+        load_encoder(str(models["xvector"]), window="trimmed", device="cpu")
+
+
+def test_a_rerun_with_nothing_to_do_says_so_instead_of_a_rate(models, tmp_path):
+    corpus = msp_corpus(tmp_path / "c", n=4, unlabeled=0)
+    first = sorted((corpus / "Audios").iterdir())[0]
+    first.write_bytes(b"RIFF....WAVEnot really audio")
+    args = ["extract", "--model", models["whisper"], "--data", corpus, "--out", tmp_path / "f", "--device", "cpu",
+            "--workers", 0, "--no-progress"]
+    assert invoke(*args).exit_code == 0
+    again = invoke(*args)
+    assert again.exit_code == 0, again.output
+    text = " ".join(again.output.split())
+    assert "nothing to do: all 4 rows were done before, 3 written; 1 failed" in text
+    assert "--retry-failed" in text and "utt/s" not in text
+
+
+def test_info_gives_sizes_in_a_unit_that_shows_them(tmp_path):
+    from ser_cache.cli.stage_one import size_text
+    from test_training import make_store
+
+    assert [size_text(n) for n in (0, 512, 7_250, 48_300_000, 1.2e9)] == ["0 B", "512 B", "7.25 kB", "48.3 MB",
+                                                                          "1.20 GB"]
+    store = make_store(tmp_path / "small.zarr", [f"u{i}" for i in range(8)], np.ones((8, 4), dtype=np.float32))
+    r = invoke("info", store)
+    assert r.exit_code == 0, r.output
+    assert "0.0 MB" not in r.output and " kB" in r.output
+
+
+def test_plot_speakers_on_another_corpus_store_says_the_rows_do_not_match(tmp_path):
+    from ser_cache.cli.plot import plot_app
+    from test_plots import speaker_corpus, speaker_store
+
+    manifest, ids, labels = speaker_corpus(tmp_path / "corpus")
+    other = speaker_store(tmp_path / "other.zarr", [f"other_{i}" for i in ids], labels, separated=True)
+    r = runner.invoke(plot_app, ["speakers", str(other), "--data", str(manifest), "--speakers", "3",
+                                 "--per-speaker", "4", "--out", str(tmp_path / "fig.png")])
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    text = " ".join(r.output.split())
+    assert "rows do not match --data" in text and f"0 of the store's {len(ids)} utterance ids" in text
+    assert "lower --speakers" not in text and not (tmp_path / "fig.png").exists()

@@ -89,7 +89,7 @@ class ExtractConfig:
     splits: tuple[str, ...] = ()
     name: str | None = None
     kind: str | None = None
-    window: str = "window"
+    window: str | None = None  # Whisper's input: "window" (its default) or "trimmed"; refused for other encoders
     pooling: str = "mean"
     max_seconds: float = audio_lib.DEFAULT_MAX_SECONDS
     batch_seconds: float = 600.0
@@ -375,7 +375,7 @@ def encoder_for_store(attrs: dict, *, device: str = "auto", precision: str = "au
 
     settings = attrs.get("settings", {})
     return load_encoder(model or attrs["model_id"], kind=attrs.get("kind"), device=device, precision=precision,
-                        window=settings.get("window") or "window", pooling=settings.get("pooling") or "mean",
+                        window=settings.get("window") or None, pooling=settings.get("pooling") or "mean",
                         max_seconds=float(settings.get("max_seconds") or audio_lib.DEFAULT_MAX_SECONDS))
 
 

@@ -5,11 +5,9 @@ another corpus's store)."""
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -192,7 +190,8 @@ DAMAGE = {
     "negative": (lambda n, t: -3, "holds frame count -3 for row 5, outside 0–"),
     "beyond the cap": (lambda n, t: t + 40, "outside 0–"),
     "too large": (lambda n, t: n + 2, "is all zeros: the count is larger than the frames written"),
-    "too small": (lambda n, t: n - 2, "non-zero frames past frame"),
+    "too small": (lambda n, t: n - 2, "past the count, is not all zeros: the count is smaller"),
+    "zero": (lambda n, t: 0, "frame 0, past the count, is not all zeros"),
 }
 
 

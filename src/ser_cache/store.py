@@ -29,9 +29,9 @@ written row is on disk (`verify(deep=False)`, a directory listing), and every re
 store, the array and the chunk (`StoreError`). `verify(deep=True)` decodes every chunk.
 
 A frame store's counts are checked too, since a count that is wrong but readable would slice
-the wrong frames: every reader refuses a count outside [0, T], `read_frames` a row whose count
-disagrees with its features (its last counted frame all zeros, or a non-zero frame right after
-it), and `verify(deep=True)` looks at every frame past each count.
+the wrong frames: every reader refuses a count outside [0, T], `read_frames` a written row of a
+chunk it reads whose count disagrees with its features (its last counted frame all zeros, or a
+non-zero frame right after it), and `verify(deep=True)` looks at every frame past each count.
 """
 
 from __future__ import annotations
@@ -557,16 +557,16 @@ class FeatureStore:
         return problems
 
     def _disagreements(self, block: np.ndarray, start: int, counts: np.ndarray, written: np.ndarray, *,
-                       whole: bool, rows=None) -> list[ChunkProblem]:
+                       whole: bool) -> list[ChunkProblem]:
         """Written rows of a features chunk (`block`, starting at row `start`) whose count disagrees with
         their frames: write_chunk zeroes everything past a row's count, and an encoder's frame is never all
         zeros, so a non-zero frame past the count means it is too small, an all-zero last counted frame too
         large. `whole`: look at every frame past the count (else at the first, which `block` must hold).
-        At most one problem, for the first row found. `rows`: those to look at (default: all of the block).
+        At most one problem, for the first row found.
         """
         width = block.shape[1]
         limit = self.feature_shape[0]
-        for i in (range(block.shape[0]) if rows is None else rows):
+        for i in range(block.shape[0]):
             r = start + int(i)
             n = int(counts[r])
             if not written[r] or not 0 <= n <= limit:
@@ -575,7 +575,8 @@ class FeatureStore:
             if n > 0 and not block[i, n - 1].any():
                 why = f"frame {n - 1} is all zeros: the count is larger than the frames written"
             elif n < width and (block[i, n:].any() if whole else block[i, n].any()):
-                why = f"it has non-zero frames past frame {n - 1}: the count is smaller than the frames written"
+                k = n + int(np.flatnonzero(block[i, n:].any(axis=-1))[0]) if whole else n
+                why = f"frame {k}, past the count, is not all zeros: the count is smaller than the frames written"
             if why:
                 chunk = r // self.chunk_rows
                 return [ChunkProblem("frames", chunk, r, r, self._chunk_keys("frames", chunk)[0], missing=False,
@@ -601,12 +602,16 @@ class FeatureStore:
         for chunk in np.unique(chunk_of).tolist():
             where = np.flatnonzero(chunk_of == chunk)
             start, end = self.chunk_bounds(chunk)
+            if not written[start:end].any():
+                continue  # no frames to read (rows not written come back empty)
             longest = int(counts[start:end].max(initial=0))
-            if longest == 0:
-                continue
-            # One frame more than the longest row: the frame after each count, which must be zeros.
-            block = self._read("features", (slice(start, end), slice(0, min(longest + 1, self.feature_shape[0]))), chunk)
-            problems = self._disagreements(block, start, counts, written, whole=False, rows=rows[where] - start)
+            # One frame more than the longest row: the frame after each count, which must be zeros
+            # (also for rows of 0 frames, whose first frame is that one).
+            width = min(longest + 1, self.feature_shape[0])
+            block = self._read("features", (slice(start, end), slice(0, width)), chunk)
+            # Every written row of the chunk, not only those asked for: a count rewritten to 0 would
+            # otherwise pass for a row without features and be left out without a word.
+            problems = self._disagreements(block, start, counts, written, whole=False)
             if problems:
                 raise StoreError(problems_message(self.path, problems))
             for j in where.tolist():

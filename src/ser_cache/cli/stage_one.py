@@ -155,7 +155,8 @@ def _frame_rows(f: dict) -> list[tuple[str, str]]:
     return [
         ("frames per row", f"mean {f['frames_mean']:.1f}, max {f['frames_max']} (room for {f['max_frames_per_row']})"),
         ("valid frames", f"{f['frames_total']} in {f['rows_written']} rows written"),
-        ("valid frames size", f"{size_text(f['frames_bytes'])} (float16), {size_text(f['frames_bytes_per_row'])} per row"),
+        ("valid frames size",
+         f"{size_text(f['frames_bytes'])} (float16), {size_text(f['frames_bytes_per_row'])} per row"),
         ("size per row", f"{size_text(f['size_bytes_per_row'])} on disk"),
     ]
 

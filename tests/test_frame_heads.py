@@ -467,7 +467,8 @@ def test_frame_heads_on_mini_podcast_multimodal_beats_each_modality(tmp_path, mi
     stores = {}
     for name, model, pooling in (("frames", models["whisper"], "frames"), ("text", models["text"], "mean")):
         cfg = ExtractConfig(model=str(model), data=mini_podcast, out=tmp_path / "features", name=name,
-                            pooling=pooling, window="trimmed", device="cpu", workers=0, progress=False)
+                            pooling=pooling, window="trimmed" if name == "frames" else None, device="cpu", workers=0,
+                            progress=False)
         stores[name] = extract(cfg).store
     assert FeatureStore.open(stores["frames"]).is_frames
     t_extract = time.perf_counter() - t0

@@ -304,7 +304,8 @@ def bench_extract(cfg: BenchConfig) -> BenchReport:
             torch.cuda.reset_peak_memory_stats(device)
         shutil.rmtree(root / "out", ignore_errors=True)  # a kept store would make every row "already done"
         result = extract(ExtractConfig(model=str(model_dir), data=manifest, out=root / "out", kind=kind,
-                                       window=cfg.window, pooling=cfg.pooling, device=cfg.device,
+                                       window=cfg.window if kind == "whisper" else None, pooling=cfg.pooling,
+                                       device=cfg.device,
                                        precision=cfg.precision, batch_seconds=cfg.batch_seconds,
                                        workers=cfg.workers, progress=True, overwrite=True))
         _sync(device)

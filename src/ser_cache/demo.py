@@ -85,8 +85,9 @@ def _run(workdir: Path, *, n: int, epochs: int, seed: int, progress: bool) -> di
         # "trimmed": the clips are 1.5-6 s, so padding each to Whisper's 15-s window would triple
         # the work. workers=0: decoding a few hundred short files in-process beats spawning
         # decoder processes. overwrite: a workdir reused with another seed gets fresh stores.
-        cfg = ExtractConfig(model=str(model), data=corpus, out=workdir / "features", name=name, window="trimmed",
-                            pooling="mean+std", device="cpu", workers=0, overwrite=True, progress=progress)
+        cfg = ExtractConfig(model=str(model), data=corpus, out=workdir / "features", name=name,
+                            window="trimmed" if model == audio_model else None, pooling="mean+std", device="cpu",
+                            workers=0, overwrite=True, progress=progress)
         stores.append(extract(cfg).store)
     seconds["extract"] = time.perf_counter() - t
 

@@ -8,8 +8,12 @@ The loop, in order:
    overlapped (see `_encode_stream`), and write every chunk as soon as all of its rows are
    resolved (written or failed). Failures go to a per-rank report line by line first.
 
-Resuming is the same command again: done chunks are skipped, and because a chunk is written whole
-and its rows are computed independently of their batch, the result equals an uninterrupted run.
+Resuming is the same command again: done chunks are skipped, and the result is byte-identical to an
+uninterrupted run. A row's features depend on the batch it is encoded in (padding, and the matrix
+products' blocking, change the rounding), so batches are planned from the store's whole chunk
+layout, never from what a run left: a unit of chunks is sorted and packed the same way in every
+run, and a resumed run encodes exactly the planned batches that hold a pending row, with the same
+rows in them (results for rows already done are dropped). See `_run`.
 
 With --pooling frames a row is the encoder's last layer at each of the clip's valid frames; the
 chunk buffers then also hold each row's frame count, written with the chunk (store.py).
@@ -26,7 +30,8 @@ import csv
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -74,6 +79,7 @@ REPORT_COLUMNS = ("id", "path", "reason")
 # shares that differ by a group of slow files or a slower node that can take far longer than
 # torch's default 10 minutes. A rank that dies ends the job through torchrun, not this timeout.
 RANK_WAIT = timedelta(hours=24)
+WAIT_SLICE = 0.25  # seconds: the longest a pending Ctrl-C waits in the main thread (see `_result`)
 
 
 class ExtractError(Exception):
@@ -88,7 +94,7 @@ class ExtractConfig:
     splits: tuple[str, ...] = ()
     name: str | None = None
     kind: str | None = None
-    window: str = "window"
+    window: str | None = None  # Whisper's input: "window" (its default) or "trimmed"; refused for other encoders
     pooling: str = "mean"
     max_seconds: float = audio_lib.DEFAULT_MAX_SECONDS
     batch_seconds: float = 600.0
@@ -383,7 +389,7 @@ def encoder_for_store(attrs: dict, *, device: str = "auto", precision: str = "au
 
     settings = attrs.get("settings", {})
     return load_encoder(model or attrs["model_id"], kind=attrs.get("kind"), device=device, precision=precision,
-                        window=settings.get("window") or "window", pooling=settings.get("pooling") or "mean",
+                        window=settings.get("window") or None, pooling=settings.get("pooling") or "mean",
                         max_seconds=float(settings.get("max_seconds") or audio_lib.DEFAULT_MAX_SECONDS))
 
 
@@ -471,12 +477,12 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
     # Rank 0 alone reads what is pending and tells the others: a rank reading the flags itself
     # could see chunks that another rank has already written, and the shares would not add up.
     written0, failed0 = dist.broadcast(_resume_flags(store) if dist.is_main else None)
-    pending = store.pending_chunks(retry_failed=cfg.retry_failed, flags=(written0, failed0))
-    row_bytes = int(np.prod(store.feature_shape)) * np.dtype(STORE_DTYPE).itemsize
-    units = _units(pending, store.chunk_rows, dist.world, _unit_rows(row_bytes))[dist.rank::dist.world]
+    pending = set(store.pending_chunks(retry_failed=cfg.retry_failed, flags=(written0, failed0)))
+    units = [u for u in _plan(store, dist.world) if pending.intersection(u)][dist.rank::dist.world]
     report = _ReportWriter(report_path(store.path), dist.rank)
     timings = _new_timings()
-    total_rows = sum(min(store.chunk_rows, store.n_rows - c * store.chunk_rows) for u in units for c in u)
+    total_rows = sum(min(store.chunk_rows, store.n_rows - c * store.chunk_rows) for u in units for c in u
+                     if c in pending)
     computed = 0
     audio_seconds = 0.0
     progress = ExtractProgress(enabled=cfg.progress and dist.is_main, total=total_rows, name=store.path.name,
@@ -490,6 +496,8 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
                 chunks = {}
                 todo: list[int] = []
                 for c in unit:
+                    if c not in pending:
+                        continue  # done: its rows only take their planned places in the batches
                     start, end = store.chunk_bounds(c)
                     w, f = written0[start:end].copy(), failed0[start:end].copy()
                     if w.any():
@@ -502,7 +510,9 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
                     chunks[c] = _Chunk(c, start, feats, w, f, int(need.sum()), frames)
                     todo.extend(int(r) for r in np.flatnonzero(need) + start)
                     progress.advance(int((~need).sum()), 0.0)  # rows of the chunk already done
-                rows_done = _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, progress, decoder)
+                planned = range(store.chunk_bounds(unit[0])[0], store.chunk_bounds(unit[-1])[1])
+                rows_done = _process_unit(cfg, encoder, utts, todo, planned, chunks, store, report, timings, progress,
+                                          decoder)
                 computed += rows_done[0]
                 audio_seconds += rows_done[1]
     finally:
@@ -525,6 +535,18 @@ def _resume_flags(store: FeatureStore) -> tuple[np.ndarray, np.ndarray]:
     return written, failed
 
 
+def _plan(store: FeatureStore, world: int) -> list[list[int]]:
+    """Every chunk of the store in units (`_units`), whatever is done: the same plan in every run.
+
+    A unit's rows are sorted and packed into batches together, so planning from the pending
+    chunks (as a resumed run has fewer) would put rows in other batches than an uninterrupted
+    run and change their features by rounding. The plan depends on the store, its chunking and
+    the number of ranks only.
+    """
+    row_bytes = int(np.prod(store.feature_shape)) * np.dtype(STORE_DTYPE).itemsize
+    return _units(list(range(store.n_chunks)), store.chunk_rows, world, _unit_rows(row_bytes))
+
+
 def _unit_rows(row_bytes: int) -> int:
     """Rows per unit: UNIT_ROWS, fewer where their chunk buffers would pass UNIT_BYTES.
 
@@ -535,23 +557,28 @@ def _unit_rows(row_bytes: int) -> int:
     return max(1, min(UNIT_ROWS, UNIT_BYTES // max(row_bytes, 1)))
 
 
-def _units(pending: list[int], chunk_rows: int, world: int = 1, unit_rows: int = UNIT_ROWS) -> list[list[int]]:
-    """Group pending chunks into units of up to `unit_rows` rows: the span sorted for length bucketing.
+def _units(chunks: list[int], chunk_rows: int, world: int = 1, unit_rows: int = UNIT_ROWS) -> list[list[int]]:
+    """Group chunks into units of up to `unit_rows` rows: the span sorted for length bucketing.
 
     Units are dealt round-robin to ranks, so they are also kept small enough that every rank gets
     about four of them: an even share of the work without coordination.
     """
-    per_unit = max(1, min(unit_rows // chunk_rows, -(-len(pending) // (4 * world))))
-    return [pending[i:i + per_unit] for i in range(0, len(pending), per_unit)]
+    per_unit = max(1, min(unit_rows // chunk_rows, -(-len(chunks) // (4 * world))))
+    return [chunks[i:i + per_unit] for i in range(0, len(chunks), per_unit)]
 
 
-def _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, progress, decoder) -> tuple[int, float]:
-    """Compute the rows `todo`, writing each chunk as soon as all its rows are resolved."""
+def _process_unit(cfg, encoder, utts, todo, planned, chunks, store, report, timings, progress,
+                  decoder) -> tuple[int, float]:
+    """Compute the rows `todo` in the batches planned over the unit's rows `planned`, writing each
+    chunk as soon as all its rows are resolved."""
     rows_per_chunk = store.chunk_rows
     computed, seconds_done = 0, 0.0
+    wanted = set(todo)
 
     def resolve(row: int, value: np.ndarray | None, reason: str | None, seconds: float) -> None:
         nonlocal computed, seconds_done
+        if row not in wanted:
+            return  # done before: encoded again only to keep its batch as planned
         ch = chunks[row // rows_per_chunk]
         i = row - ch.start
         if value is not None:
@@ -573,7 +600,7 @@ def _process_unit(cfg, encoder, utts, todo, chunks, store, report, timings, prog
                 store.write_chunk(ch.index, ch.features, ch.written, ch.failed, ch.frames)
             timings["write"] += time.perf_counter() - t
 
-    _encode(cfg, encoder, utts, todo, resolve, timings, decoder)
+    _encode(cfg, encoder, utts, todo, resolve, timings, decoder, planned=planned)
     return computed, seconds_done
 
 
@@ -582,17 +609,24 @@ def _new_timings() -> dict[str, float]:
     return {"headers": 0.0, "decode_wait": 0.0, "encode": 0.0, "write": 0.0}
 
 
-def _encode(cfg, encoder, utts, todo, resolve, timings, decoder) -> None:
-    """Encode the rows `todo`, handing each result (or failure reason) to `resolve`."""
+def _encode(cfg, encoder, utts, todo, resolve, timings, decoder, planned=None) -> None:
+    """Encode the rows `todo`, handing each result (or failure reason) to `resolve`.
+
+    Batches are packed over the rows `planned` (default: `todo`), a superset of `todo` in row
+    order; only the batches holding a row of `todo` are encoded, whole. `resolve` also receives
+    the other rows of those batches, and ignores them.
+    """
+    planned = todo if planned is None else planned
+    wanted = set(todo)
     if encoder.modality == "text":
-        _encode_texts(cfg, encoder, utts, todo, resolve, timings)
+        _encode_texts(cfg, encoder, utts, planned, wanted, resolve, timings)
     else:
-        _encode_audio(cfg, encoder, utts, todo, resolve, timings, decoder)
+        _encode_audio(cfg, encoder, utts, planned, wanted, resolve, timings, decoder)
 
 
-def _encode_texts(cfg, encoder, utts, todo, resolve, timings) -> None:
+def _encode_texts(cfg, encoder, utts, planned, wanted, resolve, timings) -> None:
     texts = {}
-    for row in todo:
+    for row in planned:
         text = utts[row].read_text()
         if text is None or not text.strip():
             where = utts[row].transcript or "manifest text column"
@@ -602,15 +636,20 @@ def _encode_texts(cfg, encoder, utts, todo, resolve, timings) -> None:
         else:
             texts[row] = text
     order = sorted(texts, key=lambda r: len(texts[r]))
-    batches = (order[i:i + cfg.batch_texts] for i in range(0, len(order), cfg.batch_texts))
+    batches = _needed((order[i:i + cfg.batch_texts] for i in range(0, len(order), cfg.batch_texts)), wanted)
     _encode_stream(encoder, ((rows, [texts[r] for r in rows], [0.0] * len(rows)) for rows in batches), resolve, timings)
 
 
-def _encode_audio(cfg, encoder, utts, todo, resolve, timings, decoder) -> None:
+def _needed(batches, wanted: set[int]) -> list[list[int]]:
+    """The planned batches that hold a row to compute, whole."""
+    return [rows for rows in batches if not wanted.isdisjoint(rows)]
+
+
+def _encode_audio(cfg, encoder, utts, planned, wanted, resolve, timings, decoder) -> None:
     t = time.perf_counter()
-    durations = _durations(utts, todo, cfg.max_seconds, resolve)
+    durations = _durations(utts, planned, cfg.max_seconds, resolve)
     timings["headers"] += time.perf_counter() - t
-    batches = _batches(durations, encoder, cfg.batch_seconds)
+    batches = _needed(_batches(durations, encoder, cfg.batch_seconds), wanted)
     decoded = decoder.batches([[str(utts[r].path) for r in rows] for rows in batches], timings)
 
     def usable():
@@ -662,7 +701,7 @@ def _launch(encoder, prepared_future, timings):
     """The batch's device work, queued; or the exception that preparing or launching it raised."""
     t = time.perf_counter()
     try:
-        return encoder.launch(prepared_future.result())
+        return encoder.launch(_result(prepared_future))
     except Exception as exc:  # an encoder failure on one input must not cost the others
         return exc
     finally:
@@ -735,6 +774,20 @@ def _batches(durations: dict[int, float], encoder, batch_seconds: float) -> list
     if cur:
         batches.append(cur)
     return batches
+
+
+def _result(future: Future):
+    """`future.result()`, waited for in slices of WAIT_SLICE seconds.
+
+    Python runs a signal's handler (Ctrl-C's KeyboardInterrupt) in the main thread, but the kernel
+    may hand the signal to any thread of the process; the main thread then learns of it only
+    when it next runs Python code. A wait with no timeout would hold Ctrl-C until the future is
+    done: a whole batch's decoding, or for ever behind a stuck file. A sliced wait raises it
+    within a slice.
+    """
+    while not future.done():
+        wait_futures([future], timeout=WAIT_SLICE)
+    return future.result()
 
 
 def _decode_shared(decode, paths: list[str], kwargs: dict):
@@ -847,7 +900,7 @@ class _Decoder:
             paths, future = in_flight.popleft()
             t = time.perf_counter()
             try:
-                out = _unpack(*future.result())
+                out = _unpack(*_result(future))
             except BrokenProcessPool:
                 self._check_workers_start()
                 out = self._isolate(paths)
@@ -866,7 +919,7 @@ class _Decoder:
         row failed."""
         self._restart()
         try:
-            self._submit([]).result()
+            _result(self._submit([]))
         except BrokenProcessPool:
             self._restart()
             raise ExtractError("the audio decoding worker processes die as they start (see the messages above); "
@@ -880,7 +933,7 @@ class _Decoder:
         out = []
         for path in paths:
             try:
-                out.extend(_unpack(*self._submit([path]).result()))
+                out.extend(_unpack(*_result(self._submit([path]))))
             except BrokenProcessPool:
                 out.append((None, "decoding crashed the worker process (a malformed file?)"))
                 self._restart()

@@ -444,11 +444,13 @@ def speaker_tsne(store_path: str | Path, data: str | Path, speakers: int = 10, p
     row_of = {uid: i for i, uid in enumerate(store.ids().tolist()) if written[i]}
 
     by_speaker: dict[str, list[str]] = {}
-    for u in load_corpus(data):
+    utts = load_corpus(data)
+    for u in utts:
         if u.speaker not in UNKNOWN_SPEAKERS and u.id in row_of:
             by_speaker.setdefault(str(u.speaker), []).append(u.id)
     eligible = sorted(s for s, ids in by_speaker.items() if len(ids) >= per_speaker)
     if len(eligible) < speakers:
+        _check_rows_match(store, utts, data)
         raise PlotError(f"{data}: {len(eligible)} speaker(s) have at least {per_speaker} utterances in "
                         f"{store_path.name} (of {len(by_speaker)} known speakers); {speakers} are asked for: "
                         f"lower --speakers or --per-speaker")
@@ -483,6 +485,19 @@ def speaker_tsne(store_path: str | Path, data: str | Path, speakers: int = 10, p
     paths = _save(fig, out, svg)
     return SpeakerResult(paths=paths, speakers=chosen, ids=ids, labels=labels, points=points,
                          silhouette_vectors=sil_vectors, silhouette_tsne=sil_points, eligible=len(eligible))
+
+
+def _check_rows_match(store, utts, data) -> None:
+    """Too few speakers because the store's rows are mostly not utterances of `data` (a store of another
+    corpus): say so, rather than "lower --speakers"."""
+    ids = set(store.ids().tolist())
+    matched = sum(u.id in ids for u in utts)
+    if matched * 2 < len(ids):
+        built = store.attrs.get("corpus")
+        raise PlotError(f"{store.path}: its rows do not match --data {data}: {matched} of the store's {len(ids)} "
+                        f"utterance ids are in it ({len(utts)} utterances)"
+                        + (f"; the store was extracted from {built}" if built else "")
+                        + "; pass the corpus the store was built from")
 
 
 def _speaker_colours(n: int) -> list:

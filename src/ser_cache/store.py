@@ -27,6 +27,11 @@ features chunk would read as rows of zeros that the flags still call written. Ne
 chunk with a crc32c checksum (Zarr v3's `crc32c` codec), readers check that every chunk holding a
 written row is on disk (`verify(deep=False)`, a directory listing), and every read error names the
 store, the array and the chunk (`StoreError`). `verify(deep=True)` decodes every chunk.
+
+A frame store's counts are checked too, since a count that is wrong but readable would slice
+the wrong frames: every reader refuses a count outside [0, T], `read_frames` a written row of a
+chunk it reads whose count disagrees with its features (its last counted frame all zeros, or a
+non-zero frame right after it), and `verify(deep=True)` looks at every frame past each count.
 """
 
 from __future__ import annotations
@@ -350,6 +355,15 @@ class FeatureStore:
             written = None  # the deep pass below names the chunk
         if written is not None:
             problems += self.missing_chunks(written, stored)
+        counts = None
+        if self.is_frames:
+            try:
+                counts = self.frame_counts(check=False)
+            except StoreError:
+                if not deep:
+                    raise
+            if counts is not None:
+                problems += self._count_problems(counts)
         if not deep:
             return problems
         for name in (*ROW_ARRAYS, *(("frames",) if self.is_frames else ())):
@@ -366,6 +380,8 @@ class FeatureStore:
                     problems.append(ChunkProblem(name, c, start, end - 1, keys[0], missing=False,
                                                  reason=f"cannot be read ({_short(exc)})"))
                     continue
+                if name == "features" and counts is not None and written is not None:
+                    problems += self._disagreements(block, start, counts, written, whole=True)
                 if name == "ids":
                     empty = np.flatnonzero(np.array(block.tolist(), dtype=str) == "")
                     if empty.size:
@@ -483,11 +499,66 @@ class FeatureStore:
         frames = self._read("frames", slice(start, end), chunk).astype(np.int32) if self.is_frames else None
         return self._read("features", slice(start, end), chunk), frames
 
-    def frame_counts(self) -> np.ndarray:
-        """Valid frames of every row (a frame store); 0 for rows not written."""
+    def frame_counts(self, *, check: bool = True) -> np.ndarray:
+        """Valid frames of every row (a frame store); 0 for rows not written, except in a chunk whose
+        write was cut short before its flags (readers mask counts with `written`).
+
+        `check`: refuse a count outside [0, T] (a StoreError naming the row and the chunk); a
+        count read unchecked is for reports about the store, not for slicing its frames.
+        """
         if not self.is_frames:
             raise StoreError(f"{self.path}: not a frame store (extract it with --pooling frames)")
-        return self._read("frames").astype(np.int64)
+        counts = self._read("frames").astype(np.int64)
+        if check:
+            problems = self._count_problems(counts)
+            if problems:
+                raise StoreError(problems_message(self.path, problems))
+        return counts
+
+    def _count_problems(self, counts: np.ndarray) -> list[ChunkProblem]:
+        """A problem per chunk of 'frames' holding a count outside [0, T]: write_chunk never writes one."""
+        limit = self.feature_shape[0]
+        bad = np.flatnonzero((counts < 0) | (counts > limit))
+        if not bad.size:
+            return []
+        arr = self._array("frames")
+        step = int(arr.chunks[0])
+        problems = []
+        for chunk in np.unique(bad // step).tolist():
+            rows = bad[bad // step == chunk]
+            r = int(rows[0])
+            more = f" (and {rows.size - 1} more row(s) of the chunk)" if rows.size > 1 else ""
+            problems.append(ChunkProblem("frames", chunk, r, int(rows[-1]), self._chunk_keys("frames", chunk, arr)[0],
+                                         missing=False, reason=f"holds frame count {int(counts[r])} for row {r}{more}, "
+                                                               f"outside 0–{limit} (the most frames a row can have)"))
+        return problems
+
+    def _disagreements(self, block: np.ndarray, start: int, counts: np.ndarray, written: np.ndarray, *,
+                       whole: bool) -> list[ChunkProblem]:
+        """Written rows of a features chunk (`block`, starting at row `start`) whose count disagrees with
+        their frames: write_chunk zeroes everything past a row's count, and an encoder's frame is never all
+        zeros, so a non-zero frame past the count means it is too small, an all-zero last counted frame too
+        large. `whole`: look at every frame past the count (else at the first, which `block` must hold).
+        At most one problem, for the first row found.
+        """
+        width = block.shape[1]
+        limit = self.feature_shape[0]
+        for i in range(block.shape[0]):
+            r = start + int(i)
+            n = int(counts[r])
+            if not written[r] or not 0 <= n <= limit:
+                continue
+            why = None
+            if n > 0 and not block[i, n - 1].any():
+                why = f"frame {n - 1} is all zeros: the count is larger than the frames written"
+            elif n < width and (block[i, n:].any() if whole else block[i, n].any()):
+                k = n + int(np.flatnonzero(block[i, n:].any(axis=-1))[0]) if whole else n
+                why = f"frame {k}, past the count, is not all zeros: the count is smaller than the frames written"
+            if why:
+                chunk = r // self.chunk_rows
+                return [ChunkProblem("frames", chunk, r, r, self._chunk_keys("frames", chunk)[0], missing=False,
+                                     reason=f"holds frame count {n} for row {r}, but {why}")]
+        return []
 
     def read_frames(self, rows: np.ndarray | None = None):
         """(ids, frames.Frames, written) of a frame store: the valid frames of `rows` (default: all),
@@ -508,10 +579,18 @@ class FeatureStore:
         for chunk in np.unique(chunk_of).tolist():
             where = np.flatnonzero(chunk_of == chunk)
             start, end = self.chunk_bounds(chunk)
+            if not written[start:end].any():
+                continue  # no frames to read (rows not written come back empty)
             longest = int(counts[start:end].max(initial=0))
-            if longest == 0:
-                continue
-            block = self._read("features", (slice(start, end), slice(0, longest)), chunk)
+            # One frame more than the longest row: the frame after each count, which must be zeros
+            # (also for rows of 0 frames, whose first frame is that one).
+            width = min(longest + 1, self.feature_shape[0])
+            block = self._read("features", (slice(start, end), slice(0, width)), chunk)
+            # Every written row of the chunk, not only those asked for: a count rewritten to 0 would
+            # otherwise pass for a row without features and be left out without a word.
+            problems = self._disagreements(block, start, counts, written, whole=False)
+            if problems:
+                raise StoreError(problems_message(self.path, problems))
             for j in where.tolist():
                 r = int(rows[j])
                 out.set_row(j, block[r - start, : counts[r]])
@@ -525,7 +604,8 @@ class FeatureStore:
         """
         written = self.flags()[0] if written is None else written
         size = _dir_size(self.path) if size_bytes is None else size_bytes
-        counts = self.frame_counts()[written]
+        # Unchecked (clipped): `info` shows a damaged store's figures and warns (verify names the rows).
+        counts = np.clip(self.frame_counts(check=False), 0, self.feature_shape[0])[written]
         n = int(written.sum())
         frames_bytes = int(counts.sum()) * self.feature_shape[1] * np.dtype(STORE_DTYPE).itemsize
         return {

@@ -21,7 +21,7 @@ def extract(
     split: Optional[list[str]] = typer.Option(None, "--split", "-s", metavar="SPLIT", help="Split(s) to extract (repeatable); default all."),
     name: Optional[str] = typer.Option(None, help="Store name (default: the model's short name, plus -frames with --pooling frames)."),
     kind: Optional[shared.KindName] = typer.Option(None, help="Encoder kind (default: detected)."),
-    window: shared.WindowMode = typer.Option("window", help="Whisper only: 'window' (15-s window, as the paper) or 'trimmed' (real frames only)."),
+    window: Optional[shared.WindowMode] = typer.Option(None, help="Whisper only: 'window' (15-s window, as the paper; the default) or 'trimmed' (real frames only)."),
     pooling: shared.PoolingMode = typer.Option("mean", help="'mean' or 'mean+std' over valid frames, or 'frames': keep the last layer at every valid frame (whisper, wavlm; for frame-level heads)."),
     max_seconds: float = typer.Option(15.0, help="Crop audio to its first N seconds."),
     batch_seconds: float = typer.Option(600.0, help="Padded audio seconds per batch."),
@@ -58,14 +58,20 @@ def extract(
     if result is None or result.rank != 0:
         return
     t = result.timings
-    err.print(
-        f"[bold]{result.store}[/]: {result.written}/{result.rows} rows written, {result.failed} failed "
-        f"({result.computed} computed now, {result.skipped} already done) in {result.wall_seconds:.1f} s — "
-        f"{_rates(result)} "
-        f"[dim](set-up {result.setup_seconds:.1f} s, headers {t.get('headers', 0):.1f} s, waiting for decoding {t.get('decode_wait', 0):.1f} s, "
-        f"encoder {t.get('encode', 0):.1f} s, writing {t.get('write', 0):.1f} s)[/]",
-        highlight=False,
-    )
+    if result.computed == 0:  # a rerun with every row done: no rates to report ("0.0 utt/s")
+        failed = (f"; {result.failed} failed (see {result.report}; --retry-failed computes them again)"
+                  if result.failed else "")
+        err.print(f"[bold]{result.store}[/]: nothing to do: all {result.rows} rows were done before, "
+                  f"{result.written} written{failed}", highlight=False, soft_wrap=True)
+    else:
+        err.print(
+            f"[bold]{result.store}[/]: {result.written}/{result.rows} rows written, {result.failed} failed "
+            f"({result.computed} computed now, {result.skipped} already done) in {result.wall_seconds:.1f} s — "
+            f"{_rates(result)} "
+            f"[dim](set-up {result.setup_seconds:.1f} s, headers {t.get('headers', 0):.1f} s, waiting for decoding {t.get('decode_wait', 0):.1f} s, "
+            f"encoder {t.get('encode', 0):.1f} s, writing {t.get('write', 0):.1f} s)[/]",
+            highlight=False,
+        )
     if result.text_sources is not None:
         s = result.text_sources
         err.print(f"text: {s['corpus']} row(s) from the corpus's transcripts, {s['table']} from the table, "
@@ -75,7 +81,7 @@ def extract(
         # is never what was asked for (a wrong --kind, --max-seconds, a corpus without audio).
         fail(f"nothing was written: all {result.computed} row(s) of {result.store} failed; the reasons are in "
              f"{result.report}", code=1)
-    if result.failed:
+    if result.failed and result.computed:
         err.print(f"[yellow]{result.failed} utterance(s) could not be used; see {result.report}[/]", highlight=False)
 
 
@@ -110,7 +116,7 @@ def info(
     summary = guarded(s.summary)
     problems = guarded(s.verify, deep=False)
     if problems:
-        err.print(f"[yellow]warning: {len(problems)} chunk(s) missing, e.g. {problems[0]}; "
+        err.print(f"[yellow]warning: {len(problems)} chunk(s) missing or damaged, e.g. {problems[0]}; "
                   f"run `ser-cache info --verify {store}`[/]", highlight=False, soft_wrap=True)
     if as_json:
         out.print_json(json.dumps(summary))
@@ -122,7 +128,7 @@ def info(
     for key, value in sorted(summary["settings"].items()):
         if key not in ("model_id", "revision", "kind", "feature_shape"):
             table.add_row(f"settings.{key}", str(value))
-    table.add_row("size", f"{summary['size_bytes'] / 1e6:.1f} MB")
+    table.add_row("size", size_text(summary["size_bytes"]))
     if "frames" in summary:
         for key, value in _frame_rows(summary["frames"]):
             table.add_row(key, value)
@@ -152,9 +158,19 @@ def _frame_rows(f: dict) -> list[tuple[str, str]]:
     return [
         ("frames per row", f"mean {f['frames_mean']:.1f}, max {f['frames_max']} (room for {f['max_frames_per_row']})"),
         ("valid frames", f"{f['frames_total']} in {f['rows_written']} rows written"),
-        ("valid frames size", f"{f['frames_bytes'] / 1e6:.1f} MB (float16), {f['frames_bytes_per_row'] / 1e6:.3f} MB per row"),
-        ("size per row", f"{f['size_bytes_per_row'] / 1e6:.3f} MB on disk"),
+        ("valid frames size",
+         f"{size_text(f['frames_bytes'])} (float16), {size_text(f['frames_bytes_per_row'])} per row"),
+        ("size per row", f"{size_text(f['size_bytes_per_row'])} on disk"),
     ]
+
+
+def size_text(n_bytes: float) -> str:
+    """Bytes in the unit that shows them, with three significant digits: 512 B, 7.25 kB, 48.3 MB, 1.20 GB."""
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            value = n_bytes / scale
+            return f"{value:.{2 if value < 10 else 1 if value < 100 else 0}f} {unit}"
+    return f"{n_bytes:.0f} B"
 
 
 @app.command()

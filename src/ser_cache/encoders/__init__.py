@@ -167,11 +167,15 @@ def load_encoder(
     kind: str | None = None,
     device: str = "auto",
     precision: str = "auto",
-    window: str = "window",
+    window: str | None = None,
     pooling: str = "mean",
     max_seconds: float = 15.0,
 ) -> Encoder:
-    """Load a frozen encoder by short name, hub id or local directory."""
+    """Load a frozen encoder by short name, hub id or local directory.
+
+    `window` is Whisper's ("window", the default, or "trimmed"); given for another kind it is
+    refused rather than ignored.
+    """
     if kind is None:
         kind = detect_kind(model)
     elif kind not in KINDS:
@@ -186,12 +190,16 @@ def load_encoder(
     if pooling == FRAMES and kind not in FRAME_KINDS:
         raise EncoderError(f"--pooling frames: model '{model}' is a {kind} encoder, which has no frames to keep; "
                            f"only audio encoders with one output layer ({', '.join(FRAME_KINDS)}) can keep them")
+    if window is not None and kind != "whisper":
+        raise EncoderError(f"--window {window}: model '{model}' is a {kind} encoder; --window chooses Whisper's input "
+                           "(its 15-s window or the trimmed clip) and applies to Whisper only: leave it out")
     resolved = resolve_model(model, HUB_IDS)
     runtime = RuntimeOptions(device=device, precision=precision)
     if kind == "whisper":
         from ser_cache.encoders.whisper import WhisperAudioEncoder
 
-        return WhisperAudioEncoder(resolved, runtime, window=window, pooling=pooling, max_seconds=max_seconds)
+        return WhisperAudioEncoder(resolved, runtime, window=window or "window", pooling=pooling,
+                                   max_seconds=max_seconds)
     if kind == "wavlm" and pooling == FRAMES:
         from ser_cache.encoders.wavlm import WavLMFramesEncoder
 

@@ -163,6 +163,7 @@ def test_cli_split_summary_and_a_rerun_that_has_nothing_left(asr, data, tmp_path
     again = runner.invoke(app, args)
     assert again.exit_code == 0, again.output
     assert "0 transcribed, 3 skipped as already done" in again.output
+    assert "nothing to do" in again.output and "utt/s" not in again.output  # not "0.00 utt/s"
     no_input = runner.invoke(app, ["transcribe", "--out", str(tmp_path / "x.csv")])
     assert no_input.exit_code == 2 and "give --data" in no_input.output
 

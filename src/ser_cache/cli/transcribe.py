@@ -45,10 +45,13 @@ def transcribe(
                            device=device, precision=precision, overwrite=overwrite, progress=progress)
     r = guarded(run_transcribe, cfg)
     left_out = f", {r.have_transcript} left out (they have a transcript; --all includes them)" if r.have_transcript else ""
+    # A rerun with every row done transcribed nothing: no rates to report ("0.00 utt/s").
+    rates = (f"{r.wall_seconds:.1f} s — {r.utterances_per_second:.2f} utt/s, real-time factor "
+             f"{r.real_time_factor:.4f} ({r.audio_seconds:.0f} s of audio)" if r.transcribed
+             else "nothing to do: every selected utterance was transcribed before")
     err.print(
         f"[bold]{r.out}[/]: {r.transcribed} transcribed, {r.skipped} skipped as already done, {r.failed} failed"
-        f"{left_out}; {r.rows} rows in the table. {r.wall_seconds:.1f} s — {r.utterances_per_second:.2f} utt/s, "
-        f"real-time factor {r.real_time_factor:.4f} ({r.audio_seconds:.0f} s of audio)",
+        f"{left_out}; {r.rows} rows in the table. {rates}",
         highlight=False, soft_wrap=True,
     )
     if r.failed:

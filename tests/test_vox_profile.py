@@ -306,3 +306,26 @@ def test_import_command_and_evaluate_on_a_corpus(models, corpus, tmp_path):
     assert scores["rows"] >= 2 and set(scores["ccc"]) >= {"arousal", "valence", "dominance", "mean"}
     res = runner.invoke(app, ["import", "vox-profile", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run2")])
     assert res.exit_code == 2 and "no such directory" in res.output
+
+
+def test_a_run_whose_config_sends_its_own_encoder_outside_the_run_is_refused(models, tmp_path):
+    """An in-run encoder is a folder inside the run; an edited config.json may not point it elsewhere."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from ser_cache.cli import app
+    from ser_cache.vox_profile import ImportConfig, import_vox_profile
+
+    src, _ = authors_whisper_checkpoint(tmp_path / "ckpt", models["whisper"])
+    run = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["whisper"]))).run_dir
+    shutil.copytree(models["whisper"], tmp_path / "elsewhere")  # a loadable model outside the run
+    config = json.loads((run / "config.json").read_text())
+    (record,) = [r for r in config["inputs"] if r.get("in_run")]
+    record["model_id"] = "../elsewhere"
+    (run / "config.json").write_text(json.dumps(config))
+    clips = _clips(tmp_path / "audio")
+    res = CliRunner().invoke(app, ["predict", str(run), *map(str, clips), "--out", str(tmp_path / "p.csv"),
+                                   "--device", "cpu"])
+    assert res.exit_code == 2, res.output
+    assert "not a folder inside the run" in res.output and not (tmp_path / "p.csv").exists()

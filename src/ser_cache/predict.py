@@ -139,6 +139,10 @@ def _load_encoder(record: dict, device: str, run_dir: Path):
         # The run carries this encoder (an imported checkpoint's own Whisper, vox_profile.py): its
         # model_id is a folder inside the run, so the run works wherever it is moved.
         model = str(Path(run_dir) / record["model_id"])
+        inside = Path(model).resolve().is_relative_to(Path(run_dir).resolve())
+        if not inside or Path(record["model_id"]).is_absolute():  # an edited config.json may not send us elsewhere
+            raise PredictError(f"run {run_dir}: its encoder folder {record['model_id']!r} is not a folder inside "
+                               "the run; its config.json was edited")
         if not (Path(model) / "config.json").is_file():
             raise PredictError(f"run {run_dir}: its encoder folder {record['model_id']}/ is missing or damaged")
     encoder = encoder_for_store(record, device=device, model=model)

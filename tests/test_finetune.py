@@ -367,3 +367,17 @@ def test_a_run_written_before_the_authors_architecture_loads_as_it_was_trained(t
     lengths = torch.tensor([audio.shape[1]])
     with torch.no_grad():
         assert not torch.allclose(model(audio, lengths)["avd"], new(audio, lengths)["avd"])
+
+
+def test_overwrite_through_a_symlinked_out_keeps_the_link(corpus_ft, models, tmp_path):
+    """--overwrite onto a symlinked --out replaces the folder it points to and keeps the link (as train-heads)."""
+    target = tmp_path / "disk" / "run"
+    target.mkdir(parents=True)
+    link = tmp_path / "run"
+    link.symlink_to(target, target_is_directory=True)
+    cfg = base_config(corpus_ft, models["wavlm"], link, epochs=1)
+    finetune_wavlm(cfg)
+    (target / "note.txt").write_text("written after the first run")
+    finetune_wavlm(replace(cfg, overwrite=True))
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert (target / "config.json").is_file() and not (target / "note.txt").exists()

@@ -332,8 +332,9 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
         state = resume(out, cfg, dist, model, aam, optimizer, scaler, sampler) or state
     if dist.is_main and not (cfg.resume and runs.is_unfinished_run(out)):
         if out.exists() and cfg.overwrite:
-            shutil.rmtree(out)
-        out.mkdir(parents=True, exist_ok=True)
+            # A symlinked --out keeps its link: the folder it points to is the run replaced (as train-heads does).
+            shutil.rmtree(out.resolve())
+        out.resolve().mkdir(parents=True, exist_ok=True)
         runs.write_json_atomic(out / runs.IN_PROGRESS, {"format": runs.RUN_FORMAT, "system": "finetuned-wavlm",
                                                        "train": cfg.to_dict()})
     dist.barrier()

@@ -17,6 +17,7 @@ functions, so importing this module (the CLI does, for PlotError) costs nothing.
 from __future__ import annotations
 
 import csv
+import json
 import math
 import pickle
 from dataclasses import dataclass, field
@@ -176,8 +177,6 @@ def _run_settings(run_dir: Path, finished: bool) -> dict:
     The curves need the loss weights (to draw each part as it enters the total) and what the run
     trained on (for the title); a run that lacks them is still drawn, with its parts unweighted.
     """
-    import json
-
     try:
         if finished:
             return runs.read_config(run_dir)

@@ -24,7 +24,8 @@ def counted(model, *args, **kwargs) -> int:
     return fc.get_total_flops()
 
 
-@pytest.mark.parametrize("name,n", [("wavlm-large", 88_000), ("wavlm-base-plus-sv", 40_000), ("roberta-large", 37)])
+@pytest.mark.parametrize("name,n", [pytest.param("wavlm-large", 88_000, marks=pytest.mark.slow), ("wavlm-base-plus-sv", 40_000),
+                                    pytest.param("roberta-large", 37, marks=pytest.mark.slow)])
 def test_flop_formulas_match_the_counter_on_full_size_configs(name, n):
     from transformers import AutoConfig, AutoModel, WavLMForXVector
 
@@ -39,6 +40,7 @@ def test_flop_formulas_match_the_counter_on_full_size_configs(name, n):
     assert encoder_flops(kind, c, n) == pytest.approx(ref, rel=2e-3)
 
 
+@pytest.mark.slow
 def test_whisper_large_v3_window_is_about_1_04_tflop_and_635m_parameters():
     from transformers import WhisperConfig
     from transformers.models.whisper.modeling_whisper import WhisperEncoder
@@ -72,6 +74,7 @@ TINY_WHISPER = {"architectures": ["WhisperForConditionalGeneration"], "model_typ
                 "decoder_start_token_id": 1}
 
 
+@pytest.mark.slow
 def test_tiny_bench_run_reports_every_figure(tmp_path):
     config = TINY_WHISPER
     cfile = tmp_path / "tiny.json"
@@ -100,6 +103,7 @@ def test_bench_needs_random_init():
     assert r.exit_code == 2 and "--random-init" in r.output
 
 
+@pytest.mark.slow
 def test_workdir_reuses_the_model_and_corpus_only_when_they_match(tmp_path):
     from ser_cache.bench import BUILT_MARK, BenchConfig, bench_extract
 

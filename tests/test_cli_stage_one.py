@@ -2,6 +2,7 @@ import json
 
 import h5py
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from ser_cache.cli import app
@@ -47,6 +48,7 @@ def test_errors_are_one_line_with_exit_code_2(models, corpus, tmp_path):
     assert r.exit_code == 2 and "'--format'" in r.output and "'parquet' is not one of 'hdf5'" in r.output
 
 
+@pytest.mark.slow
 def test_python_dash_m_runs_the_same_cli():
     import subprocess
     import sys

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from typer.testing import CliRunner
 
 from ser_cache import runs
@@ -18,6 +19,7 @@ def invoke(*args):
     return runner.invoke(app, [str(a) for a in args])
 
 
+@pytest.mark.slow
 def test_train_evaluate_predict_ensemble(tmp_path):
     manifest, ids, feats = make_corpus(tmp_path / "corpus", 240)
     audio = make_store(tmp_path / "f" / "audio.zarr", ids, feats["audio"])

@@ -237,6 +237,7 @@ def small_run(tmp_path):
     return result.run_dir, manifest, store
 
 
+@pytest.mark.slow
 def test_predict_refuses_damaged_or_busy_stores(tmp_path, small_run):
     run, manifest, store = small_run
     with StoreLock(store):

@@ -29,6 +29,7 @@ def demo_run(request, tmp_path_factory):
     return result
 
 
+@pytest.mark.slow
 def test_demo_learns_arousal_from_audio_and_valence_from_text(demo_run):
     ccc = demo_run["ccc"]
     assert set(ccc) == {"arousal", "valence", "dominance", "mean"}
@@ -36,6 +37,7 @@ def test_demo_learns_arousal_from_audio_and_valence_from_text(demo_run):
     assert ccc["valence"] > 0.2, ccc
 
 
+@pytest.mark.slow
 def test_demo_without_workdir_cleans_up(tmp_path, monkeypatch):
     monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
     result = demo.run_demo(n=30, epochs=2, seed=0, progress=False)
@@ -44,6 +46,7 @@ def test_demo_without_workdir_cleans_up(tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_demo_leaves_a_complete_run_and_both_stores(demo_run):
     run_dir, workdir = demo_run["run_dir"], demo_run["workdir"]
     metrics = json.loads((run_dir / "metrics.json").read_text())
@@ -73,6 +76,7 @@ def test_tiny_bert_tokenizes_every_demo_word_and_keeps_them_apart(tmp_path):
     assert not torch.allclose(pooled[0], pooled[1], atol=1e-3)
 
 
+@pytest.mark.slow
 def test_demo_command_prints_the_ccc_table(tmp_path, monkeypatch):
     from ser_cache.cli import app
 
@@ -104,6 +108,7 @@ def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["thesis.tex"]
 
 
+@pytest.mark.slow
 def test_demo_rerun_in_its_workdir_replaces_the_old_corpus(tmp_path):
     demo.run_demo(tmp_path, n=40, epochs=2, seed=0, progress=False)
     second = demo.run_demo(tmp_path, n=30, epochs=2, seed=1, progress=False)

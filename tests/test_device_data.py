@@ -158,6 +158,7 @@ def run_record(result) -> tuple:
     return result.metrics, history, read_csv(result.run_dir / runs.DEV_PREDICTIONS), config["memory"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["shuffled", "framed"])
 def test_a_run_does_not_depend_on_where_its_inputs_are_held(tmp_path, source, request, monkeypatch):
     manifest, stores = request.getfixturevalue(source)

@@ -15,6 +15,7 @@ from ser_cache.store import FeatureStore
 
 
 @pytest.mark.parametrize("pooling", ["mean", "frames"])
+@pytest.mark.slow
 def test_two_ranks_with_a_killed_rank_equal_a_single_process_run(models, tmp_path, pooling):
     data = msp_corpus(tmp_path / "c", n=24, unlabeled=0)
     names = sorted(p.name for p in (data / "Audios").iterdir())

@@ -33,6 +33,7 @@ def test_default_store_names():
     assert default_store_name("wavlm-large", "mean+std") == "wavlm-large"
 
 
+@pytest.mark.slow
 def test_whisper_15s_window_equals_stock_encoder_with_750_positions(models):
     """Our window == transformers' WhisperEncoder built for 750 positions, given the first 750 table rows."""
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
@@ -173,6 +174,7 @@ def test_unreachable_hub_fails_fast_with_the_same_message(monkeypatch):
 
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@pytest.mark.slow
 def test_sdpa_wavlm_attention_equals_the_stock_layers_in_outputs_and_gradients(models):
     """The attention use_sdpa_attention swaps in computes what transformers' WavLM attention does:
     every hidden state and every weight gradient, on a padded batch with its attention mask."""

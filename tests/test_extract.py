@@ -29,6 +29,7 @@ def read(path):
     return FeatureStore.open(path).read()
 
 
+@pytest.mark.slow
 def test_store_rows_equal_an_online_forward_pass(models, corpus, tmp_path):
     for kind, kw in [("whisper", {}), ("whisper", {"window": "trimmed", "name": "wt"}), ("wavlm", {}),
                      ("xvector", {}), ("text", {"name": "minilm"})]:
@@ -57,6 +58,7 @@ def test_store_layout_and_attributes(models, corpus, tmp_path):
     assert s.group["features"].chunks == (4, 3, 64)
 
 
+@pytest.mark.slow
 def test_resume_after_interruption_gives_identical_arrays(models, tmp_path, monkeypatch):
     data = msp_corpus(tmp_path / "c", n=20, unlabeled=0)
     ref = extract(cfg(models["whisper"], data, tmp_path / "ref", chunk_rows=3, workers=1))  # the worker-process path
@@ -83,6 +85,7 @@ def test_resume_after_interruption_gives_identical_arrays(models, tmp_path, monk
         np.testing.assert_array_equal(x, y)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_between_features_and_flags(models, tmp_path):
     """A real SIGKILL in the worst place: inside the third chunk write, before its last array write."""
     data = msp_corpus(tmp_path / "c", n=16, unlabeled=0)
@@ -136,7 +139,7 @@ def bad_corpus(tmp_path) -> Path:
     return data
 
 
-@pytest.mark.parametrize("workers", [0, 1], ids=["in-process", "worker-process"])
+@pytest.mark.parametrize("workers", [0, pytest.param(1, marks=pytest.mark.slow)], ids=["in-process", "worker-process"])
 def test_bad_files_are_reported_and_skipped(models, tmp_path, workers):
     data = bad_corpus(tmp_path)
     r = extract(cfg(models["whisper"], data, tmp_path / "f", chunk_rows=4, workers=workers))
@@ -204,6 +207,7 @@ def test_config_problems_are_listed_together(models, corpus, tmp_path):
         extract(cfg(models["whisper"], corpus, tmp_path, on_error="maybe", max_seconds=-1))
 
 
+@pytest.mark.slow
 def test_mini_podcast_whisper_and_text(models, mini_podcast, tmp_path):
     """The shared 400-utterance corpus in the real layout: every row written, long files cropped."""
     r = extract(cfg(models["whisper"], mini_podcast, tmp_path, pooling="mean+std", splits=("Train", "Development")))
@@ -224,8 +228,8 @@ def test_report_survives_an_empty_partial_file_left_by_a_killed_run(models, tmp_
         assert len(list(csv.DictReader(f))) == 3
 
 
-@pytest.mark.parametrize("kind,kw", [("whisper", {}), ("whisper", {"window": "trimmed"}), ("wavlm", {}),
-                                     ("xvector", {}), ("text", {})],
+@pytest.mark.parametrize("kind,kw", [pytest.param("whisper", {}, marks=pytest.mark.slow), ("whisper", {"window": "trimmed"}),
+                                     *(pytest.param(k, {}, marks=pytest.mark.slow) for k in ("wavlm", "xvector", "text"))],
                          ids=["whisper", "whisper-trimmed", "wavlm", "xvector", "text"])
 def test_bf16_autocast_rows_agree_with_fp32(models, corpus, tmp_path, kind, kw):
     """The GPU's default precision path (autocast to bf16), run on the CPU: it is really taken
@@ -239,6 +243,7 @@ def test_bf16_autocast_rows_agree_with_fp32(models, corpus, tmp_path, kind, kw):
     assert cos.min() > 0.999 and not np.array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_a_file_that_kills_its_decoding_worker_costs_only_that_file(tmp_path):
     """A decoder crash (a segfault on a malformed file, say) takes its worker process down: the
     batch is decoded again file by file, and only the file that kills a worker again fails."""
@@ -310,6 +315,7 @@ def test_encode_stream_overlaps_batches_and_isolates_a_failing_input():
     assert enc.log.index(("launch", ("ccc", "bad", "nan"))) < enc.log.index(("resolve", 0))
 
 
+@pytest.mark.slow
 def test_workers_that_cannot_run_at_all_stop_the_run_instead_of_failing_every_file(tmp_path):
     from crashing_decoders import always_die
     from ser_cache.extract import _Decoder, _new_timings
@@ -373,6 +379,7 @@ def sha1(text: str) -> str:
     return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
+@pytest.mark.slow
 def test_transcripts_fill_exactly_the_rows_without_corpus_text(models, corpus, tmp_path):
     import hashlib
 
@@ -416,6 +423,7 @@ def test_transcripts_fill_exactly_the_rows_without_corpus_text(models, corpus, t
     assert FeatureStore.open(plain.store).attrs["transcripts"]["table"] is None
 
 
+@pytest.mark.slow
 def test_retry_failed_with_transcripts_fills_test3_and_keeps_the_other_rows(models, corpus, tmp_path):
     from typer.testing import CliRunner
 
@@ -454,6 +462,7 @@ def test_retry_failed_with_transcripts_fills_test3_and_keeps_the_other_rows(mode
     assert f"{ASR['model_id']} @ {ASR['revision']}" in shown.output
 
 
+@pytest.mark.slow
 def test_a_rerun_that_would_change_the_text_of_written_rows_is_refused(models, corpus, tmp_path):
     without_test3_text(corpus)
     first = asr_table(tmp_path / "first.csv", {TEST3[0]: "first words", TEST3[1]: "second words"})
@@ -483,6 +492,7 @@ def test_a_rerun_that_would_change_the_text_of_written_rows_is_refused(models, c
     assert text_record(rebuilt.store)[edited[0]]["text_sha1"] == sha1("edited afterwards")
 
 
+@pytest.mark.slow
 def test_prefer_transcripts_changes_the_fingerprint(models, corpus, tmp_path):
     everything = {u.id: f"asr says {i}" for i, u in enumerate(load_corpus(corpus)) if i % 2 == 0}
     table = asr_table(tmp_path / "asr.csv", everything)

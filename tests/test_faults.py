@@ -144,6 +144,7 @@ def _killed_leaves_nothing(proc: subprocess.Popen, marker: Path) -> None:
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.slow
 def test_extract_killed_with_sigkill_leaves_no_worker_or_resource_tracker(models, tmp_path):
     corpus = msp_corpus(tmp_path / "corpus", n=4, unlabeled=0)
     proc, marker = _start(tmp_path, EXTRACT, ["extract", "--model", str(models["whisper"]), "--data", str(corpus),
@@ -153,11 +154,13 @@ def test_extract_killed_with_sigkill_leaves_no_worker_or_resource_tracker(models
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
+@pytest.mark.slow
 def test_finetune_loader_killed_with_sigkill_leaves_no_worker(tmp_path):
     proc, marker = _start(tmp_path, FINETUNE_LOADER, [])
     _killed_leaves_nothing(proc, marker)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_extract_is_one_line_and_exit_130(models, tmp_path):
     corpus = msp_corpus(tmp_path / "corpus", n=4, unlabeled=0)
     proc, _ = _start(tmp_path, EXTRACT, ["extract", "--model", str(models["whisper"]), "--data", str(corpus),

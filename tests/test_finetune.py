@@ -138,6 +138,7 @@ def test_run_directory_has_the_stage_two_format_and_the_whole_model(trained):
     assert len(ids) == 12
 
 
+@pytest.mark.slow
 def test_evaluate_predict_and_ensemble_work_on_a_finetuned_run(trained, corpus_ft, tmp_path):
     from ser_cache.ensemble import ensemble
     from ser_cache.predict import evaluate, predict
@@ -200,6 +201,7 @@ def test_a_missing_model_is_a_clear_error(corpus_ft, tmp_path):
 # --------------------------------------------------------------------------- resume
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(trained, tmp_path):
     cfg, result = trained
     out = tmp_path / "run"
@@ -254,6 +256,7 @@ def _checkpoint_epoch(out: Path) -> int:
 # --------------------------------------------------------------------------- MMWavLM
 
 
+@pytest.mark.slow
 def test_mmwavlm_with_cached_text_features(corpus_ft, models, tmp_path):
     from ser_cache.extract import ExtractConfig, extract
     from ser_cache.predict import predict
@@ -289,6 +292,7 @@ def _tiny_wavlm(models, **changes):
     return model
 
 
+@pytest.mark.slow
 def test_encoder_states_are_those_of_transformers_4_in_eval(models):
     """Inputs of every layer, then the output after the final layer norm (what 4.46 returned)."""
     from ser_cache.finetune_model import LEGACY_LAST_STATE, encoder_states
@@ -308,6 +312,7 @@ def test_encoder_states_are_those_of_transformers_4_in_eval(models):
     torch.testing.assert_close(legacy[-1], out.hidden_states[-1])
 
 
+@pytest.mark.slow
 def test_layerdrop_skips_layers_but_keeps_every_state_and_draws_alike(models):
     """A skipped layer passes its input on (its state repeats); layer 0 is never skipped; the same
     generator seed skips the same layers (as every rank does under torchrun)."""

@@ -47,6 +47,7 @@ def dropout_free_wavlm(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path):
     corpus = learnable_corpus(tmp_path / "corpus")
     model = dropout_free_wavlm(tmp_path / "wavlm")

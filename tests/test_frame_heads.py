@@ -253,6 +253,7 @@ def test_frame_store_rows_read_once_per_chunk_for_kept_rows_only(tmp_path, frame
         rows_mod.load_rows(manifest, "Train", "Development", [store], speaker_weight=0)
 
 
+@pytest.mark.slow
 def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpus, monkeypatch):
     from ser_cache import fit, training
     from ser_cache.rows import FrameInput, TrainingData
@@ -349,6 +350,7 @@ def test_frame_options_are_checked():
 # --------------------------------------------------------------------------- predict, evaluate, ensemble
 
 
+@pytest.mark.slow
 def test_predicting_a_frame_run_from_the_store_equals_the_model_on_the_frames(tmp_path, frame_corpus, frame_run):
     from ser_cache.predict import evaluate, predict
 
@@ -403,6 +405,7 @@ def test_a_frame_run_refuses_a_pooled_store_in_place_of_its_frames(tmp_path, fra
                 features_dir=moved)
 
 
+@pytest.mark.slow
 def test_an_old_run_without_frame_inputs_loads_and_predicts_the_same(tmp_path, frame_corpus):
     from ser_cache.heads import MultitaskHeads
     from ser_cache.predict import predict
@@ -430,6 +433,7 @@ def test_an_old_run_without_frame_inputs_loads_and_predicts_the_same(tmp_path, f
                                runs.read_predictions(run / runs.DEV_PREDICTIONS)[1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_cli_train_heads_takes_frame_options(tmp_path, frame_corpus):
     from typer.testing import CliRunner
 

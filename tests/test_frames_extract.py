@@ -73,6 +73,7 @@ def stock_whisper_15s(model_dir):
     return run
 
 
+@pytest.mark.slow
 def test_whisper_window_rows_are_the_stock_encoders_valid_frames(models, corpus, tmp_path):
     r = extract(cfg(models["whisper"], corpus, tmp_path, chunk_rows=4))
     assert r.store.name == "whisper-tiny-frames.zarr" and r.failed == 0
@@ -95,6 +96,7 @@ def test_whisper_window_rows_are_the_stock_encoders_valid_frames(models, corpus,
 
 
 @pytest.mark.filterwarnings("ignore:Support for mismatched key_padding_mask")
+@pytest.mark.slow
 def test_wavlm_rows_are_the_stock_models_last_hidden_state(models, corpus, tmp_path):
     from transformers import WavLMModel
 
@@ -138,6 +140,7 @@ def test_whisper_trimmed_frames_are_batch_independent_and_capped(models, corpus,
         np.testing.assert_allclose(feats[i].astype(np.float32), alone, **FP16, err_msg=f"row {i}")
 
 
+@pytest.mark.slow
 def test_frame_counts_and_shapes_of_the_encoders(models):
     w = load_encoder(str(models["whisper"]), device="cpu", pooling="frames")
     n = np.array([0, 159, 160, 480, 88_000, 240_000, 300_000])
@@ -173,6 +176,7 @@ def test_text_and_xvector_encoders_refuse_frames(models, corpus, tmp_path):
     assert not list(tmp_path.glob("*.zarr"))
 
 
+@pytest.mark.slow
 def test_pooled_and_frame_stores_refuse_each_other(models, corpus, tmp_path):
     extract(cfg(models["whisper"], corpus, tmp_path, name="s", pooling="mean"))
     with pytest.raises(ExtractError, match=r"pooling: store has 'mean', this run 'frames'.*--overwrite"):
@@ -195,6 +199,7 @@ def bad_corpus(tmp_path):
     return data, names
 
 
+@pytest.mark.slow
 def test_compute_features_returns_the_store_rows_as_frames(models, tmp_path):
     data, names = bad_corpus(tmp_path)
     utts = load_corpus(data)
@@ -219,6 +224,7 @@ def test_compute_features_returns_the_store_rows_as_frames(models, tmp_path):
             np.testing.assert_array_equal(got.data, stored.data)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_gives_identical_features_and_frames(models, tmp_path):
     """A real SIGKILL inside the third chunk write, after its features and counts, before its flags."""
     data = msp_corpus(tmp_path / "c", n=16, unlabeled=0)
@@ -264,6 +270,7 @@ def test_resume_after_kill_9_gives_identical_features_and_frames(models, tmp_pat
     assert done.attrs["complete"] is True
 
 
+@pytest.mark.slow
 def test_info_and_export_show_and_carry_the_frames(models, corpus, tmp_path):
     runner = CliRunner()
     r = runner.invoke(app, ["extract", "--model", str(models["whisper"]), "--data", str(corpus), "--out", str(tmp_path),

@@ -155,6 +155,7 @@ def test_multitask_accepts_half_precision_cache():
     torch.testing.assert_close(heads(half)["avd"], heads(inputs)["avd"], atol=1e-2, rtol=0)
 
 
+@pytest.mark.slow
 def test_multitask_learns_a_synthetic_regression():
     torch.manual_seed(0)
     n = 256

@@ -69,6 +69,7 @@ def test_a_store_built_with_other_settings_is_refused_naming_them(tmp_path, trai
     assert not (tmp_path / "t.csv").exists()
 
 
+@pytest.mark.slow
 def test_a_store_reextracted_over_other_rows_with_the_same_settings_is_accepted(tmp_path, trained):
     run, manifest, ids, feats, stores = trained
     shutil.rmtree(stores[0])
@@ -78,6 +79,7 @@ def test_a_store_reextracted_over_other_rows_with_the_same_settings_is_accepted(
     np.testing.assert_allclose(values(result.out)[1], values(run / runs.DEV_PREDICTIONS)[1], atol=1e-6)
 
 
+@pytest.mark.slow
 def test_features_dir_finds_moved_stores(tmp_path, trained):
     run, manifest, ids, _, stores = trained
     moved = tmp_path / "moved"
@@ -114,6 +116,7 @@ def test_evaluate_scores_like_training_and_writes_json(tmp_path, trained):
     assert other["rows"] == sum(r["split"] == "Test1" for r in read_csv(manifest))
 
 
+@pytest.mark.slow
 def test_evaluate_leaves_out_development_rows_the_run_trained_on(tmp_path):
     manifest, ids, feats = make_corpus(tmp_path / "corpus", 240)
     store = make_store(tmp_path / "a.zarr", ids, feats["audio"])
@@ -143,6 +146,7 @@ def _extract(model, corpus, out, *, name, splits=(), pooling="mean"):
     return extract(cfg).store
 
 
+@pytest.mark.slow
 def test_cached_and_recomputed_features_give_the_same_predictions(tmp_path, models, corpus, one_torch_thread):
     # Stores over Train and Development only: predicting Test1 must run the encoders.
     part = tmp_path / "part"
@@ -229,6 +233,7 @@ def _table(path: Path, rows: dict[str, str]) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_predict_a_corpus_split_takes_the_table_where_the_corpus_has_no_text(tmp_path, audio_text_run):
     run, shared = audio_text_run
     corpus = _copy(shared, tmp_path / "corpus")
@@ -249,6 +254,7 @@ def test_predict_a_corpus_split_takes_the_table_where_the_corpus_has_no_text(tmp
         predict(run, data=corpus, splits=["Test3"], prefer_transcripts=True, out=tmp_path / "x.csv", device="cpu")
 
 
+@pytest.mark.slow
 def test_a_missing_transcript_stops_predict_before_any_encoder_runs(tmp_path, audio_text_run, monkeypatch):
     import ser_cache.extract
     import ser_cache.predict

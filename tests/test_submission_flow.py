@@ -47,6 +47,7 @@ def run(*args: str) -> str:
     return result.output
 
 
+@pytest.mark.slow
 def test_the_winning_submission_flow_ends_in_an_accepted_file(mini_podcast, models, tmp_path, one_torch_thread):
     data, test3 = make_test3_copy(mini_podcast, tmp_path / "corpus")
     asr = whisper_asr(tmp_path / "whisper-asr")

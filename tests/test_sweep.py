@@ -112,6 +112,7 @@ def test_stack_member_computes_what_its_own_model_computes(frames, k):
         assert torch.allclose(shared["avd"][i], model(_take(x, 0))["avd"], atol=1e-5)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("k", [1, 3])
 def test_stacked_adamw_steps_each_member_as_its_own_adamw(k):
     members = [_member(s, True) for s in range(k)]
@@ -181,6 +182,7 @@ def test_one_member_is_the_model_itself_and_trains_in_place():
 # --------------------------------------------------------------------------- members equal train-heads runs
 
 
+@pytest.mark.slow
 def test_members_equal_the_train_heads_runs_of_their_options(corpus, tmp_path):
     """Members of one stack differ in seed, O/X selection, undersampling and learning rate: each one
     ends where train-heads with its options ends, and its run directory is an ordinary run."""
@@ -205,6 +207,7 @@ def test_members_equal_the_train_heads_runs_of_their_options(corpus, tmp_path):
         assert ids == own_ids and np.abs(pred - own_pred).max() < 1e-4
 
 
+@pytest.mark.slow
 def test_frame_members_equal_train_heads_runs(tmp_path):
     manifest, ids, frames, text = make_frame_corpus(tmp_path / "corpus", 160)
     stores = (make_frame_store(tmp_path / "f" / "frames.zarr", ids, frames),
@@ -305,6 +308,7 @@ def test_unknown_inputs_and_streamed_frames_are_refused(corpus, tmp_path):
         sweep(SweepConfig(base, seeds=2))
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_one_folder_per_member(corpus, tmp_path, monkeypatch):
     """With a stand-in SummaryWriter (the real one needs the tensorboard package)."""
     logged: dict[str, list] = {}
@@ -335,6 +339,7 @@ def test_tensorboard_gets_one_folder_per_member(corpus, tmp_path, monkeypatch):
 # --------------------------------------------------------------------------- the command
 
 
+@pytest.mark.slow
 def test_sweep_command_prints_the_table_in_80_columns(corpus, tmp_path):
     manifest, stores = corpus
     args = ["sweep", "-f", str(stores[0]), "-f", str(stores[1]), "-d", str(manifest), "-o", str(tmp_path / "s"),

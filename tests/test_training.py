@@ -145,6 +145,7 @@ def test_heads_learn_and_write_a_complete_run(tmp_path, synthetic):
     assert ccc_table(saved, target)["mean"] == pytest.approx(m["ccc"]["mean"], abs=1e-4)
 
 
+@pytest.mark.slow
 def test_select_ccc_keeps_the_best_plain_ccc_epoch(tmp_path, synthetic):
     manifest, _, _, stores = synthetic
     result, _ = train(tmp_path, manifest, stores.values(), epochs=8, select="ccc")
@@ -152,6 +153,7 @@ def test_select_ccc_keeps_the_best_plain_ccc_epoch(tmp_path, synthetic):
     assert result.best_epoch == int(np.argmax([float(r["dev_ccc_mean"]) for r in history])) + 1
 
 
+@pytest.mark.slow
 def test_same_seed_same_run_other_seed_other_run(tmp_path, synthetic):
     manifest, _, _, stores = synthetic
     a, _ = train(tmp_path, manifest, stores.values(), name="a", epochs=3)
@@ -161,6 +163,7 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path, synthetic):
     assert a.metrics["ccc"] != c.metrics["ccc"]
 
 
+@pytest.mark.slow
 def test_undersampling_draws_min_class_count_per_class_each_epoch(tmp_path, synthetic):
     manifest, _, _, stores = synthetic
     rows = [r for r in read_csv(manifest) if r["split"] == "Train"]
@@ -173,6 +176,7 @@ def test_undersampling_draws_min_class_count_per_class_each_epoch(tmp_path, synt
     assert data_off["rows_per_epoch"] == data_off["train_rows"] == len(rows)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", OX_MODES)
 def test_every_ox_mode_trains_and_moved_rows_leave_the_evaluation(tmp_path, synthetic, mode):
     manifest, _, _, stores = synthetic
@@ -198,6 +202,7 @@ def test_every_ox_mode_trains_and_moved_rows_leave_the_evaluation(tmp_path, synt
     assert result.metrics["rows"] == len(evaluated)
 
 
+@pytest.mark.slow
 def test_speaker_head_keeps_the_speaker_embedding_store_out_of_the_input(tmp_path, synthetic):
     manifest, ids, feats, stores = synthetic
     xvec = make_store(tmp_path / "features" / "xvec.zarr", ids, np.random.default_rng(1).standard_normal((len(ids), 8)),
@@ -302,6 +307,7 @@ def test_unknown_split_is_an_error(tmp_path, synthetic):
         train(tmp_path, manifest, stores.values(), dev_split="Dev")
 
 
+@pytest.mark.slow
 def test_an_existing_run_directory_is_refused_unless_overwrite(tmp_path, synthetic):
     manifest, _, _, stores = synthetic
     first, _ = train(tmp_path, manifest, stores.values(), epochs=1)
@@ -391,6 +397,7 @@ def check_multimodal(scores: dict, audio: str, text: str, both: str, timing: str
 # --------------------------------------------------------------------------- precision
 
 
+@pytest.mark.slow
 def test_bf16_lands_near_fp32_and_the_run_records_its_precision(tmp_path, synthetic):
     manifest, _, _, stores = synthetic
     fp32, _ = train(tmp_path, manifest, stores.values(), name="fp32", epochs=12, precision="fp32")

@@ -198,6 +198,7 @@ def test_bare_files(asr, tmp_path, one_torch_thread):
 # --------------------------------------------------------------------------- resume and refusals
 
 
+@pytest.mark.slow
 def test_resume_after_kill_9_redoes_no_finished_row(asr, data, tmp_path, monkeypatch, one_torch_thread):
     out = tmp_path / "asr.csv"
     args = ["transcribe", "--model", str(asr), "--data", str(data), "--all", "--out", str(out),

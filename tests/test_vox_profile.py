@@ -165,6 +165,7 @@ def test_wavlm_checkpoint_imports_and_predicts_what_the_authors_code_does(models
     assert config["wavlm"]["last_state"] == "after-final-layer-norm"
 
 
+@pytest.mark.slow
 def test_imported_predictions_follow_the_label_range(models, tmp_path):
     from ser_cache.vox_profile import ImportConfig, import_vox_profile
 
@@ -202,6 +203,7 @@ def test_a_checkpoint_for_another_backbone_is_refused(models, tmp_path):
         import_vox_profile(ImportConfig(source=str(tmp_path / "empty"), out=tmp_path / "run"))
 
 
+@pytest.mark.slow
 def test_finetune_can_start_from_an_imported_run(models, tmp_path, one_torch_thread):
     from safetensors.torch import load_file
 

@@ -1,5 +1,9 @@
 """Figures of runs, evaluations, ensembles and stores: PNG (and SVG) files, written atomically.
 
+This module draws a run's training curves and a store's speakers, and holds what every figure
+shares (drawing, writing, sizes, colours); score_plots.py draws the evaluation and ensemble
+figures, which this module also gives (`ser_cache.plots.evaluation_plots`, `ensemble_plots`).
+
 Each function draws one kind of figure, writes it, and returns the paths written and the numbers
 drawn (so a test, or a caller, can check the figure says what the data says). What each figure
 shows is documented for users in docs/plots.md.
@@ -13,8 +17,8 @@ functions, so importing this module (the CLI does, for PlotError) costs nothing.
 from __future__ import annotations
 
 import csv
+import json
 import math
-from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,7 +26,7 @@ import numpy as np
 
 from ser_cache import runs
 from ser_cache.atomic import atomic_path
-from ser_cache.metrics import ATTRIBUTES, PRIMARY_EMOTIONS, ccc
+from ser_cache.metrics import ATTRIBUTES
 
 # Sizes in inches at DPI dots per inch: a PNG is exactly (width * DPI) x (height * DPI) pixels.
 DPI = 100
@@ -30,9 +34,11 @@ CURVES_SIZE = (12.0, 4.5)
 SCATTER_SIZE = (13.5, 4.5)
 PER_CLASS_SIZE = (9.0, 4.5)
 CONFUSION_SIZE = (5.0, 4.5)
-ENSEMBLE_SIZE = (9.0, 4.5)
+ENSEMBLE_SIZE = (9.0, 4.5)  # 2 members; wider for more, or for long names (ensemble_size)
+ENSEMBLE_INCHES_PER_BAR = 0.4  # a CCC written level ("0.655", small type) fits over a bar this wide
 TSNE_SIZE = (7.0, 6.0)
 
+MIN_CLASS_ROWS = 10  # a class with fewer utterances gets no CCC in ccc_per_class.png: too few points to mean anything
 HEXBIN_ABOVE = 2000  # more points than this: a hexbin (density), not a scatter that hides it
 
 CURVES = "curves.png"
@@ -42,11 +48,35 @@ CONFUSION = "gender_confusion.png"
 ENSEMBLE = "ensemble.png"
 
 LOSS_PARTS = ("ccc", "gender", "speaker")  # history.csv's loss_<part> columns besides loss_total
+LOSS_WEIGHT_NAMES = {"gender": "α", "speaker": "β"}  # paper Eq. 1's names for the parts' weights
+# MSP-Podcast's primary emotion codes; O and X are not classes (metrics.PRIMARY_EMOTIONS).
+EMOTION_NAMES = {"N": "neutral", "H": "happy", "S": "sad", "A": "angry", "D": "disgust", "C": "contempt",
+                 "F": "fear", "U": "surprise", "O": "other", "X": "no agreement"}
+OTHER_EMOTIONS = ("O", "X")
+# One colour per meaning across both panels of curves.png (a colour cycle per panel would give the
+# total loss and arousal the same blue).
+COLOURS = {"total": "black", "ccc": "tab:purple", "gender": "tab:brown", "speaker": "tab:pink",
+           "arousal": "tab:red", "valence": "tab:blue", "dominance": "tab:green", "mean": "tab:orange",
+           "balanced mean": "tab:olive", "kept": "tab:gray"}
 UNKNOWN_SPEAKERS = (None, "", "Unknown")  # MSP-Podcast writes "Unknown" where no speaker is known
 
 
 class PlotError(Exception):
     """A figure cannot be drawn from what was given; the message names the input and the reason."""
+
+
+# The evaluation and ensemble figures live in score_plots.py; they are also ser_cache.plots' (as
+# they always were), loaded when first asked for, since score_plots builds on this module.
+SCORE_PLOTS = ("EvaluationResult", "evaluation_plots", "class_cccs", "row_shares", "EnsembleResult",
+               "ensemble_plots", "ensemble_size")
+
+
+def __getattr__(name: str):
+    if name in SCORE_PLOTS:
+        from ser_cache import score_plots
+
+        return getattr(score_plots, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- drawing and writing
@@ -105,11 +135,14 @@ def _nan(x) -> float:
 class CurvesResult:
     paths: list[Path]
     epochs: list[int]
-    losses: dict[str, list[float]]  # "total" and every part that is not zero throughout
+    losses: dict[str, list[float]]  # "total" and every part that is not zero throughout, as drawn (weighted)
     dev_ccc: dict[str, list[float]]  # arousal, valence, dominance, mean
     balanced_mean: list[float] | None  # None when the run has no balanced CCC
     kept_epoch: int | None
     finished: bool
+    weights: dict[str, float] | None = None  # the loss's part -> weight (alpha, beta); None: not recorded
+    title: str = ""
+    figure: object = field(default=None, repr=False, compare=False)  # the matplotlib Figure written
 
 
 def read_history(run_dir: str | Path) -> tuple[list[dict], int | None, bool]:
@@ -145,10 +178,50 @@ def read_history(run_dir: str | Path) -> tuple[list[dict], int | None, bool]:
     return rows, None if kept is None else int(kept), True
 
 
+def _run_settings(run_dir: Path, finished: bool) -> dict:
+    """The run's recorded settings: config.json, or an unfinished run's in_progress.json ({} if unreadable).
+
+    The curves need the loss weights (to draw each part as it enters the total) and what the run
+    trained on (for the title); a run that lacks them is still drawn, with its parts unweighted.
+    """
+    try:
+        if finished:
+            return runs.read_config(run_dir)
+        record = json.loads((run_dir / runs.IN_PROGRESS).read_text(encoding="utf-8"))
+        return record if isinstance(record, dict) else {}
+    except (runs.RunError, OSError, UnicodeDecodeError, ValueError):
+        return {}
+
+
+def _loss_weights(settings: dict) -> dict[str, float] | None:
+    """{"ccc": 1, "gender": alpha, "speaker": beta} of paper Eq. 1 as the run trained, or None if not recorded."""
+    train = settings.get("train")
+    if not isinstance(train, dict):
+        return None
+    try:
+        return {"ccc": 1.0, "gender": float(train["gender_weight"]), "speaker": float(train["speaker_weight"])}
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _curves_title(name: str, settings: dict) -> str:
+    """The run's name and what it trained: a fine-tuned encoder, or heads on the named feature stores."""
+    if settings.get("system") == "finetuned-wavlm":
+        return f"{name}: fine-tuned WavLM"
+    inputs = settings.get("inputs")
+    names = [str(i["name"]) for i in inputs if isinstance(i, dict) and i.get("name")] if isinstance(inputs, list) else []
+    return f"{name}: heads on {' + '.join(names)}" if names else name
+
+
 def training_curves(run_dir: str | Path, out_dir: str | Path | None = None, svg: bool = False,
                     title: str | None = None) -> CurvesResult:
     """Losses and Development CCC per epoch, the kept epoch marked; `<out_dir>/curves.png` (default: the run),
-    or `out_dir` itself when it names a .png file (`figure_path`)."""
+    or `out_dir` itself when it names a .png file (`figure_path`).
+
+    `title`: the run's name in the figure's title (default: the run directory's name).
+    """
+    from matplotlib.ticker import MaxNLocator
+
     run_dir = Path(run_dir)
     rows, kept, finished = read_history(run_dir)
     if not rows:
@@ -156,15 +229,30 @@ def training_curves(run_dir: str | Path, out_dir: str | Path | None = None, svg:
     if "epoch" not in rows[0] or "loss_total" not in rows[0] or "dev_ccc_mean" not in rows[0]:
         raise PlotError(f"{run_dir}: the history lacks epoch, loss_total or dev_ccc_mean; not a ser-cache run's history")
     epochs = [int(_nan(r["epoch"])) for r in rows]
+    settings = _run_settings(run_dir, finished)
+    weights = _loss_weights(settings)
+    train = settings.get("train") if isinstance(settings.get("train"), dict) else {}
+    dev_split = str(train.get("dev_split") or "Development")
 
     def column(name: str) -> list[float]:
         return [_nan(r.get(name)) for r in rows]
 
+    # Each part as it enters the total (paper Eq. 1: ccc + alpha * gender + beta * speaker), so the
+    # parts add up to the total and none is drawn above it. Without recorded weights: unweighted, said so.
     losses = {"total": column("loss_total")}
+    labels = {"total": "total"}
     for part in LOSS_PARTS:
         values = column(f"loss_{part}")
-        if any(np.isfinite(v) and v != 0 for v in values):
-            losses[part] = values
+        if not any(np.isfinite(v) and v != 0 for v in values):
+            continue
+        if part == "ccc":
+            losses[part], labels[part] = values, "CCC loss"
+        elif weights is None:
+            losses[part], labels[part] = values, f"{part} (unweighted)"
+        else:
+            w = weights[part]
+            losses[part] = [w * v for v in values]
+            labels[part] = f"{LOSS_WEIGHT_NAMES[part]}·{part} ({LOSS_WEIGHT_NAMES[part]} = {w:g})"
     dev = {k: column(f"dev_ccc_{k}") for k in (*ATTRIBUTES, "mean")}
     balanced = column("dev_balanced_ccc_mean")
     balanced_mean = balanced if any(np.isfinite(balanced)) else None
@@ -172,197 +260,34 @@ def training_curves(run_dir: str | Path, out_dir: str | Path | None = None, svg:
     fig = _figure(CURVES_SIZE)
     ax_loss, ax_ccc = fig.subplots(1, 2)
     for name, values in losses.items():
-        ax_loss.plot(epochs, values, marker=".", label=name, linewidth=2 if name == "total" else 1)
-    ax_loss.set(title="training loss", xlabel="epoch", ylabel="loss")
+        if name == "total":
+            # On top and dashed: where the total equals a part (the other weights 0), both still show.
+            ax_loss.plot(epochs, values, color=COLOURS["total"], linestyle=(0, (4, 2)), linewidth=2.2, zorder=3,
+                         label=labels[name])
+        else:
+            ax_loss.plot(epochs, values, color=COLOURS[name], marker=".", linewidth=1.2, zorder=2, label=labels[name])
+    ax_loss.set(title="training loss (parts as weighted in the total)", xlabel="epoch", ylabel="loss")
     for name, values in dev.items():
-        ax_ccc.plot(epochs, values, marker=".", label=name, linewidth=2 if name == "mean" else 1)
+        ax_ccc.plot(epochs, values, color=COLOURS[name], marker=".", linewidth=2 if name == "mean" else 1.2,
+                    label=name)
     if balanced_mean is not None:
-        ax_ccc.plot(epochs, balanced_mean, linestyle="--", color="black", label="balanced mean")
-    ax_ccc.set(title="Development CCC", xlabel="epoch", ylabel="CCC")
+        ax_ccc.plot(epochs, balanced_mean, color=COLOURS["balanced mean"], linestyle="--", label="balanced mean")
+    ax_ccc.set(title=f"{dev_split} CCC", xlabel="epoch", ylabel="CCC")
     if kept is not None:
         label = f"kept epoch {kept}" if finished else f"best so far: epoch {kept}"
         for ax in (ax_loss, ax_ccc):
-            ax.axvline(kept, color="grey", linestyle=":", label=label)
+            ax.axvline(kept, color=COLOURS["kept"], linestyle=":", label=label)
     for ax in (ax_loss, ax_ccc):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # epochs are whole numbers
         ax.grid(alpha=0.3)
-        ax.legend(fontsize="small")
-    fig.suptitle(f"{title or run_dir.name}" + ("" if finished else f" (in progress, {len(epochs)} epochs)"))
+        # Beside the panel, not over the curves (constrained layout makes room for it).
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    name = title or run_dir.resolve().name
+    heading = _curves_title(name, settings) + ("" if finished else f" (in progress, {len(epochs)} epochs)")
+    fig.suptitle(heading)
     paths = _save(fig, figure_path(out_dir, run_dir / CURVES), svg)
     return CurvesResult(paths=paths, epochs=epochs, losses=losses, dev_ccc=dev, balanced_mean=balanced_mean,
-                        kept_epoch=kept, finished=finished)
-
-
-# --------------------------------------------------------------------------- evaluation
-
-
-@dataclass(frozen=True)
-class EvaluationResult:
-    paths: list[Path]
-    ccc: dict[str, float]  # per attribute, as drawn in the scatter titles
-    ccc_per_class: dict[str, dict[str, float]]  # class -> attribute -> CCC (classes with 2 rows or more)
-    gender_labels: list[str] = field(default_factory=list)
-    gender_confusion: np.ndarray | None = None  # rows: true label, columns: predicted, in gender_labels' order
-
-
-def _gender_strings(values, labels: Sequence[str] | None, name: str) -> np.ndarray:
-    """Gender labels as strings; integer codes are indices into `labels`."""
-    array = np.asarray(values)
-    if array.dtype.kind in "iu":
-        if not labels:
-            raise PlotError(f"{name}: integer gender codes need gender_labels to name them")
-        if array.size and (array.min() < 0 or array.max() >= len(labels)):
-            raise PlotError(f"{name}: gender codes must lie in 0..{len(labels) - 1} (gender_labels {list(labels)})")
-        return np.asarray(labels, dtype=object)[array]
-    return np.asarray(["" if v is None else str(v) for v in array.tolist()], dtype=object)
-
-
-def evaluation_plots(pred_avd, true_avd, emotions: Sequence[str | None], out_dir: str | Path, gender_true=None,
-                     gender_pred=None, gender_labels: Sequence[str] | None = None, title: str = "",
-                     svg: bool = False) -> EvaluationResult:
-    """Predicted vs true per attribute, CCC per primary emotion class, and (with genders) a confusion matrix."""
-    pred = np.asarray(pred_avd, dtype=np.float64)
-    true = np.asarray(true_avd, dtype=np.float64)
-    if pred.ndim != 2 or pred.shape[1] != 3 or pred.shape != true.shape:
-        raise PlotError(f"predictions and labels must both be (N, 3) arousal/valence/dominance; got {pred.shape} "
-                        f"and {true.shape}")
-    if len(pred) < 2:
-        raise PlotError(f"{len(pred)} labelled utterance(s); at least 2 are needed for a CCC")
-    codes = np.asarray(["" if e is None else str(e) for e in emotions], dtype=object)
-    if len(codes) != len(pred):
-        raise PlotError(f"{len(codes)} emotion(s) for {len(pred)} prediction(s); give one per row")
-    if (gender_true is None) != (gender_pred is None):
-        raise PlotError("give both gender_true and gender_pred, or neither")
-    out_dir = Path(out_dir)
-    prefix = f"{title}: " if title else ""
-    paths: list[Path] = []
-
-    # Predicted against true, one panel per attribute.
-    scores = {a: ccc(pred[:, j], true[:, j]) for j, a in enumerate(ATTRIBUTES)}
-    fig = _figure(SCATTER_SIZE)
-    low = float(min(pred.min(), true.min()))
-    high = float(max(pred.max(), true.max()))
-    for j, (ax, attr) in enumerate(zip(fig.subplots(1, 3), ATTRIBUTES)):
-        if len(pred) > HEXBIN_ABOVE:
-            hb = ax.hexbin(true[:, j], pred[:, j], gridsize=40, mincnt=1, bins="log", cmap="viridis",
-                           extent=(low, high, low, high))
-            fig.colorbar(hb, ax=ax, label="utterances")
-        else:
-            ax.scatter(true[:, j], pred[:, j], s=8, alpha=0.6)
-        ax.plot([low, high], [low, high], color="red", linewidth=1, label="identity")
-        ax.set(title=f"{attr}: CCC {scores[attr]:.3f}", xlabel="true", ylabel="predicted",
-               xlim=(low, high), ylim=(low, high), aspect="equal")
-        ax.grid(alpha=0.3)
-    fig.suptitle(f"{prefix}predicted vs true ({len(pred)} utterances)")
-    paths += _save(fig, out_dir / SCATTER, svg)
-
-    # CCC per primary emotion class.
-    per_class = {}
-    for code in PRIMARY_EMOTIONS:
-        rows = np.flatnonzero(codes == code)
-        if rows.size >= 2:
-            per_class[code] = {a: ccc(pred[rows, j], true[rows, j]) for j, a in enumerate(ATTRIBUTES)}
-    fig = _figure(PER_CLASS_SIZE)
-    ax = fig.subplots()
-    if per_class:
-        classes = list(per_class)
-        x = np.arange(len(classes))
-        width = 0.8 / len(ATTRIBUTES)
-        for j, attr in enumerate(ATTRIBUTES):
-            ax.bar(x + (j - 1) * width, [per_class[c][attr] for c in classes], width, label=attr)
-        counts = {c: int(np.sum(codes == c)) for c in classes}
-        ax.set_xticks(x, [f"{c}\n(n={counts[c]})" for c in classes])
-        ax.axhline(0, color="black", linewidth=0.8)
-        values = [v for table in per_class.values() for v in table.values()]
-        ax.set_ylim(min(0.0, min(values)) - 0.05, max(1.0, max(values)) + 0.15)  # room for the legend
-        ax.legend(fontsize="small", ncols=len(ATTRIBUTES), loc="upper center")
-    else:
-        ax.text(0.5, 0.5, "no primary emotion class with 2 utterances or more", ha="center", va="center",
-                transform=ax.transAxes)
-    ax.set(title=f"{prefix}CCC per primary emotion class", ylabel="CCC")
-    ax.grid(axis="y", alpha=0.3)
-    paths += _save(fig, out_dir / PER_CLASS, svg)
-
-    # Gender: true against predicted.
-    labels: list[str] = []
-    confusion = None
-    if gender_true is not None:
-        from sklearn.metrics import confusion_matrix
-
-        t = _gender_strings(gender_true, gender_labels, "gender_true")
-        p = _gender_strings(gender_pred, gender_labels, "gender_pred")
-        if len(t) != len(p):
-            raise PlotError(f"gender_true has {len(t)} row(s), gender_pred {len(p)}; give one of each per row")
-        labels = list(gender_labels) if gender_labels else sorted({*t.tolist(), *p.tolist()} - {""})
-        known = np.isin(t, labels)  # rows whose true gender is unknown ("", "Unknown") are not scored
-        if not known.any():
-            raise PlotError(f"no row has a true gender among {labels}; cannot draw a confusion matrix")
-        confusion = confusion_matrix(t[known].astype(str), p[known].astype(str), labels=labels)
-        fig = _figure(CONFUSION_SIZE)
-        ax = fig.subplots()
-        im = ax.imshow(confusion, cmap="Blues")
-        fig.colorbar(im, ax=ax)
-        for (i, k), n in np.ndenumerate(confusion):
-            ax.text(k, i, str(n), ha="center", va="center",
-                    color="white" if n > confusion.max() / 2 else "black")
-        ax.set_xticks(range(len(labels)), labels)
-        ax.set_yticks(range(len(labels)), labels)
-        accuracy = np.trace(confusion) / max(confusion.sum(), 1)
-        ax.set(xlabel="predicted", ylabel="true", title=f"{prefix}gender (accuracy {accuracy:.3f})")
-        paths += _save(fig, out_dir / CONFUSION, svg)
-    return EvaluationResult(paths=paths, ccc=scores, ccc_per_class=per_class, gender_labels=labels,
-                            gender_confusion=confusion)
-
-
-# --------------------------------------------------------------------------- ensemble
-
-
-@dataclass(frozen=True)
-class EnsembleResult:
-    paths: list[Path]
-    names: list[str]  # the members, then "ensemble"
-    scores: dict[str, dict[str, float]]  # name -> arousal, valence, dominance, mean
-
-
-def _ccc_scores(scores: Mapping, name: str) -> dict[str, float]:
-    """A CCC table (attribute -> CCC), or a score dict holding one under "ccc" (ensemble/evaluate's)."""
-    table = scores.get("ccc", scores) if isinstance(scores, Mapping) else None
-    if not isinstance(table, Mapping) or not all(a in table for a in ATTRIBUTES):
-        raise PlotError(f"{name}: expected CCCs for {', '.join(ATTRIBUTES)}; got {scores!r:.80}")
-    out = {a: float(table[a]) for a in ATTRIBUTES}
-    out["mean"] = float(table["mean"]) if "mean" in table else float(np.mean(list(out.values())))
-    return out
-
-
-def ensemble_plots(member_names: Sequence[str], member_scores: Sequence[Mapping], ensemble_scores: Mapping,
-                   out_dir: str | Path, svg: bool = False) -> EnsembleResult:
-    """The members' and the ensemble's CCC per attribute (and mean), side by side; `<out_dir>/ensemble.png`."""
-    if len(member_names) != len(member_scores):
-        raise PlotError(f"{len(member_names)} member name(s) for {len(member_scores)} score table(s)")
-    if not member_names:
-        raise PlotError("no members to compare the ensemble with")
-    names = [*map(str, member_names), "ensemble"]
-    tables = [_ccc_scores(s, n) for n, s in zip(member_names, member_scores)]
-    tables.append(_ccc_scores(ensemble_scores, "ensemble"))
-    scores = dict(zip(names, tables))
-
-    keys = (*ATTRIBUTES, "mean")
-    fig = _figure(ENSEMBLE_SIZE)
-    ax = fig.subplots()
-    x = np.arange(len(keys))
-    width = 0.8 / len(names)
-    for i, (name, table) in enumerate(scores.items()):
-        offset = (i - (len(names) - 1) / 2) * width
-        style = {"color": "black"} if name == "ensemble" else {}
-        bars = ax.bar(x + offset, [table[k] for k in keys], width, label=name, **style)
-        ax.bar_label(bars, fmt="%.3f", fontsize="x-small", rotation=90, padding=2)
-    ax.set_xticks(x, keys)
-    ax.axhline(0, color="black", linewidth=0.8)
-    ax.set(title=f"CCC of {len(member_names)} member(s) and their ensemble", ylabel="CCC")
-    ax.set_ylim(top=max(1.0, max(max(t.values()) for t in tables) + 0.1))
-    ax.grid(axis="y", alpha=0.3)
-    ax.legend(fontsize="small")
-    paths = _save(fig, Path(out_dir) / ENSEMBLE, svg)
-    return EnsembleResult(paths=paths, names=names, scores=scores)
+                        kept_epoch=kept, finished=finished, weights=weights, title=heading, figure=fig)
 
 
 # --------------------------------------------------------------------------- speakers (paper Fig. 2)
@@ -390,12 +315,12 @@ def _store_vectors(store, rows: np.ndarray, layer: int | None) -> np.ndarray:
     if store.is_frames:
         if layer is not None:
             raise PlotError(f"{store.path}: a frame store has no layers; leave out the layer")
-    elif layer is not None and len(store.feature_shape) < 2:
+        _, frames, _ = store.read_frames(rows)
+        return frames.mean()
+    if layer is not None and len(store.feature_shape) < 2:
         # A pooled store holds one (D,) vector per utterance: a layer asked for would be ignored silently.
         raise PlotError(f"--layer {layer}: store {store.path} holds one vector of {store.feature_shape} per "
                         "utterance, no layers; leave --layer out (it picks a layer of a layered store)")
-        _, frames, _ = store.read_frames(rows)
-        return frames.mean()
     chunk_of = rows // store.chunk_rows
     out = None
     for chunk in np.unique(chunk_of).tolist():  # whole chunks, only those holding a drawn row

@@ -80,9 +80,11 @@ class TrainHeadsConfig:
     batch_size: the paper does not give it; 64 keeps per-step overhead low on CPU while an
     undersampled MSP-Podcast epoch (~12k rows) still gets ~190 updates.
     weight_decay: AdamW's own default (0.01); the paper names AdamW and nothing more.
-    threads: CPU threads for torch while training (None: torch's default, all cores). Small heads
-    gain nothing from a second thread, and on a busy machine threads that wait for each other
-    make every step many times slower; 1 is the robust choice for small runs or parallel runs.
+    threads: CPU threads for torch while training; 0 or None: torch's default (all cores). 1 by
+    default, from benchmarks/threads_bench.py (docs/performance.md): on a busy 2-core machine two
+    threads made pooled heads 4.7x slower and frame heads 1.3x slower, while on the same machine
+    idle they made a full MSP-Podcast-scale run 1.45x faster; threads that wait for each other
+    lose far more on a shared machine than a second thread gains on an idle one.
     dropout: of the heads; 0, as the authors' heads (Linear–ReLU–Linear, no dropout). It was 0.1
     before frame inputs came; the option stays, for older runs' setting and for experiments.
     conv_dim, conv_dropout: the ConvPool of every frame store, the authors' 256 and 0.1.
@@ -119,7 +121,7 @@ class TrainHeadsConfig:
     tensorboard: Path | None = None  # a folder for TensorBoard scalars (the history rows)
     device: str = "auto"
     precision: str = "auto"
-    threads: int | None = None
+    threads: int | None = 1
     overwrite: bool = False
     progress: bool = True
 
@@ -187,8 +189,8 @@ def common_problems(cfg) -> list[str]:
         problems.append(f"--hidden {cfg.hidden}: expected 1 or more")
     if not 0 <= cfg.dropout < 1:
         problems.append(f"--dropout {cfg.dropout}: expected a probability in [0, 1)")
-    if cfg.threads is not None and cfg.threads < 1:
-        problems.append(f"--threads {cfg.threads}: expected 1 or more")
+    if cfg.threads is not None and cfg.threads < 0:
+        problems.append(f"--threads {cfg.threads}: expected 1 or more, or 0 for torch's default (all cores)")
     if cfg.train_split == cfg.dev_split:
         problems.append(f"--train-split and --dev-split are both {cfg.train_split}")
     return problems
@@ -423,10 +425,11 @@ def batch_loss(out: dict, target: dict, aam, *, gender_weight: float, speaker_we
 
 @contextlib.contextmanager
 def torch_threads(n: int | None):
-    """Run with n torch threads, then give back the number there was (it is process-wide)."""
+    """Run with n torch threads, then give back the number there was (it is process-wide).
+    n None or 0: torch's own number, unchanged."""
     import torch
 
-    if n is None:
+    if not n:
         yield
         return
     before = torch.get_num_threads()

@@ -69,7 +69,9 @@ HeadsPrecision = Annotated[HeadsPrecisionMode, typer.Option(
     help="Matrix products in bf16 or fp32; auto: bf16 on a CUDA GPU with bf16 or a CPU with AMX/AVX512-BF16, "
          "else fp32. Weights, loss and metrics stay fp32.")]
 Threads = Annotated[Optional[int], typer.Option(
-    help="CPU threads for training (default: torch's, all cores); 1 for small or parallel runs.")]
+    help="CPU threads for training; 0: torch's default (all cores). Default 1: on a busy machine threads "
+         "that wait for each other made training 1.3-4.7x slower, while a second thread gained at most "
+         "1.45x on an idle one (docs/performance.md).")]
 
 
 def heads_config(options: dict):

@@ -102,7 +102,7 @@ def train_heads(
     memory_budget: shared.MemoryBudget = None,
     device: shared.Device = "auto",
     precision: shared.HeadsPrecision = "auto",
-    threads: shared.Threads = None,
+    threads: shared.Threads = 1,
     overwrite: bool = typer.Option(False, help="Replace an existing run directory."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
     tensorboard: Optional[Path] = typer.Option(None, metavar="DIR", help="Also log each epoch's history.csv row as "

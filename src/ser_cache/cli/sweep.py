@@ -57,7 +57,7 @@ def sweep_command(
     memory_budget: shared.MemoryBudget = None,
     device: shared.Device = "auto",
     precision: shared.HeadsPrecision = "auto",
-    threads: shared.Threads = None,
+    threads: shared.Threads = 1,
     overwrite: bool = typer.Option(False, help="Train again members written with other options, or on a store "
                                    "since rebuilt with other settings."),
     progress: bool = typer.Option(True, help="Show a progress bar."),

@@ -53,6 +53,7 @@ def make_run(path: Path, epochs: int = 6, best_epoch: int = 4, speaker: bool = F
     return path
 
 
+@pytest.mark.slow  # the curves' parts: test_curves_* below
 def test_training_curves_of_a_finished_run(tmp_path):
     run = make_run(tmp_path / "run", epochs=6, best_epoch=4)
     result = plots.training_curves(run, svg=True)
@@ -152,7 +153,8 @@ def labelled(n: int, seed: int = 0):
     return pred, true, emotions
 
 
-@pytest.mark.parametrize("n, svg", [(300, False), pytest.param(2500, True, marks=pytest.mark.slow)])  # a scatter, then a hexbin
+@pytest.mark.parametrize("n, svg", [pytest.param(300, False, marks=pytest.mark.slow),
+                                     pytest.param(2500, True, marks=pytest.mark.slow)])  # the figures' parts: the tests below  # a scatter, then a hexbin
 def test_evaluation_plots(tmp_path, n, svg):
     pred, true, emotions = labelled(n)
     rng = np.random.default_rng(1)

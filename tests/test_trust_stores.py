@@ -54,7 +54,7 @@ def _recording_batches(monkeypatch) -> list[tuple[int, ...]]:
     return seen
 
 
-@pytest.mark.parametrize("pooling", ["frames", "mean"])
+@pytest.mark.parametrize("pooling", [pytest.param("frames", marks=pytest.mark.slow), "mean"])
 def test_a_resumed_extract_is_byte_identical_although_the_rest_would_batch_differently(models, tmp_path, monkeypatch,
                                                                                       pooling):
     """40 clips of 1-4 s in chunks of 2: the first unit of chunks (5 of the 20) is cut short at its

@@ -20,8 +20,8 @@ from pathlib import Path
 
 
 def main(argv=None) -> list[dict]:
-    from ser_cache.bench import prepare_corpus
-    from ser_cache.extract import _Decoder, _new_timings
+    from ser_cache.features.bench import prepare_corpus
+    from ser_cache.features.extract import _Decoder, _new_timings
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--utterances", type=int, default=6000)

@@ -36,7 +36,7 @@ import numpy as np
 
 def cnn_flops(config: dict, n: int) -> float:
     """The CNN feature encoder's share of bench.encoder_flops (same formula)."""
-    from ser_cache.bench import conv_lengths
+    from ser_cache.features.bench import conv_lengths
 
     dims = config["conv_dim"]
     lengths = conv_lengths(n, config["conv_kernel"], config["conv_stride"])
@@ -45,7 +45,7 @@ def cnn_flops(config: dict, n: int) -> float:
 
 
 def training_flops(config: dict, n: int, freeze_cnn: bool = True) -> float:
-    from ser_cache.bench import encoder_flops
+    from ser_cache.features.bench import encoder_flops
 
     total = encoder_flops("wavlm", config, n)
     cnn = cnn_flops(config, n)
@@ -56,8 +56,8 @@ def build(config: dict, device, gradient_checkpointing: bool, freeze_cnn: bool):
     import torch
     from transformers import WavLMConfig, WavLMModel
 
-    from ser_cache.finetune_model import AUDIO_INPUT, WavLMEmotionModel, freeze_unused
-    from ser_cache.heads import MultitaskHeads
+    from ser_cache.system.finetuned import AUDIO_INPUT, WavLMEmotionModel, freeze_unused
+    from ser_cache.system.heads import MultitaskHeads
 
     cfg = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "transformers_version")}
     torch.manual_seed(0)
@@ -89,12 +89,12 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from ser_cache import bench
-    from ser_cache.audio import SAMPLE_RATE
+    from ser_cache.features import bench
+    from ser_cache.data.audio import SAMPLE_RATE
     from ser_cache.encoders.base import RuntimeOptions
-    from ser_cache.finetune_model import autocast, plan_batches
-    from ser_cache.losses import multitask_loss
-    from ser_cache.training import resolve_device
+    from ser_cache.system.finetuned import autocast, plan_batches
+    from ser_cache.system.losses import multitask_loss
+    from ser_cache.train.training import resolve_device
 
     config = json.loads(args.config.read_text()) if args.config else bench.shipped_config("wavlm-large")
     device = resolve_device(args.device)

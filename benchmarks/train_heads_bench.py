@@ -24,7 +24,7 @@ Target (frame heads): 50 epochs at MSP-Podcast scale under 5 minutes on one H100
 `--compare` (issue 11) trains twice in one process on the same data, `--precision fp32` then
 `--precision bf16`, after an untimed one-epoch run in each (it takes the process's one-time costs
 off the fp32 figures; `--no-warmup` skips it). In the same process, on the threads the training
-uses, it measures the matrix-product rate of both dtypes (ser_cache.peaks.matmul_tflops: best of
+uses, it measures the matrix-product rate of both dtypes (ser_cache.train.peaks.matmul_tflops: best of
 `--peak-trials` 5 timings after warm-up, before and after the timed runs) at `--peak-size` 2048³
 and at the heads' fused first layer, rows × in_dim × sum of the first layers' widths (from the
 heads the runs built), for the training batch (64) and the evaluation batch (4096; 64 with
@@ -137,7 +137,7 @@ def frame_counts(rows: int, rng: np.random.Generator) -> np.ndarray:
 
 def build(root: Path, rows: int, seed: int, frames: bool = False) -> tuple[Path, list[Path]]:
     """Write the label file and the stores; generated chunk by chunk, so memory stays small."""
-    from ser_cache.store import FeatureStore
+    from ser_cache.features.store import FeatureStore
 
     if root.exists() and any(root.iterdir()):
         raise SystemExit(f"{root}: not empty, and not built by this script with --rows {rows} --seed {seed}"
@@ -202,7 +202,7 @@ def build(root: Path, rows: int, seed: int, frames: bool = False) -> tuple[Path,
 def _build_frames(root: Path, ids: list[str], latent: np.ndarray, directions: np.ndarray,
                   rng: np.random.Generator, seed: int) -> Path:
     """A Whisper large-v3 frame store: each frame is noise plus its clip's signal, as the pooled store's rows."""
-    from ser_cache.store import FeatureStore
+    from ser_cache.features.store import FeatureStore
 
     dims = directions.shape[1]
     counts = frame_counts(len(ids), rng)
@@ -228,9 +228,9 @@ def profile_steps(cfg, steps: int, top: int = 12) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from ser_cache import fit, training
-    from ser_cache.rows import index_tensor
-    from ser_cache.stack import stack_of
+    from ser_cache.train import fit, training
+    from ser_cache.system.rows import index_tensor
+    from ser_cache.train.stack import stack_of
 
     with training.torch_threads(cfg.threads):
         device = training.resolve_device(cfg.device)
@@ -282,8 +282,8 @@ def run_figures(args, cfg, stores: list[Path]) -> dict:
     """Train once with `cfg` and return the figures of the run (the single-run JSON)."""
     import torch
 
-    from ser_cache.store import FeatureStore
-    from ser_cache.training import train_heads
+    from ser_cache.features.store import FeatureStore
+    from ser_cache.train.training import train_heads
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -360,7 +360,7 @@ def measure_peaks(model, cfg, device, square: int, trials: int) -> tuple[dict, d
     """Matmul TFLOP/s of fp32 and bf16 at `peaks.peak_shapes` of `model`, on the training's threads."""
     import torch
 
-    from ser_cache import peaks, training
+    from ser_cache.train import peaks, training
 
     shapes = peaks.peak_shapes(model, cfg.batch_size, training.eval_batch_size(model), square=square)
     measured = {}
@@ -375,8 +375,8 @@ def epoch_flops(config: dict, frames_mean: dict[str, float] | None = None) -> tu
     """FLOPs of one epoch of the run described by `config` (a run's config.json), counted on the model
     rebuilt from it: training (3 × forward; executed) over rows_per_epoch rows, including the speaker
     head's AAM product when it is on, and Development scoring (forward) over dev_rows rows."""
-    from ser_cache import peaks
-    from ser_cache.model import FeatureModel
+    from ser_cache.train import peaks
+    from ser_cache.system.model import FeatureModel
 
     model = FeatureModel.from_config(config["heads"], config.get("frame_inputs") or None)
     prods = peaks.products(model, frames_mean)
@@ -395,10 +395,10 @@ def compare_precisions(args, base_cfg, stores: list[Path], root: Path) -> dict:
 
     import torch
 
-    from ser_cache import peaks
-    from ser_cache.model import FeatureModel
-    from ser_cache.store import FeatureStore
-    from ser_cache.training import resolve_device, train_heads
+    from ser_cache.train import peaks
+    from ser_cache.system.model import FeatureModel
+    from ser_cache.features.store import FeatureStore
+    from ser_cache.train.training import resolve_device, train_heads
 
     # One epoch in each precision first, not timed: the first run in a process pays one-time costs
     # (imports in scoring and writing, kernel set-up) that would otherwise all land on fp32.
@@ -528,7 +528,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.peak_size < 1 or args.peak_trials < 1:
         p.error("--peak-size and --peak-trials: expected 1 or more")
 
-    from ser_cache.training import TrainHeadsConfig
+    from ser_cache.train.training import TrainHeadsConfig
 
     tmp = None
     if args.keep is None:

@@ -2,7 +2,7 @@
 
     python benchmarks/window_drift.py --model whisper-large-v3 --data /data/MSP-Podcast --split Development --limit 2000
 
-Encodes the same utterances both ways with `ser_cache.extract.compute_features` (the code path of
+Encodes the same utterances both ways with `ser_cache.features.extract.compute_features` (the code path of
 `extract`) and reports the cosine similarity and relative L2 distance between the two pooled vectors
 (median, 5th percentile, worst), overall and by duration bucket. With --random-init the full-size
 architecture is built from the shipped config with random weights (a stand-in when the real weights
@@ -31,10 +31,10 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from ser_cache.bench import build_random_model, shipped_config, synthetic_durations, write_corpus
-    from ser_cache.corpus import load_corpus
+    from ser_cache.features.bench import build_random_model, shipped_config, synthetic_durations, write_corpus
+    from ser_cache.data.corpus import load_corpus
     from ser_cache.encoders import load_encoder
-    from ser_cache.extract import compute_features
+    from ser_cache.features.extract import compute_features
 
     tmp = tempfile.TemporaryDirectory()
     model = args.model
@@ -54,7 +54,7 @@ def main() -> None:
     b = feats["trimmed"][ok].astype(np.float64)
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
     rel = np.linalg.norm(a - b, axis=1) / np.linalg.norm(a, axis=1)
-    from ser_cache import audio
+    from ser_cache.data import audio
 
     secs = np.array([min(audio.info(u.path).seconds, 15.0) for u, k in zip(utts, ok) if k])
 

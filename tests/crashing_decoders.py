@@ -4,7 +4,7 @@
 import os
 from pathlib import Path
 
-from ser_cache import audio
+from ser_cache.data import audio
 
 
 def decode_or_die(paths: list[str], **kwargs):

@@ -1,6 +1,6 @@
 import pytest
 
-from ser_cache.atomic import atomic_path
+from ser_cache.infra.atomic import atomic_path
 
 
 def test_success_replaces_the_target(tmp_path):

@@ -9,13 +9,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
-from ser_cache.bench import (
+from ser_cache.features.bench import (
     BENCH_MODELS,
     encoder_flops,
     shipped_config,
     synthetic_durations,
 )
-from ser_cache.cli import app
+from ser_cache.cli.app import app
 
 
 def counted(model, *args, **kwargs) -> int:
@@ -105,7 +105,7 @@ def test_bench_needs_random_init():
 
 @pytest.mark.slow
 def test_workdir_reuses_the_model_and_corpus_only_when_they_match(tmp_path):
-    from ser_cache.bench import BUILT_MARK, BenchConfig, bench_extract
+    from ser_cache.features.bench import BUILT_MARK, BenchConfig, bench_extract
 
     cfile = tmp_path / "tiny.json"
     cfile.write_text(json.dumps(TINY_WHISPER))
@@ -140,14 +140,14 @@ def test_workdir_reuses_the_model_and_corpus_only_when_they_match(tmp_path):
 
 
 def tiny_heads(input_dims=None, **kw):
-    from ser_cache.heads import MultitaskHeads
+    from ser_cache.system.heads import MultitaskHeads
 
     return MultitaskHeads(input_dims or {"a": (5,), "b": (3,)}, hidden=4, label_min=[1.0] * 3, label_max=[7.0] * 3,
                           n_genders=2, **kw)
 
 
 def test_flops_of_tiny_heads_counted_by_hand():
-    from ser_cache import peaks
+    from ser_cache.train import peaks
 
     # in_dim 8 (5 + 3), hidden 4: four first layers 8→4 (arousal, valence, dominance, gender),
     # second layers 4→1 three times and 4→2 for gender. Per row, 2·k·n each:
@@ -165,7 +165,7 @@ def test_flops_of_tiny_heads_counted_by_hand():
 
 
 def test_executed_flops_match_torchs_counter_for_a_training_step():
-    from ser_cache import peaks
+    from ser_cache.train import peaks
 
     heads = tiny_heads(n_speakers=3, speaker_embedding_dim=16)
     x = {"a": torch.randn(6, 5), "b": torch.randn(6, 3)}
@@ -179,8 +179,8 @@ def test_executed_flops_match_torchs_counter_for_a_training_step():
 
 
 def test_first_layers_need_their_input_gradient_behind_a_layer_weighting_or_a_convpool():
-    from ser_cache import peaks
-    from ser_cache.model import FeatureModel
+    from ser_cache.train import peaks
+    from ser_cache.system.model import FeatureModel
 
     layered = peaks.products(tiny_heads({"a": (2, 5), "b": (3,)}))
     assert all(p.input_grad for p in layered)
@@ -198,7 +198,7 @@ def test_first_layers_need_their_input_gradient_behind_a_layer_weighting_or_a_co
 
 
 def test_peak_shapes_are_the_heads_fused_first_layer():
-    from ser_cache import peaks
+    from ser_cache.train import peaks
 
     shapes = peaks.peak_shapes(tiny_heads(n_speakers=3), train_batch=64, eval_batch=4096, square=32)
     assert shapes == {"square": (32, 32, 32), "train_fused": (64, 8, 5 * 4), "train_per_head": (64, 8, 4),
@@ -206,7 +206,7 @@ def test_peak_shapes_are_the_heads_fused_first_layer():
 
 
 def test_matmul_tflops_is_a_positive_rate_for_both_dtypes():
-    from ser_cache import peaks
+    from ser_cache.train import peaks
 
     for dtype in (torch.float32, torch.bfloat16):
         rate = peaks.matmul_tflops(16, 32, 24, dtype, trials=2, min_seconds=0.001, warmup=1)
@@ -221,7 +221,7 @@ FLOPS = {"train": 90e9, "executed": 60e9, "eval": 50e9}
 
 
 def test_utilisation_is_achieved_over_the_peak_of_the_same_dtype():
-    from ser_cache import peaks
+    from ser_cache.train import peaks
 
     assert peaks.utilisation(3e12, 10.0, 0.6) == pytest.approx(0.5)
     assert math.isnan(peaks.utilisation(1e9, 0.0, 0.1)) and math.isnan(peaks.utilisation(1e9, 1.0, 0.0))
@@ -243,7 +243,7 @@ def test_utilisation_is_achieved_over_the_peak_of_the_same_dtype():
 
 
 def test_ccc_target_and_table():
-    from ser_cache import peaks
+    from ser_cache.train import peaks
 
     worse = {**RUNS, "bf16": {**RUNS["bf16"], "mean_ccc": 0.7940}}
     r = peaks.compare(worse, PEAKS, FLOPS)

@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ser_cache.cli import app
-from ser_cache.environment import torchaudio_problem
-from ser_cache.store import FeatureStore
+from ser_cache.cli.app import app
+from ser_cache.infra.environment import torchaudio_problem
+from ser_cache.features.store import FeatureStore
 
 runner = CliRunner()
 
@@ -20,7 +20,7 @@ def test_extract_info_export(models, corpus, tmp_path):
     assert "rows written" in r.output
     store = out / "whisper-tiny.zarr"
     n = FeatureStore.open(store).n_rows
-    from ser_cache.corpus import load_corpus
+    from ser_cache.data.corpus import load_corpus
 
     assert n == len(load_corpus(corpus, ["Train"])) + 2  # Train + the 2 unlabeled files (Test3)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from ser_cache.encoders.base import RuntimeOptions, pad_waves
-from ser_cache.extract import ExtractConfig, extract
-from ser_cache.store import FeatureStore
+from ser_cache.features.extract import ExtractConfig, extract
+from ser_cache.features.store import FeatureStore
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -56,7 +56,7 @@ def test_cuda_rows_do_not_depend_on_the_batch(models, corpus, tmp_path):
 def test_bench_on_cuda_reports_half_precision_and_gpu_memory(tmp_path):
     from test_bench import TINY_WHISPER
 
-    from ser_cache.bench import BenchConfig, bench_extract
+    from ser_cache.features.bench import BenchConfig, bench_extract
 
     cfile = tmp_path / "tiny.json"
     cfile.write_text(json.dumps(TINY_WHISPER))
@@ -82,8 +82,8 @@ def test_sweep_on_cuda_equals_the_cpu_sweep_in_fp32(tmp_path):
     CPU's do; a GPU's products round differently, hence the tolerance."""
     from test_training import make_corpus, make_store
 
-    from ser_cache.sweep import SweepConfig, parse_variant, sweep
-    from ser_cache.training import TrainHeadsConfig
+    from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
+    from ser_cache.train.training import TrainHeadsConfig
 
     manifest, ids, feats = make_corpus(tmp_path / "corpus")
     stores = tuple(make_store(tmp_path / "features" / f"{n}.zarr", ids, x, kind="text" if n == "text" else "whisper",
@@ -102,7 +102,7 @@ def test_sweep_on_cuda_equals_the_cpu_sweep_in_fp32(tmp_path):
 def test_finetune_on_cuda_in_half_precision_lowers_the_loss(models, tmp_path):
     from test_finetune import base_config, learnable_corpus
 
-    from ser_cache.finetune import finetune_wavlm
+    from ser_cache.finetune.loop import finetune_wavlm
 
     corpus = learnable_corpus(tmp_path / "corpus")
     cfg = base_config(corpus, models["wavlm"], tmp_path / "run", device="cuda", epochs=6, precision="auto")

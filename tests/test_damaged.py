@@ -14,12 +14,13 @@ import pytest
 from typer.testing import CliRunner
 
 from factories import msp_corpus
-from ser_cache import runs, store as store_mod
-from ser_cache.cli import app
-from ser_cache.extract import ExtractConfig, ExtractError, extract
-from ser_cache.predict import PredictError, predict
-from ser_cache.rows import load_rows
-from ser_cache.store import FeatureStore, StoreError, StoreLock, export_hdf5
+from ser_cache.runs import rundir
+from ser_cache.features import store as store_mod
+from ser_cache.cli.app import app
+from ser_cache.features.extract import ExtractConfig, ExtractError, extract
+from ser_cache.runs.predict import PredictError, predict
+from ser_cache.system.rows import load_rows
+from ser_cache.features.store import FeatureStore, StoreError, StoreLock, export_hdf5
 from test_training import make_corpus, make_store, train
 
 runner = CliRunner()
@@ -201,7 +202,7 @@ def test_extract_recomputes_deleted_and_damaged_chunks(models, tmp_path, caplog)
     ref = extract(cfg)
     before = FeatureStore.open(ref.store).read()
     (ref.store / "features" / "c" / "1" / "0").unlink()
-    with caplog.at_level(logging.WARNING, logger="ser_cache.extract"):
+    with caplog.at_level(logging.WARNING, logger="ser_cache.features.extract"):
         r = extract(cfg)
     assert r.computed == 4 and r.skipped == 8
     assert "written rows 4–7 have no features chunk on disk" in caplog.text and "recomputing chunk 1" in caplog.text
@@ -254,31 +255,31 @@ def test_predict_refuses_damaged_or_busy_stores(tmp_path, small_run):
 
 def test_damaged_run_files_are_run_errors_naming_the_file(tmp_path, small_run):
     run, _, _ = small_run
-    weights = run / runs.WEIGHTS
+    weights = run / rundir.WEIGHTS
     good = weights.read_bytes()
     weights.write_bytes(good[:20])
-    with pytest.raises(runs.RunError, match=rf"{weights}: not a readable safetensors file .*truncated or damaged"):
-        runs.load_run(run)
+    with pytest.raises(rundir.RunError, match=rf"{weights}: not a readable safetensors file .*truncated or damaged"):
+        rundir.load_run(run)
     weights.write_bytes(good)
-    config = json.loads((run / runs.CONFIG).read_text())
-    (run / runs.CONFIG).write_text(json.dumps({**config, "heads": "banana"}))
-    with pytest.raises(runs.RunError, match=rf"{run / runs.CONFIG}: \"heads\" must be an object, found 'banana'"):
-        runs.load_run(run)
-    (run / runs.CONFIG).write_text(json.dumps({**config, "heads": {**config["heads"], "bogus": 1}}))
-    with pytest.raises(runs.RunError, match="do not describe a model"):
-        runs.load_run(run)
-    (run / runs.CONFIG).write_text(json.dumps(config))
-    assert runs.load_run(run)[1]["heads"] == config["heads"]
+    config = json.loads((run / rundir.CONFIG).read_text())
+    (run / rundir.CONFIG).write_text(json.dumps({**config, "heads": "banana"}))
+    with pytest.raises(rundir.RunError, match=rf"{run / rundir.CONFIG}: \"heads\" must be an object, found 'banana'"):
+        rundir.load_run(run)
+    (run / rundir.CONFIG).write_text(json.dumps({**config, "heads": {**config["heads"], "bogus": 1}}))
+    with pytest.raises(rundir.RunError, match="do not describe a model"):
+        rundir.load_run(run)
+    (run / rundir.CONFIG).write_text(json.dumps(config))
+    assert rundir.load_run(run)[1]["heads"] == config["heads"]
 
 
 def test_load_finetuned_names_the_damaged_file(tmp_path):
-    from ser_cache.finetune_model import load_finetuned
+    from ser_cache.system.finetuned import load_finetuned
 
     run = tmp_path / "ft"
     run.mkdir()
-    (run / runs.WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # truncated header
-    with pytest.raises(runs.RunError, match=r"config.json: \"wavlm\" or \"heads\" do not describe a model"):
+    (run / rundir.WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # truncated header
+    with pytest.raises(rundir.RunError, match=r"config.json: \"wavlm\" or \"heads\" do not describe a model"):
         load_finetuned(run, {"wavlm": "banana", "heads": {}})
-    with pytest.raises(runs.RunError, match="not a readable safetensors file"):
-        runs.read_weights(run / runs.WEIGHTS)
+    with pytest.raises(rundir.RunError, match="not a readable safetensors file"):
+        rundir.read_weights(run / rundir.WEIGHTS)
     shutil.rmtree(run)

@@ -10,8 +10,8 @@ from typer.testing import CliRunner
 
 from ser_cache import demo
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("ser_cache.training") is None,
-                                reason="stage two (ser_cache.training) is not there yet")
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ser_cache.train.training") is None,
+                                reason="stage two (ser_cache.train.training) is not there yet")
 
 
 @pytest.fixture(scope="module", params=["minilm", "tiny-bert"])
@@ -63,7 +63,7 @@ def test_tiny_bert_tokenizes_every_demo_word_and_keeps_them_apart(tmp_path):
     import torch
     from transformers import AutoModel, AutoTokenizer
 
-    from ser_cache import synth
+    from ser_cache.data import synth
 
     path = demo.tiny_bert(tmp_path / "bert", synth.vocabulary())
     tok = AutoTokenizer.from_pretrained(path)
@@ -78,7 +78,7 @@ def test_tiny_bert_tokenizes_every_demo_word_and_keeps_them_apart(tmp_path):
 
 @pytest.mark.slow
 def test_demo_command_prints_the_ccc_table(tmp_path, monkeypatch):
-    from ser_cache.cli import app
+    from ser_cache.cli.app import app
 
     calls = []
     real = demo.run_demo
@@ -97,7 +97,7 @@ def test_demo_command_prints_the_ccc_table(tmp_path, monkeypatch):
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):
-    from ser_cache.cli import app
+    from ser_cache.cli.app import app
 
     (tmp_path / "thesis.tex").write_text("precious")
     with pytest.raises(demo.DemoError, match="not made by `ser-cache demo`"):

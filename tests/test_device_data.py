@@ -16,11 +16,12 @@ import torch
 from test_frame_heads import make_frame_corpus, make_frame_store
 from test_training import make_corpus, make_store, read_csv, train
 
-from ser_cache import rows as rows_mod
-from ser_cache import runs, training
-from ser_cache.fit import infer_stack
-from ser_cache.rows import HOST, HOST_PINNED, ON_DEVICE, STREAMED, load_rows
-from ser_cache.stack import stack_of
+from ser_cache.system import rows as rows_mod
+from ser_cache.runs import rundir
+from ser_cache.train import training
+from ser_cache.train.fit import infer_stack
+from ser_cache.system.rows import HOST, HOST_PINNED, ON_DEVICE, STREAMED, load_rows
+from ser_cache.train.stack import stack_of
 
 CPU = torch.device("cpu")
 TIMING = ("seconds", "eval_seconds")
@@ -154,8 +155,8 @@ def test_inputs_that_do_not_fit_stay_on_the_host_largest_first(shuffled, framed,
 
 def run_record(result) -> tuple:
     history = [{k: v for k, v in row.items() if k not in TIMING} for row in result.history]
-    config = json.loads((result.run_dir / runs.CONFIG).read_text())
-    return result.metrics, history, read_csv(result.run_dir / runs.DEV_PREDICTIONS), config["memory"]
+    config = json.loads((result.run_dir / rundir.CONFIG).read_text())
+    return result.metrics, history, read_csv(result.run_dir / rundir.DEV_PREDICTIONS), config["memory"]
 
 
 @pytest.mark.slow
@@ -178,8 +179,8 @@ def test_a_run_does_not_depend_on_where_its_inputs_are_held(tmp_path, source, re
 def test_an_epoch_is_one_index_on_the_device_cut_as_before(tmp_path, shuffled, monkeypatch):
     """Batches are slices of one int64 tensor per epoch, at np.array_split's boundaries of the drawn
     order (as before the device path), and the targets are indexed on the device."""
-    from ser_cache.rows import TrainingData
-    from ser_cache.sampling import EpochSampler
+    from ser_cache.system.rows import TrainingData
+    from ser_cache.system.sampling import EpochSampler
 
     manifest, stores = shuffled
     calls: list[tuple] = []
@@ -228,8 +229,8 @@ def reference_infer(model, fetch, n: int, batch_size: int) -> tuple[np.ndarray, 
 
 @pytest.mark.parametrize("genders", [2, 0])
 def test_infer_over_placed_rows_equals_the_batch_by_batch_copy(shuffled, genders):
-    from ser_cache.heads import MultitaskHeads
-    from ser_cache.model import FeatureModel
+    from ser_cache.system.heads import MultitaskHeads
+    from ser_cache.system.model import FeatureModel
 
     data = load(*shuffled)
     torch.manual_seed(0)
@@ -285,7 +286,7 @@ def test_cuda_epochs_and_scoring_do_not_wait_for_the_gpu(framed, tmp_path, monke
     epoch may add two (its loss sums, at the end, and its scoring's predictions); a wait in a step
     would add one per step (dozens here). Gender and speaker heads as the data has them: the losses
     have no branch on the data."""
-    from ser_cache import fit
+    from ser_cache.train import fit
 
     device = torch.device("cuda")
     monkeypatch.setattr(fit, "write_job", lambda job, best, history: None)  # writing the run reads back

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from factories import msp_corpus
-from ser_cache.extract import ExtractConfig, extract, report_path
-from ser_cache.store import FeatureStore
+from ser_cache.features.extract import ExtractConfig, extract, report_path
+from ser_cache.features.store import FeatureStore
 
 
 @pytest.mark.parametrize("pooling", ["mean", "frames"])
@@ -25,13 +25,13 @@ def test_two_ranks_with_a_killed_rank_equal_a_single_process_run(models, tmp_pat
     wrapper.write_text(textwrap.dedent("""
         import os, signal, sys
         if os.environ.get("RANK") == "1" and os.environ.get("KILL_RANK_1") == "1":
-            from ser_cache.store import FeatureStore
+            from ser_cache.features.store import FeatureStore
             original = FeatureStore.write_chunk
             def write_chunk(self, *args):
                 original(self, *args)
                 os.kill(os.getpid(), signal.SIGKILL)  # rank 1 dies after its first chunk
             FeatureStore.write_chunk = write_chunk
-        from ser_cache.cli import main
+        from ser_cache.cli.app import main
         sys.argv = ["ser-cache", *sys.argv[1:]]
         main()
     """))
@@ -69,8 +69,8 @@ def test_extract_ranks_wait_for_each_other_longer_than_torchs_default(monkeypatc
 
     import torch
 
-    from ser_cache import distributed
-    from ser_cache.extract import RANK_WAIT
+    from ser_cache.infra import distributed
+    from ser_cache.features.extract import RANK_WAIT
 
     seen = {}
 
@@ -82,7 +82,7 @@ def test_extract_ranks_wait_for_each_other_longer_than_torchs_default(monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("SER_CACHE_BACKEND", "gloo")
-    monkeypatch.setattr("ser_cache.extract.load_corpus", lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
+    monkeypatch.setattr("ser_cache.features.extract.load_corpus", lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
     with pytest.raises(RuntimeError, match="stop here"):
         extract(ExtractConfig(model="unused", data=tmp_path, out=tmp_path, device="cpu", progress=False))
     assert seen == {"backend": "gloo", "timeout": RANK_WAIT} and RANK_WAIT >= timedelta(hours=1)
@@ -91,7 +91,7 @@ def test_extract_ranks_wait_for_each_other_longer_than_torchs_default(monkeypatc
 
 
 def test_default_decoding_workers_share_the_machine_between_ranks(monkeypatch):
-    from ser_cache.distributed import decoding_workers
+    from ser_cache.infra.distributed import decoding_workers
 
     monkeypatch.setattr("os.cpu_count", lambda: 16)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)

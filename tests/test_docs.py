@@ -30,7 +30,7 @@ def _command_lines(text: str) -> list[str]:
 def _click_app():
     import typer
 
-    from ser_cache.cli import app
+    from ser_cache.cli.app import app
 
     return typer.main.get_command(app)
 

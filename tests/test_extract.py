@@ -12,11 +12,11 @@ import pytest
 import soundfile as sf
 
 from factories import msp_corpus, tone, write_wav
-from ser_cache import audio
-from ser_cache.corpus import load_corpus
+from ser_cache.data import audio
+from ser_cache.data.corpus import load_corpus
 from ser_cache.encoders import load_encoder
-from ser_cache.extract import ExtractConfig, ExtractError, extract, report_path
-from ser_cache.store import FeatureStore, StoreLock
+from ser_cache.features.extract import ExtractConfig, ExtractError, extract, report_path
+from ser_cache.features.store import FeatureStore, StoreLock
 
 
 def cfg(model, data, out, **kw):
@@ -94,7 +94,7 @@ def test_resume_after_kill_9_between_features_and_flags(models, tmp_path):
     script.write_text(textwrap.dedent(f"""
         import os, signal, sys
         import zarr
-        from ser_cache.store import FeatureStore
+        from ser_cache.features.store import FeatureStore
         original_write, original_set = FeatureStore.write_chunk, zarr.Array.__setitem__
         state = {{"chunk_writes": 0, "sets": 0}}
         def write_chunk(self, *args):
@@ -109,7 +109,7 @@ def test_resume_after_kill_9_between_features_and_flags(models, tmp_path):
             return original_set(self, key, value)
         FeatureStore.write_chunk = write_chunk
         zarr.Array.__setitem__ = setitem
-        from ser_cache.cli import main
+        from ser_cache.cli.app import main
         sys.argv = ["ser-cache", "extract", "--model", {str(models['whisper'])!r}, "--data", {str(data)!r},
                     "--out", {str(out)!r}, "--chunk-rows", "4", "--device", "cpu", "--workers", "0", "--no-progress"]
         main()
@@ -248,7 +248,7 @@ def test_a_file_that_kills_its_decoding_worker_costs_only_that_file(tmp_path):
     """A decoder crash (a segfault on a malformed file, say) takes its worker process down: the
     batch is decoded again file by file, and only the file that kills a worker again fails."""
     from crashing_decoders import decode_or_die
-    from ser_cache.extract import _Decoder, _new_timings
+    from ser_cache.features.extract import _Decoder, _new_timings
 
     names = ["a", "b", "die", "c", "d", "e"]
     files = [str(write_wav(tmp_path / f"{n}.wav", tone(0.5 + 0.1 * i, seed=i))) for i, n in enumerate(names)]
@@ -295,7 +295,7 @@ class _ScriptedEncoder:
 
 
 def test_encode_stream_overlaps_batches_and_isolates_a_failing_input():
-    from ser_cache.extract import _encode_stream, _new_timings
+    from ser_cache.features.extract import _encode_stream, _new_timings
 
     enc = _ScriptedEncoder()
     got = {}
@@ -318,7 +318,7 @@ def test_encode_stream_overlaps_batches_and_isolates_a_failing_input():
 @pytest.mark.slow
 def test_workers_that_cannot_run_at_all_stop_the_run_instead_of_failing_every_file(tmp_path):
     from crashing_decoders import always_die
-    from ser_cache.extract import _Decoder, _new_timings
+    from ser_cache.features.extract import _Decoder, _new_timings
 
     files = [str(write_wav(tmp_path / f"{i}.wav", tone(0.5, seed=i))) for i in range(3)]
     decoder = _Decoder(1, 15.0, decode=always_die)
@@ -332,7 +332,7 @@ def test_workers_that_cannot_run_at_all_stop_the_run_instead_of_failing_every_fi
 def test_an_all_layers_wavlm_store_from_before_the_final_norm_fix_is_refused(models, corpus, tmp_path):
     """Stores built when the 25th WavLM state was taken before the final layer norm hold other numbers;
     their settings lack "last_state", so their fingerprint differs and they are refused, not resumed."""
-    from ser_cache.store import fingerprint
+    from ser_cache.features.store import fingerprint
 
     done = extract(cfg(models["wavlm"], corpus, tmp_path))
     store = FeatureStore.open(done.store, mode="r+")
@@ -351,7 +351,7 @@ ASR = {"model_id": "openai/whisper-large-v3", "revision": "0123abcd", "language"
 
 def asr_table(path: Path, texts: dict[str, str], *, sidecar: bool = True) -> Path:
     """A table as `ser-cache transcribe` writes it, with its sidecar."""
-    from ser_cache import transcribe
+    from ser_cache.features import transcribe
 
     transcribe.write_table(path, texts)
     if sidecar:
@@ -367,7 +367,7 @@ def without_test3_text(corpus: Path) -> Path:
 
 
 def text_record(store: Path) -> dict[str, dict]:
-    from ser_cache.transcripts import record_path
+    from ser_cache.data.transcripts import record_path
 
     with open(record_path(store), newline="") as f:
         return {row["id"]: row for row in csv.DictReader(f)}
@@ -427,8 +427,8 @@ def test_transcripts_fill_exactly_the_rows_without_corpus_text(models, corpus, t
 def test_retry_failed_with_transcripts_fills_test3_and_keeps_the_other_rows(models, corpus, tmp_path):
     from typer.testing import CliRunner
 
-    from ser_cache.cli import app
-    from ser_cache.transcripts import record_path
+    from ser_cache.cli.app import app
+    from ser_cache.data.transcripts import record_path
 
     without_test3_text(corpus)
     before = extract(cfg(models["text"], corpus, tmp_path, name="minilm"))  # a store built before the table existed

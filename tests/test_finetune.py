@@ -21,10 +21,10 @@ import pytest
 from safetensors.torch import load_file
 
 import factories
-from ser_cache import runs
-from ser_cache.finetune import CHECKPOINT, FinetuneConfig, finetune_wavlm
-from ser_cache.finetune_model import AUDIO_INPUT, plan_batches, shard
-from ser_cache.training import TrainError
+from ser_cache.runs import rundir
+from ser_cache.finetune.loop import CHECKPOINT, FinetuneConfig, finetune_wavlm
+from ser_cache.system.finetuned import AUDIO_INPUT, plan_batches, shard
+from ser_cache.train.training import TrainError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -123,25 +123,25 @@ def test_training_lowers_the_loss_and_raises_development_ccc(trained):
 def test_run_directory_has_the_stage_two_format_and_the_whole_model(trained):
     cfg, result = trained
     run = result.run_dir
-    assert runs.is_run_dir(run)
+    assert rundir.is_run_dir(run)
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        [runs.CONFIG, runs.WEIGHTS, runs.METRICS, runs.HISTORY, runs.DEV_PREDICTIONS, "curves.png"])
-    config = runs.read_config(run)
+        [rundir.CONFIG, rundir.WEIGHTS, rundir.METRICS, rundir.HISTORY, rundir.DEV_PREDICTIONS, "curves.png"])
+    config = rundir.read_config(run)
     assert config["system"] == "finetuned-wavlm"
     assert config["heads"]["input_dims"] == {AUDIO_INPUT: [256]}
     assert config["wavlm"]["config"]["hidden_size"] == 32 and config["wavlm"]["normalize"] is True
     assert config["gender_labels"] == ["Female", "Male"] and config["inputs"] == []
-    keys = load_file(str(run / runs.WEIGHTS)).keys()
+    keys = load_file(str(run / rundir.WEIGHTS)).keys()
     assert any(k.startswith("wavlm.encoder.layers.") for k in keys)
     assert {"layer_weighting.logits", "pool.convs.0.weight", "pool.convs.6.weight"} <= set(keys)
-    ids, _ = runs.read_predictions(run / runs.DEV_PREDICTIONS)
+    ids, _ = rundir.read_predictions(run / rundir.DEV_PREDICTIONS)
     assert len(ids) == 12
 
 
 @pytest.mark.slow
 def test_evaluate_predict_and_ensemble_work_on_a_finetuned_run(trained, corpus_ft, tmp_path):
-    from ser_cache.ensemble import ensemble
-    from ser_cache.predict import evaluate, predict
+    from ser_cache.runs.ensemble import ensemble
+    from ser_cache.runs.predict import evaluate, predict
 
     cfg, result = trained
     scores = evaluate(result.run_dir, corpus_ft, "Development", out=tmp_path / "eval.json", device="cpu")
@@ -153,14 +153,14 @@ def test_evaluate_predict_and_ensemble_work_on_a_finetuned_run(trained, corpus_f
     assert split.rows == 4
     audio = sorted((corpus_ft / "Audios").glob("*.wav"))[-4:]  # the Test1 clips, as bare files
     files = predict(result.run_dir, files=audio, out=tmp_path / "files.csv", device="cpu")
-    ids_s, avd_s = runs.read_predictions(split.out)
-    ids_f, avd_f = runs.read_predictions(files.out)
+    ids_s, avd_s = rundir.read_predictions(split.out)
+    ids_f, avd_f = rundir.read_predictions(files.out)
     assert ids_s == ids_f == [p.name for p in audio]
     np.testing.assert_allclose(avd_f, avd_s, atol=1e-5)  # batching does not change a clip's prediction
     assert np.all((avd_s >= 1) & (avd_s <= 7))
 
     dev = predict(result.run_dir, data=corpus_ft, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
-    ens = ensemble([dev.out, result.run_dir / runs.DEV_PREDICTIONS], out=tmp_path / "ens.csv", data=corpus_ft,
+    ens = ensemble([dev.out, result.run_dir / rundir.DEV_PREDICTIONS], out=tmp_path / "ens.csv", data=corpus_ft,
                    split="Development")
     assert ens.rows == 12
     assert ens.scores["ccc"]["mean"] == pytest.approx(result.metrics["ccc"]["mean"], abs=1e-5)
@@ -169,17 +169,17 @@ def test_evaluate_predict_and_ensemble_work_on_a_finetuned_run(trained, corpus_f
 def test_an_existing_run_directory_is_refused(trained):
     from typer.testing import CliRunner
 
-    from ser_cache.cli import app
+    from ser_cache.cli.app import app
 
     cfg, result = trained
-    before = (result.run_dir / runs.WEIGHTS).stat().st_mtime_ns
+    before = (result.run_dir / rundir.WEIGHTS).stat().st_mtime_ns
     with pytest.raises(TrainError, match="--overwrite"):
         finetune_wavlm(cfg)
     with pytest.raises(TrainError, match="finished"):
         finetune_wavlm(replace(cfg, resume=True))
     res = CliRunner().invoke(app, cli_args(cfg))
     assert res.exit_code == 2 and "already exists" in res.output
-    assert (result.run_dir / runs.WEIGHTS).stat().st_mtime_ns == before
+    assert (result.run_dir / rundir.WEIGHTS).stat().st_mtime_ns == before
 
 
 def test_bad_options_are_listed_together(tmp_path):
@@ -210,8 +210,8 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(trained, tmp_p
     wrapper = tmp_path / "killer.py"
     wrapper.write_text(textwrap.dedent("""
         import os, signal, sys
-        import ser_cache.finetune as ft
-        import ser_cache.training as tr
+        import ser_cache.finetune.loop as ft
+        import ser_cache.train.training as tr
         state = {"saves": 0, "losses": 0}
         save, loss = ft.save_checkpoint, tr.batch_loss
         def save_checkpoint(*args, **kwargs):
@@ -224,16 +224,16 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(trained, tmp_p
                     os.kill(os.getpid(), signal.SIGKILL)
             return loss(*args, **kwargs)
         ft.save_checkpoint, tr.batch_loss = save_checkpoint, batch_loss
-        from ser_cache.cli import main
+        from ser_cache.cli.app import main
         sys.argv = ["ser-cache", *sys.argv[1:]]
         main()
     """))
     proc = subprocess.run([sys.executable, str(wrapper), *cli_args(replace(cfg, out=out))], env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
-    history = out / runs.HISTORY
+    history = out / rundir.HISTORY
     assert _checkpoint_epoch(out) == 2
-    assert runs.is_unfinished_run(out) and not history.exists()
+    assert rundir.is_unfinished_run(out) and not history.exists()
     with pytest.raises(TrainError, match="--resume"):
         finetune_wavlm(replace(cfg, out=out))
 
@@ -241,14 +241,14 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(trained, tmp_p
     assert [h["epoch"] for h in resumed.history] == list(range(1, cfg.epochs + 1))
     assert resumed.best_epoch == result.best_epoch
     assert resumed.metrics["ccc"] == pytest.approx(result.metrics["ccc"], abs=1e-6)
-    a, b = load_file(str(result.run_dir / runs.WEIGHTS)), load_file(str(out / runs.WEIGHTS))
+    a, b = load_file(str(result.run_dir / rundir.WEIGHTS)), load_file(str(out / rundir.WEIGHTS))
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
-    assert not (out / CHECKPOINT).exists() and runs.is_run_dir(out)
+    assert not (out / CHECKPOINT).exists() and rundir.is_run_dir(out)
 
 
 def _checkpoint_epoch(out: Path) -> int:
-    from ser_cache.checkpoint import read_checkpoint
+    from ser_cache.finetune.checkpoint import read_checkpoint
 
     return read_checkpoint(out, tensors=False)["epoch"]
 
@@ -258,14 +258,14 @@ def _checkpoint_epoch(out: Path) -> int:
 
 @pytest.mark.slow
 def test_mmwavlm_with_cached_text_features(corpus_ft, models, tmp_path):
-    from ser_cache.extract import ExtractConfig, extract
-    from ser_cache.predict import predict
+    from ser_cache.features.extract import ExtractConfig, extract
+    from ser_cache.runs.predict import predict
 
     store = extract(ExtractConfig(model=str(models["text"]), data=corpus_ft, out=tmp_path / "features",
                                   name="minilm", device="cpu", progress=False, workers=0)).store
     cfg = base_config(corpus_ft, models["wavlm"], tmp_path / "mm", epochs=2, text_features=store)
     result = finetune_wavlm(cfg)
-    config = runs.read_config(result.run_dir)
+    config = rundir.read_config(result.run_dir)
     assert [i["name"] for i in config["inputs"]] == ["minilm"]
     assert config["heads"]["input_dims"] == {AUDIO_INPUT: [256], "minilm": [384]}
     assert config["train"]["text_features"] == str(store)
@@ -278,7 +278,7 @@ def test_mmwavlm_with_cached_text_features(corpus_ft, models, tmp_path):
         f"{p.name},{(corpus_ft / 'Transcripts' / (p.stem + '.txt')).read_text().strip()}\n" for p in audio))
     bare = predict(result.run_dir, files=audio, transcripts=transcripts, out=tmp_path / "f.csv", device="cpu")
     assert "encoder" in bare.sources["minilm"]
-    np.testing.assert_allclose(runs.read_predictions(bare.out)[1], runs.read_predictions(from_store.out)[1],
+    np.testing.assert_allclose(rundir.read_predictions(bare.out)[1], rundir.read_predictions(from_store.out)[1],
                                atol=2e-3)  # text features recomputed, then rounded to float16 like the store
 
 
@@ -295,7 +295,7 @@ def _tiny_wavlm(models, **changes):
 @pytest.mark.slow
 def test_encoder_states_are_those_of_transformers_4_in_eval(models):
     """Inputs of every layer, then the output after the final layer norm (what 4.46 returned)."""
-    from ser_cache.finetune_model import LEGACY_LAST_STATE, encoder_states
+    from ser_cache.system.finetuned import LEGACY_LAST_STATE, encoder_states
 
     wavlm = _tiny_wavlm(models).eval()
     audio = torch.from_numpy(factories.tone(0.7))[None]
@@ -316,7 +316,7 @@ def test_encoder_states_are_those_of_transformers_4_in_eval(models):
 def test_layerdrop_skips_layers_but_keeps_every_state_and_draws_alike(models):
     """A skipped layer passes its input on (its state repeats); layer 0 is never skipped; the same
     generator seed skips the same layers (as every rank does under torchrun)."""
-    from ser_cache.finetune_model import encoder_states
+    from ser_cache.system.finetuned import encoder_states
 
     wavlm = _tiny_wavlm(models, hidden_dropout=0.0, attention_dropout=0.0, activation_dropout=0.0,
                         feat_proj_dropout=0.0, mask_time_prob=0.0).train()
@@ -335,12 +335,12 @@ def test_layerdrop_skips_layers_but_keeps_every_state_and_draws_alike(models):
 
 def test_the_fine_tuned_model_takes_the_checkpoints_layerdrop_and_trains_the_final_norm(trained):
     cfg, result = trained
-    config = runs.read_config(result.run_dir)
+    config = rundir.read_config(result.run_dir)
     arch = config["wavlm"]
     assert arch["layerdrop"] == pytest.approx(0.1)  # the tiny config's own, as WavLMConfig's default
     assert arch["last_state"] == "after-final-layer-norm" and arch["conv_final_activation"] is False
     assert config["heads"]["dropout"] == 0.0 and arch["conv_dropout"] == pytest.approx(0.1)
-    weights = load_file(str(result.run_dir / runs.WEIGHTS))
+    weights = load_file(str(result.run_dir / rundir.WEIGHTS))
     init = load_file(str(Path(cfg.model) / "model.safetensors"))
     # The final layer norm reaches the output now, so it was trained (not frozen as unused).
     assert not torch.equal(weights["wavlm.encoder.layer_norm.weight"], init["encoder.layer_norm.weight"])
@@ -353,21 +353,21 @@ def test_a_run_written_before_the_authors_architecture_loads_as_it_was_trained(t
 
     from safetensors.torch import save_file
 
-    from ser_cache.finetune_model import LEGACY_LAST_STATE, load_finetuned
+    from ser_cache.system.finetuned import LEGACY_LAST_STATE, load_finetuned
 
     _, result = trained
     old = tmp_path / "old"
     shutil.copytree(result.run_dir, old)
-    config = runs.read_config(old)
+    config = rundir.read_config(old)
     for key in ("last_state", "conv_final_activation", "conv_dropout", "layerdrop"):
         config["wavlm"].pop(key)
-    runs.write_json_atomic(old / runs.CONFIG, config)
-    tensors = load_file(str(old / runs.WEIGHTS))
-    save_file({k.removeprefix("pool."): v for k, v in tensors.items()}, str(old / runs.WEIGHTS))
+    rundir.write_json_atomic(old / rundir.CONFIG, config)
+    tensors = load_file(str(old / rundir.WEIGHTS))
+    save_file({k.removeprefix("pool."): v for k, v in tensors.items()}, str(old / rundir.WEIGHTS))
     model = load_finetuned(old, config)
     assert model.last_state == LEGACY_LAST_STATE and model.pool.final_activation
     assert isinstance(model.pool.convs[-1], torch.nn.Dropout)
-    new = load_finetuned(result.run_dir, runs.read_config(result.run_dir))
+    new = load_finetuned(result.run_dir, rundir.read_config(result.run_dir))
     audio = torch.from_numpy(factories.tone(0.9))[None]
     lengths = torch.tensor([audio.shape[1]])
     with torch.no_grad():

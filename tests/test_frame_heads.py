@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 
-from ser_cache import runs
-from ser_cache.frames import Frames
-from ser_cache.model import ConvPool, FeatureModel
-from ser_cache.store import FeatureStore, fingerprint
+from ser_cache.runs import rundir
+from ser_cache.features.frames import Frames
+from ser_cache.system.model import ConvPool, FeatureModel
+from ser_cache.features.store import FeatureStore, fingerprint
 from test_training import check_multimodal, make_store, train
 
 EMOTIONS = ["N", "H", "S", "A", "D", "C", "F", "U", "O", "X"]
@@ -152,7 +152,7 @@ def test_conv_pool_is_the_authors_stack_and_a_masked_mean():
 
 
 def _heads(input_dims, **kw):
-    from ser_cache.heads import MultitaskHeads
+    from ser_cache.system.heads import MultitaskHeads
 
     return MultitaskHeads(input_dims, hidden=8, dropout=0.0, label_min=[1, 1, 1], label_max=[7, 7, 7], **kw)
 
@@ -176,7 +176,7 @@ def test_feature_model_concatenates_the_pooled_frames_with_the_vectors():
 
 
 def test_packed_gather_equals_frames_take():
-    from ser_cache.rows import take_packed
+    from ser_cache.system.rows import take_packed
 
     rng = np.random.default_rng(0)
     f = Frames.from_padded(rng.standard_normal((5, 7, 3)).astype(np.float16), [7, 2, 0, 5, 1])
@@ -200,28 +200,28 @@ def test_frame_heads_learn_what_a_mean_of_the_frames_cannot(tmp_path, frame_corp
     assert got["arousal"] > 0.8 and got["valence"] > 0.6 and got["mean"] > 0.7, got
     assert got["arousal"] > base["arousal"] + 0.3, (got, base)
 
-    config = json.loads((result.run_dir / runs.CONFIG).read_text())
+    config = json.loads((result.run_dir / rundir.CONFIG).read_text())
     assert config["frame_inputs"] == {"audio-frames": {"in_dim": 16, "dim": 256, "layers": 3, "dropout": 0.1}}
     assert config["heads"]["input_dims"] == {"audio-frames": [256], "text": [16]}
     assert config["heads"]["dropout"] == 0.0 and config["train"]["dropout"] == 0.0
-    assert config["format_version"] == runs.FRAME_RUN_FORMAT_VERSION
+    assert config["format_version"] == rundir.FRAME_RUN_FORMAT_VERSION
     assert config["memory"]["frames"] == "held"
     frame_record = next(i for i in config["inputs"] if i["name"] == "audio-frames")
     assert frame_record["feature_shape"] == [max(len(f) for f in frames) + 3, 16]
     from safetensors.torch import load_file
 
-    keys = set(load_file(str(result.run_dir / runs.WEIGHTS)))
+    keys = set(load_file(str(result.run_dir / rundir.WEIGHTS)))
     assert {k.split(".")[0] for k in keys} == {"heads", "pools"}
     assert "pools.0.convs.0.weight" in keys and "pools.0.convs.6.weight" in keys
     # A pooled-only run keeps the old layout: no frame inputs, version 1.
-    means_config = json.loads((means.run_dir / runs.CONFIG).read_text())
-    assert means_config["frame_inputs"] == {} and means_config["format_version"] == runs.POOLED_RUN_FORMAT_VERSION
+    means_config = json.loads((means.run_dir / rundir.CONFIG).read_text())
+    assert means_config["frame_inputs"] == {} and means_config["format_version"] == rundir.POOLED_RUN_FORMAT_VERSION
 
 
 def test_frame_store_rows_read_once_per_chunk_for_kept_rows_only(tmp_path, frame_corpus, monkeypatch):
     """load_rows reads a frame store with read_frames, for the kept rows only (unwritten and
     unlabelled rows left out), never row by row."""
-    from ser_cache import rows as rows_mod
+    from ser_cache.system import rows as rows_mod
 
     manifest, ids, frames, text, _ = frame_corpus
     written = np.ones(len(ids), dtype=bool)
@@ -255,9 +255,9 @@ def test_frame_store_rows_read_once_per_chunk_for_kept_rows_only(tmp_path, frame
 
 @pytest.mark.slow
 def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpus, monkeypatch):
-    from ser_cache import fit, training
-    from ser_cache.rows import FrameInput, TrainingData
-    from ser_cache.sampling import EpochSampler
+    from ser_cache.train import fit, training
+    from ser_cache.system.rows import FrameInput, TrainingData
+    from ser_cache.system.sampling import EpochSampler
 
     manifest, ids, frames, text, stores = frame_corpus
     seen: list[list[np.ndarray]] = []
@@ -293,7 +293,7 @@ def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpu
     options = {**FAST, "epochs": 4, "undersample": True}
     result, _ = train(tmp_path, manifest, [stores["frames"], stores["text"]], name="streamed",
                       memory_budget_gb=1e-5, **options)
-    config = json.loads((result.run_dir / runs.CONFIG).read_text())
+    config = json.loads((result.run_dir / rundir.CONFIG).read_text())
     assert config["memory"]["frames"] == "streamed"
     data = training.load_training_data(training.TrainHeadsConfig(features=(stores["frames"], stores["text"]),
                                                                  data=manifest, out=tmp_path / "x"))
@@ -313,9 +313,9 @@ def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpu
 
 
 def test_streamed_and_held_frames_score_development_alike(tmp_path, frame_corpus):
-    from ser_cache.fit import infer_stack
-    from ser_cache.rows import load_rows
-    from ser_cache.stack import stack_of
+    from ser_cache.train.fit import infer_stack
+    from ser_cache.system.rows import load_rows
+    from ser_cache.train.stack import stack_of
 
     manifest, ids, frames, text, stores = frame_corpus
     kwargs = dict(speaker_weight=0, frames=True)
@@ -336,7 +336,7 @@ def test_streamed_and_held_frames_score_development_alike(tmp_path, frame_corpus
 
 
 def test_frame_options_are_checked():
-    from ser_cache.training import TrainError, TrainHeadsConfig
+    from ser_cache.train.training import TrainError, TrainHeadsConfig
 
     cfg = TrainHeadsConfig(features=(Path("a.zarr"),), data=Path("."), out=Path("r"), conv_dim=0, conv_dropout=1.0,
                            memory_budget_gb=0)
@@ -352,7 +352,7 @@ def test_frame_options_are_checked():
 
 @pytest.mark.slow
 def test_predicting_a_frame_run_from_the_store_equals_the_model_on_the_frames(tmp_path, frame_corpus, frame_run):
-    from ser_cache.predict import evaluate, predict
+    from ser_cache.runs.predict import evaluate, predict
 
     manifest, ids, frames, text, stores = frame_corpus
     result, _ = frame_run
@@ -360,15 +360,15 @@ def test_predicting_a_frame_run_from_the_store_equals_the_model_on_the_frames(tm
     # Development from the store reproduces the run's own Development predictions.
     dev = predict(run, data=manifest, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
     assert dev.sources["audio-frames"].startswith("store ")
-    np.testing.assert_allclose(runs.read_predictions(dev.out)[1],
-                               runs.read_predictions(run / runs.DEV_PREDICTIONS)[1], atol=1e-5)
+    np.testing.assert_allclose(rundir.read_predictions(dev.out)[1],
+                               rundir.read_predictions(run / rundir.DEV_PREDICTIONS)[1], atol=1e-5)
     scored = evaluate(run, manifest, "Development", out=tmp_path / "dev.json", device="cpu")
     assert scored["ccc"]["mean"] == pytest.approx(result.metrics["ccc"]["mean"], abs=1e-5)
 
     # A Test1 row equals the FeatureModel run by hand on that row's frames (float16, as stored).
     test1 = predict(run, data=manifest, splits=["Test1"], out=tmp_path / "t.csv", device="cpu")
-    got_ids, got = runs.read_predictions(test1.out)
-    model, _ = runs.load_run(run)
+    got_ids, got = rundir.read_predictions(test1.out)
+    model, _ = rundir.load_run(run)
     for k in (0, len(got_ids) // 2, len(got_ids) - 1):
         i = ids.index(got_ids[k])
         x = torch.from_numpy(frames[i].astype(np.float16))[None]
@@ -378,23 +378,23 @@ def test_predicting_a_frame_run_from_the_store_equals_the_model_on_the_frames(tm
         np.testing.assert_allclose(got[k], out[0].double().numpy(), atol=2e-6)
 
     # Ensemble of the frame run with a pooled run: the plain average of the two.
-    from ser_cache.ensemble import ensemble
+    from ser_cache.runs.ensemble import ensemble
 
     pooled, _ = train(tmp_path, manifest, [stores["means"], stores["text"]], name="pooled", **{**FAST, "epochs": 2})
     other = predict(pooled.run_dir, data=manifest, splits=["Test1"], out=tmp_path / "p.csv", device="cpu")
     mixed = ensemble([test1.out, other.out], out=tmp_path / "e.csv", data=manifest, split="Test1")
-    np.testing.assert_allclose(runs.read_predictions(mixed.out)[1],
-                               (got + runs.read_predictions(other.out)[1]) / 2, atol=2e-6)
+    np.testing.assert_allclose(rundir.read_predictions(mixed.out)[1],
+                               (got + rundir.read_predictions(other.out)[1]) / 2, atol=2e-6)
 
 
 def test_a_frame_run_refuses_a_pooled_store_in_place_of_its_frames(tmp_path, frame_corpus, frame_run):
-    from ser_cache.predict import PredictError, predict
+    from ser_cache.runs.predict import PredictError, predict
 
     manifest, ids, frames, text, stores = frame_corpus
     result, _ = frame_run
     moved = tmp_path / "moved"
     moved.mkdir()
-    config = json.loads((result.run_dir / runs.CONFIG).read_text())
+    config = json.loads((result.run_dir / rundir.CONFIG).read_text())
     rec = next(i for i in config["inputs"] if i["name"] == "audio-frames")
     # A pooled store with the frame store's name and settings: refused, it holds no frames.
     means = np.stack([f.mean(0) for f in frames])
@@ -407,37 +407,37 @@ def test_a_frame_run_refuses_a_pooled_store_in_place_of_its_frames(tmp_path, fra
 
 @pytest.mark.slow
 def test_an_old_run_without_frame_inputs_loads_and_predicts_the_same(tmp_path, frame_corpus):
-    from ser_cache.heads import MultitaskHeads
-    from ser_cache.predict import predict
+    from ser_cache.system.heads import MultitaskHeads
+    from ser_cache.runs.predict import predict
 
     manifest, ids, frames, text, stores = frame_corpus
     result, _ = train(tmp_path, manifest, [stores["means"], stores["text"]], name="old", **{**FAST, "epochs": 3})
     run = result.run_dir
     # Make it what a run written before frame inputs looks like: no "frame_inputs", version 1,
     # weights saved from the bare heads.
-    config = json.loads((run / runs.CONFIG).read_text())
+    config = json.loads((run / rundir.CONFIG).read_text())
     config.pop("frame_inputs")
     config["format_version"] = 1
-    (run / runs.CONFIG).write_text(json.dumps(config))
-    model, _ = runs.load_run(run)
+    (run / rundir.CONFIG).write_text(json.dumps(config))
+    model, _ = rundir.load_run(run)
     heads = MultitaskHeads.from_config(config["heads"])
     heads.load_state_dict(model.heads.state_dict())
-    runs.save_weights(run, heads)
+    rundir.save_weights(run, heads)
     from safetensors.torch import load_file
 
-    assert all(k.startswith("heads.") for k in load_file(str(run / runs.WEIGHTS)))
-    reloaded, _ = runs.load_run(run)
+    assert all(k.startswith("heads.") for k in load_file(str(run / rundir.WEIGHTS)))
+    reloaded, _ = rundir.load_run(run)
     assert isinstance(reloaded, FeatureModel) and not reloaded.frame_names
     out = predict(run, data=manifest, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
-    np.testing.assert_allclose(runs.read_predictions(out.out)[1],
-                               runs.read_predictions(run / runs.DEV_PREDICTIONS)[1], atol=1e-6)
+    np.testing.assert_allclose(rundir.read_predictions(out.out)[1],
+                               rundir.read_predictions(run / rundir.DEV_PREDICTIONS)[1], atol=1e-6)
 
 
 @pytest.mark.slow
 def test_cli_train_heads_takes_frame_options(tmp_path, frame_corpus):
     from typer.testing import CliRunner
 
-    from ser_cache.cli import app
+    from ser_cache.cli.app import app
 
     manifest, ids, frames, text, stores = frame_corpus
     r = CliRunner().invoke(app, [str(a) for a in (
@@ -446,7 +446,7 @@ def test_cli_train_heads_takes_frame_options(tmp_path, frame_corpus):
         "--threads", 1, "--no-progress", "--conv-dim", 32, "--conv-dropout", 0.2, "--memory-budget", 1e-5,
         "--speaker-weight", 0)])
     assert r.exit_code == 0, r.output
-    config = json.loads((tmp_path / "cli" / runs.CONFIG).read_text())
+    config = json.loads((tmp_path / "cli" / rundir.CONFIG).read_text())
     assert config["frame_inputs"]["audio-frames"] == {"in_dim": 16, "dim": 32, "layers": 3, "dropout": 0.2}
     assert config["train"]["memory_budget_gb"] == 1e-5 and config["memory"]["frames"] == "streamed"
     help_text = re.sub(r"[│\s]+", " ", CliRunner().invoke(app, ["train-heads", "--help"]).output)
@@ -463,9 +463,9 @@ def test_frame_heads_on_mini_podcast_multimodal_beats_each_modality(tmp_path, mi
     the store equals the same model on frames the encoder computes from the audio there and then."""
     import time
 
-    from ser_cache.ensemble import ensemble
-    from ser_cache.extract import ExtractConfig, compute_features, encoder_for_store, extract
-    from ser_cache.predict import evaluate, predict
+    from ser_cache.runs.ensemble import ensemble
+    from ser_cache.features.extract import ExtractConfig, compute_features, encoder_for_store, extract
+    from ser_cache.runs.predict import evaluate, predict
 
     t0 = time.perf_counter()
     stores = {}
@@ -497,10 +497,10 @@ def test_frame_heads_on_mini_podcast_multimodal_beats_each_modality(tmp_path, mi
 
     # Online: the run's encoder on the audio of three Test1 clips, then the model by hand, against
     # `predict` on those files (frames computed there) and `predict` from the store.
-    from ser_cache.corpus import load_corpus
+    from ser_cache.data.corpus import load_corpus
 
     run = results["frames"].run_dir
-    model, config = runs.load_run(run)
+    model, config = rundir.load_run(run)
     utts = load_corpus(mini_podcast, ["Test1"])[:3]
     frames, errors = compute_features(encoder_for_store(config["inputs"][0], device="cpu"), utts, device="cpu")
     assert not errors and isinstance(frames, Frames)
@@ -508,9 +508,9 @@ def test_frame_heads_on_mini_podcast_multimodal_beats_each_modality(tmp_path, mi
         online = model({"frames": frames.take(range(3))})["avd"].double().numpy()
     files = predict(run, files=[u.path for u in utts], out=tmp_path / "files.csv", device="cpu")
     assert files.sources["frames"].startswith("encoder ")
-    np.testing.assert_allclose(runs.read_predictions(files.out)[1], online, atol=1e-6)
+    np.testing.assert_allclose(rundir.read_predictions(files.out)[1], online, atol=1e-6)
     from_store = predict(run, data=mini_podcast, splits=["Test1"], out=tmp_path / "store.csv", device="cpu")
-    ids, stored = runs.read_predictions(from_store.out)
+    ids, stored = rundir.read_predictions(from_store.out)
     at = [ids.index(u.id) for u in utts]
     # Recomputed frames equal stored ones to float16 rounding (batching differs), so nearly equal here.
     np.testing.assert_allclose(stored[at], online, atol=2e-3)

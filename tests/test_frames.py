@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from ser_cache.frames import Frames
+from ser_cache.features.frames import Frames
 
 
 def padded_rows(lengths=(3, 0, 5, 1), t=6, d=4, seed=0):

@@ -14,11 +14,11 @@ import torch
 from typer.testing import CliRunner
 
 from factories import msp_corpus, tone, write_wav
-from ser_cache import audio
-from ser_cache.cli import app
-from ser_cache.corpus import load_corpus
+from ser_cache.data import audio
+from ser_cache.cli.app import app
+from ser_cache.data.corpus import load_corpus
 from ser_cache.encoders import EncoderError, load_encoder
-from ser_cache.extract import (
+from ser_cache.features.extract import (
     ExtractConfig,
     ExtractError,
     compute_features,
@@ -26,8 +26,8 @@ from ser_cache.extract import (
     extract,
     report_path,
 )
-from ser_cache.frames import Frames
-from ser_cache.store import FeatureStore
+from ser_cache.features.frames import Frames
+from ser_cache.features.store import FeatureStore
 
 # What the stored fp16 rows may differ from an fp32 reference by: float16 rounding.
 FP16 = dict(rtol=2e-3, atol=2e-3)
@@ -235,7 +235,7 @@ def test_resume_after_kill_9_gives_identical_features_and_frames(models, tmp_pat
     script.write_text(textwrap.dedent(f"""
         import os, signal, sys
         import zarr
-        from ser_cache.store import FeatureStore
+        from ser_cache.features.store import FeatureStore
         original_write, original_set = FeatureStore.write_chunk, zarr.Array.__setitem__
         state = {{"chunk_writes": 0, "sets": 0}}
         def write_chunk(self, *args, **kwargs):
@@ -250,7 +250,7 @@ def test_resume_after_kill_9_gives_identical_features_and_frames(models, tmp_pat
             return original_set(self, key, value)
         FeatureStore.write_chunk = write_chunk
         zarr.Array.__setitem__ = setitem
-        from ser_cache.cli import main
+        from ser_cache.cli.app import main
         sys.argv = ["ser-cache", *{args!r}]
         main()
     """))
@@ -295,7 +295,7 @@ def test_info_and_export_show_and_carry_the_frames(models, corpus, tmp_path):
 
 
 def test_units_of_frame_rows_are_bounded_in_memory():
-    from ser_cache.extract import UNIT_BYTES, UNIT_ROWS, _unit_rows, _units
+    from ser_cache.features.extract import UNIT_BYTES, UNIT_ROWS, _unit_rows, _units
 
     whisper_large_frames = 750 * 1280 * 2
     rows = _unit_rows(whisper_large_frames)

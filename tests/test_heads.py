@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ser_cache.heads import LayerWeighting, MultitaskHeads, RegressionHead
+from ser_cache.system.heads import LayerWeighting, MultitaskHeads, RegressionHead
 
 LABEL_MIN = [1.0, 1.5, 1.2]
 LABEL_MAX = [7.0, 6.5, 6.8]
@@ -204,7 +204,7 @@ def per_head_forward(heads: MultitaskHeads, inputs: dict[str, torch.Tensor]) -> 
 @pytest.fixture(params=["fused", "per head"])
 def fuse_min_rows(request, monkeypatch):
     """Both ways of running the first layers, whatever the batch size (fused at any size, or never)."""
-    from ser_cache import heads
+    from ser_cache.system import heads
 
     monkeypatch.setattr(heads, "FUSE_MIN_ROWS_CPU", 0 if request.param == "fused" else 10**9)
     return request.param

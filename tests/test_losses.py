@@ -1,4 +1,4 @@
-"""Tests for ser_cache.losses, checked against metrics and hand-built formulas."""
+"""Tests for ser_cache.system.losses, checked against metrics and hand-built formulas."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ser_cache.losses import AAMSoftmax, _add_angular_margin, ccc_loss, multitask_loss
-from ser_cache.metrics import ccc
+from ser_cache.system.losses import AAMSoftmax, _add_angular_margin, ccc_loss, multitask_loss
+from ser_cache.system.metrics import ccc
 
 
 def random_avd(seed: int, batch: int, columns: int, dtype=torch.float64):

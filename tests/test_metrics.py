@@ -1,4 +1,4 @@
-"""Tests for ser_cache.metrics, checked against independent formulas."""
+"""Tests for ser_cache.system.metrics, checked against independent formulas."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from ser_cache.metrics import (
+from ser_cache.system.metrics import (
     ATTRIBUTES,
     PRIMARY_EMOTIONS,
     balanced_ccc,

@@ -11,10 +11,10 @@ import pytest
 from matplotlib.image import imread
 from typer.testing import CliRunner
 
-from ser_cache import plots, runs
-from ser_cache.metrics import ATTRIBUTES, ccc
-from ser_cache.plots import PlotError
-from ser_cache.store import FeatureStore
+from ser_cache.runs import plots, rundir
+from ser_cache.system.metrics import ATTRIBUTES, ccc
+from ser_cache.runs.plots import PlotError
+from ser_cache.features.store import FeatureStore
 
 
 def check_png(path: Path, size: tuple[float, float]) -> None:
@@ -46,9 +46,9 @@ def make_run(path: Path, epochs: int = 6, best_epoch: int = 4, speaker: bool = F
     """A finished run's files as training.write_run_files leaves them (no weights: plots need none)."""
     path.mkdir(parents=True)
     history = history_rows(epochs, speaker=speaker)
-    runs.write_csv_atomic(path / runs.HISTORY, list(history[0]), [list(r.values()) for r in history])
-    runs.write_json_atomic(path / runs.METRICS, {"split": "Development", "best_epoch": best_epoch})
-    runs.write_json_atomic(path / runs.CONFIG, {"format": runs.RUN_FORMAT, "format_version": 1,
+    rundir.write_csv_atomic(path / rundir.HISTORY, list(history[0]), [list(r.values()) for r in history])
+    rundir.write_json_atomic(path / rundir.METRICS, {"split": "Development", "best_epoch": best_epoch})
+    rundir.write_json_atomic(path / rundir.CONFIG, {"format": rundir.RUN_FORMAT, "format_version": 1,
                                                 "best_epoch": best_epoch, "gender_labels": ["Female", "Male"]})
     return path
 
@@ -78,7 +78,7 @@ def test_training_curves_elsewhere_and_without_balanced(tmp_path):
     for r in rows:
         for k in (*ATTRIBUTES, "mean"):
             r[f"dev_balanced_ccc_{k}"] = "nan"
-    runs.write_csv_atomic(run / "history.csv", list(rows[0]), [list(r.values()) for r in rows])
+    rundir.write_csv_atomic(run / "history.csv", list(rows[0]), [list(r.values()) for r in rows])
     result = plots.training_curves(run, out_dir=tmp_path / "figs")
     assert result.paths == [tmp_path / "figs" / "curves.png"] and result.balanced_mean is None
     assert not (run / "curves.png").exists()
@@ -87,8 +87,8 @@ def test_training_curves_elsewhere_and_without_balanced(tmp_path):
 def checkpoint_of(run: Path, history: list[dict], best_epoch: int) -> Path:
     """A fine-tuning checkpoint with this history and best epoch (and empty module states), as save_checkpoint writes."""
     pytest.importorskip("torch")
-    from ser_cache import statefile
-    from ser_cache.checkpoint import CHECKPOINT, CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+    from ser_cache.infra import statefile
+    from ser_cache.finetune.checkpoint import CHECKPOINT, CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 
     ckpt = {"epoch": len(history), "train": {}, "world": 1, "model": {}, "aam": None, "optimizer": {}, "scaler": {},
             "sampler": {}, "rng": [], "best": {"epoch": best_epoch, "score": 0.5}, "history": history}
@@ -98,7 +98,7 @@ def checkpoint_of(run: Path, history: list[dict], best_epoch: int) -> Path:
 def test_training_curves_of_an_unfinished_finetuning_run(tmp_path):
     run = tmp_path / "ft"
     run.mkdir()
-    (run / runs.IN_PROGRESS).write_text("{}")
+    (run / rundir.IN_PROGRESS).write_text("{}")
     checkpoint_of(run, history_rows(3, speaker=True), best_epoch=2)
     result = plots.training_curves(run)
     assert not result.finished and result.kept_epoch == 2
@@ -114,7 +114,7 @@ def test_training_curves_refusals(tmp_path):
         plots.training_curves(tmp_path / "empty")
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
-    (unfinished / runs.IN_PROGRESS).write_text("{}")
+    (unfinished / rundir.IN_PROGRESS).write_text("{}")
     with pytest.raises(PlotError, match="not finished an epoch"):
         plots.training_curves(unfinished)
     (unfinished / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
@@ -127,7 +127,7 @@ def test_training_curves_of_a_trained_run(tmp_path):
     """A run that train_heads really wrote (history.csv, config.json as it writes them)."""
     from test_training import make_corpus, make_store
 
-    from ser_cache.training import TrainHeadsConfig, train_heads
+    from ser_cache.train.training import TrainHeadsConfig, train_heads
 
     manifest, ids, feats = make_corpus(tmp_path / "corpus", n=120)
     store = make_store(tmp_path / "audio.zarr", ids, feats["audio"])
@@ -349,9 +349,9 @@ def weighted_run(path: Path, epochs: int = 3, *, gender_weight: float = 1.0, spe
         r["loss_gender"] = r["loss_gender"] if gender_weight else 0.0
         r["loss_speaker"] = speaker_loss / r["epoch"] if speaker_weight else 0.0
         r["loss_total"] = r["loss_ccc"] + gender_weight * r["loss_gender"] + speaker_weight * r["loss_speaker"]
-    runs.write_csv_atomic(path / runs.HISTORY, list(rows[0]), [list(r.values()) for r in rows])
-    runs.write_json_atomic(path / runs.CONFIG, {
-        "format": runs.RUN_FORMAT, "format_version": 1, "best_epoch": 2,
+    rundir.write_csv_atomic(path / rundir.HISTORY, list(rows[0]), [list(r.values()) for r in rows])
+    rundir.write_json_atomic(path / rundir.CONFIG, {
+        "format": rundir.RUN_FORMAT, "format_version": 1, "best_epoch": 2,
         "train": {"gender_weight": gender_weight, "speaker_weight": speaker_weight, "dev_split": "Development"},
         "inputs": [{"name": name} for name in inputs]})
     return path
@@ -404,7 +404,7 @@ def test_curves_draw_each_loss_part_as_weighted_in_the_total(curves):
     run, result = curves
     ax = result.figure.axes[0]
     lines = lines_by_label(ax)
-    with open(run / runs.HISTORY, newline="") as f:
+    with open(run / rundir.HISTORY, newline="") as f:
         history = list(csv.DictReader(f))
     speaker = lines["β·speaker (β = 0.1)"]
     assert np.allclose(speaker.get_ydata(), [0.1 * float(r["loss_speaker"]) for r in history])
@@ -448,12 +448,12 @@ def test_curves_settings_of_an_unfinished_run(tmp_path):
     """in_progress.json carries the fine-tuning options: their weights and what is trained."""
     run = tmp_path / "ft"
     run.mkdir()
-    runs.write_json_atomic(run / runs.IN_PROGRESS, {"format": runs.RUN_FORMAT, "system": "finetuned-wavlm",
+    rundir.write_json_atomic(run / rundir.IN_PROGRESS, {"format": rundir.RUN_FORMAT, "system": "finetuned-wavlm",
                                                    "train": {"gender_weight": 1.0, "speaker_weight": 0.0}})
     settings = plots._run_settings(run, finished=False)
     assert plots._loss_weights(settings) == {"ccc": 1.0, "gender": 1.0, "speaker": 0.0}
     assert plots._curves_title("ft", settings) == "ft: fine-tuned WavLM"
-    (run / runs.IN_PROGRESS).write_text("[]")
+    (run / rundir.IN_PROGRESS).write_text("[]")
     assert plots._loss_weights(plots._run_settings(run, finished=False)) is None
 
 

@@ -10,11 +10,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ser_cache import runs
-from ser_cache.corpus import load_corpus
-from ser_cache.extract import ExtractConfig, extract
-from ser_cache.predict import PredictError, evaluate, predict
-from ser_cache.store import ids_digest
+from ser_cache.runs import rundir
+from ser_cache.data.corpus import load_corpus
+from ser_cache.features.extract import ExtractConfig, extract
+from ser_cache.runs.predict import PredictError, evaluate, predict
+from ser_cache.features.store import ids_digest
 from test_training import make_corpus, make_store, read_csv, train
 
 
@@ -34,14 +34,14 @@ def trained(tmp_path):
 
 
 def values(path: Path) -> tuple[list[str], np.ndarray]:
-    return runs.read_predictions(path)
+    return rundir.read_predictions(path)
 
 
 def test_predicting_development_from_stores_reproduces_the_runs_predictions(tmp_path, trained):
     run, manifest, *_ = trained
     result = predict(run, data=manifest, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
     ids, avd = values(result.out)
-    ref_ids, ref = values(run / runs.DEV_PREDICTIONS)
+    ref_ids, ref = values(run / rundir.DEV_PREDICTIONS)
     assert ids == ref_ids and result.rows == len(ids)
     np.testing.assert_allclose(avd, ref, atol=1e-6)
     assert all(s.startswith("store ") for s in result.sources.values())
@@ -76,7 +76,7 @@ def test_a_store_reextracted_over_other_rows_with_the_same_settings_is_accepted(
     keep = ids[::-1]  # other order, same numbers per utterance: a different row digest and fingerprint
     make_store(stores[0], keep, feats["audio"][::-1], settings=settings_for("audio", keep))
     result = predict(run, data=manifest, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
-    np.testing.assert_allclose(values(result.out)[1], values(run / runs.DEV_PREDICTIONS)[1], atol=1e-6)
+    np.testing.assert_allclose(values(result.out)[1], values(run / rundir.DEV_PREDICTIONS)[1], atol=1e-6)
 
 
 @pytest.mark.slow
@@ -105,7 +105,7 @@ def test_evaluate_scores_like_training_and_writes_json(tmp_path, trained):
     run, manifest, *_ = trained
     result = evaluate(run, manifest, "Development", device="cpu")
     saved = json.loads((run / "eval_Development.json").read_text())
-    metrics = json.loads((run / runs.METRICS).read_text())
+    metrics = json.loads((run / rundir.METRICS).read_text())
     for key in ("arousal", "valence", "dominance", "mean"):
         assert saved["ccc"][key] == pytest.approx(metrics["ccc"][key], abs=1e-6)
         assert saved["balanced_ccc"][key] == pytest.approx(metrics["balanced_ccc"][key], abs=1e-6)
@@ -256,17 +256,17 @@ def test_predict_a_corpus_split_takes_the_table_where_the_corpus_has_no_text(tmp
 
 @pytest.mark.slow
 def test_a_missing_transcript_stops_predict_before_any_encoder_runs(tmp_path, audio_text_run, monkeypatch):
-    import ser_cache.extract
-    import ser_cache.predict
+    import ser_cache.features.extract
+    import ser_cache.runs.predict
 
     run, shared = audio_text_run
     corpus = _copy(shared, tmp_path / "corpus")
     for name in TEST3:
         (corpus / "Transcripts" / name.replace(".wav", ".txt")).unlink()
     calls = []
-    load, compute = ser_cache.predict._load_encoder, ser_cache.extract.compute_features
-    monkeypatch.setattr(ser_cache.predict, "_load_encoder", lambda record, *a, **k: calls.append(record["name"]) or load(record, *a, **k))
-    monkeypatch.setattr(ser_cache.extract, "compute_features", lambda *a, **k: calls.append("compute") or compute(*a, **k))
+    load, compute = ser_cache.runs.predict._load_encoder, ser_cache.features.extract.compute_features
+    monkeypatch.setattr(ser_cache.runs.predict, "_load_encoder", lambda record, *a, **k: calls.append(record["name"]) or load(record, *a, **k))
+    monkeypatch.setattr(ser_cache.features.extract, "compute_features", lambda *a, **k: calls.append("compute") or compute(*a, **k))
     with pytest.raises(PredictError, match=rf"{TEST3[0]}: no transcript for the text input 'text' \(and 1 more\); "
                                            r"give --transcripts FILE .* or write .*Transcripts"):
         predict(run, data=corpus, splits=["Test3"], out=tmp_path / "x.csv", device="cpu")

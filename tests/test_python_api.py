@@ -22,11 +22,11 @@ from test_training import train
 from typer.testing import CliRunner
 
 from ser_cache import Dataset, Predictor, Store, load_features, open_store
-from ser_cache.cli import app
-from ser_cache.extract import ExtractConfig, extract
-from ser_cache.finetune import FinetuneConfig, finetune_wavlm
-from ser_cache.runs import GENDER_PROB_PREFIX, read_predictions
-from ser_cache.store import StoreError
+from ser_cache.cli.app import app
+from ser_cache.features.extract import ExtractConfig, extract
+from ser_cache.finetune.loop import FinetuneConfig, finetune_wavlm
+from ser_cache.runs.rundir import GENDER_PROB_PREFIX, read_predictions
+from ser_cache.features.store import StoreError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python.md"
 AVD = ["arousal", "valence", "dominance"]
@@ -223,7 +223,7 @@ def test_importing_ser_cache_loads_neither_torch_nor_zarr():
 
 def test_a_predictor_loads_each_encoder_once(built, monkeypatch):
     """In a notebook loop over clips, the run's encoders are loaded on the first call only."""
-    import ser_cache.predict as predict_module
+    import ser_cache.runs.predict as predict_module
     from ser_cache import Predictor
 
     calls = []

@@ -16,7 +16,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from ser_cache import __version__
-from ser_cache.cli import app
+from ser_cache.cli.app import app
 from ser_cache.encoders import EncoderError, KNOWN_MODELS, default_store_name, load_encoder
 from test_training import make_corpus, make_store
 
@@ -141,7 +141,7 @@ def test_a_text_encoder_reports_utterances_per_second_not_audio(models, corpus, 
 
 
 def test_the_progress_rate_of_a_text_encoder_has_no_audio_seconds():
-    from ser_cache.progress import ExtractProgress
+    from ser_cache.infra.progress import ExtractProgress
 
     console = Console(file=io.StringIO(), width=200)
     with ExtractProgress(enabled=True, total=10, name="roberta-large.zarr", audio=False, console=console) as p:
@@ -181,7 +181,7 @@ def test_train_heads_help_fits_80_columns_with_readable_descriptions():
 
 
 def test_the_epoch_progress_line_fits_80_columns():
-    from ser_cache.training import EpochProgress
+    from ser_cache.train.training import EpochProgress
 
     buf = io.StringIO()
     row = {"loss_total": 12.3456, "dev_ccc_mean": -0.4567, "dev_balanced_ccc_mean": -0.4321}
@@ -195,7 +195,7 @@ def test_the_epoch_progress_line_fits_80_columns():
 
 
 def test_the_extract_progress_line_fits_80_columns():
-    from ser_cache.progress import ExtractProgress
+    from ser_cache.infra.progress import ExtractProgress
 
     buf = io.StringIO()
     name = "whisper-large-v3-frames-trimmed-window.zarr"
@@ -215,7 +215,7 @@ def test_version():
 
 
 def test_the_corpus_message_says_the_rule_instead_of_pointing_to_a_file(tmp_path):
-    from ser_cache.corpus import CorpusError, load_corpus
+    from ser_cache.data.corpus import CorpusError, load_corpus
 
     with pytest.raises(CorpusError) as e:
         load_corpus(tmp_path)
@@ -227,10 +227,10 @@ def test_the_corpus_message_says_the_rule_instead_of_pointing_to_a_file(tmp_path
 
 
 def test_finetune_lr_sets_both_rates_unless_one_is_given(tmp_path, monkeypatch):
-    import ser_cache.finetune
+    import ser_cache.finetune.loop
 
     seen = []
-    monkeypatch.setattr(ser_cache.finetune, "finetune_wavlm", lambda cfg: seen.append(cfg))
+    monkeypatch.setattr(ser_cache.finetune.loop, "finetune_wavlm", lambda cfg: seen.append(cfg))
     for given, expected in [(["--lr", "1e-3"], (1e-3, 1e-3)),
                             (["--lr", "1e-3", "--lr-heads", "2e-4"], (1e-3, 2e-4)),
                             (["--lr", "1e-3", "--lr-encoder", "3e-5"], (3e-5, 1e-3)),

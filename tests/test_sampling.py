@@ -3,7 +3,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from ser_cache.sampling import OX_MODES, EpochSampler, is_ox, select_training, undersample
+from ser_cache.system.sampling import OX_MODES, EpochSampler, is_ox, select_training, undersample
 
 # 7 N, 4 H, 3 S, 2 X: undersampling keeps 2 of each class present (8 rows).
 CLASSES = np.array(list("NNNNNNNHHHHSSSXX"))

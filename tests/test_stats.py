@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ser_cache import metrics
-from ser_cache.stats import bootstrap_differences, paired_bootstrap, weighted_ccc
+from ser_cache.system import metrics
+from ser_cache.train.stats import bootstrap_differences, paired_bootstrap, weighted_ccc
 
 # Three utterances, one attribute. By hand (population moments):
 #   truth t = 1 2 3, perfect p = 1 2 3: CCC 1.

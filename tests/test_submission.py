@@ -8,8 +8,8 @@ import pytest
 from typer.testing import CliRunner
 
 from factories import msp_corpus
-from ser_cache.cli import app
-from ser_cache.submission import SHOWN_PER_KIND, check_submission
+from ser_cache.cli.app import app
+from ser_cache.runs.submission import SHOWN_PER_KIND, check_submission
 
 runner = CliRunner()
 HEADER = "FileName,EmoAct,EmoVal,EmoDom"

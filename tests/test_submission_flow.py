@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ser_cache.cli import app
+from ser_cache.cli.app import app
 from test_transcribe import whisper_asr
 
 

@@ -15,15 +15,15 @@ from test_frame_heads import make_frame_corpus, make_frame_store
 from test_training import make_corpus, make_store
 from typer.testing import CliRunner
 
-from ser_cache import runs
-from ser_cache.cli import app
-from ser_cache.heads import MultitaskHeads
-from ser_cache.losses import AAMSoftmax
-from ser_cache.metrics import ccc_table
-from ser_cache.model import FeatureModel
-from ser_cache.stack import MemberStack, OneMember, StackedAdamW, stack_of
-from ser_cache.sweep import SweepConfig, TrainError, parse_variant, sweep
-from ser_cache.training import TrainHeadsConfig, train_heads
+from ser_cache.runs import rundir
+from ser_cache.cli.app import app
+from ser_cache.system.heads import MultitaskHeads
+from ser_cache.system.losses import AAMSoftmax
+from ser_cache.system.metrics import ccc_table
+from ser_cache.system.model import FeatureModel
+from ser_cache.train.stack import MemberStack, OneMember, StackedAdamW, stack_of
+from ser_cache.train.sweep import SweepConfig, TrainError, parse_variant, sweep
+from ser_cache.train.training import TrainHeadsConfig, train_heads
 
 OPTIONS = dict(epochs=4, lr=3e-3, batch_size=32, undersample=False, progress=False, device="cpu", threads=1,
                speaker_weight=0.0)
@@ -195,15 +195,15 @@ def test_members_equal_the_train_heads_runs_of_their_options(corpus, tmp_path):
                            ("text", 0, {"features": (corpus[1][1],)})):
         own = train_heads(base_config(corpus, tmp_path / f"own-{name}", gender_weight=1.0, seed=seed, **kw))
         member = tmp_path / "sweep" / name / f"seed-{seed}"
-        metrics = json.loads((member / runs.METRICS).read_text())
+        metrics = json.loads((member / rundir.METRICS).read_text())
         assert metrics["best_epoch"] == own.best_epoch
         assert metrics["ccc"]["mean"] == pytest.approx(own.metrics["ccc"]["mean"], abs=1e-5), name
-        config = runs.read_config(member)
+        config = rundir.read_config(member)
         assert config["sweep"]["variant"] == name and config["sweep"]["seed"] == seed
         assert config["train"]["seed"] == seed and [i["name"] for i in config["inputs"]] == \
-            [i["name"] for i in runs.read_config(own.run_dir)["inputs"]]
-        ids, pred = runs.read_predictions(member / runs.DEV_PREDICTIONS)
-        own_ids, own_pred = runs.read_predictions(own.run_dir / runs.DEV_PREDICTIONS)
+            [i["name"] for i in rundir.read_config(own.run_dir)["inputs"]]
+        ids, pred = rundir.read_predictions(member / rundir.DEV_PREDICTIONS)
+        own_ids, own_pred = rundir.read_predictions(own.run_dir / rundir.DEV_PREDICTIONS)
         assert ids == own_ids and np.abs(pred - own_pred).max() < 1e-4
 
 
@@ -219,10 +219,10 @@ def test_frame_members_equal_train_heads_runs(tmp_path):
     own = train_heads(TrainHeadsConfig(features=stores, data=manifest, out=tmp_path / "own",
                                        **{**OPTIONS, "epochs": 3, "lr": 1e-3, "seed": 1}, conv_dropout=0.0,
                                        conv_dim=16, hidden=16))
-    metrics = json.loads((tmp_path / "sweep" / "lr" / "seed-1" / runs.METRICS).read_text())
+    metrics = json.loads((tmp_path / "sweep" / "lr" / "seed-1" / rundir.METRICS).read_text())
     assert metrics["best_epoch"] == own.best_epoch
     assert metrics["ccc"]["mean"] == pytest.approx(own.metrics["ccc"]["mean"], abs=1e-4)
-    assert runs.read_config(tmp_path / "sweep" / "lr" / "seed-1")["frame_inputs"]
+    assert rundir.read_config(tmp_path / "sweep" / "lr" / "seed-1")["frame_inputs"]
 
 
 # --------------------------------------------------------------------------- the summary, reuse, refusals
@@ -237,7 +237,7 @@ def test_summary_mean_std_and_bootstrap_come_from_the_member_runs(corpus, tmp_pa
     assert set(summary["comparisons"]) == {"drop", "slow"}
     means = {}
     for name in ("base", "drop", "slow"):
-        scores = [json.loads((tmp_path / "sweep" / name / f"seed-{s}" / runs.METRICS).read_text())["ccc"]["mean"]
+        scores = [json.loads((tmp_path / "sweep" / name / f"seed-{s}" / rundir.METRICS).read_text())["ccc"]["mean"]
                   for s in range(3)]
         assert summary["variants"][name]["mean"]["ccc_mean"] == pytest.approx(np.mean(scores))
         assert summary["variants"][name]["std"]["ccc_mean"] == pytest.approx(np.std(scores, ddof=1))
@@ -257,8 +257,8 @@ def test_comparisons_use_the_rows_both_variants_were_scored_on(corpus, tmp_path)
     cfg = SweepConfig(base_config(corpus, tmp_path / "sweep"), seeds=1, variants=(parse_variant("oxv: ox=train+dev"),),
                       resamples=20)
     summary = sweep(cfg).summary
-    ids_b, pred_b = runs.read_predictions(tmp_path / "sweep" / "base" / "seed-0" / runs.DEV_PREDICTIONS)
-    ids_v, pred_v = runs.read_predictions(tmp_path / "sweep" / "oxv" / "seed-0" / runs.DEV_PREDICTIONS)
+    ids_b, pred_b = rundir.read_predictions(tmp_path / "sweep" / "base" / "seed-0" / rundir.DEV_PREDICTIONS)
+    ids_v, pred_v = rundir.read_predictions(tmp_path / "sweep" / "oxv" / "seed-0" / rundir.DEV_PREDICTIONS)
     assert len(ids_v) < len(ids_b) and summary["comparisons"]["oxv"]["rows"] == len(ids_v)
     keep = np.isin(ids_b, ids_v)
     import csv
@@ -273,7 +273,7 @@ def test_comparisons_use_the_rows_both_variants_were_scored_on(corpus, tmp_path)
 def test_a_sweep_run_again_reuses_its_members_and_refuses_changed_ones(corpus, tmp_path):
     cfg = SweepConfig(base_config(corpus, tmp_path / "sweep", epochs=2), seeds=2, resamples=10)
     first = sweep(cfg)
-    weights = tmp_path / "sweep" / "base" / "seed-0" / runs.WEIGHTS
+    weights = tmp_path / "sweep" / "base" / "seed-0" / rundir.WEIGHTS
     stamp = weights.stat().st_mtime_ns
     again = sweep(cfg)
     assert (again.trained, again.reused) == (0, 2) and weights.stat().st_mtime_ns == stamp
@@ -285,16 +285,16 @@ def test_a_sweep_run_again_reuses_its_members_and_refuses_changed_ones(corpus, t
         sweep(changed)
     redone = sweep(SweepConfig(base_config(corpus, tmp_path / "sweep", epochs=2, lr=1e-2, overwrite=True), seeds=2,
                                resamples=10))
-    assert redone.trained == 2 and runs.read_config(weights.parent)["train"]["lr"] == 1e-2
+    assert redone.trained == 2 and rundir.read_config(weights.parent)["train"]["lr"] == 1e-2
 
 
 def test_variants_take_the_base_inputs_unless_they_name_their_own(corpus, tmp_path):
     cfg = SweepConfig(base_config(corpus, tmp_path / "s", epochs=1), seeds=1, inputs="audio", resamples=10,
                       variants=(parse_variant("lr: lr=1e-3"), parse_variant("both: inputs=all")))
     sweep(cfg)
-    inputs = {v: [i["name"] for i in runs.read_config(tmp_path / "s" / v / "seed-0")["inputs"]] for v in ("base", "lr", "both")}
+    inputs = {v: [i["name"] for i in rundir.read_config(tmp_path / "s" / v / "seed-0")["inputs"]] for v in ("base", "lr", "both")}
     assert inputs == {"base": ["audio"], "lr": ["audio"], "both": ["audio", "text"]}
-    assert [s["name"] for s in runs.read_config(tmp_path / "s" / "lr" / "seed-0")["excluded_stores"]] == ["text"]
+    assert [s["name"] for s in rundir.read_config(tmp_path / "s" / "lr" / "seed-0")["excluded_stores"]] == ["text"]
 
 
 def test_unknown_inputs_and_streamed_frames_are_refused(corpus, tmp_path):

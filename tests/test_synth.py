@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from ser_cache import synth
-from ser_cache.corpus import EMOTION_NAMES, MSP_COLUMNS, load_corpus
+from ser_cache.data import synth
+from ser_cache.data.corpus import EMOTION_NAMES, MSP_COLUMNS, load_corpus
 
 
 @pytest.fixture(scope="module")

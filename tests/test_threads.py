@@ -7,9 +7,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ser_cache import sweep, training
-from ser_cache.cli import app
-from ser_cache.training import TrainError, TrainHeadsConfig
+from ser_cache.train import sweep, training
+from ser_cache.cli.app import app
+from ser_cache.train.training import TrainError, TrainHeadsConfig
 
 TORCH_OWN = 3  # what torch is set to before each test: neither 1 nor a count a test passes
 

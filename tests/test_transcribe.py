@@ -22,9 +22,9 @@ import pytest
 from typer.testing import CliRunner
 
 from factories import msp_corpus, tone, write_wav
-from ser_cache import transcribe as tr
-from ser_cache.cli import app
-from ser_cache.transcribe import Journal, TranscribeConfig, TranscribeError, WhisperTranscriber, pack, transcribe
+from ser_cache.features import transcribe as tr
+from ser_cache.cli.app import app
+from ser_cache.features.transcribe import Journal, TranscribeConfig, TranscribeError, WhisperTranscriber, pack, transcribe
 
 runner = CliRunner()
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -206,7 +206,7 @@ def test_resume_after_kill_9_redoes_no_finished_row(asr, data, tmp_path, monkeyp
     killer = tmp_path / "killer.py"
     killer.write_text(textwrap.dedent(f"""
         import os, signal, sys
-        from ser_cache import transcribe
+        from ser_cache.features import transcribe
         original = transcribe.Journal.append
         def append(self, rows):
             original(self, rows)
@@ -214,7 +214,7 @@ def test_resume_after_kill_9_redoes_no_finished_row(asr, data, tmp_path, monkeyp
                 f.write("MSP-PODCAST_1000_0003.wav,half a li")  # a record cut short by the kill
             os.kill(os.getpid(), signal.SIGKILL)  # right after the first batch reached the disk
         transcribe.Journal.append = append
-        from ser_cache.cli import main
+        from ser_cache.cli.app import main
         sys.argv = ["ser-cache", *{args!r}]
         main()
     """))

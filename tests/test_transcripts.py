@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from factories import msp_corpus
-from ser_cache import transcribe
-from ser_cache.corpus import Utterance, load_corpus
-from ser_cache.transcripts import (
+from ser_cache.features import transcribe
+from ser_cache.data.corpus import Utterance, load_corpus
+from ser_cache.data.transcripts import (
     TranscriptError,
     attach,
     counts,

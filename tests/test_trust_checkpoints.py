@@ -27,10 +27,10 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import factories
-from ser_cache import runs
-from ser_cache.checkpoint import CHECKPOINT
-from ser_cache.cli import app
-from ser_cache.finetune import FinetuneConfig, finetune_wavlm
+from ser_cache.runs import rundir
+from ser_cache.finetune.checkpoint import CHECKPOINT
+from ser_cache.cli.app import app
+from ser_cache.finetune.loop import FinetuneConfig, finetune_wavlm
 from test_finetune import base_config, cli_args, learnable_corpus, subprocess_env
 from test_plots import make_run
 
@@ -79,7 +79,7 @@ class Stop(Exception):
 
 def interrupted_run(cfg: FinetuneConfig, after_epoch: int) -> Path:
     """Fine-tune until the checkpoint of `after_epoch` is written, then stop as a crash would."""
-    import ser_cache.finetune as ft
+    import ser_cache.finetune.loop as ft
 
     save, saves = ft.save_checkpoint, []
 
@@ -93,7 +93,7 @@ def interrupted_run(cfg: FinetuneConfig, after_epoch: int) -> Path:
         mp.setattr(ft, "save_checkpoint", save_then_stop)
         with pytest.raises(Stop):
             finetune_wavlm(cfg)
-    assert runs.is_unfinished_run(cfg.out)
+    assert rundir.is_unfinished_run(cfg.out)
     return Path(cfg.out)
 
 
@@ -111,7 +111,7 @@ def ft_config(corpus_ft, models, tmp_path_factory) -> FinetuneConfig:
 def unfinished_run_dir(path: Path) -> Path:
     """A run directory as `finetune wavlm` leaves it in progress: the marker, no config.json."""
     path.mkdir(parents=True)
-    runs.write_json_atomic(path / runs.IN_PROGRESS, {"format": runs.RUN_FORMAT, "system": "finetuned-wavlm"})
+    rundir.write_json_atomic(path / rundir.IN_PROGRESS, {"format": rundir.RUN_FORMAT, "system": "finetuned-wavlm"})
     return path
 
 
@@ -124,7 +124,7 @@ def test_the_checkpoint_is_one_safetensors_file_and_resume_ends_exactly_as_witho
     whole = finetune_wavlm(replace(cfg, out=tmp_path / "uninterrupted"))
     out = interrupted_run(replace(cfg, out=tmp_path / "run"), after_epoch=2)
     assert not (out / LEGACY_CHECKPOINT).exists()
-    from ser_cache.checkpoint import CHECKPOINT_VERSION
+    from ser_cache.finetune.checkpoint import CHECKPOINT_VERSION
 
     with safe_open(str(out / CHECKPOINT), framework="pt") as f:
         meta = f.metadata()
@@ -137,11 +137,11 @@ def test_the_checkpoint_is_one_safetensors_file_and_resume_ends_exactly_as_witho
 
     resumed = finetune_wavlm(replace(cfg, out=out, resume=True))
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3] and resumed.best_epoch == whole.best_epoch
-    a, b = load_file(str(whole.run_dir / runs.WEIGHTS)), load_file(str(out / runs.WEIGHTS))
+    a, b = load_file(str(whole.run_dir / rundir.WEIGHTS)), load_file(str(out / rundir.WEIGHTS))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
-    assert (out / runs.DEV_PREDICTIONS).read_bytes() == (whole.run_dir / runs.DEV_PREDICTIONS).read_bytes()
+    assert (out / rundir.DEV_PREDICTIONS).read_bytes() == (whole.run_dir / rundir.DEV_PREDICTIONS).read_bytes()
     assert resumed.metrics == whole.metrics
-    assert not (out / CHECKPOINT).exists() and runs.is_run_dir(out)
+    assert not (out / CHECKPOINT).exists() and rundir.is_run_dir(out)
 
 
 def test_plot_run_reads_an_unfinished_runs_checkpoint(ft_config, tmp_path):
@@ -177,17 +177,17 @@ def test_a_pickled_checkpoint_is_refused_unread_by_resume_and_plot(ft_config, tm
     # --overwrite starts the run again, as the message says (the pickle goes unread with the folder).
     r = invoke(*cli_args(replace(cfg, out=out, epochs=1)), "--overwrite")
     assert r.exit_code == 0, r.output[-3000:]
-    assert not marker.exists() and not (out / LEGACY_CHECKPOINT).exists() and runs.is_run_dir(out)
+    assert not marker.exists() and not (out / LEGACY_CHECKPOINT).exists() and rundir.is_run_dir(out)
 
 
 def test_a_safetensors_checkpoint_that_does_not_hold_a_checkpoint_is_refused(tmp_path):
-    from ser_cache import statefile
-    from ser_cache.checkpoint import CHECKPOINT_VERSION, CheckpointError, read_checkpoint
+    from ser_cache.infra import statefile
+    from ser_cache.finetune.checkpoint import CHECKPOINT_VERSION, CheckpointError, read_checkpoint
 
     out = unfinished_run_dir(tmp_path / "run")
     path = out / CHECKPOINT
     # Model weights under the checkpoint's name: no format tag.
-    runs.write_weights(path, {"w": torch.zeros(2)})
+    rundir.write_weights(path, {"w": torch.zeros(2)})
     with pytest.raises(CheckpointError, match="a safetensors file, but not a fine-tuning checkpoint"):
         read_checkpoint(out)
     # The format tag, but entries of the wrong type.
@@ -215,7 +215,7 @@ def test_the_state_file_keeps_every_type_it_is_given(tmp_path):
 
     import numpy as np
 
-    from ser_cache import statefile
+    from ser_cache.infra import statefile
 
     tree = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "by_int": {0: {"step": torch.tensor(3.0)}, 1: None}, "tuple": (0.9, 0.999), "nan": float("nan"),
@@ -240,7 +240,7 @@ def test_the_state_file_keeps_every_type_it_is_given(tmp_path):
 WAIT_AFTER_FIRST_CHECKPOINT = """
 import sys, time
 from pathlib import Path
-import ser_cache.finetune as ft
+import ser_cache.finetune.loop as ft
 ready = Path(sys.argv[1])
 save = ft.save_checkpoint
 def save_then_wait(*args, **kwargs):
@@ -248,7 +248,7 @@ def save_then_wait(*args, **kwargs):
     ready.write_text("1")
     time.sleep(600)
 ft.save_checkpoint = save_then_wait
-from ser_cache.cli import main
+from ser_cache.cli.app import main
 sys.argv = ["ser-cache", *sys.argv[2:]]
 main()
 """
@@ -272,7 +272,7 @@ def test_a_run_being_fine_tuned_is_locked_against_a_second_process(ft_config, tm
         for option in ("--resume", "--overwrite"):
             line = one_line_error(invoke(*cli_args(replace(cfg, out=out)), option))
             assert f"{out}: another process is training this run (pid {first.pid} on" in line, line
-        assert (out / CHECKPOINT).stat().st_mtime_ns == before and runs.is_unfinished_run(out)
+        assert (out / CHECKPOINT).stat().st_mtime_ns == before and rundir.is_unfinished_run(out)
     finally:
         first.kill()  # SIGKILL: the kernel releases its lock
         first.wait()
@@ -283,7 +283,7 @@ def test_a_run_being_fine_tuned_is_locked_against_a_second_process(ft_config, tm
 
 
 def test_a_lock_file_removed_by_its_holder_before_the_next_one_locks_it_is_not_shared(tmp_path, monkeypatch):
-    from ser_cache import locks
+    from ser_cache.infra import locks
 
     target = tmp_path / "run"
     first = locks.FileLock(target)
@@ -313,7 +313,7 @@ def test_a_lock_file_removed_by_its_holder_before_the_next_one_locks_it_is_not_s
 HOLD_STORE_LOCK = """
 import sys, time
 from pathlib import Path
-from ser_cache.store import StoreLock
+from ser_cache.features.store import StoreLock
 StoreLock(Path(sys.argv[1])).acquire()
 Path(sys.argv[2]).write_text("1")
 time.sleep(600)
@@ -321,7 +321,7 @@ time.sleep(600)
 
 
 def test_extract_leaves_no_lock_file_and_takes_over_one_left_by_a_killed_process(models, corpus, tmp_path):
-    from ser_cache.extract import ExtractConfig, extract
+    from ser_cache.features.extract import ExtractConfig, extract
 
     store = tmp_path / "f" / "whisper-tiny.zarr"
     script, ready = tmp_path / "hold.py", tmp_path / "ready"
@@ -373,7 +373,7 @@ def test_a_model_folder_with_a_refused_pickle_is_one_line(corpus, tmp_path):
 
 
 def test_a_runs_encoder_with_a_refused_pickle_is_one_line(models, tmp_path):
-    from ser_cache.vox_profile import ImportConfig, import_vox_profile
+    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
     from test_vox_profile import authors_whisper_checkpoint
 
     src, _ = authors_whisper_checkpoint(tmp_path / "ckpt", models["whisper"])
@@ -400,7 +400,7 @@ def test_finetune_given_a_whisper_folder_says_it_needs_wavlm(models, corpus, tmp
 
 
 def test_a_failed_atomic_write_names_the_output_not_its_temporary_file(tmp_path):
-    from ser_cache.atomic import atomic_path
+    from ser_cache.infra.atomic import atomic_path
 
     target = tmp_path / "curves.png"
     with pytest.raises(PermissionError) as err:

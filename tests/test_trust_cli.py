@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ser_cache.cli import app
+from ser_cache.cli.app import app
 from ser_cache.cli import shared_options as shared
 from test_training import make_corpus, make_store
 
@@ -43,7 +43,7 @@ def commands(group=None, prefix=()):
 
 LOADED = """
 import json, sys
-from ser_cache.cli import main
+from ser_cache.cli.app import main
 for args in json.loads(sys.argv[1]):
     sys.argv = ["ser-cache", *args]
     try:
@@ -89,15 +89,15 @@ def test_no_help_shows_a_python_type_and_every_option_is_described():
 
 
 FIXED_CHOICES = {
-    "OxMode": ("ser_cache.sampling", "OX_MODES"),
-    "SelectMode": ("ser_cache.training", "SELECT_MODES"),
-    "HeadsPrecisionMode": ("ser_cache.training", "PRECISIONS"),
+    "OxMode": ("ser_cache.system.sampling", "OX_MODES"),
+    "SelectMode": ("ser_cache.train.training", "SELECT_MODES"),
+    "HeadsPrecisionMode": ("ser_cache.train.training", "PRECISIONS"),
     "EncoderPrecisionMode": ("ser_cache.encoders.base", "PRECISIONS"),
-    "TranscribePrecisionMode": ("ser_cache.transcribe", "PRECISIONS"),
+    "TranscribePrecisionMode": ("ser_cache.features.transcribe", "PRECISIONS"),
     "PoolingMode": ("ser_cache.encoders.base", "POOLINGS"),
     "WindowMode": ("ser_cache.encoders.whisper", "WINDOWS"),
     "KindName": ("ser_cache.encoders", "KINDS"),
-    "OnErrorMode": ("ser_cache.extract", "ON_ERROR"),
+    "OnErrorMode": ("ser_cache.features.extract", "ON_ERROR"),
 }
 
 
@@ -106,7 +106,7 @@ def test_the_clis_fixed_choices_are_the_librarys():
 
     for alias, (module, constant) in FIXED_CHOICES.items():
         assert typing.get_args(getattr(shared, alias)) == tuple(getattr(importlib.import_module(module), constant)), alias
-    from ser_cache.transcribe import DEFAULT_MODEL
+    from ser_cache.features.transcribe import DEFAULT_MODEL
 
     assert shared.TRANSCRIBE_MODEL == DEFAULT_MODEL
 
@@ -134,8 +134,8 @@ def test_undersampling_help_says_what_m_is():
 
 
 def test_train_heads_sweep_and_finetune_share_the_heads_defaults():
-    from ser_cache.finetune import FinetuneConfig
-    from ser_cache.training import TrainHeadsConfig
+    from ser_cache.finetune.loop import FinetuneConfig
+    from ser_cache.train.training import TrainHeadsConfig
 
     defaults = {}
     for words, cmd in commands():
@@ -204,16 +204,19 @@ def test_a_runs_config_records_its_provenance(heads_run):
     assert p["torch"] == metadata.version("torch") and p["transformers"] == metadata.version("transformers")
     assert p["data"] == manifest and p["label_file"] == manifest
     assert p["label_file_sha256"] == hashlib.sha256(heads_run["manifest"].read_bytes()).hexdigest()
-    git = subprocess.run(["git", "-C", str(SRC / "ser_cache"), "rev-parse", "HEAD"], capture_output=True, text=True)
-    tracked = subprocess.run(["git", "-C", str(SRC / "ser_cache"), "ls-files", "--error-unmatch", "provenance.py"],
+    from ser_cache.runs import provenance
+
+    module = Path(provenance.__file__)
+    git = subprocess.run(["git", "-C", str(module.parent), "rev-parse", "HEAD"], capture_output=True, text=True)
+    tracked = subprocess.run(["git", "-C", str(module.parent), "ls-files", "--error-unmatch", module.name],
                              capture_output=True)
     expected = git.stdout.strip() if git.returncode == 0 and tracked.returncode == 0 else None
     assert p["git_commit"] == expected and (p["git_dirty"] is None) == (expected is None)
 
 
 def test_an_msp_podcast_runs_label_file_is_labels_consensus(tmp_path):
-    from ser_cache import provenance
-    from ser_cache.corpus import MSP_LABEL_FILE
+    from ser_cache.runs import provenance
+    from ser_cache.data.corpus import MSP_LABEL_FILE
     from factories import msp_corpus
 
     corpus = msp_corpus(tmp_path / "corpus")
@@ -239,7 +242,7 @@ def test_config_reruns_a_runs_settings_and_the_command_line_wins(heads_run, tmp_
 
 
 def test_config_of_a_run_written_before_provenance_still_works(heads_run, tmp_path, monkeypatch):
-    from ser_cache import runs
+    from ser_cache.runs import rundir
 
     old = tmp_path / "old"
     old.mkdir()
@@ -247,7 +250,7 @@ def test_config_of_a_run_written_before_provenance_still_works(heads_run, tmp_pa
     del config["provenance"]
     config["train"]["data"] = "corpus/manifest.csv"  # as typed, relative to where it was trained
     (old / "config.json").write_text(json.dumps(config))
-    assert runs.read_config(old)["train"]["data"] == "corpus/manifest.csv"
+    assert rundir.read_config(old)["train"]["data"] == "corpus/manifest.csv"
     monkeypatch.chdir(heads_run["root"])
     r = invoke("train-heads", "--config", old / "config.json", "--out", tmp_path / "again", "--no-progress")
     assert r.exit_code == 0, r.output
@@ -304,8 +307,8 @@ def test_evaluate_scores_each_repeated_split_on_its_own(heads_run, tmp_path):
 
 
 def test_plot_out_is_a_folder_or_a_png_for_both_plot_commands(tmp_path):
-    from ser_cache import plots
-    from ser_cache.plots import PlotError
+    from ser_cache.runs import plots
+    from ser_cache.runs.plots import PlotError
     from test_plots import make_run, speaker_corpus, speaker_store
 
     run = make_run(tmp_path / "run")
@@ -342,7 +345,7 @@ def test_sweep_members_record_provenance_and_are_reused_from_relative_paths(head
 
 @pytest.mark.slow
 def test_a_finetuned_run_records_provenance(models, tmp_path):
-    from ser_cache.finetune import FinetuneConfig, finetune_wavlm
+    from ser_cache.finetune.loop import FinetuneConfig, finetune_wavlm
     from test_finetune import learnable_corpus
 
     corpus = learnable_corpus(tmp_path / "corpus", n_train=8, n_dev=6, n_test=0)

@@ -25,14 +25,14 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from factories import msp_corpus
-from ser_cache import runs
-from ser_cache.cli import app
-from ser_cache.ensemble import EnsembleError, ensemble
-from ser_cache.predict import PredictError, evaluate, predict
-from ser_cache.rows import TrainError, load_rows
-from ser_cache.store import FeatureStore
-from ser_cache.sweep import SweepConfig, parse_variant, sweep
-from ser_cache.training import TrainHeadsConfig
+from ser_cache.runs import rundir
+from ser_cache.cli.app import app
+from ser_cache.runs.ensemble import EnsembleError, ensemble
+from ser_cache.runs.predict import PredictError, evaluate, predict
+from ser_cache.system.rows import TrainError, load_rows
+from ser_cache.features.store import FeatureStore
+from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
+from ser_cache.train.training import TrainHeadsConfig
 from test_frame_heads import make_frame_corpus, make_frame_store
 from test_training import make_corpus, make_store, train
 
@@ -80,9 +80,9 @@ def run(synthetic, tmp_path_factory):
 def _edit_weights(run_dir: Path, dest: Path, change) -> Path:
     """A copy of `run_dir` whose model.safetensors went through `change(tensors)`."""
     shutil.copytree(run_dir, dest)
-    tensors = load_file(str(dest / runs.WEIGHTS))
+    tensors = load_file(str(dest / rundir.WEIGHTS))
     change(tensors)
-    save_file(tensors, str(dest / runs.WEIGHTS))
+    save_file(tensors, str(dest / rundir.WEIGHTS))
     return dest
 
 
@@ -118,7 +118,7 @@ def test_a_sweep_does_not_reuse_members_trained_on_a_store_rebuilt_with_other_se
         sweep(cfg)
     redone = sweep(_sweep_config(manifest, [audio], tmp_path / "sweep", overwrite=True))
     assert (redone.trained, redone.reused) == (1, 0)
-    recorded = runs.read_config(tmp_path / "sweep" / "base" / "seed-0")["inputs"][0]["fingerprint"]
+    recorded = rundir.read_config(tmp_path / "sweep" / "base" / "seed-0")["inputs"][0]["fingerprint"]
     assert recorded == FeatureStore.open(audio).fingerprint
     assert (sweep(cfg).trained, sweep(cfg).reused) == (0, 1)  # now the same store again: reused
 
@@ -127,7 +127,7 @@ def test_a_sweep_member_folder_without_config_json_says_what_it_holds(synthetic,
     manifest, _, _, stores = synthetic
     member = tmp_path / "sweep" / "base" / "seed-0"
     member.mkdir(parents=True)
-    (member / runs.WEIGHTS).write_bytes(b"not much")
+    (member / rundir.WEIGHTS).write_bytes(b"not much")
     (member / "notes.txt").write_text("mine")
     with pytest.raises(TrainError, match=r"base/seed-0: this sweep's folder for a member, but not a finished run: "
                                          r"it has no config.json \(it holds model.safetensors, notes.txt\); move the "
@@ -182,8 +182,8 @@ def test_a_sweep_keeps_the_members_that_did_not_diverge_and_reports_the_others(s
     alone = invoke(*args, "-o", tmp_path / "alone")
     assert alone.exit_code == 0, alone.output
     for seed in (0, 1):
-        mine = runs.read_predictions(tmp_path / "sweep" / "base" / f"seed-{seed}" / runs.DEV_PREDICTIONS)
-        theirs = runs.read_predictions(tmp_path / "alone" / "base" / f"seed-{seed}" / runs.DEV_PREDICTIONS)
+        mine = rundir.read_predictions(tmp_path / "sweep" / "base" / f"seed-{seed}" / rundir.DEV_PREDICTIONS)
+        theirs = rundir.read_predictions(tmp_path / "alone" / "base" / f"seed-{seed}" / rundir.DEV_PREDICTIONS)
         assert mine[0] == theirs[0]
         np.testing.assert_allclose(mine[1], theirs[1], atol=1e-6)
 
@@ -220,7 +220,7 @@ def test_predictions_outside_the_runs_label_range_are_refused(synthetic, run, tm
             tensors[name] = torch.tensor(99.0)
 
     edited = _edit_weights(run, tmp_path / "wide-run", widen)
-    hi = runs.read_config(edited)["labels"]["max"][0]
+    hi = rundir.read_config(edited)["labels"]["max"][0]
     with pytest.raises(PredictError, match=rf"its EmoAct prediction for utt_\d+\.wav \(row \d+\) is [\d.]+, outside "
                                            rf"the label range \[[\d.]+, {hi:g}\] of the run's config.json"):
         predict(edited, data=manifest, splits=["Development"], out=tmp_path / "p.csv", device="cpu")
@@ -230,8 +230,8 @@ def test_predictions_outside_the_runs_label_range_are_refused(synthetic, run, tm
 def _members(tmp_path: Path, n: int = 4) -> tuple[list[str], Path, Path]:
     ids = [f"u{i}.wav" for i in range(n)]
     rng = np.random.default_rng(0)
-    a = runs.write_predictions(tmp_path / "a.csv", ids, rng.uniform(2, 6, (n, 3)))
-    b = runs.write_predictions(tmp_path / "b.csv", ids, rng.uniform(2, 6, (n, 3)))
+    a = rundir.write_predictions(tmp_path / "a.csv", ids, rng.uniform(2, 6, (n, 3)))
+    b = rundir.write_predictions(tmp_path / "b.csv", ids, rng.uniform(2, 6, (n, 3)))
     return ids, a, b
 
 
@@ -261,26 +261,26 @@ def test_an_ensemble_member_value_off_the_scale_or_not_a_plain_number_is_refused
 
 def test_an_ensemble_member_saved_with_a_bom_is_read(tmp_path):
     ids, a, b = _members(tmp_path)
-    expected = (runs.read_predictions(a)[1] + runs.read_predictions(b)[1]) / 2
-    _set_cell(b, 0, "EmoAct", f"{runs.read_predictions(b)[1][0, 0]:.6f}", encoding="utf-8-sig")  # as Excel saves it
+    expected = (rundir.read_predictions(a)[1] + rundir.read_predictions(b)[1]) / 2
+    _set_cell(b, 0, "EmoAct", f"{rundir.read_predictions(b)[1][0, 0]:.6f}", encoding="utf-8-sig")  # as Excel saves it
     assert b.read_bytes().startswith(b"\xef\xbb\xbf")
     result = ensemble([a, b], out=tmp_path / "out.csv")
-    got_ids, got = runs.read_predictions(result.out)
+    got_ids, got = rundir.read_predictions(result.out)
     assert got_ids == ids
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_ensemble_label_scale_option_for_a_corpus_on_another_scale(tmp_path):
     ids = ["u0.wav", "u1.wav", "u2.wav"]
-    a = runs.write_predictions(tmp_path / "a.csv", ids, np.full((3, 3), 0.25))
-    b = runs.write_predictions(tmp_path / "b.csv", ids, np.full((3, 3), 0.75))
+    a = rundir.write_predictions(tmp_path / "a.csv", ids, np.full((3, 3), 0.25))
+    b = rundir.write_predictions(tmp_path / "b.csv", ids, np.full((3, 3), 0.75))
     r = invoke("ensemble", a, b, "-o", tmp_path / "out.csv")
     assert r.exit_code == 2
     line = one_line_error(r.output)
     assert "outside the label range [1, 7] (a corpus on another scale: --label-scale LOW HIGH)" in line
     r = invoke("ensemble", a, b, "-o", tmp_path / "out.csv", "--label-scale", "0 1")
     assert r.exit_code == 0, r.output
-    np.testing.assert_allclose(runs.read_predictions(tmp_path / "out.csv")[1], 0.5)
+    np.testing.assert_allclose(rundir.read_predictions(tmp_path / "out.csv")[1], 0.5)
 
 
 # --------------------------------------------------------------------------- check-submission
@@ -337,7 +337,7 @@ def test_check_submission_with_an_unterminated_quote_is_one_line(test3, tmp_path
 
 @pytest.fixture(scope="module")
 def xvector_run(models, tmp_path_factory):
-    from ser_cache.extract import ExtractConfig, extract
+    from ser_cache.features.extract import ExtractConfig, extract
 
     before = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -354,19 +354,19 @@ def test_a_run_on_an_xvector_store_predicts_new_audio(xvector_run, tmp_path):
     import soundfile as sf
 
     from ser_cache.api import Predictor
-    from ser_cache.corpus import load_corpus
+    from ser_cache.data.corpus import load_corpus
 
     run_dir, corpus = xvector_run
-    assert runs.read_config(run_dir)["inputs"][0]["settings"]["pooling"] == "xvector"
+    assert rundir.read_config(run_dir)["inputs"][0]["settings"]["pooling"] == "xvector"
     dev = load_corpus(corpus, ["Development"])
     cached = predict(run_dir, data=corpus, splits=["Development"], out=tmp_path / "cached.csv", device="cpu")
     assert all(s.startswith("store ") for s in cached.sources.values())
     r = invoke("predict", run_dir, *[u.path for u in dev], "-o", tmp_path / "bare.csv", "--device", "cpu")
     assert r.exit_code == 0, r.output
-    ids, bare = runs.read_predictions(tmp_path / "bare.csv")
+    ids, bare = rundir.read_predictions(tmp_path / "bare.csv")
     assert ids == [u.id for u in dev]
     # The encoder run here gives what the store holds (float16 rounding apart).
-    np.testing.assert_allclose(bare, runs.read_predictions(cached.out)[1], atol=2e-3)
+    np.testing.assert_allclose(bare, rundir.read_predictions(cached.out)[1], atol=2e-3)
     predictor = Predictor.from_run(run_dir)
     got = predictor.predict([str(dev[0].path), sf.read(str(dev[1].path), dtype="float32")[0]])
     np.testing.assert_allclose(np.stack([got["arousal"], got["valence"], got["dominance"]], 1), bare[:2], atol=1e-5)
@@ -374,7 +374,7 @@ def test_a_run_on_an_xvector_store_predicts_new_audio(xvector_run, tmp_path):
 
 def test_predictor_refuses_a_nan_prediction(xvector_run, tmp_path):
     from ser_cache.api import Predictor
-    from ser_cache.corpus import load_corpus
+    from ser_cache.data.corpus import load_corpus
 
     run_dir, corpus = xvector_run
     damaged = _edit_weights(run_dir, tmp_path / "nan-xvector", _nan_in_first_layer)
@@ -410,7 +410,7 @@ def test_a_frame_store_rebuilt_while_training_streams_it_is_named(tmp_path):
 def test_layer_on_a_pooled_store_is_refused(tmp_path):
     from test_plots import speaker_corpus, speaker_store
 
-    from ser_cache.plots import PlotError, speaker_tsne
+    from ser_cache.runs.plots import PlotError, speaker_tsne
 
     manifest, ids, labels = speaker_corpus(tmp_path / "corpus")
     store = speaker_store(tmp_path / "pooled.zarr", ids, labels, separated=True, shape=(32,))

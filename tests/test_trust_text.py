@@ -16,11 +16,11 @@ import pytest
 import soundfile as sf
 
 from factories import msp_corpus, tone, write_wav
-from ser_cache import transcribe as tr
-from ser_cache.corpus import CorpusError, load_corpus
-from ser_cache.extract import ExtractConfig, ExtractError, extract
-from ser_cache.predict import PredictError, evaluate, predict
-from ser_cache.transcripts import TranscriptError, load_table, read_sidecar, read_table, record_path
+from ser_cache.features import transcribe as tr
+from ser_cache.data.corpus import CorpusError, load_corpus
+from ser_cache.features.extract import ExtractConfig, ExtractError, extract
+from ser_cache.runs.predict import PredictError, evaluate, predict
+from ser_cache.data.transcripts import TranscriptError, load_table, read_sidecar, read_table, record_path
 from test_training import make_corpus, make_store, train
 
 TEST3 = ("MSP-PODCAST_test3_0001.wav", "MSP-PODCAST_test3_0002.wav")
@@ -223,7 +223,7 @@ def real_run(tmp_path_factory, models):
 
 
 def test_prefer_transcripts_predicts_from_the_tables_text_where_the_store_holds_the_corpus_text(tmp_path, real_run):
-    from ser_cache.runs import read_predictions
+    from ser_cache.runs.rundir import read_predictions
 
     run, shared, text_store = real_run
     corpus = shutil.copytree(shared, tmp_path / "corpus")
@@ -253,7 +253,7 @@ def test_prefer_transcripts_predicts_from_the_tables_text_where_the_store_holds_
 
 
 def test_a_text_store_without_its_record_serves_no_row_that_has_text(tmp_path, real_run):
-    from ser_cache.runs import read_predictions
+    from ser_cache.runs.rundir import read_predictions
 
     run, shared, text_store = real_run
     ref = predict(run, data=shared, splits=["Development"], out=tmp_path / "ref.csv", device="cpu")
@@ -292,7 +292,7 @@ def test_predictor_scales_integer_pcm_as_the_wav_file_it_came_from(tmp_path, rea
 
 
 def test_extract_refuses_a_store_whose_record_was_deleted_or_replaced(tmp_path, models, one_torch_thread):
-    from ser_cache.transcripts import text_sha1
+    from ser_cache.data.transcripts import text_sha1
 
     corpus = msp_corpus(tmp_path / "corpus")
     for name in TEST3:

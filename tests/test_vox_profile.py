@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import factories
-from ser_cache import runs
+from ser_cache.runs import rundir
 
 HIDDEN = 16  # the authors' hidden_dim, small for the test
 ATTRS = ("arousal", "valence", "dominance")
@@ -126,10 +126,10 @@ def _clips(root: Path, seconds=(1.3, 2.1, 0.8)) -> list[Path]:
 
 
 def _predicted(run: Path, clips: list[Path], out: Path) -> np.ndarray:
-    from ser_cache.predict import predict
+    from ser_cache.runs.predict import predict
 
     predict(run, files=clips, out=out, device="cpu")
-    ids, avd = runs.read_predictions(out)
+    ids, avd = rundir.read_predictions(out)
     assert ids == [c.name for c in clips]
     return avd
 
@@ -147,7 +147,7 @@ def three_layer_wavlm(path: Path) -> Path:
 
 @pytest.mark.parametrize("lora", [False, True])
 def test_wavlm_checkpoint_imports_and_predicts_what_the_authors_code_does(models, tmp_path, lora, one_torch_thread):
-    from ser_cache.vox_profile import ImportConfig, import_vox_profile
+    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
 
     backbone = three_layer_wavlm(tmp_path / "wavlm3") if lora else models["wavlm"]
     src, tensors = authors_wavlm_checkpoint(tmp_path / "ckpt", backbone, lora=lora)
@@ -160,14 +160,14 @@ def test_wavlm_checkpoint_imports_and_predicts_what_the_authors_code_does(models
 
         ref = authors_wavlm_forward(tensors, backbone, sf.read(clip, dtype="float32")[0])
         np.testing.assert_allclose((row - 1) / 6, ref, atol=1e-4)
-    config = runs.read_config(result.run_dir)
+    config = rundir.read_config(result.run_dir)
     assert config["gender_labels"] == ["Female", "Male"] and config["imported"]["wrapper"]["hidden_dim"] == HIDDEN
     assert config["wavlm"]["last_state"] == "after-final-layer-norm"
 
 
 @pytest.mark.slow
 def test_imported_predictions_follow_the_label_range(models, tmp_path):
-    from ser_cache.vox_profile import ImportConfig, import_vox_profile
+    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
 
     src, _ = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"], gender=False)
     clips = _clips(tmp_path / "audio", seconds=(1.0,))
@@ -176,11 +176,11 @@ def test_imported_predictions_follow_the_label_range(models, tmp_path):
                                         label_range=(0.0, 1.0)))
     pa, pb = _predicted(a.run_dir, clips, tmp_path / "a.csv"), _predicted(b.run_dir, clips, tmp_path / "b.csv")
     np.testing.assert_allclose(pa, 1 + 6 * pb, atol=1e-5)
-    assert runs.read_config(a.run_dir)["gender_labels"] == []
+    assert rundir.read_config(a.run_dir)["gender_labels"] == []
 
 
 def test_unknown_and_missing_keys_are_named(models, tmp_path):
-    from ser_cache.vox_profile import ImportConfig, ImportError_, import_vox_profile
+    from ser_cache.runs.vox_profile import ImportConfig, ImportError_, import_vox_profile
 
     src, tensors = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"])
     extra = dict(tensors, surprise_layer=torch.zeros(3))
@@ -193,7 +193,7 @@ def test_unknown_and_missing_keys_are_named(models, tmp_path):
 
 
 def test_a_checkpoint_for_another_backbone_is_refused(models, tmp_path):
-    from ser_cache.vox_profile import ImportConfig, ImportError_, import_vox_profile
+    from ser_cache.runs.vox_profile import ImportConfig, ImportError_, import_vox_profile
 
     src, _ = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"])
     with pytest.raises(ImportError_, match="not a WavLM"):
@@ -207,8 +207,8 @@ def test_a_checkpoint_for_another_backbone_is_refused(models, tmp_path):
 def test_finetune_can_start_from_an_imported_run(models, tmp_path, one_torch_thread):
     from safetensors.torch import load_file
 
-    from ser_cache.finetune import FinetuneConfig, finetune_wavlm
-    from ser_cache.vox_profile import ImportConfig, import_vox_profile
+    from ser_cache.finetune.loop import FinetuneConfig, finetune_wavlm
+    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
     from test_finetune import learnable_corpus
 
     src, _ = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"], gender=True)
@@ -219,7 +219,7 @@ def test_finetune_can_start_from_an_imported_run(models, tmp_path, one_torch_thr
                          lr_heads=1e-12, conv_dim=HIDDEN, hidden=HIDDEN, gender_weight=1.0, undersample=False,
                          select="ccc", device="cpu", progress=False, init_from=imported.run_dir, weight_decay=0.0)
     result = finetune_wavlm(cfg)
-    a, b = load_file(str(imported.run_dir / runs.WEIGHTS)), load_file(str(result.run_dir / runs.WEIGHTS))
+    a, b = load_file(str(imported.run_dir / rundir.WEIGHTS)), load_file(str(result.run_dir / rundir.WEIGHTS))
     # With learning rates of 1e-12 nothing moves visibly: the run holds the imported weights (AdamW's
     # first step moves a weight by about the learning rate), but its own label range.
     same = [k for k in a if not k.endswith((".lo", ".hi"))]
@@ -274,7 +274,7 @@ def authors_whisper_forward(tensors: dict, backbone_dir: Path, waves: list[np.nd
 def test_whisper_checkpoint_imports_and_predicts_what_the_authors_code_does(models, tmp_path, one_torch_thread):
     import soundfile as sf
 
-    from ser_cache.vox_profile import ImportConfig, import_vox_profile
+    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
 
     src, tensors = authors_whisper_checkpoint(tmp_path / "ckpt", models["whisper"], gender=True)
     result = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["whisper"])))
@@ -293,7 +293,7 @@ def test_whisper_checkpoint_imports_and_predicts_what_the_authors_code_does(mode
 def test_import_command_and_evaluate_on_a_corpus(models, corpus, tmp_path):
     from typer.testing import CliRunner
 
-    from ser_cache.cli import app
+    from ser_cache.cli.app import app
 
     src, _ = authors_whisper_checkpoint(tmp_path / "ckpt", models["whisper"])
     runner = CliRunner()
@@ -316,8 +316,8 @@ def test_a_run_whose_config_sends_its_own_encoder_outside_the_run_is_refused(mod
 
     from typer.testing import CliRunner
 
-    from ser_cache.cli import app
-    from ser_cache.vox_profile import ImportConfig, import_vox_profile
+    from ser_cache.cli.app import app
+    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
 
     src, _ = authors_whisper_checkpoint(tmp_path / "ckpt", models["whisper"])
     run = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["whisper"]))).run_dir

@@ -48,7 +48,7 @@ class Store:
     """
 
     def __init__(self, path: str | Path):
-        from ser_cache.store import FeatureStore
+        from ser_cache.features.store import FeatureStore
 
         self.path = Path(path)
         self._store = FeatureStore.open(self.path)
@@ -158,9 +158,9 @@ def load_features(stores: str | Path | Sequence[str | Path], data: str | Path,
     counted in `counts` (`not_written[<store>]`, `unlabelled`). `labelled=False` keeps unlabelled
     rows (Test3) with NaN labels. A store that lacks a row of the splits is an error, as in training.
     """
-    from ser_cache.corpus import load_corpus
-    from ser_cache.rows import _join_store, _store_name
-    from ser_cache.store import FeatureStore, StoreError
+    from ser_cache.data.corpus import load_corpus
+    from ser_cache.system.rows import _join_store, _store_name
+    from ser_cache.features.store import FeatureStore, StoreError
 
     paths = [Path(stores)] if isinstance(stores, (str, Path)) else [Path(s) for s in stores]
     if not paths:
@@ -236,7 +236,7 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> Predictor:
         """Load the run's model (heads, or the whole fine-tuned model) on `device` ("cpu", "cuda", "auto")."""
-        from ser_cache.predict import _load
+        from ser_cache.runs.predict import _load
 
         model, config = _load(Path(run_dir))
         return cls(Path(run_dir), model, config, device)
@@ -257,7 +257,7 @@ class Predictor:
     @cached_property
     def scores(self) -> dict:
         """The run's metrics.json (Development scores of the kept epoch); {} for a run without one."""
-        from ser_cache.runs import METRICS
+        from ser_cache.runs.rundir import METRICS
 
         path = self.run_dir / METRICS
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -265,7 +265,7 @@ class Predictor:
     @cached_property
     def history(self) -> list[dict]:
         """history.csv, one dict per epoch, numbers as numbers (None where empty); [] without one."""
-        from ser_cache.runs import HISTORY
+        from ser_cache.runs.rundir import HISTORY
 
         path = self.run_dir / HISTORY
         if not path.is_file():
@@ -284,8 +284,8 @@ class Predictor:
         "valence", "dominance" (float64, the labels' scale), and where the run has a gender head
         "gender" (the most probable label) and "gender_prob_<label>" for each of `gender_labels`.
         """
-        from ser_cache.corpus import Utterance
-        from ser_cache.predict import gather_features, run_model
+        from ser_cache.data.corpus import Utterance
+        from ser_cache.runs.predict import gather_features, run_model
 
         _check_sample_rate(sample_rate)
         if isinstance(inputs, np.ndarray) and inputs.ndim != 1:

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ser_cache import synth
+from ser_cache.data import synth
 
 DEFAULT_N = 240
 DEFAULT_EPOCHS = 100  # 2-4 s of training; with the tiny BERT, valence still improves until epoch 60-95
@@ -64,8 +64,8 @@ def run_demo(workdir: Path | None = None, *, n: int = DEFAULT_N, epochs: int = D
 
 def _run(workdir: Path, *, n: int, epochs: int, seed: int, progress: bool) -> dict:
     from ser_cache.encoders.base import quiet_loading
-    from ser_cache.extract import ExtractConfig, extract
-    from ser_cache.training import TrainHeadsConfig, train_heads
+    from ser_cache.features.extract import ExtractConfig, extract
+    from ser_cache.train.training import TrainHeadsConfig, train_heads
 
     _claim(workdir)
     seconds = {}

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ser_cache.cli import KNOWN_ERRORS, app, err, guarded, out, writable
+from ser_cache.cli.app import KNOWN_ERRORS, app, err, guarded, out, writable
 from ser_cache.cli import shared_options as shared
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that report figures (no hub, no real data needed).")
@@ -36,14 +36,14 @@ def bench_extract_cmd(
     overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """Run `extract`'s pipeline on synthetic audio with a full-size random-weight encoder; report throughput and utilisation."""
-    from ser_cache.bench import BenchConfig, BenchError, bench_extract
+    from ser_cache.features.bench import BenchConfig, BenchError, bench_extract
 
     if BenchError not in KNOWN_ERRORS:
         KNOWN_ERRORS.append(BenchError)
     if workdir is not None:
         writable(workdir, "--workdir", folder=True)
     if json_out is not None:
-        from ser_cache.outputs import given
+        from ser_cache.infra.outputs import given
 
         writable(json_out, "--json", inputs=given("--config", config), overwrite=overwrite)
     cfg = BenchConfig(model=model, config=config, random_init=random_init, utterances=utterances, window=window,
@@ -77,7 +77,7 @@ def bench_extract_cmd(
         table.add_row(k, str(v))
     out.print(table)
     if json_out:
-        from ser_cache.runs import write_text_atomic
+        from ser_cache.runs.rundir import write_text_atomic
 
         write_text_atomic(json_out, report.to_json())
         err.print(f"wrote {json_out}", highlight=False)

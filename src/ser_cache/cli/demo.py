@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ser_cache.cli import KNOWN_ERRORS, app, err, guarded, out, writable
+from ser_cache.cli.app import KNOWN_ERRORS, app, err, guarded, out, writable
 
 KNOWN_ERRORS.append("ser_cache.demo:DemoError")
 

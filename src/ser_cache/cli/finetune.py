@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from ser_cache.cli import app, fail, guarded, out, writable
+from ser_cache.cli.app import app, fail, guarded, out, writable
 from ser_cache.cli import shared_options as shared
 from ser_cache.cli.stage_two import _log_to_stderr, scores_table
 
@@ -73,15 +73,15 @@ def wavlm(
 
     Multi-GPU: torchrun --nproc-per-node 8 -m ser_cache finetune wavlm ...
     """
-    from ser_cache.finetune import FinetuneConfig, finetune_wavlm
-    from ser_cache.outputs import given, local_folder
+    from ser_cache.finetune.loop import FinetuneConfig, finetune_wavlm
+    from ser_cache.infra.outputs import given, local_folder
 
     inputs = (given("--data", data) + local_folder("--model", model) + given("--text-features", text_features)
               + given("--speaker-features", speaker_features) + given("--init-from", init_from))
     writable(out_dir, "--out", folder=True, inputs=inputs, replaced=overwrite)
     if tensorboard is not None:
         writable(tensorboard, "--tensorboard", folder=True, inputs=inputs)
-    from ser_cache.training import tensorboard_problem
+    from ser_cache.train.training import tensorboard_problem
 
     if tensorboard is not None and tensorboard_problem():
         fail(tensorboard_problem())

@@ -7,9 +7,9 @@ from typing import Optional
 
 import typer
 
-from ser_cache.cli import KNOWN_ERRORS, app, guarded, out, writable
+from ser_cache.cli.app import KNOWN_ERRORS, app, guarded, out, writable
 
-KNOWN_ERRORS.append("ser_cache.vox_profile:ImportError_")
+KNOWN_ERRORS.append("ser_cache.runs.vox_profile:ImportError_")
 
 import_app = typer.Typer(no_args_is_help=True, help="Turn released checkpoints into ser-cache runs.")
 app.add_typer(import_app, name="import")
@@ -32,8 +32,8 @@ def vox_profile(
     """Import a vox-profile dimensional-emotion checkpoint (the IS25-SER Task 2 winner's WavLM or Whisper
     model) as a run that predict, evaluate, ensemble and `finetune wavlm --init-from` use."""
     from ser_cache.cli.stage_two import _log_to_stderr
-    from ser_cache.outputs import local_folder
-    from ser_cache.vox_profile import ImportConfig, import_vox_profile
+    from ser_cache.infra.outputs import local_folder
+    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
 
     inputs = local_folder("the checkpoint", source) + local_folder("--backbone", backbone)
     writable(out_dir, "--out", folder=True, inputs=inputs, replaced=overwrite)

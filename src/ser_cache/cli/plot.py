@@ -7,10 +7,10 @@ from typing import Optional
 
 import typer
 
-from ser_cache.cli import KNOWN_ERRORS, app, guarded, out, writable
+from ser_cache.cli.app import KNOWN_ERRORS, app, guarded, out, writable
 from ser_cache.cli import shared_options as shared
 
-KNOWN_ERRORS.append("ser_cache.plots:PlotError")
+KNOWN_ERRORS.append("ser_cache.runs.plots:PlotError")
 
 plot_app = typer.Typer(no_args_is_help=True, help="Figures: training curves of a run, speakers in a feature store.")
 app.add_typer(plot_app, name="plot")
@@ -26,8 +26,8 @@ def plot_run(
     overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """Training curves: the losses and the Development CCC per epoch, the kept epoch marked."""
-    from ser_cache.outputs import run_inputs
-    from ser_cache.plots import CURVES, figure_path, training_curves
+    from ser_cache.infra.outputs import run_inputs
+    from ser_cache.runs.plots import CURVES, figure_path, training_curves
 
     own = [run / CURVES, (run / CURVES).with_suffix(".svg")]  # the run's own figure may be drawn again
     png = figure_path(out_dir, own[0])
@@ -58,8 +58,8 @@ def plot_speakers(
     overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """t-SNE of utterances coloured by speaker, with silhouette scores (how well the vectors group by speaker)."""
-    from ser_cache.outputs import given
-    from ser_cache.plots import default_tsne_path, figure_path, speaker_tsne
+    from ser_cache.infra.outputs import given
+    from ser_cache.runs.plots import default_tsne_path, figure_path, speaker_tsne
 
     figure = figure_path(out_path, default_tsne_path(store))
     writable(figure, "--out", inputs=given("the store", store) + given("--data", data), overwrite=overwrite,

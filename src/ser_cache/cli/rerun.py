@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ser_cache.cli import fail
+from ser_cache.cli.app import fail
 
 NOT_TAKEN = ("out", "overwrite", "progress", "tensorboard")
 DERIVED = ("compute_dtype",)  # what the run computed from its options, recorded beside them
@@ -21,14 +21,14 @@ PARAM_NAMES = {"memory_budget_gb": "memory_budget", "undersample": "no_undersamp
 
 def run_config_file(path: Path) -> tuple[Path, dict]:
     """The checked config.json of a train-heads run (`path`: the file or its run directory)."""
-    from ser_cache import runs
+    from ser_cache.runs import rundir
 
-    file = path / runs.CONFIG if path.is_dir() else path
+    file = path / rundir.CONFIG if path.is_dir() else path
     if not file.is_file():
         fail(f"--config {path}: no such file; give a train-heads run's config.json or its run directory")
     try:
-        config = runs.read_config_file(file)
-    except runs.RunError as exc:
+        config = rundir.read_config_file(file)
+    except rundir.RunError as exc:
         fail(f"--config {exc}")
     if config.get("system") or "imported" in config:
         made_by = "finetune wavlm" if config.get("system") else "import vox-profile"
@@ -42,7 +42,7 @@ def defaults_from_run(ctx, param, value: Path | None) -> Path | None:
     """The eager --config callback: the run's options as ctx.default_map, checked one by one."""
     import dataclasses
 
-    from ser_cache.training import TrainHeadsConfig
+    from ser_cache.train.training import TrainHeadsConfig
 
     if value is None or ctx.resilient_parsing:
         return value
@@ -73,10 +73,10 @@ def defaults_from_run(ctx, param, value: Path | None) -> Path | None:
 def provenance_notes(path: Path, data: Path) -> list[str]:
     """What differs between the run's provenance and this rerun on `data`: the label file's digest,
     the git commit and the versions. The rerun goes ahead; these say why its numbers may not be the run's."""
-    from ser_cache import provenance, runs
+    from ser_cache.runs import provenance, rundir
 
-    file = path / runs.CONFIG if path.is_dir() else path
-    recorded = runs.read_config_file(file).get("provenance")
+    file = path / rundir.CONFIG if path.is_dir() else path
+    recorded = rundir.read_config_file(file).get("provenance")
     if not isinstance(recorded, dict):
         return []
     now = provenance.record(None)

@@ -11,7 +11,7 @@ from typing import Annotated, Literal, Optional
 
 import typer
 
-from ser_cache.environment import default_memory_budget_gb
+from ser_cache.infra.environment import default_memory_budget_gb
 
 # Options with fixed values: --help lists them and click refuses any other before work starts.
 # The library checks the same values for its Python callers; tests/test_trust_cli.py keeps the
@@ -79,7 +79,7 @@ def heads_config(options: dict):
     --no-undersample, --memory-budget and the repeated --features."""
     import dataclasses
 
-    from ser_cache.training import TrainHeadsConfig
+    from ser_cache.train.training import TrainHeadsConfig
 
     renamed = {**options, "features": tuple(options["features"]), "out": options["out_dir"],
                "undersample": not options["no_undersample"], "memory_budget_gb": options["memory_budget"]}

@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ser_cache.cli import app, err, fail, guarded, out, writable
+from ser_cache.cli.app import app, err, fail, guarded, out, writable
 from ser_cache.cli import shared_options as shared
 
 
@@ -43,9 +43,9 @@ def extract(
         help="The --transcripts table's text first, the corpus's only where the table has none (changes the store's fingerprint)."),
 ) -> None:
     """Run a frozen encoder once over a corpus; write pooled (or frame-level) features to OUT/<name>.zarr (resumable)."""
-    from ser_cache.extract import ExtractConfig, extract as run_extract
-    from ser_cache.outputs import given, local_folder
-    from ser_cache.transcripts import record_path as transcript_record
+    from ser_cache.features.extract import ExtractConfig, extract as run_extract
+    from ser_cache.infra.outputs import given, local_folder
+    from ser_cache.data.transcripts import record_path as transcript_record
 
     writable(out_dir, "--out", folder=True,
              inputs=given("--data", data) + given("--transcripts", transcripts) + local_folder("--model", model))
@@ -100,7 +100,7 @@ def info(
     verify: bool = typer.Option(False, "--verify", help="Read every chunk (decompression and checksum) and list the missing or damaged ones; exit 1 if any."),
 ) -> None:
     """Summarise a feature store: model, settings, rows written and failed, size (and a frame store's frames)."""
-    from ser_cache.store import FeatureStore, repair_advice
+    from ser_cache.features.store import FeatureStore, repair_advice
 
     s = guarded(FeatureStore.open, store)
     if verify:
@@ -183,9 +183,9 @@ def export(
     overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """Write a store's arrays and attributes to another format (HDF5 via h5py), with --data its labels too."""
-    from ser_cache.corpus import load_corpus
-    from ser_cache.outputs import given
-    from ser_cache.store import FeatureStore, export_hdf5
+    from ser_cache.data.corpus import load_corpus
+    from ser_cache.infra.outputs import given
+    from ser_cache.features.store import FeatureStore, export_hdf5
 
     if fmt != "hdf5":
         fail(f"--format {fmt}: expected hdf5")

@@ -11,12 +11,12 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ser_cache.cli import KNOWN_ERRORS, app, err, fail, guarded, out, writable
+from ser_cache.cli.app import KNOWN_ERRORS, app, err, fail, guarded, out, writable
 from ser_cache.cli import rerun
 from ser_cache.cli import shared_options as shared
 
-KNOWN_ERRORS.extend(["ser_cache.rows:TrainError", "ser_cache.runs:RunError", "ser_cache.predict:PredictError",
-                     "ser_cache.ensemble:EnsembleError"])
+KNOWN_ERRORS.extend(["ser_cache.system.rows:TrainError", "ser_cache.runs.rundir:RunError", "ser_cache.runs.predict:PredictError",
+                     "ser_cache.runs.ensemble:EnsembleError"])
 
 # Text inputs computed by predict and evaluate (rows no store holds): where their text comes from.
 TranscriptsOption = Annotated[Optional[Path], typer.Option(
@@ -117,9 +117,9 @@ def train_heads(
     Frame stores go through point-wise convolutions and a mean over each clip's frames first:
     --features whisper-large-v3-frames.zarr --features roberta-large.zarr is MMWhisper.
     """
-    from ser_cache.outputs import given
-    from ser_cache.training import tensorboard_problem
-    from ser_cache.training import train_heads as run_training
+    from ser_cache.infra.outputs import given
+    from ser_cache.train.training import tensorboard_problem
+    from ser_cache.train.training import train_heads as run_training
 
     read = given("--features", *features) + given("--data", data)  # not `inputs`: locals() become the config
     writable(out_dir, "--out", folder=True, inputs=read, replaced=overwrite)
@@ -160,9 +160,9 @@ def evaluate(
 
     Each --split is scored on its own (a CCC over two splits pooled is neither split's figure).
     """
-    from ser_cache.outputs import given, run_inputs
-    from ser_cache.plots import CONFUSION, PER_CLASS, SCATTER
-    from ser_cache.predict import evaluate as run_evaluate
+    from ser_cache.infra.outputs import given, run_inputs
+    from ser_cache.runs.plots import CONFUSION, PER_CLASS, SCATTER
+    from ser_cache.runs.predict import evaluate as run_evaluate
 
     splits = list({s.lower(): s for s in split}.values())  # split names are case-insensitive
     if dest is not None and len(splits) > 1:
@@ -211,8 +211,8 @@ def predict(
     encoders are run here. Text inputs need transcripts: the corpus's own (or a .txt beside each
     file), and a --transcripts table (e.g. from `ser-cache transcribe`) where there are none.
     """
-    from ser_cache.outputs import given, run_inputs
-    from ser_cache.predict import predict as run_predict
+    from ser_cache.infra.outputs import given, run_inputs
+    from ser_cache.runs.predict import predict as run_predict
 
     files = files or []
     beside = [f.with_suffix(".txt") for f in files if f.with_suffix(".txt").is_file()]  # a clip's own transcript
@@ -244,10 +244,10 @@ def ensemble(
     overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """Average the arousal/valence/dominance predictions of several systems; score them with --data/--split."""
-    from ser_cache.ensemble import ensemble as run_ensemble
-    from ser_cache.ensemble import member_inputs, scale_option
-    from ser_cache.outputs import given
-    from ser_cache.plots import ENSEMBLE
+    from ser_cache.runs.ensemble import ensemble as run_ensemble
+    from ser_cache.runs.ensemble import member_inputs, scale_option
+    from ser_cache.infra.outputs import given
+    from ser_cache.runs.plots import ENSEMBLE
 
     inputs = member_inputs(files) + given("--data", data)
     writable(dest, "--out", inputs=inputs, overwrite=overwrite)

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import typer
 
-from ser_cache.cli import KNOWN_ERRORS, app, guarded, out
+from ser_cache.cli.app import KNOWN_ERRORS, app, guarded, out
 
-KNOWN_ERRORS.append("ser_cache.submission:SubmissionError")
+KNOWN_ERRORS.append("ser_cache.runs.submission:SubmissionError")
 
 
 @app.command("check-submission")
@@ -22,7 +22,7 @@ def check_submission(
     Lists every problem with its line, then a one-line verdict; exits 0 when the file is fine,
     1 when it has a problem, 2 when it cannot be checked (no --data, an unknown split).
     """
-    from ser_cache.submission import check_submission as run_check
+    from ser_cache.runs.submission import check_submission as run_check
 
     result = guarded(run_check, file, data=data, split=split)
     for line in result.report():

@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from ser_cache.cli import app, fail, guarded, out, writable
+from ser_cache.cli.app import app, fail, guarded, out, writable
 from ser_cache.cli import shared_options as shared
 from ser_cache.cli.stage_two import _log_to_stderr, titled
 
@@ -70,9 +70,9 @@ def sweep_command(
     variant mean ± std over seeds of the Development CCC, and against --reference the difference
     in mean CCC with a 95% interval over Development utterances and seeds.
     """
-    from ser_cache.outputs import given
-    from ser_cache.sweep import SweepConfig, parse_variant, sweep
-    from ser_cache.training import tensorboard_problem
+    from ser_cache.infra.outputs import given
+    from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
+    from ser_cache.train.training import tensorboard_problem
 
     read = given("--features", *features) + given("--data", data)  # not `inputs`: locals() become the config
     writable(out_dir, "--out", folder=True, inputs=read)

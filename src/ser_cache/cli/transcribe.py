@@ -7,10 +7,10 @@ from typing import Optional
 
 import typer
 
-from ser_cache.cli import KNOWN_ERRORS, app, err, guarded, writable
+from ser_cache.cli.app import KNOWN_ERRORS, app, err, guarded, writable
 from ser_cache.cli.shared_options import TRANSCRIBE_MODEL, TranscribePrecisionMode as TranscribePrecision
 
-KNOWN_ERRORS.append("ser_cache.transcribe:TranscribeError")
+KNOWN_ERRORS.append("ser_cache.features.transcribe:TranscribeError")
 
 
 @app.command()
@@ -34,8 +34,8 @@ def transcribe(
     By default only the utterances without a transcript (e.g. MSP-Podcast's Test3) are transcribed;
     rerun the same command after an interruption to continue where it stopped.
     """
-    from ser_cache.outputs import given, local_folder
-    from ser_cache.transcribe import TranscribeConfig, sidecar_path, transcribe as run_transcribe
+    from ser_cache.infra.outputs import given, local_folder
+    from ser_cache.features.transcribe import TranscribeConfig, sidecar_path, transcribe as run_transcribe
 
     inputs = given("--data", data) + local_folder("--model", model) + given("the audio file", *(files or ()))
     # A table with its settings file beside it is this command's own: a rerun continues it (or refuses other settings).

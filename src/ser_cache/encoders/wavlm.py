@@ -9,7 +9,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ser_cache.audio import SAMPLE_RATE
+from ser_cache.data.audio import SAMPLE_RATE
 from ser_cache.encoders.base import (
     FRAMES,
     XVECTOR,

@@ -29,9 +29,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache import runs
-from ser_cache.rows import TrainingData, index_tensor
-from ser_cache.training import (
+from ser_cache.runs import rundir
+from ser_cache.system.rows import TrainingData, index_tensor
+from ser_cache.train.training import (
     BLOCK_ORDER,
     EVAL_BATCH,
     EVAL_FRAME_BATCH,
@@ -105,8 +105,8 @@ def fit(jobs: list[Job], device, *, progress: bool = True) -> list[Fitted | Dive
     back as a Diverged, with nothing written."""
     import torch
 
-    from ser_cache.sampling import EpochSampler
-    from ser_cache.stack import stack_of
+    from ser_cache.system.sampling import EpochSampler
+    from ser_cache.train.stack import stack_of
 
     k_jobs = len(jobs)
     data, epochs = jobs[0].data, jobs[0].cfg.epochs
@@ -278,9 +278,9 @@ def write_job(job: Job, best: dict, history: list[dict]) -> Fitted:
     """The job's run directory, staged beside cfg.out and renamed into place (config.json last)."""
     import torch
 
-    from ser_cache.losses import AAMSoftmax
-    from ser_cache.model import FeatureModel
-    from ser_cache.plots import curves_after_training
+    from ser_cache.system.losses import AAMSoftmax
+    from ser_cache.system.model import FeatureModel
+    from ser_cache.runs.plots import curves_after_training
 
     cfg, run, data = job.cfg, job.run, job.data
     model = FeatureModel.from_config(run.model.heads.config(), run.model.config())
@@ -296,8 +296,8 @@ def write_job(job: Job, best: dict, history: list[dict]) -> Fitted:
     config = run_config({**cfg.to_dict(), "compute_dtype": dtype_name}, data, run.lo, run.hi, run.gender_labels,
                         run.speaker_labels, model.heads.config(), best["epoch"], frame_inputs=model.config(), **job.extra,
                         **({"memory": data.memory} if data.memory else {}))
-    with runs.staged_run_dir(cfg.out, job.overwrite) as tmp:
-        runs.save_weights(tmp, model, aam)
+    with rundir.staged_run_dir(cfg.out, job.overwrite) as tmp:
+        rundir.save_weights(tmp, model, aam)
         write_run_files(tmp, config, metrics, history, data.ids[run.dev_idx].tolist(), best["pred"], best["probs"],
                         run.gender_labels)
         if job.curves:

@@ -2,7 +2,7 @@
 and an ensemble's (its members' CCC beside its own). docs/plots.md says what each shows.
 
 The drawing and writing (an off-screen Figure, atomic PNG/SVG), the sizes and the colours are
-plots.py's; `ser_cache.plots` also gives this module's functions, under the same names.
+plots.py's; `ser_cache.runs.plots` also gives this module's functions, under the same names.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.metrics import ATTRIBUTES, PRIMARY_EMOTIONS, ccc
-from ser_cache.plots import (
+from ser_cache.system.metrics import ATTRIBUTES, PRIMARY_EMOTIONS, ccc
+from ser_cache.runs.plots import (
     COLOURS,
     CONFUSION,
     CONFUSION_SIZE,

@@ -45,9 +45,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ser_cache import __version__, runs
-from ser_cache.metrics import ATTRIBUTES as AVD  # the heads' "avd" column order, too
-from ser_cache.rows import (  # noqa: F401  (re-exported: finetune, predict and tests import them from here)
+from ser_cache import __version__
+
+from ser_cache.runs import rundir
+from ser_cache.system.metrics import ATTRIBUTES as AVD  # the heads' "avd" column order, too
+from ser_cache.system.rows import (  # noqa: F401  (re-exported: finetune, predict and tests import them from here)
     NO_EMOTION_CLASS,
     SPEAKER_EMBEDDING_KIND,
     FrameInput,
@@ -162,7 +164,7 @@ def common_problems(cfg) -> list[str]:
 
     `cfg` is a TrainHeadsConfig or a FinetuneConfig: both carry these fields under these names.
     """
-    from ser_cache.sampling import OX_MODES
+    from ser_cache.system.sampling import OX_MODES
 
     problems = []
     if cfg.epochs < 1:
@@ -309,7 +311,7 @@ def score(avd_pred: np.ndarray, avd_true: np.ndarray, emotions: Sequence[str], *
           gender_pred: np.ndarray | None = None, gender_true: np.ndarray | None = None,
           balanced_trials: int = 10, balanced_per_class: int | None = None, seed: int = 0) -> dict:
     """CCC table, balanced CCC (None when no primary emotion is present) and gender accuracy/macro-F1."""
-    from ser_cache import metrics
+    from ser_cache.system import metrics
 
     result = {"rows": len(avd_true), "ccc": metrics.ccc_table(avd_pred, avd_true)}
     if np.isin(np.asarray(emotions, dtype=object), metrics.PRIMARY_EMOTIONS).any():
@@ -328,7 +330,7 @@ def score(avd_pred: np.ndarray, avd_true: np.ndarray, emotions: Sequence[str], *
 def train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     """Train the heads as configured and write the run directory; returns where, and the kept epoch."""
     cfg.verify()
-    runs.check_run_target(cfg.out, cfg.overwrite)  # refuse before minutes of loading, not after
+    rundir.check_run_target(cfg.out, cfg.overwrite)  # refuse before minutes of loading, not after
     if cfg.tensorboard is not None and tensorboard_problem():
         raise TrainError(tensorboard_problem())
     with torch_threads(cfg.threads):
@@ -338,8 +340,8 @@ def train_heads(cfg: TrainHeadsConfig) -> TrainResult:
 def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     import torch
 
-    from ser_cache.fit import Diverged, Job, fit
-    from ser_cache.sampling import EpochSampler
+    from ser_cache.train.fit import Diverged, Job, fit
+    from ser_cache.system.sampling import EpochSampler
 
     t0 = time.perf_counter()
     device = resolve_device(cfg.device)
@@ -372,11 +374,11 @@ def run_config(train: dict, data: TrainingData, lo: Sequence[float], hi: Sequenc
     The options' paths are recorded absolute, and "provenance" says what trained the run on which
     labels (provenance.py).
     """
-    from ser_cache import provenance
+    from ser_cache.runs import provenance
 
     return {
-        "format": runs.RUN_FORMAT,
-        "format_version": runs.format_version(extra.get("frame_inputs")),
+        "format": rundir.RUN_FORMAT,
+        "format_version": rundir.format_version(extra.get("frame_inputs")),
         "package_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
@@ -398,12 +400,12 @@ def write_run_files(directory: Path, config: dict, metrics: dict, history: list[
                     pred: np.ndarray, probs: np.ndarray | None, gender_labels: list[str]) -> None:
     """Everything of a run directory but the weights: metrics, history, Development predictions, config last."""
     directory = Path(directory)
-    runs.write_json_atomic(directory / runs.METRICS, metrics)
-    runs.write_csv_atomic(directory / runs.HISTORY, list(history[0]), [list(r.values()) for r in history])
-    runs.write_predictions(directory / runs.DEV_PREDICTIONS, dev_ids, pred, gender_labels=gender_labels or None,
+    rundir.write_json_atomic(directory / rundir.METRICS, metrics)
+    rundir.write_csv_atomic(directory / rundir.HISTORY, list(history[0]), [list(r.values()) for r in history])
+    rundir.write_predictions(directory / rundir.DEV_PREDICTIONS, dev_ids, pred, gender_labels=gender_labels or None,
                            gender_probs=probs)
-    # config.json makes the directory a finished run (runs.is_run_dir), so it comes last.
-    runs.write_json_atomic(directory / runs.CONFIG, config)
+    # config.json makes the directory a finished run (rundir.is_run_dir), so it comes last.
+    rundir.write_json_atomic(directory / rundir.CONFIG, config)
 
 
 def batch_loss(out: dict, target: dict, aam, *, gender_weight: float, speaker_weight: float,
@@ -413,7 +415,7 @@ def batch_loss(out: dict, target: dict, aam, *, gender_weight: float, speaker_we
     `target` holds "avd" (B, 3), "gender" (B,) and "speaker" (B,) on the outputs' device. The parts
     are floats, or with `tensors` detached scalar tensors on that device (no wait for a GPU).
     """
-    from ser_cache.losses import multitask_loss, multitask_loss_terms
+    from ser_cache.system.losses import multitask_loss, multitask_loss_terms
 
     speaker_loss = aam(out["speaker_embedding"], target["speaker"]) if aam is not None else None
     with_gender = "gender_logits" in out
@@ -470,9 +472,9 @@ def set_up(cfg: TrainHeadsConfig, data: TrainingData, device) -> RunSetup:
     with cfg.seed: the same for `train-heads` and for every member of a sweep."""
     import torch
 
-    from ser_cache.heads import MultitaskHeads
-    from ser_cache.losses import AAMSoftmax
-    from ser_cache.model import FeatureModel
+    from ser_cache.system.heads import MultitaskHeads
+    from ser_cache.system.losses import AAMSoftmax
+    from ser_cache.system.model import FeatureModel
 
     train_idx, dev_idx = select_rows(cfg, data)
     check_selectable(cfg, data, dev_idx)
@@ -519,7 +521,7 @@ def head_classes(head: str, weight: float, values: Sequence[str | None]) -> list
 
 def select_rows(cfg: TrainHeadsConfig, data: TrainingData) -> tuple[np.ndarray, np.ndarray]:
     """Training and Development-evaluation rows of the O/X variant; an empty side is an error."""
-    from ser_cache.sampling import select_training
+    from ser_cache.system.sampling import select_training
 
     train_idx, dev_idx = select_training(data.splits, data.emotions, cfg.ox, train_split=data.train_split,
                                          dev_split=data.dev_split)
@@ -536,7 +538,7 @@ def select_rows(cfg: TrainHeadsConfig, data: TrainingData) -> tuple[np.ndarray, 
 
 
 def check_selectable(cfg: TrainHeadsConfig, data: TrainingData, dev_idx: np.ndarray) -> None:
-    from ser_cache.metrics import PRIMARY_EMOTIONS
+    from ser_cache.system.metrics import PRIMARY_EMOTIONS
 
     if cfg.select == "balanced" and not np.isin(data.emotions[dev_idx], PRIMARY_EMOTIONS).any():
         raise TrainError(f"--select balanced needs {cfg.dev_split} rows with a primary emotion "

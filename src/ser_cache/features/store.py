@@ -48,7 +48,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.atomic import atomic_path
+from ser_cache.infra.atomic import atomic_path
 
 FORMAT = "ser-cache-features"
 FORMAT_VERSION = 1
@@ -124,7 +124,7 @@ def repair_advice(problems: Sequence[ChunkProblem]) -> str:
 
 def writer_of(store_path: str | Path) -> str | None:
     """Who holds the store's extraction lock (StoreLock), or None when nobody does (locks.holder)."""
-    from ser_cache import locks
+    from ser_cache.infra import locks
 
     return locks.holder(store_path)
 
@@ -566,7 +566,7 @@ class FeatureStore:
 
         Rows not written come back empty (0 frames). Memory is the packed frames plus one chunk.
         """
-        from ser_cache.frames import Frames
+        from ser_cache.features.frames import Frames
 
         ids = self.ids()
         written = self._read("written")
@@ -705,14 +705,14 @@ class StoreLock:
     """
 
     def __init__(self, store_path: Path):
-        from ser_cache import locks
+        from ser_cache.infra import locks
 
         self._lock = locks.FileLock(store_path)
         self.path = self._lock.path
         self._store = Path(store_path)
 
     def acquire(self) -> None:
-        from ser_cache import locks
+        from ser_cache.infra import locks
 
         try:
             self._lock.acquire()

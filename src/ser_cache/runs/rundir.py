@@ -42,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.atomic import atomic_path
+from ser_cache.infra.atomic import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,7 @@ def format_version(frame_inputs: dict | None) -> int:
 def save_weights(directory: Path, model, aam=None) -> Path:
     """A FeatureModel's weights ('heads.*', 'pools.*'; bare MultitaskHeads are saved as 'heads.*')
     and the AAM-softmax's ('aam.*'), in one safetensors file."""
-    from ser_cache.model import FeatureModel
+    from ser_cache.system.model import FeatureModel
 
     state = model.state_dict()
     if not isinstance(model, FeatureModel):
@@ -358,7 +358,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu"):
     """
     import torch
 
-    from ser_cache.model import FeatureModel
+    from ser_cache.system.model import FeatureModel
 
     run_dir = Path(run_dir)
     config = read_config(run_dir)

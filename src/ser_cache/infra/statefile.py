@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.atomic import atomic_path
+from ser_cache.infra.atomic import atomic_path
 
 TAG = "__t"
 

@@ -141,6 +141,6 @@ class FeatureModel(nn.Module):
 
     @classmethod
     def from_config(cls, heads_config: Mapping[str, Any], frame_inputs: Mapping[str, Any] | None = None) -> FeatureModel:
-        from ser_cache.heads import MultitaskHeads
+        from ser_cache.system.heads import MultitaskHeads
 
         return cls(MultitaskHeads.from_config(heads_config), frame_inputs)

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.atomic import atomic_path
-from ser_cache.audio import SAMPLE_RATE
+from ser_cache.infra.atomic import atomic_path
+from ser_cache.data.audio import SAMPLE_RATE
 
 BENCH_MODELS = ("whisper-large-v3", "wavlm-large", "roberta-large", "wavlm-base-plus-sv")
 MEAN_SECONDS, MIN_SECONDS, MAX_SECONDS = 5.5, 1.5, 15.0
@@ -261,7 +261,7 @@ def _sync(device) -> None:
 
 def cpu_decode_rate(paths: list[Path], limit: int = 200) -> dict:
     """Decode + mix + resample + crop in this one process: the per-core rate for sizing loaders."""
-    from ser_cache import audio
+    from ser_cache.data import audio
 
     sample = paths[:limit]
     t = time.perf_counter()
@@ -277,7 +277,7 @@ def bench_extract(cfg: BenchConfig) -> BenchReport:
     import torch
 
     from ser_cache.encoders.base import FRAME_KINDS, FRAMES, POOLINGS, RuntimeOptions
-    from ser_cache.extract import ExtractConfig, extract
+    from ser_cache.features.extract import ExtractConfig, extract
 
     if not cfg.random_init:
         raise BenchError("bench needs --random-init (a full-size architecture with random weights; no hub)")
@@ -434,7 +434,7 @@ def _naive(kind: str, model_dir: Path, paths: list[Path], device, ours_rate: flo
     """
     import torch
 
-    from ser_cache import audio
+    from ser_cache.data import audio
     from ser_cache.encoders.base import quiet_loading
 
     if kind == "text":

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache import runs, statefile
-from ser_cache.rows import TrainError
+from ser_cache.runs import rundir
+
+from ser_cache.infra import statefile
+from ser_cache.system.rows import TrainError
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +67,16 @@ def init_from_run(model, run_dir: Path) -> None:
     """
     from safetensors.torch import load_file
 
-    from ser_cache.finetune_model import model_state
-    from ser_cache.predict import is_finetuned
+    from ser_cache.system.finetuned import model_state
+    from ser_cache.runs.predict import is_finetuned
 
-    config = runs.read_config(run_dir)
+    config = rundir.read_config(run_dir)
     if not is_finetuned(config):
         raise TrainError(f"--init-from {run_dir}: not a fine-tuned WavLM run (its system is "
                          f"{config.get('system', 'heads on cached features')!r})")
-    weights = Path(run_dir) / runs.WEIGHTS
+    weights = Path(run_dir) / rundir.WEIGHTS
     if not weights.is_file():
-        raise TrainError(f"--init-from {run_dir}: {runs.WEIGHTS} is missing")
+        raise TrainError(f"--init-from {run_dir}: {rundir.WEIGHTS} is missing")
     theirs = model_state(load_file(str(weights)))
     ours = model.state_dict()
     optional = ("heads.gender.", "heads.speaker.")
@@ -229,14 +231,14 @@ def resume(out: Path, cfg, dist, model, aam, optimizer, scaler, sampler) -> Stat
 
 def finish(out: Path, config: dict, metrics: dict, state: State, dev_ids: list[str], gender_labels) -> None:
     """The finished run's files. The best weights become model.safetensors; config.json comes last."""
-    from ser_cache.training import write_run_files
+    from ser_cache.train.training import write_run_files
 
     best = out / BEST.format(state.best["epoch"])
     if best.is_file():
-        os.replace(best, out / runs.WEIGHTS)
-    elif not (out / runs.WEIGHTS).is_file():  # a kill between the two renames leaves it moved already
+        os.replace(best, out / rundir.WEIGHTS)
+    elif not (out / rundir.WEIGHTS).is_file():  # a kill between the two renames leaves it moved already
         raise TrainError(f"{out}: the best epoch's weights ({best.name}) are missing; start again with --overwrite")
     write_run_files(out, config, metrics, state.history, dev_ids, state.best["pred"], state.best["probs"],
                     gender_labels)
     (out / CHECKPOINT).unlink(missing_ok=True)
-    (out / runs.IN_PROGRESS).unlink(missing_ok=True)
+    (out / rundir.IN_PROGRESS).unlink(missing_ok=True)

@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 # In environment.py so that the CLI can show the default in --help without importing numpy.
-from ser_cache.environment import default_memory_budget_gb, physical_memory_bytes  # noqa: F401
+from ser_cache.infra.environment import default_memory_budget_gb, physical_memory_bytes  # noqa: F401
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ class FrameInput:
         """Read the frames of `store_rows` (whole chunks, `read_frames`) and hold them, packed, on the CPU."""
         import torch
 
-        from ser_cache.store import StoreError
+        from ser_cache.features.store import StoreError
 
         self.release()
         store_rows = np.unique(np.asarray(store_rows, dtype=np.int64))
@@ -253,7 +253,7 @@ class FrameInput:
         """The store, opened again (streamed frames are read every epoch), refused unless it is the store
         training started on: `extract --overwrite` may have removed it, or built another in its place,
         whose rows are not those the run was set up with."""
-        from ser_cache.store import FeatureStore, StoreError
+        from ser_cache.features.store import FeatureStore, StoreError
 
         changed = (f"{self.path}: the frame store changed while training was reading it (rebuilt by `extract "
                    "--overwrite`, or replaced): training stopped, nothing written; rerun it once the store is complete")
@@ -547,8 +547,8 @@ def load_rows(data: Path, train_split: str, dev_split: str, stores: Sequence[Pat
     fine-tuned encoder is the input). `frames`: frame stores are welcome (train-heads' ConvPool
     takes them); their kept rows are read into memory when everything fits `memory_budget_gb`
     (default: default_memory_budget_gb()), and are left to stream otherwise."""
-    from ser_cache.corpus import CorpusError, load_corpus, select_splits
-    from ser_cache.store import FeatureStore
+    from ser_cache.data.corpus import CorpusError, load_corpus, select_splits
+    from ser_cache.features.store import FeatureStore
 
     utts = load_corpus(data)
     for option, split in (("--train-split", train_split), ("--dev-split", dev_split)):

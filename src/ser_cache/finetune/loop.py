@@ -32,9 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache import audio as audio_lib
-from ser_cache import locks, runs
-from ser_cache.checkpoint import (
+from ser_cache.data import audio as audio_lib
+from ser_cache.infra import locks
+from ser_cache.runs import rundir
+from ser_cache.finetune.checkpoint import (
     BEST,
     CHECKPOINT,  # noqa: F401  (the checkpoint's file name, for callers and tests)
     State,
@@ -44,7 +45,7 @@ from ser_cache.checkpoint import (
     resume,
     save_checkpoint,
 )
-from ser_cache.training import TrainError, TrainResult
+from ser_cache.train.training import TrainError, TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class FinetuneConfig:
     def verify(self) -> None:
         """Raise one TrainError listing every problem with the options."""
         from ser_cache.encoders.base import PRECISIONS
-        from ser_cache.training import common_problems
+        from ser_cache.train.training import common_problems
 
         problems = []
         for name, value in (("--lr-encoder", self.lr_encoder), ("--lr-heads", self.lr_heads),
@@ -148,7 +149,7 @@ class FinetuneConfig:
         # Where TensorBoard logs go is no setting of the run: --resume may add, move or drop it.
         d = asdict(self)
         d.pop("tensorboard")
-        return runs._jsonable(d)
+        return rundir._jsonable(d)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -156,8 +157,8 @@ class FinetuneConfig:
 
 def finetune_wavlm(cfg: FinetuneConfig) -> TrainResult:
     """Fine-tune as configured (under torchrun: on every rank) and write the run directory."""
-    from ser_cache import distributed
-    from ser_cache.training import torch_threads
+    from ser_cache.infra import distributed
+    from ser_cache.train.training import torch_threads
 
     cfg.verify()
     dist = distributed.init()
@@ -169,7 +170,7 @@ def finetune_wavlm(cfg: FinetuneConfig) -> TrainResult:
             try:
                 _lock_run(lock, cfg.out)
                 _check_target(cfg)
-            except (runs.RunError, TrainError) as exc:
+            except (rundir.RunError, TrainError) as exc:
                 problem = str(exc)
         problem = dist.broadcast(problem)
         if problem:
@@ -195,12 +196,12 @@ def _lock_run(lock: locks.FileLock, out: Path) -> None:
 
 def _check_target(cfg: FinetuneConfig) -> None:
     out = Path(cfg.out)
-    if cfg.resume and runs.is_run_dir(out):
+    if cfg.resume and rundir.is_run_dir(out):
         raise TrainError(f"--resume: the run at {out} is finished; choose another --out or pass --overwrite")
-    if cfg.resume and runs.is_unfinished_run(out):
+    if cfg.resume and rundir.is_unfinished_run(out):
         refuse_legacy(out)  # now, not after minutes of loading
         return
-    runs.check_run_target(out, cfg.overwrite, resumable=True)
+    rundir.check_run_target(out, cfg.overwrite, resumable=True)
 
 
 # --------------------------------------------------------------------------- data
@@ -210,7 +211,7 @@ def _durations(paths: np.ndarray, max_seconds: float) -> tuple[np.ndarray, dict[
     """Header-only lengths in seconds (cropped to max_seconds), and {row: reason} for unusable files."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from ser_cache.finetune_model import MIN_SECONDS
+    from ser_cache.system.finetuned import MIN_SECONDS
 
     def one(path):
         try:
@@ -239,7 +240,7 @@ def _keep_rows(data, keep: np.ndarray):
 
 
 def _load_data(cfg: FinetuneConfig):
-    from ser_cache.training import load_rows
+    from ser_cache.train.training import load_rows
 
     data = load_rows(cfg.data, cfg.train_split, cfg.dev_split, cfg.stores, speaker_weight=cfg.speaker_weight,
                      require_inputs=False)
@@ -259,9 +260,9 @@ def _load_data(cfg: FinetuneConfig):
 def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     import torch
 
-    from ser_cache import training
+    from ser_cache.train import training
     from ser_cache.encoders.base import RuntimeOptions, weights_revision
-    from ser_cache.finetune_model import (
+    from ser_cache.system.finetuned import (
         AUDIO_INPUT,
         WavLMEmotionModel,
         architecture,
@@ -269,9 +270,9 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
         freeze_unused,
         load_wavlm,
     )
-    from ser_cache.heads import MultitaskHeads
-    from ser_cache.losses import AAMSoftmax
-    from ser_cache.sampling import EpochSampler
+    from ser_cache.system.heads import MultitaskHeads
+    from ser_cache.system.losses import AAMSoftmax
+    from ser_cache.system.sampling import EpochSampler
 
     t0 = time.perf_counter()
     device = training.resolve_device(dist.device(cfg.device))
@@ -330,12 +331,12 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     out = Path(cfg.out)
     if cfg.resume:
         state = resume(out, cfg, dist, model, aam, optimizer, scaler, sampler) or state
-    if dist.is_main and not (cfg.resume and runs.is_unfinished_run(out)):
+    if dist.is_main and not (cfg.resume and rundir.is_unfinished_run(out)):
         if out.exists() and cfg.overwrite:
             # A symlinked --out keeps its link: the folder it points to is the run replaced (as train-heads does).
             shutil.rmtree(out.resolve())
         out.resolve().mkdir(parents=True, exist_ok=True)
-        runs.write_json_atomic(out / runs.IN_PROGRESS, {"format": runs.RUN_FORMAT, "system": "finetuned-wavlm",
+        rundir.write_json_atomic(out / rundir.IN_PROGRESS, {"format": rundir.RUN_FORMAT, "system": "finetuned-wavlm",
                                                        "train": cfg.to_dict()})
     dist.barrier()
 
@@ -348,7 +349,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
         # then leaves their gradients None, as one process does.
         ddp = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                       find_unused_parameters=layerdrop > 0)
-    from ser_cache import distributed
+    from ser_cache.infra import distributed
 
     # Up to 4: WavLM Large trains on a few thousand audio-seconds per second, and a core decodes
     # about 10,000 of 16-kHz WAV. None on a CPU: they would take cores from the training.
@@ -387,7 +388,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
             if value > state.best["score"]:
                 state.best = {"score": value, "epoch": epoch, "dev": dev, "pred": pred, "probs": probs}
                 if dist.is_main:
-                    from ser_cache.finetune_model import save_weights
+                    from ser_cache.system.finetuned import save_weights
 
                     save_weights(out / BEST.format(epoch), model, aam)
             state.epoch = epoch
@@ -401,7 +402,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
         config = training.run_config(cfg.to_dict(), data, lo, hi, gender_labels, speaker_labels, heads.config(),
                                      best["epoch"], system="finetuned-wavlm", wavlm=arch)
         finish(out, config, metrics, state, data.ids[dev_idx].tolist(), gender_labels)
-        from ser_cache.plots import curves_after_training
+        from ser_cache.runs.plots import curves_after_training
 
         curves_after_training(out)
     dist.barrier()
@@ -435,8 +436,8 @@ def _train_epoch(run: _Run, epoch: int, order: np.ndarray, rng: np.random.Genera
     """One pass over `order` in global batches; returns the loss terms averaged over rows, and audio seconds."""
     import contextlib
 
-    from ser_cache.finetune_model import autocast, plan_batches, shard
-    from ser_cache.training import batch_loss
+    from ser_cache.system.finetuned import autocast, plan_batches, shard
+    from ser_cache.train.training import batch_loss
 
     cfg, dist, dev = run.cfg, run.dist, run.device
     batches = plan_batches(order, run.seconds, cfg.batch_seconds, rng)
@@ -520,7 +521,7 @@ def _infer(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Predictions for rows `idx` (in that order); under torchrun the ranks share the batches."""
     import torch
 
-    from ser_cache.finetune_model import autocast, plan_batches
+    from ser_cache.system.finetuned import autocast, plan_batches
 
     dist, dev, model = run.dist, run.device, run.model
     batches = plan_batches(idx, run.seconds, run.cfg.batch_seconds, None, min_rows=1)

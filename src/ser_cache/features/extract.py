@@ -40,10 +40,10 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache import __version__
-from ser_cache import audio as audio_lib
-from ser_cache.atomic import atomic_path, naming_disk_full
-from ser_cache.corpus import Utterance, load_corpus
-from ser_cache.store import (
+from ser_cache.data import audio as audio_lib
+from ser_cache.infra.atomic import atomic_path, naming_disk_full
+from ser_cache.data.corpus import Utterance, load_corpus
+from ser_cache.features.store import (
     STORE_DTYPE,
     FeatureStore,
     StoreError,
@@ -53,7 +53,7 @@ from ser_cache.store import (
     remove_store,
     settings_differences,
 )
-from ser_cache.transcripts import (
+from ser_cache.data.transcripts import (
     RECORD_ATTR,
     TranscriptError,
     TranscriptTable,
@@ -171,7 +171,7 @@ def report_path(store: Path) -> Path:
 
 def extract(cfg: ExtractConfig) -> ExtractResult:
     """Run stage one as configured; returns what this process did (rank 0: the store's totals)."""
-    from ser_cache import distributed
+    from ser_cache.infra import distributed
     from ser_cache.encoders import load_encoder
 
     cfg.verify()
@@ -431,7 +431,7 @@ def compute_features(encoder, utts: list[Utterance], *, max_seconds: float = aud
 
 def _pack(rows: list, dim: int):
     """Frames holding `rows` ((T_i, D) arrays, None for none) end to end, in float16."""
-    from ser_cache.frames import Frames
+    from ser_cache.features.frames import Frames
 
     out = Frames.empty([0 if r is None else len(r) for r in rows], dim, dtype=STORE_DTYPE)
     for i, r in enumerate(rows):
@@ -471,8 +471,8 @@ class _Chunk:
 
 def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: FeatureStore) -> tuple[int, float, int, dict]:
     """This rank's share of the pending chunks: (rows computed, audio seconds, rows done before, timings)."""
-    from ser_cache import distributed
-    from ser_cache.progress import ExtractProgress
+    from ser_cache.infra import distributed
+    from ser_cache.infra.progress import ExtractProgress
 
     # Rank 0 alone reads what is pending and tells the others: a rank reading the flags itself
     # could see chunks that another rank has already written, and the shares would not add up.
@@ -843,7 +843,7 @@ class _Decoder:
             import multiprocessing
             from concurrent.futures import ProcessPoolExecutor
 
-            from ser_cache.workers import init_worker
+            from ser_cache.infra.workers import init_worker
 
             # init_worker: a worker dies with this process (even one killed with SIGKILL) and
             # leaves Ctrl-C to it. Created and grown from the main thread (see workers.py).

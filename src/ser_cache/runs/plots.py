@@ -2,7 +2,7 @@
 
 This module draws a run's training curves and a store's speakers, and holds what every figure
 shares (drawing, writing, sizes, colours); score_plots.py draws the evaluation and ensemble
-figures, which this module also gives (`ser_cache.plots.evaluation_plots`, `ensemble_plots`).
+figures, which this module also gives (`ser_cache.runs.plots.evaluation_plots`, `ensemble_plots`).
 
 Each function draws one kind of figure, writes it, and returns the paths written and the numbers
 drawn (so a test, or a caller, can check the figure says what the data says). What each figure
@@ -24,9 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache import runs
-from ser_cache.atomic import atomic_path
-from ser_cache.metrics import ATTRIBUTES
+from ser_cache.runs import rundir
+from ser_cache.infra.atomic import atomic_path
+from ser_cache.system.metrics import ATTRIBUTES
 
 # Sizes in inches at DPI dots per inch: a PNG is exactly (width * DPI) x (height * DPI) pixels.
 DPI = 100
@@ -65,7 +65,7 @@ class PlotError(Exception):
     """A figure cannot be drawn from what was given; the message names the input and the reason."""
 
 
-# The evaluation and ensemble figures live in score_plots.py; they are also ser_cache.plots' (as
+# The evaluation and ensemble figures live in score_plots.py; they are also ser_cache.runs.plots' (as
 # they always were), loaded when first asked for, since score_plots builds on this module.
 SCORE_PLOTS = ("EvaluationResult", "evaluation_plots", "class_cccs", "row_shares", "EnsembleResult",
                "ensemble_plots", "ensemble_size")
@@ -73,7 +73,7 @@ SCORE_PLOTS = ("EvaluationResult", "evaluation_plots", "class_cccs", "row_shares
 
 def __getattr__(name: str):
     if name in SCORE_PLOTS:
-        from ser_cache import score_plots
+        from ser_cache.runs import score_plots
 
         return getattr(score_plots, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -154,8 +154,8 @@ def read_history(run_dir: str | Path) -> tuple[list[dict], int | None, bool]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PlotError(f"{run_dir}: no such run directory")
-    if runs.is_unfinished_run(run_dir):
-        from ser_cache.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT, CheckpointError, read_checkpoint
+    if rundir.is_unfinished_run(run_dir):
+        from ser_cache.finetune.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT, CheckpointError, read_checkpoint
 
         if not (run_dir / CHECKPOINT).is_file() and not (run_dir / LEGACY_CHECKPOINT).exists():
             raise PlotError(f"{run_dir}: an unfinished run without {CHECKPOINT}: it has not finished an epoch yet")
@@ -165,12 +165,12 @@ def read_history(run_dir: str | Path) -> tuple[list[dict], int | None, bool]:
             raise PlotError(str(exc)) from None
         return [dict(r) for r in ckpt["history"]], int(ckpt["best"]["epoch"]), False
     try:
-        config = runs.read_config(run_dir)
-    except runs.RunError as exc:
+        config = rundir.read_config(run_dir)
+    except rundir.RunError as exc:
         raise PlotError(str(exc)) from None
-    path = run_dir / runs.HISTORY
+    path = run_dir / rundir.HISTORY
     if not path.is_file():
-        raise PlotError(f"{run_dir}: no {runs.HISTORY}, so no curves to draw (an imported run has no "
+        raise PlotError(f"{run_dir}: no {rundir.HISTORY}, so no curves to draw (an imported run has no "
                         "training history; a trained one lost the file)")
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -186,10 +186,10 @@ def _run_settings(run_dir: Path, finished: bool) -> dict:
     """
     try:
         if finished:
-            return runs.read_config(run_dir)
-        record = json.loads((run_dir / runs.IN_PROGRESS).read_text(encoding="utf-8"))
+            return rundir.read_config(run_dir)
+        record = json.loads((run_dir / rundir.IN_PROGRESS).read_text(encoding="utf-8"))
         return record if isinstance(record, dict) else {}
-    except (runs.RunError, OSError, UnicodeDecodeError, ValueError):
+    except (rundir.RunError, OSError, UnicodeDecodeError, ValueError):
         return {}
 
 
@@ -355,8 +355,8 @@ def speaker_tsne(store_path: str | Path, data: str | Path, speakers: int = 10, p
     from sklearn.metrics import silhouette_score
     from threadpoolctl import threadpool_limits
 
-    from ser_cache.corpus import load_corpus
-    from ser_cache.store import FeatureStore
+    from ser_cache.data.corpus import load_corpus
+    from ser_cache.features.store import FeatureStore
 
     if speakers < 2:
         raise PlotError(f"--speakers {speakers}: at least 2 speakers are needed to compare them")

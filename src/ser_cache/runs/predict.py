@@ -28,10 +28,10 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache import runs
-from ser_cache.frames import Frames
-from ser_cache.store import settings_differences
-from ser_cache.transcripts import Texts, text_store_ids
+from ser_cache.runs import rundir
+from ser_cache.features.frames import Frames
+from ser_cache.features.store import settings_differences
+from ser_cache.data.transcripts import Texts, text_store_ids
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def with_transcripts(utts: list, transcripts: Path | None, prefer: bool = False,
                      needed: bool = True) -> tuple[list, Texts | None]:
     """The utterances with the table's text where they have none of their own (or first, `prefer`); see
     transcripts.py. Also which text they carry (None when no text is `needed` and no table is given)."""
-    from ser_cache.transcripts import TranscriptError, attach, counts, load_table
+    from ser_cache.data.transcripts import TranscriptError, attach, counts, load_table
 
     if transcripts is None:
         if prefer:
@@ -85,7 +85,7 @@ def file_utterances(files: Sequence[str | Path], transcripts: Path | None = None
                     needed: bool = True) -> tuple[list, Texts | None]:
     """Bare audio files as utterances: id = file name; text from a `<stem>.txt` beside the file, else from
     the table by file name or stem (the table first with `prefer`)."""
-    from ser_cache.corpus import Utterance
+    from ser_cache.data.corpus import Utterance
 
     utts, seen = [], {}
     for f in files:
@@ -132,7 +132,7 @@ def check_store(record: dict, store_path: Path, attrs: dict, run_dir: Path) -> N
 
 def _load_encoder(record: dict, device: str, run_dir: Path):
     """The run's encoder for an input, refused if it no longer computes what the run was trained on."""
-    from ser_cache.extract import encoder_for_store
+    from ser_cache.features.extract import encoder_for_store
 
     model = None
     if record.get("in_run"):
@@ -182,7 +182,7 @@ def _check_transcripts(utts: list, record: dict, texts: Texts | None = None) -> 
 
 def _held_rows(record: dict, utts: list, features_dir: Path | None, use_stores: bool) -> np.ndarray:
     """Which utterances the input's store holds (written rows), from its ids and flags alone."""
-    from ser_cache.store import FeatureStore, StoreError
+    from ser_cache.features.store import FeatureStore, StoreError
 
     held = np.zeros(len(utts), dtype=bool)
     store_path = _store_for(record, features_dir)
@@ -220,7 +220,7 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
     A text store serves only the rows whose text here is the text they were encoded from
     (transcripts.text_store_ids); `texts` (with_transcripts) names the table in messages.
     """
-    from ser_cache.store import FeatureStore, StoreError
+    from ser_cache.features.store import FeatureStore, StoreError
 
     _check_text_inputs(config, utts, features_dir, use_stores, texts)
     frame_inputs = config.get("frame_inputs") or {}
@@ -254,7 +254,7 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
                 used.append(f"store {store_path} ({hits} rows)")
         missing = np.flatnonzero(~source.have)
         if missing.size:
-            from ser_cache.extract import compute_features
+            from ser_cache.features.extract import compute_features
 
             todo = [utts[i] for i in missing]
             encoder = encoders.get(name) if encoders is not None else None
@@ -291,7 +291,7 @@ class _VectorRows:
     """A pooled input's (N, *shape) float16 rows, from a store or an encoder."""
 
     def __init__(self, record: dict, n: int):
-        from ser_cache.store import STORE_DTYPE
+        from ser_cache.features.store import STORE_DTYPE
 
         self.name, self.shape = record["name"], tuple(record["feature_shape"])
         self.feats = np.zeros((n, *self.shape), dtype=STORE_DTYPE)
@@ -362,7 +362,7 @@ class _FrameRows:
 
 
 def is_finetuned(config: dict) -> bool:
-    from ser_cache.finetune_model import SYSTEM
+    from ser_cache.system.finetuned import SYSTEM
 
     return config.get("system") == SYSTEM
 
@@ -374,7 +374,7 @@ def run_model(model, config: dict, utts: list, arrays: dict[str, np.ndarray | Fr
     if not is_finetuned(config):
         avd, probs = run_heads(model, arrays, device=device)
     else:
-        from ser_cache.finetune_model import AUDIO_INPUT, predict_audio
+        from ser_cache.system.finetuned import AUDIO_INPUT, predict_audio
 
         sources[AUDIO_INPUT] = f"the run's fine-tuned WavLM on the audio ({len(utts)} rows)"
         arch = config["wavlm"]
@@ -389,7 +389,7 @@ def check_predictions(avd: np.ndarray, probs: np.ndarray | None, utts: list, mod
     """Refuse predictions that are not finite or leave the run's label range (and gender probabilities that
     are not finite), naming the run, row and value: the heads map onto that range (paper Eq. 2), so
     anything else is a damaged run, never a prediction."""
-    from ser_cache.runs import AVD_COLUMNS, GENDER_PROB_PREFIX, bad_value, label_range
+    from ser_cache.runs.rundir import AVD_COLUMNS, GENDER_PROB_PREFIX, bad_value, label_range
 
     bad = bad_value(avd, *label_range(config))
     column = None if bad is None else AVD_COLUMNS[bad[1]]
@@ -417,11 +417,11 @@ def check_predictions(avd: np.ndarray, probs: np.ndarray | None, utts: list, mod
 
 def run_heads(model, arrays: dict[str, np.ndarray | Frames], *,
               device: str = "auto") -> tuple[np.ndarray, np.ndarray | None]:
-    """A heads run's predictions: `model` (runs.load_run's FeatureModel) on the gathered inputs,
+    """A heads run's predictions: `model` (rundir.load_run's FeatureModel) on the gathered inputs,
     frame inputs padded batch by batch (Frames.take)."""
     import torch
 
-    from ser_cache.training import infer, resolve_device
+    from ser_cache.train.training import infer, resolve_device
 
     dev = resolve_device(device)
     model.to(dev)
@@ -447,7 +447,7 @@ def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[s
     inputs computed here read the corpus's transcripts, and `transcripts` (a table) where there
     are none, or first with `prefer_transcripts`.
     """
-    from ser_cache.corpus import load_corpus
+    from ser_cache.data.corpus import load_corpus
 
     run_dir = Path(run_dir)
     model, config = _load(run_dir)
@@ -472,7 +472,7 @@ def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[s
                                       use_stores=not files, texts=texts)
     avd, probs = run_model(model, config, utts, arrays, sources, device=device, run_dir=run_dir)
     gender_labels = config.get("gender_labels") or None
-    path = runs.write_predictions(out, [u.id for u in utts], avd, gender_labels=gender_labels if with_gender else None,
+    path = rundir.write_predictions(out, [u.id for u in utts], avd, gender_labels=gender_labels if with_gender else None,
                                   gender_probs=probs if with_gender else None)
     return PredictResult(out=path, rows=len(utts), sources=sources, text=None if texts is None else texts.summary())
 
@@ -484,9 +484,9 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
 
     `transcripts` and `prefer_transcripts` give text inputs their text as in `predict`.
     """
-    from ser_cache.corpus import load_corpus
-    from ser_cache.sampling import is_ox
-    from ser_cache.training import label_index, score
+    from ser_cache.data.corpus import load_corpus
+    from ser_cache.system.sampling import is_ox
+    from ser_cache.train.training import label_index, score
 
     run_dir = Path(run_dir)
     model, config = _load(run_dir)
@@ -521,9 +521,9 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
     if texts is not None:
         result["text"] = texts.summary([u.id for u in labelled])  # the scored utterances' text, as given here
     target_path = Path(out) if out is not None else run_dir / f"eval_{split}.json"
-    runs.write_json_atomic(target_path, result)
+    rundir.write_json_atomic(target_path, result)
     if plots is not None:
-        from ser_cache.plots import evaluation_plots
+        from ser_cache.runs.plots import evaluation_plots
 
         drawn = evaluation_plots(avd, target, [u.emotion for u in labelled], plots,
                                  gender_true=None if probs is None else genders,
@@ -545,11 +545,11 @@ def _check_features_dir(features_dir: Path | None) -> None:
 def _load(run_dir: Path):
     """(model, config): the FeatureModel of a heads run, or the whole fine-tuned model of a fine-tuned run."""
     try:
-        config = runs.read_config(run_dir)
+        config = rundir.read_config(run_dir)
         if is_finetuned(config):
-            from ser_cache.finetune_model import load_finetuned
+            from ser_cache.system.finetuned import load_finetuned
 
             return load_finetuned(run_dir, config), config
-        return runs.load_run(run_dir)
-    except runs.RunError as exc:
+        return rundir.load_run(run_dir)
+    except rundir.RunError as exc:
         raise PredictError(str(exc)) from None

@@ -43,7 +43,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ser_cache import __version__, runs
+from ser_cache import __version__
+
+from ser_cache.runs import rundir
 
 log = logging.getLogger(__name__)
 
@@ -274,7 +276,7 @@ def head_state(rest: Mapping[str, Tensor], *, lo: float, hi: float, predict_gend
 def import_vox_profile(cfg: ImportConfig) -> ImportResult:
     """Turn the authors' checkpoint into a run directory at cfg.out (written whole, then renamed)."""
     cfg.verify()
-    runs.check_run_target(cfg.out, cfg.overwrite)
+    rundir.check_run_target(cfg.out, cfg.overwrite)
     config_path, weights_path, revision = checkpoint_files(cfg.source)
     wrapper = read_wrapper_config(config_path)
     tensors = read_weights(weights_path)
@@ -317,7 +319,7 @@ def _backbone_config(backbone: str, config_cls):
 
 
 def _heads(hidden: int, input_name: str, cfg: ImportConfig, predict_gender: bool):
-    from ser_cache.heads import MultitaskHeads
+    from ser_cache.system.heads import MultitaskHeads
 
     lo, hi = cfg.label_range
     return MultitaskHeads({input_name: (hidden,)}, hidden=hidden, dropout=0.0, label_min=[lo] * 3,
@@ -328,8 +330,8 @@ def _run_config(cfg: ImportConfig, heads, imported: dict, predict_gender: bool, 
     lo, hi = cfg.label_range
     gender_labels = list(cfg.gender_labels) if predict_gender else []
     return {
-        "format": runs.RUN_FORMAT,
-        "format_version": runs.RUN_FORMAT_VERSION,
+        "format": rundir.RUN_FORMAT,
+        "format_version": rundir.RUN_FORMAT_VERSION,
         "package_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
@@ -350,7 +352,7 @@ def _run_config(cfg: ImportConfig, heads, imported: dict, predict_gender: bool, 
 def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict) -> int:
     from transformers import WavLMConfig, WavLMModel
 
-    from ser_cache.finetune_model import AUDIO_INPUT, LAST_STATE, SYSTEM, WavLMEmotionModel, architecture, save_weights
+    from ser_cache.system.finetuned import AUDIO_INPUT, LAST_STATE, SYSTEM, WavLMEmotionModel, architecture, save_weights
 
     wavlm_config, resolved = _backbone_config(backbone, WavLMConfig)
     if getattr(wavlm_config, "model_type", "") != "wavlm":
@@ -386,9 +388,9 @@ def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str
     _load_checked(model, state)
     arch = architecture(model, resolved, max_seconds=15.0, revision="imported:" + imported["revision"])
     config = _run_config(cfg, heads, imported, predict_gender, system=SYSTEM, wavlm=arch, inputs=[])
-    with runs.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
-        save_weights(tmp / runs.WEIGHTS, model, None)
-        runs.write_json_atomic(tmp / runs.CONFIG, config)
+    with rundir.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
+        save_weights(tmp / rundir.WEIGHTS, model, None)
+        rundir.write_json_atomic(tmp / rundir.CONFIG, config)
     return merged
 
 
@@ -415,7 +417,7 @@ def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: s
     from ser_cache.encoders import load_encoder
     from ser_cache.encoders.base import quiet_loading
     from ser_cache.encoders.whisper import WINDOW_POSITIONS
-    from ser_cache.model import FeatureModel
+    from ser_cache.system.model import FeatureModel
 
     whisper_config, resolved = _backbone_config(backbone, WhisperConfig)
     if getattr(whisper_config, "model_type", "") != "whisper":
@@ -454,7 +456,7 @@ def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: s
                                     predict_gender=predict_gender).items()}
     _load_checked(model, state)
 
-    with runs.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
+    with rundir.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
         encoder_dir = tmp / ENCODER_DIR
         with quiet_loading():
             encoder_model.save_pretrained(encoder_dir)
@@ -470,6 +472,6 @@ def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: s
                   "feature_shape": list(encoder.feature_shape), "settings": settings}
         del encoder
         config = _run_config(cfg, heads, imported, predict_gender, inputs=[record], frame_inputs=model.config())
-        runs.save_weights(tmp, model)
-        runs.write_json_atomic(tmp / runs.CONFIG, config)
+        rundir.save_weights(tmp, model)
+        rundir.write_json_atomic(tmp / rundir.CONFIG, config)
     return merged

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache import runs
-from ser_cache.outputs import Input, OutputError, refuse_inputs
+from ser_cache.runs import rundir
+from ser_cache.infra.outputs import Input, OutputError, refuse_inputs
 
 DEFAULT_SCALE = (1.0, 7.0)  # the challenge's (and MSP-Podcast's) scale: what a submission is checked against
 
@@ -52,7 +52,7 @@ def _describe(ids: Sequence[str], limit: int = 5) -> str:
 
 def scale_option(text: str) -> tuple[float, float] | None:
     """`--label-scale` ("1 7", "0,1", "none") → (low, high), or None for no range check; as a manifest declares it."""
-    from ser_cache.corpus import _parse_scale
+    from ser_cache.data.corpus import _parse_scale
 
     return _parse_scale(text, "--label-scale")
 
@@ -66,7 +66,7 @@ def _scale_note(scale) -> str:
 def read_member(path: str | Path, scale: tuple[float, float] | None = DEFAULT_SCALE) -> tuple[list[str], np.ndarray]:
     """A member's (ids, (N, 3) values), each value checked finite and on `scale` (None: finite only)."""
     try:
-        return runs.read_predictions(path, scale)
+        return rundir.read_predictions(path, scale)
     except ValueError as exc:
         raise EnsembleError(f"{exc}{_scale_note(scale) if 'outside the label range' in str(exc) else ''}") from None
 
@@ -94,18 +94,18 @@ def combine(files: Sequence[str | Path], weights: Sequence[float] | None = None,
         position = {uid: i for i, uid in enumerate(ids)}
         total += weight * values[[position[uid] for uid in ref_ids]]
     # Averages of checked values stay on the scale; checked again, as every prediction written is.
-    bad = runs.bad_value(total, *(scale or (-np.inf, np.inf)))
+    bad = rundir.bad_value(total, *(scale or (-np.inf, np.inf)))
     if bad is not None:
         i, j, value, why = bad
-        raise EnsembleError(f"the ensemble's {runs.AVD_COLUMNS[j]} of {ref_ids[i]} (row {i + 1}) is {value}, {why}; "
+        raise EnsembleError(f"the ensemble's {rundir.AVD_COLUMNS[j]} of {ref_ids[i]} (row {i + 1}) is {value}, {why}; "
                             "nothing written")
     return list(ref_ids), total, w
 
 
 def score_predictions(ids: Sequence[str], avd: np.ndarray, data: Path, split: str, *, seed: int = 0) -> dict:
     """CCC table (and balanced CCC where primary emotions exist) of predictions on a labelled split."""
-    from ser_cache.corpus import load_corpus
-    from ser_cache.training import score
+    from ser_cache.data.corpus import load_corpus
+    from ser_cache.train.training import score
 
     utts = [u for u in load_corpus(data, [split]) if u.has_avd]
     if len(utts) < 2:
@@ -130,7 +130,7 @@ def combine_gender(files: Sequence[str | Path], weights: Sequence[float], ids: S
     labels, total, mass = None, np.zeros(0), 0.0
     for path, weight in zip(files, weights):
         try:
-            found = runs.read_gender_probabilities(path)
+            found = rundir.read_gender_probabilities(path)
         except ValueError as exc:
             raise EnsembleError(str(exc)) from None
         if found is None:
@@ -172,10 +172,10 @@ def ensemble(files: Sequence[str | Path], *, out: str | Path, weights: Sequence[
     scores = score_predictions(ids, avd, Path(data), split) if data is not None else None
     members = [score_predictions(*read_member(f, scale), Path(data), split) for f in files] if data else None
     labels, probs = combine_gender(files, w, ids) if with_gender else (None, None)
-    path = runs.write_predictions(out, ids, avd, gender_labels=labels, gender_probs=probs)
+    path = rundir.write_predictions(out, ids, avd, gender_labels=labels, gender_probs=probs)
     drawn = []
     if plots is not None:
-        from ser_cache.plots import ensemble_plots
+        from ser_cache.runs.plots import ensemble_plots
 
         drawn = ensemble_plots([Path(f).stem for f in files], members, scores, plots).paths
     return EnsembleResult(out=path, rows=len(ids), weights=w, scores=scores, members=members, plots=drawn)

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from ser_cache import audio as audio_lib
+from ser_cache.data import audio as audio_lib
 
 SYSTEM = "finetuned-wavlm"  # config.json "system" of a fine-tuned run
 AUDIO_INPUT = "finetuned-wavlm"  # the heads' input name of the pooled WavLM vector
@@ -93,8 +93,8 @@ class WavLMEmotionModel(nn.Module):
                  layerdrop: float = 0.0, seed: int = 0, last_state: str = LAST_STATE,
                  conv_final_activation: bool = False):
         super().__init__()
-        from ser_cache.heads import LayerWeighting
-        from ser_cache.model import ConvPool
+        from ser_cache.system.heads import LayerWeighting
+        from ser_cache.system.model import ConvPool
 
         self.wavlm = wavlm
         self.normalize = normalize
@@ -239,7 +239,7 @@ def build_from_config(config: dict) -> WavLMEmotionModel:
     """
     from transformers import WavLMConfig, WavLMModel
 
-    from ser_cache.heads import MultitaskHeads
+    from ser_cache.system.heads import MultitaskHeads
 
     arch = config["wavlm"]
     wavlm_cfg = dict(arch["config"])
@@ -263,31 +263,31 @@ def model_state(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
 
 def load_finetuned(run_dir: Path, config: dict, *, device: str = "cpu") -> WavLMEmotionModel:
     """The fine-tuned model of a run, from its config.json and model.safetensors alone (no hub)."""
-    from ser_cache import runs
+    from ser_cache.runs import rundir
 
-    weights = Path(run_dir) / runs.WEIGHTS
+    weights = Path(run_dir) / rundir.WEIGHTS
     if not weights.is_file():
-        raise runs.RunError(f"{run_dir}: {runs.WEIGHTS} is missing; the run is incomplete")
+        raise rundir.RunError(f"{run_dir}: {rundir.WEIGHTS} is missing; the run is incomplete")
     try:
         model = build_from_config(config)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise runs.RunError(f"{Path(run_dir) / runs.CONFIG}: \"wavlm\" or \"heads\" do not describe a model "
+        raise rundir.RunError(f"{Path(run_dir) / rundir.CONFIG}: \"wavlm\" or \"heads\" do not describe a model "
                             f"({type(exc).__name__}: {exc}); the file was edited or damaged: restore it, "
                             "or train the run again") from None
-    tensors = runs.read_weights(weights)
+    tensors = rundir.read_weights(weights)
     try:
         model.load_state_dict(model_state(tensors), strict=True)
     except RuntimeError as exc:
-        raise runs.RunError(f"{weights}: weights do not fit the model in {runs.CONFIG} "
+        raise rundir.RunError(f"{weights}: weights do not fit the model in {rundir.CONFIG} "
                             f"({str(exc).splitlines()[0]})") from None
     return model.to(torch.device(device)).eval()
 
 
 def save_weights(path: Path, model: nn.Module, aam: nn.Module | None) -> Path:
     """The whole model (encoder included, keys "wavlm.*", "heads.*", ...) and the AAM weights ("aam.*")."""
-    from ser_cache import runs
+    from ser_cache.runs import rundir
 
-    return runs.write_weights(path, model.state_dict(), aam)
+    return rundir.write_weights(path, model.state_dict(), aam)
 
 
 # --------------------------------------------------------------------------- audio and batches
@@ -337,7 +337,7 @@ def audio_loader(paths: Sequence[str], max_seconds: float, workers: int):
     import functools
     import os
 
-    from ser_cache.workers import init_loader_worker
+    from ser_cache.infra.workers import init_loader_worker
 
     plan = PlannedBatches()
     # Spawned, not forked (as in extract): a forked child of a process with threads running
@@ -420,7 +420,7 @@ def predict_audio(model: WavLMEmotionModel, utts: list, cached: Mapping[str, np.
     AudioError naming the file.
     """
     from ser_cache.encoders.base import RuntimeOptions
-    from ser_cache.training import resolve_device
+    from ser_cache.train.training import resolve_device
 
     dev = resolve_device(device)
     dtype = RuntimeOptions(device=str(dev), precision=precision).autocast_dtype(dev)

@@ -28,8 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ser_cache.atomic import atomic_path
-from ser_cache.corpus import CSV_ENCODING, Utterance
+from ser_cache.infra.atomic import atomic_path
+from ser_cache.data.corpus import CSV_ENCODING, Utterance
 
 KEY_COLUMNS = ("id", "FileName")  # either names the utterance; `id` wins when a table has both
 TEXT_COLUMN = "text"
@@ -74,7 +74,7 @@ class TranscriptTable:
 
 def sidecar_path(table: Path) -> Path:
     """`asr.csv` → `asr.csv.json`: where `transcribe` writes the table's settings."""
-    from ser_cache.transcribe import sidecar_path as transcribe_sidecar
+    from ser_cache.features.transcribe import sidecar_path as transcribe_sidecar
 
     return transcribe_sidecar(Path(table))
 
@@ -143,7 +143,7 @@ def read_sidecar(table: str | Path) -> dict | None:
         raise TranscriptError(f"{path}: not a readable transcribe settings file ({exc})") from None
     settings = record.get("settings") if isinstance(record, dict) else None
     if not isinstance(settings, dict):
-        from ser_cache.transcribe import sidecar_problem
+        from ser_cache.features.transcribe import sidecar_problem
 
         raise TranscriptError(f"{path}: expected the settings `transcribe` writes (a JSON object with 'settings'), "
                               f"found {sidecar_problem(record)}")

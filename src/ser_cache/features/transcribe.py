@@ -36,11 +36,11 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache import __version__
-from ser_cache import audio as audio_lib
-from ser_cache.atomic import atomic_path
-from ser_cache.corpus import Utterance, load_corpus
-from ser_cache.extract import REPORT_COLUMNS
-from ser_cache.progress import ExtractProgress
+from ser_cache.data import audio as audio_lib
+from ser_cache.infra.atomic import atomic_path
+from ser_cache.data.corpus import Utterance, load_corpus
+from ser_cache.features.extract import REPORT_COLUMNS
+from ser_cache.infra.progress import ExtractProgress
 
 DEFAULT_MODEL = "whisper-large-v3"
 WHISPER_SECONDS = 30.0  # Whisper's input window: every clip is cut to it, then padded to it
@@ -318,7 +318,7 @@ def _json_kind(value) -> str:
 
 
 def write_sidecar(path: Path, record: dict) -> None:
-    from ser_cache.runs import write_json_atomic
+    from ser_cache.runs.rundir import write_json_atomic
 
     write_json_atomic(path, record)
 

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.audio import SAMPLE_RATE
+from ser_cache.data.audio import SAMPLE_RATE
 
 LABEL_COLUMNS = ("FileName", "EmoClass", "EmoAct", "EmoVal", "EmoDom", "SpkrID", "Gender", "Split_Set")
 SPLITS = (("Train", 0.6), ("Development", 0.2), ("Test1", 0.2))

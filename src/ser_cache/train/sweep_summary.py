@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache import runs
+from ser_cache.runs import rundir
 
 SWEEP_FORMAT = "ser-cache-sweep"
 
@@ -23,7 +23,7 @@ def summarize(cfg, members: Sequence, data, diverged: dict | None = None) -> dic
     """sweep.json: per variant its members' Development scores, mean ± std over seeds, and the
     paired bootstrap against the reference variant. `diverged`: "variant/seed-s" → the record of a
     member whose training diverged (no run)."""
-    from ser_cache.stats import paired_bootstrap
+    from ser_cache.train.stats import paired_bootstrap
 
     diverged = diverged or {}
     truth_of = {uid: i for i, uid in enumerate(data.ids.tolist())}
@@ -35,8 +35,8 @@ def summarize(cfg, members: Sequence, data, diverged: dict | None = None) -> dic
         if failed is not None:
             v["diverged"].append({"seed": m.seed, **failed})
             continue
-        metrics = json.loads((Path(m.cfg.out) / runs.METRICS).read_text())
-        ids, avd = runs.read_predictions(Path(m.cfg.out) / runs.DEV_PREDICTIONS)
+        metrics = json.loads((Path(m.cfg.out) / rundir.METRICS).read_text())
+        ids, avd = rundir.read_predictions(Path(m.cfg.out) / rundir.DEV_PREDICTIONS)
         predictions.setdefault(m.variant, []).append((ids, avd))
         v["members"].append({"seed": m.seed, "run": str(m.cfg.out), "best_epoch": metrics["best_epoch"],
                              "rows": metrics["rows"], "ccc": metrics["ccc"],

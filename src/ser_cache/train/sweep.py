@@ -38,16 +38,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ser_cache import runs
-from ser_cache.fit import Diverged, Job, fit
-from ser_cache.rows import (
+from ser_cache.runs import rundir
+from ser_cache.train.fit import Diverged, Job, fit
+from ser_cache.system.rows import (
     SPEAKER_EMBEDDING_KIND,
     TrainError,
     TrainingData,
     load_rows,
 )
-from ser_cache.sweep_summary import summarize
-from ser_cache.training import (
+from ser_cache.train.sweep_summary import summarize
+from ser_cache.train.training import (
     TrainHeadsConfig,
     resolve_device,
     set_up,
@@ -197,7 +197,7 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     """Train every member not yet written, write each as a run, then the summary (sweep.json)."""
     cfg.verify()
     out = Path(cfg.base.out)
-    if runs.is_run_dir(out) or runs.is_unfinished_run(out):
+    if rundir.is_run_dir(out) or rundir.is_unfinished_run(out):
         raise TrainError(f"--out {out}: a run directory; a sweep writes a folder of runs, choose another --out")
     if cfg.base.tensorboard is not None and tensorboard_problem():
         raise TrainError(tensorboard_problem())
@@ -240,7 +240,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
                 diverged[who] = done
                 log.warning("sweep member %s: %s", who, done.message())
     summary = summarize(cfg, members, data, diverged={k: _diverged_record(d) for k, d in diverged.items()})
-    runs.write_json_atomic(Path(base.out) / SWEEP_FILE, summary)
+    rundir.write_json_atomic(Path(base.out) / SWEEP_FILE, summary)
     wall = time.perf_counter() - t0
     log.info("sweep written to %s in %.1f s", base.out, wall)
     return SweepResult(Path(base.out), summary, len(todo), len(members) - len(todo), wall, diverged=len(diverged))
@@ -288,10 +288,10 @@ def _written(member: Member, view: TrainingData) -> bool:
     are now (then reused); a run written with other options, or on a store since rebuilt with other
     settings, is an error unless --overwrite (then it is trained again)."""
     out = Path(member.cfg.out)
-    if not runs.is_run_dir(out):
+    if not rundir.is_run_dir(out):
         _check_member_folder(out)
         return False
-    config = runs.read_config(out)
+    config = rundir.read_config(out)
     recorded = config.get("train", {})
     wanted = member.cfg.to_dict()
     for key, value in wanted.items():
@@ -321,7 +321,7 @@ def _written(member: Member, view: TrainingData) -> bool:
 
 def _stale_input(config: dict, view: TrainingData) -> str | None:
     """How a written member's input stores (its config.json's record) differ from the stores now given."""
-    from ser_cache.store import settings_differences
+    from ser_cache.features.store import settings_differences
 
     recorded = {str(Path(r.get("path", "")).resolve()): r for r in config.get("inputs", []) if isinstance(r, dict)}
     for s in view.inputs:
@@ -349,8 +349,8 @@ def _check_member_folder(out: Path) -> None:
     if not found:
         return  # an empty folder is as good as none
     shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
-    what = ("its config.json is not a ser-cache run's (damaged or edited)" if runs.CONFIG in found
-            else f"it has no {runs.CONFIG}")
+    what = ("its config.json is not a ser-cache run's (damaged or edited)" if rundir.CONFIG in found
+            else f"it has no {rundir.CONFIG}")
     raise TrainError(f"{out}: this sweep's folder for a member, but not a finished run: {what} (it holds {shown}); "
                      "move the folder away (or delete it) and run the sweep again to train that member")
 

@@ -1,0 +1,1 @@
+"""Stage one: run frozen encoders over a corpus once and keep what they compute in feature stores."""

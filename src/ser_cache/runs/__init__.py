@@ -1,0 +1,1 @@
+"""Using a trained run: its directory, predictions, evaluation, ensembles, submissions, figures, imports."""

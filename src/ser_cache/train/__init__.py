@@ -1,0 +1,1 @@
+"""Stage two: heads trained on cached features (train-heads), many at once (sweep), and their statistics."""

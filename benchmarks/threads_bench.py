@@ -56,7 +56,7 @@ def name_of(threads: int | None) -> str:
 
 
 def one_run(cfg) -> dict:
-    from ser_cache.train.training import train_heads
+    from ser_cache.train.recipe import train_heads
 
     load = os.getloadavg()[0]
     t = time.perf_counter()
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.repeats < 1 or len(counts) < 2:
         p.error("--repeats 1 or more and at least two --threads to compare")
 
-    from ser_cache.train.training import TrainHeadsConfig
+    from ser_cache.train.options import TrainHeadsConfig
 
     tmp = tempfile.TemporaryDirectory(prefix="ser-cache-threads-") if args.keep is None else None
     root = Path(tmp.name) if tmp else args.keep

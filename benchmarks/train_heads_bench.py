@@ -228,17 +228,20 @@ def profile_steps(cfg, steps: int, top: int = 12) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from ser_cache.train import fit, training
+    from ser_cache.train import fit
+    from ser_cache.infra import runtime
+    from ser_cache.system import setup
+    from ser_cache.train import recipe
     from ser_cache.system.rows import index_tensor
     from ser_cache.train.stack import stack_of
 
-    with training.torch_threads(cfg.threads):
-        device = training.resolve_device(cfg.device)
-        data = training.load_training_data(cfg)
+    with runtime.torch_threads(cfg.threads):
+        device = runtime.resolve_device(cfg.device)
+        data = recipe.load_training_data(cfg)
         data.place(device)
-        run = training.set_up(cfg, data, device)
+        run = setup.set_up(cfg, data, device)
         stack = stack_of([run.model], [run.aam])
-        optimizer = stack.optimizer([cfg.lr], [cfg.weight_decay], fused=training.fused_adamw_ok(device))
+        optimizer = stack.optimizer([cfg.lr], [cfg.weight_decay], fused=runtime.fused_adamw_ok(device))
         targets = {"avd": torch.from_numpy(data.avd).to(device), "gender": torch.from_numpy(run.genders).to(device),
                    "speaker": torch.from_numpy(run.speakers).to(device)}
         rng = np.random.default_rng(0)
@@ -254,7 +257,7 @@ def profile_steps(cfg, steps: int, top: int = 12) -> dict:
             with record_function("forward"):
                 out = stack.forward(batch)
             with record_function("loss"):
-                loss, _ = training.batch_loss({k: v[0] for k, v in out.items()}, target, speaker_loss,
+                loss, _ = setup.batch_loss({k: v[0] for k, v in out.items()}, target, speaker_loss,
                                               gender_weight=cfg.gender_weight, speaker_weight=cfg.speaker_weight,
                                               tensors=True)
             with record_function("backward"):
@@ -283,7 +286,7 @@ def run_figures(args, cfg, stores: list[Path]) -> dict:
     import torch
 
     from ser_cache.features.store import FeatureStore
-    from ser_cache.train.training import train_heads
+    from ser_cache.train.recipe import train_heads
 
     device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
@@ -360,11 +363,13 @@ def measure_peaks(model, cfg, device, square: int, trials: int) -> tuple[dict, d
     """Matmul TFLOP/s of fp32 and bf16 at `peaks.peak_shapes` of `model`, on the training's threads."""
     import torch
 
-    from ser_cache.train import peaks, training
+    from ser_cache.train import peaks
+    from ser_cache.infra import runtime
+    from ser_cache.system import scoring
 
-    shapes = peaks.peak_shapes(model, cfg.batch_size, training.eval_batch_size(model), square=square)
+    shapes = peaks.peak_shapes(model, cfg.batch_size, scoring.eval_batch_size(model), square=square)
     measured = {}
-    with training.torch_threads(cfg.threads):
+    with runtime.torch_threads(cfg.threads):
         for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
             measured[name] = {shape: peaks.matmul_tflops(*mkn, dtype, device, trials=trials)
                               for shape, mkn in shapes.items()}
@@ -398,7 +403,8 @@ def compare_precisions(args, base_cfg, stores: list[Path], root: Path) -> dict:
     from ser_cache.train import peaks
     from ser_cache.system.model import FeatureModel
     from ser_cache.features.store import FeatureStore
-    from ser_cache.train.training import resolve_device, train_heads
+    from ser_cache.infra.runtime import resolve_device
+    from ser_cache.train.recipe import train_heads
 
     # One epoch in each precision first, not timed: the first run in a process pays one-time costs
     # (imports in scoring and writing, kernel set-up) that would otherwise all land on fp32.
@@ -528,7 +534,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.peak_size < 1 or args.peak_trials < 1:
         p.error("--peak-size and --peak-trials: expected 1 or more")
 
-    from ser_cache.train.training import TrainHeadsConfig
+    from ser_cache.train.options import TrainHeadsConfig
 
     tmp = None
     if args.keep is None:

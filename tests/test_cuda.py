@@ -83,7 +83,7 @@ def test_sweep_on_cuda_equals_the_cpu_sweep_in_fp32(tmp_path):
     from test_training import make_corpus, make_store
 
     from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
-    from ser_cache.train.training import TrainHeadsConfig
+    from ser_cache.train.options import TrainHeadsConfig
 
     manifest, ids, feats = make_corpus(tmp_path / "corpus")
     stores = tuple(make_store(tmp_path / "features" / f"{n}.zarr", ids, x, kind="text" if n == "text" else "whisper",

@@ -273,7 +273,7 @@ def test_damaged_run_files_are_run_errors_naming_the_file(tmp_path, small_run):
 
 
 def test_load_finetuned_names_the_damaged_file(tmp_path):
-    from ser_cache.system.finetuned import load_finetuned
+    from ser_cache.runs.finetuned_run import load_finetuned
 
     run = tmp_path / "ft"
     run.mkdir()

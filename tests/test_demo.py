@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 
 import pytest
 from typer.testing import CliRunner
 
 from ser_cache import demo
-
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("ser_cache.train.training") is None,
-                                reason="stage two (ser_cache.train.training) is not there yet")
-
 
 @pytest.fixture(scope="module", params=["minilm", "tiny-bert"])
 def demo_run(request, tmp_path_factory):

@@ -18,7 +18,11 @@ from test_training import make_corpus, make_store, read_csv, train
 
 from ser_cache.system import rows as rows_mod
 from ser_cache.runs import rundir
-from ser_cache.train import training
+from ser_cache.infra import runtime
+from ser_cache.system import scoring
+from ser_cache.system import setup
+from ser_cache.train import options
+from ser_cache.train import recipe
 from ser_cache.train.fit import infer_stack
 from ser_cache.system.rows import HOST, HOST_PINNED, ON_DEVICE, STREAMED, load_rows
 from ser_cache.train.stack import stack_of
@@ -193,16 +197,16 @@ def test_an_epoch_is_one_index_on_the_device_cut_as_before(tmp_path, shuffled, m
     monkeypatch.setattr(TrainingData, "batch", spy)
     epochs, batch_size = 2, 16
     result, cfg = train(tmp_path, manifest, stores, epochs=epochs, batch_size=batch_size, undersample=True)
-    data = training.load_training_data(cfg)
-    train_idx, dev_idx = training.select_rows(cfg, data)
+    data = recipe.load_training_data(cfg)
+    train_idx, dev_idx = setup.select_rows(cfg, data)
     sampler = EpochSampler(data.emotions[train_idx], undersample=True, seed=cfg.seed)
     per_epoch = -(-len(sampler) // batch_size)
-    scoring = -(-dev_idx.size // training.EVAL_BATCH)
-    assert len(calls) == epochs * (per_epoch + scoring)
+    scoring_steps = -(-dev_idx.size // scoring.EVAL_BATCH)
+    assert len(calls) == epochs * (per_epoch + scoring_steps)
     for epoch in range(1, epochs + 1):
         sampler.set_epoch(epoch)
         order = train_idx[sampler.epoch_indices()]
-        steps = calls[(epoch - 1) * (per_epoch + scoring):][:per_epoch]
+        steps = calls[(epoch - 1) * (per_epoch + scoring_steps):][:per_epoch]
         for (idx, host), expected in zip(steps, np.array_split(order, per_epoch)):
             assert torch.is_tensor(idx) and idx.dtype == torch.int64
             np.testing.assert_array_equal(host, expected)
@@ -220,7 +224,7 @@ def reference_infer(model, fetch, n: int, batch_size: int) -> tuple[np.ndarray, 
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
-            out = model(training.to_device(fetch(idx), CPU))
+            out = model(runtime.to_device(fetch(idx), CPU))
             avd[idx] = out["avd"].double().cpu().numpy()
             if probs is not None:
                 probs[idx] = torch.softmax(out["gender_logits"].double(), dim=-1).cpu().numpy()
@@ -240,9 +244,9 @@ def test_infer_over_placed_rows_equals_the_batch_by_batch_copy(shuffled, genders
     # Batches of 7 rows, and the loop's scoring (fit.infer_stack) in one batch of all (a batch's size
     # can change the last bits).
     small = reference_infer(model, lambda idx: data.batch(rows[idx]), rows.size, batch_size=7)
-    whole = reference_infer(model, lambda idx: data.batch(rows[idx]), rows.size, batch_size=training.EVAL_BATCH)
+    whole = reference_infer(model, lambda idx: data.batch(rows[idx]), rows.size, batch_size=scoring.EVAL_BATCH)
     data.place(CPU)
-    got = training.infer(model, lambda idx: data.batch(rows[idx]), rows.size, device=CPU, batch_size=7)
+    got = scoring.infer(model, lambda idx: data.batch(rows[idx]), rows.size, device=CPU, batch_size=7)
     pred, probs = infer_stack(stack_of([model], [None]), data, rows, CPU)
     by_rows = (pred[0], None if probs is None else probs[0])
     for result, expected in ((got, small), (by_rows, whole)):
@@ -253,7 +257,7 @@ def test_infer_over_placed_rows_equals_the_batch_by_batch_copy(shuffled, genders
         else:
             assert result[1] is None
         assert result[0].shape == (rows.size, 3) and result[0].flags.c_contiguous
-    empty = training.infer(model, lambda idx: data.batch(rows[idx]), 0, device=CPU)
+    empty = scoring.infer(model, lambda idx: data.batch(rows[idx]), 0, device=CPU)
     assert empty[0].shape == (0, 3)
 
 
@@ -294,9 +298,9 @@ def test_cuda_epochs_and_scoring_do_not_wait_for_the_gpu(framed, tmp_path, monke
     def waits(epochs: int) -> int:
         data = load(*framed)
         data.place(device)
-        cfg = training.TrainHeadsConfig(features=(), data=framed[0], out=tmp_path / "unused", batch_size=8,
+        cfg = options.TrainHeadsConfig(features=(), data=framed[0], out=tmp_path / "unused", batch_size=8,
                                         epochs=epochs, conv_dim=8, hidden=8, device="cuda", progress=False)
-        run = training.set_up(cfg, data, device)
+        run = setup.set_up(cfg, data, device)
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn")
         try:

@@ -85,23 +85,23 @@ def test_scoring_against_a_split(tmp_path):
 def test_ensemble_writes_four_columns_and_averages_gender_only_when_asked(tmp_path):
     import csv as _csv
 
-    from ser_cache.runs import rundir as _runs
+    from ser_cache.runs import rundir
     from ser_cache.runs.ensemble import EnsembleError, ensemble
 
     ids = ["a.wav", "b.wav"]
     avd = np.array([[2.0, 3.0, 4.0], [5.0, 6.0, 1.5]])
-    a = _runs.write_predictions(tmp_path / "a.csv", ids, avd, gender_labels=["Female", "Male"],
+    a = rundir.write_predictions(tmp_path / "a.csv", ids, avd, gender_labels=["Female", "Male"],
                                 gender_probs=np.array([[0.9, 0.1], [0.2, 0.8]]))
-    b = _runs.write_predictions(tmp_path / "b.csv", ids, avd + 1, gender_labels=["Female", "Male"],
+    b = rundir.write_predictions(tmp_path / "b.csv", ids, avd + 1, gender_labels=["Female", "Male"],
                                 gender_probs=np.array([[0.5, 0.5], [0.6, 0.4]]))
-    c = _runs.write_predictions(tmp_path / "c.csv", ids, avd)  # a member without a gender head
+    c = rundir.write_predictions(tmp_path / "c.csv", ids, avd)  # a member without a gender head
     plain = ensemble([a, b], out=tmp_path / "plain.csv")
     assert next(_csv.reader(open(plain.out))) == ["FileName", "EmoAct", "EmoVal", "EmoDom"]
     both = ensemble([a, b, c], out=tmp_path / "g.csv", weights=[1, 1, 2], with_gender=True)
     rows = list(_csv.DictReader(open(both.out)))
     assert [r["Gender"] for r in rows] == ["Female", "Male"]  # (0.7, 0.3) and (0.4, 0.6)
     assert float(rows[1]["GenderProb_Male"]) == pytest.approx(0.6)
-    _, mean = _runs.read_predictions(both.out)
+    _, mean = rundir.read_predictions(both.out)
     np.testing.assert_allclose(mean, (avd + avd + 1 + 2 * avd) / 4)
     with pytest.raises(EnsembleError, match="no member file has gender columns"):
         ensemble([c, c], out=tmp_path / "x.csv", with_gender=True)

@@ -351,11 +351,12 @@ ASR = {"model_id": "openai/whisper-large-v3", "revision": "0123abcd", "language"
 
 def asr_table(path: Path, texts: dict[str, str], *, sidecar: bool = True) -> Path:
     """A table as `ser-cache transcribe` writes it, with its sidecar."""
+    from ser_cache.data import transcripts
     from ser_cache.features import transcribe
 
     transcribe.write_table(path, texts)
     if sidecar:
-        transcribe.write_sidecar(transcribe.sidecar_path(path), {"model": "whisper-large-v3", "settings": ASR,
+        transcribe.write_sidecar(transcripts.sidecar_path(path), {"model": "whisper-large-v3", "settings": ASR,
                                                                  "complete": True, "rows": len(texts)})
     return path
 

@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from pathlib import Path
 
@@ -15,8 +14,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from factories import msp_corpus, write_wav
-from ser_cache import __version__
+from factories import msp_corpus
+from ser_cache.version import __version__
 from ser_cache.cli.app import INTERRUPTED, app
 from ser_cache.features.store import FeatureStore
 from test_training import make_corpus, make_store
@@ -70,9 +69,9 @@ import sys, time
 if __name__ == "__main__":
     sys.path.insert(0, sys.argv[1])
     import slow
-    from ser_cache.system import finetuned as finetune_model
-    finetune_model.AudioRows = slow.Rows
-    loader, plan = finetune_model.audio_loader(["a.wav", "b.wav"], 15.0, 1)
+    from ser_cache.data import batching
+    batching.AudioRows = slow.Rows
+    loader, plan = batching.audio_loader(["a.wav", "b.wav"], 15.0, 1)
     plan.batches = [[0], [1]]
     next(iter(loader))
 '''

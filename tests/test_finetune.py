@@ -21,10 +21,13 @@ import pytest
 from safetensors.torch import load_file
 
 import factories
+from ser_cache.infra import atomic
 from ser_cache.runs import rundir
-from ser_cache.finetune.loop import CHECKPOINT, FinetuneConfig, finetune_wavlm
-from ser_cache.system.finetuned import AUDIO_INPUT, plan_batches, shard
-from ser_cache.train.training import TrainError
+from ser_cache.finetune.loop import FinetuneConfig, finetune_wavlm
+from ser_cache.runs.checkpoint_file import CHECKPOINT
+from ser_cache.system.finetuned import AUDIO_INPUT
+from ser_cache.data.batching import plan_batches, shard
+from ser_cache.system.rows import TrainError
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -211,7 +214,7 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(trained, tmp_p
     wrapper.write_text(textwrap.dedent("""
         import os, signal, sys
         import ser_cache.finetune.loop as ft
-        import ser_cache.train.training as tr
+        import ser_cache.system.setup as tr
         state = {"saves": 0, "losses": 0}
         save, loss = ft.save_checkpoint, tr.batch_loss
         def save_checkpoint(*args, **kwargs):
@@ -248,7 +251,7 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(trained, tmp_p
 
 
 def _checkpoint_epoch(out: Path) -> int:
-    from ser_cache.finetune.checkpoint import read_checkpoint
+    from ser_cache.runs.checkpoint_file import read_checkpoint
 
     return read_checkpoint(out, tensors=False)["epoch"]
 
@@ -353,7 +356,8 @@ def test_a_run_written_before_the_authors_architecture_loads_as_it_was_trained(t
 
     from safetensors.torch import save_file
 
-    from ser_cache.system.finetuned import LEGACY_LAST_STATE, load_finetuned
+    from ser_cache.system.finetuned import LEGACY_LAST_STATE
+    from ser_cache.runs.finetuned_run import load_finetuned
 
     _, result = trained
     old = tmp_path / "old"
@@ -361,7 +365,7 @@ def test_a_run_written_before_the_authors_architecture_loads_as_it_was_trained(t
     config = rundir.read_config(old)
     for key in ("last_state", "conv_final_activation", "conv_dropout", "layerdrop"):
         config["wavlm"].pop(key)
-    rundir.write_json_atomic(old / rundir.CONFIG, config)
+    atomic.write_json_atomic(old / rundir.CONFIG, config)
     tensors = load_file(str(old / rundir.WEIGHTS))
     save_file({k.removeprefix("pool."): v for k, v in tensors.items()}, str(old / rundir.WEIGHTS))
     model = load_finetuned(old, config)

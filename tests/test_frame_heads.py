@@ -255,7 +255,10 @@ def test_frame_store_rows_read_once_per_chunk_for_kept_rows_only(tmp_path, frame
 
 @pytest.mark.slow
 def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpus, monkeypatch):
-    from ser_cache.train import fit, training
+    from ser_cache.train import fit
+    from ser_cache.system import setup
+    from ser_cache.train import recipe
+    from ser_cache.train.options import TrainHeadsConfig
     from ser_cache.system.rows import FrameInput, TrainingData
     from ser_cache.system.sampling import EpochSampler
 
@@ -295,9 +298,9 @@ def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpu
                       memory_budget_gb=1e-5, **options)
     config = json.loads((result.run_dir / rundir.CONFIG).read_text())
     assert config["memory"]["frames"] == "streamed"
-    data = training.load_training_data(training.TrainHeadsConfig(features=(stores["frames"], stores["text"]),
+    data = recipe.load_training_data(TrainHeadsConfig(features=(stores["frames"], stores["text"]),
                                                                  data=manifest, out=tmp_path / "x"))
-    train_idx, _ = training.select_rows(training.TrainHeadsConfig(features=(), data=manifest, out=tmp_path), data)
+    train_idx, _ = setup.select_rows(TrainHeadsConfig(features=(), data=manifest, out=tmp_path), data)
     sampler = EpochSampler(data.emotions[train_idx], undersample=True, seed=0)
     assert len(orders) == 4
     for epoch, (order, batches) in enumerate(zip(orders, seen), start=1):
@@ -336,7 +339,8 @@ def test_streamed_and_held_frames_score_development_alike(tmp_path, frame_corpus
 
 
 def test_frame_options_are_checked():
-    from ser_cache.train.training import TrainError, TrainHeadsConfig
+    from ser_cache.system.rows import TrainError
+    from ser_cache.train.options import TrainHeadsConfig
 
     cfg = TrainHeadsConfig(features=(Path("a.zarr"),), data=Path("."), out=Path("r"), conv_dim=0, conv_dropout=1.0,
                            memory_budget_gb=0)

@@ -11,7 +11,9 @@ import pytest
 from matplotlib.image import imread
 from typer.testing import CliRunner
 
-from ser_cache.runs import plots, rundir
+from ser_cache.runs import plots, score_plots
+from ser_cache.infra import atomic
+from ser_cache.runs import rundir
 from ser_cache.system.metrics import ATTRIBUTES, ccc
 from ser_cache.runs.plots import PlotError
 from ser_cache.features.store import FeatureStore
@@ -46,9 +48,9 @@ def make_run(path: Path, epochs: int = 6, best_epoch: int = 4, speaker: bool = F
     """A finished run's files as training.write_run_files leaves them (no weights: plots need none)."""
     path.mkdir(parents=True)
     history = history_rows(epochs, speaker=speaker)
-    rundir.write_csv_atomic(path / rundir.HISTORY, list(history[0]), [list(r.values()) for r in history])
-    rundir.write_json_atomic(path / rundir.METRICS, {"split": "Development", "best_epoch": best_epoch})
-    rundir.write_json_atomic(path / rundir.CONFIG, {"format": rundir.RUN_FORMAT, "format_version": 1,
+    atomic.write_csv_atomic(path / rundir.HISTORY, list(history[0]), [list(r.values()) for r in history])
+    atomic.write_json_atomic(path / rundir.METRICS, {"split": "Development", "best_epoch": best_epoch})
+    atomic.write_json_atomic(path / rundir.CONFIG, {"format": rundir.RUN_FORMAT, "format_version": 1,
                                                 "best_epoch": best_epoch, "gender_labels": ["Female", "Male"]})
     return path
 
@@ -78,7 +80,7 @@ def test_training_curves_elsewhere_and_without_balanced(tmp_path):
     for r in rows:
         for k in (*ATTRIBUTES, "mean"):
             r[f"dev_balanced_ccc_{k}"] = "nan"
-    rundir.write_csv_atomic(run / "history.csv", list(rows[0]), [list(r.values()) for r in rows])
+    atomic.write_csv_atomic(run / "history.csv", list(rows[0]), [list(r.values()) for r in rows])
     result = plots.training_curves(run, out_dir=tmp_path / "figs")
     assert result.paths == [tmp_path / "figs" / "curves.png"] and result.balanced_mean is None
     assert not (run / "curves.png").exists()
@@ -88,7 +90,7 @@ def checkpoint_of(run: Path, history: list[dict], best_epoch: int) -> Path:
     """A fine-tuning checkpoint with this history and best epoch (and empty module states), as save_checkpoint writes."""
     pytest.importorskip("torch")
     from ser_cache.infra import statefile
-    from ser_cache.finetune.checkpoint import CHECKPOINT, CHECKPOINT_FORMAT, CHECKPOINT_VERSION
+    from ser_cache.runs.checkpoint_file import CHECKPOINT, CHECKPOINT_FORMAT, CHECKPOINT_VERSION
 
     ckpt = {"epoch": len(history), "train": {}, "world": 1, "model": {}, "aam": None, "optimizer": {}, "scaler": {},
             "sampler": {}, "rng": [], "best": {"epoch": best_epoch, "score": 0.5}, "history": history}
@@ -127,7 +129,8 @@ def test_training_curves_of_a_trained_run(tmp_path):
     """A run that train_heads really wrote (history.csv, config.json as it writes them)."""
     from test_training import make_corpus, make_store
 
-    from ser_cache.train.training import TrainHeadsConfig, train_heads
+    from ser_cache.train.options import TrainHeadsConfig
+    from ser_cache.train.recipe import train_heads
 
     manifest, ids, feats = make_corpus(tmp_path / "corpus", n=120)
     store = make_store(tmp_path / "audio.zarr", ids, feats["audio"])
@@ -160,7 +163,7 @@ def test_evaluation_plots(tmp_path, n, svg):
     rng = np.random.default_rng(1)
     gender_true = rng.integers(0, 2, n)
     gender_pred = np.where(rng.random(n) < 0.8, gender_true, 1 - gender_true)
-    result = plots.evaluation_plots(pred, true, emotions, tmp_path, gender_true=gender_true, gender_pred=gender_pred,
+    result = score_plots.evaluation_plots(pred, true, emotions, tmp_path, gender_true=gender_true, gender_pred=gender_pred,
                                     gender_labels=["Female", "Male"], title="test", svg=svg)
     names = {"scatter.png", "ccc_per_class.png", "gender_confusion.png"}
     assert {p.name for p in result.paths} == names | ({n.replace(".png", ".svg") for n in names} if svg else set())
@@ -182,32 +185,32 @@ def test_evaluation_plots(tmp_path, n, svg):
 @pytest.mark.slow
 def test_evaluation_plots_without_gender_and_with_string_genders(tmp_path):
     pred, true, emotions = labelled(50)
-    result = plots.evaluation_plots(pred, true, emotions, tmp_path / "a")
+    result = score_plots.evaluation_plots(pred, true, emotions, tmp_path / "a")
     assert {p.name for p in result.paths} == {"scatter.png", "ccc_per_class.png"} and result.gender_confusion is None
     truth = ["Female", "Male", "Unknown"] * 16 + ["Female", "Male"]
     guess = ["Female", "Female", "Male"] * 16 + ["Male", "Male"]
-    result = plots.evaluation_plots(pred, true, emotions, tmp_path / "b", gender_true=truth, gender_pred=guess,
+    result = score_plots.evaluation_plots(pred, true, emotions, tmp_path / "b", gender_true=truth, gender_pred=guess,
                                     gender_labels=["Female", "Male"])
     # rows whose true gender is not a label (Unknown) are not counted
     np.testing.assert_array_equal(result.gender_confusion, [[16, 1], [16, 1]])
     with pytest.raises(PlotError, match=r"\(N, 3\)"):
-        plots.evaluation_plots(pred[:, :2], true[:, :2], emotions, tmp_path / "c")
+        score_plots.evaluation_plots(pred[:, :2], true[:, :2], emotions, tmp_path / "c")
     with pytest.raises(PlotError, match="both gender_true and gender_pred"):
-        plots.evaluation_plots(pred, true, emotions, tmp_path / "c", gender_true=truth)
+        score_plots.evaluation_plots(pred, true, emotions, tmp_path / "c", gender_true=truth)
 
 
 def test_ensemble_plots(tmp_path):
     members = [{"ccc": {"arousal": 0.6, "valence": 0.5, "dominance": 0.55, "mean": 0.55}, "split": "Development"},
                {"arousal": 0.62, "valence": 0.7, "dominance": 0.5}]
     ensemble = {"ccc": {"arousal": 0.65, "valence": 0.72, "dominance": 0.58, "mean": 0.65}}
-    result = plots.ensemble_plots(["whisper", "mm"], members, ensemble, tmp_path, svg=True)
+    result = score_plots.ensemble_plots(["whisper", "mm"], members, ensemble, tmp_path, svg=True)
     assert [p.name for p in result.paths] == ["ensemble.png", "ensemble.svg"]
     check_png(tmp_path / "ensemble.png", plots.ENSEMBLE_SIZE)
     assert result.names == ["whisper", "mm", "ensemble"]
     assert result.scores["mm"]["mean"] == pytest.approx((0.62 + 0.7 + 0.5) / 3)
     assert result.scores["ensemble"] == ensemble["ccc"]
     with pytest.raises(PlotError, match="expected CCCs"):
-        plots.ensemble_plots(["a"], [{"arousal": 0.1}], ensemble, tmp_path)
+        score_plots.ensemble_plots(["a"], [{"arousal": 0.1}], ensemble, tmp_path)
 
 
 # --------------------------------------------------------------------------- speakers
@@ -349,8 +352,8 @@ def weighted_run(path: Path, epochs: int = 3, *, gender_weight: float = 1.0, spe
         r["loss_gender"] = r["loss_gender"] if gender_weight else 0.0
         r["loss_speaker"] = speaker_loss / r["epoch"] if speaker_weight else 0.0
         r["loss_total"] = r["loss_ccc"] + gender_weight * r["loss_gender"] + speaker_weight * r["loss_speaker"]
-    rundir.write_csv_atomic(path / rundir.HISTORY, list(rows[0]), [list(r.values()) for r in rows])
-    rundir.write_json_atomic(path / rundir.CONFIG, {
+    atomic.write_csv_atomic(path / rundir.HISTORY, list(rows[0]), [list(r.values()) for r in rows])
+    atomic.write_json_atomic(path / rundir.CONFIG, {
         "format": rundir.RUN_FORMAT, "format_version": 1, "best_epoch": 2,
         "train": {"gender_weight": gender_weight, "speaker_weight": speaker_weight, "dev_split": "Development"},
         "inputs": [{"name": name} for name in inputs]})
@@ -448,7 +451,7 @@ def test_curves_settings_of_an_unfinished_run(tmp_path):
     """in_progress.json carries the fine-tuning options: their weights and what is trained."""
     run = tmp_path / "ft"
     run.mkdir()
-    rundir.write_json_atomic(run / rundir.IN_PROGRESS, {"format": rundir.RUN_FORMAT, "system": "finetuned-wavlm",
+    atomic.write_json_atomic(run / rundir.IN_PROGRESS, {"format": rundir.RUN_FORMAT, "system": "finetuned-wavlm",
                                                    "train": {"gender_weight": 1.0, "speaker_weight": 0.0}})
     settings = plots._run_settings(run, finished=False)
     assert plots._loss_weights(settings) == {"ccc": 1.0, "gender": 1.0, "speaker": 0.0}
@@ -475,7 +478,7 @@ def class_data(seed: int = 0):
 def per_class(tmp_path_factory):
     """class_data's evaluation figures, drawn once for the tests below."""
     pred, true, emotions, gender_true, gender_pred = class_data()
-    return (pred, true, emotions), plots.evaluation_plots(pred, true, emotions, tmp_path_factory.mktemp("per_class"),
+    return (pred, true, emotions), score_plots.evaluation_plots(pred, true, emotions, tmp_path_factory.mktemp("per_class"),
                                                           gender_true=gender_true, gender_pred=gender_pred,
                                                           gender_labels=["Female", "Male"])
 
@@ -491,7 +494,7 @@ def test_per_class_skips_small_classes_and_says_which(per_class):
     assert "fewer than 10 utterances: disgust (D) n=2" in notes
     assert "other (O) n=12" in notes and "no agreement (X) n=6" in notes
     # a lower minimum keeps it
-    per_class_2, _, skipped_2 = plots.class_cccs(pred, true, np.array(emotions, dtype=object), 2)
+    per_class_2, _, skipped_2 = score_plots.class_cccs(pred, true, np.array(emotions, dtype=object), 2)
     assert "D" in per_class_2 and not skipped_2
 
 
@@ -530,7 +533,7 @@ def test_gender_confusion_coloured_by_row_share(per_class):
 def test_ensemble_names_its_split(tmp_path):
     members = [{"arousal": 0.6, "valence": 0.5, "dominance": 0.55}, {"arousal": 0.62, "valence": 0.7, "dominance": 0.5}]
     ensemble = {"ccc": {"arousal": 0.65, "valence": 0.72, "dominance": 0.58}, "split": "Test1"}
-    result = plots.ensemble_plots(["a", "b"], members, ensemble, tmp_path)
+    result = score_plots.ensemble_plots(["a", "b"], members, ensemble, tmp_path)
     assert result.split == "Test1" and "on Test1" in result.figure.axes[0].get_title()
 
 
@@ -543,7 +546,7 @@ def test_ensemble_values_level_and_apart(tmp_path, members):
     names = [f"wavlm-large-seed-{i}" for i in range(members)]
     tables = [{a: float(rng.uniform(0.3, 0.8)) for a in ATTRIBUTES} for _ in names]
     ensemble = {"ccc": {a: 0.7 for a in ATTRIBUTES}}  # no "split": given as an argument
-    fig = plots.ensemble_plots(names, tables, ensemble, tmp_path, split="Development").figure
+    fig = score_plots.ensemble_plots(names, tables, ensemble, tmp_path, split="Development").figure
     fig.canvas.draw()
     renderer = fig.canvas.get_renderer()
     ax = fig.axes[0]
@@ -553,5 +556,5 @@ def test_ensemble_values_level_and_apart(tmp_path, members):
     assert all(t.get_fontsize() >= FontProperties(size="small").get_size_in_points() - 1e-9 for t in values)
     boxes = sorted((t.get_window_extent(renderer) for t in values), key=lambda b: b.x0)
     assert not any(overlaps(a, b) for a, b in zip(boxes, boxes[1:]))
-    check_png(tmp_path / "ensemble.png", plots.ensemble_size([*names, "ensemble"]))
+    check_png(tmp_path / "ensemble.png", score_plots.ensemble_size([*names, "ensemble"]))
     assert "on Development" in fig.axes[0].get_title()

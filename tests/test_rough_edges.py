@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from ser_cache import __version__
+from ser_cache.version import __version__
 from ser_cache.cli.app import app
 from ser_cache.encoders import EncoderError, KNOWN_MODELS, default_store_name, load_encoder
 from test_training import make_corpus, make_store
@@ -181,7 +181,7 @@ def test_train_heads_help_fits_80_columns_with_readable_descriptions():
 
 
 def test_the_epoch_progress_line_fits_80_columns():
-    from ser_cache.train.training import EpochProgress
+    from ser_cache.system.epoch_log import EpochProgress
 
     buf = io.StringIO()
     row = {"loss_total": 12.3456, "dev_ccc_mean": -0.4567, "dev_balanced_ccc_mean": -0.4321}

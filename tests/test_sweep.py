@@ -23,7 +23,8 @@ from ser_cache.system.metrics import ccc_table
 from ser_cache.system.model import FeatureModel
 from ser_cache.train.stack import MemberStack, OneMember, StackedAdamW, stack_of
 from ser_cache.train.sweep import SweepConfig, TrainError, parse_variant, sweep
-from ser_cache.train.training import TrainHeadsConfig, train_heads
+from ser_cache.train.options import TrainHeadsConfig
+from ser_cache.train.recipe import train_heads
 
 OPTIONS = dict(epochs=4, lr=3e-3, batch_size=32, undersample=False, progress=False, device="cpu", threads=1,
                speaker_weight=0.0)

@@ -7,9 +7,11 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ser_cache.train import sweep, training
+from ser_cache.train import sweep
+from ser_cache.train import recipe
 from ser_cache.cli.app import app
-from ser_cache.train.training import TrainError, TrainHeadsConfig
+from ser_cache.system.rows import TrainError
+from ser_cache.train.options import TrainHeadsConfig
 
 TORCH_OWN = 3  # what torch is set to before each test: neither 1 nor a count a test passes
 
@@ -34,7 +36,7 @@ def threads_seen(monkeypatch, module, name: str) -> list[int]:
     return seen
 
 
-@pytest.mark.parametrize("command, module, name", [("train-heads", training, "_train_heads"),
+@pytest.mark.parametrize("command, module, name", [("train-heads", recipe, "_train_heads"),
                                                     ("sweep", sweep, "_sweep")])
 @pytest.mark.parametrize("option, expected", [([], 1), (["--threads", "2"], 2), (["--threads", "0"], TORCH_OWN)])
 def test_training_threads_default_to_one(tmp_path, monkeypatch, torch_own_threads, command, module, name, option,
@@ -48,10 +50,10 @@ def test_training_threads_default_to_one(tmp_path, monkeypatch, torch_own_thread
 
 
 def test_python_default_is_one_thread_and_negative_is_refused(tmp_path, monkeypatch, torch_own_threads):
-    seen = threads_seen(monkeypatch, training, "_train_heads")
+    seen = threads_seen(monkeypatch, recipe, "_train_heads")
     cfg = TrainHeadsConfig(features=(tmp_path / "a.zarr",), data=tmp_path, out=tmp_path / "run")
     with pytest.raises(TrainError, match="stopped by the test"):
-        training.train_heads(cfg)
+        recipe.train_heads(cfg)
     assert cfg.threads == 1 and seen == [1]
     with pytest.raises(TrainError, match=r"--threads -1: expected 1 or more, or 0 for torch's default"):
         TrainHeadsConfig(features=(tmp_path / "a.zarr",), data=tmp_path, out=tmp_path / "r", threads=-1).verify()

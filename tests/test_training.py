@@ -19,7 +19,9 @@ from ser_cache.runs import rundir
 from ser_cache.system.metrics import PRIMARY_EMOTIONS, ccc_table
 from ser_cache.system.sampling import OX_MODES
 from ser_cache.features.store import FeatureStore, fingerprint
-from ser_cache.train.training import TrainError, TrainHeadsConfig, train_heads
+from ser_cache.system.rows import TrainError
+from ser_cache.train.options import TrainHeadsConfig
+from ser_cache.train.recipe import train_heads
 
 EMOTIONS = list(PRIMARY_EMOTIONS) + ["O", "X"]
 
@@ -414,13 +416,13 @@ def test_bf16_lands_near_fp32_and_the_run_records_its_precision(tmp_path, synthe
 def test_auto_precision_is_bf16_only_where_bf16_is_fast(monkeypatch):
     import torch
 
-    from ser_cache.train import training
+    from ser_cache.infra import runtime
 
-    assert isinstance(training.bf16_fast("cpu"), bool)
-    assert training.compute_dtype("fp32", "cpu") is None
-    assert training.compute_dtype("bf16", "cpu") == torch.bfloat16
+    assert isinstance(runtime.bf16_fast("cpu"), bool)
+    assert runtime.compute_dtype("fp32", "cpu") is None
+    assert runtime.compute_dtype("bf16", "cpu") == torch.bfloat16
     for fast, expected in ((True, torch.bfloat16), (False, None)):
-        monkeypatch.setattr(training, "bf16_fast", lambda device, fast=fast: fast)
-        assert training.compute_dtype("auto", "cpu") == expected
+        monkeypatch.setattr(runtime, "bf16_fast", lambda device, fast=fast: fast)
+        assert runtime.compute_dtype("auto", "cpu") == expected
     assert "--precision fp16" in str(pytest.raises(TrainError, TrainHeadsConfig(
         features=(Path("a.zarr"),), data=Path("d"), out=Path("o"), precision="fp16").verify).value)

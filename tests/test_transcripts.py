@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from factories import msp_corpus
+from ser_cache.data import transcripts
 from ser_cache.features import transcribe
 from ser_cache.data.corpus import Utterance, load_corpus
 from ser_cache.data.transcripts import (
@@ -67,7 +68,7 @@ def test_table_errors_name_the_file_and_line(tmp_path):
 
 def test_the_sidecar_is_transcribes_and_gives_the_asr_settings(tmp_path):
     table = write(tmp_path / "asr.csv", "FileName,text\nx.wav,hi\n")
-    assert sidecar_path(table) == transcribe.sidecar_path(table) == tmp_path / "asr.csv.json"
+    assert sidecar_path(table) == transcripts.sidecar_path(table) == tmp_path / "asr.csv.json"
     assert read_sidecar(table) is None and load_table(table).asr is None
     settings = {"model_id": "openai/whisper-large-v3", "revision": "abc123", "language": "en", "beams": 1,
                 "max_new_tokens": 224, "max_seconds": 30.0, "precision": "bf16", "timestamps": False}

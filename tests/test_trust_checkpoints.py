@@ -15,7 +15,6 @@ import os
 import signal
 import subprocess
 import sys
-import textwrap
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -27,8 +26,9 @@ from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 import factories
+from ser_cache.infra import atomic
 from ser_cache.runs import rundir
-from ser_cache.finetune.checkpoint import CHECKPOINT
+from ser_cache.runs.checkpoint_file import CHECKPOINT
 from ser_cache.cli.app import app
 from ser_cache.finetune.loop import FinetuneConfig, finetune_wavlm
 from test_finetune import base_config, cli_args, learnable_corpus, subprocess_env
@@ -111,7 +111,7 @@ def ft_config(corpus_ft, models, tmp_path_factory) -> FinetuneConfig:
 def unfinished_run_dir(path: Path) -> Path:
     """A run directory as `finetune wavlm` leaves it in progress: the marker, no config.json."""
     path.mkdir(parents=True)
-    rundir.write_json_atomic(path / rundir.IN_PROGRESS, {"format": rundir.RUN_FORMAT, "system": "finetuned-wavlm"})
+    atomic.write_json_atomic(path / rundir.IN_PROGRESS, {"format": rundir.RUN_FORMAT, "system": "finetuned-wavlm"})
     return path
 
 
@@ -124,7 +124,7 @@ def test_the_checkpoint_is_one_safetensors_file_and_resume_ends_exactly_as_witho
     whole = finetune_wavlm(replace(cfg, out=tmp_path / "uninterrupted"))
     out = interrupted_run(replace(cfg, out=tmp_path / "run"), after_epoch=2)
     assert not (out / LEGACY_CHECKPOINT).exists()
-    from ser_cache.finetune.checkpoint import CHECKPOINT_VERSION
+    from ser_cache.runs.checkpoint_file import CHECKPOINT_VERSION
 
     with safe_open(str(out / CHECKPOINT), framework="pt") as f:
         meta = f.metadata()
@@ -182,7 +182,7 @@ def test_a_pickled_checkpoint_is_refused_unread_by_resume_and_plot(ft_config, tm
 
 def test_a_safetensors_checkpoint_that_does_not_hold_a_checkpoint_is_refused(tmp_path):
     from ser_cache.infra import statefile
-    from ser_cache.finetune.checkpoint import CHECKPOINT_VERSION, CheckpointError, read_checkpoint
+    from ser_cache.runs.checkpoint_file import CHECKPOINT_VERSION, CheckpointError, read_checkpoint
 
     out = unfinished_run_dir(tmp_path / "run")
     path = out / CHECKPOINT

@@ -90,8 +90,8 @@ def test_no_help_shows_a_python_type_and_every_option_is_described():
 
 FIXED_CHOICES = {
     "OxMode": ("ser_cache.system.sampling", "OX_MODES"),
-    "SelectMode": ("ser_cache.train.training", "SELECT_MODES"),
-    "HeadsPrecisionMode": ("ser_cache.train.training", "PRECISIONS"),
+    "SelectMode": ("ser_cache.train.options", "SELECT_MODES"),
+    "HeadsPrecisionMode": ("ser_cache.infra.runtime", "PRECISIONS"),
     "EncoderPrecisionMode": ("ser_cache.encoders.base", "PRECISIONS"),
     "TranscribePrecisionMode": ("ser_cache.features.transcribe", "PRECISIONS"),
     "PoolingMode": ("ser_cache.encoders.base", "POOLINGS"),
@@ -135,7 +135,7 @@ def test_undersampling_help_says_what_m_is():
 
 def test_train_heads_sweep_and_finetune_share_the_heads_defaults():
     from ser_cache.finetune.loop import FinetuneConfig
-    from ser_cache.train.training import TrainHeadsConfig
+    from ser_cache.train.options import TrainHeadsConfig
 
     defaults = {}
     for words, cmd in commands():

@@ -32,7 +32,7 @@ from ser_cache.runs.predict import PredictError, evaluate, predict
 from ser_cache.system.rows import TrainError, load_rows
 from ser_cache.features.store import FeatureStore
 from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
-from ser_cache.train.training import TrainHeadsConfig
+from ser_cache.train.options import TrainHeadsConfig
 from test_frame_heads import make_frame_corpus, make_frame_store
 from test_training import make_corpus, make_store, train
 

@@ -5,9 +5,6 @@ another corpus's store)."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
 
 import numpy as np
 import pytest

@@ -16,7 +16,8 @@ import pytest
 import soundfile as sf
 
 from factories import msp_corpus, tone, write_wav
-from ser_cache.features import transcribe as tr
+from ser_cache.data import transcripts
+from ser_cache.features import transcribe
 from ser_cache.data.corpus import CorpusError, load_corpus
 from ser_cache.features.extract import ExtractConfig, ExtractError, extract
 from ser_cache.runs.predict import PredictError, evaluate, predict
@@ -117,26 +118,26 @@ def test_a_table_row_with_an_unquoted_comma_is_refused_naming_the_line(tmp_path)
 def test_a_sidecar_that_is_not_an_object_with_settings_is_one_error(tmp_path, content, found):
     out = tmp_path / "asr.csv"
     write_table(out, {"a.wav": "hello"})
-    tr.sidecar_path(out).write_text(content)
-    cfg = tr.TranscribeConfig(out=out, data=tmp_path, device="cpu", progress=False)
-    with pytest.raises(tr.TranscribeError, match=rf"^{tr.sidecar_path(out)}: expected the settings file transcribe "
+    transcripts.sidecar_path(out).write_text(content)
+    cfg = transcribe.TranscribeConfig(out=out, data=tmp_path, device="cpu", progress=False)
+    with pytest.raises(transcribe.TranscribeError, match=rf"^{transcripts.sidecar_path(out)}: expected the settings file transcribe "
                                                  rf"writes .*{found}; pass --overwrite"):
-        tr.done_rows(cfg, {"model_id": "m"})
+        transcribe.done_rows(cfg, {"model_id": "m"})
     # predict/extract read the same sidecar beside a --transcripts table.
-    with pytest.raises(TranscriptError, match=rf"^{tr.sidecar_path(out)}: expected the settings .*{found}"):
+    with pytest.raises(TranscriptError, match=rf"^{transcripts.sidecar_path(out)}: expected the settings .*{found}"):
         read_sidecar(out)
 
 
 def test_a_journal_with_bytes_that_are_not_utf8_is_one_error(tmp_path):
     out = tmp_path / "asr.csv"
     settings = {"model_id": "m", "revision": "r"}
-    tr.write_sidecar(tr.sidecar_path(out), {"settings": settings})
-    tr.journal_path(out).write_bytes(b"FileName,text\na.wav,fine\nb.wav,caf\xe9 noir\n")
-    cfg = tr.TranscribeConfig(out=out, data=tmp_path, device="cpu", progress=False)
-    with pytest.raises(tr.TranscribeError, match=rf"^{tr.journal_path(out)}, line 3 \(byte offset 34\): byte 0xe9 "
+    transcribe.write_sidecar(transcripts.sidecar_path(out), {"settings": settings})
+    transcribe.journal_path(out).write_bytes(b"FileName,text\na.wav,fine\nb.wav,caf\xe9 noir\n")
+    cfg = transcribe.TranscribeConfig(out=out, data=tmp_path, device="cpu", progress=False)
+    with pytest.raises(transcribe.TranscribeError, match=rf"^{transcribe.journal_path(out)}, line 3 \(byte offset 34\): byte 0xe9 "
                                                  r"is not UTF-8; .*--overwrite"):
-        tr.done_rows(cfg, settings)
-    assert tr.done_rows(tr.TranscribeConfig(out=out, data=tmp_path, overwrite=True), settings) == ({}, None)
+        transcribe.done_rows(cfg, settings)
+    assert transcribe.done_rows(transcribe.TranscribeConfig(out=out, data=tmp_path, overwrite=True), settings) == ({}, None)
 
 
 # --------------------------------------------------------------------------- a cheap run on made-up stores

@@ -5,7 +5,7 @@ The Python API (docs/python.md) is importable from here: `open_store`, `load_fea
 `import ser_cache` stays cheap (no torch, no zarr).
 """
 
-__version__ = "0.1.0"
+from ser_cache.version import __version__
 
 _API = ("Dataset", "Predictor", "Store", "load_features", "open_store")
 __all__ = ["Dataset", "Predictor", "Store", "__version__", "load_features", "open_store"]

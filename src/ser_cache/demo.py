@@ -65,7 +65,8 @@ def run_demo(workdir: Path | None = None, *, n: int = DEFAULT_N, epochs: int = D
 def _run(workdir: Path, *, n: int, epochs: int, seed: int, progress: bool) -> dict:
     from ser_cache.encoders.base import quiet_loading
     from ser_cache.features.extract import ExtractConfig, extract
-    from ser_cache.train.training import TrainHeadsConfig, train_heads
+    from ser_cache.train.options import TrainHeadsConfig
+    from ser_cache.train.recipe import train_heads
 
     _claim(workdir)
     seconds = {}

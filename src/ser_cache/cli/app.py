@@ -18,7 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from ser_cache import __version__
+from ser_cache.version import __version__
 from ser_cache.infra.atomic import is_disk_full
 
 # pyproject.toml names no issue page; when it does, put its address here.
@@ -49,6 +49,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from ser_cache.encoders import EncoderError
     from ser_cache.features.extract import ExtractError
     from ser_cache.infra.outputs import OutputError
+    from ser_cache.infra.runtime import DeviceError
     from ser_cache.features.store import StoreError
 
     named = []
@@ -58,7 +59,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
             known = getattr(sys.modules.get(module), name, None)  # None: not imported (or not yet defined)
         if known is not None:
             named.append(known)
-    return (AudioError, CorpusError, EncoderError, ExtractError, OutputError, StoreError, *named)
+    return (AudioError, CorpusError, DeviceError, EncoderError, ExtractError, OutputError, StoreError, *named)
 
 
 def disk_full_message(path) -> str:

@@ -77,7 +77,7 @@ def bench_extract_cmd(
         table.add_row(k, str(v))
     out.print(table)
     if json_out:
-        from ser_cache.runs.rundir import write_text_atomic
+        from ser_cache.infra.atomic import write_text_atomic
 
         write_text_atomic(json_out, report.to_json())
         err.print(f"wrote {json_out}", highlight=False)

@@ -81,7 +81,7 @@ def wavlm(
     writable(out_dir, "--out", folder=True, inputs=inputs, replaced=overwrite)
     if tensorboard is not None:
         writable(tensorboard, "--tensorboard", folder=True, inputs=inputs)
-    from ser_cache.train.training import tensorboard_problem
+    from ser_cache.system.epoch_log import tensorboard_problem
 
     if tensorboard is not None and tensorboard_problem():
         fail(tensorboard_problem())

@@ -42,7 +42,7 @@ def defaults_from_run(ctx, param, value: Path | None) -> Path | None:
     """The eager --config callback: the run's options as ctx.default_map, checked one by one."""
     import dataclasses
 
-    from ser_cache.train.training import TrainHeadsConfig
+    from ser_cache.train.options import TrainHeadsConfig
 
     if value is None or ctx.resilient_parsing:
         return value
@@ -73,7 +73,8 @@ def defaults_from_run(ctx, param, value: Path | None) -> Path | None:
 def provenance_notes(path: Path, data: Path) -> list[str]:
     """What differs between the run's provenance and this rerun on `data`: the label file's digest,
     the git commit and the versions. The rerun goes ahead; these say why its numbers may not be the run's."""
-    from ser_cache.runs import provenance, rundir
+    from ser_cache.runs import provenance
+    from ser_cache.runs import rundir
 
     file = path / rundir.CONFIG if path.is_dir() else path
     recorded = rundir.read_config_file(file).get("provenance")

@@ -17,8 +17,8 @@ from ser_cache.infra.environment import default_memory_budget_gb
 # The library checks the same values for its Python callers; tests/test_trust_cli.py keeps the
 # two lists equal (the library's constants live in modules that import torch).
 OxMode = Literal["keep", "drop", "only", "train+dev", "train+dev-nonox"]  # sampling.OX_MODES
-SelectMode = Literal["balanced", "ccc"]  # training.SELECT_MODES
-HeadsPrecisionMode = Literal["auto", "fp32", "bf16"]  # training.PRECISIONS
+SelectMode = Literal["balanced", "ccc"]  # train.options.SELECT_MODES
+HeadsPrecisionMode = Literal["auto", "fp32", "bf16"]  # infra.runtime.PRECISIONS
 EncoderPrecisionMode = Literal["auto", "fp32", "bf16", "fp16"]  # encoders.base.PRECISIONS
 TranscribePrecisionMode = Literal["auto", "fp32", "bf16"]  # transcribe.PRECISIONS
 PoolingMode = Literal["mean", "mean+std", "frames"]  # encoders.base.POOLINGS
@@ -79,7 +79,7 @@ def heads_config(options: dict):
     --no-undersample, --memory-budget and the repeated --features."""
     import dataclasses
 
-    from ser_cache.train.training import TrainHeadsConfig
+    from ser_cache.train.options import TrainHeadsConfig
 
     renamed = {**options, "features": tuple(options["features"]), "out": options["out_dir"],
                "undersample": not options["no_undersample"], "memory_budget_gb": options["memory_budget"]}

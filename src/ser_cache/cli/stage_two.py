@@ -118,8 +118,8 @@ def train_heads(
     --features whisper-large-v3-frames.zarr --features roberta-large.zarr is MMWhisper.
     """
     from ser_cache.infra.outputs import given
-    from ser_cache.train.training import tensorboard_problem
-    from ser_cache.train.training import train_heads as run_training
+    from ser_cache.system.epoch_log import tensorboard_problem
+    from ser_cache.train.recipe import train_heads as run_training
 
     read = given("--features", *features) + given("--data", data)  # not `inputs`: locals() become the config
     writable(out_dir, "--out", folder=True, inputs=read, replaced=overwrite)

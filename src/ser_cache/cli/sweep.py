@@ -72,7 +72,7 @@ def sweep_command(
     """
     from ser_cache.infra.outputs import given
     from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
-    from ser_cache.train.training import tensorboard_problem
+    from ser_cache.system.epoch_log import tensorboard_problem
 
     read = given("--features", *features) + given("--data", data)  # not `inputs`: locals() become the config
     writable(out_dir, "--out", folder=True, inputs=read)

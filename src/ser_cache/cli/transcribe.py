@@ -35,7 +35,8 @@ def transcribe(
     rerun the same command after an interruption to continue where it stopped.
     """
     from ser_cache.infra.outputs import given, local_folder
-    from ser_cache.features.transcribe import TranscribeConfig, sidecar_path, transcribe as run_transcribe
+    from ser_cache.features.transcribe import TranscribeConfig, transcribe as run_transcribe
+    from ser_cache.data.transcripts import sidecar_path
 
     inputs = given("--data", data) + local_folder("--model", model) + given("the audio file", *(files or ()))
     # A table with its settings file beside it is this command's own: a rerun continues it (or refuses other settings).

@@ -28,8 +28,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ser_cache.infra.atomic import atomic_path
 from ser_cache.data.corpus import CSV_ENCODING, Utterance
+from ser_cache.infra.atomic import atomic_path
 
 KEY_COLUMNS = ("id", "FileName")  # either names the utterance; `id` wins when a table has both
 TEXT_COLUMN = "text"
@@ -70,13 +70,6 @@ class TranscriptTable:
         note = f"; {ignored[0]} is not used when the table has {self.key}" if ignored else ""
         return (f"rows matched by its column {self.key}, else by the audio file's stem; columns found: "
                 f"{', '.join(self.columns)}; expected FileName (or id) and text{note}")
-
-
-def sidecar_path(table: Path) -> Path:
-    """`asr.csv` → `asr.csv.json`: where `transcribe` writes the table's settings."""
-    from ser_cache.features.transcribe import sidecar_path as transcribe_sidecar
-
-    return transcribe_sidecar(Path(table))
 
 
 def read_table(path: str | Path) -> dict[str, str]:
@@ -143,8 +136,6 @@ def read_sidecar(table: str | Path) -> dict | None:
         raise TranscriptError(f"{path}: not a readable transcribe settings file ({exc})") from None
     settings = record.get("settings") if isinstance(record, dict) else None
     if not isinstance(settings, dict):
-        from ser_cache.features.transcribe import sidecar_problem
-
         raise TranscriptError(f"{path}: expected the settings `transcribe` writes (a JSON object with 'settings'), "
                               f"found {sidecar_problem(record)}")
     return dict(settings)
@@ -323,3 +314,21 @@ def text_store_ids(store: Path, attrs: dict, utts: Sequence[Utterance]) -> tuple
         entry = recorded.get(u.id)
         ids.append(u.id if entry is not None and entry[1] == text_sha1(text) else None)
     return ids, problem or f"their text is not the text {record_file.name} names for them"
+
+
+def sidecar_path(out: Path) -> Path:
+    return out.with_name(out.name + ".json")
+
+
+def sidecar_problem(record) -> str:
+    """What a sidecar holds instead of an object with 'settings': `an array`, `'settings' that is a string`."""
+    if not isinstance(record, dict):
+        return _json_kind(record)
+    return "no 'settings'" if "settings" not in record else f"'settings' that is {_json_kind(record['settings'])}"
+
+
+def _json_kind(value) -> str:
+    """`[]` → `an array`: a JSON value's kind, for messages."""
+    kinds = ((dict, "an object"), (list, "an array"), (str, "a string"), (bool, "a boolean"), (int, "a number"),
+             (float, "a number"))
+    return next((name for t, name in kinds if isinstance(value, t)), "null")

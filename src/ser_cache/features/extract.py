@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache import __version__
+from ser_cache.version import __version__
 from ser_cache.data import audio as audio_lib
 from ser_cache.infra.atomic import atomic_path, naming_disk_full
 from ser_cache.data.corpus import Utterance, load_corpus

@@ -35,11 +35,12 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache import __version__
+from ser_cache.version import __version__
 from ser_cache.data import audio as audio_lib
-from ser_cache.infra.atomic import atomic_path
 from ser_cache.data.corpus import Utterance, load_corpus
+from ser_cache.data.transcripts import sidecar_path, sidecar_problem
 from ser_cache.features.extract import REPORT_COLUMNS
+from ser_cache.infra.atomic import atomic_path
 from ser_cache.infra.progress import ExtractProgress
 
 DEFAULT_MODEL = "whisper-large-v3"
@@ -122,10 +123,6 @@ class TranscribeResult:
     def real_time_factor(self) -> float:
         """Processing seconds per second of audio (below 1: faster than real time)."""
         return self.wall_seconds / self.audio_seconds if self.audio_seconds > 0 else 0.0
-
-
-def sidecar_path(out: Path) -> Path:
-    return out.with_name(out.name + ".json")
 
 
 def journal_path(out: Path) -> Path:
@@ -303,22 +300,8 @@ def read_sidecar(path: Path) -> dict | None:
     return record
 
 
-def sidecar_problem(record) -> str:
-    """What a sidecar holds instead of an object with 'settings': `an array`, `'settings' that is a string`."""
-    if not isinstance(record, dict):
-        return _json_kind(record)
-    return "no 'settings'" if "settings" not in record else f"'settings' that is {_json_kind(record['settings'])}"
-
-
-def _json_kind(value) -> str:
-    """`[]` → `an array`: a JSON value's kind, for messages."""
-    kinds = ((dict, "an object"), (list, "an array"), (str, "a string"), (bool, "a boolean"), (int, "a number"),
-             (float, "a number"))
-    return next((name for t, name in kinds if isinstance(value, t)), "null")
-
-
 def write_sidecar(path: Path, record: dict) -> None:
-    from ser_cache.runs.rundir import write_json_atomic
+    from ser_cache.infra.atomic import write_json_atomic
 
     write_json_atomic(path, record)
 

@@ -24,28 +24,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.runs import rundir
-
 from ser_cache.infra import statefile
+from ser_cache.runs import rundir
 from ser_cache.system.rows import TrainError
+from ser_cache.runs.checkpoint_file import CHECKPOINT, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, read_checkpoint, refuse_legacy
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT = "checkpoint.safetensors"
-LEGACY_CHECKPOINT = "checkpoint.pt"  # pickled, by ser-cache 0.1.0: refused, never loaded
-CHECKPOINT_FORMAT = "ser-cache-finetune-checkpoint"
-CHECKPOINT_VERSION = 1
-# The entries of a checkpoint, with the type each must have: a file that decodes but lacks one, or
-# holds another type, is refused naming the entry instead of failing deep in a module's loader.
-ENTRIES = {"epoch": int, "train": dict, "world": int, "model": dict, "aam": (dict, type(None)),
-           "optimizer": dict, "scaler": dict, "sampler": dict, "rng": list, "best": dict, "history": list}
 BEST = "best-epoch{:04d}.safetensors"  # the best weights so far, named by epoch (see save_checkpoint)
 # Options that may change between a run and its --resume: they do not change the numbers.
 RESUME_FREE = ("device", "workers", "threads", "progress", "resume", "overwrite")
-
-
-class CheckpointError(TrainError):
-    """A run's checkpoint cannot be used: the message names the file and what to do."""
 
 
 @dataclass
@@ -67,8 +55,8 @@ def init_from_run(model, run_dir: Path) -> None:
     """
     from safetensors.torch import load_file
 
-    from ser_cache.system.finetuned import model_state
     from ser_cache.runs.predict import is_finetuned
+    from ser_cache.system.finetuned import model_state
 
     config = rundir.read_config(run_dir)
     if not is_finetuned(config):
@@ -157,38 +145,6 @@ def _remove_stale_best(out: Path, keep_epoch: int) -> None:
             f.unlink(missing_ok=True)
 
 
-def refuse_legacy(out: Path) -> None:
-    """Refuse a run whose only checkpoint is the pickled checkpoint.pt of ser-cache 0.1.0 (never loaded)."""
-    legacy = Path(out) / LEGACY_CHECKPOINT
-    if legacy.exists() and not (Path(out) / CHECKPOINT).exists():
-        raise CheckpointError(f"{legacy}: a pickled checkpoint (as ser-cache 0.1.0 wrote them), which is not loaded "
-                              "because unpickling a file can run any code in it; start the run again with --overwrite")
-
-
-def read_checkpoint(out: Path, *, tensors: bool = True) -> dict:
-    """The checkpoint of the unfinished run at `out`, every entry checked; CheckpointError naming the file.
-
-    tensors=False reads the header alone (history, best epoch, options): what a plot needs.
-    """
-    refuse_legacy(out)
-    path = Path(out) / CHECKPOINT
-    try:
-        ckpt = statefile.load(path, fmt=CHECKPOINT_FORMAT, version=CHECKPOINT_VERSION, tensors=tensors,
-                              what="fine-tuning checkpoint")
-    except statefile.StateFileError as exc:
-        raise CheckpointError(f"{exc}; start the run again with --overwrite") from None
-    problems = [f"\"{k}\" must be {t.__name__ if isinstance(t, type) else ' or '.join(x.__name__ for x in t)}"
-                for k, t in ENTRIES.items() if not isinstance(ckpt, dict) or not isinstance(ckpt.get(k), t)]
-    if not problems and not isinstance(ckpt["best"].get("epoch"), int):
-        problems.append("\"best\" must hold the best epoch")
-    if not problems and not all(isinstance(row, dict) for row in ckpt["history"]):
-        problems.append("every row of \"history\" must be an object")
-    if problems:
-        raise CheckpointError(f"{path}: not a complete fine-tuning checkpoint ({'; '.join(problems)}); "
-                              "start the run again with --overwrite")
-    return ckpt
-
-
 def resume(out: Path, cfg, dist, model, aam, optimizer, scaler, sampler) -> State | None:
     """Load the checkpoint into the modules and generators; None when there is nothing to resume."""
     path = out / CHECKPOINT
@@ -231,7 +187,7 @@ def resume(out: Path, cfg, dist, model, aam, optimizer, scaler, sampler) -> Stat
 
 def finish(out: Path, config: dict, metrics: dict, state: State, dev_ids: list[str], gender_labels) -> None:
     """The finished run's files. The best weights become model.safetensors; config.json comes last."""
-    from ser_cache.train.training import write_run_files
+    from ser_cache.runs.record import write_run_files
 
     best = out / BEST.format(state.best["epoch"])
     if best.is_file():

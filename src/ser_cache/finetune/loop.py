@@ -2,7 +2,7 @@
 
 The loop, in order:
 1. read the corpus and any cached stores (`--text-features`, `--speaker-features`) once, with the
-   very code of `train-heads` (training.load_rows), read each audio file's header for its length,
+   very code of `train-heads` (rows.load_rows), read each audio file's header for its length,
    and pick the training and Development rows of the O/X variant;
 2. build the model (finetune_model.WavLMEmotionModel: WavLM, layer weighting, point-wise
    convolutions, masked mean pooling, MultitaskHeads) and, under torchrun, wrap it in DDP;
@@ -34,18 +34,12 @@ import numpy as np
 
 from ser_cache.data import audio as audio_lib
 from ser_cache.infra import locks
+from ser_cache.infra import atomic
 from ser_cache.runs import rundir
-from ser_cache.finetune.checkpoint import (
-    BEST,
-    CHECKPOINT,  # noqa: F401  (the checkpoint's file name, for callers and tests)
-    State,
-    finish,
-    init_from_run,
-    refuse_legacy,
-    resume,
-    save_checkpoint,
-)
-from ser_cache.train.training import TrainError, TrainResult
+from ser_cache.finetune.checkpoint import BEST, State, finish, init_from_run, resume, save_checkpoint
+from ser_cache.runs.checkpoint_file import refuse_legacy
+from ser_cache.system.rows import TrainError
+from ser_cache.train.options import TrainResult
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +108,7 @@ class FinetuneConfig:
     def verify(self) -> None:
         """Raise one TrainError listing every problem with the options."""
         from ser_cache.encoders.base import PRECISIONS
-        from ser_cache.train.training import common_problems
+        from ser_cache.train.options import common_problems
 
         problems = []
         for name, value in (("--lr-encoder", self.lr_encoder), ("--lr-heads", self.lr_heads),
@@ -149,7 +143,7 @@ class FinetuneConfig:
         # Where TensorBoard logs go is no setting of the run: --resume may add, move or drop it.
         d = asdict(self)
         d.pop("tensorboard")
-        return rundir._jsonable(d)
+        return atomic._jsonable(d)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -158,7 +152,7 @@ class FinetuneConfig:
 def finetune_wavlm(cfg: FinetuneConfig) -> TrainResult:
     """Fine-tune as configured (under torchrun: on every rank) and write the run directory."""
     from ser_cache.infra import distributed
-    from ser_cache.train.training import torch_threads
+    from ser_cache.infra.runtime import torch_threads
 
     cfg.verify()
     dist = distributed.init()
@@ -240,7 +234,7 @@ def _keep_rows(data, keep: np.ndarray):
 
 
 def _load_data(cfg: FinetuneConfig):
-    from ser_cache.train.training import load_rows
+    from ser_cache.system.rows import load_rows
 
     data = load_rows(cfg.data, cfg.train_split, cfg.dev_split, cfg.stores, speaker_weight=cfg.speaker_weight,
                      require_inputs=False)
@@ -260,34 +254,33 @@ def _load_data(cfg: FinetuneConfig):
 def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     import torch
 
-    from ser_cache.train import training
+    from ser_cache.infra import runtime
+    from ser_cache.runs import record
+    from ser_cache.system import epoch_log
+    from ser_cache.system import rows
+    from ser_cache.system import scoring
+    from ser_cache.system import setup
     from ser_cache.encoders.base import RuntimeOptions, weights_revision
-    from ser_cache.system.finetuned import (
-        AUDIO_INPUT,
-        WavLMEmotionModel,
-        architecture,
-        audio_loader,
-        freeze_unused,
-        load_wavlm,
-    )
+    from ser_cache.system.finetuned import AUDIO_INPUT, WavLMEmotionModel, architecture, freeze_unused, load_wavlm
+    from ser_cache.data.batching import audio_loader
     from ser_cache.system.heads import MultitaskHeads
     from ser_cache.system.losses import AAMSoftmax
     from ser_cache.system.sampling import EpochSampler
 
     t0 = time.perf_counter()
-    device = training.resolve_device(dist.device(cfg.device))
+    device = runtime.resolve_device(dist.device(cfg.device))
     amp_dtype = RuntimeOptions(device=str(device), precision=cfg.precision).autocast_dtype(device)
     data, seconds = _load_data(cfg)
-    train_idx, dev_idx = training.select_rows(cfg, data)
-    training.check_selectable(cfg, data, dev_idx)
+    train_idx, dev_idx = setup.select_rows(cfg, data)
+    setup.check_selectable(cfg, data, dev_idx)
 
     # Everything the heads learn about labels comes from the training rows only (as in train-heads).
-    lo, hi = training.label_range(data.avd[train_idx])
-    gender_labels = training.head_classes("gender", cfg.gender_weight, [data.genders[i] for i in train_idx])
-    speaker_labels = training.head_classes("speaker", cfg.speaker_weight, [data.speakers[i] for i in train_idx])
+    lo, hi = scoring.label_range(data.avd[train_idx])
+    gender_labels = scoring.head_classes("gender", cfg.gender_weight, [data.genders[i] for i in train_idx])
+    speaker_labels = scoring.head_classes("speaker", cfg.speaker_weight, [data.speakers[i] for i in train_idx])
     targets = {"avd": torch.from_numpy(data.avd),
-               "gender": torch.from_numpy(training.label_index(data.genders, gender_labels)),
-               "speaker": torch.from_numpy(training.label_index(data.speakers, speaker_labels))}
+               "gender": torch.from_numpy(rows.label_index(data.genders, gender_labels)),
+               "speaker": torch.from_numpy(rows.label_index(data.speakers, speaker_labels))}
 
     # All three generators: WavLM's spec-augment masking draws from numpy's global one.
     random.seed(cfg.seed)
@@ -323,7 +316,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     head_params += list(aam.parameters()) if aam is not None else []
     optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": cfg.lr_encoder},
                                    {"params": head_params, "lr": cfg.lr_heads}], weight_decay=cfg.weight_decay,
-                                  **({"fused": True} if training.fused_adamw_ok(device) else {}))
+                                  **({"fused": True} if runtime.fused_adamw_ok(device) else {}))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = EpochSampler(data.emotions[train_idx], undersample=cfg.undersample, seed=cfg.seed)
 
@@ -336,7 +329,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
             # A symlinked --out keeps its link: the folder it points to is the run replaced (as train-heads does).
             shutil.rmtree(out.resolve())
         out.resolve().mkdir(parents=True, exist_ok=True)
-        rundir.write_json_atomic(out / rundir.IN_PROGRESS, {"format": rundir.RUN_FORMAT, "system": "finetuned-wavlm",
+        atomic.write_json_atomic(out / rundir.IN_PROGRESS, {"format": rundir.RUN_FORMAT, "system": "finetuned-wavlm",
                                                        "train": cfg.to_dict()})
     dist.barrier()
 
@@ -366,7 +359,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     run = _Run(cfg=cfg, dist=dist, device=device, amp_dtype=amp_dtype, data=data, seconds=seconds,
                targets=targets, model=model, ddp=ddp, aam=aam, optimizer=optimizer, scaler=scaler,
                loader=loader, plan=plan)
-    with training.EpochProgress(cfg.progress and dist.is_main, cfg.epochs,
+    with epoch_log.EpochProgress(cfg.progress and dist.is_main, cfg.epochs,
                                 tensorboard=cfg.tensorboard if dist.is_main else None) as progress:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             t_epoch = time.perf_counter()
@@ -375,20 +368,20 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
             losses, audio_seconds = _train_epoch(run, epoch, order, np.random.default_rng([cfg.seed, epoch, 1]))
             t_eval = time.perf_counter()
             pred, probs = _infer(run, dev_idx)
-            dev = training.score(pred, data.avd[dev_idx], data.emotions[dev_idx],
+            dev = scoring.score(pred, data.avd[dev_idx], data.emotions[dev_idx],
                                  gender_pred=None if probs is None else probs.argmax(1),
                                  gender_true=None if probs is None else targets["gender"].numpy()[dev_idx],
                                  balanced_trials=cfg.balanced_trials, balanced_per_class=cfg.balanced_per_class,
                                  seed=cfg.seed)
             now = time.perf_counter()
-            row = training.history_row(epoch, losses, dev, now - t_epoch, now - t_eval)
+            row = epoch_log.history_row(epoch, losses, dev, now - t_epoch, now - t_eval)
             row["train_audio_seconds_per_second"] = round(audio_seconds / max(t_eval - t_epoch, 1e-9), 3)
             state.history.append(row)
             value = dev["balanced_ccc"]["mean"] if cfg.select == "balanced" else dev["ccc"]["mean"]
             if value > state.best["score"]:
                 state.best = {"score": value, "epoch": epoch, "dev": dev, "pred": pred, "probs": probs}
                 if dist.is_main:
-                    from ser_cache.system.finetuned import save_weights
+                    from ser_cache.runs.finetuned_run import save_weights
 
                     save_weights(out / BEST.format(epoch), model, aam)
             state.epoch = epoch
@@ -399,7 +392,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
     if dist.is_main:
         arch = architecture(model, resolved, max_seconds=cfg.max_seconds, revision=revision)
-        config = training.run_config(cfg.to_dict(), data, lo, hi, gender_labels, speaker_labels, heads.config(),
+        config = record.run_config(cfg.to_dict(), data, lo, hi, gender_labels, speaker_labels, heads.config(),
                                      best["epoch"], system="finetuned-wavlm", wavlm=arch)
         finish(out, config, metrics, state, data.ids[dev_idx].tolist(), gender_labels)
         from ser_cache.runs.plots import curves_after_training
@@ -436,8 +429,9 @@ def _train_epoch(run: _Run, epoch: int, order: np.ndarray, rng: np.random.Genera
     """One pass over `order` in global batches; returns the loss terms averaged over rows, and audio seconds."""
     import contextlib
 
-    from ser_cache.system.finetuned import autocast, plan_batches, shard
-    from ser_cache.train.training import batch_loss
+    from ser_cache.infra.runtime import autocast
+    from ser_cache.data.batching import plan_batches, shard
+    from ser_cache.system.setup import batch_loss
 
     cfg, dist, dev = run.cfg, run.dist, run.device
     batches = plan_batches(order, run.seconds, cfg.batch_seconds, rng)
@@ -521,7 +515,8 @@ def _infer(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Predictions for rows `idx` (in that order); under torchrun the ranks share the batches."""
     import torch
 
-    from ser_cache.system.finetuned import autocast, plan_batches
+    from ser_cache.infra.runtime import autocast
+    from ser_cache.data.batching import plan_batches
 
     dist, dev, model = run.dist, run.device, run.model
     batches = plan_batches(idx, run.seconds, run.cfg.batch_seconds, None, min_rows=1)

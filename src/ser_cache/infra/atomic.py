@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import csv
 import errno
+import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
+
 
 
 @contextlib.contextmanager
@@ -67,3 +70,37 @@ def is_disk_full(exc: BaseException) -> bool:
         return exc.errno == errno.ENOSPC
     text = str(exc)
     return f"os error {errno.ENOSPC}" in text or os.strerror(errno.ENOSPC) in text
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def write_json_atomic(path: str | Path, obj) -> Path:
+    return write_text_atomic(path, json.dumps(_jsonable(obj), indent=2, allow_nan=True) + "\n")
+
+
+def write_csv_atomic(path: str | Path, header: Sequence[str], rows: Iterator[Sequence] | list) -> Path:
+    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+    return Path(path)
+
+
+def _jsonable(obj):
+    """Paths as strings, numpy scalars as Python numbers, NaN kept (json writes it as NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if type(obj).__module__ == "numpy":  # numpy only when it sent the value: the CLI's start imports this module
+        import numpy as np
+
+        if isinstance(obj, np.generic):
+            return obj.item()
+    return obj

@@ -105,7 +105,7 @@ def combine(files: Sequence[str | Path], weights: Sequence[float] | None = None,
 def score_predictions(ids: Sequence[str], avd: np.ndarray, data: Path, split: str, *, seed: int = 0) -> dict:
     """CCC table (and balanced CCC where primary emotions exist) of predictions on a labelled split."""
     from ser_cache.data.corpus import load_corpus
-    from ser_cache.train.training import score
+    from ser_cache.system.scoring import score
 
     utts = [u for u in load_corpus(data, [split]) if u.has_avd]
     if len(utts) < 2:
@@ -175,7 +175,7 @@ def ensemble(files: Sequence[str | Path], *, out: str | Path, weights: Sequence[
     path = rundir.write_predictions(out, ids, avd, gender_labels=labels, gender_probs=probs)
     drawn = []
     if plots is not None:
-        from ser_cache.runs.plots import ensemble_plots
+        from ser_cache.runs.score_plots import ensemble_plots
 
         drawn = ensemble_plots([Path(f).stem for f in files], members, scores, plots).paths
     return EnsembleResult(out=path, rows=len(ids), weights=w, scores=scores, members=members, plots=drawn)

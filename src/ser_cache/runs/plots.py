@@ -2,7 +2,7 @@
 
 This module draws a run's training curves and a store's speakers, and holds what every figure
 shares (drawing, writing, sizes, colours); score_plots.py draws the evaluation and ensemble
-figures, which this module also gives (`ser_cache.runs.plots.evaluation_plots`, `ensemble_plots`).
+figures on top of it.
 
 Each function draws one kind of figure, writes it, and returns the paths written and the numbers
 drawn (so a test, or a caller, can check the figure says what the data says). What each figure
@@ -63,20 +63,6 @@ UNKNOWN_SPEAKERS = (None, "", "Unknown")  # MSP-Podcast writes "Unknown" where n
 
 class PlotError(Exception):
     """A figure cannot be drawn from what was given; the message names the input and the reason."""
-
-
-# The evaluation and ensemble figures live in score_plots.py; they are also ser_cache.runs.plots' (as
-# they always were), loaded when first asked for, since score_plots builds on this module.
-SCORE_PLOTS = ("EvaluationResult", "evaluation_plots", "class_cccs", "row_shares", "EnsembleResult",
-               "ensemble_plots", "ensemble_size")
-
-
-def __getattr__(name: str):
-    if name in SCORE_PLOTS:
-        from ser_cache.runs import score_plots
-
-        return getattr(score_plots, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # --------------------------------------------------------------------------- drawing and writing
@@ -155,7 +141,7 @@ def read_history(run_dir: str | Path) -> tuple[list[dict], int | None, bool]:
     if not run_dir.is_dir():
         raise PlotError(f"{run_dir}: no such run directory")
     if rundir.is_unfinished_run(run_dir):
-        from ser_cache.finetune.checkpoint import CHECKPOINT, LEGACY_CHECKPOINT, CheckpointError, read_checkpoint
+        from ser_cache.runs.checkpoint_file import CHECKPOINT, LEGACY_CHECKPOINT, CheckpointError, read_checkpoint
 
         if not (run_dir / CHECKPOINT).is_file() and not (run_dir / LEGACY_CHECKPOINT).exists():
             raise PlotError(f"{run_dir}: an unfinished run without {CHECKPOINT}: it has not finished an epoch yet")

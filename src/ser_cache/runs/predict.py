@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ser_cache.infra import atomic
 from ser_cache.runs import rundir
 from ser_cache.features.frames import Frames
 from ser_cache.features.store import settings_differences
@@ -374,7 +375,8 @@ def run_model(model, config: dict, utts: list, arrays: dict[str, np.ndarray | Fr
     if not is_finetuned(config):
         avd, probs = run_heads(model, arrays, device=device)
     else:
-        from ser_cache.system.finetuned import AUDIO_INPUT, predict_audio
+        from ser_cache.system.finetuned import AUDIO_INPUT
+        from ser_cache.runs.finetuned_run import predict_audio
 
         sources[AUDIO_INPUT] = f"the run's fine-tuned WavLM on the audio ({len(utts)} rows)"
         arch = config["wavlm"]
@@ -421,7 +423,8 @@ def run_heads(model, arrays: dict[str, np.ndarray | Frames], *,
     frame inputs padded batch by batch (Frames.take)."""
     import torch
 
-    from ser_cache.train.training import infer, resolve_device
+    from ser_cache.system.scoring import infer
+    from ser_cache.infra.runtime import resolve_device
 
     dev = resolve_device(device)
     model.to(dev)
@@ -486,7 +489,8 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
     """
     from ser_cache.data.corpus import load_corpus
     from ser_cache.system.sampling import is_ox
-    from ser_cache.train.training import label_index, score
+    from ser_cache.system.rows import label_index
+    from ser_cache.system.scoring import score
 
     run_dir = Path(run_dir)
     model, config = _load(run_dir)
@@ -521,9 +525,9 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
     if texts is not None:
         result["text"] = texts.summary([u.id for u in labelled])  # the scored utterances' text, as given here
     target_path = Path(out) if out is not None else run_dir / f"eval_{split}.json"
-    rundir.write_json_atomic(target_path, result)
+    atomic.write_json_atomic(target_path, result)
     if plots is not None:
-        from ser_cache.runs.plots import evaluation_plots
+        from ser_cache.runs.score_plots import evaluation_plots
 
         drawn = evaluation_plots(avd, target, [u.emotion for u in labelled], plots,
                                  gender_true=None if probs is None else genders,
@@ -547,7 +551,7 @@ def _load(run_dir: Path):
     try:
         config = rundir.read_config(run_dir)
         if is_finetuned(config):
-            from ser_cache.system.finetuned import load_finetuned
+            from ser_cache.runs.finetuned_run import load_finetuned
 
             return load_finetuned(run_dir, config), config
         return rundir.load_run(run_dir)

@@ -36,13 +36,14 @@ import math
 import os
 import re
 import shutil
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 
 from ser_cache.infra.atomic import atomic_path
+from ser_cache.infra.atomic import write_csv_atomic
 
 log = logging.getLogger(__name__)
 
@@ -71,37 +72,6 @@ class RunError(Exception):
 
 
 # --------------------------------------------------------------------------- atomic files
-
-
-def write_text_atomic(path: str | Path, text: str) -> Path:
-    with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8")
-    return Path(path)
-
-
-def write_json_atomic(path: str | Path, obj) -> Path:
-    return write_text_atomic(path, json.dumps(_jsonable(obj), indent=2, allow_nan=True) + "\n")
-
-
-def write_csv_atomic(path: str | Path, header: Sequence[str], rows: Iterator[Sequence] | list) -> Path:
-    with atomic_path(path) as tmp, open(tmp, "w", newline="", encoding="utf-8") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
-    return Path(path)
-
-
-def _jsonable(obj):
-    """Paths as strings, numpy scalars as Python numbers, NaN kept (json writes it as NaN)."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, np.generic):
-        return obj.item()
-    return obj
 
 
 # --------------------------------------------------------------------------- the directory

@@ -43,8 +43,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ser_cache import __version__
+from ser_cache.version import __version__
 
+from ser_cache.infra import atomic
 from ser_cache.runs import rundir
 
 log = logging.getLogger(__name__)
@@ -352,7 +353,8 @@ def _run_config(cfg: ImportConfig, heads, imported: dict, predict_gender: bool, 
 def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict) -> int:
     from transformers import WavLMConfig, WavLMModel
 
-    from ser_cache.system.finetuned import AUDIO_INPUT, LAST_STATE, SYSTEM, WavLMEmotionModel, architecture, save_weights
+    from ser_cache.system.finetuned import AUDIO_INPUT, LAST_STATE, SYSTEM, WavLMEmotionModel, architecture
+    from ser_cache.runs.finetuned_run import save_weights
 
     wavlm_config, resolved = _backbone_config(backbone, WavLMConfig)
     if getattr(wavlm_config, "model_type", "") != "wavlm":
@@ -390,7 +392,7 @@ def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str
     config = _run_config(cfg, heads, imported, predict_gender, system=SYSTEM, wavlm=arch, inputs=[])
     with rundir.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
         save_weights(tmp / rundir.WEIGHTS, model, None)
-        rundir.write_json_atomic(tmp / rundir.CONFIG, config)
+        atomic.write_json_atomic(tmp / rundir.CONFIG, config)
     return merged
 
 
@@ -473,5 +475,5 @@ def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: s
         del encoder
         config = _run_config(cfg, heads, imported, predict_gender, inputs=[record], frame_inputs=model.config())
         rundir.save_weights(tmp, model)
-        rundir.write_json_atomic(tmp / rundir.CONFIG, config)
+        atomic.write_json_atomic(tmp / rundir.CONFIG, config)
     return merged

@@ -11,12 +11,9 @@ WavLM encoder (encoders/wavlm.py), read from the checkpoint's preprocessor confi
 
 from __future__ import annotations
 
-import contextlib
 import warnings
-from collections.abc import Mapping, Sequence
-from pathlib import Path
+from collections.abc import Mapping
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -25,9 +22,6 @@ from ser_cache.data import audio as audio_lib
 SYSTEM = "finetuned-wavlm"  # config.json "system" of a fine-tuned run
 AUDIO_INPUT = "finetuned-wavlm"  # the heads' input name of the pooled WavLM vector
 MIN_SECONDS = 0.05  # shorter than one or two WavLM frames: nothing to pool (as in extract)
-# Utterances sorted by length together when batches are formed: large enough that a batch holds
-# clips of similar length (little padding), small enough that batches still mix the epoch's draw.
-BUCKET_BATCHES = 50
 
 
 LAST_STATE = "after-final-layer-norm"  # as transformers 4.x returned it; the authors trained on 4.46
@@ -261,191 +255,9 @@ def model_state(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
     return {("pool." + k if k.startswith("convs.") else k): v for k, v in tensors.items() if not k.startswith("aam.")}
 
 
-def load_finetuned(run_dir: Path, config: dict, *, device: str = "cpu") -> WavLMEmotionModel:
-    """The fine-tuned model of a run, from its config.json and model.safetensors alone (no hub)."""
-    from ser_cache.runs import rundir
-
-    weights = Path(run_dir) / rundir.WEIGHTS
-    if not weights.is_file():
-        raise rundir.RunError(f"{run_dir}: {rundir.WEIGHTS} is missing; the run is incomplete")
-    try:
-        model = build_from_config(config)
-    except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise rundir.RunError(f"{Path(run_dir) / rundir.CONFIG}: \"wavlm\" or \"heads\" do not describe a model "
-                            f"({type(exc).__name__}: {exc}); the file was edited or damaged: restore it, "
-                            "or train the run again") from None
-    tensors = rundir.read_weights(weights)
-    try:
-        model.load_state_dict(model_state(tensors), strict=True)
-    except RuntimeError as exc:
-        raise rundir.RunError(f"{weights}: weights do not fit the model in {rundir.CONFIG} "
-                            f"({str(exc).splitlines()[0]})") from None
-    return model.to(torch.device(device)).eval()
-
-
-def save_weights(path: Path, model: nn.Module, aam: nn.Module | None) -> Path:
-    """The whole model (encoder included, keys "wavlm.*", "heads.*", ...) and the AAM weights ("aam.*")."""
-    from ser_cache.runs import rundir
-
-    return rundir.write_weights(path, model.state_dict(), aam)
-
-
 # --------------------------------------------------------------------------- audio and batches
-
-
-class AudioRows:
-    """Decodes row i's file (in a DataLoader worker when there are any): (i, float32 waveform)."""
-
-    def __init__(self, paths: Sequence[str], max_seconds: float):
-        self.paths = list(paths)
-        self.max_seconds = max_seconds
-
-    def __getitem__(self, i: int):
-        return i, audio_lib.load(self.paths[i], max_seconds=self.max_seconds)
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-
-class PlannedBatches:
-    """A batch sampler whose batches are set before each pass: one DataLoader (and its workers) serves
-    every epoch's training plan and the evaluation plan."""
-
-    def __init__(self):
-        self.batches: list[list[int]] = []
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
-
-
-def _collate(items):
-    rows, waves = zip(*items)
-    lengths = torch.tensor([len(w) for w in waves], dtype=torch.long)
-    audio = torch.zeros(len(waves), int(lengths.max()), dtype=torch.float32)
-    for i, w in enumerate(waves):
-        audio[i, : len(w)] = torch.from_numpy(w)
-    return np.asarray(rows, dtype=np.int64), audio, lengths
-
-
-def audio_loader(paths: Sequence[str], max_seconds: float, workers: int):
-    """(DataLoader, PlannedBatches): decoding in `workers` spawned processes (0: in this process)."""
-    from torch.utils.data import DataLoader
-
-    import functools
-    import os
-
-    from ser_cache.infra.workers import init_loader_worker
-
-    plan = PlannedBatches()
-    # Spawned, not forked (as in extract): a forked child of a process with threads running
-    # (Zarr's I/O, torch's pools) can deadlock. Persistent, so they are spawned once per run.
-    # init_loader_worker: a worker dies with this process, even one killed with SIGKILL (torch's
-    # own check only runs between batches), and leaves Ctrl-C to it.
-    loader = DataLoader(AudioRows(paths, max_seconds), batch_sampler=plan, collate_fn=_collate,
-                        num_workers=workers, multiprocessing_context="spawn" if workers > 0 else None,
-                        persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                        worker_init_fn=functools.partial(init_loader_worker, parent_pid=os.getpid()) if workers > 0 else None,
-                        generator=torch.Generator())  # its own seed draws: dropout's stream stays untouched
-    return loader, plan
-
-
-def plan_batches(order: np.ndarray, seconds: np.ndarray, batch_seconds: float, rng: np.random.Generator | None,
-                 min_rows: int = 2) -> list[np.ndarray]:
-    """Split `order` into batches of about `batch_seconds` of audio (clips cropped to their length in `seconds`).
-
-    Windows of the order (BUCKET_BATCHES batches' worth) are sorted by length before cutting, so a
-    batch holds clips of similar length and pads little; `rng` then shuffles the batches (None keeps
-    them in length order, for evaluation). A batch of fewer than `min_rows` rows, or a tail of less
-    than half a batch, joins its neighbour: CCC needs at least two rows, and a short tail is noise.
-    The plan depends on the order and the lengths only, never on the number of ranks.
-    """
-    order = np.asarray(order, dtype=np.int64)
-    if order.size == 0:
-        return []
-    mean = float(np.mean(seconds[order]))
-    window = max(1, int(BUCKET_BATCHES * batch_seconds / max(mean, 1e-3)))
-    batches: list[list[int]] = []
-    for start in range(0, order.size, window):
-        part = order[start:start + window]
-        part = part[np.argsort(seconds[part], kind="stable")]
-        cur: list[int] = []
-        total = 0.0
-        for row in part.tolist():
-            if cur and total + seconds[row] > batch_seconds:
-                batches.append(cur)
-                cur, total = [], 0.0
-            cur.append(row)
-            total += float(seconds[row])
-        if cur:
-            if batches and (len(cur) < min_rows or total < batch_seconds / 2):
-                batches[-1].extend(cur)
-            else:
-                batches.append(cur)
-    merged: list[list[int]] = []
-    for b in batches:
-        if merged and len(b) < min_rows:
-            merged[-1].extend(b)
-        else:
-            merged.append(b)
-    out = [np.asarray(b, dtype=np.int64) for b in merged]
-    if rng is not None:
-        out = [out[i] for i in rng.permutation(len(out))]
-    return out
-
-
-def shard(batch: np.ndarray, seconds: np.ndarray, rank: int, world: int) -> np.ndarray:
-    """This rank's part of a global batch: every world-th clip by length, so the ranks' loads match."""
-    by_length = batch[np.argsort(seconds[batch], kind="stable")]
-    return by_length[rank::world]
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- prediction
 
 
-def predict_audio(model: WavLMEmotionModel, utts: list, cached: Mapping[str, np.ndarray], *, device: str = "auto",
-                  max_seconds: float = audio_lib.DEFAULT_MAX_SECONDS, batch_seconds: float = 200.0,
-                  workers: int = 0, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray | None]:
-    """Run a fine-tuned model over utterances' audio (plus their cached inputs, aligned with `utts`).
-
-    Returns (avd (N, 3) float64, gender probabilities (N, G) or None). Unreadable audio raises
-    AudioError naming the file.
-    """
-    from ser_cache.encoders.base import RuntimeOptions
-    from ser_cache.train.training import resolve_device
-
-    dev = resolve_device(device)
-    dtype = RuntimeOptions(device=str(dev), precision=precision).autocast_dtype(dev)
-    model.to(dev).eval()
-    seconds = np.array([min(audio_lib.info(u.path).seconds, max_seconds) for u in utts], dtype=np.float64)
-    loader, plan = audio_loader([str(u.path) for u in utts], max_seconds, workers)
-    plan.batches = [b.tolist() for b in plan_batches(np.arange(len(utts)), seconds, batch_seconds, None, min_rows=1)]
-    n = len(utts)
-    avd = np.empty((n, 3), dtype=np.float64)
-    n_genders = model.heads.n_genders
-    probs = np.empty((n, n_genders), dtype=np.float64) if n_genders else None
-    with torch.inference_mode():
-        for rows, audio, lengths in loader:
-            _check_lengths(utts, rows, lengths)
-            inputs = {k: torch.from_numpy(a[rows]).to(dev) for k, a in cached.items()}
-            with autocast(dev, dtype):
-                out = model(audio.to(dev), lengths.to(dev), inputs)
-            avd[rows] = out["avd"].double().cpu().numpy()
-            if probs is not None:
-                probs[rows] = torch.softmax(out["gender_logits"].double(), dim=-1).cpu().numpy()
-    return avd, probs
-
-
-def _check_lengths(utts, rows, lengths) -> None:
-    short = [int(r) for r, n in zip(rows, lengths.tolist()) if n < MIN_SECONDS * audio_lib.SAMPLE_RATE]
-    if short:
-        u = utts[short[0]]
-        raise audio_lib.AudioError(u.path, f"too short for WavLM (at least {MIN_SECONDS} s needed)")

@@ -31,23 +31,12 @@ import numpy as np
 
 from ser_cache.runs import rundir
 from ser_cache.system.rows import TrainingData, index_tensor
-from ser_cache.train.training import (
-    BLOCK_ORDER,
-    EVAL_BATCH,
-    EVAL_FRAME_BATCH,
-    EpochProgress,
-    RunSetup,
-    TensorBoardLog,
-    TrainHeadsConfig,
-    batch_bounds,
-    batch_loss,
-    fused_adamw_ok,
-    history_row,
-    run_config,
-    score,
-    to_device,
-    write_run_files,
-)
+from ser_cache.system.setup import BLOCK_ORDER, RunSetup, batch_bounds, batch_loss
+from ser_cache.system.scoring import EVAL_BATCH, EVAL_FRAME_BATCH, score
+from ser_cache.system.epoch_log import EpochProgress, TensorBoardLog, history_row
+from ser_cache.train.options import TrainHeadsConfig
+from ser_cache.infra.runtime import fused_adamw_ok, to_device
+from ser_cache.runs.record import run_config, write_run_files
 
 LOSS_KEYS = ("total", "ccc", "gender", "speaker")
 

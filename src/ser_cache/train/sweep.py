@@ -38,6 +38,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ser_cache.infra import atomic
 from ser_cache.runs import rundir
 from ser_cache.train.fit import Diverged, Job, fit
 from ser_cache.system.rows import (
@@ -47,13 +48,10 @@ from ser_cache.system.rows import (
     load_rows,
 )
 from ser_cache.train.sweep_summary import summarize
-from ser_cache.train.training import (
-    TrainHeadsConfig,
-    resolve_device,
-    set_up,
-    tensorboard_problem,
-    torch_threads,
-)
+from ser_cache.train.options import TrainHeadsConfig
+from ser_cache.infra.runtime import resolve_device, torch_threads
+from ser_cache.system.setup import set_up
+from ser_cache.system.epoch_log import tensorboard_problem
 
 log = logging.getLogger(__name__)
 
@@ -240,7 +238,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
                 diverged[who] = done
                 log.warning("sweep member %s: %s", who, done.message())
     summary = summarize(cfg, members, data, diverged={k: _diverged_record(d) for k, d in diverged.items()})
-    rundir.write_json_atomic(Path(base.out) / SWEEP_FILE, summary)
+    atomic.write_json_atomic(Path(base.out) / SWEEP_FILE, summary)
     wall = time.perf_counter() - t0
     log.info("sweep written to %s in %.1f s", base.out, wall)
     return SweepResult(Path(base.out), summary, len(todo), len(members) - len(todo), wall, diverged=len(diverged))

@@ -75,3 +75,51 @@ def test_documented_command_has_its_options(doc, line):
     flags = [w.split("=")[0] for w in rest if w.startswith("--")]
     unknown = [f for f in flags if f not in known]
     assert not unknown, f"{doc}: `ser-cache {line}`: {cmd.name} has no option(s) {', '.join(unknown)}"
+
+
+# --------------------------------------------------------------------------- module paths the docs name
+
+# `ser_cache.runs.rundir.load_run`, `ser_cache.features.store`: a dotted path in the README or a doc
+# page (benchmarks' README too) names a module, or a module and attributes of it.
+MODULE_PATH = re.compile(r"\bser_cache(?:\.[A-Za-z_][A-Za-z0-9_]*)+")
+PATH_DOCS = DOCS + [ROOT / "benchmarks" / "README.md"]
+
+
+def _named_paths():
+    for doc in PATH_DOCS:
+        for path in sorted(set(MODULE_PATH.findall(doc.read_text(encoding="utf-8")))):
+            yield doc.relative_to(ROOT), path
+
+
+def resolve_path(path: str):
+    """Import the longest module prefix of `path`, then look the rest up as attributes; raise if either fails."""
+    import importlib
+
+    parts = path.split(".")
+    for k in range(len(parts), 0, -1):
+        try:
+            obj = importlib.import_module(".".join(parts[:k]))
+        except ModuleNotFoundError:
+            continue
+        for name in parts[k:]:
+            obj = getattr(obj, name)
+        return obj
+    raise ModuleNotFoundError(path)
+
+
+def test_docs_name_module_paths():
+    assert len(list(_named_paths())) > 5  # the pattern finds what the docs write
+
+
+@pytest.mark.parametrize("doc, path", list(_named_paths()), ids=lambda v: str(v))
+def test_every_module_path_the_docs_name_exists(doc, path):
+    try:
+        resolve_path(path)
+    except (ModuleNotFoundError, AttributeError) as exc:
+        pytest.fail(f"{doc} names {path}, which does not exist ({exc})")
+
+
+def test_a_path_that_does_not_exist_is_caught():
+    for wrong in ("ser_cache.training", "ser_cache.runs.rundir.no_such_function"):
+        with pytest.raises((ModuleNotFoundError, AttributeError)):
+            resolve_path(wrong)

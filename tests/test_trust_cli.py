@@ -134,7 +134,7 @@ def test_undersampling_help_says_what_m_is():
 
 
 def test_train_heads_sweep_and_finetune_share_the_heads_defaults():
-    from ser_cache.finetune.loop import FinetuneConfig
+    from ser_cache.finetune.options import FinetuneConfig
     from ser_cache.train.options import TrainHeadsConfig
 
     defaults = {}
@@ -345,7 +345,8 @@ def test_sweep_members_record_provenance_and_are_reused_from_relative_paths(head
 
 @pytest.mark.slow
 def test_a_finetuned_run_records_provenance(models, tmp_path):
-    from ser_cache.finetune.loop import FinetuneConfig, finetune_wavlm
+    from ser_cache.finetune.options import FinetuneConfig
+    from ser_cache.finetune.loop import finetune_wavlm
     from test_finetune import learnable_corpus
 
     corpus = learnable_corpus(tmp_path / "corpus", n_train=8, n_dev=6, n_test=0)

@@ -73,7 +73,8 @@ def wavlm(
 
     Multi-GPU: torchrun --nproc-per-node 8 -m ser_cache finetune wavlm ...
     """
-    from ser_cache.finetune.loop import FinetuneConfig, finetune_wavlm
+    from ser_cache.finetune.options import FinetuneConfig
+    from ser_cache.finetune.loop import finetune_wavlm
     from ser_cache.infra.outputs import given, local_folder
 
     inputs = (given("--data", data) + local_folder("--model", model) + given("--text-features", text_features)

@@ -4,11 +4,12 @@ The loop, in order:
 1. read the corpus and any cached stores (`--text-features`, `--speaker-features`) once, with the
    very code of `train-heads` (rows.load_rows), read each audio file's header for its length,
    and pick the training and Development rows of the O/X variant;
-2. build the model (finetune_model.WavLMEmotionModel: WavLM, layer weighting, point-wise
+2. build the model (system.finetuned.WavLMEmotionModel: WavLM, layer weighting, point-wise
    convolutions, masked mean pooling, MultitaskHeads) and, under torchrun, wrap it in DDP;
-3. each epoch: draw the epoch's (undersampled) order with EpochSampler, cut it into global batches
-   of about `--batch-seconds` of audio, give each rank every world-th clip of each batch, and
-   compute the loss of Eq. 1 over the *global* batch (see `_gather`); then score Development;
+3. each epoch, `train_epoch`: draw the epoch's (undersampled) order with EpochSampler, cut it into
+   global batches of about `--batch-seconds` of audio, give each rank every world-th clip of each
+   batch, and compute the loss of Eq. 1 over the *global* batch (see `_gather`); then
+   `score_epoch`: score Development and keep the best epoch (train/fit.py's loop reads the same);
 4. after every epoch write checkpoint.safetensors atomically; at the end write the run directory's
    files, config.json last. The run stays locked (`<run>.lock`, locks.py) while it trains, so a
    second `--resume` or `--overwrite` of it is refused instead of writing into the same folder.
@@ -256,32 +257,14 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
 
     run = _Run(cfg=cfg, dist=dist, device=device, amp_dtype=amp_dtype, data=data, seconds=seconds,
                targets=targets, model=model, ddp=ddp, aam=aam, optimizer=optimizer, scaler=scaler,
-               loader=loader, plan=plan)
+               loader=loader, plan=plan, sampler=sampler, train_idx=train_idx, dev_idx=dev_idx)
     with epoch_log.EpochProgress(cfg.progress and dist.is_main, cfg.epochs,
                                 tensorboard=cfg.tensorboard if dist.is_main else None) as progress:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             t_epoch = time.perf_counter()
-            sampler.set_epoch(epoch)
-            order = train_idx[sampler.epoch_indices()]
-            losses, audio_seconds = _train_epoch(run, epoch, order, np.random.default_rng([cfg.seed, epoch, 1]))
+            losses, audio_seconds = train_epoch(run, epoch)
             t_eval = time.perf_counter()
-            pred, probs = _infer(run, dev_idx)
-            dev = scoring.score(pred, data.avd[dev_idx], data.emotions[dev_idx],
-                                 gender_pred=None if probs is None else probs.argmax(1),
-                                 gender_true=None if probs is None else targets["gender"].numpy()[dev_idx],
-                                 balanced_trials=cfg.balanced_trials, balanced_per_class=cfg.balanced_per_class,
-                                 seed=cfg.seed)
-            now = time.perf_counter()
-            row = epoch_log.history_row(epoch, losses, dev, now - t_epoch, now - t_eval)
-            row["train_audio_seconds_per_second"] = round(audio_seconds / max(t_eval - t_epoch, 1e-9), 3)
-            state.history.append(row)
-            value = dev["balanced_ccc"]["mean"] if cfg.select == "balanced" else dev["ccc"]["mean"]
-            if value > state.best["score"]:
-                state.best = {"score": value, "epoch": epoch, "dev": dev, "pred": pred, "probs": probs}
-                if dist.is_main:
-                    from ser_cache.runs.finetuned_run import save_weights
-
-                    save_weights(out / BEST.format(epoch), model, aam)
+            row = score_epoch(run, state, epoch, losses, audio_seconds, t_epoch, t_eval)
             state.epoch = epoch
             save_checkpoint(out, cfg, dist, state, model, aam, optimizer, scaler, sampler)
             progress.update(epoch, row, state.best["epoch"])
@@ -321,10 +304,14 @@ class _Run:
     scaler: object
     loader: object
     plan: object
+    sampler: object  # sampling.EpochSampler of the training rows
+    train_idx: np.ndarray
+    dev_idx: np.ndarray
 
 
-def _train_epoch(run: _Run, epoch: int, order: np.ndarray, rng: np.random.Generator) -> tuple[dict[str, float], float]:
-    """One pass over `order` in global batches; returns the loss terms averaged over rows, and audio seconds."""
+def train_epoch(run: _Run, epoch: int) -> tuple[dict[str, float], float]:
+    """The epoch's (undersampled) order of the training rows, in global batches; returns the loss terms
+    averaged over rows, and the audio seconds trained on."""
     import contextlib
 
     from ser_cache.data.batching import plan_batches, shard
@@ -332,6 +319,9 @@ def _train_epoch(run: _Run, epoch: int, order: np.ndarray, rng: np.random.Genera
     from ser_cache.system.setup import batch_loss
 
     cfg, dist, dev = run.cfg, run.dist, run.device
+    run.sampler.set_epoch(epoch)
+    order = run.train_idx[run.sampler.epoch_indices()]
+    rng = np.random.default_rng([cfg.seed, epoch, 1])
     batches = plan_batches(order, run.seconds, cfg.batch_seconds, rng)
     if batches and min(b.size for b in batches) < dist.world:
         raise TrainError(f"--batch-seconds {cfg.batch_seconds}: a batch holds fewer clips than there are ranks "
@@ -407,6 +397,33 @@ def _gather(out: dict, target: dict, dist) -> tuple[dict, dict]:
         return torch.cat([p[:k] for p, k in zip(parts, sizes)])
 
     return {k: gathered(v) for k, v in out.items()}, {k: gathered(v) for k, v in target.items()}
+
+
+def score_epoch(run: _Run, state: State, epoch: int, losses: dict[str, float], audio_seconds: float,
+                t_epoch: float, t_eval: float) -> dict:
+    """The Development rows' predictions and scores: the epoch's history row (returned, and added to
+    state.history), and the best epoch so far (balanced or plain mean CCC), its weights written."""
+    from ser_cache.system import epoch_log, scoring
+
+    cfg, data, dev_idx = run.cfg, run.data, run.dev_idx
+    pred, probs = _infer(run, dev_idx)
+    dev = scoring.score(pred, data.avd[dev_idx], data.emotions[dev_idx],
+                        gender_pred=None if probs is None else probs.argmax(1),
+                        gender_true=None if probs is None else run.targets["gender"].numpy()[dev_idx],
+                        balanced_trials=cfg.balanced_trials, balanced_per_class=cfg.balanced_per_class,
+                        seed=cfg.seed)
+    now = time.perf_counter()
+    row = epoch_log.history_row(epoch, losses, dev, now - t_epoch, now - t_eval)
+    row["train_audio_seconds_per_second"] = round(audio_seconds / max(t_eval - t_epoch, 1e-9), 3)
+    state.history.append(row)
+    value = dev["balanced_ccc"]["mean"] if cfg.select == "balanced" else dev["ccc"]["mean"]
+    if value > state.best["score"]:
+        state.best = {"score": value, "epoch": epoch, "dev": dev, "pred": pred, "probs": probs}
+        if run.dist.is_main:
+            from ser_cache.runs.finetuned_run import save_weights
+
+            save_weights(Path(cfg.out) / BEST.format(epoch), run.model, run.aam)
+    return row
 
 
 def _infer(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:

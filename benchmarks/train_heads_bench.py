@@ -252,7 +252,7 @@ def profile_steps(cfg, steps: int, top: int = 12) -> dict:
             idx = rng.choice(run.train_idx, cfg.batch_size, replace=False)
             with record_function("gather"):
                 rows = index_tensor(idx, device)
-                batch = fit._stacked(data.batch(rows, idx), 1, device)
+                batch = fit.stacked(data.batch(rows, idx), 1, device)
                 target = {k: v[rows] for k, v in targets.items()}
             with record_function("forward"):
                 out = stack.forward(batch)

@@ -23,7 +23,8 @@ from safetensors.torch import load_file
 import factories
 from ser_cache.infra import atomic
 from ser_cache.runs import rundir
-from ser_cache.finetune.loop import FinetuneConfig, finetune_wavlm
+from ser_cache.finetune.options import FinetuneConfig
+from ser_cache.finetune.loop import finetune_wavlm
 from ser_cache.runs.checkpoint_file import CHECKPOINT
 from ser_cache.system.finetuned import AUDIO_INPUT
 from ser_cache.data.batching import plan_batches, shard

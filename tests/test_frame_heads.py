@@ -266,7 +266,7 @@ def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpu
     seen: list[list[np.ndarray]] = []
     holds: list[int] = []
     orders: list[np.ndarray] = []
-    epoch_blocks = fit._epoch_blocks
+    epoch_blocks = fit.epoch_blocks
     batch = TrainingData.batch
     hold = FrameInput.hold
 
@@ -290,7 +290,7 @@ def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpu
             holds[-1] += 1
         return hold(self, store_rows)
 
-    monkeypatch.setattr(fit, "_epoch_blocks", spy_blocks)
+    monkeypatch.setattr(fit, "epoch_blocks", spy_blocks)
     monkeypatch.setattr(TrainingData, "batch", spy_batch)
     monkeypatch.setattr(FrameInput, "hold", spy_hold)
     options = {**FAST, "epochs": 4, "undersample": True}

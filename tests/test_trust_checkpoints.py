@@ -30,7 +30,8 @@ from ser_cache.infra import atomic
 from ser_cache.runs import rundir
 from ser_cache.runs.checkpoint_file import CHECKPOINT
 from ser_cache.cli.app import app
-from ser_cache.finetune.loop import FinetuneConfig, finetune_wavlm
+from ser_cache.finetune.loop import finetune_wavlm
+from ser_cache.finetune.options import FinetuneConfig
 from test_finetune import base_config, cli_args, learnable_corpus, subprocess_env
 from test_plots import make_run
 

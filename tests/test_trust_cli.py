@@ -90,7 +90,7 @@ def test_no_help_shows_a_python_type_and_every_option_is_described():
 
 FIXED_CHOICES = {
     "OxMode": ("ser_cache.system.sampling", "OX_MODES"),
-    "SelectMode": ("ser_cache.train.options", "SELECT_MODES"),
+    "SelectMode": ("ser_cache.system.options", "SELECT_MODES"),
     "HeadsPrecisionMode": ("ser_cache.infra.runtime", "PRECISIONS"),
     "EncoderPrecisionMode": ("ser_cache.encoders.base", "PRECISIONS"),
     "TranscribePrecisionMode": ("ser_cache.features.transcribe", "PRECISIONS"),
@@ -134,7 +134,7 @@ def test_undersampling_help_says_what_m_is():
 
 
 def test_train_heads_sweep_and_finetune_share_the_heads_defaults():
-    from ser_cache.finetune.loop import FinetuneConfig
+    from ser_cache.finetune.options import FinetuneConfig
     from ser_cache.train.options import TrainHeadsConfig
 
     defaults = {}
@@ -146,6 +146,29 @@ def test_train_heads_sweep_and_finetune_share_the_heads_defaults():
     for config in (TrainHeadsConfig, FinetuneConfig):
         fields = config.__dataclass_fields__
         assert (fields["gender_weight"].default, fields["speaker_weight"].default) == (1.0, 0.1), config
+
+
+def test_the_recipes_share_one_declaration_of_their_common_options():
+    """TrainHeadsConfig and FinetuneConfig are TrainingOptions; each command's default of a shared option
+    is its config's; config.json lists every option (RECORD_ORDER names each field once)."""
+    import dataclasses
+
+    from ser_cache.finetune.options import FinetuneConfig
+    from ser_cache.system.options import TrainingOptions
+    from ser_cache.train.options import TrainHeadsConfig
+
+    shared_fields = [f.name for f in dataclasses.fields(TrainingOptions)]
+    configs = {("train-heads",): TrainHeadsConfig, ("sweep",): TrainHeadsConfig, ("finetune", "wavlm"): FinetuneConfig}
+    for words, cmd in commands():
+        if words not in configs:
+            continue
+        config = configs[words]
+        assert issubclass(config, TrainingOptions)
+        assert sorted(config.RECORD_ORDER) == sorted(f.name for f in dataclasses.fields(config)), config
+        params = {p.name: p.default for p in cmd.params}
+        params["undersample"] = not params.pop("no_undersample")
+        for name in shared_fields:
+            assert params[name] == getattr(config, name), (words, name)
 
 
 # --------------------------------------------------------------------------- a run: logs, titles, provenance, --config
@@ -345,7 +368,8 @@ def test_sweep_members_record_provenance_and_are_reused_from_relative_paths(head
 
 @pytest.mark.slow
 def test_a_finetuned_run_records_provenance(models, tmp_path):
-    from ser_cache.finetune.loop import FinetuneConfig, finetune_wavlm
+    from ser_cache.finetune.options import FinetuneConfig
+    from ser_cache.finetune.loop import finetune_wavlm
     from test_finetune import learnable_corpus
 
     corpus = learnable_corpus(tmp_path / "corpus", n_train=8, n_dev=6, n_test=0)

@@ -207,7 +207,8 @@ def test_a_checkpoint_for_another_backbone_is_refused(models, tmp_path):
 def test_finetune_can_start_from_an_imported_run(models, tmp_path, one_torch_thread):
     from safetensors.torch import load_file
 
-    from ser_cache.finetune.loop import FinetuneConfig, finetune_wavlm
+    from ser_cache.finetune.options import FinetuneConfig
+    from ser_cache.finetune.loop import finetune_wavlm
     from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
     from test_finetune import learnable_corpus
 

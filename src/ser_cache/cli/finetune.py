@@ -24,56 +24,60 @@ def wavlm(
     model: str = typer.Option("wavlm-large", help="WavLM short name, Hugging Face id or local directory."),
     text_features: Optional[Path] = typer.Option(None, help="Cached text store (e.g. roberta-large.zarr) joined to the audio: MMWavLM."),
     speaker_features: Optional[Path] = typer.Option(None, help="Cached x-vector store joined as an input (kept out while the speaker head is on)."),
-    train_split: shared.TrainSplit = "Train",
-    dev_split: shared.DevSplit = "Development",
-    epochs: shared.Epochs = 50,
+    train_split: shared.TrainSplit = shared.TRAINING.train_split,
+    dev_split: shared.DevSplit = shared.TRAINING.dev_split,
+    epochs: shared.Epochs = shared.TRAINING.epochs,
     lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate of WavLM and of the heads alike: "
                                        "sets --lr-encoder and --lr-heads (either, given, wins)."),
     lr_encoder: Optional[float] = typer.Option(None, help="AdamW learning rate of WavLM (default: --lr, else the "
                                                "paper's 5e-5)."),
     lr_heads: Optional[float] = typer.Option(None, help="AdamW learning rate of layer weights, convolutions and heads "
                                              "(default: --lr, else the paper's 5e-5)."),
-    weight_decay: shared.WeightDecay = 0.01,
+    weight_decay: shared.WeightDecay = shared.TRAINING.weight_decay,
     batch_seconds: float = typer.Option(160.0, help="Audio seconds per batch, summed over all GPUs (the paper gives no batch size)."),
     grad_accum: int = typer.Option(1, help="Batches per optimizer step."),
     max_seconds: float = typer.Option(15.0, help="Crop every clip to its first seconds (paper: 15)."),
     freeze_cnn: bool = typer.Option(True, "--freeze-cnn/--train-cnn", help="Freeze WavLM's CNN feature encoder (default) or train it too."),
     gradient_checkpointing: bool = typer.Option(False, help="Recompute WavLM's activations in the backward pass: less memory, ~30% slower."),
-    precision: shared.EncoderPrecisionMode = typer.Option("auto", help="auto: bf16 on CUDA, fp32 on CPU; fp16 with loss scaling."),
-    seed: int = typer.Option(0, help="Seed for initialisation, sampling, dropout and the balanced-CCC draws."),
-    no_undersample: shared.NoUndersample = False,
-    ox: shared.Ox = "keep",
-    gender_weight: shared.GenderWeight = shared.GENDER_WEIGHT,
-    speaker_weight: shared.SpeakerWeight = shared.SPEAKER_WEIGHT,
-    aam_margin: shared.AamMargin = 0.2,
-    aam_scale: shared.AamScale = 30.0,
-    select: shared.Select = "balanced",
-    balanced_trials: shared.BalancedTrials = 10,
-    balanced_per_class: shared.BalancedPerClass = None,
-    hidden: shared.Hidden = 256,
-    dropout: float = typer.Option(0.0, help="Dropout in the heads (the authors' heads have none)."),
-    conv_dim: int = typer.Option(256, help="Channels of the point-wise convolutions (paper: 256)."),
-    conv_dropout: float = typer.Option(0.1, help="Dropout between the point-wise convolutions (the authors': 0.1)."),
+    precision: shared.EncoderPrecisionMode = typer.Option(shared.TRAINING.precision,
+                                                          help="auto: bf16 on CUDA, fp32 on CPU; fp16 with loss scaling."),
+    seed: int = typer.Option(shared.TRAINING.seed,
+                             help="Seed for initialisation, sampling, dropout and the balanced-CCC draws."),
+    no_undersample: shared.NoUndersample = not shared.TRAINING.undersample,
+    ox: shared.Ox = shared.TRAINING.ox,
+    gender_weight: shared.GenderWeight = shared.TRAINING.gender_weight,
+    speaker_weight: shared.SpeakerWeight = shared.TRAINING.speaker_weight,
+    aam_margin: shared.AamMargin = shared.TRAINING.aam_margin,
+    aam_scale: shared.AamScale = shared.TRAINING.aam_scale,
+    select: shared.Select = shared.TRAINING.select,
+    balanced_trials: shared.BalancedTrials = shared.TRAINING.balanced_trials,
+    balanced_per_class: shared.BalancedPerClass = shared.TRAINING.balanced_per_class,
+    hidden: shared.Hidden = shared.TRAINING.hidden,
+    dropout: shared.Dropout = shared.TRAINING.dropout,
+    conv_dim: int = typer.Option(shared.TRAINING.conv_dim, help="Channels of the point-wise convolutions (paper: 256)."),
+    conv_dropout: float = typer.Option(shared.TRAINING.conv_dropout,
+                                       help="Dropout between the point-wise convolutions (the authors': 0.1)."),
     layerdrop: Optional[float] = typer.Option(None, help="Probability of skipping each WavLM layer in training "
                                                          "(default: the checkpoint's, 0.1 for wavlm-large, as the authors)."),
     init_from: Optional[Path] = typer.Option(None, help="Start from the weights of a fine-tuned run (e.g. one made by "
                                                         "`ser-cache import vox-profile`)."),
     workers: Optional[int] = typer.Option(None, help="Processes decoding audio per rank; 0 decodes in the training "
                                                      "process (default: up to 4 on a GPU, 0 on a CPU)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N (under torchrun each rank takes its own GPU)."),
-    threads: Optional[int] = typer.Option(None, help="CPU threads for torch (default: torch's)."),
+    device: str = typer.Option(shared.TRAINING.device,
+                               help="auto, cpu, cuda, cuda:N (under torchrun each rank takes its own GPU)."),
+    threads: Optional[int] = typer.Option(shared.TRAINING.threads, help="CPU threads for torch (default: torch's)."),
     resume: bool = typer.Option(False, help="Continue the unfinished run in --out from its last checkpoint."),
-    overwrite: bool = typer.Option(False, help="Delete the run in --out and start again."),
-    progress: bool = typer.Option(True, help="Show a progress bar."),
-    tensorboard: Optional[Path] = typer.Option(None, metavar="DIR", help="Also log each epoch's history.csv row as "
-                                               "TensorBoard scalars in DIR (pip install 'ser-cache[tensorboard]')."),
+    overwrite: bool = typer.Option(shared.TRAINING.overwrite, help="Delete the run in --out and start again."),
+    progress: shared.Progress = shared.TRAINING.progress,
+    tensorboard: shared.TensorBoard = shared.TRAINING.tensorboard,
 ) -> None:
     """Fine-tune WavLM (all hidden states weighted, point-wise convolutions, mean pooling) with the
     stage-two heads; write a run directory that evaluate, predict and ensemble use like any other.
 
     Multi-GPU: torchrun --nproc-per-node 8 -m ser_cache finetune wavlm ...
     """
-    from ser_cache.finetune.loop import FinetuneConfig, finetune_wavlm
+    from ser_cache.finetune.options import FinetuneConfig
+    from ser_cache.finetune.loop import finetune_wavlm
     from ser_cache.infra.outputs import given, local_folder
 
     inputs = (given("--data", data) + local_folder("--model", model) + given("--text-features", text_features)
@@ -88,17 +92,7 @@ def wavlm(
     lr_encoder = lr_encoder if lr_encoder is not None else (lr if lr is not None else DEFAULT_LR)
     lr_heads = lr_heads if lr_heads is not None else (lr if lr is not None else DEFAULT_LR)
     _log_to_stderr()
-    cfg = FinetuneConfig(data=data, out=out_dir, model=model, text_features=text_features,
-                         speaker_features=speaker_features, train_split=train_split, dev_split=dev_split,
-                         epochs=epochs, lr_encoder=lr_encoder, lr_heads=lr_heads, weight_decay=weight_decay,
-                         batch_seconds=batch_seconds, grad_accum=grad_accum, max_seconds=max_seconds,
-                         freeze_cnn=freeze_cnn, gradient_checkpointing=gradient_checkpointing, precision=precision,
-                         seed=seed, undersample=not no_undersample, ox=ox, gender_weight=gender_weight,
-                         speaker_weight=speaker_weight, aam_margin=aam_margin, aam_scale=aam_scale, select=select,
-                         balanced_trials=balanced_trials, balanced_per_class=balanced_per_class, hidden=hidden,
-                         dropout=dropout, conv_dim=conv_dim, conv_dropout=conv_dropout, layerdrop=layerdrop,
-                         init_from=init_from, workers=workers, device=device, threads=threads,
-                         resume=resume, overwrite=overwrite, progress=progress, tensorboard=tensorboard)
+    cfg = shared.recipe_config(FinetuneConfig, locals())  # lr_encoder and lr_heads as resolved above
     result = guarded(finetune_wavlm, cfg)
     if result is None or not _is_main():
         return

@@ -1,23 +1,28 @@
-"""Options that `train-heads` and `finetune wavlm` share word for word (splits, epochs, the
-objective, the sampler, the epoch selection, the heads): declared once, each command keeps its
-own default; and the fixed choices of every command's options.
+"""Options that `train-heads`, `sweep` and `finetune wavlm` share word for word (splits, epochs, the
+objective, the sampler, the epoch selection, the heads): each declared once, its default the
+library's own (TRAINING: the options every recipe shares, system/options.py; HEADS: train-heads'
+and sweep's, train/options.py); and the fixed choices of every command's options.
 
-Nothing here imports the library: `ser-cache --help` must not load torch (tests/test_trust_cli.py).
+Nothing here imports torch or numpy (nor do the two option modules): `ser-cache --help` must not
+load torch (tests/test_trust_cli.py).
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal, Optional
 
 import typer
 
 from ser_cache.infra.environment import default_memory_budget_gb
+from ser_cache.system.options import TrainingOptions
+from ser_cache.train.options import TrainHeadsConfig
 
 # Options with fixed values: --help lists them and click refuses any other before work starts.
 # The library checks the same values for its Python callers; tests/test_trust_cli.py keeps the
 # two lists equal (the library's constants live in modules that import torch).
 OxMode = Literal["keep", "drop", "only", "train+dev", "train+dev-nonox"]  # sampling.OX_MODES
-SelectMode = Literal["balanced", "ccc"]  # train.options.SELECT_MODES
+SelectMode = Literal["balanced", "ccc"]  # system.options.SELECT_MODES
 HeadsPrecisionMode = Literal["auto", "fp32", "bf16"]  # infra.runtime.PRECISIONS
 EncoderPrecisionMode = Literal["auto", "fp32", "bf16", "fp16"]  # encoders.base.PRECISIONS
 TranscribePrecisionMode = Literal["auto", "fp32", "bf16"]  # transcribe.PRECISIONS
@@ -28,10 +33,9 @@ OnErrorMode = Literal["skip", "fail"]  # extract.ON_ERROR
 ExportFormat = Literal["hdf5"]
 TRANSCRIBE_MODEL = "whisper-large-v3"  # transcribe.DEFAULT_MODEL
 
-# The auxiliary heads' loss weights, one default for `train-heads`, `sweep` and `finetune wavlm`:
-# Eq. 1's alpha = 1 and beta = 0.1 (docs/training.md, "Options and defaults", says why).
-GENDER_WEIGHT = 1.0
-SPEAKER_WEIGHT = 0.1
+# The defaults of the commands' training options: the library's, read from its dataclasses.
+TRAINING = TrainingOptions  # of the options every recipe shares
+HEADS = TrainHeadsConfig  # of train-heads' own (which sweep's base options are)
 
 TrainSplit = Annotated[str, typer.Option(help="Split to train on.")]
 DevSplit = Annotated[str, typer.Option(help="Split to validate on and select the epoch with.")]
@@ -52,11 +56,15 @@ BalancedTrials = Annotated[int, typer.Option(help="Balanced-CCC trials.")]
 BalancedPerClass = Annotated[Optional[int],
                              typer.Option(help="Utterances per emotion and trial (default: smallest class).")]
 Hidden = Annotated[int, typer.Option(help="Hidden units of each 2-layer head.")]
+Dropout = Annotated[float, typer.Option(help="Dropout in the heads (the authors' heads have none).")]
+Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
+TensorBoard = Annotated[Optional[Path], typer.Option(
+    metavar="DIR", help="Also log each epoch's history.csv row as TensorBoard scalars in DIR "
+                        "(pip install 'ser-cache[tensorboard]').")]
 
 # The options of a heads run, which `train-heads` and `sweep` (its base options) take word for word.
 HeadsLr = Annotated[float, typer.Option(help="AdamW learning rate (paper: 5e-5).")]
 HeadsBatchSize = Annotated[int, typer.Option(help="Rows per update (the paper does not say; 64).")]
-HeadsDropout = Annotated[float, typer.Option(help="Dropout in the heads (the authors' heads have none).")]
 ConvDim = Annotated[int, typer.Option(
     help="Width of the point-wise convolutions over a frame store's frames (authors: 256).")]
 ConvDropout = Annotated[float, typer.Option(help="Dropout between those convolutions (authors: 0.1).")]
@@ -74,16 +82,22 @@ Threads = Annotated[Optional[int], typer.Option(
          "1.45x on an idle one (docs/performance.md).")]
 
 
-def heads_config(options: dict):
-    """A TrainHeadsConfig from a command's options (its locals()): the same names, but for --out,
-    --no-undersample, --memory-budget and the repeated --features."""
+def recipe_config(config_class, options: dict):
+    """A recipe's config (TrainHeadsConfig, FinetuneConfig) from a command's options (its locals()): the
+    same names, but for --out, --no-undersample, --memory-budget and the repeated --features."""
     import dataclasses
 
-    from ser_cache.train.options import TrainHeadsConfig
+    renamed = {**options, "out": options["out_dir"], "undersample": not options["no_undersample"]}
+    if "features" in options:
+        renamed["features"] = tuple(options["features"])
+    if "memory_budget" in options:
+        renamed["memory_budget_gb"] = options["memory_budget"]
+    return config_class(**{f.name: renamed[f.name] for f in dataclasses.fields(config_class)})
 
-    renamed = {**options, "features": tuple(options["features"]), "out": options["out_dir"],
-               "undersample": not options["no_undersample"], "memory_budget_gb": options["memory_budget"]}
-    return TrainHeadsConfig(**{f.name: renamed[f.name] for f in dataclasses.fields(TrainHeadsConfig)})
+
+def heads_config(options: dict):
+    """A TrainHeadsConfig from the options of `train-heads` or `sweep` (their locals())."""
+    return recipe_config(HEADS, options)
 
 
 # Every command that writes output files: one option, one wording (outputs.py, docs/troubleshooting.md).

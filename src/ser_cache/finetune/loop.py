@@ -4,11 +4,12 @@ The loop, in order:
 1. read the corpus and any cached stores (`--text-features`, `--speaker-features`) once, with the
    very code of `train-heads` (rows.load_rows), read each audio file's header for its length,
    and pick the training and Development rows of the O/X variant;
-2. build the model (finetune_model.WavLMEmotionModel: WavLM, layer weighting, point-wise
+2. build the model (system.finetuned.WavLMEmotionModel: WavLM, layer weighting, point-wise
    convolutions, masked mean pooling, MultitaskHeads) and, under torchrun, wrap it in DDP;
-3. each epoch: draw the epoch's (undersampled) order with EpochSampler, cut it into global batches
-   of about `--batch-seconds` of audio, give each rank every world-th clip of each batch, and
-   compute the loss of Eq. 1 over the *global* batch (see `_gather`); then score Development;
+3. each epoch, `train_epoch`: draw the epoch's (undersampled) order with EpochSampler, cut it into
+   global batches of about `--batch-seconds` of audio, give each rank every world-th clip of each
+   batch, and compute the loss of Eq. 1 over the *global* batch (see `_gather`); then
+   `score_epoch`: score Development and keep the best epoch (train/fit.py's loop reads the same);
 4. after every epoch write checkpoint.safetensors atomically; at the end write the run directory's
    files, config.json last. The run stays locked (`<run>.lock`, locks.py) while it trains, so a
    second `--resume` or `--overwrite` of it is refused instead of writing into the same folder.
@@ -27,123 +28,24 @@ import math
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from ser_cache.data import audio as audio_lib
-from ser_cache.infra import locks
-from ser_cache.infra import atomic
-from ser_cache.runs import rundir
 from ser_cache.finetune.checkpoint import BEST, State, finish, init_from_run, resume, save_checkpoint
+from ser_cache.infra import atomic, locks
+from ser_cache.runs import rundir
 from ser_cache.runs.checkpoint_file import refuse_legacy
 from ser_cache.system.rows import TrainError
 from ser_cache.train.options import TrainResult
+from ser_cache.finetune.options import FinetuneConfig
 
 log = logging.getLogger(__name__)
 
 # Fault injection for the resume test: "EPOCH:STEP" makes the process stop (sleep) right after
 # that optimizer step, mid-epoch, so the test can kill -9 it at a known point after a checkpoint.
-
-
-@dataclass(frozen=True)
-class FinetuneConfig:
-    """Everything `finetune wavlm` needs; the paper's values where it gives them, documented where not.
-
-    lr_encoder, lr_heads, epochs: the paper's 5e-5 and 50.
-    batch_seconds: audio seconds per (global) batch, summed over ranks; the paper gives no batch
-    size. 160 s is about 29 MSP-Podcast clips (mean 5.5 s).
-    gender_weight, speaker_weight: Eq. 1's alpha = 1 and beta = 0.1, the one default of train-heads
-    and finetune wavlm (docs/training.md says why); 0 turns a head off (the paper's plain WavLM
-    system is 0 and 0, its "G Pred" 1 and 0).
-    weight_decay: AdamW's default, as in train-heads.
-    dropout: of the heads; 0, as the authors' heads (Linear–ReLU–Linear). conv_dropout: between the
-    point-wise convolutions, the authors' fixed 0.1.
-    layerdrop: None keeps the checkpoint's own (0.1 for microsoft/wavlm-large), as the authors trained.
-    init_from: a fine-tuned run (e.g. `ser-cache import vox-profile`) whose weights start this one.
-    """
-
-    data: Path
-    out: Path
-    model: str = "wavlm-large"
-    text_features: Path | None = None
-    speaker_features: Path | None = None
-    train_split: str = "Train"
-    dev_split: str = "Development"
-    epochs: int = 50
-    lr_encoder: float = 5e-5
-    lr_heads: float = 5e-5
-    weight_decay: float = 0.01
-    batch_seconds: float = 160.0
-    grad_accum: int = 1
-    max_seconds: float = audio_lib.DEFAULT_MAX_SECONDS
-    freeze_cnn: bool = True
-    gradient_checkpointing: bool = False
-    precision: str = "auto"
-    seed: int = 0
-    undersample: bool = True
-    ox: str = "keep"
-    gender_weight: float = 1.0
-    speaker_weight: float = 0.1
-    aam_margin: float = 0.2
-    aam_scale: float = 30.0
-    select: str = "balanced"
-    balanced_trials: int = 10
-    balanced_per_class: int | None = None
-    hidden: int = 256
-    dropout: float = 0.0
-    conv_dim: int = 256
-    conv_dropout: float = 0.1
-    layerdrop: float | None = None
-    init_from: Path | None = None
-    workers: int | None = None  # None: up to 4 per rank on a GPU, none on a CPU
-    device: str = "auto"
-    threads: int | None = None
-    resume: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    tensorboard: Path | None = None  # a folder for TensorBoard scalars (the history rows)
-
-    def verify(self) -> None:
-        """Raise one TrainError listing every problem with the options."""
-        from ser_cache.encoders.base import PRECISIONS
-        from ser_cache.train.options import common_problems
-
-        problems = []
-        for name, value in (("--lr-encoder", self.lr_encoder), ("--lr-heads", self.lr_heads),
-                            ("--batch-seconds", self.batch_seconds), ("--max-seconds", self.max_seconds)):
-            if not value > 0:
-                problems.append(f"{name} {value}: expected a positive number")
-        if self.grad_accum < 1:
-            problems.append(f"--grad-accum {self.grad_accum}: expected 1 or more")
-        if self.precision not in PRECISIONS:
-            problems.append(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
-        if self.conv_dim < 1:
-            problems.append(f"--conv-dim {self.conv_dim}: expected 1 or more")
-        if not 0 <= self.conv_dropout < 1:
-            problems.append(f"--conv-dropout {self.conv_dropout}: expected a probability in [0, 1)")
-        if self.layerdrop is not None and not 0 <= self.layerdrop < 1:
-            problems.append(f"--layerdrop {self.layerdrop}: expected a probability in [0, 1)")
-        if self.workers is not None and self.workers < 0:
-            problems.append(f"--workers {self.workers}: expected 0 or more")
-        if self.resume and self.overwrite:
-            problems.append("--resume and --overwrite: give one (continue the run, or start it again)")
-        if self.text_features is not None and self.text_features == self.speaker_features:
-            problems.append("--text-features and --speaker-features name the same store")
-        problems += common_problems(self)
-        if problems:
-            raise TrainError("; ".join(problems))
-
-    @property
-    def stores(self) -> tuple[Path, ...]:
-        return tuple(Path(p) for p in (self.text_features, self.speaker_features) if p is not None)
-
-    def to_dict(self) -> dict:
-        # Where TensorBoard logs go is no setting of the run: --resume may add, move or drop it.
-        d = asdict(self)
-        d.pop("tensorboard")
-        return atomic._jsonable(d)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -254,15 +156,12 @@ def _load_data(cfg: FinetuneConfig):
 def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     import torch
 
+    from ser_cache.data.batching import audio_loader
+    from ser_cache.encoders.base import RuntimeOptions, weights_revision
     from ser_cache.infra import runtime
     from ser_cache.runs import record
-    from ser_cache.system import epoch_log
-    from ser_cache.system import rows
-    from ser_cache.system import scoring
-    from ser_cache.system import setup
-    from ser_cache.encoders.base import RuntimeOptions, weights_revision
+    from ser_cache.system import epoch_log, rows, scoring, setup
     from ser_cache.system.finetuned import AUDIO_INPUT, WavLMEmotionModel, architecture, freeze_unused, load_wavlm
-    from ser_cache.data.batching import audio_loader
     from ser_cache.system.heads import MultitaskHeads
     from ser_cache.system.losses import AAMSoftmax
     from ser_cache.system.sampling import EpochSampler
@@ -358,32 +257,14 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
 
     run = _Run(cfg=cfg, dist=dist, device=device, amp_dtype=amp_dtype, data=data, seconds=seconds,
                targets=targets, model=model, ddp=ddp, aam=aam, optimizer=optimizer, scaler=scaler,
-               loader=loader, plan=plan)
+               loader=loader, plan=plan, sampler=sampler, train_idx=train_idx, dev_idx=dev_idx)
     with epoch_log.EpochProgress(cfg.progress and dist.is_main, cfg.epochs,
                                 tensorboard=cfg.tensorboard if dist.is_main else None) as progress:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
             t_epoch = time.perf_counter()
-            sampler.set_epoch(epoch)
-            order = train_idx[sampler.epoch_indices()]
-            losses, audio_seconds = _train_epoch(run, epoch, order, np.random.default_rng([cfg.seed, epoch, 1]))
+            losses, audio_seconds = train_epoch(run, epoch)
             t_eval = time.perf_counter()
-            pred, probs = _infer(run, dev_idx)
-            dev = scoring.score(pred, data.avd[dev_idx], data.emotions[dev_idx],
-                                 gender_pred=None if probs is None else probs.argmax(1),
-                                 gender_true=None if probs is None else targets["gender"].numpy()[dev_idx],
-                                 balanced_trials=cfg.balanced_trials, balanced_per_class=cfg.balanced_per_class,
-                                 seed=cfg.seed)
-            now = time.perf_counter()
-            row = epoch_log.history_row(epoch, losses, dev, now - t_epoch, now - t_eval)
-            row["train_audio_seconds_per_second"] = round(audio_seconds / max(t_eval - t_epoch, 1e-9), 3)
-            state.history.append(row)
-            value = dev["balanced_ccc"]["mean"] if cfg.select == "balanced" else dev["ccc"]["mean"]
-            if value > state.best["score"]:
-                state.best = {"score": value, "epoch": epoch, "dev": dev, "pred": pred, "probs": probs}
-                if dist.is_main:
-                    from ser_cache.runs.finetuned_run import save_weights
-
-                    save_weights(out / BEST.format(epoch), model, aam)
+            row = score_epoch(run, state, epoch, losses, audio_seconds, t_epoch, t_eval)
             state.epoch = epoch
             save_checkpoint(out, cfg, dist, state, model, aam, optimizer, scaler, sampler)
             progress.update(epoch, row, state.best["epoch"])
@@ -423,17 +304,24 @@ class _Run:
     scaler: object
     loader: object
     plan: object
+    sampler: object  # sampling.EpochSampler of the training rows
+    train_idx: np.ndarray
+    dev_idx: np.ndarray
 
 
-def _train_epoch(run: _Run, epoch: int, order: np.ndarray, rng: np.random.Generator) -> tuple[dict[str, float], float]:
-    """One pass over `order` in global batches; returns the loss terms averaged over rows, and audio seconds."""
+def train_epoch(run: _Run, epoch: int) -> tuple[dict[str, float], float]:
+    """The epoch's (undersampled) order of the training rows, in global batches; returns the loss terms
+    averaged over rows, and the audio seconds trained on."""
     import contextlib
 
-    from ser_cache.infra.runtime import autocast
     from ser_cache.data.batching import plan_batches, shard
+    from ser_cache.infra.runtime import autocast
     from ser_cache.system.setup import batch_loss
 
     cfg, dist, dev = run.cfg, run.dist, run.device
+    run.sampler.set_epoch(epoch)
+    order = run.train_idx[run.sampler.epoch_indices()]
+    rng = np.random.default_rng([cfg.seed, epoch, 1])
     batches = plan_batches(order, run.seconds, cfg.batch_seconds, rng)
     if batches and min(b.size for b in batches) < dist.world:
         raise TrainError(f"--batch-seconds {cfg.batch_seconds}: a batch holds fewer clips than there are ranks "
@@ -511,12 +399,39 @@ def _gather(out: dict, target: dict, dist) -> tuple[dict, dict]:
     return {k: gathered(v) for k, v in out.items()}, {k: gathered(v) for k, v in target.items()}
 
 
+def score_epoch(run: _Run, state: State, epoch: int, losses: dict[str, float], audio_seconds: float,
+                t_epoch: float, t_eval: float) -> dict:
+    """The Development rows' predictions and scores: the epoch's history row (returned, and added to
+    state.history), and the best epoch so far (balanced or plain mean CCC), its weights written."""
+    from ser_cache.system import epoch_log, scoring
+
+    cfg, data, dev_idx = run.cfg, run.data, run.dev_idx
+    pred, probs = _infer(run, dev_idx)
+    dev = scoring.score(pred, data.avd[dev_idx], data.emotions[dev_idx],
+                        gender_pred=None if probs is None else probs.argmax(1),
+                        gender_true=None if probs is None else run.targets["gender"].numpy()[dev_idx],
+                        balanced_trials=cfg.balanced_trials, balanced_per_class=cfg.balanced_per_class,
+                        seed=cfg.seed)
+    now = time.perf_counter()
+    row = epoch_log.history_row(epoch, losses, dev, now - t_epoch, now - t_eval)
+    row["train_audio_seconds_per_second"] = round(audio_seconds / max(t_eval - t_epoch, 1e-9), 3)
+    state.history.append(row)
+    value = dev["balanced_ccc"]["mean"] if cfg.select == "balanced" else dev["ccc"]["mean"]
+    if value > state.best["score"]:
+        state.best = {"score": value, "epoch": epoch, "dev": dev, "pred": pred, "probs": probs}
+        if run.dist.is_main:
+            from ser_cache.runs.finetuned_run import save_weights
+
+            save_weights(Path(cfg.out) / BEST.format(epoch), run.model, run.aam)
+    return row
+
+
 def _infer(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     """Predictions for rows `idx` (in that order); under torchrun the ranks share the batches."""
     import torch
 
-    from ser_cache.infra.runtime import autocast
     from ser_cache.data.batching import plan_batches
+    from ser_cache.infra.runtime import autocast
 
     dist, dev, model = run.dist, run.device, run.model
     batches = plan_batches(idx, run.seconds, run.cfg.batch_seconds, None, min_rows=1)

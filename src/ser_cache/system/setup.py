@@ -1,12 +1,12 @@
 """What a training run derives from its rows before the loop: which rows train and score, the label
 range, the classes, the seeded model; one batch's loss and cut. train-heads (train/), every sweep
-member and finetune wavlm (finetune/) go through the same set-up."""
+member and finetune wavlm (finetune/) go through the same set-up, which reads only the options they
+share (options.TrainingOptions)."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Protocol
 
 import numpy as np
 
@@ -16,28 +16,10 @@ from ser_cache.system.rows import (
     label_index,
 )
 from ser_cache.infra.runtime import compute_dtype
+from ser_cache.system.options import TrainingOptions
 from ser_cache.system.scoring import head_classes, label_range
 
 log = logging.getLogger(__name__)
-
-
-class RunOptions(Protocol):
-    """The options a set-up reads, which train-heads (train.options.TrainHeadsConfig) and finetune
-    wavlm (finetune.loop.FinetuneConfig) both have."""
-
-    dev_split: str
-    ox: str
-    select: str
-    seed: int
-    precision: str
-    gender_weight: float
-    speaker_weight: float
-    aam_margin: float
-    aam_scale: float
-    hidden: int
-    dropout: float
-    conv_dim: int
-    conv_dropout: float
 
 
 BLOCK_ORDER = 1  # third word of the seed of the order in which streamed blocks are visited
@@ -85,7 +67,7 @@ class RunSetup:
     aam: object  # losses.AAMSoftmax, or None without a speaker head
 
 
-def set_up(cfg: RunOptions, data: TrainingData, device) -> RunSetup:
+def set_up(cfg: TrainingOptions, data: TrainingData, device) -> RunSetup:
     """The O/X variant's rows, the label range and classes from its training rows, and the model seeded
     with cfg.seed: the same for `train-heads` and for every member of a sweep."""
     import torch
@@ -116,7 +98,7 @@ def set_up(cfg: RunOptions, data: TrainingData, device) -> RunSetup:
                     label_index(data.speakers, speaker_labels), model, aam)
 
 
-def select_rows(cfg: RunOptions, data: TrainingData) -> tuple[np.ndarray, np.ndarray]:
+def select_rows(cfg: TrainingOptions, data: TrainingData) -> tuple[np.ndarray, np.ndarray]:
     """Training and Development-evaluation rows of the O/X variant; an empty side is an error."""
     from ser_cache.system.sampling import select_training
 
@@ -134,7 +116,7 @@ def select_rows(cfg: RunOptions, data: TrainingData) -> tuple[np.ndarray, np.nda
     return train_idx, dev_idx
 
 
-def check_selectable(cfg: RunOptions, data: TrainingData, dev_idx: np.ndarray) -> None:
+def check_selectable(cfg: TrainingOptions, data: TrainingData, dev_idx: np.ndarray) -> None:
     from ser_cache.system.metrics import PRIMARY_EMOTIONS
 
     if cfg.select == "balanced" and not np.isin(data.emotions[dev_idx], PRIMARY_EMOTIONS).any():

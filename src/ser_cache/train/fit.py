@@ -1,19 +1,20 @@
 """The one training loop of heads on cached features: `train-heads` is one job, a sweep K jobs at once.
 
 A job is a run as train-heads defines it: its options, its rows (the corpus joined with its stores),
-and what training.set_up derived from its training rows (label range, classes, the seeded model).
+and what setup.set_up derived from its training rows (label range, classes, the seeded model).
 `fit` trains K ≥ 1 jobs whose models have the same shapes together (stack.MemberStack: their
 parameters stacked, their products batched; one job runs the module itself), then writes each as
-an ordinary run directory. The loop, in order, every epoch:
+an ordinary run directory. The loop, as the fine-tuning loop reads (finetune/loop.py): `start_loop`
+builds what the epochs share (the stack, its optimizer, the samplers, the targets), then every epoch
 
-1. each job draws its epoch (EpochSampler: its seed, its undersampling, its O/X rows) and cuts it
-   into batches where train-heads always cut it (training.batch_bounds);
-2. step by step, every job that still has a batch takes one: the K batches go through the stack as
-   one, each job's loss (paper Eq. 1, its own α and β) is computed on its own rows, and
+1. `train_epoch`: each job draws its epoch (EpochSampler: its seed, its undersampling, its O/X rows)
+   and cuts it into batches where train-heads always cut it (setup.batch_bounds);
+2. `train_step`, step by step: every job that still has a batch takes one: the K batches go through
+   the stack as one, each job's loss (paper Eq. 1, its own α and β) is computed on its own rows, and
    StackedAdamW steps exactly the jobs that had a batch (a job with fewer rows per epoch sits out
    the last steps, as if it trained alone);
-3. every job is scored on its Development rows (forward passes on the device, one copy back), and
-   keeps its best epoch (balanced or plain mean CCC).
+3. `score_epoch`: every job is scored on its Development rows (forward passes on the device, one
+   copy back), and keeps its best epoch (balanced or plain mean CCC).
 
 One job whose frame stores do not fit the memory budget streams them: its epoch (and the scoring)
 goes block by block, as rows.TrainingData.in_blocks hands the rows; several jobs need their inputs
@@ -92,13 +93,65 @@ def fit(jobs: list[Job], device, *, progress: bool = True) -> list[Fitted | Dive
     A job whose epoch loss or Development predictions are not finite has diverged: it trains no
     further (the others go on as if it were not there: each member's slices are its own) and comes
     back as a Diverged, with nothing written."""
+    loop = start_loop(jobs, device)
+    try:
+        with EpochProgress(progress, loop.epochs) as bar:
+            for epoch in range(1, loop.epochs + 1):
+                t_epoch = time.perf_counter()
+                losses = train_epoch(loop, epoch)
+                t_eval = time.perf_counter()
+                score_epoch(loop, epoch, losses, t_epoch, t_eval)
+                if all(d is not None for d in loop.diverged):
+                    break
+                going = [h for h, d in zip(loop.histories, loop.diverged) if d is None]
+                mean_row = {key: float(np.mean([h[-1][key] for h in going])) for key in going[0][-1]}
+                bar.update(epoch, mean_row, max(b["epoch"] for b in loop.best))
+    finally:
+        for b in loop.boards:
+            if b is not None:
+                b.close()
+    return [d if d is not None else write_job(j, b, h)
+            for j, b, h, d in zip(jobs, loop.best, loop.histories, loop.diverged)]
+
+
+@dataclass
+class Loop:
+    """What `fit`'s epochs share: the jobs, their stack, optimizer and samplers, the targets on the
+    device, the Development rows every job is scored on, and what each job has kept so far."""
+
+    jobs: list[Job]
+    device: object
+    stack: object  # stack.MemberStack (or the one job's model)
+    optimizer: object
+    samplers: list  # sampling.EpochSampler of every job
+    avd: object  # every row's (3,) target on the device
+    genders: list  # every job's gender class of every row, on the device
+    speakers: list
+    dev_rows: np.ndarray  # the union of the jobs' Development rows, sorted
+    dev_pos: list[np.ndarray]  # where each job's Development rows are in dev_rows
+    histories: list[list[dict]]
+    best: list[dict]
+    diverged: list[Diverged | None]
+    boards: list  # epoch_log.TensorBoardLog, or None, of every job
+
+    @property
+    def data(self) -> TrainingData:
+        return self.jobs[0].data
+
+    @property
+    def epochs(self) -> int:
+        return self.jobs[0].cfg.epochs
+
+
+def start_loop(jobs: list[Job], device) -> Loop:
+    """The stack of the jobs' models, its optimizer, every job's sampler and targets, and empty histories."""
     import torch
 
     from ser_cache.system.sampling import EpochSampler
     from ser_cache.train.stack import stack_of
 
     k_jobs = len(jobs)
-    data, epochs = jobs[0].data, jobs[0].cfg.epochs
+    data = jobs[0].data
     if k_jobs > 1 and data.streamed:
         raise ValueError("several jobs train together only on inputs held in memory")
     stack = stack_of([j.run.model for j in jobs], [j.run.aam for j in jobs])
@@ -114,86 +167,98 @@ def fit(jobs: list[Job], device, *, progress: bool = True) -> list[Fitted | Dive
     for j, sampler in zip(jobs, samplers):
         j.data.counts.update(train_rows=int(j.run.train_idx.size), dev_rows=int(j.run.dev_idx.size),
                              rows_per_epoch=len(sampler))
-    histories: list[list[dict]] = [[] for _ in jobs]
-    best: list[dict] = [{"score": -math.inf, "epoch": 0} for _ in jobs]
-    diverged: list[Diverged | None] = [None for _ in jobs]
-    boards = [None if j.cfg.tensorboard is None else TensorBoardLog(j.cfg.tensorboard) for j in jobs]
-    try:
-        with EpochProgress(progress, epochs) as bar:
-            for epoch in range(1, epochs + 1):
-                t_epoch = time.perf_counter()
-                stack.train()
-                orders = []
-                for j, sampler in zip(jobs, samplers):
-                    sampler.set_epoch(epoch)
-                    orders.append(j.run.train_idx[sampler.epoch_indices()])
-                sums = torch.zeros(k_jobs, len(LOSS_KEYS), dtype=torch.float64, device=device)
-                seen = np.zeros(k_jobs)
-                live = [d is None for d in diverged]
-                for plan in _epoch_blocks(jobs, data, orders, epoch, device):
-                    for step in range(max(len(cuts) for (_, cuts, _), on in zip(plan, live) if on)):
-                        active = [on and step < len(cuts) for (_, cuts, _), on in zip(plan, live)]
-                        # A job whose batches are done repeats its first one, computed but not trained on.
-                        spans = [cuts[step] if a else cuts[0] if cuts else (0, order.size)
-                                 for (order, cuts, _), a in zip(plan, active)]
-                        rows = [order[a:b] for (order, _, _), (a, b) in zip(plan, spans)]
-                        on_device = [d[a:b] for (_, _, d), (a, b) in zip(plan, spans)]
-                        out = stack.forward(_stacked(_batch(data, rows, on_device, active), k_jobs, device))
-                        total = 0
-                        for k, (j, r, n, a) in enumerate(zip(jobs, on_device, map(len, rows), active)):
-                            if not a:
-                                continue
-                            loss, parts = batch_loss({key: v[k, :n] for key, v in out.items()},
-                                                     {"avd": avd[r], "gender": genders[k][r], "speaker": speakers[k][r]},
-                                                     (lambda e, lab, k=k: stack.speaker_loss(k, e, lab))
-                                                     if j.run.aam is not None else None,
-                                                     gender_weight=j.cfg.gender_weight,
-                                                     speaker_weight=j.cfg.speaker_weight, tensors=True)
-                            total = total + loss
-                            sums[k] += torch.stack([parts[key] for key in LOSS_KEYS]).double() * n
-                            seen[k] += n
-                        optimizer.zero_grad()
-                        total.backward()
-                        optimizer.step(active)
-                losses = (sums.cpu().numpy() / np.maximum(seen, 1)[:, None]).tolist()
-                t_eval = time.perf_counter()
-                pred, probs = infer_stack(stack, data, dev_rows, device)
-                now = time.perf_counter()
-                for k, j in enumerate(jobs):
-                    pos = dev_pos[k]
-                    if diverged[k] is not None:
-                        continue
-                    if not (np.isfinite(losses[k]).all() and np.isfinite(pred[k][pos]).all()):
-                        diverged[k] = Diverged(j, epoch, dict(zip(LOSS_KEYS, losses[k])))
-                        continue
-                    g = None if probs is None else probs[k][pos]
-                    dev = score(pred[k][pos], data.avd[j.run.dev_idx], data.emotions[j.run.dev_idx],
-                                gender_pred=None if g is None else g.argmax(1),
-                                gender_true=None if g is None else j.run.genders[j.run.dev_idx],
-                                balanced_trials=j.cfg.balanced_trials, balanced_per_class=j.cfg.balanced_per_class,
-                                seed=j.cfg.seed)
-                    row = history_row(epoch, dict(zip(LOSS_KEYS, losses[k])), dev, now - t_epoch, now - t_eval)
-                    histories[k].append(row)
-                    if boards[k] is not None:
-                        boards[k].log(epoch, row)
-                    value = dev["balanced_ccc"]["mean"] if j.cfg.select == "balanced" else dev["ccc"]["mean"]
-                    if value > best[k]["score"]:
-                        # Copies (member_state clones): the next step would change the weights in place.
-                        best[k] = {"score": value, "epoch": epoch, "dev": dev, "pred": pred[k][pos],
-                                   "probs": g, "state": stack.member_state(k)}
-                if all(d is not None for d in diverged):
-                    break
-                going = [h for h, d in zip(histories, diverged) if d is None]
-                mean_row = {key: float(np.mean([h[-1][key] for h in going])) for key in going[0][-1]}
-                bar.update(epoch, mean_row, max(b["epoch"] for b in best))
-    finally:
-        for b in boards:
-            if b is not None:
-                b.close()
-    return [d if d is not None else write_job(j, b, h) for j, b, h, d in zip(jobs, best, histories, diverged)]
+    return Loop(jobs=jobs, device=device, stack=stack, optimizer=optimizer, samplers=samplers, avd=avd,
+                genders=genders, speakers=speakers, dev_rows=dev_rows, dev_pos=dev_pos,
+                histories=[[] for _ in jobs], best=[{"score": -math.inf, "epoch": 0} for _ in jobs],
+                diverged=[None for _ in jobs],
+                boards=[None if j.cfg.tensorboard is None else TensorBoardLog(j.cfg.tensorboard) for j in jobs])
 
 
-def _epoch_blocks(jobs: list[Job], data: TrainingData, orders: list[np.ndarray], epoch: int, device):
+def train_epoch(loop: Loop, epoch: int) -> list[list[float]]:
+    """One epoch of every job that has not diverged: each draws its order and cuts it into batches,
+    then step by step every job with a batch left takes one. Returns each job's loss terms
+    (LOSS_KEYS) averaged over its rows, read from the device once."""
+    import torch
+
+    jobs, k_jobs = loop.jobs, len(loop.jobs)
+    loop.stack.train()
+    orders = []
+    for j, sampler in zip(jobs, loop.samplers):
+        sampler.set_epoch(epoch)
+        orders.append(j.run.train_idx[sampler.epoch_indices()])
+    sums = torch.zeros(k_jobs, len(LOSS_KEYS), dtype=torch.float64, device=loop.device)
+    seen = np.zeros(k_jobs)
+    live = [d is None for d in loop.diverged]
+    for plan in epoch_blocks(jobs, loop.data, orders, epoch, loop.device):
+        for step in range(max(len(cuts) for (_, cuts, _), on in zip(plan, live) if on)):
+            active = [on and step < len(cuts) for (_, cuts, _), on in zip(plan, live)]
+            train_step(loop, plan, step, active, sums, seen)
+    return (sums.cpu().numpy() / np.maximum(seen, 1)[:, None]).tolist()
+
+
+def train_step(loop: Loop, plan: list, step: int, active: list[bool], sums, seen: np.ndarray) -> None:
+    """One optimizer step: the jobs' batches go through the stack as one, each `active` job's loss
+    (paper Eq. 1, its own alpha and beta) on its own rows; StackedAdamW steps exactly those jobs.
+    Adds each job's loss terms times its rows to `sums` (on the device) and its rows to `seen`."""
+    import torch
+
+    jobs, data, stack = loop.jobs, loop.data, loop.stack
+    # A job whose batches are done repeats its first one, computed but not trained on.
+    spans = [cuts[step] if a else cuts[0] if cuts else (0, order.size)
+             for (order, cuts, _), a in zip(plan, active)]
+    rows = [order[a:b] for (order, _, _), (a, b) in zip(plan, spans)]
+    on_device = [d[a:b] for (_, _, d), (a, b) in zip(plan, spans)]
+    out = stack.forward(stacked(_batch(data, rows, on_device, active), len(jobs), loop.device))
+    total = 0
+    for k, (j, r, n, a) in enumerate(zip(jobs, on_device, map(len, rows), active)):
+        if not a:
+            continue
+        loss, parts = batch_loss({key: v[k, :n] for key, v in out.items()},
+                                 {"avd": loop.avd[r], "gender": loop.genders[k][r], "speaker": loop.speakers[k][r]},
+                                 (lambda e, lab, k=k: stack.speaker_loss(k, e, lab))
+                                 if j.run.aam is not None else None,
+                                 gender_weight=j.cfg.gender_weight,
+                                 speaker_weight=j.cfg.speaker_weight, tensors=True)
+        total = total + loss
+        sums[k] += torch.stack([parts[key] for key in LOSS_KEYS]).double() * n
+        seen[k] += n
+    loop.optimizer.zero_grad()
+    total.backward()
+    loop.optimizer.step(active)
+
+
+def score_epoch(loop: Loop, epoch: int, losses: list[list[float]], t_epoch: float, t_eval: float) -> None:
+    """Every job's Development predictions (one pass of the stack, one copy back) and scores: its
+    history row, its TensorBoard scalars, its best epoch so far (balanced or plain mean CCC); a job
+    whose loss or predictions are not finite is marked diverged."""
+    data, stack = loop.data, loop.stack
+    pred, probs = infer_stack(stack, data, loop.dev_rows, loop.device)
+    now = time.perf_counter()
+    for k, j in enumerate(loop.jobs):
+        pos = loop.dev_pos[k]
+        if loop.diverged[k] is not None:
+            continue
+        if not (np.isfinite(losses[k]).all() and np.isfinite(pred[k][pos]).all()):
+            loop.diverged[k] = Diverged(j, epoch, dict(zip(LOSS_KEYS, losses[k])))
+            continue
+        g = None if probs is None else probs[k][pos]
+        dev = score(pred[k][pos], data.avd[j.run.dev_idx], data.emotions[j.run.dev_idx],
+                    gender_pred=None if g is None else g.argmax(1),
+                    gender_true=None if g is None else j.run.genders[j.run.dev_idx],
+                    balanced_trials=j.cfg.balanced_trials, balanced_per_class=j.cfg.balanced_per_class,
+                    seed=j.cfg.seed)
+        row = history_row(epoch, dict(zip(LOSS_KEYS, losses[k])), dev, now - t_epoch, now - t_eval)
+        loop.histories[k].append(row)
+        if loop.boards[k] is not None:
+            loop.boards[k].log(epoch, row)
+        value = dev["balanced_ccc"]["mean"] if j.cfg.select == "balanced" else dev["ccc"]["mean"]
+        if value > loop.best[k]["score"]:
+            # Copies (member_state clones): the next step would change the weights in place.
+            loop.best[k] = {"score": value, "epoch": epoch, "dev": dev, "pred": pred[k][pos],
+                            "probs": g, "state": stack.member_state(k)}
+
+
+def epoch_blocks(jobs: list[Job], data: TrainingData, orders: list[np.ndarray], epoch: int, device):
     """Each job's (order, batch cuts, the order as one int64 tensor on the device) for the epoch: all
     at once, or (one job, streamed frames) block by block, the block's frames held while it trains.
     Batches are slices of the device tensor: one copy of the order per block, none per step."""
@@ -221,7 +286,7 @@ def _batch(data: TrainingData, rows: list[np.ndarray], on_device: list, active: 
     return data.batch(np.concatenate([np.resize(r, width) for r in rows]))
 
 
-def _stacked(batch: dict, k: int, device) -> dict:
+def stacked(batch: dict, k: int, device) -> dict:
     """One batch of K × width rows (job after job) → each input with a leading job axis."""
     def split(t):
         return t.reshape(k, -1, *t.shape[1:])

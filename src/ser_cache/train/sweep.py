@@ -354,7 +354,7 @@ def _check_member_folder(out: Path) -> None:
 
 
 def prepare(member: Member, data: TrainingData, device, *, curves: bool) -> Job:
-    """Member's job: exactly what train-heads sets up for its run (training.set_up), written into the sweep."""
+    """Member's job: exactly what train-heads sets up for its run (setup.set_up), written into the sweep."""
     return Job(member.cfg, data, set_up(member.cfg, data, device), title=f"{member.variant} seed {member.seed}",
                overwrite=True, curves=curves,
                extra={"sweep": {"folder": str(Path(member.cfg.out).parent.parent), "variant": member.variant,

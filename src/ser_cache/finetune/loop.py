@@ -107,7 +107,7 @@ class FinetuneConfig:
 
     def verify(self) -> None:
         """Raise one TrainError listing every problem with the options."""
-        from ser_cache.encoders.base import PRECISIONS
+        from ser_cache.infra.runtime import ENCODER_PRECISIONS, precision_problem
         from ser_cache.train.options import common_problems
 
         problems = []
@@ -117,8 +117,8 @@ class FinetuneConfig:
                 problems.append(f"{name} {value}: expected a positive number")
         if self.grad_accum < 1:
             problems.append(f"--grad-accum {self.grad_accum}: expected 1 or more")
-        if self.precision not in PRECISIONS:
-            problems.append(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        if problem := precision_problem(self.precision, ENCODER_PRECISIONS):
+            problems.append(problem)
         if self.conv_dim < 1:
             problems.append(f"--conv-dim {self.conv_dim}: expected 1 or more")
         if not 0 <= self.conv_dropout < 1:

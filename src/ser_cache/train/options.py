@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from ser_cache.system.rows import (
     TrainError,
 )
-from ser_cache.infra.runtime import PRECISIONS
+from ser_cache.infra.runtime import HEADS_PRECISIONS, precision_problem
 
 if TYPE_CHECKING:
     pass
@@ -90,8 +90,8 @@ class TrainHeadsConfig:
             problems.append(f"--conv-dropout {self.conv_dropout}: expected a probability in [0, 1)")
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             problems.append(f"--memory-budget {self.memory_budget_gb}: expected a positive number of GB")
-        if self.precision not in PRECISIONS:
-            problems.append(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        if problem := precision_problem(self.precision, HEADS_PRECISIONS):
+            problems.append(problem)
         problems += common_problems(self)
         if problems:
             raise TrainError("; ".join(problems))

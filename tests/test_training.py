@@ -302,7 +302,7 @@ def test_a_split_without_labelled_rows_is_an_error(tmp_path):
 
 
 def test_unknown_split_is_an_error(tmp_path, synthetic):
-    from ser_cache.data.corpus import CorpusError
+    from ser_cache.data.records import CorpusError
 
     manifest, _, _, stores = synthetic
     with pytest.raises(CorpusError, match="--dev-split Dev"):

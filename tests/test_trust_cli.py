@@ -216,7 +216,7 @@ def test_a_runs_config_records_its_provenance(heads_run):
 
 def test_an_msp_podcast_runs_label_file_is_labels_consensus(tmp_path):
     from ser_cache.runs import provenance
-    from ser_cache.data.corpus import MSP_LABEL_FILE
+    from ser_cache.data.msp_podcast import MSP_LABEL_FILE
     from factories import msp_corpus
 
     corpus = msp_corpus(tmp_path / "corpus")

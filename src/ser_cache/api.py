@@ -284,7 +284,7 @@ class Predictor:
         "valence", "dominance" (float64, the labels' scale), and where the run has a gender head
         "gender" (the most probable label) and "gender_prob_<label>" for each of `gender_labels`.
         """
-        from ser_cache.data.corpus import Utterance
+        from ser_cache.data.records import Utterance
         from ser_cache.runs.predict import gather_features, run_model
 
         _check_sample_rate(sample_rate)

@@ -52,9 +52,9 @@ def _describe(ids: Sequence[str], limit: int = 5) -> str:
 
 def scale_option(text: str) -> tuple[float, float] | None:
     """`--label-scale` ("1 7", "0,1", "none") → (low, high), or None for no range check; as a manifest declares it."""
-    from ser_cache.data.corpus import _parse_scale
+    from ser_cache.data.records import parse_scale
 
-    return _parse_scale(text, "--label-scale")
+    return parse_scale(text, "--label-scale")
 
 
 def _scale_note(scale) -> str:

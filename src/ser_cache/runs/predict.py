@@ -86,7 +86,7 @@ def file_utterances(files: Sequence[str | Path], transcripts: Path | None = None
                     needed: bool = True) -> tuple[list, Texts | None]:
     """Bare audio files as utterances: id = file name; text from a `<stem>.txt` beside the file, else from
     the table by file name or stem (the table first with `prefer`)."""
-    from ser_cache.data.corpus import Utterance
+    from ser_cache.data.records import Utterance
 
     utts, seen = [], {}
     for f in files:

@@ -4,7 +4,7 @@ The loop, in order:
 1. read the corpus and any cached stores (`--text-features`, `--speaker-features`) once, with the
    very code of `train-heads` (rows.load_rows), read each audio file's header for its length,
    and pick the training and Development rows of the O/X variant;
-2. build the model (finetune_model.WavLMEmotionModel: WavLM, layer weighting, point-wise
+2. build the model (system.finetuned.WavLMEmotionModel: WavLM, layer weighting, point-wise
    convolutions, masked mean pooling, MultitaskHeads) and, under torchrun, wrap it in DDP;
 3. each epoch: draw the epoch's (undersampled) order with EpochSampler, cut it into global batches
    of about `--batch-seconds` of audio, give each rank every world-th clip of each batch, and

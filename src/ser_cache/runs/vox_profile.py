@@ -26,7 +26,7 @@ Their forward, which the imported run reproduces:
 The sigmoid outputs lie in [0, 1]; the run maps them onto `label_range` (1–7 for MSP-Podcast),
 exactly as ser-cache's heads map theirs onto the training labels' range (paper Eq. 2).
 
-A WavLM checkpoint becomes a fine-tuned-WavLM run (finetune_model.py); a Whisper checkpoint becomes
+A WavLM checkpoint becomes a fine-tuned-WavLM run (system/finetuned.py); a Whisper checkpoint becomes
 a frame-heads run whose input is the checkpoint's own Whisper encoder (saved into the run as
 `encoder/`, a model directory like any other) followed by a ConvPool (model.FeatureModel).
 """

@@ -286,9 +286,10 @@ def run_figures(args, cfg, stores: list[Path]) -> dict:
     import torch
 
     from ser_cache.features.store import FeatureStore
+    from ser_cache.infra.runtime import resolve_device
     from ser_cache.train.recipe import train_heads
 
-    device = torch.device(args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t, cpu = time.perf_counter(), cpu_seconds()
@@ -347,6 +348,8 @@ def run_figures(args, cfg, stores: list[Path]) -> dict:
 
 def cpu_name() -> str:
     """The CPU's model name and whether it multiplies bf16 natively (AMX / AVX512-BF16 flags)."""
+    from ser_cache.infra.runtime import NATIVE_BF16_FLAGS
+
     try:
         info = Path("/proc/cpuinfo").read_text()
     except OSError:
@@ -355,7 +358,7 @@ def cpu_name() -> str:
         return platform.processor() or "unknown CPU"
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    native = sorted(flags & set(NATIVE_BF16_FLAGS))
     return f"{name}, {os.cpu_count()} CPUs; bf16 {'native (' + ', '.join(native) + ')' if native else 'emulated (no avx512_bf16 / amx_bf16)'}"
 
 
@@ -370,7 +373,8 @@ def measure_peaks(model, cfg, device, square: int, trials: int) -> tuple[dict, d
     shapes = peaks.peak_shapes(model, cfg.batch_size, scoring.eval_batch_size(model), square=square)
     measured = {}
     with runtime.torch_threads(cfg.threads):
-        for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        for name in peaks.PRECISIONS:
+            dtype = runtime.precision_dtype(name) or torch.float32
             measured[name] = {shape: peaks.matmul_tflops(*mkn, dtype, device, trials=trials)
                               for shape, mkn in shapes.items()}
     return shapes, measured

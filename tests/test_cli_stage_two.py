@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ser_cache.runs import rundir
+from ser_cache.runs import layout
+from ser_cache.runs import prediction_file
 from ser_cache.cli.app import app
 from test_training import make_corpus, make_store
 
@@ -31,7 +32,7 @@ def test_train_evaluate_predict_ensemble(tmp_path):
                "--gender-weight", 0.5, "--speaker-weight", 0, "--select", "ccc", "--seed", 3)
     assert r.exit_code == 0, r.output
     assert "arousal" in r.output and "mean" in r.output and "gender accuracy" in r.output
-    config = json.loads((tmp_path / "mm" / rundir.CONFIG).read_text())
+    config = json.loads((tmp_path / "mm" / layout.CONFIG).read_text())
     train = config["train"]
     assert (train["epochs"], train["batch_size"], train["undersample"], train["gender_weight"], train["speaker_weight"],
             train["select"], train["seed"]) == (6, 32, False, 0.5, 0.0, "ccc", 3)
@@ -41,7 +42,7 @@ def test_train_evaluate_predict_ensemble(tmp_path):
     r = invoke("train-heads", "--features", audio, "--out", tmp_path / "audio", *common, "--ox", "train+dev",
                "--aam-margin", 0.3, "--aam-scale", 20)
     assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "audio" / rundir.CONFIG).read_text())["heads"]["aam_margin"] == 0.3
+    assert json.loads((tmp_path / "audio" / layout.CONFIG).read_text())["heads"]["aam_margin"] == 0.3
 
     assert (tmp_path / "mm" / "curves.png").is_file()  # drawn with the run, inside it
     r = invoke("evaluate", tmp_path / "mm", "--data", manifest, "--split", "Test1", "--device", "cpu",
@@ -61,20 +62,20 @@ def test_train_evaluate_predict_ensemble(tmp_path):
         assert r.exit_code == 0, r.output
         outputs.append(dest)
     test1 = [r.split(",")[1] for r in manifest.read_text().splitlines()[1:] if r.split(",")[2] == "Test1"]
-    assert rundir.read_predictions(outputs[0])[0] == rundir.read_predictions(outputs[1])[0] == test1
+    assert prediction_file.read_predictions(outputs[0])[0] == prediction_file.read_predictions(outputs[1])[0] == test1
 
     r = invoke("ensemble", *outputs, "--out", tmp_path / "final.csv", "--weights", "0.7,0.3", "--data", manifest,
                "--split", "Test1", "--plots", tmp_path / "figs")
     assert r.exit_code == 0, r.output
     assert "ensemble" in r.output and "mean" in r.output
     # each member's CCC beside the ensemble's, as evaluate gives them
-    member = rundir.read_predictions(outputs[1])
+    member = prediction_file.read_predictions(outputs[1])
     from ser_cache.runs.ensemble import score_predictions
 
     assert f"{score_predictions(*member, manifest, 'Test1')['ccc']['mean']:.4f}" in r.output
     assert "audio_test1" in r.output and (tmp_path / "figs" / "ensemble.png").is_file()
-    a, b = rundir.read_predictions(outputs[0])[1], rundir.read_predictions(outputs[1])[1]
-    np.testing.assert_allclose(rundir.read_predictions(tmp_path / "final.csv")[1], 0.7 * a + 0.3 * b, atol=1e-5)
+    a, b = prediction_file.read_predictions(outputs[0])[1], prediction_file.read_predictions(outputs[1])[1]
+    np.testing.assert_allclose(prediction_file.read_predictions(tmp_path / "final.csv")[1], 0.7 * a + 0.3 * b, atol=1e-5)
 
     r = invoke("ensemble", *outputs, "--out", tmp_path / "x.csv", "--weights", "a,b")
     assert r.exit_code == 2 and "--weights" in r.output

@@ -4,14 +4,10 @@ import os
 import pytest
 from factories import msp_corpus, tone, write_wav
 
-from ser_cache.data.corpus import (
-    TEST3_SPLIT,
-    UNLISTED_SPLIT,
-    CorpusError,
-    load_corpus,
-    read_manifest,
-    unlisted_split,
-)
+from ser_cache.data.corpus import load_corpus
+from ser_cache.data.manifest import read_manifest
+from ser_cache.data.msp_podcast import TEST3_SPLIT, UNLISTED_SPLIT, unlisted_split
+from ser_cache.data.records import CorpusError
 from ser_cache.features.store import ids_digest
 
 
@@ -41,7 +37,7 @@ def test_unlisted_files_are_test3_only_when_named_so(tmp_path, caplog):
                  "stray_recording.wav"):
         write_wav(data / "Audios" / name, tone(1.0))
     (data / "Audios" / "notes.txt").write_text("not audio\n")
-    with caplog.at_level(logging.INFO, logger="ser_cache.data.corpus"):
+    with caplog.at_level(logging.INFO, logger="ser_cache.data.msp_podcast"):
         utts = {u.id: u for u in load_corpus(data)}
     assert len(utts) == 6 + 1 + 4  # the .txt file is not audio
     assert {i for i, u in utts.items() if u.split == TEST3_SPLIT} == {
@@ -174,7 +170,7 @@ def test_labels_on_the_ends_of_the_scale_are_kept(corpus):
 def test_out_of_scale_rows_can_be_excluded_with_a_warning(corpus, caplog):
     plain = load_corpus(corpus)
     bad = [set_cell(corpus, 5, "EmoDom", "70"), set_cell(corpus, 9, "EmoVal", "0")]
-    with caplog.at_level(logging.WARNING, logger="ser_cache.data.corpus"):
+    with caplog.at_level(logging.WARNING, logger="ser_cache.data.records"):
         utts = load_corpus(corpus, out_of_scale="exclude")
     assert [u.id for u in utts] == [u.id for u in plain if u.id not in bad]  # gone, not back as Unlabeled
     assert "excluded 2 row(s) with labels outside the scale 1–7" in caplog.text
@@ -237,7 +233,7 @@ def test_audio_file_name_that_is_not_utf8_is_skipped_with_a_warning(corpus, capl
         with open(os.path.join(audios, name), "wb") as f:
             f.write((corpus / "Audios" / plain[0].id).read_bytes())
     assert len(os.listdir(audios)) == len(plain) + 2  # the files are really there
-    with caplog.at_level(logging.WARNING, logger="ser_cache.data.corpus"):
+    with caplog.at_level(logging.WARNING, logger="ser_cache.data.msp_podcast"):
         utts = load_corpus(corpus)
     assert utts == plain
     assert "skipped 2 audio file(s) whose names are not valid UTF-8; rename them" in caplog.text

@@ -14,6 +14,7 @@ import pytest
 from typer.testing import CliRunner
 
 from factories import msp_corpus
+from ser_cache.runs import layout
 from ser_cache.runs import rundir
 from ser_cache.features import store as store_mod
 from ser_cache.cli.app import app
@@ -255,20 +256,20 @@ def test_predict_refuses_damaged_or_busy_stores(tmp_path, small_run):
 
 def test_damaged_run_files_are_run_errors_naming_the_file(tmp_path, small_run):
     run, _, _ = small_run
-    weights = run / rundir.WEIGHTS
+    weights = run / layout.WEIGHTS
     good = weights.read_bytes()
     weights.write_bytes(good[:20])
-    with pytest.raises(rundir.RunError, match=rf"{weights}: not a readable safetensors file .*truncated or damaged"):
+    with pytest.raises(layout.RunError, match=rf"{weights}: not a readable safetensors file .*truncated or damaged"):
         rundir.load_run(run)
     weights.write_bytes(good)
-    config = json.loads((run / rundir.CONFIG).read_text())
-    (run / rundir.CONFIG).write_text(json.dumps({**config, "heads": "banana"}))
-    with pytest.raises(rundir.RunError, match=rf"{run / rundir.CONFIG}: \"heads\" must be an object, found 'banana'"):
+    config = json.loads((run / layout.CONFIG).read_text())
+    (run / layout.CONFIG).write_text(json.dumps({**config, "heads": "banana"}))
+    with pytest.raises(layout.RunError, match=rf"{run / layout.CONFIG}: \"heads\" must be an object, found 'banana'"):
         rundir.load_run(run)
-    (run / rundir.CONFIG).write_text(json.dumps({**config, "heads": {**config["heads"], "bogus": 1}}))
-    with pytest.raises(rundir.RunError, match="do not describe a model"):
+    (run / layout.CONFIG).write_text(json.dumps({**config, "heads": {**config["heads"], "bogus": 1}}))
+    with pytest.raises(layout.RunError, match="do not describe a model"):
         rundir.load_run(run)
-    (run / rundir.CONFIG).write_text(json.dumps(config))
+    (run / layout.CONFIG).write_text(json.dumps(config))
     assert rundir.load_run(run)[1]["heads"] == config["heads"]
 
 
@@ -277,9 +278,9 @@ def test_load_finetuned_names_the_damaged_file(tmp_path):
 
     run = tmp_path / "ft"
     run.mkdir()
-    (run / rundir.WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # truncated header
-    with pytest.raises(rundir.RunError, match=r"config.json: \"wavlm\" or \"heads\" do not describe a model"):
+    (run / layout.WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # truncated header
+    with pytest.raises(layout.RunError, match=r"config.json: \"wavlm\" or \"heads\" do not describe a model"):
         load_finetuned(run, {"wavlm": "banana", "heads": {}})
-    with pytest.raises(rundir.RunError, match="not a readable safetensors file"):
-        rundir.read_weights(run / rundir.WEIGHTS)
+    with pytest.raises(layout.RunError, match="not a readable safetensors file"):
+        rundir.read_weights(run / layout.WEIGHTS)
     shutil.rmtree(run)

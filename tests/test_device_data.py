@@ -17,7 +17,7 @@ from test_frame_heads import make_frame_corpus, make_frame_store
 from test_training import make_corpus, make_store, read_csv, train
 
 from ser_cache.system import rows as rows_mod
-from ser_cache.runs import rundir
+from ser_cache.runs import layout
 from ser_cache.infra import runtime
 from ser_cache.system import scoring
 from ser_cache.system import setup
@@ -159,8 +159,8 @@ def test_inputs_that_do_not_fit_stay_on_the_host_largest_first(shuffled, framed,
 
 def run_record(result) -> tuple:
     history = [{k: v for k, v in row.items() if k not in TIMING} for row in result.history]
-    config = json.loads((result.run_dir / rundir.CONFIG).read_text())
-    return result.metrics, history, read_csv(result.run_dir / rundir.DEV_PREDICTIONS), config["memory"]
+    config = json.loads((result.run_dir / layout.CONFIG).read_text())
+    return result.metrics, history, read_csv(result.run_dir / layout.DEV_PREDICTIONS), config["memory"]
 
 
 @pytest.mark.slow

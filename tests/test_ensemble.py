@@ -5,14 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from ser_cache.runs import rundir
+from ser_cache.runs import prediction_file
 from ser_cache.runs.ensemble import EnsembleError, ensemble
 from ser_cache.system.metrics import ccc_table
 from test_training import make_corpus, read_csv
 
 
 def write(path, ids, avd):
-    return rundir.write_predictions(path, ids, np.asarray(avd, dtype=float))
+    return prediction_file.write_predictions(path, ids, np.asarray(avd, dtype=float))
 
 
 @pytest.fixture
@@ -28,11 +28,11 @@ def two(tmp_path):
 def test_equal_and_weighted_averages(tmp_path, two):
     ids, a, b, fa, fb = two
     result = ensemble([fa, fb], out=tmp_path / "mean.csv")
-    got_ids, got = rundir.read_predictions(result.out)
+    got_ids, got = prediction_file.read_predictions(result.out)
     assert got_ids == ids and result.rows == 20 and result.weights == [0.5, 0.5]
     np.testing.assert_allclose(got, (a + b) / 2, atol=1e-6)
     weighted = ensemble([fa, fb], out=tmp_path / "w.csv", weights=[3, 1])
-    np.testing.assert_allclose(rundir.read_predictions(weighted.out)[1], 0.75 * a + 0.25 * b, atol=1e-6)
+    np.testing.assert_allclose(prediction_file.read_predictions(weighted.out)[1], 0.75 * a + 0.25 * b, atol=1e-6)
     assert list(read_csv(weighted.out)[0]) == ["FileName", "EmoAct", "EmoVal", "EmoDom"]
 
 
@@ -69,10 +69,10 @@ def test_scoring_against_a_split(tmp_path):
     fa = write(tmp_path / "a.csv", dev_ids, truth + rng.normal(0, 0.5, truth.shape))
     fb = write(tmp_path / "b.csv", dev_ids, truth + rng.normal(0, 0.5, truth.shape))
     result = ensemble([fa, fb], out=tmp_path / "e.csv", data=manifest, split="Development")
-    expected = ccc_table(rundir.read_predictions(result.out)[1], truth)
+    expected = ccc_table(prediction_file.read_predictions(result.out)[1], truth)
     for key, value in expected.items():
         assert result.scores["ccc"][key] == pytest.approx(value, abs=1e-5)
-    single = ccc_table(rundir.read_predictions(fa)[1], truth)["mean"]
+    single = ccc_table(prediction_file.read_predictions(fa)[1], truth)["mean"]
     assert result.scores["ccc"]["mean"] > single  # averaging independent errors helps
     assert result.scores["balanced_ccc"] is not None
 
@@ -85,23 +85,23 @@ def test_scoring_against_a_split(tmp_path):
 def test_ensemble_writes_four_columns_and_averages_gender_only_when_asked(tmp_path):
     import csv as _csv
 
-    from ser_cache.runs import rundir
+    from ser_cache.runs import prediction_file
     from ser_cache.runs.ensemble import EnsembleError, ensemble
 
     ids = ["a.wav", "b.wav"]
     avd = np.array([[2.0, 3.0, 4.0], [5.0, 6.0, 1.5]])
-    a = rundir.write_predictions(tmp_path / "a.csv", ids, avd, gender_labels=["Female", "Male"],
+    a = prediction_file.write_predictions(tmp_path / "a.csv", ids, avd, gender_labels=["Female", "Male"],
                                 gender_probs=np.array([[0.9, 0.1], [0.2, 0.8]]))
-    b = rundir.write_predictions(tmp_path / "b.csv", ids, avd + 1, gender_labels=["Female", "Male"],
+    b = prediction_file.write_predictions(tmp_path / "b.csv", ids, avd + 1, gender_labels=["Female", "Male"],
                                 gender_probs=np.array([[0.5, 0.5], [0.6, 0.4]]))
-    c = rundir.write_predictions(tmp_path / "c.csv", ids, avd)  # a member without a gender head
+    c = prediction_file.write_predictions(tmp_path / "c.csv", ids, avd)  # a member without a gender head
     plain = ensemble([a, b], out=tmp_path / "plain.csv")
     assert next(_csv.reader(open(plain.out))) == ["FileName", "EmoAct", "EmoVal", "EmoDom"]
     both = ensemble([a, b, c], out=tmp_path / "g.csv", weights=[1, 1, 2], with_gender=True)
     rows = list(_csv.DictReader(open(both.out)))
     assert [r["Gender"] for r in rows] == ["Female", "Male"]  # (0.7, 0.3) and (0.4, 0.6)
     assert float(rows[1]["GenderProb_Male"]) == pytest.approx(0.6)
-    _, mean = rundir.read_predictions(both.out)
+    _, mean = prediction_file.read_predictions(both.out)
     np.testing.assert_allclose(mean, (avd + avd + 1 + 2 * avd) / 4)
     with pytest.raises(EnsembleError, match="no member file has gender columns"):
         ensemble([c, c], out=tmp_path / "x.csv", with_gender=True)

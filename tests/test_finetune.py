@@ -22,6 +22,8 @@ from safetensors.torch import load_file
 
 import factories
 from ser_cache.infra import atomic
+from ser_cache.runs import layout
+from ser_cache.runs import prediction_file
 from ser_cache.runs import rundir
 from ser_cache.finetune.options import FinetuneConfig
 from ser_cache.finetune.loop import finetune_wavlm
@@ -127,18 +129,18 @@ def test_training_lowers_the_loss_and_raises_development_ccc(trained):
 def test_run_directory_has_the_stage_two_format_and_the_whole_model(trained):
     cfg, result = trained
     run = result.run_dir
-    assert rundir.is_run_dir(run)
+    assert layout.is_run_dir(run)
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        [rundir.CONFIG, rundir.WEIGHTS, rundir.METRICS, rundir.HISTORY, rundir.DEV_PREDICTIONS, "curves.png"])
+        [layout.CONFIG, layout.WEIGHTS, layout.METRICS, layout.HISTORY, layout.DEV_PREDICTIONS, "curves.png"])
     config = rundir.read_config(run)
     assert config["system"] == "finetuned-wavlm"
     assert config["heads"]["input_dims"] == {AUDIO_INPUT: [256]}
     assert config["wavlm"]["config"]["hidden_size"] == 32 and config["wavlm"]["normalize"] is True
     assert config["gender_labels"] == ["Female", "Male"] and config["inputs"] == []
-    keys = load_file(str(run / rundir.WEIGHTS)).keys()
+    keys = load_file(str(run / layout.WEIGHTS)).keys()
     assert any(k.startswith("wavlm.encoder.layers.") for k in keys)
     assert {"layer_weighting.logits", "pool.convs.0.weight", "pool.convs.6.weight"} <= set(keys)
-    ids, _ = rundir.read_predictions(run / rundir.DEV_PREDICTIONS)
+    ids, _ = prediction_file.read_predictions(run / layout.DEV_PREDICTIONS)
     assert len(ids) == 12
 
 
@@ -157,14 +159,14 @@ def test_evaluate_predict_and_ensemble_work_on_a_finetuned_run(trained, corpus_f
     assert split.rows == 4
     audio = sorted((corpus_ft / "Audios").glob("*.wav"))[-4:]  # the Test1 clips, as bare files
     files = predict(result.run_dir, files=audio, out=tmp_path / "files.csv", device="cpu")
-    ids_s, avd_s = rundir.read_predictions(split.out)
-    ids_f, avd_f = rundir.read_predictions(files.out)
+    ids_s, avd_s = prediction_file.read_predictions(split.out)
+    ids_f, avd_f = prediction_file.read_predictions(files.out)
     assert ids_s == ids_f == [p.name for p in audio]
     np.testing.assert_allclose(avd_f, avd_s, atol=1e-5)  # batching does not change a clip's prediction
     assert np.all((avd_s >= 1) & (avd_s <= 7))
 
     dev = predict(result.run_dir, data=corpus_ft, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
-    ens = ensemble([dev.out, result.run_dir / rundir.DEV_PREDICTIONS], out=tmp_path / "ens.csv", data=corpus_ft,
+    ens = ensemble([dev.out, result.run_dir / layout.DEV_PREDICTIONS], out=tmp_path / "ens.csv", data=corpus_ft,
                    split="Development")
     assert ens.rows == 12
     assert ens.scores["ccc"]["mean"] == pytest.approx(result.metrics["ccc"]["mean"], abs=1e-5)
@@ -176,14 +178,14 @@ def test_an_existing_run_directory_is_refused(trained):
     from ser_cache.cli.app import app
 
     cfg, result = trained
-    before = (result.run_dir / rundir.WEIGHTS).stat().st_mtime_ns
+    before = (result.run_dir / layout.WEIGHTS).stat().st_mtime_ns
     with pytest.raises(TrainError, match="--overwrite"):
         finetune_wavlm(cfg)
     with pytest.raises(TrainError, match="finished"):
         finetune_wavlm(replace(cfg, resume=True))
     res = CliRunner().invoke(app, cli_args(cfg))
     assert res.exit_code == 2 and "already exists" in res.output
-    assert (result.run_dir / rundir.WEIGHTS).stat().st_mtime_ns == before
+    assert (result.run_dir / layout.WEIGHTS).stat().st_mtime_ns == before
 
 
 def test_bad_options_are_listed_together(tmp_path):
@@ -235,9 +237,9 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(trained, tmp_p
     proc = subprocess.run([sys.executable, str(wrapper), *cli_args(replace(cfg, out=out))], env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
-    history = out / rundir.HISTORY
+    history = out / layout.HISTORY
     assert _checkpoint_epoch(out) == 2
-    assert rundir.is_unfinished_run(out) and not history.exists()
+    assert layout.is_unfinished_run(out) and not history.exists()
     with pytest.raises(TrainError, match="--resume"):
         finetune_wavlm(replace(cfg, out=out))
 
@@ -245,10 +247,10 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(trained, tmp_p
     assert [h["epoch"] for h in resumed.history] == list(range(1, cfg.epochs + 1))
     assert resumed.best_epoch == result.best_epoch
     assert resumed.metrics["ccc"] == pytest.approx(result.metrics["ccc"], abs=1e-6)
-    a, b = load_file(str(result.run_dir / rundir.WEIGHTS)), load_file(str(out / rundir.WEIGHTS))
+    a, b = load_file(str(result.run_dir / layout.WEIGHTS)), load_file(str(out / layout.WEIGHTS))
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
-    assert not (out / CHECKPOINT).exists() and rundir.is_run_dir(out)
+    assert not (out / CHECKPOINT).exists() and layout.is_run_dir(out)
 
 
 def _checkpoint_epoch(out: Path) -> int:
@@ -282,7 +284,7 @@ def test_mmwavlm_with_cached_text_features(corpus_ft, models, tmp_path):
         f"{p.name},{(corpus_ft / 'Transcripts' / (p.stem + '.txt')).read_text().strip()}\n" for p in audio))
     bare = predict(result.run_dir, files=audio, transcripts=transcripts, out=tmp_path / "f.csv", device="cpu")
     assert "encoder" in bare.sources["minilm"]
-    np.testing.assert_allclose(rundir.read_predictions(bare.out)[1], rundir.read_predictions(from_store.out)[1],
+    np.testing.assert_allclose(prediction_file.read_predictions(bare.out)[1], prediction_file.read_predictions(from_store.out)[1],
                                atol=2e-3)  # text features recomputed, then rounded to float16 like the store
 
 
@@ -344,7 +346,7 @@ def test_the_fine_tuned_model_takes_the_checkpoints_layerdrop_and_trains_the_fin
     assert arch["layerdrop"] == pytest.approx(0.1)  # the tiny config's own, as WavLMConfig's default
     assert arch["last_state"] == "after-final-layer-norm" and arch["conv_final_activation"] is False
     assert config["heads"]["dropout"] == 0.0 and arch["conv_dropout"] == pytest.approx(0.1)
-    weights = load_file(str(result.run_dir / rundir.WEIGHTS))
+    weights = load_file(str(result.run_dir / layout.WEIGHTS))
     init = load_file(str(Path(cfg.model) / "model.safetensors"))
     # The final layer norm reaches the output now, so it was trained (not frozen as unused).
     assert not torch.equal(weights["wavlm.encoder.layer_norm.weight"], init["encoder.layer_norm.weight"])
@@ -366,9 +368,9 @@ def test_a_run_written_before_the_authors_architecture_loads_as_it_was_trained(t
     config = rundir.read_config(old)
     for key in ("last_state", "conv_final_activation", "conv_dropout", "layerdrop"):
         config["wavlm"].pop(key)
-    atomic.write_json_atomic(old / rundir.CONFIG, config)
-    tensors = load_file(str(old / rundir.WEIGHTS))
-    save_file({k.removeprefix("pool."): v for k, v in tensors.items()}, str(old / rundir.WEIGHTS))
+    atomic.write_json_atomic(old / layout.CONFIG, config)
+    tensors = load_file(str(old / layout.WEIGHTS))
+    save_file({k.removeprefix("pool."): v for k, v in tensors.items()}, str(old / layout.WEIGHTS))
     model = load_finetuned(old, config)
     assert model.last_state == LEGACY_LAST_STATE and model.pool.final_activation
     assert isinstance(model.pool.convs[-1], torch.nn.Dropout)

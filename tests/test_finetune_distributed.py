@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 import factories
+from ser_cache.runs import layout
 from ser_cache.runs import rundir
 from ser_cache.finetune.loop import finetune_wavlm
 from test_finetune import base_config, cli_args, learnable_corpus, subprocess_env
@@ -64,19 +65,19 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
                            "-m", "ser_cache", *args], env=subprocess_env(SER_CACHE_BACKEND="gloo"),
                           capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert rundir.is_run_dir(two_dir)
+    assert layout.is_run_dir(two_dir)
     assert sorted(p.name for p in two_dir.iterdir()) == sorted(p.name for p in one.run_dir.iterdir())
 
-    a, b = load_file(str(one.run_dir / rundir.WEIGHTS)), load_file(str(two_dir / rundir.WEIGHTS))
+    a, b = load_file(str(one.run_dir / layout.WEIGHTS)), load_file(str(two_dir / layout.WEIGHTS))
     assert a.keys() == b.keys() and any(k.startswith("aam.") for k in a)
     worst = max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
     assert worst <= WEIGHT_TOLERANCE
 
-    metrics = json.loads((two_dir / rundir.METRICS).read_text())
+    metrics = json.loads((two_dir / layout.METRICS).read_text())
     assert metrics["best_epoch"] == one.best_epoch
     assert metrics["ccc"] == pytest.approx(one.metrics["ccc"], abs=SCORE_TOLERANCE)
-    with open(two_dir / rundir.HISTORY) as f:
+    with open(two_dir / layout.HISTORY) as f:
         history = list(csv.DictReader(f))
     assert [float(h["loss_total"]) for h in history] == pytest.approx([h["loss_total"] for h in one.history],
                                                                        abs=SCORE_TOLERANCE)
-    assert json.loads((two_dir / rundir.CONFIG).read_text())["heads"] == rundir.read_config(one.run_dir)["heads"]
+    assert json.loads((two_dir / layout.CONFIG).read_text())["heads"] == rundir.read_config(one.run_dir)["heads"]

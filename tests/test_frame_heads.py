@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from ser_cache.runs import layout
+from ser_cache.runs import prediction_file
 from ser_cache.runs import rundir
 from ser_cache.features.frames import Frames
 from ser_cache.system.model import ConvPool, FeatureModel
@@ -200,22 +202,22 @@ def test_frame_heads_learn_what_a_mean_of_the_frames_cannot(tmp_path, frame_corp
     assert got["arousal"] > 0.8 and got["valence"] > 0.6 and got["mean"] > 0.7, got
     assert got["arousal"] > base["arousal"] + 0.3, (got, base)
 
-    config = json.loads((result.run_dir / rundir.CONFIG).read_text())
+    config = json.loads((result.run_dir / layout.CONFIG).read_text())
     assert config["frame_inputs"] == {"audio-frames": {"in_dim": 16, "dim": 256, "layers": 3, "dropout": 0.1}}
     assert config["heads"]["input_dims"] == {"audio-frames": [256], "text": [16]}
     assert config["heads"]["dropout"] == 0.0 and config["train"]["dropout"] == 0.0
-    assert config["format_version"] == rundir.FRAME_RUN_FORMAT_VERSION
+    assert config["format_version"] == layout.FRAME_RUN_FORMAT_VERSION
     assert config["memory"]["frames"] == "held"
     frame_record = next(i for i in config["inputs"] if i["name"] == "audio-frames")
     assert frame_record["feature_shape"] == [max(len(f) for f in frames) + 3, 16]
     from safetensors.torch import load_file
 
-    keys = set(load_file(str(result.run_dir / rundir.WEIGHTS)))
+    keys = set(load_file(str(result.run_dir / layout.WEIGHTS)))
     assert {k.split(".")[0] for k in keys} == {"heads", "pools"}
     assert "pools.0.convs.0.weight" in keys and "pools.0.convs.6.weight" in keys
     # A pooled-only run keeps the old layout: no frame inputs, version 1.
-    means_config = json.loads((means.run_dir / rundir.CONFIG).read_text())
-    assert means_config["frame_inputs"] == {} and means_config["format_version"] == rundir.POOLED_RUN_FORMAT_VERSION
+    means_config = json.loads((means.run_dir / layout.CONFIG).read_text())
+    assert means_config["frame_inputs"] == {} and means_config["format_version"] == layout.POOLED_RUN_FORMAT_VERSION
 
 
 def test_frame_store_rows_read_once_per_chunk_for_kept_rows_only(tmp_path, frame_corpus, monkeypatch):
@@ -296,7 +298,7 @@ def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpu
     options = {**FAST, "epochs": 4, "undersample": True}
     result, _ = train(tmp_path, manifest, [stores["frames"], stores["text"]], name="streamed",
                       memory_budget_gb=1e-5, **options)
-    config = json.loads((result.run_dir / rundir.CONFIG).read_text())
+    config = json.loads((result.run_dir / layout.CONFIG).read_text())
     assert config["memory"]["frames"] == "streamed"
     data = recipe.load_training_data(TrainHeadsConfig(features=(stores["frames"], stores["text"]),
                                                                  data=manifest, out=tmp_path / "x"))
@@ -364,14 +366,14 @@ def test_predicting_a_frame_run_from_the_store_equals_the_model_on_the_frames(tm
     # Development from the store reproduces the run's own Development predictions.
     dev = predict(run, data=manifest, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
     assert dev.sources["audio-frames"].startswith("store ")
-    np.testing.assert_allclose(rundir.read_predictions(dev.out)[1],
-                               rundir.read_predictions(run / rundir.DEV_PREDICTIONS)[1], atol=1e-5)
+    np.testing.assert_allclose(prediction_file.read_predictions(dev.out)[1],
+                               prediction_file.read_predictions(run / layout.DEV_PREDICTIONS)[1], atol=1e-5)
     scored = evaluate(run, manifest, "Development", out=tmp_path / "dev.json", device="cpu")
     assert scored["ccc"]["mean"] == pytest.approx(result.metrics["ccc"]["mean"], abs=1e-5)
 
     # A Test1 row equals the FeatureModel run by hand on that row's frames (float16, as stored).
     test1 = predict(run, data=manifest, splits=["Test1"], out=tmp_path / "t.csv", device="cpu")
-    got_ids, got = rundir.read_predictions(test1.out)
+    got_ids, got = prediction_file.read_predictions(test1.out)
     model, _ = rundir.load_run(run)
     for k in (0, len(got_ids) // 2, len(got_ids) - 1):
         i = ids.index(got_ids[k])
@@ -387,8 +389,8 @@ def test_predicting_a_frame_run_from_the_store_equals_the_model_on_the_frames(tm
     pooled, _ = train(tmp_path, manifest, [stores["means"], stores["text"]], name="pooled", **{**FAST, "epochs": 2})
     other = predict(pooled.run_dir, data=manifest, splits=["Test1"], out=tmp_path / "p.csv", device="cpu")
     mixed = ensemble([test1.out, other.out], out=tmp_path / "e.csv", data=manifest, split="Test1")
-    np.testing.assert_allclose(rundir.read_predictions(mixed.out)[1],
-                               (got + rundir.read_predictions(other.out)[1]) / 2, atol=2e-6)
+    np.testing.assert_allclose(prediction_file.read_predictions(mixed.out)[1],
+                               (got + prediction_file.read_predictions(other.out)[1]) / 2, atol=2e-6)
 
 
 def test_a_frame_run_refuses_a_pooled_store_in_place_of_its_frames(tmp_path, frame_corpus, frame_run):
@@ -398,7 +400,7 @@ def test_a_frame_run_refuses_a_pooled_store_in_place_of_its_frames(tmp_path, fra
     result, _ = frame_run
     moved = tmp_path / "moved"
     moved.mkdir()
-    config = json.loads((result.run_dir / rundir.CONFIG).read_text())
+    config = json.loads((result.run_dir / layout.CONFIG).read_text())
     rec = next(i for i in config["inputs"] if i["name"] == "audio-frames")
     # A pooled store with the frame store's name and settings: refused, it holds no frames.
     means = np.stack([f.mean(0) for f in frames])
@@ -419,22 +421,22 @@ def test_an_old_run_without_frame_inputs_loads_and_predicts_the_same(tmp_path, f
     run = result.run_dir
     # Make it what a run written before frame inputs looks like: no "frame_inputs", version 1,
     # weights saved from the bare heads.
-    config = json.loads((run / rundir.CONFIG).read_text())
+    config = json.loads((run / layout.CONFIG).read_text())
     config.pop("frame_inputs")
     config["format_version"] = 1
-    (run / rundir.CONFIG).write_text(json.dumps(config))
+    (run / layout.CONFIG).write_text(json.dumps(config))
     model, _ = rundir.load_run(run)
     heads = MultitaskHeads.from_config(config["heads"])
     heads.load_state_dict(model.heads.state_dict())
     rundir.save_weights(run, heads)
     from safetensors.torch import load_file
 
-    assert all(k.startswith("heads.") for k in load_file(str(run / rundir.WEIGHTS)))
+    assert all(k.startswith("heads.") for k in load_file(str(run / layout.WEIGHTS)))
     reloaded, _ = rundir.load_run(run)
     assert isinstance(reloaded, FeatureModel) and not reloaded.frame_names
     out = predict(run, data=manifest, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
-    np.testing.assert_allclose(rundir.read_predictions(out.out)[1],
-                               rundir.read_predictions(run / rundir.DEV_PREDICTIONS)[1], atol=1e-6)
+    np.testing.assert_allclose(prediction_file.read_predictions(out.out)[1],
+                               prediction_file.read_predictions(run / layout.DEV_PREDICTIONS)[1], atol=1e-6)
 
 
 @pytest.mark.slow
@@ -450,7 +452,7 @@ def test_cli_train_heads_takes_frame_options(tmp_path, frame_corpus):
         "--threads", 1, "--no-progress", "--conv-dim", 32, "--conv-dropout", 0.2, "--memory-budget", 1e-5,
         "--speaker-weight", 0)])
     assert r.exit_code == 0, r.output
-    config = json.loads((tmp_path / "cli" / rundir.CONFIG).read_text())
+    config = json.loads((tmp_path / "cli" / layout.CONFIG).read_text())
     assert config["frame_inputs"]["audio-frames"] == {"in_dim": 16, "dim": 32, "layers": 3, "dropout": 0.2}
     assert config["train"]["memory_budget_gb"] == 1e-5 and config["memory"]["frames"] == "streamed"
     help_text = re.sub(r"[│\s]+", " ", CliRunner().invoke(app, ["train-heads", "--help"]).output)
@@ -512,9 +514,9 @@ def test_frame_heads_on_mini_podcast_multimodal_beats_each_modality(tmp_path, mi
         online = model({"frames": frames.take(range(3))})["avd"].double().numpy()
     files = predict(run, files=[u.path for u in utts], out=tmp_path / "files.csv", device="cpu")
     assert files.sources["frames"].startswith("encoder ")
-    np.testing.assert_allclose(rundir.read_predictions(files.out)[1], online, atol=1e-6)
+    np.testing.assert_allclose(prediction_file.read_predictions(files.out)[1], online, atol=1e-6)
     from_store = predict(run, data=mini_podcast, splits=["Test1"], out=tmp_path / "store.csv", device="cpu")
-    ids, stored = rundir.read_predictions(from_store.out)
+    ids, stored = prediction_file.read_predictions(from_store.out)
     at = [ids.index(u.id) for u in utts]
     # Recomputed frames equal stored ones to float16 rounding (batching differs), so nearly equal here.
     np.testing.assert_allclose(stored[at], online, atol=2e-3)

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from ser_cache.runs import plots, score_plots
 from ser_cache.infra import atomic
-from ser_cache.runs import rundir
+from ser_cache.runs import layout
 from ser_cache.system.metrics import ATTRIBUTES, ccc
 from ser_cache.runs.plots import PlotError
 from ser_cache.features.store import FeatureStore
@@ -48,9 +48,9 @@ def make_run(path: Path, epochs: int = 6, best_epoch: int = 4, speaker: bool = F
     """A finished run's files as training.write_run_files leaves them (no weights: plots need none)."""
     path.mkdir(parents=True)
     history = history_rows(epochs, speaker=speaker)
-    atomic.write_csv_atomic(path / rundir.HISTORY, list(history[0]), [list(r.values()) for r in history])
-    atomic.write_json_atomic(path / rundir.METRICS, {"split": "Development", "best_epoch": best_epoch})
-    atomic.write_json_atomic(path / rundir.CONFIG, {"format": rundir.RUN_FORMAT, "format_version": 1,
+    atomic.write_csv_atomic(path / layout.HISTORY, list(history[0]), [list(r.values()) for r in history])
+    atomic.write_json_atomic(path / layout.METRICS, {"split": "Development", "best_epoch": best_epoch})
+    atomic.write_json_atomic(path / layout.CONFIG, {"format": layout.RUN_FORMAT, "format_version": 1,
                                                 "best_epoch": best_epoch, "gender_labels": ["Female", "Male"]})
     return path
 
@@ -100,7 +100,7 @@ def checkpoint_of(run: Path, history: list[dict], best_epoch: int) -> Path:
 def test_training_curves_of_an_unfinished_finetuning_run(tmp_path):
     run = tmp_path / "ft"
     run.mkdir()
-    (run / rundir.IN_PROGRESS).write_text("{}")
+    (run / layout.IN_PROGRESS).write_text("{}")
     checkpoint_of(run, history_rows(3, speaker=True), best_epoch=2)
     result = plots.training_curves(run)
     assert not result.finished and result.kept_epoch == 2
@@ -116,7 +116,7 @@ def test_training_curves_refusals(tmp_path):
         plots.training_curves(tmp_path / "empty")
     unfinished = tmp_path / "unfinished"
     unfinished.mkdir()
-    (unfinished / rundir.IN_PROGRESS).write_text("{}")
+    (unfinished / layout.IN_PROGRESS).write_text("{}")
     with pytest.raises(PlotError, match="not finished an epoch"):
         plots.training_curves(unfinished)
     (unfinished / "checkpoint.safetensors").write_bytes(b"not a checkpoint")
@@ -352,9 +352,9 @@ def weighted_run(path: Path, epochs: int = 3, *, gender_weight: float = 1.0, spe
         r["loss_gender"] = r["loss_gender"] if gender_weight else 0.0
         r["loss_speaker"] = speaker_loss / r["epoch"] if speaker_weight else 0.0
         r["loss_total"] = r["loss_ccc"] + gender_weight * r["loss_gender"] + speaker_weight * r["loss_speaker"]
-    atomic.write_csv_atomic(path / rundir.HISTORY, list(rows[0]), [list(r.values()) for r in rows])
-    atomic.write_json_atomic(path / rundir.CONFIG, {
-        "format": rundir.RUN_FORMAT, "format_version": 1, "best_epoch": 2,
+    atomic.write_csv_atomic(path / layout.HISTORY, list(rows[0]), [list(r.values()) for r in rows])
+    atomic.write_json_atomic(path / layout.CONFIG, {
+        "format": layout.RUN_FORMAT, "format_version": 1, "best_epoch": 2,
         "train": {"gender_weight": gender_weight, "speaker_weight": speaker_weight, "dev_split": "Development"},
         "inputs": [{"name": name} for name in inputs]})
     return path
@@ -407,7 +407,7 @@ def test_curves_draw_each_loss_part_as_weighted_in_the_total(curves):
     run, result = curves
     ax = result.figure.axes[0]
     lines = lines_by_label(ax)
-    with open(run / rundir.HISTORY, newline="") as f:
+    with open(run / layout.HISTORY, newline="") as f:
         history = list(csv.DictReader(f))
     speaker = lines["β·speaker (β = 0.1)"]
     assert np.allclose(speaker.get_ydata(), [0.1 * float(r["loss_speaker"]) for r in history])
@@ -451,12 +451,12 @@ def test_curves_settings_of_an_unfinished_run(tmp_path):
     """in_progress.json carries the fine-tuning options: their weights and what is trained."""
     run = tmp_path / "ft"
     run.mkdir()
-    atomic.write_json_atomic(run / rundir.IN_PROGRESS, {"format": rundir.RUN_FORMAT, "system": "finetuned-wavlm",
+    atomic.write_json_atomic(run / layout.IN_PROGRESS, {"format": layout.RUN_FORMAT, "system": "finetuned-wavlm",
                                                    "train": {"gender_weight": 1.0, "speaker_weight": 0.0}})
     settings = plots._run_settings(run, finished=False)
     assert plots._loss_weights(settings) == {"ccc": 1.0, "gender": 1.0, "speaker": 0.0}
     assert plots._curves_title("ft", settings) == "ft: fine-tuned WavLM"
-    (run / rundir.IN_PROGRESS).write_text("[]")
+    (run / layout.IN_PROGRESS).write_text("[]")
     assert plots._loss_weights(plots._run_settings(run, finished=False)) is None
 
 

@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ser_cache.runs import rundir
+from ser_cache.runs import layout
+from ser_cache.runs import prediction_file
 from ser_cache.data.corpus import load_corpus
 from ser_cache.features.extract import ExtractConfig, extract
 from ser_cache.runs.predict import PredictError, evaluate, predict
@@ -34,14 +35,14 @@ def trained(tmp_path):
 
 
 def values(path: Path) -> tuple[list[str], np.ndarray]:
-    return rundir.read_predictions(path)
+    return prediction_file.read_predictions(path)
 
 
 def test_predicting_development_from_stores_reproduces_the_runs_predictions(tmp_path, trained):
     run, manifest, *_ = trained
     result = predict(run, data=manifest, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
     ids, avd = values(result.out)
-    ref_ids, ref = values(run / rundir.DEV_PREDICTIONS)
+    ref_ids, ref = values(run / layout.DEV_PREDICTIONS)
     assert ids == ref_ids and result.rows == len(ids)
     np.testing.assert_allclose(avd, ref, atol=1e-6)
     assert all(s.startswith("store ") for s in result.sources.values())
@@ -76,7 +77,7 @@ def test_a_store_reextracted_over_other_rows_with_the_same_settings_is_accepted(
     keep = ids[::-1]  # other order, same numbers per utterance: a different row digest and fingerprint
     make_store(stores[0], keep, feats["audio"][::-1], settings=settings_for("audio", keep))
     result = predict(run, data=manifest, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
-    np.testing.assert_allclose(values(result.out)[1], values(run / rundir.DEV_PREDICTIONS)[1], atol=1e-6)
+    np.testing.assert_allclose(values(result.out)[1], values(run / layout.DEV_PREDICTIONS)[1], atol=1e-6)
 
 
 @pytest.mark.slow
@@ -105,7 +106,7 @@ def test_evaluate_scores_like_training_and_writes_json(tmp_path, trained):
     run, manifest, *_ = trained
     result = evaluate(run, manifest, "Development", device="cpu")
     saved = json.loads((run / "eval_Development.json").read_text())
-    metrics = json.loads((run / rundir.METRICS).read_text())
+    metrics = json.loads((run / layout.METRICS).read_text())
     for key in ("arousal", "valence", "dominance", "mean"):
         assert saved["ccc"][key] == pytest.approx(metrics["ccc"][key], abs=1e-6)
         assert saved["balanced_ccc"][key] == pytest.approx(metrics["balanced_ccc"][key], abs=1e-6)

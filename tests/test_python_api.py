@@ -26,7 +26,7 @@ from ser_cache.cli.app import app
 from ser_cache.features.extract import ExtractConfig, extract
 from ser_cache.finetune.options import FinetuneConfig
 from ser_cache.finetune.loop import finetune_wavlm
-from ser_cache.runs.rundir import GENDER_PROB_PREFIX, read_predictions
+from ser_cache.runs.prediction_file import GENDER_PROB_PREFIX, read_predictions
 from ser_cache.features.store import StoreError
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python.md"

@@ -215,7 +215,8 @@ def test_version():
 
 
 def test_the_corpus_message_says_the_rule_instead_of_pointing_to_a_file(tmp_path):
-    from ser_cache.data.corpus import CorpusError, load_corpus
+    from ser_cache.data.corpus import load_corpus
+    from ser_cache.data.records import CorpusError
 
     with pytest.raises(CorpusError) as e:
         load_corpus(tmp_path)

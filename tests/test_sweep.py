@@ -15,6 +15,8 @@ from test_frame_heads import make_frame_corpus, make_frame_store
 from test_training import make_corpus, make_store
 from typer.testing import CliRunner
 
+from ser_cache.runs import layout
+from ser_cache.runs import prediction_file
 from ser_cache.runs import rundir
 from ser_cache.cli.app import app
 from ser_cache.system.heads import MultitaskHeads
@@ -196,15 +198,15 @@ def test_members_equal_the_train_heads_runs_of_their_options(corpus, tmp_path):
                            ("text", 0, {"features": (corpus[1][1],)})):
         own = train_heads(base_config(corpus, tmp_path / f"own-{name}", gender_weight=1.0, seed=seed, **kw))
         member = tmp_path / "sweep" / name / f"seed-{seed}"
-        metrics = json.loads((member / rundir.METRICS).read_text())
+        metrics = json.loads((member / layout.METRICS).read_text())
         assert metrics["best_epoch"] == own.best_epoch
         assert metrics["ccc"]["mean"] == pytest.approx(own.metrics["ccc"]["mean"], abs=1e-5), name
         config = rundir.read_config(member)
         assert config["sweep"]["variant"] == name and config["sweep"]["seed"] == seed
         assert config["train"]["seed"] == seed and [i["name"] for i in config["inputs"]] == \
             [i["name"] for i in rundir.read_config(own.run_dir)["inputs"]]
-        ids, pred = rundir.read_predictions(member / rundir.DEV_PREDICTIONS)
-        own_ids, own_pred = rundir.read_predictions(own.run_dir / rundir.DEV_PREDICTIONS)
+        ids, pred = prediction_file.read_predictions(member / layout.DEV_PREDICTIONS)
+        own_ids, own_pred = prediction_file.read_predictions(own.run_dir / layout.DEV_PREDICTIONS)
         assert ids == own_ids and np.abs(pred - own_pred).max() < 1e-4
 
 
@@ -220,7 +222,7 @@ def test_frame_members_equal_train_heads_runs(tmp_path):
     own = train_heads(TrainHeadsConfig(features=stores, data=manifest, out=tmp_path / "own",
                                        **{**OPTIONS, "epochs": 3, "lr": 1e-3, "seed": 1}, conv_dropout=0.0,
                                        conv_dim=16, hidden=16))
-    metrics = json.loads((tmp_path / "sweep" / "lr" / "seed-1" / rundir.METRICS).read_text())
+    metrics = json.loads((tmp_path / "sweep" / "lr" / "seed-1" / layout.METRICS).read_text())
     assert metrics["best_epoch"] == own.best_epoch
     assert metrics["ccc"]["mean"] == pytest.approx(own.metrics["ccc"]["mean"], abs=1e-4)
     assert rundir.read_config(tmp_path / "sweep" / "lr" / "seed-1")["frame_inputs"]
@@ -238,7 +240,7 @@ def test_summary_mean_std_and_bootstrap_come_from_the_member_runs(corpus, tmp_pa
     assert set(summary["comparisons"]) == {"drop", "slow"}
     means = {}
     for name in ("base", "drop", "slow"):
-        scores = [json.loads((tmp_path / "sweep" / name / f"seed-{s}" / rundir.METRICS).read_text())["ccc"]["mean"]
+        scores = [json.loads((tmp_path / "sweep" / name / f"seed-{s}" / layout.METRICS).read_text())["ccc"]["mean"]
                   for s in range(3)]
         assert summary["variants"][name]["mean"]["ccc_mean"] == pytest.approx(np.mean(scores))
         assert summary["variants"][name]["std"]["ccc_mean"] == pytest.approx(np.std(scores, ddof=1))
@@ -258,8 +260,8 @@ def test_comparisons_use_the_rows_both_variants_were_scored_on(corpus, tmp_path)
     cfg = SweepConfig(base_config(corpus, tmp_path / "sweep"), seeds=1, variants=(parse_variant("oxv: ox=train+dev"),),
                       resamples=20)
     summary = sweep(cfg).summary
-    ids_b, pred_b = rundir.read_predictions(tmp_path / "sweep" / "base" / "seed-0" / rundir.DEV_PREDICTIONS)
-    ids_v, pred_v = rundir.read_predictions(tmp_path / "sweep" / "oxv" / "seed-0" / rundir.DEV_PREDICTIONS)
+    ids_b, pred_b = prediction_file.read_predictions(tmp_path / "sweep" / "base" / "seed-0" / layout.DEV_PREDICTIONS)
+    ids_v, pred_v = prediction_file.read_predictions(tmp_path / "sweep" / "oxv" / "seed-0" / layout.DEV_PREDICTIONS)
     assert len(ids_v) < len(ids_b) and summary["comparisons"]["oxv"]["rows"] == len(ids_v)
     keep = np.isin(ids_b, ids_v)
     import csv
@@ -274,7 +276,7 @@ def test_comparisons_use_the_rows_both_variants_were_scored_on(corpus, tmp_path)
 def test_a_sweep_run_again_reuses_its_members_and_refuses_changed_ones(corpus, tmp_path):
     cfg = SweepConfig(base_config(corpus, tmp_path / "sweep", epochs=2), seeds=2, resamples=10)
     first = sweep(cfg)
-    weights = tmp_path / "sweep" / "base" / "seed-0" / rundir.WEIGHTS
+    weights = tmp_path / "sweep" / "base" / "seed-0" / layout.WEIGHTS
     stamp = weights.stat().st_mtime_ns
     again = sweep(cfg)
     assert (again.trained, again.reused) == (0, 2) and weights.stat().st_mtime_ns == stamp

@@ -13,7 +13,9 @@ import pytest
 import soundfile as sf
 
 from ser_cache.data import synth
-from ser_cache.data.corpus import EMOTION_NAMES, MSP_COLUMNS, load_corpus
+from ser_cache.data.corpus import load_corpus
+from ser_cache.data.msp_podcast import MSP_COLUMNS
+from ser_cache.data.records import EMOTION_NAMES
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from ser_cache.runs import layout
+from ser_cache.runs import prediction_file
 from ser_cache.runs import rundir
 from ser_cache.system.metrics import PRIMARY_EMOTIONS, ccc_table
 from ser_cache.system.sampling import OX_MODES
@@ -101,13 +103,13 @@ def test_heads_learn_and_write_a_complete_run(tmp_path, synthetic):
     manifest, ids, feats, stores = synthetic
     result, cfg = train(tmp_path, manifest, stores.values())
     run = result.run_dir
-    for name in (rundir.CONFIG, rundir.WEIGHTS, rundir.METRICS, rundir.HISTORY, rundir.DEV_PREDICTIONS):
+    for name in (layout.CONFIG, layout.WEIGHTS, layout.METRICS, layout.HISTORY, layout.DEV_PREDICTIONS):
         assert (run / name).is_file(), name
-    history = read_csv(run / rundir.HISTORY)
+    history = read_csv(run / layout.HISTORY)
     assert len(history) == cfg.epochs
     first, last = float(history[0]["loss_ccc"]), float(history[-1]["loss_ccc"])
     assert last < 0.6 * first, (first, last)
-    m = json.loads((run / rundir.METRICS).read_text())
+    m = json.loads((run / layout.METRICS).read_text())
     assert m["ccc"]["arousal"] > 0.5 and m["ccc"]["valence"] > 0.5 and m["ccc"]["mean"] > 0.5, m["ccc"]
     assert m["best_epoch"] == result.best_epoch
     # The kept epoch is the one with the best mean balanced CCC (the default --select).
@@ -116,7 +118,7 @@ def test_heads_learn_and_write_a_complete_run(tmp_path, synthetic):
     assert m["balanced_ccc"]["mean"] == pytest.approx(balanced[result.best_epoch - 1])
     assert 0 <= m["gender"]["accuracy"] <= 1
 
-    config = json.loads((run / rundir.CONFIG).read_text())
+    config = json.loads((run / layout.CONFIG).read_text())
     assert [i["name"] for i in config["inputs"]] == ["audio", "text"]
     for rec in config["inputs"]:
         assert rec["fingerprint"] == FeatureStore.open(rec["path"]).fingerprint
@@ -129,7 +131,7 @@ def test_heads_learn_and_write_a_complete_run(tmp_path, synthetic):
     assert config["heads"]["n_genders"] == 2 and config["heads"]["n_speakers"] == 12
     assert config["train"]["lr"] == cfg.lr and config["package_version"]
 
-    preds = read_csv(run / rundir.DEV_PREDICTIONS)
+    preds = read_csv(run / layout.DEV_PREDICTIONS)
     dev_ids = [r["id"] for r in read_csv(manifest) if r["split"] == "Development"]
     assert [p["FileName"] for p in preds] == dev_ids
     assert list(preds[0])[:4] == ["FileName", "EmoAct", "EmoVal", "EmoDom"] and "Gender" in preds[0]
@@ -140,7 +142,7 @@ def test_heads_learn_and_write_a_complete_run(tmp_path, synthetic):
     idx = [ids.index(i) for i in dev_ids]
     with torch.no_grad():
         out = heads({n: torch.from_numpy(feats[n][idx].astype(np.float16)) for n in ("audio", "text")})["avd"]
-    saved = np.array([[float(p[c]) for c in rundir.AVD_COLUMNS] for p in preds])
+    saved = np.array([[float(p[c]) for c in prediction_file.AVD_COLUMNS] for p in preds])
     np.testing.assert_allclose(out.numpy(), saved, atol=1e-5)
     target = np.array([[float(r[c]) for c in ("arousal", "valence", "dominance")]
                        for r in read_csv(manifest) if r["split"] == "Development"])
@@ -151,7 +153,7 @@ def test_heads_learn_and_write_a_complete_run(tmp_path, synthetic):
 def test_select_ccc_keeps_the_best_plain_ccc_epoch(tmp_path, synthetic):
     manifest, _, _, stores = synthetic
     result, _ = train(tmp_path, manifest, stores.values(), epochs=8, select="ccc")
-    history = read_csv(result.run_dir / rundir.HISTORY)
+    history = read_csv(result.run_dir / layout.HISTORY)
     assert result.best_epoch == int(np.argmax([float(r["dev_ccc_mean"]) for r in history])) + 1
 
 
@@ -172,8 +174,8 @@ def test_undersampling_draws_min_class_count_per_class_each_epoch(tmp_path, synt
     counts = {e: sum(r["emotion"] == e for r in rows) for e in {r["emotion"] for r in rows}}
     on, _ = train(tmp_path, manifest, stores.values(), name="on", epochs=2, undersample=True)
     off, _ = train(tmp_path, manifest, stores.values(), name="off", epochs=2, undersample=False)
-    data_on = json.loads((on.run_dir / rundir.CONFIG).read_text())["data"]
-    data_off = json.loads((off.run_dir / rundir.CONFIG).read_text())["data"]
+    data_on = json.loads((on.run_dir / layout.CONFIG).read_text())["data"]
+    data_off = json.loads((off.run_dir / layout.CONFIG).read_text())["data"]
     assert data_on["rows_per_epoch"] == min(counts.values()) * len(counts) < len(rows)
     assert data_off["rows_per_epoch"] == data_off["train_rows"] == len(rows)
 
@@ -187,7 +189,7 @@ def test_every_ox_mode_trains_and_moved_rows_leave_the_evaluation(tmp_path, synt
     dev_rows = [r for r in rows if r["split"] == "Development"]
     ox = {"O", "X"}
     result, _ = train(tmp_path, manifest, stores.values(), epochs=2, ox=mode)
-    data = json.loads((result.run_dir / rundir.CONFIG).read_text())["data"]
+    data = json.loads((result.run_dir / layout.CONFIG).read_text())["data"]
     dev_ox = [r for r in dev_rows if r["emotion"] in ox]
     expected_train = {
         "keep": len(train_rows),
@@ -197,7 +199,7 @@ def test_every_ox_mode_trains_and_moved_rows_leave_the_evaluation(tmp_path, synt
         "train+dev-nonox": sum(r["emotion"] in ox for r in train_rows) + len(dev_ox),
     }[mode]
     assert data["train_rows"] == expected_train
-    evaluated = {p["FileName"] for p in read_csv(result.run_dir / rundir.DEV_PREDICTIONS)}
+    evaluated = {p["FileName"] for p in read_csv(result.run_dir / layout.DEV_PREDICTIONS)}
     moved = mode in ("train+dev", "train+dev-nonox")
     assert evaluated == {r["id"] for r in dev_rows if not (moved and r["emotion"] in ox)}
     assert data["dev_rows_moved_to_train"] == (len(dev_ox) if moved else 0)
@@ -210,17 +212,17 @@ def test_speaker_head_keeps_the_speaker_embedding_store_out_of_the_input(tmp_pat
     xvec = make_store(tmp_path / "features" / "xvec.zarr", ids, np.random.default_rng(1).standard_normal((len(ids), 8)),
                       kind="xvector")
     on, _ = train(tmp_path, manifest, [*stores.values(), xvec], name="spk", epochs=2, speaker_weight=0.1)
-    config = json.loads((on.run_dir / rundir.CONFIG).read_text())
+    config = json.loads((on.run_dir / layout.CONFIG).read_text())
     assert [i["name"] for i in config["inputs"]] == ["audio", "text"]
     assert [e["name"] for e in config["excluded_stores"]] == ["xvec"]
     assert "xvec" not in config["heads"]["input_dims"] and config["n_speakers"] > 0
     from safetensors.torch import load_file
 
-    assert any(k.startswith("aam.") for k in load_file(str(on.run_dir / rundir.WEIGHTS)))
+    assert any(k.startswith("aam.") for k in load_file(str(on.run_dir / layout.WEIGHTS)))
 
     # "+ S Emb": with the speaker head off, the same store is an ordinary input.
     emb, _ = train(tmp_path, manifest, [*stores.values(), xvec], name="semb", epochs=2, speaker_weight=0)
-    config = json.loads((emb.run_dir / rundir.CONFIG).read_text())
+    config = json.loads((emb.run_dir / layout.CONFIG).read_text())
     assert config["heads"]["input_dims"]["xvec"] == [8] and config["n_speakers"] == 0
     assert config["excluded_stores"] == []
 
@@ -243,10 +245,10 @@ def test_per_layer_store_gets_a_learned_layer_weighting(tmp_path, synthetic):
 def test_gender_and_speaker_heads_can_be_turned_off(tmp_path, synthetic):
     manifest, _, _, stores = synthetic
     result, _ = train(tmp_path, manifest, stores.values(), epochs=2, gender_weight=0, speaker_weight=0)
-    config = json.loads((result.run_dir / rundir.CONFIG).read_text())
+    config = json.loads((result.run_dir / layout.CONFIG).read_text())
     assert config["heads"]["n_genders"] == 0 and config["heads"]["n_speakers"] == 0
     assert "gender" not in result.metrics
-    assert list(read_csv(result.run_dir / rundir.DEV_PREDICTIONS)[0]) == ["FileName", "EmoAct", "EmoVal", "EmoDom"]
+    assert list(read_csv(result.run_dir / layout.DEV_PREDICTIONS)[0]) == ["FileName", "EmoAct", "EmoVal", "EmoDom"]
 
 
 # --------------------------------------------------------------------------- bad input
@@ -280,7 +282,7 @@ def test_unwritten_rows_and_missing_labels_are_left_out_and_counted(tmp_path, ca
     store = make_store(tmp_path / "a.zarr", ids, feats["audio"], written=written)
     with caplog.at_level(logging.INFO, logger="ser_cache"):
         result, _ = train(tmp_path, manifest, [store], epochs=1)
-    data = json.loads((result.run_dir / rundir.CONFIG).read_text())["data"]
+    data = json.loads((result.run_dir / layout.CONFIG).read_text())["data"]
     assert data["unlabelled"] == 2 and data["not_written[a]"] == 3
     assert "2 utterance(s) lack" in caplog.text and "3 utterance(s) have no features" in caplog.text
     assert data["train_rows"] == sum(r["split"] == "Train" for r in read_csv(manifest)) - 5
@@ -302,7 +304,7 @@ def test_a_split_without_labelled_rows_is_an_error(tmp_path):
 
 
 def test_unknown_split_is_an_error(tmp_path, synthetic):
-    from ser_cache.data.corpus import CorpusError
+    from ser_cache.data.records import CorpusError
 
     manifest, _, _, stores = synthetic
     with pytest.raises(CorpusError, match="--dev-split Dev"):
@@ -313,32 +315,31 @@ def test_unknown_split_is_an_error(tmp_path, synthetic):
 def test_an_existing_run_directory_is_refused_unless_overwrite(tmp_path, synthetic):
     manifest, _, _, stores = synthetic
     first, _ = train(tmp_path, manifest, stores.values(), epochs=1)
-    stamp = (first.run_dir / rundir.CONFIG).read_text()
+    stamp = (first.run_dir / layout.CONFIG).read_text()
     t = time.perf_counter()
-    with pytest.raises(rundir.RunError, match="already exists.*--overwrite"):
+    with pytest.raises(layout.RunError, match="already exists.*--overwrite"):
         train(tmp_path, manifest, stores.values(), epochs=1)
     assert time.perf_counter() - t < 1.0  # refused before any loading
-    assert (first.run_dir / rundir.CONFIG).read_text() == stamp
+    assert (first.run_dir / layout.CONFIG).read_text() == stamp
     second, _ = train(tmp_path, manifest, stores.values(), epochs=2, overwrite=True)
-    assert json.loads((second.run_dir / rundir.CONFIG).read_text())["train"]["epochs"] == 2
+    assert json.loads((second.run_dir / layout.CONFIG).read_text())["train"]["epochs"] == 2
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".run")]  # no temporary leftovers
 
     other = tmp_path / "notes"
     other.mkdir()
     (other / "important.txt").write_text("keep me")
-    with pytest.raises(rundir.RunError, match="not a ser-cache run"):
+    with pytest.raises(layout.RunError, match="not a ser-cache run"):
         train(tmp_path, manifest, stores.values(), name="notes", overwrite=True)
     assert (other / "important.txt").read_text() == "keep me"
 
 
 def test_a_failed_training_leaves_no_run_directory(tmp_path, synthetic, monkeypatch):
     manifest, _, _, stores = synthetic
-    import ser_cache.runs.rundir as runs_mod
 
     def boom(*a, **k):
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(runs_mod, "write_predictions", boom)
+    monkeypatch.setattr(prediction_file, "write_predictions", boom)
     with pytest.raises(RuntimeError, match="disk full"):
         train(tmp_path, manifest, stores.values(), epochs=1)
     assert not (tmp_path / "run").exists()
@@ -407,9 +408,9 @@ def test_bf16_lands_near_fp32_and_the_run_records_its_precision(tmp_path, synthe
     assert bf16.metrics["ccc"]["mean"] == pytest.approx(fp32.metrics["ccc"]["mean"], abs=0.005)
     assert bf16.metrics["ccc"] != fp32.metrics["ccc"]  # bf16 did run
     for result, precision, dtype in ((fp32, "fp32", "float32"), (bf16, "bf16", "bfloat16")):
-        train_config = json.loads((result.run_dir / rundir.CONFIG).read_text())["train"]
+        train_config = json.loads((result.run_dir / layout.CONFIG).read_text())["train"]
         assert (train_config["precision"], train_config["compute_dtype"]) == (precision, dtype)
-        history = read_csv(result.run_dir / rundir.HISTORY)
+        history = read_csv(result.run_dir / layout.HISTORY)
         assert all(np.isfinite(float(r["loss_total"])) for r in history)
 
 

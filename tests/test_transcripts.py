@@ -11,7 +11,8 @@ import pytest
 from factories import msp_corpus
 from ser_cache.data import transcripts
 from ser_cache.features import transcribe
-from ser_cache.data.corpus import Utterance, load_corpus
+from ser_cache.data.corpus import load_corpus
+from ser_cache.data.records import Utterance
 from ser_cache.data.transcripts import (
     TranscriptError,
     attach,

@@ -27,6 +27,7 @@ from typer.testing import CliRunner
 
 import factories
 from ser_cache.infra import atomic
+from ser_cache.runs import layout
 from ser_cache.runs import rundir
 from ser_cache.runs.checkpoint_file import CHECKPOINT
 from ser_cache.cli.app import app
@@ -94,7 +95,7 @@ def interrupted_run(cfg: FinetuneConfig, after_epoch: int) -> Path:
         mp.setattr(ft, "save_checkpoint", save_then_stop)
         with pytest.raises(Stop):
             finetune_wavlm(cfg)
-    assert rundir.is_unfinished_run(cfg.out)
+    assert layout.is_unfinished_run(cfg.out)
     return Path(cfg.out)
 
 
@@ -112,7 +113,7 @@ def ft_config(corpus_ft, models, tmp_path_factory) -> FinetuneConfig:
 def unfinished_run_dir(path: Path) -> Path:
     """A run directory as `finetune wavlm` leaves it in progress: the marker, no config.json."""
     path.mkdir(parents=True)
-    atomic.write_json_atomic(path / rundir.IN_PROGRESS, {"format": rundir.RUN_FORMAT, "system": "finetuned-wavlm"})
+    atomic.write_json_atomic(path / layout.IN_PROGRESS, {"format": layout.RUN_FORMAT, "system": "finetuned-wavlm"})
     return path
 
 
@@ -138,11 +139,11 @@ def test_the_checkpoint_is_one_safetensors_file_and_resume_ends_exactly_as_witho
 
     resumed = finetune_wavlm(replace(cfg, out=out, resume=True))
     assert [h["epoch"] for h in resumed.history] == [1, 2, 3] and resumed.best_epoch == whole.best_epoch
-    a, b = load_file(str(whole.run_dir / rundir.WEIGHTS)), load_file(str(out / rundir.WEIGHTS))
+    a, b = load_file(str(whole.run_dir / layout.WEIGHTS)), load_file(str(out / layout.WEIGHTS))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # bit-identical
-    assert (out / rundir.DEV_PREDICTIONS).read_bytes() == (whole.run_dir / rundir.DEV_PREDICTIONS).read_bytes()
+    assert (out / layout.DEV_PREDICTIONS).read_bytes() == (whole.run_dir / layout.DEV_PREDICTIONS).read_bytes()
     assert resumed.metrics == whole.metrics
-    assert not (out / CHECKPOINT).exists() and rundir.is_run_dir(out)
+    assert not (out / CHECKPOINT).exists() and layout.is_run_dir(out)
 
 
 def test_plot_run_reads_an_unfinished_runs_checkpoint(ft_config, tmp_path):
@@ -178,7 +179,7 @@ def test_a_pickled_checkpoint_is_refused_unread_by_resume_and_plot(ft_config, tm
     # --overwrite starts the run again, as the message says (the pickle goes unread with the folder).
     r = invoke(*cli_args(replace(cfg, out=out, epochs=1)), "--overwrite")
     assert r.exit_code == 0, r.output[-3000:]
-    assert not marker.exists() and not (out / LEGACY_CHECKPOINT).exists() and rundir.is_run_dir(out)
+    assert not marker.exists() and not (out / LEGACY_CHECKPOINT).exists() and layout.is_run_dir(out)
 
 
 def test_a_safetensors_checkpoint_that_does_not_hold_a_checkpoint_is_refused(tmp_path):
@@ -273,7 +274,7 @@ def test_a_run_being_fine_tuned_is_locked_against_a_second_process(ft_config, tm
         for option in ("--resume", "--overwrite"):
             line = one_line_error(invoke(*cli_args(replace(cfg, out=out)), option))
             assert f"{out}: another process is training this run (pid {first.pid} on" in line, line
-        assert (out / CHECKPOINT).stat().st_mtime_ns == before and rundir.is_unfinished_run(out)
+        assert (out / CHECKPOINT).stat().st_mtime_ns == before and layout.is_unfinished_run(out)
     finally:
         first.kill()  # SIGKILL: the kernel releases its lock
         first.wait()

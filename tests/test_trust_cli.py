@@ -91,9 +91,9 @@ def test_no_help_shows_a_python_type_and_every_option_is_described():
 FIXED_CHOICES = {
     "OxMode": ("ser_cache.system.sampling", "OX_MODES"),
     "SelectMode": ("ser_cache.system.options", "SELECT_MODES"),
-    "HeadsPrecisionMode": ("ser_cache.infra.runtime", "PRECISIONS"),
-    "EncoderPrecisionMode": ("ser_cache.encoders.base", "PRECISIONS"),
-    "TranscribePrecisionMode": ("ser_cache.features.transcribe", "PRECISIONS"),
+    "HeadsPrecisionMode": ("ser_cache.infra.runtime", "HEADS_PRECISIONS"),
+    "EncoderPrecisionMode": ("ser_cache.infra.runtime", "ENCODER_PRECISIONS"),
+    "TranscribePrecisionMode": ("ser_cache.infra.runtime", "TRANSCRIBE_PRECISIONS"),
     "PoolingMode": ("ser_cache.encoders.base", "POOLINGS"),
     "WindowMode": ("ser_cache.encoders.whisper", "WINDOWS"),
     "KindName": ("ser_cache.encoders", "KINDS"),
@@ -239,7 +239,7 @@ def test_a_runs_config_records_its_provenance(heads_run):
 
 def test_an_msp_podcast_runs_label_file_is_labels_consensus(tmp_path):
     from ser_cache.runs import provenance
-    from ser_cache.data.corpus import MSP_LABEL_FILE
+    from ser_cache.data.msp_podcast import MSP_LABEL_FILE
     from factories import msp_corpus
 
     corpus = msp_corpus(tmp_path / "corpus")

@@ -1,6 +1,6 @@
 """Nothing lost: no command writes over one of its inputs or inside a run, store or corpus it reads,
 none replaces an existing file without --overwrite (outputs.py), and an --overwrite of a run killed
-between its two renames is undone by the next command (rundir.recover_staging)."""
+between its two renames is undone by the next command (staging.recover_staging)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ser_cache.runs import rundir
+from ser_cache.runs import layout
+from ser_cache.runs import staging
 from ser_cache.cli.app import app
 from test_training import make_corpus, make_store, train
 
@@ -132,7 +133,7 @@ def test_predict_onto_its_transcripts_table_is_refused(whisper_run, tmp_path):
 def test_evaluate_onto_the_runs_config_is_refused_and_its_own_file_needs_overwrite(whisper_run, tmp_path):
     shared, corpus, _ = whisper_run
     run = shutil.copytree(shared, tmp_path / "run")
-    config = run / rundir.CONFIG
+    config = run / layout.CONFIG
     before = config.read_bytes()
     r = invoke("evaluate", run, "--data", corpus, "--split", "Development", "--out", config, "--device", "cpu")
     assert r.exit_code == 2, r.output
@@ -198,7 +199,7 @@ def _members(tmp_path: Path) -> list[Path]:
 
 def _fake_run(folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / rundir.CONFIG).write_text(json.dumps({"format": rundir.RUN_FORMAT, "inputs": []}))
+    (folder / layout.CONFIG).write_text(json.dumps({"format": layout.RUN_FORMAT, "inputs": []}))
     return folder
 
 
@@ -298,7 +299,7 @@ def test_every_writer_refuses_an_output_that_is_or_lies_inside_an_input(command,
     r = invoke(*args)
     assert r.exit_code == 2, r.output
     line = one_line(r)
-    assert line.startswith(f"error: --") and f"{tmp_path / output}: " in line, line
+    assert line.startswith("error: --") and f"{tmp_path / output}: " in line, line
     assert f"({label.format(t=tmp_path)})" in line, line
     assert any(w in line for w in ("is also an input", "lies inside an input", "holds an input")), line
 
@@ -353,7 +354,7 @@ def _train(tmp_path, manifest, store, out, **kw):
 
 
 def _seed(run: Path) -> int:
-    return json.loads((run / rundir.CONFIG).read_text())["train"]["seed"]
+    return json.loads((run / layout.CONFIG).read_text())["train"]["seed"]
 
 
 def test_a_kill_between_the_renames_is_undone_by_the_next_command(pooled, tmp_path, caplog):
@@ -398,7 +399,7 @@ def test_an_old_run_left_beside_a_finished_overwrite_is_removed(pooled, tmp_path
     run = _train(tmp_path, manifest, store, "run", seed=0)
     pid = dead_pid()
     shutil.copytree(run, tmp_path / f".run.replaced-{pid}")  # killed while removing the replaced run
-    rundir.check_run_target(run, overwrite=True)
+    staging.check_run_target(run, overwrite=True)
     assert _seed(run) == 0 and hidden(tmp_path) == []
 
 
@@ -406,7 +407,7 @@ def test_a_staging_folder_of_a_live_process_is_left_alone(pooled, tmp_path):
     manifest, store = pooled
     run = _train(tmp_path, manifest, store, "run", seed=0)
     os.replace(run, tmp_path / f".run.replaced-{os.getppid()}")  # a process that still runs
-    rundir.check_run_target(run, overwrite=False)
+    staging.check_run_target(run, overwrite=False)
     assert not run.exists() and hidden(tmp_path) == [f".run.replaced-{os.getppid()}"]
 
 

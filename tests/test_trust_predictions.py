@@ -25,6 +25,8 @@ from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
 from factories import msp_corpus
+from ser_cache.runs import layout
+from ser_cache.runs import prediction_file
 from ser_cache.runs import rundir
 from ser_cache.cli.app import app
 from ser_cache.runs.ensemble import EnsembleError, ensemble
@@ -80,9 +82,9 @@ def run(synthetic, tmp_path_factory):
 def _edit_weights(run_dir: Path, dest: Path, change) -> Path:
     """A copy of `run_dir` whose model.safetensors went through `change(tensors)`."""
     shutil.copytree(run_dir, dest)
-    tensors = load_file(str(dest / rundir.WEIGHTS))
+    tensors = load_file(str(dest / layout.WEIGHTS))
     change(tensors)
-    save_file(tensors, str(dest / rundir.WEIGHTS))
+    save_file(tensors, str(dest / layout.WEIGHTS))
     return dest
 
 
@@ -127,7 +129,7 @@ def test_a_sweep_member_folder_without_config_json_says_what_it_holds(synthetic,
     manifest, _, _, stores = synthetic
     member = tmp_path / "sweep" / "base" / "seed-0"
     member.mkdir(parents=True)
-    (member / rundir.WEIGHTS).write_bytes(b"not much")
+    (member / layout.WEIGHTS).write_bytes(b"not much")
     (member / "notes.txt").write_text("mine")
     with pytest.raises(TrainError, match=r"base/seed-0: this sweep's folder for a member, but not a finished run: "
                                          r"it has no config.json \(it holds model.safetensors, notes.txt\); move the "
@@ -182,8 +184,8 @@ def test_a_sweep_keeps_the_members_that_did_not_diverge_and_reports_the_others(s
     alone = invoke(*args, "-o", tmp_path / "alone")
     assert alone.exit_code == 0, alone.output
     for seed in (0, 1):
-        mine = rundir.read_predictions(tmp_path / "sweep" / "base" / f"seed-{seed}" / rundir.DEV_PREDICTIONS)
-        theirs = rundir.read_predictions(tmp_path / "alone" / "base" / f"seed-{seed}" / rundir.DEV_PREDICTIONS)
+        mine = prediction_file.read_predictions(tmp_path / "sweep" / "base" / f"seed-{seed}" / layout.DEV_PREDICTIONS)
+        theirs = prediction_file.read_predictions(tmp_path / "alone" / "base" / f"seed-{seed}" / layout.DEV_PREDICTIONS)
         assert mine[0] == theirs[0]
         np.testing.assert_allclose(mine[1], theirs[1], atol=1e-6)
 
@@ -230,8 +232,8 @@ def test_predictions_outside_the_runs_label_range_are_refused(synthetic, run, tm
 def _members(tmp_path: Path, n: int = 4) -> tuple[list[str], Path, Path]:
     ids = [f"u{i}.wav" for i in range(n)]
     rng = np.random.default_rng(0)
-    a = rundir.write_predictions(tmp_path / "a.csv", ids, rng.uniform(2, 6, (n, 3)))
-    b = rundir.write_predictions(tmp_path / "b.csv", ids, rng.uniform(2, 6, (n, 3)))
+    a = prediction_file.write_predictions(tmp_path / "a.csv", ids, rng.uniform(2, 6, (n, 3)))
+    b = prediction_file.write_predictions(tmp_path / "b.csv", ids, rng.uniform(2, 6, (n, 3)))
     return ids, a, b
 
 
@@ -261,26 +263,26 @@ def test_an_ensemble_member_value_off_the_scale_or_not_a_plain_number_is_refused
 
 def test_an_ensemble_member_saved_with_a_bom_is_read(tmp_path):
     ids, a, b = _members(tmp_path)
-    expected = (rundir.read_predictions(a)[1] + rundir.read_predictions(b)[1]) / 2
-    _set_cell(b, 0, "EmoAct", f"{rundir.read_predictions(b)[1][0, 0]:.6f}", encoding="utf-8-sig")  # as Excel saves it
+    expected = (prediction_file.read_predictions(a)[1] + prediction_file.read_predictions(b)[1]) / 2
+    _set_cell(b, 0, "EmoAct", f"{prediction_file.read_predictions(b)[1][0, 0]:.6f}", encoding="utf-8-sig")  # as Excel saves it
     assert b.read_bytes().startswith(b"\xef\xbb\xbf")
     result = ensemble([a, b], out=tmp_path / "out.csv")
-    got_ids, got = rundir.read_predictions(result.out)
+    got_ids, got = prediction_file.read_predictions(result.out)
     assert got_ids == ids
     np.testing.assert_allclose(got, expected, atol=1e-6)
 
 
 def test_ensemble_label_scale_option_for_a_corpus_on_another_scale(tmp_path):
     ids = ["u0.wav", "u1.wav", "u2.wav"]
-    a = rundir.write_predictions(tmp_path / "a.csv", ids, np.full((3, 3), 0.25))
-    b = rundir.write_predictions(tmp_path / "b.csv", ids, np.full((3, 3), 0.75))
+    a = prediction_file.write_predictions(tmp_path / "a.csv", ids, np.full((3, 3), 0.25))
+    b = prediction_file.write_predictions(tmp_path / "b.csv", ids, np.full((3, 3), 0.75))
     r = invoke("ensemble", a, b, "-o", tmp_path / "out.csv")
     assert r.exit_code == 2
     line = one_line_error(r.output)
     assert "outside the label range [1, 7] (a corpus on another scale: --label-scale LOW HIGH)" in line
     r = invoke("ensemble", a, b, "-o", tmp_path / "out.csv", "--label-scale", "0 1")
     assert r.exit_code == 0, r.output
-    np.testing.assert_allclose(rundir.read_predictions(tmp_path / "out.csv")[1], 0.5)
+    np.testing.assert_allclose(prediction_file.read_predictions(tmp_path / "out.csv")[1], 0.5)
 
 
 # --------------------------------------------------------------------------- check-submission
@@ -363,10 +365,10 @@ def test_a_run_on_an_xvector_store_predicts_new_audio(xvector_run, tmp_path):
     assert all(s.startswith("store ") for s in cached.sources.values())
     r = invoke("predict", run_dir, *[u.path for u in dev], "-o", tmp_path / "bare.csv", "--device", "cpu")
     assert r.exit_code == 0, r.output
-    ids, bare = rundir.read_predictions(tmp_path / "bare.csv")
+    ids, bare = prediction_file.read_predictions(tmp_path / "bare.csv")
     assert ids == [u.id for u in dev]
     # The encoder run here gives what the store holds (float16 rounding apart).
-    np.testing.assert_allclose(bare, rundir.read_predictions(cached.out)[1], atol=2e-3)
+    np.testing.assert_allclose(bare, prediction_file.read_predictions(cached.out)[1], atol=2e-3)
     predictor = Predictor.from_run(run_dir)
     got = predictor.predict([str(dev[0].path), sf.read(str(dev[1].path), dtype="float32")[0]])
     np.testing.assert_allclose(np.stack([got["arousal"], got["valence"], got["dominance"]], 1), bare[:2], atol=1e-5)

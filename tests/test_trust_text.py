@@ -18,7 +18,8 @@ import soundfile as sf
 from factories import msp_corpus, tone, write_wav
 from ser_cache.data import transcripts
 from ser_cache.features import transcribe
-from ser_cache.data.corpus import CorpusError, load_corpus
+from ser_cache.data.corpus import load_corpus
+from ser_cache.data.records import CorpusError
 from ser_cache.features.extract import ExtractConfig, ExtractError, extract
 from ser_cache.runs.predict import PredictError, evaluate, predict
 from ser_cache.data.transcripts import TranscriptError, load_table, read_sidecar, read_table, record_path
@@ -224,7 +225,7 @@ def real_run(tmp_path_factory, models):
 
 
 def test_prefer_transcripts_predicts_from_the_tables_text_where_the_store_holds_the_corpus_text(tmp_path, real_run):
-    from ser_cache.runs.rundir import read_predictions
+    from ser_cache.runs.prediction_file import read_predictions
 
     run, shared, text_store = real_run
     corpus = shutil.copytree(shared, tmp_path / "corpus")
@@ -254,7 +255,7 @@ def test_prefer_transcripts_predicts_from_the_tables_text_where_the_store_holds_
 
 
 def test_a_text_store_without_its_record_serves_no_row_that_has_text(tmp_path, real_run):
-    from ser_cache.runs.rundir import read_predictions
+    from ser_cache.runs.prediction_file import read_predictions
 
     run, shared, text_store = real_run
     ref = predict(run, data=shared, splits=["Development"], out=tmp_path / "ref.csv", device="cpu")

@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 import factories
+from ser_cache.runs import layout
+from ser_cache.runs import prediction_file
 from ser_cache.runs import rundir
 
 HIDDEN = 16  # the authors' hidden_dim, small for the test
@@ -129,7 +131,7 @@ def _predicted(run: Path, clips: list[Path], out: Path) -> np.ndarray:
     from ser_cache.runs.predict import predict
 
     predict(run, files=clips, out=out, device="cpu")
-    ids, avd = rundir.read_predictions(out)
+    ids, avd = prediction_file.read_predictions(out)
     assert ids == [c.name for c in clips]
     return avd
 
@@ -220,7 +222,7 @@ def test_finetune_can_start_from_an_imported_run(models, tmp_path, one_torch_thr
                          lr_heads=1e-12, conv_dim=HIDDEN, hidden=HIDDEN, gender_weight=1.0, undersample=False,
                          select="ccc", device="cpu", progress=False, init_from=imported.run_dir, weight_decay=0.0)
     result = finetune_wavlm(cfg)
-    a, b = load_file(str(imported.run_dir / rundir.WEIGHTS)), load_file(str(result.run_dir / rundir.WEIGHTS))
+    a, b = load_file(str(imported.run_dir / layout.WEIGHTS)), load_file(str(result.run_dir / layout.WEIGHTS))
     # With learning rates of 1e-12 nothing moves visibly: the run holds the imported weights (AdamW's
     # first step moves a weight by about the learning rate), but its own label range.
     same = [k for k in a if not k.endswith((".lo", ".hi"))]

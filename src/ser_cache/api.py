@@ -257,7 +257,7 @@ class Predictor:
     @cached_property
     def scores(self) -> dict:
         """The run's metrics.json (Development scores of the kept epoch); {} for a run without one."""
-        from ser_cache.runs.rundir import METRICS
+        from ser_cache.runs.layout import METRICS
 
         path = self.run_dir / METRICS
         return json.loads(path.read_text()) if path.is_file() else {}
@@ -265,7 +265,7 @@ class Predictor:
     @cached_property
     def history(self) -> list[dict]:
         """history.csv, one dict per epoch, numbers as numbers (None where empty); [] without one."""
-        from ser_cache.runs.rundir import HISTORY
+        from ser_cache.runs.layout import HISTORY
 
         path = self.run_dir / HISTORY
         if not path.is_file():
@@ -284,7 +284,7 @@ class Predictor:
         "valence", "dominance" (float64, the labels' scale), and where the run has a gender head
         "gender" (the most probable label) and "gender_prob_<label>" for each of `gender_labels`.
         """
-        from ser_cache.data.corpus import Utterance
+        from ser_cache.data.records import Utterance
         from ser_cache.runs.predict import gather_features, run_model
 
         _check_sample_rate(sample_rate)

@@ -45,7 +45,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
     import sys
 
     from ser_cache.data.audio import AudioError
-    from ser_cache.data.corpus import CorpusError
+    from ser_cache.data.records import CorpusError
     from ser_cache.encoders import EncoderError
     from ser_cache.features.extract import ExtractError
     from ser_cache.infra.outputs import OutputError

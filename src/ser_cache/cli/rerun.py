@@ -21,14 +21,15 @@ PARAM_NAMES = {"memory_budget_gb": "memory_budget", "undersample": "no_undersamp
 
 def run_config_file(path: Path) -> tuple[Path, dict]:
     """The checked config.json of a train-heads run (`path`: the file or its run directory)."""
+    from ser_cache.runs import layout
     from ser_cache.runs import rundir
 
-    file = path / rundir.CONFIG if path.is_dir() else path
+    file = path / layout.CONFIG if path.is_dir() else path
     if not file.is_file():
         fail(f"--config {path}: no such file; give a train-heads run's config.json or its run directory")
     try:
         config = rundir.read_config_file(file)
-    except rundir.RunError as exc:
+    except layout.RunError as exc:
         fail(f"--config {exc}")
     if config.get("system") or "imported" in config:
         made_by = "finetune wavlm" if config.get("system") else "import vox-profile"
@@ -74,9 +75,10 @@ def provenance_notes(path: Path, data: Path) -> list[str]:
     """What differs between the run's provenance and this rerun on `data`: the label file's digest,
     the git commit and the versions. The rerun goes ahead; these say why its numbers may not be the run's."""
     from ser_cache.runs import provenance
+    from ser_cache.runs import layout
     from ser_cache.runs import rundir
 
-    file = path / rundir.CONFIG if path.is_dir() else path
+    file = path / layout.CONFIG if path.is_dir() else path
     recorded = rundir.read_config_file(file).get("provenance")
     if not isinstance(recorded, dict):
         return []

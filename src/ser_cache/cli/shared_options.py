@@ -23,9 +23,9 @@ from ser_cache.train.options import TrainHeadsConfig
 # two lists equal (the library's constants live in modules that import torch).
 OxMode = Literal["keep", "drop", "only", "train+dev", "train+dev-nonox"]  # sampling.OX_MODES
 SelectMode = Literal["balanced", "ccc"]  # system.options.SELECT_MODES
-HeadsPrecisionMode = Literal["auto", "fp32", "bf16"]  # infra.runtime.PRECISIONS
-EncoderPrecisionMode = Literal["auto", "fp32", "bf16", "fp16"]  # encoders.base.PRECISIONS
-TranscribePrecisionMode = Literal["auto", "fp32", "bf16"]  # transcribe.PRECISIONS
+HeadsPrecisionMode = Literal["auto", "fp32", "bf16"]  # infra.runtime.HEADS_PRECISIONS
+EncoderPrecisionMode = Literal["auto", "fp32", "bf16", "fp16"]  # infra.runtime.ENCODER_PRECISIONS
+TranscribePrecisionMode = Literal["auto", "fp32", "bf16"]  # infra.runtime.TRANSCRIBE_PRECISIONS
 PoolingMode = Literal["mean", "mean+std", "frames"]  # encoders.base.POOLINGS
 WindowMode = Literal["window", "trimmed"]  # encoders.whisper.WINDOWS
 KindName = Literal["whisper", "wavlm", "xvector", "text"]  # encoders.KINDS

@@ -15,7 +15,7 @@ from ser_cache.cli.app import KNOWN_ERRORS, app, err, fail, guarded, out, writab
 from ser_cache.cli import rerun
 from ser_cache.cli import shared_options as shared
 
-KNOWN_ERRORS.extend(["ser_cache.system.rows:TrainError", "ser_cache.runs.rundir:RunError", "ser_cache.runs.predict:PredictError",
+KNOWN_ERRORS.extend(["ser_cache.system.rows:TrainError", "ser_cache.runs.layout:RunError", "ser_cache.runs.predict:PredictError",
                      "ser_cache.runs.ensemble:EnsembleError"])
 
 # Text inputs computed by predict and evaluate (rows no store holds): where their text comes from.

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from ser_cache.data.corpus import CSV_ENCODING, Utterance
+from ser_cache.data.records import CSV_ENCODING, Utterance
 from ser_cache.infra.atomic import atomic_path
 
 KEY_COLUMNS = ("id", "FileName")  # either names the utterance; `id` wins when a table has both

@@ -13,12 +13,21 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ser_cache.infra.runtime import (
+    AUTO_CUDA_HALF,
+    ENCODER_PRECISIONS,
+    DeviceError,
+    autocast,
+    precision_dtype,
+    resolve_device,
+    resolve_precision,
+)
+
 POOLED = ("mean", "mean+std")  # one vector per utterance (or per layer)
 FRAMES = "frames"  # every valid frame of the last layer, (T_max, D) per utterance
 POOLINGS = (*POOLED, FRAMES)
 XVECTOR = "xvector"  # an x-vector encoder's own statistics pooling, as its stores' settings record it
 FRAME_KINDS = ("whisper", "wavlm")  # audio encoders with one output layer to keep frame by frame
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 class EncoderError(Exception):
@@ -45,20 +54,15 @@ class RuntimeOptions:
     extra: dict = field(default_factory=dict)
 
     def torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        return torch.device(self.device)
+        return resolve_device(self.device, check=False)
 
     def autocast_dtype(self, device: torch.device) -> torch.dtype | None:
         """bf16 by default on CUDA (fp16 where bf16 is unsupported); full precision on CPU."""
-        p = self.precision
-        if p not in PRECISIONS:
-            raise EncoderError(f"--precision {p}: expected one of {', '.join(PRECISIONS)}")
-        if p == "fp32" or (p == "auto" and device.type != "cuda"):
-            return None
-        if p == "auto":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if p == "bf16" else torch.float16
+        try:
+            return precision_dtype(resolve_precision(self.precision, device, allowed=ENCODER_PRECISIONS,
+                                                     auto=AUTO_CUDA_HALF))
+        except DeviceError as exc:
+            raise EncoderError(str(exc)) from None
 
 
 OFFLINE_VARIABLES = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
@@ -359,9 +363,7 @@ class Encoder:
         return seconds
 
     def autocast(self):
-        if self.autocast_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.autocast_dtype)
+        return autocast(self.device, self.autocast_dtype)
 
     def encode(self, batch: list) -> torch.Tensor:
         return self.launch(self.prepare(batch)).result()

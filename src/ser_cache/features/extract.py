@@ -42,7 +42,8 @@ import numpy as np
 from ser_cache.version import __version__
 from ser_cache.data import audio as audio_lib
 from ser_cache.infra.atomic import atomic_path, naming_disk_full
-from ser_cache.data.corpus import Utterance, load_corpus
+from ser_cache.data.corpus import load_corpus
+from ser_cache.data.records import Utterance
 from ser_cache.features.store import (
     STORE_DTYPE,
     FeatureStore,

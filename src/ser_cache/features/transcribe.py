@@ -37,11 +37,21 @@ import numpy as np
 
 from ser_cache.version import __version__
 from ser_cache.data import audio as audio_lib
-from ser_cache.data.corpus import Utterance, load_corpus
+from ser_cache.data.corpus import load_corpus
+from ser_cache.data.records import Utterance
 from ser_cache.data.transcripts import sidecar_path, sidecar_problem
 from ser_cache.features.extract import REPORT_COLUMNS
 from ser_cache.infra.atomic import atomic_path
 from ser_cache.infra.progress import ExtractProgress
+from ser_cache.infra.runtime import (
+    AUTO_CUDA_BF16,
+    TRANSCRIBE_PRECISIONS,
+    autocast,
+    precision_dtype,
+    precision_problem,
+    resolve_device,
+    resolve_precision,
+)
 
 DEFAULT_MODEL = "whisper-large-v3"
 WHISPER_SECONDS = 30.0  # Whisper's input window: every clip is cut to it, then padded to it
@@ -49,7 +59,6 @@ LANGUAGE = "en"  # forced when the model knows the <|en|> token; MSP-Podcast is 
 DEFAULT_MAX_NEW_TOKENS = 224  # openai/whisper's sample_len (half the decoder's 448 positions)
 PROMPT_TOKENS = 4  # <|startoftranscript|><|en|><|transcribe|><|notimestamps|>
 MAX_BATCH = 64  # utterances per batch at most, however short they are
-PRECISIONS = ("auto", "fp32", "bf16")
 COLUMNS = ("FileName", "text")
 # Settings that change the text: a table or journal made with other values is not resumed.
 COMPARED = ("model_id", "revision", "language", "beams", "max_new_tokens", "max_seconds", "precision")
@@ -92,8 +101,8 @@ class TranscribeConfig:
             problems.append(f"--max-new-tokens {self.max_new_tokens}: expected at least 1")
         if not self.batch_seconds > 0:
             problems.append(f"--batch-seconds {self.batch_seconds}: expected a positive number")
-        if self.precision not in PRECISIONS:
-            problems.append(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        if problem := precision_problem(self.precision, TRANSCRIBE_PRECISIONS):
+            problems.append(problem)
         if Path(self.out).suffix.lower() != ".csv":
             problems.append(f"--out {self.out}: expected a .csv file name")
         if problems:
@@ -359,9 +368,8 @@ class WhisperTranscriber:
             raise EncoderError(f"model '{model_id}': its tokenizer has {len(tokenizer)} token(s), fewer than the "
                                f"{needed} the model's special tokens need; transcribe needs Whisper's tokenizer files "
                                "(tokenizer.json, or vocab.json and merges.txt) beside the weights")
-        self.device = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                                   "cpu" if device == "auto" else device)
-        self.precision = "bf16" if precision == "bf16" or (precision == "auto" and self.device.type == "cuda") else "fp32"
+        self.device = resolve_device(device, check=False)
+        self.precision = resolve_precision(precision, self.device, allowed=TRANSCRIBE_PRECISIONS, auto=AUTO_CUDA_BF16)
         self.model = model.to(self.device).eval()
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -419,8 +427,6 @@ class WhisperTranscriber:
         return log_mel(x.to(self.device), self.filters)
 
     def transcribe(self, waves: list[np.ndarray]) -> list[str]:
-        import contextlib
-
         import torch
 
         from ser_cache.encoders.base import quiet_loading
@@ -431,11 +437,10 @@ class WhisperTranscriber:
             kwargs["language"] = self.language
             if "transcribe" in (getattr(self.model.generation_config, "task_to_id", None) or {}):
                 kwargs["task"] = "transcribe"
-        autocast = (torch.autocast(device_type=self.device.type, dtype=torch.bfloat16) if self.precision == "bf16"
-                    else contextlib.nullcontext())
+        dtype = precision_dtype(self.precision)
         with torch.inference_mode():
             feats = self.features(waves)  # in float32, outside autocast: the mel projection is a matmul
-            with autocast, quiet_loading():  # quiet: generate warns about options it does not use
+            with autocast(self.device, dtype), quiet_loading():  # quiet: generate warns about options it does not use
                 out = self.model.generate(feats, **kwargs)
         ids = out.sequences if hasattr(out, "sequences") else out
         texts = self.tokenizer.batch_decode(ids.cpu(), skip_special_tokens=True)

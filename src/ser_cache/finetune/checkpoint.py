@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache.infra import statefile
+from ser_cache.runs import layout
 from ser_cache.runs import rundir
 from ser_cache.system.rows import TrainError
 from ser_cache.runs.checkpoint_file import CHECKPOINT, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, read_checkpoint, refuse_legacy
@@ -62,9 +63,9 @@ def init_from_run(model, run_dir: Path) -> None:
     if not is_finetuned(config):
         raise TrainError(f"--init-from {run_dir}: not a fine-tuned WavLM run (its system is "
                          f"{config.get('system', 'heads on cached features')!r})")
-    weights = Path(run_dir) / rundir.WEIGHTS
+    weights = Path(run_dir) / layout.WEIGHTS
     if not weights.is_file():
-        raise TrainError(f"--init-from {run_dir}: {rundir.WEIGHTS} is missing")
+        raise TrainError(f"--init-from {run_dir}: {layout.WEIGHTS} is missing")
     theirs = model_state(load_file(str(weights)))
     ours = model.state_dict()
     optional = ("heads.gender.", "heads.speaker.")
@@ -191,10 +192,10 @@ def finish(out: Path, config: dict, metrics: dict, state: State, dev_ids: list[s
 
     best = out / BEST.format(state.best["epoch"])
     if best.is_file():
-        os.replace(best, out / rundir.WEIGHTS)
-    elif not (out / rundir.WEIGHTS).is_file():  # a kill between the two renames leaves it moved already
+        os.replace(best, out / layout.WEIGHTS)
+    elif not (out / layout.WEIGHTS).is_file():  # a kill between the two renames leaves it moved already
         raise TrainError(f"{out}: the best epoch's weights ({best.name}) are missing; start again with --overwrite")
     write_run_files(out, config, metrics, state.history, dev_ids, state.best["pred"], state.best["probs"],
                     gender_labels)
     (out / CHECKPOINT).unlink(missing_ok=True)
-    (out / rundir.IN_PROGRESS).unlink(missing_ok=True)
+    (out / layout.IN_PROGRESS).unlink(missing_ok=True)

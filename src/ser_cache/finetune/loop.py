@@ -36,7 +36,7 @@ import numpy as np
 from ser_cache.data import audio as audio_lib
 from ser_cache.finetune.checkpoint import BEST, State, finish, init_from_run, resume, save_checkpoint
 from ser_cache.infra import atomic, locks
-from ser_cache.runs import rundir
+from ser_cache.runs import layout, staging
 from ser_cache.runs.checkpoint_file import refuse_legacy
 from ser_cache.system.rows import TrainError
 from ser_cache.train.options import TrainResult
@@ -66,7 +66,7 @@ def finetune_wavlm(cfg: FinetuneConfig) -> TrainResult:
             try:
                 _lock_run(lock, cfg.out)
                 _check_target(cfg)
-            except (rundir.RunError, TrainError) as exc:
+            except (layout.RunError, TrainError) as exc:
                 problem = str(exc)
         problem = dist.broadcast(problem)
         if problem:
@@ -92,12 +92,12 @@ def _lock_run(lock: locks.FileLock, out: Path) -> None:
 
 def _check_target(cfg: FinetuneConfig) -> None:
     out = Path(cfg.out)
-    if cfg.resume and rundir.is_run_dir(out):
+    if cfg.resume and layout.is_run_dir(out):
         raise TrainError(f"--resume: the run at {out} is finished; choose another --out or pass --overwrite")
-    if cfg.resume and rundir.is_unfinished_run(out):
+    if cfg.resume and layout.is_unfinished_run(out):
         refuse_legacy(out)  # now, not after minutes of loading
         return
-    rundir.check_run_target(out, cfg.overwrite, resumable=True)
+    staging.check_run_target(out, cfg.overwrite, resumable=True)
 
 
 # --------------------------------------------------------------------------- data
@@ -223,12 +223,12 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     out = Path(cfg.out)
     if cfg.resume:
         state = resume(out, cfg, dist, model, aam, optimizer, scaler, sampler) or state
-    if dist.is_main and not (cfg.resume and rundir.is_unfinished_run(out)):
+    if dist.is_main and not (cfg.resume and layout.is_unfinished_run(out)):
         if out.exists() and cfg.overwrite:
             # A symlinked --out keeps its link: the folder it points to is the run replaced (as train-heads does).
             shutil.rmtree(out.resolve())
         out.resolve().mkdir(parents=True, exist_ok=True)
-        atomic.write_json_atomic(out / rundir.IN_PROGRESS, {"format": rundir.RUN_FORMAT, "system": "finetuned-wavlm",
+        atomic.write_json_atomic(out / layout.IN_PROGRESS, {"format": layout.RUN_FORMAT, "system": "finetuned-wavlm",
                                                        "train": cfg.to_dict()})
     dist.barrier()
 

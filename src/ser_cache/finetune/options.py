@@ -52,7 +52,7 @@ class FinetuneConfig(TrainingOptions):
 
     def verify(self) -> None:
         """Raise one TrainError listing every problem with the options."""
-        from ser_cache.encoders.base import PRECISIONS
+        from ser_cache.infra.runtime import ENCODER_PRECISIONS, precision_problem
 
         problems = []
         for name, value in (("--lr-encoder", self.lr_encoder), ("--lr-heads", self.lr_heads),
@@ -61,8 +61,8 @@ class FinetuneConfig(TrainingOptions):
                 problems.append(f"{name} {value}: expected a positive number")
         if self.grad_accum < 1:
             problems.append(f"--grad-accum {self.grad_accum}: expected 1 or more")
-        if self.precision not in PRECISIONS:
-            problems.append(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        if problem := precision_problem(self.precision, ENCODER_PRECISIONS):
+            problems.append(problem)
         problems += self.conv_problems()
         if self.layerdrop is not None and not 0 <= self.layerdrop < 1:
             problems.append(f"--layerdrop {self.layerdrop}: expected a probability in [0, 1)")

@@ -8,6 +8,8 @@ from datetime import timedelta
 
 import torch
 
+from ser_cache.infra.runtime import rank_device
+
 
 @dataclass(frozen=True)
 class Dist:
@@ -25,9 +27,7 @@ class Dist:
 
     def device(self, requested: str) -> str:
         """Each rank gets its own GPU (cuda:LOCAL_RANK) when the device is auto or plain cuda."""
-        if self.enabled and requested in ("auto", "cuda") and torch.cuda.is_available():
-            return f"cuda:{self.local_rank}"
-        return requested
+        return rank_device(requested, self.local_rank) if self.enabled else requested
 
     def barrier(self) -> None:
         if self.enabled:

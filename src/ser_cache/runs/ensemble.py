@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.runs import rundir
+from ser_cache.runs import prediction_file
 from ser_cache.infra.outputs import Input, OutputError, refuse_inputs
 
 DEFAULT_SCALE = (1.0, 7.0)  # the challenge's (and MSP-Podcast's) scale: what a submission is checked against
@@ -52,9 +52,9 @@ def _describe(ids: Sequence[str], limit: int = 5) -> str:
 
 def scale_option(text: str) -> tuple[float, float] | None:
     """`--label-scale` ("1 7", "0,1", "none") → (low, high), or None for no range check; as a manifest declares it."""
-    from ser_cache.data.corpus import _parse_scale
+    from ser_cache.data.records import parse_scale
 
-    return _parse_scale(text, "--label-scale")
+    return parse_scale(text, "--label-scale")
 
 
 def _scale_note(scale) -> str:
@@ -66,7 +66,7 @@ def _scale_note(scale) -> str:
 def read_member(path: str | Path, scale: tuple[float, float] | None = DEFAULT_SCALE) -> tuple[list[str], np.ndarray]:
     """A member's (ids, (N, 3) values), each value checked finite and on `scale` (None: finite only)."""
     try:
-        return rundir.read_predictions(path, scale)
+        return prediction_file.read_predictions(path, scale)
     except ValueError as exc:
         raise EnsembleError(f"{exc}{_scale_note(scale) if 'outside the label range' in str(exc) else ''}") from None
 
@@ -94,10 +94,10 @@ def combine(files: Sequence[str | Path], weights: Sequence[float] | None = None,
         position = {uid: i for i, uid in enumerate(ids)}
         total += weight * values[[position[uid] for uid in ref_ids]]
     # Averages of checked values stay on the scale; checked again, as every prediction written is.
-    bad = rundir.bad_value(total, *(scale or (-np.inf, np.inf)))
+    bad = prediction_file.bad_value(total, *(scale or (-np.inf, np.inf)))
     if bad is not None:
         i, j, value, why = bad
-        raise EnsembleError(f"the ensemble's {rundir.AVD_COLUMNS[j]} of {ref_ids[i]} (row {i + 1}) is {value}, {why}; "
+        raise EnsembleError(f"the ensemble's {prediction_file.AVD_COLUMNS[j]} of {ref_ids[i]} (row {i + 1}) is {value}, {why}; "
                             "nothing written")
     return list(ref_ids), total, w
 
@@ -130,7 +130,7 @@ def combine_gender(files: Sequence[str | Path], weights: Sequence[float], ids: S
     labels, total, mass = None, np.zeros(0), 0.0
     for path, weight in zip(files, weights):
         try:
-            found = rundir.read_gender_probabilities(path)
+            found = prediction_file.read_gender_probabilities(path)
         except ValueError as exc:
             raise EnsembleError(str(exc)) from None
         if found is None:
@@ -172,7 +172,7 @@ def ensemble(files: Sequence[str | Path], *, out: str | Path, weights: Sequence[
     scores = score_predictions(ids, avd, Path(data), split) if data is not None else None
     members = [score_predictions(*read_member(f, scale), Path(data), split) for f in files] if data else None
     labels, probs = combine_gender(files, w, ids) if with_gender else (None, None)
-    path = rundir.write_predictions(out, ids, avd, gender_labels=labels, gender_probs=probs)
+    path = prediction_file.write_predictions(out, ids, avd, gender_labels=labels, gender_probs=probs)
     drawn = []
     if plots is not None:
         from ser_cache.runs.score_plots import ensemble_plots

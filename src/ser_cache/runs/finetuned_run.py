@@ -17,22 +17,23 @@ from ser_cache.system.finetuned import MIN_SECONDS, WavLMEmotionModel, build_fro
 
 def load_finetuned(run_dir: Path, config: dict, *, device: str = "cpu") -> WavLMEmotionModel:
     """The fine-tuned model of a run, from its config.json and model.safetensors alone (no hub)."""
+    from ser_cache.runs import layout
     from ser_cache.runs import rundir
 
-    weights = Path(run_dir) / rundir.WEIGHTS
+    weights = Path(run_dir) / layout.WEIGHTS
     if not weights.is_file():
-        raise rundir.RunError(f"{run_dir}: {rundir.WEIGHTS} is missing; the run is incomplete")
+        raise layout.RunError(f"{run_dir}: {layout.WEIGHTS} is missing; the run is incomplete")
     try:
         model = build_from_config(config)
     except (TypeError, ValueError, KeyError, AttributeError) as exc:
-        raise rundir.RunError(f"{Path(run_dir) / rundir.CONFIG}: \"wavlm\" or \"heads\" do not describe a model "
+        raise layout.RunError(f"{Path(run_dir) / layout.CONFIG}: \"wavlm\" or \"heads\" do not describe a model "
                             f"({type(exc).__name__}: {exc}); the file was edited or damaged: restore it, "
                             "or train the run again") from None
     tensors = rundir.read_weights(weights)
     try:
         model.load_state_dict(model_state(tensors), strict=True)
     except RuntimeError as exc:
-        raise rundir.RunError(f"{weights}: weights do not fit the model in {rundir.CONFIG} "
+        raise layout.RunError(f"{weights}: weights do not fit the model in {layout.CONFIG} "
                             f"({str(exc).splitlines()[0]})") from None
     return model.to(torch.device(device)).eval()
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ser_cache.runs import layout
 from ser_cache.runs import rundir
 from ser_cache.infra.atomic import atomic_path
 from ser_cache.system.metrics import ATTRIBUTES
@@ -140,7 +141,7 @@ def read_history(run_dir: str | Path) -> tuple[list[dict], int | None, bool]:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise PlotError(f"{run_dir}: no such run directory")
-    if rundir.is_unfinished_run(run_dir):
+    if layout.is_unfinished_run(run_dir):
         from ser_cache.runs.checkpoint_file import CHECKPOINT, LEGACY_CHECKPOINT, CheckpointError, read_checkpoint
 
         if not (run_dir / CHECKPOINT).is_file() and not (run_dir / LEGACY_CHECKPOINT).exists():
@@ -152,11 +153,11 @@ def read_history(run_dir: str | Path) -> tuple[list[dict], int | None, bool]:
         return [dict(r) for r in ckpt["history"]], int(ckpt["best"]["epoch"]), False
     try:
         config = rundir.read_config(run_dir)
-    except rundir.RunError as exc:
+    except layout.RunError as exc:
         raise PlotError(str(exc)) from None
-    path = run_dir / rundir.HISTORY
+    path = run_dir / layout.HISTORY
     if not path.is_file():
-        raise PlotError(f"{run_dir}: no {rundir.HISTORY}, so no curves to draw (an imported run has no "
+        raise PlotError(f"{run_dir}: no {layout.HISTORY}, so no curves to draw (an imported run has no "
                         "training history; a trained one lost the file)")
     with open(path, newline="", encoding="utf-8") as f:
         rows = list(csv.DictReader(f))
@@ -173,9 +174,9 @@ def _run_settings(run_dir: Path, finished: bool) -> dict:
     try:
         if finished:
             return rundir.read_config(run_dir)
-        record = json.loads((run_dir / rundir.IN_PROGRESS).read_text(encoding="utf-8"))
+        record = json.loads((run_dir / layout.IN_PROGRESS).read_text(encoding="utf-8"))
         return record if isinstance(record, dict) else {}
-    except (rundir.RunError, OSError, UnicodeDecodeError, ValueError):
+    except (layout.RunError, OSError, UnicodeDecodeError, ValueError):
         return {}
 
 

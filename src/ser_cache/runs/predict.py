@@ -29,6 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache.infra import atomic
+from ser_cache.runs import layout
+from ser_cache.runs import prediction_file
 from ser_cache.runs import rundir
 from ser_cache.features.frames import Frames
 from ser_cache.features.store import settings_differences
@@ -86,7 +88,7 @@ def file_utterances(files: Sequence[str | Path], transcripts: Path | None = None
                     needed: bool = True) -> tuple[list, Texts | None]:
     """Bare audio files as utterances: id = file name; text from a `<stem>.txt` beside the file, else from
     the table by file name or stem (the table first with `prefer`)."""
-    from ser_cache.data.corpus import Utterance
+    from ser_cache.data.records import Utterance
 
     utts, seen = [], {}
     for f in files:
@@ -391,7 +393,7 @@ def check_predictions(avd: np.ndarray, probs: np.ndarray | None, utts: list, mod
     """Refuse predictions that are not finite or leave the run's label range (and gender probabilities that
     are not finite), naming the run, row and value: the heads map onto that range (paper Eq. 2), so
     anything else is a damaged run, never a prediction."""
-    from ser_cache.runs.rundir import AVD_COLUMNS, GENDER_PROB_PREFIX, bad_value, label_range
+    from ser_cache.runs.prediction_file import AVD_COLUMNS, GENDER_PROB_PREFIX, bad_value, label_range
 
     bad = bad_value(avd, *label_range(config))
     column = None if bad is None else AVD_COLUMNS[bad[1]]
@@ -475,7 +477,7 @@ def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[s
                                       use_stores=not files, texts=texts)
     avd, probs = run_model(model, config, utts, arrays, sources, device=device, run_dir=run_dir)
     gender_labels = config.get("gender_labels") or None
-    path = rundir.write_predictions(out, [u.id for u in utts], avd, gender_labels=gender_labels if with_gender else None,
+    path = prediction_file.write_predictions(out, [u.id for u in utts], avd, gender_labels=gender_labels if with_gender else None,
                                   gender_probs=probs if with_gender else None)
     return PredictResult(out=path, rows=len(utts), sources=sources, text=None if texts is None else texts.summary())
 
@@ -555,5 +557,5 @@ def _load(run_dir: Path):
 
             return load_finetuned(run_dir, config), config
         return rundir.load_run(run_dir)
-    except rundir.RunError as exc:
+    except layout.RunError as exc:
         raise PredictError(str(exc)) from None

@@ -54,7 +54,7 @@ def record(data: str | Path | None) -> dict:
 
 def label_file(data: str | Path) -> Path:
     """The file that holds a corpus's labels: MSP-Podcast's labels_consensus.csv, or the manifest itself."""
-    from ser_cache.data.corpus import MSP_LABEL_FILE
+    from ser_cache.data.msp_podcast import MSP_LABEL_FILE
 
     data = Path(data)
     return data / MSP_LABEL_FILE if data.is_dir() else data

@@ -12,7 +12,8 @@ import numpy as np
 
 from ser_cache.version import __version__
 from ser_cache.infra import atomic
-from ser_cache.runs import rundir
+from ser_cache.runs import layout
+from ser_cache.runs import prediction_file
 from ser_cache.system.metrics import ATTRIBUTES as AVD  # the heads' "avd" column order, too
 from ser_cache.system.rows import (
     TrainingData,
@@ -35,8 +36,8 @@ def run_config(train: dict, data: TrainingData, lo: Sequence[float], hi: Sequenc
     from ser_cache.runs import provenance
 
     return {
-        "format": rundir.RUN_FORMAT,
-        "format_version": rundir.format_version(extra.get("frame_inputs")),
+        "format": layout.RUN_FORMAT,
+        "format_version": layout.format_version(extra.get("frame_inputs")),
         "package_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
@@ -58,9 +59,9 @@ def write_run_files(directory: Path, config: dict, metrics: dict, history: list[
                     pred: np.ndarray, probs: np.ndarray | None, gender_labels: list[str]) -> None:
     """Everything of a run directory but the weights: metrics, history, Development predictions, config last."""
     directory = Path(directory)
-    atomic.write_json_atomic(directory / rundir.METRICS, metrics)
-    atomic.write_csv_atomic(directory / rundir.HISTORY, list(history[0]), [list(r.values()) for r in history])
-    rundir.write_predictions(directory / rundir.DEV_PREDICTIONS, dev_ids, pred, gender_labels=gender_labels or None,
+    atomic.write_json_atomic(directory / layout.METRICS, metrics)
+    atomic.write_csv_atomic(directory / layout.HISTORY, list(history[0]), [list(r.values()) for r in history])
+    prediction_file.write_predictions(directory / layout.DEV_PREDICTIONS, dev_ids, pred, gender_labels=gender_labels or None,
                            gender_probs=probs)
-    # config.json makes the directory a finished run (rundir.is_run_dir), so it comes last.
-    atomic.write_json_atomic(directory / rundir.CONFIG, config)
+    # config.json makes the directory a finished run (layout.is_run_dir), so it comes last.
+    atomic.write_json_atomic(directory / layout.CONFIG, config)

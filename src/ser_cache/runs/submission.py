@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser_cache.data.corpus import load_corpus
-from ser_cache.runs.rundir import plain_number
+from ser_cache.runs.prediction_file import plain_number
 
 COLUMNS = ("FileName", "EmoAct", "EmoVal", "EmoDom")
 LOW, HIGH = 1.0, 7.0

@@ -26,7 +26,7 @@ Their forward, which the imported run reproduces:
 The sigmoid outputs lie in [0, 1]; the run maps them onto `label_range` (1–7 for MSP-Podcast),
 exactly as ser-cache's heads map theirs onto the training labels' range (paper Eq. 2).
 
-A WavLM checkpoint becomes a fine-tuned-WavLM run (finetune_model.py); a Whisper checkpoint becomes
+A WavLM checkpoint becomes a fine-tuned-WavLM run (system/finetuned.py); a Whisper checkpoint becomes
 a frame-heads run whose input is the checkpoint's own Whisper encoder (saved into the run as
 `encoder/`, a model directory like any other) followed by a ConvPool (model.FeatureModel).
 """
@@ -46,7 +46,9 @@ from torch import Tensor
 from ser_cache.version import __version__
 
 from ser_cache.infra import atomic
+from ser_cache.runs import layout
 from ser_cache.runs import rundir
+from ser_cache.runs import staging
 
 log = logging.getLogger(__name__)
 
@@ -277,7 +279,7 @@ def head_state(rest: Mapping[str, Tensor], *, lo: float, hi: float, predict_gend
 def import_vox_profile(cfg: ImportConfig) -> ImportResult:
     """Turn the authors' checkpoint into a run directory at cfg.out (written whole, then renamed)."""
     cfg.verify()
-    rundir.check_run_target(cfg.out, cfg.overwrite)
+    staging.check_run_target(cfg.out, cfg.overwrite)
     config_path, weights_path, revision = checkpoint_files(cfg.source)
     wrapper = read_wrapper_config(config_path)
     tensors = read_weights(weights_path)
@@ -331,8 +333,8 @@ def _run_config(cfg: ImportConfig, heads, imported: dict, predict_gender: bool, 
     lo, hi = cfg.label_range
     gender_labels = list(cfg.gender_labels) if predict_gender else []
     return {
-        "format": rundir.RUN_FORMAT,
-        "format_version": rundir.RUN_FORMAT_VERSION,
+        "format": layout.RUN_FORMAT,
+        "format_version": layout.RUN_FORMAT_VERSION,
         "package_version": __version__,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         **extra,
@@ -390,9 +392,9 @@ def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str
     _load_checked(model, state)
     arch = architecture(model, resolved, max_seconds=15.0, revision="imported:" + imported["revision"])
     config = _run_config(cfg, heads, imported, predict_gender, system=SYSTEM, wavlm=arch, inputs=[])
-    with rundir.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
-        save_weights(tmp / rundir.WEIGHTS, model, None)
-        atomic.write_json_atomic(tmp / rundir.CONFIG, config)
+    with staging.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
+        save_weights(tmp / layout.WEIGHTS, model, None)
+        atomic.write_json_atomic(tmp / layout.CONFIG, config)
     return merged
 
 
@@ -458,7 +460,7 @@ def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: s
                                     predict_gender=predict_gender).items()}
     _load_checked(model, state)
 
-    with rundir.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
+    with staging.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
         encoder_dir = tmp / ENCODER_DIR
         with quiet_loading():
             encoder_model.save_pretrained(encoder_dir)
@@ -475,5 +477,5 @@ def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: s
         del encoder
         config = _run_config(cfg, heads, imported, predict_gender, inputs=[record], frame_inputs=model.config())
         rundir.save_weights(tmp, model)
-        atomic.write_json_atomic(tmp / rundir.CONFIG, config)
+        atomic.write_json_atomic(tmp / layout.CONFIG, config)
     return merged

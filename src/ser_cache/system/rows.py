@@ -547,7 +547,8 @@ def load_rows(data: Path, train_split: str, dev_split: str, stores: Sequence[Pat
     fine-tuned encoder is the input). `frames`: frame stores are welcome (train-heads' ConvPool
     takes them); their kept rows are read into memory when everything fits `memory_budget_gb`
     (default: default_memory_budget_gb()), and are left to stream otherwise."""
-    from ser_cache.data.corpus import CorpusError, load_corpus, select_splits
+    from ser_cache.data.corpus import load_corpus, select_splits
+    from ser_cache.data.records import CorpusError
     from ser_cache.features.store import FeatureStore
 
     utts = load_corpus(data)

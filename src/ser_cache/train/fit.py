@@ -31,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache.runs import rundir
+from ser_cache.runs import staging
 from ser_cache.system.rows import TrainingData, index_tensor
 from ser_cache.system.setup import BLOCK_ORDER, RunSetup, batch_bounds, batch_loss
 from ser_cache.system.scoring import EVAL_BATCH, EVAL_FRAME_BATCH, score
@@ -350,7 +351,7 @@ def write_job(job: Job, best: dict, history: list[dict]) -> Fitted:
     config = run_config({**cfg.to_dict(), "compute_dtype": dtype_name}, data, run.lo, run.hi, run.gender_labels,
                         run.speaker_labels, model.heads.config(), best["epoch"], frame_inputs=model.config(), **job.extra,
                         **({"memory": data.memory} if data.memory else {}))
-    with rundir.staged_run_dir(cfg.out, job.overwrite) as tmp:
+    with staging.staged_run_dir(cfg.out, job.overwrite) as tmp:
         rundir.save_weights(tmp, model, aam)
         write_run_files(tmp, config, metrics, history, data.ids[run.dev_idx].tolist(), best["pred"], best["probs"],
                         run.gender_labels)

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import ClassVar
 
-from ser_cache.infra.runtime import PRECISIONS
+from ser_cache.infra.runtime import HEADS_PRECISIONS, precision_problem
 from ser_cache.system.options import TrainingOptions
 
 
@@ -59,8 +59,8 @@ class TrainHeadsConfig(TrainingOptions):
         problems += self.conv_problems()
         if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
             problems.append(f"--memory-budget {self.memory_budget_gb}: expected a positive number of GB")
-        if self.precision not in PRECISIONS:
-            problems.append(f"--precision {self.precision}: expected one of {', '.join(PRECISIONS)}")
+        if problem := precision_problem(self.precision, HEADS_PRECISIONS):
+            problems.append(problem)
         problems += self.common_problems()
         if problems:
             raise TrainError("; ".join(problems))

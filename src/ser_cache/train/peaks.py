@@ -26,6 +26,8 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
+from ser_cache.infra.runtime import HEADS_PRECISIONS
+
 __all__ = ["Product", "compare", "executed_train_flops", "format_table", "forward_flops", "matmul_tflops",
            "peak_shapes", "products", "train_flops", "utilisation"]
 
@@ -167,7 +169,7 @@ def utilisation(flops: float, seconds: float, peak_tflops: float) -> float:
     return flops / seconds / 1e12 / peak_tflops
 
 
-PRECISIONS = ("fp32", "bf16")
+PRECISIONS = tuple(p for p in HEADS_PRECISIONS if p != "auto")  # the heads' two precisions compared, fp32 first
 
 
 def compare(runs: Mapping[str, Mapping], peaks: Mapping[str, Mapping[str, float]], flops: Mapping[str, float],

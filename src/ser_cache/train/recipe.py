@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ser_cache.runs import rundir
+from ser_cache.runs import staging
 from ser_cache.system.rows import (
     TrainError,
     TrainingData,
@@ -32,7 +32,7 @@ def load_training_data(cfg: TrainHeadsConfig) -> TrainingData:
 def train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     """Train the heads as configured and write the run directory; returns where, and the kept epoch."""
     cfg.verify()
-    rundir.check_run_target(cfg.out, cfg.overwrite)  # refuse before minutes of loading, not after
+    staging.check_run_target(cfg.out, cfg.overwrite)  # refuse before minutes of loading, not after
     if cfg.tensorboard is not None and tensorboard_problem():
         raise TrainError(tensorboard_problem())
     with torch_threads(cfg.threads):

@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser_cache.infra import atomic
+from ser_cache.runs import layout
 from ser_cache.runs import rundir
 from ser_cache.train.fit import Diverged, Job, fit
 from ser_cache.system.rows import (
@@ -195,7 +196,7 @@ def sweep(cfg: SweepConfig) -> SweepResult:
     """Train every member not yet written, write each as a run, then the summary (sweep.json)."""
     cfg.verify()
     out = Path(cfg.base.out)
-    if rundir.is_run_dir(out) or rundir.is_unfinished_run(out):
+    if layout.is_run_dir(out) or layout.is_unfinished_run(out):
         raise TrainError(f"--out {out}: a run directory; a sweep writes a folder of runs, choose another --out")
     if cfg.base.tensorboard is not None and tensorboard_problem():
         raise TrainError(tensorboard_problem())
@@ -286,7 +287,7 @@ def _written(member: Member, view: TrainingData) -> bool:
     are now (then reused); a run written with other options, or on a store since rebuilt with other
     settings, is an error unless --overwrite (then it is trained again)."""
     out = Path(member.cfg.out)
-    if not rundir.is_run_dir(out):
+    if not layout.is_run_dir(out):
         _check_member_folder(out)
         return False
     config = rundir.read_config(out)
@@ -347,8 +348,8 @@ def _check_member_folder(out: Path) -> None:
     if not found:
         return  # an empty folder is as good as none
     shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
-    what = ("its config.json is not a ser-cache run's (damaged or edited)" if rundir.CONFIG in found
-            else f"it has no {rundir.CONFIG}")
+    what = ("its config.json is not a ser-cache run's (damaged or edited)" if layout.CONFIG in found
+            else f"it has no {layout.CONFIG}")
     raise TrainError(f"{out}: this sweep's folder for a member, but not a finished run: {what} (it holds {shown}); "
                      "move the folder away (or delete it) and run the sweep again to train that member")
 

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.runs import rundir
+from ser_cache.runs import layout
+from ser_cache.runs import prediction_file
 
 SWEEP_FORMAT = "ser-cache-sweep"
 
@@ -35,8 +36,8 @@ def summarize(cfg, members: Sequence, data, diverged: dict | None = None) -> dic
         if failed is not None:
             v["diverged"].append({"seed": m.seed, **failed})
             continue
-        metrics = json.loads((Path(m.cfg.out) / rundir.METRICS).read_text())
-        ids, avd = rundir.read_predictions(Path(m.cfg.out) / rundir.DEV_PREDICTIONS)
+        metrics = json.loads((Path(m.cfg.out) / layout.METRICS).read_text())
+        ids, avd = prediction_file.read_predictions(Path(m.cfg.out) / layout.DEV_PREDICTIONS)
         predictions.setdefault(m.variant, []).append((ids, avd))
         v["members"].append({"seed": m.seed, "run": str(m.cfg.out), "best_epoch": metrics["best_epoch"],
                              "rows": metrics["rows"], "ccc": metrics["ccc"],

@@ -468,7 +468,8 @@ def test_frame_heads_on_mini_podcast_multimodal_beats_each_modality(tmp_path, mi
     import time
 
     from ser_cache.runs.ensemble import ensemble
-    from ser_cache.features.extract import ExtractConfig, compute_features, encoder_for_store, extract
+    from ser_cache.features.extract import ExtractConfig, extract
+    from ser_cache.features.encode import compute_features, encoder_for_store
     from ser_cache.runs.predict import evaluate, predict
 
     t0 = time.perf_counter()

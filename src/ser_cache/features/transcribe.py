@@ -39,7 +39,7 @@ from ser_cache.version import __version__
 from ser_cache.data import audio as audio_lib
 from ser_cache.data.corpus import Utterance, load_corpus
 from ser_cache.data.transcripts import sidecar_path, sidecar_problem
-from ser_cache.features.extract import REPORT_COLUMNS
+from ser_cache.features.report import REPORT_COLUMNS
 from ser_cache.infra.atomic import atomic_path
 from ser_cache.infra.progress import ExtractProgress
 

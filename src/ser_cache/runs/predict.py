@@ -133,7 +133,7 @@ def check_store(record: dict, store_path: Path, attrs: dict, run_dir: Path) -> N
 
 def _load_encoder(record: dict, device: str, run_dir: Path):
     """The run's encoder for an input, refused if it no longer computes what the run was trained on."""
-    from ser_cache.features.extract import encoder_for_store
+    from ser_cache.features.encode import encoder_for_store
 
     model = None
     if record.get("in_run"):
@@ -255,7 +255,7 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
                 used.append(f"store {store_path} ({hits} rows)")
         missing = np.flatnonzero(~source.have)
         if missing.size:
-            from ser_cache.features.extract import compute_features
+            from ser_cache.features.encode import compute_features
 
             todo = [utts[i] for i in missing]
             encoder = encoders.get(name) if encoders is not None else None

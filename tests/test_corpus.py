@@ -12,7 +12,7 @@ from ser_cache.data.corpus import (
     read_manifest,
     unlisted_split,
 )
-from ser_cache.features.store import ids_digest
+from ser_cache.features.store_ref import ids_digest
 
 
 def test_msp_layout(corpus):

@@ -335,7 +335,7 @@ def test_workers_that_cannot_run_at_all_stop_the_run_instead_of_failing_every_fi
 def test_an_all_layers_wavlm_store_from_before_the_final_norm_fix_is_refused(models, corpus, tmp_path):
     """Stores built when the 25th WavLM state was taken before the final layer norm hold other numbers;
     their settings lack "last_state", so their fingerprint differs and they are refused, not resumed."""
-    from ser_cache.features.store import fingerprint
+    from ser_cache.features.store_ref import fingerprint
 
     done = extract(cfg(models["wavlm"], corpus, tmp_path))
     store = FeatureStore.open(done.store, mode="r+")

@@ -15,7 +15,8 @@ import torch
 from ser_cache.runs import rundir
 from ser_cache.features.frames import Frames
 from ser_cache.system.model import ConvPool, FeatureModel
-from ser_cache.features.store import FeatureStore, fingerprint
+from ser_cache.features.store import FeatureStore
+from ser_cache.features.store_ref import fingerprint
 from test_training import check_multimodal, make_store, train
 
 EMOTIONS = ["N", "H", "S", "A", "D", "C", "F", "U", "O", "X"]

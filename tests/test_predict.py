@@ -14,7 +14,7 @@ from ser_cache.runs import rundir
 from ser_cache.data.corpus import load_corpus
 from ser_cache.features.extract import ExtractConfig, extract
 from ser_cache.runs.predict import PredictError, evaluate, predict
-from ser_cache.features.store import ids_digest
+from ser_cache.features.store_ref import ids_digest
 from test_training import make_corpus, make_store, read_csv, train
 
 

@@ -24,10 +24,7 @@ import numpy as np
 from ser_cache.data import audio as audio_lib
 from ser_cache.data.corpus import Utterance
 from ser_cache.features.decoding import Decoder, wait_result
-from ser_cache.features.store import (
-    STORE_DTYPE,
-    FeatureStore,
-)
+from ser_cache.features.store import STORE_DTYPE, FeatureStore
 
 UNIT_ROWS = 2048  # rows sorted together for length bucketing (bounded buffer memory)
 UNIT_BYTES = 1 << 30  # ... and at most ~1 GiB of padded chunk buffers (frame stores have large rows)

@@ -55,16 +55,8 @@ from ser_cache.features.decoding import Decoder
 from ser_cache.features.encode import encode_rows, new_timings, plan_units
 from ser_cache.features.errors import ExtractError
 from ser_cache.features.report import ReportWriter, merge_reports, report_path
-from ser_cache.features.store import (
-    STORE_DTYPE,
-    FeatureStore,
-    StoreError,
-    StoreLock,
-    fingerprint,
-    ids_digest,
-    remove_store,
-    settings_differences,
-)
+from ser_cache.features.store import STORE_DTYPE, FeatureStore, StoreError, StoreLock, remove_store
+from ser_cache.features.store_ref import fingerprint, ids_digest, settings_differences
 from ser_cache.infra.atomic import naming_disk_full
 from ser_cache.version import __version__
 

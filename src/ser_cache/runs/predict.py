@@ -31,7 +31,7 @@ import numpy as np
 from ser_cache.infra import atomic
 from ser_cache.runs import rundir
 from ser_cache.features.frames import Frames
-from ser_cache.features.store import settings_differences
+from ser_cache.features.store_ref import settings_differences
 from ser_cache.data.transcripts import Texts, text_store_ids
 
 log = logging.getLogger(__name__)

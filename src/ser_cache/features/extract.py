@@ -56,7 +56,7 @@ from ser_cache.features.encode import encode_rows, new_timings, plan_units
 from ser_cache.features.errors import ExtractError
 from ser_cache.features.report import ReportWriter, merge_reports, report_path
 from ser_cache.features.store import STORE_DTYPE, FeatureStore, StoreError, StoreLock, remove_store
-from ser_cache.features.store_ref import fingerprint, ids_digest, settings_differences
+from ser_cache.features.store_ref import default_store_name, fingerprint, ids_digest, settings_differences
 from ser_cache.infra.atomic import naming_disk_full
 from ser_cache.version import __version__
 
@@ -141,8 +141,6 @@ class ExtractResult:
 
 def store_path(cfg: ExtractConfig) -> Path:
     """OUT/<name>.zarr; by default the model's short name, `<model>-frames` for a frame store."""
-    from ser_cache.encoders import default_store_name
-
     return Path(cfg.out) / f"{cfg.name or default_store_name(cfg.model, cfg.pooling)}.zarr"
 
 

@@ -31,14 +31,10 @@ import numpy as np
 from ser_cache.infra import atomic
 from ser_cache.runs import rundir
 from ser_cache.features.frames import Frames
-from ser_cache.features.store_ref import settings_differences
+from ser_cache.features.store_ref import StoreRef
 from ser_cache.data.transcripts import Texts, text_store_ids
 
 log = logging.getLogger(__name__)
-
-# Settings that describe which rows a store holds rather than how its numbers were computed.
-ROW_SETTINGS = ("rows",)
-
 
 class PredictError(Exception):
     """Prediction or evaluation cannot go on as asked; the message names the run, store, file or setting."""
@@ -105,32 +101,6 @@ def file_utterances(files: Sequence[str | Path], transcripts: Path | None = None
 # --------------------------------------------------------------------------- features
 
 
-def _differences(expected: dict, found: dict, keys=None) -> list[str]:
-    return settings_differences(expected, found, labels=("run has", "found"), keys=keys, ignore=ROW_SETTINGS)
-
-
-def _store_for(record: dict, features_dir: Path | None) -> Path:
-    path = Path(record["path"])
-    return Path(features_dir) / path.name if features_dir is not None else path
-
-
-def check_store(record: dict, store_path: Path, attrs: dict, run_dir: Path) -> None:
-    """Refuse a store whose numbers were computed differently from those the run was trained on.
-
-    The same fingerprint passes at once. Otherwise the settings are compared without the row
-    digest: a store re-extracted over more utterances with the same encoder holds the same numbers.
-    """
-    if attrs.get("fingerprint") == record.get("fingerprint"):
-        return
-    diffs = _differences(record.get("settings", {}), attrs.get("settings", {}))
-    if diffs:
-        raise PredictError(
-            f"store {store_path} does not match run {run_dir} (input '{record['name']}', fingerprint "
-            f"{record.get('fingerprint')} in the run, {attrs.get('fingerprint')} in the store): {'; '.join(diffs)}. "
-            "Re-extract it with the run's settings, or point --features-dir at stores that have them"
-        )
-
-
 def _load_encoder(record: dict, device: str, run_dir: Path):
     """The run's encoder for an input, refused if it no longer computes what the run was trained on."""
     from ser_cache.features.encode import encoder_for_store
@@ -150,7 +120,7 @@ def _load_encoder(record: dict, device: str, run_dir: Path):
     found = encoder.settings()
     if model is not None:
         found = {**found, "model_id": record["model_id"]}
-    diffs = _differences(record.get("settings", {}), found, keys=sorted(found))
+    diffs = StoreRef.from_record(record).differences(found, keys=sorted(found))
     if diffs:
         raise PredictError(f"the encoder of input '{record['name']}' ({record.get('model_id')}) no longer matches "
                            f"run {run_dir}: {'; '.join(diffs)}")
@@ -186,7 +156,7 @@ def _held_rows(record: dict, utts: list, features_dir: Path | None, use_stores: 
     from ser_cache.features.store import FeatureStore, StoreError
 
     held = np.zeros(len(utts), dtype=bool)
-    store_path = _store_for(record, features_dir)
+    store_path = StoreRef.from_record(record).located(features_dir)
     if use_stores and record.get("path") and (store_path / "zarr.json").is_file():
         try:
             store = FeatureStore.open(store_path)
@@ -230,7 +200,8 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
     for record in config["inputs"]:
         name = record["name"]
         source = _FrameRows(record, len(utts)) if name in frame_inputs else _VectorRows(record, len(utts))
-        store_path = _store_for(record, features_dir)
+        ref = StoreRef.from_record(record)
+        store_path = ref.located(features_dir)
         used, refused = [], 0
         if use_stores and record.get("path") and (store_path / "zarr.json").is_file():
             try:
@@ -238,7 +209,7 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
                 store.check_readable()  # not being written; every written row's chunk on disk
             except StoreError as exc:
                 raise PredictError(str(exc)) from None
-            check_store(record, store_path, store.attrs, run_dir)
+            ref.check(store_path, store.attrs, run_dir, error=PredictError)
             ids = [u.id for u in utts]
             if record.get("modality") == "text":
                 ids, why = text_store_ids(store_path, store.attrs, utts)
@@ -453,7 +424,7 @@ def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[s
     from ser_cache.data.corpus import load_corpus
 
     run_dir = Path(run_dir)
-    model, config = _load(run_dir)
+    model, config = load_model(run_dir)
     if with_gender and not config.get("gender_labels"):
         raise PredictError(f"--with-gender: run {run_dir} has no gender head")
     if files and (data is not None or splits):
@@ -493,7 +464,7 @@ def evaluate(run_dir: str | Path, data: Path, split: str, *, out: str | Path | N
     from ser_cache.system.scoring import score
 
     run_dir = Path(run_dir)
-    model, config = _load(run_dir)
+    model, config = load_model(run_dir)
     _check_features_dir(features_dir)
     utts, texts = with_transcripts(load_corpus(data, [split]), transcripts, prefer_transcripts,
                                    needed=has_text_input(config))
@@ -546,7 +517,7 @@ def _check_features_dir(features_dir: Path | None) -> None:
                            "moved to (leave it out to read them where the run recorded them)")
 
 
-def _load(run_dir: Path):
+def load_model(run_dir: Path):
     """(model, config): the FeatureModel of a heads run, or the whole fine-tuned model of a fine-tuned run."""
     try:
         config = rundir.read_config(run_dir)

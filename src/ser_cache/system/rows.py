@@ -33,6 +33,7 @@ import numpy as np
 
 # In environment.py so that the CLI can show the default in --help without importing numpy.
 from ser_cache.infra.environment import default_memory_budget_gb, physical_memory_bytes  # noqa: F401
+from ser_cache.features.store_ref import StoreRef
 
 log = logging.getLogger(__name__)
 
@@ -108,21 +109,6 @@ def _pinned(shape, dtype):
     return torch.empty(shape, dtype=dtype, pin_memory=True)
 
 
-def store_record(name: str, path: Path, attrs: dict, shape: Sequence[int]) -> dict:
-    """What config.json keeps of a store: enough to find it again, check it, or rebuild its encoder."""
-    return {
-        "name": name,
-        "path": str(Path(path).resolve()),
-        "fingerprint": attrs.get("fingerprint"),
-        "model_id": attrs.get("model_id"),
-        "revision": attrs.get("revision"),
-        "kind": attrs.get("kind"),
-        "modality": attrs.get("modality"),
-        "feature_shape": list(shape),
-        "settings": attrs.get("settings", {}),
-    }
-
-
 # --------------------------------------------------------------------------- the two input kinds
 
 
@@ -148,7 +134,8 @@ class InputStore:
         return tuple(self.features.shape[1:])
 
     def record(self) -> dict:
-        return store_record(self.name, self.path, self.attrs, self.shape)
+        """config.json's entry for this input (store_ref.StoreRef.record)."""
+        return StoreRef.of(self.path, self.attrs, self.shape, name=self.name).record()
 
     @property
     def kept_bytes(self) -> int:
@@ -221,7 +208,8 @@ class FrameInput:
         return int(self.shape[1])
 
     def record(self) -> dict:
-        return store_record(self.name, self.path, self.attrs, self.shape)
+        """config.json's entry for this input (store_ref.StoreRef.record)."""
+        return StoreRef.of(self.path, self.attrs, self.shape, name=self.name).record()
 
     def frame_bytes(self, store_rows: np.ndarray) -> np.ndarray:
         """Bytes each of `store_rows` takes packed in memory."""
@@ -497,32 +485,9 @@ def label_index(values: Sequence[str | None], classes: Sequence[str]) -> np.ndar
     return np.array([lookup.get(v, -1) if v is not None else -1 for v in values], dtype=np.int64)
 
 
-def _store_name(path: Path, attrs: dict) -> str:
-    return str(attrs.get("name") or Path(path).name.removesuffix(".zarr"))
-
-
 def _use_as_input(attrs: dict, speaker_head_on: bool) -> bool:
     """The paper keeps the speaker-embedding store out of the input when the speaker head is on."""
     return not (speaker_head_on and attrs.get("kind") == SPEAKER_EMBEDDING_KIND)
-
-
-def _join_store(store_path: Path, name: str, store_ids: np.ndarray, written: np.ndarray,
-                wanted: Sequence[str], *, error: type[Exception] = TrainError,
-                splits_hint: str = "the training and development splits") -> tuple[np.ndarray, np.ndarray]:
-    """(store row of each wanted id, written flag of each); missing or duplicated ids raise `error`."""
-    index: dict[str, int] = {}
-    for row, uid in enumerate(store_ids.tolist()):
-        if uid in index:
-            raise error(f"store {store_path}: utterance {uid} appears twice (rows {index[uid]} and {row}); "
-                        "re-extract the store")
-        index[uid] = row
-    missing = [u for u in wanted if u not in index]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise error(f"store {store_path} ('{name}') lacks {len(missing)} utterance(s) of the corpus: {shown}; "
-                    f"extract it over {splits_hint}")
-    rows = np.fromiter((index[u] for u in wanted), dtype=np.int64, count=len(wanted))
-    return rows, written[rows]
 
 
 def _open_input(store, path: Path, name: str, attrs: dict):
@@ -572,11 +537,12 @@ def load_rows(data: Path, train_split: str, dev_split: str, stores: Sequence[Pat
         path = Path(path)
         store = FeatureStore.open(path)
         attrs = store.attrs
-        name = _store_name(path, attrs)
+        ref = StoreRef.of(path, attrs, store.feature_shape)
+        name = ref.name
         if not _use_as_input(attrs, speaker_head_on):
             log.info("%s: a speaker-embedding store; kept out of the input because the speaker head is on "
                      "(--speaker-weight %s), as in the paper", path, speaker_weight)
-            excluded.append({**store_record(name, path, attrs, store.feature_shape),
+            excluded.append({**ref.record(),
                              "reason": "speaker-embedding store kept out of the input: speaker head on"})
             continue
         if store.is_frames and not frames:
@@ -589,7 +555,7 @@ def load_rows(data: Path, train_split: str, dev_split: str, stores: Sequence[Pat
         # would read as zeros), must not be trained on: refuse it with the chunk and the remedy.
         store.check_readable()
         store_ids, written, item = _open_input(store, path, name, attrs)
-        rows, ok = _join_store(path, name, store_ids, written, ids)
+        rows, ok = ref.join(store_ids, written, ids, error=TrainError)
         not_written = int((~ok).sum())
         if not_written:
             log.info("%s: %d utterance(s) have no features (failed at extraction) and are left out", path, not_written)

@@ -177,7 +177,7 @@ def test_feature_model_concatenates_the_pooled_frames_with_the_vectors():
 
 
 def test_packed_gather_equals_frames_take():
-    from ser_cache.system.rows import take_packed
+    from ser_cache.system.inputs import take_packed
 
     rng = np.random.default_rng(0)
     f = Frames.from_padded(rng.standard_normal((5, 7, 3)).astype(np.float16), [7, 2, 0, 5, 1])
@@ -260,7 +260,8 @@ def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpu
     from ser_cache.system import setup
     from ser_cache.train import recipe
     from ser_cache.train.options import TrainHeadsConfig
-    from ser_cache.system.rows import FrameInput, TrainingData
+    from ser_cache.system.inputs import FrameInput
+    from ser_cache.system.rows import TrainingData
     from ser_cache.system.sampling import EpochSampler
 
     manifest, ids, frames, text, stores = frame_corpus

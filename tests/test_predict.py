@@ -257,15 +257,15 @@ def test_predict_a_corpus_split_takes_the_table_where_the_corpus_has_no_text(tmp
 @pytest.mark.slow
 def test_a_missing_transcript_stops_predict_before_any_encoder_runs(tmp_path, audio_text_run, monkeypatch):
     from ser_cache.features import encode
-    import ser_cache.runs.predict
+    from ser_cache.runs import gather
 
     run, shared = audio_text_run
     corpus = _copy(shared, tmp_path / "corpus")
     for name in TEST3:
         (corpus / "Transcripts" / name.replace(".wav", ".txt")).unlink()
     calls = []
-    load, compute = ser_cache.runs.predict._load_encoder, encode.compute_features
-    monkeypatch.setattr(ser_cache.runs.predict, "_load_encoder", lambda record, *a, **k: calls.append(record["name"]) or load(record, *a, **k))
+    load, compute = gather._load_encoder, encode.compute_features
+    monkeypatch.setattr(gather, "_load_encoder", lambda record, *a, **k: calls.append(record["name"]) or load(record, *a, **k))
     monkeypatch.setattr(encode, "compute_features", lambda *a, **k: calls.append("compute") or compute(*a, **k))
     with pytest.raises(PredictError, match=rf"{TEST3[0]}: no transcript for the text input 'text' \(and 1 more\); "
                                            r"give --transcripts FILE .* or write .*Transcripts"):

@@ -287,7 +287,8 @@ class Predictor:
         "gender" (the most probable label) and "gender_prob_<label>" for each of `gender_labels`.
         """
         from ser_cache.data.corpus import Utterance
-        from ser_cache.runs.predict import gather_features, run_model
+        from ser_cache.runs.gather import gather_features
+        from ser_cache.runs.predict import run_model
 
         _check_sample_rate(sample_rate)
         if isinstance(inputs, np.ndarray) and inputs.ndim != 1:

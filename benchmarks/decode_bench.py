@@ -21,7 +21,8 @@ from pathlib import Path
 
 def main(argv=None) -> list[dict]:
     from ser_cache.features.bench import prepare_corpus
-    from ser_cache.features.extract import _Decoder, _new_timings
+    from ser_cache.features.decoding import Decoder
+    from ser_cache.features.encode import new_timings
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--utterances", type=int, default=6000)
@@ -39,11 +40,11 @@ def main(argv=None) -> list[dict]:
         batches = [paths[i:i + args.batch] for i in range(0, len(paths), args.batch)]
         results = []
         for workers in args.workers:
-            decoder = _Decoder(workers, 15.0)
+            decoder = Decoder(workers, 15.0)
             try:
                 # Start every worker (one is spawned per task in flight) and warm them.
-                list(decoder.batches(batches[:max(2, _Decoder.AHEAD * workers)], _new_timings()))
-                timings = _new_timings()
+                list(decoder.batches(batches[:max(2, Decoder.AHEAD * workers)], new_timings()))
+                timings = new_timings()
                 t = time.perf_counter()
                 n = sum(len(b) for b in decoder.batches(batches, timings))
                 dt = time.perf_counter() - t

@@ -232,7 +232,7 @@ def profile_steps(cfg, steps: int, top: int = 12) -> dict:
     from ser_cache.infra import runtime
     from ser_cache.system import setup
     from ser_cache.train import recipe
-    from ser_cache.system.rows import index_tensor
+    from ser_cache.system.inputs import index_tensor
     from ser_cache.train.stack import stack_of
 
     with runtime.torch_threads(cfg.threads):

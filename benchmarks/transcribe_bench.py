@@ -42,7 +42,7 @@ def random_transcriber(config: dict, *, seed: int, **options):
     from tokenizers.pre_tokenizers import ByteLevel
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration, WhisperTokenizer
 
-    from ser_cache.features.transcribe import WhisperTranscriber
+    from ser_cache.features.transcriber import WhisperTranscriber
 
     config = {k: v for k, v in config.items() if k not in ("architectures", "model_type")}
     n = config["vocab_size"]
@@ -78,7 +78,8 @@ def load_config(name: str) -> dict:
 
 def main(argv=None) -> dict:
     from ser_cache.features.bench import prepare_corpus
-    from ser_cache.features.transcribe import TranscribeConfig, WhisperTranscriber, transcribe
+    from ser_cache.features.transcribe import TranscribeConfig, transcribe
+    from ser_cache.features.transcriber import WhisperTranscriber
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", help="a real checkpoint (directory, cached hub id or short name); default: random weights")

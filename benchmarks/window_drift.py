@@ -2,7 +2,7 @@
 
     python benchmarks/window_drift.py --model whisper-large-v3 --data /data/MSP-Podcast --split Development --limit 2000
 
-Encodes the same utterances both ways with `ser_cache.features.extract.compute_features` (the code path of
+Encodes the same utterances both ways with `ser_cache.features.encode.compute_features` (the code path of
 `extract`) and reports the cosine similarity and relative L2 distance between the two pooled vectors
 (median, 5th percentile, worst), overall and by duration bucket. With --random-init the full-size
 architecture is built from the shipped config with random weights (a stand-in when the real weights
@@ -34,7 +34,7 @@ def main() -> None:
     from ser_cache.features.bench import build_random_model, shipped_config, synthetic_durations, write_corpus
     from ser_cache.data.corpus import load_corpus
     from ser_cache.encoders import load_encoder
-    from ser_cache.features.extract import compute_features
+    from ser_cache.features.encode import compute_features
 
     tmp = tempfile.TemporaryDirectory()
     model = args.model

@@ -158,7 +158,8 @@ def test_directory_symlink_loop_and_broken_symlink_say_what_they_are(tmp_path):
 
 
 def test_truncated_wav_goes_to_the_extract_errors_report(models, tmp_path):
-    from ser_cache.features.extract import ExtractConfig, extract, report_path
+    from ser_cache.features.extract import ExtractConfig, extract
+    from ser_cache.features.report import report_path
 
     data = msp_corpus(tmp_path / "c", n=4, unlabeled=0)
     name = sorted(p.name for p in (data / "Audios").iterdir())[1]

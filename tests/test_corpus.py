@@ -8,7 +8,7 @@ from ser_cache.data.corpus import load_corpus
 from ser_cache.data.manifest import read_manifest
 from ser_cache.data.msp_podcast import TEST3_SPLIT, UNLISTED_SPLIT, unlisted_split
 from ser_cache.data.records import CorpusError
-from ser_cache.features.store import ids_digest
+from ser_cache.features.store_ref import ids_digest
 
 
 def test_msp_layout(corpus):

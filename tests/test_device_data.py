@@ -16,9 +16,10 @@ import torch
 from test_frame_heads import make_frame_corpus, make_frame_store
 from test_training import make_corpus, make_store, read_csv, train
 
-from ser_cache.system import rows as rows_mod
 from ser_cache.runs import layout
 from ser_cache.infra import runtime
+from ser_cache.system import inputs as inputs_mod
+from ser_cache.system import rows as rows_mod
 from ser_cache.system import scoring
 from ser_cache.system import setup
 from ser_cache.train import options
@@ -116,7 +117,7 @@ def test_pinned_host_batches_equal_the_numpy_path(shuffled, framed, monkeypatch)
         allocated.append(tuple(shape))
         return torch.empty(shape, dtype=dtype)
 
-    monkeypatch.setattr(rows_mod, "_pinned", pinned)
+    monkeypatch.setattr(inputs_mod, "_pinned", pinned)
     for source in (shuffled, framed):
         data = load(*source)
         idx = some_rows(data.ids.size)[0]

@@ -15,7 +15,8 @@ from factories import msp_corpus, tone, write_wav
 from ser_cache.data import audio
 from ser_cache.data.corpus import load_corpus
 from ser_cache.encoders import load_encoder
-from ser_cache.features.extract import ExtractConfig, ExtractError, extract, report_path
+from ser_cache.features.extract import ExtractConfig, ExtractError, extract
+from ser_cache.features.report import report_path
 from ser_cache.features.store import FeatureStore, StoreLock
 
 
@@ -248,13 +249,14 @@ def test_a_file_that_kills_its_decoding_worker_costs_only_that_file(tmp_path):
     """A decoder crash (a segfault on a malformed file, say) takes its worker process down: the
     batch is decoded again file by file, and only the file that kills a worker again fails."""
     from crashing_decoders import decode_or_die
-    from ser_cache.features.extract import _Decoder, _new_timings
+    from ser_cache.features.decoding import Decoder
+    from ser_cache.features.encode import new_timings
 
     names = ["a", "b", "die", "c", "d", "e"]
     files = [str(write_wav(tmp_path / f"{n}.wav", tone(0.5 + 0.1 * i, seed=i))) for i, n in enumerate(names)]
     batches = [files[0:2], files[2:4], files[4:6]]
-    decoder = _Decoder(2, 15.0, decode=decode_or_die)
-    timings = _new_timings()
+    decoder = Decoder(2, 15.0, decode=decode_or_die)
+    timings = new_timings()
     try:
         got = list(decoder.batches(batches, timings))
     finally:
@@ -295,7 +297,7 @@ class _ScriptedEncoder:
 
 
 def test_encode_stream_overlaps_batches_and_isolates_a_failing_input():
-    from ser_cache.features.extract import _encode_stream, _new_timings
+    from ser_cache.features.encode import _encode_stream, new_timings
 
     enc = _ScriptedEncoder()
     got = {}
@@ -305,7 +307,7 @@ def test_encode_stream_overlaps_batches_and_isolates_a_failing_input():
         got[row] = reason if value is None else float(value[0])
 
     batches = [([0, 1], ["a", "bb"], [1.0, 1.0]), ([2, 3, 4], ["ccc", "bad", "nan"], [1.0] * 3), ([5], ["ddddd"], [1.0])]
-    _encode_stream(enc, iter(batches), resolve, _new_timings())
+    _encode_stream(enc, iter(batches), resolve, new_timings())
     assert got[0] == 1.0 and got[1] == 2.0 and got[2] == 3.0 and got[5] == 5.0
     assert got[3] == "encoder failed (RuntimeError: boom)"  # only the bad input's row, first line only
     assert got[4].startswith("encoder produced non-finite values")
@@ -318,13 +320,14 @@ def test_encode_stream_overlaps_batches_and_isolates_a_failing_input():
 @pytest.mark.slow
 def test_workers_that_cannot_run_at_all_stop_the_run_instead_of_failing_every_file(tmp_path):
     from crashing_decoders import always_die
-    from ser_cache.features.extract import _Decoder, _new_timings
+    from ser_cache.features.decoding import Decoder
+    from ser_cache.features.encode import new_timings
 
     files = [str(write_wav(tmp_path / f"{i}.wav", tone(0.5, seed=i))) for i in range(3)]
-    decoder = _Decoder(1, 15.0, decode=always_die)
+    decoder = Decoder(1, 15.0, decode=always_die)
     try:
         with pytest.raises(ExtractError, match="--workers 0"):
-            list(decoder.batches([files[:2], files[2:]], _new_timings()))
+            list(decoder.batches([files[:2], files[2:]], new_timings()))
     finally:
         decoder.close()
 
@@ -332,7 +335,7 @@ def test_workers_that_cannot_run_at_all_stop_the_run_instead_of_failing_every_fi
 def test_an_all_layers_wavlm_store_from_before_the_final_norm_fix_is_refused(models, corpus, tmp_path):
     """Stores built when the 25th WavLM state was taken before the final layer norm hold other numbers;
     their settings lack "last_state", so their fingerprint differs and they are refused, not resumed."""
-    from ser_cache.features.store import fingerprint
+    from ser_cache.features.store_ref import fingerprint
 
     done = extract(cfg(models["wavlm"], corpus, tmp_path))
     store = FeatureStore.open(done.store, mode="r+")

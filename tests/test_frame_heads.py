@@ -17,7 +17,8 @@ from ser_cache.runs import prediction_file
 from ser_cache.runs import rundir
 from ser_cache.features.frames import Frames
 from ser_cache.system.model import ConvPool, FeatureModel
-from ser_cache.features.store import FeatureStore, fingerprint
+from ser_cache.features.store import FeatureStore
+from ser_cache.features.store_ref import fingerprint
 from test_training import check_multimodal, make_store, train
 
 EMOTIONS = ["N", "H", "S", "A", "D", "C", "F", "U", "O", "X"]
@@ -178,7 +179,7 @@ def test_feature_model_concatenates_the_pooled_frames_with_the_vectors():
 
 
 def test_packed_gather_equals_frames_take():
-    from ser_cache.system.rows import take_packed
+    from ser_cache.system.inputs import take_packed
 
     rng = np.random.default_rng(0)
     f = Frames.from_padded(rng.standard_normal((5, 7, 3)).astype(np.float16), [7, 2, 0, 5, 1])
@@ -261,7 +262,8 @@ def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpu
     from ser_cache.system import setup
     from ser_cache.train import recipe
     from ser_cache.train.options import TrainHeadsConfig
-    from ser_cache.system.rows import FrameInput, TrainingData
+    from ser_cache.system.inputs import FrameInput
+    from ser_cache.system.rows import TrainingData
     from ser_cache.system.sampling import EpochSampler
 
     manifest, ids, frames, text, stores = frame_corpus
@@ -470,7 +472,8 @@ def test_frame_heads_on_mini_podcast_multimodal_beats_each_modality(tmp_path, mi
     import time
 
     from ser_cache.runs.ensemble import ensemble
-    from ser_cache.features.extract import ExtractConfig, compute_features, encoder_for_store, extract
+    from ser_cache.features.extract import ExtractConfig, extract
+    from ser_cache.features.encode import compute_features, encoder_for_store
     from ser_cache.runs.predict import evaluate, predict
 
     t0 = time.perf_counter()

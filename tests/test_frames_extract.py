@@ -18,14 +18,9 @@ from ser_cache.data import audio
 from ser_cache.cli.app import app
 from ser_cache.data.corpus import load_corpus
 from ser_cache.encoders import EncoderError, load_encoder
-from ser_cache.features.extract import (
-    ExtractConfig,
-    ExtractError,
-    compute_features,
-    encoder_for_store,
-    extract,
-    report_path,
-)
+from ser_cache.features.extract import ExtractConfig, ExtractError, extract
+from ser_cache.features.encode import compute_features, encoder_for_store
+from ser_cache.features.report import report_path
 from ser_cache.features.frames import Frames
 from ser_cache.features.store import FeatureStore
 
@@ -295,7 +290,7 @@ def test_info_and_export_show_and_carry_the_frames(models, corpus, tmp_path):
 
 
 def test_units_of_frame_rows_are_bounded_in_memory():
-    from ser_cache.features.extract import UNIT_BYTES, UNIT_ROWS, _unit_rows, _units
+    from ser_cache.features.encode import UNIT_BYTES, UNIT_ROWS, _unit_rows, _units
 
     whisper_large_frames = 750 * 1280 * 2
     rows = _unit_rows(whisper_large_frames)

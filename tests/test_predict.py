@@ -15,7 +15,7 @@ from ser_cache.runs import prediction_file
 from ser_cache.data.corpus import load_corpus
 from ser_cache.features.extract import ExtractConfig, extract
 from ser_cache.runs.predict import PredictError, evaluate, predict
-from ser_cache.features.store import ids_digest
+from ser_cache.features.store_ref import ids_digest
 from test_training import make_corpus, make_store, read_csv, train
 
 
@@ -257,17 +257,17 @@ def test_predict_a_corpus_split_takes_the_table_where_the_corpus_has_no_text(tmp
 
 @pytest.mark.slow
 def test_a_missing_transcript_stops_predict_before_any_encoder_runs(tmp_path, audio_text_run, monkeypatch):
-    import ser_cache.features.extract
-    import ser_cache.runs.predict
+    from ser_cache.features import encode
+    from ser_cache.runs import gather
 
     run, shared = audio_text_run
     corpus = _copy(shared, tmp_path / "corpus")
     for name in TEST3:
         (corpus / "Transcripts" / name.replace(".wav", ".txt")).unlink()
     calls = []
-    load, compute = ser_cache.runs.predict._load_encoder, ser_cache.features.extract.compute_features
-    monkeypatch.setattr(ser_cache.runs.predict, "_load_encoder", lambda record, *a, **k: calls.append(record["name"]) or load(record, *a, **k))
-    monkeypatch.setattr(ser_cache.features.extract, "compute_features", lambda *a, **k: calls.append("compute") or compute(*a, **k))
+    load, compute = gather._load_encoder, encode.compute_features
+    monkeypatch.setattr(gather, "_load_encoder", lambda record, *a, **k: calls.append(record["name"]) or load(record, *a, **k))
+    monkeypatch.setattr(encode, "compute_features", lambda *a, **k: calls.append("compute") or compute(*a, **k))
     with pytest.raises(PredictError, match=rf"{TEST3[0]}: no transcript for the text input 'text' \(and 1 more\); "
                                            r"give --transcripts FILE .* or write .*Transcripts"):
         predict(run, data=corpus, splits=["Test3"], out=tmp_path / "x.csv", device="cpu")

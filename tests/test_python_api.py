@@ -224,12 +224,12 @@ def test_importing_ser_cache_loads_neither_torch_nor_zarr():
 
 def test_a_predictor_loads_each_encoder_once(built, monkeypatch):
     """In a notebook loop over clips, the run's encoders are loaded on the first call only."""
-    import ser_cache.runs.predict as predict_module
+    from ser_cache.runs import gather
     from ser_cache import Predictor
 
     calls = []
-    load = predict_module._load_encoder
-    monkeypatch.setattr(predict_module, "_load_encoder", lambda *a, **k: calls.append(a[0]["name"]) or load(*a, **k))
+    load = gather._load_encoder
+    monkeypatch.setattr(gather, "_load_encoder", lambda *a, **k: calls.append(a[0]["name"]) or load(*a, **k))
     predictor = Predictor.from_run(built["run"])
     clip = next((Path(built["data"]) / "Audios").glob("*.wav"))
     texts = ["a plain day"]

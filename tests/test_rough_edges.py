@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from ser_cache.version import __version__
 from ser_cache.cli.app import app
-from ser_cache.encoders import EncoderError, KNOWN_MODELS, default_store_name, load_encoder
+from ser_cache.encoders import EncoderError, KNOWN_MODELS, load_encoder
+from ser_cache.features.store_ref import default_store_name
 from test_training import make_corpus, make_store
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -110,7 +111,7 @@ def test_a_generic_folder_name_gives_way_to_the_models_own(model, expected):
 
 
 def test_the_configs_name_or_path_is_used_when_it_names_a_model(tmp_path):
-    from ser_cache.encoders import _name_from_config
+    from ser_cache.features.store_ref import _name_from_config
 
     (tmp_path / "config.json").write_text('{"_name_or_path": "sentence-transformers/all-MiniLM-L6-v2"}')
     assert _name_from_config(tmp_path) == "all-MiniLM-L6-v2"

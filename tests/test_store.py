@@ -2,7 +2,9 @@ import h5py
 import numpy as np
 import pytest
 
-from ser_cache.features.store import FeatureStore, StoreError, StoreLock, chunk_rows_for, export_hdf5, fingerprint, remove_store
+from ser_cache.features.store import FeatureStore, StoreError, StoreLock, chunk_rows_for, remove_store
+from ser_cache.features.export import export_hdf5
+from ser_cache.features.store_ref import fingerprint
 
 
 def make(tmp_path, n=10, shape=(3,), rows=4):

@@ -20,7 +20,8 @@ from ser_cache.runs import prediction_file
 from ser_cache.runs import rundir
 from ser_cache.system.metrics import PRIMARY_EMOTIONS, ccc_table
 from ser_cache.system.sampling import OX_MODES
-from ser_cache.features.store import FeatureStore, fingerprint
+from ser_cache.features.store import FeatureStore
+from ser_cache.features.store_ref import fingerprint
 from ser_cache.system.rows import TrainError
 from ser_cache.train.options import TrainHeadsConfig
 from ser_cache.train.recipe import train_heads

@@ -22,9 +22,10 @@ import pytest
 from typer.testing import CliRunner
 
 from factories import msp_corpus, tone, write_wav
-from ser_cache.features import transcribe as tr
+from ser_cache.features import transcribe as tr, transcriber
 from ser_cache.cli.app import app
-from ser_cache.features.transcribe import Journal, TranscribeConfig, TranscribeError, WhisperTranscriber, pack, transcribe
+from ser_cache.features.transcribe import Journal, TranscribeConfig, TranscribeError, pack, transcribe
+from ser_cache.features.transcriber import WhisperTranscriber
 
 runner = CliRunner()
 SRC = Path(__file__).resolve().parents[1] / "src"
@@ -315,7 +316,7 @@ def test_english_is_forced_only_when_the_model_has_the_token(asr, tmp_path, one_
     plain = WhisperTranscriber.load(str(whisper_asr(tmp_path / "plain", languages=False)), device="cpu")
     tagged = WhisperTranscriber.load(str(asr), device="cpu", beams=2, max_new_tokens=500)
     assert plain.language is None and tagged.language == "en"
-    assert tagged.max_new_tokens == 24 - tr.PROMPT_TOKENS  # within the decoder's positions
+    assert tagged.max_new_tokens == 24 - transcriber.PROMPT_TOKENS  # within the decoder's positions
     waves = [tone(1.0), tone(2.5, freq=300, seed=1)]
     for t in (plain, tagged):
         texts = t.transcribe(waves)

@@ -12,7 +12,7 @@ import zarr
 from typer.testing import CliRunner
 
 from factories import msp_corpus
-from ser_cache.features import extract as extract_mod
+from ser_cache.features import decoding, encode
 from ser_cache.cli.app import INTERRUPTED, app
 from ser_cache.features.extract import ExtractConfig, extract
 from ser_cache.features.store import FeatureStore, StoreError
@@ -37,7 +37,7 @@ def cfg(model, data, out, **kw):
 def _recording_batches(monkeypatch) -> list[tuple[int, ...]]:
     """Record the rows of every batch the encoder is given, in order."""
     seen: list[tuple[int, ...]] = []
-    original = extract_mod._encode_stream
+    original = encode._encode_stream
 
     def recording(encoder, batches, resolve, timings):
         def spy():
@@ -47,7 +47,7 @@ def _recording_batches(monkeypatch) -> list[tuple[int, ...]]:
 
         return original(encoder, spy(), resolve, timings)
 
-    monkeypatch.setattr(extract_mod, "_encode_stream", recording)
+    monkeypatch.setattr(encode, "_encode_stream", recording)
     return seen
 
 
@@ -95,10 +95,10 @@ def test_a_resumed_extract_is_byte_identical_although_the_rest_would_batch_diffe
 def test_the_batch_plan_does_not_depend_on_what_is_done(tmp_path):
     """The units of chunks come from the store's layout (every chunk, in order) and the number of ranks alone."""
     store = FeatureStore.create(tmp_path / "s.zarr", [f"u{i}" for i in range(40)], (3, 32), {}, chunk_rows=2)
-    plan = extract_mod._plan(store, world=1)
+    plan = encode.plan_units(store, world=1)
     assert [c for unit in plan for c in unit] == list(range(store.n_chunks))
     assert len(plan) == 4  # 20 chunks, about four units per rank
-    assert extract_mod._plan(store, world=2) != plan  # ranks are part of it (docs/extract.md says so)
+    assert encode.plan_units(store, world=2) != plan  # ranks are part of it (docs/extract.md says so)
 
 
 # --------------------------------------------------------------------------- Ctrl-C always ends extract
@@ -139,17 +139,17 @@ def test_ctrl_c_received_by_another_thread_still_ends_extract_at_once(models, tm
 
 
 def test_waiting_for_a_future_lets_a_pending_interrupt_through():
-    """`_result` returns what the future holds, raises what it raised (a TimeoutError of its own
+    """`wait_result` returns what the future holds, raises what it raised (a TimeoutError of its own
     included, which a result(timeout=...) loop would mistake for its own slice running out)."""
     from concurrent.futures import Future
 
     done = Future()
     done.set_result(3)
-    assert extract_mod._result(done) == 3
+    assert decoding.wait_result(done) == 3
     failed = Future()
     failed.set_exception(TimeoutError("the decoder's own"))
     with pytest.raises(TimeoutError, match="the decoder's own"):
-        extract_mod._result(failed)
+        decoding.wait_result(failed)
 
 
 # --------------------------------------------------------------------------- frame counts rewritten

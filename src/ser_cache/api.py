@@ -74,7 +74,9 @@ class Store:
 
     @property
     def name(self) -> str:
-        return str(self.attrs.get("name") or self.path.name.removesuffix(".zarr"))
+        from ser_cache.features.store_ref import store_name
+
+        return store_name(self.path, self.attrs)
 
     @property
     def is_frames(self) -> bool:
@@ -159,8 +161,8 @@ def load_features(stores: str | Path | Sequence[str | Path], data: str | Path,
     rows (Test3) with NaN labels. A store that lacks a row of the splits is an error, as in training.
     """
     from ser_cache.data.corpus import load_corpus
-    from ser_cache.system.rows import _join_store, _store_name
     from ser_cache.features.store import FeatureStore, StoreError
+    from ser_cache.features.store_ref import StoreRef
 
     paths = [Path(stores)] if isinstance(stores, (str, Path)) else [Path(s) for s in stores]
     if not paths:
@@ -174,7 +176,8 @@ def load_features(stores: str | Path | Sequence[str | Path], data: str | Path,
     names: dict[str, Path] = {}
     for path in paths:
         store = FeatureStore.open(path)
-        name = _store_name(path, store.attrs)
+        ref = StoreRef.of(path, store.attrs, store.feature_shape)
+        name = ref.name
         if name in names:
             raise StoreError(f"stores {names[name]} and {path} are both named '{name}'; extract one with --name")
         names[name] = path
@@ -182,8 +185,7 @@ def load_features(stores: str | Path | Sequence[str | Path], data: str | Path,
         written = store.flags()[0]
         if store.is_frames:
             written = written & (store.frame_counts() > 0)  # a row with no frame has nothing to pool
-        rows, ok = _join_store(path, name, store.ids(), written, ids, error=StoreError,
-                               splits_hint=f"split(s) {', '.join(splits)}")
+        rows, ok = ref.join(store.ids(), written, ids, error=StoreError, splits_hint=f"split(s) {', '.join(splits)}")
         counts[f"not_written[{name}]"] = int((~ok).sum())
         usable &= ok
         joined.append((name, store, rows))
@@ -236,9 +238,9 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "cpu") -> Predictor:
         """Load the run's model (heads, or the whole fine-tuned model) on `device` ("cpu", "cuda", "auto")."""
-        from ser_cache.runs.predict import _load
+        from ser_cache.runs.predict import load_model
 
-        model, config = _load(Path(run_dir))
+        model, config = load_model(Path(run_dir))
         return cls(Path(run_dir), model, config, device)
 
     @property
@@ -285,7 +287,8 @@ class Predictor:
         "gender" (the most probable label) and "gender_prob_<label>" for each of `gender_labels`.
         """
         from ser_cache.data.records import Utterance
-        from ser_cache.runs.predict import gather_features, run_model
+        from ser_cache.runs.gather import gather_features
+        from ser_cache.runs.predict import run_model
 
         _check_sample_rate(sample_rate)
         if isinstance(inputs, np.ndarray) and inputs.ndim != 1:

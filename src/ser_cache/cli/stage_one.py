@@ -100,7 +100,8 @@ def info(
     verify: bool = typer.Option(False, "--verify", help="Read every chunk (decompression and checksum) and list the missing or damaged ones; exit 1 if any."),
 ) -> None:
     """Summarise a feature store: model, settings, rows written and failed, size (and a frame store's frames)."""
-    from ser_cache.features.store import FeatureStore, repair_advice
+    from ser_cache.features.store import FeatureStore
+    from ser_cache.features.integrity import repair_advice
 
     s = guarded(FeatureStore.open, store)
     if verify:
@@ -185,7 +186,8 @@ def export(
     """Write a store's arrays and attributes to another format (HDF5 via h5py), with --data its labels too."""
     from ser_cache.data.corpus import load_corpus
     from ser_cache.infra.outputs import given
-    from ser_cache.features.store import FeatureStore, export_hdf5
+    from ser_cache.features.store import FeatureStore
+    from ser_cache.features.export import export_hdf5
 
     if fmt != "hdf5":
         fail(f"--format {fmt}: expected hdf5")

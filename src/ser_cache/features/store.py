@@ -22,22 +22,12 @@ until the chunks they fall in are complete. Zarr's local store writes each chunk
 file and renames it, so a killed process leaves either the old or the new chunk, never half.
 Features are written before the flags, so a crash between the two only costs a recomputation.
 
-Why checksums and `verify`: Zarr reads a chunk that is not on disk as its fill value, so a deleted
-features chunk would read as rows of zeros that the flags still call written. New stores end every
-chunk with a crc32c checksum (Zarr v3's `crc32c` codec), readers check that every chunk holding a
-written row is on disk (`verify(deep=False)`, a directory listing), and every read error names the
-store, the array and the chunk (`StoreError`). `verify(deep=True)` decodes every chunk.
-
-A frame store's counts are checked too, since a count that is wrong but readable would slice
-the wrong frames: every reader refuses a count outside [0, T], `read_frames` a written row of a
-chunk it reads whose count disagrees with its features (its last counted frame all zeros, or a
-non-zero frame right after it), and `verify(deep=True)` looks at every frame past each count.
+Every read error names the store, the array and the chunk (`StoreError`), and readers check that
+the chunks of written rows are on disk before they read: integrity.py says why and how.
 """
 
 from __future__ import annotations
 
-import hashlib
-import itertools
 import json
 import logging
 import os
@@ -48,41 +38,15 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.infra.atomic import atomic_path
+from ser_cache.features.errors import StoreError
+from ser_cache.features.integrity import ROW_ARRAYS, StoreChecks, problems_message, repair_advice, short_error
 
 FORMAT = "ser-cache-features"
 FORMAT_VERSION = 1
 STORE_DTYPE = "float16"
 TARGET_CHUNK_BYTES = 4 << 20  # ~4 MiB of features per chunk: large sequential writes, cheap resume
-ROW_ARRAYS = ("ids", "features", "written", "failed")  # every store has them, one row per utterance
 
 log = logging.getLogger(__name__)
-
-
-class StoreError(Exception):
-    """A feature store cannot be used as asked; the message names the store and the reason."""
-
-
-def fingerprint(settings: dict) -> str:
-    """A short hash of everything that changes the numbers in a store (canonical JSON, sha256)."""
-    blob = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
-
-
-def settings_differences(a: dict, b: dict, *, labels: tuple[str, str], keys=None, ignore=()) -> list[str]:
-    """'key: <labels[0]> <a's value>, <labels[1]> <b's value>' for every setting that differs."""
-    keys = sorted(set(a) | set(b)) if keys is None else keys
-    return [f"{k}: {labels[0]} {a.get(k)!r}, {labels[1]} {b.get(k)!r}"
-            for k in keys if k not in ignore and a.get(k) != b.get(k)]
-
-
-def ids_digest(ids: Sequence[str]) -> str:
-    """A hash of the row order: a store built over other utterances must not be resumed."""
-    h = hashlib.sha256()
-    for i in ids:
-        h.update(i.encode())
-        h.update(b"\0")
-    return h.hexdigest()[:16]
 
 
 def _codecs() -> dict:
@@ -90,43 +54,6 @@ def _codecs() -> dict:
     from zarr.codecs import Crc32cCodec, ZstdCodec
 
     return {"compressors": [ZstdCodec(level=0, checksum=False), Crc32cCodec()]}
-
-
-@dataclass(frozen=True)
-class ChunkProblem:
-    """One chunk of one array that fails `FeatureStore.verify`: missing on disk, or unreadable."""
-
-    array: str
-    chunk: int  # index along the rows, in that array's own chunking (ids has its own)
-    first: int  # first and last row affected
-    last: int
-    key: str  # the chunk's key inside the store: its file, relative to the store folder
-    missing: bool  # True: not on disk; False: on disk but cannot be read (reason says why)
-    reason: str = ""
-
-    def __str__(self) -> str:
-        if self.missing:
-            what = "rows" if self.array == "ids" else "written rows"
-            return f"{what} {self.first}–{self.last} have no {self.array} chunk on disk (chunk {self.chunk}, {self.key})"
-        return f"{self.array} chunk {self.chunk} (rows {self.first}–{self.last}, {self.key}) {self.reason}"
-
-
-def repair_advice(problems: Sequence[ChunkProblem]) -> str:
-    """What to do about `problems`: extract recomputes missing chunks; ids only a rebuild restores."""
-    if any(p.array == "ids" for p in problems):
-        return ("ids are written when the store is created, so extract cannot recompute them: "
-                "rebuild the store with `ser-cache extract --overwrite`")
-    if all(p.missing for p in problems):
-        return "run `ser-cache extract` with the same options again to recompute them"
-    return ("delete the damaged chunk file(s) and run `ser-cache extract` with the same options again to "
-            "recompute them, or rebuild the store with `ser-cache extract --overwrite`")
-
-
-def writer_of(store_path: str | Path) -> str | None:
-    """Who holds the store's extraction lock (StoreLock), or None when nobody does (locks.holder)."""
-    from ser_cache.infra import locks
-
-    return locks.holder(store_path)
 
 
 def chunk_rows_for(feature_shape: tuple[int, ...], n_rows: int) -> int:
@@ -139,7 +66,7 @@ def chunk_rows_for(feature_shape: tuple[int, ...], n_rows: int) -> int:
 
 
 @dataclass
-class FeatureStore:
+class FeatureStore(StoreChecks):
     """An open store. `create` and `open` build one; `write_chunks` and `read` use it."""
 
     path: Path
@@ -232,7 +159,7 @@ class FeatureStore:
         try:
             return set(self.group.array_keys())
         except Exception as exc:  # noqa: BLE001 - a damaged member's metadata: name the store
-            raise StoreError(f"{self.path}: the arrays' metadata cannot be read ({_short(exc)}); "
+            raise StoreError(f"{self.path}: the arrays' metadata cannot be read ({short_error(exc)}); "
                              "rebuild the store with `ser-cache extract --overwrite`") from None
 
     def _array(self, name: str):
@@ -243,7 +170,7 @@ class FeatureStore:
             raise StoreError(f"{self.path}: array '{name}' is missing (no {name}/zarr.json); "
                              "rebuild the store with `ser-cache extract --overwrite`") from None
         except Exception as exc:  # noqa: BLE001 - zarr raises many kinds for bad metadata
-            raise StoreError(f"{self.path}: array '{name}' cannot be opened ({_short(exc)}); restore "
+            raise StoreError(f"{self.path}: array '{name}' cannot be opened ({short_error(exc)}); restore "
                              f"{name}/zarr.json, or rebuild the store with `ser-cache extract --overwrite`") from None
 
     # ----------------------------------------------------------------- metadata
@@ -282,7 +209,7 @@ class FeatureStore:
 
     def ids(self) -> np.ndarray:
         """The utterance ids in row order; a StoreError when any is empty (its chunk lost or overwritten)."""
-        ids = np.array(self._read("ids").tolist(), dtype=str)
+        ids = np.array(self.read_array("ids").tolist(), dtype=str)
         empty = np.flatnonzero(ids == "")
         if empty.size:
             raise StoreError(f"{self.path}: array 'ids' is damaged: {empty.size} row(s) have no utterance id "
@@ -290,124 +217,10 @@ class FeatureStore:
         return ids
 
     def flags(self) -> tuple[np.ndarray, np.ndarray]:
-        return self._read("written"), self._read("failed")
+        return self.read_array("written"), self.read_array("failed")
 
-    def _ids_problem(self, rows: np.ndarray) -> ChunkProblem:
-        arr = self._array("ids")
-        chunk = int(rows[0]) // arr.chunks[0]
-        return ChunkProblem("ids", chunk, int(rows[0]), int(rows[-1]), self._chunk_keys("ids", chunk)[0],
-                            missing=False, reason="holds empty utterance ids")
-
-    # ----------------------------------------------------------------- integrity
-    def _chunk_keys(self, name: str, chunk: int, arr=None) -> list[str]:
-        """Keys (paths inside the store) of row-chunk `chunk` of array `name`, for any chunk key
-        encoding ("c/3/0", "3.0") and any number of trailing dimensions (a frame store's "c/3/0/0")."""
-        arr = self._array(name) if arr is None else arr
-        trailing = [range(-(-size // step)) for size, step in zip(arr.shape[1:], arr.chunks[1:])]
-        return [f"{arr.path}/{arr.metadata.encode_chunk_key((chunk, *rest))}" for rest in itertools.product(*trailing)]
-
-    def _stored_keys(self) -> set[str]:
-        """Every key the store holds (for a local store: its files), listed once."""
-        from zarr.core.sync import sync
-
-        async def listing():
-            store_path = self.group.store_path
-            prefix = store_path.path
-            keys = [k async for k in store_path.store.list_prefix(prefix)]
-            return {k[len(prefix):].lstrip("/") if prefix else k for k in keys}
-
-        return sync(listing())
-
-    def _row_chunks(self, name: str, arr=None) -> list[tuple[int, int, int]]:
-        """(chunk, start, end) of every row-chunk of array `name`."""
-        arr = self._array(name) if arr is None else arr
-        step, n = int(arr.chunks[0]), int(arr.shape[0])
-        return [(c, c * step, min((c + 1) * step, n)) for c in range(-(-n // step))]
-
-    def _absent(self, name: str, written: np.ndarray | None, stored: set[str]) -> list[ChunkProblem]:
-        """Chunks of `name` not on disk: every one (written None, for ids), or those holding a written row."""
-        arr = self._array(name)
-        problems = []
-        for c, start, end in self._row_chunks(name, arr):
-            rows = np.arange(end - start) if written is None else np.flatnonzero(written[start:end])
-            if not rows.size:
-                continue
-            keys = self._chunk_keys(name, c, arr)
-            if not all(k in stored for k in keys):
-                problems.append(ChunkProblem(name, c, start + int(rows[0]), start + int(rows[-1]), keys[0], missing=True))
-        return problems
-
-    def verify(self, deep: bool = False) -> list[ChunkProblem]:
-        """The chunks that fail: empty if the store's written rows are all there (and, `deep`, all readable).
-
-        Cheap (`deep=False`): a listing of the store's keys. Every ids chunk must be on disk, and every
-        features (and frames) chunk that holds a written row. Deep: also read every chunk on disk of
-        every array, which decompresses it and checks its crc32c (stores created before checksums only
-        fail where decompression does), and look for empty ids.
-        """
-        stored = self._stored_keys()
-        problems = self._absent("ids", None, stored)
-        try:
-            written = self._read("written")
-        except StoreError:
-            if not deep:
-                raise
-            written = None  # the deep pass below names the chunk
-        if written is not None:
-            problems += self.missing_chunks(written, stored)
-        counts = None
-        if self.is_frames:
-            try:
-                counts = self.frame_counts(check=False)
-            except StoreError:
-                if not deep:
-                    raise
-            if counts is not None:
-                problems += self._count_problems(counts)
-        if not deep:
-            return problems
-        for name in (*ROW_ARRAYS, *(("frames",) if self.is_frames else ())):
-            arr = self._array(name)
-            for c, start, end in self._row_chunks(name, arr):
-                keys = self._chunk_keys(name, c, arr)
-                if not any(k in stored for k in keys):
-                    continue  # missing chunks read as fill values: reported above where they matter
-                try:
-                    block = np.asarray(arr[start:end])
-                except MemoryError:
-                    raise
-                except Exception as exc:  # noqa: BLE001 - whatever the codecs raise on bad bytes
-                    problems.append(ChunkProblem(name, c, start, end - 1, keys[0], missing=False,
-                                                 reason=f"cannot be read ({_short(exc)})"))
-                    continue
-                if name == "features" and counts is not None and written is not None:
-                    problems += self._disagreements(block, start, counts, written, whole=True)
-                if name == "ids":
-                    empty = np.flatnonzero(np.array(block.tolist(), dtype=str) == "")
-                    if empty.size:
-                        problems.append(ChunkProblem("ids", c, start + int(empty[0]), start + int(empty[-1]),
-                                                     keys[0], missing=False, reason="holds empty utterance ids"))
-        return sorted(problems, key=lambda p: (ROW_ARRAYS.index(p.array) if p.array in ROW_ARRAYS else 9, p.chunk))
-
-    def check_readable(self) -> None:
-        """Refuse to read a store that an extraction is writing, or whose written rows lack chunks on disk.
-
-        What train-heads and predict run before reading: a lock probe and `verify(deep=False)`.
-        """
-        holder = writer_of(self.path)
-        if holder:
-            raise StoreError(f"{self.path}: is being written by another extract ({holder}); wait for it to finish")
-        problems = self.verify(deep=False)
-        if problems:
-            raise StoreError(problems_message(self.path, problems))
-
-    def missing_chunks(self, written: np.ndarray, stored: set[str] | None = None) -> list[ChunkProblem]:
-        """Chunks of features (and frames) that hold rows `written` says are written but are not on disk."""
-        stored = self._stored_keys() if stored is None else stored
-        return [p for name in ("features", *(("frames",) if self.is_frames else ()))
-                for p in self._absent(name, written, stored)]
-
-    def _read(self, name: str, selection=slice(None), chunk: int | None = None) -> np.ndarray:
+    # ----------------------------------------------------------------- integrity (the rest: integrity.StoreChecks)
+    def read_array(self, name: str, selection=slice(None), chunk: int | None = None) -> np.ndarray:
         """`array[selection]` as numpy; a chunk that cannot be decoded becomes a StoreError naming it."""
         arr = self._array(name)
         try:
@@ -416,26 +229,6 @@ class FeatureStore:
             raise
         except Exception as exc:  # noqa: BLE001 - zstd, crc32c, vlen-utf8... each raises its own kind
             raise StoreError(self._damaged_message(name, exc, chunk)) from None
-
-    def _damaged_message(self, name: str, exc: Exception, chunk: int | None) -> str:
-        if chunk is None:  # a whole-array read failed: find the first chunk that does
-            for c, start, end in self._row_chunks(name):
-                try:
-                    np.asarray(self._array(name)[start:end])
-                except Exception:  # noqa: BLE001
-                    chunk = c
-                    break
-        where = f"array '{name}'"
-        problems = []
-        if chunk is not None:
-            step = int(self._array(name).chunks[0])
-            start, end = chunk * step, min((chunk + 1) * step, self.n_rows)
-            key = self._chunk_keys(name, chunk)[0]
-            where = f"chunk {chunk} of array '{name}' (rows {start}–{end - 1}, file {key})"
-            problems = [ChunkProblem(name, chunk, start, end - 1, key, missing=False)]
-        advice = repair_advice(problems or [ChunkProblem(name, -1, 0, 0, "", missing=False)])
-        return (f"{self.path}: {where} cannot be read ({_short(exc)}); `ser-cache info --verify {self.path}` "
-                f"lists every damaged chunk; {advice}")
 
     def pending_chunks(self, *, retry_failed: bool = False, flags: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
         """Chunks with at least one row neither written nor (unless retried) failed."""
@@ -491,13 +284,13 @@ class FeatureStore:
     # ----------------------------------------------------------------- reading
     def read(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids, features, written), each read in one pass into memory (float16 features)."""
-        return self.ids(), self._read("features"), self._read("written")
+        return self.ids(), self.read_array("features"), self.read_array("written")
 
     def read_chunk(self, chunk: int) -> tuple[np.ndarray, np.ndarray | None]:
         """(features, a frame store's counts or None) of one chunk, as stored."""
         start, end = self.chunk_bounds(chunk)
-        frames = self._read("frames", slice(start, end), chunk).astype(np.int32) if self.is_frames else None
-        return self._read("features", slice(start, end), chunk), frames
+        frames = self.read_array("frames", slice(start, end), chunk).astype(np.int32) if self.is_frames else None
+        return self.read_array("features", slice(start, end), chunk), frames
 
     def frame_counts(self, *, check: bool = True) -> np.ndarray:
         """Valid frames of every row (a frame store); 0 for rows not written, except in a chunk whose
@@ -508,57 +301,12 @@ class FeatureStore:
         """
         if not self.is_frames:
             raise StoreError(f"{self.path}: not a frame store (extract it with --pooling frames)")
-        counts = self._read("frames").astype(np.int64)
+        counts = self.read_array("frames").astype(np.int64)
         if check:
             problems = self._count_problems(counts)
             if problems:
                 raise StoreError(problems_message(self.path, problems))
         return counts
-
-    def _count_problems(self, counts: np.ndarray) -> list[ChunkProblem]:
-        """A problem per chunk of 'frames' holding a count outside [0, T]: write_chunk never writes one."""
-        limit = self.feature_shape[0]
-        bad = np.flatnonzero((counts < 0) | (counts > limit))
-        if not bad.size:
-            return []
-        arr = self._array("frames")
-        step = int(arr.chunks[0])
-        problems = []
-        for chunk in np.unique(bad // step).tolist():
-            rows = bad[bad // step == chunk]
-            r = int(rows[0])
-            more = f" (and {rows.size - 1} more row(s) of the chunk)" if rows.size > 1 else ""
-            problems.append(ChunkProblem("frames", chunk, r, int(rows[-1]), self._chunk_keys("frames", chunk, arr)[0],
-                                         missing=False, reason=f"holds frame count {int(counts[r])} for row {r}{more}, "
-                                                               f"outside 0–{limit} (the most frames a row can have)"))
-        return problems
-
-    def _disagreements(self, block: np.ndarray, start: int, counts: np.ndarray, written: np.ndarray, *,
-                       whole: bool) -> list[ChunkProblem]:
-        """Written rows of a features chunk (`block`, starting at row `start`) whose count disagrees with
-        their frames: write_chunk zeroes everything past a row's count, and an encoder's frame is never all
-        zeros, so a non-zero frame past the count means it is too small, an all-zero last counted frame too
-        large. `whole`: look at every frame past the count (else at the first, which `block` must hold).
-        At most one problem, for the first row found.
-        """
-        width = block.shape[1]
-        limit = self.feature_shape[0]
-        for i in range(block.shape[0]):
-            r = start + int(i)
-            n = int(counts[r])
-            if not written[r] or not 0 <= n <= limit:
-                continue
-            why = None
-            if n > 0 and not block[i, n - 1].any():
-                why = f"frame {n - 1} is all zeros: the count is larger than the frames written"
-            elif n < width and (block[i, n:].any() if whole else block[i, n].any()):
-                k = n + int(np.flatnonzero(block[i, n:].any(axis=-1))[0]) if whole else n
-                why = f"frame {k}, past the count, is not all zeros: the count is smaller than the frames written"
-            if why:
-                chunk = r // self.chunk_rows
-                return [ChunkProblem("frames", chunk, r, r, self._chunk_keys("frames", chunk)[0], missing=False,
-                                     reason=f"holds frame count {n} for row {r}, but {why}")]
-        return []
 
     def read_frames(self, rows: np.ndarray | None = None):
         """(ids, frames.Frames, written) of a frame store: the valid frames of `rows` (default: all),
@@ -569,7 +317,7 @@ class FeatureStore:
         from ser_cache.features.frames import Frames
 
         ids = self.ids()
-        written = self._read("written")
+        written = self.read_array("written")
         counts = np.where(written, self.frame_counts(), 0)
         rows = np.arange(self.n_rows) if rows is None else np.asarray(rows, dtype=np.int64)
         out = Frames.empty(counts[rows], self.feature_shape[1], dtype=STORE_DTYPE)
@@ -585,7 +333,7 @@ class FeatureStore:
             # One frame more than the longest row: the frame after each count, which must be zeros
             # (also for rows of 0 frames, whose first frame is that one).
             width = min(longest + 1, self.feature_shape[0])
-            block = self._read("features", (slice(start, end), slice(0, width)), chunk)
+            block = self.read_array("features", (slice(start, end), slice(0, width)), chunk)
             # Every written row of the chunk, not only those asked for: a count rewritten to 0 would
             # otherwise pass for a row without features and be left out without a word.
             problems = self._disagreements(block, start, counts, written, whole=False)
@@ -652,51 +400,6 @@ def remove_store(path: Path) -> None:
     shutil.rmtree(path)
 
 
-LABEL_FLOATS = ("arousal", "valence", "dominance")
-LABEL_STRINGS = ("emotion", "gender", "speaker", "split")
-
-
-def export_hdf5(store: FeatureStore, out: str | Path, labels=None) -> Path:
-    """Write the same arrays and attributes to an HDF5 file (temporary file, then rename).
-
-    Features are copied one chunk at a time: a frame store's padded features can be several times
-    the memory its valid frames need. A frame store's `frames` counts come along. With `labels`
-    (the corpus's utterances), `labels/arousal`, `valence`, `dominance` (float32, NaN where
-    missing) and `labels/emotion`, `gender`, `speaker`, `split` (strings, "" where missing) are
-    added, row for row with `ids`; an id the corpus lacks gets NaN and "".
-    """
-    import h5py
-
-    out = Path(out)
-    ids = store.ids()
-    written, failed = store.flags()
-    with atomic_path(out) as tmp, h5py.File(tmp, "w") as f:
-        f.create_dataset("ids", data=ids.astype(object), dtype=h5py.string_dtype())
-        feats = f.create_dataset("features", shape=(store.n_rows, *store.feature_shape), dtype=STORE_DTYPE,
-                                 chunks=(store.chunk_rows, *store.feature_shape), compression="gzip")
-        for chunk in range(store.n_chunks):
-            start, end = store.chunk_bounds(chunk)
-            feats[start:end] = store._read("features", slice(start, end), chunk)
-        f.create_dataset("written", data=written)
-        f.create_dataset("failed", data=failed)
-        if store.is_frames:
-            f.create_dataset("frames", data=store.frame_counts().astype(np.int32))
-        if labels is not None:
-            by_id = {u.id: u for u in labels}
-            rows = [by_id.get(str(i)) for i in ids]
-            group = f.create_group("labels")
-            for name in LABEL_FLOATS:
-                values = [getattr(u, name, None) if u is not None else None for u in rows]
-                group.create_dataset(name, data=np.array([np.nan if v is None else v for v in values], np.float32))
-            for name in LABEL_STRINGS:
-                values = [(getattr(u, name, None) or "") if u is not None else "" for u in rows]
-                group.create_dataset(name, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
-            group.attrs["rows_without_labels"] = sum(u is None for u in rows)
-        for k, v in store.attrs.items():
-            f.attrs[k] = json.dumps(v) if isinstance(v, (dict, list)) else v
-    return out
-
-
 class StoreLock:
     """An exclusive lock on a store for one run: a second concurrent run is refused, never interleaved.
 
@@ -733,22 +436,6 @@ class StoreLock:
         self.release()
 
 
-def problems_message(path: Path, problems: Sequence[ChunkProblem]) -> str:
-    """One line for a reader: the first problem, how many more, and what to do."""
-    more = (f" (and {len(problems) - 1} more chunk(s) missing or damaged; `ser-cache info --verify {path}` lists them)"
-            if len(problems) > 1 else "")
-    return f"{path}: {problems[0]}{more}; {repair_advice(problems)}"
-
-
-def _short(exc: BaseException) -> str:
-    """'Type: first line of the message', short enough for a one-line error."""
-    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    if "checksum do not match" in text:  # zarr's Crc32cCodec: the stored bytes are not those written
-        return "crc32c checksum mismatch"
-    text = text[:160] + "…" if len(text) > 160 else text
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
-
-
 def _open_group(path: Path, mode: str):
     """The Zarr group of a ser-cache store at `path`; a StoreError for anything else (an array inside a store included)."""
     import zarr
@@ -759,7 +446,7 @@ def _open_group(path: Path, mode: str):
     try:
         node_type = json.loads(meta.read_text()).get("node_type")
     except (OSError, ValueError, AttributeError) as exc:
-        raise StoreError(f"{meta}: not readable Zarr metadata ({_short(exc)})") from None
+        raise StoreError(f"{meta}: not readable Zarr metadata ({short_error(exc)})") from None
     if node_type == "array":
         parent = path.resolve().parent
         if (parent / "zarr.json").is_file():
@@ -769,7 +456,7 @@ def _open_group(path: Path, mode: str):
     try:
         g = zarr.open_group(str(path), mode=mode)
     except Exception as exc:  # noqa: BLE001 - zarr's many kinds of metadata errors
-        raise StoreError(f"{path}: cannot be opened as a Zarr group ({_short(exc)})") from None
+        raise StoreError(f"{path}: cannot be opened as a Zarr group ({short_error(exc)})") from None
     if g.attrs.get("format") != FORMAT:
         raise StoreError(f"{path}: a Zarr group, but not a ser-cache feature store (attribute format={g.attrs.get('format')!r})")
     return g

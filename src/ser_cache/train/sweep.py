@@ -320,7 +320,7 @@ def _written(member: Member, view: TrainingData) -> bool:
 
 def _stale_input(config: dict, view: TrainingData) -> str | None:
     """How a written member's input stores (its config.json's record) differ from the stores now given."""
-    from ser_cache.features.store import settings_differences
+    from ser_cache.features.store_ref import settings_differences
 
     recorded = {str(Path(r.get("path", "")).resolve()): r for r in config.get("inputs", []) if isinstance(r, dict)}
     for s in view.inputs:

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 
 from ser_cache.runs import rundir
 from ser_cache.cli.app import app
-from test_training import make_corpus, make_store
+from synthetic import make_corpus, make_store
 
 runner = CliRunner()
 

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from ser_cache.version import __version__
 from ser_cache.cli.app import app
 from ser_cache.encoders import EncoderError, KNOWN_MODELS, default_store_name, load_encoder
-from test_training import make_corpus, make_store
+from synthetic import make_corpus, make_store
 
 ROOT = Path(__file__).resolve().parents[1]
 runner = CliRunner()

@@ -2,7 +2,7 @@
 objective, the sampler, the epoch selection, the heads): declared once, each command keeps its
 own default; and the fixed choices of every command's options.
 
-Nothing here imports the library: `ser-cache --help` must not load torch (tests/test_trust_cli.py).
+Nothing here imports the library: `ser-cache --help` must not load torch (tests/cli/test_trust_cli.py).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import typer
 from ser_cache.infra.environment import default_memory_budget_gb
 
 # Options with fixed values: --help lists them and click refuses any other before work starts.
-# The library checks the same values for its Python callers; tests/test_trust_cli.py keeps the
+# The library checks the same values for its Python callers; tests/cli/test_trust_cli.py keeps the
 # two lists equal (the library's constants live in modules that import torch).
 OxMode = Literal["keep", "drop", "only", "train+dev", "train+dev-nonox"]  # sampling.OX_MODES
 SelectMode = Literal["balanced", "ccc"]  # train.options.SELECT_MODES

@@ -18,7 +18,7 @@ from ser_cache.cli.app import app
 from ser_cache.cli import shared_options as shared
 from synthetic import make_corpus, make_store
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 runner = CliRunner()
 
 

@@ -27,7 +27,7 @@ from ser_cache.cli.app import app
 from ser_cache.features.transcribe import Journal, TranscribeConfig, TranscribeError, WhisperTranscriber, pack, transcribe
 
 runner = CliRunner()
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """What only a CUDA GPU can check: bf16 autocast, pinned copies, and every stage on the device.
 
-Skipped where torch sees no CUDA device (as in CI). On a GPU machine: `python -m pytest -q tests/test_cuda.py`
+Skipped where torch sees no CUDA device (as in CI). On a GPU machine: `python -m pytest -q tests/e2e/test_cuda.py`
 (benchmarks/gpu_session.sh runs it first).
 """
 

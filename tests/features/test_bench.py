@@ -264,7 +264,7 @@ def train_heads_bench():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_heads_bench.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "train_heads_bench.py"
     spec = importlib.util.spec_from_file_location("train_heads_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -20,7 +20,7 @@ from ser_cache.cli.app import app
 from ser_cache.encoders import EncoderError, KNOWN_MODELS, default_store_name, load_encoder
 from synthetic import make_corpus, make_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

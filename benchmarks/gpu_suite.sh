@@ -53,8 +53,8 @@ for i in range(torch.cuda.device_count()):
 EOF
 
 if want tests; then
-    echo "== tests/test_cuda.py"
-    "$py" -m pytest -q tests/test_cuda.py 2>&1 | tee "$out/tests.log" || echo "== tests/test_cuda.py FAILED (benches go on)"
+    echo "== tests/e2e/test_cuda.py"
+    "$py" -m pytest -q tests/e2e/test_cuda.py 2>&1 | tee "$out/tests.log" || echo "== tests/e2e/test_cuda.py FAILED (benches go on)"
 fi
 if want whisper; then
     bench whisper-window --model whisper-large-v3 --naive --naive-utterances 32

@@ -105,3 +105,59 @@ def msp_corpus(root: Path, n: int = 12, *, unlabeled: int = 2, seed: int = 0) ->
     (root / "Labels" / "labels_consensus.csv").write_text("\n".join(rows) + "\n")
     return root
 
+
+TINY_WHISPER = {"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper", "d_model": 32,
+                "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_layers": 1,
+                "decoder_attention_heads": 2, "decoder_ffn_dim": 64, "num_mel_bins": 80, "max_source_positions": 1500,
+                "max_target_positions": 32, "vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
+                "decoder_start_token_id": 1}
+
+
+SPECIALS = ("<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|transcribe|>", "<|translate|>", "<|notimestamps|>")
+
+
+def whisper_asr(path: Path, *, languages: bool = True, seed: int = 0) -> Path:
+    """A tiny WhisperForConditionalGeneration saved with a byte-level BPE WhisperTokenizer.
+
+    With `languages`, its generation config has Whisper's lang_to_id / task_to_id /
+    no_timestamps_token_id, as openai/whisper-* have; without, only a start token (a home-made
+    checkpoint). Every token but the letters, the space and the end is suppressed.
+    """
+    import torch
+    from tokenizers.pre_tokenizers import ByteLevel
+    from transformers import (
+        GenerationConfig,
+        WhisperConfig,
+        WhisperFeatureExtractor,
+        WhisperForConditionalGeneration,
+        WhisperTokenizer,
+    )
+
+    vocab = {c: i for i, c in enumerate(sorted(ByteLevel.alphabet()))}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    tok = WhisperTokenizer(vocab=vocab, merges=merges)
+    tok.add_special_tokens({"additional_special_tokens": list(SPECIALS[1:] if languages else SPECIALS[1:2])})
+    ids = {t: tok.convert_tokens_to_ids(t) for t in SPECIALS if t in tok.get_vocab()}
+    eot, sot = ids["<|endoftext|>"], ids["<|startoftranscript|>"]
+    allowed = {vocab[c] for c in "abcdefghijklmnopqrstuvwxyz"} | {vocab["Ġ"], vocab["Ġthe"], eot}
+    torch.manual_seed(seed)
+    config = WhisperConfig(
+        vocab_size=len(tok), num_mel_bins=80, d_model=32, encoder_layers=1, encoder_attention_heads=2,
+        decoder_layers=1, decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+        max_source_positions=1500, max_target_positions=24, pad_token_id=eot, bos_token_id=eot, eos_token_id=eot,
+        decoder_start_token_id=sot, begin_suppress_tokens=[eot], suppress_tokens=[], init_std=0.3,
+    )
+    model = WhisperForConditionalGeneration(config)
+    gen = dict(decoder_start_token_id=sot, eos_token_id=eot, pad_token_id=eot, bos_token_id=eot,
+               begin_suppress_tokens=[eot], suppress_tokens=sorted(set(range(len(tok))) - allowed), max_length=24)
+    if languages:
+        gen.update(lang_to_id={"<|en|>": ids["<|en|>"]}, no_timestamps_token_id=ids["<|notimestamps|>"],
+                   task_to_id={"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+                   is_multilingual=True)
+    model.generation_config = GenerationConfig(**gen)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(path)
+    return path

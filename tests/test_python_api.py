@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from factories import msp_corpus
-from test_training import train
+from synthetic import train
 from typer.testing import CliRunner
 
 from ser_cache import Dataset, Predictor, Store, load_features, open_store
@@ -201,7 +201,7 @@ def test_load_features_over_other_splits(built):
 
 
 def test_load_features_drops_rows_a_store_has_not_written(built, tmp_path):
-    from test_training import make_store
+    from synthetic import make_store
 
     ds = load_features(built["audio_store"], built["data"])
     written = np.ones(len(ds), bool)

@@ -4,7 +4,7 @@ library's own (TRAINING: the options every recipe shares, system/options.py; HEA
 and sweep's, train/options.py); and the fixed choices of every command's options.
 
 Nothing here imports torch or numpy (nor do the two option modules): `ser-cache --help` must not
-load torch (tests/test_trust_cli.py).
+load torch (tests/cli/test_trust_cli.py).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from ser_cache.system.options import TrainingOptions
 from ser_cache.train.options import TrainHeadsConfig
 
 # Options with fixed values: --help lists them and click refuses any other before work starts.
-# The library checks the same values for its Python callers; tests/test_trust_cli.py keeps the
+# The library checks the same values for its Python callers; tests/cli/test_trust_cli.py keeps the
 # two lists equal (the library's constants live in modules that import torch).
 OxMode = Literal["keep", "drop", "only", "train+dev", "train+dev-nonox"]  # sampling.OX_MODES
 SelectMode = Literal["balanced", "ccc"]  # system.options.SELECT_MODES

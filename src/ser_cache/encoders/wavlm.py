@@ -66,7 +66,7 @@ def use_sdpa_attention(model: torch.nn.Module) -> int:
     transformers' WavLM attention calls torch's multi_head_attention_forward with
     need_weights=True: it materialises and head-averages the attention weights, and runs the
     projections on a (T, B, E) layout as batched products. The replacement computes the same
-    thing (tests/test_encoders.py checks outputs and gradients against the stock layers). For the
+    thing (tests/encoders/test_encoders.py checks outputs and gradients against the stock layers). For the
     frozen encoders it is faster (docs/performance.md); fine-tuning keeps the stock attention,
     since a training step with it measured slower on the CPU and is not yet measured on a GPU.
     Returns the number of layers switched: 0 with a transformers version whose WavLM has no such

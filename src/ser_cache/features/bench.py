@@ -12,7 +12,7 @@ a time, fp32, Whisper padded to 30 s) in the same run.
 
 FLOPs are counted analytically per utterance (a multiply-add is 2 FLOPs) for the computation the
 chosen mode defines: the whole 15-s window for Whisper's default, the real frames otherwise.
-tests/test_bench.py checks the formulas against torch's FlopCounterMode.
+tests/features/test_bench.py checks the formulas against torch's FlopCounterMode.
 """
 
 from __future__ import annotations

@@ -16,7 +16,7 @@ from ser_cache.data.corpus import load_corpus
 from ser_cache.features.extract import ExtractConfig, extract
 from ser_cache.runs.predict import PredictError, evaluate, predict
 from ser_cache.features.store_ref import ids_digest
-from test_training import make_corpus, make_store, read_csv, train
+from synthetic import make_corpus, make_store, read_csv, train
 
 
 def settings_for(name: str, ids, **extra) -> dict:

@@ -28,7 +28,7 @@ import factories
 from ser_cache.runs import layout
 from ser_cache.runs import rundir
 from ser_cache.finetune.loop import finetune_wavlm
-from test_finetune import base_config, cli_args, learnable_corpus, subprocess_env
+from finetune_support import base_config, cli_args, learnable_corpus, subprocess_env
 
 WEIGHT_TOLERANCE = 1e-4
 SCORE_TOLERANCE = 1e-5

@@ -16,7 +16,7 @@ from ser_cache.features import decoding, encode
 from ser_cache.cli.app import INTERRUPTED, app
 from ser_cache.features.extract import ExtractConfig, extract
 from ser_cache.features.store import FeatureStore, StoreError
-from test_faults import ENDS_WITHIN, _start, ended_within
+from processes import ENDS_WITHIN, start_blocked, ended_within
 
 runner = CliRunner()
 
@@ -131,9 +131,9 @@ def test_ctrl_c_received_by_another_thread_still_ends_extract_at_once(models, tm
     """The main thread waits for decoded batches; a SIGINT whose handler ran in another thread used
     to wait until that batch was decoded (here 600 s). Now it ends the run within a wait slice."""
     corpus = msp_corpus(tmp_path / "corpus", n=4, unlabeled=0)
-    proc, _ = _start(tmp_path, EXTRACT_SIGNAL_TO_A_THREAD,
-                     ["extract", "--model", str(models["whisper"]), "--data", str(corpus), "--out", str(tmp_path / "f"),
-                      "--device", "cpu", "--workers", "1", "--no-progress"])
+    proc, _ = start_blocked(tmp_path, EXTRACT_SIGNAL_TO_A_THREAD,
+                            ["extract", "--model", str(models["whisper"]), "--data", str(corpus), "--out", str(tmp_path / "f"),
+                             "--device", "cpu", "--workers", "1", "--no-progress"])
     output = ended_within(proc, ENDS_WITHIN)
     assert proc.returncode == 130 and output.strip() == INTERRUPTED, output
 
@@ -167,7 +167,7 @@ def _set_count(store_path, row: int, value: int) -> None:
 @pytest.fixture(scope="module")
 def frame_run(tmp_path_factory):
     """A labelled corpus, a frame store of it (chunks of 16 rows) and a run trained on the intact store."""
-    from test_frame_heads import make_frame_corpus, make_frame_store
+    from synthetic import make_frame_corpus, make_frame_store
 
     root = tmp_path_factory.mktemp("frame-run")
     manifest, ids, frames, _ = make_frame_corpus(root / "corpus", n=60)
@@ -261,7 +261,7 @@ def test_a_rerun_with_nothing_to_do_says_so_instead_of_a_rate(models, tmp_path):
 
 def test_info_gives_sizes_in_a_unit_that_shows_them(tmp_path):
     from ser_cache.cli.stage_one import size_text
-    from test_training import make_store
+    from synthetic import make_store
 
     assert [size_text(n) for n in (0, 512, 7_250, 48_300_000, 1.2e9)] == ["0 B", "512 B", "7.25 kB", "48.3 MB",
                                                                           "1.20 GB"]
@@ -273,7 +273,7 @@ def test_info_gives_sizes_in_a_unit_that_shows_them(tmp_path):
 
 def test_plot_speakers_on_another_corpus_store_says_the_rows_do_not_match(tmp_path):
     from ser_cache.cli.plot import plot_app
-    from test_plots import speaker_corpus, speaker_store
+    from synthetic import speaker_corpus, speaker_store
 
     manifest, ids, labels = speaker_corpus(tmp_path / "corpus")
     other = speaker_store(tmp_path / "other.zarr", [f"other_{i}" for i in ids], labels, separated=True)

@@ -7,7 +7,6 @@ ensemble and refusal tests; the resume test kills a subprocess of the same run a
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -31,60 +30,12 @@ from ser_cache.runs.checkpoint_file import CHECKPOINT
 from ser_cache.system.finetuned import AUDIO_INPUT
 from ser_cache.data.batching import plan_batches, shard
 from ser_cache.system.rows import TrainError
-
-SRC = Path(__file__).resolve().parents[1] / "src"
-
-
-def learnable_corpus(root: Path, n_train: int = 24, n_dev: int = 12, n_test: int = 4, seed: int = 0) -> Path:
-    """MSP-Podcast layout whose labels follow the pitch of the tone (arousal and dominance up,
-    valence down) and whose gender follows it too. Not loudness: WavLM's input normalisation
-    erases it."""
-    rng = np.random.default_rng(seed)
-    rows = ["FileName,EmoClass,EmoAct,EmoVal,EmoDom,SpkrID,Gender,Split_Set"]
-    words = ("an awful sad day", "a plain day", "a wonderful happy day")
-    splits = ["Train"] * n_train + ["Development"] * n_dev + ["Test1"] * n_test
-    for i, split in enumerate(splits):
-        name = f"MSP-PODCAST_{1000 + i // 4:04d}_{i % 4 + 1:04d}.wav"
-        level = float(rng.uniform(0, 1))
-        factories.write_wav(root / "Audios" / name,
-                            factories.tone(float(rng.uniform(0.6, 1.2)), freq=110 + 300 * level, seed=i))
-        (root / "Transcripts").mkdir(parents=True, exist_ok=True)
-        (root / "Transcripts" / name.replace(".wav", ".txt")).write_text(words[i % 3] + "\n")
-        a = np.clip(1 + 6 * level + rng.normal(0, 0.3), 1, 7)
-        v = np.clip(6 - 4 * level + rng.normal(0, 0.5), 1, 7)
-        d = np.clip(2 + 4 * level + rng.normal(0, 0.5), 1, 7)
-        rows.append(f"{name},{'NHSA'[i % 4]},{a:.1f},{v:.1f},{d:.1f},{100 + i % 6},"
-                    f"{'Male' if level < 0.5 else 'Female'},{split}")
-    (root / "Labels").mkdir(parents=True, exist_ok=True)
-    (root / "Labels" / "labels_consensus.csv").write_text("\n".join(rows) + "\n")
-    return root
+from finetune_support import learnable_corpus, base_config, cli_args, subprocess_env
 
 
 @pytest.fixture(scope="module")
 def corpus_ft(tmp_path_factory) -> Path:
     return learnable_corpus(tmp_path_factory.mktemp("ft") / "corpus")
-
-
-def base_config(corpus: Path, model: Path, out: Path, **changes) -> FinetuneConfig:
-    cfg = FinetuneConfig(data=corpus, out=out, model=str(model), epochs=6, lr_encoder=1e-3, lr_heads=1e-3,
-                         batch_seconds=6, select="ccc", gender_weight=1.0, device="cpu", threads=1, progress=False)
-    return replace(cfg, **changes)
-
-
-def cli_args(cfg: FinetuneConfig) -> list[str]:
-    return ["finetune", "wavlm", "--data", str(cfg.data), "--out", str(cfg.out), "--model", cfg.model,
-            "--epochs", str(cfg.epochs), "--lr-encoder", str(cfg.lr_encoder), "--lr-heads", str(cfg.lr_heads),
-            "--batch-seconds", str(cfg.batch_seconds), "--select", cfg.select, "--gender-weight",
-            str(cfg.gender_weight), "--dropout", str(cfg.dropout), "--conv-dropout", str(cfg.conv_dropout),
-            *(["--layerdrop", str(cfg.layerdrop)] if cfg.layerdrop is not None else []), "--device", "cpu", "--threads", "1",
-            "--no-progress"]
-
-
-def subprocess_env(**extra) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": f"{SRC}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,8 @@ from factories import msp_corpus
 from ser_cache.version import __version__
 from ser_cache.cli.app import INTERRUPTED, app
 from ser_cache.features.store import FeatureStore
-from test_training import make_corpus, make_store
+from synthetic import make_corpus, make_store
+from processes import ENDS_WITHIN, ended_within, start_blocked
 
 runner = CliRunner()
 
@@ -29,28 +30,7 @@ def invoke(*args):
 
 # --------------------------------------------------------------------------- processes
 
-# Stand-ins that block in the worker, so that the run is certainly still going when it is killed.
-# Written beside the test's files and found by the spawned workers through sys.path.
-SLOW = '''
-import os, time
-from pathlib import Path
-
-def _mark():
-    Path(os.environ["SER_CACHE_TEST_MARKER"]).write_text(str(os.getpid()))
-    time.sleep(600)
-
-def load_many(paths, **kwargs):
-    _mark()
-
-class Rows:
-    def __init__(self, paths, max_seconds):
-        self.paths = list(paths)
-    def __getitem__(self, i):
-        _mark()
-    def __len__(self):
-        return len(self.paths)
-'''
-
+# The scripts that processes.start_blocked runs, beside its stand-ins that block (processes.SLOW).
 EXTRACT = '''
 import faulthandler, signal, sys
 if __name__ == "__main__":  # spawned workers import this file again
@@ -75,23 +55,6 @@ if __name__ == "__main__":
     plan.batches = [[0], [1]]
     next(iter(loader))
 '''
-
-
-# A Ctrl-C'd extract ends in seconds (9 s seen on a loaded 2-core machine); the stand-in decoder
-# blocks for 600 s, so an extract that waits for it still fails the tests, with room for a slow machine.
-ENDS_WITHIN = 150
-
-
-def ended_within(proc: subprocess.Popen, seconds: float) -> str:
-    """`proc`'s output once it ends; if it is still running after `seconds`, its threads' stacks
-    (faulthandler on SIGUSR1, registered by the scripts above) go into the failure, then it is killed."""
-    try:
-        return proc.communicate(timeout=seconds)[0]
-    except subprocess.TimeoutExpired:
-        os.kill(proc.pid, signal.SIGUSR1)
-        time.sleep(2)
-        os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"still running {seconds} s after Ctrl-C; its threads:\n{proc.communicate()[0]}")
 
 
 def _stat(pid: int) -> tuple[int, str, int] | None:
@@ -129,22 +92,6 @@ def _alive(procs: dict[int, int]) -> dict[int, str]:
     return alive
 
 
-def _start(tmp_path: Path, script: str, args: list[str]) -> tuple[subprocess.Popen, Path]:
-    (tmp_path / "slow.py").write_text(SLOW)
-    (tmp_path / "main.py").write_text(script)
-    marker = tmp_path / "decoding"
-    proc = subprocess.Popen([sys.executable, str(tmp_path / "main.py"), str(tmp_path), *args], cwd=tmp_path,
-                            env={**os.environ, "SER_CACHE_TEST_MARKER": str(marker)}, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    deadline = time.monotonic() + 90
-    while not marker.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(f"the worker never started decoding:\n{proc.communicate()[0]}")
-        time.sleep(0.1)
-    return proc, marker
-
-
 def _killed_leaves_nothing(proc: subprocess.Popen, marker: Path) -> None:
     workers = _descendants(proc.pid)
     assert int(marker.read_text()) in workers  # the decoding worker is below the killed process
@@ -164,25 +111,25 @@ def _killed_leaves_nothing(proc: subprocess.Popen, marker: Path) -> None:
 @pytest.mark.slow
 def test_extract_killed_with_sigkill_leaves_no_worker_or_resource_tracker(models, tmp_path):
     corpus = msp_corpus(tmp_path / "corpus", n=4, unlabeled=0)
-    proc, marker = _start(tmp_path, EXTRACT, ["extract", "--model", str(models["whisper"]), "--data", str(corpus),
-                                              "--out", str(tmp_path / "f"), "--device", "cpu", "--workers", "1",
-                                              "--no-progress"])
+    proc, marker = start_blocked(tmp_path, EXTRACT, ["extract", "--model", str(models["whisper"]), "--data", str(corpus),
+                                                     "--out", str(tmp_path / "f"), "--device", "cpu", "--workers", "1",
+                                                     "--no-progress"])
     _killed_leaves_nothing(proc, marker)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc")
 @pytest.mark.slow
 def test_finetune_loader_killed_with_sigkill_leaves_no_worker(tmp_path):
-    proc, marker = _start(tmp_path, FINETUNE_LOADER, [])
+    proc, marker = start_blocked(tmp_path, FINETUNE_LOADER, [])
     _killed_leaves_nothing(proc, marker)
 
 
 @pytest.mark.slow
 def test_ctrl_c_during_extract_is_one_line_and_exit_130(models, tmp_path):
     corpus = msp_corpus(tmp_path / "corpus", n=4, unlabeled=0)
-    proc, _ = _start(tmp_path, EXTRACT, ["extract", "--model", str(models["whisper"]), "--data", str(corpus),
-                                         "--out", str(tmp_path / "f"), "--device", "cpu", "--workers", "1",
-                                         "--no-progress"])
+    proc, _ = start_blocked(tmp_path, EXTRACT, ["extract", "--model", str(models["whisper"]), "--data", str(corpus),
+                                                "--out", str(tmp_path / "f"), "--device", "cpu", "--workers", "1",
+                                                "--no-progress"])
     os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the parent and its workers
     # About 2 s to stop the worker, then the interpreter's exit (9 s seen on a loaded 2-core machine);
     # the worker blocks for 600 s, so a Ctrl-C held until it finishes still fails this.

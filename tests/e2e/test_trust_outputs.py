@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 from ser_cache.runs import layout
 from ser_cache.runs import staging
 from ser_cache.cli.app import app
-from test_training import make_corpus, make_store, train
+from synthetic import make_corpus, make_store, train
 
 runner = CliRunner()
 
@@ -324,7 +324,7 @@ def test_transcribe_still_continues_its_own_table_without_overwrite(tmp_path):
 
 def test_bench_workdir_holding_someone_elses_folders_is_refused(tmp_path):
     from ser_cache.features.bench import BenchConfig, BenchError, bench_extract
-    from test_bench import TINY_WHISPER
+    from factories import TINY_WHISPER
 
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY_WHISPER))

@@ -1,6 +1,6 @@
 """What only a CUDA GPU can check: bf16 autocast, pinned copies, and every stage on the device.
 
-Skipped where torch sees no CUDA device (as in CI). On a GPU machine: `python -m pytest -q tests/test_cuda.py`
+Skipped where torch sees no CUDA device (as in CI). On a GPU machine: `python -m pytest -q tests/e2e/test_cuda.py`
 (benchmarks/gpu_session.sh runs it first).
 """
 
@@ -54,7 +54,7 @@ def test_cuda_rows_do_not_depend_on_the_batch(models, corpus, tmp_path):
 
 
 def test_bench_on_cuda_reports_half_precision_and_gpu_memory(tmp_path):
-    from test_bench import TINY_WHISPER
+    from factories import TINY_WHISPER
 
     from ser_cache.features.bench import BenchConfig, bench_extract
 
@@ -68,7 +68,7 @@ def test_bench_on_cuda_reports_half_precision_and_gpu_memory(tmp_path):
 
 
 def test_train_heads_on_cuda_learns(tmp_path):
-    from test_training import make_corpus, make_store, train
+    from synthetic import make_corpus, make_store, train
 
     manifest, ids, feats = make_corpus(tmp_path / "corpus")
     stores = [make_store(tmp_path / "features" / f"{n}.zarr", ids, x, kind="text" if n == "text" else "whisper",
@@ -80,7 +80,7 @@ def test_train_heads_on_cuda_learns(tmp_path):
 def test_sweep_on_cuda_equals_the_cpu_sweep_in_fp32(tmp_path):
     """Members stacked on the GPU (vmap, StackedAdamW on device, device-placed inputs) end where the
     CPU's do; a GPU's products round differently, hence the tolerance."""
-    from test_training import make_corpus, make_store
+    from synthetic import make_corpus, make_store
 
     from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
     from ser_cache.train.options import TrainHeadsConfig
@@ -100,7 +100,7 @@ def test_sweep_on_cuda_equals_the_cpu_sweep_in_fp32(tmp_path):
 
 
 def test_finetune_on_cuda_in_half_precision_lowers_the_loss(models, tmp_path):
-    from test_finetune import base_config, learnable_corpus
+    from finetune_support import base_config, learnable_corpus
 
     from ser_cache.finetune.loop import finetune_wavlm
 

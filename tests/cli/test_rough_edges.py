@@ -19,9 +19,9 @@ from ser_cache.version import __version__
 from ser_cache.cli.app import app
 from ser_cache.encoders import EncoderError, KNOWN_MODELS, load_encoder
 from ser_cache.features.store_ref import default_store_name
-from test_training import make_corpus, make_store
+from synthetic import make_corpus, make_store
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 runner = CliRunner()
 
 

@@ -16,9 +16,9 @@ from typer.testing import CliRunner
 
 from ser_cache.cli.app import app
 from ser_cache.cli import shared_options as shared
-from test_training import make_corpus, make_store
+from synthetic import make_corpus, make_store
 
-SRC = Path(__file__).resolve().parents[1] / "src"
+SRC = Path(__file__).resolve().parents[2] / "src"
 runner = CliRunner()
 
 
@@ -332,7 +332,7 @@ def test_evaluate_scores_each_repeated_split_on_its_own(heads_run, tmp_path):
 def test_plot_out_is_a_folder_or_a_png_for_both_plot_commands(tmp_path):
     from ser_cache.runs import plots
     from ser_cache.runs.plots import PlotError
-    from test_plots import make_run, speaker_corpus, speaker_store
+    from synthetic import make_run, speaker_corpus, speaker_store
 
     run = make_run(tmp_path / "run")
     for out, written in ((tmp_path / "figs", tmp_path / "figs" / "curves.png"), (tmp_path / "mine.png", tmp_path / "mine.png")):
@@ -370,7 +370,7 @@ def test_sweep_members_record_provenance_and_are_reused_from_relative_paths(head
 def test_a_finetuned_run_records_provenance(models, tmp_path):
     from ser_cache.finetune.options import FinetuneConfig
     from ser_cache.finetune.loop import finetune_wavlm
-    from test_finetune import learnable_corpus
+    from finetune_support import learnable_corpus
 
     corpus = learnable_corpus(tmp_path / "corpus", n_train=8, n_dev=6, n_test=0)
     finetune_wavlm(FinetuneConfig(data=corpus, out=tmp_path / "ft", model=str(models["wavlm"]), epochs=1,

@@ -3,7 +3,6 @@ and streamed), the run directory, predict/evaluate/ensemble on frame runs, old r
 
 from __future__ import annotations
 
-import csv
 import json
 import re
 from pathlib import Path
@@ -18,69 +17,10 @@ from ser_cache.runs import rundir
 from ser_cache.features.frames import Frames
 from ser_cache.system.model import ConvPool, FeatureModel
 from ser_cache.features.store import FeatureStore
-from ser_cache.features.store_ref import fingerprint
-from test_training import check_multimodal, make_store, train
-
-EMOTIONS = ["N", "H", "S", "A", "D", "C", "F", "U", "O", "X"]
+from synthetic import check_multimodal, make_store, train, make_frame_corpus, make_frame_store
 
 
 # --------------------------------------------------------------------------- a corpus whose arousal lives in frames
-
-
-def make_frame_corpus(root: Path, n: int = 300, *, dim: int = 16, seed: int = 0):
-    """A CSV manifest, per-row frames and pooled 'text' vectors.
-
-    Arousal is |a| of a latent a that each frame carries with a random sign: x_t = ±a·v + noise.
-    The mean of the raw frames averages the signs away (it sees ±a·mean(s), about a/4 for 20
-    frames), while a ReLU stack sees relu(±a) at every frame and its mean is about |a|/2. Valence
-    comes from the text vectors, dominance from both.
-    Returns (manifest, ids, frames (list of (T_i, dim) float32), text (n, 16) float32).
-    """
-    rng = np.random.default_rng(seed)
-    a = rng.standard_normal(n)
-    v = rng.standard_normal(dim)
-    v /= np.linalg.norm(v)
-    lengths = rng.integers(6, 40, n)
-    frames = [(rng.choice([-1.0, 1.0], t)[:, None] * (2.0 * a[i] * v) + 0.5 * rng.standard_normal((t, dim)))
-              .astype(np.float32) for i, t in enumerate(lengths)]
-    text = rng.standard_normal((n, 16)).astype(np.float32)
-    w_t = rng.standard_normal(16)
-    arousal = np.clip(3.0 + 1.6 * np.abs(a) + 0.15 * rng.standard_normal(n), 1.0, 7.0)  # on the 1–7 scale
-    valence = 4 + 2.2 * np.tanh(text @ w_t / 4) + 0.2 * rng.standard_normal(n)
-    dominance = 3.5 + 0.8 * np.abs(a) + 0.6 * np.tanh(text[:, :4].sum(1) / 2) + 0.2 * rng.standard_normal(n)
-    root.mkdir(parents=True, exist_ok=True)
-    ids = [f"utt_{i:04d}.wav" for i in range(n)]
-    split = np.where(np.arange(n) < 0.6 * n, "Train", np.where(np.arange(n) < 0.85 * n, "Development", "Test1"))
-    path = root / "manifest.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "id", "split", "arousal", "valence", "dominance", "emotion", "gender", "speaker"])
-        for i in range(n):
-            w.writerow([f"audio/{ids[i]}", ids[i], split[i], f"{arousal[i]:.3f}", f"{valence[i]:.3f}",
-                        f"{dominance[i]:.3f}", EMOTIONS[i % len(EMOTIONS)] if i % 7 else "N",
-                        "Female" if text[i, 0] > 0 else "Male", f"spk{i % 12}"])
-    return path, ids, frames, text
-
-
-def make_frame_store(path: Path, ids, frames: list[np.ndarray], *, chunk_rows: int | None = None,
-                     written: np.ndarray | None = None) -> Path:
-    """A frame store as `extract --pooling frames` would leave it, with made-up encoder attributes."""
-    settings = {"kind": "whisper", "model_id": f"fake/{path.stem}", "revision": "r1", "pooling": "frames"}
-    attrs = {"name": path.name.removesuffix(".zarr"), "model_id": settings["model_id"], "revision": "r1",
-             "kind": "whisper", "modality": "audio", "pooling": "frames", "settings": settings,
-             "fingerprint": fingerprint(settings)}
-    lengths = np.array([len(f) for f in frames])
-    written = np.ones(len(ids), dtype=bool) if written is None else written
-    t_max, dim = int(lengths.max()) + 3, frames[0].shape[1]  # room the clips do not use, as in a real store
-    store = FeatureStore.create(path, list(ids), (t_max, dim), attrs, chunk_rows=chunk_rows or len(ids), frames=True)
-    for c in range(store.n_chunks):
-        start, end = store.chunk_bounds(c)
-        block = np.zeros((end - start, t_max, dim), dtype=np.float32)
-        for i in range(start, end):
-            block[i - start, : lengths[i]] = frames[i]
-        store.write_chunk(c, block.astype(np.float16), written[start:end], ~written[start:end],
-                          frames=lengths[start:end])
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -13,8 +13,8 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from test_frame_heads import make_frame_corpus, make_frame_store
-from test_training import make_corpus, make_store, read_csv, train
+from synthetic import make_frame_corpus, make_frame_store
+from synthetic import make_corpus, make_store, read_csv, train
 
 from ser_cache.runs import layout
 from ser_cache.infra import runtime

@@ -35,8 +35,8 @@ from ser_cache.system.rows import TrainError, load_rows
 from ser_cache.features.store import FeatureStore
 from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
 from ser_cache.train.options import TrainHeadsConfig
-from test_frame_heads import make_frame_corpus, make_frame_store
-from test_training import make_corpus, make_store, train
+from synthetic import make_frame_corpus, make_frame_store
+from synthetic import make_corpus, make_store, train
 
 runner = CliRunner()
 OPTIONS = dict(epochs=2, lr=3e-3, batch_size=32, undersample=False, progress=False, device="cpu", threads=1,
@@ -410,7 +410,7 @@ def test_a_frame_store_rebuilt_while_training_streams_it_is_named(tmp_path):
 
 
 def test_layer_on_a_pooled_store_is_refused(tmp_path):
-    from test_plots import speaker_corpus, speaker_store
+    from synthetic import speaker_corpus, speaker_store
 
     from ser_cache.runs.plots import PlotError, speaker_tsne
 

@@ -33,8 +33,8 @@ from ser_cache.runs.checkpoint_file import CHECKPOINT
 from ser_cache.cli.app import app
 from ser_cache.finetune.loop import finetune_wavlm
 from ser_cache.finetune.options import FinetuneConfig
-from test_finetune import base_config, cli_args, learnable_corpus, subprocess_env
-from test_plots import make_run
+from finetune_support import base_config, cli_args, learnable_corpus, subprocess_env
+from synthetic import make_run
 
 runner = CliRunner()
 LEGACY_CHECKPOINT = "checkpoint.pt"  # what ser-cache 0.1.0 wrote: a pickle
@@ -376,7 +376,7 @@ def test_a_model_folder_with_a_refused_pickle_is_one_line(corpus, tmp_path):
 
 def test_a_runs_encoder_with_a_refused_pickle_is_one_line(models, tmp_path):
     from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
-    from test_vox_profile import authors_whisper_checkpoint
+    from vox_profile_checkpoints import authors_whisper_checkpoint
 
     src, _ = authors_whisper_checkpoint(tmp_path / "ckpt", models["whisper"])
     run = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["whisper"]))).run_dir

@@ -16,6 +16,7 @@ from ser_cache.features.bench import (
     synthetic_durations,
 )
 from ser_cache.cli.app import app
+from factories import TINY_WHISPER
 
 
 def counted(model, *args, **kwargs) -> int:
@@ -65,13 +66,6 @@ def test_durations_look_like_msp_podcast():
 def test_shipped_configs_exist():
     for name in BENCH_MODELS:
         assert shipped_config(name)["model_type"]
-
-
-TINY_WHISPER = {"architectures": ["WhisperForConditionalGeneration"], "model_type": "whisper", "d_model": 32,
-                "encoder_layers": 2, "encoder_attention_heads": 2, "encoder_ffn_dim": 64, "decoder_layers": 1,
-                "decoder_attention_heads": 2, "decoder_ffn_dim": 64, "num_mel_bins": 80, "max_source_positions": 1500,
-                "max_target_positions": 32, "vocab_size": 64, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2,
-                "decoder_start_token_id": 1}
 
 
 @pytest.mark.slow
@@ -270,7 +264,7 @@ def train_heads_bench():
     import importlib.util
     from pathlib import Path
 
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "train_heads_bench.py"
+    path = Path(__file__).resolve().parents[2] / "benchmarks" / "train_heads_bench.py"
     spec = importlib.util.spec_from_file_location("train_heads_bench", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from ser_cache.runs import layout
 from ser_cache.runs import prediction_file
 from ser_cache.cli.app import app
-from test_training import make_corpus, make_store
+from synthetic import make_corpus, make_store
 
 runner = CliRunner()
 

@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_frame_heads import make_frame_corpus, make_frame_store
-from test_training import make_corpus, make_store
+from synthetic import make_frame_corpus, make_frame_store
+from synthetic import make_corpus, make_store
 from typer.testing import CliRunner
 
 from ser_cache.runs import layout

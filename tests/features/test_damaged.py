@@ -23,7 +23,7 @@ from ser_cache.system.rows import load_rows
 from ser_cache.features import store as store_mod
 from ser_cache.features.store import FeatureStore, StoreError, StoreLock
 from ser_cache.features.export import export_hdf5
-from test_training import make_corpus, make_store, train
+from synthetic import make_corpus, make_store, train
 
 runner = CliRunner()
 N, DIM, ROWS = 40, 3, 8  # 5 chunks of 8 rows

@@ -1,6 +1,6 @@
 """train-heads: learning on synthetic stores, the data variants, the run directory, refusals.
 
-The helpers at the top (make_corpus, make_store, train) are shared with the other stage-two tests.
+The synthetic manifests, stores and the train helper are in tests/synthetic.py, shared with the other stage-two tests.
 """
 
 from __future__ import annotations
@@ -18,59 +18,15 @@ import pytest
 from ser_cache.runs import layout
 from ser_cache.runs import prediction_file
 from ser_cache.runs import rundir
-from ser_cache.system.metrics import PRIMARY_EMOTIONS, ccc_table
+from ser_cache.system.metrics import ccc_table
 from ser_cache.system.sampling import OX_MODES
 from ser_cache.features.store import FeatureStore
-from ser_cache.features.store_ref import fingerprint
 from ser_cache.system.rows import TrainError
 from ser_cache.train.options import TrainHeadsConfig
-from ser_cache.train.recipe import train_heads
-
-EMOTIONS = list(PRIMARY_EMOTIONS) + ["O", "X"]
+from synthetic import make_corpus, make_store, train, read_csv, check_multimodal
 
 
-# --------------------------------------------------------------------------- shared helpers
-
-
-def make_corpus(root: Path, n: int = 300, *, seed: int = 0, splits=(("Train", 0.6), ("Development", 0.25), ("Test1", 0.15))):
-    """A CSV manifest whose labels are learnable: arousal from 'audio' features, valence from 'text'.
-
-    Returns (manifest path, ids, {"audio": (n, 24), "text": (n, 16)} float32 features).
-    """
-    rng = np.random.default_rng(seed)
-    audio = rng.standard_normal((n, 24)).astype(np.float32)
-    text = rng.standard_normal((n, 16)).astype(np.float32)
-    w_a, w_t = rng.standard_normal(24), rng.standard_normal(16)
-    arousal = 4 + 2.2 * np.tanh(audio @ w_a / 5) + 0.2 * rng.standard_normal(n)
-    valence = 4 + 2.2 * np.tanh(text @ w_t / 4) + 0.2 * rng.standard_normal(n)
-    dominance = 4 + 1.5 * np.tanh((audio[:, :8].sum(1) + text[:, :4].sum(1)) / 3) + 0.2 * rng.standard_normal(n)
-    cuts = np.cumsum([int(round(f * n)) for _, f in splits])
-    root.mkdir(parents=True, exist_ok=True)
-    ids = [f"utt_{i:04d}.wav" for i in range(n)]
-    path = root / "manifest.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "id", "split", "arousal", "valence", "dominance", "emotion", "gender", "speaker"])
-        for i in range(n):
-            split = splits[int(np.searchsorted(cuts, i, side="right"))][0] if i < cuts[-1] else splits[-1][0]
-            emotion = EMOTIONS[i % len(EMOTIONS)] if i % 7 else "N"
-            gender = "Female" if audio[i, 0] > 0 else "Male"
-            speaker = f"spk{i % 12}" if i % 11 else ""
-            w.writerow([f"audio/{ids[i]}", ids[i], split, f"{arousal[i]:.3f}", f"{valence[i]:.3f}",
-                        f"{dominance[i]:.3f}", emotion, gender, speaker])
-    return path, ids, {"audio": audio, "text": text}
-
-
-def make_store(path: Path, ids, feats: np.ndarray, *, kind: str = "whisper", modality: str = "audio",
-               settings: dict | None = None, written: np.ndarray | None = None) -> Path:
-    """A store as `extract` would leave it, with made-up encoder attributes."""
-    settings = settings or {"kind": kind, "model_id": f"fake/{path.stem}", "revision": "r1", "pooling": "mean"}
-    attrs = {"name": path.name.removesuffix(".zarr"), "model_id": settings.get("model_id"), "revision": "r1",
-             "kind": kind, "modality": modality, "settings": settings, "fingerprint": fingerprint(settings)}
-    written = np.ones(len(ids), dtype=bool) if written is None else written
-    store = FeatureStore.create(path, list(ids), feats.shape[1:], attrs, chunk_rows=len(ids))
-    store.write_chunk(0, feats.astype(np.float16), written, ~written)
-    return path
+# --------------------------------------------------------------------------- synthetic stores
 
 
 @pytest.fixture
@@ -81,20 +37,6 @@ def synthetic(tmp_path):
                                modality="text" if name == "text" else "audio")
               for name, x in feats.items()}
     return manifest, ids, feats, stores
-
-
-def train(tmp_path, manifest, stores, name="run", **kw) -> tuple:
-    # One thread: these heads are far too small to gain from two, and on a busy machine two
-    # threads waiting for each other make every step many times slower.
-    options = dict(epochs=25, lr=3e-3, batch_size=32, undersample=False, progress=False, device="cpu", threads=1)
-    options.update(kw)
-    cfg = TrainHeadsConfig(features=tuple(stores), data=manifest, out=tmp_path / name, **options)
-    return train_heads(cfg), cfg
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # --------------------------------------------------------------------------- learning and the run directory
@@ -384,18 +326,6 @@ def test_multimodal_heads_beat_either_modality_on_mini_podcast(tmp_path, mini_po
         scores[name] = result.metrics["ccc"]
     wall = time.perf_counter() - t0
     check_multimodal(scores, "audio", "text", "audio+text", f"extract {t_extract:.1f} s, total {wall:.1f} s")
-
-
-def check_multimodal(scores: dict, audio: str, text: str, both: str, timing: str) -> None:
-    """On mini-podcast: the multimodal run beats each modality, and each modality carries what the
-    corpus puts in it (arousal in the audio, valence in the text)."""
-    table = "\n".join(f"{k:>12}: " + " ".join(f"{a[:3]} {v:.3f}" for a, v in s.items()) for k, s in scores.items())
-    print(f"\nmini-podcast Development CCC ({timing})\n{table}")
-    mean = scores[both]["mean"]
-    assert mean > scores[audio]["mean"] + 0.05 and mean > scores[text]["mean"] + 0.05, table
-    assert scores[audio]["arousal"] > scores[text]["arousal"], table
-    assert scores[text]["valence"] > scores[audio]["valence"], table
-    assert mean > 0.4, table
 
 
 # --------------------------------------------------------------------------- precision

@@ -13,7 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ser_cache.cli.app import app
-from test_transcribe import whisper_asr
+from factories import whisper_asr
 
 
 def make_test3_copy(src: Path, dst: Path) -> tuple[Path, list[str]]:

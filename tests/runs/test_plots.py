@@ -16,7 +16,7 @@ from ser_cache.infra import atomic
 from ser_cache.runs import layout
 from ser_cache.system.metrics import ATTRIBUTES, ccc
 from ser_cache.runs.plots import PlotError
-from ser_cache.features.store import FeatureStore
+from synthetic import history_rows, make_run, speaker_corpus, speaker_store
 
 
 def check_png(path: Path, size: tuple[float, float]) -> None:
@@ -29,30 +29,6 @@ def check_png(path: Path, size: tuple[float, float]) -> None:
 
 
 # --------------------------------------------------------------------------- run directories
-
-
-def history_rows(epochs: int, *, speaker: bool = True) -> list[dict]:
-    rows = []
-    for e in range(1, epochs + 1):
-        dev = {"arousal": 0.3 + 0.05 * e, "valence": 0.2 + 0.04 * e, "dominance": 0.25 + 0.03 * e}
-        dev["mean"] = float(np.mean(list(dev.values())))
-        rows.append({"epoch": e, "seconds": 1.0, "eval_seconds": 0.1, "loss_total": 1.5 / e, "loss_ccc": 1.0 / e,
-                     "loss_gender": 0.4 / e, "loss_speaker": 0.1 / e if speaker else 0.0,
-                     **{f"dev_ccc_{k}": v for k, v in dev.items()},
-                     **{f"dev_balanced_ccc_{k}": v - 0.02 for k, v in dev.items()},
-                     "dev_gender_accuracy": 0.8, "dev_gender_macro_f1": 0.79})
-    return rows
-
-
-def make_run(path: Path, epochs: int = 6, best_epoch: int = 4, speaker: bool = False) -> Path:
-    """A finished run's files as training.write_run_files leaves them (no weights: plots need none)."""
-    path.mkdir(parents=True)
-    history = history_rows(epochs, speaker=speaker)
-    atomic.write_csv_atomic(path / layout.HISTORY, list(history[0]), [list(r.values()) for r in history])
-    atomic.write_json_atomic(path / layout.METRICS, {"split": "Development", "best_epoch": best_epoch})
-    atomic.write_json_atomic(path / layout.CONFIG, {"format": layout.RUN_FORMAT, "format_version": 1,
-                                                "best_epoch": best_epoch, "gender_labels": ["Female", "Male"]})
-    return path
 
 
 @pytest.mark.slow  # the curves' parts: test_curves_* below
@@ -127,7 +103,7 @@ def test_training_curves_refusals(tmp_path):
 @pytest.mark.slow
 def test_training_curves_of_a_trained_run(tmp_path):
     """A run that train_heads really wrote (history.csv, config.json as it writes them)."""
-    from test_training import make_corpus, make_store
+    from synthetic import make_corpus, make_store
 
     from ser_cache.train.options import TrainHeadsConfig
     from ser_cache.train.recipe import train_heads
@@ -214,48 +190,6 @@ def test_ensemble_plots(tmp_path):
 
 
 # --------------------------------------------------------------------------- speakers
-
-
-def speaker_corpus(root: Path, speakers: int = 12, per_speaker: int = 12) -> tuple[Path, list[str], list[str]]:
-    """A manifest whose utterances have speakers, plus some of unknown speaker."""
-    root.mkdir(parents=True, exist_ok=True)
-    ids, labels = [], []
-    for s in range(speakers):
-        for k in range(per_speaker - (s == 0) * (per_speaker - 3)):  # speaker 0 has only 3
-            ids.append(f"s{s:02d}_{k:02d}.wav")
-            labels.append(f"spk{s:02d}")
-    for k in range(15):
-        ids.append(f"unknown_{k:02d}.wav")
-        labels.append("Unknown" if k % 2 else "")
-    path = root / "manifest.csv"
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["path", "id", "split", "arousal", "valence", "dominance", "emotion", "gender", "speaker"])
-        for uid, spk in zip(ids, labels):
-            w.writerow([f"audio/{uid}", uid, "Train", "4", "4", "4", "N", "Female", spk])
-    return path, ids, labels
-
-
-def speaker_store(path: Path, ids: list[str], labels: list[str], *, separated: bool, shape=(32,), seed=0,
-                  frames: bool = False) -> Path:
-    """Vectors near a per-speaker centre (separated) or pure noise."""
-    rng = np.random.default_rng(seed)
-    dim = shape[-1]
-    centres = {s: rng.normal(0, 3, dim) for s in sorted(set(labels))}
-    base = np.stack([centres[s] if separated else np.zeros(dim) for s in labels])
-    feats = (base[:, None, :] if len(shape) == 2 else base) + rng.normal(0, 1, (len(ids), *shape))
-    written = np.ones(len(ids), dtype=bool)
-    attrs = {"name": path.stem, "kind": "whisper", "modality": "audio", "settings": {}}
-    store = FeatureStore.create(path, ids, shape, attrs, chunk_rows=64, frames=frames)
-    for chunk in range(store.n_chunks):
-        start, end = store.chunk_bounds(chunk)
-        if frames:
-            counts = np.full(end - start, shape[0], dtype=np.int32)
-            store.write_chunk(chunk, feats[start:end].astype(np.float16), written[start:end], ~written[start:end],
-                              frames=counts)
-        else:
-            store.write_chunk(chunk, feats[start:end].astype(np.float16), written[start:end], ~written[start:end])
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from ser_cache.data.records import CorpusError
 from ser_cache.features.extract import ExtractConfig, ExtractError, extract
 from ser_cache.runs.predict import PredictError, evaluate, predict
 from ser_cache.data.transcripts import TranscriptError, load_table, read_sidecar, read_table, record_path
-from test_training import make_corpus, make_store, train
+from synthetic import make_corpus, make_store, train
 
 TEST3 = ("MSP-PODCAST_test3_0001.wav", "MSP-PODCAST_test3_0002.wav")
 

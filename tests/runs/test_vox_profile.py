@@ -14,72 +14,12 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 import factories
 from ser_cache.runs import layout
 from ser_cache.runs import prediction_file
 from ser_cache.runs import rundir
-
-HIDDEN = 16  # the authors' hidden_dim, small for the test
-ATTRS = ("arousal", "valence", "dominance")
-
-
-def _head_tensors(prefix: str, in_dim: int, out_dim: int, gen: torch.Generator) -> dict:
-    """Linear(in, hidden) – ReLU – Linear(hidden, out): keys {prefix}.0 and {prefix}.2."""
-    return {f"{prefix}.0.weight": torch.randn(HIDDEN, in_dim, generator=gen) * 0.3,
-            f"{prefix}.0.bias": torch.randn(HIDDEN, generator=gen) * 0.1,
-            f"{prefix}.2.weight": torch.randn(out_dim, HIDDEN, generator=gen) * 0.3,
-            f"{prefix}.2.bias": torch.randn(out_dim, generator=gen) * 0.1}
-
-
-def _downstream(in_dim: int, gen: torch.Generator, *, gender: bool) -> dict:
-    t = {}
-    for i, (cin, cout) in zip((0, 3, 6), ((in_dim, HIDDEN), (HIDDEN, HIDDEN), (HIDDEN, HIDDEN))):
-        t[f"model_seq.{i}.weight"] = torch.randn(cout, cin, 1, generator=gen) * 0.3
-        t[f"model_seq.{i}.bias"] = torch.randn(cout, generator=gen) * 0.1
-    for attr in ATTRS:
-        t.update(_head_tensors(f"{attr}_layer", HIDDEN, 1, gen))
-    if gender:
-        t.update(_head_tensors("gender_layer", HIDDEN, 2, gen))
-    # Parts of the authors' wrapper that the dimensional model does not use.
-    t.update(_head_tensors("emotion_layer", HIDDEN, 4, gen))
-    t.update(_head_tensors("detailed_out_layer", HIDDEN, 17, gen))
-    return t
-
-
-def _write_checkpoint(path: Path, wrapper: dict, tensors: dict) -> Path:
-    path.mkdir(parents=True, exist_ok=True)
-    (path / "config.json").write_text(json.dumps(wrapper))
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path / "model.safetensors"))
-    return path
-
-
-def authors_wavlm_checkpoint(path: Path, backbone_dir: Path, *, gender: bool = True, lora: bool = False):
-    """A WavLMWrapper checkpoint (pretrain_model wavlm_large) with random weights and a non-uniform `weights`."""
-    from transformers import WavLMModel
-
-    gen = torch.Generator().manual_seed(1)
-    backbone = WavLMModel.from_pretrained(backbone_dir)
-    state = {f"backbone_model.{k}": v.clone() for k, v in backbone.state_dict().items()}
-    n_states = backbone.config.num_hidden_layers + 1
-    tensors = {**state, "weights": torch.randn(n_states, generator=gen),
-               **_downstream(backbone.config.hidden_size, gen, gender=gender)}
-    if lora:
-        # The authors build LoRA layers in layers > L // 2 only; a pair on layer 0 (which their
-        # non-strict loading drops) must change nothing.
-        n = backbone.config.num_hidden_layers
-        for layer in [*range(n // 2 + 1, n), 0]:
-            for dense in ("intermediate_dense", "output_dense"):
-                w = tensors[f"backbone_model.encoder.layers.{layer}.feed_forward.{dense}.weight"]
-                tensors[f"backbone_model.encoder.layers.{layer}.feed_forward.{dense}.lora_A"] = \
-                    torch.randn(4, w.shape[1], generator=gen) * 0.2
-                tensors[f"backbone_model.encoder.layers.{layer}.feed_forward.{dense}.lora_B"] = \
-                    torch.randn(w.shape[0], 4, generator=gen) * 0.2
-    wrapper = {"pretrain_model": "wavlm_large", "hidden_dim": HIDDEN, "finetune_method": "lora" if lora else "finetune",
-               "lora_rank": 4, "freeze_params": False, "output_class_num": 4, "use_conv_output": True,
-               "detailed_class_num": 17, "predict_gender": gender}
-    return _write_checkpoint(path, wrapper, tensors), tensors
+from vox_profile_checkpoints import HIDDEN, ATTRS, write_checkpoint, authors_wavlm_checkpoint, authors_whisper_checkpoint
 
 
 def _heads(features: torch.Tensor, t: dict, prefix: str) -> torch.Tensor:
@@ -187,7 +127,7 @@ def test_unknown_and_missing_keys_are_named(models, tmp_path):
     src, tensors = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"])
     extra = dict(tensors, surprise_layer=torch.zeros(3))
     del extra["valence_layer.2.bias"]
-    _write_checkpoint(tmp_path / "bad", json.loads((src / "config.json").read_text()), extra)
+    write_checkpoint(tmp_path / "bad", json.loads((src / "config.json").read_text()), extra)
     with pytest.raises(ImportError_, match=r"unknown key\(s\) surprise_layer.*missing key\(s\) valence_layer.2.bias"):
         import_vox_profile(ImportConfig(source=str(tmp_path / "bad"), out=tmp_path / "run",
                                         backbone=str(models["wavlm"])))
@@ -212,7 +152,7 @@ def test_finetune_can_start_from_an_imported_run(models, tmp_path, one_torch_thr
     from ser_cache.finetune.options import FinetuneConfig
     from ser_cache.finetune.loop import finetune_wavlm
     from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
-    from test_finetune import learnable_corpus
+    from finetune_support import learnable_corpus
 
     src, _ = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"], gender=True)
     imported = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "imported",
@@ -232,24 +172,6 @@ def test_finetune_can_start_from_an_imported_run(models, tmp_path, one_torch_thr
 
 
 # --------------------------------------------------------------------------- Whisper
-
-
-def authors_whisper_checkpoint(path: Path, backbone_dir: Path, *, gender: bool = False):
-    """A WhisperWrapper checkpoint (whisper_large layout: 750-row positional table, decoder included)."""
-    from transformers import WhisperModel
-
-    gen = torch.Generator().manual_seed(2)
-    backbone = WhisperModel.from_pretrained(backbone_dir)
-    state = {f"backbone_model.{k}": v.clone() for k, v in backbone.state_dict().items()}
-    state["backbone_model.encoder.embed_positions.weight"] = state["backbone_model.encoder.embed_positions.weight"][:750].clone()
-    d = backbone.config.d_model
-    tensors = {**state, "embed_positions": state["backbone_model.encoder.embed_positions.weight"].clone(),
-               "weights": torch.ones(backbone.config.num_hidden_layers + 1) / 3,  # unused by the Whisper model
-               **_downstream(d, gen, gender=gender)}
-    wrapper = {"pretrain_model": "whisper_large", "hidden_dim": HIDDEN, "finetune_method": "finetune",
-               "lora_rank": 16, "freeze_params": True, "output_class_num": 4, "use_conv_output": True,
-               "detailed_class_num": 17, "predict_gender": gender}
-    return _write_checkpoint(path, wrapper, tensors), tensors
 
 
 def authors_whisper_forward(tensors: dict, backbone_dir: Path, waves: list[np.ndarray]) -> np.ndarray:

@@ -123,3 +123,36 @@ def test_a_path_that_does_not_exist_is_caught():
     for wrong in ("ser_cache.training", "ser_cache.runs.rundir.no_such_function"):
         with pytest.raises((ModuleNotFoundError, AttributeError)):
             resolve_path(wrong)
+
+
+# --------------------------------------------------------------------------- docs/architecture.md
+
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+PACKAGES = ("infra", "data", "encoders", "features", "system", "runs", "train", "finetune", "cli")
+
+
+def _architecture_table() -> dict[str, set[str]]:
+    """{package: the modules its row of the table lists}."""
+    rows = re.findall(r"^\| `(\w+)/` \| ([^|]+) \|", ARCHITECTURE.read_text(encoding="utf-8"), re.M)
+    return {package: set(re.findall(r"`(\w+)`", modules)) for package, modules in rows}
+
+
+def test_the_architecture_page_lists_every_module_of_every_package():
+    src = ROOT / "src" / "ser_cache"
+    table = _architecture_table()
+    assert set(table) == set(PACKAGES)
+    for package, listed in table.items():
+        modules = {p.stem for p in (src / package).glob("*.py")} - {"__init__"}
+        assert listed - {"__init__"} == modules, f"docs/architecture.md's row of {package}/"
+
+
+def test_the_module_paths_the_architecture_page_writes_short_exist():
+    """`system.rows`, `runs.gather`, ...: written without the ser_cache prefix in the prose."""
+    text = ARCHITECTURE.read_text(encoding="utf-8")
+    short = set(re.findall(r"`((?:%s)\.[\w.]+)" % "|".join(PACKAGES), text))
+    assert len(short) > 5
+    for path in sorted(short):
+        try:
+            resolve_path(f"ser_cache.{path}")
+        except (ModuleNotFoundError, AttributeError) as exc:
+            pytest.fail(f"docs/architecture.md names {path}, which does not exist ({exc})")

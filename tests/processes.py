@@ -47,10 +47,25 @@ def ended_within(proc: subprocess.Popen, seconds: float) -> str:
     try:
         return proc.communicate(timeout=seconds)[0]
     except subprocess.TimeoutExpired:
+        masks = signal_masks(proc.pid)
         os.kill(proc.pid, signal.SIGUSR1)
         time.sleep(2)
         os.killpg(proc.pid, signal.SIGKILL)
-        pytest.fail(f"still running {seconds} s after Ctrl-C; its threads:\n{proc.communicate()[0]}")
+        pytest.fail(f"still running {seconds} s after Ctrl-C; its signal masks:\n{masks}\nits threads:\n"
+                    f"{proc.communicate()[0]}")
+
+
+def signal_masks(pid: int) -> str:
+    """Each thread's pending, blocked, ignored and caught signals (Linux's /proc): where a Ctrl-C went."""
+    lines = []
+    for task in sorted(Path(f"/proc/{pid}/task").glob("*")):
+        try:
+            status = dict(line.split(":\t", 1) for line in (task / "status").read_text().splitlines() if ":\t" in line)
+        except OSError:
+            continue
+        lines.append(f"{task.name} {status.get('Name', '').strip()}: " + " ".join(
+            f"{k}={status.get(k, '?').strip()}" for k in ("ShdPnd", "SigPnd", "SigBlk", "SigIgn", "SigCgt")))
+    return "\n".join(lines) or "(no /proc)"
 
 
 def start_blocked(tmp_path: Path, script: str, args: list[str]) -> tuple[subprocess.Popen, Path]:

@@ -6,11 +6,11 @@
 
 WavLM Large is built from its configuration (`src/ser_cache/configs/wavlm-large.json`) with
 random weights: no hub, and the speed of random weights is the speed of trained ones. The model is
-the one `finetune wavlm` trains (finetune_model.WavLMEmotionModel: all hidden states weighted,
+the one `finetune wavlm` trains (system.finetuned.WavLMEmotionModel: all hidden states weighted,
 point-wise convolutions, masked mean pooling, the stage-two heads) and each step is the loop's:
 autocast forward, loss of paper Eq. 1, backward, AdamW step. Clips are synthetic audio with
 MSP-Podcast-like lengths (bench.synthetic_durations: mean 5.5 s, 1.5-15 s), batched by total
-seconds with the loop's length bucketing (finetune_model.plan_batches). Audio decoding is not
+seconds with the loop's length bucketing (data.batching.plan_batches). Audio decoding is not
 timed: in training it runs in DataLoader workers, beside the GPU work.
 
 FLOPs of one clip of n samples, counted on its real (unpadded) length:

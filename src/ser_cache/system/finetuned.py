@@ -1,4 +1,4 @@
-"""The fine-tuned WavLM system: the encoder, what sits between it and the heads, and its audio batches.
+"""The fine-tuned WavLM system: the encoder, what sits between it and the heads, loading and rebuilding it.
 
     waveform → WavLM (every hidden state) → softmax layer weighting → point-wise Conv1d stack
              → mean over the valid frames → [concatenated with cached features] → MultitaskHeads

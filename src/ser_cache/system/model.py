@@ -6,7 +6,7 @@
 This is the challenge winner's point-wise convolution stack exactly as the authors' released code
 builds it (vox-profile-release, `model_seq` in wavlm_emotion_dim.py / whisper_emotion_dim.py): no
 activation or dropout after the last convolution, and the mean taken over the first `length`
-frames only. The same module serves the fine-tuned WavLM (finetune_model.py, on the weighted sum of
+frames only. The same module serves the fine-tuned WavLM (system/finetuned.py, on the weighted sum of
 its hidden states) and cached frame stores in `train-heads` (MMWhisper: Whisper's last layer at
 every frame), so both paths train one architecture. A 1×1 convolution sees one frame at a time, so
 padding frames cannot leak into valid ones, and the masked mean keeps them out of the pooled vector.

@@ -214,3 +214,38 @@ def test_every_module_has_tests_of_its_own_or_is_named_in_one():
     assert missing == []
     stale = sorted(set(COVERED_BY) - set(modules_to_cover()))
     assert stale == [], "COVERED_BY names modules that no longer exist"
+
+
+def private_uses(path: Path, known: set[str]) -> list[str]:
+    """`from ser_cache.x import _name` and `module._name` where `module` is a ser_cache module."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    found, aliases = [], {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.level == 0 and (node.module or "").split(".")[0] == "ser_cache":
+            for a in node.names:
+                if f"{node.module}.{a.name}" in known:
+                    aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+                elif a.name.startswith("_") and not a.name.startswith("__"):
+                    found.append(f"line {node.lineno}: from {node.module} import {a.name}")
+        elif isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name in known and a.asname:
+                    aliases[a.asname] = a.name
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"line {node.lineno}: {aliases[node.value.id]}.{node.attr}")
+    return found
+
+
+def test_no_private_name_is_used_outside_its_module():
+    mods = modules()
+    uses = {m: private_uses(p, set(mods)) for m, p in mods.items()}
+    assert {m: u for m, u in uses.items() if u} == {}
+
+
+def test_private_uses_are_found(tmp_path):
+    src = tmp_path / "x.py"
+    src.write_text("from ser_cache.infra import atomic\nfrom ser_cache.infra.atomic import _hidden\natomic._other()\n")
+    assert private_uses(src, {"ser_cache.infra.atomic"}) == ["line 2: from ser_cache.infra.atomic import _hidden",
+                                                             "line 3: ser_cache.infra.atomic._other"]

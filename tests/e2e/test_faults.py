@@ -175,7 +175,7 @@ def test_failures_outside_the_library_call_go_through_the_same_place(monkeypatch
         def boom():
             raise raised
 
-        monkeypatch.setattr("ser_cache.cli.stage_two._log_to_stderr", boom)
+        monkeypatch.setattr("ser_cache.cli.stage_two.log_to_stderr", boom)
         r = invoke("predict", tmp_path / "run", "--data", tmp_path / "corpus", "--split", "Test1", "--out",
                    tmp_path / "p.csv")
         assert (r.exit_code, r.output.strip()) == (code, line)

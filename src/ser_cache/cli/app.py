@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import traceback
 from collections.abc import Iterator
 
@@ -27,6 +28,18 @@ INTERRUPTED = "interrupted — rerun the same command to continue (rows already 
 
 err = Console(stderr=True)
 out = Console()
+
+
+def log_to_stderr() -> None:
+    """Show the library's info lines (rows left out and why, where features came from) on stderr."""
+    from rich.logging import RichHandler
+
+    logger = logging.getLogger("ser_cache")
+    if not any(isinstance(h, RichHandler) for h in logger.handlers):
+        handler = RichHandler(console=err, show_time=False, show_path=False, markup=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
 
 
 def fail(message: str, code: int = 2) -> None:

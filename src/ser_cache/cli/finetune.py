@@ -9,7 +9,8 @@ import typer
 
 from ser_cache.cli.app import app, fail, guarded, out, writable
 from ser_cache.cli import shared_options as shared
-from ser_cache.cli.stage_two import _log_to_stderr, scores_table
+from ser_cache.cli.app import log_to_stderr
+from ser_cache.cli.stage_two import scores_table
 
 DEFAULT_LR = 5e-5  # the paper's, for WavLM and the heads alike
 
@@ -91,7 +92,7 @@ def wavlm(
         fail(tensorboard_problem())
     lr_encoder = lr_encoder if lr_encoder is not None else (lr if lr is not None else DEFAULT_LR)
     lr_heads = lr_heads if lr_heads is not None else (lr if lr is not None else DEFAULT_LR)
-    _log_to_stderr()
+    log_to_stderr()
     cfg = shared.recipe_config(FinetuneConfig, locals())  # lr_encoder and lr_heads as resolved above
     result = guarded(finetune_wavlm, cfg)
     if result is None or not _is_main():

@@ -31,13 +31,13 @@ def vox_profile(
 ) -> None:
     """Import a vox-profile dimensional-emotion checkpoint (the IS25-SER Task 2 winner's WavLM or Whisper
     model) as a run that predict, evaluate, ensemble and `finetune wavlm --init-from` use."""
-    from ser_cache.cli.stage_two import _log_to_stderr
+    from ser_cache.cli.app import log_to_stderr
     from ser_cache.infra.outputs import local_folder
     from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
 
     inputs = local_folder("the checkpoint", source) + local_folder("--backbone", backbone)
     writable(out_dir, "--out", folder=True, inputs=inputs, replaced=overwrite)
-    _log_to_stderr()
+    log_to_stderr()
     cfg = ImportConfig(source=source, out=out_dir, backbone=backbone, label_range=tuple(label_range),
                        gender_labels=tuple(g.strip() for g in gender_labels.split(",") if g.strip()),
                        overwrite=overwrite)

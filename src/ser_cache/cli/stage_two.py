@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import math
 from pathlib import Path
 from typing import Annotated, Optional
@@ -11,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from ser_cache.cli.app import KNOWN_ERRORS, app, err, fail, guarded, out, writable
+from ser_cache.cli.app import KNOWN_ERRORS, app, err, fail, guarded, log_to_stderr, out, writable
 from ser_cache.cli import rerun
 from ser_cache.cli import shared_options as shared
 
@@ -25,18 +24,6 @@ TranscriptsOption = Annotated[Optional[Path], typer.Option(
          "utterances without a transcript of their own (corpus Transcripts/, manifest text, a .txt beside a file).")]
 PreferTranscriptsOption = Annotated[bool, typer.Option(
     "--prefer-transcripts", help="The --transcripts table's text first, the utterance's own only where the table has none.")]
-
-
-def _log_to_stderr() -> None:
-    """Show the library's info lines (rows left out and why, where features came from) on stderr."""
-    from rich.logging import RichHandler
-
-    logger = logging.getLogger("ser_cache")
-    if not any(isinstance(h, RichHandler) for h in logger.handlers):
-        handler = RichHandler(console=err, show_time=False, show_path=False, markup=False)
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
-    logger.setLevel(logging.INFO)
 
 
 def _fmt(x) -> str:
@@ -126,7 +113,7 @@ def train_heads(
         writable(tensorboard, "--tensorboard", folder=True, inputs=read)
     if tensorboard is not None and tensorboard_problem():
         fail(tensorboard_problem())
-    _log_to_stderr()
+    log_to_stderr()
     cfg = shared.heads_config(locals())
     if config is not None:
         for note in guarded(rerun.provenance_notes, config, cfg.data):
@@ -176,7 +163,7 @@ def evaluate(
         folders = [plots / s for s in splits] if len(splits) > 1 else [plots]
         writable(plots, "--plots", folder=True, inputs=inputs, overwrite=overwrite,
                  files=[f / name for f in folders for name in (SCATTER, PER_CLASS, CONFUSION)])
-    _log_to_stderr()
+    log_to_stderr()
     for s in splits:
         folder = plots / s if plots is not None and len(splits) > 1 else plots
         result = guarded(run_evaluate, run, data, s, out=dest, device=device, features_dir=features_dir,
@@ -218,7 +205,7 @@ def predict(
     inputs = (run_inputs(run, features_dir=features_dir) + given("--data", data) + given("--transcripts", transcripts)
               + given("the audio file", *files) + given("the transcript", *beside))
     writable(dest, "--out", inputs=inputs, overwrite=overwrite)
-    _log_to_stderr()
+    log_to_stderr()
     result = guarded(run_predict, run, data=data, splits=tuple(split or ()), files=tuple(files or ()),
                      transcripts=transcripts, out=dest, device=device, features_dir=features_dir,
                      with_gender=with_gender, prefer_transcripts=prefer_transcripts)

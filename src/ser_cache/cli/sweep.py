@@ -10,7 +10,8 @@ from rich.table import Table
 
 from ser_cache.cli.app import app, fail, guarded, out, writable
 from ser_cache.cli import shared_options as shared
-from ser_cache.cli.stage_two import _log_to_stderr, titled
+from ser_cache.cli.app import log_to_stderr
+from ser_cache.cli.stage_two import titled
 
 ATTRIBUTE_COLUMNS = (("arousal", "ccc_arousal"), ("valence", "ccc_valence"), ("dominance", "ccc_dominance"),
                      ("mean", "ccc_mean"), ("balanced", "balanced_ccc_mean"))
@@ -81,7 +82,7 @@ def sweep_command(
         writable(tensorboard, "--tensorboard", folder=True, inputs=read)
     if tensorboard is not None and tensorboard_problem():
         fail(tensorboard_problem())
-    _log_to_stderr()
+    log_to_stderr()
     variants = guarded(lambda: tuple(parse_variant(v) for v in variant or ()))  # a bad one: one line, exit 2
     base = shared.heads_config(locals())
     cfg = SweepConfig(base=base, seeds=seeds, variants=variants, inputs=inputs, reference=reference,

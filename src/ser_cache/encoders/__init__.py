@@ -41,7 +41,7 @@ KNOWN_MODELS = {
 HUB_IDS = {k: v.hub_id for k, v in KNOWN_MODELS.items()}
 
 
-def _read_config(model: str, *, allow_network: bool = True) -> dict | None:
+def read_model_config(model: str, *, allow_network: bool = True) -> dict | None:
     """The model's config.json as a dict (local directory, or the hub's cache); None when it is
     not on disk and `allow_network` is False."""
     resolved = resolve_model(model, HUB_IDS)
@@ -79,7 +79,7 @@ def detect_kind(model: str) -> str:
     """The encoder kind of a model: from the short name, else from its config (local or cached)."""
     if model in KNOWN_MODELS:
         return KNOWN_MODELS[model].kind
-    return _kind_of(model, _read_config(model))
+    return _kind_of(model, read_model_config(model))
 
 
 def _check_kind(model: str, kind: str) -> None:
@@ -91,7 +91,7 @@ def _check_kind(model: str, kind: str) -> None:
         actual, described = KNOWN_MODELS[model].kind, f"a {KNOWN_MODELS[model].kind} model"
     else:
         try:
-            config = _read_config(model, allow_network=False)
+            config = read_model_config(model, allow_network=False)
             if config is None:
                 return
             actual = _kind_of(model, config)

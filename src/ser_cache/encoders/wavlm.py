@@ -86,7 +86,7 @@ def use_sdpa_attention(model: torch.nn.Module) -> int:
     return n
 
 
-def _input_conventions(resolved: ResolvedModel, config) -> tuple[bool, bool]:
+def input_conventions(resolved: ResolvedModel, config) -> tuple[bool, bool]:
     """(normalise each waveform, pass an attention mask), as the model's preprocessor says.
 
     Checkpoints whose CNN uses group norm were trained on zero-padded batches without a mask;
@@ -169,7 +169,7 @@ class WavLMLayersEncoder(_WavLMBase):
         use_sdpa_attention(model)
         self.pooling = pooling
         self.max_seconds = max_seconds
-        self.do_normalize, self.uses_mask = _input_conventions(resolved, model.config)
+        self.do_normalize, self.uses_mask = input_conventions(resolved, model.config)
         self.n_states = model.config.num_hidden_layers + 1
         self.hidden = model.config.hidden_size
         super().__init__(resolved, model, runtime)
@@ -209,7 +209,7 @@ class WavLMFramesEncoder(_WavLMBase):
         # The crop audio.load applies: a clip handed to `encode` directly is cut the same way as
         # one decoded by extract, so both give the same row.
         self.max_samples = int(round(max_seconds * SAMPLE_RATE))
-        self.do_normalize, self.uses_mask = _input_conventions(resolved, model.config)
+        self.do_normalize, self.uses_mask = input_conventions(resolved, model.config)
         self.hidden = model.config.hidden_size
         self.t_max = int(model._get_feat_extract_output_lengths(torch.tensor(int(max_seconds * SAMPLE_RATE))))
         super().__init__(resolved, model, runtime)
@@ -256,7 +256,7 @@ class XVectorEncoder(_WavLMBase):
         model = load_pretrained(WavLMForXVector, resolved, optional=lambda k: k.startswith(("objective.", "classifier.")))
         use_sdpa_attention(model)
         self.max_seconds = max_seconds
-        self.do_normalize, self.uses_mask = _input_conventions(resolved, model.config)
+        self.do_normalize, self.uses_mask = input_conventions(resolved, model.config)
         self.dim = model.config.xvector_output_dim
         super().__init__(resolved, model, runtime)
 

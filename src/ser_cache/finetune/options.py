@@ -84,4 +84,4 @@ class FinetuneConfig(TrainingOptions):
         # Where TensorBoard logs go is no setting of the run: --resume may add, move or drop it.
         d = self.recorded()
         d.pop("tensorboard")
-        return atomic._jsonable(d)
+        return atomic.jsonable(d)

@@ -79,7 +79,7 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 
 def write_json_atomic(path: str | Path, obj) -> Path:
-    return write_text_atomic(path, json.dumps(_jsonable(obj), indent=2, allow_nan=True) + "\n")
+    return write_text_atomic(path, json.dumps(jsonable(obj), indent=2, allow_nan=True) + "\n")
 
 
 def write_csv_atomic(path: str | Path, header: Sequence[str], rows: Iterator[Sequence] | list) -> Path:
@@ -90,12 +90,12 @@ def write_csv_atomic(path: str | Path, header: Sequence[str], rows: Iterator[Seq
     return Path(path)
 
 
-def _jsonable(obj):
+def jsonable(obj):
     """Paths as strings, numpy scalars as Python numbers, NaN kept (json writes it as NaN)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, Path):
         return str(obj)
     if type(obj).__module__ == "numpy":  # numpy only when it sent the value: the CLI's start imports this module

@@ -69,7 +69,7 @@ class PlotError(Exception):
 # --------------------------------------------------------------------------- drawing and writing
 
 
-def _figure(size: tuple[float, float]):
+def new_figure(size: tuple[float, float]):
     """A Figure on its own Agg canvas: nothing global (pyplot's state, the backend) changes."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -96,7 +96,7 @@ def figure_path(out: str | Path | None, default: Path) -> Path:
     return out if out.suffix.lower() == ".png" else out / Path(default).name
 
 
-def _save(fig, png: Path, svg: bool) -> list[Path]:
+def save_figure(fig, png: Path, svg: bool) -> list[Path]:
     """The PNG (and the SVG beside it), each through a temporary file renamed into place."""
     png = Path(png)
     written = []
@@ -244,7 +244,7 @@ def training_curves(run_dir: str | Path, out_dir: str | Path | None = None, svg:
     balanced = column("dev_balanced_ccc_mean")
     balanced_mean = balanced if any(np.isfinite(balanced)) else None
 
-    fig = _figure(CURVES_SIZE)
+    fig = new_figure(CURVES_SIZE)
     ax_loss, ax_ccc = fig.subplots(1, 2)
     for name, values in losses.items():
         if name == "total":
@@ -272,7 +272,7 @@ def training_curves(run_dir: str | Path, out_dir: str | Path | None = None, svg:
     name = title or run_dir.resolve().name
     heading = _curves_title(name, settings) + ("" if finished else f" (in progress, {len(epochs)} epochs)")
     fig.suptitle(heading)
-    paths = _save(fig, figure_path(out_dir, run_dir / CURVES), svg)
+    paths = save_figure(fig, figure_path(out_dir, run_dir / CURVES), svg)
     return CurvesResult(paths=paths, epochs=epochs, losses=losses, dev_ccc=dev, balanced_mean=balanced_mean,
                         kept_epoch=kept, finished=finished, weights=weights, title=heading, figure=fig)
 
@@ -383,7 +383,7 @@ def speaker_tsne(store_path: str | Path, data: str | Path, speakers: int = 10, p
         sil_vectors = float(silhouette_score(vectors, labels, metric="cosine"))
         sil_points = float(silhouette_score(points, labels))
 
-    fig = _figure(TSNE_SIZE)
+    fig = new_figure(TSNE_SIZE)
     ax = fig.subplots()
     colours = _speaker_colours(len(chosen))
     label_array = np.asarray(labels)
@@ -394,7 +394,7 @@ def speaker_tsne(store_path: str | Path, data: str | Path, speakers: int = 10, p
            title=f"{store_path.name.removesuffix('.zarr')}: {speakers} speakers × {per_speaker} utterances\n"
                  f"silhouette {sil_vectors:.3f} (vectors, cosine), {sil_points:.3f} (t-SNE)")
     ax.legend(fontsize="x-small", loc="center left", bbox_to_anchor=(1.0, 0.5), title="speaker")
-    paths = _save(fig, out, svg)
+    paths = save_figure(fig, out, svg)
     return SpeakerResult(paths=paths, speakers=chosen, ids=ids, labels=labels, points=points,
                          silhouette_vectors=sil_vectors, silhouette_tsne=sil_points, eligible=len(eligible))
 

@@ -31,8 +31,8 @@ from ser_cache.runs.plots import (
     SCATTER,
     SCATTER_SIZE,
     PlotError,
-    _figure,
-    _save,
+    new_figure,
+    save_figure,
 )
 
 
@@ -88,7 +88,7 @@ def evaluation_plots(pred_avd, true_avd, emotions: Sequence[str | None], out_dir
 
     # Predicted against true, one panel per attribute.
     scores = {a: ccc(pred[:, j], true[:, j]) for j, a in enumerate(ATTRIBUTES)}
-    fig = _figure(SCATTER_SIZE)
+    fig = new_figure(SCATTER_SIZE)
     low = float(min(pred.min(), true.min()))
     high = float(max(pred.max(), true.max()))
     for j, (ax, attr) in enumerate(zip(fig.subplots(1, 3), ATTRIBUTES)):
@@ -103,13 +103,13 @@ def evaluation_plots(pred_avd, true_avd, emotions: Sequence[str | None], out_dir
                xlim=(low, high), ylim=(low, high), aspect="equal")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{prefix}predicted vs true ({len(pred)} utterances)")
-    paths += _save(fig, out_dir / SCATTER, svg)
+    paths += save_figure(fig, out_dir / SCATTER, svg)
     figures = {SCATTER: fig}
 
     # CCC per primary emotion class.
     per_class, counts, skipped = class_cccs(pred, true, codes, min_class_rows)
     figures[PER_CLASS] = _per_class_figure(per_class, counts, skipped, codes, min_class_rows, prefix)
-    paths += _save(figures[PER_CLASS], out_dir / PER_CLASS, svg)
+    paths += save_figure(figures[PER_CLASS], out_dir / PER_CLASS, svg)
 
     # Gender: true against predicted.
     labels: list[str] = []
@@ -127,7 +127,7 @@ def evaluation_plots(pred_avd, true_avd, emotions: Sequence[str | None], out_dir
             raise PlotError(f"no row has a true gender among {labels}; cannot draw a confusion matrix")
         confusion = confusion_matrix(t[known].astype(str), p[known].astype(str), labels=labels)
         figures[CONFUSION] = _confusion_figure(confusion, labels, prefix)
-        paths += _save(figures[CONFUSION], out_dir / CONFUSION, svg)
+        paths += save_figure(figures[CONFUSION], out_dir / CONFUSION, svg)
     return EvaluationResult(paths=paths, ccc=scores, ccc_per_class=per_class, gender_labels=labels,
                             gender_confusion=confusion, class_counts=counts, skipped_classes=skipped,
                             figures=figures)
@@ -159,7 +159,7 @@ def _emotion(code: str) -> str:
 
 
 def _per_class_figure(per_class: dict, counts: dict, skipped: dict, codes: np.ndarray, min_rows: int, prefix: str):
-    fig = _figure(PER_CLASS_SIZE)
+    fig = new_figure(PER_CLASS_SIZE)
     ax = fig.subplots()
     if per_class:
         classes = list(per_class)
@@ -199,7 +199,7 @@ def _per_class_figure(per_class: dict, counts: dict, skipped: dict, codes: np.nd
 def _confusion_figure(confusion: np.ndarray, labels: list[str], prefix: str):
     """Coloured by the share of each true gender's rows (a rarer gender's errors show as clearly as a
     common one's); each cell gives its count and that share."""
-    fig = _figure(CONFUSION_SIZE)
+    fig = new_figure(CONFUSION_SIZE)
     ax = fig.subplots()
     shares = row_shares(confusion)
     im = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
@@ -270,7 +270,7 @@ def ensemble_plots(member_names: Sequence[str], member_scores: Sequence[Mapping]
         split = str(ensemble_scores["split"])
 
     keys = (*ATTRIBUTES, "mean")
-    fig = _figure(ensemble_size(names))
+    fig = new_figure(ensemble_size(names))
     ax = fig.subplots()
     x = np.arange(len(keys))
     width = 0.8 / len(names)
@@ -287,5 +287,5 @@ def ensemble_plots(member_names: Sequence[str], member_scores: Sequence[Mapping]
     ax.set_ylim(min(0.0, min(values)) - (0.1 if min(values) < 0 else 0), max(1.0, max(values)) + 0.1)
     ax.grid(axis="y", alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    paths = _save(fig, Path(out_dir) / ENSEMBLE, svg)
+    paths = save_figure(fig, Path(out_dir) / ENSEMBLE, svg)
     return EnsembleResult(paths=paths, names=names, scores=scores, split=split, figure=fig)

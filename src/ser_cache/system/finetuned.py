@@ -173,7 +173,7 @@ def load_wavlm(name: str):
 
     from ser_cache.encoders import HUB_IDS
     from ser_cache.encoders.base import load_pretrained, resolve_model
-    from ser_cache.encoders.wavlm import _input_conventions
+    from ser_cache.encoders.wavlm import input_conventions
 
     resolved = resolve_model(name, HUB_IDS)
     _refuse_other_models(name)
@@ -182,17 +182,17 @@ def load_wavlm(name: str):
         from ser_cache.encoders.base import EncoderError
 
         raise EncoderError(f"model '{name}' is a {model.config.model_type} model; `finetune wavlm` needs a WavLM")
-    normalize, uses_mask = _input_conventions(resolved, model.config)
+    normalize, uses_mask = input_conventions(resolved, model.config)
     return model, resolved, normalize, uses_mask
 
 
 def _refuse_other_models(name: str) -> None:
     """Before loading: a Whisper (or any non-WavLM) model loaded as WavLM would fail as "lacks N weights"."""
-    from ser_cache.encoders import _read_config
+    from ser_cache.encoders import read_model_config
     from ser_cache.encoders.base import EncoderError
 
     try:
-        config = _read_config(name, allow_network=False)  # None: not on disk yet; the loader reports it
+        config = read_model_config(name, allow_network=False)  # None: not on disk yet; the loader reports it
     except EncoderError:
         return
     model_type = config.get("model_type") if isinstance(config, dict) else None

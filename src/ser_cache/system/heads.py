@@ -228,7 +228,7 @@ class MultitaskHeads(nn.Module):
         outputs, and the sigmoid that maps onto the label range, stay float32.
         """
         x = self._pooled(inputs)
-        mlps = self._mlps()
+        mlps = self.mlps()
         with torch.autocast(x.device.type, dtype=compute_dtype or torch.bfloat16, enabled=compute_dtype is not None):
             if x.device.type != "cpu" or x.shape[0] >= FUSE_MIN_ROWS_CPU:
                 hidden = _fused_first_layers(x, [mlp[0] for mlp in mlps.values()])
@@ -242,7 +242,7 @@ class MultitaskHeads(nn.Module):
             out["speaker_embedding"] = z["speaker"]
         return out
 
-    def _mlps(self) -> dict[str, nn.Sequential]:
+    def mlps(self) -> dict[str, nn.Sequential]:
         """Every head's MLP, in a fixed order: arousal, valence, dominance, gender?, speaker?."""
         mlps = {attr: self.regressors[attr].mlp for attr in AVD}
         if self.gender is not None:

@@ -61,7 +61,7 @@ def _heads_of(model):
 
 def first_layers(heads) -> list:
     """The heads' first Linear layers, in the order the forward pass fuses them."""
-    return [mlp[0] for mlp in heads._mlps().values()]
+    return [mlp[0] for mlp in heads.mlps().values()]
 
 
 def products(model, frames_per_row: Mapping[str, float] | float | None = None) -> list[Product]:
@@ -75,7 +75,7 @@ def products(model, frames_per_row: Mapping[str, float] | float | None = None) -
     heads, pools = _heads_of(model)
     # The heads' first layers see the concatenated inputs: data, unless a LayerWeighting or a
     # ConvPool (parameters) made them, in which case backward needs their gradient too.
-    first = {id(m) for m in first_layers(heads)} if hasattr(heads, "_mlps") else set()
+    first = {id(m) for m in first_layers(heads)} if hasattr(heads, "mlps") else set()
     heads_input_is_data = not getattr(heads, "_layered", ()) and not pools
     frames = {}
     for i, (name, pool) in enumerate(zip(getattr(model, "frame_names", ()), pools)):

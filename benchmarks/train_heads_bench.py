@@ -228,11 +228,10 @@ def profile_steps(cfg, steps: int, top: int = 12) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from ser_cache.train import fit
     from ser_cache.infra import runtime
     from ser_cache.system import setup
-    from ser_cache.train import recipe
     from ser_cache.system.inputs import index_tensor
+    from ser_cache.train import fit, recipe
     from ser_cache.train.stack import stack_of
 
     with runtime.torch_threads(cfg.threads):
@@ -366,9 +365,9 @@ def measure_peaks(model, cfg, device, square: int, trials: int) -> tuple[dict, d
     """Matmul TFLOP/s of fp32 and bf16 at `peaks.peak_shapes` of `model`, on the training's threads."""
     import torch
 
-    from ser_cache.train import peaks
     from ser_cache.infra import runtime
     from ser_cache.system import scoring
+    from ser_cache.train import peaks
 
     shapes = peaks.peak_shapes(model, cfg.batch_size, scoring.eval_batch_size(model), square=square)
     measured = {}
@@ -384,8 +383,8 @@ def epoch_flops(config: dict, frames_mean: dict[str, float] | None = None) -> tu
     """FLOPs of one epoch of the run described by `config` (a run's config.json), counted on the model
     rebuilt from it: training (3 × forward; executed) over rows_per_epoch rows, including the speaker
     head's AAM product when it is on, and Development scoring (forward) over dev_rows rows."""
-    from ser_cache.train import peaks
     from ser_cache.system.model import FeatureModel
+    from ser_cache.train import peaks
 
     model = FeatureModel.from_config(config["heads"], config.get("frame_inputs") or None)
     prods = peaks.products(model, frames_mean)
@@ -404,10 +403,10 @@ def compare_precisions(args, base_cfg, stores: list[Path], root: Path) -> dict:
 
     import torch
 
-    from ser_cache.train import peaks
-    from ser_cache.system.model import FeatureModel
     from ser_cache.features.store import FeatureStore
     from ser_cache.infra.runtime import resolve_device
+    from ser_cache.system.model import FeatureModel
+    from ser_cache.train import peaks
     from ser_cache.train.recipe import train_heads
 
     # One epoch in each precision first, not timed: the first run in a process pays one-time costs

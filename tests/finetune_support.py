@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-import factories
 from ser_cache.finetune.loop import FinetuneConfig
 
+import factories
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 

@@ -17,17 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from factories import msp_corpus
-from synthetic import train
 from typer.testing import CliRunner
 
 from ser_cache import Dataset, Predictor, Store, load_features, open_store
 from ser_cache.cli.app import app
 from ser_cache.features.extract import ExtractConfig, extract
-from ser_cache.finetune.options import FinetuneConfig
-from ser_cache.finetune.loop import finetune_wavlm
-from ser_cache.runs.prediction_file import GENDER_PROB_PREFIX, read_predictions
 from ser_cache.features.store import StoreError
+from ser_cache.finetune.loop import finetune_wavlm
+from ser_cache.finetune.options import FinetuneConfig
+from ser_cache.runs.prediction_file import GENDER_PROB_PREFIX, read_predictions
+
+from factories import msp_corpus
+from synthetic import train
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python.md"
 AVD = ["arousal", "valence", "dominance"]
@@ -224,8 +225,8 @@ def test_importing_ser_cache_loads_neither_torch_nor_zarr():
 
 def test_a_predictor_loads_each_encoder_once(built, monkeypatch):
     """In a notebook loop over clips, the run's encoders are loaded on the first call only."""
-    from ser_cache.runs import gather
     from ser_cache import Predictor
+    from ser_cache.runs import gather
 
     calls = []
     load = gather._load_encoder

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-
 HIDDEN = 16  # the authors' hidden_dim, small for the test
 
 

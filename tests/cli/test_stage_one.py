@@ -6,8 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ser_cache.cli.app import app
-from ser_cache.infra.environment import torchaudio_problem
 from ser_cache.features.store import FeatureStore
+from ser_cache.infra.environment import torchaudio_problem
 
 runner = CliRunner()
 

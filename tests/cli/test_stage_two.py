@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
 from ser_cache.cli.app import app
+from ser_cache.runs import layout, prediction_file
+
 from synthetic import make_corpus, make_store
 
 runner = CliRunner()

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ser_cache.cli.app import app
 from ser_cache.cli import shared_options as shared
+from ser_cache.cli.app import app
+
 from synthetic import make_corpus, make_store
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -238,8 +239,9 @@ def test_a_runs_config_records_its_provenance(heads_run):
 
 
 def test_an_msp_podcast_runs_label_file_is_labels_consensus(tmp_path):
-    from ser_cache.runs import provenance
     from ser_cache.data.msp_podcast import MSP_LABEL_FILE
+    from ser_cache.runs import provenance
+
     from factories import msp_corpus
 
     corpus = msp_corpus(tmp_path / "corpus")
@@ -332,6 +334,7 @@ def test_evaluate_scores_each_repeated_split_on_its_own(heads_run, tmp_path):
 def test_plot_out_is_a_folder_or_a_png_for_both_plot_commands(tmp_path):
     from ser_cache.runs import plots
     from ser_cache.runs.plots import PlotError
+
     from synthetic import make_run, speaker_corpus, speaker_store
 
     run = make_run(tmp_path / "run")
@@ -368,8 +371,9 @@ def test_sweep_members_record_provenance_and_are_reused_from_relative_paths(head
 
 @pytest.mark.slow
 def test_a_finetuned_run_records_provenance(models, tmp_path):
-    from ser_cache.finetune.options import FinetuneConfig
     from ser_cache.finetune.loop import finetune_wavlm
+    from ser_cache.finetune.options import FinetuneConfig
+
     from finetune_support import learnable_corpus
 
     corpus = learnable_corpus(tmp_path / "corpus", n_train=8, n_dev=6, n_test=0)

@@ -5,9 +5,10 @@ import struct
 import numpy as np
 import pytest
 import soundfile as sf
-from factories import msp_corpus, tone, write_wav
 
 from ser_cache.data import audio
+
+from factories import msp_corpus, tone, write_wav
 
 
 def test_mono_16k_passes_through_unchanged(tmp_path):

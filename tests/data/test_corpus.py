@@ -2,13 +2,14 @@ import logging
 import os
 
 import pytest
-from factories import msp_corpus, tone, write_wav
 
 from ser_cache.data.corpus import load_corpus
 from ser_cache.data.manifest import read_manifest
 from ser_cache.data.msp_podcast import TEST3_SPLIT, UNLISTED_SPLIT, unlisted_split
 from ser_cache.data.records import CorpusError
 from ser_cache.features.store_ref import ids_digest
+
+from factories import msp_corpus, tone, write_wav
 
 
 def test_msp_layout(corpus):

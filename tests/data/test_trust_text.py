@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from factories import msp_corpus, tone, write_wav
 from ser_cache.data import transcripts
-from ser_cache.features import transcribe
 from ser_cache.data.corpus import load_corpus
 from ser_cache.data.records import CorpusError
+from ser_cache.data.transcripts import TranscriptError, load_table, read_sidecar, read_table, record_path
+from ser_cache.features import transcribe
 from ser_cache.features.extract import ExtractConfig, ExtractError, extract
 from ser_cache.runs.predict import PredictError, evaluate, predict
-from ser_cache.data.transcripts import TranscriptError, load_table, read_sidecar, read_table, record_path
+
+from factories import msp_corpus, tone, write_wav
 from synthetic import make_corpus, make_store, train
 
 TEST3 = ("MSP-PODCAST_test3_0001.wav", "MSP-PODCAST_test3_0002.wav")

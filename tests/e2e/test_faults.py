@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from factories import msp_corpus
-from ser_cache.version import __version__
 from ser_cache.cli.app import INTERRUPTED, app
 from ser_cache.features.store import FeatureStore
-from synthetic import make_corpus, make_store
+from ser_cache.version import __version__
+
+from factories import msp_corpus
 from processes import ENDS_WITHIN, ended_within, start_blocked
+from synthetic import make_corpus, make_store
 
 runner = CliRunner()
 

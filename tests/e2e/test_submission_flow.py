@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ser_cache.cli.app import app
+
 from factories import whisper_asr
 
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ser_cache.runs import layout
-from ser_cache.runs import staging
 from ser_cache.cli.app import app
+from ser_cache.runs import layout, staging
+
 from synthetic import make_corpus, make_store, train
 
 runner = CliRunner()
@@ -54,6 +54,7 @@ def whisper_run(tmp_path_factory, models):
     import torch
 
     from ser_cache.features.extract import ExtractConfig, extract
+
     from factories import msp_corpus
 
     threads = torch.get_num_threads()
@@ -324,6 +325,7 @@ def test_transcribe_still_continues_its_own_table_without_overwrite(tmp_path):
 
 def test_bench_workdir_holding_someone_elses_folders_is_refused(tmp_path):
     from ser_cache.features.bench import BenchConfig, BenchError, bench_extract
+
     from factories import TINY_WHISPER
 
     config = tmp_path / "tiny.json"

@@ -6,10 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from factories import tone
 from ser_cache.encoders import EncoderError, detect_kind, load_encoder, masked_pool
-from ser_cache.features.store_ref import default_store_name
 from ser_cache.encoders.whisper import WINDOW_POSITIONS, WINDOW_SAMPLES
+from ser_cache.features.store_ref import default_store_name
+
+from factories import tone
 
 
 def waves():

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from factories import msp_corpus
-from ser_cache.runs import layout
-from ser_cache.runs import rundir
 from ser_cache.cli.app import app
+from ser_cache.features import store as store_mod
+from ser_cache.features.export import export_hdf5
 from ser_cache.features.extract import ExtractConfig, ExtractError, extract
+from ser_cache.features.store import FeatureStore, StoreError, StoreLock
+from ser_cache.runs import layout, rundir
 from ser_cache.runs.predict import PredictError, predict
 from ser_cache.system.rows import load_rows
-from ser_cache.features import store as store_mod
-from ser_cache.features.store import FeatureStore, StoreError, StoreLock
-from ser_cache.features.export import export_hdf5
+
+from factories import msp_corpus
 from synthetic import make_corpus, make_store, train
 
 runner = CliRunner()

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from factories import msp_corpus, tone, write_wav
 from ser_cache.data import audio
 from ser_cache.data.corpus import load_corpus
 from ser_cache.encoders import load_encoder
 from ser_cache.features.extract import ExtractConfig, ExtractError, extract
 from ser_cache.features.report import report_path
 from ser_cache.features.store import FeatureStore, StoreLock
+
+from factories import msp_corpus, tone, write_wav
 
 
 def cfg(model, data, out, **kw):
@@ -248,9 +249,10 @@ def test_bf16_autocast_rows_agree_with_fp32(models, corpus, tmp_path, kind, kw):
 def test_a_file_that_kills_its_decoding_worker_costs_only_that_file(tmp_path):
     """A decoder crash (a segfault on a malformed file, say) takes its worker process down: the
     batch is decoded again file by file, and only the file that kills a worker again fails."""
-    from crashing_decoders import decode_or_die
     from ser_cache.features.decoding import Decoder
     from ser_cache.features.encode import new_timings
+
+    from crashing_decoders import decode_or_die
 
     names = ["a", "b", "die", "c", "d", "e"]
     files = [str(write_wav(tmp_path / f"{n}.wav", tone(0.5 + 0.1 * i, seed=i))) for i, n in enumerate(names)]
@@ -319,9 +321,10 @@ def test_encode_stream_overlaps_batches_and_isolates_a_failing_input():
 
 @pytest.mark.slow
 def test_workers_that_cannot_run_at_all_stop_the_run_instead_of_failing_every_file(tmp_path):
-    from crashing_decoders import always_die
     from ser_cache.features.decoding import Decoder
     from ser_cache.features.encode import new_timings
+
+    from crashing_decoders import always_die
 
     files = [str(write_wav(tmp_path / f"{i}.wav", tone(0.5, seed=i))) for i in range(3)]
     decoder = Decoder(1, 15.0, decode=always_die)

@@ -13,16 +13,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from factories import msp_corpus, tone, write_wav
-from ser_cache.data import audio
 from ser_cache.cli.app import app
+from ser_cache.data import audio
 from ser_cache.data.corpus import load_corpus
 from ser_cache.encoders import EncoderError, load_encoder
-from ser_cache.features.extract import ExtractConfig, ExtractError, extract
 from ser_cache.features.encode import compute_features, encoder_for_store
-from ser_cache.features.report import report_path
+from ser_cache.features.extract import ExtractConfig, ExtractError, extract
 from ser_cache.features.frames import Frames
+from ser_cache.features.report import report_path
 from ser_cache.features.store import FeatureStore
+
+from factories import msp_corpus, tone, write_wav
 
 # What the stored fp16 rows may differ from an fp32 reference by: float16 rounding.
 FP16 = dict(rtol=2e-3, atol=2e-3)

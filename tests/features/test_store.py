@@ -2,8 +2,8 @@ import h5py
 import numpy as np
 import pytest
 
-from ser_cache.features.store import FeatureStore, StoreError, StoreLock, chunk_rows_for, remove_store
 from ser_cache.features.export import export_hdf5
+from ser_cache.features.store import FeatureStore, StoreError, StoreLock, chunk_rows_for, remove_store
 from ser_cache.features.store_ref import fingerprint
 
 

@@ -21,11 +21,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from factories import msp_corpus, tone, write_wav, whisper_asr
-from ser_cache.features import transcribe as tr, transcriber
 from ser_cache.cli.app import app
+from ser_cache.features import transcribe as tr, transcriber
 from ser_cache.features.transcribe import Journal, TranscribeConfig, TranscribeError, pack, transcribe
 from ser_cache.features.transcriber import WhisperTranscriber
+
+from factories import msp_corpus, tone, whisper_asr, write_wav
 
 runner = CliRunner()
 SRC = Path(__file__).resolve().parents[2] / "src"

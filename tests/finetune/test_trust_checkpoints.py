@@ -25,14 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import factories
-from ser_cache.infra import atomic
-from ser_cache.runs import layout
-from ser_cache.runs import rundir
-from ser_cache.runs.checkpoint_file import CHECKPOINT
 from ser_cache.cli.app import app
 from ser_cache.finetune.loop import finetune_wavlm
 from ser_cache.finetune.options import FinetuneConfig
+from ser_cache.infra import atomic
+from ser_cache.runs import layout, rundir
+from ser_cache.runs.checkpoint_file import CHECKPOINT
+
+import factories
 from finetune_support import base_config, cli_args, learnable_corpus, subprocess_env
 from synthetic import make_run
 
@@ -376,6 +376,7 @@ def test_a_model_folder_with_a_refused_pickle_is_one_line(corpus, tmp_path):
 
 def test_a_runs_encoder_with_a_refused_pickle_is_one_line(models, tmp_path):
     from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
+
     from vox_profile_checkpoints import authors_whisper_checkpoint
 
     src, _ = authors_whisper_checkpoint(tmp_path / "ckpt", models["whisper"])

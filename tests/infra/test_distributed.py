@@ -9,9 +9,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from factories import msp_corpus
 from ser_cache.features.extract import ExtractConfig, extract, report_path
 from ser_cache.features.store import FeatureStore
+
+from factories import msp_corpus
 
 
 @pytest.mark.parametrize("pooling", ["mean", "frames"])
@@ -69,8 +70,8 @@ def test_extract_ranks_wait_for_each_other_longer_than_torchs_default(monkeypatc
 
     import torch
 
-    from ser_cache.infra import distributed
     from ser_cache.features.extract import RANK_WAIT
+    from ser_cache.infra import distributed
 
     seen = {}
 

@@ -11,11 +11,11 @@ import pytest
 from matplotlib.image import imread
 from typer.testing import CliRunner
 
-from ser_cache.runs import plots, score_plots
 from ser_cache.infra import atomic
-from ser_cache.runs import layout
-from ser_cache.system.metrics import ATTRIBUTES, ccc
+from ser_cache.runs import layout, plots, score_plots
 from ser_cache.runs.plots import PlotError
+from ser_cache.system.metrics import ATTRIBUTES, ccc
+
 from synthetic import history_rows, make_run, speaker_corpus, speaker_store
 
 
@@ -103,10 +103,10 @@ def test_training_curves_refusals(tmp_path):
 @pytest.mark.slow
 def test_training_curves_of_a_trained_run(tmp_path):
     """A run that train_heads really wrote (history.csv, config.json as it writes them)."""
-    from synthetic import make_corpus, make_store
-
     from ser_cache.train.options import TrainHeadsConfig
     from ser_cache.train.recipe import train_heads
+
+    from synthetic import make_corpus, make_store
 
     manifest, ids, feats = make_corpus(tmp_path / "corpus", n=120)
     store = make_store(tmp_path / "audio.zarr", ids, feats["audio"])

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
 from ser_cache.data.corpus import load_corpus
 from ser_cache.features.extract import ExtractConfig, extract
-from ser_cache.runs.predict import PredictError, evaluate, predict
 from ser_cache.features.store_ref import ids_digest
+from ser_cache.runs import layout, prediction_file
+from ser_cache.runs.predict import PredictError, evaluate, predict
+
 from synthetic import make_corpus, make_store, read_csv, train
 
 

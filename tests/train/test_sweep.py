@@ -11,22 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic import make_frame_corpus, make_frame_store
-from synthetic import make_corpus, make_store
 from typer.testing import CliRunner
 
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
-from ser_cache.runs import rundir
 from ser_cache.cli.app import app
+from ser_cache.runs import layout, prediction_file, rundir
 from ser_cache.system.heads import MultitaskHeads
 from ser_cache.system.losses import AAMSoftmax
 from ser_cache.system.metrics import ccc_table
 from ser_cache.system.model import FeatureModel
-from ser_cache.train.stack import MemberStack, OneMember, StackedAdamW, stack_of
-from ser_cache.train.sweep import SweepConfig, TrainError, parse_variant, sweep
 from ser_cache.train.options import TrainHeadsConfig
 from ser_cache.train.recipe import train_heads
+from ser_cache.train.stack import MemberStack, OneMember, StackedAdamW, stack_of
+from ser_cache.train.sweep import SweepConfig, TrainError, parse_variant, sweep
+
+from synthetic import make_corpus, make_frame_corpus, make_frame_store, make_store
 
 OPTIONS = dict(epochs=4, lr=3e-3, batch_size=32, undersample=False, progress=False, device="cpu", threads=1,
                speaker_weight=0.0)

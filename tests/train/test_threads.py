@@ -7,10 +7,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ser_cache.train import sweep
-from ser_cache.train import recipe
 from ser_cache.cli.app import app
 from ser_cache.system.rows import TrainError
+from ser_cache.train import recipe, sweep
 from ser_cache.train.options import TrainHeadsConfig
 
 TORCH_OWN = 3  # what torch is set to before each test: neither 1 nor a count a test passes

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
-from ser_cache.cli.app import KNOWN_ERRORS, app, err, guarded, out, writable
 from ser_cache.cli import shared_options as shared
+from ser_cache.cli.app import KNOWN_ERRORS, app, err, guarded, out, writable
 
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that report figures (no hub, no real data needed).")
 app.add_typer(bench_app, name="bench")
@@ -18,7 +17,7 @@ app.add_typer(bench_app, name="bench")
 @bench_app.command("extract")
 def bench_extract_cmd(
     model: str = typer.Option("whisper-large-v3", "--model", "-m", help="whisper-large-v3, wavlm-large, roberta-large, wavlm-base-plus-sv."),
-    config: Optional[Path] = typer.Option(None, help="An architecture config.json instead of a shipped one."),
+    config: Path | None = typer.Option(None, help="An architecture config.json instead of a shipped one."),
     random_init: bool = typer.Option(False, "--random-init", help="Build the architecture with random weights (required)."),
     utterances: int = typer.Option(2000, help="Synthetic utterances (durations: mean 5.5 s, 1.5–15 s)."),
     window: shared.WindowMode = typer.Option("window", help="Whisper: 'window' (15 s) or 'trimmed'."),
@@ -26,13 +25,13 @@ def bench_extract_cmd(
     device: str = typer.Option("auto", help="Where the encoder runs: auto (a GPU if there is one), cpu, cuda, cuda:N."),
     precision: shared.EncoderPrecisionMode = typer.Option("auto", help="auto: bf16 on CUDA, fp32 on CPU."),
     batch_seconds: float = typer.Option(600.0, help="Padded audio seconds per batch."),
-    workers: Optional[int] = typer.Option(None, help="Decoding worker processes."),
+    workers: int | None = typer.Option(None, help="Decoding worker processes."),
     naive: bool = typer.Option(False, "--naive", help="Also time the naive way (one at a time, fp32, Whisper padded to 30 s)."),
     naive_utterances: int = typer.Option(32, help="Utterances for the naive timing."),
     seed: int = typer.Option(0, help="Seed of the random weights and the synthetic corpus."),
-    workdir: Optional[Path] = typer.Option(None, help="Keep the random model and synthetic corpus here and reuse them "
+    workdir: Path | None = typer.Option(None, help="Keep the random model and synthetic corpus here and reuse them "
                                                       "next time (same model, --utterances, --seed); default: a temporary folder."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the report as JSON."),
+    json_out: Path | None = typer.Option(None, "--json", help="Also write the report as JSON."),
     overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """Run `extract`'s pipeline on synthetic audio with a full-size random-weight encoder; report throughput and utilisation."""

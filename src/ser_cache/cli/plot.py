@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from ser_cache.cli.app import KNOWN_ERRORS, app, guarded, out, writable
 from ser_cache.cli import shared_options as shared
+from ser_cache.cli.app import KNOWN_ERRORS, app, guarded, out, writable
 
 KNOWN_ERRORS.append("ser_cache.runs.plots:PlotError")
 
@@ -19,7 +18,7 @@ app.add_typer(plot_app, name="plot")
 @plot_app.command("run")
 def plot_run(
     run: Path = typer.Argument(..., help="A run directory (train-heads, finetune wavlm; an unfinished fine-tuning run too)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR|FIG.png",
+    out_dir: Path | None = typer.Option(None, "--out", "-o", metavar="DIR|FIG.png",
                                            help="A folder for curves.png, or the figure's own name ending in .png "
                                                 "(default: the run directory)."),
     svg: bool = typer.Option(False, "--svg", help="Also write the figure as SVG beside the PNG."),
@@ -49,11 +48,11 @@ def plot_speakers(
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (the speaker of each utterance)."),
     speakers: int = typer.Option(10, help="Speakers to draw (paper Fig. 2: 10)."),
     per_speaker: int = typer.Option(10, "--per-speaker", help="Utterances per speaker (paper Fig. 2: 10)."),
-    out_path: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR|FIG.png",
+    out_path: Path | None = typer.Option(None, "--out", "-o", metavar="DIR|FIG.png",
                                             help="A folder for <store>-speakers.png, or the figure's own name ending "
                                                  "in .png (default: <store>-speakers.png beside the store)."),
     seed: int = typer.Option(0, help="Seed for the speakers, the utterances and t-SNE."),
-    layer: Optional[int] = typer.Option(None, help="A layered store: this layer instead of the mean over layers."),
+    layer: int | None = typer.Option(None, help="A layered store: this layer instead of the mean over layers."),
     svg: bool = typer.Option(False, "--svg", help="Also write the figure as SVG beside the PNG."),
     overwrite: shared.OverwriteFiles = False,
 ) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,14 +14,14 @@ KNOWN_ERRORS.append("ser_cache.features.transcribe:TranscribeError")
 
 @app.command()
 def transcribe(
-    files: Optional[list[Path]] = typer.Argument(None, metavar="FILE", help="Audio files to transcribe (instead of --data)."),
+    files: list[Path] | None = typer.Argument(None, metavar="FILE", help="Audio files to transcribe (instead of --data)."),
     out: Path = typer.Option(..., "--out", "-o", help="The table to write: FileName,text (a .csv; settings in OUT.json)."),
     model: str = typer.Option(TRANSCRIBE_MODEL, "--model", "-m", help="Whisper: short name, Hugging Face id, or local directory."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
-    split: Optional[list[str]] = typer.Option(None, "--split", "-s", metavar="SPLIT", help="Split(s) of --data (repeatable); default all."),
+    data: Path | None = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
+    split: list[str] | None = typer.Option(None, "--split", "-s", metavar="SPLIT", help="Split(s) of --data (repeatable); default all."),
     all_rows: bool = typer.Option(False, "--all", help="Transcribe every utterance, not only those without a transcript."),
     beams: int = typer.Option(1, help="Beam search width; 1 is greedy."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens generated per clip at most (default 224)."),
+    max_new_tokens: int | None = typer.Option(None, help="Tokens generated per clip at most (default 224)."),
     batch_seconds: float = typer.Option(300.0, help="Audio seconds per batch (clips sorted by length; at most 64 clips)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     precision: TranscribePrecision = typer.Option("auto", help="auto: bf16 autocast on CUDA, fp32 on CPU."),
@@ -34,9 +33,9 @@ def transcribe(
     By default only the utterances without a transcript (e.g. MSP-Podcast's Test3) are transcribed;
     rerun the same command after an interruption to continue where it stopped.
     """
-    from ser_cache.infra.outputs import given, local_folder
-    from ser_cache.features.transcribe import TranscribeConfig, transcribe as run_transcribe
     from ser_cache.data.transcripts import sidecar_path
+    from ser_cache.features.transcribe import TranscribeConfig, transcribe as run_transcribe
+    from ser_cache.infra.outputs import given, local_folder
 
     inputs = given("--data", data) + local_folder("--model", model) + given("the audio file", *(files or ()))
     # A table with its settings file beside it is this command's own: a rerun continues it (or refuses other settings).

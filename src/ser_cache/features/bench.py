@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.infra.atomic import atomic_path
 from ser_cache.data.audio import SAMPLE_RATE
+from ser_cache.infra.atomic import atomic_path
 
 BENCH_MODELS = ("whisper-large-v3", "wavlm-large", "roberta-large", "wavlm-base-plus-sv")
 MEAN_SECONDS, MIN_SECONDS, MAX_SECONDS = 5.5, 1.5, 15.0

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.runs import prediction_file
 from ser_cache.infra.outputs import Input, OutputError, refuse_inputs
+from ser_cache.runs import prediction_file
 
 DEFAULT_SCALE = (1.0, 7.0)  # the challenge's (and MSP-Podcast's) scale: what a submission is checked against
 

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.runs import layout
-from ser_cache.runs import rundir
 from ser_cache.infra.atomic import atomic_path
+from ser_cache.runs import layout, rundir
 from ser_cache.system.metrics import ATTRIBUTES
 
 # Sizes in inches at DPI dots per inch: a PNG is exactly (width * DPI) x (height * DPI) pixels.

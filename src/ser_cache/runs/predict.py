@@ -19,9 +19,7 @@ import numpy as np
 from ser_cache.data.transcripts import Texts
 from ser_cache.features.frames import Frames
 from ser_cache.infra import atomic
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
-from ser_cache.runs import rundir
+from ser_cache.runs import layout, prediction_file, rundir
 from ser_cache.runs.errors import PredictError
 from ser_cache.runs.gather import gather_features
 

@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ser_cache.infra.runtime import compute_dtype
+from ser_cache.system.options import TrainingOptions
 from ser_cache.system.rows import (
     TrainError,
     TrainingData,
     label_index,
 )
-from ser_cache.infra.runtime import compute_dtype
-from ser_cache.system.options import TrainingOptions
 from ser_cache.system.scoring import head_classes, label_range
 
 log = logging.getLogger(__name__)

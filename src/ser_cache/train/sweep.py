@@ -39,20 +39,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser_cache.infra import atomic
-from ser_cache.runs import layout
-from ser_cache.runs import rundir
-from ser_cache.train.fit import Diverged, Job, fit
+from ser_cache.infra.runtime import resolve_device, torch_threads
+from ser_cache.runs import layout, rundir
+from ser_cache.system.epoch_log import tensorboard_problem
 from ser_cache.system.rows import (
     SPEAKER_EMBEDDING_KIND,
     TrainError,
     TrainingData,
     load_rows,
 )
-from ser_cache.train.sweep_summary import summarize
-from ser_cache.train.options import TrainHeadsConfig
-from ser_cache.infra.runtime import resolve_device, torch_threads
 from ser_cache.system.setup import set_up
-from ser_cache.system.epoch_log import tensorboard_problem
+from ser_cache.train.fit import Diverged, Job, fit
+from ser_cache.train.options import TrainHeadsConfig
+from ser_cache.train.sweep_summary import summarize
 
 log = logging.getLogger(__name__)
 

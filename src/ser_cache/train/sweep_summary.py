@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
+from ser_cache.runs import layout, prediction_file
 
 SWEEP_FORMAT = "ser-cache-sweep"
 

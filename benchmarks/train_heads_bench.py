@@ -358,7 +358,8 @@ def cpu_name() -> str:
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     native = sorted(flags & set(NATIVE_BF16_FLAGS))
-    return f"{name}, {os.cpu_count()} CPUs; bf16 {'native (' + ', '.join(native) + ')' if native else 'emulated (no avx512_bf16 / amx_bf16)'}"
+    return (f"{name}, {os.cpu_count()} CPUs; bf16 "
+            f"{'native (' + ', '.join(native) + ')' if native else 'emulated (no avx512_bf16 / amx_bf16)'}")
 
 
 def measure_peaks(model, cfg, device, square: int, trials: int) -> tuple[dict, dict]:
@@ -456,9 +457,12 @@ def compare_precisions(args, base_cfg, stores: list[Path], root: Path) -> dict:
     table = peaks.format_table(exact, peak, shapes, flops, result)
     head = (f"train_heads, fp32 vs bf16: {config['data']['train_rows']:,} training rows "
             f"({config['data']['rows_per_epoch']:,} per epoch), {config['data']['dev_rows']:,} Development rows, "
-            f"{args.epochs} epochs, batch {base_cfg.batch_size}, {device}, {runs['fp32']['torch_threads']} torch threads\n"
-            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}; torch {torch.__version__}; "
-            f"peaks: best of {args.peak_trials} timings {'before and after the timed runs' if args.warmup else 'after the runs'}"
+            f"{args.epochs} epochs, batch {base_cfg.batch_size}, {device}, {runs['fp32']['torch_threads']} torch "
+            "threads\n"
+            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}; torch "
+            f"{torch.__version__}; "
+            f"peaks: best of {args.peak_trials} timings "
+            f"{'before and after the timed runs' if args.warmup else 'after the runs'}"
             f" ({peak_s:.1f} s); "
             f"{'warm-up (1 epoch each, untimed) ' + format(warmup_s, '.1f') + ' s' if args.warmup else 'no warm-up'}; "
             f"load average {os.getloadavg()[0]:.2f}\n"

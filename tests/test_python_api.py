@@ -82,7 +82,8 @@ def notebook(built):
 
 
 def cli_predict(tmp_path: Path, run: str, clips, texts=None) -> tuple[list[str], np.ndarray, dict]:
-    """`ser-cache predict RUN FILE... --with-gender` (with the texts as a --transcripts table): ids, avd, gender columns."""
+    """`ser-cache predict RUN FILE... --with-gender` (with the texts as a --transcripts table): ids, avd, gender
+    columns."""
     args = ["predict", run, *map(str, clips), "--out", str(tmp_path / "cli.csv"), "--device", "cpu", "--with-gender"]
     if texts is not None:
         table = tmp_path / "texts.csv"
@@ -211,7 +212,9 @@ def test_load_features_drops_rows_a_store_has_not_written(built, tmp_path):
     joined = load_features([built["audio_store"], partial], built["data"])
     assert joined.counts["not_written[partial]"] == 2 and list(joined.ids) == list(ds.ids[written])
     lacking = make_store(tmp_path / "lacking.zarr", ds.ids[1:], np.ones((len(ds) - 1, 4), np.float32))
-    with pytest.raises(StoreError, match=f"lacks 1 utterance\\(s\\) of the corpus: {ds.ids[0]}; extract it over split\\(s\\) Train, Development"):
+    with pytest.raises(StoreError,
+                       match=f"lacks 1 utterance\\(s\\) of the corpus: {ds.ids[0]}; extract it over split\\(s\\) "
+                             "Train, Development"):
         load_features([lacking], built["data"])
     assert open_store(partial).written.sum() == len(ds) - 2
 

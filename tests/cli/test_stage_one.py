@@ -15,7 +15,8 @@ runner = CliRunner()
 def test_extract_info_export(models, corpus, tmp_path):
     out = tmp_path / "features"
     r = runner.invoke(app, ["extract", "--model", str(models["whisper"]), "--data", str(corpus), "--out", str(out),
-                            "--split", "Train", "--split", "Test3", "--device", "cpu", "--workers", "0", "--no-progress"])
+                            "--split", "Train", "--split", "Test3", "--device", "cpu", "--workers", "0",
+                            "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "rows written" in r.output
     store = out / "whisper-tiny.zarr"

@@ -106,7 +106,8 @@ def test_the_clis_fixed_choices_are_the_librarys():
     import importlib
 
     for alias, (module, constant) in FIXED_CHOICES.items():
-        assert typing.get_args(getattr(shared, alias)) == tuple(getattr(importlib.import_module(module), constant)), alias
+        choices = tuple(getattr(importlib.import_module(module), constant))
+        assert typing.get_args(getattr(shared, alias)) == choices, alias
     from ser_cache.features.transcribe import DEFAULT_MODEL
 
     assert shared.TRANSCRIBE_MODEL == DEFAULT_MODEL
@@ -338,7 +339,8 @@ def test_plot_out_is_a_folder_or_a_png_for_both_plot_commands(tmp_path):
     from synthetic import make_run, speaker_corpus, speaker_store
 
     run = make_run(tmp_path / "run")
-    for out, written in ((tmp_path / "figs", tmp_path / "figs" / "curves.png"), (tmp_path / "mine.png", tmp_path / "mine.png")):
+    for out, written in ((tmp_path / "figs", tmp_path / "figs" / "curves.png"),
+                         (tmp_path / "mine.png", tmp_path / "mine.png")):
         r = invoke("plot", "run", run, "--out", out)
         assert r.exit_code == 0 and written.is_file(), r.output
     manifest, ids, labels = speaker_corpus(tmp_path / "corpus")

@@ -14,7 +14,8 @@ from factories import tone
 
 
 def waves():
-    return [tone(2.3, seed=1), tone(7.1, freq=180, seed=2), tone(0.6, freq=300, seed=3), tone(16.0, seed=4)[:WINDOW_SAMPLES]]
+    return [tone(2.3, seed=1), tone(7.1, freq=180, seed=2), tone(0.6, freq=300, seed=3),
+            tone(16.0, seed=4)[:WINDOW_SAMPLES]]
 
 
 def test_detect_kind(models):

@@ -26,7 +26,8 @@ def counted(model, *args, **kwargs) -> int:
     return fc.get_total_flops()
 
 
-@pytest.mark.parametrize("name,n", [pytest.param("wavlm-large", 88_000, marks=pytest.mark.slow), ("wavlm-base-plus-sv", 40_000),
+@pytest.mark.parametrize("name,n",
+                         [pytest.param("wavlm-large", 88_000, marks=pytest.mark.slow), ("wavlm-base-plus-sv", 40_000),
                                     pytest.param("roberta-large", 37, marks=pytest.mark.slow)])
 def test_flop_formulas_match_the_counter_on_full_size_configs(name, n):
     from transformers import AutoConfig, AutoModel, WavLMForXVector

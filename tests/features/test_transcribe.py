@@ -188,7 +188,8 @@ def test_resume_after_kill_9_redoes_no_finished_row(asr, data, tmp_path, monkeyp
 
     appended: list[str] = []
     original = Journal.append
-    monkeypatch.setattr(Journal, "append", lambda self, rows: (appended.extend(i for i, _ in rows), original(self, rows)))
+    monkeypatch.setattr(Journal, "append",
+                        lambda self, rows: (appended.extend(i for i, _ in rows), original(self, rows)))
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert f"{9 - len(first)} transcribed, {len(first)} skipped as already done" in r.output

@@ -132,7 +132,8 @@ def test_ctrl_c_received_by_another_thread_still_ends_extract_at_once(models, tm
     to wait until that batch was decoded (here 600 s). Now it ends the run within a wait slice."""
     corpus = msp_corpus(tmp_path / "corpus", n=4, unlabeled=0)
     proc, _ = start_blocked(tmp_path, EXTRACT_SIGNAL_TO_A_THREAD,
-                            ["extract", "--model", str(models["whisper"]), "--data", str(corpus), "--out", str(tmp_path / "f"),
+                            ["extract", "--model", str(models["whisper"]), "--data", str(corpus), "--out",
+                             str(tmp_path / "f"),
                              "--device", "cpu", "--workers", "1", "--no-progress"])
     output = ended_within(proc, ENDS_WITHIN)
     assert proc.returncode == 130 and output.strip() == INTERRUPTED, output

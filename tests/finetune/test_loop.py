@@ -234,7 +234,8 @@ def test_mmwavlm_with_cached_text_features(corpus_ft, models, tmp_path):
         f"{p.name},{(corpus_ft / 'Transcripts' / (p.stem + '.txt')).read_text().strip()}\n" for p in audio))
     bare = predict(result.run_dir, files=audio, transcripts=transcripts, out=tmp_path / "f.csv", device="cpu")
     assert "encoder" in bare.sources["minilm"]
-    np.testing.assert_allclose(prediction_file.read_predictions(bare.out)[1], prediction_file.read_predictions(from_store.out)[1],
+    np.testing.assert_allclose(prediction_file.read_predictions(bare.out)[1],
+                               prediction_file.read_predictions(from_store.out)[1],
                                atol=2e-3)  # text features recomputed, then rounded to float16 like the store
 
 

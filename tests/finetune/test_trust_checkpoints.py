@@ -221,7 +221,8 @@ def test_the_state_file_keeps_every_type_it_is_given(tmp_path):
 
     tree = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "by_int": {0: {"step": torch.tensor(3.0)}, 1: None}, "tuple": (0.9, 0.999), "nan": float("nan"),
-            "inf": -float("inf"), "np_scalar": np.float64(0.1), "pred": np.random.rand(4, 3), "u32": np.arange(3, dtype=np.uint32),
+            "inf": -float("inf"), "np_scalar": np.float64(0.1), "pred": np.random.rand(4, 3),
+            "u32": np.arange(3, dtype=np.uint32),
             "tagged": {"__t": "looks like a tag"}, "empty": torch.zeros(0)}
     back = statefile.load(statefile.save(tmp_path / "s.safetensors", tree, fmt="t", version=1), fmt="t", version=1)
     assert back["python"] == tree["python"] and isinstance(back["python"], tuple)
@@ -380,7 +381,8 @@ def test_a_runs_encoder_with_a_refused_pickle_is_one_line(models, tmp_path):
     from vox_profile_checkpoints import authors_whisper_checkpoint
 
     src, _ = authors_whisper_checkpoint(tmp_path / "ckpt", models["whisper"])
-    run = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["whisper"]))).run_dir
+    run = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run",
+                                          backbone=str(models["whisper"]))).run_dir
     (encoder,) = [p.parent for p in run.glob("*/model.safetensors")]  # the Whisper encoder the run carries
     state = load_file(str(encoder / "model.safetensors"))
     (encoder / "model.safetensors").unlink()

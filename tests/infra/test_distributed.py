@@ -83,7 +83,8 @@ def test_extract_ranks_wait_for_each_other_longer_than_torchs_default(monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("SER_CACHE_BACKEND", "gloo")
-    monkeypatch.setattr("ser_cache.features.extract.load_corpus", lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
+    monkeypatch.setattr("ser_cache.features.extract.load_corpus",
+                        lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
     with pytest.raises(RuntimeError, match="stop here"):
         extract(ExtractConfig(model="unused", data=tmp_path, out=tmp_path, device="cpu", progress=False))
     assert seen == {"backend": "gloo", "timeout": RANK_WAIT} and RANK_WAIT >= timedelta(hours=1)

@@ -262,7 +262,8 @@ def test_an_ensemble_member_value_off_the_scale_or_not_a_plain_number_is_refused
 def test_an_ensemble_member_saved_with_a_bom_is_read(tmp_path):
     ids, a, b = _members(tmp_path)
     expected = (prediction_file.read_predictions(a)[1] + prediction_file.read_predictions(b)[1]) / 2
-    _set_cell(b, 0, "EmoAct", f"{prediction_file.read_predictions(b)[1][0, 0]:.6f}", encoding="utf-8-sig")  # as Excel saves it
+    # as Excel saves it
+    _set_cell(b, 0, "EmoAct", f"{prediction_file.read_predictions(b)[1][0, 0]:.6f}", encoding="utf-8-sig")
     assert b.read_bytes().startswith(b"\xef\xbb\xbf")
     result = ensemble([a, b], out=tmp_path / "out.csv")
     got_ids, got = prediction_file.read_predictions(result.out)

@@ -251,7 +251,8 @@ def test_a_run_whose_config_sends_its_own_encoder_outside_the_run_is_refused(mod
     from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
 
     src, _ = authors_whisper_checkpoint(tmp_path / "ckpt", models["whisper"])
-    run = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["whisper"]))).run_dir
+    run = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run",
+                                          backbone=str(models["whisper"]))).run_dir
     shutil.copytree(models["whisper"], tmp_path / "elsewhere")  # a loadable model outside the run
     config = json.loads((run / "config.json").read_text())
     (record,) = [r for r in config["inputs"] if r.get("in_run")]

@@ -41,7 +41,8 @@ def threads_seen(monkeypatch, module, name: str) -> list[int]:
 def test_training_threads_default_to_one(tmp_path, monkeypatch, torch_own_threads, command, module, name, option,
                                          expected):
     seen = threads_seen(monkeypatch, module, name)
-    result = CliRunner().invoke(app, [command, "--features", str(tmp_path / "a.zarr"), "--data", str(tmp_path / "corpus"),
+    result = CliRunner().invoke(app,
+                                [command, "--features", str(tmp_path / "a.zarr"), "--data", str(tmp_path / "corpus"),
                                       "--out", str(tmp_path / "out"), *option])
     assert "stopped by the test" in result.output, result.output
     assert seen == [expected]

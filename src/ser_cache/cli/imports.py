@@ -21,7 +21,8 @@ def vox_profile(
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to create."),
     backbone: str | None = typer.Option(None, help="The encoder's configuration and preprocessor: short name, hub id "
                                                       "or directory (default: microsoft/wavlm-large or "
-                                                      "openai/whisper-large-v3, as the checkpoint's pretrain_model says)."),
+                                                      "openai/whisper-large-v3, as the checkpoint's pretrain_model "
+                                                      "says)."),
     label_range: tuple[float, float] = typer.Option((1.0, 7.0), metavar="LOW HIGH",
                                                     help="The scale the sigmoid outputs in [0, 1] are mapped onto "
                                                          "(MSP-Podcast: 1 7)."),

@@ -80,7 +80,8 @@ def provenance_notes(path: Path, data: Path) -> list[str]:
     if not isinstance(recorded, dict):
         return []
     now = provenance.record(None)
-    notes = [f"{key} {recorded.get(key)} then, {now[key]} now" for key in ("python", "torch", "transformers", "git_commit")
+    notes = [f"{key} {recorded.get(key)} then, {now[key]} now"
+             for key in ("python", "torch", "transformers", "git_commit")
              if recorded.get(key) and now[key] and recorded.get(key) != now[key]]
     labels = provenance.label_file(data)
     if recorded.get("label_file_sha256") and labels.is_file() and \

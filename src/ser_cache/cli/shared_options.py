@@ -101,4 +101,5 @@ def heads_config(options: dict):
 
 
 # Every command that writes output files: one option, one wording (outputs.py, docs/troubleshooting.md).
-OverwriteFiles = Annotated[bool, typer.Option("--overwrite", help="Replace output files that exist (refused otherwise).")]
+OverwriteFiles = Annotated[bool,
+                           typer.Option("--overwrite", help="Replace output files that exist (refused otherwise).")]

@@ -14,7 +14,8 @@ from rich.table import Table
 from ser_cache.cli import rerun, shared_options as shared
 from ser_cache.cli.app import KNOWN_ERRORS, app, err, fail, guarded, out, writable
 
-KNOWN_ERRORS.extend(["ser_cache.system.rows:TrainError", "ser_cache.runs.layout:RunError", "ser_cache.runs.predict:PredictError",
+KNOWN_ERRORS.extend(["ser_cache.system.rows:TrainError", "ser_cache.runs.layout:RunError",
+                     "ser_cache.runs.predict:PredictError",
                      "ser_cache.runs.ensemble:EnsembleError"])
 
 # Text inputs computed by predict and evaluate (rows no store holds): where their text comes from.
@@ -23,7 +24,8 @@ TranscriptsOption = Annotated[Path | None, typer.Option(
     help="Transcript table (columns FileName or id, and text; e.g. from `ser-cache transcribe`) for the "
          "utterances without a transcript of their own (corpus Transcripts/, manifest text, a .txt beside a file).")]
 PreferTranscriptsOption = Annotated[bool, typer.Option(
-    "--prefer-transcripts", help="The --transcripts table's text first, the utterance's own only where the table has none.")]
+    "--prefer-transcripts",
+    help="The --transcripts table's text first, the utterance's own only where the table has none.")]
 
 
 def _log_to_stderr() -> None:
@@ -75,7 +77,9 @@ def scores_table(title: str, scores: dict):
 
 @app.command("train-heads")
 def train_heads(
-    features: list[Path] = typer.Option(..., "--features", "-f", metavar="STORE", help="A feature store (.zarr); repeat for several inputs. A frame store (extract --pooling frames) goes through a ConvPool first."),
+    features: list[Path] = typer.Option(..., "--features", "-f", metavar="STORE",
+                                        help="A feature store (.zarr); repeat for several inputs. A frame store "
+                                             "(extract --pooling frames) goes through a ConvPool first."),
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (labels and splits)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to create."),
     train_split: shared.TrainSplit = shared.TRAINING.train_split,
@@ -84,7 +88,8 @@ def train_heads(
     lr: shared.HeadsLr = shared.HEADS.lr,
     batch_size: shared.HeadsBatchSize = shared.HEADS.batch_size,
     weight_decay: shared.WeightDecay = shared.TRAINING.weight_decay,
-    seed: int = typer.Option(shared.TRAINING.seed, help="Seed for initialisation, sampling and the balanced-CCC draws."),
+    seed: int = typer.Option(shared.TRAINING.seed,
+                             help="Seed for initialisation, sampling and the balanced-CCC draws."),
     no_undersample: shared.NoUndersample = not shared.TRAINING.undersample,
     ox: shared.Ox = shared.TRAINING.ox,
     gender_weight: shared.GenderWeight = shared.TRAINING.gender_weight,
@@ -191,15 +196,19 @@ def evaluate(
 @app.command()
 def predict(
     run: Path = typer.Argument(..., help="A run directory from train-heads."),
-    files: list[Path] | None = typer.Argument(None, metavar="FILE", help="Audio files to predict (instead of --data/--split)."),
+    files: list[Path] | None = typer.Argument(None, metavar="FILE",
+                                              help="Audio files to predict (instead of --data/--split)."),
     data: Path | None = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
-    split: list[str] | None = typer.Option(None, "--split", "-s", metavar="SPLIT", help="Split(s) to predict (repeatable)."),
+    split: list[str] | None = typer.Option(None, "--split", "-s", metavar="SPLIT",
+                                           help="Split(s) to predict (repeatable)."),
     transcripts: TranscriptsOption = None,
     prefer_transcripts: PreferTranscriptsOption = False,
-    dest: Path = typer.Option(..., "--out", "-o", help="Prediction CSV: exactly the challenge's FileName,EmoAct,EmoVal,EmoDom."),
+    dest: Path = typer.Option(..., "--out", "-o",
+                              help="Prediction CSV: exactly the challenge's FileName,EmoAct,EmoVal,EmoDom."),
     features_dir: Path | None = typer.Option(None, help="Folder with the run's stores, if they moved."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    with_gender: bool = typer.Option(False, "--with-gender", help="Add the gender head's Gender and GenderProb_* columns "
+    with_gender: bool = typer.Option(False, "--with-gender",
+                                     help="Add the gender head's Gender and GenderProb_* columns "
                                                                   "(not part of the challenge's format)."),
     overwrite: shared.OverwriteFiles = False,
 ) -> None:

@@ -17,7 +17,8 @@ ATTRIBUTE_COLUMNS = (("arousal", "ccc_arousal"), ("valence", "ccc_valence"), ("d
 
 @app.command("sweep")
 def sweep_command(
-    features: list[Path] = typer.Option(..., "--features", "-f", metavar="STORE", help="A feature store (.zarr); repeat. Loaded once for every member."),
+    features: list[Path] = typer.Option(..., "--features", "-f", metavar="STORE",
+                                        help="A feature store (.zarr); repeat. Loaded once for every member."),
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (labels and splits)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Sweep folder: OUT/VARIANT/seed-S runs and OUT/sweep.json."),
     seeds: int = typer.Option(3, help="Seeds per variant: --seed, --seed + 1, ..."),
@@ -27,10 +28,13 @@ def sweep_command(
              "'s-pred: speaker-weight=0.1 inputs=whisper+roberta'. Options: lr, weight-decay, gender-weight, "
              "speaker-weight, aam-margin, aam-scale, ox, undersample (yes/no), batch-size, dropout, conv-dropout, "
              "hidden, conv-dim, inputs (store names joined by +, or all). Repeat for more."),
-    inputs: str = typer.Option("all", help="Stores the base variant takes: names joined by + (as `info` names them), or all."),
+    inputs: str = typer.Option("all",
+                               help="Stores the base variant takes: names joined by + (as `info` names them), or all."),
     reference: str = typer.Option("base", help="The variant every other one is compared with."),
     resamples: int = typer.Option(1000, help="Bootstrap resamples of the comparisons."),
-    members_at_once: int | None = typer.Option(None, help="At most this many members trained together (memory); default all that fit one stack."),
+    members_at_once: int | None = typer.Option(None,
+                                               help="At most this many members trained together (memory); default all "
+                                                    "that fit one stack."),
     curves: bool = typer.Option(False, help="Draw curves.png in every member's run (about 0.5 s each; "
                                 "`ser-cache plot run RUN` draws one later)."),
     train_split: shared.TrainSplit = shared.TRAINING.train_split,

@@ -374,7 +374,8 @@ def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str
     weights = rest["weights"].float()
     if wrapper.get("use_conv_output", True):
         if weights.shape != (n_states,):
-            raise ImportError_(f"weights: expected {n_states} layer weights (use_conv_output), got {tuple(weights.shape)}")
+            raise ImportError_(f"weights: expected {n_states} layer weights (use_conv_output), got "
+                               f"{tuple(weights.shape)}")
         logits = weights
     else:
         if weights.shape != (n_states - 1,):

@@ -348,7 +348,8 @@ def write_job(job: Job, best: dict, history: list[dict]) -> Fitted:
     dtype_name = str(run.model.compute_dtype or torch.float32).removeprefix("torch.")
     metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
     config = run_config({**cfg.to_dict(), "compute_dtype": dtype_name}, data, run.lo, run.hi, run.gender_labels,
-                        run.speaker_labels, model.heads.config(), best["epoch"], frame_inputs=model.config(), **job.extra,
+                        run.speaker_labels, model.heads.config(), best["epoch"], frame_inputs=model.config(),
+                        **job.extra,
                         **({"memory": data.memory} if data.memory else {}))
     with staging.staged_run_dir(cfg.out, job.overwrite) as tmp:
         rundir.save_weights(tmp, model, aam)

@@ -89,13 +89,12 @@ def main(argv=None) -> dict:
 
     import torch
 
-    from ser_cache.features import bench
     from ser_cache.data.audio import SAMPLE_RATE
-    from ser_cache.encoders.base import RuntimeOptions
-    from ser_cache.infra.runtime import autocast
     from ser_cache.data.batching import plan_batches
+    from ser_cache.encoders.base import RuntimeOptions
+    from ser_cache.features import bench
+    from ser_cache.infra.runtime import autocast, resolve_device
     from ser_cache.system.losses import multitask_loss
-    from ser_cache.infra.runtime import resolve_device
 
     config = json.loads(args.config.read_text()) if args.config else bench.shipped_config("wavlm-large")
     device = resolve_device(args.device)

@@ -31,8 +31,8 @@ from train_heads_bench import build, cpu_name, peak_rss_mb, reuse  # noqa: E402
 
 
 def run_sweep(args, corpus: Path, stores: list[Path], out: Path, seeds: int) -> dict:
-    from ser_cache.train.sweep import SweepConfig, sweep
     from ser_cache.train.options import TrainHeadsConfig
+    from ser_cache.train.sweep import SweepConfig, sweep
 
     extra = {} if args.threads is None else {"threads": args.threads}
     base = TrainHeadsConfig(features=tuple(stores), data=corpus, out=out, overwrite=True, epochs=args.epochs,

@@ -228,11 +228,10 @@ def profile_steps(cfg, steps: int, top: int = 12) -> dict:
     import torch
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from ser_cache.train import fit
     from ser_cache.infra import runtime
     from ser_cache.system import setup
-    from ser_cache.train import recipe
     from ser_cache.system.inputs import index_tensor
+    from ser_cache.train import fit, recipe
     from ser_cache.train.stack import stack_of
 
     with runtime.torch_threads(cfg.threads):
@@ -359,16 +358,17 @@ def cpu_name() -> str:
     name = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), "?")
     flags = set(next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), []))
     native = sorted(flags & set(NATIVE_BF16_FLAGS))
-    return f"{name}, {os.cpu_count()} CPUs; bf16 {'native (' + ', '.join(native) + ')' if native else 'emulated (no avx512_bf16 / amx_bf16)'}"
+    return (f"{name}, {os.cpu_count()} CPUs; bf16 "
+            f"{'native (' + ', '.join(native) + ')' if native else 'emulated (no avx512_bf16 / amx_bf16)'}")
 
 
 def measure_peaks(model, cfg, device, square: int, trials: int) -> tuple[dict, dict]:
     """Matmul TFLOP/s of fp32 and bf16 at `peaks.peak_shapes` of `model`, on the training's threads."""
     import torch
 
-    from ser_cache.train import peaks
     from ser_cache.infra import runtime
     from ser_cache.system import scoring
+    from ser_cache.train import peaks
 
     shapes = peaks.peak_shapes(model, cfg.batch_size, scoring.eval_batch_size(model), square=square)
     measured = {}
@@ -384,8 +384,8 @@ def epoch_flops(config: dict, frames_mean: dict[str, float] | None = None) -> tu
     """FLOPs of one epoch of the run described by `config` (a run's config.json), counted on the model
     rebuilt from it: training (3 × forward; executed) over rows_per_epoch rows, including the speaker
     head's AAM product when it is on, and Development scoring (forward) over dev_rows rows."""
-    from ser_cache.train import peaks
     from ser_cache.system.model import FeatureModel
+    from ser_cache.train import peaks
 
     model = FeatureModel.from_config(config["heads"], config.get("frame_inputs") or None)
     prods = peaks.products(model, frames_mean)
@@ -404,10 +404,10 @@ def compare_precisions(args, base_cfg, stores: list[Path], root: Path) -> dict:
 
     import torch
 
-    from ser_cache.train import peaks
-    from ser_cache.system.model import FeatureModel
     from ser_cache.features.store import FeatureStore
     from ser_cache.infra.runtime import resolve_device
+    from ser_cache.system.model import FeatureModel
+    from ser_cache.train import peaks
     from ser_cache.train.recipe import train_heads
 
     # One epoch in each precision first, not timed: the first run in a process pays one-time costs
@@ -457,9 +457,12 @@ def compare_precisions(args, base_cfg, stores: list[Path], root: Path) -> dict:
     table = peaks.format_table(exact, peak, shapes, flops, result)
     head = (f"train_heads, fp32 vs bf16: {config['data']['train_rows']:,} training rows "
             f"({config['data']['rows_per_epoch']:,} per epoch), {config['data']['dev_rows']:,} Development rows, "
-            f"{args.epochs} epochs, batch {base_cfg.batch_size}, {device}, {runs['fp32']['torch_threads']} torch threads\n"
-            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}; torch {torch.__version__}; "
-            f"peaks: best of {args.peak_trials} timings {'before and after the timed runs' if args.warmup else 'after the runs'}"
+            f"{args.epochs} epochs, batch {base_cfg.batch_size}, {device}, {runs['fp32']['torch_threads']} torch "
+            "threads\n"
+            f"{torch.cuda.get_device_name(device) if device.type == 'cuda' else cpu_name()}; torch "
+            f"{torch.__version__}; "
+            f"peaks: best of {args.peak_trials} timings "
+            f"{'before and after the timed runs' if args.warmup else 'after the runs'}"
             f" ({peak_s:.1f} s); "
             f"{'warm-up (1 epoch each, untimed) ' + format(warmup_s, '.1f') + ' s' if args.warmup else 'no warm-up'}; "
             f"load average {os.getloadavg()[0]:.2f}\n"

@@ -58,7 +58,8 @@ def random_transcriber(config: dict, *, seed: int, **options):
     model.generation_config.suppress_tokens = [eot]  # random weights: every clip runs to max_new_tokens
     model.generation_config.begin_suppress_tokens = [eot]
     filters = WhisperFeatureExtractor(feature_size=config["num_mel_bins"]).mel_filters
-    return WhisperTranscriber(model, tokenizer, model_id=f"random-init:{config.get('d_model')}d", revision=f"seed{seed}",
+    return WhisperTranscriber(model, tokenizer, model_id=f"random-init:{config.get('d_model')}d",
+                              revision=f"seed{seed}",
                               filters=filters, **options)
 
 
@@ -73,7 +74,8 @@ def load_config(name: str) -> dict:
     try:
         return json.loads(resources.files("ser_cache.configs").joinpath(f"{name}.json").read_text())
     except FileNotFoundError:
-        raise SystemExit(f"--config {name}: neither 'tiny', a JSON file, nor a config shipped in ser_cache/configs") from None
+        raise SystemExit(f"--config {name}: neither 'tiny', a JSON file, nor a config shipped in "
+                         "ser_cache/configs") from None
 
 
 def main(argv=None) -> dict:
@@ -82,9 +84,12 @@ def main(argv=None) -> dict:
     from ser_cache.features.transcriber import WhisperTranscriber
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", help="a real checkpoint (directory, cached hub id or short name); default: random weights")
-    p.add_argument("--random-init", action="store_true", help="random weights of --config (the default without --model)")
-    p.add_argument("--config", default="tiny", help="'tiny', a name in ser_cache/configs (whisper-large-v3) or a JSON file")
+    p.add_argument("--model",
+                   help="a real checkpoint (directory, cached hub id or short name); default: random weights")
+    p.add_argument("--random-init", action="store_true",
+                   help="random weights of --config (the default without --model)")
+    p.add_argument("--config", default="tiny",
+                   help="'tiny', a name in ser_cache/configs (whisper-large-v3) or a JSON file")
     p.add_argument("--utterances", type=int, default=200)
     p.add_argument("--warmup", type=int, default=8, help="clips of the untimed first pass")
     p.add_argument("--max-new-tokens", type=int, default=32)

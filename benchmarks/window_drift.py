@@ -31,9 +31,9 @@ def main() -> None:
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
 
-    from ser_cache.features.bench import build_random_model, shipped_config, synthetic_durations, write_corpus
     from ser_cache.data.corpus import load_corpus
     from ser_cache.encoders import load_encoder
+    from ser_cache.features.bench import build_random_model, shipped_config, synthetic_durations, write_corpus
     from ser_cache.features.encode import compute_features
 
     tmp = tempfile.TemporaryDirectory()

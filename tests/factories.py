@@ -92,7 +92,8 @@ def msp_corpus(root: Path, n: int = 12, *, unlabeled: int = 2, seed: int = 0) ->
     splits = ["Train", "Train", "Train", "Development", "Test1"]
     words = {0: "the day was awful and sad", 1: "a plain ordinary day", 2: "what a wonderful happy day"}
     for i in range(n + unlabeled):
-        name = f"MSP-PODCAST_{1000 + i // 4:04d}_{i % 4 + 1:04d}.wav" if i < n else f"MSP-PODCAST_test3_{i - n + 1:04d}.wav"
+        name = (f"MSP-PODCAST_{1000 + i // 4:04d}_{i % 4 + 1:04d}.wav" if i < n
+                else f"MSP-PODCAST_test3_{i - n + 1:04d}.wav")
         secs = float(rng.uniform(1.0, 4.0))
         write_wav(root / "Audios" / name, tone(secs, freq=150 + 20 * (i % 7), seed=i))
         (root / "Transcripts").mkdir(parents=True, exist_ok=True)
@@ -100,7 +101,8 @@ def msp_corpus(root: Path, n: int = 12, *, unlabeled: int = 2, seed: int = 0) ->
         if i < n:
             a, v, d = (round(float(x), 1) for x in rng.uniform(1, 7, 3))
             spk = "Unknown" if i % 5 == 4 else str(1000 + i // 4)
-            rows.append(f"{name},{emos[i % len(emos)]},{a},{v},{d},{spk},{'Male' if i % 2 else 'Female'},{splits[i % len(splits)]}")
+            rows.append(f"{name},{emos[i % len(emos)]},{a},{v},{d},{spk},"
+                        f"{'Male' if i % 2 else 'Female'},{splits[i % len(splits)]}")
     (root / "Labels").mkdir(parents=True, exist_ok=True)
     (root / "Labels" / "labels_consensus.csv").write_text("\n".join(rows) + "\n")
     return root

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 
-import factories
 from ser_cache.finetune.loop import FinetuneConfig
 
+import factories
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -52,7 +52,8 @@ def cli_args(cfg: FinetuneConfig) -> list[str]:
             "--epochs", str(cfg.epochs), "--lr-encoder", str(cfg.lr_encoder), "--lr-heads", str(cfg.lr_heads),
             "--batch-seconds", str(cfg.batch_seconds), "--select", cfg.select, "--gender-weight",
             str(cfg.gender_weight), "--dropout", str(cfg.dropout), "--conv-dropout", str(cfg.conv_dropout),
-            *(["--layerdrop", str(cfg.layerdrop)] if cfg.layerdrop is not None else []), "--device", "cpu", "--threads", "1",
+            *(["--layerdrop", str(cfg.layerdrop)] if cfg.layerdrop is not None else []), "--device", "cpu", "--threads",
+            "1",
             "--no-progress"]
 
 

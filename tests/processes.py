@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-
 # Stand-ins that block in the worker, so that the run is certainly still going when it is killed.
 # Written beside the test's files and found by the spawned workers through sys.path.
 SLOW = '''

@@ -23,7 +23,8 @@ EMOTIONS = list(PRIMARY_EMOTIONS) + ["O", "X"]
 # --------------------------------------------------------------------------- pooled stores and train-heads
 
 
-def make_corpus(root: Path, n: int = 300, *, seed: int = 0, splits=(("Train", 0.6), ("Development", 0.25), ("Test1", 0.15))):
+def make_corpus(root: Path, n: int = 300, *, seed: int = 0,
+                splits=(("Train", 0.6), ("Development", 0.25), ("Test1", 0.15))):
     """A CSV manifest whose labels are learnable: arousal from 'audio' features, valence from 'text'.
 
     Returns (manifest path, ids, {"audio": (n, 24), "text": (n, 16)} float32 features).

@@ -9,6 +9,7 @@ from typer.testing import CliRunner
 
 from ser_cache import demo
 
+
 @pytest.fixture(scope="module", params=["minilm", "tiny-bert"])
 def demo_run(request, tmp_path_factory):
     """The demo with each text model: the real MiniLM when installed, and the offline tiny BERT."""

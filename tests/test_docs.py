@@ -149,7 +149,8 @@ def test_the_architecture_page_lists_every_module_of_every_package():
 def test_the_module_paths_the_architecture_page_writes_short_exist():
     """`system.rows`, `runs.gather`, ...: written without the ser_cache prefix in the prose."""
     text = ARCHITECTURE.read_text(encoding="utf-8")
-    short = set(re.findall(r"`((?:%s)\.[\w.]+)" % "|".join(PACKAGES), text))
+    packages = "|".join(PACKAGES)
+    short = set(re.findall(rf"`((?:{packages})\.[\w.]+)", text))
     assert len(short) > 5
     for path in sorted(short):
         try:

@@ -17,17 +17,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from factories import msp_corpus
-from synthetic import train
 from typer.testing import CliRunner
 
 from ser_cache import Dataset, Predictor, Store, load_features, open_store
 from ser_cache.cli.app import app
 from ser_cache.features.extract import ExtractConfig, extract
-from ser_cache.finetune.options import FinetuneConfig
-from ser_cache.finetune.loop import finetune_wavlm
-from ser_cache.runs.prediction_file import GENDER_PROB_PREFIX, read_predictions
 from ser_cache.features.store import StoreError
+from ser_cache.finetune.loop import finetune_wavlm
+from ser_cache.finetune.options import FinetuneConfig
+from ser_cache.runs.prediction_file import GENDER_PROB_PREFIX, read_predictions
+
+from factories import msp_corpus
+from synthetic import train
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "python.md"
 AVD = ["arousal", "valence", "dominance"]
@@ -81,7 +82,8 @@ def notebook(built):
 
 
 def cli_predict(tmp_path: Path, run: str, clips, texts=None) -> tuple[list[str], np.ndarray, dict]:
-    """`ser-cache predict RUN FILE... --with-gender` (with the texts as a --transcripts table): ids, avd, gender columns."""
+    """`ser-cache predict RUN FILE... --with-gender` (with the texts as a --transcripts table): ids, avd, gender
+    columns."""
     args = ["predict", run, *map(str, clips), "--out", str(tmp_path / "cli.csv"), "--device", "cpu", "--with-gender"]
     if texts is not None:
         table = tmp_path / "texts.csv"
@@ -210,7 +212,9 @@ def test_load_features_drops_rows_a_store_has_not_written(built, tmp_path):
     joined = load_features([built["audio_store"], partial], built["data"])
     assert joined.counts["not_written[partial]"] == 2 and list(joined.ids) == list(ds.ids[written])
     lacking = make_store(tmp_path / "lacking.zarr", ds.ids[1:], np.ones((len(ds) - 1, 4), np.float32))
-    with pytest.raises(StoreError, match=f"lacks 1 utterance\\(s\\) of the corpus: {ds.ids[0]}; extract it over split\\(s\\) Train, Development"):
+    with pytest.raises(StoreError,
+                       match=f"lacks 1 utterance\\(s\\) of the corpus: {ds.ids[0]}; extract it over split\\(s\\) "
+                             "Train, Development"):
         load_features([lacking], built["data"])
     assert open_store(partial).written.sum() == len(ds) - 2
 
@@ -224,8 +228,8 @@ def test_importing_ser_cache_loads_neither_torch_nor_zarr():
 
 def test_a_predictor_loads_each_encoder_once(built, monkeypatch):
     """In a notebook loop over clips, the run's encoders are loaded on the first call only."""
-    from ser_cache.runs import gather
     from ser_cache import Predictor
+    from ser_cache.runs import gather
 
     calls = []
     load = gather._load_encoder

@@ -9,7 +9,6 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-
 HIDDEN = 16  # the authors' hidden_dim, small for the test
 
 
@@ -80,7 +79,8 @@ def authors_whisper_checkpoint(path: Path, backbone_dir: Path, *, gender: bool =
     gen = torch.Generator().manual_seed(2)
     backbone = WhisperModel.from_pretrained(backbone_dir)
     state = {f"backbone_model.{k}": v.clone() for k, v in backbone.state_dict().items()}
-    state["backbone_model.encoder.embed_positions.weight"] = state["backbone_model.encoder.embed_positions.weight"][:750].clone()
+    state["backbone_model.encoder.embed_positions.weight"] = (
+        state["backbone_model.encoder.embed_positions.weight"][:750].clone())
     d = backbone.config.d_model
     tensors = {**state, "embed_positions": state["backbone_model.encoder.embed_positions.weight"].clone(),
                "weights": torch.ones(backbone.config.num_hidden_layers + 1) / 3,  # unused by the Whisper model

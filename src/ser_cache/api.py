@@ -292,7 +292,8 @@ class Predictor:
 
         _check_sample_rate(sample_rate)
         if isinstance(inputs, np.ndarray) and inputs.ndim != 1:
-            raise ValueError(f"predict: an array of shape {inputs.shape}; pass one mono waveform (1-D) or a list of them")
+            raise ValueError(f"predict: an array of shape {inputs.shape}; pass one mono waveform (1-D) or a list of "
+                             "them")
         items = [inputs] if isinstance(inputs, (str, Path, np.ndarray)) else list(inputs)
         if not items:
             raise ValueError("predict: no inputs given")
@@ -324,7 +325,8 @@ class Predictor:
         if isinstance(texts, str):
             texts = [texts]
         if not wanted:
-            raise ValueError(f"run {self.run_dir} has no text input (its inputs: {', '.join(self.input_names) or 'audio'}); "
+            raise ValueError(f"run {self.run_dir} has no text input (its inputs: "
+                             f"{', '.join(self.input_names) or 'audio'}); "
                              "leave texts out")
         texts = list(texts)
         for i, t in enumerate(texts):
@@ -337,7 +339,8 @@ class Predictor:
             raise ValueError(f"predict: {n} input(s) but {len(texts)} text(s); give one transcript per input")
         empty = [i for i, t in enumerate(texts) if not t]
         if empty:
-            raise ValueError(f"predict: texts[{empty[0]}] is empty" + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
+            raise ValueError(f"predict: texts[{empty[0]}] is empty"
+                             + (f" (and {len(empty) - 1} more)" if len(empty) > 1 else "")
                              + "; every input needs its transcript")
         return texts
 

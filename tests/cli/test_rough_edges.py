@@ -15,10 +15,11 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
-from ser_cache.version import __version__
 from ser_cache.cli.app import app
-from ser_cache.encoders import EncoderError, KNOWN_MODELS, load_encoder
+from ser_cache.encoders import KNOWN_MODELS, EncoderError, load_encoder
 from ser_cache.features.store_ref import default_store_name
+from ser_cache.version import __version__
+
 from synthetic import make_corpus, make_store
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -6,8 +6,8 @@ import pytest
 from typer.testing import CliRunner
 
 from ser_cache.cli.app import app
-from ser_cache.infra.environment import torchaudio_problem
 from ser_cache.features.store import FeatureStore
+from ser_cache.infra.environment import torchaudio_problem
 
 runner = CliRunner()
 
@@ -15,7 +15,8 @@ runner = CliRunner()
 def test_extract_info_export(models, corpus, tmp_path):
     out = tmp_path / "features"
     r = runner.invoke(app, ["extract", "--model", str(models["whisper"]), "--data", str(corpus), "--out", str(out),
-                            "--split", "Train", "--split", "Test3", "--device", "cpu", "--workers", "0", "--no-progress"])
+                            "--split", "Train", "--split", "Test3", "--device", "cpu", "--workers", "0",
+                            "--no-progress"])
     assert r.exit_code == 0, r.output
     assert "rows written" in r.output
     store = out / "whisper-tiny.zarr"

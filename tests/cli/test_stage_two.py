@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
 from ser_cache.cli.app import app
+from ser_cache.runs import layout, prediction_file
+
 from synthetic import make_corpus, make_store
 
 runner = CliRunner()
@@ -75,7 +75,8 @@ def test_train_evaluate_predict_ensemble(tmp_path):
     assert f"{score_predictions(*member, manifest, 'Test1')['ccc']['mean']:.4f}" in r.output
     assert "audio_test1" in r.output and (tmp_path / "figs" / "ensemble.png").is_file()
     a, b = prediction_file.read_predictions(outputs[0])[1], prediction_file.read_predictions(outputs[1])[1]
-    np.testing.assert_allclose(prediction_file.read_predictions(tmp_path / "final.csv")[1], 0.7 * a + 0.3 * b, atol=1e-5)
+    np.testing.assert_allclose(prediction_file.read_predictions(tmp_path / "final.csv")[1], 0.7 * a + 0.3 * b,
+                               atol=1e-5)
 
     r = invoke("ensemble", *outputs, "--out", tmp_path / "x.csv", "--weights", "a,b")
     assert r.exit_code == 2 and "--weights" in r.output

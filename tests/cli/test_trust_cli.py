@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ser_cache.cli.app import app
 from ser_cache.cli import shared_options as shared
+from ser_cache.cli.app import app
+
 from synthetic import make_corpus, make_store
 
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -105,7 +106,8 @@ def test_the_clis_fixed_choices_are_the_librarys():
     import importlib
 
     for alias, (module, constant) in FIXED_CHOICES.items():
-        assert typing.get_args(getattr(shared, alias)) == tuple(getattr(importlib.import_module(module), constant)), alias
+        choices = tuple(getattr(importlib.import_module(module), constant))
+        assert typing.get_args(getattr(shared, alias)) == choices, alias
     from ser_cache.features.transcribe import DEFAULT_MODEL
 
     assert shared.TRANSCRIBE_MODEL == DEFAULT_MODEL
@@ -238,8 +240,9 @@ def test_a_runs_config_records_its_provenance(heads_run):
 
 
 def test_an_msp_podcast_runs_label_file_is_labels_consensus(tmp_path):
-    from ser_cache.runs import provenance
     from ser_cache.data.msp_podcast import MSP_LABEL_FILE
+    from ser_cache.runs import provenance
+
     from factories import msp_corpus
 
     corpus = msp_corpus(tmp_path / "corpus")
@@ -332,10 +335,12 @@ def test_evaluate_scores_each_repeated_split_on_its_own(heads_run, tmp_path):
 def test_plot_out_is_a_folder_or_a_png_for_both_plot_commands(tmp_path):
     from ser_cache.runs import plots
     from ser_cache.runs.plots import PlotError
+
     from synthetic import make_run, speaker_corpus, speaker_store
 
     run = make_run(tmp_path / "run")
-    for out, written in ((tmp_path / "figs", tmp_path / "figs" / "curves.png"), (tmp_path / "mine.png", tmp_path / "mine.png")):
+    for out, written in ((tmp_path / "figs", tmp_path / "figs" / "curves.png"),
+                         (tmp_path / "mine.png", tmp_path / "mine.png")):
         r = invoke("plot", "run", run, "--out", out)
         assert r.exit_code == 0 and written.is_file(), r.output
     manifest, ids, labels = speaker_corpus(tmp_path / "corpus")
@@ -368,8 +373,9 @@ def test_sweep_members_record_provenance_and_are_reused_from_relative_paths(head
 
 @pytest.mark.slow
 def test_a_finetuned_run_records_provenance(models, tmp_path):
-    from ser_cache.finetune.options import FinetuneConfig
     from ser_cache.finetune.loop import finetune_wavlm
+    from ser_cache.finetune.options import FinetuneConfig
+
     from finetune_support import learnable_corpus
 
     corpus = learnable_corpus(tmp_path / "corpus", n_train=8, n_dev=6, n_test=0)

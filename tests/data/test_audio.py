@@ -5,9 +5,10 @@ import struct
 import numpy as np
 import pytest
 import soundfile as sf
-from factories import msp_corpus, tone, write_wav
 
 from ser_cache.data import audio
+
+from factories import msp_corpus, tone, write_wav
 
 
 def test_mono_16k_passes_through_unchanged(tmp_path):
@@ -151,7 +152,8 @@ def test_directory_symlink_loop_and_broken_symlink_say_what_they_are(tmp_path):
     with pytest.raises(audio.AudioError, match="symlink loop"):
         audio.info(tmp_path / "loop_a.wav")
     os.symlink(tmp_path / "gone.wav", tmp_path / "dangling.wav")
-    with pytest.raises(audio.AudioError, match=r"dangling.wav: broken symlink \(points to .*gone.wav, which does not exist\)"):
+    with pytest.raises(audio.AudioError,
+                       match=r"dangling.wav: broken symlink \(points to .*gone.wav, which does not exist\)"):
         audio.load(tmp_path / "dangling.wav")
     with pytest.raises(audio.AudioError, match="nope.wav: file not found"):
         audio.info(tmp_path / "nope.wav")

@@ -2,13 +2,14 @@ import logging
 import os
 
 import pytest
-from factories import msp_corpus, tone, write_wav
 
 from ser_cache.data.corpus import load_corpus
 from ser_cache.data.manifest import read_manifest
 from ser_cache.data.msp_podcast import TEST3_SPLIT, UNLISTED_SPLIT, unlisted_split
 from ser_cache.data.records import CorpusError
 from ser_cache.features.store_ref import ids_digest
+
+from factories import msp_corpus, tone, write_wav
 
 
 def test_msp_layout(corpus):
@@ -42,10 +43,12 @@ def test_unlisted_files_are_test3_only_when_named_so(tmp_path, caplog):
     assert len(utts) == 6 + 1 + 4  # the .txt file is not audio
     assert {i for i, u in utts.items() if u.split == TEST3_SPLIT} == {
         "MSP-PODCAST_test3_0001.wav", "MSP-PODCAST_TEST3_0002.wav", "msp-podcast_Test3_0003.flac"}
-    assert {i for i, u in utts.items() if u.split == UNLISTED_SPLIT} == {"MSP-PODCAST_9999_0001.wav", "stray_recording.wav"}
+    assert {i for i, u in utts.items() if u.split == UNLISTED_SPLIT} == {"MSP-PODCAST_9999_0001.wav",
+                                                                         "stray_recording.wav"}
     assert "5 audio file(s) not in" in caplog.text and "3 named as Test3" in caplog.text and "2 others" in caplog.text
     assert len(load_corpus(data, ["Test3"])) == 3 and len(load_corpus(data, ["unlabeled"])) == 2
-    assert unlisted_split("a_tEsT3_b.wav") == TEST3_SPLIT and unlisted_split("MSP-PODCAST_0003_0001.wav") == UNLISTED_SPLIT
+    assert (unlisted_split("a_tEsT3_b.wav") == TEST3_SPLIT
+            and unlisted_split("MSP-PODCAST_0003_0001.wav") == UNLISTED_SPLIT)
 
 
 def test_listed_test3_rows_are_used_as_listed(tmp_path):
@@ -57,7 +60,8 @@ def test_listed_test3_rows_are_used_as_listed(tmp_path):
                       "MSP-PODCAST_test3_0007.wav,H,5.0,5.5,4.5,8,Female,Development\n")
     utts = {u.id: u for u in load_corpus(data)}
     assert utts["MSP-PODCAST_0500_0001.wav"].split == "Test3" and utts["MSP-PODCAST_0500_0001.wav"].arousal == 4.0
-    assert utts["MSP-PODCAST_test3_0007.wav"].split == "Development" and utts["MSP-PODCAST_test3_0007.wav"].valence == 5.5
+    assert (utts["MSP-PODCAST_test3_0007.wav"].split == "Development"
+            and utts["MSP-PODCAST_test3_0007.wav"].valence == 5.5)
     assert [u.id for u in load_corpus(data, ["Test3"])] == ["MSP-PODCAST_0500_0001.wav"]
 
 

@@ -8,9 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from factories import msp_corpus
 from ser_cache.data import transcripts
-from ser_cache.features import transcribe
 from ser_cache.data.corpus import load_corpus
 from ser_cache.data.records import Utterance
 from ser_cache.data.transcripts import (
@@ -26,6 +24,9 @@ from ser_cache.data.transcripts import (
     text_sha1,
     write_record,
 )
+from ser_cache.features import transcribe
+
+from factories import msp_corpus
 
 
 def write(path: Path, text: str, encoding: str = "utf-8") -> Path:

@@ -15,14 +15,15 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from factories import msp_corpus, tone, write_wav
 from ser_cache.data import transcripts
-from ser_cache.features import transcribe
 from ser_cache.data.corpus import load_corpus
 from ser_cache.data.records import CorpusError
+from ser_cache.data.transcripts import TranscriptError, load_table, read_sidecar, read_table, record_path
+from ser_cache.features import transcribe
 from ser_cache.features.extract import ExtractConfig, ExtractError, extract
 from ser_cache.runs.predict import PredictError, evaluate, predict
-from ser_cache.data.transcripts import TranscriptError, load_table, read_sidecar, read_table, record_path
+
+from factories import msp_corpus, tone, write_wav
 from synthetic import make_corpus, make_store, train
 
 TEST3 = ("MSP-PODCAST_test3_0001.wav", "MSP-PODCAST_test3_0002.wav")
@@ -108,7 +109,7 @@ def test_a_table_row_with_an_unquoted_comma_is_refused_naming_the_line(tmp_path)
     assert read_table(t) == {"u1": "quoted, fine"}
 
 
-# --------------------------------------------------------------------------- sidecars and journals (item "no tracebacks")
+# ------------------------------------------------------------------ sidecars and journals (item "no tracebacks")
 
 
 @pytest.mark.parametrize("content, found", [
@@ -121,8 +122,9 @@ def test_a_sidecar_that_is_not_an_object_with_settings_is_one_error(tmp_path, co
     write_table(out, {"a.wav": "hello"})
     transcripts.sidecar_path(out).write_text(content)
     cfg = transcribe.TranscribeConfig(out=out, data=tmp_path, device="cpu", progress=False)
-    with pytest.raises(transcribe.TranscribeError, match=rf"^{transcripts.sidecar_path(out)}: expected the settings file transcribe "
-                                                 rf"writes .*{found}; pass --overwrite"):
+    with pytest.raises(transcribe.TranscribeError,
+                       match=rf"^{transcripts.sidecar_path(out)}: expected the settings file transcribe "
+                             rf"writes .*{found}; pass --overwrite"):
         transcribe.done_rows(cfg, {"model_id": "m"})
     # predict/extract read the same sidecar beside a --transcripts table.
     with pytest.raises(TranscriptError, match=rf"^{transcripts.sidecar_path(out)}: expected the settings .*{found}"):
@@ -135,10 +137,12 @@ def test_a_journal_with_bytes_that_are_not_utf8_is_one_error(tmp_path):
     transcribe.write_sidecar(transcripts.sidecar_path(out), {"settings": settings})
     transcribe.journal_path(out).write_bytes(b"FileName,text\na.wav,fine\nb.wav,caf\xe9 noir\n")
     cfg = transcribe.TranscribeConfig(out=out, data=tmp_path, device="cpu", progress=False)
-    with pytest.raises(transcribe.TranscribeError, match=rf"^{transcribe.journal_path(out)}, line 3 \(byte offset 34\): byte 0xe9 "
-                                                 r"is not UTF-8; .*--overwrite"):
+    with pytest.raises(transcribe.TranscribeError,
+                       match=rf"^{transcribe.journal_path(out)}, line 3 \(byte offset 34\): byte 0xe9 "
+                             r"is not UTF-8; .*--overwrite"):
         transcribe.done_rows(cfg, settings)
-    assert transcribe.done_rows(transcribe.TranscribeConfig(out=out, data=tmp_path, overwrite=True), settings) == ({}, None)
+    again = transcribe.TranscribeConfig(out=out, data=tmp_path, overwrite=True)
+    assert transcribe.done_rows(again, settings) == ({}, None)
 
 
 # --------------------------------------------------------------------------- a cheap run on made-up stores
@@ -177,8 +181,8 @@ def test_a_table_that_has_no_row_for_an_utterance_says_which_columns_it_read(tmp
     with pytest.raises(PredictError) as info:
         predict(run, files=clips, transcripts=table, out=tmp_path / "p.csv", device="cpu")
     message = str(info.value)
-    assert message.startswith(f"{clips[0]}: no transcript for the text input 'text' (and 1 more); --transcripts {table} "
-                              "has no text for it (rows matched by its column id")
+    assert message.startswith(f"{clips[0]}: no transcript for the text input 'text' (and 1 more); --transcripts "
+                              f"{table} has no text for it (rows matched by its column id")
     assert "columns found: id, FileName, text; expected FileName (or id) and text; FileName is not used" in message
     assert "give --transcripts FILE" not in message
 
@@ -312,8 +316,8 @@ def test_extract_refuses_a_store_whose_record_was_deleted_or_replaced(tmp_path, 
     kept = record.read_bytes()
     record.unlink()
     with pytest.raises(ExtractError, match=r"minilm.zarr: its transcript record minilm.transcripts.csv is missing, so "
-                                           r"nothing says which text its 14 written row\(s\) were encoded from; restore "
-                                           r"the record, or pass --overwrite"):
+                                           r"nothing says which text its 14 written row\(s\) were encoded from; "
+                                           r"restore the record, or pass --overwrite"):
         run(changed)
     assert not record.exists()
     # A record rewritten to claim the new text is not the one the store vouches for.

@@ -54,9 +54,9 @@ def test_cuda_rows_do_not_depend_on_the_batch(models, corpus, tmp_path):
 
 
 def test_bench_on_cuda_reports_half_precision_and_gpu_memory(tmp_path):
-    from factories import TINY_WHISPER
-
     from ser_cache.features.bench import BenchConfig, bench_extract
+
+    from factories import TINY_WHISPER
 
     cfile = tmp_path / "tiny.json"
     cfile.write_text(json.dumps(TINY_WHISPER))
@@ -80,10 +80,10 @@ def test_train_heads_on_cuda_learns(tmp_path):
 def test_sweep_on_cuda_equals_the_cpu_sweep_in_fp32(tmp_path):
     """Members stacked on the GPU (vmap, StackedAdamW on device, device-placed inputs) end where the
     CPU's do; a GPU's products round differently, hence the tolerance."""
-    from synthetic import make_corpus, make_store
-
-    from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
     from ser_cache.train.options import TrainHeadsConfig
+    from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
+
+    from synthetic import make_corpus, make_store
 
     manifest, ids, feats = make_corpus(tmp_path / "corpus")
     stores = tuple(make_store(tmp_path / "features" / f"{n}.zarr", ids, x, kind="text" if n == "text" else "whisper",
@@ -100,9 +100,9 @@ def test_sweep_on_cuda_equals_the_cpu_sweep_in_fp32(tmp_path):
 
 
 def test_finetune_on_cuda_in_half_precision_lowers_the_loss(models, tmp_path):
-    from finetune_support import base_config, learnable_corpus
-
     from ser_cache.finetune.loop import finetune_wavlm
+
+    from finetune_support import base_config, learnable_corpus
 
     corpus = learnable_corpus(tmp_path / "corpus")
     cfg = base_config(corpus, models["wavlm"], tmp_path / "run", device="cuda", epochs=6, precision="auto")

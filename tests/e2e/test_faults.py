@@ -14,12 +14,13 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from factories import msp_corpus
-from ser_cache.version import __version__
 from ser_cache.cli.app import INTERRUPTED, app
 from ser_cache.features.store import FeatureStore
-from synthetic import make_corpus, make_store
+from ser_cache.version import __version__
+
+from factories import msp_corpus
 from processes import ENDS_WITHIN, ended_within, start_blocked
+from synthetic import make_corpus, make_store
 
 runner = CliRunner()
 
@@ -111,7 +112,8 @@ def _killed_leaves_nothing(proc: subprocess.Popen, marker: Path) -> None:
 @pytest.mark.slow
 def test_extract_killed_with_sigkill_leaves_no_worker_or_resource_tracker(models, tmp_path):
     corpus = msp_corpus(tmp_path / "corpus", n=4, unlabeled=0)
-    proc, marker = start_blocked(tmp_path, EXTRACT, ["extract", "--model", str(models["whisper"]), "--data", str(corpus),
+    proc, marker = start_blocked(tmp_path, EXTRACT,
+                                 ["extract", "--model", str(models["whisper"]), "--data", str(corpus),
                                                      "--out", str(tmp_path / "f"), "--device", "cpu", "--workers", "1",
                                                      "--no-progress"])
     _killed_leaves_nothing(proc, marker)
@@ -173,7 +175,7 @@ def test_failures_outside_the_library_call_go_through_the_same_place(monkeypatch
          "to continue"),
     ]:
         def boom():
-            raise raised
+            raise raised  # noqa: B023 (boom is called in this iteration only)
 
         monkeypatch.setattr("ser_cache.cli.stage_two.log_to_stderr", boom)
         r = invoke("predict", tmp_path / "run", "--data", tmp_path / "corpus", "--split", "Test1", "--out",
@@ -208,7 +210,8 @@ def test_disk_full_during_extract_names_the_store_and_keeps_what_was_written(mod
                "--workers", 0, "--chunk-rows", 4, "--no-progress")
     store = tmp_path / "f" / "whisper-tiny.zarr"
     assert r.exit_code == 2
-    assert r.output.strip().splitlines()[-1] == (f"error: no space left on device writing {store}; nothing written before was lost; "
+    assert r.output.strip().splitlines()[-1] == (f"error: no space left on device writing {store}; nothing written "
+                                                 "before was lost; "
                                 "free space and rerun to continue")
     assert FeatureStore.open(store).flags()[0].sum() == 4  # the first chunk stays
 
@@ -253,8 +256,10 @@ def test_an_output_that_cannot_be_written_fails_before_any_work(tmp_path):
         (["ensemble", tmp_path / "a.csv", tmp_path / "b.csv", "--out", a_file / "e.csv"],
          f"--out {a_file / 'e.csv'}: cannot write there"),
         (["demo", "--workdir", a_file / "demo"], f"--workdir {a_file / 'demo'}: cannot write there"),
-        (["finetune", "wavlm", "--data", tmp_path, "--out", a_file / "ft"], f"--out {a_file / 'ft'}: cannot write there"),
-        (["transcribe", "--data", tmp_path, "--out", a_file / "asr.csv"], f"--out {a_file / 'asr.csv'}: cannot write there"),
+        (["finetune", "wavlm", "--data", tmp_path, "--out", a_file / "ft"],
+         f"--out {a_file / 'ft'}: cannot write there"),
+        (["transcribe", "--data", tmp_path, "--out", a_file / "asr.csv"],
+         f"--out {a_file / 'asr.csv'}: cannot write there"),
     ]
     for args, expected in cases:
         r = invoke(*args)
@@ -282,7 +287,8 @@ def test_a_kind_the_model_is_not_is_refused_before_loading(models, corpus, tmp_p
     r = invoke("extract", "--model", models["whisper"], "--data", corpus, "--out", tmp_path / "f", "--device", "cpu",
                "--kind", kind, "--no-progress")
     assert r.exit_code == 2
-    assert r.output.strip().splitlines()[-1] == (f"error: --kind {kind}: model '{models['whisper']}' is a whisper model "
+    assert r.output.strip().splitlines()[-1] == (f"error: --kind {kind}: model '{models['whisper']}' is a whisper "
+                                                 "model "
                                 "(WhisperForConditionalGeneration), an encoder of kind whisper; leave --kind out "
                                 "(it is detected) or pass --kind whisper")
     assert not (tmp_path / "f").exists()
@@ -294,7 +300,8 @@ def test_an_audio_kind_on_a_text_model_is_refused(models, tmp_path):
     model = tmp_path / "text-model"
     model.mkdir()
     (model / "config.json").write_text('{"model_type": "bert", "architectures": ["BertModel"]}')
-    with pytest.raises(EncoderError, match=r"--kind wavlm: model '.*' is a bert model \(BertModel\), an encoder of kind text"):
+    with pytest.raises(EncoderError,
+                       match=r"--kind wavlm: model '.*' is a bert model \(BertModel\), an encoder of kind text"):
         load_encoder(str(model), kind="wavlm", device="cpu")
     load_encoder(str(models["xvector"]), kind="wavlm", device="cpu")  # an x-vector checkpoint holds a whole WavLM
 

@@ -13,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from ser_cache.cli.app import app
+
 from factories import whisper_asr
 
 
@@ -32,7 +33,8 @@ def make_test3_copy(src: Path, dst: Path) -> tuple[Path, list[str]]:
             test3.append(new)  # no transcript, not in the labels
             continue
         os.symlink(src / "Audios" / name, dst / "Audios" / name)
-        os.symlink(src / "Transcripts" / name.replace(".wav", ".txt"), dst / "Transcripts" / name.replace(".wav", ".txt"))
+        os.symlink(src / "Transcripts" / name.replace(".wav", ".txt"),
+                   dst / "Transcripts" / name.replace(".wav", ".txt"))
         kept.append(row)
     with open(dst / "Labels" / "labels_consensus.csv", "w", newline="", encoding="utf-8") as f:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from ser_cache.runs import layout
-from ser_cache.runs import staging
 from ser_cache.cli.app import app
+from ser_cache.runs import layout, staging
+
 from synthetic import make_corpus, make_store, train
 
 runner = CliRunner()
@@ -54,6 +54,7 @@ def whisper_run(tmp_path_factory, models):
     import torch
 
     from ser_cache.features.extract import ExtractConfig, extract
+
     from factories import msp_corpus
 
     threads = torch.get_num_threads()
@@ -74,7 +75,8 @@ def test_predict_onto_the_corpus_label_file_is_refused(whisper_run, tmp_path):
     labels = corpus / "Labels" / "labels_consensus.csv"
     before = labels.read_bytes()
     for extra in ([], ["--overwrite"]):  # --overwrite never lifts it
-        r = invoke("predict", run, "--data", corpus, "--split", "Development", "--out", labels, "--device", "cpu", *extra)
+        r = invoke("predict", run, "--data", corpus, "--split", "Development", "--out", labels, "--device", "cpu",
+                   *extra)
         assert r.exit_code == 2, r.output
         assert one_line(r) == (f"error: --out {labels}: lies inside an input (--data {corpus}); writing there could "
                                "damage it; choose another --out")
@@ -205,7 +207,8 @@ def _fake_run(folder: Path) -> Path:
 
 EXISTING = {
     # command: (arguments, the file that exists, the option named)
-    "predict": (lambda t: ["predict", _fake_run(t / "run"), "--data", t / "c", "--split", "Test1", "--out", t / "o.csv"],
+    "predict": (lambda t: ["predict", _fake_run(t / "run"), "--data", t / "c", "--split", "Test1", "--out",
+                           t / "o.csv"],
                 "o.csv", "--out"),
     "evaluate": (lambda t: ["evaluate", _fake_run(t / "run"), "--data", t / "c", "--split", "Test1", "--out",
                             t / "o.json"], "o.json", "--out"),
@@ -223,7 +226,8 @@ EXISTING = {
                                        t / "o.png"], "o.svg", "--out"),
     "transcribe": (lambda t: ["transcribe", "--data", t / "c", "--model", t / "nope", "--out", t / "o.csv"],
                    "o.csv", "--out"),
-    "bench extract --json": (lambda t: ["bench", "extract", "--random-init", "--utterances", 0, "--json", t / "o.json"], "o.json",
+    "bench extract --json": (lambda t: ["bench", "extract", "--random-init", "--utterances", 0, "--json", t / "o.json"],
+                             "o.json",
                              "--json"),
 }
 
@@ -255,7 +259,8 @@ def _corpus(t: Path) -> Path:
 
 INSIDE = {
     # command: (arguments, the output, the input it lies in, or is)
-    "train-heads": (lambda t: ["train-heads", "--features", _store(t), "--data", t / "m.csv", "--out", t / "s.zarr" / "run"],
+    "train-heads": (lambda t: ["train-heads", "--features", _store(t), "--data", t / "m.csv", "--out",
+                               t / "s.zarr" / "run"],
                     "s.zarr/run", "--features {t}/s.zarr"),
     "train-heads --data": (lambda t: ["train-heads", "--features", t / "x.zarr", "--data", _corpus(t), "--out",
                                       t / "c" / "run"], "c/run", "--data {t}/c"),
@@ -268,7 +273,8 @@ INSIDE = {
                                              t / "run", "--tensorboard", t / "s.zarr" / "tb"], "s.zarr/tb",
                                   "--features {t}/s.zarr"),
     "finetune wavlm --init-from": (lambda t: ["finetune", "wavlm", "--data", t / "m.csv", "--init-from",
-                                              _fake_run(t / "r"), "--out", t / "r" / "ft"], "r/ft", "--init-from {t}/r"),
+                                              _fake_run(t / "r"), "--out", t / "r" / "ft"], "r/ft",
+                                              "--init-from {t}/r"),
     "finetune wavlm --text-features": (lambda t: ["finetune", "wavlm", "--data", t / "m.csv", "--text-features",
                                                   _store(t), "--out", t / "s.zarr"], "s.zarr",
                                        "--text-features {t}/s.zarr"),
@@ -324,6 +330,7 @@ def test_transcribe_still_continues_its_own_table_without_overwrite(tmp_path):
 
 def test_bench_workdir_holding_someone_elses_folders_is_refused(tmp_path):
     from ser_cache.features.bench import BenchConfig, BenchError, bench_extract
+
     from factories import TINY_WHISPER
 
     config = tmp_path / "tiny.json"
@@ -335,7 +342,8 @@ def test_bench_workdir_holding_someone_elses_folders_is_refused(tmp_path):
     with pytest.raises(BenchError, match=f"--workdir {work}: not empty and not made by `ser-cache bench extract`"):
         bench_extract(cfg)
     assert (work / "corpus" / "my-notes.txt").read_text() == "mine"
-    # A workdir the benchmark made itself is still reused: test_bench.py::test_workdir_reuses_the_model_and_corpus_only_when_they_match
+    # A workdir the benchmark made itself is still reused:
+    # test_bench.py::test_workdir_reuses_the_model_and_corpus_only_when_they_match
 
 
 # --------------------------------------------------------------------------- --overwrite of a run, interrupted

@@ -6,14 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from factories import tone
 from ser_cache.encoders import EncoderError, detect_kind, load_encoder, masked_pool
-from ser_cache.features.store_ref import default_store_name
 from ser_cache.encoders.whisper import WINDOW_POSITIONS, WINDOW_SAMPLES
+from ser_cache.features.store_ref import default_store_name
+
+from factories import tone
 
 
 def waves():
-    return [tone(2.3, seed=1), tone(7.1, freq=180, seed=2), tone(0.6, freq=300, seed=3), tone(16.0, seed=4)[:WINDOW_SAMPLES]]
+    return [tone(2.3, seed=1), tone(7.1, freq=180, seed=2), tone(0.6, freq=300, seed=3),
+            tone(16.0, seed=4)[:WINDOW_SAMPLES]]
 
 
 def test_detect_kind(models):

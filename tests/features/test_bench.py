@@ -9,13 +9,14 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from typer.testing import CliRunner
 
+from ser_cache.cli.app import app
 from ser_cache.features.bench import (
     BENCH_MODELS,
     encoder_flops,
     shipped_config,
     synthetic_durations,
 )
-from ser_cache.cli.app import app
+
 from factories import TINY_WHISPER
 
 
@@ -25,7 +26,8 @@ def counted(model, *args, **kwargs) -> int:
     return fc.get_total_flops()
 
 
-@pytest.mark.parametrize("name,n", [pytest.param("wavlm-large", 88_000, marks=pytest.mark.slow), ("wavlm-base-plus-sv", 40_000),
+@pytest.mark.parametrize("name,n",
+                         [pytest.param("wavlm-large", 88_000, marks=pytest.mark.slow), ("wavlm-base-plus-sv", 40_000),
                                     pytest.param("roberta-large", 37, marks=pytest.mark.slow)])
 def test_flop_formulas_match_the_counter_on_full_size_configs(name, n):
     from transformers import AutoConfig, AutoModel, WavLMForXVector
@@ -173,8 +175,8 @@ def test_executed_flops_match_torchs_counter_for_a_training_step():
 
 
 def test_first_layers_need_their_input_gradient_behind_a_layer_weighting_or_a_convpool():
-    from ser_cache.train import peaks
     from ser_cache.system.model import FeatureModel
+    from ser_cache.train import peaks
 
     layered = peaks.products(tiny_heads({"a": (2, 5), "b": (3,)}))
     assert all(p.input_grad for p in layered)

@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from factories import msp_corpus
-from ser_cache.runs import layout
-from ser_cache.runs import rundir
 from ser_cache.cli.app import app
+from ser_cache.features import store as store_mod
+from ser_cache.features.export import export_hdf5
 from ser_cache.features.extract import ExtractConfig, ExtractError, extract
+from ser_cache.features.store import FeatureStore, StoreError, StoreLock
+from ser_cache.runs import layout, rundir
 from ser_cache.runs.predict import PredictError, predict
 from ser_cache.system.rows import load_rows
-from ser_cache.features import store as store_mod
-from ser_cache.features.store import FeatureStore, StoreError, StoreLock
-from ser_cache.features.export import export_hdf5
+
+from factories import msp_corpus
 from synthetic import make_corpus, make_store, train
 
 runner = CliRunner()
@@ -173,7 +173,8 @@ def test_missing_ids_chunk_is_damage_not_duplicate_ids(tmp_path):
     with pytest.raises(StoreError) as exc:
         load_rows(manifest, "Train", "Development", [path], speaker_weight=0.0)
     msg = str(exc.value)
-    assert "rows 0–47 have no ids chunk on disk" in msg and "rebuild the store with `ser-cache extract --overwrite`" in msg
+    assert ("rows 0–47 have no ids chunk on disk" in msg
+            and "rebuild the store with `ser-cache extract --overwrite`" in msg)
     assert "appears twice" not in msg
     with pytest.raises(StoreError, match="array 'ids' is damaged: 48 row"):
         FeatureStore.open(path).ids()
@@ -186,7 +187,8 @@ def test_a_store_being_extracted_is_refused_by_readers(tmp_path):
     manifest, ids, feats = make_corpus(tmp_path / "corpus", 48)
     path = make_store(tmp_path / "audio.zarr", ids, feats["audio"])
     with StoreLock(path):
-        with pytest.raises(StoreError, match=r"audio.zarr: is being written by another extract \(pid \d+.*wait for it to finish"):
+        with pytest.raises(StoreError,
+                           match=r"audio.zarr: is being written by another extract \(pid \d+.*wait for it to finish"):
             load_rows(manifest, "Train", "Development", [path], speaker_weight=0.0)
     assert load_rows(manifest, "Train", "Development", [path], speaker_weight=0.0).ids.size > 0
     with StoreLock(path):  # readers leave extract's own locking as it was

@@ -11,13 +11,14 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from factories import msp_corpus, tone, write_wav
 from ser_cache.data import audio
 from ser_cache.data.corpus import load_corpus
 from ser_cache.encoders import load_encoder
 from ser_cache.features.extract import ExtractConfig, ExtractError, extract
 from ser_cache.features.report import report_path
 from ser_cache.features.store import FeatureStore, StoreLock
+
+from factories import msp_corpus, tone, write_wav
 
 
 def cfg(model, data, out, **kw):
@@ -38,12 +39,14 @@ def test_store_rows_equal_an_online_forward_pass(models, corpus, tmp_path):
         ids, feats, written = read(r.store)
         assert written.all() and r.failed == 0 and feats.dtype == np.float16
         utts = {u.id: u for u in load_corpus(corpus)}
-        enc = load_encoder(str(models[kind]), device="cpu", precision="fp32", **{k: v for k, v in kw.items() if k != "name"})
+        enc = load_encoder(str(models[kind]), device="cpu", precision="fp32",
+                           **{k: v for k, v in kw.items() if k != "name"})
         for i in (0, 5, len(ids) - 1):
             u = utts[ids[i]]
             x = u.read_text() if enc.modality == "text" else audio.load(u.path)
             online = enc.encode([x]).numpy()[0]
-            np.testing.assert_allclose(feats[i].astype(np.float32), online, rtol=2e-3, atol=2e-3, err_msg=f"{kind} row {i}")
+            np.testing.assert_allclose(feats[i].astype(np.float32), online, rtol=2e-3, atol=2e-3,
+                                       err_msg=f"{kind} row {i}")
 
 
 def test_store_layout_and_attributes(models, corpus, tmp_path):
@@ -160,7 +163,8 @@ def test_bad_files_are_reported_and_skipped(models, tmp_path, workers):
     # Text: only the missing transcript fails.
     t = extract(cfg(models["text"], data, tmp_path / "f", name="text"))
     with open(report_path(t.store), newline="") as f:
-        assert [row["reason"] for row in csv.DictReader(f)] == [f"missing transcript ({data / 'Transcripts' / ids[4].replace('.wav', '.txt')})"]
+        transcript = data / "Transcripts" / ids[4].replace(".wav", ".txt")
+        assert [row["reason"] for row in csv.DictReader(f)] == [f"missing transcript ({transcript})"]
 
 
 def test_retry_failed_after_fixing_a_file(models, tmp_path):
@@ -219,7 +223,8 @@ def test_mini_podcast_whisper_and_text(models, mini_podcast, tmp_path):
 
 
 def test_report_survives_an_empty_partial_file_left_by_a_killed_run(models, tmp_path):
-    """A run killed right after opening its partial report leaves an empty file; the next run must still write a header."""
+    """A run killed right after opening its partial report leaves an empty file; the next run must still write a
+    header."""
     data = bad_corpus(tmp_path)
     out = tmp_path / "f"
     out.mkdir()
@@ -229,8 +234,9 @@ def test_report_survives_an_empty_partial_file_left_by_a_killed_run(models, tmp_
         assert len(list(csv.DictReader(f))) == 3
 
 
-@pytest.mark.parametrize("kind,kw", [pytest.param("whisper", {}, marks=pytest.mark.slow), ("whisper", {"window": "trimmed"}),
-                                     *(pytest.param(k, {}, marks=pytest.mark.slow) for k in ("wavlm", "xvector", "text"))],
+@pytest.mark.parametrize("kind,kw",
+                         [pytest.param("whisper", {}, marks=pytest.mark.slow), ("whisper", {"window": "trimmed"}),
+                          *(pytest.param(k, {}, marks=pytest.mark.slow) for k in ("wavlm", "xvector", "text"))],
                          ids=["whisper", "whisper-trimmed", "wavlm", "xvector", "text"])
 def test_bf16_autocast_rows_agree_with_fp32(models, corpus, tmp_path, kind, kw):
     """The GPU's default precision path (autocast to bf16), run on the CPU: it is really taken
@@ -248,9 +254,10 @@ def test_bf16_autocast_rows_agree_with_fp32(models, corpus, tmp_path, kind, kw):
 def test_a_file_that_kills_its_decoding_worker_costs_only_that_file(tmp_path):
     """A decoder crash (a segfault on a malformed file, say) takes its worker process down: the
     batch is decoded again file by file, and only the file that kills a worker again fails."""
-    from crashing_decoders import decode_or_die
     from ser_cache.features.decoding import Decoder
     from ser_cache.features.encode import new_timings
+
+    from crashing_decoders import decode_or_die
 
     names = ["a", "b", "die", "c", "d", "e"]
     files = [str(write_wav(tmp_path / f"{n}.wav", tone(0.5 + 0.1 * i, seed=i))) for i, n in enumerate(names)]
@@ -306,7 +313,8 @@ def test_encode_stream_overlaps_batches_and_isolates_a_failing_input():
         enc.log.append(("resolve", row))
         got[row] = reason if value is None else float(value[0])
 
-    batches = [([0, 1], ["a", "bb"], [1.0, 1.0]), ([2, 3, 4], ["ccc", "bad", "nan"], [1.0] * 3), ([5], ["ddddd"], [1.0])]
+    batches = [([0, 1], ["a", "bb"], [1.0, 1.0]), ([2, 3, 4], ["ccc", "bad", "nan"], [1.0] * 3),
+               ([5], ["ddddd"], [1.0])]
     _encode_stream(enc, iter(batches), resolve, new_timings())
     assert got[0] == 1.0 and got[1] == 2.0 and got[2] == 3.0 and got[5] == 5.0
     assert got[3] == "encoder failed (RuntimeError: boom)"  # only the bad input's row, first line only
@@ -319,9 +327,10 @@ def test_encode_stream_overlaps_batches_and_isolates_a_failing_input():
 
 @pytest.mark.slow
 def test_workers_that_cannot_run_at_all_stop_the_run_instead_of_failing_every_file(tmp_path):
-    from crashing_decoders import always_die
     from ser_cache.features.decoding import Decoder
     from ser_cache.features.encode import new_timings
+
+    from crashing_decoders import always_die
 
     files = [str(write_wav(tmp_path / f"{i}.wav", tone(0.5, seed=i))) for i in range(3)]
     decoder = Decoder(1, 15.0, decode=always_die)
@@ -397,7 +406,8 @@ def test_transcripts_fill_exactly_the_rows_without_corpus_text(models, corpus, t
     r = extract(cfg(models["text"], corpus, tmp_path / "f", name="minilm", transcripts=table))
     assert r.failed == 1 and r.text_sources == {"corpus": 11, "table": 2, "none": 1}
     s = FeatureStore.open(r.store)
-    assert s.attrs["transcripts"] == {"table": str(table), "table_sha256": hashlib.sha256(table.read_bytes()).hexdigest(),
+    assert s.attrs["transcripts"] == {"table": str(table),
+                                      "table_sha256": hashlib.sha256(table.read_bytes()).hexdigest(),
                                       "asr": ASR, "prefer": False, "rows": {"corpus": 11, "table": 2, "none": 1}}
     record = text_record(r.store)
     assert list(record) == sorted(utts)  # one line per row, in store order
@@ -455,7 +465,8 @@ def test_retry_failed_with_transcripts_fills_test3_and_keeps_the_other_rows(mode
     assert written.all()
     np.testing.assert_array_equal(feats[written0], feats0[written0])  # byte-identical
     record = text_record(r.store)
-    assert {uid: row["source"] for uid, row in record.items() if row["source"] != "corpus"} == dict.fromkeys(TEST3, "table")
+    from_table = {uid: row["source"] for uid, row in record.items() if row["source"] != "corpus"}
+    assert from_table == dict.fromkeys(TEST3, "table")
     assert record[TEST3[1]]["text_sha1"] == sha1("never again")
     attrs = FeatureStore.open(r.store).attrs
     assert attrs["transcripts"]["rows"] == {"corpus": 12, "table": 2, "none": 0} and attrs["complete"] is True
@@ -503,7 +514,8 @@ def test_prefer_transcripts_changes_the_fingerprint(models, corpus, tmp_path):
     plain = extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=table))
     assert plain.text_sources == {"corpus": 14, "table": 0, "none": 0}
     plain_fingerprint = FeatureStore.open(plain.store).fingerprint
-    with pytest.raises(ExtractError, match=r"other settings \(prefer_transcripts: store has None, this run True\).*--overwrite"):
+    with pytest.raises(ExtractError,
+                       match=r"other settings \(prefer_transcripts: store has None, this run True\).*--overwrite"):
         extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=table, prefer_transcripts=True))
     r = extract(cfg(models["text"], corpus, tmp_path, name="minilm", transcripts=table, prefer_transcripts=True,
                     overwrite=True))

@@ -13,16 +13,17 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from factories import msp_corpus, tone, write_wav
-from ser_cache.data import audio
 from ser_cache.cli.app import app
+from ser_cache.data import audio
 from ser_cache.data.corpus import load_corpus
 from ser_cache.encoders import EncoderError, load_encoder
-from ser_cache.features.extract import ExtractConfig, ExtractError, extract
 from ser_cache.features.encode import compute_features, encoder_for_store
-from ser_cache.features.report import report_path
+from ser_cache.features.extract import ExtractConfig, ExtractError, extract
 from ser_cache.features.frames import Frames
+from ser_cache.features.report import report_path
 from ser_cache.features.store import FeatureStore
+
+from factories import msp_corpus, tone, write_wav
 
 # What the stored fp16 rows may differ from an fp32 reference by: float16 rounding.
 FP16 = dict(rtol=2e-3, atol=2e-3)
@@ -83,7 +84,8 @@ def test_whisper_window_rows_are_the_stock_encoders_valid_frames(models, corpus,
     run = stock_whisper_15s(models["whisper"])
     for i in (0, 5, len(ids) - 1):
         ref = run(waves[ids[i]])
-        np.testing.assert_allclose(feats[i, : counts[i]].astype(np.float32), ref[: counts[i]], **FP16, err_msg=f"row {i}")
+        np.testing.assert_allclose(feats[i, : counts[i]].astype(np.float32), ref[: counts[i]], **FP16,
+                                   err_msg=f"row {i}")
     # The pooled store of the same model keeps its own name and its own frame rule, beside it.
     pooled = extract(cfg(models["whisper"], corpus, tmp_path, pooling="mean"))
     assert pooled.store.name == "whisper-tiny.zarr"
@@ -101,7 +103,8 @@ def test_wavlm_rows_are_the_stock_models_last_hidden_state(models, corpus, tmp_p
     t_max = int(stock._get_feat_extract_output_lengths(torch.tensor(15 * 16_000)))
     assert r.store.name == "wavlm-tiny-frames.zarr" and s.feature_shape == (t_max, 32)
     settings = s.attrs["settings"]
-    assert settings["pooling"] == "frames" and settings["layer"] == "last" and settings["last_state"] == "after-final-layer-norm"
+    assert (settings["pooling"] == "frames" and settings["layer"] == "last"
+            and settings["last_state"] == "after-final-layer-norm")
     ids, feats, written = s.read()
     counts = s.frame_counts()
     waves = clips(corpus)
@@ -255,7 +258,8 @@ def test_resume_after_kill_9_gives_identical_features_and_frames(models, tmp_pat
     store = out / "whisper-tiny-frames.zarr"
     partial = FeatureStore.open(store)
     assert partial.flags()[0].sum() == 8 and partial.frame_counts()[8:12].any()  # chunk 3's counts, not trusted
-    again = subprocess.run([sys.executable, "-m", "ser_cache", *args], env=env, capture_output=True, text=True, timeout=300)
+    again = subprocess.run([sys.executable, "-m", "ser_cache", *args], env=env, capture_output=True, text=True,
+                           timeout=300)
     assert again.returncode == 0, again.stderr
     ref = FeatureStore.open(extract(cfg(models["whisper"], data, tmp_path / "ref", chunk_rows=4)).store)
     done = FeatureStore.open(store)

@@ -2,14 +2,15 @@ import h5py
 import numpy as np
 import pytest
 
-from ser_cache.features.store import FeatureStore, StoreError, StoreLock, chunk_rows_for, remove_store
 from ser_cache.features.export import export_hdf5
+from ser_cache.features.store import FeatureStore, StoreError, StoreLock, chunk_rows_for, remove_store
 from ser_cache.features.store_ref import fingerprint
 
 
 def make(tmp_path, n=10, shape=(3,), rows=4):
     ids = [f"u{i:02d}" for i in range(n)]
-    return FeatureStore.create(tmp_path / "s.zarr", ids, shape, {"fingerprint": "abc", "settings": {"k": 1}}, chunk_rows=rows)
+    return FeatureStore.create(tmp_path / "s.zarr", ids, shape, {"fingerprint": "abc", "settings": {"k": 1}},
+                               chunk_rows=rows)
 
 
 def test_create_write_read(tmp_path):
@@ -91,7 +92,8 @@ def test_frame_store_zeroes_padding_and_reads_valid_frames(tmp_path):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 5, 2)).astype(np.float32)  # garbage past each row's count too
     counts = np.array([3, 5, 0, 1, 2, 4])
-    s.write_chunk(0, x[:4], np.array([True, True, True, False]), np.array([False, False, False, True]), frames=counts[:4])
+    s.write_chunk(0, x[:4], np.array([True, True, True, False]), np.array([False, False, False, True]),
+                  frames=counts[:4])
     s.write_chunk(1, x[4:], np.ones(2, bool), np.zeros(2, bool), frames=counts[4:])
     feats = s.read()[1]
     # Row 3 failed: its count is stored as 0, whatever was passed.

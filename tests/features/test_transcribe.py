@@ -21,11 +21,12 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from factories import msp_corpus, tone, write_wav, whisper_asr
-from ser_cache.features import transcribe as tr, transcriber
 from ser_cache.cli.app import app
+from ser_cache.features import transcribe as tr, transcriber
 from ser_cache.features.transcribe import Journal, TranscribeConfig, TranscribeError, pack, transcribe
 from ser_cache.features.transcriber import WhisperTranscriber
+
+from factories import msp_corpus, tone, whisper_asr, write_wav
 
 runner = CliRunner()
 SRC = Path(__file__).resolve().parents[2] / "src"
@@ -187,7 +188,8 @@ def test_resume_after_kill_9_redoes_no_finished_row(asr, data, tmp_path, monkeyp
 
     appended: list[str] = []
     original = Journal.append
-    monkeypatch.setattr(Journal, "append", lambda self, rows: (appended.extend(i for i, _ in rows), original(self, rows)))
+    monkeypatch.setattr(Journal, "append",
+                        lambda self, rows: (appended.extend(i for i, _ in rows), original(self, rows)))
     r = runner.invoke(app, args)
     assert r.exit_code == 0, r.output
     assert f"{9 - len(first)} transcribed, {len(first)} skipped as already done" in r.output

@@ -5,18 +5,18 @@ another corpus's store)."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import zarr
 from typer.testing import CliRunner
 
-from factories import msp_corpus
-from ser_cache.features import decoding, encode
 from ser_cache.cli.app import INTERRUPTED, app
+from ser_cache.features import decoding, encode
 from ser_cache.features.extract import ExtractConfig, extract
 from ser_cache.features.store import FeatureStore, StoreError
-from processes import ENDS_WITHIN, start_blocked, ended_within
+
+from factories import msp_corpus
+from processes import ENDS_WITHIN, ended_within, start_blocked
 
 runner = CliRunner()
 
@@ -132,7 +132,8 @@ def test_ctrl_c_received_by_another_thread_still_ends_extract_at_once(models, tm
     to wait until that batch was decoded (here 600 s). Now it ends the run within a wait slice."""
     corpus = msp_corpus(tmp_path / "corpus", n=4, unlabeled=0)
     proc, _ = start_blocked(tmp_path, EXTRACT_SIGNAL_TO_A_THREAD,
-                            ["extract", "--model", str(models["whisper"]), "--data", str(corpus), "--out", str(tmp_path / "f"),
+                            ["extract", "--model", str(models["whisper"]), "--data", str(corpus), "--out",
+                             str(tmp_path / "f"),
                              "--device", "cpu", "--workers", "1", "--no-progress"])
     output = ended_within(proc, ENDS_WITHIN)
     assert proc.returncode == 130 and output.strip() == INTERRUPTED, output
@@ -261,6 +262,7 @@ def test_a_rerun_with_nothing_to_do_says_so_instead_of_a_rate(models, tmp_path):
 
 def test_info_gives_sizes_in_a_unit_that_shows_them(tmp_path):
     from ser_cache.cli.stage_one import size_text
+
     from synthetic import make_store
 
     assert [size_text(n) for n in (0, 512, 7_250, 48_300_000, 1.2e9)] == ["0 B", "512 B", "7.25 kB", "48.3 MB",
@@ -273,6 +275,7 @@ def test_info_gives_sizes_in_a_unit_that_shows_them(tmp_path):
 
 def test_plot_speakers_on_another_corpus_store_says_the_rows_do_not_match(tmp_path):
     from ser_cache.cli.plot import plot_app
+
     from synthetic import speaker_corpus, speaker_store
 
     manifest, ids, labels = speaker_corpus(tmp_path / "corpus")

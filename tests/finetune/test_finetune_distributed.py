@@ -24,10 +24,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import factories
-from ser_cache.runs import layout
-from ser_cache.runs import rundir
 from ser_cache.finetune.loop import finetune_wavlm
+from ser_cache.runs import layout, rundir
+
+import factories
 from finetune_support import base_config, cli_args, learnable_corpus, subprocess_env
 
 WEIGHT_TOLERANCE = 1e-4

@@ -15,22 +15,21 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-import torch
 import pytest
+import torch
 from safetensors.torch import load_file
 
-import factories
-from ser_cache.infra import atomic
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
-from ser_cache.runs import rundir
-from ser_cache.finetune.options import FinetuneConfig
+from ser_cache.data.batching import plan_batches, shard
 from ser_cache.finetune.loop import finetune_wavlm
+from ser_cache.finetune.options import FinetuneConfig
+from ser_cache.infra import atomic
+from ser_cache.runs import layout, prediction_file, rundir
 from ser_cache.runs.checkpoint_file import CHECKPOINT
 from ser_cache.system.finetuned import AUDIO_INPUT
-from ser_cache.data.batching import plan_batches, shard
 from ser_cache.system.rows import TrainError
-from finetune_support import learnable_corpus, base_config, cli_args, subprocess_env
+
+import factories
+from finetune_support import base_config, cli_args, learnable_corpus, subprocess_env
 
 
 @pytest.fixture(scope="module")
@@ -235,7 +234,8 @@ def test_mmwavlm_with_cached_text_features(corpus_ft, models, tmp_path):
         f"{p.name},{(corpus_ft / 'Transcripts' / (p.stem + '.txt')).read_text().strip()}\n" for p in audio))
     bare = predict(result.run_dir, files=audio, transcripts=transcripts, out=tmp_path / "f.csv", device="cpu")
     assert "encoder" in bare.sources["minilm"]
-    np.testing.assert_allclose(prediction_file.read_predictions(bare.out)[1], prediction_file.read_predictions(from_store.out)[1],
+    np.testing.assert_allclose(prediction_file.read_predictions(bare.out)[1],
+                               prediction_file.read_predictions(from_store.out)[1],
                                atol=2e-3)  # text features recomputed, then rounded to float16 like the store
 
 
@@ -310,8 +310,8 @@ def test_a_run_written_before_the_authors_architecture_loads_as_it_was_trained(t
 
     from safetensors.torch import save_file
 
-    from ser_cache.system.finetuned import LEGACY_LAST_STATE
     from ser_cache.runs.finetuned_run import load_finetuned
+    from ser_cache.system.finetuned import LEGACY_LAST_STATE
 
     _, result = trained
     old = tmp_path / "old"

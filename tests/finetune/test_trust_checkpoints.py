@@ -25,14 +25,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from typer.testing import CliRunner
 
-import factories
-from ser_cache.infra import atomic
-from ser_cache.runs import layout
-from ser_cache.runs import rundir
-from ser_cache.runs.checkpoint_file import CHECKPOINT
 from ser_cache.cli.app import app
 from ser_cache.finetune.loop import finetune_wavlm
 from ser_cache.finetune.options import FinetuneConfig
+from ser_cache.infra import atomic
+from ser_cache.runs import layout, rundir
+from ser_cache.runs.checkpoint_file import CHECKPOINT
+
+import factories
 from finetune_support import base_config, cli_args, learnable_corpus, subprocess_env
 from synthetic import make_run
 
@@ -221,7 +221,8 @@ def test_the_state_file_keeps_every_type_it_is_given(tmp_path):
 
     tree = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
             "by_int": {0: {"step": torch.tensor(3.0)}, 1: None}, "tuple": (0.9, 0.999), "nan": float("nan"),
-            "inf": -float("inf"), "np_scalar": np.float64(0.1), "pred": np.random.rand(4, 3), "u32": np.arange(3, dtype=np.uint32),
+            "inf": -float("inf"), "np_scalar": np.float64(0.1), "pred": np.random.rand(4, 3),
+            "u32": np.arange(3, dtype=np.uint32),
             "tagged": {"__t": "looks like a tag"}, "empty": torch.zeros(0)}
     back = statefile.load(statefile.save(tmp_path / "s.safetensors", tree, fmt="t", version=1), fmt="t", version=1)
     assert back["python"] == tree["python"] and isinstance(back["python"], tuple)
@@ -376,10 +377,12 @@ def test_a_model_folder_with_a_refused_pickle_is_one_line(corpus, tmp_path):
 
 def test_a_runs_encoder_with_a_refused_pickle_is_one_line(models, tmp_path):
     from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
+
     from vox_profile_checkpoints import authors_whisper_checkpoint
 
     src, _ = authors_whisper_checkpoint(tmp_path / "ckpt", models["whisper"])
-    run = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["whisper"]))).run_dir
+    run = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run",
+                                          backbone=str(models["whisper"]))).run_dir
     (encoder,) = [p.parent for p in run.glob("*/model.safetensors")]  # the Whisper encoder the run carries
     state = load_file(str(encoder / "model.safetensors"))
     (encoder / "model.safetensors").unlink()

@@ -9,9 +9,10 @@ import textwrap
 import numpy as np
 import pytest
 
-from factories import msp_corpus
 from ser_cache.features.extract import ExtractConfig, extract, report_path
 from ser_cache.features.store import FeatureStore
+
+from factories import msp_corpus
 
 
 @pytest.mark.parametrize("pooling", ["mean", "frames"])
@@ -69,8 +70,8 @@ def test_extract_ranks_wait_for_each_other_longer_than_torchs_default(monkeypatc
 
     import torch
 
-    from ser_cache.infra import distributed
     from ser_cache.features.extract import RANK_WAIT
+    from ser_cache.infra import distributed
 
     seen = {}
 
@@ -82,7 +83,8 @@ def test_extract_ranks_wait_for_each_other_longer_than_torchs_default(monkeypatc
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
     monkeypatch.setenv("SER_CACHE_BACKEND", "gloo")
-    monkeypatch.setattr("ser_cache.features.extract.load_corpus", lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
+    monkeypatch.setattr("ser_cache.features.extract.load_corpus",
+                        lambda *a: (_ for _ in ()).throw(RuntimeError("stop here")))
     with pytest.raises(RuntimeError, match="stop here"):
         extract(ExtractConfig(model="unused", data=tmp_path, out=tmp_path, device="cpu", progress=False))
     assert seen == {"backend": "gloo", "timeout": RANK_WAIT} and RANK_WAIT >= timedelta(hours=1)

@@ -139,7 +139,8 @@ def test_which_cpus_multiply_bf16_natively(cpu, capability, flags, native):
 
 def test_cpu_flags_come_from_cpuinfo_and_are_empty_without_it(tmp_path, monkeypatch):
     info = tmp_path / "cpuinfo"
-    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu sse2 avx512_bf16\n")
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx512_bf16\n\nprocessor\t: 1\nflags\t\t: fpu sse2 "
+                    "avx512_bf16\n")
     monkeypatch.setattr(runtime, "CPUINFO", info)
     assert {"fpu", "sse2", "avx512_bf16"} <= runtime.cpu_flags()
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")

@@ -8,6 +8,7 @@ import pytest
 from ser_cache.runs import prediction_file
 from ser_cache.runs.ensemble import EnsembleError, ensemble
 from ser_cache.system.metrics import ccc_table
+
 from synthetic import make_corpus, read_csv
 
 

@@ -11,11 +11,11 @@ import pytest
 from matplotlib.image import imread
 from typer.testing import CliRunner
 
-from ser_cache.runs import plots, score_plots
 from ser_cache.infra import atomic
-from ser_cache.runs import layout
-from ser_cache.system.metrics import ATTRIBUTES, ccc
+from ser_cache.runs import layout, plots, score_plots
 from ser_cache.runs.plots import PlotError
+from ser_cache.system.metrics import ATTRIBUTES, ccc
+
 from synthetic import history_rows, make_run, speaker_corpus, speaker_store
 
 
@@ -63,7 +63,8 @@ def test_training_curves_elsewhere_and_without_balanced(tmp_path):
 
 
 def checkpoint_of(run: Path, history: list[dict], best_epoch: int) -> Path:
-    """A fine-tuning checkpoint with this history and best epoch (and empty module states), as save_checkpoint writes."""
+    """A fine-tuning checkpoint with this history and best epoch (and empty module states), as save_checkpoint
+    writes."""
     pytest.importorskip("torch")
     from ser_cache.infra import statefile
     from ser_cache.runs.checkpoint_file import CHECKPOINT, CHECKPOINT_FORMAT, CHECKPOINT_VERSION
@@ -103,10 +104,10 @@ def test_training_curves_refusals(tmp_path):
 @pytest.mark.slow
 def test_training_curves_of_a_trained_run(tmp_path):
     """A run that train_heads really wrote (history.csv, config.json as it writes them)."""
-    from synthetic import make_corpus, make_store
-
     from ser_cache.train.options import TrainHeadsConfig
     from ser_cache.train.recipe import train_heads
+
+    from synthetic import make_corpus, make_store
 
     manifest, ids, feats = make_corpus(tmp_path / "corpus", n=120)
     store = make_store(tmp_path / "audio.zarr", ids, feats["audio"])
@@ -132,14 +133,16 @@ def labelled(n: int, seed: int = 0):
     return pred, true, emotions
 
 
-@pytest.mark.parametrize("n, svg", [pytest.param(300, False, marks=pytest.mark.slow),
-                                     pytest.param(2500, True, marks=pytest.mark.slow)])  # the figures' parts: the tests below  # a scatter, then a hexbin
+# the figures' parts: the tests below
+@pytest.mark.parametrize("n, svg", [pytest.param(300, False, marks=pytest.mark.slow),  # a scatter, then a hexbin
+                                     pytest.param(2500, True, marks=pytest.mark.slow)])
 def test_evaluation_plots(tmp_path, n, svg):
     pred, true, emotions = labelled(n)
     rng = np.random.default_rng(1)
     gender_true = rng.integers(0, 2, n)
     gender_pred = np.where(rng.random(n) < 0.8, gender_true, 1 - gender_true)
-    result = score_plots.evaluation_plots(pred, true, emotions, tmp_path, gender_true=gender_true, gender_pred=gender_pred,
+    result = score_plots.evaluation_plots(pred, true, emotions, tmp_path, gender_true=gender_true,
+                                          gender_pred=gender_pred,
                                     gender_labels=["Female", "Male"], title="test", svg=svg)
     names = {"scatter.png", "ccc_per_class.png", "gender_confusion.png"}
     assert {p.name for p in result.paths} == names | ({n.replace(".png", ".svg") for n in names} if svg else set())
@@ -412,7 +415,8 @@ def class_data(seed: int = 0):
 def per_class(tmp_path_factory):
     """class_data's evaluation figures, drawn once for the tests below."""
     pred, true, emotions, gender_true, gender_pred = class_data()
-    return (pred, true, emotions), score_plots.evaluation_plots(pred, true, emotions, tmp_path_factory.mktemp("per_class"),
+    return (pred, true, emotions), score_plots.evaluation_plots(pred, true, emotions,
+                                                                tmp_path_factory.mktemp("per_class"),
                                                           gender_true=gender_true, gender_pred=gender_pred,
                                                           gender_labels=["Female", "Male"])
 

@@ -10,12 +10,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
 from ser_cache.data.corpus import load_corpus
 from ser_cache.features.extract import ExtractConfig, extract
-from ser_cache.runs.predict import PredictError, evaluate, predict
 from ser_cache.features.store_ref import ids_digest
+from ser_cache.runs import layout, prediction_file
+from ser_cache.runs.predict import PredictError, evaluate, predict
+
 from synthetic import make_corpus, make_store, read_csv, train
 
 
@@ -27,7 +27,8 @@ def settings_for(name: str, ids, **extra) -> dict:
 @pytest.fixture
 def trained(tmp_path):
     manifest, ids, feats = make_corpus(tmp_path / "corpus", 240)
-    stores = [make_store(tmp_path / "features" / "audio.zarr", ids, feats["audio"], settings=settings_for("audio", ids)),
+    stores = [make_store(tmp_path / "features" / "audio.zarr", ids, feats["audio"],
+                         settings=settings_for("audio", ids)),
               make_store(tmp_path / "features" / "text.zarr", ids, feats["text"], kind="text", modality="text",
                          settings=settings_for("text", ids, kind="text"))]
     result, _ = train(tmp_path, manifest, stores, epochs=4)
@@ -266,7 +267,8 @@ def test_a_missing_transcript_stops_predict_before_any_encoder_runs(tmp_path, au
         (corpus / "Transcripts" / name.replace(".wav", ".txt")).unlink()
     calls = []
     load, compute = gather._load_encoder, encode.compute_features
-    monkeypatch.setattr(gather, "_load_encoder", lambda record, *a, **k: calls.append(record["name"]) or load(record, *a, **k))
+    monkeypatch.setattr(gather, "_load_encoder",
+                        lambda record, *a, **k: calls.append(record["name"]) or load(record, *a, **k))
     monkeypatch.setattr(encode, "compute_features", lambda *a, **k: calls.append("compute") or compute(*a, **k))
     with pytest.raises(PredictError, match=rf"{TEST3[0]}: no transcript for the text input 'text' \(and 1 more\); "
                                            r"give --transcripts FILE .* or write .*Transcripts"):

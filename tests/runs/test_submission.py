@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from factories import msp_corpus
 from ser_cache.cli.app import app
 from ser_cache.runs.submission import SHOWN_PER_KIND, check_submission
+
+from factories import msp_corpus
 
 runner = CliRunner()
 HEADER = "FileName,EmoAct,EmoVal,EmoDom"

@@ -24,19 +24,17 @@ import torch
 from safetensors.torch import load_file, save_file
 from typer.testing import CliRunner
 
-from factories import msp_corpus
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
-from ser_cache.runs import rundir
 from ser_cache.cli.app import app
+from ser_cache.features.store import FeatureStore
+from ser_cache.runs import layout, prediction_file, rundir
 from ser_cache.runs.ensemble import EnsembleError, ensemble
 from ser_cache.runs.predict import PredictError, evaluate, predict
 from ser_cache.system.rows import TrainError, load_rows
-from ser_cache.features.store import FeatureStore
-from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
 from ser_cache.train.options import TrainHeadsConfig
-from synthetic import make_frame_corpus, make_frame_store
-from synthetic import make_corpus, make_store, train
+from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
+
+from factories import msp_corpus
+from synthetic import make_corpus, make_frame_corpus, make_frame_store, make_store, train
 
 runner = CliRunner()
 OPTIONS = dict(epochs=2, lr=3e-3, batch_size=32, undersample=False, progress=False, device="cpu", threads=1,
@@ -264,7 +262,8 @@ def test_an_ensemble_member_value_off_the_scale_or_not_a_plain_number_is_refused
 def test_an_ensemble_member_saved_with_a_bom_is_read(tmp_path):
     ids, a, b = _members(tmp_path)
     expected = (prediction_file.read_predictions(a)[1] + prediction_file.read_predictions(b)[1]) / 2
-    _set_cell(b, 0, "EmoAct", f"{prediction_file.read_predictions(b)[1][0, 0]:.6f}", encoding="utf-8-sig")  # as Excel saves it
+    # as Excel saves it
+    _set_cell(b, 0, "EmoAct", f"{prediction_file.read_predictions(b)[1][0, 0]:.6f}", encoding="utf-8-sig")
     assert b.read_bytes().startswith(b"\xef\xbb\xbf")
     result = ensemble([a, b], out=tmp_path / "out.csv")
     got_ids, got = prediction_file.read_predictions(result.out)
@@ -410,9 +409,9 @@ def test_a_frame_store_rebuilt_while_training_streams_it_is_named(tmp_path):
 
 
 def test_layer_on_a_pooled_store_is_refused(tmp_path):
-    from synthetic import speaker_corpus, speaker_store
-
     from ser_cache.runs.plots import PlotError, speaker_tsne
+
+    from synthetic import speaker_corpus, speaker_store
 
     manifest, ids, labels = speaker_corpus(tmp_path / "corpus")
     store = speaker_store(tmp_path / "pooled.zarr", ids, labels, separated=True, shape=(32,))

@@ -15,11 +15,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ser_cache.runs import layout, prediction_file, rundir
+
 import factories
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
-from ser_cache.runs import rundir
-from vox_profile_checkpoints import HIDDEN, ATTRS, write_checkpoint, authors_wavlm_checkpoint, authors_whisper_checkpoint
+from vox_profile_checkpoints import (
+    ATTRS,
+    HIDDEN,
+    authors_wavlm_checkpoint,
+    authors_whisper_checkpoint,
+    write_checkpoint,
+)
 
 
 def _heads(features: torch.Tensor, t: dict, prefix: str) -> torch.Tensor:
@@ -149,9 +154,10 @@ def test_a_checkpoint_for_another_backbone_is_refused(models, tmp_path):
 def test_finetune_can_start_from_an_imported_run(models, tmp_path, one_torch_thread):
     from safetensors.torch import load_file
 
-    from ser_cache.finetune.options import FinetuneConfig
     from ser_cache.finetune.loop import finetune_wavlm
+    from ser_cache.finetune.options import FinetuneConfig
     from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
+
     from finetune_support import learnable_corpus
 
     src, _ = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"], gender=True)
@@ -245,7 +251,8 @@ def test_a_run_whose_config_sends_its_own_encoder_outside_the_run_is_refused(mod
     from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
 
     src, _ = authors_whisper_checkpoint(tmp_path / "ckpt", models["whisper"])
-    run = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["whisper"]))).run_dir
+    run = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run",
+                                          backbone=str(models["whisper"]))).run_dir
     shutil.copytree(models["whisper"], tmp_path / "elsewhere")  # a loadable model outside the run
     config = json.loads((run / "config.json").read_text())
     (record,) = [r for r in config["inputs"] if r.get("in_run")]

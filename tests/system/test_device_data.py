@@ -13,20 +13,16 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from synthetic import make_frame_corpus, make_frame_store
-from synthetic import make_corpus, make_store, read_csv, train
 
-from ser_cache.runs import layout
 from ser_cache.infra import runtime
-from ser_cache.system import inputs as inputs_mod
-from ser_cache.system import rows as rows_mod
-from ser_cache.system import scoring
-from ser_cache.system import setup
-from ser_cache.train import options
-from ser_cache.train import recipe
-from ser_cache.train.fit import infer_stack
+from ser_cache.runs import layout
+from ser_cache.system import inputs as inputs_mod, rows as rows_mod, scoring, setup
 from ser_cache.system.rows import HOST, HOST_PINNED, ON_DEVICE, STREAMED, load_rows
+from ser_cache.train import options, recipe
+from ser_cache.train.fit import infer_stack
 from ser_cache.train.stack import stack_of
+
+from synthetic import make_corpus, make_frame_corpus, make_frame_store, make_store, read_csv, train
 
 CPU = torch.device("cpu")
 TIMING = ("seconds", "eval_seconds")

@@ -11,14 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
-from ser_cache.runs import rundir
 from ser_cache.features.frames import Frames
-from ser_cache.system.model import ConvPool, FeatureModel
 from ser_cache.features.store import FeatureStore
-from synthetic import check_multimodal, make_store, train, make_frame_corpus, make_frame_store
+from ser_cache.runs import layout, prediction_file, rundir
+from ser_cache.system.model import ConvPool, FeatureModel
 
+from synthetic import check_multimodal, make_frame_corpus, make_frame_store, make_store, train
 
 # --------------------------------------------------------------------------- a corpus whose arousal lives in frames
 
@@ -198,13 +196,12 @@ def test_frame_store_rows_read_once_per_chunk_for_kept_rows_only(tmp_path, frame
 
 @pytest.mark.slow
 def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpus, monkeypatch):
-    from ser_cache.train import fit
     from ser_cache.system import setup
-    from ser_cache.train import recipe
-    from ser_cache.train.options import TrainHeadsConfig
     from ser_cache.system.inputs import FrameInput
     from ser_cache.system.rows import TrainingData
     from ser_cache.system.sampling import EpochSampler
+    from ser_cache.train import fit, recipe
+    from ser_cache.train.options import TrainHeadsConfig
 
     manifest, ids, frames, text, stores = frame_corpus
     seen: list[list[np.ndarray]] = []
@@ -260,8 +257,8 @@ def test_streamed_frames_train_and_see_each_epoch_row_once(tmp_path, frame_corpu
 
 
 def test_streamed_and_held_frames_score_development_alike(tmp_path, frame_corpus):
-    from ser_cache.train.fit import infer_stack
     from ser_cache.system.rows import load_rows
+    from ser_cache.train.fit import infer_stack
     from ser_cache.train.stack import stack_of
 
     manifest, ids, frames, text, stores = frame_corpus
@@ -355,8 +352,8 @@ def test_a_frame_run_refuses_a_pooled_store_in_place_of_its_frames(tmp_path, fra
 
 @pytest.mark.slow
 def test_an_old_run_without_frame_inputs_loads_and_predicts_the_same(tmp_path, frame_corpus):
-    from ser_cache.system.heads import MultitaskHeads
     from ser_cache.runs.predict import predict
+    from ser_cache.system.heads import MultitaskHeads
 
     manifest, ids, frames, text, stores = frame_corpus
     result, _ = train(tmp_path, manifest, [stores["means"], stores["text"]], name="old", **{**FAST, "epochs": 3})
@@ -411,9 +408,9 @@ def test_frame_heads_on_mini_podcast_multimodal_beats_each_modality(tmp_path, mi
     the store equals the same model on frames the encoder computes from the audio there and then."""
     import time
 
-    from ser_cache.runs.ensemble import ensemble
-    from ser_cache.features.extract import ExtractConfig, extract
     from ser_cache.features.encode import compute_features, encoder_for_store
+    from ser_cache.features.extract import ExtractConfig, extract
+    from ser_cache.runs.ensemble import ensemble
     from ser_cache.runs.predict import evaluate, predict
 
     t0 = time.perf_counter()

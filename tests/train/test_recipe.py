@@ -15,16 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
-from ser_cache.runs import rundir
-from ser_cache.system.metrics import ccc_table
-from ser_cache.system.sampling import OX_MODES
 from ser_cache.features.store import FeatureStore
+from ser_cache.runs import layout, prediction_file, rundir
+from ser_cache.system.metrics import ccc_table
 from ser_cache.system.rows import TrainError
+from ser_cache.system.sampling import OX_MODES
 from ser_cache.train.options import TrainHeadsConfig
-from synthetic import make_corpus, make_store, train, read_csv, check_multimodal
 
+from synthetic import check_multimodal, make_corpus, make_store, read_csv, train
 
 # --------------------------------------------------------------------------- synthetic stores
 

@@ -11,22 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from synthetic import make_frame_corpus, make_frame_store
-from synthetic import make_corpus, make_store
 from typer.testing import CliRunner
 
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
-from ser_cache.runs import rundir
 from ser_cache.cli.app import app
+from ser_cache.runs import layout, prediction_file, rundir
 from ser_cache.system.heads import MultitaskHeads
 from ser_cache.system.losses import AAMSoftmax
 from ser_cache.system.metrics import ccc_table
 from ser_cache.system.model import FeatureModel
-from ser_cache.train.stack import MemberStack, OneMember, StackedAdamW, stack_of
-from ser_cache.train.sweep import SweepConfig, TrainError, parse_variant, sweep
 from ser_cache.train.options import TrainHeadsConfig
 from ser_cache.train.recipe import train_heads
+from ser_cache.train.stack import MemberStack, OneMember, StackedAdamW, stack_of
+from ser_cache.train.sweep import SweepConfig, TrainError, parse_variant, sweep
+
+from synthetic import make_corpus, make_frame_corpus, make_frame_store, make_store
 
 OPTIONS = dict(epochs=4, lr=3e-3, batch_size=32, undersample=False, progress=False, device="cpu", threads=1,
                speaker_weight=0.0)
@@ -179,7 +177,8 @@ def test_one_member_is_the_model_itself_and_trains_in_place():
         own_optimizer.step()
     state, _ = one.member_state(0)
     assert all(torch.equal(state[n], v) for n, v in own.state_dict().items())
-    assert not torch.equal(state["heads.regressors.arousal.mlp.0.weight"], before["heads.regressors.arousal.mlp.0.weight"])
+    assert not torch.equal(state["heads.regressors.arousal.mlp.0.weight"],
+                           before["heads.regressors.arousal.mlp.0.weight"])
 
 
 # --------------------------------------------------------------------------- members equal train-heads runs
@@ -295,14 +294,16 @@ def test_variants_take_the_base_inputs_unless_they_name_their_own(corpus, tmp_pa
     cfg = SweepConfig(base_config(corpus, tmp_path / "s", epochs=1), seeds=1, inputs="audio", resamples=10,
                       variants=(parse_variant("lr: lr=1e-3"), parse_variant("both: inputs=all")))
     sweep(cfg)
-    inputs = {v: [i["name"] for i in rundir.read_config(tmp_path / "s" / v / "seed-0")["inputs"]] for v in ("base", "lr", "both")}
+    inputs = {v: [i["name"] for i in rundir.read_config(tmp_path / "s" / v / "seed-0")["inputs"]]
+              for v in ("base", "lr", "both")}
     assert inputs == {"base": ["audio"], "lr": ["audio"], "both": ["audio", "text"]}
     assert [s["name"] for s in rundir.read_config(tmp_path / "s" / "lr" / "seed-0")["excluded_stores"]] == ["text"]
 
 
 def test_unknown_inputs_and_streamed_frames_are_refused(corpus, tmp_path):
     cfg = SweepConfig(base_config(corpus, tmp_path / "s"), seeds=1, variants=(parse_variant("x: inputs=audio+nope"),))
-    with pytest.raises(TrainError, match="--variant x: inputs=audio\\+nope: nope is not a loaded store; the stores are audio, text"):
+    with pytest.raises(TrainError, match="--variant x: inputs=audio\\+nope: nope is not a loaded store; "
+                                         "the stores are audio, text"):
         sweep(cfg)
     manifest, ids, frames, _ = make_frame_corpus(tmp_path / "fc", 60)
     store = make_frame_store(tmp_path / "f" / "frames.zarr", ids, frames, chunk_rows=10)
@@ -353,7 +354,8 @@ def test_sweep_command_prints_the_table_in_80_columns(corpus, tmp_path):
     assert r.exit_code == 0, r.output
     lines = r.stdout.splitlines()
     assert max(len(line) for line in lines) <= 80, r.stdout
-    rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in ("base", "drop", "audio-only")}
+    rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in ("base", "drop",
+                                                                                            "audio-only")}
     assert set(rows) == {"base", "drop", "audio-only"} and "ref." in rows["base"] and "…" in rows["drop"]
     assert (tmp_path / "s" / "drop" / "seed-1" / "curves.png").is_file()
     bad = CliRunner().invoke(app, [*args[:-4], "-V", "x: epochs=3"])

@@ -7,10 +7,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from ser_cache.train import sweep
-from ser_cache.train import recipe
 from ser_cache.cli.app import app
 from ser_cache.system.rows import TrainError
+from ser_cache.train import recipe, sweep
 from ser_cache.train.options import TrainHeadsConfig
 
 TORCH_OWN = 3  # what torch is set to before each test: neither 1 nor a count a test passes
@@ -42,7 +41,8 @@ def threads_seen(monkeypatch, module, name: str) -> list[int]:
 def test_training_threads_default_to_one(tmp_path, monkeypatch, torch_own_threads, command, module, name, option,
                                          expected):
     seen = threads_seen(monkeypatch, module, name)
-    result = CliRunner().invoke(app, [command, "--features", str(tmp_path / "a.zarr"), "--data", str(tmp_path / "corpus"),
+    result = CliRunner().invoke(app,
+                                [command, "--features", str(tmp_path / "a.zarr"), "--data", str(tmp_path / "corpus"),
                                       "--out", str(tmp_path / "out"), *option])
     assert "stopped by the test" in result.output, result.output
     assert seen == [expected]

@@ -6,6 +6,8 @@ the app when imported. Importing this package imports them all: `ser_cache.cli.a
 
 from __future__ import annotations
 
+# The import order is the order of the commands in `ser-cache --help`: not sorted.
+# isort: off
 from ser_cache.cli import (  # noqa: F401 (each registers its commands on cli.app.app)
     stage_one,
     stage_two,
@@ -18,3 +20,4 @@ from ser_cache.cli import (  # noqa: F401 (each registers its commands on cli.ap
     plot,
     sweep,
 )
+# isort: on

@@ -19,8 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from ser_cache.version import __version__
 from ser_cache.infra.atomic import is_disk_full
+from ser_cache.version import __version__
 
 # pyproject.toml names no issue page; when it does, put its address here.
 ISSUES = "the project's issue tracker"
@@ -61,9 +61,9 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from ser_cache.data.records import CorpusError
     from ser_cache.encoders import EncoderError
     from ser_cache.features.extract import ExtractError
+    from ser_cache.features.store import StoreError
     from ser_cache.infra.outputs import OutputError
     from ser_cache.infra.runtime import DeviceError
-    from ser_cache.features.store import StoreError
 
     named = []
     for known in KNOWN_ERRORS:

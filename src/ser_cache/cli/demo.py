@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,7 +13,7 @@ KNOWN_ERRORS.append("ser_cache.demo:DemoError")
 
 @app.command()
 def demo(
-    workdir: Optional[Path] = typer.Option(
+    workdir: Path | None = typer.Option(
         None, help="Keep the corpus, models, stores and run here (default: a temporary folder, removed)."),
     seed: int = typer.Option(0, help="Seed of the corpus, the tiny models and training."),
     progress: bool = typer.Option(True, help="Show progress bars."),

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -20,9 +19,10 @@ def vox_profile(
     source: str = typer.Argument(..., help="Hub id (e.g. tiantiaf/wavlm-large-msp-podcast-emotion-dim) or a local "
                                           "directory with the authors' config.json and model.safetensors."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to create."),
-    backbone: Optional[str] = typer.Option(None, help="The encoder's configuration and preprocessor: short name, hub id "
+    backbone: str | None = typer.Option(None, help="The encoder's configuration and preprocessor: short name, hub id "
                                                       "or directory (default: microsoft/wavlm-large or "
-                                                      "openai/whisper-large-v3, as the checkpoint's pretrain_model says)."),
+                                                      "openai/whisper-large-v3, as the checkpoint's pretrain_model "
+                                                      "says)."),
     label_range: tuple[float, float] = typer.Option((1.0, 7.0), metavar="LOW HIGH",
                                                     help="The scale the sigmoid outputs in [0, 1] are mapped onto "
                                                          "(MSP-Podcast: 1 7)."),

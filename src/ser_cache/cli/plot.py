@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-from ser_cache.cli.app import KNOWN_ERRORS, app, guarded, out, writable
 from ser_cache.cli import shared_options as shared
+from ser_cache.cli.app import KNOWN_ERRORS, app, guarded, out, writable
 
 KNOWN_ERRORS.append("ser_cache.runs.plots:PlotError")
 
@@ -18,8 +17,9 @@ app.add_typer(plot_app, name="plot")
 
 @plot_app.command("run")
 def plot_run(
-    run: Path = typer.Argument(..., help="A run directory (train-heads, finetune wavlm; an unfinished fine-tuning run too)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR|FIG.png",
+    run: Path = typer.Argument(..., help="A run directory (train-heads, finetune wavlm; an unfinished fine-tuning "
+                                         "run too)."),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", metavar="DIR|FIG.png",
                                            help="A folder for curves.png, or the figure's own name ending in .png "
                                                 "(default: the run directory)."),
     svg: bool = typer.Option(False, "--svg", help="Also write the figure as SVG beside the PNG."),
@@ -37,7 +37,8 @@ def plot_run(
     result = guarded(training_curves, run, out_dir, svg=svg)
     if result is None:
         return
-    kept = f"kept epoch {result.kept_epoch}" if result.finished else f"in progress, best so far: epoch {result.kept_epoch}"
+    kept = (f"kept epoch {result.kept_epoch}" if result.finished
+            else f"in progress, best so far: epoch {result.kept_epoch}")
     out.print(f"{len(result.epochs)} epochs ({kept})")
     for path in result.paths:
         out.print(f"wrote {path}", highlight=False, soft_wrap=True)
@@ -45,15 +46,18 @@ def plot_run(
 
 @plot_app.command("speakers")
 def plot_speakers(
-    store: Path = typer.Argument(..., help="A feature store (.zarr): pooled, layered (layers averaged) or frames (frames averaged)."),
-    data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (the speaker of each utterance)."),
+    store: Path = typer.Argument(...,
+                                 help="A feature store (.zarr): pooled, layered (layers averaged) or frames (frames "
+                                      "averaged)."),
+    data: Path = typer.Option(..., "--data", "-d",
+                              help="MSP-Podcast directory or CSV manifest (the speaker of each utterance)."),
     speakers: int = typer.Option(10, help="Speakers to draw (paper Fig. 2: 10)."),
     per_speaker: int = typer.Option(10, "--per-speaker", help="Utterances per speaker (paper Fig. 2: 10)."),
-    out_path: Optional[Path] = typer.Option(None, "--out", "-o", metavar="DIR|FIG.png",
+    out_path: Path | None = typer.Option(None, "--out", "-o", metavar="DIR|FIG.png",
                                             help="A folder for <store>-speakers.png, or the figure's own name ending "
                                                  "in .png (default: <store>-speakers.png beside the store)."),
     seed: int = typer.Option(0, help="Seed for the speakers, the utterances and t-SNE."),
-    layer: Optional[int] = typer.Option(None, help="A layered store: this layer instead of the mean over layers."),
+    layer: int | None = typer.Option(None, help="A layered store: this layer instead of the mean over layers."),
     svg: bool = typer.Option(False, "--svg", help="Also write the figure as SVG beside the PNG."),
     overwrite: shared.OverwriteFiles = False,
 ) -> None:

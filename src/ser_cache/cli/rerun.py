@@ -21,8 +21,7 @@ PARAM_NAMES = {"memory_budget_gb": "memory_budget", "undersample": "no_undersamp
 
 def run_config_file(path: Path) -> tuple[Path, dict]:
     """The checked config.json of a train-heads run (`path`: the file or its run directory)."""
-    from ser_cache.runs import layout
-    from ser_cache.runs import rundir
+    from ser_cache.runs import layout, rundir
 
     file = path / layout.CONFIG if path.is_dir() else path
     if not file.is_file():
@@ -74,16 +73,15 @@ def defaults_from_run(ctx, param, value: Path | None) -> Path | None:
 def provenance_notes(path: Path, data: Path) -> list[str]:
     """What differs between the run's provenance and this rerun on `data`: the label file's digest,
     the git commit and the versions. The rerun goes ahead; these say why its numbers may not be the run's."""
-    from ser_cache.runs import provenance
-    from ser_cache.runs import layout
-    from ser_cache.runs import rundir
+    from ser_cache.runs import layout, provenance, rundir
 
     file = path / layout.CONFIG if path.is_dir() else path
     recorded = rundir.read_config_file(file).get("provenance")
     if not isinstance(recorded, dict):
         return []
     now = provenance.record(None)
-    notes = [f"{key} {recorded.get(key)} then, {now[key]} now" for key in ("python", "torch", "transformers", "git_commit")
+    notes = [f"{key} {recorded.get(key)} then, {now[key]} now"
+             for key in ("python", "torch", "transformers", "git_commit")
              if recorded.get(key) and now[key] and recorded.get(key) != now[key]]
     labels = provenance.label_file(data)
     if recorded.get("label_file_sha256") and labels.is_file() and \

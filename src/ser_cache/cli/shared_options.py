@@ -10,7 +10,7 @@ load torch (tests/cli/test_trust_cli.py).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Literal, Optional
+from typing import Annotated, Literal
 
 import typer
 
@@ -53,12 +53,12 @@ GenderWeight = Annotated[float, typer.Option(help="Gender head loss weight alpha
 SpeakerWeight = Annotated[float, typer.Option(
     help="Speaker head AAM loss weight beta (paper: 0.1); 0 turns the head off.")]
 BalancedTrials = Annotated[int, typer.Option(help="Balanced-CCC trials.")]
-BalancedPerClass = Annotated[Optional[int],
+BalancedPerClass = Annotated[int | None,
                              typer.Option(help="Utterances per emotion and trial (default: smallest class).")]
 Hidden = Annotated[int, typer.Option(help="Hidden units of each 2-layer head.")]
 Dropout = Annotated[float, typer.Option(help="Dropout in the heads (the authors' heads have none).")]
 Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
-TensorBoard = Annotated[Optional[Path], typer.Option(
+TensorBoard = Annotated[Path | None, typer.Option(
     metavar="DIR", help="Also log each epoch's history.csv row as TensorBoard scalars in DIR "
                         "(pip install 'ser-cache[tensorboard]').")]
 
@@ -68,7 +68,7 @@ HeadsBatchSize = Annotated[int, typer.Option(help="Rows per update (the paper do
 ConvDim = Annotated[int, typer.Option(
     help="Width of the point-wise convolutions over a frame store's frames (authors: 256).")]
 ConvDropout = Annotated[float, typer.Option(help="Dropout between those convolutions (authors: 0.1).")]
-MemoryBudget = Annotated[Optional[float], typer.Option(
+MemoryBudget = Annotated[float | None, typer.Option(
     "--memory-budget", metavar="GB",
     help="Memory for the inputs; frame stores that do not fit are streamed in blocks. "
          f"Default: half the physical memory ({default_memory_budget_gb():.1f} GB here).")]
@@ -76,7 +76,7 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N.")]
 HeadsPrecision = Annotated[HeadsPrecisionMode, typer.Option(
     help="Matrix products in bf16 or fp32; auto: bf16 on a CUDA GPU with bf16 or a CPU with AMX/AVX512-BF16, "
          "else fp32. Weights, loss and metrics stay fp32.")]
-Threads = Annotated[Optional[int], typer.Option(
+Threads = Annotated[int | None, typer.Option(
     help="CPU threads for training; 0: torch's default (all cores). Default 1: on a busy machine threads "
          "that wait for each other made training 1.3-4.7x slower, while a second thread gained at most "
          "1.45x on an idle one (docs/performance.md).")]
@@ -101,4 +101,5 @@ def heads_config(options: dict):
 
 
 # Every command that writes output files: one option, one wording (outputs.py, docs/troubleshooting.md).
-OverwriteFiles = Annotated[bool, typer.Option("--overwrite", help="Replace output files that exist (refused otherwise).")]
+OverwriteFiles = Annotated[bool,
+                           typer.Option("--overwrite", help="Replace output files that exist (refused otherwise).")]

@@ -4,48 +4,63 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
-from ser_cache.cli.app import app, err, fail, guarded, out, writable
 from ser_cache.cli import shared_options as shared
+from ser_cache.cli.app import app, err, fail, guarded, out, writable
 
 
 @app.command()
 def extract(
-    model: str = typer.Option(..., "--model", "-m", help="Short name (whisper-large-v3, roberta-large, wavlm-large, wavlm-base-plus-sv), Hugging Face id, or local directory."),
+    model: str = typer.Option(..., "--model", "-m",
+                              help="Short name (whisper-large-v3, roberta-large, wavlm-large, wavlm-base-plus-sv), "
+                                   "Hugging Face id, or local directory."),
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Folder for the store: OUT/<name>.zarr."),
-    split: Optional[list[str]] = typer.Option(None, "--split", "-s", metavar="SPLIT", help="Split(s) to extract (repeatable); default all."),
-    name: Optional[str] = typer.Option(None, help="Store name (default: the model's short name, plus -frames with --pooling frames)."),
-    kind: Optional[shared.KindName] = typer.Option(None, help="Encoder kind (default: detected)."),
-    window: Optional[shared.WindowMode] = typer.Option(None, help="Whisper only: 'window' (15-s window, as the paper; the default) or 'trimmed' (real frames only)."),
-    pooling: shared.PoolingMode = typer.Option("mean", help="'mean' or 'mean+std' over valid frames, or 'frames': keep the last layer at every valid frame (whisper, wavlm; for frame-level heads)."),
+    split: list[str] | None = typer.Option(None, "--split", "-s", metavar="SPLIT",
+                                           help="Split(s) to extract (repeatable); default all."),
+    name: str | None = typer.Option(None,
+                                    help="Store name (default: the model's short name, plus -frames with --pooling "
+                                         "frames)."),
+    kind: shared.KindName | None = typer.Option(None, help="Encoder kind (default: detected)."),
+    window: shared.WindowMode | None = typer.Option(None,
+                                                    help="Whisper only: 'window' (15-s window, as the paper; the "
+                                                         "default) or 'trimmed' (real frames only)."),
+    pooling: shared.PoolingMode = typer.Option("mean",
+                                               help="'mean' or 'mean+std' over valid frames, or 'frames': keep the "
+                                                    "last layer at every valid frame (whisper, wavlm; for frame-level "
+                                                    "heads)."),
     max_seconds: float = typer.Option(15.0, help="Crop audio to its first N seconds."),
     batch_seconds: float = typer.Option(600.0, help="Padded audio seconds per batch."),
     batch_texts: int = typer.Option(64, help="Transcripts per batch (text encoders)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     precision: shared.EncoderPrecisionMode = typer.Option("auto", help="auto: bf16 on CUDA, fp32 on CPU."),
-    workers: Optional[int] = typer.Option(None, help="Audio decoding processes per rank (default: the rank's share of the cores less one, up to 8 on GPU, 2 on CPU)."),
-    on_error: shared.OnErrorMode = typer.Option("skip", help="'skip' bad files (listed in <name>.errors.csv) or 'fail' at the first."),
+    workers: int | None = typer.Option(None,
+                                       help="Audio decoding processes per rank (default: the rank's share of the cores "
+                                            "less one, up to 8 on GPU, 2 on CPU)."),
+    on_error: shared.OnErrorMode = typer.Option("skip",
+                                                help="'skip' bad files (listed in <name>.errors.csv) or 'fail' at the "
+                                                     "first."),
     overwrite: bool = typer.Option(False, help="Rebuild a store whose settings differ."),
     retry_failed: bool = typer.Option(False, help="Recompute rows that failed in an earlier run."),
-    chunk_rows: Optional[int] = typer.Option(None, help="Rows per Zarr chunk (default: ~4 MiB chunks)."),
+    chunk_rows: int | None = typer.Option(None, help="Rows per Zarr chunk (default: ~4 MiB chunks)."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
-    transcripts: Optional[Path] = typer.Option(
+    transcripts: Path | None = typer.Option(
         None, "--transcripts", metavar="FILE",
         help="Text encoders: a transcript table (columns FileName or id, and text; e.g. from `ser-cache transcribe`) "
              "for the rows the corpus has no transcript for."),
     prefer_transcripts: bool = typer.Option(
         False, "--prefer-transcripts",
-        help="The --transcripts table's text first, the corpus's only where the table has none (changes the store's fingerprint)."),
+        help="The --transcripts table's text first, the corpus's only where the table has none (changes the store's "
+             "fingerprint)."),
 ) -> None:
-    """Run a frozen encoder once over a corpus; write pooled (or frame-level) features to OUT/<name>.zarr (resumable)."""
+    """Run a frozen encoder once over a corpus; write pooled (or frame-level) features to OUT/<name>.zarr \
+(resumable)."""
+    from ser_cache.data.transcripts import record_path as transcript_record
     from ser_cache.features.extract import ExtractConfig, extract as run_extract
     from ser_cache.infra.outputs import given, local_folder
-    from ser_cache.data.transcripts import record_path as transcript_record
 
     writable(out_dir, "--out", folder=True,
              inputs=given("--data", data) + given("--transcripts", transcripts) + local_folder("--model", model))
@@ -68,7 +83,8 @@ def extract(
             f"[bold]{result.store}[/]: {result.written}/{result.rows} rows written, {result.failed} failed "
             f"({result.computed} computed now, {result.skipped} already done) in {result.wall_seconds:.1f} s — "
             f"{_rates(result)} "
-            f"[dim](set-up {result.setup_seconds:.1f} s, headers {t.get('headers', 0):.1f} s, waiting for decoding {t.get('decode_wait', 0):.1f} s, "
+            f"[dim](set-up {result.setup_seconds:.1f} s, headers {t.get('headers', 0):.1f} s, waiting for decoding "
+            f"{t.get('decode_wait', 0):.1f} s, "
             f"encoder {t.get('encode', 0):.1f} s, writing {t.get('write', 0):.1f} s)[/]",
             highlight=False,
         )
@@ -97,11 +113,13 @@ def _rates(result) -> str:
 def info(
     store: Path = typer.Argument(..., help="A feature store (.zarr)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
-    verify: bool = typer.Option(False, "--verify", help="Read every chunk (decompression and checksum) and list the missing or damaged ones; exit 1 if any."),
+    verify: bool = typer.Option(False, "--verify",
+                                help="Read every chunk (decompression and checksum) and list the missing or damaged "
+                                     "ones; exit 1 if any."),
 ) -> None:
     """Summarise a feature store: model, settings, rows written and failed, size (and a frame store's frames)."""
-    from ser_cache.features.store import FeatureStore
     from ser_cache.features.integrity import repair_advice
+    from ser_cache.features.store import FeatureStore
 
     s = guarded(FeatureStore.open, store)
     if verify:
@@ -111,7 +129,8 @@ def info(
             return
         for p in problems:
             out.print(f"{store}: {p}", highlight=False, soft_wrap=True)
-        err.print(f"[bold red]{len(problems)} chunk(s) missing or damaged:[/] {repair_advice(problems)}", highlight=False,
+        err.print(f"[bold red]{len(problems)} chunk(s) missing or damaged:[/] {repair_advice(problems)}",
+                  highlight=False,
                   soft_wrap=True)
         raise typer.Exit(1)
     summary = guarded(s.summary)
@@ -178,16 +197,16 @@ def size_text(n_bytes: float) -> str:
 def export(
     store: Path = typer.Argument(..., help="A feature store (.zarr)."),
     fmt: shared.ExportFormat = typer.Option("hdf5", "--format", help="Output format (HDF5, via h5py)."),
-    dest: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: next to the store, .h5)."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest: add each "
+    dest: Path | None = typer.Option(None, "--out", "-o", help="Output file (default: next to the store, .h5)."),
+    data: Path | None = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest: add each "
                                         "id's labels and split (labels/arousal, …, labels/split) to the file."),
     overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """Write a store's arrays and attributes to another format (HDF5 via h5py), with --data its labels too."""
     from ser_cache.data.corpus import load_corpus
-    from ser_cache.infra.outputs import given
-    from ser_cache.features.store import FeatureStore
     from ser_cache.features.export import export_hdf5
+    from ser_cache.features.store import FeatureStore
+    from ser_cache.infra.outputs import given
 
     if fmt != "hdf5":
         fail(f"--format {fmt}: expected hdf5")

@@ -4,26 +4,27 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.markup import escape
 from rich.table import Table
 
+from ser_cache.cli import rerun, shared_options as shared
 from ser_cache.cli.app import KNOWN_ERRORS, app, err, fail, guarded, log_to_stderr, out, writable
-from ser_cache.cli import rerun
-from ser_cache.cli import shared_options as shared
 
-KNOWN_ERRORS.extend(["ser_cache.system.rows:TrainError", "ser_cache.runs.layout:RunError", "ser_cache.runs.predict:PredictError",
+KNOWN_ERRORS.extend(["ser_cache.system.rows:TrainError", "ser_cache.runs.layout:RunError",
+                     "ser_cache.runs.predict:PredictError",
                      "ser_cache.runs.ensemble:EnsembleError"])
 
 # Text inputs computed by predict and evaluate (rows no store holds): where their text comes from.
-TranscriptsOption = Annotated[Optional[Path], typer.Option(
+TranscriptsOption = Annotated[Path | None, typer.Option(
     "--transcripts", metavar="FILE",
     help="Transcript table (columns FileName or id, and text; e.g. from `ser-cache transcribe`) for the "
          "utterances without a transcript of their own (corpus Transcripts/, manifest text, a .txt beside a file).")]
 PreferTranscriptsOption = Annotated[bool, typer.Option(
-    "--prefer-transcripts", help="The --transcripts table's text first, the utterance's own only where the table has none.")]
+    "--prefer-transcripts",
+    help="The --transcripts table's text first, the utterance's own only where the table has none.")]
 
 
 def _fmt(x) -> str:
@@ -63,7 +64,9 @@ def scores_table(title: str, scores: dict):
 
 @app.command("train-heads")
 def train_heads(
-    features: list[Path] = typer.Option(..., "--features", "-f", metavar="STORE", help="A feature store (.zarr); repeat for several inputs. A frame store (extract --pooling frames) goes through a ConvPool first."),
+    features: list[Path] = typer.Option(..., "--features", "-f", metavar="STORE",
+                                        help="A feature store (.zarr); repeat for several inputs. A frame store "
+                                             "(extract --pooling frames) goes through a ConvPool first."),
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (labels and splits)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Run directory to create."),
     train_split: shared.TrainSplit = shared.TRAINING.train_split,
@@ -72,7 +75,8 @@ def train_heads(
     lr: shared.HeadsLr = shared.HEADS.lr,
     batch_size: shared.HeadsBatchSize = shared.HEADS.batch_size,
     weight_decay: shared.WeightDecay = shared.TRAINING.weight_decay,
-    seed: int = typer.Option(shared.TRAINING.seed, help="Seed for initialisation, sampling and the balanced-CCC draws."),
+    seed: int = typer.Option(shared.TRAINING.seed,
+                             help="Seed for initialisation, sampling and the balanced-CCC draws."),
     no_undersample: shared.NoUndersample = not shared.TRAINING.undersample,
     ox: shared.Ox = shared.TRAINING.ox,
     gender_weight: shared.GenderWeight = shared.TRAINING.gender_weight,
@@ -93,7 +97,7 @@ def train_heads(
     overwrite: bool = typer.Option(shared.TRAINING.overwrite, help="Replace an existing run directory."),
     progress: shared.Progress = shared.TRAINING.progress,
     tensorboard: shared.TensorBoard = shared.TRAINING.tensorboard,
-    config: Optional[Path] = typer.Option(
+    config: Path | None = typer.Option(
         None, "--config", metavar="RUN/config.json", is_eager=True, callback=rerun.defaults_from_run,
         help="Rerun a train-heads run's settings: every option of its config.json (or run directory) but --out, "
              "--overwrite, --progress and --tensorboard; the options given here override the file's."),
@@ -131,13 +135,13 @@ def evaluate(
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
     split: list[str] = typer.Option(..., "--split", "-s", metavar="SPLIT",
                                     help="Labelled split to score (repeatable: each split is scored on its own)."),
-    dest: Optional[Path] = typer.Option(None, "--out", "-o", help="JSON file, with one --split (default: "
+    dest: Path | None = typer.Option(None, "--out", "-o", help="JSON file, with one --split (default: "
                                         "RUN/eval_<split>.json for each split)."),
-    features_dir: Optional[Path] = typer.Option(None, help="Folder with the run's stores, if they moved."),
+    features_dir: Path | None = typer.Option(None, help="Folder with the run's stores, if they moved."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     transcripts: TranscriptsOption = None,
     prefer_transcripts: PreferTranscriptsOption = False,
-    plots: Optional[Path] = typer.Option(None, help="Folder for figures: predicted vs true per attribute, CCC per "
+    plots: Path | None = typer.Option(None, help="Folder for figures: predicted vs true per attribute, CCC per "
                                                     "emotion class, the gender confusion matrix (PLOTS/<split>/ "
                                                     "with several --split)."),
     overwrite: shared.OverwriteFiles = False,
@@ -179,15 +183,19 @@ def evaluate(
 @app.command()
 def predict(
     run: Path = typer.Argument(..., help="A run directory from train-heads."),
-    files: Optional[list[Path]] = typer.Argument(None, metavar="FILE", help="Audio files to predict (instead of --data/--split)."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
-    split: Optional[list[str]] = typer.Option(None, "--split", "-s", metavar="SPLIT", help="Split(s) to predict (repeatable)."),
+    files: list[Path] | None = typer.Argument(None, metavar="FILE",
+                                              help="Audio files to predict (instead of --data/--split)."),
+    data: Path | None = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
+    split: list[str] | None = typer.Option(None, "--split", "-s", metavar="SPLIT",
+                                           help="Split(s) to predict (repeatable)."),
     transcripts: TranscriptsOption = None,
     prefer_transcripts: PreferTranscriptsOption = False,
-    dest: Path = typer.Option(..., "--out", "-o", help="Prediction CSV: exactly the challenge's FileName,EmoAct,EmoVal,EmoDom."),
-    features_dir: Optional[Path] = typer.Option(None, help="Folder with the run's stores, if they moved."),
+    dest: Path = typer.Option(..., "--out", "-o",
+                              help="Prediction CSV: exactly the challenge's FileName,EmoAct,EmoVal,EmoDom."),
+    features_dir: Path | None = typer.Option(None, help="Folder with the run's stores, if they moved."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
-    with_gender: bool = typer.Option(False, "--with-gender", help="Add the gender head's Gender and GenderProb_* columns "
+    with_gender: bool = typer.Option(False, "--with-gender",
+                                     help="Add the gender head's Gender and GenderProb_* columns "
                                                                   "(not part of the challenge's format)."),
     overwrite: shared.OverwriteFiles = False,
 ) -> None:
@@ -218,21 +226,20 @@ def predict(
 def ensemble(
     files: list[Path] = typer.Argument(..., metavar="CSV", help="Prediction CSVs of the systems to average."),
     dest: Path = typer.Option(..., "--out", "-o", help="Averaged prediction CSV."),
-    weights: Optional[str] = typer.Option(None, help="Comma-separated weight per file, e.g. 0.6,0.4 (default: equal)."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="Corpus to score the ensemble against."),
-    split: Optional[str] = typer.Option(None, "--split", "-s", help="Labelled split to score."),
+    weights: str | None = typer.Option(None, help="Comma-separated weight per file, e.g. 0.6,0.4 (default: equal)."),
+    data: Path | None = typer.Option(None, "--data", "-d", help="Corpus to score the ensemble against."),
+    split: str | None = typer.Option(None, "--split", "-s", help="Labelled split to score."),
     with_gender: bool = typer.Option(False, "--with-gender", help="Also average the members' gender probabilities "
                                                                   "(members predicted --with-gender)."),
-    plots: Optional[Path] = typer.Option(None, help="Folder for a figure of the members' and the ensemble's CCC "
+    plots: Path | None = typer.Option(None, help="Folder for a figure of the members' and the ensemble's CCC "
                                                     "side by side (needs --data and --split)."),
     label_scale: str = typer.Option("1 7", metavar="'LOW HIGH'", help="The scale every member's value must lie on "
                                     "(a corpus on another scale), or none."),
     overwrite: shared.OverwriteFiles = False,
 ) -> None:
     """Average the arousal/valence/dominance predictions of several systems; score them with --data/--split."""
-    from ser_cache.runs.ensemble import ensemble as run_ensemble
-    from ser_cache.runs.ensemble import member_inputs, scale_option
     from ser_cache.infra.outputs import given
+    from ser_cache.runs.ensemble import ensemble as run_ensemble, member_inputs, scale_option
     from ser_cache.runs.plots import ENSEMBLE
 
     inputs = member_inputs(files) + given("--data", data)

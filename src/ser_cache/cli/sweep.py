@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.table import Table
 
-from ser_cache.cli.app import app, fail, guarded, out, writable
 from ser_cache.cli import shared_options as shared
-from ser_cache.cli.app import log_to_stderr
+from ser_cache.cli.app import app, fail, guarded, log_to_stderr, out, writable
 from ser_cache.cli.stage_two import titled
 
 ATTRIBUTE_COLUMNS = (("arousal", "ccc_arousal"), ("valence", "ccc_valence"), ("dominance", "ccc_dominance"),
@@ -19,20 +17,24 @@ ATTRIBUTE_COLUMNS = (("arousal", "ccc_arousal"), ("valence", "ccc_valence"), ("d
 
 @app.command("sweep")
 def sweep_command(
-    features: list[Path] = typer.Option(..., "--features", "-f", metavar="STORE", help="A feature store (.zarr); repeat. Loaded once for every member."),
+    features: list[Path] = typer.Option(..., "--features", "-f", metavar="STORE",
+                                        help="A feature store (.zarr); repeat. Loaded once for every member."),
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (labels and splits)."),
     out_dir: Path = typer.Option(..., "--out", "-o", help="Sweep folder: OUT/VARIANT/seed-S runs and OUT/sweep.json."),
     seeds: int = typer.Option(3, help="Seeds per variant: --seed, --seed + 1, ..."),
-    variant: Optional[list[str]] = typer.Option(
+    variant: list[str] | None = typer.Option(
         None, "--variant", "-V", metavar="'NAME: OPTION=VALUE ...'",
         help="A variant: the options it changes against the base (the other options), e.g. 'no-ox: ox=drop' or "
              "'s-pred: speaker-weight=0.1 inputs=whisper+roberta'. Options: lr, weight-decay, gender-weight, "
              "speaker-weight, aam-margin, aam-scale, ox, undersample (yes/no), batch-size, dropout, conv-dropout, "
              "hidden, conv-dim, inputs (store names joined by +, or all). Repeat for more."),
-    inputs: str = typer.Option("all", help="Stores the base variant takes: names joined by + (as `info` names them), or all."),
+    inputs: str = typer.Option("all",
+                               help="Stores the base variant takes: names joined by + (as `info` names them), or all."),
     reference: str = typer.Option("base", help="The variant every other one is compared with."),
     resamples: int = typer.Option(1000, help="Bootstrap resamples of the comparisons."),
-    members_at_once: Optional[int] = typer.Option(None, help="At most this many members trained together (memory); default all that fit one stack."),
+    members_at_once: int | None = typer.Option(None,
+                                               help="At most this many members trained together (memory); default all "
+                                                    "that fit one stack."),
     curves: bool = typer.Option(False, help="Draw curves.png in every member's run (about 0.5 s each; "
                                 "`ser-cache plot run RUN` draws one later)."),
     train_split: shared.TrainSplit = shared.TRAINING.train_split,
@@ -62,7 +64,7 @@ def sweep_command(
     overwrite: bool = typer.Option(shared.TRAINING.overwrite, help="Train again members written with other options, "
                                    "or on a store since rebuilt with other settings."),
     progress: shared.Progress = shared.TRAINING.progress,
-    tensorboard: Optional[Path] = typer.Option(shared.TRAINING.tensorboard, metavar="DIR", help="TensorBoard scalars "
+    tensorboard: Path | None = typer.Option(shared.TRAINING.tensorboard, metavar="DIR", help="TensorBoard scalars "
                                                "of every member in DIR/VARIANT/seed-S (pip install "
                                                "'ser-cache[tensorboard]')."),
 ) -> None:
@@ -73,8 +75,8 @@ def sweep_command(
     in mean CCC with a 95% interval over Development utterances and seeds.
     """
     from ser_cache.infra.outputs import given
-    from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
     from ser_cache.system.epoch_log import tensorboard_problem
+    from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
 
     read = given("--features", *features) + given("--data", data)  # not `inputs`: locals() become the config
     writable(out_dir, "--out", folder=True, inputs=read)

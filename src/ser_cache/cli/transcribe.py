@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -15,15 +14,21 @@ KNOWN_ERRORS.append("ser_cache.features.transcribe:TranscribeError")
 
 @app.command()
 def transcribe(
-    files: Optional[list[Path]] = typer.Argument(None, metavar="FILE", help="Audio files to transcribe (instead of --data)."),
-    out: Path = typer.Option(..., "--out", "-o", help="The table to write: FileName,text (a .csv; settings in OUT.json)."),
-    model: str = typer.Option(TRANSCRIBE_MODEL, "--model", "-m", help="Whisper: short name, Hugging Face id, or local directory."),
-    data: Optional[Path] = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
-    split: Optional[list[str]] = typer.Option(None, "--split", "-s", metavar="SPLIT", help="Split(s) of --data (repeatable); default all."),
-    all_rows: bool = typer.Option(False, "--all", help="Transcribe every utterance, not only those without a transcript."),
+    files: list[Path] | None = typer.Argument(None, metavar="FILE",
+                                              help="Audio files to transcribe (instead of --data)."),
+    out: Path = typer.Option(..., "--out", "-o",
+                             help="The table to write: FileName,text (a .csv; settings in OUT.json)."),
+    model: str = typer.Option(TRANSCRIBE_MODEL, "--model", "-m",
+                              help="Whisper: short name, Hugging Face id, or local directory."),
+    data: Path | None = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
+    split: list[str] | None = typer.Option(None, "--split", "-s", metavar="SPLIT",
+                                           help="Split(s) of --data (repeatable); default all."),
+    all_rows: bool = typer.Option(False, "--all",
+                                  help="Transcribe every utterance, not only those without a transcript."),
     beams: int = typer.Option(1, help="Beam search width; 1 is greedy."),
-    max_new_tokens: Optional[int] = typer.Option(None, help="Tokens generated per clip at most (default 224)."),
-    batch_seconds: float = typer.Option(300.0, help="Audio seconds per batch (clips sorted by length; at most 64 clips)."),
+    max_new_tokens: int | None = typer.Option(None, help="Tokens generated per clip at most (default 224)."),
+    batch_seconds: float = typer.Option(300.0,
+                                        help="Audio seconds per batch (clips sorted by length; at most 64 clips)."),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N."),
     precision: TranscribePrecision = typer.Option("auto", help="auto: bf16 autocast on CUDA, fp32 on CPU."),
     overwrite: bool = typer.Option(False, help="Start again when OUT was made with other settings."),
@@ -34,9 +39,9 @@ def transcribe(
     By default only the utterances without a transcript (e.g. MSP-Podcast's Test3) are transcribed;
     rerun the same command after an interruption to continue where it stopped.
     """
-    from ser_cache.infra.outputs import given, local_folder
-    from ser_cache.features.transcribe import TranscribeConfig, transcribe as run_transcribe
     from ser_cache.data.transcripts import sidecar_path
+    from ser_cache.features.transcribe import TranscribeConfig, transcribe as run_transcribe
+    from ser_cache.infra.outputs import given, local_folder
 
     inputs = given("--data", data) + local_folder("--model", model) + given("the audio file", *(files or ()))
     # A table with its settings file beside it is this command's own: a rerun continues it (or refuses other settings).
@@ -45,7 +50,8 @@ def transcribe(
                            all=all_rows, beams=beams, max_new_tokens=max_new_tokens, batch_seconds=batch_seconds,
                            device=device, precision=precision, overwrite=overwrite, progress=progress)
     r = guarded(run_transcribe, cfg)
-    left_out = f", {r.have_transcript} left out (they have a transcript; --all includes them)" if r.have_transcript else ""
+    left_out = (f", {r.have_transcript} left out (they have a transcript; --all includes them)"
+                if r.have_transcript else "")
     # A rerun with every row done transcribed nothing: no rates to report ("0.00 utt/s").
     rates = (f"{r.wall_seconds:.1f} s — {r.utterances_per_second:.2f} utt/s, real-time factor "
              f"{r.real_time_factor:.4f} ({r.audio_seconds:.0f} s of audio)" if r.transcribed
@@ -56,4 +62,5 @@ def transcribe(
         highlight=False, soft_wrap=True,
     )
     if r.failed:
-        err.print(f"[yellow]{r.failed} utterance(s) could not be read; see {r.report}[/]", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]{r.failed} utterance(s) could not be read; see {r.report}[/]", highlight=False,
+                  soft_wrap=True)

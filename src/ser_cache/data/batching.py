@@ -1,4 +1,5 @@
-"""Audio batches for fine-tuning: files decoded in worker processes, batches planned by length within a budget of seconds, and each rank's share."""
+"""Audio batches for fine-tuning: files decoded in worker processes, batches planned by length within a budget of
+seconds, and each rank's share."""
 
 from __future__ import annotations
 
@@ -68,7 +69,8 @@ def audio_loader(paths: Sequence[str], max_seconds: float, workers: int):
     loader = DataLoader(AudioRows(paths, max_seconds), batch_sampler=plan, collate_fn=_collate,
                         num_workers=workers, multiprocessing_context="spawn" if workers > 0 else None,
                         persistent_workers=workers > 0, prefetch_factor=4 if workers > 0 else None,
-                        worker_init_fn=functools.partial(init_loader_worker, parent_pid=os.getpid()) if workers > 0 else None,
+                        worker_init_fn=(functools.partial(init_loader_worker, parent_pid=os.getpid())
+                                        if workers > 0 else None),
                         generator=torch.Generator())  # its own seed draws: dropout's stream stays untouched
     return loader, plan
 

@@ -64,7 +64,8 @@ def read_manifest(
     excluded: list[str] = []
     text = read_utf8(path)
     first, _, rest = text.partition("\n")
-    declared = _SCALE_LINE.fullmatch(first.strip().rstrip(",").strip().strip('"'))  # Excel may quote it or pad it with commas
+    # Excel may quote it or pad it with commas
+    declared = _SCALE_LINE.fullmatch(first.strip().rstrip(",").strip().strip('"'))
     first_row = 2
     if declared:
         text, first_row = rest, 3
@@ -94,7 +95,8 @@ def read_manifest(
         if uid in seen:
             raise CorpusError(f"{path}, line {lineno}: id {uid} already used on line {seen[uid]}")
         seen[uid] = lineno
-        avd = [label_value(row.get(c), path, lineno, c, nan_is_missing=True) for c in ("arousal", "valence", "dominance")]
+        avd = [label_value(row.get(c), path, lineno, c, nan_is_missing=True)
+               for c in ("arousal", "valence", "dominance")]
         bad = outside_scale(row, ("arousal", "valence", "dominance"), avd, scale)
         if bad:
             if out_of_scale == "error":

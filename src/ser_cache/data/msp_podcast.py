@@ -82,7 +82,8 @@ def read_msp_podcast(
         fields = csv_header(reader, label_file)
         missing = [c for c in MSP_REQUIRED if c not in fields]
         if missing:
-            raise CorpusError(f"{label_file}: missing column(s) {', '.join(missing)}; found {', '.join(fields) or 'no header'}; "
+            raise CorpusError(f"{label_file}: missing column(s) {', '.join(missing)}; found "
+                              f"{', '.join(fields) or 'no header'}; "
                               f"expected {', '.join(MSP_COLUMNS)}")
         for lineno, row in csv_rows(reader, label_file):
             name = (row.get("FileName") or "").strip()
@@ -95,7 +96,8 @@ def read_msp_podcast(
             if outside:
                 raise CorpusError(f"{label_file}, line {lineno}: FileName {name!r} is {outside}; a FileName names "
                                   f"a file inside {audio_dir}")
-            avd = [label_value(row.get(c), label_file, lineno, c, nan_is_missing=False) for c in ("EmoAct", "EmoVal", "EmoDom")]
+            avd = [label_value(row.get(c), label_file, lineno, c, nan_is_missing=False)
+                   for c in ("EmoAct", "EmoVal", "EmoDom")]
             bad = outside_scale(row, ("EmoAct", "EmoVal", "EmoDom"), avd, scale)
             if bad:
                 if out_of_scale == "error":
@@ -123,7 +125,8 @@ def read_msp_podcast(
         if name not in seen:
             split = unlisted_split(name)
             unlisted[split] += 1
-            utts.append(Utterance(id=name, path=path, split=split, transcript=transcript_dir / f"{Path(name).stem}.txt"))
+            utts.append(Utterance(id=name, path=path, split=split,
+                                  transcript=transcript_dir / f"{Path(name).stem}.txt"))
     if any(unlisted.values()):
         log.info("%s: %d audio file(s) not in %s: %d named as Test3 (split %s), %d others (split %s)",
                  audio_dir, sum(unlisted.values()), MSP_LABEL_FILE, unlisted[TEST3_SPLIT], TEST3_SPLIT,

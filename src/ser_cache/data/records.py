@@ -37,7 +37,8 @@ _UNKNOWN = {"", "unknown", "none", "nan", "na", "n/a"}
 # held to it too unless its first line declares another (`# label_scale: 0 1`, or `none`): a
 # label of 70 or 0 is far more often a typo or a wrong column than a corpus on another scale.
 DEFAULT_SCALE = (1.0, 7.0)
-_SCALE_VALUE = re.compile(r"(?P<lo>[-+]?[0-9.]+(?:e[-+]?\d+)?)\s*(?:,|\.\.|to|-|\u2013|\s)\s*(?P<hi>[-+]?[0-9.]+(?:e[-+]?\d+)?)",
+_SCALE_VALUE = re.compile(r"(?P<lo>[-+]?[0-9.]+(?:e[-+]?\d+)?)\s*(?:,|\.\.|to|-|\u2013|\s)\s*"
+                          r"(?P<hi>[-+]?[0-9.]+(?:e[-+]?\d+)?)",
                           re.IGNORECASE)
 OutOfScale = Literal["error", "exclude"]
 # A corpus's text files may come from elsewhere (a download, a colleague's archive): a FileName or

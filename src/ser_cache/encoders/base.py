@@ -124,7 +124,8 @@ def resolve_model(name: str, hub_ids: dict[str, str]) -> ResolvedModel:
         short = f"not a known short name (known: {', '.join(hub_ids)})" if hub_ids else "not a cached model"
         raise EncoderError(f"--model {name}: {short} nor a local directory; {GENERIC_HUB_ID}")
     offline = offline_variable() is not None
-    resolved = ResolvedModel(name=name, model_id=repo_id, source=repo_id, local_only=cached or offline, is_local_dir=False)
+    resolved = ResolvedModel(name=name, model_id=repo_id, source=repo_id, local_only=cached or offline,
+                             is_local_dir=False)
     if not resolved.local_only:
         problem = hub_unreachable()
         if problem:  # fail now with one message, not after a minute of download retries
@@ -216,7 +217,8 @@ def weights_revision(model: torch.nn.Module, resolved: ResolvedModel) -> str:
     h = hashlib.sha256()
     root = Path(resolved.source)
     for f in sorted(root.iterdir()):
-        if f.is_file() and (f.suffix in (".json", ".safetensors", ".bin", ".txt", ".model") or f.name.startswith("tokenizer")):
+        if f.is_file() and (f.suffix in (".json", ".safetensors", ".bin", ".txt", ".model")
+                            or f.name.startswith("tokenizer")):
             h.update(f.name.encode())
             with open(f, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 24), b""):

@@ -50,7 +50,8 @@ class TextEncoder(Encoder):
         return 1.0
 
     def prepare(self, texts: list[str]) -> dict:
-        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt")
+        tok = self.tokenizer(list(texts), padding=True, truncation=True, max_length=self.max_tokens,
+                             return_tensors="pt")
         if self.pin:
             tok = {k: v.pin_memory() for k, v in tok.items()}
         return dict(tok)

@@ -162,7 +162,8 @@ class WavLMLayersEncoder(_WavLMBase):
 
     kind = "wavlm"
 
-    def __init__(self, resolved: ResolvedModel, runtime: RuntimeOptions, *, pooling: str = "mean", max_seconds: float = 15.0):
+    def __init__(self, resolved: ResolvedModel, runtime: RuntimeOptions, *, pooling: str = "mean",
+                 max_seconds: float = 15.0):
         from transformers import WavLMModel
 
         model = load_pretrained(WavLMModel, resolved)
@@ -253,7 +254,8 @@ class XVectorEncoder(_WavLMBase):
         from transformers import WavLMForXVector
 
         # The classifier/objective layers score training speakers only; the x-vector needs the rest.
-        model = load_pretrained(WavLMForXVector, resolved, optional=lambda k: k.startswith(("objective.", "classifier.")))
+        model = load_pretrained(WavLMForXVector, resolved,
+                                optional=lambda k: k.startswith(("objective.", "classifier.")))
         use_sdpa_attention(model)
         self.max_seconds = max_seconds
         self.do_normalize, self.uses_mask = input_conventions(resolved, model.config)

@@ -103,7 +103,8 @@ class WhisperAudioEncoder(Encoder):
             raise EncoderError(f"--window {window}: expected one of {', '.join(WINDOWS)}")
         if window == "window" and max_seconds > WINDOW_SECONDS:
             raise EncoderError(
-                f"--max-seconds {max_seconds}: the Whisper window is {WINDOW_SECONDS} s; use --window trimmed for longer inputs"
+                f"--max-seconds {max_seconds}: the Whisper window is {WINDOW_SECONDS} s; use --window trimmed for "
+                "longer inputs"
             )
         from transformers import WhisperForAudioClassification
 
@@ -118,7 +119,8 @@ class WhisperAudioEncoder(Encoder):
         if need > self.max_positions:
             raise EncoderError(f"model '{resolved.name}' has {self.max_positions} positions; {need} are needed")
         super().__init__(resolved, encoder, runtime)
-        self.filters = torch.from_numpy(mel_filters(resolved.source, encoder.config.num_mel_bins, resolved.local_only)).to(self.device)
+        self.filters = torch.from_numpy(mel_filters(resolved.source, encoder.config.num_mel_bins,
+                                                    resolved.local_only)).to(self.device)
         self.hidden = encoder.config.d_model
         self.attn_impl = encoder.config._attn_implementation
         self.t_max = need  # the most positions a (cropped) clip can fill

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.infra.atomic import atomic_path
 from ser_cache.data.audio import SAMPLE_RATE
+from ser_cache.infra.atomic import atomic_path
 
 BENCH_MODELS = ("whisper-large-v3", "wavlm-large", "roberta-large", "wavlm-base-plus-sv")
 MEAN_SECONDS, MIN_SECONDS, MAX_SECONDS = 5.5, 1.5, 15.0
@@ -129,7 +129,8 @@ def encoder_flops(kind: str, config: dict, n: int, window: str = "window") -> fl
             tdnn_in = [config["tdnn_dim"][0], *config["tdnn_dim"][:-1]]
             tt = t
             total += 2 * d * config["tdnn_dim"][0] * t  # projector
-            for kk, dil, c_in, c_out in zip(config["tdnn_kernel"], config["tdnn_dilation"], tdnn_in, config["tdnn_dim"]):
+            for kk, dil, c_in, c_out in zip(config["tdnn_kernel"], config["tdnn_dilation"], tdnn_in,
+                                            config["tdnn_dim"]):
                 tt = tt - dil * (kk - 1)
                 total += 2 * kk * c_in * c_out * tt
         return float(total)
@@ -173,7 +174,8 @@ def build_random_model(config: dict, out: Path, seed: int = 0) -> str:
         Wav2Vec2FeatureExtractor(do_normalize=False, return_attention_mask=True).save_pretrained(out)
     elif mt == "wavlm":
         model, kind = AutoModel.from_config(cfg), "wavlm"
-        Wav2Vec2FeatureExtractor(do_normalize=True, return_attention_mask=cfg.feat_extract_norm == "layer").save_pretrained(out)
+        Wav2Vec2FeatureExtractor(do_normalize=True,
+                                 return_attention_mask=cfg.feat_extract_norm == "layer").save_pretrained(out)
     else:
         from tokenizers import Tokenizer, models, pre_tokenizers
 
@@ -313,9 +315,11 @@ def bench_extract(cfg: BenchConfig) -> BenchReport:
         flops = sum(encoder_flops(kind, config, n, cfg.window) for n in counts)
         params = _parameters(model_dir)
         loop = result.loop_seconds
-        naive = _naive(kind, model_dir, paths[: cfg.naive_utterances], device, result.computed / loop) if cfg.naive else None
+        naive = _naive(kind, model_dir, paths[: cfg.naive_utterances], device,
+                       result.computed / loop) if cfg.naive else None
         return BenchReport(
-            model=cfg.config.name if cfg.config else cfg.model, kind=kind, parameters=params, device=_device_name(device),
+            model=cfg.config.name if cfg.config else cfg.model, kind=kind, parameters=params,
+            device=_device_name(device),
             precision=str(autocast or torch.float32).replace("torch.", ""), window=cfg.window,
             utterances=result.computed, audio_seconds=result.audio_seconds, wall_seconds=result.wall_seconds,
             setup_seconds=result.setup_seconds, loop_seconds=loop,

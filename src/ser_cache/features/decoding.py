@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
-from concurrent.futures import Future
-from concurrent.futures import wait as wait_futures
+from concurrent.futures import Future, wait as wait_futures
 from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np

@@ -155,7 +155,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     dist = distributed.init(timeout=RANK_WAIT)
     utts = load_corpus(cfg.data, cfg.splits or None)
     if not utts:
-        raise ExtractError(f"--data {cfg.data}: no utterances{' in split(s) ' + ', '.join(cfg.splits) if cfg.splits else ''}")
+        raise ExtractError(f"--data {cfg.data}: no "
+                           f"utterances{' in split(s) ' + ', '.join(cfg.splits) if cfg.splits else ''}")
     table = _load_table(cfg.transcripts) if cfg.transcripts is not None else None
     encoder = load_encoder(cfg.model, kind=cfg.kind, device=dist.device(cfg.device), precision=cfg.precision,
                            window=cfg.window, pooling=cfg.pooling, max_seconds=cfg.max_seconds)
@@ -470,7 +471,8 @@ def _process_unit(cfg, encoder, utts, todo, planned, chunks, store, report, timi
             report.add(utts[row], reason)
             if cfg.on_error == "fail":
                 # The run stops before the per-rank lines are merged into report.final: name the file they are in.
-                raise ExtractError(f"{utts[row].path}: {reason} (--on-error fail; the failure is listed in {report.partial})")
+                raise ExtractError(f"{utts[row].path}: {reason} (--on-error fail; the failure is listed in "
+                                   f"{report.partial})")
             ch.failed[i] = True
         ch.remaining -= 1
         computed += 1

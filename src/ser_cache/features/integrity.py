@@ -46,7 +46,8 @@ class ChunkProblem:
     def __str__(self) -> str:
         if self.missing:
             what = "rows" if self.array == "ids" else "written rows"
-            return f"{what} {self.first}–{self.last} have no {self.array} chunk on disk (chunk {self.chunk}, {self.key})"
+            return (f"{what} {self.first}–{self.last} have no {self.array} chunk on disk (chunk {self.chunk}, "
+                    f"{self.key})")
         return f"{self.array} chunk {self.chunk} (rows {self.first}–{self.last}, {self.key}) {self.reason}"
 
 
@@ -128,7 +129,8 @@ class StoreChecks:
                 continue
             keys = self._chunk_keys(name, c, arr)
             if not all(k in stored for k in keys):
-                problems.append(ChunkProblem(name, c, start + int(rows[0]), start + int(rows[-1]), keys[0], missing=True))
+                problems.append(ChunkProblem(name, c, start + int(rows[0]), start + int(rows[-1]), keys[0],
+                                             missing=True))
         return problems
 
     def verify(self, deep: bool = False) -> list[ChunkProblem]:

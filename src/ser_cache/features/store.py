@@ -144,8 +144,8 @@ class FeatureStore(StoreChecks):
         attrs = self.group.attrs
         expected = attrs.get("feature_shape")
         if expected is not None and tuple(shapes["features"][1:]) != tuple(expected):
-            raise StoreError(f"{self.path}: array 'features' has rows of shape {shapes['features'][1:]}, but the store's "
-                             f"attribute feature_shape is {tuple(expected)}; {rebuild}")
+            raise StoreError(f"{self.path}: array 'features' has rows of shape {shapes['features'][1:]}, but the "
+                             f"store's attribute feature_shape is {tuple(expected)}; {rebuild}")
         if attrs.get("n_rows") is not None and int(attrs["n_rows"]) != n:
             raise StoreError(f"{self.path}: the arrays have {n} rows, but the store's attribute n_rows is "
                              f"{attrs['n_rows']}; {rebuild}")
@@ -230,7 +230,8 @@ class FeatureStore(StoreChecks):
         except Exception as exc:  # noqa: BLE001 - zstd, crc32c, vlen-utf8... each raises its own kind
             raise StoreError(self._damaged_message(name, exc, chunk)) from None
 
-    def pending_chunks(self, *, retry_failed: bool = False, flags: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
+    def pending_chunks(self, *, retry_failed: bool = False,
+                       flags: tuple[np.ndarray, np.ndarray] | None = None) -> list[int]:
         """Chunks with at least one row neither written nor (unless retried) failed."""
         written, failed = flags if flags is not None else self.flags()
         done = written if retry_failed else (written | failed)
@@ -260,7 +261,8 @@ class FeatureStore(StoreChecks):
         elif frames is not None:
             raise StoreError(f"{self.path}: not a frame store; chunk {chunk} takes no frame counts")
         if features.shape != (n, *self.feature_shape):
-            raise StoreError(f"{self.path}: chunk {chunk} expects features {(n, *self.feature_shape)}, got {features.shape}")
+            raise StoreError(f"{self.path}: chunk {chunk} expects features {(n, *self.feature_shape)}, got "
+                             f"{features.shape}")
         if written.shape != (n,) or failed.shape != (n,):
             raise StoreError(f"{self.path}: chunk {chunk} flags must have {n} rows")
         with np.errstate(over="ignore"):  # overflow becomes inf, which the check below refuses
@@ -437,7 +439,8 @@ class StoreLock:
 
 
 def _open_group(path: Path, mode: str):
-    """The Zarr group of a ser-cache store at `path`; a StoreError for anything else (an array inside a store included)."""
+    """The Zarr group of a ser-cache store at `path`; a StoreError for anything else (an array inside a store
+    included)."""
     import zarr
 
     meta = path / "zarr.json"
@@ -458,7 +461,8 @@ def _open_group(path: Path, mode: str):
     except Exception as exc:  # noqa: BLE001 - zarr's many kinds of metadata errors
         raise StoreError(f"{path}: cannot be opened as a Zarr group ({short_error(exc)})") from None
     if g.attrs.get("format") != FORMAT:
-        raise StoreError(f"{path}: a Zarr group, but not a ser-cache feature store (attribute format={g.attrs.get('format')!r})")
+        raise StoreError(f"{path}: a Zarr group, but not a ser-cache feature store (attribute "
+                         f"format={g.attrs.get('format')!r})")
     return g
 
 

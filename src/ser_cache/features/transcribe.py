@@ -290,7 +290,8 @@ def read_sidecar(path: Path) -> dict | None:
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise TranscribeError(f"{path}: not a readable settings file ({exc}); pass --overwrite to start again") from None
+        raise TranscribeError(f"{path}: not a readable settings file ({exc}); pass --overwrite to start "
+                              "again") from None
     if not isinstance(record, dict) or not isinstance(record.get("settings"), dict):
         raise TranscribeError(f"{path}: expected the settings file transcribe writes (a JSON object whose 'settings' "
                               f"is an object), found {sidecar_problem(record)}; pass --overwrite to start again")

@@ -86,7 +86,8 @@ class WhisperTranscriber:
         except (OSError, ValueError, TypeError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise EncoderError(f"model '{name}': no usable tokenizer with the weights ({reason}); transcribe "
-                               "needs Whisper's tokenizer files (tokenizer.json, or vocab.json and merges.txt)") from None
+                               "needs Whisper's tokenizer files (tokenizer.json, or vocab.json and "
+                               "merges.txt)") from None
         filters = mel_filters(resolved.source, model.config.num_mel_bins, resolved.local_only)
         return cls(model, tokenizer, model_id=resolved.model_id, revision=weights_revision(model, resolved),
                    filters=filters, **options)

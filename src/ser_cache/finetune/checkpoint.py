@@ -25,10 +25,16 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache.infra import statefile
-from ser_cache.runs import layout
-from ser_cache.runs import rundir
+from ser_cache.runs import layout, rundir
+from ser_cache.runs.checkpoint_file import (
+    CHECKPOINT,
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    CheckpointError,
+    read_checkpoint,
+    refuse_legacy,
+)
 from ser_cache.system.rows import TrainError
-from ser_cache.runs.checkpoint_file import CHECKPOINT, CHECKPOINT_FORMAT, CHECKPOINT_VERSION, CheckpointError, read_checkpoint, refuse_legacy
 
 log = logging.getLogger(__name__)
 

@@ -35,12 +35,12 @@ import numpy as np
 
 from ser_cache.data import audio as audio_lib
 from ser_cache.finetune.checkpoint import BEST, State, finish, init_from_run, resume, save_checkpoint
+from ser_cache.finetune.options import FinetuneConfig
 from ser_cache.infra import atomic, locks
 from ser_cache.runs import layout, staging
 from ser_cache.runs.checkpoint_file import refuse_legacy
 from ser_cache.system.rows import TrainError
 from ser_cache.train.options import TrainResult
-from ser_cache.finetune.options import FinetuneConfig
 
 log = logging.getLogger(__name__)
 

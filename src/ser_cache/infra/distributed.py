@@ -1,4 +1,5 @@
-"""torch.distributed, only when launched by torchrun: one process per device, rank 0 does the I/O that must happen once."""
+"""torch.distributed, only when launched by torchrun: one process per device, rank 0 does the I/O that must happen
+once."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The fine-tuning checkpoint of an unfinished run: its file name, its format, and reading it with every entry checked (finetune resumes from it, `plot run` draws it)."""
+"""The fine-tuning checkpoint of an unfinished run: its file name, its format, and reading it with every entry
+checked (finetune resumes from it, `plot run` draws it)."""
 
 from __future__ import annotations
 

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.runs import prediction_file
 from ser_cache.infra.outputs import Input, OutputError, refuse_inputs
+from ser_cache.runs import prediction_file
 
 DEFAULT_SCALE = (1.0, 7.0)  # the challenge's (and MSP-Podcast's) scale: what a submission is checked against
 
@@ -40,7 +40,8 @@ def _normalised_weights(weights: Sequence[float] | None, n: int) -> list[float]:
     if len(weights) != n:
         raise EnsembleError(f"--weights: {len(weights)} weight(s) for {n} prediction file(s); give one per file")
     if any(not np.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0:
-        raise EnsembleError(f"--weights {','.join(map(str, weights))}: expected non-negative numbers with a positive sum")
+        raise EnsembleError(f"--weights {','.join(map(str, weights))}: expected non-negative numbers with a positive "
+                            "sum")
     total = float(sum(weights))
     return [float(w) / total for w in weights]
 
@@ -97,7 +98,8 @@ def combine(files: Sequence[str | Path], weights: Sequence[float] | None = None,
     bad = prediction_file.bad_value(total, *(scale or (-np.inf, np.inf)))
     if bad is not None:
         i, j, value, why = bad
-        raise EnsembleError(f"the ensemble's {prediction_file.AVD_COLUMNS[j]} of {ref_ids[i]} (row {i + 1}) is {value}, {why}; "
+        raise EnsembleError(f"the ensemble's {prediction_file.AVD_COLUMNS[j]} of {ref_ids[i]} (row {i + 1}) is "
+                            f"{value}, {why}; "
                             "nothing written")
     return list(ref_ids), total, w
 
@@ -109,11 +111,13 @@ def score_predictions(ids: Sequence[str], avd: np.ndarray, data: Path, split: st
 
     utts = [u for u in load_corpus(data, [split]) if u.has_avd]
     if len(utts) < 2:
-        raise EnsembleError(f"split {split} of {data} has {len(utts)} labelled utterance(s); at least 2 are needed to score")
+        raise EnsembleError(f"split {split} of {data} has {len(utts)} labelled utterance(s); at least 2 are needed to "
+                            "score")
     position = {uid: i for i, uid in enumerate(ids)}
     missing = [u.id for u in utts if u.id not in position]
     if missing:
-        raise EnsembleError(f"the predictions lack {len(missing)} labelled utterance(s) of {split}: {_describe(missing)}")
+        raise EnsembleError(f"the predictions lack {len(missing)} labelled utterance(s) of {split}: "
+                            f"{_describe(missing)}")
     rows = [position[u.id] for u in utts]
     target = np.array([u.avd for u in utts], dtype=np.float64)
     result = score(avd[rows], target, [u.emotion or "" for u in utts], seed=seed)
@@ -121,7 +125,8 @@ def score_predictions(ids: Sequence[str], avd: np.ndarray, data: Path, split: st
     return result
 
 
-def combine_gender(files: Sequence[str | Path], weights: Sequence[float], ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
+def combine_gender(files: Sequence[str | Path], weights: Sequence[float],
+                   ids: Sequence[str]) -> tuple[list[str], np.ndarray]:
     """(labels, (N, G) weighted mean probabilities) over the members that have gender columns.
 
     Members without them are left out and the others' weights renormalised; the members that have

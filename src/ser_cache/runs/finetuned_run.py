@@ -17,8 +17,7 @@ from ser_cache.system.finetuned import MIN_SECONDS, WavLMEmotionModel, build_fro
 
 def load_finetuned(run_dir: Path, config: dict, *, device: str = "cpu") -> WavLMEmotionModel:
     """The fine-tuned model of a run, from its config.json and model.safetensors alone (no hub)."""
-    from ser_cache.runs import layout
-    from ser_cache.runs import rundir
+    from ser_cache.runs import layout, rundir
 
     weights = Path(run_dir) / layout.WEIGHTS
     if not weights.is_file():

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.runs import layout
-from ser_cache.runs import rundir
 from ser_cache.infra.atomic import atomic_path
+from ser_cache.runs import layout, rundir
 from ser_cache.system.metrics import ATTRIBUTES
 
 # Sizes in inches at DPI dots per inch: a PNG is exactly (width * DPI) x (height * DPI) pixels.
@@ -196,7 +195,8 @@ def _curves_title(name: str, settings: dict) -> str:
     if settings.get("system") == "finetuned-wavlm":
         return f"{name}: fine-tuned WavLM"
     inputs = settings.get("inputs")
-    names = [str(i["name"]) for i in inputs if isinstance(i, dict) and i.get("name")] if isinstance(inputs, list) else []
+    names = ([str(i["name"]) for i in inputs if isinstance(i, dict) and i.get("name")]
+             if isinstance(inputs, list) else [])
     return f"{name}: heads on {' + '.join(names)}" if names else name
 
 
@@ -214,7 +214,8 @@ def training_curves(run_dir: str | Path, out_dir: str | Path | None = None, svg:
     if not rows:
         raise PlotError(f"{run_dir}: the history has no epochs yet")
     if "epoch" not in rows[0] or "loss_total" not in rows[0] or "dev_ccc_mean" not in rows[0]:
-        raise PlotError(f"{run_dir}: the history lacks epoch, loss_total or dev_ccc_mean; not a ser-cache run's history")
+        raise PlotError(f"{run_dir}: the history lacks epoch, loss_total or dev_ccc_mean; not a ser-cache run's "
+                        "history")
     epochs = [int(_nan(r["epoch"])) for r in rows]
     settings = _run_settings(run_dir, finished)
     weights = _loss_weights(settings)

@@ -19,9 +19,7 @@ import numpy as np
 from ser_cache.data.transcripts import Texts
 from ser_cache.features.frames import Frames
 from ser_cache.infra import atomic
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
-from ser_cache.runs import rundir
+from ser_cache.runs import layout, prediction_file, rundir
 from ser_cache.runs.errors import PredictError
 from ser_cache.runs.gather import gather_features
 
@@ -202,7 +200,8 @@ def predict(run_dir: str | Path, *, data: Path | None = None, splits: Sequence[s
                                       use_stores=not files, texts=texts)
     avd, probs = run_model(model, config, utts, arrays, sources, device=device, run_dir=run_dir)
     gender_labels = config.get("gender_labels") or None
-    path = prediction_file.write_predictions(out, [u.id for u in utts], avd, gender_labels=gender_labels if with_gender else None,
+    path = prediction_file.write_predictions(out, [u.id for u in utts], avd,
+                                             gender_labels=gender_labels if with_gender else None,
                                   gender_probs=probs if with_gender else None)
     return PredictResult(out=path, rows=len(utts), sources=sources, text=None if texts is None else texts.summary())
 

@@ -1,4 +1,5 @@
-"""What a trained run's directory records: config.json (options, inputs, label range, provenance) and the files written with it."""
+"""What a trained run's directory records: config.json (options, inputs, label range, provenance) and the files
+written with it."""
 
 from __future__ import annotations
 
@@ -10,14 +11,13 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ser_cache.version import __version__
 from ser_cache.infra import atomic
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
+from ser_cache.runs import layout, prediction_file
 from ser_cache.system.metrics import ATTRIBUTES as AVD  # the heads' "avd" column order, too
 from ser_cache.system.rows import (
     TrainingData,
 )
+from ser_cache.version import __version__
 
 if TYPE_CHECKING:
     pass
@@ -61,7 +61,8 @@ def write_run_files(directory: Path, config: dict, metrics: dict, history: list[
     directory = Path(directory)
     atomic.write_json_atomic(directory / layout.METRICS, metrics)
     atomic.write_csv_atomic(directory / layout.HISTORY, list(history[0]), [list(r.values()) for r in history])
-    prediction_file.write_predictions(directory / layout.DEV_PREDICTIONS, dev_ids, pred, gender_labels=gender_labels or None,
+    prediction_file.write_predictions(directory / layout.DEV_PREDICTIONS, dev_ids, pred,
+                                      gender_labels=gender_labels or None,
                            gender_probs=probs)
     # config.json makes the directory a finished run (layout.is_run_dir), so it comes last.
     atomic.write_json_atomic(directory / layout.CONFIG, config)

@@ -101,8 +101,10 @@ def read_weights(weights: Path) -> dict:
     try:
         return load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
-        raise RunError(f"{weights}: not a readable safetensors file ({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
-                       "it is truncated or damaged: copy it again from where the run was trained, or train the run again") from None
+        raise RunError(f"{weights}: not a readable safetensors file "
+                       f"({str(exc).splitlines()[0] if str(exc) else type(exc).__name__}); "
+                       "it is truncated or damaged: copy it again from where the run was trained, or train the run "
+                       "again") from None
 
 
 def load_run(run_dir: str | Path, *, device: str = "cpu"):

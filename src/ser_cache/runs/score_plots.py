@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.system.metrics import ATTRIBUTES, PRIMARY_EMOTIONS, ccc
 from ser_cache.runs.plots import (
     COLOURS,
     CONFUSION,
@@ -34,7 +33,7 @@ from ser_cache.runs.plots import (
     new_figure,
     save_figure,
 )
-
+from ser_cache.system.metrics import ATTRIBUTES, PRIMARY_EMOTIONS, ccc
 
 # --------------------------------------------------------------------------- evaluation
 

@@ -45,7 +45,8 @@ def check_run_target(path: str | Path, overwrite: bool, *, resumable: bool = Fal
             hint = "pass --resume to continue it, " if resumable else ""
             raise RunError(f"--out {path}: an unfinished run is there; {hint}--overwrite to start again, "
                            "or choose another --out")
-        raise RunError(f"--out {path}: a run already exists there; pass --overwrite to replace it, or choose another --out")
+        raise RunError(f"--out {path}: a run already exists there; pass --overwrite to replace it, or choose another "
+                       "--out")
 
 
 STAGES = ("training", "replaced")  # .NAME.training-PID: the run being written; .NAME.replaced-PID: the old one

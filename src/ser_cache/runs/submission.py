@@ -128,7 +128,8 @@ def check_rows(file: Path, ids: list[str], *, split: str) -> SubmissionCheck:
     def check_row(row: list[str], line: int) -> None:
         check.rows += 1
         if len(row) != len(COLUMNS):
-            problems.append(Problem("fields", line, f"{len(row)} field(s), expected {len(COLUMNS)} ({','.join(COLUMNS)})"))
+            problems.append(Problem("fields", line,
+                                    f"{len(row)} field(s), expected {len(COLUMNS)} ({','.join(COLUMNS)})"))
             if not row:
                 return
         uid = row[0]

@@ -43,12 +43,9 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from ser_cache.version import __version__
-
 from ser_cache.infra import atomic
-from ser_cache.runs import layout
-from ser_cache.runs import rundir
-from ser_cache.runs import staging
+from ser_cache.runs import layout, rundir, staging
+from ser_cache.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -355,8 +352,8 @@ def _run_config(cfg: ImportConfig, heads, imported: dict, predict_gender: bool, 
 def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict) -> int:
     from transformers import WavLMConfig, WavLMModel
 
-    from ser_cache.system.finetuned import AUDIO_INPUT, LAST_STATE, SYSTEM, WavLMEmotionModel, architecture
     from ser_cache.runs.finetuned_run import save_weights
+    from ser_cache.system.finetuned import AUDIO_INPUT, LAST_STATE, SYSTEM, WavLMEmotionModel, architecture
 
     wavlm_config, resolved = _backbone_config(backbone, WavLMConfig)
     if getattr(wavlm_config, "model_type", "") != "wavlm":
@@ -377,7 +374,8 @@ def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str
     weights = rest["weights"].float()
     if wrapper.get("use_conv_output", True):
         if weights.shape != (n_states,):
-            raise ImportError_(f"weights: expected {n_states} layer weights (use_conv_output), got {tuple(weights.shape)}")
+            raise ImportError_(f"weights: expected {n_states} layer weights (use_conv_output), got "
+                               f"{tuple(weights.shape)}")
         logits = weights
     else:
         if weights.shape != (n_states - 1,):

@@ -140,7 +140,8 @@ class FeatureModel(nn.Module):
         return {name: pool.config() for name, pool in zip(self.frame_names, self.pools)}
 
     @classmethod
-    def from_config(cls, heads_config: Mapping[str, Any], frame_inputs: Mapping[str, Any] | None = None) -> FeatureModel:
+    def from_config(cls, heads_config: Mapping[str, Any],
+                    frame_inputs: Mapping[str, Any] | None = None) -> FeatureModel:
         from ser_cache.system.heads import MultitaskHeads
 
         return cls(MultitaskHeads.from_config(heads_config), frame_inputs)

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache.features.store_ref import StoreRef
+
 # In environment.py so that the CLI can show the default in --help without importing numpy.
 from ser_cache.infra.environment import default_memory_budget_gb, physical_memory_bytes  # noqa: F401
 from ser_cache.system.errors import TrainError

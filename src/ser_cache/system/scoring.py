@@ -8,11 +8,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ser_cache.infra.runtime import to_device
 from ser_cache.system.metrics import ATTRIBUTES as AVD  # the heads' "avd" column order, too
 from ser_cache.system.rows import (
     TrainError,
 )
-from ser_cache.infra.runtime import to_device
 
 if TYPE_CHECKING:
     pass
@@ -81,7 +81,7 @@ def score(avd_pred: np.ndarray, avd_true: np.ndarray, emotions: Sequence[str], *
 def label_range(avd: np.ndarray) -> tuple[list[float], list[float]]:
     """Per-attribute min and max of the training labels: the heads' output range (paper Eq. 2)."""
     lo, hi = avd.min(axis=0).astype(float), avd.max(axis=0).astype(float)
-    flat = [f"{a} ({l})" for a, l, h in zip(AVD, lo, hi) if not h > l]
+    flat = [f"{a} ({low})" for a, low, high in zip(AVD, lo, hi) if not high > low]
     if flat:
         raise TrainError(f"every training label of {', '.join(flat)} is the same; the heads need a label range "
                          "(paper Eq. 2)")

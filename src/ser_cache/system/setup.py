@@ -10,13 +10,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ser_cache.infra.runtime import compute_dtype
+from ser_cache.system.options import TrainingOptions
 from ser_cache.system.rows import (
     TrainError,
     TrainingData,
     label_index,
 )
-from ser_cache.infra.runtime import compute_dtype
-from ser_cache.system.options import TrainingOptions
 from ser_cache.system.scoring import head_classes, label_range
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,8 @@ def select_rows(cfg: TrainingOptions, data: TrainingData) -> tuple[np.ndarray, n
     if train_idx.size < 2:
         raise TrainError(f"--ox {cfg.ox}: {train_idx.size} training row(s) left; at least 2 are needed")
     if dev_idx.size < 2:
-        raise TrainError(f"--ox {cfg.ox}: {dev_idx.size} {cfg.dev_split} row(s) left to evaluate; at least 2 are needed")
+        raise TrainError(f"--ox {cfg.ox}: {dev_idx.size} {cfg.dev_split} row(s) left to evaluate; at least 2 are "
+                         "needed")
     return train_idx, dev_idx
 
 

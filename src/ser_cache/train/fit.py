@@ -30,15 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.runs import rundir
-from ser_cache.runs import staging
-from ser_cache.system.rows import TrainingData, index_tensor
-from ser_cache.system.setup import BLOCK_ORDER, RunSetup, batch_bounds, batch_loss
-from ser_cache.system.scoring import EVAL_BATCH, EVAL_FRAME_BATCH, score
-from ser_cache.system.epoch_log import EpochProgress, TensorBoardLog, history_row
-from ser_cache.train.options import TrainHeadsConfig
 from ser_cache.infra.runtime import fused_adamw_ok, to_device
+from ser_cache.runs import rundir, staging
 from ser_cache.runs.record import run_config, write_run_files
+from ser_cache.system.epoch_log import EpochProgress, TensorBoardLog, history_row
+from ser_cache.system.rows import TrainingData, index_tensor
+from ser_cache.system.scoring import EVAL_BATCH, EVAL_FRAME_BATCH, score
+from ser_cache.system.setup import BLOCK_ORDER, RunSetup, batch_bounds, batch_loss
+from ser_cache.train.options import TrainHeadsConfig
 
 LOSS_KEYS = ("total", "ccc", "gender", "speaker")
 
@@ -333,9 +332,9 @@ def write_job(job: Job, best: dict, history: list[dict]) -> Fitted:
     """The job's run directory, staged beside cfg.out and renamed into place (config.json last)."""
     import torch
 
+    from ser_cache.runs.plots import curves_after_training
     from ser_cache.system.losses import AAMSoftmax
     from ser_cache.system.model import FeatureModel
-    from ser_cache.runs.plots import curves_after_training
 
     cfg, run, data = job.cfg, job.run, job.data
     model = FeatureModel.from_config(run.model.heads.config(), run.model.config())
@@ -349,7 +348,8 @@ def write_job(job: Job, best: dict, history: list[dict]) -> Fitted:
     dtype_name = str(run.model.compute_dtype or torch.float32).removeprefix("torch.")
     metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
     config = run_config({**cfg.to_dict(), "compute_dtype": dtype_name}, data, run.lo, run.hi, run.gender_labels,
-                        run.speaker_labels, model.heads.config(), best["epoch"], frame_inputs=model.config(), **job.extra,
+                        run.speaker_labels, model.heads.config(), best["epoch"], frame_inputs=model.config(),
+                        **job.extra,
                         **({"memory": data.memory} if data.memory else {}))
     with staging.staged_run_dir(cfg.out, job.overwrite) as tmp:
         rundir.save_weights(tmp, model, aam)

@@ -78,7 +78,7 @@ def products(model, frames_per_row: Mapping[str, float] | float | None = None) -
     first = {id(m) for m in first_layers(heads)} if hasattr(heads, "mlps") else set()
     heads_input_is_data = not getattr(heads, "_layered", ()) and not pools
     frames = {}
-    for i, (name, pool) in enumerate(zip(getattr(model, "frame_names", ()), pools)):
+    for name, pool in zip(getattr(model, "frame_names", ()), pools):
         if frames_per_row is None:
             raise ValueError(f"frame input {name!r}: products need frames_per_row")
         f = frames_per_row if isinstance(frames_per_row, (int, float)) else frames_per_row[name]
@@ -256,9 +256,11 @@ def format_table(runs: Mapping[str, Mapping], peaks: Mapping[str, Mapping[str, f
             rows.append((label, num(a, ".4f"), num(b, ".4f"), f"{num(b / a if a > 0 else float('nan'), '.2f')} ratio"))
         else:
             rows.append((label, pct(a), pct(b), ""))
-    rows.append(("peak memory (MB)", num(runs["fp32"].get("peak_mb"), ".0f"), num(runs["bf16"].get("peak_mb"), ".0f"), ""))
+    rows.append(("peak memory (MB)", num(runs["fp32"].get("peak_mb"), ".0f"), num(runs["bf16"].get("peak_mb"), ".0f"),
+                 ""))
     delta = result["ccc_delta"]
-    rows.append(("Dev mean CCC (kept epoch)", num(runs["fp32"]["mean_ccc"], ".4f"), num(runs["bf16"]["mean_ccc"], ".4f"),
+    rows.append(("Dev mean CCC (kept epoch)", num(runs["fp32"]["mean_ccc"], ".4f"),
+                 num(runs["bf16"]["mean_ccc"], ".4f"),
                  f"Δ {delta:+.4f} (|Δ| ≤ {result['ccc_target']}: {'met' if result['ccc_target_met'] else 'missed'})"))
     head = ("", "fp32", "bf16", "bf16 vs fp32")
     widths = [max(len(r[i]) for r in (head, *rows)) for i in range(4)]

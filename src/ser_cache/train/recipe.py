@@ -7,14 +7,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ser_cache.infra.runtime import resolve_device, torch_threads
 from ser_cache.runs import staging
+from ser_cache.system.epoch_log import tensorboard_problem
 from ser_cache.system.rows import (
     TrainError,
     TrainingData,
     load_rows,
 )
-from ser_cache.infra.runtime import resolve_device, torch_threads
-from ser_cache.system.epoch_log import tensorboard_problem
 from ser_cache.system.setup import set_up
 from ser_cache.train.options import TrainHeadsConfig, TrainResult
 

@@ -64,7 +64,8 @@ class OneMember:
         self.model.train(False)
 
     def forward(self, inputs: Mapping[str, Any], *, shared: bool = False) -> dict[str, Tensor]:
-        x = inputs if shared else {n: tuple(t[0] for t in v) if isinstance(v, tuple) else v[0] for n, v in inputs.items()}
+        x = inputs if shared else {n: tuple(t[0] for t in v) if isinstance(v, tuple) else v[0]
+                                   for n, v in inputs.items()}
         return {key: v.unsqueeze(0) for key, v in self.model(dict(x)).items()}
 
     def speaker_loss(self, k: int, embedding: Tensor, labels: Tensor) -> Tensor | None:
@@ -201,7 +202,8 @@ class StackedAdamW:
         for (lr, wd), ks in groups.items():
             if not with_grad:
                 continue
-            params, exp_avgs, exp_avg_sqs, steps = ([x for k in ks for x in self._slices(k, with_grad)[n]] for n in range(4))
+            params, exp_avgs, exp_avg_sqs, steps = ([x for k in ks for x in self._slices(k, with_grad)[n]]
+                                                    for n in range(4))
             adamw(params, [self.params[i].grad[k] for k in ks for i in with_grad], exp_avgs, exp_avg_sqs, [], steps,
                   foreach=False if not self.fused else None, fused=self.fused or None, amsgrad=False,
                   beta1=self.betas[0], beta2=self.betas[1], lr=lr, weight_decay=wd, eps=self.eps, maximize=False)

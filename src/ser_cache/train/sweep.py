@@ -39,20 +39,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser_cache.infra import atomic
-from ser_cache.runs import layout
-from ser_cache.runs import rundir
-from ser_cache.train.fit import Diverged, Job, fit
+from ser_cache.infra.runtime import resolve_device, torch_threads
+from ser_cache.runs import layout, rundir
+from ser_cache.system.epoch_log import tensorboard_problem
 from ser_cache.system.rows import (
     SPEAKER_EMBEDDING_KIND,
     TrainError,
     TrainingData,
     load_rows,
 )
-from ser_cache.train.sweep_summary import summarize
-from ser_cache.train.options import TrainHeadsConfig
-from ser_cache.infra.runtime import resolve_device, torch_threads
 from ser_cache.system.setup import set_up
-from ser_cache.system.epoch_log import tensorboard_problem
+from ser_cache.train.fit import Diverged, Job, fit
+from ser_cache.train.options import TrainHeadsConfig
+from ser_cache.train.sweep_summary import summarize
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +121,8 @@ def _value(variant: str, key: str, value: str, kind):
     try:
         return kind(value)
     except ValueError:
-        raise TrainError(f"--variant {variant}: {key}={value}: expected a{'n integer' if kind is int else ' number'}") from None
+        raise TrainError(f"--variant {variant}: {key}={value}: "
+                         f"expected a{'n integer' if kind is int else ' number'}") from None
 
 
 @dataclass(frozen=True)
@@ -151,9 +151,11 @@ class SweepConfig:
         if BASE in names:
             problems.append(f"--variant {BASE}: '{BASE}' names the sweep's own options; choose another name")
         if len(set(names)) != len(names):
-            problems.append(f"--variant: a name is given twice ({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
+            problems.append("--variant: a name is given twice "
+                            f"({', '.join(sorted({n for n in names if names.count(n) > 1}))})")
         if self.reference not in (BASE, *names):
-            problems.append(f"--reference {self.reference}: expected {BASE} or a --variant name ({', '.join(names) or 'none given'})")
+            problems.append(f"--reference {self.reference}: expected {BASE} or a --variant name "
+                            f"({', '.join(names) or 'none given'})")
         for variant in (Variant(BASE, {"inputs": self.inputs}), *self.variants):
             try:
                 member_config(self, variant, self.base.seed).verify()
@@ -265,8 +267,8 @@ def member_view(data: TrainingData, member: Member) -> TrainingData:
         wanted = [n.strip() for n in member.inputs_option.split("+") if n.strip()]
         unknown = [n for n in wanted if n not in names]
         if unknown or not wanted:
-            raise TrainError(f"{_who(member)}: inputs={member.inputs_option}: {', '.join(unknown) or 'no name'} is not a "
-                             f"loaded store; the stores are {', '.join(names)}")
+            raise TrainError(f"{_who(member)}: inputs={member.inputs_option}: {', '.join(unknown) or 'no name'} "
+                             f"is not a loaded store; the stores are {', '.join(names)}")
         chosen = [s for s in data.inputs if s.name in wanted]
     if not chosen:
         raise TrainError(f"{_who(member)}: no input left: the only stores are speaker embeddings, kept out while the "
@@ -365,7 +367,8 @@ def prepare(member: Member, data: TrainingData, device, *, curves: bool) -> Job:
 def stack_key(job: Job) -> tuple:
     """Members with equal keys have models of the same shapes and batch alike: they can share a stack."""
     model = job.run.model
-    heads = {k: v for k, v in model.heads.config().items() if k not in ("label_min", "label_max", "aam_margin", "aam_scale")}
+    heads = {k: v for k, v in model.heads.config().items()
+             if k not in ("label_min", "label_max", "aam_margin", "aam_scale")}
     return (repr(sorted(heads.items())), repr(model.config()), job.cfg.batch_size, job.cfg.epochs,
             str(model.compute_dtype), job.run.aam is not None)
 

@@ -14,8 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ser_cache.runs import layout
-from ser_cache.runs import prediction_file
+from ser_cache.runs import layout, prediction_file
 
 SWEEP_FORMAT = "ser-cache-sweep"
 
@@ -70,7 +69,8 @@ def summarize(cfg, members: Sequence, data, diverged: dict | None = None) -> dic
         comparisons[name] = paired_bootstrap(truth, _aligned(predictions[name], ids),
                                              _aligned(predictions[cfg.reference], ids), resamples=cfg.resamples,
                                              seed=cfg.base.seed)
-    return {"format": SWEEP_FORMAT, "split": data.dev_split, "seeds": list(range(cfg.base.seed, cfg.base.seed + cfg.seeds)),
+    return {"format": SWEEP_FORMAT, "split": data.dev_split,
+            "seeds": list(range(cfg.base.seed, cfg.base.seed + cfg.seeds)),
             "reference": cfg.reference, "base_options": _jsonable_options(cfg.base), "variants": variants,
             "comparisons": comparisons}
 

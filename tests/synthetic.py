@@ -53,6 +53,42 @@ def make_corpus(root: Path, n: int = 300, *, seed: int = 0,
     return path, ids, {"audio": audio, "text": text}
 
 
+def make_class_corpus(root: Path, n: int = 400, *, seed: int = 0, ox_share: float = 0.15,
+                      splits=(("Train", 0.6), ("Development", 0.25), ("Test1", 0.15))):
+    """A CSV manifest whose emotion classes are learnable: the class of a row is the argmax of eight
+    linear scores of its 'audio' and 'text' vectors (the challenge's codes A S H U F D C N), and a
+    share `ox_share` of the rows is O or X instead (no class target under 8 classes). Arousal,
+    valence and dominance follow the features as in make_corpus.
+
+    Returns (manifest path, ids, {"audio": (n, 24), "text": (n, 16)}, the codes of every row).
+    """
+    from ser_cache.system.tasks import CLASSES_8
+
+    rng = np.random.default_rng(seed)
+    audio = rng.standard_normal((n, 24)).astype(np.float32)
+    text = rng.standard_normal((n, 16)).astype(np.float32)
+    scores = audio @ rng.standard_normal((24, 8)) + text @ rng.standard_normal((16, 8))
+    codes = np.array(CLASSES_8, dtype=object)[scores.argmax(1)]
+    ox = rng.random(n) < ox_share
+    codes[ox] = rng.choice(["O", "X"], int(ox.sum()))
+    w_a, w_t = rng.standard_normal(24), rng.standard_normal(16)
+    arousal = 4 + 2.2 * np.tanh(audio @ w_a / 5) + 0.2 * rng.standard_normal(n)
+    valence = 4 + 2.2 * np.tanh(text @ w_t / 4) + 0.2 * rng.standard_normal(n)
+    dominance = 4 + 1.5 * np.tanh((audio[:, :8].sum(1) + text[:, :4].sum(1)) / 3) + 0.2 * rng.standard_normal(n)
+    cuts = np.cumsum([int(round(f * n)) for _, f in splits])
+    root.mkdir(parents=True, exist_ok=True)
+    ids = [f"utt_{i:04d}.wav" for i in range(n)]
+    path = root / "manifest.csv"
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["path", "id", "split", "arousal", "valence", "dominance", "emotion", "gender", "speaker"])
+        for i in range(n):
+            split = splits[int(np.searchsorted(cuts, i, side="right"))][0] if i < cuts[-1] else splits[-1][0]
+            w.writerow([f"audio/{ids[i]}", ids[i], split, f"{arousal[i]:.3f}", f"{valence[i]:.3f}",
+                        f"{dominance[i]:.3f}", codes[i], "Female" if audio[i, 0] > 0 else "Male", f"spk{i % 12}"])
+    return path, ids, {"audio": audio, "text": text}, codes.tolist()
+
+
 def make_store(path: Path, ids, feats: np.ndarray, *, kind: str = "whisper", modality: str = "audio",
                settings: dict | None = None, written: np.ndarray | None = None) -> Path:
     """A store as `extract` would leave it, with made-up encoder attributes."""

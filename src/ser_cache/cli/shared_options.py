@@ -23,6 +23,8 @@ from ser_cache.train.options import TrainHeadsConfig
 # two lists equal (the library's constants live in modules that import torch).
 OxMode = Literal["keep", "drop", "only", "train+dev", "train+dev-nonox"]  # sampling.OX_MODES
 SelectMode = Literal["balanced", "ccc"]  # system.options.SELECT_MODES
+TaskMode = Literal["attributes", "categorical", "both"]  # system.tasks.TASKS
+ClassWeightMode = Literal["balanced", "none"]  # system.options.CLASS_WEIGHT_MODES
 HeadsPrecisionMode = Literal["auto", "fp32", "bf16"]  # infra.runtime.HEADS_PRECISIONS
 EncoderPrecisionMode = Literal["auto", "fp32", "bf16", "fp16"]  # infra.runtime.ENCODER_PRECISIONS
 TranscribePrecisionMode = Literal["auto", "fp32", "bf16"]  # infra.runtime.TRANSCRIBE_PRECISIONS
@@ -61,6 +63,18 @@ Progress = Annotated[bool, typer.Option(help="Show a progress bar.")]
 TensorBoard = Annotated[Path | None, typer.Option(
     metavar="DIR", help="Also log each epoch's history.csv row as TensorBoard scalars in DIR "
                         "(pip install 'ser-cache[tensorboard]').")]
+Task = Annotated[TaskMode, typer.Option(
+    help="What the heads learn: arousal/valence/dominance (attributes, Task 2), the emotion class (categorical, "
+         "Task 1), or both on one body. Under a class task O/X rows have no class target (docs/categorical.md); "
+         "the epoch is kept by Development macro-F1 (categorical) or by the mean of macro-F1 and the --select "
+         "CCC (both).")]
+Classes = Annotated[int, typer.Option(
+    help="Emotion classes: 8 (A S H U F D C N, the challenge's) or 9 (and O, the authors' layout).")]
+ClassWeights = Annotated[ClassWeightMode, typer.Option(
+    help="Class weights of the cross-entropy: balanced, the baseline's N/(classes*n_c) over the rows an epoch "
+         "draws (all 1 when undersampled), or none.")]
+ClassLossWeight = Annotated[float, typer.Option(
+    help="Weight of the class cross-entropy beside the CCC losses under --task both.")]
 
 # The options of a heads run, which `train-heads` and `sweep` (its base options) take word for word.
 HeadsLr = Annotated[float, typer.Option(help="AdamW learning rate (paper: 5e-5).")]
@@ -92,7 +106,8 @@ def recipe_config(config_class, options: dict):
         renamed["features"] = tuple(options["features"])
     if "memory_budget" in options:
         renamed["memory_budget_gb"] = options["memory_budget"]
-    return config_class(**{f.name: renamed[f.name] for f in dataclasses.fields(config_class)})
+    # A field the command does not take (e.g. --task, which sweep and finetune do not have yet) keeps its default.
+    return config_class(**{f.name: renamed[f.name] for f in dataclasses.fields(config_class) if f.name in renamed})
 
 
 def heads_config(options: dict):

@@ -41,8 +41,37 @@ def titled(title: str, table: Table):
     return Group(Text(title, style="italic"), table) if title else table
 
 
+def class_table(scores: dict) -> Table:
+    """The class task's scores: macro-F1, accuracy, balanced accuracy, then precision/recall/F1 per class."""
+    table = Table()
+    table.add_column("class")
+    for name in ("precision", "recall", "F1", "rows"):
+        table.add_column(name, justify="right")
+    for code, c in scores["per_class"].items():
+        table.add_row(code, _fmt(c["precision"]), _fmt(c["recall"]), _fmt(c["f1"]), str(c["support"]))
+    table.add_section()
+    table.add_row("macro-F1", "", "", _fmt(scores["macro_f1"]), str(scores["rows"]), style="bold")
+    table.add_row("accuracy", "", "", _fmt(scores["accuracy"]), "")
+    table.add_row("balanced accuracy", "", "", _fmt(scores["balanced_accuracy"]), "")
+    return table
+
+
 def scores_table(title: str, scores: dict):
-    """One row per attribute and the mean: CCC, and balanced CCC where there is one; gender below."""
+    """One row per attribute and the mean: CCC, and balanced CCC where there is one; gender below; the
+    class task's table (class_table) below that, or alone for a run without attribute heads."""
+    if "ccc" not in scores:
+        table = class_table(scores["categorical"])
+        gender = scores.get("gender")
+        if gender:
+            table.add_section()
+            table.add_row("gender accuracy", "", "", _fmt(gender["accuracy"]), "")
+            table.add_row("gender macro-F1", "", "", _fmt(gender["macro_f1"]), "")
+        return titled(title, table)
+    if "categorical" in scores:
+        from rich.console import Group
+
+        return Group(scores_table(title, {k: v for k, v in scores.items() if k != "categorical"}),
+                     class_table(scores["categorical"]))
     balanced = scores.get("balanced_ccc") or {}
     table = Table()
     table.add_column("attribute")
@@ -97,6 +126,10 @@ def train_heads(
     overwrite: bool = typer.Option(shared.TRAINING.overwrite, help="Replace an existing run directory."),
     progress: shared.Progress = shared.TRAINING.progress,
     tensorboard: shared.TensorBoard = shared.TRAINING.tensorboard,
+    task: shared.Task = shared.TRAINING.task,
+    classes: shared.Classes = shared.TRAINING.classes,
+    class_weights: shared.ClassWeights = shared.TRAINING.class_weights,
+    class_loss_weight: shared.ClassLossWeight = shared.TRAINING.class_loss_weight,
     config: Path | None = typer.Option(
         None, "--config", metavar="RUN/config.json", is_eager=True, callback=rerun.defaults_from_run,
         help="Rerun a train-heads run's settings: every option of its config.json (or run directory) but --out, "

@@ -14,6 +14,10 @@ Layout (documented for users in docs/training.md):
         metrics.json         Development scores of the kept epoch
         history.csv          one row per epoch: losses, Development CCCs, balanced CCC, gender
         predictions_dev.csv  the kept epoch's Development predictions, challenge format
+                             (a run with attribute heads)
+        predictions_dev_categorical.csv  with a class head (train-heads --task categorical|both): the
+                             kept epoch's Development classes, FileName,EmoClass,prob_<code>...
+                             (the rows with a class target under categorical, every row under both)
 
 A fine-tuned run (`finetune wavlm`, docs/finetune.md) has the same files plus the full encoder
 weights in model.safetensors. It trains for hours, so its in-progress state lives inside the run
@@ -37,6 +41,7 @@ WEIGHTS = "model.safetensors"
 METRICS = "metrics.json"
 HISTORY = "history.csv"
 DEV_PREDICTIONS = "predictions_dev.csv"
+DEV_CLASS_PREDICTIONS = "predictions_dev_categorical.csv"
 IN_PROGRESS = "in_progress.json"  # marks a run being trained in place (fine-tuning); config.json marks it done
 
 

@@ -20,12 +20,17 @@ log = logging.getLogger(__name__)
 def history_row(epoch: int, losses: Mapping[str, float], dev: dict, seconds: float, eval_seconds: float) -> dict:
     row = {"epoch": epoch, "seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3)}
     row.update({f"loss_{k}": v for k, v in losses.items()})
-    row.update({f"dev_ccc_{k}": v for k, v in dev["ccc"].items()})
-    b = dev.get("balanced_ccc") or {}
-    row.update({f"dev_balanced_ccc_{k}": b.get(k, float("nan")) for k in (*AVD, "mean")})
+    if "ccc" in dev:  # attribute heads
+        row.update({f"dev_ccc_{k}": v for k, v in dev["ccc"].items()})
+        b = dev.get("balanced_ccc") or {}
+        row.update({f"dev_balanced_ccc_{k}": b.get(k, float("nan")) for k in (*AVD, "mean")})
     g = dev.get("gender") or {}
     row.update({"dev_gender_accuracy": g.get("accuracy", float("nan")),
                 "dev_gender_macro_f1": g.get("macro_f1", float("nan"))})
+    c = dev.get("categorical")
+    if c is not None:  # a class head
+        row.update({"dev_macro_f1": c["macro_f1"], "dev_accuracy": c["accuracy"],
+                    "dev_balanced_accuracy": c["balanced_accuracy"]})
     return row
 
 
@@ -112,10 +117,20 @@ class EpochProgress:
         return self
 
     def info(self, row: dict, best_epoch: int) -> str:
+        if "dev_macro_f1" in row:
+            return self.class_info(row, best_epoch)
         loss, ccc, balanced = row["loss_total"], row["dev_ccc_mean"], row["dev_balanced_ccc_mean"]
         if self._wide:
             return f"loss {loss:.3f} · dev CCC {ccc:.3f} · balanced {balanced:.3f} · best epoch {best_epoch}"
         return f"loss {loss:.3f} CCC {ccc:.3f} bal {balanced:.3f} best {best_epoch}"
+
+    def class_info(self, row: dict, best_epoch: int) -> str:
+        loss, f1 = row["loss_total"], row["dev_macro_f1"]
+        ccc = f" · dev CCC {row['dev_ccc_mean']:.3f}" if "dev_ccc_mean" in row else ""
+        if self._wide:
+            return f"loss {loss:.3f}{ccc} · dev macro-F1 {f1:.3f} · best epoch {best_epoch}"
+        short = f" CCC {row['dev_ccc_mean']:.3f}" if "dev_ccc_mean" in row else ""
+        return f"loss {loss:.3f}{short} F1 {f1:.3f} best {best_epoch}"
 
     def update(self, epoch: int, row: dict, best_epoch: int) -> None:
         if self._writer is not None:

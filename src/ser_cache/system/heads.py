@@ -4,8 +4,10 @@ Mirrors the Interspeech 2025 SER Challenge Task 2 winner: one 2-layer MLP per
 emotional attribute (arousal, valence, dominance) whose sigmoid output is
 mapped back onto the training labels' range (paper Eq. 2), plus optional
 auxiliary heads for gender (classification) and speaker (an embedding for an
-additive-angular-margin softmax).  Features cached per encoder layer are
-combined by a learnable softmax weighting, so the heads pick the layers.
+additive-angular-margin softmax). The categorical task (Task 1) adds a class head of the same
+shape (its logits, one per emotion class), beside the attribute heads or instead of them.
+Features cached per encoder layer are combined by a learnable softmax weighting, so the heads
+pick the layers.
 """
 
 from __future__ import annotations
@@ -138,6 +140,12 @@ class MultitaskHeads(nn.Module):
     :class:`LayerWeighting`.  Inputs are concatenated in sorted name order, so
     the layout never depends on dict insertion order.
 
+    ``n_classes`` > 0 adds a class head (an MLP of the attribute heads' shape, output
+    ``"class_logits"``); ``attributes=False`` leaves the attribute heads out (the categorical task
+    alone: no ``"avd"`` output). Both are recorded in :meth:`config` only when they differ from an
+    attribute run's (no class head, attribute heads), so such a run's config and state dict are
+    what they always were.
+
     The speaker branch only produces an embedding; the AAM-softmax loss that
     consumes it lives with the training loop, which builds it from
     ``speaker_embedding_dim``, ``n_speakers``, ``aam_margin`` and ``aam_scale``.
@@ -156,8 +164,12 @@ class MultitaskHeads(nn.Module):
         speaker_embedding_dim: int = 256,
         aam_margin: float = 0.2,
         aam_scale: float = 30.0,
+        n_classes: int = 0,
+        attributes: bool = True,
     ) -> None:
         super().__init__()
+        if not attributes and n_classes < 2:
+            raise ValueError(f"heads without attribute heads need a class head of 2 or more classes, got {n_classes}")
         dims = _check_input_dims(input_dims)
         self.input_names: tuple[str, ...] = tuple(sorted(dims))
         self.input_dims = {name: dims[name] for name in self.input_names}
@@ -170,6 +182,8 @@ class MultitaskHeads(nn.Module):
         self.speaker_embedding_dim = int(speaker_embedding_dim)
         self.aam_margin = float(aam_margin)
         self.aam_scale = float(aam_scale)
+        self.n_classes = int(n_classes)
+        self.attributes = bool(attributes)
 
         # A ModuleList (aligned with the layered inputs in sorted order) rather than
         # a ModuleDict keyed by name: encoder names may contain "." or clash with
@@ -186,6 +200,8 @@ class MultitaskHeads(nn.Module):
                 attr: RegressionHead(in_dim, hidden=self.hidden, dropout=self.dropout, lo=lo, hi=hi)
                 for attr, lo, hi in zip(AVD, self.label_min, self.label_max)
             }
+            if self.attributes
+            else {}
         )
         self.gender = (
             _mlp(in_dim, self.hidden, self.n_genders, self.dropout) if self.n_genders > 0 else None
@@ -195,10 +211,14 @@ class MultitaskHeads(nn.Module):
             if self.n_speakers > 0
             else None
         )
+        # Built last, so that the attribute and auxiliary heads are seeded as they always were.
+        self.classifier = (
+            _mlp(in_dim, self.hidden, self.n_classes, self.dropout) if self.n_classes > 0 else None
+        )
 
     def _pooled(self, inputs: Mapping[str, Tensor]) -> Tensor:
         """Validate the named inputs and concatenate them into (B, in_dim)."""
-        dtype = self.regressors[AVD[0]].lo.dtype
+        dtype = self.regressors[AVD[0]].lo.dtype if self.attributes else self.classifier[0].weight.dtype
         weighting = dict(zip(self._layered, self.layer_weightings))
         parts, batch = [], None
         for name in self.input_names:
@@ -220,7 +240,7 @@ class MultitaskHeads(nn.Module):
         return torch.cat(parts, dim=-1)
 
     def forward(self, inputs: Mapping[str, Tensor], *, compute_dtype: torch.dtype | None = None) -> dict[str, Tensor]:
-        """Named features -> ``{"avd": (B, 3), "gender_logits"?, "speaker_embedding"?}``.
+        """Named features -> ``{"avd"?: (B, 3), "class_logits"?: (B, C), "gender_logits"?, "speaker_embedding"?}``.
 
         Keys of ``inputs`` not named in ``input_dims`` are ignored, so a whole
         batch dict (with labels) can be passed.  ``compute_dtype`` (e.g.
@@ -235,7 +255,11 @@ class MultitaskHeads(nn.Module):
             else:
                 hidden = [mlp[0](x) for mlp in mlps.values()]
             z = {key: mlp[1:](h).float() for (key, mlp), h in zip(mlps.items(), hidden)}
-        out = {"avd": torch.stack([self.regressors[a].squash(z[a].squeeze(-1)) for a in AVD], dim=-1)}
+        out = {}
+        if self.attributes:
+            out["avd"] = torch.stack([self.regressors[a].squash(z[a].squeeze(-1)) for a in AVD], dim=-1)
+        if "class" in z:
+            out["class_logits"] = z["class"]
         if "gender" in z:
             out["gender_logits"] = z["gender"]
         if "speaker" in z:
@@ -243,8 +267,10 @@ class MultitaskHeads(nn.Module):
         return out
 
     def mlps(self) -> dict[str, nn.Sequential]:
-        """Every head's MLP, in a fixed order: arousal, valence, dominance, gender?, speaker?."""
-        mlps = {attr: self.regressors[attr].mlp for attr in AVD}
+        """Every head's MLP, in a fixed order: arousal?, valence?, dominance?, class?, gender?, speaker?."""
+        mlps = {attr: self.regressors[attr].mlp for attr in AVD} if self.attributes else {}
+        if self.classifier is not None:
+            mlps["class"] = self.classifier
         if self.gender is not None:
             mlps["gender"] = self.gender
         if self.speaker is not None:
@@ -268,6 +294,8 @@ class MultitaskHeads(nn.Module):
             "speaker_embedding_dim": self.speaker_embedding_dim,
             "aam_margin": self.aam_margin,
             "aam_scale": self.aam_scale,
+            **({"n_classes": self.n_classes} if self.n_classes else {}),
+            **({} if self.attributes else {"attributes": False}),
         }
 
     @classmethod

@@ -4,7 +4,8 @@ The objective follows the paper's Eq. 1::
 
     L = sum over A, V, D of (1 - CCC) + alpha * CE(gender) + beta * L_speaker
 
-where the speaker term is an additive angular margin softmax (ArcFace).
+where the speaker term is an additive angular margin softmax (ArcFace). The categorical task adds
+(or, alone, replaces the CCC term with) a class-weighted cross-entropy: ``+ w * CE(class)``.
 Training on 1 - CCC directly optimises the evaluation metric, which MSE does
 not: MSE is happy with predictions collapsed towards the mean, CCC is not.
 """
@@ -196,6 +197,43 @@ def _gender_cross_entropy(logits: Tensor, target: Tensor) -> Tensor:
     return _masked_mean(F.cross_entropy(logits, target.clamp_min(0).long(), reduction="none"), target >= 0)
 
 
+def class_weights(counts) -> list[float]:
+    """The challenge baseline's class weights from per-class row counts: N / (n_classes * n_c).
+
+    N is the sum of the counts (the rows with a class target). The baseline
+    (train_eval_files/train_cat_ser.py of MSP-Podcast_Challenge_IS2025) gives a class without rows
+    the weight 0; so does this: such a weight never multiplies a training row, and 0 keeps the
+    vector finite (where N / 0 would be infinite).
+    """
+    counts = [int(c) for c in counts]
+    if not counts or min(counts) < 0:
+        raise ValueError(f"class counts must be one non-negative count per class, got {counts}")
+    total, n = sum(counts), len(counts)
+    return [total / (n * c) if c else 0.0 for c in counts]
+
+
+def class_cross_entropy(logits: Tensor, target: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Cross-entropy over rows with a class target (target >= 0), weighted as torch's CrossEntropyLoss.
+
+    With ``weight`` (one per class) it is the weighted mean sum_i w[y_i] CE_i / sum_i w[y_i], what
+    torch.nn.CrossEntropyLoss(weight=...) computes and the baseline trains with. Rows whose target
+    is negative (O/X under 8 classes, or no class) count for nothing: neither their logits nor their
+    weight reach the loss. No row with a target (or only rows of weight 0): an exact zero, still
+    connected to ``logits``. Computed over every row and masked, with no branch on the data.
+    """
+    if logits.dim() != 2 or target.shape != logits.shape[:1]:
+        raise ValueError(
+            f"class logits must be (B, C) and target (B,), got {tuple(logits.shape)} and {tuple(target.shape)}"
+        )
+    known = target >= 0
+    safe = target.clamp_min(0).long()
+    ce = F.cross_entropy(logits.float(), safe, reduction="none")
+    w = known.to(ce.dtype) if weight is None else torch.where(known, weight.to(ce.dtype)[safe],
+                                                                 torch.zeros_like(ce))
+    ce = torch.where(known, ce, torch.zeros_like(ce))
+    return (w * ce).sum() / w.sum().clamp_min(torch.finfo(ce.dtype).tiny)
+
+
 def _masked_mean(values: Tensor, keep: Tensor) -> Tensor:
     """Mean of `values` where `keep`; an exact zero, still connected to `values`, where none is kept."""
     return torch.where(keep, values, torch.zeros_like(values)).sum() / keep.sum().clamp_min(1)
@@ -234,20 +272,79 @@ def multitask_loss(
 
 
 def multitask_loss_terms(
-    pred_avd: Tensor,
-    target_avd: Tensor,
+    pred_avd: Tensor | None,
+    target_avd: Tensor | None,
     *,
     gender_logits: Tensor | None = None,
     gender_target: Tensor | None = None,
     gender_weight: float = 1.0,
     speaker_loss: Tensor | None = None,
     speaker_weight: float = 0.1,
+    class_logits: Tensor | None = None,
+    class_target: Tensor | None = None,
+    class_weight: Tensor | None = None,
+    class_loss_weight: float = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """:func:`multitask_loss` with its parts as detached scalar tensors on the loss's device.
 
     For a loop that sums them over an epoch: reading a float off a GPU tensor waits for the GPU,
     so a loop should do it once per epoch, not at every step.
+
+    The categorical task: ``class_logits`` (B, C) and ``class_target`` (B,) (-1: no class target)
+    add ``class_loss_weight`` times :func:`class_cross_entropy` (weighted by ``class_weight``) as
+    the part "class"; without attribute heads ``pred_avd`` and ``target_avd`` are None and the parts
+    have no "ccc". Without class logits the parts are exactly what they always were.
     """
+    if (class_logits is None) != (class_target is None):
+        raise ValueError("class_logits and class_target must be given together")
+    if pred_avd is None:
+        if class_logits is None or class_target is None:
+            raise ValueError("without attribute predictions the loss needs class logits")
+        cls = class_cross_entropy(class_logits, class_target, class_weight)
+        total = class_loss_weight * cls
+        zero = torch.zeros((), dtype=total.dtype, device=total.device)
+        parts = {"class": cls.detach(), "gender": zero, "speaker": zero}
+        return _auxiliary_terms(total, parts, gender_logits, gender_target, gender_weight, speaker_loss,
+                                speaker_weight)
+    total, parts = _attribute_terms(pred_avd, target_avd, gender_logits=gender_logits, gender_target=gender_target,
+                                    gender_weight=gender_weight, speaker_loss=speaker_loss,
+                                    speaker_weight=speaker_weight)
+    if class_logits is not None and class_target is not None:
+        cls = class_cross_entropy(class_logits, class_target, class_weight)
+        total = total + class_loss_weight * cls
+        parts["class"] = cls.detach()
+        parts["total"] = total.detach()
+    return total, parts
+
+
+def _auxiliary_terms(total, parts, gender_logits, gender_target, gender_weight, speaker_loss, speaker_weight):
+    """The gender and speaker terms added to `total` (a class loss alone), as Eq. 1 adds them."""
+    if (gender_logits is None) != (gender_target is None):
+        raise ValueError("gender_logits and gender_target must be given together")
+    if gender_logits is not None and gender_target is not None:
+        gender = _gender_cross_entropy(gender_logits, gender_target)
+        total = total + gender_weight * gender
+        parts["gender"] = gender.detach()
+    if speaker_loss is not None:
+        if speaker_loss.dim() != 0:
+            raise ValueError(f"speaker_loss must be a scalar tensor, got shape {tuple(speaker_loss.shape)}")
+        total = total + speaker_weight * speaker_loss
+        parts["speaker"] = speaker_loss.detach()
+    parts["total"] = total.detach()
+    return total, parts
+
+
+def _attribute_terms(
+    pred_avd: Tensor,
+    target_avd: Tensor,
+    *,
+    gender_logits: Tensor | None,
+    gender_target: Tensor | None,
+    gender_weight: float,
+    speaker_loss: Tensor | None,
+    speaker_weight: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Eq. 1 on attribute predictions, its parts as detached tensors (the attribute task's loss, as it always was)."""
     if (gender_logits is None) != (gender_target is None):
         raise ValueError("gender_logits and gender_target must be given together")
     if speaker_loss is not None and speaker_loss.dim() != 0:

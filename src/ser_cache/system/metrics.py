@@ -5,7 +5,10 @@ concordance correlation coefficient (CCC). Unlike Pearson's r, CCC also
 penalises a shift or a rescaling of the predictions, so a model has to get the
 level and spread of the ratings right, not just their ranking.
 
-Everything here is plain numpy (scikit-learn is imported lazily for F1) so the
+The categorical task (Task 1) is scored by macro-F1 over its classes, with accuracy, balanced
+accuracy, per-class precision/recall/F1 and the confusion matrix beside it (:func:`class_metrics`).
+
+Everything here is plain numpy (scikit-learn is imported lazily for the gender F1) so the
 module can be used for offline scoring without loading torch.
 """
 
@@ -204,4 +207,60 @@ def gender_metrics(pred_labels: ArrayLike, true_labels: ArrayLike) -> dict[str, 
     return {
         "accuracy": float(np.mean(pred == true)),
         "macro_f1": float(f1_score(true, pred, average="macro", zero_division=0)),
+    }
+
+
+def confusion_matrix(true: ArrayLike, pred: ArrayLike, n_classes: int) -> np.ndarray:
+    """(n_classes, n_classes) counts: rows the true class index, columns the predicted one."""
+    t = np.asarray(true, dtype=np.int64).ravel()
+    p = np.asarray(pred, dtype=np.int64).ravel()
+    if t.shape != p.shape:
+        raise ValueError(f"true and pred differ in length: {t.size} vs {p.size}")
+    for name, values in (("true", t), ("pred", p)):
+        if values.size and (values.min() < 0 or values.max() >= n_classes):
+            raise ValueError(f"{name} holds a class index outside 0..{n_classes - 1}")
+    return np.bincount(t * n_classes + p, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def class_metrics(true: ArrayLike, pred: ArrayLike, classes: Sequence[str]) -> dict:
+    """Scores of a classifier over the classes `classes` (their indices are the labels' values).
+
+    Rows whose true label is negative (no class target: O/X under 8 classes) are left out first.
+    - macro_f1: the mean of every class's F1, a class with no true and no predicted row counting 0
+      (scikit-learn's f1_score(average="macro", labels=all classes, zero_division=0));
+    - accuracy; balanced_accuracy: the mean recall over the classes present among the true labels
+      (scikit-learn's balanced_accuracy_score);
+    - per_class: {code: precision, recall, f1, support}, 0 where a ratio is 0/0;
+    - confusion: rows true, columns predicted, in the order of `classes`.
+    With no row left every score is NaN (the confusion matrix all zeros).
+    """
+    codes = [str(c) for c in classes]
+    n = len(codes)
+    t = np.asarray(true, dtype=np.int64).ravel()
+    p = np.asarray(pred, dtype=np.int64).ravel()
+    if t.shape != p.shape:
+        raise ValueError(f"true and pred differ in length: {t.size} vs {p.size}")
+    known = t >= 0
+    t, p = t[known], p[known]
+    cm = confusion_matrix(t, p, n)
+    tp = np.diag(cm).astype(np.float64)
+    support = cm.sum(axis=1).astype(np.float64)
+    predicted = cm.sum(axis=0).astype(np.float64)
+
+    def ratio(num: np.ndarray, den: np.ndarray) -> np.ndarray:
+        return np.divide(num, den, out=np.zeros_like(num), where=den > 0)
+
+    precision, recall = ratio(tp, predicted), ratio(tp, support)
+    f1 = ratio(2 * tp, support + predicted)
+    rows = int(t.size)
+    nan = float("nan")
+    return {
+        "rows": rows,
+        "macro_f1": float(f1.mean()) if rows else nan,
+        "accuracy": float(tp.sum() / rows) if rows else nan,
+        "balanced_accuracy": float(recall[support > 0].mean()) if rows else nan,
+        "classes": codes,
+        "per_class": {code: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
+                             "support": int(support[i])} for i, code in enumerate(codes)},
+        "confusion": cm.tolist(),
     }

@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import ClassVar
 
 SELECT_MODES = ("balanced", "ccc")
+CLASS_WEIGHT_MODES = ("balanced", "none")
+# The options of the categorical task: config.json records them only for a run that has one, so an
+# attribute run's file is what it always was.
+CLASS_TASK_FIELDS = ("task", "classes", "class_weights", "class_loss_weight")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -34,6 +38,12 @@ class TrainingOptions:
     precision: "auto" in every recipe; which values a recipe takes is its own check.
     threads: CPU threads for torch; None or 0: torch's default (all cores). A recipe may choose
     another default (train-heads: 1).
+    task: "attributes" (arousal/valence/dominance, Task 2), "categorical" (the emotion class, Task
+    1) or "both" (system/tasks.py). classes: 8 (the challenge's) or 9 (and O, the authors' layout).
+    class_weights: "balanced", the baseline's N / (n_classes * n_c) over the class counts of the
+    rows one epoch draws, or "none". class_loss_weight: the class loss's weight beside the CCC
+    losses under "both". select under a class task: docs/categorical.md ("balanced": macro-F1 for
+    categorical, the mean of balanced CCC and macro-F1 for both; "ccc": plain CCC in that mean).
     """
 
     # The order in which config.json lists a recipe's options (dataclasses put these shared fields
@@ -64,10 +74,17 @@ class TrainingOptions:
     overwrite: bool = False
     progress: bool = True
     tensorboard: Path | None = None  # a folder for TensorBoard scalars (the history rows)
+    task: str = "attributes"
+    classes: int = 8
+    class_weights: str = "balanced"
+    class_loss_weight: float = 1.0
 
     def recorded(self) -> dict:
         """dataclasses.asdict, its keys in RECORD_ORDER."""
         d = asdict(self)
+        if self.task == "attributes":
+            for key in CLASS_TASK_FIELDS:
+                d.pop(key)
         return {**{k: d.pop(k) for k in self.RECORD_ORDER if k in d}, **d}
 
     def conv_problems(self) -> list[str]:
@@ -77,6 +94,21 @@ class TrainingOptions:
             problems.append(f"--conv-dim {self.conv_dim}: expected 1 or more")
         if not 0 <= self.conv_dropout < 1:
             problems.append(f"--conv-dropout {self.conv_dropout}: expected a probability in [0, 1)")
+        return problems
+
+    def task_problems(self) -> list[str]:
+        """Problems with the task's options (the categorical task's among them)."""
+        from ser_cache.system.tasks import TASKS
+
+        problems = []
+        if self.task not in TASKS:
+            problems.append(f"--task {self.task}: expected one of {', '.join(TASKS)}")
+        if self.classes not in (8, 9):
+            problems.append(f"--classes {self.classes}: expected 8 (the challenge's) or 9 (and O)")
+        if self.class_weights not in CLASS_WEIGHT_MODES:
+            problems.append(f"--class-weights {self.class_weights}: expected one of {', '.join(CLASS_WEIGHT_MODES)}")
+        if not (self.class_loss_weight > 0 and math.isfinite(self.class_loss_weight)):
+            problems.append(f"--class-loss-weight {self.class_loss_weight}: expected a positive weight")
         return problems
 
     def common_problems(self) -> list[str]:
@@ -110,6 +142,7 @@ class TrainingOptions:
             problems.append(f"--dropout {self.dropout}: expected a probability in [0, 1)")
         if self.threads is not None and self.threads < 0:
             problems.append(f"--threads {self.threads}: expected 1 or more, or 0 for torch's default (all cores)")
+        problems += self.task_problems()
         if self.train_split == self.dev_split:
             problems.append(f"--train-split and --dev-split are both {self.train_split}")
         return problems

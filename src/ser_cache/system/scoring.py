@@ -61,13 +61,24 @@ def infer(model, fetch, n: int, *, device, batch_size: int | None = None) -> tup
     return avd, (np.ascontiguousarray(table[:, 3:]) if genders else None)
 
 
-def score(avd_pred: np.ndarray, avd_true: np.ndarray, emotions: Sequence[str], *,
+def score(avd_pred: np.ndarray | None, avd_true: np.ndarray, emotions: Sequence[str], *,
           gender_pred: np.ndarray | None = None, gender_true: np.ndarray | None = None,
-          balanced_trials: int = 10, balanced_per_class: int | None = None, seed: int = 0) -> dict:
-    """CCC table, balanced CCC (None when no primary emotion is present) and gender accuracy/macro-F1."""
+          balanced_trials: int = 10, balanced_per_class: int | None = None, seed: int = 0,
+          class_pred: np.ndarray | None = None, class_true: np.ndarray | None = None,
+          classes: Sequence[str] = ()) -> dict:
+    """CCC table, balanced CCC (None when no primary emotion is present) and gender accuracy/macro-F1;
+    with `classes`, the class task's scores (metrics.class_metrics of `class_pred` against
+    `class_true`, whose -1 rows are left out) as "categorical". `avd_pred` None: no attribute heads,
+    no CCC."""
     from ser_cache.system import metrics
 
-    result = {"rows": len(avd_true), "ccc": metrics.ccc_table(avd_pred, avd_true)}
+    result: dict = {"rows": len(avd_true)}
+    if avd_pred is None:
+        if gender_pred is not None and gender_true is not None:
+            result["gender"] = metrics.gender_metrics(gender_pred, gender_true)
+        result["categorical"] = metrics.class_metrics(class_true, class_pred, classes)
+        return result
+    result["ccc"] = metrics.ccc_table(avd_pred, avd_true)
     if np.isin(np.asarray(emotions, dtype=object), metrics.PRIMARY_EMOTIONS).any():
         result["balanced_ccc"] = metrics.balanced_ccc(avd_pred, avd_true, emotions, per_class=balanced_per_class,
                                                       n_trials=balanced_trials, seed=seed)
@@ -75,7 +86,32 @@ def score(avd_pred: np.ndarray, avd_true: np.ndarray, emotions: Sequence[str], *
         result["balanced_ccc"] = None
     if gender_pred is not None and gender_true is not None:
         result["gender"] = metrics.gender_metrics(gender_pred, gender_true)
+    if classes:
+        result["categorical"] = metrics.class_metrics(class_true, class_pred, classes)
     return result
+
+
+def selection_score(task: str, select: str, dev: dict) -> float:
+    """The figure an epoch is kept by (higher is better).
+
+    attributes: the mean balanced CCC (select "balanced") or the mean CCC ("ccc"), as always;
+    categorical: the macro-F1 (the only choice, "balanced"); both: the mean of the macro-F1 and the
+    mean balanced CCC ("balanced") or the mean CCC ("ccc"). A NaN macro-F1 (no row with a class)
+    never wins."""
+    ccc = None
+    if task != "categorical":
+        ccc = dev["balanced_ccc"]["mean"] if select == "balanced" else dev["ccc"]["mean"]
+    if task == "attributes":
+        return ccc
+    f1 = dev["categorical"]["macro_f1"]
+    f1 = -np.inf if np.isnan(f1) else f1
+    return f1 if ccc is None else (ccc + f1) / 2
+
+
+def selection_text(task: str, select: str) -> str:
+    """What `selection_score` is, in words: for the log line after training."""
+    ccc = "balanced" if select == "balanced" else "mean"
+    return {"attributes": f"{ccc} CCC", "categorical": "macro-F1"}.get(task, f"mean of {ccc} CCC and macro-F1")
 
 
 def label_range(avd: np.ndarray) -> tuple[list[float], list[float]]:

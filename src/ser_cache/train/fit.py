@@ -14,7 +14,8 @@ builds what the epochs share (the stack, its optimizer, the samplers, the target
    StackedAdamW steps exactly the jobs that had a batch (a job with fewer rows per epoch sits out
    the last steps, as if it trained alone);
 3. `score_epoch`: every job is scored on its Development rows (forward passes on the device, one
-   copy back), and keeps its best epoch (balanced or plain mean CCC).
+   copy back), and keeps its best epoch (balanced or plain mean CCC; with a class head,
+   scoring.selection_score: macro-F1, or its mean with the CCC under --task both).
 
 One job whose frame stores do not fit the memory budget streams them: its epoch (and the scoring)
 goes block by block, as rows.TrainingData.in_blocks hands the rows; several jobs need their inputs
@@ -35,11 +36,17 @@ from ser_cache.runs import rundir, staging
 from ser_cache.runs.record import run_config, write_run_files
 from ser_cache.system.epoch_log import EpochProgress, TensorBoardLog, history_row
 from ser_cache.system.rows import TrainingData, index_tensor
-from ser_cache.system.scoring import EVAL_BATCH, EVAL_FRAME_BATCH, score
+from ser_cache.system.scoring import EVAL_BATCH, EVAL_FRAME_BATCH, score, selection_score
 from ser_cache.system.setup import BLOCK_ORDER, RunSetup, batch_bounds, batch_loss
 from ser_cache.train.options import TrainHeadsConfig
 
 LOSS_KEYS = ("total", "ccc", "gender", "speaker")
+
+
+def loss_keys(task: str) -> tuple[str, ...]:
+    """The loss terms a run of `task` logs (history.csv's loss_* columns): an attribute run's are LOSS_KEYS."""
+    return {"attributes": LOSS_KEYS, "categorical": ("total", "class", "gender", "speaker")}.get(
+        task, ("total", "ccc", "class", "gender", "speaker"))
 
 
 @dataclass
@@ -131,6 +138,8 @@ class Loop:
     dev_pos: list[np.ndarray]  # where each job's Development rows are in dev_rows
     histories: list[list[dict]]
     best: list[dict]
+    class_targets: list  # every job's class index of every row on the device (-1: none), or None
+    class_weights: list  # every job's cross-entropy class weights on the device, or None
     diverged: list[Diverged | None]
     boards: list  # epoch_log.TensorBoardLog, or None, of every job
 
@@ -141,6 +150,10 @@ class Loop:
     @property
     def epochs(self) -> int:
         return self.jobs[0].cfg.epochs
+
+    @property
+    def loss_keys(self) -> tuple[str, ...]:
+        return loss_keys(self.jobs[0].cfg.task)
 
 
 def start_loop(jobs: list[Job], device) -> Loop:
@@ -154,6 +167,8 @@ def start_loop(jobs: list[Job], device) -> Loop:
     data = jobs[0].data
     if k_jobs > 1 and data.streamed:
         raise ValueError("several jobs train together only on inputs held in memory")
+    if len({j.cfg.task for j in jobs}) > 1:
+        raise ValueError("jobs that train together learn the same task")
     stack = stack_of([j.run.model for j in jobs], [j.run.aam for j in jobs])
     optimizer = stack.optimizer([j.cfg.lr for j in jobs], [j.cfg.weight_decay for j in jobs],
                                 fused=fused_adamw_ok(device))
@@ -162,6 +177,10 @@ def start_loop(jobs: list[Job], device) -> Loop:
     avd = torch.from_numpy(data.avd).to(device)
     genders = [torch.from_numpy(j.run.genders).to(device) for j in jobs]
     speakers = [torch.from_numpy(j.run.speakers).to(device) for j in jobs]
+    class_targets = [None if j.run.class_targets is None else torch.from_numpy(j.run.class_targets).to(device)
+                     for j in jobs]
+    class_weights = [None if j.run.class_weights is None
+                     else torch.tensor(j.run.class_weights, dtype=torch.float32, device=device) for j in jobs]
     dev_rows = np.unique(np.concatenate([j.run.dev_idx for j in jobs]))
     dev_pos = [np.searchsorted(dev_rows, j.run.dev_idx) for j in jobs]
     for j, sampler in zip(jobs, samplers):
@@ -170,14 +189,14 @@ def start_loop(jobs: list[Job], device) -> Loop:
     return Loop(jobs=jobs, device=device, stack=stack, optimizer=optimizer, samplers=samplers, avd=avd,
                 genders=genders, speakers=speakers, dev_rows=dev_rows, dev_pos=dev_pos,
                 histories=[[] for _ in jobs], best=[{"score": -math.inf, "epoch": 0} for _ in jobs],
-                diverged=[None for _ in jobs],
+                diverged=[None for _ in jobs], class_targets=class_targets, class_weights=class_weights,
                 boards=[None if j.cfg.tensorboard is None else TensorBoardLog(j.cfg.tensorboard) for j in jobs])
 
 
 def train_epoch(loop: Loop, epoch: int) -> list[list[float]]:
     """One epoch of every job that has not diverged: each draws its order and cuts it into batches,
     then step by step every job with a batch left takes one. Returns each job's loss terms
-    (LOSS_KEYS) averaged over its rows, read from the device once."""
+    (loop.loss_keys) averaged over its rows, read from the device once."""
     import torch
 
     jobs, k_jobs = loop.jobs, len(loop.jobs)
@@ -186,7 +205,7 @@ def train_epoch(loop: Loop, epoch: int) -> list[list[float]]:
     for j, sampler in zip(jobs, loop.samplers):
         sampler.set_epoch(epoch)
         orders.append(j.run.train_idx[sampler.epoch_indices()])
-    sums = torch.zeros(k_jobs, len(LOSS_KEYS), dtype=torch.float64, device=loop.device)
+    sums = torch.zeros(k_jobs, len(loop.loss_keys), dtype=torch.float64, device=loop.device)
     seen = np.zeros(k_jobs)
     live = [d is None for d in loop.diverged]
     for plan in epoch_blocks(jobs, loop.data, orders, epoch, loop.device):
@@ -213,14 +232,18 @@ def train_step(loop: Loop, plan: list, step: int, active: list[bool], sums, seen
     for k, (j, r, n, a) in enumerate(zip(jobs, on_device, map(len, rows), active)):
         if not a:
             continue
-        loss, parts = batch_loss({key: v[k, :n] for key, v in out.items()},
-                                 {"avd": loop.avd[r], "gender": loop.genders[k][r], "speaker": loop.speakers[k][r]},
+        target = {"avd": loop.avd[r], "gender": loop.genders[k][r], "speaker": loop.speakers[k][r]}
+        classes = {}
+        if loop.class_targets[k] is not None:
+            target["class"] = loop.class_targets[k][r]
+            classes = {"class_weight": loop.class_weights[k], "class_loss_weight": j.cfg.class_loss_weight}
+        loss, parts = batch_loss({key: v[k, :n] for key, v in out.items()}, target,
                                  (lambda e, lab, k=k: stack.speaker_loss(k, e, lab))
                                  if j.run.aam is not None else None,
                                  gender_weight=j.cfg.gender_weight,
-                                 speaker_weight=j.cfg.speaker_weight, tensors=True)
+                                 speaker_weight=j.cfg.speaker_weight, tensors=True, **classes)
         total = total + loss
-        sums[k] += torch.stack([parts[key] for key in LOSS_KEYS]).double() * n
+        sums[k] += torch.stack([parts[key] for key in loop.loss_keys]).double() * n
         seen[k] += n
     loop.optimizer.zero_grad()
     total.backward()
@@ -232,30 +255,37 @@ def score_epoch(loop: Loop, epoch: int, losses: list[list[float]], t_epoch: floa
     history row, its TensorBoard scalars, its best epoch so far (balanced or plain mean CCC); a job
     whose loss or predictions are not finite is marked diverged."""
     data, stack = loop.data, loop.stack
-    pred, probs = infer_stack(stack, data, loop.dev_rows, loop.device)
+    pred, probs, class_probs = infer_stack(stack, data, loop.dev_rows, loop.device, with_classes=True)
     now = time.perf_counter()
+    keys = loop.loss_keys
     for k, j in enumerate(loop.jobs):
         pos = loop.dev_pos[k]
         if loop.diverged[k] is not None:
             continue
-        if not (np.isfinite(losses[k]).all() and np.isfinite(pred[k][pos]).all()):
-            loop.diverged[k] = Diverged(j, epoch, dict(zip(LOSS_KEYS, losses[k])))
+        p = None if pred is None else pred[k][pos]
+        c = None if class_probs is None else class_probs[k][pos]
+        if not (np.isfinite(losses[k]).all() and (p is None or np.isfinite(p).all())
+                and (c is None or np.isfinite(c).all())):
+            loop.diverged[k] = Diverged(j, epoch, dict(zip(keys, losses[k])))
             continue
         g = None if probs is None else probs[k][pos]
-        dev = score(pred[k][pos], data.avd[j.run.dev_idx], data.emotions[j.run.dev_idx],
+        dev_idx = j.run.dev_idx
+        dev = score(p, data.avd[dev_idx], data.emotions[dev_idx],
                     gender_pred=None if g is None else g.argmax(1),
-                    gender_true=None if g is None else j.run.genders[j.run.dev_idx],
+                    gender_true=None if g is None else j.run.genders[dev_idx],
                     balanced_trials=j.cfg.balanced_trials, balanced_per_class=j.cfg.balanced_per_class,
-                    seed=j.cfg.seed)
-        row = history_row(epoch, dict(zip(LOSS_KEYS, losses[k])), dev, now - t_epoch, now - t_eval)
+                    seed=j.cfg.seed,
+                    **({} if c is None else {"class_pred": c.argmax(1), "class_true": j.run.class_targets[dev_idx],
+                                             "classes": j.run.classes}))
+        row = history_row(epoch, dict(zip(keys, losses[k])), dev, now - t_epoch, now - t_eval)
         loop.histories[k].append(row)
         if loop.boards[k] is not None:
             loop.boards[k].log(epoch, row)
-        value = dev["balanced_ccc"]["mean"] if j.cfg.select == "balanced" else dev["ccc"]["mean"]
+        value = selection_score(j.cfg.task, j.cfg.select, dev)
         if value > loop.best[k]["score"]:
             # Copies (member_state clones): the next step would change the weights in place.
-            loop.best[k] = {"score": value, "epoch": epoch, "dev": dev, "pred": pred[k][pos],
-                            "probs": g, "state": stack.member_state(k)}
+            loop.best[k] = {"score": value, "epoch": epoch, "dev": dev, "pred": p,
+                            "probs": g, "class_probs": c, "state": stack.member_state(k)}
 
 
 def epoch_blocks(jobs: list[Job], data: TrainingData, orders: list[np.ndarray], epoch: int, device):
@@ -295,37 +325,39 @@ def stacked(batch: dict, k: int, device) -> dict:
     return {name: tuple(split(t) for t in v) if isinstance(v, tuple) else split(v) for name, v in batch.items()}
 
 
-def infer_stack(stack, data: TrainingData, rows: np.ndarray, device) -> tuple[np.ndarray, np.ndarray | None]:
+def infer_stack(stack, data: TrainingData, rows: np.ndarray, device, *, with_classes: bool = False) -> tuple:
     """Every job's predictions on rows `rows` (the same rows for all): (K, n, 3), and (K, n, G) gender
-    probabilities or None. Frame inputs go in order of length (a batch padded to about its own rows);
-    streamed frames block by block; one copy to the host per block (one per evaluation when held)."""
+    probabilities or None; `with_classes`: and (K, n, C) class probabilities or None (then the
+    attribute predictions are None for heads without attribute heads). Frame inputs go in order of
+    length (a batch padded to about its own rows); streamed frames block by block; one copy to the
+    host per block (one per evaluation when held)."""
     import torch
 
     frames = bool(data.frame_inputs)
     size = EVAL_FRAME_BATCH if frames else EVAL_BATCH
-    pred = probs = None
+    tables: dict[str, np.ndarray] = {}
     stack.eval()
     with torch.inference_mode():
         for pos in data.in_blocks(rows):
             if frames:
                 pos = pos[np.argsort(data.frame_lengths(rows[pos]), kind="stable")]
-            avd, gender = [], []
+            parts: dict[str, list] = {}
             for start in range(0, pos.size, size):
                 out = stack.forward(to_device(data.batch(rows[pos[start:start + size]]), device), shared=True)
-                avd.append(out["avd"].double())
-                if "gender_logits" in out:
-                    gender.append(torch.softmax(out["gender_logits"].double(), dim=-1))
-            a = torch.cat(avd, dim=1).cpu().numpy()
-            if pred is None:
-                pred = np.empty((a.shape[0], rows.size, 3))
-            pred[:, pos] = a
-            if gender:
-                g = torch.cat(gender, dim=1).cpu().numpy()
-                if probs is None:
-                    probs = np.empty((g.shape[0], rows.size, g.shape[2]))
-                probs[:, pos] = g
+                if "avd" in out:
+                    parts.setdefault("avd", []).append(out["avd"].double())
+                for key, name in (("gender_logits", "gender"), ("class_logits", "class")):
+                    if key in out:
+                        parts.setdefault(name, []).append(torch.softmax(out[key].double(), dim=-1))
+            for name, values in parts.items():
+                v = torch.cat(values, dim=1).cpu().numpy()
+                if name not in tables:
+                    tables[name] = np.empty((v.shape[0], rows.size, v.shape[2]))
+                tables[name][:, pos] = v
     stack.train()
-    return pred, probs
+    if with_classes:
+        return tables.get("avd"), tables.get("gender"), tables.get("class")
+    return tables.get("avd"), tables.get("gender")
 
 
 def write_job(job: Job, best: dict, history: list[dict]) -> Fitted:
@@ -347,14 +379,16 @@ def write_job(job: Job, best: dict, history: list[dict]) -> Fitted:
         aam.load_state_dict(aam_state)
     dtype_name = str(run.model.compute_dtype or torch.float32).removeprefix("torch.")
     metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
+    categorical = ({"categorical": {"task": cfg.task, "classes": run.classes, "class_weights": run.class_weights}}
+                   if run.classes else {})
     config = run_config({**cfg.to_dict(), "compute_dtype": dtype_name}, data, run.lo, run.hi, run.gender_labels,
                         run.speaker_labels, model.heads.config(), best["epoch"], frame_inputs=model.config(),
-                        **job.extra,
+                        **job.extra, **categorical,
                         **({"memory": data.memory} if data.memory else {}))
     with staging.staged_run_dir(cfg.out, job.overwrite) as tmp:
         rundir.save_weights(tmp, model, aam)
         write_run_files(tmp, config, metrics, history, data.ids[run.dev_idx].tolist(), best["pred"], best["probs"],
-                        run.gender_labels)
-        if job.curves:
+                        run.gender_labels, class_probs=best.get("class_probs"), classes=run.classes)
+        if job.curves and cfg.task != "categorical":  # runs.plots draws CCC curves; a class run has none (yet)
             curves_after_training(tmp, title=job.title or Path(cfg.out).name)  # inside the run before it appears
     return Fitted(job, best["epoch"], best["score"], metrics, history)

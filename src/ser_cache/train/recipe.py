@@ -15,6 +15,7 @@ from ser_cache.system.rows import (
     TrainingData,
     load_rows,
 )
+from ser_cache.system.scoring import selection_text
 from ser_cache.system.setup import set_up
 from ser_cache.train.options import TrainHeadsConfig, TrainResult
 
@@ -61,7 +62,11 @@ def _train_heads(cfg: TrainHeadsConfig) -> TrainResult:
     if isinstance(done, Diverged):
         raise TrainError(done.message())
     wall = time.perf_counter() - t0
-    log.info("kept epoch %d of %d (%s %s CCC %.4f) in %.1f s; run written to %s", done.best_epoch, cfg.epochs,
-             data.dev_split, "balanced" if cfg.select == "balanced" else "mean", done.score, wall, cfg.out)
+    if cfg.task == "attributes":
+        log.info("kept epoch %d of %d (%s %s CCC %.4f) in %.1f s; run written to %s", done.best_epoch, cfg.epochs,
+                 data.dev_split, "balanced" if cfg.select == "balanced" else "mean", done.score, wall, cfg.out)
+    else:
+        log.info("kept epoch %d of %d (%s %s %.4f) in %.1f s; run written to %s", done.best_epoch, cfg.epochs,
+                 data.dev_split, selection_text(cfg.task, cfg.select), done.score, wall, cfg.out)
     return TrainResult(run_dir=Path(cfg.out), best_epoch=done.best_epoch, metrics=done.metrics, wall_seconds=wall,
                        history=done.history)

@@ -260,3 +260,46 @@ def test_bf16_compute_keeps_float32_outputs_near_fp32(fuse_min_rows):
         torch.testing.assert_close(bf16[key], fp32[key], rtol=0.05, atol=0.05)
     assert not torch.equal(bf16["avd"], fp32["avd"])  # bf16 did run
     assert ((bf16["avd"] >= torch.tensor(LABEL_MIN)) & (bf16["avd"] <= torch.tensor(LABEL_MAX))).all()
+
+
+# --------------------------------------------------------------------------- the class head (categorical task)
+
+
+def test_an_attribute_heads_config_and_state_dict_have_nothing_of_a_class_head():
+    kw = dict(hidden=16, label_min=[1, 1, 1], label_max=[7, 7, 7], n_genders=2)
+    heads = MultitaskHeads({"a": (8,)}, **kw)
+    assert "n_classes" not in heads.config() and "attributes" not in heads.config()
+    assert not any(k.startswith("classifier") for k in heads.state_dict())
+    assert set(heads({"a": torch.randn(3, 8)})) == {"avd", "gender_logits"}
+
+
+@pytest.mark.parametrize("rows", [4, 300])  # per head, and the fused first layers (FUSE_MIN_ROWS_CPU)
+def test_class_heads_beside_or_instead_of_the_attribute_heads(rows):
+    kw = dict(hidden=16, label_min=[1, 1, 1], label_max=[7, 7, 7], n_genders=2)
+    both = MultitaskHeads({"a": (8,), "b": (3, 5)}, n_classes=9, **kw)
+    x = {"a": torch.randn(rows, 8), "b": torch.randn(rows, 3, 5)}
+    out = both(x)
+    assert out["class_logits"].shape == (rows, 9) and out["avd"].shape == (rows, 3)
+    # The class head has the attribute heads' shape: Linear(in, hidden), ReLU, Dropout, Linear(hidden, C).
+    assert [type(m).__name__ for m in both.classifier] == ["Linear", "ReLU", "Dropout", "Linear"]
+    assert both.classifier[0].weight.shape == (16, 13) and both.classifier[3].weight.shape == (9, 16)
+    alone = MultitaskHeads({"a": (8,), "b": (3, 5)}, n_classes=8, attributes=False, **kw)
+    assert not any(k.startswith("regressors") for k in alone.state_dict())
+    out = alone(x)
+    assert set(out) == {"class_logits", "gender_logits"} and out["class_logits"].shape == (rows, 8)
+    again = MultitaskHeads.from_config(alone.config())
+    assert alone.config()["attributes"] is False and alone.config()["n_classes"] == 8
+    again.load_state_dict(alone.state_dict())
+    alone.eval(), again.eval()
+    assert torch.equal(again(x)["class_logits"], alone(x)["class_logits"])
+    with pytest.raises(ValueError, match="class head"):
+        MultitaskHeads({"a": (8,)}, attributes=False, **kw)
+
+
+def test_a_class_head_leaves_the_seeded_attribute_heads_as_they_were():
+    kw = dict(hidden=16, label_min=[1, 1, 1], label_max=[7, 7, 7], n_genders=2, n_speakers=3)
+    torch.manual_seed(0)
+    plain = MultitaskHeads({"a": (8,)}, **kw).state_dict()
+    torch.manual_seed(0)
+    with_class = MultitaskHeads({"a": (8,)}, n_classes=8, **kw).state_dict()
+    assert all(torch.equal(plain[k], with_class[k]) for k in plain)

@@ -249,3 +249,75 @@ def test_multitask_loss_requires_gender_pair() -> None:
     pred, target = random_avd(15, 8, 3)
     with pytest.raises(ValueError, match="together"):
         multitask_loss(pred, target, gender_logits=torch.randn(8, 2))
+
+
+# --------------------------------------------------------------------------- the categorical task
+
+
+def test_class_weights_follow_the_baseline_formula_on_a_hand_made_label_set():
+    from ser_cache.system.losses import class_weights
+
+    # 10 rows: A x4, S x3, H x2, U x1, and no F, D, C, N. N / (8 n_c): 10/32, 10/24, 10/16, 10/8; absent: 0
+    # (the baseline's choice: train_eval_files/train_cat_ser.py gives a class without rows the weight 0).
+    assert class_weights([4, 3, 2, 1, 0, 0, 0, 0]) == pytest.approx([10 / 32, 10 / 24, 10 / 16, 10 / 8, 0, 0, 0, 0])
+    assert class_weights([5, 5]) == [1.0, 1.0]
+    with pytest.raises(ValueError):
+        class_weights([3, -1])
+
+
+def test_class_cross_entropy_is_torchs_weighted_mean_and_ignores_rows_without_a_target():
+    from ser_cache.system.losses import class_cross_entropy
+
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(12, 8, generator=g, requires_grad=True)
+    target = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, -1, 2, -1, 0])
+    weight = torch.rand(8, generator=g) + 0.1
+    got = class_cross_entropy(logits, target, weight)
+    known = target >= 0
+    want = torch.nn.CrossEntropyLoss(weight=weight)(logits[known], target[known])
+    assert got.item() == pytest.approx(want.item(), rel=1e-6)
+    assert class_cross_entropy(logits, target).item() == pytest.approx(
+        torch.nn.functional.cross_entropy(logits[known], target[known]).item(), rel=1e-6)
+    # O/X rows (-1) never reach the loss: changing their logits changes neither the loss nor any gradient.
+    got.backward()
+    assert torch.all(logits.grad[~known] == 0)
+    moved = logits.detach().clone()
+    moved[~known] += 100 * torch.randn(int((~known).sum()), 8, generator=g)
+    assert class_cross_entropy(moved, target, weight).item() == got.item()
+
+
+def test_class_cross_entropy_of_a_batch_without_targets_is_a_connected_zero():
+    from ser_cache.system.losses import class_cross_entropy
+
+    logits = torch.randn(4, 8, requires_grad=True)
+    loss = class_cross_entropy(logits, torch.full((4,), -1), torch.ones(8))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert torch.all(logits.grad == 0)
+
+
+def test_the_loss_under_both_is_the_attribute_loss_plus_the_weighted_class_loss():
+    from ser_cache.system.losses import class_cross_entropy, multitask_loss_terms
+
+    g = torch.Generator().manual_seed(1)
+    pred, target = torch.rand(6, 3, generator=g) * 6 + 1, torch.rand(6, 3, generator=g) * 6 + 1
+    gl, gt = torch.randn(6, 2, generator=g), torch.tensor([0, 1, -1, 0, 1, 1])
+    cl, ct = torch.randn(6, 8, generator=g), torch.tensor([0, 3, -1, 7, 2, -1])
+    w = torch.rand(8, generator=g) + 0.5
+    plain, parts0 = multitask_loss_terms(pred, target, gender_logits=gl, gender_target=gt,
+                                         speaker_loss=torch.tensor(0.7), speaker_weight=0.1)
+    total, parts = multitask_loss_terms(pred, target, gender_logits=gl, gender_target=gt,
+                                        speaker_loss=torch.tensor(0.7), speaker_weight=0.1,
+                                        class_logits=cl, class_target=ct, class_weight=w, class_loss_weight=0.5)
+    ce = class_cross_entropy(cl, ct, w)
+    assert total.item() == pytest.approx(plain.item() + 0.5 * ce.item(), rel=1e-6)
+    assert parts["class"].item() == pytest.approx(ce.item()) and "class" not in parts0
+    assert {k: v.item() for k, v in parts.items() if k not in ("class", "total")} == \
+        {k: v.item() for k, v in parts0.items() if k != "total"}
+    # The categorical task alone: no CCC part, the class loss and the auxiliary terms.
+    alone, parts1 = multitask_loss_terms(None, None, gender_logits=gl, gender_target=gt, class_logits=cl,
+                                         class_target=ct, class_weight=w, class_loss_weight=1.0)
+    assert "ccc" not in parts1
+    assert alone.item() == pytest.approx(ce.item() + parts0["gender"].item(), rel=1e-6)
+    with pytest.raises(ValueError, match="class logits"):
+        multitask_loss_terms(None, None)

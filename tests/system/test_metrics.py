@@ -213,3 +213,78 @@ def test_gender_metrics_all_unknown_and_length_mismatch() -> None:
     assert math.isnan(result["accuracy"]) and math.isnan(result["macro_f1"])
     with pytest.raises(ValueError, match="differ in length"):
         gender_metrics([0, 1, 1], [0, 1])
+
+
+# --------------------------------------------------------------------------- the categorical task (class_metrics)
+
+
+def _sklearn_class_scores(true, pred, n):
+    from sklearn.metrics import (
+        accuracy_score,
+        balanced_accuracy_score,
+        confusion_matrix,
+        f1_score,
+        precision_recall_fscore_support,
+    )
+
+    labels = list(range(n))
+    p, r, f, s = precision_recall_fscore_support(true, pred, labels=labels, zero_division=0)
+    return {"macro_f1": f1_score(true, pred, average="macro", labels=labels, zero_division=0),
+            "accuracy": accuracy_score(true, pred), "balanced_accuracy": balanced_accuracy_score(true, pred),
+            "precision": p, "recall": r, "f1": f, "support": s,
+            "confusion": confusion_matrix(true, pred, labels=labels)}
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_class_metrics_equal_sklearn_on_random_labels(seed):
+    import warnings
+
+    from ser_cache.system.metrics import class_metrics
+    from ser_cache.system.tasks import class_codes
+
+    rng = np.random.default_rng(seed)
+    n_classes = 8 if seed % 2 else 9
+    # Skewed true labels, some classes never true or never predicted (seed-dependent), noisy predictions.
+    true = rng.choice(n_classes - seed % 3, size=int(rng.integers(20, 200)),
+                      p=np.r_[[0.5], np.full(n_classes - seed % 3 - 1, 0.5 / (n_classes - seed % 3 - 1))])
+    pred = np.where(rng.random(true.size) < 0.5, true, rng.integers(0, n_classes - 1, true.size))
+    got = class_metrics(true, pred, class_codes(n_classes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        want = _sklearn_class_scores(true, pred, n_classes)
+    for key in ("macro_f1", "accuracy", "balanced_accuracy"):
+        assert got[key] == pytest.approx(want[key], abs=1e-12), key
+    for i, code in enumerate(class_codes(n_classes)):
+        c = got["per_class"][code]
+        assert (c["precision"], c["recall"], c["f1"], c["support"]) == pytest.approx(
+            (want["precision"][i], want["recall"][i], want["f1"][i], want["support"][i]), abs=1e-12)
+    assert got["confusion"] == want["confusion"].tolist()
+
+
+def test_class_metrics_by_hand_absent_classes_count_zero_and_unlabelled_rows_are_left_out():
+    from ser_cache.system.metrics import class_metrics
+
+    # Classes a, b, c, d: d never true and never predicted, c predicted but never true; -1 rows left out.
+    true = [0, 0, 0, 1, 1, -1, -1]
+    pred = [0, 0, 1, 1, 2, 3, 0]
+    m = class_metrics(true, pred, ["a", "b", "c", "d"])
+    assert m["rows"] == 5
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    # F1: a = 2*2/(3+2) = 0.8, b = 2*1/(2+2) = 0.5, c = 0, d = 0 (no row, no prediction: zero_division=0)
+    assert m["per_class"]["a"]["f1"] == pytest.approx(0.8) and m["per_class"]["b"]["f1"] == pytest.approx(0.5)
+    assert m["macro_f1"] == pytest.approx((0.8 + 0.5) / 4)
+    # Balanced accuracy: mean recall over the classes present among the true labels (a 2/3, b 1/2).
+    assert m["balanced_accuracy"] == pytest.approx((2 / 3 + 1 / 2) / 2)
+    assert m["confusion"] == [[2, 1, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert m["classes"] == ["a", "b", "c", "d"]
+
+
+def test_class_metrics_without_rows_are_nan_and_bad_indices_are_refused():
+    from ser_cache.system.metrics import class_metrics
+
+    m = class_metrics([-1, -1], [0, 1], ["a", "b"])
+    assert m["rows"] == 0 and np.isnan(m["macro_f1"]) and np.isnan(m["accuracy"])
+    with pytest.raises(ValueError, match="outside 0..1"):
+        class_metrics([0, 1], [0, 2], ["a", "b"])
+    with pytest.raises(ValueError, match="differ in length"):
+        class_metrics([0, 1], [0], ["a", "b"])

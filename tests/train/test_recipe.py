@@ -356,3 +356,112 @@ def test_auto_precision_is_bf16_only_where_bf16_is_fast(monkeypatch):
         assert runtime.compute_dtype("auto", "cpu") == expected
     assert "--precision fp16" in str(pytest.raises(TrainError, TrainHeadsConfig(
         features=(Path("a.zarr"),), data=Path("d"), out=Path("o"), precision="fp16").verify).value)
+
+
+# --------------------------------------------------------------------------- the categorical task (--task)
+
+
+@pytest.fixture
+def class_corpus(tmp_path):
+    from synthetic import make_class_corpus
+
+    manifest, ids, feats, codes = make_class_corpus(tmp_path / "corpus")
+    stores = [make_store(tmp_path / "features" / f"{name}.zarr", ids, x) for name, x in feats.items()]
+    return manifest, ids, codes, stores
+
+
+def test_a_categorical_run_learns_the_classes_well_above_chance(tmp_path, class_corpus):
+    from ser_cache.system.tasks import CLASSES_8
+
+    manifest, ids, codes, stores = class_corpus
+    result, cfg = train(tmp_path, manifest, stores, task="categorical", epochs=30, speaker_weight=0)
+    run = result.run_dir
+    m = json.loads((run / layout.METRICS).read_text())
+    c = m["categorical"]
+    assert "ccc" not in m and c["classes"] == list(CLASSES_8)
+    assert c["macro_f1"] > 0.4 and c["accuracy"] > 0.4, c  # chance: 1/8
+    # O/X rows have no class target: neither trained nor scored.
+    dev_codes = [code for code, uid in zip(codes, ids) if uid in {r["FileName"] for r in
+                                                                   read_csv(run / layout.DEV_CLASS_PREDICTIONS)}]
+    assert dev_codes and not {"O", "X"} & set(dev_codes)
+    assert c["rows"] == len(dev_codes) == sum(map(sum, c["confusion"]))
+    config = json.loads((run / layout.CONFIG).read_text())
+    assert config["train"]["task"] == "categorical" and config["categorical"]["classes"] == list(CLASSES_8)
+    assert len(config["categorical"]["class_weights"]) == 8
+    assert config["heads"]["attributes"] is False and config["heads"]["n_classes"] == 8
+    assert config["data"]["no_class_target[train]"] > 0 and config["data"]["no_class_target[dev]"] > 0
+    history = read_csv(run / layout.HISTORY)
+    assert {"loss_class", "dev_macro_f1", "dev_accuracy", "dev_balanced_accuracy"} <= set(history[0])
+    assert not any(k.startswith(("dev_ccc", "loss_ccc")) for k in history[0])
+    f1 = [float(r["dev_macro_f1"]) for r in history]
+    assert result.best_epoch == int(np.argmax(f1)) + 1 and m["categorical"]["macro_f1"] == pytest.approx(max(f1))
+    assert not (run / layout.DEV_PREDICTIONS).exists()
+    rows = read_csv(run / layout.DEV_CLASS_PREDICTIONS)
+    assert list(rows[0]) == ["FileName", "EmoClass", *(f"prob_{k}" for k in CLASSES_8)]
+    for r in rows:
+        probs = [float(r[f"prob_{k}"]) for k in CLASSES_8]
+        assert abs(sum(probs) - 1) < 1e-4 and r["EmoClass"] == CLASSES_8[int(np.argmax(probs))]
+    # The table of the kept epoch's predictions equals the metrics.
+    from ser_cache.system.metrics import class_metrics
+
+    truth = dict(zip(ids, codes))
+    again = class_metrics([CLASSES_8.index(truth[r["FileName"]]) for r in rows],
+                          [CLASSES_8.index(r["EmoClass"]) for r in rows], CLASSES_8)
+    assert again["macro_f1"] == pytest.approx(c["macro_f1"]) and again["confusion"] == c["confusion"]
+
+
+def test_both_trains_the_attributes_and_the_classes_on_one_body(tmp_path, class_corpus):
+    manifest, ids, codes, stores = class_corpus
+    result, cfg = train(tmp_path, manifest, stores, task="both", epochs=30, speaker_weight=0, classes=9)
+    run = result.run_dir
+    m = json.loads((run / layout.METRICS).read_text())
+    assert m["ccc"]["mean"] > 0.5 and m["categorical"]["macro_f1"] > 0.3, m
+    assert m["categorical"]["classes"][-1] == "O"
+    history = read_csv(run / layout.HISTORY)
+    first, last = history[0], history[-1]
+    assert float(last["loss_ccc"]) < float(first["loss_ccc"]) and float(last["loss_class"]) < float(first["loss_class"])
+    # The kept epoch: the mean of the balanced CCC and the macro-F1 (--select balanced).
+    both = [(float(r["dev_balanced_ccc_mean"]) + float(r["dev_macro_f1"])) / 2 for r in history]
+    assert result.best_epoch == int(np.argmax(both)) + 1
+    # O/X rows stay in training (the attribute heads learn from them) and in the Development file.
+    n_dev = len(read_csv(run / layout.DEV_PREDICTIONS))
+    assert len(read_csv(run / layout.DEV_CLASS_PREDICTIONS)) == n_dev
+    assert m["categorical"]["rows"] == sum(1 for r in read_csv(run / layout.DEV_PREDICTIONS)
+                                           if dict(zip(ids, codes))[r["FileName"]] != "X")
+
+
+def test_task_options_are_checked_and_attribute_runs_record_none_of_them(tmp_path, synthetic):
+    manifest, ids, feats, stores = synthetic
+    for kw, message in ((dict(task="categorial"), "--task categorial"), (dict(classes=7), "--classes 7"),
+                        (dict(class_weights="inverse"), "--class-weights inverse"),
+                        (dict(class_loss_weight=0.0), "--class-loss-weight 0.0")):
+        with pytest.raises(TrainError, match=message):
+            train(tmp_path, manifest, stores.values(), **kw)
+    with pytest.raises(TrainError, match="--select ccc: --task categorical has no CCC"):
+        train(tmp_path, manifest, stores.values(), task="categorical", select="ccc", epochs=1)
+    cfg = TrainHeadsConfig(features=tuple(stores.values()), data=manifest, out=tmp_path / "x")
+    assert not {"task", "classes", "class_weights", "class_loss_weight"} & set(cfg.to_dict())
+    assert cfg.to_dict() == TrainHeadsConfig(features=tuple(stores.values()), data=manifest, out=tmp_path / "x",
+                                             task="attributes", classes=9).to_dict()
+
+
+def test_class_weights_are_the_baselines_without_undersampling_and_equal_with_it(tmp_path, class_corpus):
+    from collections import Counter
+
+    from ser_cache.system.rows import load_rows
+    from ser_cache.system.setup import set_up
+    from ser_cache.system.tasks import CLASSES_8
+
+    manifest, ids, codes, stores = class_corpus
+    data = load_rows(manifest, "Train", "Development", stores, speaker_weight=0)
+    train_codes = [c for c, s in zip(codes, data.splits) if s == "Train" and c in CLASSES_8]
+    counts = Counter(train_codes)
+    for undersample, want in ((False, [len(train_codes) / (8 * counts[c]) for c in CLASSES_8]), (True, [1.0] * 8)):
+        cfg = TrainHeadsConfig(features=tuple(stores), data=manifest, out=tmp_path / "w", task="categorical",
+                               undersample=undersample, device="cpu")
+        run = set_up(cfg, data, "cpu")
+        assert run.class_weights == pytest.approx(want)
+        assert set(data.emotions[run.train_idx]) <= set(CLASSES_8)
+    cfg = TrainHeadsConfig(features=tuple(stores), data=manifest, out=tmp_path / "w", task="categorical",
+                           class_weights="none", device="cpu")
+    assert set_up(cfg, data, "cpu").class_weights == [1.0] * 8

@@ -31,7 +31,7 @@ class FinetuneConfig(TrainingOptions):
         "gradient_checkpointing", "precision", "seed", "undersample", "ox", "gender_weight", "speaker_weight",
         "aam_margin", "aam_scale", "select", "balanced_trials", "balanced_per_class", "hidden", "dropout",
         "conv_dim", "conv_dropout", "layerdrop", "init_from", "workers", "device", "threads", "resume", "overwrite",
-        "progress", "tensorboard")
+        "progress", "tensorboard", "task", "classes", "class_weights", "class_loss_weight")
 
     data: Path
     out: Path

@@ -33,7 +33,8 @@ class TrainHeadsConfig(TrainingOptions):
         "features", "data", "out", "train_split", "dev_split", "epochs", "lr", "batch_size", "weight_decay", "seed",
         "undersample", "ox", "gender_weight", "speaker_weight", "aam_margin", "aam_scale", "select",
         "balanced_trials", "balanced_per_class", "hidden", "dropout", "conv_dim", "conv_dropout", "memory_budget_gb",
-        "tensorboard", "device", "precision", "threads", "overwrite", "progress")
+        "tensorboard", "device", "precision", "threads", "overwrite", "progress", "task", "classes", "class_weights",
+        "class_loss_weight")
 
     features: tuple[Path, ...]
     data: Path

@@ -20,8 +20,8 @@ def check_submission(
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
     split: str = typer.Option("Test3", "--split", "-s", help="The split the submission is for."),
     task: SubmissionTask = typer.Option("attributes", "--task", metavar="TASK",
-                                        help="attributes (Task 2) or categorical (Task 1: FileName,EmoClass, one of the "
-                                             "8 codes A,S,H,U,F,D,C,N per file; O and X refused)."),
+                                        help="attributes (Task 2) or categorical (Task 1: FileName,EmoClass, one of "
+                                             "the 8 codes A,S,H,U,F,D,C,N per file; O and X refused)."),
 ) -> None:
     """Check a Task 2 submission: exact header, every utterance of the split once, values in [1, 7].
 

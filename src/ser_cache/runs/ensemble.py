@@ -182,8 +182,9 @@ def combine_gender(files: Sequence[str | Path], weights: Sequence[float],
 def read_class_member(path: str | Path) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
     """A Task 1 member's (ids, (N, C) probabilities, classes); EnsembleError naming it when it is not a
     class prediction file with probabilities."""
-    try:
-        ids, _, probs, classes = prediction_file.read_class_predictions(path, classes=class_codes(9))
+    codes_alone = _first_line(path) == f"{prediction_file.ID_COLUMN},{prediction_file.CLASS_COLUMN}"
+    try:  # codes alone, of 8 or 9 classes, are read to be refused for having no probabilities
+        ids, _, probs, classes = prediction_file.read_class_predictions(path, class_codes(9) if codes_alone else None)
     except ValueError as exc:
         note = ""
         if _first_line(path).startswith(f"{prediction_file.ID_COLUMN},{prediction_file.AVD_COLUMNS[0]}"):

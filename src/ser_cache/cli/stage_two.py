@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 import typer
 from rich.markup import escape
@@ -16,6 +16,8 @@ from ser_cache.cli.app import KNOWN_ERRORS, app, err, fail, guarded, log_to_stde
 KNOWN_ERRORS.extend(["ser_cache.system.rows:TrainError", "ser_cache.runs.layout:RunError",
                      "ser_cache.runs.predict:PredictError",
                      "ser_cache.runs.ensemble:EnsembleError"])
+
+EnsembleTask = Literal["attributes", "categorical"]  # runs.ensemble.ENSEMBLE_TASKS
 
 # Text inputs computed by predict and evaluate (rows no store holds): where their text comes from.
 TranscriptsOption = Annotated[Path | None, typer.Option(
@@ -269,6 +271,12 @@ def ensemble(
     label_scale: str = typer.Option("1 7", metavar="'LOW HIGH'", help="The scale every member's value must lie on "
                                     "(a corpus on another scale), or none."),
     overwrite: shared.OverwriteFiles = False,
+    task: EnsembleTask = typer.Option("attributes", "--task", metavar="TASK",
+                                      help="attributes, or categorical: average Task 1 members' class probabilities "
+                                           "(members predicted --with-probabilities) and write the winning code."),
+    with_probabilities: bool = typer.Option(False, "--with-probabilities",
+                                            help="With --task categorical: also write the mean probabilities "
+                                                 "(prob_<code> columns)."),
 ) -> None:
     """Average the arousal/valence/dominance predictions of several systems; score them with --data/--split."""
     from ser_cache.infra.outputs import given
@@ -285,18 +293,39 @@ def ensemble(
             parsed = [float(w) for w in weights.split(",")]
         except ValueError:
             fail(f"--weights {weights}: expected comma-separated numbers, e.g. 0.6,0.4")
+    if task == "categorical" and label_scale != "1 7":
+        fail("--label-scale is the range of attribute values; not with --task categorical")
     scale = guarded(scale_option, label_scale)
     result = guarded(run_ensemble, files, out=dest, weights=parsed, data=data, split=split, with_gender=with_gender,
-                     plots=plots, scale=scale)
+                     plots=plots, scale=scale, task=task, with_probabilities=with_probabilities)
     if result is None:
         return
     err.print(f"wrote {result.rows} averaged predictions to {result.out} "
               f"(weights {', '.join(f'{w:.3g}' for w in result.weights)})", highlight=False)
-    if result.scores is not None:
+    if result.scores is not None and task == "categorical":
+        out.print(class_members_table(f"ensemble — {split} (Task 1, {result.scores['n']} utterances with a class)",
+                                      [Path(f).stem for f in files], result.members, result.scores))
+    elif result.scores is not None:
         out.print(members_table(f"ensemble — {split} (CCC)", [Path(f).stem for f in files], result.members,
                                 result.scores))
     for path in result.plots:
         err.print(f"wrote {path}", highlight=False)
+
+
+CLASS_SCORES = (("macro_f1", "macro-F1"), ("accuracy", "accuracy"), ("balanced_accuracy", "balanced accuracy"))
+
+
+def class_members_table(title: str, names: list[str], members: list[dict], ensemble_scores: dict):
+    """Macro-F1, accuracy and balanced accuracy: one column per member, the ensemble last."""
+    table = Table()
+    table.add_column("metric")
+    for name in names:
+        table.add_column(name, justify="right")
+    table.add_column("ensemble", justify="right", style="bold")
+    for key, label in CLASS_SCORES:
+        table.add_row(label, *(_fmt(m[key]) for m in members), _fmt(ensemble_scores[key]),
+                      style="bold" if key == "macro_f1" else None)
+    return titled(title, table)
 
 
 def members_table(title: str, names: list[str], members: list[dict], ensemble_scores: dict):

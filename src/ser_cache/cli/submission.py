@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import typer
 
@@ -10,12 +11,17 @@ from ser_cache.cli.app import KNOWN_ERRORS, app, guarded, out
 
 KNOWN_ERRORS.append("ser_cache.runs.submission:SubmissionError")
 
+SubmissionTask = Literal["attributes", "categorical"]  # runs.submission.SUBMISSION_TASKS
+
 
 @app.command("check-submission")
 def check_submission(
     file: Path = typer.Argument(..., help="The submission: FileName,EmoAct,EmoVal,EmoDom."),
     data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest."),
     split: str = typer.Option("Test3", "--split", "-s", help="The split the submission is for."),
+    task: SubmissionTask = typer.Option("attributes", "--task", metavar="TASK",
+                                        help="attributes (Task 2) or categorical (Task 1: FileName,EmoClass, one of "
+                                             "the 8 codes A,S,H,U,F,D,C,N per file; O and X refused)."),
 ) -> None:
     """Check a Task 2 submission: exact header, every utterance of the split once, values in [1, 7].
 
@@ -24,7 +30,7 @@ def check_submission(
     """
     from ser_cache.runs.submission import check_submission as run_check
 
-    result = guarded(run_check, file, data=data, split=split)
+    result = guarded(run_check, file, data=data, split=split, task=task)
     for line in result.report():
         out.print(line, markup=False, highlight=False, soft_wrap=True)
     out.print(result.verdict(), markup=False, highlight=False, soft_wrap=True)

@@ -1,5 +1,6 @@
-"""Prediction files: the challenge's CSV format (FileName,EmoAct,EmoVal,EmoDom, optional gender
-columns) written and read with every value checked, and the range a run's predictions must lie in.
+"""Prediction files: the challenge's CSV formats written and read with every value checked, and the
+range a run's predictions must lie in. Task 2: FileName,EmoAct,EmoVal,EmoDom (optional gender
+columns); Task 1: FileName,EmoClass (optional prob_<code> columns, one per class of the run).
 Every command that writes or reads predictions (train-heads' predictions_dev.csv, predict, evaluate,
 ensemble, check-submission, the sweep summary) goes through it."""
 
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache.infra.atomic import write_csv_atomic
+from ser_cache.system.tasks import CLASSES_8, class_codes
 
 # The challenge's submission columns, in order: arousal, valence, dominance.
 ID_COLUMN = "FileName"
@@ -170,3 +172,160 @@ def plain_number(text: str | None) -> float | None:
     if text is None or not PLAIN_NUMBER.fullmatch(text):
         return None
     return float(text)
+
+
+# Task 1 (categorical emotion): FileName,EmoClass, the columns of the corpus's label file and of the
+# challenge's Test3 submission; with probabilities, one prob_<code> column per class of the run, in
+# the run's class order (class_codes(8) or class_codes(9)). Each row's probabilities lie in [0, 1]
+# and sum to 1 within PROBABILITY_TOLERANCE.
+CLASS_COLUMN = "EmoClass"
+CLASS_PROB_PREFIX = "prob_"
+PROBABILITY_TOLERANCE = 1e-4
+CLASS_ORDERS = (class_codes(8), class_codes(9))  # the class orders a run has
+
+
+def class_prediction_header(classes: Sequence[str] | None = None) -> list[str]:
+    """FileName,EmoClass, and prob_<code> per class when `classes` are given."""
+    return [ID_COLUMN, CLASS_COLUMN, *(f"{CLASS_PROB_PREFIX}{c}" for c in classes or ())]
+
+
+def bad_probabilities(probabilities: np.ndarray) -> tuple[int, str] | None:
+    """The first (row, why) of (N, C) `probabilities` that is not a distribution: a value not finite
+    or outside [0, 1], or a row whose sum is not 1 within PROBABILITY_TOLERANCE; None when all are."""
+    p = np.asarray(probabilities, dtype=np.float64)
+    for i, row in enumerate(p):
+        if not np.isfinite(row).all():
+            return i, "a probability is not a finite number"
+        if (row < 0).any() or (row > 1).any():
+            return i, f"a probability lies outside [0, 1] ({', '.join(f'{x:g}' for x in row)})"
+        if abs(float(row.sum()) - 1.0) > PROBABILITY_TOLERANCE:
+            return i, f"the probabilities sum to {float(row.sum()):.6g}, not 1 (within {PROBABILITY_TOLERANCE:g})"
+    return None
+
+
+def write_class_predictions(path: str | Path, ids: Sequence[str], codes: Sequence[str],
+                           probabilities: np.ndarray | None = None,
+                           classes: Sequence[str] = CLASSES_8) -> Path:
+    """Task 1's format FileName,EmoClass (one code of `classes` per row), written atomically; with
+    `probabilities` ((N, len(classes)), each row a distribution over `classes`) a prob_<code>
+    column per class after them. Every value is checked before anything is written."""
+    classes = tuple(classes)
+    if classes not in CLASS_ORDERS:
+        raise ValueError(f"classes {','.join(classes)}: expected a run's class order, "
+                         f"{' or '.join(','.join(c) for c in CLASS_ORDERS)}")
+    if len(codes) != len(ids):
+        raise ValueError(f"{len(codes)} class code(s) for {len(ids)} id(s)")
+    seen: set[str] = set()
+    for uid in ids:
+        if uid in seen:
+            raise ValueError(f"{path}: {uid} is listed twice; one row per utterance")
+        seen.add(uid)
+    for i, code in enumerate(codes):
+        if code not in classes:
+            raise ValueError(f"{path}: the class of {ids[i]} (row {i + 1}) is {code!r}, expected one of "
+                             f"{', '.join(classes)}")
+    if probabilities is not None:
+        probabilities = np.asarray(probabilities, dtype=np.float64)
+        if probabilities.shape != (len(ids), len(classes)):
+            raise ValueError(f"probabilities must be ({len(ids)}, {len(classes)}), got {probabilities.shape}")
+        bad = bad_probabilities(probabilities)
+        if bad is not None:
+            i, why = bad
+            raise ValueError(f"{path}: row {i + 1} ({ids[i]}): {why}; nothing written")
+
+    def rows():
+        for i, uid in enumerate(ids):
+            row = [uid, codes[i]]
+            if probabilities is not None:
+                row += [f"{x:.6f}" for x in probabilities[i]]
+            yield row
+
+    header = class_prediction_header(classes if probabilities is not None else None)
+    return write_csv_atomic(path, header, rows())
+
+
+def read_class_predictions(path: str | Path, classes: Sequence[str] | None = None
+                           ) -> tuple[list[str], list[str], np.ndarray | None, tuple[str, ...]]:
+    """(ids, codes, (N, C) probabilities or None, classes) of a Task 1 prediction file; raises
+    ValueError naming the file and line of the first problem.
+
+    The header is exactly FileName,EmoClass, optionally followed by prob_<code> for each class of a
+    run's class order (the 8 codes, or the 8 and O). The classes are those of the prob_ columns; a
+    file without them has `classes` (default the challenge's 8: a 9-class file without
+    probabilities is read with class_codes(9)). Each code must be one of the classes, each id given
+    once, each row's probabilities in [0, 1] and summing to 1 within PROBABILITY_TOLERANCE."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path}: a folder, not a prediction file (a CSV written by `ser-cache predict`)")
+    if not path.is_file():
+        raise ValueError(f"{path}: no such prediction file")
+    ids: list[str] = []
+    codes: list[str] = []
+    probs: list[list[float]] = []
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        try:
+            header = next(reader, [])
+            found = _class_columns(path, header)
+            if found is not None and classes is not None and tuple(classes) != found:
+                raise ValueError(f"{path}: its probability columns are for the classes {','.join(found)}, expected "
+                                 f"{','.join(classes)}")
+            known = found or tuple(classes or CLASSES_8)
+            width = len(header)
+            seen: dict[str, int] = {}
+            for row in reader:
+                lineno = reader.line_num
+                if len(row) != width:
+                    raise ValueError(f"{path}, line {lineno}: {len(row)} field(s), expected {width} "
+                                     f"({','.join(header)})")
+                uid, code = row[0].strip(), row[1].strip()
+                if not uid:
+                    raise ValueError(f"{path}, line {lineno}: empty {ID_COLUMN}")
+                if uid in seen:
+                    raise ValueError(f"{path}, line {lineno}: {uid} is listed twice (first on line {seen[uid]})")
+                seen[uid] = lineno
+                if code not in known:
+                    raise ValueError(f"{path}, line {lineno} ({uid}): {CLASS_COLUMN} is {row[1]!r}, expected one of "
+                                     f"{', '.join(known)}")
+                if found is not None:
+                    probs.append(_probability_row(path, lineno, uid, row[2:], found))
+                ids.append(uid)
+                codes.append(code)
+        except csv.Error as exc:
+            raise ValueError(f"{path}, line {reader.line_num}: not readable as CSV ({exc}); a quote (\") opened "
+                             "there and never closed makes the rest of the file one field") from None
+        except UnicodeDecodeError as exc:
+            raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    if found is None:
+        return ids, codes, None, known
+    return ids, codes, np.asarray(probs, dtype=np.float64).reshape(-1, len(found)), found
+
+
+def _class_columns(path: Path, header: list[str]) -> tuple[str, ...] | None:
+    """The classes of a Task 1 header's prob_ columns (None without them); ValueError if it is not one."""
+    expected = (f"{','.join((ID_COLUMN, CLASS_COLUMN))}, optionally followed by "
+                f"{','.join(f'{CLASS_PROB_PREFIX}{c}' for c in CLASSES_8)}[,{CLASS_PROB_PREFIX}O]")
+    if header[:2] != [ID_COLUMN, CLASS_COLUMN]:
+        raise ValueError(f"{path}, line 1: header is {','.join(header)!r}, expected {expected}")
+    rest = header[2:]
+    if not rest:
+        return None
+    found = tuple(c.removeprefix(CLASS_PROB_PREFIX) for c in rest)
+    if not all(c.startswith(CLASS_PROB_PREFIX) for c in rest) or found not in CLASS_ORDERS:
+        raise ValueError(f"{path}, line 1: header is {','.join(header)!r}, expected {expected} (one probability "
+                         "column per class, in the run's class order)")
+    return found
+
+
+def _probability_row(path: Path, lineno: int, uid: str, fields: list[str], classes: tuple[str, ...]) -> list[float]:
+    values = []
+    for code, text in zip(classes, fields):
+        value = plain_number(text)
+        if value is None:
+            raise ValueError(f"{path}, line {lineno} ({uid}): {CLASS_PROB_PREFIX}{code} is {text!r}, expected a number "
+                             "in plain decimal notation")
+        values.append(value)
+    bad = bad_probabilities(np.asarray([values]))
+    if bad is not None:
+        raise ValueError(f"{path}, line {lineno} ({uid}): {bad[1]}")
+    return values

@@ -61,7 +61,7 @@ def write_run_files(directory: Path, config: dict, metrics: dict, history: list[
     """Everything of a run directory but the weights: metrics, history, Development predictions, config last.
 
     `pred` None: no attribute heads, no predictions_dev.csv. With `classes` and `class_probs`, the
-    class predictions go to predictions_dev_categorical.csv (write_class_predictions)."""
+    class predictions go to predictions_dev_categorical.csv (prediction_file.write_class_predictions)."""
     directory = Path(directory)
     atomic.write_json_atomic(directory / layout.METRICS, metrics)
     atomic.write_csv_atomic(directory / layout.HISTORY, list(history[0]), [list(r.values()) for r in history])
@@ -70,17 +70,9 @@ def write_run_files(directory: Path, config: dict, metrics: dict, history: list[
                                           gender_labels=gender_labels or None,
                                gender_probs=probs)
     if classes and class_probs is not None:
-        write_class_predictions(directory / layout.DEV_CLASS_PREDICTIONS, dev_ids, class_probs, classes)
+        probs = np.asarray(class_probs, dtype=np.float64)
+        codes = [classes[int(k)] for k in np.argmax(probs, axis=1)]
+        prediction_file.write_class_predictions(directory / layout.DEV_CLASS_PREDICTIONS, dev_ids, codes, probs,
+                                                classes=tuple(classes))
     # config.json makes the directory a finished run (layout.is_run_dir), so it comes last.
     atomic.write_json_atomic(directory / layout.CONFIG, config)
-
-
-def write_class_predictions(path: Path, ids: Sequence[str], probs: np.ndarray, classes: Sequence[str]) -> Path:
-    """FileName,EmoClass,prob_<code>... (one column per class, in the run's order): the most probable
-    code and the probabilities, the layout Task 1's prediction files share (docs/categorical.md).
-    A run's own Development file; predict's Task 1 files are runs.prediction_file's."""
-    probs = np.asarray(probs, dtype=np.float64)
-    if probs.shape != (len(ids), len(classes)):
-        raise ValueError(f"class probabilities must be ({len(ids)}, {len(classes)}), got {probs.shape}")
-    rows = ([uid, classes[int(np.argmax(p))], *(f"{x:.6f}" for x in p)] for uid, p in zip(ids, probs))
-    return atomic.write_csv_atomic(path, ["FileName", "EmoClass", *(f"prob_{c}" for c in classes)], rows)

@@ -360,3 +360,140 @@ def test_sweep_command_prints_the_table_in_80_columns(corpus, tmp_path):
     assert (tmp_path / "s" / "drop" / "seed-1" / "curves.png").is_file()
     bad = CliRunner().invoke(app, [*args[:-4], "-V", "x: epochs=3"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output and "'epochs=3' is not option=value" in bad.output
+
+
+# --------------------------------------------------------------------------- the categorical task (--task)
+
+
+@pytest.fixture(scope="module")
+def class_corpus(tmp_path_factory):
+    from synthetic import make_class_corpus
+
+    tmp = tmp_path_factory.mktemp("class-sweep")
+    manifest, ids, feats, codes = make_class_corpus(tmp / "corpus", 300)
+    stores = [make_store(tmp / "features" / f"{name}.zarr", ids, x, kind="text" if name == "text" else "whisper",
+                         modality="text" if name == "text" else "audio") for name, x in feats.items()]
+    return manifest, stores, dict(zip(ids, codes))
+
+
+def class_config(class_corpus, out: Path, **kw) -> TrainHeadsConfig:
+    manifest, stores, _ = class_corpus
+    return TrainHeadsConfig(**{"features": tuple(stores), "data": manifest, "out": out, **OPTIONS,
+                               "task": "categorical", **kw})
+
+
+def test_categorical_members_equal_train_heads_runs(class_corpus, tmp_path):
+    """Each member of a categorical sweep is the train-heads run with its options: the same kept
+    epoch, the same Development classes and probabilities, the same class scores."""
+    variants = (parse_variant("plain: class-weights=none lr=1e-3"), parse_variant("audio: inputs=audio"))
+    result = sweep(SweepConfig(class_config(class_corpus, tmp_path / "sweep"), seeds=2, variants=variants,
+                               resamples=20))
+    assert result.trained == 6
+    for name, seed, kw in (("base", 1, {}), ("plain", 0, {"class_weights": "none", "lr": 1e-3}),
+                           ("audio", 1, {"features": (class_corpus[1][0],)})):
+        own = train_heads(class_config(class_corpus, tmp_path / f"own-{name}", seed=seed, **kw))
+        member = tmp_path / "sweep" / name / f"seed-{seed}"
+        metrics = json.loads((member / layout.METRICS).read_text())
+        assert metrics["best_epoch"] == own.best_epoch, name
+        assert metrics["categorical"] == own.metrics["categorical"], name
+        assert "ccc" not in metrics and not (member / layout.DEV_PREDICTIONS).exists()
+        ids, codes, probs, classes = prediction_file.read_class_predictions(member / layout.DEV_CLASS_PREDICTIONS)
+        own_ids, own_codes, own_probs, own_classes = prediction_file.read_class_predictions(
+            own.run_dir / layout.DEV_CLASS_PREDICTIONS)
+        assert (ids, codes, classes) == (own_ids, own_codes, own_classes) and np.abs(probs - own_probs).max() < 1e-4
+        config, own_config = rundir.read_config(member), rundir.read_config(own.run_dir)
+        assert config["categorical"] == own_config["categorical"] and config["train"]["task"] == "categorical"
+        assert config["sweep"]["variant"] == name
+
+
+def test_a_categorical_summary_reports_macro_f1_and_its_paired_bootstrap(class_corpus, tmp_path):
+    from ser_cache.system.metrics import class_metrics
+    from ser_cache.system.tasks import CLASSES_8
+
+    cfg = SweepConfig(class_config(class_corpus, tmp_path / "sweep", epochs=3), seeds=3, resamples=200,
+                      variants=(parse_variant("slow: lr=1e-5"),))
+    summary = sweep(cfg).summary
+    assert json.loads((tmp_path / "sweep" / "sweep.json").read_text()) == json.loads(json.dumps(summary))
+    assert summary["task"] == "categorical" and summary["classes"] == list(CLASSES_8)
+    assert "comparisons" not in summary and set(summary["macro_f1_comparisons"]) == {"slow"}
+    truth = class_corpus[2]
+    f1 = {}
+    for name in ("base", "slow"):
+        v = summary["variants"][name]
+        runs = [tmp_path / "sweep" / name / f"seed-{s}" for s in range(3)]
+        scores = [json.loads((r / layout.METRICS).read_text())["categorical"] for r in runs]
+        for key in ("macro_f1", "accuracy", "balanced_accuracy"):
+            assert v["mean"][key] == pytest.approx(np.mean([c[key] for c in scores]))
+            assert v["std"][key] == pytest.approx(np.std([c[key] for c in scores], ddof=1))
+        assert "ccc_mean" not in v["mean"] and v["class_rows"] == scores[0]["rows"]
+        # The macro-F1 of each member recomputed from its predictions_dev_categorical.csv.
+        f1[name] = []
+        for r in runs:
+            ids, codes, _, _ = prediction_file.read_class_predictions(r / layout.DEV_CLASS_PREDICTIONS)
+            f1[name].append(class_metrics([CLASSES_8.index(truth[i]) for i in ids],
+                                          [CLASSES_8.index(c) for c in codes], CLASSES_8)["macro_f1"])
+        assert f1[name] == pytest.approx([c["macro_f1"] for c in scores], abs=1e-12)
+    c = summary["macro_f1_comparisons"]["slow"]
+    assert c["difference"] == pytest.approx(np.mean(f1["slow"]) - np.mean(f1["base"]), abs=1e-12)
+    assert c["ci_low"] <= c["difference"] <= c["ci_high"] and c["resamples"] == 200
+    assert c["rows"] == summary["variants"]["base"]["class_rows"]
+    assert c["ci_high"] < 0 and c["share_positive"] == 0.0  # lr 1e-5 barely moves in 3 epochs
+
+
+def test_a_both_sweep_compares_ccc_and_macro_f1_on_the_rows_with_a_class(class_corpus, tmp_path):
+    cfg = SweepConfig(class_config(class_corpus, tmp_path / "sweep", epochs=2, task="both"), seeds=1, resamples=20,
+                      variants=(parse_variant("light: class-loss-weight=0.1"),))
+    summary = sweep(cfg).summary
+    assert set(summary["comparisons"]) == set(summary["macro_f1_comparisons"]) == {"light"}
+    base = summary["variants"]["base"]
+    assert {"ccc_mean", "macro_f1"} <= set(base["mean"])
+    # Under both, O/X rows are scored for CCC but have no class: the macro-F1 is compared on fewer.
+    assert summary["macro_f1_comparisons"]["light"]["rows"] == base["class_rows"] < base["rows"]
+    assert summary["comparisons"]["light"]["rows"] == base["rows"]
+    assert rundir.read_config(tmp_path / "sweep" / "light" / "seed-0")["train"]["class_loss_weight"] == 0.1
+
+
+def test_task_options_are_the_sweeps_and_reuse_compares_them(class_corpus, tmp_path):
+    for text in ("x: task=categorical", "x: classes=9"):
+        with pytest.raises(TrainError, match=r"--variant x: (task|classes) is the sweep's, not a variant's"):
+            parse_variant(text)
+    attributes = SweepConfig(class_config(class_corpus, tmp_path / "s", task="attributes", epochs=1), seeds=1,
+                             variants=(parse_variant("w: class-weights=none"),))
+    with pytest.raises(TrainError, match="--variant w: class-weights is an option of a class task"):
+        sweep(attributes)
+    with pytest.raises(TrainError, match="--variant w: --class-weights inverse"):
+        sweep(SweepConfig(class_config(class_corpus, tmp_path / "s", epochs=1), seeds=1,
+                          variants=(parse_variant("w: class-weights=inverse"),)))
+    assert not (tmp_path / "s").exists()
+    first = sweep(SweepConfig(class_config(class_corpus, tmp_path / "s", epochs=1), seeds=1, resamples=10))
+    assert (first.trained, sweep(SweepConfig(class_config(class_corpus, tmp_path / "s", epochs=1), seeds=1,
+                                             resamples=10)).reused) == (1, 1)
+    for kw, message in (({"task": "attributes"}, "task: 'categorical', this sweep: 'attributes'"),
+                        ({"classes": 9}, "classes: 8, this sweep: 9"),
+                        ({"class_weights": "none"}, "class_weights: 'balanced', this sweep: 'none'")):
+        with pytest.raises(TrainError, match=f"seed-0: a run written with other options \\({message}\\)"):
+            sweep(SweepConfig(class_config(class_corpus, tmp_path / "s", epochs=1, **kw), seeds=1, resamples=10))
+    # ... and an attribute member is not reused by a class sweep either.
+    sweep(SweepConfig(class_config(class_corpus, tmp_path / "a", epochs=1, task="attributes"), seeds=1))
+    with pytest.raises(TrainError, match=r"\(task: 'attributes', this sweep: 'both'\)"):
+        sweep(SweepConfig(class_config(class_corpus, tmp_path / "a", epochs=1, task="both"), seeds=1))
+
+
+def test_sweep_command_prints_the_class_table_in_80_columns(class_corpus, tmp_path):
+    manifest, stores, _ = class_corpus
+    args = ["sweep", "-f", str(stores[0]), "-f", str(stores[1]), "-d", str(manifest), "-o", str(tmp_path / "s"),
+            "--seeds", "1", "--epochs", "2", "--lr", "3e-3", "--batch-size", "32", "--no-undersample", "--device",
+            "cpu", "--threads", "1", "--no-progress", "--speaker-weight", "0", "--resamples", "20",
+            "--task", "categorical", "--classes", "9", "--class-weights", "none", "-V", "audio: inputs=audio"]
+    r = CliRunner().invoke(app, args, terminal_width=80)
+    assert r.exit_code == 0, r.output
+    lines = r.stdout.splitlines()
+    assert max(len(line) for line in lines) <= 80, r.stdout
+    assert "macro-F1 over 1 seed(s); Δ against base (9 classes)" in r.stdout and "Δ F1" in r.stdout
+    assert "CCC" not in r.stdout
+    rows = {line.split()[0]: line for line in lines if line.split() and line.split()[0] in ("base", "audio")}
+    assert "ref." in rows["base"] and "…" in rows["audio"]
+    train = rundir.read_config(tmp_path / "s" / "base" / "seed-0")["train"]
+    assert (train["task"], train["classes"], train["class_weights"]) == ("categorical", 9, "none")
+    bad = CliRunner().invoke(app, [*args[:-2], "-V", "x: task=both"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output and "task is the sweep's" in bad.output

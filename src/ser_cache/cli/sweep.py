@@ -13,6 +13,7 @@ from ser_cache.cli.stage_two import titled
 
 ATTRIBUTE_COLUMNS = (("arousal", "ccc_arousal"), ("valence", "ccc_valence"), ("dominance", "ccc_dominance"),
                      ("mean", "ccc_mean"), ("balanced", "balanced_ccc_mean"))
+CLASS_COLUMNS = (("macro-F1", "macro_f1"), ("accuracy", "accuracy"), ("bal. acc.", "balanced_accuracy"))
 
 
 @app.command("sweep")
@@ -57,6 +58,10 @@ def sweep_command(
     dropout: shared.Dropout = shared.TRAINING.dropout,
     conv_dim: shared.ConvDim = shared.TRAINING.conv_dim,
     conv_dropout: shared.ConvDropout = shared.TRAINING.conv_dropout,
+    task: shared.Task = shared.TRAINING.task,
+    classes: shared.Classes = shared.TRAINING.classes,
+    class_weights: shared.ClassWeights = shared.TRAINING.class_weights,
+    class_loss_weight: shared.ClassLossWeight = shared.TRAINING.class_loss_weight,
     memory_budget: shared.MemoryBudget = shared.HEADS.memory_budget_gb,
     device: shared.Device = shared.TRAINING.device,
     precision: shared.HeadsPrecision = shared.TRAINING.precision,
@@ -73,6 +78,9 @@ def sweep_command(
     Every member is an ordinary run (OUT/VARIANT/seed-S); OUT/sweep.json holds the table: per
     variant mean ± std over seeds of the Development CCC, and against --reference the difference
     in mean CCC with a 95% interval over Development utterances and seeds.
+
+    --task categorical (or both: a second table) compares the variants' macro-F1 the same way. The
+    task and --classes are the whole sweep's; a variant may change class-weights and class-loss-weight.
     """
     from ser_cache.infra.outputs import given
     from ser_cache.system.epoch_log import tensorboard_problem
@@ -92,9 +100,14 @@ def sweep_command(
     result = guarded(sweep, cfg)
     if result is None:
         return
-    out.print(sweep_table(result.summary, wide=out.width >= 120,
-                          title=f"{result.out}: {result.summary['split']} CCC over "
-                                f"{len(result.summary['seeds'])} seed(s); Δ against {result.summary['reference']}"))
+    summary = result.summary
+    about = f"over {len(summary['seeds'])} seed(s); Δ against {summary['reference']}"
+    if "comparisons" in summary:  # the attribute task (alone, or under --task both)
+        out.print(sweep_table(summary, wide=out.width >= 120, title=f"{result.out}: {summary['split']} CCC {about}"))
+    if "macro_f1_comparisons" in summary:
+        out.print(sweep_table(summary, wide=out.width >= 120, classes=True,
+                              title=f"{result.out}: {summary['split']} macro-F1 {about} "
+                                    f"({len(summary['classes'])} classes)"))
 
 
 def _pm(mean, std, digits: int) -> str:
@@ -103,23 +116,29 @@ def _pm(mean, std, digits: int) -> str:
     return f"{mean:.{digits}f}" if std is None else f"{mean:.{digits}f}±{std:.{digits}f}"
 
 
-def sweep_table(summary: dict, *, title: str = "", wide: bool = True):
+def sweep_table(summary: dict, *, title: str = "", wide: bool = True, classes: bool = False):
     """Per variant: CCC mean±std over seeds; against the reference: Δ mean CCC, its 95% interval, P(Δ > 0).
 
     `wide` (a console of 120 columns or more): arousal, valence and dominance too, 4 decimals; else
     the mean and balanced CCC with 3 decimals, which fits 80 columns. sweep.json has every digit.
+    `classes`: the class task's table instead: macro-F1 and balanced accuracy (wide: and accuracy),
+    Δ macro-F1 against the reference, its interval and P(Δ > 0); rows are the utterances with a class.
     """
     from rich import box
 
     reference = summary["reference"]
-    columns = ATTRIBUTE_COLUMNS if wide else ATTRIBUTE_COLUMNS[3:]
+    if classes:
+        columns = CLASS_COLUMNS if wide else (CLASS_COLUMNS[0], CLASS_COLUMNS[2])
+    else:
+        columns = ATTRIBUTE_COLUMNS if wide else ATTRIBUTE_COLUMNS[3:]
+    comparisons = summary["macro_f1_comparisons" if classes else "comparisons"]
     digits = 4 if wide else 3
     table = Table(box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
     table.add_column("variant")
     table.add_column("rows", justify="right")
     for label, _ in columns:
         table.add_column(label, justify="right")
-    table.add_column("Δ mean", justify="right")
+    table.add_column("Δ F1" if classes else "Δ mean", justify="right")
     table.add_column("95% interval", justify="right", no_wrap=True)
     table.add_column("P(Δ>0)", justify="right")
     notes: list[str] = []
@@ -131,9 +150,10 @@ def sweep_table(summary: dict, *, title: str = "", wide: bool = True):
             notes.append(f"* {name}: seed(s) {', '.join(str(d['seed']) for d in failed)} of "
                          f"{len(failed) + len(v['members'])} diverged ({failed[0]['reason']}); no run written, "
                          "left out of the means")
-        cells = [f"{name}*" if failed else name, "—" if v["rows"] is None else str(v["rows"])]
+        rows = v["class_rows"] if classes else v["rows"]
+        cells = [f"{name}*" if failed else name, "—" if rows is None else str(rows)]
         cells += [_pm(v["mean"].get(key), v["std"].get(key), digits) for _, key in columns]
-        c = summary["comparisons"].get(name)
+        c = comparisons.get(name)
         if name == reference:
             cells += ["ref.", "", ""]
         elif not v["members"] or not summary["variants"].get(reference, {}).get("members", True):

@@ -19,7 +19,9 @@ The sweep, in order:
 5. each member written as an ordinary run directory (predict, evaluate, ensemble take it);
 6. the summary (sweep.json, and the table `ser-cache sweep` prints): per variant, mean ± std over
    seeds of the Development CCC; per variant against the reference, a paired bootstrap over the
-   Development utterances and seeds both were scored on (stats.paired_bootstrap).
+   Development utterances and seeds both were scored on (stats.paired_bootstrap). Under a class
+   task (--task categorical|both, sweep-wide: a variant cannot change the task or the classes) the
+   same for macro-F1 (stats.paired_bootstrap_macro_f1), with accuracy and balanced accuracy.
 
 A sweep run again with the same command reuses the members already written (and refuses ones
 written with other options, or on a store since rebuilt with other settings, unless --overwrite), so
@@ -68,7 +70,13 @@ VARIANT_OPTIONS = {
     "aam-scale": ("aam_scale", float), "ox": ("ox", str), "undersample": ("undersample", bool),
     "batch-size": ("batch_size", int), "dropout": ("dropout", float), "conv-dropout": ("conv_dropout", float),
     "hidden": ("hidden", int), "conv-dim": ("conv_dim", int), "inputs": ("inputs", str),
+    "class-weights": ("class_weights", str), "class-loss-weight": ("class_loss_weight", float),
 }
+# The task and its classes are the sweep's, not a variant's: every member learns the same task over the
+# same classes, so that the variants are compared on one metric (macro-F1 over the same classes, CCC).
+SWEEP_WIDE = ("task", "classes")
+# Variant options that only a class task (--task categorical|both) has.
+CLASS_VARIANT_OPTIONS = ("class_weights", "class_loss_weight")
 # Fields of a member's train options that do not change what it learns: a written member is reused
 # whatever they were.
 NOT_COMPARED = ("out", "overwrite", "progress", "tensorboard", "threads", "device", "memory_budget_gb")
@@ -95,6 +103,10 @@ def parse_variant(text: str) -> Variant:
             continue
         key, eq, value = part.partition("=")
         key = key.strip().removeprefix("--").replace("_", "-")
+        if key in SWEEP_WIDE:
+            raise TrainError(f"--variant {name}: {key} is the sweep's, not a variant's: every variant learns the "
+                             "sweep's --task over its --classes (so that they are compared on one metric); run one "
+                             "sweep per task or class set")
         if not eq or key not in VARIANT_OPTIONS:
             raise TrainError(f"--variant {name}: {part!r} is not option=value with an option of "
                              f"{', '.join(VARIANT_OPTIONS)}")
@@ -156,6 +168,12 @@ class SweepConfig:
         if self.reference not in (BASE, *names):
             problems.append(f"--reference {self.reference}: expected {BASE} or a --variant name "
                             f"({', '.join(names) or 'none given'})")
+        if self.base.task == "attributes":
+            for v in self.variants:
+                for attr in CLASS_VARIANT_OPTIONS:
+                    if attr in v.options:
+                        problems.append(f"--variant {v.name}: {attr.replace('_', '-')} is an option of a class task; "
+                                        "give --task categorical or both")
         for variant in (Variant(BASE, {"inputs": self.inputs}), *self.variants):
             try:
                 member_config(self, variant, self.base.seed).verify()
@@ -295,10 +313,12 @@ def _written(member: Member, view: TrainingData) -> bool:
     config = rundir.read_config(out)
     recorded = config.get("train", {})
     wanted = member.cfg.to_dict()
+    # An attribute run records no task options: its task is "attributes", which a class member's is not.
+    wanted.setdefault("task", member.cfg.task)
     for key, value in wanted.items():
         if key in NOT_COMPARED:
             continue
-        have = recorded.get(key)
+        have = recorded.get(key, "attributes" if key == "task" else None)
         if key == "features":
             same = sorted(str(Path(p).resolve()) for p in have or []) == sorted(str(Path(p).resolve()) for p in value)
         elif key == "data":  # recorded absolute (as typed before provenance came)

@@ -172,7 +172,7 @@ def test_the_recipes_share_one_declaration_of_their_common_options():
         params = {p.name: p.default for p in cmd.params}
         params["undersample"] = not params.pop("no_undersample")
         for name in shared_fields:
-            if name in CLASS_TASK_FIELDS and words != ("train-heads",):
+            if name in CLASS_TASK_FIELDS and words not in (("train-heads",), ("finetune", "wavlm")):
                 # The categorical task's options: train-heads' so far (issue 19); sweep and finetune
                 # wavlm keep the library's default (attributes) until they take them.
                 assert name not in params, (words, name)

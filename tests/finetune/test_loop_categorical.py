@@ -139,3 +139,18 @@ def test_a_resumed_class_run_refuses_another_task(categorical, tmp_path):
     out = interrupted_run(replace(cfg, out=tmp_path / "run", epochs=2), after_epoch=1)
     with pytest.raises(TrainError, match="task"):
         finetune_wavlm(replace(cfg, out=out, epochs=2, resume=True, task="both"))
+
+
+def test_a_class_run_starts_from_an_attribute_runs_weights(corpus_cls, models, tmp_path, caplog):
+    """--init-from a run without a class head (the authors' dimensional model, say): the encoder is
+    taken over, the class head starts afresh, and a categorical run leaves the A/V/D heads out."""
+    source = finetune_wavlm(base_config(corpus_cls, models["wavlm"], tmp_path / "attributes", epochs=1)).run_dir
+    cfg = base_config(corpus_cls, models["wavlm"], tmp_path / "cat", epochs=1, task="categorical",
+                      select="balanced", init_from=source, lr_encoder=1e-12, lr_heads=1e-12)
+    with caplog.at_level("INFO", logger="ser_cache.finetune.checkpoint"):
+        run = finetune_wavlm(cfg).run_dir
+    assert "classifier start afresh" in caplog.text
+    theirs, ours = load_file(str(source / layout.WEIGHTS)), load_file(str(run / layout.WEIGHTS))
+    assert not any(k.startswith("heads.regressors.") for k in ours)
+    key = "wavlm.encoder.layers.0.attention.q_proj.weight"
+    torch.testing.assert_close(ours[key], theirs[key], atol=1e-6, rtol=0)

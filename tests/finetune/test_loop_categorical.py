@@ -21,7 +21,7 @@ from ser_cache.system.losses import class_weights
 from ser_cache.system.rows import TrainError
 from ser_cache.system.tasks import CLASSES_8
 
-from finetune_support import base_config, interrupted_run, learnable_corpus
+from finetune_support import base_config, cli_args, interrupted_run, learnable_corpus
 
 
 @pytest.fixture(scope="module")
@@ -154,3 +154,18 @@ def test_a_class_run_starts_from_an_attribute_runs_weights(corpus_cls, models, t
     assert not any(k.startswith("heads.regressors.") for k in ours)
     key = "wavlm.encoder.layers.0.attention.q_proj.weight"
     torch.testing.assert_close(ours[key], theirs[key], atol=1e-6, rtol=0)
+
+
+def test_the_command_takes_the_task_and_prints_the_class_table(corpus_cls, models, tmp_path):
+    from typer.testing import CliRunner
+
+    from ser_cache.cli.app import app
+
+    cfg = base_config(corpus_cls, models["wavlm"], tmp_path / "cli", epochs=1, select="balanced")
+    res = CliRunner().invoke(app, [*cli_args(cfg), "--task", "categorical", "--classes", "9",
+                                   "--class-weights", "none"])
+    assert res.exit_code == 0, res.output[-3000:]
+    assert "macro-F1" in res.output
+    config = rundir.read_config(cfg.out)
+    assert config["categorical"] == {"task": "categorical", "classes": [*CLASSES_8, "O"], "class_weights": [1.0] * 9}
+    assert config["train"]["class_weights"] == "none" and config["heads"]["n_classes"] == 9

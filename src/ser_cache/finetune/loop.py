@@ -8,7 +8,8 @@ The loop, in order:
    convolutions, masked mean pooling, MultitaskHeads) and, under torchrun, wrap it in DDP;
 3. each epoch, `train_epoch`: draw the epoch's (undersampled) order with EpochSampler, cut it into
    global batches of about `--batch-seconds` of audio, give each rank every world-th clip of each
-   batch, and compute the loss of Eq. 1 over the *global* batch (see `_gather`); then
+   batch, and compute the loss of Eq. 1 over the *global* batch (see `_gather`; with `--task
+   categorical|both` the class cross-entropy of system/setup.batch_loss, as train-heads); then
    `score_epoch`: score Development and keep the best epoch (train/fit.py's loop reads the same);
 4. after every epoch write checkpoint.safetensors atomically; at the end write the run directory's
    files, config.json last. The run stays locked (`<run>.lock`, locks.py) while it trains, so a

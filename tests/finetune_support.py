@@ -16,10 +16,12 @@ import factories
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 
-def learnable_corpus(root: Path, n_train: int = 24, n_dev: int = 12, n_test: int = 4, seed: int = 0) -> Path:
+def learnable_corpus(root: Path, n_train: int = 24, n_dev: int = 12, n_test: int = 4, seed: int = 0, *,
+                     learnable_classes: bool = False) -> Path:
     """MSP-Podcast layout whose labels follow the pitch of the tone (arousal and dominance up,
     valence down) and whose gender follows it too. Not loudness: WavLM's input normalisation
-    erases it."""
+    erases it. The emotion codes cycle N H S A; with `learnable_classes` they follow the pitch too
+    (S, N, A from low to high) and every ninth row is X (no class target)."""
     rng = np.random.default_rng(seed)
     rows = ["FileName,EmoClass,EmoAct,EmoVal,EmoDom,SpkrID,Gender,Split_Set"]
     words = ("an awful sad day", "a plain day", "a wonderful happy day")
@@ -34,7 +36,8 @@ def learnable_corpus(root: Path, n_train: int = 24, n_dev: int = 12, n_test: int
         a = np.clip(1 + 6 * level + rng.normal(0, 0.3), 1, 7)
         v = np.clip(6 - 4 * level + rng.normal(0, 0.5), 1, 7)
         d = np.clip(2 + 4 * level + rng.normal(0, 0.5), 1, 7)
-        rows.append(f"{name},{'NHSA'[i % 4]},{a:.1f},{v:.1f},{d:.1f},{100 + i % 6},"
+        code = ("X" if i % 9 == 8 else "SNA"[min(int(level * 3), 2)]) if learnable_classes else "NHSA"[i % 4]
+        rows.append(f"{name},{code},{a:.1f},{v:.1f},{d:.1f},{100 + i % 6},"
                     f"{'Male' if level < 0.5 else 'Female'},{split}")
     (root / "Labels").mkdir(parents=True, exist_ok=True)
     (root / "Labels" / "labels_consensus.csv").write_text("\n".join(rows) + "\n")
@@ -45,6 +48,34 @@ def base_config(corpus: Path, model: Path, out: Path, **changes) -> FinetuneConf
     cfg = FinetuneConfig(data=corpus, out=out, model=str(model), epochs=6, lr_encoder=1e-3, lr_heads=1e-3,
                          batch_seconds=6, select="ccc", gender_weight=1.0, device="cpu", threads=1, progress=False)
     return replace(cfg, **changes)
+
+
+class Stop(Exception):
+    """Stands for a crash right after a checkpoint was written."""
+
+
+def interrupted_run(cfg: FinetuneConfig, after_epoch: int) -> Path:
+    """Fine-tune until the checkpoint of `after_epoch` is written, then stop as a crash would."""
+    import pytest
+
+    import ser_cache.finetune.loop as ft
+    from ser_cache.finetune.loop import finetune_wavlm
+    from ser_cache.runs import layout
+
+    save, saves = ft.save_checkpoint, []
+
+    def save_then_stop(*args, **kwargs):
+        save(*args, **kwargs)
+        saves.append(1)
+        if len(saves) == after_epoch:
+            raise Stop
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(ft, "save_checkpoint", save_then_stop)
+        with pytest.raises(Stop):
+            finetune_wavlm(cfg)
+    assert layout.is_unfinished_run(cfg.out)
+    return Path(cfg.out)
 
 
 def cli_args(cfg: FinetuneConfig) -> list[str]:

@@ -158,7 +158,7 @@ def test_the_recipes_share_one_declaration_of_their_common_options():
     import dataclasses
 
     from ser_cache.finetune.options import FinetuneConfig
-    from ser_cache.system.options import CLASS_TASK_FIELDS, TrainingOptions
+    from ser_cache.system.options import TrainingOptions
     from ser_cache.train.options import TrainHeadsConfig
 
     shared_fields = [f.name for f in dataclasses.fields(TrainingOptions)]
@@ -172,11 +172,6 @@ def test_the_recipes_share_one_declaration_of_their_common_options():
         params = {p.name: p.default for p in cmd.params}
         params["undersample"] = not params.pop("no_undersample")
         for name in shared_fields:
-            if name in CLASS_TASK_FIELDS and words not in (("train-heads",), ("sweep",)):
-                # The categorical task's options: train-heads' so far (issue 19); sweep and finetune
-                # wavlm keep the library's default (attributes) until they take them.
-                assert name not in params, (words, name)
-                continue
             assert params[name] == getattr(config, name), (words, name)
 
 

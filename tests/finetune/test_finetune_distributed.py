@@ -57,10 +57,36 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
     # (0.5): its draws are shared by the ranks and skipped layers get no gradient on either side.
     cfg = base_config(corpus, model, tmp_path / "one", epochs=3, dropout=0.0, conv_dropout=0.0, layerdrop=0.5,
                       speaker_weight=0.1)
-    one = finetune_wavlm(cfg)
+    one, two_dir = _one_and_two_ranks(cfg, ["--speaker-weight", "0.1"])
+    metrics = json.loads((two_dir / layout.METRICS).read_text())
+    assert metrics["ccc"] == pytest.approx(one.metrics["ccc"], abs=SCORE_TOLERANCE)
 
-    two_dir = tmp_path / "two"
-    args = cli_args(replace(cfg, out=two_dir)) + ["--speaker-weight", "0.1"]
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process_with_the_class_head(tmp_path):
+    """--task both: the class targets (X rows: -1) travel with the others, the class loss is the
+    global batch's, and the Development class predictions are gathered from both ranks."""
+    corpus = learnable_corpus(tmp_path / "corpus", learnable_classes=True)
+    model = dropout_free_wavlm(tmp_path / "wavlm")
+    cfg = base_config(corpus, model, tmp_path / "one", epochs=2, dropout=0.0, conv_dropout=0.0, layerdrop=0.5,
+                      speaker_weight=0.1, task="both", undersample=False)
+    one, two_dir = _one_and_two_ranks(cfg, ["--speaker-weight", "0.1", "--task", "both", "--no-undersample"])
+    metrics = json.loads((two_dir / layout.METRICS).read_text())
+    assert metrics["categorical"]["rows"] == one.metrics["categorical"]["rows"] == 10
+    assert metrics["categorical"]["macro_f1"] == pytest.approx(one.metrics["categorical"]["macro_f1"],
+                                                               abs=SCORE_TOLERANCE)
+    with open(two_dir / layout.HISTORY) as f:
+        history = list(csv.DictReader(f))
+    assert [float(h["loss_class"]) for h in history] == pytest.approx([h["loss_class"] for h in one.history],
+                                                                       abs=SCORE_TOLERANCE)
+
+
+def _one_and_two_ranks(cfg, extra_args: list[str]):
+    """The run of `cfg` in this process, and the same through torchrun on two gloo ranks (CLI `cli_args`
+    plus `extra_args`); checks that they agree in their files, weights, kept epoch and losses."""
+    one = finetune_wavlm(cfg)
+    two_dir = Path(cfg.out).parent / "two"
+    args = cli_args(replace(cfg, out=two_dir)) + extra_args
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                            "-m", "ser_cache", *args], env=subprocess_env(SER_CACHE_BACKEND="gloo"),
                           capture_output=True, text=True, timeout=240)
@@ -75,9 +101,9 @@ def test_two_gloo_ranks_match_one_process(tmp_path):
 
     metrics = json.loads((two_dir / layout.METRICS).read_text())
     assert metrics["best_epoch"] == one.best_epoch
-    assert metrics["ccc"] == pytest.approx(one.metrics["ccc"], abs=SCORE_TOLERANCE)
     with open(two_dir / layout.HISTORY) as f:
         history = list(csv.DictReader(f))
     assert [float(h["loss_total"]) for h in history] == pytest.approx([h["loss_total"] for h in one.history],
                                                                        abs=SCORE_TOLERANCE)
     assert json.loads((two_dir / layout.CONFIG).read_text())["heads"] == rundir.read_config(one.run_dir)["heads"]
+    return one, two_dir

@@ -33,7 +33,7 @@ from ser_cache.runs import layout, rundir
 from ser_cache.runs.checkpoint_file import CHECKPOINT
 
 import factories
-from finetune_support import base_config, cli_args, learnable_corpus, subprocess_env
+from finetune_support import base_config, cli_args, interrupted_run, learnable_corpus, subprocess_env
 from synthetic import make_run
 
 runner = CliRunner()
@@ -73,30 +73,6 @@ class RunsCode:
 def pickle_that_runs_code(path: Path, marker: Path) -> Path:
     torch.save({"format": CHECKPOINT_FORMAT, "epoch": 1, "history": [], "payload": RunsCode(marker)}, path)
     return path
-
-
-class Stop(Exception):
-    """Stands for a crash right after a checkpoint was written."""
-
-
-def interrupted_run(cfg: FinetuneConfig, after_epoch: int) -> Path:
-    """Fine-tune until the checkpoint of `after_epoch` is written, then stop as a crash would."""
-    import ser_cache.finetune.loop as ft
-
-    save, saves = ft.save_checkpoint, []
-
-    def save_then_stop(*args, **kwargs):
-        save(*args, **kwargs)
-        saves.append(1)
-        if len(saves) == after_epoch:
-            raise Stop
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(ft, "save_checkpoint", save_then_stop)
-        with pytest.raises(Stop):
-            finetune_wavlm(cfg)
-    assert layout.is_unfinished_run(cfg.out)
-    return Path(cfg.out)
 
 
 @pytest.fixture(scope="module")

@@ -82,6 +82,10 @@ def wavlm(
     overwrite: bool = typer.Option(shared.TRAINING.overwrite, help="Delete the run in --out and start again."),
     progress: shared.Progress = shared.TRAINING.progress,
     tensorboard: shared.TensorBoard = shared.TRAINING.tensorboard,
+    task: shared.Task = shared.TRAINING.task,
+    classes: shared.Classes = shared.TRAINING.classes,
+    class_weights: shared.ClassWeights = shared.TRAINING.class_weights,
+    class_loss_weight: shared.ClassLossWeight = shared.TRAINING.class_loss_weight,
 ) -> None:
     """Fine-tune WavLM (all hidden states weighted, point-wise convolutions, mean pooling) with the
     stage-two heads; write a run directory that evaluate, predict and ensemble use like any other.

@@ -58,7 +58,8 @@ def init_from_run(model, run_dir: Path) -> None:
     The encoder, the layer weighting, the convolutions and the A/V/D heads must all fit; the
     heads' label range stays this run's (paper Eq. 2: the training labels'). A gender or speaker
     head is taken over only where both have it with the same classes' count; otherwise it starts
-    afresh (logged). Anything else that does not fit is an error naming the keys.
+    afresh (logged); so does a class head (--task categorical|both), and a categorical model leaves
+    the run's A/V/D heads out. Anything else that does not fit is an error naming the keys.
     """
     from safetensors.torch import load_file
 
@@ -74,7 +75,8 @@ def init_from_run(model, run_dir: Path) -> None:
         raise TrainError(f"--init-from {run_dir}: {layout.WEIGHTS} is missing")
     theirs = model_state(load_file(str(weights)))
     ours = model.state_dict()
-    optional = ("heads.gender.", "heads.speaker.")
+    optional = ("heads.gender.", "heads.speaker.", "heads.classifier.")
+    unwanted = optional if model.heads.attributes else (*optional, "heads.regressors.")
     skipped, problems, take = [], [], {}
     for key, value in ours.items():
         if key.endswith((".lo", ".hi")) and key.startswith("heads.regressors."):
@@ -83,7 +85,7 @@ def init_from_run(model, run_dir: Path) -> None:
             (skipped if key.startswith(optional) else problems).append(key)
             continue
         take[key] = theirs[key]
-    extra = sorted(k for k in theirs if k not in ours and not k.startswith(optional))
+    extra = sorted(k for k in theirs if k not in ours and not k.startswith(unwanted))
     if problems or extra:
         shown = ", ".join((problems + extra)[:6]) + (" …" if len(problems) + len(extra) > 6 else "")
         raise TrainError(f"--init-from {run_dir}: its weights do not fit this model ({shown}); give the same "
@@ -192,8 +194,10 @@ def resume(out: Path, cfg, dist, model, aam, optimizer, scaler, sampler) -> Stat
     return State(history=ckpt["history"], best=ckpt["best"], epoch=int(ckpt["epoch"]))
 
 
-def finish(out: Path, config: dict, metrics: dict, state: State, dev_ids: list[str], gender_labels) -> None:
-    """The finished run's files. The best weights become model.safetensors; config.json comes last."""
+def finish(out: Path, config: dict, metrics: dict, state: State, dev_ids: list[str], gender_labels, *,
+           classes=()) -> None:
+    """The finished run's files. The best weights become model.safetensors; config.json comes last.
+    With `classes` (a class run), the kept epoch's class predictions go to predictions_dev_categorical.csv."""
     from ser_cache.runs.record import write_run_files
 
     best = out / BEST.format(state.best["epoch"])
@@ -202,6 +206,6 @@ def finish(out: Path, config: dict, metrics: dict, state: State, dev_ids: list[s
     elif not (out / layout.WEIGHTS).is_file():  # a kill between the two renames leaves it moved already
         raise TrainError(f"{out}: the best epoch's weights ({best.name}) are missing; start again with --overwrite")
     write_run_files(out, config, metrics, state.history, dev_ids, state.best["pred"], state.best["probs"],
-                    gender_labels)
+                    gender_labels, class_probs=state.best.get("class_probs"), classes=classes)
     (out / CHECKPOINT).unlink(missing_ok=True)
     (out / layout.IN_PROGRESS).unlink(missing_ok=True)

@@ -8,7 +8,8 @@ The loop, in order:
    convolutions, masked mean pooling, MultitaskHeads) and, under torchrun, wrap it in DDP;
 3. each epoch, `train_epoch`: draw the epoch's (undersampled) order with EpochSampler, cut it into
    global batches of about `--batch-seconds` of audio, give each rank every world-th clip of each
-   batch, and compute the loss of Eq. 1 over the *global* batch (see `_gather`); then
+   batch, and compute the loss of Eq. 1 over the *global* batch (see `_gather`; with `--task
+   categorical|both` the class cross-entropy of system/setup.batch_loss, as train-heads); then
    `score_epoch`: score Development and keep the best epoch (train/fit.py's loop reads the same);
 4. after every epoch write checkpoint.safetensors atomically; at the end write the run directory's
    files, config.json last. The run stays locked (`<run>.lock`, locks.py) while it trains, so a
@@ -170,8 +171,8 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     device = runtime.resolve_device(dist.device(cfg.device))
     amp_dtype = RuntimeOptions(device=str(device), precision=cfg.precision).autocast_dtype(device)
     data, seconds = _load_data(cfg)
-    train_idx, dev_idx = setup.select_rows(cfg, data)
-    setup.check_selectable(cfg, data, dev_idx)
+    # The task's rows and class targets, as train-heads sets them up (system/setup.py).
+    train_idx, dev_idx, classes, class_targets = setup.task_rows(cfg, data)
 
     # Everything the heads learn about labels comes from the training rows only (as in train-heads).
     lo, hi = scoring.label_range(data.avd[train_idx])
@@ -180,6 +181,8 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     targets = {"avd": torch.from_numpy(data.avd),
                "gender": torch.from_numpy(rows.label_index(data.genders, gender_labels)),
                "speaker": torch.from_numpy(rows.label_index(data.speakers, speaker_labels))}
+    if classes:
+        targets["class"] = torch.from_numpy(class_targets)  # -1: no class target (out of the loss)
 
     # All three generators: WavLM's spec-augment masking draws from numpy's global one.
     random.seed(cfg.seed)
@@ -198,7 +201,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
                          "extract it again with another --name")
     heads = MultitaskHeads(input_dims, hidden=cfg.hidden, dropout=cfg.dropout, label_min=lo, label_max=hi,
                            n_genders=len(gender_labels), n_speakers=len(speaker_labels),
-                           aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale)
+                           aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale, **setup.class_heads(cfg, classes))
     model = WavLMEmotionModel(wavlm, heads, conv_dim=cfg.conv_dim, conv_dropout=cfg.conv_dropout,
                               normalize=normalize, attention_mask=uses_mask, layerdrop=layerdrop, seed=cfg.seed)
     if cfg.init_from is not None:
@@ -218,6 +221,8 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
                                   **({"fused": True} if runtime.fused_adamw_ok(device) else {}))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = EpochSampler(data.emotions[train_idx], undersample=cfg.undersample, seed=cfg.seed)
+    class_weights = setup.run_class_weights(cfg, data, class_targets, train_idx, classes) if dist.is_main else None
+    class_weights = dist.broadcast(class_weights)
 
     state = State(history=[], best={"score": -math.inf, "epoch": 0}, epoch=0)
     out = Path(cfg.out)
@@ -257,7 +262,10 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
 
     run = _Run(cfg=cfg, dist=dist, device=device, amp_dtype=amp_dtype, data=data, seconds=seconds,
                targets=targets, model=model, ddp=ddp, aam=aam, optimizer=optimizer, scaler=scaler,
-               loader=loader, plan=plan, sampler=sampler, train_idx=train_idx, dev_idx=dev_idx)
+               loader=loader, plan=plan, sampler=sampler, train_idx=train_idx, dev_idx=dev_idx, classes=classes,
+               class_targets=class_targets,
+               class_weight=None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32,
+                                                                             device=device))
     with epoch_log.EpochProgress(cfg.progress and dist.is_main, cfg.epochs,
                                 tensorboard=cfg.tensorboard if dist.is_main else None) as progress:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
@@ -273,17 +281,24 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
     if dist.is_main:
         arch = architecture(model, resolved, max_seconds=cfg.max_seconds, revision=revision)
+        # A class run records its classes as train-heads' do (what predict needs to name them).
+        categorical = ({"categorical": {"task": cfg.task, "classes": classes, "class_weights": class_weights}}
+                       if classes else {})
         config = record.run_config(cfg.to_dict(), data, lo, hi, gender_labels, speaker_labels, heads.config(),
-                                     best["epoch"], system="finetuned-wavlm", wavlm=arch)
-        finish(out, config, metrics, state, data.ids[dev_idx].tolist(), gender_labels)
-        from ser_cache.runs.plots import curves_after_training
+                                     best["epoch"], system="finetuned-wavlm", wavlm=arch, **categorical)
+        finish(out, config, metrics, state, data.ids[dev_idx].tolist(), gender_labels, classes=classes)
+        if cfg.task != "categorical":  # runs.plots draws CCC curves; a class run has none (as in train-heads)
+            from ser_cache.runs.plots import curves_after_training
 
-        curves_after_training(out)
+            curves_after_training(out)
     dist.barrier()
     wall = time.perf_counter() - t0
-    if dist.is_main:
+    if dist.is_main and cfg.task == "attributes":
         log.info("kept epoch %d of %d (%s %s CCC %.4f) in %.1f s; run written to %s", best["epoch"], cfg.epochs,
                  data.dev_split, "balanced" if cfg.select == "balanced" else "mean", best["score"], wall, out)
+    elif dist.is_main:
+        log.info("kept epoch %d of %d (%s %s %.4f) in %.1f s; run written to %s", best["epoch"], cfg.epochs,
+                 data.dev_split, scoring.selection_text(cfg.task, cfg.select), best["score"], wall, out)
     return TrainResult(run_dir=out, best_epoch=best["epoch"], metrics=metrics, wall_seconds=wall,
                        history=state.history)
 
@@ -307,6 +322,11 @@ class _Run:
     sampler: object  # sampling.EpochSampler of the training rows
     train_idx: np.ndarray
     dev_idx: np.ndarray
+    # The categorical task (none for attributes): the class codes, every row's class index (-1: none),
+    # the cross-entropy's class weights on the device.
+    classes: list
+    class_targets: np.ndarray | None
+    class_weight: object
 
 
 def train_epoch(run: _Run, epoch: int) -> tuple[dict[str, float], float]:
@@ -316,6 +336,7 @@ def train_epoch(run: _Run, epoch: int) -> tuple[dict[str, float], float]:
 
     from ser_cache.data.batching import plan_batches, shard
     from ser_cache.infra.runtime import autocast
+    from ser_cache.system.epoch_log import loss_keys
     from ser_cache.system.setup import batch_loss
 
     cfg, dist, dev = run.cfg, run.dist, run.device
@@ -330,7 +351,9 @@ def train_epoch(run: _Run, epoch: int) -> tuple[dict[str, float], float]:
     run.ddp.train()
     if run.aam is not None:
         run.aam.train()
-    sums = {"total": 0.0, "ccc": 0.0, "gender": 0.0, "speaker": 0.0}
+    sums = dict.fromkeys(loss_keys(cfg.task), 0.0)
+    classes = ({} if run.class_weight is None
+               else {"class_weight": run.class_weight, "class_loss_weight": cfg.class_loss_weight})
     seen, audio_seconds = 0, 0.0
     run.optimizer.zero_grad(set_to_none=True)
     for i, (rows, audio, lengths) in enumerate(run.loader):
@@ -346,7 +369,7 @@ def train_epoch(run: _Run, epoch: int) -> tuple[dict[str, float], float]:
             target = {k: v[_torch_rows(rows)].to(dev) for k, v in run.targets.items()}
             out, target = _gather(out, target, dist)
             loss, parts = batch_loss(out, target, run.aam, gender_weight=cfg.gender_weight,
-                                     speaker_weight=cfg.speaker_weight)
+                                     speaker_weight=cfg.speaker_weight, **classes)
             run.scaler.scale(loss / group_size).backward()
         if last_in_group:
             run.scaler.step(run.optimizer)
@@ -382,7 +405,7 @@ def _gather(out: dict, target: dict, dist) -> tuple[dict, dict]:
     import torch.distributed as td
     from torch.distributed.nn.functional import all_gather
 
-    n = out["avd"].shape[0]
+    n = target["avd"].shape[0]
     sizes = [torch.zeros(1, dtype=torch.long) for _ in range(dist.world)]
     td.all_gather(sizes, torch.tensor([n], dtype=torch.long))
     sizes = [int(s) for s in sizes]
@@ -402,23 +425,28 @@ def _gather(out: dict, target: dict, dist) -> tuple[dict, dict]:
 def score_epoch(run: _Run, state: State, epoch: int, losses: dict[str, float], audio_seconds: float,
                 t_epoch: float, t_eval: float) -> dict:
     """The Development rows' predictions and scores: the epoch's history row (returned, and added to
-    state.history), and the best epoch so far (balanced or plain mean CCC), its weights written."""
+    state.history), and the best epoch so far (balanced or plain mean CCC; with a class head,
+    scoring.selection_score: macro-F1, or its mean with the CCC under --task both), its weights written."""
     from ser_cache.system import epoch_log, scoring
 
     cfg, data, dev_idx = run.cfg, run.data, run.dev_idx
-    pred, probs = _infer(run, dev_idx)
+    pred, probs, class_probs = _infer(run, dev_idx)
     dev = scoring.score(pred, data.avd[dev_idx], data.emotions[dev_idx],
                         gender_pred=None if probs is None else probs.argmax(1),
                         gender_true=None if probs is None else run.targets["gender"].numpy()[dev_idx],
                         balanced_trials=cfg.balanced_trials, balanced_per_class=cfg.balanced_per_class,
-                        seed=cfg.seed)
+                        seed=cfg.seed,
+                        **({} if not run.classes else {"class_pred": class_probs.argmax(1),
+                                                       "class_true": run.class_targets[dev_idx],
+                                                       "classes": run.classes}))
     now = time.perf_counter()
     row = epoch_log.history_row(epoch, losses, dev, now - t_epoch, now - t_eval)
     row["train_audio_seconds_per_second"] = round(audio_seconds / max(t_eval - t_epoch, 1e-9), 3)
     state.history.append(row)
-    value = dev["balanced_ccc"]["mean"] if cfg.select == "balanced" else dev["ccc"]["mean"]
+    value = scoring.selection_score(cfg.task, cfg.select, dev)
     if value > state.best["score"]:
-        state.best = {"score": value, "epoch": epoch, "dev": dev, "pred": pred, "probs": probs}
+        state.best = {"score": value, "epoch": epoch, "dev": dev, "pred": pred, "probs": probs,
+                      **({"class_probs": class_probs} if run.classes else {})}
         if run.dist.is_main:
             from ser_cache.runs.finetuned_run import save_weights
 
@@ -426,8 +454,9 @@ def score_epoch(run: _Run, state: State, epoch: int, losses: dict[str, float], a
     return row
 
 
-def _infer(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-    """Predictions for rows `idx` (in that order); under torchrun the ranks share the batches."""
+def _infer(run: _Run, idx: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None, np.ndarray | None]:
+    """Predictions for rows `idx` (in that order): A/V/D (None without attribute heads), gender and class
+    probabilities (None without their head); under torchrun the ranks share the batches."""
     import torch
 
     from ser_cache.data.batching import plan_batches
@@ -437,26 +466,34 @@ def _infer(run: _Run, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
     batches = plan_batches(idx, run.seconds, run.cfg.batch_seconds, None, min_rows=1)
     run.plan.batches = [b.tolist() for b in batches[dist.rank::dist.world]]
     model.eval()
-    n_genders = model.heads.n_genders
-    rows_out, avd_out, probs_out = [], [], []
+    n_genders, n_classes, with_avd = model.heads.n_genders, model.heads.n_classes, model.heads.attributes
+    rows_out, avd_out, probs_out, class_out = [], [], [], []
     with torch.inference_mode():
         for rows, audio, lengths in run.loader:
             cached = {k: v.to(dev) for k, v in run.data.batch(rows).items()}
             with autocast(dev, run.amp_dtype):
                 out = model(audio.to(dev), lengths.to(dev), cached)
             rows_out.append(rows)
-            avd_out.append(out["avd"].double().cpu().numpy())
+            if with_avd:
+                avd_out.append(out["avd"].double().cpu().numpy())
             if n_genders:
                 probs_out.append(torch.softmax(out["gender_logits"].double(), dim=-1).cpu().numpy())
+            if n_classes:
+                class_out.append(torch.softmax(out["class_logits"].double(), dim=-1).cpu().numpy())
     mine = (np.concatenate(rows_out) if rows_out else np.empty(0, np.int64),
             np.concatenate(avd_out) if avd_out else np.empty((0, 3)),
-            np.concatenate(probs_out) if probs_out else np.empty((0, n_genders)))
+            np.concatenate(probs_out) if probs_out else np.empty((0, n_genders)),
+            np.concatenate(class_out) if class_out else np.empty((0, n_classes)))
     position = {int(r): i for i, r in enumerate(idx)}
-    avd = np.empty((idx.size, 3), dtype=np.float64)
+    avd = np.empty((idx.size, 3), dtype=np.float64) if with_avd else None
     probs = np.empty((idx.size, n_genders), dtype=np.float64) if n_genders else None
-    for rows, a, p in dist.all_gather(mine):
+    classes = np.empty((idx.size, n_classes), dtype=np.float64) if n_classes else None
+    for rows, a, p, c in dist.all_gather(mine):
         at = [position[int(r)] for r in rows]
-        avd[at] = a
+        if avd is not None:
+            avd[at] = a
         if probs is not None:
             probs[at] = p
-    return avd, probs
+        if classes is not None:
+            classes[at] = c
+    return avd, probs, classes

@@ -73,8 +73,6 @@ class FinetuneConfig(TrainingOptions):
         if self.text_features is not None and self.text_features == self.speaker_features:
             problems.append("--text-features and --speaker-features name the same store")
         problems += self.common_problems()
-        if self.task != "attributes":
-            problems.append(f"task {self.task}: finetune wavlm learns the attributes only (so far)")
         if problems:
             raise TrainError("; ".join(problems))
 

@@ -17,6 +17,15 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+LOSS_KEYS = ("total", "ccc", "gender", "speaker")
+
+
+def loss_keys(task: str) -> tuple[str, ...]:
+    """The loss terms a run of `task` logs (history.csv's loss_* columns): an attribute run's are LOSS_KEYS."""
+    return {"attributes": LOSS_KEYS, "categorical": ("total", "class", "gender", "speaker")}.get(
+        task, ("total", "ccc", "class", "gender", "speaker"))
+
+
 def history_row(epoch: int, losses: Mapping[str, float], dev: dict, seconds: float, eval_seconds: float) -> dict:
     row = {"epoch": epoch, "seconds": round(seconds, 3), "eval_seconds": round(eval_seconds, 3)}
     row.update({f"loss_{k}": v for k, v in losses.items()})

@@ -88,11 +88,7 @@ def set_up(cfg: TrainingOptions, data: TrainingData, device) -> RunSetup:
     from ser_cache.system.losses import AAMSoftmax
     from ser_cache.system.model import FeatureModel
 
-    train_idx, dev_idx = select_rows(cfg, data)
-    classes, class_targets = class_task(cfg, data)
-    if cfg.task == "categorical":
-        train_idx, dev_idx = rows_with_class(cfg, data, class_targets, train_idx, dev_idx)
-    check_selectable(cfg, data, dev_idx, class_targets)
+    train_idx, dev_idx, classes, class_targets = task_rows(cfg, data)
     # Everything the heads learn about labels comes from the training rows only.
     lo, hi = label_range(data.avd[train_idx])
     gender_labels = head_classes("gender", cfg.gender_weight, [data.genders[i] for i in train_idx])
@@ -104,20 +100,44 @@ def set_up(cfg: TrainingOptions, data: TrainingData, device) -> RunSetup:
     heads = MultitaskHeads({s.name: (cfg.conv_dim,) if s.name in pools else s.shape for s in data.inputs},
                            hidden=cfg.hidden, dropout=cfg.dropout, label_min=lo, label_max=hi,
                            n_genders=len(gender_labels), n_speakers=len(speaker_labels),
-                           aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale,
-                           **({"n_classes": len(classes)} if classes else {}),
-                           **({"attributes": False} if cfg.task == "categorical" else {}))
+                           aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale, **class_heads(cfg, classes))
     model = FeatureModel(heads, pools).to(device)
     model.compute_dtype = compute_dtype(cfg.precision, device)
     aam = (AAMSoftmax(heads.speaker_embedding_dim, len(speaker_labels), margin=cfg.aam_margin,
                       scale=cfg.aam_scale).to(device) if speaker_labels else None)
-    weights = None
-    if classes:
-        weights = epoch_class_weights(cfg, data, class_targets, train_idx, len(classes))
-        log.info("%s task: %d classes (%s), class weights %s", cfg.task, len(classes), " ".join(classes),
-                 " ".join(f"{c}={w:.3g}" for c, w in zip(classes, weights)))
+    weights = run_class_weights(cfg, data, class_targets, train_idx, classes)
     return RunSetup(train_idx, dev_idx, lo, hi, gender_labels, speaker_labels, label_index(data.genders, gender_labels),
                     label_index(data.speakers, speaker_labels), model, aam, classes, class_targets, weights)
+
+
+def task_rows(cfg: TrainingOptions, data: TrainingData) -> tuple[np.ndarray, np.ndarray, list[str], np.ndarray | None]:
+    """The rows a run of cfg.task trains and scores (the O/X variant's; under categorical only those with a
+    class target), its class codes and every row's class index (none for attributes), checked that an
+    epoch can be kept by them: what train-heads, a sweep member and finetune wavlm all start from."""
+    train_idx, dev_idx = select_rows(cfg, data)
+    classes, class_targets = class_task(cfg, data)
+    if cfg.task == "categorical":
+        train_idx, dev_idx = rows_with_class(cfg, data, class_targets, train_idx, dev_idx)
+    check_selectable(cfg, data, dev_idx, class_targets)
+    return train_idx, dev_idx, classes, class_targets
+
+
+def class_heads(cfg: TrainingOptions, classes: list[str]) -> dict:
+    """heads.MultitaskHeads' arguments of the task: none for attributes (its heads as they always were),
+    a class head of len(classes) outputs, and no attribute heads under categorical."""
+    return {**({"n_classes": len(classes)} if classes else {}),
+            **({"attributes": False} if cfg.task == "categorical" else {})}
+
+
+def run_class_weights(cfg: TrainingOptions, data: TrainingData, targets: np.ndarray | None, train_idx: np.ndarray,
+                      classes: list[str]) -> list[float] | None:
+    """The cross-entropy's class weights of a class task (epoch_class_weights), logged; None for attributes."""
+    if not classes:
+        return None
+    weights = epoch_class_weights(cfg, data, targets, train_idx, len(classes))
+    log.info("%s task: %d classes (%s), class weights %s", cfg.task, len(classes), " ".join(classes),
+             " ".join(f"{c}={w:.3g}" for c, w in zip(classes, weights)))
+    return weights
 
 
 def class_task(cfg: TrainingOptions, data: TrainingData) -> tuple[list[str], np.ndarray | None]:

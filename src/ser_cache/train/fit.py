@@ -34,19 +34,11 @@ import numpy as np
 from ser_cache.infra.runtime import fused_adamw_ok, to_device
 from ser_cache.runs import rundir, staging
 from ser_cache.runs.record import run_config, write_run_files
-from ser_cache.system.epoch_log import EpochProgress, TensorBoardLog, history_row
+from ser_cache.system.epoch_log import EpochProgress, TensorBoardLog, history_row, loss_keys
 from ser_cache.system.rows import TrainingData, index_tensor
 from ser_cache.system.scoring import EVAL_BATCH, EVAL_FRAME_BATCH, score, selection_score
 from ser_cache.system.setup import BLOCK_ORDER, RunSetup, batch_bounds, batch_loss
 from ser_cache.train.options import TrainHeadsConfig
-
-LOSS_KEYS = ("total", "ccc", "gender", "speaker")
-
-
-def loss_keys(task: str) -> tuple[str, ...]:
-    """The loss terms a run of `task` logs (history.csv's loss_* columns): an attribute run's are LOSS_KEYS."""
-    return {"attributes": LOSS_KEYS, "categorical": ("total", "class", "gender", "speaker")}.get(
-        task, ("total", "ccc", "class", "gender", "speaker"))
 
 
 @dataclass

@@ -179,6 +179,24 @@ def test_a_frame_run_predicts_as_ser_cache_predict(built, tmp_path):
     assert_same_as_cli(out, cli_predict(tmp_path, str(result.run_dir), clips), predictor.gender_labels)
 
 
+def test_a_class_run_gives_its_codes_and_probabilities_as_ser_cache_predict(built, tmp_path):
+    from ser_cache.runs.prediction_file import read_class_predictions
+
+    result, _ = train(tmp_path, Path(built["data"]), [Path(built["audio_store"])], name="class-run", epochs=2,
+                      lr=1e-3, batch_size=4, task="categorical", speaker_weight=0)
+    clips = sorted(Path(built["data"], "Audios").glob("*.wav"))[-3:]
+    predictor = Predictor.from_run(result.run_dir)
+    out = predictor.predict([str(c) for c in clips])
+    classes = predictor.classes
+    assert len(classes) == 8 and not set(AVD) & set(out)  # a categorical run has no attribute heads
+    runner = CliRunner().invoke(app, ["predict", str(result.run_dir), *map(str, clips), "--out",
+                                      str(tmp_path / "cli.csv"), "--device", "cpu", "--with-probabilities"])
+    assert runner.exit_code == 0, runner.output
+    ids, codes, probs, order = read_class_predictions(tmp_path / "cli.csv")
+    assert list(order) == classes and ids == [c.name for c in clips] and list(out["emotion"]) == codes
+    np.testing.assert_allclose(np.column_stack([out[f"emotion_prob_{c}"] for c in classes]), probs, atol=1e-5)
+
+
 def test_texts_are_required_by_a_text_run_and_refused_by_others(notebook):
     predictor, wavlm, clips = notebook["predictor"], notebook["wavlm"], notebook["clips"]
     with pytest.raises(ValueError, match="has the text input\\(s\\) roberta-large: pass texts="):

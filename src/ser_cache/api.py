@@ -34,6 +34,8 @@ SAMPLE_RATE = 16_000  # what the encoders take; other rates are resampled as fil
 AVD_COLUMNS = ("arousal", "valence", "dominance")  # the run's outputs, in order
 GENDER_COLUMN = "gender"
 GENDER_PROB_PREFIX = "gender_prob_"
+CLASS_COLUMN = "emotion"  # a class run's most probable code (Task 1)
+CLASS_PROB_PREFIX = "emotion_prob_"
 
 
 # --------------------------------------------------------------------------- one store
@@ -256,6 +258,13 @@ class Predictor:
     def gender_labels(self) -> list[str]:
         return list(self.config.get("gender_labels") or [])
 
+    @property
+    def classes(self) -> list[str]:
+        """A class run's emotion codes in its heads' order (Task 1; docs/categorical.md); [] otherwise."""
+        from ser_cache.runs.predict import run_classes
+
+        return list(run_classes(self.config))
+
     @cached_property
     def scores(self) -> dict:
         """The run's metrics.json (Development scores of the kept epoch); {} for a run without one."""
@@ -285,6 +294,8 @@ class Predictor:
         and refused otherwise. Returns numpy columns, one row per input, in order: "arousal",
         "valence", "dominance" (float64, the labels' scale), and where the run has a gender head
         "gender" (the most probable label) and "gender_prob_<label>" for each of `gender_labels`.
+        A class run (`classes`) also gives "emotion" (the most probable code) and "emotion_prob_<code>"
+        for each of `classes`; a categorical run gives no arousal/valence/dominance.
         """
         from ser_cache.data.records import Utterance
         from ser_cache.runs.gather import gather_features
@@ -306,13 +317,18 @@ class Predictor:
                     for i, p in enumerate(paths)]
             arrays, sources = gather_features(self.config, utts, run_dir=self.run_dir, device=self.device,
                                               use_stores=False, encoders=self._encoders)
-            avd, probs = run_model(self.model, self.config, utts, arrays, sources, device=self.device,
-                                   run_dir=self.run_dir)
-        out = {name: avd[:, j].copy() for j, name in enumerate(AVD_COLUMNS)}
+            avd, probs, class_probs = run_model(self.model, self.config, utts, arrays, sources, device=self.device,
+                                                run_dir=self.run_dir)
+        out = {} if avd is None else {name: avd[:, j].copy() for j, name in enumerate(AVD_COLUMNS)}
         if probs is not None and self.gender_labels:
             out[GENDER_COLUMN] = np.array(self.gender_labels, dtype=object)[probs.argmax(1)]
             for j, label in enumerate(self.gender_labels):
                 out[f"{GENDER_PROB_PREFIX}{label}"] = probs[:, j].copy()
+        classes = self.classes
+        if class_probs is not None and classes:
+            out[CLASS_COLUMN] = np.array(classes, dtype=object)[class_probs.argmax(1)]
+            for j, code in enumerate(classes):
+                out[f"{CLASS_PROB_PREFIX}{code}"] = class_probs[:, j].copy()
         return out
 
     def _check_texts(self, texts, n: int) -> list[str] | None:

@@ -104,3 +104,31 @@ def test_help_is_the_docstring():
                            ("predict", "challenge's CSV format"), ("ensemble", "Average the")):
         r = invoke(command, "--help")
         assert r.exit_code == 0 and words in " ".join(r.output.split()), (command, r.output)
+
+
+def test_a_class_run_through_the_app_prints_its_class_table_and_refuses_attribute_options(tmp_path):
+    from synthetic import make_class_corpus
+
+    manifest, ids, feats, _ = make_class_corpus(tmp_path / "corpus", 240)
+    audio = make_store(tmp_path / "f" / "audio.zarr", ids, feats["audio"])
+    text = make_store(tmp_path / "f" / "text.zarr", ids, feats["text"])
+    r = invoke("train-heads", "--features", audio, "--features", text, "--out", tmp_path / "cat", "--data", manifest,
+               "--task", "categorical", "--epochs", 3, "--lr", 3e-3, "--batch-size", 32, "--no-undersample",
+               "--speaker-weight", 0, "--device", "cpu", "--threads", 1, "--no-progress")
+    assert r.exit_code == 0, r.output
+    r = invoke("evaluate", tmp_path / "cat", "--data", manifest, "--split", "Test1", "--device", "cpu",
+               "--plots", tmp_path / "figs")
+    assert r.exit_code == 0, r.output
+    assert "macro-F1" in r.output and "balanced accuracy" in r.output and "CCC" not in r.output
+    assert (tmp_path / "figs" / "class_confusion.png").is_file() and (tmp_path / "figs" / "f1_per_class.png").is_file()
+    saved = json.loads((tmp_path / "cat" / "eval_Test1.json").read_text())
+    assert saved["categorical"]["rows"] + saved["no_class_target"] == sum(
+        1 for line in manifest.read_text().splitlines()[1:] if ",Test1," in line)
+    r = invoke("predict", tmp_path / "cat", "--data", manifest, "--split", "Test1", "--task", "attributes",
+               "--out", tmp_path / "x.csv", "--device", "cpu")
+    assert r.exit_code == 2 and "--task attributes" in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "x.csv").exists()
+    r = invoke("predict", tmp_path / "cat", "--data", manifest, "--split", "Test1", "--with-probabilities",
+               "--out", tmp_path / "p.csv", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "p.csv").read_text().splitlines()[0].startswith("FileName,EmoClass,prob_A,")

@@ -1,7 +1,9 @@
 """The challenge's final system end to end on a Test3 without transcripts (docs/recipes.md, "The
 winning submission"): transcribe → text features → WavLM and MMWhisper members → ensemble →
 check-submission, with tiny local models, on a copy of ../shared/data/mini-podcast whose Test1
-files are renamed to the Test3 pattern, unlisted in the labels and stripped of their transcripts."""
+files are renamed to the Test3 pattern, unlisted in the labels and stripped of their transcripts;
+and Task 1's flow on the same copy (docs/categorical.md): extract → train-heads --task categorical →
+predict --with-probabilities → ensemble --task categorical → check-submission --task categorical."""
 
 from __future__ import annotations
 
@@ -93,6 +95,45 @@ def test_the_winning_submission_flow_ends_in_an_accepted_file(mini_podcast, mode
     broken.write_text("\n".join(",".join(r) for r in rows[:-1]) + "\n")
     rejected = CliRunner().invoke(app, ["check-submission", str(broken), "--data", str(data), "--split", "Test3"])
     assert rejected.exit_code == 1 and rows[-1][0] in rejected.output
+
+
+@pytest.mark.slow
+def test_the_task_1_flow_ends_in_an_accepted_file(mini_podcast, models, tmp_path, one_torch_thread):
+    from ser_cache.runs.prediction_file import read_class_predictions
+    from ser_cache.system.tasks import CLASSES_8
+
+    data, test3 = make_test3_copy(mini_podcast, tmp_path / "corpus")
+    feats = tmp_path / "features"
+    common = ("--device", "cpu")
+    run("extract", "--model", models["whisper"], "--data", data, "--out", feats, "--name", "audio", *common,
+        "--workers", "0", "--no-progress")
+    members = []
+    for seed, weights in (("0", "balanced"), ("1", "none")):
+        out = tmp_path / f"cat-{seed}"
+        run("train-heads", "--features", feats / "audio.zarr", "--data", data, "--out", out, "--task", "categorical",
+            "--class-weights", weights, "--seed", seed, "--epochs", "3", "--lr", "1e-3", "--no-undersample",
+            "--gender-weight", "0", "--speaker-weight", "0", *common, "--no-progress")
+        members.append(tmp_path / f"cat-{seed}.csv")
+        run("predict", out, "--data", data, "--split", "Test3", "--with-probabilities", "--out", members[-1], *common)
+        ids, codes, probs, classes = read_class_predictions(members[-1])
+        assert sorted(ids) == sorted(test3) and classes == CLASSES_8
+    run("ensemble", *members, "--task", "categorical", "--out", tmp_path / "final.csv")
+    with open(tmp_path / "final.csv", newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["FileName", "EmoClass"] and len(rows) == len(test3) + 1
+    assert {r[1] for r in rows[1:]} <= set(CLASSES_8)
+    checked = CliRunner().invoke(app, ["check-submission", str(tmp_path / "final.csv"), "--data", str(data),
+                                       "--split", "Test3", "--task", "categorical"])
+    assert checked.exit_code == 0, checked.output
+    assert "OK" in checked.output and f"{len(test3)}" in checked.output
+    # A member without probabilities cannot be averaged; a Task 2 file is no Task 1 submission.
+    run("predict", tmp_path / "cat-0", "--data", data, "--split", "Test3", "--out", tmp_path / "bare.csv", *common)
+    refused = CliRunner().invoke(app, ["ensemble", str(members[0]), str(tmp_path / "bare.csv"), "--task",
+                                       "categorical", "--out", str(tmp_path / "x.csv")])
+    assert refused.exit_code != 0 and "bare.csv" in refused.output
+    wrong = CliRunner().invoke(app, ["check-submission", str(members[0]), "--data", str(data), "--split", "Test3",
+                                     "--task", "categorical"])
+    assert wrong.exit_code == 1
 
 
 @pytest.fixture(autouse=True)

@@ -139,6 +139,129 @@ def test_predict_needs_something_to_predict(tmp_path, trained):
         predict(tmp_path, data=manifest, splits=["Test1"], out=tmp_path / "x.csv")
 
 
+# --------------------------------------------------------------------------- class runs (Task 1)
+
+
+def _class_run(root: Path, **kw) -> tuple[Path, Path, dict[str, str]]:
+    from synthetic import make_class_corpus
+
+    manifest, ids, feats, codes = make_class_corpus(root / "corpus", 300)
+    stores = [make_store(root / "features" / f"{name}.zarr", ids, x, settings=settings_for(name, ids))
+              for name, x in feats.items()]
+    result, _ = train(root, manifest, stores, epochs=8, speaker_weight=0, **kw)
+    return result.run_dir, manifest, dict(zip(ids, codes))
+
+
+@pytest.fixture(scope="module")
+def class_run(tmp_path_factory):
+    return _class_run(tmp_path_factory.mktemp("class"), task="categorical")
+
+
+@pytest.fixture(scope="module")
+def both_run(tmp_path_factory):
+    return _class_run(tmp_path_factory.mktemp("both"), task="both", classes=9)
+
+
+def test_a_categorical_run_writes_task_1s_file_with_or_without_probabilities(tmp_path, class_run):
+    from ser_cache.system.tasks import CLASSES_8
+
+    run, manifest, truth = class_run
+    dev = [r["id"] for r in read_csv(manifest) if r["split"] == "Development"]
+    result = predict(run, data=manifest, splits=["Development"], out=tmp_path / "dev.csv", device="cpu")
+    rows = read_csv(result.out)
+    assert next(csv.reader(open(result.out))) == ["FileName", "EmoClass"]
+    # Every utterance of the split gets one code of the run's classes, O/X rows too (no class target is
+    # no reason to leave a file out of a submission).
+    assert [r["FileName"] for r in rows] == dev and result.rows == len(dev)
+    assert {"O", "X"} & {truth[u] for u in dev} and {r["EmoClass"] for r in rows} <= set(CLASSES_8)
+    with_p = predict(run, data=manifest, splits=["Development"], out=tmp_path / "dev_p.csv", device="cpu",
+                     with_probabilities=True)
+    ids, codes, probs, classes = prediction_file.read_class_predictions(with_p.out)
+    assert next(csv.reader(open(with_p.out))) == ["FileName", "EmoClass", *(f"prob_{c}" for c in CLASSES_8)]
+    assert classes == CLASSES_8 and ids == dev and codes == [r["EmoClass"] for r in rows]
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
+    assert codes == [CLASSES_8[k] for k in probs.argmax(1)]
+    # The run's own Development file (the rows with a class) holds the same probabilities.
+    ref_ids, ref_codes, ref, _ = prediction_file.read_class_predictions(run / layout.DEV_CLASS_PREDICTIONS)
+    at = {u: i for i, u in enumerate(ids)}
+    np.testing.assert_allclose(probs[[at[u] for u in ref_ids]], ref, atol=2e-6)
+    assert [codes[at[u]] for u in ref_ids] == ref_codes
+
+
+def test_task_options_that_do_not_fit_the_run_are_refused_in_one_line(tmp_path, trained, class_run):
+    attributes_run, manifest, *_ = trained
+    run, class_manifest, _ = class_run
+    out = tmp_path / "x.csv"
+    with pytest.raises(PredictError, match=r"^--with-probabilities: run .* has no class head"):
+        predict(attributes_run, data=manifest, splits=["Test1"], out=out, with_probabilities=True)
+    with pytest.raises(PredictError, match=r"^--task categorical: run .* learned arousal/valence/dominance only"):
+        predict(attributes_run, data=manifest, splits=["Test1"], out=out, task="categorical")
+    with pytest.raises(PredictError, match=r"^--task attributes: run .* learned the emotion classes only"):
+        predict(run, data=class_manifest, splits=["Test1"], out=out, task="attributes")
+    with pytest.raises(PredictError, match=r"^--with-gender: Task 1's file \(FileName,EmoClass\) has no gender"):
+        predict(run, data=class_manifest, splits=["Test1"], out=out, with_gender=True)
+    assert not out.exists()
+    # An attribute run given --task attributes writes what it always wrote.
+    a = predict(attributes_run, data=manifest, splits=["Test1"], out=tmp_path / "a.csv", device="cpu")
+    b = predict(attributes_run, data=manifest, splits=["Test1"], out=tmp_path / "b.csv", device="cpu",
+                task="attributes")
+    assert a.out.read_bytes() == b.out.read_bytes()
+
+
+def test_a_both_run_predicts_either_file(tmp_path, both_run):
+    from ser_cache.system.tasks import class_codes
+
+    run, manifest, _ = both_run
+    default = predict(run, data=manifest, splits=["Test1"], out=tmp_path / "a.csv", device="cpu")
+    assert next(csv.reader(open(default.out))) == ["FileName", "EmoAct", "EmoVal", "EmoDom"]
+    with pytest.raises(PredictError, match="--with-probabilities: .* give --task categorical"):
+        predict(run, data=manifest, splits=["Test1"], out=tmp_path / "x.csv", with_probabilities=True)
+    classes = predict(run, data=manifest, splits=["Test1"], out=tmp_path / "c.csv", device="cpu",
+                      task="categorical", with_probabilities=True)
+    ids, codes, probs, order = prediction_file.read_class_predictions(classes.out)
+    assert order == class_codes(9) and ids == prediction_file.read_predictions(default.out)[0]
+    np.testing.assert_allclose(probs.sum(1), 1, atol=1e-4)
+    scored = evaluate(run, manifest, "Development", device="cpu")
+    assert "ccc" in scored and scored["categorical"]["classes"] == list(class_codes(9))
+    dev = [r for r in read_csv(manifest) if r["split"] == "Development"]
+    # Under 9 classes only X has no class target.
+    assert scored["no_class_target"] == sum(r["emotion"] == "X" for r in dev) > 0
+    assert scored["categorical"]["rows"] == scored["rows"] - scored["no_class_target"]
+
+
+def test_evaluate_scores_a_class_run_as_scikit_learn_does_and_draws_its_figures(tmp_path, class_run):
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score
+
+    from ser_cache.runs.plots import CLASS_CONFUSION, CLASS_F1
+    from ser_cache.system.tasks import CLASSES_8
+
+    run, manifest, truth = class_run
+    result = evaluate(run, manifest, "Test1", out=tmp_path / "t1.json", device="cpu", plots=tmp_path / "plots")
+    saved = json.loads((tmp_path / "t1.json").read_text())
+    c = saved["categorical"]
+    # The same predictions as predict writes, scored by scikit-learn over the rows with a class.
+    predicted = predict(run, data=manifest, splits=["Test1"], out=tmp_path / "t1.csv", device="cpu")
+    rows = [r for r in read_csv(predicted.out) if truth[r["FileName"]] in CLASSES_8]
+    y_true = [truth[r["FileName"]] for r in rows]
+    y_pred = [r["EmoClass"] for r in rows]
+    labels = list(CLASSES_8)
+    assert c["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", labels=labels,
+                                                   zero_division=0))
+    assert c["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert c["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    assert c["confusion"] == confusion_matrix(y_true, y_pred, labels=labels).tolist()
+    per = f1_score(y_true, y_pred, average=None, labels=labels, zero_division=0)
+    assert [c["per_class"][k]["f1"] for k in labels] == pytest.approx(per.tolist())
+    # O/X rows are left out of the class scores and counted.
+    test1 = [r for r in read_csv(manifest) if r["split"] == "Test1"]
+    no_class = sum(r["emotion"] in ("O", "X") for r in test1)
+    assert no_class > 0 and saved["no_class_target"] == no_class and saved["rows"] == c["rows"] == len(rows)
+    assert "ccc" not in saved and result["categorical"] == c
+    assert sorted(Path(p).name for p in result["plots"]) == sorted([CLASS_CONFUSION, CLASS_F1])
+    assert all(Path(p).stat().st_size > 0 for p in result["plots"])
+    assert not list((tmp_path / "plots").glob("*.tmp*"))
+
+
 # --------------------------------------------------------------------------- real encoders
 
 

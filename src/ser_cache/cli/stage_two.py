@@ -18,6 +18,7 @@ KNOWN_ERRORS.extend(["ser_cache.system.rows:TrainError", "ser_cache.runs.layout:
                      "ser_cache.runs.ensemble:EnsembleError"])
 
 EnsembleTask = Literal["attributes", "categorical"]  # runs.ensemble.ENSEMBLE_TASKS
+PredictTask = Literal["attributes", "categorical"]  # runs.predict.PREDICT_TASKS
 
 # Text inputs computed by predict and evaluate (rows no store holds): where their text comes from.
 TranscriptsOption = Annotated[Path | None, typer.Option(
@@ -186,7 +187,7 @@ def evaluate(
     Each --split is scored on its own (a CCC over two splits pooled is neither split's figure).
     """
     from ser_cache.infra.outputs import given, run_inputs
-    from ser_cache.runs.plots import CONFUSION, PER_CLASS, SCATTER
+    from ser_cache.runs.plots import CLASS_CONFUSION, CLASS_F1, CONFUSION, PER_CLASS, SCATTER
     from ser_cache.runs.predict import evaluate as run_evaluate
 
     splits = list({s.lower(): s for s in split}.values())  # split names are case-insensitive
@@ -201,7 +202,8 @@ def evaluate(
     if plots is not None:
         folders = [plots / s for s in splits] if len(splits) > 1 else [plots]
         writable(plots, "--plots", folder=True, inputs=inputs, overwrite=overwrite,
-                 files=[f / name for f in folders for name in (SCATTER, PER_CLASS, CONFUSION)])
+                 files=[f / name for f in folders
+                        for name in (SCATTER, PER_CLASS, CONFUSION, CLASS_CONFUSION, CLASS_F1)])
     log_to_stderr()
     for s in splits:
         folder = plots / s if plots is not None and len(splits) > 1 else plots
@@ -233,6 +235,13 @@ def predict(
                                      help="Add the gender head's Gender and GenderProb_* columns "
                                                                   "(not part of the challenge's format)."),
     overwrite: shared.OverwriteFiles = False,
+    task: PredictTask | None = typer.Option(
+        None, "--task", metavar="TASK",
+        help="Which file: attributes (Task 2) or categorical (Task 1: FileName,EmoClass, one code per file). "
+             "Default: the run's task; a run trained --task both writes attributes unless given categorical."),
+    with_probabilities: bool = typer.Option(False, "--with-probabilities",
+                                            help="Task 1: add a prob_<code> column per class of the run (what "
+                                                 "ensemble --task categorical averages)."),
 ) -> None:
     """Predict arousal/valence/dominance for corpus splits or audio files, in the challenge's CSV format.
 
@@ -251,7 +260,8 @@ def predict(
     log_to_stderr()
     result = guarded(run_predict, run, data=data, splits=tuple(split or ()), files=tuple(files or ()),
                      transcripts=transcripts, out=dest, device=device, features_dir=features_dir,
-                     with_gender=with_gender, prefer_transcripts=prefer_transcripts)
+                     with_gender=with_gender, prefer_transcripts=prefer_transcripts, task=task,
+                     with_probabilities=with_probabilities)
     if result is None:
         return
     err.print(f"wrote {result.rows} predictions to {result.out}", highlight=False)

@@ -46,11 +46,12 @@ def save_weights(path: Path, model: nn.Module, aam: nn.Module | None) -> Path:
 
 def predict_audio(model: WavLMEmotionModel, utts: list, cached: Mapping[str, np.ndarray], *, device: str = "auto",
                   max_seconds: float = audio_lib.DEFAULT_MAX_SECONDS, batch_seconds: float = 200.0,
-                  workers: int = 0, precision: str = "fp32") -> tuple[np.ndarray, np.ndarray | None]:
+                  workers: int = 0, precision: str = "fp32", with_classes: bool = False) -> tuple:
     """Run a fine-tuned model over utterances' audio (plus their cached inputs, aligned with `utts`).
 
-    Returns (avd (N, 3) float64, gender probabilities (N, G) or None). Unreadable audio raises
-    AudioError naming the file.
+    Returns (avd (N, 3) float64, gender probabilities (N, G) or None); `with_classes`: and (N, C)
+    class probabilities or None (then avd is None for heads without attribute heads). Unreadable
+    audio raises AudioError naming the file.
     """
     from ser_cache.encoders.base import RuntimeOptions
     from ser_cache.infra.runtime import resolve_device
@@ -62,19 +63,25 @@ def predict_audio(model: WavLMEmotionModel, utts: list, cached: Mapping[str, np.
     loader, plan = audio_loader([str(u.path) for u in utts], max_seconds, workers)
     plan.batches = [b.tolist() for b in plan_batches(np.arange(len(utts)), seconds, batch_seconds, None, min_rows=1)]
     n = len(utts)
-    avd = np.empty((n, 3), dtype=np.float64)
+    attributes = bool(getattr(model.heads, "attributes", True))
+    avd = np.empty((n, 3), dtype=np.float64) if attributes else None
     n_genders = model.heads.n_genders
     probs = np.empty((n, n_genders), dtype=np.float64) if n_genders else None
+    n_classes = int(getattr(model.heads, "n_classes", 0)) if with_classes else 0
+    class_probs = np.empty((n, n_classes), dtype=np.float64) if n_classes else None
     with torch.inference_mode():
         for rows, audio, lengths in loader:
             _check_lengths(utts, rows, lengths)
             inputs = {k: torch.from_numpy(a[rows]).to(dev) for k, a in cached.items()}
             with autocast(dev, dtype):
                 out = model(audio.to(dev), lengths.to(dev), inputs)
-            avd[rows] = out["avd"].double().cpu().numpy()
+            if avd is not None:
+                avd[rows] = out["avd"].double().cpu().numpy()
             if probs is not None:
                 probs[rows] = torch.softmax(out["gender_logits"].double(), dim=-1).cpu().numpy()
-    return avd, probs
+            if class_probs is not None:
+                class_probs[rows] = torch.softmax(out["class_logits"].double(), dim=-1).cpu().numpy()
+    return (avd, probs, class_probs) if with_classes else (avd, probs)
 
 
 def _check_lengths(utts, rows, lengths) -> None:

@@ -34,6 +34,7 @@ CURVES_SIZE = (12.0, 4.5)
 SCATTER_SIZE = (13.5, 4.5)
 PER_CLASS_SIZE = (9.0, 4.5)
 CONFUSION_SIZE = (5.0, 4.5)
+CLASS_CONFUSION_SIZE = (7.5, 6.5)  # 8 or 9 emotion classes: a cell holds a count and a share
 ENSEMBLE_SIZE = (9.0, 4.5)  # 2 members; wider for more, or for long names (ensemble_size)
 ENSEMBLE_INCHES_PER_BAR = 0.4  # a CCC written level ("0.655", small type) fits over a bar this wide
 TSNE_SIZE = (7.0, 6.0)
@@ -45,6 +46,8 @@ CURVES = "curves.png"
 SCATTER = "scatter.png"
 PER_CLASS = "ccc_per_class.png"
 CONFUSION = "gender_confusion.png"
+CLASS_CONFUSION = "class_confusion.png"  # a class run's (Task 1) normalised confusion matrix
+CLASS_F1 = "f1_per_class.png"  # a class run's F1 per class, with its macro-F1
 ENSEMBLE = "ensemble.png"
 
 LOSS_PARTS = ("ccc", "gender", "speaker")  # history.csv's loss_<part> columns besides loss_total

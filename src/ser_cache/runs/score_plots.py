@@ -1,5 +1,6 @@
-"""Figures of scores: an evaluation's (predicted vs true, CCC per emotion class, gender confusion)
-and an ensemble's (its members' CCC beside its own). docs/plots.md says what each shows.
+"""Figures of scores: an evaluation's (predicted vs true, CCC per emotion class, gender confusion;
+for a class run the normalised class confusion matrix and F1 per class) and an ensemble's (its
+members' CCC beside its own). docs/plots.md says what each shows.
 
 The drawing and writing (an off-screen Figure, atomic PNG/SVG), the sizes and the colours are
 plots.py's; `ser_cache.runs.plots` also gives this module's functions, under the same names.
@@ -15,6 +16,9 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache.runs.plots import (
+    CLASS_CONFUSION,
+    CLASS_CONFUSION_SIZE,
+    CLASS_F1,
     COLOURS,
     CONFUSION,
     CONFUSION_SIZE,
@@ -218,6 +222,73 @@ def row_shares(confusion: np.ndarray) -> np.ndarray:
     """Each row divided by its sum (a row without rows: zeros)."""
     totals = confusion.sum(axis=1, keepdims=True)
     return np.divide(confusion, totals, out=np.zeros(confusion.shape), where=totals > 0)
+
+
+@dataclass(frozen=True)
+class ClassPlotsResult:
+    paths: list[Path]
+    figures: dict = field(default_factory=dict, repr=False, compare=False)  # file name -> matplotlib Figure
+
+
+def class_plots(scores: Mapping, out_dir: str | Path, title: str = "", svg: bool = False) -> ClassPlotsResult:
+    """A class run's figures from its scores (system.metrics.class_metrics): the confusion matrix
+    normalised by the true class's rows (CLASS_CONFUSION) and the F1 of every class with the
+    macro-F1 (CLASS_F1). Each file is written atomically."""
+    classes = [str(c) for c in scores.get("classes") or ()]
+    confusion = np.asarray(scores.get("confusion"), dtype=np.int64)
+    if not classes or confusion.shape != (len(classes), len(classes)):
+        raise PlotError(f"class scores need their classes and a {len(classes)}×{len(classes)} confusion matrix; "
+                        f"got {confusion.shape}")
+    if confusion.sum() == 0:
+        raise PlotError("no row with a class to draw a confusion matrix from")
+    out_dir = Path(out_dir)
+    prefix = f"{title}: " if title else ""
+    figures = {CLASS_CONFUSION: _class_confusion_figure(confusion, classes, prefix),
+               CLASS_F1: _class_f1_figure(scores, classes, prefix)}
+    paths: list[Path] = []
+    for name, fig in figures.items():
+        paths += save_figure(fig, out_dir / name, svg)
+    return ClassPlotsResult(paths=paths, figures=figures)
+
+
+def _class_confusion_figure(confusion: np.ndarray, classes: list[str], prefix: str):
+    """Coloured by the share of each true class's rows (a rare class's errors show as clearly as a
+    common one's); each cell gives its share and count."""
+    fig = new_figure(CLASS_CONFUSION_SIZE)
+    ax = fig.subplots()
+    shares = row_shares(confusion)
+    im = ax.imshow(shares, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, label="share of the true class's rows")
+    for (i, k), n in np.ndenumerate(confusion):
+        if n:
+            ax.text(k, i, f"{shares[i, k]:.0%}\n{n}", ha="center", va="center", fontsize="x-small",
+                    color="white" if shares[i, k] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), [f"{_emotion(c)} n={n}" for c, n in zip(classes, confusion.sum(axis=1))])
+    accuracy = np.trace(confusion) / max(confusion.sum(), 1)
+    ax.set(xlabel="predicted", ylabel="true")
+    ax.set_title(f"{prefix}emotion class\naccuracy {accuracy:.3f} ({int(confusion.sum())} utterances)",
+                 fontsize="medium")
+    return fig
+
+
+def _class_f1_figure(scores: Mapping, classes: list[str], prefix: str):
+    fig = new_figure(PER_CLASS_SIZE)
+    ax = fig.subplots()
+    per_class = scores["per_class"]
+    x = np.arange(len(classes))
+    values = [float(per_class[c]["f1"]) for c in classes]
+    ax.bar(x, values, 0.6, color="tab:blue")
+    for where, value in zip(x, values):
+        ax.text(where, value + 0.01, f"{value:.2f}", ha="center", va="bottom", fontsize="small")
+    macro = float(scores["macro_f1"])
+    ax.axhline(macro, color="tab:orange", linewidth=1.5, label=f"macro-F1 {macro:.3f}")
+    ax.set_xticks(x, [f"{_emotion(c)}\nn={per_class[c]['support']}" for c in classes], fontsize="small")
+    ax.set_ylim(0.0, 1.05)
+    ax.legend(fontsize="small", loc="upper right")
+    ax.set(title=f"{prefix}F1 per emotion class", ylabel="F1")
+    ax.grid(axis="y", alpha=0.3)
+    return fig
 
 
 # --------------------------------------------------------------------------- ensemble

@@ -31,14 +31,16 @@ def eval_batch_size(model) -> int:
     return EVAL_FRAME_BATCH if getattr(model, "frame_names", ()) else EVAL_BATCH
 
 
-def infer(model, fetch, n: int, *, device, batch_size: int | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+def infer(model, fetch, n: int, *, device, batch_size: int | None = None,
+          with_classes: bool = False) -> tuple[np.ndarray, np.ndarray | None]:
     """Run a trained model (FeatureModel or bare heads) over rows 0..n-1; `fetch(idx)` gives the
     inputs of rows `idx` (a contiguous ascending range, as a numpy array: tensors, and (frames,
     lengths) for frame inputs).
 
     The predictions stay on `device` until the last batch and come back in one copy: no batch waits
     for the one before it to reach the host.
-    Returns (avd (n, 3) float64, gender probabilities (n, G) or None).
+    Returns (avd (n, 3) float64, gender probabilities (n, G) or None); `with_classes`: and (n, C)
+    class probabilities or None (then avd is None for heads without attribute heads).
     """
     import torch
 
@@ -46,19 +48,29 @@ def infer(model, fetch, n: int, *, device, batch_size: int | None = None) -> tup
     was_training = model.training
     model.eval()
     genders = model.n_genders
+    heads = getattr(model, "heads", model)
+    attributes = bool(getattr(heads, "attributes", True))
+    classes = int(getattr(heads, "n_classes", 0)) if with_classes else 0
+    width = (3 if attributes else 0) + genders + classes
     parts = []
     with torch.inference_mode():
         for start in range(0, n, batch_size):
             idx = np.arange(start, min(start + batch_size, n))
             out = model(to_device(fetch(idx), device))
-            cols = [out["avd"].double()]
+            cols = [out["avd"].double()] if attributes else []
             if genders:
                 cols.append(torch.softmax(out["gender_logits"].double(), dim=-1))
+            if classes:
+                cols.append(torch.softmax(out["class_logits"].double(), dim=-1))
             parts.append(torch.cat(cols, dim=1))
-        table = torch.cat(parts).cpu().numpy() if parts else np.empty((0, 3 + genders), dtype=np.float64)
+        table = torch.cat(parts).cpu().numpy() if parts else np.empty((0, width), dtype=np.float64)
     model.train(was_training)
-    avd = np.ascontiguousarray(table[:, :3])
-    return avd, (np.ascontiguousarray(table[:, 3:]) if genders else None)
+    a = 3 if attributes else 0
+    avd = np.ascontiguousarray(table[:, :3]) if attributes else None
+    probs = np.ascontiguousarray(table[:, a:a + genders]) if genders else None
+    if not with_classes:
+        return avd, probs
+    return avd, probs, (np.ascontiguousarray(table[:, a + genders:]) if classes else None)
 
 
 def score(avd_pred: np.ndarray | None, avd_true: np.ndarray, emotions: Sequence[str], *,

@@ -122,7 +122,6 @@ COVERED_BY: dict[str, tuple[tuple[str, ...], str]] = {
     "ser_cache.cli.imports": (("runs/test_vox_profile.py",), "`import vox-profile` through the app"),
     "ser_cache.cli.plot": (("runs/test_plots.py", "features/test_trust_stores.py"), "the plot commands"),
     "ser_cache.cli.rerun": (("cli/test_trust_cli.py",), "train-heads --config reruns a run's settings"),
-    "ser_cache.cli.shared_options": (("cli/test_trust_cli.py",), "the CLI's fixed choices are the library's"),
     "ser_cache.cli.submission": (("runs/test_submission.py",), "check-submission through the app"),
     "ser_cache.cli.sweep": (("train/test_sweep.py",), "the sweep command"),
     "ser_cache.cli.transcribe": (("features/test_transcribe.py",), "the transcribe command, its summary"),

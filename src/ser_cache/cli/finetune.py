@@ -17,6 +17,7 @@ app.add_typer(finetune_app, name="finetune")
 
 
 @finetune_app.command("wavlm")
+@shared.training_options
 def wavlm(
     data: Path = typer.Option(..., "--data", "-d",
                               help="MSP-Podcast directory or CSV manifest (audio, labels, splits)."),
@@ -53,17 +54,7 @@ def wavlm(
                                                                "scaling."),
     seed: int = typer.Option(shared.TRAINING.seed,
                              help="Seed for initialisation, sampling, dropout and the balanced-CCC draws."),
-    no_undersample: shared.NoUndersample = not shared.TRAINING.undersample,
-    ox: shared.Ox = shared.TRAINING.ox,
-    gender_weight: shared.GenderWeight = shared.TRAINING.gender_weight,
-    speaker_weight: shared.SpeakerWeight = shared.TRAINING.speaker_weight,
-    aam_margin: shared.AamMargin = shared.TRAINING.aam_margin,
-    aam_scale: shared.AamScale = shared.TRAINING.aam_scale,
-    select: shared.Select = shared.TRAINING.select,
-    balanced_trials: shared.BalancedTrials = shared.TRAINING.balanced_trials,
-    balanced_per_class: shared.BalancedPerClass = shared.TRAINING.balanced_per_class,
-    hidden: shared.Hidden = shared.TRAINING.hidden,
-    dropout: shared.Dropout = shared.TRAINING.dropout,
+    objective: dict | None = None,  # --no-undersample ... --dropout: shared.OBJECTIVE_OPTIONS
     conv_dim: int = typer.Option(shared.TRAINING.conv_dim,
                                  help="Channels of the point-wise convolutions (paper: 256)."),
     conv_dropout: float = typer.Option(shared.TRAINING.conv_dropout,
@@ -82,10 +73,7 @@ def wavlm(
     overwrite: bool = typer.Option(shared.TRAINING.overwrite, help="Delete the run in --out and start again."),
     progress: shared.Progress = shared.TRAINING.progress,
     tensorboard: shared.TensorBoard = shared.TRAINING.tensorboard,
-    task: shared.Task = shared.TRAINING.task,
-    classes: shared.Classes = shared.TRAINING.classes,
-    class_weights: shared.ClassWeights = shared.TRAINING.class_weights,
-    class_loss_weight: shared.ClassLossWeight = shared.TRAINING.class_loss_weight,
+    task_options: dict | None = None,  # --task ... --class-loss-weight: shared.TASK_OPTIONS
 ) -> None:
     """Fine-tune WavLM (all hidden states weighted, point-wise convolutions, mean pooling) with the
     stage-two heads; write a run directory that evaluate, predict and ensemble use like any other.

@@ -96,11 +96,64 @@ Threads = Annotated[int | None, typer.Option(
          "1.45x on an idle one (docs/performance.md).")]
 
 
+# The options every training recipe's command takes, in --help order, each declared once: Typer reads a
+# command's options from its signature, so `training_options` splices each group into the signature of
+# train-heads, sweep and finetune wavlm where a parameter of the group's name stands.
+OBJECTIVE_OPTIONS = (
+    ("no_undersample", NoUndersample, not TRAINING.undersample),
+    ("ox", Ox, TRAINING.ox),
+    ("gender_weight", GenderWeight, TRAINING.gender_weight),
+    ("speaker_weight", SpeakerWeight, TRAINING.speaker_weight),
+    ("aam_margin", AamMargin, TRAINING.aam_margin),
+    ("aam_scale", AamScale, TRAINING.aam_scale),
+    ("select", Select, TRAINING.select),
+    ("balanced_trials", BalancedTrials, TRAINING.balanced_trials),
+    ("balanced_per_class", BalancedPerClass, TRAINING.balanced_per_class),
+    ("hidden", Hidden, TRAINING.hidden),
+    ("dropout", Dropout, TRAINING.dropout),
+)
+TASK_OPTIONS = (
+    ("task", Task, TRAINING.task),
+    ("classes", Classes, TRAINING.classes),
+    ("class_weights", ClassWeights, TRAINING.class_weights),
+    ("class_loss_weight", ClassLossWeight, TRAINING.class_loss_weight),
+)
+OPTION_GROUPS = {"objective": OBJECTIVE_OPTIONS, "task_options": TASK_OPTIONS}
+
+
+def training_options(command):
+    """`command` with the OPTION_GROUPS spliced into its signature where its parameters `objective` and
+    `task_options` stand (the same place in --help); it receives each group's values as a dict under
+    that name, which recipe_config reads."""
+    import functools
+    import inspect
+
+    signature = inspect.signature(command, eval_str=True)
+    params = []
+    for param in signature.parameters.values():
+        if param.name in OPTION_GROUPS:
+            params += [inspect.Parameter(name, param.kind, default=default, annotation=annotation)
+                       for name, annotation, default in OPTION_GROUPS[param.name]]
+        else:
+            params.append(param)
+
+    @functools.wraps(command)
+    def with_groups(**options):
+        for group, members in OPTION_GROUPS.items():
+            options[group] = {name: options.pop(name) for name, _, _ in members}
+        return command(**options)
+
+    with_groups.__signature__ = signature.replace(parameters=params)
+    with_groups.__annotations__ = {p.name: p.annotation for p in params}
+    return with_groups
+
+
 def recipe_config(config_class, options: dict):
     """A recipe's config (TrainHeadsConfig, FinetuneConfig) from a command's options (its locals()): the
     same names, but for --out, --no-undersample, --memory-budget and the repeated --features."""
     import dataclasses
 
+    options = {**options, **{k: v for group in OPTION_GROUPS for k, v in options.get(group, {}).items()}}
     renamed = {**options, "out": options["out_dir"], "undersample": not options["no_undersample"]}
     if "features" in options:
         renamed["features"] = tuple(options["features"])

@@ -95,6 +95,7 @@ def scores_table(title: str, scores: dict):
 
 
 @app.command("train-heads")
+@shared.training_options
 def train_heads(
     features: list[Path] = typer.Option(..., "--features", "-f", metavar="STORE",
                                         help="A feature store (.zarr); repeat for several inputs. A frame store "
@@ -109,17 +110,7 @@ def train_heads(
     weight_decay: shared.WeightDecay = shared.TRAINING.weight_decay,
     seed: int = typer.Option(shared.TRAINING.seed,
                              help="Seed for initialisation, sampling and the balanced-CCC draws."),
-    no_undersample: shared.NoUndersample = not shared.TRAINING.undersample,
-    ox: shared.Ox = shared.TRAINING.ox,
-    gender_weight: shared.GenderWeight = shared.TRAINING.gender_weight,
-    speaker_weight: shared.SpeakerWeight = shared.TRAINING.speaker_weight,
-    aam_margin: shared.AamMargin = shared.TRAINING.aam_margin,
-    aam_scale: shared.AamScale = shared.TRAINING.aam_scale,
-    select: shared.Select = shared.TRAINING.select,
-    balanced_trials: shared.BalancedTrials = shared.TRAINING.balanced_trials,
-    balanced_per_class: shared.BalancedPerClass = shared.TRAINING.balanced_per_class,
-    hidden: shared.Hidden = shared.TRAINING.hidden,
-    dropout: shared.Dropout = shared.TRAINING.dropout,
+    objective: dict | None = None,  # --no-undersample ... --dropout: shared.OBJECTIVE_OPTIONS
     conv_dim: shared.ConvDim = shared.TRAINING.conv_dim,
     conv_dropout: shared.ConvDropout = shared.TRAINING.conv_dropout,
     memory_budget: shared.MemoryBudget = shared.HEADS.memory_budget_gb,
@@ -129,10 +120,7 @@ def train_heads(
     overwrite: bool = typer.Option(shared.TRAINING.overwrite, help="Replace an existing run directory."),
     progress: shared.Progress = shared.TRAINING.progress,
     tensorboard: shared.TensorBoard = shared.TRAINING.tensorboard,
-    task: shared.Task = shared.TRAINING.task,
-    classes: shared.Classes = shared.TRAINING.classes,
-    class_weights: shared.ClassWeights = shared.TRAINING.class_weights,
-    class_loss_weight: shared.ClassLossWeight = shared.TRAINING.class_loss_weight,
+    task_options: dict | None = None,  # --task ... --class-loss-weight: shared.TASK_OPTIONS
     config: Path | None = typer.Option(
         None, "--config", metavar="RUN/config.json", is_eager=True, callback=rerun.defaults_from_run,
         help="Rerun a train-heads run's settings: every option of its config.json (or run directory) but --out, "

@@ -17,6 +17,7 @@ CLASS_COLUMNS = (("macro-F1", "macro_f1"), ("accuracy", "accuracy"), ("bal. acc.
 
 
 @app.command("sweep")
+@shared.training_options
 def sweep_command(
     features: list[Path] = typer.Option(..., "--features", "-f", metavar="STORE",
                                         help="A feature store (.zarr); repeat. Loaded once for every member."),
@@ -45,23 +46,10 @@ def sweep_command(
     batch_size: shared.HeadsBatchSize = shared.HEADS.batch_size,
     weight_decay: shared.WeightDecay = shared.TRAINING.weight_decay,
     seed: int = typer.Option(shared.TRAINING.seed, help="First seed."),
-    no_undersample: shared.NoUndersample = not shared.TRAINING.undersample,
-    ox: shared.Ox = shared.TRAINING.ox,
-    gender_weight: shared.GenderWeight = shared.TRAINING.gender_weight,
-    speaker_weight: shared.SpeakerWeight = shared.TRAINING.speaker_weight,
-    aam_margin: shared.AamMargin = shared.TRAINING.aam_margin,
-    aam_scale: shared.AamScale = shared.TRAINING.aam_scale,
-    select: shared.Select = shared.TRAINING.select,
-    balanced_trials: shared.BalancedTrials = shared.TRAINING.balanced_trials,
-    balanced_per_class: shared.BalancedPerClass = shared.TRAINING.balanced_per_class,
-    hidden: shared.Hidden = shared.TRAINING.hidden,
-    dropout: shared.Dropout = shared.TRAINING.dropout,
+    objective: dict | None = None,  # --no-undersample ... --dropout: shared.OBJECTIVE_OPTIONS
     conv_dim: shared.ConvDim = shared.TRAINING.conv_dim,
     conv_dropout: shared.ConvDropout = shared.TRAINING.conv_dropout,
-    task: shared.Task = shared.TRAINING.task,
-    classes: shared.Classes = shared.TRAINING.classes,
-    class_weights: shared.ClassWeights = shared.TRAINING.class_weights,
-    class_loss_weight: shared.ClassLossWeight = shared.TRAINING.class_loss_weight,
+    task_options: dict | None = None,  # --task ... --class-loss-weight: shared.TASK_OPTIONS
     memory_budget: shared.MemoryBudget = shared.HEADS.memory_budget_gb,
     device: shared.Device = shared.TRAINING.device,
     precision: shared.HeadsPrecision = shared.TRAINING.precision,

@@ -106,16 +106,22 @@ def label_range(config: dict) -> tuple[list[float], list[float]]:
     return [1.0] * 3, [7.0] * 3
 
 
-def read_predictions(path: str | Path, scale: tuple[float, float] | None = None) -> tuple[list[str], np.ndarray]:
-    """(ids, (N, 3) arousal/valence/dominance) from a challenge-format CSV; raises ValueError if malformed.
-
-    Every value must be a number in plain decimal notation (`plain_number`), finite, and with
-    `scale` (low, high) within it. A byte-order mark (a file saved by Excel) is read past."""
+def existing_file(path: str | Path) -> Path:
+    """`path` as a Path, or a ValueError saying it is a folder or is missing: a prediction file to read."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"{path}: a folder, not a prediction file (a CSV written by `ser-cache predict`)")
     if not path.is_file():
         raise ValueError(f"{path}: no such prediction file")
+    return path
+
+
+def read_predictions(path: str | Path, scale: tuple[float, float] | None = None) -> tuple[list[str], np.ndarray]:
+    """(ids, (N, 3) arousal/valence/dominance) from a challenge-format CSV; raises ValueError if malformed.
+
+    Every value must be a number in plain decimal notation (`plain_number`), finite, and with
+    `scale` (low, high) within it. A byte-order mark (a file saved by Excel) is read past."""
+    path = existing_file(path)
     ids: list[str] = []
     values: list[list[float]] = []
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -254,11 +260,7 @@ def read_class_predictions(path: str | Path, classes: Sequence[str] | None = Non
     file without them has `classes` (default the challenge's 8: a 9-class file without
     probabilities is read with class_codes(9)). Each code must be one of the classes, each id given
     once, each row's probabilities in [0, 1] and summing to 1 within PROBABILITY_TOLERANCE."""
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path}: a folder, not a prediction file (a CSV written by `ser-cache predict`)")
-    if not path.is_file():
-        raise ValueError(f"{path}: no such prediction file")
+    path = existing_file(path)
     ids: list[str] = []
     codes: list[str] = []
     probs: list[list[float]] = []

@@ -54,6 +54,16 @@ def test_demo_leaves_a_complete_run_and_both_stores(demo_run):
     assert (workdir / "corpus" / "Labels" / "labels_consensus.csv").is_file()
 
 
+@pytest.mark.slow
+def test_demo_trains_a_class_head_on_the_same_stores(demo_run):
+    # Learning the classes is train-heads' test (train/test_recipe.py); here: the demo's Task 1 run.
+    classes = demo_run["class_metrics"]
+    config = json.loads((demo_run["class_run_dir"] / "config.json").read_text())
+    assert config["categorical"]["task"] == "categorical" and config["categorical"]["classes"] == list("ASHUFDCN")
+    assert classes["categorical"]["rows"] > 0 and 0 <= classes["categorical"]["macro_f1"] <= 1
+    assert (demo_run["class_run_dir"] / "predictions_dev_categorical.csv").is_file()
+
+
 def test_tiny_bert_tokenizes_every_demo_word_and_keeps_them_apart(tmp_path):
     """The offline text model: one token per word, no [UNK] on the transcripts, distinct features."""
     import torch
@@ -73,7 +83,7 @@ def test_tiny_bert_tokenizes_every_demo_word_and_keeps_them_apart(tmp_path):
 
 
 @pytest.mark.slow
-def test_demo_command_prints_the_ccc_table(tmp_path, monkeypatch):
+def test_demo_command_prints_the_ccc_and_class_tables(tmp_path, monkeypatch):
     from ser_cache.cli.app import app
 
     calls = []
@@ -86,10 +96,11 @@ def test_demo_command_prints_the_ccc_table(tmp_path, monkeypatch):
     monkeypatch.setattr(demo, "run_demo", small)
     result = CliRunner().invoke(app, ["demo", "--workdir", str(tmp_path / "w"), "--seed", "2", "--no-progress"])
     assert result.exit_code == 0, result.output
-    for word in ("arousal", "valence", "dominance", "mean", "Development"):
+    for word in ("arousal", "valence", "dominance", "mean", "Development", "Emotion classes", "macro-F1"):
         assert word in result.output
     assert calls == [tmp_path / "w"]
     assert (tmp_path / "w" / "run" / "metrics.json").is_file()
+    assert (tmp_path / "w" / "run-categorical" / "metrics.json").is_file()
 
 
 def test_demo_refuses_a_folder_it_did_not_make(tmp_path):

@@ -18,7 +18,7 @@ def demo(
     seed: int = typer.Option(0, help="Seed of the corpus, the tiny models and training."),
     progress: bool = typer.Option(True, help="Show progress bars."),
 ) -> None:
-    """Synthesise a small corpus and tiny models, extract features, train heads, print the Development CCC.
+    """Synthesise a small corpus and tiny models, extract features, train heads, print the Development scores.
 
     Runs offline on a CPU in under a minute: the first thing to try after installing.
     """
@@ -36,6 +36,8 @@ def demo(
               highlight=False)
     metrics = result["metrics"]
     out.print(scores_table(f"{metrics['split']} (best epoch {metrics['best_epoch']})", metrics))
+    classes = result["class_metrics"]
+    out.print(scores_table(f"Emotion classes, {classes['split']} (best epoch {classes['best_epoch']})", classes))
     if result["run_dir"] is None:
         err.print("The corpus, models, stores and run were in a temporary folder, now removed.\n"
                   "To keep them and try the other commands on them: ser-cache demo --workdir DIR", highlight=False)

@@ -353,13 +353,19 @@ def test_the_class_map_puts_each_of_the_authors_classes_on_its_code(models, tmp_
     """A class head that ignores the audio: its logits are its bias, a different value per class with
     Fear the largest, so the run must predict F and give every code the probability of the authors'
     class of that name (a swapped pair in the map changes two columns)."""
-    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
+    from typer.testing import CliRunner
+
+    from ser_cache.cli.app import app
 
     src, tensors = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"], categorical=True)
     bias = torch.tensor([1.0, 2.0, 3.0, 9.0, 4.0, 5.0, 6.0, 7.0, 0.0])  # the authors' order: Fear (3) wins
     tensors = dict(tensors, **{"emotion_layer.2.weight": torch.zeros(9, HIDDEN), "emotion_layer.2.bias": bias})
     write_checkpoint(src, json.loads((src / "config.json").read_text()), tensors)
-    run = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["wavlm"]))).run_dir
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["import", "vox-profile", str(src), "--out", str(run), "--backbone",
+                                   str(models["wavlm"])])
+    assert res.exit_code == 0, res.output
+    assert "finetuned-wavlm run, task both" in res.output
     clips = _clips(tmp_path / "audio", seconds=(1.0, 0.7))
     codes, probs, classes = _predicted_classes(run, clips, tmp_path / "classes.csv")
     assert codes == ["F", "F"]

@@ -424,3 +424,29 @@ def test_categorical_whisper_checkpoint_with_lora_predicts_the_authors_classes(m
     np.testing.assert_allclose((avd - 1) / 6, authors_whisper_forward(
         tensors, backbone, [sf.read(c, dtype="float32")[0] for c in clips]), atol=1e-4)
     _check_detailed_head(result.run_dir, tensors)
+
+
+@pytest.mark.slow
+def test_finetune_both_can_start_from_an_imported_categorical_run(models, tmp_path, one_torch_thread):
+    """The imported class head (rows already in the run's class order) is taken over by a 9-class run."""
+    from safetensors.torch import load_file
+
+    from ser_cache.finetune.loop import finetune_wavlm
+    from ser_cache.finetune.options import FinetuneConfig
+    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
+
+    from finetune_support import learnable_corpus
+
+    src, _ = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"], categorical=True)
+    imported = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "imported",
+                                               backbone=str(models["wavlm"])))
+    corpus = learnable_corpus(tmp_path / "corpus")
+    cfg = FinetuneConfig(data=corpus, out=tmp_path / "ft", model=str(models["wavlm"]), epochs=1, lr_encoder=1e-12,
+                         lr_heads=1e-12, conv_dim=HIDDEN, hidden=HIDDEN, gender_weight=0.0, speaker_weight=0.0,
+                         undersample=False, device="cpu", progress=False, init_from=imported.run_dir,
+                         weight_decay=0.0, task="both", classes=9, class_weights="none")
+    result = finetune_wavlm(cfg)
+    a, b = load_file(str(imported.run_dir / layout.WEIGHTS)), load_file(str(result.run_dir / layout.WEIGHTS))
+    head = [k for k in a if k.startswith("heads.classifier.")]
+    assert len(head) == 4 and max(float((a[k] - b[k]).abs().max()) for k in head) < 1e-8
+    assert rundir.read_config(result.run_dir)["categorical"]["classes"] == list(RUN_CLASSES)

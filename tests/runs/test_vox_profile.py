@@ -42,6 +42,13 @@ def _convs(frames: torch.Tensor, t: dict) -> torch.Tensor:
 
 def authors_wavlm_forward(tensors: dict, backbone_dir: Path, wave: np.ndarray) -> np.ndarray:
     """One clip as the authors' WavLMWrapper computes it: (arousal, valence, dominance) in [0, 1]."""
+    pooled = authors_wavlm_pooled(tensors, backbone_dir, wave)
+    with torch.no_grad():
+        return np.array([torch.sigmoid(_heads(pooled, tensors, f"{a}_layer"))[0].item() for a in ATTRS])
+
+
+def authors_wavlm_pooled(tensors: dict, backbone_dir: Path, wave: np.ndarray) -> torch.Tensor:
+    """The authors' WavLMWrapper up to its heads: the masked mean of the convolutions, (HIDDEN,)."""
     from transformers import WavLMModel
 
     model = WavLMModel.from_pretrained(backbone_dir).eval()
@@ -63,8 +70,7 @@ def authors_wavlm_forward(tensors: dict, backbone_dir: Path, wave: np.ndarray) -
         # transformers 4.46, which the authors trained with, returns the last state after the final norm.
         states = torch.stack([*out.hidden_states[:-1], out.last_hidden_state])[:, 0]
         mixed = (F.softmax(tensors["weights"], dim=-1)[:, None, None] * states).sum(0)
-        pooled = _convs(mixed, tensors).mean(0)
-        return np.array([torch.sigmoid(_heads(pooled, tensors, f"{a}_layer"))[0].item() for a in ATTRS])
+        return _convs(mixed, tensors).mean(0)
 
 
 def _clips(root: Path, seconds=(1.3, 2.1, 0.8)) -> list[Path]:
@@ -109,6 +115,9 @@ def test_wavlm_checkpoint_imports_and_predicts_what_the_authors_code_does(models
         np.testing.assert_allclose((row - 1) / 6, ref, atol=1e-4)
     config = rundir.read_config(result.run_dir)
     assert config["gender_labels"] == ["Female", "Male"] and config["imported"]["wrapper"]["hidden_dim"] == HIDDEN
+    # A dimensional checkpoint's (untrained, 4-way) emotion_layer is not a class head.
+    assert result.task == "attributes" and "categorical" not in config
+    assert not (result.run_dir / "detailed_head.safetensors").exists()
     assert config["wavlm"]["last_state"] == "after-final-layer-norm"
 
 
@@ -182,12 +191,26 @@ def test_finetune_can_start_from_an_imported_run(models, tmp_path, one_torch_thr
 
 def authors_whisper_forward(tensors: dict, backbone_dir: Path, waves: list[np.ndarray]) -> np.ndarray:
     """A padded batch with lengths as the authors' WhisperWrapper computes it: (B, 3) in [0, 1]."""
+    pooled = authors_whisper_pooled(tensors, backbone_dir, waves)
+    with torch.no_grad():
+        return np.array([[torch.sigmoid(_heads(p, tensors, f"{a}_layer"))[0].item() for a in ATTRS] for p in pooled])
+
+
+def authors_whisper_pooled(tensors: dict, backbone_dir: Path, waves: list[np.ndarray]) -> list[torch.Tensor]:
+    """The authors' WhisperWrapper up to its heads, one (HIDDEN,) mean per clip; loralib pairs (encoder
+    layers > L // 2) computed as W + B A / r beside the dense weight."""
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperModel
 
     config = WhisperConfig.from_pretrained(backbone_dir, max_source_positions=750)
     model = WhisperModel(config).eval()
-    model.load_state_dict({k.removeprefix("backbone_model."): v for k, v in tensors.items()
-                           if k.startswith("backbone_model.")})
+    dense = {k.removeprefix("backbone_model."): v.clone() for k, v in tensors.items()
+             if k.startswith("backbone_model.") and not k.endswith(("lora_A", "lora_B"))}
+    for k in [k for k in tensors if k.endswith("lora_A")]:
+        a, b = tensors[k], tensors[k.removesuffix("lora_A") + "lora_B"]
+        if int(k.split(".")[3]) > config.encoder_layers // 2:  # backbone_model.encoder.layers.{i}.fc1
+            name = k.removeprefix("backbone_model.").removesuffix(".lora_A") + ".weight"
+            dense[name] = dense[name] + b @ a / a.shape[0]
+    model.load_state_dict(dense)
     fe = WhisperFeatureExtractor.from_pretrained(backbone_dir, chunk_length=15)
     longest = max(len(w) for w in waves)
     padded = [np.pad(w, (0, longest - len(w))) for w in waves]  # the batch the wrapper receives
@@ -195,11 +218,7 @@ def authors_whisper_forward(tensors: dict, backbone_dir: Path, waves: list[np.nd
     lengths = [(len(w) // 160 - 1) // 2 + 1 for w in waves]
     with torch.no_grad():
         frames = model.encoder(features).last_hidden_state  # after the encoder's final layer norm
-        out = []
-        for b, n in enumerate(lengths):
-            pooled = _convs(frames[b], tensors)[:n].mean(0)
-            out.append([torch.sigmoid(_heads(pooled, tensors, f"{a}_layer"))[0].item() for a in ATTRS])
-    return np.array(out)
+        return [_convs(frames[b], tensors)[:n].mean(0) for b, n in enumerate(lengths)]
 
 
 def test_whisper_checkpoint_imports_and_predicts_what_the_authors_code_does(models, tmp_path, one_torch_thread):
@@ -263,3 +282,171 @@ def test_a_run_whose_config_sends_its_own_encoder_outside_the_run_is_refused(mod
                                    "--device", "cpu"])
     assert res.exit_code == 2, res.output
     assert "not a folder inside the run" in res.output and not (tmp_path / "p.csv").exists()
+
+
+# --------------------------------------------------------------------------- the categorical models
+
+# The authors' label_list (src/example/categorized_emotion*.py), the order of their emotion_layer, and
+# the corpus's EmoClass code of each (MSP-Podcast: A Angry, S Sad, H Happy, U Surprise, F Fear,
+# D Disgust, C Contempt, N Neutral, O Other). Written here from those sources, not from vox_profile.py.
+AUTHORS_LABELS = ["Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise", "Other"]
+CODE_OF = {"Anger": "A", "Contempt": "C", "Disgust": "D", "Fear": "F", "Happiness": "H", "Neutral": "N",
+           "Sadness": "S", "Surprise": "U", "Other": "O"}
+RUN_CLASSES = ("A", "S", "H", "U", "F", "D", "C", "N", "O")
+
+
+def authors_class_probabilities(pooled: torch.Tensor, tensors: dict) -> dict[str, float]:
+    """Their categorical output: softmax over emotion_layer's logits, each named by its corpus code."""
+    with torch.no_grad():
+        probs = torch.softmax(_heads(pooled, tensors, "emotion_layer"), dim=-1)
+    return {CODE_OF[label]: float(p) for label, p in zip(AUTHORS_LABELS, probs)}
+
+
+def _predicted_classes(run: Path, clips: list[Path], out: Path):
+    from ser_cache.runs.predict import predict
+
+    predict(run, files=clips, out=out, device="cpu", task="categorical", with_probabilities=True)
+    ids, codes, probs, classes = prediction_file.read_class_predictions(out)
+    assert ids == [c.name for c in clips]
+    return codes, probs, classes
+
+
+def _check_detailed_head(run: Path, tensors: dict) -> None:
+    from safetensors.torch import load_file
+
+    detailed = load_file(str(run / "detailed_head.safetensors"))
+    assert set(detailed) == {f"detailed_out_layer.{i}.{p}" for i in (0, 2) for p in ("weight", "bias")}
+    for k, v in detailed.items():
+        assert torch.equal(v, tensors[k])
+    config = rundir.read_config(run)
+    assert config["imported"]["detailed_head"]["outputs"] == 17
+    assert config["categorical"]["task"] == "both" and config["categorical"]["classes"] == list(RUN_CLASSES)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_categorical_wavlm_checkpoint_predicts_the_authors_classes_and_attributes(models, tmp_path, lora,
+                                                                                   one_torch_thread):
+    import soundfile as sf
+
+    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
+
+    backbone = three_layer_wavlm(tmp_path / "wavlm3") if lora else models["wavlm"]
+    src, tensors = authors_wavlm_checkpoint(tmp_path / "ckpt", backbone, lora=lora, categorical=True)
+    result = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(backbone)))
+    assert result.system == "finetuned-wavlm" and result.task == "both" and result.merged_lora == (2 if lora else 0)
+    clips = _clips(tmp_path / "audio")
+    codes, probs, classes = _predicted_classes(result.run_dir, clips, tmp_path / "classes.csv")
+    assert classes == RUN_CLASSES
+    avd = _predicted(result.run_dir, clips, tmp_path / "avd.csv")
+    for i, clip in enumerate(clips):
+        pooled = authors_wavlm_pooled(tensors, backbone, sf.read(clip, dtype="float32")[0])
+        ref = authors_class_probabilities(pooled, tensors)
+        np.testing.assert_allclose(probs[i], [ref[c] for c in classes], atol=1e-4)
+        assert codes[i] == max(ref, key=ref.get)
+        with torch.no_grad():
+            ref_avd = [torch.sigmoid(_heads(pooled, tensors, f"{a}_layer"))[0].item() for a in ATTRS]
+        np.testing.assert_allclose((avd[i] - 1) / 6, ref_avd, atol=1e-4)
+    _check_detailed_head(result.run_dir, tensors)
+
+
+def test_the_class_map_puts_each_of_the_authors_classes_on_its_code(models, tmp_path, one_torch_thread):
+    """A class head that ignores the audio: its logits are its bias, a different value per class with
+    Fear the largest, so the run must predict F and give every code the probability of the authors'
+    class of that name (a swapped pair in the map changes two columns)."""
+    from typer.testing import CliRunner
+
+    from ser_cache.cli.app import app
+
+    src, tensors = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"], categorical=True)
+    bias = torch.tensor([1.0, 2.0, 3.0, 9.0, 4.0, 5.0, 6.0, 7.0, 0.0])  # the authors' order: Fear (3) wins
+    tensors = dict(tensors, **{"emotion_layer.2.weight": torch.zeros(9, HIDDEN), "emotion_layer.2.bias": bias})
+    write_checkpoint(src, json.loads((src / "config.json").read_text()), tensors)
+    run = tmp_path / "run"
+    res = CliRunner().invoke(app, ["import", "vox-profile", str(src), "--out", str(run), "--backbone",
+                                   str(models["wavlm"])])
+    assert res.exit_code == 0, res.output
+    assert "finetuned-wavlm run, task both" in res.output
+    clips = _clips(tmp_path / "audio", seconds=(1.0, 0.7))
+    codes, probs, classes = _predicted_classes(run, clips, tmp_path / "classes.csv")
+    assert codes == ["F", "F"]
+    expected = dict(zip((CODE_OF[label] for label in AUTHORS_LABELS), torch.softmax(bias, 0).tolist()))
+    for row in probs:
+        np.testing.assert_allclose(row, [expected[c] for c in classes], atol=1e-6)
+
+
+def test_the_class_map_covers_the_run_classes_once():
+    from ser_cache.runs.vox_profile import AUTHORS_CLASSES, CLASS_MAP, run_class_order
+
+    assert list(AUTHORS_CLASSES) == AUTHORS_LABELS
+    assert {AUTHORS_CLASSES[i]: code for i, code in CLASS_MAP.items()} == CODE_OF
+    assert [AUTHORS_LABELS[i] for i in run_class_order()] == [
+        "Anger", "Sadness", "Happiness", "Surprise", "Fear", "Disgust", "Contempt", "Neutral", "Other"]
+
+
+def test_a_categorical_checkpoint_without_its_detailed_head_is_refused(models, tmp_path):
+    from ser_cache.runs.vox_profile import ImportConfig, ImportError_, import_vox_profile
+
+    src, tensors = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"], categorical=True)
+    del tensors["detailed_out_layer.2.bias"]
+    write_checkpoint(src, json.loads((src / "config.json").read_text()), tensors)
+    with pytest.raises(ImportError_, match=r"missing key\(s\) detailed_out_layer.2.bias"):
+        import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(models["wavlm"])))
+    assert not (tmp_path / "run").exists()
+
+
+def three_layer_whisper(path: Path, like: Path) -> Path:
+    """The tiny Whisper with 3 encoder layers: layer 2 > 3 // 2 is one the authors give LoRA."""
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    torch.manual_seed(4)
+    WhisperForConditionalGeneration(WhisperConfig.from_pretrained(like, encoder_layers=3)).save_pretrained(path)
+    WhisperFeatureExtractor.from_pretrained(like).save_pretrained(path)
+    return path
+
+
+def test_categorical_whisper_checkpoint_with_lora_predicts_the_authors_classes(models, tmp_path, one_torch_thread):
+    import soundfile as sf
+
+    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
+
+    backbone = three_layer_whisper(tmp_path / "whisper3", models["whisper"])
+    src, tensors = authors_whisper_checkpoint(tmp_path / "ckpt", backbone, categorical=True, lora=True)
+    result = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "run", backbone=str(backbone)))
+    assert result.system == "frame-heads" and result.task == "both" and result.merged_lora == 2
+    clips = _clips(tmp_path / "audio", seconds=(1.3, 2.1, 0.8))
+    codes, probs, classes = _predicted_classes(result.run_dir, clips, tmp_path / "classes.csv")
+    avd = _predicted(result.run_dir, clips, tmp_path / "avd.csv")
+    pooled = authors_whisper_pooled(tensors, backbone, [sf.read(c, dtype="float32")[0] for c in clips])
+    for i, p in enumerate(pooled):
+        ref = authors_class_probabilities(p, tensors)
+        np.testing.assert_allclose(probs[i], [ref[c] for c in classes], atol=1e-4)
+        assert codes[i] == max(ref, key=ref.get)
+    np.testing.assert_allclose((avd - 1) / 6, authors_whisper_forward(
+        tensors, backbone, [sf.read(c, dtype="float32")[0] for c in clips]), atol=1e-4)
+    _check_detailed_head(result.run_dir, tensors)
+
+
+@pytest.mark.slow
+def test_finetune_both_can_start_from_an_imported_categorical_run(models, tmp_path, one_torch_thread):
+    """The imported class head (rows already in the run's class order) is taken over by a 9-class run."""
+    from safetensors.torch import load_file
+
+    from ser_cache.finetune.loop import finetune_wavlm
+    from ser_cache.finetune.options import FinetuneConfig
+    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
+
+    from finetune_support import learnable_corpus
+
+    src, _ = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"], categorical=True)
+    imported = import_vox_profile(ImportConfig(source=str(src), out=tmp_path / "imported",
+                                               backbone=str(models["wavlm"])))
+    corpus = learnable_corpus(tmp_path / "corpus")
+    cfg = FinetuneConfig(data=corpus, out=tmp_path / "ft", model=str(models["wavlm"]), epochs=1, lr_encoder=1e-12,
+                         lr_heads=1e-12, conv_dim=HIDDEN, hidden=HIDDEN, gender_weight=0.0, speaker_weight=0.0,
+                         undersample=False, device="cpu", progress=False, init_from=imported.run_dir,
+                         weight_decay=0.0, task="both", classes=9, class_weights="none")
+    result = finetune_wavlm(cfg)
+    a, b = load_file(str(imported.run_dir / layout.WEIGHTS)), load_file(str(result.run_dir / layout.WEIGHTS))
+    head = [k for k in a if k.startswith("heads.classifier.")]
+    assert len(head) == 4 and max(float((a[k] - b[k]).abs().max()) for k in head) < 1e-8
+    assert rundir.read_config(result.run_dir)["categorical"]["classes"] == list(RUN_CLASSES)

@@ -30,7 +30,10 @@ def vox_profile(
     overwrite: bool = typer.Option(False, help="Replace a run already in --out."),
 ) -> None:
     """Import a vox-profile dimensional-emotion checkpoint (the IS25-SER Task 2 winner's WavLM or Whisper
-    model) as a run that predict, evaluate, ensemble and `finetune wavlm --init-from` use."""
+    model) as a run that predict, evaluate, ensemble and `finetune wavlm --init-from` use.
+
+    A categorical checkpoint (their 9-way emotion_layer, e.g. tiantiaf/wavlm-large-categorical-emotion)
+    becomes a class run of task both: classes A S H U F D C N O beside the A/V/D heads (docs/categorical.md)."""
     from ser_cache.cli.app import log_to_stderr
     from ser_cache.infra.outputs import local_folder
     from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
@@ -43,4 +46,5 @@ def vox_profile(
                        overwrite=overwrite)
     result = guarded(import_vox_profile, cfg)
     if result is not None:
-        out.print(f"imported {source} ({result.pretrain_model}) as a {result.system} run: {result.run_dir}")
+        task = "" if result.task == "attributes" else f", task {result.task} (the classes and the attributes)"
+        out.print(f"imported {source} ({result.pretrain_model}) as a {result.system} run{task}: {result.run_dir}")

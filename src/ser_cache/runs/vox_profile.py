@@ -29,6 +29,25 @@ exactly as ser-cache's heads map theirs onto the training labels' range (paper E
 A WavLM checkpoint becomes a fine-tuned-WavLM run (system/finetuned.py); a Whisper checkpoint becomes
 a frame-heads run whose input is the checkpoint's own Whisper encoder (saved into the run as
 `encoder/`, a model directory like any other) followed by a ConvPool (model.FeatureModel).
+
+The categorical models (`tiantiaf/wavlm-large-categorical-emotion`,
+`tiantiaf/whisper-large-v3-msp-podcast-emotion`; src/model/emotion/{wavlm,whisper}_emotion.py) are
+the same wrappers with trained class heads and no gender head:
+
+    emotion_layer.{0,2}.*       Linear(hidden, hidden)–ReLU–Linear(hidden, 9): class logits, softmax, in
+                                the order Anger, Contempt, Disgust, Fear, Happiness, Neutral, Sadness,
+                                Surprise, Other (their examples' label_list)
+    detailed_out_layer.{0,2}.*  Linear(hidden, hidden)–ReLU–Linear(hidden, 17): the "detailed" logits
+    {arousal,valence,dominance}_layer   as above, sigmoid
+
+A checkpoint whose emotion_layer has 9 outputs is imported as a class run of task "both" with the
+classes system.tasks.class_codes(9) (A S H U F D C N O): the class head's last layer rows are
+permuted from the authors' order onto those codes by CLASS_MAP, once, at import; predict's
+`--task categorical --with-probabilities` then gives the softmax of their emotion_layer logits.
+The 17-way detailed head has no place in the run's model (and no published label names), so its
+four tensors are kept beside it, under the authors' names, in DETAILED_FILE
+(`detailed_head.safetensors`); predict does not use it. In the dimensional checkpoints the
+emotion_layer (4 outputs) and detailed_out_layer are untrained and are not imported.
 """
 
 from __future__ import annotations
@@ -45,6 +64,7 @@ from torch import Tensor
 
 from ser_cache.infra import atomic
 from ser_cache.runs import layout, rundir, staging
+from ser_cache.system.tasks import class_codes
 from ser_cache.version import __version__
 
 log = logging.getLogger(__name__)
@@ -64,6 +84,14 @@ IGNORED_KEYS = ("embed_positions",)
 DEFAULT_GENDER_LABELS = ("Female", "Male")  # the order of the authors' sex model (src/example/age_sex_wavlm.py)
 ENCODER_DIR = "encoder"  # a Whisper run's own encoder, inside the run directory
 LORA_ALPHA = 1.0  # loralib's default; lora.Linear(..., r=lora_rank) is how the authors build them
+
+# The categorical models' 9-way emotion_layer, in the authors' order (src/example/categorized_emotion*.py).
+AUTHORS_CLASSES = ("Anger", "Contempt", "Disgust", "Fear", "Happiness", "Neutral", "Sadness", "Surprise", "Other")
+# authors' emotion_layer output index -> the corpus code (EmoClass) it is; the run's order is class_codes(9)
+CLASS_MAP = {0: "A", 1: "C", 2: "D", 3: "F", 4: "H", 5: "N", 6: "S", 7: "U", 8: "O"}
+CLASS_LAYER = "emotion_layer"
+DETAILED_LAYER = "detailed_out_layer"
+DETAILED_FILE = "detailed_head.safetensors"  # a categorical run's 17-way detailed head, the authors' key names
 
 
 class ImportError_(Exception):
@@ -96,6 +124,7 @@ class ImportResult:
     system: str  # "finetuned-wavlm" or "frame-heads"
     pretrain_model: str
     merged_lora: int  # LoRA pairs merged into dense weights
+    task: str = "attributes"  # "both" for a categorical checkpoint (class head + A/V/D heads)
 
 
 # --------------------------------------------------------------------------- reading the checkpoint
@@ -270,6 +299,73 @@ def head_state(rest: Mapping[str, Tensor], *, lo: float, hi: float, predict_gend
     return out
 
 
+def is_categorical(wrapper: Mapping, tensors: Mapping[str, Tensor]) -> bool:
+    """A categorical checkpoint: its emotion_layer has one output per class of AUTHORS_CLASSES (9).
+    (The dimensional checkpoints carry an untrained 4-way emotion_layer.)"""
+    weight = tensors.get(f"{CLASS_LAYER}.2.weight")
+    rows = int(weight.shape[0]) if weight is not None and weight.ndim == 2 else None
+    declared = wrapper.get("output_class_num")
+    if declared == len(AUTHORS_CLASSES) and rows != len(AUTHORS_CLASSES):
+        raise ImportError_(f"{CLASS_LAYER}.2.weight: expected {len(AUTHORS_CLASSES)} rows (config.json "
+                           f"output_class_num {declared}), got {None if weight is None else tuple(weight.shape)}")
+    return rows == len(AUTHORS_CLASSES)
+
+
+def run_class_order() -> list[int]:
+    """For each class of the run, in class_codes(9)'s order, the authors' emotion_layer index it comes from."""
+    index = {code: i for i, code in CLASS_MAP.items()}
+    return [index[code] for code in class_codes(len(AUTHORS_CLASSES))]
+
+
+def class_heads(tensors: Mapping[str, Tensor], hidden: int) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(the emotion_layer as ser-cache's class head, heads.classifier.*, its last layer's rows permuted
+    onto the run's class order; the detailed_out_layer's tensors under the authors' names)."""
+    names = {f"{layer}.{i}.{p}" for layer in (CLASS_LAYER, DETAILED_LAYER) for i in (0, 2) for p in ("weight", "bias")}
+    present = {k for k in tensors if k.startswith((CLASS_LAYER + ".", DETAILED_LAYER + "."))}
+    problems = []
+    if present - names:
+        problems.append(f"unknown key(s) {', '.join(sorted(present - names))}")
+    if names - present:
+        problems.append(f"missing key(s) {', '.join(sorted(names - present))}")
+    else:
+        first, last = tensors[f"{DETAILED_LAYER}.0.weight"], tensors[f"{DETAILED_LAYER}.2.weight"]
+        if first.ndim != 2 or first.shape[1] != hidden or last.ndim != 2 or last.shape[1] != first.shape[0]:
+            problems.append(f"{DETAILED_LAYER}: expected Linear({hidden}, h)–ReLU–Linear(h, n), got weights "
+                            f"{tuple(first.shape)} and {tuple(last.shape)}")
+    if problems:
+        raise ImportError_("; ".join(problems))
+    order = torch.tensor(run_class_order())
+    state = {"heads.classifier.0.weight": tensors[f"{CLASS_LAYER}.0.weight"],
+             "heads.classifier.0.bias": tensors[f"{CLASS_LAYER}.0.bias"],
+             "heads.classifier.3.weight": tensors[f"{CLASS_LAYER}.2.weight"][order].clone(),
+             "heads.classifier.3.bias": tensors[f"{CLASS_LAYER}.2.bias"][order].clone()}
+    detailed = {k: tensors[k].contiguous() for k in sorted(names) if k.startswith(DETAILED_LAYER + ".")}
+    return state, detailed
+
+
+def _categorical_parts(categorical: bool, tensors: Mapping[str, Tensor], hidden: int,
+                       imported: dict) -> tuple[dict, dict, dict]:
+    """(class-head state, detailed tensors, the run config's "categorical" block); all empty for a
+    dimensional checkpoint."""
+    if not categorical:
+        return {}, {}, {}
+    state, detailed = class_heads(tensors, hidden)
+    imported["class_map"] = {AUTHORS_CLASSES[i]: code for i, code in CLASS_MAP.items()}
+    imported["detailed_head"] = {"file": DETAILED_FILE,
+                                 "outputs": int(detailed[f"{DETAILED_LAYER}.2.weight"].shape[0]),
+                                 "used_by_predict": False}
+    block = {"categorical": {"task": "both", "classes": list(class_codes(len(AUTHORS_CLASSES))),
+                             "class_weights": None}}
+    return state, detailed, block
+
+
+def _save_detailed(run_dir: Path, detailed: dict[str, Tensor]) -> None:
+    if detailed:
+        from safetensors.torch import save_file
+
+        save_file(detailed, str(run_dir / DETAILED_FILE), metadata={"format": "vox-profile detailed_out_layer"})
+
+
 # --------------------------------------------------------------------------- the import
 
 
@@ -283,15 +379,16 @@ def import_vox_profile(cfg: ImportConfig) -> ImportResult:
     kind = "whisper" if wrapper["pretrain_model"].startswith("whisper") else "wavlm"
     backbone = cfg.backbone or BACKBONES[wrapper["pretrain_model"]]
     imported = {"source": cfg.source, "revision": revision, "wrapper": wrapper, "backbone": backbone}
+    categorical = is_categorical(wrapper, tensors)
     if kind == "wavlm":
-        merged = _import_wavlm(cfg, wrapper, tensors, backbone, imported)
+        merged = _import_wavlm(cfg, wrapper, tensors, backbone, imported, categorical)
         system = "finetuned-wavlm"
     else:
-        merged = _import_whisper(cfg, wrapper, tensors, backbone, imported)
+        merged = _import_whisper(cfg, wrapper, tensors, backbone, imported, categorical)
         system = "frame-heads"
     log.info("imported %s (%s) into %s", cfg.source, wrapper["pretrain_model"], cfg.out)
     return ImportResult(run_dir=Path(cfg.out), system=system, pretrain_model=wrapper["pretrain_model"],
-                        merged_lora=merged)
+                        merged_lora=merged, task="both" if categorical else "attributes")
 
 
 def _merged(tensors: dict[str, Tensor], wrapper: dict, n_layers: int, imported: dict) -> tuple[dict, int]:
@@ -318,12 +415,13 @@ def _backbone_config(backbone: str, config_cls):
         raise ImportError_(f"--backbone: {load_error(resolved, exc)}") from None
 
 
-def _heads(hidden: int, input_name: str, cfg: ImportConfig, predict_gender: bool):
+def _heads(hidden: int, input_name: str, cfg: ImportConfig, predict_gender: bool, categorical: bool = False):
     from ser_cache.system.heads import MultitaskHeads
 
     lo, hi = cfg.label_range
     return MultitaskHeads({input_name: (hidden,)}, hidden=hidden, dropout=0.0, label_min=[lo] * 3,
-                          label_max=[hi] * 3, n_genders=2 if predict_gender else 0)
+                          label_max=[hi] * 3, n_genders=2 if predict_gender else 0,
+                          n_classes=len(AUTHORS_CLASSES) if categorical else 0)
 
 
 def _run_config(cfg: ImportConfig, heads, imported: dict, predict_gender: bool, **extra) -> dict:
@@ -349,7 +447,8 @@ def _run_config(cfg: ImportConfig, heads, imported: dict, predict_gender: bool, 
     }
 
 
-def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict) -> int:
+def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict,
+                  categorical: bool = False) -> int:
     from transformers import WavLMConfig, WavLMModel
 
     from ser_cache.runs.finetuned_run import save_weights
@@ -364,7 +463,8 @@ def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str
     backbone_state, rest = split_weights(tensors, set(wavlm.state_dict()), predict_gender=predict_gender,
                                          whisper=False)
     hidden = int(wrapper.get("hidden_dim", 256))
-    heads = _heads(hidden, AUDIO_INPUT, cfg, predict_gender)
+    class_state, detailed, class_block = _categorical_parts(categorical, tensors, hidden, imported)
+    heads = _heads(hidden, AUDIO_INPUT, cfg, predict_gender, categorical)
     large = wrapper["pretrain_model"] == "wavlm_large"
     # The authors run wavlm-large through its processor (per-clip normalisation) with a padding mask,
     # and the base model on the raw batch without either.
@@ -387,11 +487,13 @@ def _import_wavlm(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str
     state.update({("pool." + k if k.startswith("convs.") else k): v
                   for k, v in head_state(rest, lo=cfg.label_range[0], hi=cfg.label_range[1],
                                          predict_gender=predict_gender).items()})
+    state.update(class_state)
     _load_checked(model, state)
     arch = architecture(model, resolved, max_seconds=15.0, revision="imported:" + imported["revision"])
-    config = _run_config(cfg, heads, imported, predict_gender, system=SYSTEM, wavlm=arch, inputs=[])
+    config = _run_config(cfg, heads, imported, predict_gender, system=SYSTEM, wavlm=arch, inputs=[], **class_block)
     with staging.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
         save_weights(tmp / layout.WEIGHTS, model, None)
+        _save_detailed(tmp, detailed)
         atomic.write_json_atomic(tmp / layout.CONFIG, config)
     return merged
 
@@ -412,7 +514,8 @@ def _load_checked(model: torch.nn.Module, state: dict[str, Tensor], *, keys: set
     model.load_state_dict({k: v for k, v in state.items() if k in ours}, strict=False)
 
 
-def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict) -> int:
+def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: str, imported: dict,
+                    categorical: bool = False) -> int:
     """A frame-heads run: the checkpoint's Whisper encoder (saved into the run), a ConvPool, the heads."""
     from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForAudioClassification
 
@@ -450,12 +553,14 @@ def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: s
 
     hidden = int(wrapper.get("hidden_dim", 256))
     name = f"{wrapper['pretrain_model'].replace('_', '-')}-frames"
-    heads = _heads(hidden, name, cfg, predict_gender)
+    class_state, detailed, class_block = _categorical_parts(categorical, tensors, hidden, imported)
+    heads = _heads(hidden, name, cfg, predict_gender, categorical)
     frame_inputs = {name: {"in_dim": whisper_config.d_model, "dim": hidden, "layers": 3, "dropout": 0.1}}
     model = FeatureModel(heads, frame_inputs)
     state = {("pools.0." + k if k.startswith("convs.") else k): v
              for k, v in head_state(rest, lo=cfg.label_range[0], hi=cfg.label_range[1],
                                     predict_gender=predict_gender).items()}
+    state.update(class_state)
     _load_checked(model, state)
 
     with staging.staged_run_dir(cfg.out, cfg.overwrite) as tmp:
@@ -473,7 +578,9 @@ def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: s
                   "revision": encoder.revision, "kind": "whisper", "modality": "audio",
                   "feature_shape": list(encoder.feature_shape), "settings": settings}
         del encoder
-        config = _run_config(cfg, heads, imported, predict_gender, inputs=[record], frame_inputs=model.config())
+        config = _run_config(cfg, heads, imported, predict_gender, inputs=[record], frame_inputs=model.config(),
+                             **class_block)
         rundir.save_weights(tmp, model)
+        _save_detailed(tmp, detailed)
         atomic.write_json_atomic(tmp / layout.CONFIG, config)
     return merged

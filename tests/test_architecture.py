@@ -191,6 +191,8 @@ COVERED_BY: dict[str, tuple[tuple[str, ...], str]] = {
                                 "batches gathered from pooled and frame inputs, packed frames"),
     "ser_cache.system.options": (("cli/test_trust_cli.py", "train/test_recipe.py"),
                                  "the shared training options and their checks, the CLI's defaults"),
+    "ser_cache.runs.vox_profile_checkpoint": (("runs/test_vox_profile.py",),
+                                              "checkpoints in the authors' layout read, mapped and refused"),
     "ser_cache.version": (("cli/test_rough_edges.py",), "--version"),
 }
 

@@ -136,7 +136,8 @@ def test_imported_predictions_follow_the_label_range(models, tmp_path):
 
 
 def test_unknown_and_missing_keys_are_named(models, tmp_path):
-    from ser_cache.runs.vox_profile import ImportConfig, ImportError_, import_vox_profile
+    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
+    from ser_cache.runs.vox_profile_checkpoint import ImportError_
 
     src, tensors = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"])
     extra = dict(tensors, surprise_layer=torch.zeros(3))
@@ -149,7 +150,8 @@ def test_unknown_and_missing_keys_are_named(models, tmp_path):
 
 
 def test_a_checkpoint_for_another_backbone_is_refused(models, tmp_path):
-    from ser_cache.runs.vox_profile import ImportConfig, ImportError_, import_vox_profile
+    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
+    from ser_cache.runs.vox_profile_checkpoint import ImportError_
 
     src, _ = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"])
     with pytest.raises(ImportError_, match="not a WavLM"):
@@ -375,7 +377,7 @@ def test_the_class_map_puts_each_of_the_authors_classes_on_its_code(models, tmp_
 
 
 def test_the_class_map_covers_the_run_classes_once():
-    from ser_cache.runs.vox_profile import AUTHORS_CLASSES, CLASS_MAP, run_class_order
+    from ser_cache.runs.vox_profile_checkpoint import AUTHORS_CLASSES, CLASS_MAP, run_class_order
 
     assert list(AUTHORS_CLASSES) == AUTHORS_LABELS
     assert {AUTHORS_CLASSES[i]: code for i, code in CLASS_MAP.items()} == CODE_OF
@@ -384,7 +386,8 @@ def test_the_class_map_covers_the_run_classes_once():
 
 
 def test_a_categorical_checkpoint_without_its_detailed_head_is_refused(models, tmp_path):
-    from ser_cache.runs.vox_profile import ImportConfig, ImportError_, import_vox_profile
+    from ser_cache.runs.vox_profile import ImportConfig, import_vox_profile
+    from ser_cache.runs.vox_profile_checkpoint import ImportError_
 
     src, tensors = authors_wavlm_checkpoint(tmp_path / "ckpt", models["wavlm"], categorical=True)
     del tensors["detailed_out_layer.2.bias"]

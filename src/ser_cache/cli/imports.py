@@ -8,7 +8,7 @@ import typer
 
 from ser_cache.cli.app import KNOWN_ERRORS, app, guarded, out, writable
 
-KNOWN_ERRORS.append("ser_cache.runs.vox_profile:ImportError_")
+KNOWN_ERRORS.append("ser_cache.runs.vox_profile_checkpoint:ImportError_")
 
 import_app = typer.Typer(no_args_is_help=True, help="Turn released checkpoints into ser-cache runs.")
 app.add_typer(import_app, name="import")

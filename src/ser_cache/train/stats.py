@@ -96,16 +96,21 @@ def paired_bootstrap(truth: np.ndarray, variant: np.ndarray, reference: np.ndarr
     variant, reference = (np.asarray(x, dtype=np.float64) for x in (variant, reference))
     variant, reference = (x[None] if x.ndim == 2 else x for x in (variant, reference))
     n = truth.shape[0]
-    if n < 2:
-        raise ValueError(f"a bootstrap of CCC needs at least 2 common utterances, got {n}")
-    if resamples < 1 or not 0 < confidence < 1:
-        raise ValueError(f"expected resamples >= 1 and confidence in (0, 1), got {resamples}, {confidence}")
+    _check_draws("CCC", n, resamples, confidence)
     ones = np.ones((1, n))
     observed = float(weighted_ccc(truth, variant, ones).mean() - weighted_ccc(truth, reference, ones).mean())
     return _paired(lambda counts, v_seeds, r_seeds: bootstrap_differences(truth, variant, reference, counts, v_seeds,
                                                                            r_seeds),
                    observed, n, variant.shape[0], reference.shape[0], resamples=resamples, seed=seed,
                    confidence=confidence, chunk=CHUNK)
+
+
+def _check_draws(statistic: str, n: int, resamples: int, confidence: float) -> None:
+    """The checks every paired bootstrap makes of its utterances and draws."""
+    if n < 2:
+        raise ValueError(f"a bootstrap of {statistic} needs at least 2 common utterances, got {n}")
+    if resamples < 1 or not 0 < confidence < 1:
+        raise ValueError(f"expected resamples >= 1 and confidence in (0, 1), got {resamples}, {confidence}")
 
 
 def _paired(differences, observed: float, n: int, s_v: int, s_r: int, *, resamples: int, seed: int,
@@ -179,10 +184,7 @@ def paired_bootstrap_macro_f1(truth: np.ndarray, variant: np.ndarray, reference:
     variant, reference = (np.asarray(x, dtype=np.int64) for x in (variant, reference))
     variant, reference = (x[None] if x.ndim == 1 else x for x in (variant, reference))
     n = truth.shape[0]
-    if n < 2:
-        raise ValueError(f"a bootstrap of macro-F1 needs at least 2 common utterances, got {n}")
-    if resamples < 1 or not 0 < confidence < 1:
-        raise ValueError(f"expected resamples >= 1 and confidence in (0, 1), got {resamples}, {confidence}")
+    _check_draws("macro-F1", n, resamples, confidence)
     ones = np.ones((1, n))
     observed = float(weighted_macro_f1(truth, variant, ones, n_classes).mean()
                      - weighted_macro_f1(truth, reference, ones, n_classes).mean())

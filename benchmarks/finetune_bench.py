@@ -1,6 +1,8 @@
-"""Benchmark fine-tuning WavLM: training throughput (audio-seconds/s) and model FLOP utilisation (MFU).
+"""Benchmark fine-tuning WavLM or Whisper (full, LoRA, frozen): throughput (audio-seconds/s), MFU, peak memory.
 
     python benchmarks/finetune_bench.py                                  # WavLM Large, on CUDA if present
+    python benchmarks/finetune_bench.py --encoder whisper --mode lora    # Whisper large-v3 as the authors trained it
+    python benchmarks/finetune_bench.py --encoder wavlm --mode frozen    # --freeze-encoder
     python benchmarks/finetune_bench.py --steps 50 --batch-seconds 320 --precision bf16
     python benchmarks/finetune_bench.py --config tiny.json --steps 3 --device cpu   # a smoke check
 
@@ -20,13 +22,25 @@ The transformer, feature projection and positional convolution run forward (1×)
 default): forward only, and no gradient flows into it. Padding, the point-wise convolutions and
 the heads (< 0.2 % of the total) are not counted; with --gradient-checkpointing the recomputed
 forward is not counted either (MFU counts the model's FLOPs, not the work done to get them).
-MFU = FLOPs per second / the device's measured dense bf16 matmul rate (bench.matmul_peak_tflops).
+MFU = FLOPs per second / the device's measured dense matmul rate in the precision the steps ran in
+(bench.matmul_peak_tflops: bf16 under autocast, fp32 on a CPU without it).
+
+Whisper (`--encoder whisper`, large-v3 from `configs/whisper-large-v3.json`): the model of
+`finetune whisper` (system.whisper_finetuned), F = bench.encoder_flops("whisper", config, n, window):
+750 positions per clip in the 15-s window whatever its length, the real frames when trimmed; its
+two input convolutions count as the frozen front (like WavLM's CNN).
+`--mode`: full (3F as above), lora (rank --lora-rank on the feed-forward linears of the upper half,
+peft, as `--lora`: the forward F, plus the activation gradients of the layers from the first adapted
+one up, (L - first) / L of the transformer's F; the adapters' own weight gradients, 2·r·(in + out)
+per frame and target, are left out: < 0.5 % at rank 16), frozen (`--freeze-encoder`: F, no backward
+through the encoder at all; it runs under no_grad).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import sys
 import time
 from pathlib import Path
@@ -44,37 +58,88 @@ def cnn_flops(config: dict, n: int) -> float:
                      zip(config["conv_kernel"], [1, *dims[:-1]], dims, lengths)))
 
 
-def training_flops(config: dict, n: int, freeze_cnn: bool = True) -> float:
+def front_flops(encoder: str, config: dict, n: int, window: str) -> float:
+    """The input front: WavLM's CNN feature encoder, or Whisper's two input convolutions."""
+    if encoder == "wavlm":
+        return cnn_flops(config, n)
+    t = 750 if window == "window" else -(-n // 320)
+    d, mels = config["d_model"], config["num_mel_bins"]
+    return float(2 * 3 * mels * d * 2 * t + 2 * 3 * d * d * t)
+
+
+def training_flops(config: dict, n: int, freeze_cnn: bool = True, *, encoder: str = "wavlm", mode: str = "full",
+                   window: str = "window", first_lora_layer: int = 0) -> float:
     from ser_cache.features.bench import encoder_flops
 
-    total = encoder_flops("wavlm", config, n)
-    cnn = cnn_flops(config, n)
-    return 3 * (total - cnn) + (cnn if freeze_cnn else 3 * cnn)
+    total = encoder_flops(encoder, config, n, window) if encoder == "whisper" else encoder_flops("wavlm", config, n)
+    front = front_flops(encoder, config, n, window)
+    if mode == "frozen":
+        return total
+    if mode == "lora":
+        layers = config["encoder_layers" if encoder == "whisper" else "num_hidden_layers"]
+        return total + (total - front) * (layers - first_lora_layer) / layers
+    return 3 * (total - front) + (front if freeze_cnn else 3 * front)
 
 
-def build(config: dict, device, gradient_checkpointing: bool, freeze_cnn: bool):
+def build(config: dict, device, gradient_checkpointing: bool, freeze_cnn: bool, *, encoder: str = "wavlm",
+          mode: str = "full", window: str = "window", lora_rank: int = 16):
+    """The online model of `finetune wavlm|whisper` with random weights; returns (model, first LoRA layer)."""
     import torch
-    from transformers import WavLMConfig, WavLMModel
 
-    from ser_cache.system.finetuned import AUDIO_INPUT, WavLMEmotionModel, freeze_unused
+    from ser_cache.system import lora, online
     from ser_cache.system.heads import MultitaskHeads
 
     cfg = {k: v for k, v in config.items() if k not in ("architectures", "model_type", "transformers_version")}
     torch.manual_seed(0)
-    wavlm = WavLMModel(WavLMConfig(**{**cfg, "layerdrop": 0.0}))
-    if freeze_cnn:
-        wavlm.freeze_feature_encoder()
+    if encoder == "whisper":
+        from transformers import WhisperConfig, WhisperFeatureExtractor
+        from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+        from ser_cache.system.whisper_finetuned import AUDIO_INPUT, WhisperEmotionModel
+
+        wc = WhisperConfig(**cfg)
+        wc._attn_implementation = "sdpa"
+        enc = WhisperEncoder(wc)
+        if freeze_cnn:
+            enc.conv1.requires_grad_(False)
+            enc.conv2.requires_grad_(False)
+        filters = torch.from_numpy(WhisperFeatureExtractor(feature_size=wc.num_mel_bins).mel_filters).float()
+        heads = MultitaskHeads({AUDIO_INPUT: (256,)}, label_min=[1, 1, 1], label_max=[7, 7, 7], n_genders=2)
+        model = WhisperEmotionModel(enc, heads, filters, window=window)
+        n_layers = wc.encoder_layers
+    else:
+        from transformers import WavLMConfig, WavLMModel
+
+        from ser_cache.system.finetuned import AUDIO_INPUT, WavLMEmotionModel
+
+        enc = WavLMModel(WavLMConfig(**{**cfg, "layerdrop": 0.0}))
+        if freeze_cnn:
+            enc.freeze_feature_encoder()
+        heads = MultitaskHeads({AUDIO_INPUT: (256,)}, label_min=[1, 1, 1], label_max=[7, 7, 7], n_genders=2)
+        model = WavLMEmotionModel(enc, heads)
+        n_layers = enc.config.num_hidden_layers
     if gradient_checkpointing:
-        wavlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    heads = MultitaskHeads({AUDIO_INPUT: (256,)}, label_min=[1, 1, 1], label_max=[7, 7, 7], n_genders=2)
-    model = WavLMEmotionModel(wavlm, heads).to(device)
-    freeze_unused(model)
-    return model
+        enc.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    first = 0
+    if mode == "lora":
+        spec = lora.lora_spec(encoder, enc, n_layers, rank=lora_rank)
+        lora.add_lora(enc, spec)
+        first = min(spec["layers"])
+    elif mode == "frozen":
+        online.freeze_encoder(model)
+    model = model.to(device)
+    online.freeze_unused(model)
+    return model, first
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", type=Path, help="a WavLM config.json (default: the shipped WavLM Large)")
+    p.add_argument("--config", type=Path, help="the encoder's config.json (default: the shipped WavLM Large or "
+                                               "Whisper large-v3)")
+    p.add_argument("--encoder", default="wavlm", choices=["wavlm", "whisper"])
+    p.add_argument("--mode", default="full", choices=["full", "lora", "frozen"])
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--window", default="window", choices=["window", "trimmed"], help="Whisper's input")
     p.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocator, kernels)")
     p.add_argument("--batch-seconds", type=float, default=160.0, help="audio seconds per batch")
@@ -96,10 +161,12 @@ def main(argv=None) -> dict:
     from ser_cache.infra.runtime import autocast, resolve_device
     from ser_cache.system.losses import multitask_loss
 
-    config = json.loads(args.config.read_text()) if args.config else bench.shipped_config("wavlm-large")
+    default = "whisper-large-v3" if args.encoder == "whisper" else "wavlm-large"
+    config = json.loads(args.config.read_text()) if args.config else bench.shipped_config(default)
     device = resolve_device(args.device)
     amp = RuntimeOptions(device=str(device), precision=args.precision).autocast_dtype(device)
-    model = build(config, device, args.gradient_checkpointing, not args.train_cnn)
+    model, first = build(config, device, args.gradient_checkpointing, not args.train_cnn, encoder=args.encoder,
+                         mode=args.mode, window=args.window, lora_rank=args.lora_rank)
     optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=5e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
@@ -143,12 +210,19 @@ def main(argv=None) -> dict:
 
     timed = batches[args.warmup:]
     audio_seconds = float(sum(seconds[b].sum() for b in timed))
-    flops = sum(training_flops(config, int(samples[i]), not args.train_cnn) for b in timed for i in b)
-    peak = bench.matmul_peak_tflops(device, torch.bfloat16)
+    flops = sum(training_flops(config, int(samples[i]), not args.train_cnn, encoder=args.encoder, mode=args.mode,
+                               window=args.window, first_lora_layer=first) for b in timed for i in b)
+    # The peak of the precision the steps ran in: bf16 (or fp16) under autocast; fp32 on a CPU without
+    # autocast, where a bf16 peak would be an emulated rate the steps never use.
+    peak_dtype = amp if amp is not None else torch.float32
+    peak = bench.matmul_peak_tflops(device, peak_dtype)
     achieved = flops / wall / 1e12
     report = {
         "device": bench._device_name(device),
-        "model": "wavlm-large" if args.config is None else str(args.config),
+        "model": default if args.config is None else str(args.config),
+        "encoder": args.encoder,
+        "mode": args.mode,
+        "trainable_parameters": sum(q.numel() for q in model.parameters() if q.requires_grad),
         "precision": str(amp).replace("torch.", "") if amp is not None else "fp32",
         "gradient_checkpointing": args.gradient_checkpointing,
         "cnn": "trained" if args.train_cnn else "frozen",
@@ -159,9 +233,14 @@ def main(argv=None) -> dict:
         "wall_seconds": round(wall, 3),
         "audio_seconds_per_second": round(audio_seconds / wall, 2),
         "model_tflops_per_second": round(achieved, 4),
-        "bf16_matmul_peak_tflops": round(peak, 3),
+        "matmul_peak_dtype": str(peak_dtype).replace("torch.", ""),
+        "matmul_peak_tflops": round(peak, 3),
         "mfu": round(achieved / peak, 4),
-        "peak_memory_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None,
+        "step_seconds": round(wall / max(len(timed), 1), 3),
+        # On a GPU the allocator's peak; on a CPU the process's peak resident memory (model, data and all).
+        "peak_memory_gib": round((torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                                  else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**30, 2),
+        "peak_memory_of": "cuda allocator" if device.type == "cuda" else "process RSS",
     }
     print(json.dumps(report, indent=2))
     if args.json:

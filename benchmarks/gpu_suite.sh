@@ -79,6 +79,16 @@ if want finetune; then
     "$py" benchmarks/finetune_bench.py --steps "$steps" --json "$out/finetune.json" 2>&1 | tee "$out/finetune.log" \
         || echo "== finetune FAILED"
 fi
+if want finetune_modes; then
+    echo "== benchmarks/finetune_bench.py: full / LoRA / frozen for WavLM Large and Whisper large-v3"
+    for enc in wavlm whisper; do
+        for mode in full lora frozen; do
+            "$py" benchmarks/finetune_bench.py --encoder "$enc" --mode "$mode" --steps "$steps" \
+                --json "$out/finetune-$enc-$mode.json" 2>&1 | tee "$out/finetune-$enc-$mode.log" \
+                || echo "== finetune $enc $mode FAILED"
+        done
+    done
+fi
 if want heads; then
     echo "== benchmarks/train_heads_bench.py --device cuda"
     "$py" benchmarks/train_heads_bench.py --device cuda --keep "$work/heads" --json "$out/heads.json" 2>&1 \

@@ -71,3 +71,16 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Modules that hold slow tests first, each module's tests kept together and in their order.
+
+    With `-n 2` the workers take tests in collection order; a long test started near the end keeps
+    one worker busy while the other has nothing left, so the long ones go first. The order within a
+    module stays, so its module-scoped fixtures are still built once per worker."""
+    modules: dict[str, list] = {}
+    for item in items:
+        modules.setdefault(item.nodeid.split("::")[0], []).append(item)
+    ordered = sorted(modules.values(), key=lambda tests: not any(t.get_closest_marker("slow") for t in tests))
+    items[:] = [t for tests in ordered for t in tests]

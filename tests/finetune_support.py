@@ -79,6 +79,12 @@ def interrupted_run(cfg: FinetuneConfig, after_epoch: int) -> Path:
 
 
 def cli_args(cfg: FinetuneConfig) -> list[str]:
+    """`cfg` as `finetune wavlm` arguments, or `finetune whisper` ones for a Whisper configuration (with
+    its window, LoRA rank and the head sizes, which the Whisper tests set away from the defaults)."""
+    if cfg.encoder == "whisper":
+        whisper = ["--window", cfg.window or "window", "--lora", str(cfg.lora or 0), "--conv-dim", str(cfg.conv_dim),
+                   "--hidden", str(cfg.hidden)]
+        return ["finetune", "whisper", *cli_args(replace(cfg, encoder="wavlm"))[2:], *whisper]
     return ["finetune", "wavlm", "--data", str(cfg.data), "--out", str(cfg.out), "--model", cfg.model,
             "--epochs", str(cfg.epochs), "--lr-encoder", str(cfg.lr_encoder), "--lr-heads", str(cfg.lr_heads),
             "--batch-seconds", str(cfg.batch_seconds), "--select", cfg.select, "--gender-weight",
@@ -93,3 +99,65 @@ def subprocess_env(**extra) -> dict:
            "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.update(extra)
     return env
+
+
+def tiny_whisper_layers(path: Path, *, layers: int = 4, init_std: float = 0.5, seed: int = 0) -> Path:
+    """A Whisper of `layers` encoder layers (so that the authors' upper half, index > L // 2, is not
+    empty) with a larger init than transformers' 0.02: at 0.02 a 32-wide encoder's output is all
+    positional table, the same for every clip, and nothing can learn from it."""
+    import torch
+    from transformers import WhisperConfig, WhisperFeatureExtractor, WhisperForConditionalGeneration
+
+    torch.manual_seed(seed)
+    config = WhisperConfig(vocab_size=64, num_mel_bins=80, d_model=32, encoder_layers=layers,
+                           encoder_attention_heads=2, decoder_layers=1, decoder_attention_heads=2, encoder_ffn_dim=64,
+                           decoder_ffn_dim=64, max_source_positions=1500, max_target_positions=32, pad_token_id=0,
+                           bos_token_id=1, eos_token_id=2, decoder_start_token_id=1, init_std=init_std)
+    WhisperForConditionalGeneration(config).save_pretrained(path)
+    WhisperFeatureExtractor(feature_size=80).save_pretrained(path)
+    return path
+
+
+KILLER = """
+import os, signal, sys
+import ser_cache.finetune.loop as ft
+import ser_cache.system.setup as tr
+saves_before, state = int(os.environ["KILL_AFTER_SAVES"]), {"saves": 0, "losses": 0}
+save, loss = ft.save_checkpoint, tr.batch_loss
+def save_checkpoint(*args, **kwargs):
+    save(*args, **kwargs)
+    state["saves"] += 1
+def batch_loss(*args, **kwargs):
+    if state["saves"] >= saves_before:
+        state["losses"] += 1
+        if state["losses"] == 2:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return loss(*args, **kwargs)
+ft.save_checkpoint, tr.batch_loss = save_checkpoint, batch_loss
+from ser_cache.cli.app import main
+sys.argv = ["ser-cache", *sys.argv[1:]]
+main()
+"""
+
+
+def killed_run(cfg: FinetuneConfig, tmp_path: Path, after_saves: int) -> Path:
+    """The command line of `cfg` in a subprocess that SIGKILLs itself on the second loss computation
+    after its `after_saves`-th checkpoint (mid-epoch `after_saves + 1`): that epoch's progress must be
+    thrown away and redone by --resume. Returns the unfinished run directory."""
+    import signal
+    import subprocess
+    import sys
+
+    from ser_cache.runs import layout
+    from ser_cache.runs.checkpoint_file import read_checkpoint
+
+    wrapper = tmp_path / "killer.py"
+    wrapper.write_text(KILLER)
+    proc = subprocess.run([sys.executable, str(wrapper), *cli_args(cfg)],
+                          env=subprocess_env(KILL_AFTER_SAVES=str(after_saves)), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = Path(cfg.out)
+    assert read_checkpoint(out, tensors=False)["epoch"] == after_saves
+    assert layout.is_unfinished_run(out) and not (out / layout.HISTORY).exists()
+    return out

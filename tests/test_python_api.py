@@ -21,8 +21,8 @@ from typer.testing import CliRunner
 
 from ser_cache import Dataset, Predictor, Store, load_features, open_store
 from ser_cache.cli.app import app
+from ser_cache.features.errors import StoreError
 from ser_cache.features.extract import ExtractConfig, extract
-from ser_cache.features.store import StoreError
 from ser_cache.finetune.loop import finetune_wavlm
 from ser_cache.finetune.options import FinetuneConfig
 from ser_cache.runs.prediction_file import GENDER_PROB_PREFIX, read_predictions

@@ -163,7 +163,8 @@ def load_features(stores: str | Path | Sequence[str | Path], data: str | Path,
     rows (Test3) with NaN labels. A store that lacks a row of the splits is an error, as in training.
     """
     from ser_cache.data.corpus import load_corpus
-    from ser_cache.features.store import FeatureStore, StoreError
+    from ser_cache.features.errors import StoreError
+    from ser_cache.features.store import FeatureStore
     from ser_cache.features.store_ref import StoreRef
 
     paths = [Path(stores)] if isinstance(stores, (str, Path)) else [Path(s) for s in stores]

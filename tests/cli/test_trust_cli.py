@@ -99,7 +99,7 @@ FIXED_CHOICES = {
     "TranscribePrecisionMode": ("ser_cache.infra.runtime", "TRANSCRIBE_PRECISIONS"),
     "PoolingMode": ("ser_cache.encoders.base", "POOLINGS"),
     "WindowMode": ("ser_cache.encoders.whisper", "WINDOWS"),
-    "KindName": ("ser_cache.encoders", "KINDS"),
+    "KindName": ("ser_cache.encoders", "SHOWN_KINDS"),
     "OnErrorMode": ("ser_cache.features.extract", "ON_ERROR"),
 }
 
@@ -120,7 +120,8 @@ def test_fixed_choices_are_shown_and_checked_before_any_work(tmp_path):
     assert "--ox <keep|drop|only|train+dev|train+dev-nonox>" in r.output
     assert "--select <balanced|ccc>" in r.output and "--precision <auto|fp32|bf16>" in r.output
     r = invoke("extract", "--help")
-    assert "<mean|mean+std|frames>" in r.output and "<whisper|wavlm|xvector|text>" in r.output
+    assert "<mean|mean+std|frames>" in r.output
+    assert "<whisper|ssl|wavlm|xvector|text>" in r.output
     assert "<skip|fail>" in r.output and "<window|trimmed>" in r.output
     r = invoke("extract", "--model", "whisper-large-v3", "--data", tmp_path, "--out", tmp_path / "f",
                "--pooling", "max")

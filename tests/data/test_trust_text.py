@@ -20,7 +20,8 @@ from ser_cache.data.corpus import load_corpus
 from ser_cache.data.records import CorpusError
 from ser_cache.data.transcripts import TranscriptError, load_table, read_sidecar, read_table, record_path
 from ser_cache.features import transcribe
-from ser_cache.features.extract import ExtractConfig, ExtractError, extract
+from ser_cache.features.errors import ExtractError
+from ser_cache.features.extract import ExtractConfig, extract
 from ser_cache.runs.predict import PredictError, evaluate, predict
 
 from factories import msp_corpus, tone, write_wav

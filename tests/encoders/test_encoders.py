@@ -118,6 +118,8 @@ def test_text_masked_mean_equals_unpadded_mean(models):
     from transformers import AutoModel, AutoTokenizer
 
     enc = load_encoder(str(models["text"]), device="cpu", precision="fp32")
+    d = enc.describe()
+    assert d["input"] == "text" and d["hidden_size"] == enc.hidden and d["layers"] == [d["n_states"] - 1]
     texts = ["a short one", "a considerably longer sentence about a wonderful happy day at the sea"]
     ours = enc.encode(texts).numpy()
     tok = AutoTokenizer.from_pretrained(models["text"])

@@ -15,9 +15,11 @@ from typer.testing import CliRunner
 
 from ser_cache.cli.app import app
 from ser_cache.features import store as store_mod
+from ser_cache.features.errors import ExtractError, StoreError
 from ser_cache.features.export import export_hdf5
-from ser_cache.features.extract import ExtractConfig, ExtractError, extract
-from ser_cache.features.store import FeatureStore, StoreError, StoreLock
+from ser_cache.features.extract import ExtractConfig, extract
+from ser_cache.features.store import FeatureStore
+from ser_cache.features.store_lock import StoreLock
 from ser_cache.runs import layout, rundir
 from ser_cache.runs.predict import PredictError, predict
 from ser_cache.system.rows import load_rows
@@ -282,8 +284,10 @@ def test_load_finetuned_names_the_damaged_file(tmp_path):
     run = tmp_path / "ft"
     run.mkdir()
     (run / layout.WEIGHTS).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")  # truncated header
-    with pytest.raises(layout.RunError, match=r"config.json: \"wavlm\" or \"heads\" do not describe a model"):
+    with pytest.raises(layout.RunError, match=r"config.json: the encoder entry or \"heads\" do not describe a model"):
         load_finetuned(run, {"wavlm": "banana", "heads": {}})
+    with pytest.raises(layout.RunError, match=r"config.json: the encoder entry or \"heads\" do not describe a model"):
+        load_finetuned(run, {"system": "finetuned-wavlm", "wavlm": "banana", "heads": {}})
     with pytest.raises(layout.RunError, match="not a readable safetensors file"):
         rundir.read_weights(run / layout.WEIGHTS)
     shutil.rmtree(run)

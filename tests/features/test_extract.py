@@ -14,9 +14,11 @@ import soundfile as sf
 from ser_cache.data import audio
 from ser_cache.data.corpus import load_corpus
 from ser_cache.encoders import load_encoder
-from ser_cache.features.extract import ExtractConfig, ExtractError, extract
+from ser_cache.features.errors import ExtractError
+from ser_cache.features.extract import ExtractConfig, extract
 from ser_cache.features.report import report_path
-from ser_cache.features.store import FeatureStore, StoreLock
+from ser_cache.features.store import FeatureStore
+from ser_cache.features.store_lock import StoreLock
 
 from factories import msp_corpus, tone, write_wav
 
@@ -540,3 +542,25 @@ def test_transcript_options_are_checked(models, corpus, tmp_path):
     bad.write_text("FileName,words\nx.wav,hi\n")
     with pytest.raises(ExtractError, match=rf"{bad}, line 1: expected columns FileName \(or id\) and text"):
         extract(cfg(models["text"], corpus, tmp_path, transcripts=bad))
+
+
+def test_layers_of_a_pooled_store_are_slices_of_an_all_layers_store(models, corpus, tmp_path):
+    """WavLM (pooled default: every state, 0-2) and Whisper (default: the last), same corpus and batches."""
+    announced = []
+    every = read(extract(cfg(models["wavlm"], corpus, tmp_path, name="w-all", chunk_rows=4),
+                         announce=announced.append).store)[1]
+    some = FeatureStore.open(extract(cfg(models["wavlm"], corpus, tmp_path, name="w-12", layers="1-2",
+                                         chunk_rows=4)).store)
+    last = FeatureStore.open(extract(cfg(models["wavlm"], corpus, tmp_path, name="w-last", layers="last",
+                                         chunk_rows=4)).store)
+    assert every.shape[1:] == (3, 32) and some.feature_shape == (2, 32) and last.feature_shape == (32,)
+    assert some.attrs["settings"]["layer"] == [1, 2] and last.attrs["settings"]["layer"] == "last"
+    np.testing.assert_array_equal(some.read()[1], every[:, [1, 2]])
+    np.testing.assert_array_equal(last.read()[1], every[:, 2])
+    (e,) = announced  # pooled: exactly N × L × D × 2 bytes
+    assert e.layers == 3 and e.bytes == every.nbytes and not e.frame_level
+    short = dict(window="trimmed", max_seconds=2.0)
+    w_all = read(extract(cfg(models["whisper"], corpus, tmp_path, name="x-all", layers="all", **short)).store)[1]
+    w_last = FeatureStore.open(extract(cfg(models["whisper"], corpus, tmp_path, name="x-last", **short)).store)
+    assert w_all.shape[1:] == (3, 32) and w_last.attrs["settings"]["layer"] == "last"
+    np.testing.assert_array_equal(w_last.read()[1], w_all[:, 2])

@@ -88,3 +88,34 @@ def test_bad_shapes_are_refused():
         Frames(np.zeros((3, 2)), np.array([0, 2]))
     with pytest.raises(ValueError, match="starting at 0"):
         Frames(np.zeros((3, 2)), np.array([1, 3]))
+
+
+def test_frames_with_a_layer_axis_pack_pad_and_average_each_state():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((3, 5, 4, 2)).astype(np.float32)  # (n, T, L, D): four states of two dims
+    lengths = [2, 5, 0]
+    f = Frames.from_padded(x, lengths)
+    assert f.frame_shape == (4, 2) and f.dim == 2 and f.n_layers == 4 and f.data.shape == (7, 4, 2)
+    out, got = f.padded([1, 0])
+    assert out.shape == (2, 5, 4, 2) and got.tolist() == [5, 2]
+    np.testing.assert_array_equal(out[1, :2], x[0, :2])
+    assert not out[1, 2:].any()
+    m = f.mean()
+    assert m.shape == (3, 4, 2)
+    np.testing.assert_allclose(m[1], x[1].mean(0), rtol=1e-6, atol=1e-6)
+    assert not m[2].any()
+    # One position along the axis: the frames a store of that state alone would give, not a view.
+    third = f.layer(2)
+    assert third.frame_shape == (2,) and third.n_layers is None
+    np.testing.assert_array_equal(third.data, Frames.from_padded(x[:, :, 2], lengths).data)
+    third.data[:] = 0
+    assert f.data[:, 2].any()
+    assert Frames.empty([1, 2], (4, 2)).data.shape == (3, 4, 2)
+    s = f.subset([1])
+    np.testing.assert_array_equal(s.row(0), x[1])
+    with pytest.raises(ValueError, match=r"row 0 holds \(5, 4, 2\) frames"):
+        s.set_row(0, np.zeros((5, 2)))
+    with pytest.raises(ValueError, match="outside 0-3"):
+        f.layer(4)
+    with pytest.raises(ValueError, match="no layer axis"):
+        third.layer(0)

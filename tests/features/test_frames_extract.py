@@ -18,7 +18,8 @@ from ser_cache.data import audio
 from ser_cache.data.corpus import load_corpus
 from ser_cache.encoders import EncoderError, load_encoder
 from ser_cache.features.encode import compute_features, encoder_for_store
-from ser_cache.features.extract import ExtractConfig, ExtractError, extract
+from ser_cache.features.errors import ExtractError
+from ser_cache.features.extract import ExtractConfig, extract
 from ser_cache.features.frames import Frames
 from ser_cache.features.report import report_path
 from ser_cache.features.store import FeatureStore
@@ -163,7 +164,7 @@ def test_frame_counts_and_shapes_of_the_encoders(models):
 
 
 def test_text_and_xvector_encoders_refuse_frames(models, corpus, tmp_path):
-    message = r"--pooling frames: .*only audio encoders with one output layer \(whisper, wavlm\)"
+    message = r"--pooling frames: .*only audio encoders with hidden states \(whisper, wavlm, hubert, "
     with pytest.raises(EncoderError, match=message):
         load_encoder(str(models["xvector"]), device="cpu", pooling="frames")
     with pytest.raises(EncoderError, match=message):
@@ -223,12 +224,16 @@ def test_compute_features_returns_the_store_rows_as_frames(models, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_kill_9_gives_identical_features_and_frames(models, tmp_path):
-    """A real SIGKILL inside the third chunk write, after its features and counts, before its flags."""
+@pytest.mark.parametrize("layers", [None, "0,2"], ids=["last", "layered"])
+def test_resume_after_kill_9_gives_identical_features_and_frames(models, tmp_path, layers):
+    """A real SIGKILL inside the third chunk write, after its features and counts, before its flags;
+    for a last-layer frame store in the 15-s window, and one of two hidden states ((T, 2, D) rows) of
+    trimmed clips, whose batches (by length) must be planned the same in the resumed run."""
     data = msp_corpus(tmp_path / "c", n=16, unlabeled=0)
     out = tmp_path / "run"
     args = ["extract", "--model", str(models["whisper"]), "--data", str(data), "--out", str(out), "--pooling",
-            "frames", "--chunk-rows", "4", "--device", "cpu", "--workers", "0", "--no-progress"]
+            "frames", "--chunk-rows", "4", "--device", "cpu", "--workers", "0", "--no-progress",
+            *(["--layers", layers, "--window", "trimmed"] if layers else [])]
     script = tmp_path / "killer.py"
     script.write_text(textwrap.dedent(f"""
         import os, signal, sys
@@ -261,8 +266,11 @@ def test_resume_after_kill_9_gives_identical_features_and_frames(models, tmp_pat
     again = subprocess.run([sys.executable, "-m", "ser_cache", *args], env=env, capture_output=True, text=True,
                            timeout=300)
     assert again.returncode == 0, again.stderr
-    ref = FeatureStore.open(extract(cfg(models["whisper"], data, tmp_path / "ref", chunk_rows=4)).store)
+    ref = FeatureStore.open(extract(cfg(models["whisper"], data, tmp_path / "ref", chunk_rows=4, layers=layers,
+                                        **({"window": "trimmed"} if layers else {}))).store)
     done = FeatureStore.open(store)
+    assert done.feature_shape[1:] == ref.feature_shape[1:] == ((2, 32) if layers else (32,))
+    assert done.feature_shape == ref.feature_shape
     for x, y in zip(ref.read(), done.read()):
         np.testing.assert_array_equal(x, y)
     np.testing.assert_array_equal(ref.frame_counts(), done.frame_counts())
@@ -302,3 +310,65 @@ def test_units_of_frame_rows_are_bounded_in_memory():
     assert _unit_rows(1280 * 2) == UNIT_ROWS  # pooled rows: unchanged
     units = _units(list(range(200)), 16, 1, rows)
     assert max(len(u) for u in units) * 16 <= rows and sum(len(u) for u in units) == 200
+
+
+# --------------------------------------------------------------------------- --layers: frame stores of several states
+
+
+def test_layers_of_a_frame_store_are_slices_of_an_all_layers_store(models, corpus, tmp_path):
+    """Tiny Whisper (2 layers: states 0-2), trimmed to 3 s: every state, two of them, the last; the same
+    batches (same corpus, chunking and batch plan), so the same numbers, bit for bit."""
+    from ser_cache.cli.stage_one import estimate_text
+
+    announced = []
+    kw = dict(window="trimmed", max_seconds=3.0, chunk_rows=4)
+    every = FeatureStore.open(extract(cfg(models["whisper"], corpus, tmp_path, name="all", layers="all", **kw),
+                                      announce=announced.append).store)
+    two = FeatureStore.open(extract(cfg(models["whisper"], corpus, tmp_path, name="two", layers="0,2", **kw)).store)
+    last = FeatureStore.open(extract(cfg(models["whisper"], corpus, tmp_path, name="last", **kw)).store)
+    assert every.feature_shape == (150, 3, 32) and two.feature_shape == (150, 2, 32) and last.feature_shape == (150, 32)
+    assert every.attrs["settings"]["layer"] == "all" and two.attrs["settings"]["layer"] == [0, 2]
+    assert last.attrs["settings"]["layer"] == "last" and every.attrs["encoder"]["layers"] == [0, 1, 2]
+    assert two.attrs["encoder"]["layers"] == [0, 2] and last.attrs["encoder"]["layers"] == [2]
+    _, f_all, written = every.read_frames()
+    _, f_two, _ = two.read_frames()
+    _, f_last, _ = last.read_frames()
+    assert written.all() and f_all.frame_shape == (3, 32)
+    np.testing.assert_array_equal(f_all.lengths, f_last.lengths)
+    np.testing.assert_array_equal(f_two.data, f_all.data[:, [0, 2]])
+    np.testing.assert_array_equal(f_last.data, f_all.data[:, 2])
+    np.testing.assert_array_equal(every.read_frames(layer=1)[1].data, f_all.data[:, 1])
+    # Told before the run: the valid frames (from the clips' durations) × 3 states × 32 × 2 bytes.
+    (e,) = announced
+    assert e.layers == 3 and e.sampled == every.n_rows and e.frames == int(f_all.lengths.sum())
+    assert e.bytes == f_all.data.nbytes
+    assert "3× a last-layer frame store" in estimate_text(e)
+
+
+def test_a_store_of_other_layers_is_refused_by_its_fingerprint(models, corpus, tmp_path):
+    kw = dict(window="trimmed", max_seconds=2.0, name="f")
+    extract(cfg(models["whisper"], corpus, tmp_path, layers="1-2", **kw))
+    refused = r"layer: store has \[1, 2\], this run 'all' \(the hidden states kept: --layers\).*--overwrite.*--name"
+    with pytest.raises(ExtractError, match=refused):
+        extract(cfg(models["whisper"], corpus, tmp_path, layers="all", **kw))
+    with pytest.raises(ExtractError, match=r"layer: store has \[1, 2\], this run 'last'"):
+        extract(cfg(models["whisper"], corpus, tmp_path, **kw))
+    again = extract(cfg(models["whisper"], corpus, tmp_path, layers="2,1", **kw))  # the same choice, written otherwise
+    assert again.computed == 0 and again.skipped == again.rows
+
+
+def test_info_shows_the_layers_of_a_layered_frame_store(models, corpus, tmp_path):
+    runner = CliRunner()
+    r = runner.invoke(app, ["extract", "--model", str(models["whisper"]), "--data", str(corpus), "--out",
+                            str(tmp_path), "--pooling", "frames", "--layers", "0,2", "--window", "trimmed",
+                            "--max-seconds", "2", "--device", "cpu", "--workers", "0", "--no-progress"])
+    assert r.exit_code == 0, r.output
+    assert "2× a last-layer frame store" in r.output and "--layers" in r.output
+    store = tmp_path / "whisper-tiny-frames.zarr"
+    table = " ".join(runner.invoke(app, ["info", str(store)]).output.split())
+    assert "encoder.layers │ 0,2: 2 held of 3 states (0-2)" in table
+    assert "layers per frame │ 2" in table and "encoder.frame_rate │ 50 Hz" in table
+    assert "encoder.family" not in table  # the kind row says it: whisper
+    info = json.loads(runner.invoke(app, ["info", str(store), "--json"]).output)
+    assert info["frames"]["layers"] == 2 and info["encoder"]["layers"] == [0, 2]
+    assert info["feature_shape"] == [100, 2, 32]

@@ -2,8 +2,10 @@ import h5py
 import numpy as np
 import pytest
 
+from ser_cache.features.errors import StoreError
 from ser_cache.features.export import export_hdf5
-from ser_cache.features.store import FeatureStore, StoreError, StoreLock, chunk_rows_for, remove_store
+from ser_cache.features.store import FeatureStore, chunk_rows_for, remove_store
+from ser_cache.features.store_lock import StoreLock
 from ser_cache.features.store_ref import fingerprint
 
 
@@ -141,3 +143,54 @@ def test_frame_summary_and_hdf5_export_of_a_frame_store(tmp_path):
     with h5py.File(out) as h:
         np.testing.assert_array_equal(h["features"][:], s.read()[1])
         assert h["frames"][:].tolist() == [1, 2, 3, 4, 0, 0]
+
+
+def test_a_frame_store_with_a_layer_axis_reads_every_state_or_one(tmp_path):
+    ids = [f"u{i:02d}" for i in range(6)]
+    s = FeatureStore.create(tmp_path / "l.zarr", ids, (5, 3, 2), {"fingerprint": "l"}, chunk_rows=4, frames=True)
+    assert s.is_frames and s.frame_shape == (3, 2) and s.layer_axis == 3
+    assert make_frames(tmp_path).layer_axis is None and make(tmp_path, shape=(4, 3)).layer_axis == 4
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((6, 5, 3, 2)).astype(np.float32)  # garbage past each count
+    counts = np.array([3, 5, 0, 1, 2, 4])
+    s.write_chunk(0, x[:4], np.ones(4, bool), np.zeros(4, bool), frames=counts[:4])
+    s.write_chunk(1, x[4:], np.ones(2, bool), np.zeros(2, bool), frames=counts[4:])
+    feats = s.read()[1]
+    for i, n in enumerate(counts):
+        np.testing.assert_array_equal(feats[i, :n], x[i, :n].astype(np.float16))
+        assert not feats[i, n:].any(), i
+    _, frames, _ = s.read_frames(np.array([5, 0]))
+    assert frames.frame_shape == (3, 2) and frames.lengths.tolist() == [4, 3]
+    np.testing.assert_array_equal(frames.row(0), feats[5, :4])
+    _, one, _ = s.read_frames(np.array([5, 0]), layer=1)
+    assert one.frame_shape == (2,)
+    np.testing.assert_array_equal(one.row(0), feats[5, :4, 1])
+    np.testing.assert_array_equal(one.row(1), feats[0, :3, 1])
+    with pytest.raises(StoreError, match="layer position 3 asked for, but the store has positions 0-2"):
+        s.read_frames(layer=3)
+    with pytest.raises(StoreError, match="has no layer axis"):
+        make_frames(tmp_path / "f").read_frames(layer=0)
+    f = s.summary()["frames"]
+    assert f["layers"] == 3 and f["frames_bytes"] == counts.sum() * 3 * 2 * 2
+    assert s.verify(deep=True) == []
+    # A count one too small is found past it, in every state of the frame.
+    s.group["frames"][5] = 3
+    problems = s.verify(deep=True)
+    assert len(problems) == 1 and "frame 3, past the count, is not all zeros" in str(problems[0])
+    with pytest.raises(StoreError, match="past the count"):
+        s.read_frames(np.array([5]))
+    with h5py.File(export_hdf5(s, tmp_path / "l.h5")) as h:
+        assert h["features"].shape == (6, 5, 3, 2)
+        np.testing.assert_array_equal(h["features"][:], feats)
+
+
+def test_chunks_of_layered_frame_rows_stay_bounded():
+    from ser_cache.features.store import MAX_LAYERED_CHUNK_BYTES
+
+    # Stores without a layer axis: as always, at least 16 rows (a Whisper large frame row, 1.9 MB).
+    assert chunk_rows_for((750, 1280), 10_000) == 16 and chunk_rows_for((25, 1024), 10_000) == 64
+    # Every state of Whisper large frame by frame: 63 MB a row, one row a chunk; four states: 8 rows.
+    assert chunk_rows_for((750, 33, 1280), 10_000) == 1
+    rows = chunk_rows_for((750, 4, 1280), 10_000)
+    assert rows * 750 * 4 * 1280 * 2 <= MAX_LAYERED_CHUNK_BYTES < 2 * rows * 750 * 4 * 1280 * 2
+    assert chunk_rows_for((10, 3, 8), 10_000) == chunk_rows_for((30, 8), 10_000)  # small rows: the 4-MiB rule

@@ -12,8 +12,9 @@ from typer.testing import CliRunner
 
 from ser_cache.cli.app import INTERRUPTED, app
 from ser_cache.features import decoding, encode
+from ser_cache.features.errors import StoreError
 from ser_cache.features.extract import ExtractConfig, extract
-from ser_cache.features.store import FeatureStore, StoreError
+from ser_cache.features.store import FeatureStore
 
 from factories import msp_corpus
 from processes import ENDS_WITHIN, ended_within, start_blocked

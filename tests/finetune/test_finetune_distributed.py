@@ -1,4 +1,5 @@
-"""`finetune wavlm` under torchrun: two CPU processes (gloo) take the very steps of one process.
+"""`finetune wavlm` and `finetune whisper --lora` under torchrun: two CPU processes (gloo) take the
+very steps of one process.
 
 Why a tolerance at all: the two runs compute the same global batches and the same loss over them,
 but not in the same order — each rank pads its half of a batch to its own longest clip, and DDP
@@ -28,7 +29,7 @@ from ser_cache.finetune.loop import finetune_wavlm
 from ser_cache.runs import layout, rundir
 
 import factories
-from finetune_support import base_config, cli_args, learnable_corpus, subprocess_env
+from finetune_support import base_config, cli_args, learnable_corpus, subprocess_env, tiny_whisper_layers
 
 WEIGHT_TOLERANCE = 1e-4
 SCORE_TOLERANCE = 1e-5
@@ -50,28 +51,20 @@ def dropout_free_wavlm(path: Path) -> Path:
 
 @pytest.mark.slow
 def test_two_gloo_ranks_match_one_process(tmp_path):
-    corpus = learnable_corpus(tmp_path / "corpus")
+    """--task both, undersampled: the class targets (X rows: -1) travel with the others, the class
+    loss is the global batch's, the Development class predictions are gathered from both ranks, and
+    both ranks draw the same undersampled epochs. One pair of runs serves the attribute and the
+    class checks: starting the two ranks costs most of this test's time."""
+    corpus = learnable_corpus(tmp_path / "corpus", learnable_classes=True)
     model = dropout_free_wavlm(tmp_path / "wavlm")
     # Both auxiliary heads on, so the gathered gender logits and speaker embeddings are covered too.
     # conv_dropout 0: dropout draws depend on how a batch is split over ranks. LayerDrop on, and often
     # (0.5): its draws are shared by the ranks and skipped layers get no gradient on either side.
     cfg = base_config(corpus, model, tmp_path / "one", epochs=3, dropout=0.0, conv_dropout=0.0, layerdrop=0.5,
-                      speaker_weight=0.1)
-    one, two_dir = _one_and_two_ranks(cfg, ["--speaker-weight", "0.1"])
+                      speaker_weight=0.1, task="both")
+    one, two_dir = _one_and_two_ranks(cfg, ["--speaker-weight", "0.1", "--task", "both"])
     metrics = json.loads((two_dir / layout.METRICS).read_text())
     assert metrics["ccc"] == pytest.approx(one.metrics["ccc"], abs=SCORE_TOLERANCE)
-
-
-@pytest.mark.slow
-def test_two_gloo_ranks_match_one_process_with_the_class_head(tmp_path):
-    """--task both: the class targets (X rows: -1) travel with the others, the class loss is the
-    global batch's, and the Development class predictions are gathered from both ranks."""
-    corpus = learnable_corpus(tmp_path / "corpus", learnable_classes=True)
-    model = dropout_free_wavlm(tmp_path / "wavlm")
-    cfg = base_config(corpus, model, tmp_path / "one", epochs=2, dropout=0.0, conv_dropout=0.0, layerdrop=0.5,
-                      speaker_weight=0.1, task="both", undersample=False)
-    one, two_dir = _one_and_two_ranks(cfg, ["--speaker-weight", "0.1", "--task", "both", "--no-undersample"])
-    metrics = json.loads((two_dir / layout.METRICS).read_text())
     assert metrics["categorical"]["rows"] == one.metrics["categorical"]["rows"] == 10
     assert metrics["categorical"]["macro_f1"] == pytest.approx(one.metrics["categorical"]["macro_f1"],
                                                                abs=SCORE_TOLERANCE)
@@ -79,6 +72,22 @@ def test_two_gloo_ranks_match_one_process_with_the_class_head(tmp_path):
         history = list(csv.DictReader(f))
     assert [float(h["loss_class"]) for h in history] == pytest.approx([h["loss_class"] for h in one.history],
                                                                        abs=SCORE_TOLERANCE)
+
+
+@pytest.mark.slow
+def test_two_gloo_ranks_match_one_process_for_a_lora_whisper_run(tmp_path):
+    """`finetune whisper --lora` (trimmed input: each rank pads its half of a batch to its own longest
+    clip): the adapters, convolutions and heads of two ranks are those of one process, and the base
+    weights are not in the run at all."""
+    corpus = learnable_corpus(tmp_path / "corpus", n_train=12, n_dev=6, n_test=2)
+    model = tiny_whisper_layers(tmp_path / "whisper4")
+    cfg = base_config(corpus, model, tmp_path / "one", epochs=2, encoder="whisper", window="trimmed", lora=16,
+                      conv_dim=32, hidden=16, conv_dropout=0.0, speaker_weight=0.1)
+    one, two_dir = _one_and_two_ranks(cfg, ["--speaker-weight", "0.1"])
+    weights = load_file(str(two_dir / layout.WEIGHTS))
+    encoder = [k for k in weights if k.startswith("whisper.")]
+    assert encoder and all(".lora_" in k for k in encoder)
+    assert all(weights[k].abs().max() > 1e-3 for k in encoder if ".lora_B" in k)  # they trained (B starts at 0)
 
 
 def _one_and_two_ranks(cfg, extra_args: list[str]):

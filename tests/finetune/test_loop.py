@@ -7,10 +7,6 @@ ensemble and refusal tests; the resume test kills a subprocess of the same run a
 
 from __future__ import annotations
 
-import signal
-import subprocess
-import sys
-import textwrap
 from dataclasses import replace
 from pathlib import Path
 
@@ -25,11 +21,11 @@ from ser_cache.finetune.options import FinetuneConfig
 from ser_cache.infra import atomic
 from ser_cache.runs import layout, prediction_file, rundir
 from ser_cache.runs.checkpoint_file import CHECKPOINT
+from ser_cache.system.errors import TrainError
 from ser_cache.system.finetuned import AUDIO_INPUT
-from ser_cache.system.rows import TrainError
 
 import factories
-from finetune_support import base_config, cli_args, learnable_corpus, subprocess_env
+from finetune_support import base_config, cli_args, killed_run, learnable_corpus
 
 
 @pytest.fixture(scope="module")
@@ -160,36 +156,9 @@ def test_a_missing_model_is_a_clear_error(corpus_ft, tmp_path):
 @pytest.mark.slow
 def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(trained, tmp_path):
     cfg, result = trained
-    out = tmp_path / "run"
     # SIGKILL mid-epoch 3, on its second loss computation: epoch 2's checkpoint is on disk and
     # epoch 3's progress must be thrown away and redone.
-    wrapper = tmp_path / "killer.py"
-    wrapper.write_text(textwrap.dedent("""
-        import os, signal, sys
-        import ser_cache.finetune.loop as ft
-        import ser_cache.system.setup as tr
-        state = {"saves": 0, "losses": 0}
-        save, loss = ft.save_checkpoint, tr.batch_loss
-        def save_checkpoint(*args, **kwargs):
-            save(*args, **kwargs)
-            state["saves"] += 1
-        def batch_loss(*args, **kwargs):
-            if state["saves"] >= 2:
-                state["losses"] += 1
-                if state["losses"] == 2:
-                    os.kill(os.getpid(), signal.SIGKILL)
-            return loss(*args, **kwargs)
-        ft.save_checkpoint, tr.batch_loss = save_checkpoint, batch_loss
-        from ser_cache.cli.app import main
-        sys.argv = ["ser-cache", *sys.argv[1:]]
-        main()
-    """))
-    proc = subprocess.run([sys.executable, str(wrapper), *cli_args(replace(cfg, out=out))], env=subprocess_env(),
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -signal.SIGKILL, proc.stdout[-3000:] + proc.stderr[-3000:]
-    history = out / layout.HISTORY
-    assert _checkpoint_epoch(out) == 2
-    assert layout.is_unfinished_run(out) and not history.exists()
+    out = killed_run(replace(cfg, out=tmp_path / "run"), tmp_path, after_saves=2)
     with pytest.raises(TrainError, match="--resume"):
         finetune_wavlm(replace(cfg, out=out))
 
@@ -201,12 +170,6 @@ def test_resume_after_kill_9_ends_where_an_uninterrupted_run_ends(trained, tmp_p
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) <= 1e-6
     assert not (out / CHECKPOINT).exists() and layout.is_run_dir(out)
-
-
-def _checkpoint_epoch(out: Path) -> int:
-    from ser_cache.runs.checkpoint_file import read_checkpoint
-
-    return read_checkpoint(out, tensors=False)["epoch"]
 
 
 # --------------------------------------------------------------------------- MMWavLM

@@ -16,9 +16,9 @@ from sklearn.metrics import f1_score
 from ser_cache.finetune.loop import finetune_wavlm
 from ser_cache.runs import layout, prediction_file, rundir
 from ser_cache.runs.checkpoint_file import CHECKPOINT
+from ser_cache.system.errors import TrainError
 from ser_cache.system.finetuned import AUDIO_INPUT
 from ser_cache.system.losses import class_weights
-from ser_cache.system.rows import TrainError
 from ser_cache.system.tasks import CLASSES_8
 
 from finetune_support import base_config, cli_args, interrupted_run, learnable_corpus

@@ -292,7 +292,7 @@ def test_a_lock_file_removed_by_its_holder_before_the_next_one_locks_it_is_not_s
 HOLD_STORE_LOCK = """
 import sys, time
 from pathlib import Path
-from ser_cache.features.store import StoreLock
+from ser_cache.features.store_lock import StoreLock
 StoreLock(Path(sys.argv[1])).acquire()
 Path(sys.argv[2]).write_text("1")
 time.sleep(600)

@@ -29,7 +29,8 @@ from ser_cache.features.store import FeatureStore
 from ser_cache.runs import layout, prediction_file, rundir
 from ser_cache.runs.ensemble import EnsembleError, ensemble
 from ser_cache.runs.predict import PredictError, evaluate, predict
-from ser_cache.system.rows import TrainError, load_rows
+from ser_cache.system.errors import TrainError
+from ser_cache.system.rows import load_rows
 from ser_cache.train.options import TrainHeadsConfig
 from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
 

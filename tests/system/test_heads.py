@@ -4,7 +4,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from ser_cache.system.heads import LayerWeighting, MultitaskHeads, RegressionHead
+from ser_cache.system.heads import LayerPick, LayerWeighting, MultitaskHeads, RegressionHead
 
 LABEL_MIN = [1.0, 1.5, 1.2]
 LABEL_MAX = [7.0, 6.5, 6.8]
@@ -46,6 +46,38 @@ def test_layer_weighting_receives_gradients():
     x[:, 0] += 5.0  # layers differ, so the weights matter
     lw(x).sum().backward()
     assert lw.logits.grad is not None and lw.logits.grad.abs().sum() > 0
+
+
+def test_layer_pick_is_that_layer_bit_for_bit_and_under_vmap_each_members_own():
+    x = torch.randn(5, 4, 6) * 1e3
+    x[:, 1] = -0.0  # signed zeros elsewhere change nothing
+    assert torch.equal(LayerPick(4, 2)(x), x[:, 2])
+    onehots = torch.stack([LayerPick(4, k).onehot for k in (0, 3)])
+    picked = torch.vmap(lambda h: (x * h[:, None]).sum(1))(onehots)
+    assert torch.equal(picked[0], x[:, 0]) and torch.equal(picked[1], x[:, 3])
+    with pytest.raises(ValueError, match="outside"):
+        LayerPick(4, 4)
+
+
+def test_picked_heads_are_heads_on_that_layer_alone(tmp_path):
+    torch.manual_seed(0)
+    picked = make_heads(layer_picks={"whisper-large-v3": 1})
+    torch.manual_seed(0)
+    alone = make_heads(input_dims={"whisper-large-v3": (6,), "roberta.large": (5,)})
+    assert picked.state_dict().keys() == alone.state_dict().keys()  # the pick is no weight
+    assert all(torch.equal(v, alone.state_dict()[k]) for k, v in picked.state_dict().items())
+    assert picked.layer_weights() == {} and picked.config()["layer_picks"] == {"whisper-large-v3": 1}
+    assert "layer_picks" not in make_heads().config()
+    x = make_inputs()
+    picked.eval(), alone.eval()
+    same = alone({"whisper-large-v3": x["whisper-large-v3"][:, 1], "roberta.large": x["roberta.large"]})
+    assert torch.equal(picked(x)["avd"], same["avd"])
+    again = MultitaskHeads.from_config(json.loads(json.dumps(picked.config())))
+    again.load_state_dict(picked.state_dict())
+    again.eval()
+    assert torch.equal(again(x)["avd"], same["avd"])
+    with pytest.raises(ValueError, match="not an input of shape"):
+        make_heads(layer_picks={"roberta.large": 0})
 
 
 def test_regression_head_stays_in_label_range():

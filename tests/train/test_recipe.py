@@ -17,8 +17,8 @@ import pytest
 
 from ser_cache.features.store import FeatureStore
 from ser_cache.runs import layout, prediction_file, rundir
+from ser_cache.system.errors import TrainError
 from ser_cache.system.metrics import ccc_table
-from ser_cache.system.rows import TrainError
 from ser_cache.system.sampling import OX_MODES
 from ser_cache.train.options import TrainHeadsConfig
 
@@ -326,8 +326,9 @@ def test_multimodal_heads_beat_either_modality_on_mini_podcast(tmp_path, mini_po
     """Tiny Whisper-shaped audio features + real MiniLM text features vs each alone (Development mean CCC)."""
     t0 = time.perf_counter()
     # A few hundred rows: a larger learning rate than the paper's 5e-5 (tuned for 116k rows) and no
-    # undersampling (it would leave ten rows per class and epoch).
-    options = dict(epochs=60, lr=1e-3, batch_size=32, undersample=False, select="ccc")
+    # undersampling (it would leave ten rows per class and epoch). 30 epochs: the text and audio+text
+    # runs keep the epochs (and scores) they keep in 60; audio alone ends lower (mean CCC 0.20, not 0.22).
+    options = dict(epochs=30, lr=1e-3, batch_size=32, undersample=False, select="ccc")
     scores = {}
     for name, inputs in MODALITIES:
         result, _ = train(tmp_path, mini_podcast, [mini_stores[i] for i in inputs], name=name, **options)

@@ -8,7 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from ser_cache.cli.app import app
-from ser_cache.system.rows import TrainError
+from ser_cache.system.errors import TrainError
 from ser_cache.train import recipe, sweep
 from ser_cache.train.options import TrainHeadsConfig
 

@@ -19,5 +19,6 @@ from ser_cache.cli import (  # noqa: F401 (each registers its commands on cli.ap
     submission,
     plot,
     sweep,
+    probe,
 )
 # isort: on

@@ -60,8 +60,7 @@ def _known_errors() -> tuple[type[Exception], ...]:
     from ser_cache.data.audio import AudioError
     from ser_cache.data.records import CorpusError
     from ser_cache.encoders import EncoderError
-    from ser_cache.features.extract import ExtractError
-    from ser_cache.features.store import StoreError
+    from ser_cache.features.errors import ExtractError, StoreError
     from ser_cache.infra.outputs import OutputError
     from ser_cache.infra.runtime import DeviceError
 

@@ -25,15 +25,24 @@ def plot_run(
     svg: bool = typer.Option(False, "--svg", help="Also write the figure as SVG beside the PNG."),
     overwrite: shared.OverwriteFiles = False,
 ) -> None:
-    """Training curves: the losses and the Development CCC per epoch, the kept epoch marked."""
-    from ser_cache.infra.outputs import run_inputs
-    from ser_cache.runs.plots import CURVES, figure_path, training_curves
+    """Training curves: the losses and the Development CCC per epoch, the kept epoch marked.
 
-    own = [run / CURVES, (run / CURVES).with_suffix(".svg")]  # the run's own figure may be drawn again
+    A run that learned layer weights (an input with a layer axis, no --layer) also gets layer_weights.png.
+    """
+    from ser_cache.infra.outputs import run_inputs
+    from ser_cache.runs.layout import METRICS
+    from ser_cache.runs.plots import CURVES, LAYER_WEIGHTS, figure_path, layer_weights_plot, training_curves
+
+    own = [run / CURVES, (run / CURVES).with_suffix(".svg"), run / LAYER_WEIGHTS,
+           (run / LAYER_WEIGHTS).with_suffix(".svg")]  # the run's own figures may be drawn again
     png = figure_path(out_dir, own[0])
+    # Beside curves.png: layer_weights.png, or FIG-layer_weights.png beside a --out FIG.png.
+    weights_png = png.parent / (LAYER_WEIGHTS if png.name == CURVES else f"{png.stem}-{LAYER_WEIGHTS}")
+    layered = _learned_layer_weights(run / METRICS)
     if out_dir is not None or run.is_dir():  # else reading the run says what is wrong with it
         writable(png, "--out", inputs=run_inputs(run, own=own), overwrite=overwrite,
-                 files=[png.with_suffix(".svg")] if svg else [])
+                 files=([png.with_suffix(".svg")] if svg else [])
+                 + ([weights_png] + ([weights_png.with_suffix(".svg")] if svg else []) if layered else []))
     result = guarded(training_curves, run, out_dir, svg=svg)
     if result is None:
         return
@@ -42,6 +51,20 @@ def plot_run(
     out.print(f"{len(result.epochs)} epochs ({kept})")
     for path in result.paths:
         out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+    if layered:
+        drawn = guarded(layer_weights_plot, run, out=weights_png, svg=svg)
+        for path in drawn.paths if drawn is not None else []:
+            out.print(f"wrote {path}", highlight=False, soft_wrap=True)
+
+
+def _learned_layer_weights(metrics: Path) -> bool:
+    """Whether a run's metrics.json records learned layer weights (unreadable: no; the curves say what is wrong)."""
+    import json
+
+    try:
+        return bool(json.loads(metrics.read_text()).get("layer_weights"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 @plot_app.command("speakers")

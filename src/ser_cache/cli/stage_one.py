@@ -24,7 +24,9 @@ def extract(
     name: str | None = typer.Option(None,
                                     help="Store name (default: the model's short name, plus -frames with --pooling "
                                          "frames)."),
-    kind: shared.KindName | None = typer.Option(None, help="Encoder kind (default: detected)."),
+    kind: shared.KindName | None = typer.Option(None, help="Encoder kind (default: detected from the model's "
+                                                   "config; ssl: WavLM, HuBERT, wav2vec 2.0, data2vec-audio, "
+                                                   "W2V-BERT)."),
     window: shared.WindowMode | None = typer.Option(None,
                                                     help="Whisper only: 'window' (15-s window, as the paper; the "
                                                          "default) or 'trimmed' (real frames only)."),
@@ -32,6 +34,12 @@ def extract(
                                                help="'mean' or 'mean+std' over valid frames, or 'frames': keep the "
                                                     "last layer at every valid frame (whisper, wavlm; for frame-level "
                                                     "heads)."),
+    layers: str | None = typer.Option(
+        None, "--layers", metavar="all|last|LIST",
+        help="Audio encoders: the hidden states to keep, numbered as transformers numbers them (0 = the input of "
+             "the first transformer layer): all, last, or indices and ranges (6,12,18,24 or 8-16). Default: all for "
+             "pooled SSL stores (WavLM), last for Whisper and frame stores; frames of L states take L times the "
+             "space of last-layer frames (the size is printed before the run)."),
     max_seconds: float = typer.Option(15.0, help="Crop audio to its first N seconds."),
     batch_seconds: float = typer.Option(600.0, help="Padded audio seconds per batch."),
     batch_texts: int = typer.Option(64, help="Transcripts per batch (text encoders)."),
@@ -65,11 +73,14 @@ def extract(
     writable(out_dir, "--out", folder=True,
              inputs=given("--data", data) + given("--transcripts", transcripts) + local_folder("--model", model))
     cfg = ExtractConfig(model=model, data=data, out=out_dir, splits=tuple(split or ()), name=name, kind=kind,
-                        window=window, pooling=pooling, max_seconds=max_seconds, batch_seconds=batch_seconds,
+                        window=window, pooling=pooling, layers=layers, max_seconds=max_seconds,
+                        batch_seconds=batch_seconds,
                         batch_texts=batch_texts, device=device, precision=precision, workers=workers,
                         on_error=on_error, overwrite=overwrite, retry_failed=retry_failed, chunk_rows=chunk_rows,
                         progress=progress, transcripts=transcripts, prefer_transcripts=prefer_transcripts)
-    result = guarded(run_extract, cfg)
+    # The size before the run, where it can surprise: a frame store, or a choice of layers (frames of
+    # every state are L times a last-layer frame store). A default pooled extraction prints as it did.
+    result = guarded(run_extract, cfg, announce=_announce if layers is not None or pooling == "frames" else None)
     if result is None or result.rank != 0:
         return
     t = result.timings
@@ -99,6 +110,29 @@ def extract(
              f"{result.report}", code=1)
     if result.failed and result.computed:
         err.print(f"[yellow]{result.failed} utterance(s) could not be used; see {result.report}[/]", highlight=False)
+
+
+def _announce(estimate) -> None:
+    """The store's estimated size, printed before the run (extract's `announce`)."""
+    err.print(estimate_text(estimate), highlight=False, soft_wrap=True)
+
+
+def estimate_text(e) -> str:
+    """One line for extract.SizeEstimate: how big the store's features will be, and why; for frames of
+    several layers, how many times a last-layer frame store that is."""
+    layers = f" × {e.layers} layers" if e.layers is not None else ""
+    vector = f"{layers} × {e.row_shape[-1]} × 2 bytes"
+    if not e.frame_level:
+        rows = f"{e.rows:,} rows{layers} × " + " × ".join(str(d) for d in e.row_shape[-1:]) + " × 2 bytes"
+        return f"{e.store}: the features will take {size_text(e.bytes)} ({rows}, float16)"
+    basis = (f"{e.frames / max(e.rows, 1):.0f} frames a row on average, from {e.sampled} clip(s)' durations"
+             if e.sampled else "every row at its most frames: an upper bound")
+    text = (f"{e.store}: the features will take about {size_text(e.bytes)} ({e.frames:,} valid frames{vector}, "
+            f"float16; {basis})")
+    if e.layers is not None and e.layers > 1:
+        text += (f"; that is {e.layers}× a last-layer frame store of the same clips — keep fewer layers with "
+                 "--layers (e.g. 6,12,18) if you do not need them all")
+    return text
 
 
 def _rates(result) -> str:
@@ -149,6 +183,9 @@ def info(
         if key not in ("model_id", "revision", "kind", "feature_shape"):
             table.add_row(f"settings.{key}", str(value))
     table.add_row("size", size_text(summary["size_bytes"]))
+    if summary.get("encoder"):
+        for key, value in encoder_rows(summary["encoder"], kind=summary.get("kind")):
+            table.add_row(key, value)
     if "frames" in summary:
         for key, value in _frame_rows(summary["frames"]):
             table.add_row(key, value)
@@ -156,6 +193,44 @@ def info(
         for key, value in _transcript_rows(summary["transcripts"]):
             table.add_row(key, value)
     out.print(table)
+
+
+def encoder_rows(d: dict, kind: str | None = None) -> list[tuple[str, str]]:
+    """What extract recorded of a store's encoder (the attribute "encoder", Encoder.describe()) as table
+    rows: its family (where the store's `kind` does not already say it), the hidden states held, hidden
+    size, frame rate and input convention; the keys it lacks are left out."""
+    rows = []
+    if d.get("family") and d["family"] != kind:
+        rows.append(("encoder.family", str(d["family"])))
+    if d.get("layers") is not None:
+        held = [int(i) for i in d["layers"]]
+        of = f" of {d['n_states']} states (0-{int(d['n_states']) - 1})" if d.get("n_states") else ""
+        rows.append(("encoder.layers", f"{index_ranges(held)}: {len(held)} held{of}"))
+    if d.get("hidden_size") is not None:
+        rows.append(("encoder.hidden_size", str(d["hidden_size"])))
+    if d.get("frame_rate") is not None:
+        rows.append(("encoder.frame_rate", f"{float(d['frame_rate']):g} Hz"))
+    if d.get("input"):
+        mask = d.get("attention_mask")
+        rows.append(("encoder.input", str(d["input"]) + ("" if mask is None else
+                                                         ", attention mask" if mask else ", no attention mask")))
+    if d.get("last_state"):
+        rows.append(("encoder.last_state", str(d["last_state"])))
+    if d.get("emotion_trained") is not None:
+        rows.append(("encoder.emotion_trained", "yes" if d["emotion_trained"] else "no"))
+    return rows
+
+
+def index_ranges(indices: list[int]) -> str:
+    """[0, 1, 2, 3, 6, 12, 13] → '0-3,6,12-13'."""
+    parts, start = [], None
+    for k, i in enumerate(indices):
+        if start is None:
+            start = i
+        if k + 1 == len(indices) or indices[k + 1] != i + 1:
+            parts.append(str(start) if start == i else f"{start}-{i}")
+            start = None
+    return ",".join(parts)
 
 
 def _transcript_rows(t: dict) -> list[tuple[str, str]]:
@@ -175,7 +250,9 @@ def _transcript_rows(t: dict) -> list[tuple[str, str]]:
 
 def _frame_rows(f: dict) -> list[tuple[str, str]]:
     """A frame store's figures as table rows: how many frames the rows hold and what they cost."""
+    layers = [("layers per frame", f"{f['layers']} (one vector per hidden state held)")] if f.get("layers") else []
     return [
+        *layers,
         ("frames per row", f"mean {f['frames_mean']:.1f}, max {f['frames_max']} (room for {f['max_frames_per_row']})"),
         ("valid frames", f"{f['frames_total']} in {f['rows_written']} rows written"),
         ("valid frames size",
@@ -201,8 +278,21 @@ def export(
     data: Path | None = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest: add each "
                                         "id's labels and split (labels/arousal, …, labels/split) to the file."),
     overwrite: shared.OverwriteFiles = False,
+    merged: bool = typer.Option(False, "--merged", help="STORE is a fine-tuned run of adapters and heads (--lora, "
+                                                        "--freeze-encoder): write a run (--out) holding the whole "
+                                                        "encoder, the adapters merged."),
 ) -> None:
     """Write a store's arrays and attributes to another format (HDF5 via h5py), with --data its labels too."""
+    if merged:  # a few lines here; the work is runs.finetuned_export's
+        from ser_cache.runs.finetuned_export import export_merged
+
+        if dest is None:
+            fail("--merged: give --out, the run directory to write")
+        from ser_cache.infra.outputs import given
+
+        writable(dest, "--out", folder=True, inputs=given("the run", store), replaced=overwrite)
+        err.print(f"wrote {guarded(export_merged, store, dest, overwrite=overwrite)}", highlight=False)
+        return
     from ser_cache.data.corpus import load_corpus
     from ser_cache.features.export import export_hdf5
     from ser_cache.features.store import FeatureStore

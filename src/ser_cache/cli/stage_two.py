@@ -28,6 +28,12 @@ TranscriptsOption = Annotated[Path | None, typer.Option(
 PreferTranscriptsOption = Annotated[bool, typer.Option(
     "--prefer-transcripts",
     help="The --transcripts table's text first, the utterance's own only where the table has none.")]
+# train-heads' and sweep's --layer (TrainHeadsConfig.layer): one hidden state of a layered store.
+LayerOption = Annotated[list[str] | None, typer.Option(
+    "--layer", metavar="K|NAME=K",
+    help="One hidden state of a store with a layer axis (extract --layers all or a list) instead of the learned "
+         "weighting of all: K (transformers numbering: 0 is the input of the first transformer layer) for every "
+         "layered input, or NAME=K for the input NAME (repeatable). K must be one of the store's layers.")]
 
 
 def _fmt(x) -> str:
@@ -113,6 +119,7 @@ def train_heads(
     objective: dict | None = None,  # --no-undersample ... --dropout: shared.OBJECTIVE_OPTIONS
     conv_dim: shared.ConvDim = shared.TRAINING.conv_dim,
     conv_dropout: shared.ConvDropout = shared.TRAINING.conv_dropout,
+    layer: LayerOption = None,
     memory_budget: shared.MemoryBudget = shared.HEADS.memory_budget_gb,
     device: shared.Device = shared.TRAINING.device,
     precision: shared.HeadsPrecision = shared.TRAINING.precision,
@@ -142,6 +149,7 @@ def train_heads(
     if tensorboard is not None and tensorboard_problem():
         fail(tensorboard_problem())
     log_to_stderr()
+    layer = tuple(layer or ())  # TrainHeadsConfig.layer
     cfg = shared.heads_config(locals())
     if config is not None:
         for note in guarded(rerun.provenance_notes, config, cfg.data):

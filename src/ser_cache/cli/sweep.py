@@ -9,7 +9,7 @@ from rich.table import Table
 
 from ser_cache.cli import shared_options as shared
 from ser_cache.cli.app import app, fail, guarded, log_to_stderr, out, writable
-from ser_cache.cli.stage_two import titled
+from ser_cache.cli.stage_two import LayerOption, titled
 
 ATTRIBUTE_COLUMNS = (("arousal", "ccc_arousal"), ("valence", "ccc_valence"), ("dominance", "ccc_dominance"),
                      ("mean", "ccc_mean"), ("balanced", "balanced_ccc_mean"))
@@ -29,7 +29,8 @@ def sweep_command(
         help="A variant: the options it changes against the base (the other options), e.g. 'no-ox: ox=drop' or "
              "'s-pred: speaker-weight=0.1 inputs=whisper+roberta'. Options: lr, weight-decay, gender-weight, "
              "speaker-weight, aam-margin, aam-scale, ox, undersample (yes/no), batch-size, dropout, conv-dropout, "
-             "hidden, conv-dim, inputs (store names joined by +, or all). Repeat for more."),
+             "hidden, conv-dim, inputs (store names joined by +, or all), layer (K or NAME=K, as --layer). Repeat "
+             "for more."),
     inputs: str = typer.Option("all",
                                help="Stores the base variant takes: names joined by + (as `info` names them), or all."),
     reference: str = typer.Option("base", help="The variant every other one is compared with."),
@@ -49,6 +50,7 @@ def sweep_command(
     objective: dict | None = None,  # --no-undersample ... --dropout: shared.OBJECTIVE_OPTIONS
     conv_dim: shared.ConvDim = shared.TRAINING.conv_dim,
     conv_dropout: shared.ConvDropout = shared.TRAINING.conv_dropout,
+    layer: LayerOption = None,
     task_options: dict | None = None,  # --task ... --class-loss-weight: shared.TASK_OPTIONS
     memory_budget: shared.MemoryBudget = shared.HEADS.memory_budget_gb,
     device: shared.Device = shared.TRAINING.device,
@@ -82,6 +84,7 @@ def sweep_command(
         fail(tensorboard_problem())
     log_to_stderr()
     variants = guarded(lambda: tuple(parse_variant(v) for v in variant or ()))  # a bad one: one line, exit 2
+    layer = tuple(layer or ())  # TrainHeadsConfig.layer
     base = shared.heads_config(locals())
     cfg = SweepConfig(base=base, seeds=seeds, variants=variants, inputs=inputs, reference=reference,
                       members_at_once=members_at_once, resamples=resamples, curves=curves)

@@ -27,7 +27,9 @@ POOLED = ("mean", "mean+std")  # one vector per utterance (or per layer)
 FRAMES = "frames"  # every valid frame of the last layer, (T_max, D) per utterance
 POOLINGS = (*POOLED, FRAMES)
 XVECTOR = "xvector"  # an x-vector encoder's own statistics pooling, as its stores' settings record it
-FRAME_KINDS = ("whisper", "wavlm")  # audio encoders with one output layer to keep frame by frame
+# Audio encoders whose hidden states can be kept frame by frame: Whisper and the self-supervised
+# families (encoders.ssl.SSL_FAMILIES), by the kind a store records.
+FRAME_KINDS = ("whisper", "wavlm", "hubert", "wav2vec2", "data2vec-audio", "wav2vec2-bert")
 
 
 class EncoderError(Exception):
@@ -294,6 +296,15 @@ def pooled_dim(d: int, pooling: str) -> int:
     return d * 2 if pooling == "mean+std" else d
 
 
+def emotion_trained(model_id: str) -> bool | None:
+    """Whether a model (by hub id) was trained on emotion labels, as the registry records it; None
+    for a model the registry does not know (a local directory, an unlisted hub id)."""
+    from ser_cache.encoders.registry import by_hub_id
+
+    entry = by_hub_id(model_id)
+    return None if entry is None else entry.emotion_trained
+
+
 class Pending:
     """Features on their way to the host: `result()` waits for the device, then returns them."""
 
@@ -359,6 +370,17 @@ class Encoder:
 
     def settings(self) -> dict:
         return {"kind": self.kind, "model_id": self.model_id, "revision": self.revision}
+
+    def describe(self) -> dict:
+        """What the encoder is, for people and for stage two (a store's "encoder" attribute, not part
+        of its fingerprint): its family, its hidden states (`n_states`) and those it keeps
+        (`layers`, in the order of a store's layer axis), hidden size, frames per second (None
+        without frames), its input ("waveform, normalised", "waveform", "log-mel", "fbank", "text"),
+        whether padding is masked, whether it was trained on emotion (None: not known), and which
+        last state it gives. Subclasses fill in what they know."""
+        return {"family": self.kind, "n_states": None, "layers": None, "hidden_size": None, "frame_rate": None,
+                "input": None, "attention_mask": None, "emotion_trained": emotion_trained(self.model_id),
+                "last_state": None}
 
     def cost(self, seconds: float) -> float:
         """Seconds of padded input one utterance costs in a batch (for batches by total seconds)."""

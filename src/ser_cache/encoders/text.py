@@ -46,6 +46,12 @@ class TextEncoder(Encoder):
     def settings(self) -> dict:
         return {**super().settings(), "pooling": self.pooling, "layer": "last", "max_tokens": self.max_tokens}
 
+    def describe(self) -> dict:
+        states = getattr(self.model.config, "num_hidden_layers", None)
+        return {**super().describe(), "n_states": None if states is None else states + 1,
+                "layers": None if states is None else [states], "hidden_size": self.hidden, "input": "text",
+                "attention_mask": True, "last_state": "last_hidden_state"}
+
     def cost(self, seconds: float) -> float:
         return 1.0
 

@@ -1,5 +1,7 @@
-"""WavLM, frozen: every hidden state pooled (for a learned layer weighting), the last one frame by
-frame (--pooling frames), or the x-vector head."""
+"""WavLM's own parts: the scaled-dot-product attention the frozen WavLM encoders run, the input
+conventions of the Wav2Vec2FeatureExtractor families, and the x-vector encoder (WavLMForXVector).
+
+The hidden states of WavLM (and HuBERT, wav2vec 2.0, data2vec-audio, W2V-BERT) are encoders.ssl's."""
 
 from __future__ import annotations
 
@@ -11,21 +13,17 @@ import torch.nn.functional as F
 
 from ser_cache.data.audio import SAMPLE_RATE
 from ser_cache.encoders.base import (
-    FRAMES,
     XVECTOR,
     Encoder,
     ResolvedModel,
     RuntimeOptions,
-    keep_frames,
     load_pretrained,
-    masked_pool,
     pad_waves,
-    pooled_dim,
     read_json,
 )
 
 
-def _quiet(forward):
+def quiet_attention(forward):
     """The stock WavLM attention (where use_sdpa_attention cannot apply) mixes a float bias with a
     boolean padding mask inside torch's MultiheadAttention, which warns on every call; the result
     is correct."""
@@ -108,21 +106,7 @@ def input_conventions(resolved: ResolvedModel, config) -> tuple[bool, bool]:
     return bool(pre.get("do_normalize", True)), bool(uses_mask)
 
 
-LAST_STATE = "after-final-layer-norm"
-
-
-def hidden_states(model: torch.nn.Module, audio: torch.Tensor, mask: torch.Tensor | None) -> list[torch.Tensor]:
-    """Every hidden state of a frozen WavLMModel as transformers 4.x returned them (L + 1 of them).
-
-    The input of each transformer layer, and last the encoder's output *after* its final layer
-    norm (models with do_stable_layer_norm, such as WavLM Large). transformers 5 returns that last
-    state before the norm; the challenge winner trained on 4.46, where it came after it.
-    """
-    out = model(audio, attention_mask=mask, output_hidden_states=True)
-    states = list(out.hidden_states)
-    if getattr(model.config, "do_stable_layer_norm", False):
-        states[-1] = out.last_hidden_state
-    return states
+LAST_STATE = "after-final-layer-norm"  # the last hidden state an SSL store holds (see encoders.ssl)
 
 
 def normalise(audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
@@ -135,119 +119,11 @@ def normalise(audio: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     return (audio - mean) / torch.sqrt(var + 1e-7) * mask
 
 
-class _WavLMBase(Encoder):
-    modality = "audio"
-
-    def prepare(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_waves(waves, pin=self.pin)
-
-    def _on_device(self, prepared) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        audio, lengths = prepared
-        audio = audio.to(self.device, non_blocking=True)
-        lengths = lengths.to(self.device, non_blocking=True)
-        if self.do_normalize:
-            audio = normalise(audio, lengths)
-        mask = None
-        if self.uses_mask:
-            mask = (torch.arange(audio.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
-        return audio, lengths, mask
-
-    def settings(self) -> dict:
-        return {**super().settings(), "max_seconds": self.max_seconds, "sample_rate": SAMPLE_RATE,
-                "normalize": self.do_normalize, "attention_mask": self.uses_mask}
-
-
-class WavLMLayersEncoder(_WavLMBase):
-    """All hidden states (CNN projection + every transformer layer), each pooled: (L+1, D)."""
-
-    kind = "wavlm"
-
-    def __init__(self, resolved: ResolvedModel, runtime: RuntimeOptions, *, pooling: str = "mean",
-                 max_seconds: float = 15.0):
-        from transformers import WavLMModel
-
-        model = load_pretrained(WavLMModel, resolved)
-        use_sdpa_attention(model)
-        self.pooling = pooling
-        self.max_seconds = max_seconds
-        self.do_normalize, self.uses_mask = input_conventions(resolved, model.config)
-        self.n_states = model.config.num_hidden_layers + 1
-        self.hidden = model.config.hidden_size
-        super().__init__(resolved, model, runtime)
-
-    @property
-    def feature_shape(self) -> tuple[int, ...]:
-        return (self.n_states, pooled_dim(self.hidden, self.pooling))
-
-    def settings(self) -> dict:
-        # "last_state": the last hidden state is taken after the encoder's final layer norm, as
-        # transformers 4.x returned it and the challenge winner trained on (stores built before
-        # this setting existed held it before that norm, and are refused by their fingerprint).
-        return {**super().settings(), "pooling": self.pooling, "layer": "all", "last_state": LAST_STATE}
-
-    @_quiet
-    def _forward(self, prepared) -> torch.Tensor:
-        audio, lengths, mask = self._on_device(prepared)
-        states = hidden_states(self.model, audio, mask)
-        frames = self.model._get_feat_extract_output_lengths(lengths).long()
-        pooled = [masked_pool(h, frames, self.pooling) for h in states]
-        return torch.stack(pooled, dim=1)
-
-
-class WavLMFramesEncoder(_WavLMBase):
-    """The last hidden state (after the final layer norm, as `hidden_states` gives it) at every
-    valid frame: (T_max, D), zeros past each clip's `frame_counts`; 50 frames per second."""
-
-    kind = "wavlm"
-
-    def __init__(self, resolved: ResolvedModel, runtime: RuntimeOptions, *, max_seconds: float = 15.0):
-        from transformers import WavLMModel
-
-        model = load_pretrained(WavLMModel, resolved)
-        use_sdpa_attention(model)
-        self.pooling = FRAMES
-        self.max_seconds = max_seconds
-        # The crop audio.load applies: a clip handed to `encode` directly is cut the same way as
-        # one decoded by extract, so both give the same row.
-        self.max_samples = int(round(max_seconds * SAMPLE_RATE))
-        self.do_normalize, self.uses_mask = input_conventions(resolved, model.config)
-        self.hidden = model.config.hidden_size
-        self.t_max = int(model._get_feat_extract_output_lengths(torch.tensor(int(max_seconds * SAMPLE_RATE))))
-        super().__init__(resolved, model, runtime)
-
-    @property
-    def frame_level(self) -> bool:
-        return True
-
-    @property
-    def feature_shape(self) -> tuple[int, ...]:
-        return (self.t_max, self.hidden)
-
-    def frame_counts(self, n_samples: np.ndarray) -> np.ndarray:
-        n = torch.from_numpy(np.minimum(np.asarray(n_samples, dtype=np.int64), self.max_samples))
-        return self._counts(n).numpy().astype(np.int64)
-
-    def _counts(self, n_samples: torch.Tensor) -> torch.Tensor:
-        """The CNN's output length (0 for a clip shorter than its first kernel), at most T_max."""
-        return self.model._get_feat_extract_output_lengths(n_samples).long().clamp(0, self.t_max)
-
-    def settings(self) -> dict:
-        return {**super().settings(), "pooling": FRAMES, "layer": "last", "last_state": LAST_STATE}
-
-    def prepare(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-        return pad_waves([w[:self.max_samples] for w in waves], pin=self.pin)
-
-    @_quiet
-    def _forward(self, prepared) -> torch.Tensor:
-        audio, lengths, mask = self._on_device(prepared)
-        last = hidden_states(self.model, audio, mask)[-1]
-        return keep_frames(last, self._counts(lengths), self.t_max)
-
-
-class XVectorEncoder(_WavLMBase):
+class XVectorEncoder(Encoder):
     """The speaker-verification head's x-vector (WavLMForXVector.embeddings), one vector per utterance."""
 
     kind = "xvector"
+    modality = "audio"
     pooling = XVECTOR  # its own statistics pooling, what a store's settings record
 
     def __init__(self, resolved: ResolvedModel, runtime: RuntimeOptions, *, max_seconds: float = 15.0):
@@ -267,9 +143,25 @@ class XVectorEncoder(_WavLMBase):
         return (self.dim,)
 
     def settings(self) -> dict:
-        return {**super().settings(), "pooling": self.pooling}
+        return {**super().settings(), "max_seconds": self.max_seconds, "sample_rate": SAMPLE_RATE,
+                "normalize": self.do_normalize, "attention_mask": self.uses_mask, "pooling": self.pooling}
 
-    @_quiet
+    def describe(self) -> dict:
+        return {**super().describe(), "family": "wavlm-xvector", "hidden_size": self.dim,
+                "input": "waveform, normalised" if self.do_normalize else "waveform",
+                "attention_mask": self.uses_mask, "last_state": "x-vector head"}
+
+    def prepare(self, waves: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        return pad_waves(waves, pin=self.pin)
+
+    @quiet_attention
     def _forward(self, prepared) -> torch.Tensor:
-        audio, _, mask = self._on_device(prepared)
+        audio, lengths = prepared
+        audio = audio.to(self.device, non_blocking=True)
+        lengths = lengths.to(self.device, non_blocking=True)
+        if self.do_normalize:
+            audio = normalise(audio, lengths)
+        mask = None
+        if self.uses_mask:
+            mask = (torch.arange(audio.shape[1], device=self.device)[None, :] < lengths[:, None]).long()
         return self.model(audio, attention_mask=mask).embeddings

@@ -12,6 +12,13 @@ Two windows:
 Pooling "frames" keeps the last layer (after the final layer norm) at every valid position instead
 of pooling it: (T_max, D) per clip, zeros past its `frame_counts`, T_max = 750 in the window and
 the positions of --max-seconds when trimmed.
+
+`layers` (--layers) keeps other hidden states, numbered as transformers numbers them: 0 the input of
+the first layer (convolutions plus positions), k the output of layer k, and the last one the
+encoder's output after its final layer norm (`layer_norm`), which is also what transformers 5's
+WhisperEncoder returns as hidden_states[-1] (it ties the last hidden state to last_hidden_state).
+One state gives the shapes above; several give a layer axis: (L_sel, D') pooled, (T_max, L_sel, D)
+frames. The encoder runs once whatever the choice.
 """
 
 from __future__ import annotations
@@ -36,6 +43,7 @@ from ser_cache.encoders.base import (
     pooled_dim,
     quiet_loading,
 )
+from ser_cache.encoders.layers import has_layer_axis, layer_setting, parse_layers
 
 N_FFT = 400  # 25 ms window at 16 kHz
 HOP_LENGTH = 160  # 10 ms: 100 mel frames per second
@@ -45,6 +53,7 @@ WINDOW_SAMPLES = WINDOW_SECONDS * SAMPLE_RATE
 WINDOW_FRAMES = WINDOW_SAMPLES // HOP_LENGTH  # 1,500 mel frames
 WINDOW_POSITIONS = WINDOW_FRAMES // 2  # 750 encoder positions
 WINDOWS = ("window", "trimmed")
+LAST_STATE = "after-final-layer-norm"  # the encoder's output, as hidden_states[-1] in transformers 5
 
 
 def mel_filters(source: str, n_mels: int, local_only: bool) -> np.ndarray:
@@ -98,7 +107,7 @@ class WhisperAudioEncoder(Encoder):
     modality = "audio"
 
     def __init__(self, resolved: ResolvedModel, runtime: RuntimeOptions, *, window: str = "window",
-                 pooling: str = "mean", max_seconds: float = WINDOW_SECONDS):
+                 pooling: str = "mean", max_seconds: float = WINDOW_SECONDS, layers: str | None = None):
         if window not in WINDOWS:
             raise EncoderError(f"--window {window}: expected one of {', '.join(WINDOWS)}")
         if window == "window" and max_seconds > WINDOW_SECONDS:
@@ -124,16 +133,24 @@ class WhisperAudioEncoder(Encoder):
         self.hidden = encoder.config.d_model
         self.attn_impl = encoder.config._attn_implementation
         self.t_max = need  # the most positions a (cropped) clip can fill
+        self.n_states = len(encoder.layers) + 1
+        self.layers = parse_layers("last" if layers is None else layers, self.n_states)
+        self.layer = layer_setting(self.layers, self.n_states)
 
     @property
     def frame_level(self) -> bool:
         return self.pooling == FRAMES
 
     @property
+    def layer_axis(self) -> bool:
+        return has_layer_axis(self.layer)
+
+    @property
     def feature_shape(self) -> tuple[int, ...]:
+        axis = (len(self.layers),) if self.layer_axis else ()
         if self.frame_level:
-            return (self.t_max, self.hidden)
-        return (pooled_dim(self.hidden, self.pooling),)
+            return (self.t_max, *axis, self.hidden)
+        return (*axis, pooled_dim(self.hidden, self.pooling))
 
     def frame_counts(self, n_samples: np.ndarray) -> np.ndarray:
         if not self.frame_level:
@@ -151,7 +168,12 @@ class WhisperAudioEncoder(Encoder):
 
     def settings(self) -> dict:
         return {**super().settings(), "window": self.window, "pooling": self.pooling, "max_seconds": self.max_seconds,
-                "sample_rate": SAMPLE_RATE, "layer": "last"}
+                "sample_rate": SAMPLE_RATE, "layer": self.layer}
+
+    def describe(self) -> dict:
+        return {**super().describe(), "family": "whisper", "n_states": self.n_states, "layers": list(self.layers),
+                "hidden_size": self.hidden, "frame_rate": SAMPLE_RATE / POSITION_SAMPLES, "input": "log-mel",
+                "attention_mask": self.window == "trimmed", "last_state": LAST_STATE}
 
     def cost(self, seconds: float) -> float:
         return float(WINDOW_SECONDS) if self.window == "window" else seconds
@@ -179,17 +201,27 @@ class WhisperAudioEncoder(Encoder):
             mask = keep[:, None, None, :]
             if self.attn_impl == "eager":
                 mask = torch.zeros(mask.shape, device=self.device).masked_fill(~mask, torch.finfo(torch.float32).min)
-        hidden = self._encode_mel(mel, n_pos, mask)
+        states = self._encode_mel(mel, n_pos, mask)
         if self.frame_level:
-            return keep_frames(hidden, positions, self.t_max)
-        return masked_pool(hidden, positions, self.pooling)
+            kept = [keep_frames(h, positions, self.t_max) for h in states]
+        else:
+            kept = [masked_pool(h, positions, self.pooling) for h in states]
+        return torch.stack(kept, dim=-2) if self.layer_axis else kept[0]
 
-    def _encode_mel(self, mel: torch.Tensor, n_pos: int, mask: torch.Tensor | None) -> torch.Tensor:
-        """The encoder's own layers, run on any number of positions up to its table's length."""
+    def _encode_mel(self, mel: torch.Tensor, n_pos: int, mask: torch.Tensor | None) -> list[torch.Tensor]:
+        """The encoder's own layers, run on any number of positions up to its table's length: the
+        chosen hidden states (`self.layers`), in order, the last after the final layer norm."""
         enc = self.model
+        wanted = set(self.layers)
+        last = len(enc.layers)
+        states = []
         h = F.gelu(enc.conv1(mel.to(enc.conv1.weight.dtype)))
         h = F.gelu(enc.conv2(h)).permute(0, 2, 1)
         h = h + enc.embed_positions.weight[:n_pos]
-        for layer in enc.layers:
+        for k, layer in enumerate(enc.layers):
+            if k in wanted:
+                states.append(h)
             h = layer(h, mask)
-        return enc.layer_norm(h)
+        if last in wanted:
+            states.append(enc.layer_norm(h))
+        return states

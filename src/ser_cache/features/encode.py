@@ -257,18 +257,33 @@ def _finish(encoder, helper, rows, inputs, seconds, pending, resolve, timings) -
 # --------------------------------------------------------------------------- in memory
 
 
+def layers_spec(setting) -> str | None:
+    """The `--layers` value that gives a store's "layer" setting again (layers.layer_setting's forms:
+    "last", "all", an index, a list of indices); None for a store without the setting."""
+    if setting is None:
+        return None
+    if isinstance(setting, list):
+        return ",".join(str(int(i)) for i in setting)
+    return str(setting)
+
+
 def encoder_for_store(attrs: dict, *, device: str = "auto", precision: str = "auto", model: str | None = None):
-    """Load the encoder a store was built with (same kind, window, pooling, crop), e.g. to featurise new audio.
+    """Load the encoder a store was built with (same kind, window, pooling, crop, hidden states), e.g. to
+    featurise new audio.
 
     `model` overrides where the weights are (a local copy of the same model); the result's
     fingerprint-relevant settings still have to match the store's, which the caller checks.
     """
-    from ser_cache.encoders import load_encoder
+    from ser_cache.encoders import LAYERED_KINDS, load_encoder
 
     settings = attrs.get("settings", {})
+    # Only an encoder with hidden states to choose from takes --layers (a text store's settings say
+    # "last" of its one output, an x-vector's nothing).
+    layers = layers_spec(settings.get("layer")) if attrs.get("kind") in LAYERED_KINDS else None
     return load_encoder(model or attrs["model_id"], kind=attrs.get("kind"), device=device, precision=precision,
                         window=settings.get("window") or None, pooling=settings.get("pooling") or "mean",
-                        max_seconds=float(settings.get("max_seconds") or audio_lib.DEFAULT_MAX_SECONDS))
+                        max_seconds=float(settings.get("max_seconds") or audio_lib.DEFAULT_MAX_SECONDS),
+                        **({"layers": layers} if layers is not None else {}))
 
 
 def compute_features(encoder, utts: list[Utterance], *, max_seconds: float = audio_lib.DEFAULT_MAX_SECONDS,
@@ -302,15 +317,15 @@ def compute_features(encoder, utts: list[Utterance], *, max_seconds: float = aud
     finally:
         decoder.close()
     if encoder.frame_level:
-        return _pack(rows, encoder.feature_shape[-1]), errors
+        return _pack(rows, encoder.feature_shape[1:]), errors
     return feats, errors
 
 
-def _pack(rows: list, dim: int):
-    """Frames holding `rows` ((T_i, D) arrays, None for none) end to end, in float16."""
+def _pack(rows: list, frame_shape: tuple[int, ...]):
+    """Frames holding `rows` ((T_i, *frame_shape) arrays, None for none) end to end, in float16."""
     from ser_cache.features.frames import Frames
 
-    out = Frames.empty([0 if r is None else len(r) for r in rows], dim, dtype=STORE_DTYPE)
+    out = Frames.empty([0 if r is None else len(r) for r in rows], frame_shape, dtype=STORE_DTYPE)
     for i, r in enumerate(rows):
         if r is not None:
             out.set_row(i, r)

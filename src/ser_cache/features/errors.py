@@ -1,5 +1,5 @@
 """The errors of stage one, below every module that raises them; each is re-exported where its users
-know it: `ser_cache.features.store.StoreError`, `ser_cache.features.extract.ExtractError`."""
+know it: `ser_cache.features.errors.StoreError`, `ser_cache.features.errors.ExtractError`."""
 
 from __future__ import annotations
 

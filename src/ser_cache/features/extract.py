@@ -18,15 +18,23 @@ rows in them (results for rows already done are dropped). See `_run` and encode.
 With --pooling frames a row is the encoder's last layer at each of the clip's valid frames; the
 chunk buffers then also hold each row's frame count, written with the chunk (store.py).
 
+--layers chooses the hidden states an audio encoder keeps (encoders/layers.py): pooled stores of
+several states hold (L, D) rows, frame stores (T, L, D). The choice is in the settings (and so the
+fingerprint); what the encoder is (family, states held, hidden size, frame rate, input
+convention) goes into the store's attribute "encoder" (Encoder.describe()), which is not
+fingerprinted. Before the run, rank 0 hands `announce` the store's estimated size (`SizeEstimate`):
+a frame store of every layer is L times a last-layer one, which the user should see first.
+
 A text encoder reads each row's text through transcripts.attach: the corpus's transcript, or
 the --transcripts table's where the corpus has none (first with --prefer-transcripts). Before
 encoding, rank 0 writes which text feeds which row to `<name>.transcripts.csv` and refuses a
-rerun that would give a row already written other text (see `_record_transcripts`).
+rerun that would give a row already written other text (see `record_transcripts`).
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -37,27 +45,19 @@ from ser_cache.data import audio as audio_lib
 from ser_cache.data.corpus import load_corpus
 from ser_cache.data.records import Utterance
 from ser_cache.data.transcripts import (
-    RECORD_ATTR,
-    TranscriptError,
     TranscriptTable,
     attach,
-    counts,
-    file_sha256,
-    load_table,
-    read_record,
-    record_attr,
-    record_bytes,
     record_path,
-    record_problem,
-    text_sha1,
-    write_record,
 )
 from ser_cache.features.decoding import Decoder
 from ser_cache.features.encode import encode_rows, new_timings, plan_units
-from ser_cache.features.errors import ExtractError
+from ser_cache.features.errors import ExtractError, StoreError
 from ser_cache.features.report import ReportWriter, merge_reports, report_path
-from ser_cache.features.store import STORE_DTYPE, FeatureStore, StoreError, StoreLock, remove_store
+from ser_cache.features.size_estimate import SizeEstimate, estimate_size
+from ser_cache.features.store import STORE_DTYPE, FeatureStore, remove_store
+from ser_cache.features.store_lock import StoreLock
 from ser_cache.features.store_ref import default_store_name, fingerprint, ids_digest, settings_differences
+from ser_cache.features.text_record import TextChanged, load_transcript_table, record_transcripts
 from ser_cache.infra.atomic import naming_disk_full
 from ser_cache.version import __version__
 
@@ -78,6 +78,7 @@ class ExtractConfig:
     kind: str | None = None
     window: str | None = None  # Whisper's input: "window" (its default) or "trimmed"; refused for other encoders
     pooling: str = "mean"
+    layers: str | None = None  # --layers: all, last, or indices and ranges; None: the encoder's default
     max_seconds: float = audio_lib.DEFAULT_MAX_SECONDS
     batch_seconds: float = 600.0
     batch_texts: int = 64
@@ -145,8 +146,11 @@ def store_path(cfg: ExtractConfig) -> Path:
     return Path(cfg.out) / f"{cfg.name or default_store_name(cfg.model, cfg.pooling)}.zarr"
 
 
-def extract(cfg: ExtractConfig) -> ExtractResult:
-    """Run stage one as configured; returns what this process did (rank 0: the store's totals)."""
+def extract(cfg: ExtractConfig, *, announce: Callable[[SizeEstimate], None] | None = None) -> ExtractResult:
+    """Run stage one as configured; returns what this process did (rank 0: the store's totals).
+
+    `announce`: called on rank 0 with the store's estimated size once the store is ready and before
+    any row is encoded, unless every row is done (the CLI prints it)."""
     from ser_cache.encoders import load_encoder
     from ser_cache.infra import distributed
 
@@ -157,9 +161,9 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
     if not utts:
         raise ExtractError(f"--data {cfg.data}: no "
                            f"utterances{' in split(s) ' + ', '.join(cfg.splits) if cfg.splits else ''}")
-    table = _load_table(cfg.transcripts) if cfg.transcripts is not None else None
+    table = load_transcript_table(cfg.transcripts) if cfg.transcripts is not None else None
     encoder = load_encoder(cfg.model, kind=cfg.kind, device=dist.device(cfg.device), precision=cfg.precision,
-                           window=cfg.window, pooling=cfg.pooling, max_seconds=cfg.max_seconds)
+                           window=cfg.window, pooling=cfg.pooling, max_seconds=cfg.max_seconds, layers=cfg.layers)
     sources = None
     if encoder.modality == "text":
         utts, sources = attach(utts, table, prefer=cfg.prefer_transcripts)
@@ -190,6 +194,8 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         raise ExtractError(setup_error)
     try:
         store = FeatureStore.open(path, mode="r+")
+        if announce is not None and dist.is_main and not store.attrs.get("complete"):
+            announce(estimate_size(encoder, utts, path, cfg.max_seconds))
         t_loop = time.perf_counter()
         computed, audio_seconds, skipped, timings = _run(cfg, dist, encoder, utts, store)
         loop_seconds = time.perf_counter() - t_loop
@@ -213,10 +219,6 @@ def extract(cfg: ExtractConfig) -> ExtractResult:
         distributed.shutdown(dist)
 
 
-class _TextChanged(ExtractError):
-    """Rows already written would get other text; --overwrite rebuilds the store."""
-
-
 def _prepare_store(path: Path, cfg: ExtractConfig, encoder, ids: list[str], settings: dict, utts: list[Utterance],
                    sources: list[str | None] | None, table: TranscriptTable | None) -> dict[str, int] | None:
     """Open or create the store (rank 0, locked); for a text store, check and write its transcript record."""
@@ -224,14 +226,14 @@ def _prepare_store(path: Path, cfg: ExtractConfig, encoder, ids: list[str], sett
     if sources is None:
         return None
     try:
-        return _record_transcripts(path, cfg, utts, sources, table)
-    except _TextChanged:
+        return record_transcripts(path, cfg, utts, sources, table)
+    except TextChanged:
         if not cfg.overwrite:
             raise
         remove_store(path)  # same settings, other text: --overwrite rebuilds it as for other settings
         report_path(path).unlink(missing_ok=True)
         _open_or_create(path, cfg, encoder, ids, settings)
-        return _record_transcripts(path, cfg, utts, sources, table)
+        return record_transcripts(path, cfg, utts, sources, table)
 
 
 def _open_or_create(path: Path, cfg: ExtractConfig, encoder, ids: list[str], settings: dict) -> None:
@@ -275,6 +277,7 @@ def _open_or_create(path: Path, cfg: ExtractConfig, encoder, ids: list[str], set
         "sample_rate": settings.get("sample_rate"),
         "settings": settings,
         "fingerprint": fp,
+        **({"encoder": described} if (described := encoder.describe()) else {}),
         "package_version": __version__,
         "corpus": str(cfg.data),
         "splits": list(cfg.splits),
@@ -285,74 +288,10 @@ def _open_or_create(path: Path, cfg: ExtractConfig, encoder, ids: list[str], set
                         frames=encoder.frame_level)
 
 
-def _load_table(path: Path) -> TranscriptTable:
-    try:
-        return load_table(path)
-    except TranscriptError as exc:
-        raise ExtractError(str(exc)) from None
-
-
-def _record_transcripts(path: Path, cfg: ExtractConfig, utts: list[Utterance], sources: list[str | None],
-                        table: TranscriptTable | None) -> dict[str, int]:
-    """Write which text feeds which row (`<name>.transcripts.csv`, store attribute "transcripts"); returns the counts.
-
-    Runs on rank 0 before any row is encoded, with the store locked. Rows this run computes
-    (pending, and failed ones with --retry-failed) take this run's text. A row already written
-    keeps its entry, and if this run would feed it other text (another table, --prefer-transcripts
-    given or not, a transcript edited since) the run is refused: the store would no longer say
-    which text its rows hold. Written before encoding, the record of a killed run already names
-    the text of every row it may have written, so its resume is checked the same way. A store with
-    written rows whose record is missing, or is not the one the store vouches for (its sha256 in
-    the store's attributes), is refused too: nothing says which text those rows hold.
-    """
-    store = FeatureStore.open(path, mode="r+")
-    written, failed = store.flags()
-    computed = ~written if cfg.retry_failed else ~(written | failed)
-    record_file = record_path(path)
-    problem = record_problem(record_file, store.attrs) if written.any() else None
-    if problem:
-        raise _TextChanged(f"{path}: {problem}, so nothing says which text its {int(written.sum())} written row(s) "
-                           "were encoded from; restore the record, or pass --overwrite to rebuild the store")
-    try:
-        old = read_record(record_file)
-    except TranscriptError as exc:
-        raise _TextChanged(f"{exc}; pass --overwrite to rebuild the store and its record") from None
-    rows, changed = [], []
-    for i, (u, source) in enumerate(zip(utts, sources)):
-        now = (u.id, source or "none", text_sha1(u.text if source else None))
-        before = old.get(u.id)
-        if computed[i] or before is None:
-            rows.append(now)
-            continue
-        if written[i] and before[1] != now[2]:
-            changed.append(u.id)
-        rows.append((u.id, *before))
-    if changed:
-        shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
-        given = f"--transcripts {cfg.transcripts}" if cfg.transcripts is not None else "no --transcripts"
-        raise _TextChanged(
-            f"{path}: {len(changed)} row(s) already written were encoded from other text than this run gives them "
-            f"({given}{', --prefer-transcripts' if cfg.prefer_transcripts else ''}): {shown}; see {record_file.name}. "
-            "Pass the transcripts the store was built with, or --overwrite to rebuild it"
-        )
-    data = record_bytes(rows)
-    # The store vouches for the record first: a kill between the two writes leaves the old record,
-    # which the attribute still names as the previous one.
-    store.update_attrs(**{RECORD_ATTR: record_attr(data, file_sha256(record_file))})
-    write_record(record_file, data)
-    totals = counts(None if s == "none" else s for _, s, _ in rows)
-    store.update_attrs(transcripts={
-        "table": None if table is None else str(table.path),
-        "table_sha256": None if table is None else table.sha256,
-        "asr": None if table is None else table.asr,
-        "prefer": bool(cfg.prefer_transcripts),
-        "rows": totals,
-    })
-    return totals
-
-
 def _differences(old: dict, new: dict) -> str:
     diffs = settings_differences(old, new, labels=("store has", "this run"))
+    if old.get("layer") != new.get("layer"):  # say which option chose them
+        diffs = [d + " (the hidden states kept: --layers)" if d.startswith("layer:") else d for d in diffs]
     return "; ".join(diffs) if diffs else "unknown settings"
 
 

@@ -260,7 +260,8 @@ class StoreChecks:
             if n > 0 and not block[i, n - 1].any():
                 why = f"frame {n - 1} is all zeros: the count is larger than the frames written"
             elif n < width and (block[i, n:].any() if whole else block[i, n].any()):
-                k = n + int(np.flatnonzero(block[i, n:].any(axis=-1))[0]) if whole else n
+                past = block[i, n:].reshape(block.shape[1] - n, -1)  # (frames, everything in a frame)
+                k = n + int(np.flatnonzero(past.any(axis=1))[0]) if whole else n
                 why = f"frame {k}, past the count, is not all zeros: the count is smaller than the frames written"
             if why:
                 chunk = r // self.chunk_rows

@@ -5,7 +5,7 @@ Layout (documented for other tools in docs/feature-store.md):
     <name>.zarr/
         zarr.json        group attributes: model id/revision, kind, window, pooling, ... fingerprint
         ids/             (N,)  string   the corpus's utterance ids, in row order
-        features/        (N, D) or (N, L, D)  float16, or (N, T, D) in a frame store (below)
+        features/        (N, D) or (N, L, D)  float16, or (N, T, D) / (N, T, L, D) in a frame store (below)
         written/         (N,)  bool     row holds a valid feature vector
         failed/          (N,)  bool     row could not be computed (reason in <name>.errors.csv)
         frames/          (N,)  int32    frame stores only: valid frames of each row
@@ -14,6 +14,8 @@ A frame store (`extract --pooling frames`, attribute pooling="frames") keeps one
 encoder frame: row i's valid frames are features[i, :frames[i]], and the rest of the row is zeros
 up to T, the most frames any clip can have. Those zeros cost almost nothing on disk (the chunks
 are compressed), and readers pack the valid frames end to end (`read_frames`, frames.Frames).
+A frame store of several hidden states (`--layers`) has rows (T, L, D): a frame is one vector per
+state held (the attribute "encoder" lists them), and read_frames can keep a single one of them.
 
 Why whole chunks: Zarr v3 writes a chunk as one object. Two writers touching different rows of
 the same chunk each rewrite the whole object and one of them loses; appending row by row is
@@ -45,6 +47,11 @@ FORMAT = "ser-cache-features"
 FORMAT_VERSION = 1
 STORE_DTYPE = "float16"
 TARGET_CHUNK_BYTES = 4 << 20  # ~4 MiB of features per chunk: large sequential writes, cheap resume
+MIN_CHUNK_ROWS = 16
+# A frame store of several layers has rows of T × L × D (Whisper large, every state: 750 × 33 × 1280,
+# 63 MB a row): 16 of them would be 1 GB a chunk, decoded whole by every read. Such rows get fewer
+# rows a chunk, down to one, keeping a chunk within this; stores without that axis are chunked as always.
+MAX_LAYERED_CHUNK_BYTES = 64 << 20
 
 log = logging.getLogger(__name__)
 
@@ -57,11 +64,16 @@ def _codecs() -> dict:
 
 
 def chunk_rows_for(feature_shape: tuple[int, ...], n_rows: int) -> int:
-    """Rows per chunk: a power of two giving about TARGET_CHUNK_BYTES, between 16 and 8192."""
+    """Rows per chunk: a power of two giving about TARGET_CHUNK_BYTES, between 16 and 8192; for the
+    (T, L, D) rows of a frame store with a layer axis, fewer than 16 (down to 1) where 16 would pass
+    MAX_LAYERED_CHUNK_BYTES."""
     row_bytes = int(np.prod(feature_shape)) * np.dtype(STORE_DTYPE).itemsize
-    rows = 16
+    rows = MIN_CHUNK_ROWS
     while rows * 2 * row_bytes <= TARGET_CHUNK_BYTES and rows < 8192:
         rows *= 2
+    if len(feature_shape) >= 3:
+        while rows > 1 and rows * row_bytes > MAX_LAYERED_CHUNK_BYTES:
+            rows //= 2
     return max(1, min(rows, max(n_rows, 1)))
 
 
@@ -86,7 +98,8 @@ class FeatureStore(StoreChecks):
     ) -> FeatureStore:
         """Create an empty store atomically: built beside the target, then renamed into place.
 
-        `frames`: a frame store; feature_shape is (T, D), T the most frames a row can have.
+        `frames`: a frame store; feature_shape is (T, D), T the most frames a row can have, or
+        (T, L, D) with a layer axis.
         """
         import zarr
 
@@ -113,8 +126,9 @@ class FeatureStore(StoreChecks):
         for flag in ("written", "failed"):
             g.create_array(flag, shape=(n,), dtype=bool, chunks=(rows,), fill_value=False, **_codecs())
         if frames:
-            if len(feature_shape) != 2:
-                raise StoreError(f"{path}: a frame store needs a (frames, dim) feature shape, got {feature_shape}")
+            if len(feature_shape) not in (2, 3):
+                raise StoreError(f"{path}: a frame store needs a (frames, dim) or (frames, layers, dim) feature "
+                                 f"shape, got {feature_shape}")
             g.create_array("frames", shape=(n,), dtype="int32", chunks=(rows,), fill_value=0, **_codecs())
         os.replace(tmp, path)
         return cls.open(path, mode="r+")
@@ -198,6 +212,20 @@ class FeatureStore(StoreChecks):
     def is_frames(self) -> bool:
         """A frame store: one vector per encoder frame (see the module docstring)."""
         return "frames" in self._member_names()
+
+    @property
+    def frame_shape(self) -> tuple[int, ...]:
+        """What one frame of a frame store is: (D,), or (L, D) with a layer axis."""
+        return tuple(self.feature_shape[1:])
+
+    @property
+    def layer_axis(self) -> int | None:
+        """L, the hidden states along the store's layer axis: the second of a pooled (L, D) row, the
+        third of a frame store's (T, L, D) row; None for a store without one."""
+        shape = self.feature_shape
+        if self.is_frames:
+            return int(shape[1]) if len(shape) == 3 else None
+        return int(shape[0]) if len(shape) == 2 else None
 
     @property
     def fingerprint(self) -> str:
@@ -310,11 +338,13 @@ class FeatureStore(StoreChecks):
                 raise StoreError(problems_message(self.path, problems))
         return counts
 
-    def read_frames(self, rows: np.ndarray | None = None):
+    def read_frames(self, rows: np.ndarray | None = None, *, layer: int | None = None):
         """(ids, frames.Frames, written) of a frame store: the valid frames of `rows` (default: all),
         packed end to end in that order, read whole chunk by chunk (never row by row), float16.
 
         Rows not written come back empty (0 frames). Memory is the packed frames plus one chunk.
+        `layer`: in a store with a layer axis, keep only that position along it (frames of (D,)
+        instead of (L, D)), so the packed frames take 1/L of the memory.
         """
         from ser_cache.features.frames import Frames
 
@@ -322,7 +352,13 @@ class FeatureStore(StoreChecks):
         written = self.read_array("written")
         counts = np.where(written, self.frame_counts(), 0)
         rows = np.arange(self.n_rows) if rows is None else np.asarray(rows, dtype=np.int64)
-        out = Frames.empty(counts[rows], self.feature_shape[1], dtype=STORE_DTYPE)
+        frame_shape = self.frame_shape
+        if layer is not None:
+            if len(frame_shape) != 2 or not 0 <= layer < frame_shape[0]:
+                held = f"positions 0-{frame_shape[0] - 1}" if len(frame_shape) == 2 else "no layer axis"
+                raise StoreError(f"{self.path}: layer position {layer} asked for, but the store has {held}")
+            frame_shape = frame_shape[1:]
+        out = Frames.empty(counts[rows], frame_shape, dtype=STORE_DTYPE)
         if rows.size == 0:
             return ids, out, written
         chunk_of = rows // self.chunk_rows
@@ -341,6 +377,8 @@ class FeatureStore(StoreChecks):
             problems = self._disagreements(block, start, counts, written, whole=False)
             if problems:
                 raise StoreError(problems_message(self.path, problems))
+            if layer is not None:
+                block = block[:, :, layer]
             for j in where.tolist():
                 r = int(rows[j])
                 out.set_row(j, block[r - start, : counts[r]])
@@ -349,15 +387,16 @@ class FeatureStore(StoreChecks):
     def frame_summary(self, written: np.ndarray | None = None, size_bytes: int | None = None) -> dict:
         """A frame store's figures: valid frames per written row, and what they cost on disk.
 
-        `frames_bytes` is what the valid frames alone take in float16 (sum of counts × D × 2), the
-        floor any layout could reach; `size_bytes` is what the store takes, padding and ids included.
+        `frames_bytes` is what the valid frames alone take in float16 (sum of counts × D × 2, × L with
+        a layer axis), the floor any layout could reach; `size_bytes` is what the store takes, padding
+        and ids included. A store with a layer axis adds `layers` (L).
         """
         written = self.flags()[0] if written is None else written
         size = _dir_size(self.path) if size_bytes is None else size_bytes
         # Unchecked (clipped): `info` shows a damaged store's figures and warns (verify names the rows).
         counts = np.clip(self.frame_counts(check=False), 0, self.feature_shape[0])[written]
         n = int(written.sum())
-        frames_bytes = int(counts.sum()) * self.feature_shape[1] * np.dtype(STORE_DTYPE).itemsize
+        frames_bytes = int(counts.sum()) * int(np.prod(self.frame_shape)) * np.dtype(STORE_DTYPE).itemsize
         return {
             "rows_written": n,
             "max_frames_per_row": self.feature_shape[0],
@@ -367,6 +406,7 @@ class FeatureStore(StoreChecks):
             "frames_bytes": frames_bytes,
             "frames_bytes_per_row": frames_bytes / n if n else 0.0,
             "size_bytes_per_row": size / n if n else 0.0,
+            **({"layers": self.layer_axis} if self.layer_axis is not None else {}),
         }
 
     def summary(self) -> dict:
@@ -392,6 +432,7 @@ class FeatureStore(StoreChecks):
             "package_version": a.get("package_version"),
             "size_bytes": size,
             **frames,
+            **({"encoder": a["encoder"]} if a.get("encoder") else {}),  # what extract recorded of its encoder
             **({"transcripts": a["transcripts"]} if a.get("transcripts") else {}),  # a text store's sources of text
         }
 
@@ -400,42 +441,6 @@ def remove_store(path: Path) -> None:
     """Delete a store, but only one that is recognisably a ser-cache store (never an arbitrary folder)."""
     FeatureStore.open(path, check=False)  # raises for anything else; a damaged store may still be removed
     shutil.rmtree(path)
-
-
-class StoreLock:
-    """An exclusive lock on a store for one run: a second concurrent run is refused, never interleaved.
-
-    locks.FileLock on `<store>.lock`: the kernel releases it when the process dies (kill -9
-    included), and the file is removed when the extraction ends.
-    """
-
-    def __init__(self, store_path: Path):
-        from ser_cache.infra import locks
-
-        self._lock = locks.FileLock(store_path)
-        self.path = self._lock.path
-        self._store = Path(store_path)
-
-    def acquire(self) -> None:
-        from ser_cache.infra import locks
-
-        try:
-            self._lock.acquire()
-        except locks.Held as exc:
-            raise StoreError(
-                f"{self._store}: another extraction is writing this store ({exc.holder}); "
-                "wait for it to finish (a second run would interleave writes)"
-            ) from None
-
-    def release(self) -> None:
-        self._lock.release()
-
-    def __enter__(self) -> StoreLock:
-        self.acquire()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 def _open_group(path: Path, mode: str):

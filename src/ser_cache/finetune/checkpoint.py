@@ -34,7 +34,7 @@ from ser_cache.runs.checkpoint_file import (
     read_checkpoint,
     refuse_legacy,
 )
-from ser_cache.system.rows import TrainError
+from ser_cache.system.errors import TrainError
 
 log = logging.getLogger(__name__)
 
@@ -63,17 +63,21 @@ def init_from_run(model, run_dir: Path) -> None:
     """
     from safetensors.torch import load_file
 
-    from ser_cache.runs.predict import is_finetuned
     from ser_cache.system.finetuned import model_state
 
-    config = rundir.read_config(run_dir)
-    if not is_finetuned(config):
-        raise TrainError(f"--init-from {run_dir}: not a fine-tuned WavLM run (its system is "
-                         f"{config.get('system', 'heads on cached features')!r})")
+    config = check_init_run(model, run_dir)
     weights = Path(run_dir) / layout.WEIGHTS
     if not weights.is_file():
         raise TrainError(f"--init-from {run_dir}: {layout.WEIGHTS} is missing")
-    theirs = model_state(load_file(str(weights)))
+    if run_lora(run_dir) is not None or config[model.encoder_attr].get("weights") == "base":
+        import torch
+
+        from ser_cache.runs.finetuned_run import load_finetuned
+
+        with torch.random.fork_rng():  # rebuilding the run's model draws nothing from this run's generators
+            theirs = load_finetuned(Path(run_dir), config).state_dict()  # its base model and adapters
+    else:
+        theirs = model_state(load_file(str(weights)))
     ours = model.state_dict()
     optional = ("heads.gender.", "heads.speaker.", "heads.classifier.")
     unwanted = optional if model.heads.attributes else (*optional, "heads.regressors.")
@@ -94,6 +98,27 @@ def init_from_run(model, run_dir: Path) -> None:
     if skipped:
         log.info("--init-from %s: %s start afresh (not in the run, or another size)", run_dir,
                  ", ".join(sorted({k.split(".")[1] for k in skipped})))
+
+
+def check_init_run(model, run_dir: Path) -> dict:
+    """The --init-from run's config.json, refused unless it is a fine-tuned run of the model's encoder."""
+    from ser_cache.runs.predict import is_finetuned
+
+    config = rundir.read_config(run_dir)
+    label = "WavLM" if model.encoder_attr == "wavlm" else "Whisper"
+    if not is_finetuned(config) or config.get("system") != f"finetuned-{model.encoder_attr}":
+        raise TrainError(f"--init-from {run_dir}: not a fine-tuned {label} run (its system is "
+                         f"{config.get('system', 'heads on cached features')!r})")
+    return config
+
+
+def run_lora(run_dir: Path) -> dict | None:
+    """The LoRA spec a fine-tuned run records, or None."""
+    from ser_cache.runs.predict import is_finetuned
+    from ser_cache.system.online_kinds import arch_of
+
+    config = rundir.read_config(run_dir)
+    return arch_of(config).get("lora") if is_finetuned(config) else None
 
 
 # --------------------------------------------------------------------------- checkpoint and resume

@@ -35,12 +35,13 @@ from pathlib import Path
 import numpy as np
 
 from ser_cache.data import audio as audio_lib
-from ser_cache.finetune.checkpoint import BEST, State, finish, init_from_run, resume, save_checkpoint
+from ser_cache.finetune.build import build_model, param_groups
+from ser_cache.finetune.checkpoint import BEST, State, finish, resume, save_checkpoint
 from ser_cache.finetune.options import FinetuneConfig
 from ser_cache.infra import atomic, locks
 from ser_cache.runs import layout, staging
 from ser_cache.runs.checkpoint_file import refuse_legacy
-from ser_cache.system.rows import TrainError
+from ser_cache.system.errors import TrainError
 from ser_cache.train.options import TrainResult
 
 log = logging.getLogger(__name__)
@@ -158,16 +159,18 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     import torch
 
     from ser_cache.data.batching import audio_loader
-    from ser_cache.encoders.base import RuntimeOptions, weights_revision
+    from ser_cache.encoders.base import RuntimeOptions
     from ser_cache.infra import runtime
     from ser_cache.runs import record
     from ser_cache.system import epoch_log, rows, scoring, setup
-    from ser_cache.system.finetuned import AUDIO_INPUT, WavLMEmotionModel, architecture, freeze_unused, load_wavlm
     from ser_cache.system.heads import MultitaskHeads
     from ser_cache.system.losses import AAMSoftmax
+    from ser_cache.system.online import freeze_unused
+    from ser_cache.system.online_kinds import KINDS
     from ser_cache.system.sampling import EpochSampler
 
     t0 = time.perf_counter()
+    kind = KINDS[cfg.encoder]
     device = runtime.resolve_device(dist.device(cfg.device))
     amp_dtype = RuntimeOptions(device=str(device), precision=cfg.precision).autocast_dtype(device)
     data, seconds = _load_data(cfg)
@@ -188,36 +191,23 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    wavlm, resolved, normalize, uses_mask = load_wavlm(cfg.model)
-    revision = weights_revision(wavlm, resolved)
-    if cfg.freeze_cnn:
-        wavlm.freeze_feature_encoder()
-    if cfg.gradient_checkpointing:
-        wavlm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    layerdrop = float(wavlm.config.layerdrop if cfg.layerdrop is None else cfg.layerdrop)
-    input_dims = {AUDIO_INPUT: (cfg.conv_dim,), **{s.name: s.shape for s in data.inputs}}
-    if len(input_dims) != 1 + len(data.inputs):
-        raise TrainError(f"a store is named '{AUDIO_INPUT}', the name of the fine-tuned audio input; "
-                         "extract it again with another --name")
-    heads = MultitaskHeads(input_dims, hidden=cfg.hidden, dropout=cfg.dropout, label_min=lo, label_max=hi,
-                           n_genders=len(gender_labels), n_speakers=len(speaker_labels),
-                           aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale, **setup.class_heads(cfg, classes))
-    model = WavLMEmotionModel(wavlm, heads, conv_dim=cfg.conv_dim, conv_dropout=cfg.conv_dropout,
-                              normalize=normalize, attention_mask=uses_mask, layerdrop=layerdrop, seed=cfg.seed)
-    if cfg.init_from is not None:
-        init_from_run(model, Path(cfg.init_from))
-    model.to(device)
+    def make_heads(audio_input: str):
+        input_dims = {audio_input: (cfg.conv_dim,), **{s.name: s.shape for s in data.inputs}}
+        if len(input_dims) != 1 + len(data.inputs):
+            raise TrainError(f"a store is named '{audio_input}', the name of the fine-tuned audio input; "
+                             "extract it again with another --name")
+        return MultitaskHeads(input_dims, hidden=cfg.hidden, dropout=cfg.dropout, label_min=lo, label_max=hi,
+                              n_genders=len(gender_labels), n_speakers=len(speaker_labels),
+                              aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale, **setup.class_heads(cfg, classes))
+
+    built = build_model(cfg, make_heads, device)
+    model, heads, resolved, layerdrop = built.model, built.heads, built.resolved, built.layerdrop
     unused = freeze_unused(model)
     if unused and dist.is_main:
         log.info("frozen because they cannot reach the output: %s", ", ".join(unused))
     aam = (AAMSoftmax(heads.speaker_embedding_dim, len(speaker_labels), margin=cfg.aam_margin,
                       scale=cfg.aam_scale).to(device) if speaker_labels else None)
-    encoder_params = [p for p in model.wavlm.parameters() if p.requires_grad]
-    encoder_ids = {id(p) for p in encoder_params}
-    head_params = [p for p in model.parameters() if p.requires_grad and id(p) not in encoder_ids]
-    head_params += list(aam.parameters()) if aam is not None else []
-    optimizer = torch.optim.AdamW([{"params": encoder_params, "lr": cfg.lr_encoder},
-                                   {"params": head_params, "lr": cfg.lr_heads}], weight_decay=cfg.weight_decay,
+    optimizer = torch.optim.AdamW(param_groups(cfg, model, aam), weight_decay=cfg.weight_decay,
                                   **({"fused": True} if runtime.fused_adamw_ok(device) else {}))
     scaler = torch.amp.GradScaler(device.type, enabled=amp_dtype == torch.float16)
     sampler = EpochSampler(data.emotions[train_idx], undersample=cfg.undersample, seed=cfg.seed)
@@ -233,7 +223,7 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
             # A symlinked --out keeps its link: the folder it points to is the run replaced (as train-heads does).
             shutil.rmtree(out.resolve())
         out.resolve().mkdir(parents=True, exist_ok=True)
-        atomic.write_json_atomic(out / layout.IN_PROGRESS, {"format": layout.RUN_FORMAT, "system": "finetuned-wavlm",
+        atomic.write_json_atomic(out / layout.IN_PROGRESS, {"format": layout.RUN_FORMAT, "system": kind.system,
                                                        "train": cfg.to_dict()})
     dist.barrier()
 
@@ -265,7 +255,8 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
                loader=loader, plan=plan, sampler=sampler, train_idx=train_idx, dev_idx=dev_idx, classes=classes,
                class_targets=class_targets,
                class_weight=None if class_weights is None else torch.tensor(class_weights, dtype=torch.float32,
-                                                                             device=device))
+                                                                             device=device),
+               weights=built.weights)
     with epoch_log.EpochProgress(cfg.progress and dist.is_main, cfg.epochs,
                                 tensorboard=cfg.tensorboard if dist.is_main else None) as progress:
         for epoch in range(state.epoch + 1, cfg.epochs + 1):
@@ -280,12 +271,12 @@ def _finetune(cfg: FinetuneConfig, dist) -> TrainResult:
     best = state.best
     metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
     if dist.is_main:
-        arch = architecture(model, resolved, max_seconds=cfg.max_seconds, revision=revision)
+        arch = built.architecture(cfg)
         # A class run records its classes as train-heads' do (what predict needs to name them).
         categorical = ({"categorical": {"task": cfg.task, "classes": classes, "class_weights": class_weights}}
                        if classes else {})
         config = record.run_config(cfg.to_dict(), data, lo, hi, gender_labels, speaker_labels, heads.config(),
-                                     best["epoch"], system="finetuned-wavlm", wavlm=arch, **categorical)
+                                     best["epoch"], system=kind.system, **{kind.name: arch}, **categorical)
         finish(out, config, metrics, state, data.ids[dev_idx].tolist(), gender_labels, classes=classes)
         if cfg.task != "categorical":  # runs.plots draws CCC curves; a class run has none (as in train-heads)
             from ser_cache.runs.plots import curves_after_training
@@ -327,6 +318,7 @@ class _Run:
     classes: list
     class_targets: np.ndarray | None
     class_weight: object
+    weights: str = "run"  # what a run keeps of the encoder (system.online.run_state)
 
 
 def train_epoch(run: _Run, epoch: int) -> tuple[dict[str, float], float]:
@@ -450,7 +442,7 @@ def score_epoch(run: _Run, state: State, epoch: int, losses: dict[str, float], a
         if run.dist.is_main:
             from ser_cache.runs.finetuned_run import save_weights
 
-            save_weights(Path(cfg.out) / BEST.format(epoch), run.model, run.aam)
+            save_weights(Path(cfg.out) / BEST.format(epoch), run.model, run.aam, weights=run.weights)
     return row
 
 

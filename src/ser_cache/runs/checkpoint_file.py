@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ser_cache.infra import statefile
-from ser_cache.system.rows import TrainError
+from ser_cache.system.errors import TrainError
 
 CHECKPOINT = "checkpoint.safetensors"
 

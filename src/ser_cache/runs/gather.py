@@ -4,11 +4,12 @@ Where the features come from:
 1. the store recorded in the run (or the same-named store in --features-dir), for every utterance
    it holds — after checking that it was built with the settings the run was trained on; a text
    store only for the utterances whose text here is the text its record says it encoded;
-2. otherwise the encoder recorded in the run, loaded again with the same settings and run here
-   with the very batching, decoding and float16 rounding of `extract`, so a recomputed row equals
-   what a store would hold. Text encoders need each utterance's transcript: the corpus's (or a
-   `.txt` beside a bare file), or a --transcripts table's where there is none (data/transcripts.py);
-   every row a text encoder will compute is checked for text before any encoder runs.
+2. otherwise the encoder recorded in the run, loaded again with the same settings (the hidden
+   states the store keeps included: encode.encoder_for_store) and run here with the very batching,
+   decoding and float16 rounding of `extract`, so a recomputed row equals what a store would hold.
+   Text encoders need each utterance's transcript: the corpus's (or a `.txt` beside a bare file),
+   or a --transcripts table's where there is none (data/transcripts.py); every row a text encoder
+   will compute is checked for text before any encoder runs.
 
 A fine-tuned run (`finetune wavlm`) has no store for its audio input: its own WavLM runs on the
 audio in predict.run_model; its cached inputs (text, x-vectors) come from here as above.
@@ -16,7 +17,9 @@ audio in predict.run_model; its cached inputs (text, x-vectors) come from here a
 A frame input (a run trained on a frame store, `extract --pooling frames`) comes the same two
 ways, as frames: the store's rows of the requested utterances, read chunk by chunk
 (`read_frames`), and the encoder's frames for the others, held packed (frames.Frames); the run's
-ConvPool pools them batch by batch.
+ConvPool pools them batch by batch. A frame store with a layer axis gives frames of (L, D), as
+the store holds them, from either source; or, for a run trained on one position along that axis
+(train-heads --layer: the input's record has "layer_position"), the frames of that position.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from ser_cache.data.transcripts import Texts, text_store_ids
 from ser_cache.features.frames import Frames
 from ser_cache.features.store_ref import StoreRef
 from ser_cache.runs.errors import PredictError
+from ser_cache.system.inputs import LAYER_POSITION
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +90,8 @@ def _check_transcripts(utts: list, record: dict, texts: Texts | None = None) -> 
 
 def _held_rows(record: dict, utts: list, features_dir: Path | None, use_stores: bool) -> np.ndarray:
     """Which utterances the input's store holds (written rows), from its ids and flags alone."""
-    from ser_cache.features.store import FeatureStore, StoreError
+    from ser_cache.features.errors import StoreError
+    from ser_cache.features.store import FeatureStore
 
     held = np.zeros(len(utts), dtype=bool)
     store_path = StoreRef.from_record(record).located(features_dir)
@@ -124,7 +129,8 @@ def gather_features(config: dict, utts: list, *, run_dir: Path, device: str = "a
     A text store serves only the rows whose text here is the text they were encoded from
     (transcripts.text_store_ids); `texts` (with_transcripts) names the table in messages.
     """
-    from ser_cache.features.store import FeatureStore, StoreError
+    from ser_cache.features.errors import StoreError
+    from ser_cache.features.store import FeatureStore
 
     _check_text_inputs(config, utts, features_dir, use_stores, texts)
     frame_inputs = config.get("frame_inputs") or {}
@@ -229,7 +235,11 @@ class _FrameRows:
     chunks, `read_frames`), the others from an encoder; put together in the order of the utterances."""
 
     def __init__(self, record: dict, n: int):
-        self.name, self.dim = record["name"], int(record["feature_shape"][-1])
+        # One frame as the store holds it: (D,), or (L, D) with a layer axis; as the run takes it: the
+        # same, or (D,) of one position along that axis.
+        self.name, self.stored = record["name"], tuple(int(s) for s in record["feature_shape"][1:])
+        self.position = record.get(LAYER_POSITION)
+        self.frame_shape = self.stored if self.position is None else self.stored[1:]
         self.n = n
         self.have = np.zeros(n, dtype=bool)
         self.parts: list[tuple[np.ndarray, Frames]] = []  # (positions among the utterances, their frames)
@@ -241,16 +251,17 @@ class _FrameRows:
         rows = _store_rows(store.ids(), store.flags()[0], ids)
         hit = np.flatnonzero(rows >= 0)
         if hit.size:
-            self.parts.append((hit, store.read_frames(rows[hit])[1]))
+            at = {} if self.position is None else {"layer": self.position}
+            self.parts.append((hit, store.read_frames(rows[hit], **at)[1]))
             self.have[hit] = True
         return int(hit.size)
 
     def computed(self, where: np.ndarray, frames) -> None:
-        if not isinstance(frames, Frames) or frames.dim != self.dim:
-            shape = f"({frames.dim},) per frame" if isinstance(frames, Frames) else f"{frames.shape[1:]} pooled"
+        if not isinstance(frames, Frames) or frames.frame_shape != self.stored:
+            shape = f"{frames.frame_shape} per frame" if isinstance(frames, Frames) else f"{frames.shape[1:]} pooled"
             raise PredictError(f"input '{self.name}': the encoder gives features {shape}, the run was trained "
-                               f"on frames of ({self.dim},)")
-        self.parts.append((where, frames))
+                               f"on frames of {self.stored}")
+        self.parts.append((where, frames if self.position is None else frames.layer(self.position)))
         self.have[where] = True
 
     def result(self) -> Frames:
@@ -259,7 +270,7 @@ class _FrameRows:
         lengths = np.zeros(self.n, dtype=np.int64)
         for where, frames in self.parts:
             lengths[where] = frames.lengths
-        out = Frames.empty(lengths, self.dim)
+        out = Frames.empty(lengths, self.frame_shape)
         for where, frames in self.parts:
             for j, i in enumerate(where.tolist()):
                 out.set_row(i, frames.row(j))

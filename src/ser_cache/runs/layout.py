@@ -10,7 +10,9 @@ Layout (documented for users in docs/training.md):
                              the heads' constructor arguments, the ConvPool arguments of every frame
                              store ("frame_inputs"), package version
         model.safetensors    the model.FeatureModel's weights: heads ("heads.*") and the ConvPool of
-                             each frame store ("pools.{i}.*"), plus the AAM-softmax class weights ("aam.*")
+                             each frame store ("pools.{i}.*"; "frame_weightings.{j}.*" for the layer
+                             weighting of each frame store of several states), plus the AAM-softmax
+                             class weights ("aam.*")
         metrics.json         Development scores of the kept epoch
         history.csv          one row per epoch: losses, Development CCCs, balanced CCC, gender
         predictions_dev.csv  the kept epoch's Development predictions, challenge format

@@ -49,6 +49,8 @@ CONFUSION = "gender_confusion.png"
 CLASS_CONFUSION = "class_confusion.png"  # a class run's (Task 1) normalised confusion matrix
 CLASS_F1 = "f1_per_class.png"  # a class run's F1 per class, with its macro-F1
 ENSEMBLE = "ensemble.png"
+LAYER_WEIGHTS = "layer_weights.png"  # a run's learned softmax weights over each layered input's hidden states
+LAYER_WEIGHTS_SIZE = (9.0, 3.2)  # per input (a row of bars each)
 
 LOSS_PARTS = ("ccc", "gender", "speaker")  # history.csv's loss_<part> columns besides loss_total
 LOSS_WEIGHT_NAMES = {"gender": "α", "speaker": "β"}  # paper Eq. 1's names for the parts' weights
@@ -195,8 +197,8 @@ def _loss_weights(settings: dict) -> dict[str, float] | None:
 
 def _curves_title(name: str, settings: dict) -> str:
     """The run's name and what it trained: a fine-tuned encoder, or heads on the named feature stores."""
-    if settings.get("system") == "finetuned-wavlm":
-        return f"{name}: fine-tuned WavLM"
+    if settings.get("system") in ("finetuned-wavlm", "finetuned-whisper"):
+        return f"{name}: fine-tuned {'WavLM' if settings['system'] == 'finetuned-wavlm' else 'Whisper'}"
     inputs = settings.get("inputs")
     names = ([str(i["name"]) for i in inputs if isinstance(i, dict) and i.get("name")]
              if isinstance(inputs, list) else [])
@@ -279,6 +281,60 @@ def training_curves(run_dir: str | Path, out_dir: str | Path | None = None, svg:
     paths = save_figure(fig, figure_path(out_dir, run_dir / CURVES), svg)
     return CurvesResult(paths=paths, epochs=epochs, losses=losses, dev_ccc=dev, balanced_mean=balanced_mean,
                         kept_epoch=kept, finished=finished, weights=weights, title=heading, figure=fig)
+
+
+# --------------------------------------------------------------------------- learned layer weights
+
+
+@dataclass(frozen=True)
+class LayerWeightsResult:
+    paths: list[Path]
+    weights: dict[str, dict]  # input → {"layers": [...], "weights": [...]}, as drawn
+    figure: object = field(default=None, repr=False, compare=False)
+
+
+def read_layer_weights(run_dir: str | Path) -> dict[str, dict]:
+    """metrics.json's "layer_weights" of a finished run ({} when it weights no layers)."""
+    path = Path(run_dir) / layout.METRICS
+    try:
+        metrics = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PlotError(f"{path}: cannot be read ({exc})") from None
+    found = metrics.get("layer_weights") or {}
+    for name, entry in found.items():
+        if (not isinstance(entry, dict) or len(entry.get("layers") or []) != len(entry.get("weights") or [])
+                or not entry.get("layers")):
+            raise PlotError(f"{path}: layer_weights of {name!r} needs as many layers as weights (one or more)")
+    return found
+
+
+def layer_weights_plot(run_dir: str | Path, weights: dict[str, dict] | None = None, out: str | Path | None = None,
+                       svg: bool = False, title: str | None = None) -> LayerWeightsResult:
+    """A bar chart of the learned softmax weight of every hidden state (transformers numbering), one row
+    per layered input, the uniform weight (the start) dashed: `layer_weights.png` in the run (or `out`,
+    as figure_path reads it). `weights` default: the run's metrics.json."""
+    from matplotlib.ticker import MaxNLocator
+
+    run_dir = Path(run_dir)
+    weights = read_layer_weights(run_dir) if weights is None else weights
+    if not weights:
+        raise PlotError(f"{run_dir}: the run learned no layer weights (no input with a layer axis, or --layer "
+                        "picked one)")
+    fig = new_figure((LAYER_WEIGHTS_SIZE[0], LAYER_WEIGHTS_SIZE[1] * len(weights)))
+    axes = fig.subplots(len(weights), 1, squeeze=False)[:, 0]
+    for ax, (name, entry) in zip(axes, weights.items()):
+        layers, w = [int(i) for i in entry["layers"]], [float(x) for x in entry["weights"]]
+        ax.bar(layers, w, color=COLOURS["mean"], edgecolor="black", linewidth=0.5)
+        ax.axhline(1 / len(w), color=COLOURS["kept"], linestyle="--", linewidth=1, label=f"uniform (1/{len(w)})")
+        best = layers[int(np.argmax(w))]
+        ax.set(title=f"{name}: learned layer weights (largest: hidden state {best})",
+               xlabel="hidden state (0: input of the first transformer layer)", ylabel="softmax weight")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3, axis="y")
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
+    fig.suptitle(title or run_dir.resolve().name)
+    paths = save_figure(fig, figure_path(out, run_dir / LAYER_WEIGHTS), svg)
+    return LayerWeightsResult(paths=paths, weights=weights, figure=fig)
 
 
 # --------------------------------------------------------------------------- speakers (paper Fig. 2)

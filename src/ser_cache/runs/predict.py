@@ -88,9 +88,9 @@ def file_utterances(files: Sequence[str | Path], transcripts: Path | None = None
 
 
 def is_finetuned(config: dict) -> bool:
-    from ser_cache.system.finetuned import SYSTEM
+    from ser_cache.system.online_kinds import kind_of
 
-    return config.get("system") == SYSTEM
+    return kind_of(config) is not None
 
 
 def run_task(config: dict) -> str:
@@ -118,10 +118,11 @@ def run_model(model, config: dict, utts: list, arrays: dict[str, np.ndarray | Fr
         avd, probs, class_probs = run_heads(model, arrays, device=device)
     else:
         from ser_cache.runs.finetuned_run import predict_audio
-        from ser_cache.system.finetuned import AUDIO_INPUT
+        from ser_cache.system.online_kinds import arch_of, kind_of
 
-        sources[AUDIO_INPUT] = f"the run's fine-tuned WavLM on the audio ({len(utts)} rows)"
-        arch = config["wavlm"]
+        kind = kind_of(config)
+        sources[kind.input_name] = f"the run's fine-tuned {kind.label} on the audio ({len(utts)} rows)"
+        arch = arch_of(config)
         avd, probs, class_probs = predict_audio(model, utts, arrays, device=device,
                                                 max_seconds=float(arch["max_seconds"]),
                                                 batch_seconds=float(config["train"].get("batch_seconds") or 160.0),

@@ -14,9 +14,7 @@ import numpy as np
 from ser_cache.infra import atomic
 from ser_cache.runs import layout, prediction_file
 from ser_cache.system.metrics import ATTRIBUTES as AVD  # the heads' "avd" column order, too
-from ser_cache.system.rows import (
-    TrainingData,
-)
+from ser_cache.system.rows import TrainingData
 from ser_cache.version import __version__
 
 if TYPE_CHECKING:

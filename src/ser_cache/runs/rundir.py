@@ -14,7 +14,7 @@ from ser_cache.runs.staging import recover_staging
 
 
 def save_weights(directory: Path, model, aam=None) -> Path:
-    """A FeatureModel's weights ('heads.*', 'pools.*'; bare MultitaskHeads are saved as 'heads.*')
+    """A FeatureModel's weights ('heads.*', 'pools.*', 'frame_weightings.*'; bare MultitaskHeads are saved as 'heads.*')
     and the AAM-softmax's ('aam.*'), in one safetensors file."""
     from ser_cache.system.model import FeatureModel
 
@@ -79,6 +79,7 @@ CONFIG_TYPES: dict[str, tuple[type, ...]] = {
     "gender_labels": (list, type(None)),
     "speakers": (list, dict, type(None)),
     "wavlm": (dict,),
+    "whisper": (dict,),
 }
 
 
@@ -133,7 +134,7 @@ def load_run(run_dir: str | Path, *, device: str = "cpu"):
                        f"({type(exc).__name__}: {exc}); the file was edited or damaged: restore it, "
                        "or train the run again") from None
     tensors = read_weights(weights)
-    state = {k: v for k, v in tensors.items() if k.startswith(("heads.", "pools."))}
+    state = {k: v for k, v in tensors.items() if k.startswith(("heads.", "pools.", "frame_weightings."))}
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:

@@ -359,3 +359,62 @@ def ensemble_plots(member_names: Sequence[str], member_scores: Sequence[Mapping]
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     paths = save_figure(fig, Path(out_dir) / ENSEMBLE, svg)
     return EnsembleResult(paths=paths, names=names, scores=scores, split=split, figure=fig)
+
+
+# --------------------------------------------------------------------------- a layer probe (probe-layers)
+
+PROBE_PANEL = (4.0, 3.6)  # inches per score panel
+PROBE_LABELS = {"ccc_arousal": "arousal CCC", "ccc_valence": "valence CCC", "ccc_dominance": "dominance CCC",
+                "ccc_mean": "mean CCC", "macro_f1": "macro-F1"}
+PROBE_COLOURS = {"ccc_arousal": COLOURS["arousal"], "ccc_valence": COLOURS["valence"],
+                 "ccc_dominance": COLOURS["dominance"], "ccc_mean": COLOURS["mean"], "macro_f1": "tab:purple"}
+
+
+@dataclass(frozen=True)
+class ProbeFigureResult:
+    paths: list[Path]
+    layers: list[int]
+    levels: dict[str, list[float]]  # score → its value at each layer, as drawn
+    weighted: dict[str, float]  # score → the weighted sum's level (the line)
+    figure: object = field(default=None, repr=False, compare=False)
+
+
+def layer_probe_plot(rows: Sequence[Mapping], interval: Mapping[str, Sequence[float]], png: str | Path, *,
+                     columns: Sequence[str], split: str = "Development", title: str = "", confidence: float = 0.95,
+                     svg: bool = False) -> ProbeFigureResult:
+    """One panel per score (CCC per attribute and their mean, macro-F1): the score of each hidden state
+    alone against its index (mean over seeds, ± std as error bars with several), the learned weighting's
+    level a dashed line and its bootstrap interval a band. `rows`: probe-layers' table (one per layer,
+    "layer" an int, then the weighted sum's, "layer" not an int); `interval`: score → (low, high)."""
+    per_layer = [r for r in rows if isinstance(r["layer"], int)]
+    weighted = [r for r in rows if not isinstance(r["layer"], int)]
+    if not per_layer or len(weighted) != 1:
+        raise PlotError("a layer probe's table needs a row per layer and one of the weighted sum")
+    layers = [int(r["layer"]) for r in per_layer]
+    fig = new_figure((PROBE_PANEL[0] * len(columns) + 1.0, PROBE_PANEL[1]))
+    axes = fig.subplots(1, len(columns), squeeze=False)[0]
+    levels, lines = {}, {}
+    for ax, c in zip(axes, columns):
+        y = [math.nan if r.get(c) is None else float(r[c]) for r in per_layer]
+        err = [0.0 if r.get(f"{c}_std") is None else float(r[f"{c}_std"]) for r in per_layer]
+        colour = PROBE_COLOURS.get(c, "black")
+        ax.errorbar(layers, y, yerr=err if any(err) else None, color=colour, marker="o", markersize=4, linewidth=1.5,
+                    capsize=2, label="one hidden state")
+        level = weighted[0].get(c)
+        if level is not None:
+            lines[c] = float(level)
+            ax.axhline(float(level), color="black", linestyle="--", linewidth=1.2, label="learned weighting")
+            if c in interval:
+                low, high = interval[c]
+                ax.axhspan(float(low), float(high), color="gray", alpha=0.25,
+                           label=f"its {confidence:.0%} bootstrap interval")
+        levels[c] = y
+        ax.set(title=PROBE_LABELS.get(c, c), xlabel="hidden state (transformers numbering)",
+               ylabel=f"{split} {PROBE_LABELS.get(c, c)}")
+        ax.grid(alpha=0.3)
+        ax.set_xticks(layers if len(layers) <= 13 else layers[::max(1, len(layers) // 12)])
+    axes[0].legend(fontsize="small", loc="best")
+    if title:
+        fig.suptitle(title)
+    paths = save_figure(fig, Path(png), svg)
+    return ProbeFigureResult(paths=paths, layers=layers, levels=levels, weighted=lines, figure=fig)

@@ -74,6 +74,7 @@ from ser_cache.runs.vox_profile_checkpoint import (
     class_heads,
     head_state,
     is_categorical,
+    lora_adapters,
     merge_lora,
     read_weights,
     read_wrapper_config,
@@ -87,6 +88,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_GENDER_LABELS = ("Female", "Male")  # the order of the authors' sex model (src/example/age_sex_wavlm.py)
 ENCODER_DIR = "encoder"  # a Whisper run's own encoder, inside the run directory
+LORA_ADAPTERS = "lora_adapters.safetensors"  # a LoRA Whisper run's loralib pairs, unmerged (for --init-from)
 
 DETAILED_FILE = "detailed_head.safetensors"  # a categorical run's 17-way detailed head, the authors' key names
 
@@ -317,6 +319,10 @@ def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: s
     whisper_config.max_source_positions = WINDOW_POSITIONS
     encoder_model = WhisperForAudioClassification(whisper_config)
     encoder_keys = {k for k in encoder_model.state_dict() if k.startswith("encoder.")}
+    adapters = lora_adapters(tensors, whisper_config.encoder_layers)
+    if adapters:
+        imported["lora_adapters"] = {"file": LORA_ADAPTERS, "alpha": LORA_ALPHA,
+                                     "rank": int(next(v for k, v in adapters.items() if k.endswith("lora_A")).shape[0])}
     tensors, merged = _merged(tensors, wrapper, whisper_config.encoder_layers, imported)
     predict_gender = bool(wrapper.get("predict_gender", False))
     backbone_state, rest = split_weights(tensors, encoder_keys, predict_gender=predict_gender, whisper=True)
@@ -362,5 +368,9 @@ def _import_whisper(cfg: ImportConfig, wrapper: dict, tensors: dict, backbone: s
                              **class_block)
         rundir.save_weights(tmp, model)
         _save_detailed(tmp, detailed)
+        if adapters:
+            from safetensors.torch import save_file
+
+            save_file(adapters, str(tmp / LORA_ADAPTERS), metadata={"format": "vox-profile loralib adapters"})
         atomic.write_json_atomic(tmp / layout.CONFIG, config)
     return merged

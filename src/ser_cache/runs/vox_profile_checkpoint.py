@@ -115,6 +115,19 @@ def read_weights(path: Path) -> dict[str, Tensor]:
         raise ImportError_(f"{path}: not a readable safetensors file ({str(exc).splitlines()[0]})") from None
 
 
+def lora_adapters(tensors: Mapping[str, Tensor], n_layers: int) -> dict[str, Tensor]:
+    """The loralib pairs the authors' model uses (encoder layers > n_layers // 2), unmerged, under their
+    own keys: what `finetune whisper --init-from` an imported run continues (finetune.init_vox)."""
+    import re
+
+    keep = {}
+    for key, value in tensors.items():
+        layer = re.search(r"\.layers\.(\d+)\.", key)
+        if key.endswith((".lora_A", ".lora_B")) and layer is not None and int(layer.group(1)) > n_layers // 2:
+            keep[key] = value.detach().clone().contiguous()
+    return keep
+
+
 def merge_lora(tensors: dict[str, Tensor], rank: int, n_layers: int,
                alpha: float = LORA_ALPHA) -> tuple[dict[str, Tensor], int]:
     """Fold loralib's lora_A/lora_B pairs into their dense weights: W + (B @ A) · alpha / r.

@@ -7,10 +7,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ser_cache.system.errors import TrainError
 from ser_cache.system.metrics import ATTRIBUTES as AVD  # the heads' "avd" column order, too
-from ser_cache.system.rows import (
-    TrainError,
-)
 
 if TYPE_CHECKING:
     from typing_extensions import Self

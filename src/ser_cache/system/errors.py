@@ -1,4 +1,4 @@
-"""The error of every training path, below every module that raises it (`ser_cache.system.rows.TrainError`,
+"""The error of every training path, below every module that raises it (`ser_cache.system.errors.TrainError`,
 where the training code imports it from)."""
 
 from __future__ import annotations

@@ -18,6 +18,10 @@ import torch
 from torch import Tensor, nn
 
 from ser_cache.data import audio as audio_lib
+from ser_cache.system.online import OnlineModel, freeze_unused
+
+__all__ = ["SYSTEM", "AUDIO_INPUT", "WavLMEmotionModel", "freeze_unused", "load_wavlm", "architecture",
+           "build_from_config", "model_state", "encoder_states"]
 
 SYSTEM = "finetuned-wavlm"  # config.json "system" of a fine-tuned run
 AUDIO_INPUT = "finetuned-wavlm"  # the heads' input name of the pooled WavLM vector
@@ -72,7 +76,7 @@ def encoder_states(wavlm: nn.Module, audio: Tensor, mask: Tensor | None, *, laye
     return states
 
 
-class WavLMEmotionModel(nn.Module):
+class WavLMEmotionModel(OnlineModel):
     """WavLM + layer weighting + point-wise convolutions + masked mean pooling + the multitask heads.
 
     `forward(audio, lengths, cached)` takes right-padded raw 16 kHz waveforms (B, T), their real
@@ -81,6 +85,9 @@ class WavLMEmotionModel(nn.Module):
     `layerdrop`: the probability of skipping each transformer layer (but the first) in training;
     the challenge winner trained with the checkpoint's own value (0.1 for WavLM Large).
     """
+
+    encoder_attr = "wavlm"
+    input_name = AUDIO_INPUT
 
     def __init__(self, wavlm: nn.Module, heads: nn.Module, *, conv_dim: int = 256, conv_layers: int = 3,
                  conv_dropout: float = 0.1, normalize: bool = True, attention_mask: bool = True,
@@ -116,48 +123,15 @@ class WavLMEmotionModel(nn.Module):
             # WavLM mixes a float position bias with a boolean padding mask inside torch's attention,
             # which warns on every call; the result is correct (see encoders/wavlm.py).
             warnings.filterwarnings("ignore", message="Support for mismatched key_padding_mask")
-            states = encoder_states(self.wavlm, audio, mask, layerdrop=self.layerdrop,
-                                    generator=self.layerdrop_generator, last_state=self.last_state)
+            with self.encoder_context():
+                states = encoder_states(self.wavlm, audio, mask, layerdrop=self.layerdrop,
+                                        generator=self.layerdrop_generator, last_state=self.last_state)
         weights = self.layer_weighting.weights
         # A running weighted sum rather than LayerWeighting(stack(states)): stacking 25 states of
         # (B, T, 1024) would hold one more copy of all of them for the backward pass.
         mixed = sum(w.to(h.dtype) * h for w, h in zip(weights, states))
         frames = self.wavlm._get_feat_extract_output_lengths(lengths).long()
         return self.pool(mixed, frames)
-
-    def forward(self, audio: Tensor, lengths: Tensor, cached: Mapping[str, Tensor] | None = None) -> dict[str, Tensor]:
-        pooled = self.pooled(audio, lengths)
-        # The heads and the loss run in float32 whatever the encoder's autocast: a CCC computed
-        # from bfloat16 predictions would lose most of its precision.
-        with torch.autocast(device_type=audio.device.type, enabled=False):
-            return self.heads({AUDIO_INPUT: pooled.float(), **(cached or {})})
-
-
-def freeze_unused(model: WavLMEmotionModel) -> list[str]:
-    """Freeze the encoder parameters that cannot reach the output; returns their names.
-
-    With the last state taken after the final layer norm (as the authors), every transformer
-    parameter reaches the output; what is left is what WavLMModel holds for pre-training only
-    (e.g. a quantizer in some checkpoints). DDP refuses trainable parameters that get no gradient,
-    and AdamW would only decay them. Found by one backward pass in eval mode (no dropout, no
-    masking, no LayerDrop: no random numbers drawn); the spec-augment mask embedding, used in
-    training mode only, is left alone.
-    """
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    audio = torch.randn(1, audio_lib.SAMPLE_RATE, generator=torch.Generator().manual_seed(0)).to(device)
-    model.zero_grad(set_to_none=True)
-    with torch.enable_grad():
-        model.pooled(audio, torch.tensor([audio.shape[1]], device=device)).sum().backward()
-    unused = [n for n, p in model.wavlm.named_parameters()
-              if p.requires_grad and p.grad is None and "masked_spec_embed" not in n]
-    params = dict(model.wavlm.named_parameters())
-    for name in unused:
-        params[name].requires_grad_(False)
-    model.zero_grad(set_to_none=True)
-    model.train(was_training)
-    return unused
 
 
 # --------------------------------------------------------------------------- loading
@@ -224,22 +198,25 @@ def architecture(model: WavLMEmotionModel, resolved, *, max_seconds: float, revi
     }
 
 
-def build_from_config(config: dict) -> WavLMEmotionModel:
+def build_from_config(config: dict, encoder: nn.Module | None = None) -> WavLMEmotionModel:
     """The (untrained) model a run's config.json describes; then load model.safetensors into it.
 
     Runs written before ser-cache built the authors' architecture lack "last_state" and
     "conv_final_activation": they are rebuilt as they were trained (last state before the final
     layer norm, ReLU and dropout after the last convolution), never silently as the new model.
+    `encoder`: the pretrained WavLM a run of adapters and heads only stands on (runs.finetuned_run).
     """
     from transformers import WavLMConfig, WavLMModel
 
     from ser_cache.system.heads import MultitaskHeads
 
     arch = config["wavlm"]
-    wavlm_cfg = dict(arch["config"])
-    for key in ("architectures", "model_type", "transformers_version"):
-        wavlm_cfg.pop(key, None)
-    wavlm = WavLMModel(WavLMConfig(**wavlm_cfg))
+    if encoder is None:
+        wavlm_cfg = dict(arch["config"])
+        for key in ("architectures", "model_type", "transformers_version"):
+            wavlm_cfg.pop(key, None)
+        encoder = WavLMModel(WavLMConfig(**wavlm_cfg))
+    wavlm = encoder
     heads = MultitaskHeads.from_config(config["heads"])
     return WavLMEmotionModel(wavlm, heads, conv_dim=arch["conv_dim"], conv_layers=arch["conv_layers"],
                              conv_dropout=arch.get("conv_dropout", arch.get("dropout", 0.1)),

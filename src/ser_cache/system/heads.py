@@ -7,7 +7,7 @@ auxiliary heads for gender (classification) and speaker (an embedding for an
 additive-angular-margin softmax). The categorical task (Task 1) adds a class head of the same
 shape (its logits, one per emotion class), beside the attribute heads or instead of them.
 Features cached per encoder layer are combined by a learnable softmax weighting, so the heads
-pick the layers.
+pick the layers; or one layer is taken as it is (`layer_picks`, train-heads --layer).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-__all__ = ["AVD", "LayerWeighting", "MultitaskHeads", "RegressionHead"]
+__all__ = ["AVD", "LayerPick", "LayerWeighting", "MultitaskHeads", "RegressionHead"]
 
 AVD: tuple[str, ...] = ("arousal", "valence", "dominance")
 """Order of the columns of the ``"avd"`` output."""
@@ -55,6 +55,33 @@ class LayerWeighting(nn.Module):
         if x.ndim != 3 or x.shape[1] != self.n_layers:
             raise ValueError(f"expected (B, {self.n_layers}, D), got {tuple(x.shape)}")
         return torch.einsum("l,bld->bd", self.weights.to(x.dtype), x)
+
+
+class LayerPick(nn.Module):
+    """One layer of an (L, D) input, taken as it is: (B, L, D) -> (B, D), exactly x[:, position].
+
+    The position is a one-hot buffer rather than an int, so that the members of a sweep stack
+    (train/stack.py, under vmap) can each take another layer of the same input. The buffer is not
+    persistent: a run's weights are those of heads on a store of that layer alone; config() and
+    from_config carry the position. The product with the one-hot and the sum over L add exact zeros,
+    so the result is x[:, position] bit for bit (no matrix product, which a GPU may round in TF32).
+    """
+
+    onehot: Tensor
+
+    def __init__(self, n_layers: int, position: int) -> None:
+        super().__init__()
+        if not 0 <= position < n_layers:
+            raise ValueError(f"layer position {position} outside the input's {n_layers} layers")
+        self.n_layers, self.position = int(n_layers), int(position)
+        self.register_buffer("onehot", F.one_hot(torch.tensor(self.position), self.n_layers).float(),
+                             persistent=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, L, D) -> (B, D)."""
+        if x.ndim != 3 or x.shape[1] != self.n_layers:
+            raise ValueError(f"expected (B, {self.n_layers}, D), got {tuple(x.shape)}")
+        return (x * self.onehot.to(x.dtype)[:, None]).sum(dim=1)
 
 
 def _mlp(in_dim: int, hidden: int, out_dim: int, dropout: float) -> nn.Sequential:
@@ -140,6 +167,10 @@ class MultitaskHeads(nn.Module):
     :class:`LayerWeighting`.  Inputs are concatenated in sorted name order, so
     the layout never depends on dict insertion order.
 
+    ``layer_picks`` maps an (L, D) input's name to one position along its layer axis: that layer is
+    taken as it is (:class:`LayerPick`, no weighting), and the heads are those of a (D,) input.
+    Recorded in :meth:`config` only when given.
+
     ``n_classes`` > 0 adds a class head (an MLP of the attribute heads' shape, output
     ``"class_logits"``); ``attributes=False`` leaves the attribute heads out (the categorical task
     alone: no ``"avd"`` output). Both are recorded in :meth:`config` only when they differ from an
@@ -166,6 +197,7 @@ class MultitaskHeads(nn.Module):
         aam_scale: float = 30.0,
         n_classes: int = 0,
         attributes: bool = True,
+        layer_picks: Mapping[str, int] | None = None,
     ) -> None:
         super().__init__()
         if not attributes and n_classes < 2:
@@ -188,7 +220,15 @@ class MultitaskHeads(nn.Module):
         # A ModuleList (aligned with the layered inputs in sorted order) rather than
         # a ModuleDict keyed by name: encoder names may contain "." or clash with
         # nn.Module attributes, which ModuleDict keys cannot.
-        self._layered = [n for n in self.input_names if len(self.input_dims[n]) == 2]
+        picks = {str(k): int(v) for k, v in (layer_picks or {}).items()}
+        for name in picks:
+            if len(self.input_dims.get(name, ())) != 2:
+                raise ValueError(f"layer_picks: {name!r} is not an input of shape (L, D); "
+                                 f"inputs: {self.input_dims}")
+        self.picks = {n: picks[n] for n in self.input_names if n in picks}
+        self._picked = list(self.picks)
+        self.layer_picks = nn.ModuleList(LayerPick(self.input_dims[n][0], p) for n, p in self.picks.items())
+        self._layered = [n for n in self.input_names if len(self.input_dims[n]) == 2 and n not in self.picks]
         self.layer_weightings = nn.ModuleList(
             LayerWeighting(self.input_dims[n][0]) for n in self._layered
         )
@@ -220,6 +260,7 @@ class MultitaskHeads(nn.Module):
         """Validate the named inputs and concatenate them into (B, in_dim)."""
         dtype = self.regressors[AVD[0]].lo.dtype if self.attributes else self.classifier[0].weight.dtype
         weighting = dict(zip(self._layered, self.layer_weightings))
+        weighting.update(zip(self._picked, self.layer_picks))
         parts, batch = [], None
         for name in self.input_names:
             if name not in inputs:
@@ -296,6 +337,7 @@ class MultitaskHeads(nn.Module):
             "aam_scale": self.aam_scale,
             **({"n_classes": self.n_classes} if self.n_classes else {}),
             **({} if self.attributes else {"attributes": False}),
+            **({"layer_picks": dict(self.picks)} if self.picks else {}),
         }
 
     @classmethod

@@ -13,6 +13,11 @@ padding frames cannot leak into valid ones, and the masked mean keeps them out o
 
 `FeatureModel` is what `train-heads` trains: a ConvPool per frame input, then MultitaskHeads over
 the pooled frame inputs and the pooled (vector) stores, concatenated in sorted name order.
+
+A frame input with a layer axis (a frame store of several hidden states, frames (B, T, L, D))
+first goes through a learned softmax LayerWeighting (heads.LayerWeighting, the pooled stores' own)
+at every frame, giving (B, T, D) for its ConvPool: the fine-tuned WavLM's weighted sum of hidden
+states, on cached frames. Its config entry then says how many states it weights ("weighted_layers").
 """
 
 from __future__ import annotations
@@ -26,11 +31,14 @@ from torch import Tensor, nn
 
 from ser_cache.encoders.base import masked_pool
 
-__all__ = ["CONV_DIM", "CONV_DROPOUT", "CONV_LAYERS", "ConvPool", "FeatureModel"]
+__all__ = ["CONV_DIM", "CONV_DROPOUT", "CONV_LAYERS", "WEIGHTED_LAYERS", "ConvPool", "FeatureModel"]
 
 CONV_DIM = 256  # the authors' hidden_dim
 CONV_LAYERS = 3
 CONV_DROPOUT = 0.1  # fixed at 0.1 in the authors' model_seq
+# A frame input's config key (FeatureModel.config()) for the states of its layer axis, which a
+# LayerWeighting combines before its ConvPool; absent for frames of one state (every run before it).
+WEIGHTED_LAYERS = "weighted_layers"
 
 
 class ConvPool(nn.Module):
@@ -87,8 +95,11 @@ class FeatureModel(nn.Module):
     """Stage two's model: a ConvPool for every frame input, then the multitask heads.
 
     `forward(inputs)` takes {name: (B, *shape) tensor} for vector inputs and {name: ((B, T, D)
-    frames, (B,) lengths)} for frame inputs; it returns the heads' outputs. With no frame inputs it
-    is exactly the heads (and its state dict is the heads' under "heads.", the layout of every run).
+    frames, (B,) lengths)} for frame inputs ((B, T, L, D) for one with a layer axis: `frame_inputs`
+    gives it WEIGHTED_LAYERS = L beside its ConvPool's arguments); it returns the heads' outputs.
+    With no frame inputs it is exactly the heads (and its state dict is the heads' under "heads.",
+    the layout of every run); frame inputs without a layer axis add "pools.*" only, layered ones
+    "frame_weightings.*" too.
     """
 
     def __init__(self, heads: nn.Module, frame_inputs: Mapping[str, Mapping[str, Any]] | None = None) -> None:
@@ -97,10 +108,19 @@ class FeatureModel(nn.Module):
         # bf16 (train-heads --precision): the matrix products under autocast, weights and outputs in
         # float32. A setting of the run, not of the weights: neither config() nor the state dict has it.
         self.compute_dtype: torch.dtype | None = None
-        frame_inputs = dict(frame_inputs or {})
+        from ser_cache.system.heads import LayerWeighting
+
+        frame_inputs = {name: dict(args) for name, args in (frame_inputs or {}).items()}
         # Sorted names and a ModuleList rather than a ModuleDict: store names may contain "."
         self.frame_names: tuple[str, ...] = tuple(sorted(frame_inputs))
+        weighted = {name: int(args.pop(WEIGHTED_LAYERS)) for name, args in frame_inputs.items()
+                    if args.get(WEIGHTED_LAYERS) is not None}
         self.pools = nn.ModuleList(ConvPool(**frame_inputs[n]) for n in self.frame_names)
+        # The frame inputs with a layer axis, in sorted order, aligned with their LayerWeightings
+        # (as the heads align theirs); built after the pools, so that a run without them is seeded
+        # as it always was.
+        self.weighted_frames: tuple[str, ...] = tuple(n for n in self.frame_names if n in weighted)
+        self.frame_weightings = nn.ModuleList(LayerWeighting(weighted[n]) for n in self.weighted_frames)
         for name, pool in zip(self.frame_names, self.pools):
             if tuple(heads.input_dims.get(name, ())) != (pool.dim,):
                 raise ValueError(f"frame input {name!r}: the heads must take it as ({pool.dim},), "
@@ -111,18 +131,36 @@ class FeatureModel(nn.Module):
         return self.heads.n_genders
 
     def layer_weights(self) -> dict[str, Tensor]:
-        """The heads' learned per-layer weights of each (L, D) input, for inspection."""
-        return self.heads.layer_weights()
+        """The learned per-layer weights of every input with a layer axis, for inspection: the heads'
+        of each pooled (L, D) input, and those of each frame input with frames (L, D)."""
+        return {**self.heads.layer_weights(),
+                **{name: lw.weights.detach() for name, lw in zip(self.weighted_frames, self.frame_weightings)}}
 
     def pooled(self, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
-        """The heads' inputs: frame inputs pooled through their ConvPool, vector inputs as given."""
+        """The heads' inputs: frame inputs pooled through their ConvPool (after their layer weighting,
+        with a layer axis), vector inputs as given."""
         out = {name: value for name, value in inputs.items() if name not in self.frame_names}
+        weighting = dict(zip(self.weighted_frames, self.frame_weightings))
         for name, pool in zip(self.frame_names, self.pools):
             if name not in inputs:
                 raise KeyError(f"missing frame input {name!r}")
             x, lengths = inputs[name]
+            if name in weighting:
+                x = self._weigh(name, weighting[name], x, pool)
             out[name] = pool(x, lengths)
         return out
+
+    @staticmethod
+    def _weigh(name: str, weighting: nn.Module, x: Tensor, pool: ConvPool) -> Tensor:
+        """(B, T, L, D) frames → (B, T, D): the softmax weighting of the L states at every frame, in the
+        ConvPool's dtype (the stores' float16 is not summed in), or the autocast's under autocast."""
+        if x.ndim != 4 or x.shape[2] != weighting.n_layers or x.shape[-1] != pool.in_dim:
+            raise ValueError(f"frame input {name!r}: expected frames (B, T, {weighting.n_layers}, {pool.in_dim}), "
+                             f"got {tuple(x.shape)}")
+        if not torch.is_autocast_enabled(x.device.type):
+            x = x.to(pool.convs[0].weight.dtype)
+        b, t = x.shape[:2]
+        return weighting(x.reshape(b * t, *x.shape[2:])).reshape(b, t, x.shape[-1])
 
     def forward(self, inputs: Mapping[str, Any]) -> dict[str, Tensor]:
         device_type = next(iter(self.heads.parameters())).device.type
@@ -136,8 +174,11 @@ class FeatureModel(nn.Module):
                               compute_dtype=dtype)
 
     def config(self) -> dict[str, Any]:
-        """config.json's "frame_inputs": the ConvPool arguments of every frame input."""
-        return {name: pool.config() for name, pool in zip(self.frame_names, self.pools)}
+        """config.json's "frame_inputs": the ConvPool arguments of every frame input, and WEIGHTED_LAYERS
+        for one with a layer axis."""
+        weighted = dict(zip(self.weighted_frames, self.frame_weightings))
+        return {name: {**pool.config(), **({WEIGHTED_LAYERS: weighted[name].n_layers} if name in weighted else {})}
+                for name, pool in zip(self.frame_names, self.pools)}
 
     @classmethod
     def from_config(cls, heads_config: Mapping[str, Any],

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -39,6 +39,7 @@ from ser_cache.features.store_ref import StoreRef
 from ser_cache.infra.environment import default_memory_budget_gb, physical_memory_bytes  # noqa: F401
 from ser_cache.system.errors import TrainError
 from ser_cache.system.inputs import FrameInput, InputStore, index_tensor
+from ser_cache.system.layer_choice import layer_choices
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +230,31 @@ def label_index(values: Sequence[str | None], classes: Sequence[str]) -> np.ndar
     return np.array([lookup.get(v, -1) if v is not None else -1 for v in values], dtype=np.int64)
 
 
+# ----------------------------------------------------------------- --layer: one hidden state of a layered input
+
+
+
+def layer_picks(specs: Sequence[str], data: TrainingData) -> dict[str, int]:
+    """The heads' `layer_picks` of a run (heads.MultitaskHeads): the position `--layer` picks in each
+    pooled input with a layer axis. A frame input's layer was picked when its rows were read
+    (`load_rows`, FrameInput's layer_pos): a run (a sweep member) may not ask another of it."""
+    choices = layer_choices(specs, data.inputs)
+    picks = {}
+    for s in data.inputs:
+        if isinstance(s, InputStore):
+            if s.name in choices:
+                picks[s.name] = choices[s.name][1]
+            continue
+        read = getattr(s, "layer_pos", None)
+        wanted = choices[s.name][1] if s.name in choices else None
+        if read != wanted:
+            raise TrainError(f"--layer: frame input {s.name} was read with "
+                             f"{'layer position ' + str(read) if read is not None else 'every layer'}, this run asks "
+                             f"for {'hidden state ' + str(choices[s.name][0]) if wanted is not None else 'every layer'}"
+                             "; a sweep variant cannot change the layer of a frame store (its frames are read once): "
+                             "give --layer to the sweep itself, or train the layer with train-heads")
+    return picks
+
 def _use_as_input(attrs: dict, speaker_head_on: bool) -> bool:
     """The paper keeps the speaker-embedding store out of the input when the speaker head is on."""
     return not (speaker_head_on and attrs.get("kind") == SPEAKER_EMBEDDING_KIND)
@@ -250,12 +276,14 @@ def _open_input(store, path: Path, name: str, attrs: dict):
 
 def load_rows(data: Path, train_split: str, dev_split: str, stores: Sequence[Path], *, speaker_weight: float,
               require_inputs: bool = True, frames: bool = False,
-              memory_budget_gb: float | None = None) -> TrainingData:
+              memory_budget_gb: float | None = None, layer: Sequence[str] = ()) -> TrainingData:
     """The labelled train and dev rows of a corpus joined with cached stores; what `train_heads`
     and `finetune_wavlm` both start from. `require_inputs=False`: the stores may be none (the
     fine-tuned encoder is the input). `frames`: frame stores are welcome (train-heads' ConvPool
     takes them); their kept rows are read into memory when everything fits `memory_budget_gb`
-    (default: default_memory_budget_gb()), and are left to stream otherwise."""
+    (default: default_memory_budget_gb()), and are left to stream otherwise. `layer`: train-heads'
+    --layer values; a frame store with a layer axis is read at the layer they pick (FrameInput's
+    layer_pos), a pooled one is read whole (the heads pick: layer_picks)."""
     from ser_cache.data.corpus import load_corpus, select_splits
     from ser_cache.data.records import CorpusError
     from ser_cache.features.store import FeatureStore
@@ -308,6 +336,11 @@ def load_rows(data: Path, train_split: str, dev_split: str, stores: Sequence[Pat
         usable &= ok
         item.rows = rows
         inputs.append(item)
+    if layer:
+        for name, (_, pos) in layer_choices(layer, inputs).items():
+            i = next(i for i, s in enumerate(inputs) if s.name == name)
+            if isinstance(inputs[i], FrameInput):
+                inputs[i] = replace(inputs[i], layer_pos=pos)
     if not inputs and require_inputs:
         raise TrainError("no input features left: every --features store is a speaker-embedding store, which is "
                          "kept out of the input while the speaker head is on; add a speech or text store, or pass "

@@ -9,10 +9,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ser_cache.infra.runtime import to_device
+from ser_cache.system.errors import TrainError
 from ser_cache.system.metrics import ATTRIBUTES as AVD  # the heads' "avd" column order, too
-from ser_cache.system.rows import (
-    TrainError,
-)
 
 if TYPE_CHECKING:
     pass

@@ -11,12 +11,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ser_cache.infra.runtime import compute_dtype
+from ser_cache.system.errors import TrainError
 from ser_cache.system.options import TrainingOptions
-from ser_cache.system.rows import (
-    TrainError,
-    TrainingData,
-    label_index,
-)
+from ser_cache.system.rows import TrainingData, label_index, layer_picks
 from ser_cache.system.scoring import head_classes, label_range
 
 log = logging.getLogger(__name__)
@@ -86,7 +83,7 @@ def set_up(cfg: TrainingOptions, data: TrainingData, device) -> RunSetup:
 
     from ser_cache.system.heads import MultitaskHeads
     from ser_cache.system.losses import AAMSoftmax
-    from ser_cache.system.model import FeatureModel
+    from ser_cache.system.model import WEIGHTED_LAYERS, FeatureModel
 
     train_idx, dev_idx, classes, class_targets = task_rows(cfg, data)
     # Everything the heads learn about labels comes from the training rows only.
@@ -95,12 +92,16 @@ def set_up(cfg: TrainingOptions, data: TrainingData, device) -> RunSetup:
     speaker_labels = head_classes("speaker", cfg.speaker_weight, [data.speakers[i] for i in train_idx])
     # A frame store reaches the heads as its ConvPool's (conv_dim,) vector. The heads are built
     # first, so that with pooled stores only the seeded initialisation is what it always was.
-    pools = {s.name: {"in_dim": s.dim, "dim": cfg.conv_dim, "dropout": cfg.conv_dropout} for s in data.frame_inputs}
+    # A frame input that keeps its layer axis (FrameInput.layers) adds its LayerWeighting's size.
+    pools = {s.name: {"in_dim": s.dim, "dim": cfg.conv_dim, "dropout": cfg.conv_dropout,
+                      **({WEIGHTED_LAYERS: s.layers} if s.layers is not None else {})} for s in data.frame_inputs}
+    picks = layer_picks(getattr(cfg, "layer", ()), data)
     torch.manual_seed(cfg.seed)
     heads = MultitaskHeads({s.name: (cfg.conv_dim,) if s.name in pools else s.shape for s in data.inputs},
                            hidden=cfg.hidden, dropout=cfg.dropout, label_min=lo, label_max=hi,
                            n_genders=len(gender_labels), n_speakers=len(speaker_labels),
-                           aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale, **class_heads(cfg, classes))
+                           aam_margin=cfg.aam_margin, aam_scale=cfg.aam_scale, **class_heads(cfg, classes),
+                           **({"layer_picks": picks} if picks else {}))
     model = FeatureModel(heads, pools).to(device)
     model.compute_dtype = compute_dtype(cfg.precision, device)
     aam = (AAMSoftmax(heads.speaker_embedding_dim, len(speaker_labels), margin=cfg.aam_margin,

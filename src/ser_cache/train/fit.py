@@ -24,6 +24,7 @@ held. Loss sums stay on the device and are read once per epoch; nothing in a ste
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -35,10 +36,14 @@ from ser_cache.infra.runtime import fused_adamw_ok, to_device
 from ser_cache.runs import rundir, staging
 from ser_cache.runs.record import run_config, write_run_files
 from ser_cache.system.epoch_log import EpochProgress, TensorBoardLog, history_row, loss_keys
-from ser_cache.system.rows import TrainingData, index_tensor
+from ser_cache.system.inputs import index_tensor
+from ser_cache.system.layer_choice import held_layers
+from ser_cache.system.rows import TrainingData
 from ser_cache.system.scoring import EVAL_BATCH, EVAL_FRAME_BATCH, score, selection_score
 from ser_cache.system.setup import BLOCK_ORDER, RunSetup, batch_bounds, batch_loss
 from ser_cache.train.options import TrainHeadsConfig
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -356,7 +361,7 @@ def write_job(job: Job, best: dict, history: list[dict]) -> Fitted:
     """The job's run directory, staged beside cfg.out and renamed into place (config.json last)."""
     import torch
 
-    from ser_cache.runs.plots import curves_after_training
+    from ser_cache.runs.plots import curves_after_training, layer_weights_plot
     from ser_cache.system.losses import AAMSoftmax
     from ser_cache.system.model import FeatureModel
 
@@ -371,6 +376,8 @@ def write_job(job: Job, best: dict, history: list[dict]) -> Fitted:
         aam.load_state_dict(aam_state)
     dtype_name = str(run.model.compute_dtype or torch.float32).removeprefix("torch.")
     metrics = {"split": data.dev_split, "select": cfg.select, "best_epoch": best["epoch"], **best["dev"]}
+    if weights := layer_weights_record(model, data):
+        metrics["layer_weights"] = weights
     categorical = ({"categorical": {"task": cfg.task, "classes": run.classes, "class_weights": run.class_weights}}
                    if run.classes else {})
     config = run_config({**cfg.to_dict(), "compute_dtype": dtype_name}, data, run.lo, run.hi, run.gender_labels,
@@ -381,6 +388,24 @@ def write_job(job: Job, best: dict, history: list[dict]) -> Fitted:
         rundir.save_weights(tmp, model, aam)
         write_run_files(tmp, config, metrics, history, data.ids[run.dev_idx].tolist(), best["pred"], best["probs"],
                         run.gender_labels, class_probs=best.get("class_probs"), classes=run.classes)
+        if weights:  # a by-product, as curves.png: a figure that cannot be drawn costs a warning
+            try:
+                layer_weights_plot(tmp, weights, title=job.title or Path(cfg.out).name)
+            except Exception as exc:
+                log.warning("%s: layer weights not drawn (%s)", cfg.out, exc)
         if job.curves and cfg.task != "categorical":  # runs.plots draws CCC curves; a class run has none (yet)
             curves_after_training(tmp, title=job.title or Path(cfg.out).name)  # inside the run before it appears
     return Fitted(job, best["epoch"], best["score"], metrics, history)
+
+
+def layer_weights_record(model, data: TrainingData) -> dict:
+    """metrics.json's "layer_weights": for every input whose layers the model weights (LayerWeighting),
+    the hidden states along its layer axis (transformers numbering) and the learned softmax weights."""
+    inputs = {s.name: s for s in data.inputs}
+    out = {}
+    for name, weights in model.layer_weights().items():
+        held = held_layers(inputs[name]) if name in inputs else None
+        w = [float(x) for x in weights.float().cpu().tolist()]
+        out[name] = {"layers": list(held) if held is not None and len(held) == len(w) else list(range(len(w))),
+                     "weights": w}
+    return out

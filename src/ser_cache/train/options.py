@@ -34,7 +34,7 @@ class TrainHeadsConfig(TrainingOptions):
         "undersample", "ox", "gender_weight", "speaker_weight", "aam_margin", "aam_scale", "select",
         "balanced_trials", "balanced_per_class", "hidden", "dropout", "conv_dim", "conv_dropout", "memory_budget_gb",
         "tensorboard", "device", "precision", "threads", "overwrite", "progress", "task", "classes", "class_weights",
-        "class_loss_weight")
+        "class_loss_weight", "layer")
 
     features: tuple[Path, ...]
     data: Path
@@ -43,10 +43,14 @@ class TrainHeadsConfig(TrainingOptions):
     batch_size: int = 64
     memory_budget_gb: float | None = None
     threads: int | None = field(default=1, kw_only=True)
+    # --layer: "K" (every input with a layer axis) or "NAME=K"; none: a layered input is weighted
+    # (LayerWeighting). Recorded in config.json only when given.
+    layer: tuple[str, ...] = field(default=(), kw_only=True)
 
     def verify(self) -> None:
         """Raise one TrainError listing every problem with the options."""
-        from ser_cache.system.rows import TrainError
+        from ser_cache.system.errors import TrainError
+        from ser_cache.system.layer_choice import parse_layer_options
 
         problems = []
         if not self.features:
@@ -63,6 +67,10 @@ class TrainHeadsConfig(TrainingOptions):
         if problem := precision_problem(self.precision, HEADS_PRECISIONS):
             problems.append(problem)
         problems += self.common_problems()
+        try:
+            parse_layer_options(self.layer)
+        except TrainError as exc:
+            problems.append(str(exc))
         if problems:
             raise TrainError("; ".join(problems))
 
@@ -72,6 +80,10 @@ class TrainHeadsConfig(TrainingOptions):
         d["data"] = str(self.data)
         d["out"] = str(self.out)
         d["tensorboard"] = None if self.tensorboard is None else str(self.tensorboard)
+        if self.layer:
+            d["layer"] = list(self.layer)
+        else:
+            d.pop("layer")
         return d
 
 

@@ -10,11 +10,8 @@ from typing import TYPE_CHECKING
 from ser_cache.infra.runtime import resolve_device, torch_threads
 from ser_cache.runs import staging
 from ser_cache.system.epoch_log import tensorboard_problem
-from ser_cache.system.rows import (
-    TrainError,
-    TrainingData,
-    load_rows,
-)
+from ser_cache.system.errors import TrainError
+from ser_cache.system.rows import TrainingData, load_rows
 from ser_cache.system.scoring import selection_text
 from ser_cache.system.setup import set_up
 from ser_cache.train.options import TrainHeadsConfig, TrainResult
@@ -27,7 +24,7 @@ log = logging.getLogger(__name__)
 def load_training_data(cfg: TrainHeadsConfig) -> TrainingData:
     """Read corpus and stores, join them, drop unusable rows (counting why); frames within the budget."""
     return load_rows(cfg.data, cfg.train_split, cfg.dev_split, cfg.features, speaker_weight=cfg.speaker_weight,
-                     frames=True, memory_budget_gb=cfg.memory_budget_gb)
+                     frames=True, memory_budget_gb=cfg.memory_budget_gb, layer=cfg.layer)
 
 
 def train_heads(cfg: TrainHeadsConfig) -> TrainResult:

@@ -155,8 +155,10 @@ class MemberStack:
 
     def member_state(self, k: int) -> tuple[dict[str, Tensor], dict[str, Tensor] | None]:
         """Copies of member k's model state dict and AAM state dict (None without a speaker head)."""
+        # Not persistent buffers (a LayerPick's one-hot) are stacked too, but are no part of a state dict.
+        keep = self.template.state_dict().keys()
         state = {name: t[k].detach().clone(memory_format=torch.contiguous_format)
-                 for name, t in {**self._views(), **self.buffers}.items()}
+                 for name, t in {**self._views(), **self.buffers}.items() if name in keep}
         aam = {"weight": self.aam_weight[k].detach().clone()} if self.aam_weight is not None else None
         return state, aam
 

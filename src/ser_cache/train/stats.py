@@ -32,8 +32,8 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["bootstrap_differences", "macro_f1_differences", "paired_bootstrap", "paired_bootstrap_macro_f1",
-           "weighted_ccc", "weighted_macro_f1"]
+__all__ = ["bootstrap_differences", "level_interval", "macro_f1_differences", "macro_f1_interval",
+           "paired_bootstrap", "paired_bootstrap_macro_f1", "weighted_ccc", "weighted_macro_f1"]
 
 RESAMPLES = 1000
 CHUNK = 100  # resamples whose counts are held at once: 100 × 32k Development rows is 26 MB
@@ -194,3 +194,59 @@ def paired_bootstrap_macro_f1(truth: np.ndarray, variant: np.ndarray, reference:
     return _paired(lambda counts, v_seeds, r_seeds: macro_f1_differences(truth, variant, reference, n_classes,
                                                                           counts, v_seeds, r_seeds),
                    observed, n, s_v, s_r, resamples=resamples, seed=seed, confidence=confidence, chunk=chunk)
+
+
+# --------------------------------------------------------------------------- the interval of one variant's level
+
+
+def level_interval(truth: np.ndarray, preds: np.ndarray, *, resamples: int = RESAMPLES, seed: int = 0,
+                   confidence: float = 0.95) -> dict:
+    """Bootstrap interval of one variant's CCC per attribute (and their mean), over utterances and seeds.
+
+    truth (n, A), preds (S, n, A) (a 2-D array is one seed). Each resample draws n utterances and S
+    seeds with replacement (as paired_bootstrap draws them) and takes the CCC of each attribute
+    averaged over the drawn seeds. Returns {"level": (A + 1,) observed, "low", "high": (A + 1,),
+    "resamples", "rows", "confidence"}, the last column the mean over attributes."""
+    truth = np.asarray(truth, dtype=np.float64)
+    preds = np.asarray(preds, dtype=np.float64)
+    preds = preds[None] if preds.ndim == 2 else preds
+    n, s = truth.shape[0], preds.shape[0]
+    _check_draws("CCC", n, resamples, confidence)
+
+    def with_mean(x):  # (..., A) -> (..., A + 1)
+        return np.concatenate([x, x.mean(axis=-1, keepdims=True)], axis=-1)
+
+    observed = with_mean(weighted_ccc(truth, preds, np.ones((1, n))).mean(axis=1)[0])
+    return _interval(lambda counts, drawn: with_mean(
+        weighted_ccc(truth, preds, counts)[np.arange(counts.shape[0])[:, None], drawn].mean(axis=1)),
+        observed, n, s, resamples=resamples, seed=seed, confidence=confidence)
+
+
+def macro_f1_interval(truth: np.ndarray, preds: np.ndarray, n_classes: int, *, resamples: int = RESAMPLES,
+                      seed: int = 0, confidence: float = 0.95) -> dict:
+    """level_interval for macro-F1: truth (n,) and preds (S, n) class indices; "level", "low", "high" floats."""
+    truth = np.asarray(truth, dtype=np.int64)
+    preds = np.asarray(preds, dtype=np.int64)
+    preds = preds[None] if preds.ndim == 1 else preds
+    n, s = truth.shape[0], preds.shape[0]
+    _check_draws("macro-F1", n, resamples, confidence)
+    observed = weighted_macro_f1(truth, preds, np.ones((1, n)), n_classes).mean()
+    out = _interval(lambda counts, drawn: weighted_macro_f1(truth, preds, counts, n_classes)[
+        np.arange(counts.shape[0])[:, None], drawn].mean(axis=1), np.asarray(observed), n, s, resamples=resamples,
+        seed=seed, confidence=confidence)
+    return {**out, **{k: float(out[k]) for k in ("level", "low", "high")}}
+
+
+def _interval(levels, observed: np.ndarray, n: int, s: int, *, resamples: int, seed: int, confidence: float) -> dict:
+    """Percentile interval of `levels(counts, drawn seeds)` over resamples drawn in chunks."""
+    rng = np.random.default_rng(seed)
+    parts = []
+    for start in range(0, resamples, CHUNK):
+        b = min(CHUNK, resamples - start)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=b)
+        parts.append(levels(counts, rng.integers(0, s, size=(b, s))))
+    d = np.concatenate(parts)
+    tail = (1 - confidence) / 2 * 100
+    low, high = np.percentile(d, [tail, 100 - tail], axis=0)
+    return {"level": np.asarray(observed, dtype=np.float64), "low": low, "high": high, "resamples": int(resamples),
+            "rows": int(n), "confidence": confidence}

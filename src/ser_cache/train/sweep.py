@@ -44,12 +44,8 @@ from ser_cache.infra import atomic
 from ser_cache.infra.runtime import resolve_device, torch_threads
 from ser_cache.runs import layout, rundir
 from ser_cache.system.epoch_log import tensorboard_problem
-from ser_cache.system.rows import (
-    SPEAKER_EMBEDDING_KIND,
-    TrainError,
-    TrainingData,
-    load_rows,
-)
+from ser_cache.system.errors import TrainError
+from ser_cache.system.rows import SPEAKER_EMBEDDING_KIND, TrainingData, load_rows
 from ser_cache.system.setup import set_up
 from ser_cache.train.fit import Diverged, Job, fit
 from ser_cache.train.options import TrainHeadsConfig
@@ -71,6 +67,7 @@ VARIANT_OPTIONS = {
     "batch-size": ("batch_size", int), "dropout": ("dropout", float), "conv-dropout": ("conv_dropout", float),
     "hidden": ("hidden", int), "conv-dim": ("conv_dim", int), "inputs": ("inputs", str),
     "class-weights": ("class_weights", str), "class-loss-weight": ("class_loss_weight", float),
+    "layer": ("layer", tuple),  # train-heads' --layer: K, or NAME=K (one input)
 }
 # The task and its classes are the sweep's, not a variant's: every member learns the same task over the
 # same classes, so that the variants are compared on one metric (macro-F1 over the same classes, CCC).
@@ -124,6 +121,8 @@ def parse_variant(text: str) -> Variant:
 
 
 def _value(variant: str, key: str, value: str, kind):
+    if kind is tuple:  # --layer: one value of a repeatable option, checked with the member's options
+        return (value,)
     if kind is bool:
         if value.lower() in ("yes", "true", "on", "1"):
             return True
@@ -229,7 +228,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
     base = cfg.base
     device = resolve_device(base.device)
     data = load_rows(base.data, base.train_split, base.dev_split, base.features, speaker_weight=0.0, frames=True,
-                     memory_budget_gb=base.memory_budget_gb)
+                     memory_budget_gb=base.memory_budget_gb, layer=base.layer)
     members = [Member(v.name, s, member_config(cfg, v, s), v.options.get("inputs", cfg.inputs))
                for v in cfg.all_variants() for s in range(base.seed, base.seed + cfg.seeds)]
     # One view per variant (its seeds take the same stores); this also checks every inputs= before any training.
@@ -389,6 +388,10 @@ def stack_key(job: Job) -> tuple:
     model = job.run.model
     heads = {k: v for k, v in model.heads.config().items()
              if k not in ("label_min", "label_max", "aam_margin", "aam_scale")}
+    # Which layer each member picks is a buffer of its own (heads.LayerPick): members that pick
+    # different layers of the same inputs stack; which inputs they pick in must agree.
+    if "layer_picks" in heads:
+        heads["layer_picks"] = sorted(heads["layer_picks"])
     return (repr(sorted(heads.items())), repr(model.config()), job.cfg.batch_size, job.cfg.epochs,
             str(model.compute_dtype), job.run.aam is not None)
 

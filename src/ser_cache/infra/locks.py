@@ -146,3 +146,18 @@ def _read_holder(fd: int) -> str:
         return os.pread(fd, 200, 0).decode(errors="replace").strip() or "unknown holder"
     except OSError:
         return "unknown holder"
+
+
+def acquire_waiting(target: str | Path, timeout_s: float = 600.0, poll_s: float = 0.05) -> FileLock:
+    """The lock on `target`, waited for: for the moments shards of one command share a file (creating a
+    store, merging journals), where a refusal would be wrong. Raises Held after `timeout_s`."""
+    lock = FileLock(target)
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            lock.acquire()
+            return lock
+        except Held:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(poll_s)

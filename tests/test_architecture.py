@@ -184,6 +184,7 @@ COVERED_BY: dict[str, tuple[tuple[str, ...], str]] = {
     "ser_cache.train.peaks": (("features/test_bench.py",), "peak shapes, matmul rates, utilisation"),
     "ser_cache.train.stack": (("train/test_sweep.py",), "the stack of sweep members"),
     "ser_cache.train.sweep_summary": (("train/test_sweep.py",), "the sweep's summary"),
+    "ser_cache.train.sweep_plan": (("train/test_sweep_shards.py",), "the plan file the shards of a sweep agree on"),
     "ser_cache.data.manifest": (("data/test_corpus.py",), "the CSV manifest reader, its refusals"),
     "ser_cache.data.msp_podcast": (("data/test_corpus.py", "data/test_synth.py"), "the MSP-Podcast layout, Test3"),
     "ser_cache.data.records": (("data/test_corpus.py", "data/test_trust_text.py"),

@@ -176,7 +176,9 @@ def test_a_sweep_keeps_the_members_that_did_not_diverge_and_reports_the_others(s
     assert huge["members"] == [] and [d["seed"] for d in huge["diverged"]] == [0, 1]
     assert all(d["epoch"] == 1 and d["reason"].startswith("training diverged") for d in huge["diverged"])
     assert summary["comparisons"]["huge"] is None and summary["variants"]["base"]["diverged"] == []
-    assert not (tmp_path / "sweep" / "huge").exists()
+    # No run of a diverged member: only the record the summary reads (and a shard's completion counts).
+    assert sorted(p.name for p in (tmp_path / "sweep" / "huge").iterdir()) == ["seed-0.diverged.json",
+                                                                                "seed-1.diverged.json"]
     assert "huge*" in r.output and "* huge: seed(s) 0, 1 of 2 diverged" in " ".join(r.output.split())
     assert "sweep member huge/seed-0: training diverged" in " ".join(r.output.split())
     # The others trained as if the diverged members had not been in their stack.

@@ -8,8 +8,10 @@ import typer
 from rich.table import Table
 
 from ser_cache.cli import shared_options as shared
-from ser_cache.cli.app import app, fail, guarded, log_to_stderr, out, writable
+from ser_cache.cli.app import KNOWN_ERRORS, app, fail, guarded, log_to_stderr, out, writable
 from ser_cache.cli.stage_two import LayerOption, titled
+
+KNOWN_ERRORS.append("ser_cache.infra.shards:ShardError")
 
 ATTRIBUTE_COLUMNS = (("arousal", "ccc_arousal"), ("valence", "ccc_valence"), ("dominance", "ccc_dominance"),
                      ("mean", "ccc_mean"), ("balanced", "balanced_ccc_mean"))
@@ -19,10 +21,14 @@ CLASS_COLUMNS = (("macro-F1", "macro_f1"), ("accuracy", "accuracy"), ("bal. acc.
 @app.command("sweep")
 @shared.training_options
 def sweep_command(
-    features: list[Path] = typer.Option(..., "--features", "-f", metavar="STORE",
-                                        help="A feature store (.zarr); repeat. Loaded once for every member."),
-    data: Path = typer.Option(..., "--data", "-d", help="MSP-Podcast directory or CSV manifest (labels and splits)."),
-    out_dir: Path = typer.Option(..., "--out", "-o", help="Sweep folder: OUT/VARIANT/seed-S runs and OUT/sweep.json."),
+    ctx: typer.Context,
+    features: list[Path] | None = typer.Option(None, "--features", "-f", metavar="STORE",
+                                               help="A feature store (.zarr); repeat. Loaded once for every member. "
+                                                    "Required (but with --summarize)."),
+    data: Path | None = typer.Option(None, "--data", "-d", help="MSP-Podcast directory or CSV manifest (labels and "
+                                     "splits). Required (but with --summarize)."),
+    out_dir: Path | None = typer.Option(None, "--out", "-o", help="Sweep folder: OUT/VARIANT/seed-S runs and "
+                                        "OUT/sweep.json. Required (but with --summarize)."),
     seeds: int = typer.Option(3, help="Seeds per variant: --seed, --seed + 1, ..."),
     variant: list[str] | None = typer.Option(
         None, "--variant", "-V", metavar="'NAME: OPTION=VALUE ...'",
@@ -62,6 +68,13 @@ def sweep_command(
     tensorboard: Path | None = typer.Option(shared.TRAINING.tensorboard, metavar="DIR", help="TensorBoard scalars "
                                                "of every member in DIR/VARIANT/seed-S (pip install "
                                                "'ser-cache[tensorboard]')."),
+    shard: str | None = typer.Option(None, "--shard", metavar="I/N|slurm",
+                                     help="Train only shard I of N of the members (I from 0; 'slurm': from the job "
+                                          "array's environment); the shard that ends last writes sweep.json."),
+    summarize: Path | None = typer.Option(None, "--summarize", metavar="OUT",
+                                          help="Write OUT/sweep.json of a sharded sweep from its plan "
+                                               "(OUT/sweep.plan.json) and members, and print the table; no other "
+                                               "option."),
 ) -> None:
     """Train the base options and every --variant with several seeds together; compare them with a paired bootstrap.
 
@@ -71,11 +84,28 @@ def sweep_command(
 
     --task categorical (or both: a second table) compares the variants' macro-F1 the same way. The
     task and --classes are the whole sweep's; a variant may change class-weights and class-loss-weight.
+
+    --shard I/N (or slurm, in a job array) trains members I, I+N, ... of the plan; the shard that
+    ends last writes sweep.json, or --summarize OUT does, once every member is written.
     """
     from ser_cache.infra.outputs import given
+    from ser_cache.infra.shards import parse_shard
     from ser_cache.system.epoch_log import tensorboard_problem
-    from ser_cache.train.sweep import SweepConfig, parse_variant, sweep
+    from ser_cache.train.sweep import SweepConfig, parse_variant, summarize_sweep, sweep
 
+    if summarize is not None:
+        others = _given_besides(ctx, "summarize")
+        if others:
+            fail(f"--summarize OUT reads every option from OUT/sweep.plan.json and trains nothing: give it alone "
+                 f"(not with {', '.join(others)})")
+        log_to_stderr()
+        _print_result(guarded(summarize_sweep, summarize))
+        return
+    absent = [name for name, value in (("--features", features), ("--data", data), ("--out", out_dir)) if not value]
+    if absent:
+        fail(f"missing option {', '.join(absent)}: a sweep needs --features, --data and --out (or --summarize OUT "
+             "alone, to summarize a sharded sweep)")
+    shard = guarded(parse_shard, shard)  # a bad value: one line, exit 2
     read = given("--features", *features) + given("--data", data)  # not `inputs`: locals() become the config
     writable(out_dir, "--out", folder=True, inputs=read)
     if tensorboard is not None:
@@ -87,9 +117,28 @@ def sweep_command(
     layer = tuple(layer or ())  # TrainHeadsConfig.layer
     base = shared.heads_config(locals())
     cfg = SweepConfig(base=base, seeds=seeds, variants=variants, inputs=inputs, reference=reference,
-                      members_at_once=members_at_once, resamples=resamples, curves=curves)
-    result = guarded(sweep, cfg)
+                      members_at_once=members_at_once, resamples=resamples, curves=curves, shard=shard)
+    _print_result(guarded(sweep, cfg), shard)
+
+
+def _given_besides(ctx: typer.Context, *names: str) -> list[str]:
+    """The options given on the command line (or by the environment), not left at their defaults, but `names`."""
+    sources = {p.name: ctx.get_parameter_source(p.name) for p in ctx.command.params if p.name not in names}
+    return [p.opts[0] for p in ctx.command.params if p.opts and sources.get(p.name) is not None
+            and sources[p.name].name not in ("DEFAULT", "DEFAULT_MAP")]
+
+
+def _print_result(result, shard=None) -> None:
+    """The tables of sweep.json, or what a shard did while other members are still missing."""
     if result is None:
+        return
+    if not result.complete:
+        shown = ", ".join(result.missing[:8]) + (f" and {len(result.missing) - 8} more" if len(result.missing) > 8
+                                                 else "")
+        out.print(f"{result.out}: shard {shard.label if shard else ''} done ({result.trained} member(s) trained, "
+                  f"{result.reused} already written); {len(result.missing)} member(s) of the sweep not written yet "
+                  f"({shown}): the shard that ends last writes sweep.json (or `ser-cache sweep --summarize "
+                  f"{result.out}`)", highlight=False, soft_wrap=True)
         return
     summary = result.summary
     about = f"over {len(summary['seeds'])} seed(s); Δ against {summary['reference']}"

@@ -26,22 +26,37 @@ The sweep, in order:
 A sweep run again with the same command reuses the members already written (and refuses ones
 written with other options, or on a store since rebuilt with other settings, unless --overwrite), so
 a killed sweep loses at most the stack that was training. A member whose training diverges (its
-loss not finite) stops there and is not written; the others go on, and the summary lists it.
+loss not finite) stops there and is not written; the others go on, and the summary lists it (from
+OUT/VARIANT/seed-S.diverged.json, written in its place; a sweep run again trains it again).
+
+Every sweep writes its plan, OUT/sweep.plan.json (sweep_plan.py), before any training, under a lock
+on OUT. With `--shard I/N` (infra/shards.py: Slurm job arrays) the members, in the order above
+(variants as given, each with its seeds), are the plan, and shard I trains members I, I+N, ... that
+are not written yet (one that diverged is tried again, as by a sweep run again), holding a lock of
+its own (a second copy of the same shard is refused). A shard whose options differ from the plan's
+is refused, naming them (--overwrite replaces the plan; an unsharded sweep, which trains the whole
+plan itself, replaces it). After its share a shard looks, under the lock on OUT, whether every
+member of the plan is written (or diverged): then it writes sweep.json, from the plan's options, as
+`summarize_sweep` (`ser-cache sweep --summarize OUT`) does; else it lists the members missing and
+leaves sweep.json to the shard that ends last.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import math
 import re
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ser_cache.infra import atomic
+from ser_cache.infra import atomic, locks
 from ser_cache.infra.runtime import resolve_device, torch_threads
+from ser_cache.infra.shards import Shard, lock_target
 from ser_cache.runs import layout, rundir
 from ser_cache.system.epoch_log import tensorboard_problem
 from ser_cache.system.errors import TrainError
@@ -49,11 +64,15 @@ from ser_cache.system.rows import SPEAKER_EMBEDDING_KIND, TrainingData, load_row
 from ser_cache.system.setup import set_up
 from ser_cache.train.fit import Diverged, Job, fit
 from ser_cache.train.options import TrainHeadsConfig
+from ser_cache.train.sweep_plan import PLAN_FILE, config_fields, differences, plan_of, read_plan
 from ser_cache.train.sweep_summary import summarize
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
+DIVERGED_SUFFIX = ".diverged.json"  # OUT/VARIANT/seed-S.diverged.json: a member that diverged (no run)
+# How long a sweep waits for the lock on OUT (another shard writing the plan or sweep.json: seconds at most).
+OUT_LOCK_TIMEOUT_S = 3600.0
 BASE = "base"
 LOSS_KEYS = ("total", "ccc", "gender", "speaker")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
@@ -149,6 +168,7 @@ class SweepConfig:
     members_at_once: int | None = None  # at most this many members in one stack (memory); None: no limit
     resamples: int = 1000
     curves: bool = False  # curves.png in every member's run (0.5 s each; `ser-cache plot run` draws it later)
+    shard: Shard | None = None  # --shard I/N: train only members I, I+N, ... of the plan (plan_members)
 
     def verify(self) -> None:
         problems = []
@@ -201,50 +221,185 @@ class Member:
     inputs_option: str
 
 
+    @property
+    def who(self) -> str:
+        """'variant/seed-s', as logs, missing lists and sweep.json name a member."""
+        return f"{self.variant}/seed-{self.seed}"
+
+
+def plan_members(cfg: SweepConfig) -> list[Member]:
+    """The sweep's members in the plan's order: the variants (base first, then as given), each with its
+    seeds in order. Shard I of N trains members I, I+N, ... of this list (Shard.share)."""
+    return [Member(v.name, s, member_config(cfg, v, s), v.options.get("inputs", cfg.inputs))
+            for v in cfg.all_variants() for s in range(cfg.base.seed, cfg.base.seed + cfg.seeds)]
+
+
 @dataclass
 class SweepResult:
     out: Path
-    summary: dict
+    summary: dict  # sweep.json; {} when not complete
     trained: int
     reused: int
     wall_seconds: float
     diverged: int = 0  # members whose training diverged: trained, not written
+    complete: bool = True  # every member of the plan written (or diverged), sweep.json written
+    missing: list[str] = field(default_factory=list)  # "variant/seed-s" of the plan not written yet (other shards)
 
 
 def sweep(cfg: SweepConfig) -> SweepResult:
-    """Train every member not yet written, write each as a run, then the summary (sweep.json)."""
+    """Train every member (of its shard, with cfg.shard) not yet written, write each as a run, then,
+    when every member of the plan is there, the summary (sweep.json)."""
     cfg.verify()
     out = Path(cfg.base.out)
     if layout.is_run_dir(out) or layout.is_unfinished_run(out):
         raise TrainError(f"--out {out}: a run directory; a sweep writes a folder of runs, choose another --out")
     if cfg.base.tensorboard is not None and tensorboard_problem():
         raise TrainError(tensorboard_problem())
-    with torch_threads(cfg.base.threads):
+    with _shard_lock(out, cfg.shard), torch_threads(cfg.base.threads):
+        _plan_in_force(cfg, write=False)  # refused before the stores are read, when it will be
         return _sweep(cfg)
+
+
+def summarize_sweep(out: str | Path) -> SweepResult:
+    """sweep.json of the sweep planned in `out` (OUT/sweep.plan.json), from its members' runs; an error
+    listing the members not written yet, if any."""
+    t0 = time.perf_counter()
+    out = Path(out)
+    if not out.is_dir():
+        raise TrainError(f"--summarize {out}: no such folder; give a sweep's --out")
+    plan = read_plan(out)
+    if plan is None:
+        raise TrainError(f"--summarize {out}: no {PLAN_FILE} in it: the plan is written by `ser-cache sweep` (every "
+                         "sweep, since sweeps can be sharded); for a sweep written before, run its command again "
+                         "(`ser-cache sweep ... --out OUT`, without --shard): it reuses the members written and "
+                         f"writes {SWEEP_FILE}")
+    cfg = plan_config(plan, out)
+    with torch_threads(cfg.base.threads):
+        data = _load(cfg)
+        members, views = _members(cfg, data)
+        result = _finish(cfg, members, views, data, trained=0, diverged=0, t0=t0)
+    if not result.complete:
+        raise TrainError(f"--summarize {out}: {len(result.missing)} of {len(members)} member(s) of the plan not "
+                         f"written yet: {', '.join(result.missing)}; run the shards that train them (the same "
+                         "`ser-cache sweep ... --shard I/N` command), then summarize again")
+    return result
+
+
+def plan_config(plan: dict, out: str | Path) -> SweepConfig:
+    """The SweepConfig of a plan (sweep_plan.read_plan), its folder `out`."""
+    fields = config_fields(plan, out, TrainHeadsConfig)
+    cfg = SweepConfig(**{**fields, "variants": tuple(Variant(n, o) for n, o in fields["variants"])})
+    try:
+        cfg.verify()
+    except TrainError as exc:
+        raise TrainError(f"{Path(out) / PLAN_FILE}: its options are not a sweep's ({exc}); run the sweep's command "
+                         "again with --overwrite to write the plan anew") from None
+    return cfg
+
+
+@contextlib.contextmanager
+def _shard_lock(out: Path, shard: Shard | None) -> Iterator[None]:
+    """A shard's own lock, for its whole run: a second copy of the same shard is refused."""
+    if shard is None:
+        yield
+        return
+    lock = locks.FileLock(lock_target(out, shard))
+    try:
+        lock.acquire()
+    except locks.Held as held:
+        raise TrainError(f"--shard {shard.label}: this shard of the sweep in {out} is already running "
+                         f"({held.holder}; lock {held.path}); wait for it to end, or stop it first") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+@contextlib.contextmanager
+def _out_lock(out: Path) -> Iterator[None]:
+    """The lock on OUT, waited for: writing the plan and sweep.json, one process at a time."""
+    try:
+        lock = locks.acquire_waiting(out, OUT_LOCK_TIMEOUT_S)
+    except locks.Held as held:
+        raise TrainError(f"{out}: waited {OUT_LOCK_TIMEOUT_S:.0f} s for the lock on the sweep folder, held by "
+                         f"{held.holder} ({held.path})") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def _plan_in_force(cfg: SweepConfig, *, write: bool) -> dict:
+    """The plan of the sweep in OUT: `cfg`'s own if there is none yet (written when `write`, under the
+    lock on OUT). A plan that differs refuses a shard (unless --overwrite); an unsharded sweep, which
+    trains the whole plan itself, or --overwrite replaces it (and the sweep.json it had)."""
+    out = Path(cfg.base.out)
+    wanted = plan_of(cfg)
+    with _out_lock(out) if write else contextlib.nullcontext():
+        try:
+            existing = read_plan(out)
+        except TrainError:
+            if not cfg.base.overwrite:
+                raise
+            existing = {}  # damaged: replaced under --overwrite
+        found = None if existing is None else (differences(existing, wanted, NOT_COMPARED) if existing
+                                               else ["a damaged plan"])
+        if found and cfg.shard is not None and not cfg.base.overwrite:
+            raise TrainError(f"--shard {cfg.shard.label}: {out / PLAN_FILE}: this shard's options differ from the "
+                             f"plan of the sweep in {out} ({'; '.join(found)}); give every shard the same options, "
+                             "or pass --overwrite to replace the plan (members written with other options are then "
+                             "trained again)")
+        if not write:
+            return existing or wanted
+        if existing is None or found:
+            if found:
+                log.info("%s: the plan is replaced by this sweep's (%s)", out / PLAN_FILE, "; ".join(found))
+                (out / SWEEP_FILE).unlink(missing_ok=True)  # another plan's summary
+            out.mkdir(parents=True, exist_ok=True)
+            atomic.write_json_atomic(out / PLAN_FILE, wanted)
+            return wanted
+        return existing
+
+
+def _load(cfg: SweepConfig) -> TrainingData:
+    base = cfg.base
+    return load_rows(base.data, base.train_split, base.dev_split, base.features, speaker_weight=0.0, frames=True,
+                     memory_budget_gb=base.memory_budget_gb, layer=base.layer)
+
+
+def _members(cfg: SweepConfig, data: TrainingData) -> tuple[list[Member], dict[str, TrainingData]]:
+    members = plan_members(cfg)
+    # One view per variant (its seeds take the same stores); this also checks every inputs= before any training.
+    views = {m.variant: member_view(data, m) for m in members if m.seed == cfg.base.seed}
+    for m in members:  # as its config.json records them: the stores the member takes
+        m.cfg = dataclasses.replace(m.cfg, features=tuple(s.path for s in views[m.variant].inputs))
+    return members, views
 
 
 def _sweep(cfg: SweepConfig) -> SweepResult:
     t0 = time.perf_counter()
     base = cfg.base
     device = resolve_device(base.device)
-    data = load_rows(base.data, base.train_split, base.dev_split, base.features, speaker_weight=0.0, frames=True,
-                     memory_budget_gb=base.memory_budget_gb, layer=base.layer)
-    members = [Member(v.name, s, member_config(cfg, v, s), v.options.get("inputs", cfg.inputs))
-               for v in cfg.all_variants() for s in range(base.seed, base.seed + cfg.seeds)]
-    # One view per variant (its seeds take the same stores); this also checks every inputs= before any training.
-    views = {m.variant: member_view(data, m) for m in members if m.seed == base.seed}
-    for m in members:  # as its config.json records them: the stores the member takes
-        m.cfg = dataclasses.replace(m.cfg, features=tuple(s.path for s in views[m.variant].inputs))
-    todo = [m for m in members if not _written(m, views[m.variant])]
+    data = _load(cfg)
+    members, views = _members(cfg, data)
+    plan = _plan_in_force(cfg, write=True)
+    mine = cfg.shard.share(members) if cfg.shard else members
+    todo = [m for m in mine if not _written(m, views[m.variant])]
     if todo and data.streamed:
         raise TrainError("the frame stores do not fit the memory budget (--memory-budget) and would be streamed; a "
                          "sweep trains many members on the same rows at once and needs them held: raise "
                          "--memory-budget, or train the variants one by one with train-heads")
     if todo:
         data.place(device)  # every member's view shares these inputs: placed once for all
-    log.info("sweep: %d member(s) (%d variant(s) × %d seed(s)), %d already written, %d to train", len(members),
-             len(cfg.all_variants()), cfg.seeds, len(members) - len(todo), len(todo))
-    diverged: dict[str, Diverged] = {}  # "variant/seed-s" → how its training diverged
+    if cfg.shard is None:
+        log.info("sweep: %d member(s) (%d variant(s) × %d seed(s)), %d already written, %d to train", len(members),
+                 len(cfg.all_variants()), cfg.seeds, len(members) - len(todo), len(todo))
+    else:
+        log.info("sweep shard %s: %d of the plan's %d member(s) (%d variant(s) × %d seed(s)), %d already written, "
+                 "%d to train", cfg.shard.label, len(mine), len(members), len(cfg.all_variants()), cfg.seeds,
+                 len(mine) - len(todo), len(todo))
+    diverged = 0
+    by_who = {m.who: m for m in todo}
     stacks = group_stacks([prepare(m, views[m.variant], device, curves=cfg.curves) for m in todo],
                           cfg.members_at_once)
     for i, stack in enumerate(stacks, 1):
@@ -252,16 +407,74 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
                  ", ".join(f"{j.extra['sweep']['variant']}/seed-{j.cfg.seed}" for j in stack))
         for j in stack:
             j.extra["sweep"]["trained_with"] = len(stack)
+            # Trained again (a sweep run again retries a member that diverged): its old record goes.
+            diverged_path(by_who[f"{j.extra['sweep']['variant']}/seed-{j.cfg.seed}"]).unlink(missing_ok=True)
         for done in fit(stack, device, progress=base.progress):
             if isinstance(done, Diverged):
                 who = f"{done.job.extra['sweep']['variant']}/seed-{done.job.cfg.seed}"
-                diverged[who] = done
+                diverged += 1
                 log.warning("sweep member %s: %s", who, done.message())
-    summary = summarize(cfg, members, data, diverged={k: _diverged_record(d) for k, d in diverged.items()})
-    atomic.write_json_atomic(Path(base.out) / SWEEP_FILE, summary)
+                path = diverged_path(by_who[who])
+                path.parent.mkdir(parents=True, exist_ok=True)
+                atomic.write_json_atomic(path, _diverged_record(done))
+    # The summary of a sharded sweep comes from the plan's options, so that whichever shard ends last (or
+    # --summarize) writes the same sweep.json; an unsharded sweep's from its own, as always.
+    summary_cfg = cfg if cfg.shard is None else plan_config(plan, base.out)
+    return _finish(summary_cfg, members, views, data, trained=len(todo), diverged=diverged, t0=t0,
+                   reused=len(mine) - len(todo), shard=cfg.shard)
+
+
+def _finish(cfg: SweepConfig, members: list[Member], views: dict[str, TrainingData], data: TrainingData, *,
+            trained: int, diverged: int, t0: float, reused: int | None = None,
+            shard: Shard | None = None) -> SweepResult:
+    """Under the lock on OUT: sweep.json when every member of the plan is written or diverged; else the
+    list of those missing (a shard's share is done, others' are not)."""
+    out = Path(cfg.base.out)
+    with _out_lock(out):
+        records, missing, written = {}, [], 0
+        for m in members:
+            # A folder without config.json may be a run another shard is writing now (config.json comes
+            # last): missing, not refused as _written refuses it in a shard's own share.
+            if layout.is_run_dir(Path(m.cfg.out)) and _written(m, views[m.variant]):
+                written += 1
+            elif (record := _read_diverged(m)) is not None:
+                records[m.who] = record
+            else:
+                missing.append(m.who)
+        reused = written if reused is None else reused
+        if missing:
+            wall = time.perf_counter() - t0
+            log.info("sweep%s: %d of %d member(s) of the plan not written yet (%s); %s is written when every one "
+                     "is: by the shard that ends last, or `ser-cache sweep --summarize %s`",
+                     f" shard {shard.label}" if shard else "", len(missing), len(members), ", ".join(missing),
+                     SWEEP_FILE, out)
+            return SweepResult(out, {}, trained, reused, wall, diverged=diverged, complete=False, missing=missing)
+        summary = summarize(cfg, members, data, diverged=records)
+        atomic.write_json_atomic(out / SWEEP_FILE, summary)
     wall = time.perf_counter() - t0
-    log.info("sweep written to %s in %.1f s", base.out, wall)
-    return SweepResult(Path(base.out), summary, len(todo), len(members) - len(todo), wall, diverged=len(diverged))
+    log.info("sweep written to %s in %.1f s", out, wall)
+    return SweepResult(out, summary, trained, reused, wall, diverged=diverged)
+
+
+def diverged_path(member: Member) -> Path:
+    """OUT/VARIANT/seed-S.diverged.json: the record of a member whose training diverged (it has no run)."""
+    out = Path(member.cfg.out)
+    return out.with_name(out.name + DIVERGED_SUFFIX)
+
+
+def _read_diverged(member: Member) -> dict | None:
+    path = diverged_path(member)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TrainError(f"{path}: a damaged record of a diverged member ({exc}); delete it, and the sweep trains "
+                         "the member again") from None
+    if not isinstance(record, dict) or "reason" not in record:
+        raise TrainError(f"{path}: not the record of a diverged member (no reason); delete it, and the sweep trains "
+                         "the member again")
+    return record
 
 
 def _diverged_record(d: Diverged) -> dict:

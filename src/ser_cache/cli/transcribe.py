@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from ser_cache.cli.app import KNOWN_ERRORS, app, err, guarded, writable
+from ser_cache.cli.app import KNOWN_ERRORS, app, err, fail, guarded, writable
 from ser_cache.cli.shared_options import TRANSCRIBE_MODEL, TranscribePrecisionMode as TranscribePrecision
 
 KNOWN_ERRORS.append("ser_cache.features.transcribe:TranscribeError")
@@ -33,34 +33,58 @@ def transcribe(
     precision: TranscribePrecision = typer.Option("auto", help="auto: bf16 autocast on CUDA, fp32 on CPU."),
     overwrite: bool = typer.Option(False, help="Start again when OUT was made with other settings."),
     progress: bool = typer.Option(True, help="Show a progress bar."),
+    shard: str | None = typer.Option(None, "--shard", metavar="I/N|slurm",
+                                     help="Only part I of N of the batches (0-based; 'slurm': from the job array's "
+                                          "SLURM_ARRAY_TASK_* variables); the last shard to finish writes OUT."),
 ) -> None:
     """Transcribe utterances with Whisper (English, no timestamps) into a FileName,text table (resumable).
 
     By default only the utterances without a transcript (e.g. MSP-Podcast's Test3) are transcribed;
-    rerun the same command after an interruption to continue where it stopped.
+    rerun the same command after an interruption to continue where it stopped. With --shard I/N,
+    N processes (a Slurm job array) share the work and together write the table one process writes.
     """
     from ser_cache.data.transcripts import sidecar_path
-    from ser_cache.features.transcribe import TranscribeConfig, transcribe as run_transcribe
+    from ser_cache.features.transcribe import TranscribeConfig, report_path, transcribe as run_transcribe
     from ser_cache.infra.outputs import given, local_folder
+    from ser_cache.infra.shards import ShardError, parse_shard
 
+    try:
+        part = parse_shard(shard)
+    except ShardError as exc:
+        fail(str(exc))
     inputs = given("--data", data) + local_folder("--model", model) + given("the audio file", *(files or ()))
     # A table with its settings file beside it is this command's own: a rerun continues it (or refuses other settings).
     writable(out, "--out", inputs=inputs, overwrite=overwrite or sidecar_path(out).is_file())
     cfg = TranscribeConfig(out=out, model=model, data=data, splits=tuple(split or ()), files=tuple(files or ()),
                            all=all_rows, beams=beams, max_new_tokens=max_new_tokens, batch_seconds=batch_seconds,
-                           device=device, precision=precision, overwrite=overwrite, progress=progress)
+                           device=device, precision=precision, overwrite=overwrite, progress=progress,
+                           shard=part)
     r = guarded(run_transcribe, cfg)
     left_out = (f", {r.have_transcript} left out (they have a transcript; --all includes them)"
                 if r.have_transcript else "")
     # A rerun with every row done transcribed nothing: no rates to report ("0.00 utt/s").
-    rates = (f"{r.wall_seconds:.1f} s — {r.utterances_per_second:.2f} utt/s, real-time factor "
-             f"{r.real_time_factor:.4f} ({r.audio_seconds:.0f} s of audio)" if r.transcribed
-             else "nothing to do: every selected utterance was transcribed before")
+    if r.transcribed:
+        rates = (f"{r.wall_seconds:.1f} s — {r.utterances_per_second:.2f} utt/s, real-time factor "
+                 f"{r.real_time_factor:.4f} ({r.audio_seconds:.0f} s of audio)")
+    elif r.shard:
+        rates = "nothing to do: every row of this shard was done before"
+    else:
+        rates = "nothing to do: every selected utterance was transcribed before"
+    who = f"[bold]{r.out}[/]" + (f", shard {r.shard}" if r.shard else "")
+    if r.complete:
+        state = f"the table is complete: {r.rows} rows" if r.shard else f"{r.rows} rows in the table"
+    else:
+        left = ", ".join(f"{label} ({n} rows)" for label, n in r.pending_by_shard.items())
+        state = (f"the table is not written yet: shard(s) {left} still have rows to transcribe (the last shard "
+                 f"to finish writes it); {r.rows} rows done so far")
     err.print(
-        f"[bold]{r.out}[/]: {r.transcribed} transcribed, {r.skipped} skipped as already done, {r.failed} failed"
-        f"{left_out}; {r.rows} rows in the table. {rates}",
+        f"{who}: {r.transcribed} transcribed, {r.skipped} skipped as already done, {r.failed} failed"
+        f"{left_out}; {state}. {rates}",
         highlight=False, soft_wrap=True,
     )
-    if r.failed:
+    if r.failed and r.report:
         err.print(f"[yellow]{r.failed} utterance(s) could not be read; see {r.report}[/]", highlight=False,
                   soft_wrap=True)
+    elif r.failed:
+        err.print(f"[yellow]{r.failed} utterance(s) could not be read; the last shard lists them in "
+                  f"{report_path(r.out)}[/]", highlight=False, soft_wrap=True)

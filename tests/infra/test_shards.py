@@ -63,3 +63,21 @@ def test_slurm_environment_problems(env, says):
 
 def test_lock_target_is_beside_the_path(tmp_path):
     assert lock_target(tmp_path / "a.zarr", Shard(1, 3)) == tmp_path / "a.zarr.shard-1-of-3"
+
+
+def test_running_lists_the_shards_whose_lock_is_held(tmp_path):
+    from ser_cache.infra import locks
+    from ser_cache.infra.shards import running
+
+    store = tmp_path / "a.zarr"
+    held = locks.FileLock(lock_target(store, Shard(1, 3)))
+    held.acquire()
+    other = locks.FileLock(lock_target(tmp_path / "a.zarr.b", Shard(0, 2)))  # another name that starts alike
+    other.acquire()
+    try:
+        assert list(running(store)) == [Shard(1, 3)]
+        assert "pid" in running(store)[Shard(1, 3)]
+    finally:
+        held.release()
+        other.release()
+    assert running(store) == {}

@@ -20,5 +20,6 @@ from ser_cache.cli import (  # noqa: F401 (each registers its commands on cli.ap
     plot,
     sweep,
     probe,
+    slurm,
 )
 # isort: on

@@ -39,6 +39,10 @@ TRANSCRIBE_MODEL = "whisper-large-v3"  # transcribe.DEFAULT_MODEL
 TRAINING = TrainingOptions  # of the options every recipe shares
 HEADS = TrainHeadsConfig  # of train-heads' own (which sweep's base options are)
 
+ShardSpec = Annotated[str | None, typer.Option(
+    "--shard", metavar="I/N|slurm",
+    help="Do shard I of N of the work (I from 0 to N-1), for Slurm job arrays: the shards together write what one "
+         "process writes; 'slurm': I and N from the array's SLURM_ARRAY_TASK_* variables (docs/cluster.md).")]
 TrainSplit = Annotated[str, typer.Option(help="Split to train on.")]
 DevSplit = Annotated[str, typer.Option(help="Split to validate on and select the epoch with.")]
 Epochs = Annotated[int, typer.Option(help="Epochs (paper: 50).")]

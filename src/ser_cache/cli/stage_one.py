@@ -63,6 +63,7 @@ def extract(
         False, "--prefer-transcripts",
         help="The --transcripts table's text first, the corpus's only where the table has none (changes the store's "
              "fingerprint)."),
+    shard: shared.ShardSpec = None,
 ) -> None:
     """Run a frozen encoder once over a corpus; write pooled (or frame-level) features to OUT/<name>.zarr \
 (resumable)."""
@@ -77,7 +78,8 @@ def extract(
                         batch_seconds=batch_seconds,
                         batch_texts=batch_texts, device=device, precision=precision, workers=workers,
                         on_error=on_error, overwrite=overwrite, retry_failed=retry_failed, chunk_rows=chunk_rows,
-                        progress=progress, transcripts=transcripts, prefer_transcripts=prefer_transcripts)
+                        progress=progress, transcripts=transcripts, prefer_transcripts=prefer_transcripts,
+                        shard=shard_option(shard))
     # The size before the run, where it can surprise: a frame store, or a choice of layers (frames of
     # every state are L times a last-layer frame store). A default pooled extraction prints as it did.
     result = guarded(run_extract, cfg, announce=_announce if layers is not None or pooling == "frames" else None)
@@ -99,6 +101,8 @@ def extract(
             f"encoder {t.get('encode', 0):.1f} s, writing {t.get('write', 0):.1f} s)[/]",
             highlight=False,
         )
+    if result.shard is not None:
+        err.print(_shard_text(result), highlight=False, soft_wrap=True)
     if result.text_sources is not None:
         s = result.text_sources
         err.print(f"text: {s['corpus']} row(s) from the corpus's transcripts, {s['table']} from the table, "
@@ -110,6 +114,29 @@ def extract(
              f"{result.report}", code=1)
     if result.failed and result.computed:
         err.print(f"[yellow]{result.failed} utterance(s) could not be used; see {result.report}[/]", highlight=False)
+
+
+def shard_option(text: str | None):
+    """--shard's value as an infra.shards.Shard (None without one); a bad value exits naming it."""
+    from ser_cache.infra.shards import ShardError, parse_shard
+
+    try:
+        return parse_shard(text)
+    except ShardError as exc:
+        fail(str(exc))
+
+
+def _shard_text(result) -> str:
+    """A shard's last line: its share, and whether the store is complete or which shards still have work."""
+    share = f"shard {result.shard.label}: {result.shard_rows} row(s) in its share"
+    if result.shard_rows == 0:
+        share += " (the store has fewer units of work than shards: this one has none)"
+    if result.complete:
+        return f"{share}; the store is complete"
+    if result.shards_pending:
+        return (f"{share}; rows pending in {result.shards_pending} — the store is complete when they have run "
+                f"(`ser-cache info {result.store}` shows the progress)")
+    return f"{share}; the store is not complete: failed rows still to be reported by a running shard"
 
 
 def _announce(estimate) -> None:
@@ -168,6 +195,7 @@ def info(
                   soft_wrap=True)
         raise typer.Exit(1)
     summary = guarded(s.summary)
+    summary.update(guarded(_shards_summary, s))
     problems = guarded(s.verify, deep=False)
     if problems:
         err.print(f"[yellow]warning: {len(problems)} chunk(s) missing or damaged, e.g. {problems[0]}; "
@@ -192,7 +220,35 @@ def info(
     if summary.get("transcripts"):
         for key, value in _transcript_rows(summary["transcripts"]):
             table.add_row(key, value)
+    for key, value in _shard_rows(summary.get("shards")):
+        table.add_row(key, value)
     out.print(table)
+
+
+def _shards_summary(store) -> dict:
+    """A store extracted by shards: every shard's progress (shard_progress.py) under "shards"."""
+    from ser_cache.features.shard_progress import progress, recorded_count
+
+    count = recorded_count(store)
+    return {"shards": [p.to_dict() for p in progress(store, count)]} if count else {}
+
+
+def _shard_rows(shards: list[dict] | None) -> list[tuple[str, str]]:
+    """Per shard: rows written, failed and pending of its share, and who runs it now; then what is missing."""
+    if not shards:
+        return []
+    rows = []
+    for p in shards:
+        running = f"; running ({p['running']})" if p["running"] else ""
+        state = "done" if p["pending"] == 0 else f"{p['pending']} pending"
+        rows.append((f"shard {p['shard']}", f"{p['written']}/{p['rows']} written, {p['failed']} failed, {state} "
+                                            f"({p['chunks']} chunk(s)){running}"))
+    missing = [p for p in shards if p["pending"]]
+    if missing:
+        count = shards[0]["shard"].split("/")[1]
+        rows.append(("shards missing", ", ".join(p["shard"] for p in missing) +
+                     f" — rerun each with the same command and --shard I/{count} (or resubmit those array tasks)"))
+    return rows
 
 
 def encoder_rows(d: dict, kind: str | None = None) -> list[tuple[str, str]]:

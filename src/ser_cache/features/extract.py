@@ -29,6 +29,12 @@ A text encoder reads each row's text through transcripts.attach: the corpus's tr
 the --transcripts table's where the corpus has none (first with --prefer-transcripts). Before
 encoding, rank 0 writes which text feeds which row to `<name>.transcripts.csv` and refuses a
 rerun that would give a row already written other text (see `record_transcripts`).
+
+With --shard I/N (Slurm job arrays, docs/cluster.md) the run does shard I's share of the one-process
+plan (units I, I+N, ... of `plan_units(store, 1)`; shard_progress.py), so that N shards, run at once
+or one after another, killed and rerun, write exactly the store one process writes. Shards run side
+by side under locks of their own; creating the store and finishing it (the report, `complete`) are
+serialised under the store's set-up lock (store_lock.py). Under torchrun, a shard's ranks split its share.
 """
 
 from __future__ import annotations
@@ -52,13 +58,14 @@ from ser_cache.data.transcripts import (
 from ser_cache.features.decoding import Decoder
 from ser_cache.features.encode import encode_rows, new_timings, plan_units
 from ser_cache.features.errors import ExtractError, StoreError
-from ser_cache.features.report import ReportWriter, merge_reports, report_path
+from ser_cache.features.report import ReportWriter, merge_reports, report_path, unreported
 from ser_cache.features.size_estimate import SizeEstimate, estimate_size
 from ser_cache.features.store import STORE_DTYPE, FeatureStore, remove_store
 from ser_cache.features.store_lock import StoreLock
 from ser_cache.features.store_ref import default_store_name, fingerprint, ids_digest, settings_differences
 from ser_cache.features.text_record import TextChanged, load_transcript_table, record_transcripts
 from ser_cache.infra.atomic import naming_disk_full
+from ser_cache.infra.shards import Shard
 from ser_cache.version import __version__
 
 ON_ERROR = ("skip", "fail")
@@ -92,6 +99,7 @@ class ExtractConfig:
     progress: bool = True
     transcripts: Path | None = None  # a transcript table (transcribe's asr.csv) for rows the corpus has no text for
     prefer_transcripts: bool = False  # the table's text first, the corpus's where the table has none
+    shard: Shard | None = None  # --shard I/N: this run does shard I's share of the plan (module docstring)
 
     def verify(self) -> None:
         problems = []
@@ -131,6 +139,10 @@ class ExtractResult:
     loop_seconds: float = 0.0  # this rank's encoding loop: wall_seconds less set-up and the final merge
     text_sources: dict | None = None  # a text store (rank 0): {"corpus": n, "table": m, "none": k} over its rows
     modality: str = "audio"  # the encoder's: a text store has no audio seconds to report
+    complete: bool = False  # every row of the store written or failed (and reported)
+    shard: Shard | None = None
+    shard_rows: int = 0  # rows in this shard's share (a sharded run)
+    shards_pending: str = ""  # a sharded run: the shards with rows still pending (shard_progress.missing_text)
 
     @property
     def utterances_per_second(self) -> float:
@@ -177,7 +189,7 @@ def extract(cfg: ExtractConfig, *, announce: Callable[[SizeEstimate], None] | No
         # Only when given: stores built before the option existed keep their fingerprint.
         settings["prefer_transcripts"] = True
     path = store_path(cfg)
-    lock = StoreLock(path)
+    lock = StoreLock(path, cfg.shard)
 
     # Rank 0 alone creates or refuses the store; the others learn the outcome before touching it.
     setup_error = None
@@ -185,7 +197,10 @@ def extract(cfg: ExtractConfig, *, announce: Callable[[SizeEstimate], None] | No
     if dist.is_main:
         try:
             lock.acquire()
-            text_sources = _prepare_store(path, cfg, encoder, ids, settings, utts, sources, table)
+            with lock.setup():
+                text_sources = _prepare_store(path, cfg, encoder, ids, settings, utts, sources, table)
+                if cfg.shard is not None:
+                    FeatureStore.open(path, mode="r+").update_attrs(shards={"count": cfg.shard.count})
         except (StoreError, ExtractError) as exc:
             lock.release()
             setup_error = str(exc)
@@ -201,22 +216,44 @@ def extract(cfg: ExtractConfig, *, announce: Callable[[SizeEstimate], None] | No
         loop_seconds = time.perf_counter() - t_loop
         # The gather is also the point after which every rank has written all its chunks.
         per_rank = dist.all_gather((computed, audio_seconds))
-        written, failed = store.flags()
+        complete, pending = False, ""
         if dist.is_main:
-            merge_reports(store, dist.world)
-            store.update_attrs(complete=bool((written | failed).all()), rows_written=int(written.sum()),
-                               rows_failed=int(failed.sum()))
-        dist.barrier()
+            complete, pending = _finish(store, lock, cfg.shard)
+        complete, pending = dist.broadcast((complete, pending))
+        written, failed = store.flags()
         return ExtractResult(store=store.path, report=report_path(store.path), rows=store.n_rows,
                              written=int(written.sum()), failed=int(failed.sum()),
                              computed=sum(c for c, _ in per_rank), skipped=skipped,
                              audio_seconds=sum(a for _, a in per_rank), wall_seconds=time.perf_counter() - t0,
                              timings=timings, rank=dist.rank, world=dist.world,
                              setup_seconds=t_loop - t0, loop_seconds=loop_seconds, text_sources=text_sources,
-                             modality=encoder.modality)
+                             modality=encoder.modality, complete=complete, shard=cfg.shard,
+                             shard_rows=_share_rows(store, cfg.shard), shards_pending=pending)
     finally:
         lock.release()
         distributed.shutdown(dist)
+
+
+def _finish(store: FeatureStore, lock: StoreLock, shard: Shard | None) -> tuple[bool, str]:
+    """Merge the error report and set `complete` (rank 0, under the set-up lock: one view of the flags);
+    (complete, the shards with rows pending — sharded runs)."""
+    from ser_cache.features.shard_progress import missing_text, progress
+
+    with lock.setup():
+        merge_reports(store, shard)
+        written, failed = store.flags()
+        complete = bool((written | failed).all()) and unreported(store, failed & ~written) == 0
+        store.update_attrs(complete=complete, rows_written=int(written.sum()), rows_failed=int(failed.sum()))
+    pending = missing_text(progress(store, shard.count, (written, failed))) if shard is not None else ""
+    return complete, pending
+
+
+def _share_rows(store: FeatureStore, shard: Shard | None) -> int:
+    if shard is None:
+        return store.n_rows
+    from ser_cache.features.shard_progress import shard_chunks
+
+    return sum(e - s for s, e in map(store.chunk_bounds, shard_chunks(store, shard)))
 
 
 def _prepare_store(path: Path, cfg: ExtractConfig, encoder, ids: list[str], settings: dict, utts: list[Utterance],
@@ -333,8 +370,10 @@ def _run(cfg: ExtractConfig, dist, encoder, utts: list[Utterance], store: Featur
     # could see chunks that another rank has already written, and the shares would not add up.
     written0, failed0 = dist.broadcast(_resume_flags(store) if dist.is_main else None)
     pending = set(store.pending_chunks(retry_failed=cfg.retry_failed, flags=(written0, failed0)))
-    units = [u for u in plan_units(store, dist.world) if pending.intersection(u)][dist.rank::dist.world]
-    report = ReportWriter(report_path(store.path), dist.rank)
+    # A shard: its share of the one-process plan, whatever is done (a rerun takes the same units).
+    plan = plan_units(store, dist.world) if cfg.shard is None else cfg.shard.share(plan_units(store, 1))
+    units = [u for u in plan if pending.intersection(u)][dist.rank::dist.world]
+    report = ReportWriter(report_path(store.path), dist.rank, cfg.shard)
     timings = new_timings()
     total_rows = sum(min(store.chunk_rows, store.n_rows - c * store.chunk_rows) for u in units for c in u
                      if c in pending)

@@ -63,10 +63,17 @@ def repair_advice(problems: Sequence[ChunkProblem]) -> str:
 
 
 def writer_of(store_path: str | Path) -> str | None:
-    """Who holds the store's extraction lock (StoreLock), or None when nobody does (locks.holder)."""
-    from ser_cache.infra import locks
+    """Who holds the store's extraction lock (StoreLock), or a shard's, or None when nobody does (locks.holder)."""
+    from ser_cache.infra import locks, shards
 
-    return locks.holder(store_path)
+    who = locks.holder(store_path)
+    if who:
+        return who
+    running = shards.running(store_path)
+    if running:
+        first, who = next(iter(running.items()))
+        return f"shard {first.label}, {who}" + (f", and {len(running) - 1} more shard(s)" if len(running) > 1 else "")
+    return None
 
 
 def problems_message(path: Path, problems: Sequence[ChunkProblem]) -> str:

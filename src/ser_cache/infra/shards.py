@@ -22,6 +22,7 @@ whose first copy still runs) never run at once, while different shards do.
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -126,6 +127,32 @@ def from_environment(environ: Mapping[str, str]) -> Shard:
 
 
 def lock_target(path: str | Path, shard: Shard) -> Path:
-    """What a shard locks for its run: `<path>.shard-I-of-N` (its lock file `<path>.shard-I-of-N.lock`)."""
-    path = Path(path)
+    """What a shard locks for its run: `<path>.shard-I-of-N` (its lock file `<path>.shard-I-of-N.lock`), beside
+    the real folder (as locks.lock_path: two names for one store meet at one lock)."""
+    path = Path(path).resolve()
     return path.with_name(f"{path.name}.{shard.slug}")
+
+
+_LOCK_NAME = re.compile(r"\.shard-(\d+)-of-(\d+)\.lock$")
+
+
+def running(path: str | Path) -> dict[Shard, str]:
+    """The shards of `path` running now (their lock held) → who holds it, as the holder wrote."""
+    from ser_cache.infra import locks
+
+    lock_dir = locks.lock_path(path).parent
+    base = locks.lock_path(path).name.removesuffix(".lock")
+    found = {}
+    for f in lock_dir.glob(f"{glob.escape(base)}.shard-*-of-*.lock"):
+        m = _LOCK_NAME.search(f.name)
+        if not m or f.name[: m.start()] != base:
+            continue
+        index, count = int(m.group(1)), int(m.group(2))
+        if not 0 <= index < count:
+            continue
+        shard = Shard(index, count)
+        who = locks.holder(lock_target(path, shard))
+        if who:
+            found[shard] = who
+    return dict(sorted(found.items(), key=lambda kv: (kv[0].count, kv[0].index)))
+

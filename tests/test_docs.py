@@ -72,6 +72,17 @@ def test_documented_command_has_its_options(doc, line):
     assert not hasattr(cmd, "get_command") or not rest or rest[0].startswith("-"), \
         f"{doc}: `ser-cache {line}`: no command {rest[0]!r}"
     known = {opt for p in cmd.params for opt in (*p.opts, *p.secondary_opts)} | {"--help"}
+    if words[:1] == ["slurm"] and len(words) > 1:
+        # `slurm extract [Slurm options] [--] [extract's options]`: after `--`, only extract's options.
+        target, _ = _resolve(_click_app(), words[1:2])
+        forwarded = {opt for p in target.params for opt in (*p.opts, *p.secondary_opts)}
+        if "--" in rest:
+            cut = rest.index("--")
+            flags = [w.split("=")[0] for w in rest[cut + 1:] if w.startswith("--")]
+            unknown = [f for f in flags if f not in forwarded]
+            assert not unknown, f"{doc}: `ser-cache {line}`: {target.name} has no option(s) {', '.join(unknown)}"
+            rest = rest[:cut]
+        known |= forwarded
     flags = [w.split("=")[0] for w in rest if w.startswith("--")]
     unknown = [f for f in flags if f not in known]
     assert not unknown, f"{doc}: `ser-cache {line}`: {cmd.name} has no option(s) {', '.join(unknown)}"

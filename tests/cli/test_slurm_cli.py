@@ -50,7 +50,9 @@ def test_submit_prints_the_job(tmp_path, monkeypatch):
     fake.write_text("#!/bin/sh\necho 77\n")
     fake.chmod(0o755)
     monkeypatch.setenv("PATH", f"{tmp_path / 'bin'}{os.pathsep}{os.environ['PATH']}")
-    r = invoke("slurm", "extract", "--array", 3, "--submit", "--jobs-dir", tmp_path / "jobs", "--model", "m",
-               "--data", "d", "--out", "o")
+    r = invoke("slurm", "extract", "--array", 3, "--submit", "--jobs-dir", tmp_path / "jobs",
+               "--sbatch=--account=abc", "--sbatch", "--qos=high", "--model", "m", "--data", "d", "--out", "o")
     assert r.exit_code == 0, r.output
     assert "job: 77" in r.output and "sbatch --array=K" in r.output
+    text = next((tmp_path / "jobs").glob("*.sbatch")).read_text()
+    assert "#SBATCH --account=abc\n#SBATCH --qos=high\n" in text

@@ -36,8 +36,8 @@ def _options(command: str):
         max_running: int | None = typer.Option(None, help="At most this many tasks at once (--array=0-N%K)."),
         job_name: str | None = typer.Option(None, help="Job name (default: ser-cache-COMMAND)."),
         sbatch: list[str] | None = typer.Option(None, "--sbatch", metavar="OPTION",
-                                                help="Another sbatch option for the script, e.g. --sbatch "
-                                                     "--account=abc (repeatable)."),
+                                                help="Another sbatch option for the script, e.g. "
+                                                     "--sbatch=--account=abc (repeatable)."),
         jobs_dir: Path = typer.Option(Path("slurm-jobs"), "--jobs-dir",
                                       help="Folder for the script and the tasks' logs."),
     ) -> None:

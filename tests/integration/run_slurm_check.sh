@@ -19,7 +19,7 @@ STATE=$WORK/slurm
 
 # The tasks import the same code as this shell: the checkout's src first.
 export PYTHONPATH=$ROOT/src${PYTHONPATH:+:$PYTHONPATH}
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_HUB_DISABLE_PROGRESS_BARS=1
 
 echo "# $(date -u '+%F %T') UTC on $(hostname -s): $(slurmctld -V 2>/dev/null || echo 'slurmctld missing'), $(nproc) cores"
 echo "# python: $(command -v python) ($(python -c 'import ser_cache; print(ser_cache.__file__)'))"

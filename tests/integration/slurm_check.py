@@ -145,6 +145,10 @@ def submit(slurm: Slurm, model: Path, data: Path, out: Path, jobs: Path) -> tupl
     return Path(script.group(1)), job.group(1)
 
 
+def _show(log: Path) -> None:
+    print(f"$ cat {log}\n" + log.read_text().rstrip(), flush=True)
+
+
 def expect_states(states: dict[int, tuple[str, str]], expected: dict[int, str], job: str) -> None:
     got = {t: s for t, (s, _) in states.items()}
     if got != expected:
@@ -174,7 +178,7 @@ def check_array(slurm: Slurm, model: Path, data: Path, one: Path, work: Path) ->
     slurm.wait(job)
     expect_states(slurm.states(job), dict.fromkeys(range(ARRAY), "COMPLETED"), job)
     for log in sorted((work / "jobs").glob(f"*-{job}_*.out")):
-        print(f"$ tail -n 3 {log}\n" + "\n".join(log.read_text().splitlines()[-3:]), flush=True)
+        _show(log)
     expect_identical(one, store_in(work / "sharded"))
 
 
@@ -231,9 +235,8 @@ def check_cancel(slurm: Slurm, model: Path, data: Path, one: Path, work: Path) -
     again = text.strip().split(";")[0]
     slurm.wait(again)
     expect_states(slurm.states(again), {CANCELLED: "COMPLETED"}, again)
-    log = next(jobs.glob(f"*-{again}_{CANCELLED}.out"), None)
-    if log:
-        print(f"$ tail -n 3 {log}\n" + "\n".join(log.read_text().splitlines()[-3:]), flush=True)
+    for log in sorted(jobs.glob(f"*-{job}_*.out")) + sorted(jobs.glob(f"*-{again}_*.out")):
+        _show(log)
     slurm.run([sys.executable, "-m", "ser_cache", "info", str(store)])
     expect_identical(one, store)
 

@@ -72,7 +72,7 @@ class Slurm:
 
     def queued(self, job: str) -> list[str]:
         """The array's tasks still in the queue (pending, running, completing), as squeue prints them."""
-        out = self.run(["squeue", "-h", "-j", job, "-o", "%i %T %M %R"], quiet=True, check=False)
+        out = self.run(["squeue", "-h", "-j", job, "-o", "%i %T %R"], quiet=True, check=False)
         return [line.strip() for line in out.splitlines() if line.strip()]
 
     def wait(self, job: str, timeout_s: float = ARRAY_TIMEOUT_S) -> None:
@@ -208,8 +208,10 @@ def check_cancel(slurm: Slurm, model: Path, data: Path, one: Path, work: Path) -
     """Step 3: task 1 cancelled while it runs, the others finish, task 1 resubmitted alone.
 
     Shard 1 of 3 has one unit of chunks of the one-process plan (about four units whatever the size, below
-    ~8,000 rows), and a unit's rows are written at its end: there is no moment at which shard 1 has written
-    some of its rows and not others. It is cancelled once its script runs (the extract starting)."""
+    ~8,000 rows), whose rows are encoded sorted by length across the unit: its chunks complete at moments
+    that depend on the audio, most near the unit's end, so there is no moment to wait for at which it has
+    certainly written some rows and not all. It is cancelled once its script runs (the extract starting);
+    a shard killed between chunks is tests/features/test_extract_shards.py's."""
     print(f"## 3. scancel task {CANCELLED} while it runs, then sbatch --array={CANCELLED} SCRIPT", flush=True)
     out, jobs = work / "cancelled", work / "jobs-cancel"
     script, job = submit(slurm, model, data, out, jobs)

@@ -141,19 +141,24 @@ start() {
     echo "slurm up: node $NODE idle, SLURM_CONF=$CONF"
 }
 
-stop_one() {  # name pidfile: TERM, then KILL after 10 s; the pid file goes (a next start waits for a new one)
-    local pid i
-    if pid=$(running "$2"); then
-        kill "$pid" 2>/dev/null || true
-        for ((i = 0; i < 100; i++)); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        kill -9 "$pid" 2>/dev/null || true
-    fi
-    rm -f "$2"
+stop_daemons() {  # pidfile...: TERM to all at once (each takes ~2 s), KILL what is left after 10 s; the pid
+    # files go, so that a next start waits for new ones
+    local f pid pids=() i
+    for f in "$@"; do
+        if pid=$(running "$f"); then kill "$pid" 2>/dev/null || true; pids+=("$pid"); fi
+    done
+    for ((i = 0; i < 100; i++)); do
+        local left=()
+        for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && left+=("$pid"); done
+        ((${#left[@]} == 0)) && break
+        sleep 0.1
+    done
+    for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+    rm -f "$@"
 }
 
 stop_slurm() {
-    stop_one slurmd "$STATE/slurmd.pid"
-    stop_one slurmctld "$STATE/slurmctld.pid"
+    stop_daemons "$STATE/slurmd.pid" "$STATE/slurmctld.pid"
 }
 
 cancel_jobs() {  # what is still queued or running ends with the cluster, not orphaned under a dead slurmd
@@ -170,8 +175,7 @@ cancel_jobs() {  # what is still queued or running ends with the cluster, not or
 
 stop() {
     cancel_jobs
-    stop_slurm
-    stop_one munged "$MUNGE/munged.pid"
+    stop_daemons "$STATE/slurmd.pid" "$STATE/slurmctld.pid" "$MUNGE/munged.pid"
     echo "slurm stopped ($STATE)"
 }
 

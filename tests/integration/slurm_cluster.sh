@@ -116,7 +116,7 @@ wait_idle() {
         case $state in
             idle | mixed | allocated) return 0 ;;
             drain* | down*)
-                # a node drained by an earlier life of this cluster (e.g. "Kill task failed"): resume it once
+                # a node drained by an earlier life of this cluster (e.g. "Kill task failed"): resume it
                 scontrol update NodeName="$NODE" State=RESUME 2>/dev/null || true ;;
         esac
         sleep 0.5
@@ -153,7 +153,7 @@ stop_daemons() {  # pidfile...: TERM to all at once (each takes ~2 s), KILL what
         ((${#left[@]} == 0)) && break
         sleep 0.1
     done
-    for pid in "${pids[@]}"; do kill -9 "$pid" 2>/dev/null || true; done
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && kill -9 "$pid" 2>/dev/null; done
     rm -f "$@"
 }
 

@@ -20,6 +20,7 @@ def test_script_runs_the_command_as_shards_of_a_fixed_count(tmp_path):
     for expected in ("#SBATCH --array=0-7%4", "#SBATCH --partition=gpu", "#SBATCH --time=4:00:00",
                      "#SBATCH --mem=32G", "#SBATCH --cpus-per-task=8", "#SBATCH --gpus-per-task=1",
                      "#SBATCH --account=abc", f"#SBATCH --chdir={tmp_path}", "export SER_CACHE_SHARDS=8",
+                     'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
                      "/env/bin/python -m ser_cache extract --model wavlm-large --out 'my stores' --shard slurm"):
         assert expected in lines, expected
     assert "#SBATCH --array=0" in batch_script(ArrayJob("sweep", (), array=1), log_pattern=tmp_path / "l",

@@ -105,6 +105,8 @@ def batch_script(job: ArrayJob, *, log_pattern: Path, workdir: Path, python: str
         "# skips what is done.",
         "set -euo pipefail",
         f"export {SHARDS_VARIABLE}={job.array}",
+        "# Torch's threads as Slurm gave cores (sums of floats depend on the count: every task alike).",
+        'export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"',
         'echo "ser-cache: task ${SLURM_ARRAY_TASK_ID} of job ${SLURM_ARRAY_JOB_ID} on $(hostname)"',
         shlex.join(command),
         "",

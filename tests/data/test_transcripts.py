@@ -24,7 +24,7 @@ from ser_cache.data.transcripts import (
     text_sha1,
     write_record,
 )
-from ser_cache.features import transcribe
+from ser_cache.features import transcript_table
 
 from factories import msp_corpus
 
@@ -74,7 +74,8 @@ def test_the_sidecar_is_transcribes_and_gives_the_asr_settings(tmp_path):
     assert read_sidecar(table) is None and load_table(table).asr is None
     settings = {"model_id": "openai/whisper-large-v3", "revision": "abc123", "language": "en", "beams": 1,
                 "max_new_tokens": 224, "max_seconds": 30.0, "precision": "bf16", "timestamps": False}
-    transcribe.write_sidecar(sidecar_path(table), {"model": "whisper-large-v3", "settings": settings, "complete": True})
+    transcript_table.write_sidecar(sidecar_path(table), {"model": "whisper-large-v3", "settings": settings,
+                                                         "complete": True})
     loaded = load_table(table)
     assert loaded.asr == settings
     assert loaded.sha256 == hashlib.sha256(table.read_bytes()).hexdigest()

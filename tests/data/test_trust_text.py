@@ -19,7 +19,7 @@ from ser_cache.data import transcripts
 from ser_cache.data.corpus import load_corpus
 from ser_cache.data.records import CorpusError
 from ser_cache.data.transcripts import TranscriptError, load_table, read_sidecar, read_table, record_path
-from ser_cache.features import transcribe
+from ser_cache.features import transcribe, transcript_table
 from ser_cache.features.errors import ExtractError
 from ser_cache.features.extract import ExtractConfig, extract
 from ser_cache.runs.predict import PredictError, evaluate, predict
@@ -135,11 +135,11 @@ def test_a_sidecar_that_is_not_an_object_with_settings_is_one_error(tmp_path, co
 def test_a_journal_with_bytes_that_are_not_utf8_is_one_error(tmp_path):
     out = tmp_path / "asr.csv"
     settings = {"model_id": "m", "revision": "r"}
-    transcribe.write_sidecar(transcripts.sidecar_path(out), {"settings": settings})
-    transcribe.journal_path(out).write_bytes(b"FileName,text\na.wav,fine\nb.wav,caf\xe9 noir\n")
+    transcript_table.write_sidecar(transcripts.sidecar_path(out), {"settings": settings})
+    transcript_table.journal_path(out).write_bytes(b"FileName,text\na.wav,fine\nb.wav,caf\xe9 noir\n")
     cfg = transcribe.TranscribeConfig(out=out, data=tmp_path, device="cpu", progress=False)
     with pytest.raises(transcribe.TranscribeError,
-                       match=rf"^{transcribe.journal_path(out)}, line 3 \(byte offset 34\): byte 0xe9 "
+                       match=rf"^{transcript_table.journal_path(out)}, line 3 \(byte offset 34\): byte 0xe9 "
                              r"is not UTF-8; .*--overwrite"):
         transcribe.done_rows(cfg, settings)
     again = transcribe.TranscribeConfig(out=out, data=tmp_path, overwrite=True)

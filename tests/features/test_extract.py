@@ -366,12 +366,12 @@ ASR = {"model_id": "openai/whisper-large-v3", "revision": "0123abcd", "language"
 def asr_table(path: Path, texts: dict[str, str], *, sidecar: bool = True) -> Path:
     """A table as `ser-cache transcribe` writes it, with its sidecar."""
     from ser_cache.data import transcripts
-    from ser_cache.features import transcribe
+    from ser_cache.features import transcript_table
 
-    transcribe.write_table(path, texts)
+    transcript_table.write_table(path, texts)
     if sidecar:
-        transcribe.write_sidecar(transcripts.sidecar_path(path), {"model": "whisper-large-v3", "settings": ASR,
-                                                                 "complete": True, "rows": len(texts)})
+        transcript_table.write_sidecar(transcripts.sidecar_path(path), {"model": "whisper-large-v3", "settings": ASR,
+                                                                       "complete": True, "rows": len(texts)})
     return path
 
 

@@ -22,9 +22,11 @@ import pytest
 from typer.testing import CliRunner
 
 from ser_cache.cli.app import app
-from ser_cache.features import transcribe as tr, transcriber
-from ser_cache.features.transcribe import Journal, TranscribeConfig, TranscribeError, pack, transcribe
+from ser_cache.features import transcriber
+from ser_cache.features.transcribe import TranscribeConfig, TranscribeError, transcribe
+from ser_cache.features.transcribe_plan import MAX_BATCH, pack
 from ser_cache.features.transcriber import WhisperTranscriber
+from ser_cache.features.transcript_table import Journal
 
 from factories import msp_corpus, tone, whisper_asr, write_wav
 
@@ -160,14 +162,14 @@ def test_resume_after_kill_9_redoes_no_finished_row(asr, data, tmp_path, monkeyp
     killer = tmp_path / "killer.py"
     killer.write_text(textwrap.dedent(f"""
         import os, signal, sys
-        from ser_cache.features import transcribe
-        original = transcribe.Journal.append
+        from ser_cache.features import transcript_table
+        original = transcript_table.Journal.append
         def append(self, rows):
             original(self, rows)
             with open(self.path, "a") as f:
                 f.write("MSP-PODCAST_1000_0003.wav,half a li")  # a record cut short by the kill
             os.kill(os.getpid(), signal.SIGKILL)  # right after the first batch reached the disk
-        transcribe.Journal.append = append
+        transcript_table.Journal.append = append
         from ser_cache.cli.app import main
         sys.argv = ["ser-cache", *{args!r}]
         main()
@@ -232,7 +234,7 @@ def test_packing_restarted_at_a_batch_boundary_gives_the_same_batches():
     batches = pack(seconds, 120.0)
     assert sorted(i for b in batches for i in b) == sorted(seconds)
     assert all(sum(seconds[i] for i in b) <= 120.0 or len(b) == 1 for b in batches)
-    assert all(len(b) <= tr.MAX_BATCH for b in pack({f"s{i}": 0.1 for i in range(200)}, 1000.0))
+    assert all(len(b) <= MAX_BATCH for b in pack({f"s{i}": 0.1 for i in range(200)}, 1000.0))
     done = {i for b in batches[:7] for i in b}
     assert pack({k: v for k, v in seconds.items() if k not in done}, 120.0) == batches[7:]
 

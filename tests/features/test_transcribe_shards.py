@@ -21,9 +21,12 @@ import soundfile as sf
 from typer.testing import CliRunner
 
 from ser_cache.cli.app import app
-from ser_cache.features import transcribe as tr
-from ser_cache.features.transcribe import Journal, TranscribeConfig, TranscribeError, pack, transcribe
+from ser_cache.data.transcripts import sidecar_path
+from ser_cache.features.transcribe import TranscribeConfig, TranscribeError, report_path, transcribe
+from ser_cache.features.transcribe_plan import pack
+from ser_cache.features.transcribe_shards import shard_journal_path, unsharded_lock_target
 from ser_cache.features.transcriber import WhisperTranscriber
+from ser_cache.features.transcript_table import Journal, journal_path, read_table
 from ser_cache.infra import locks
 from ser_cache.infra.shards import Shard, lock_target
 
@@ -77,7 +80,7 @@ def reference(files, tmp_path: Path) -> tuple[bytes, bytes | None]:
     out = tmp_path / "ref" / "asr.csv"
     out.parent.mkdir()
     transcribe(config(files, out), transcriber=BatchTranscriber())
-    report = tr.report_path(out)
+    report = report_path(out)
     return out.read_bytes(), report.read_bytes() if report.is_file() else None
 
 
@@ -153,9 +156,9 @@ def test_three_shards_one_killed_and_rerun_write_what_one_process_writes(tmp_pat
     child.start()
     child.join(60)
     assert child.exitcode == -signal.SIGKILL
-    journal = tr.shard_journal_path(out, Shard(1, 3))
+    journal = shard_journal_path(out, Shard(1, 3))
     assert journal.is_file() and not journal.read_bytes().endswith(b"\n")  # a record cut short
-    assert json.loads(tr.sidecar_path(out).read_text())["complete"] is False
+    assert json.loads(sidecar_path(out).read_text())["complete"] is False
 
     first = transcribe(config(files, out, Shard(0, 3)), transcriber=BatchTranscriber())
     assert not first.complete and first.transcribed > 0 and not out.exists()
@@ -170,25 +173,25 @@ def test_three_shards_one_killed_and_rerun_write_what_one_process_writes(tmp_pat
     last = transcribe(config(files, out, Shard(2, 3)), transcriber=BatchTranscriber())
     assert last.complete and last.pending_by_shard == {} and last.failed == 2 and last.rows == 21
     assert out.read_bytes() == table
-    assert tr.report_path(out).read_bytes() == report
-    side = json.loads(tr.sidecar_path(out).read_text())
+    assert report_path(out).read_bytes() == report
+    side = json.loads(sidecar_path(out).read_text())
     assert side["complete"] and side["rows"] == 21 and side["failed"] == 2
     assert side["settings"] == BatchTranscriber().settings(30.0)
     assert leftovers(out) == []
 
     # Reruns after completion, of any shard, do nothing (the failures stay failures).
-    stamp = out.stat().st_mtime_ns, tr.sidecar_path(out).stat().st_mtime_ns
+    stamp = out.stat().st_mtime_ns, sidecar_path(out).stat().st_mtime_ns
     for k in range(3):
         fake = BatchTranscriber()
         r = transcribe(config(files, out, Shard(k, 3)), transcriber=fake)
         assert r.complete and r.transcribed == 0 and fake.batches == [] and r.failed == 2
-    assert (out.stat().st_mtime_ns, tr.sidecar_path(out).stat().st_mtime_ns) == stamp
+    assert (out.stat().st_mtime_ns, sidecar_path(out).stat().st_mtime_ns) == stamp
 
     # Utterances added later: a new round, whose shards add only them.
     more = files + [write_wav(tmp_path / "audio" / "u950.wav", tone(0.7, seed=50))]
     results = [transcribe(config(more, out, Shard(k, 3)), transcriber=BatchTranscriber()) for k in range(3)]
     assert sum(r.transcribed for r in results) == 1 and results[-1].complete
-    assert "u950.wav" in tr.read_table(out) and len(tr.read_table(out)) == 22
+    assert "u950.wav" in read_table(out) and len(read_table(out)) == 22
 
 
 def test_shards_take_over_from_a_killed_run_without_shard(tmp_path):
@@ -199,11 +202,11 @@ def test_shards_take_over_from_a_killed_run_without_shard(tmp_path):
     child.start()
     child.join(60)
     assert child.exitcode == -signal.SIGKILL
-    done = Journal(tr.journal_path(out)).read()
+    done = Journal(journal_path(out)).read()
     assert 0 < len(done) < 15
     results = [transcribe(config(files, out, Shard(k, 2)), transcriber=BatchTranscriber()) for k in range(2)]
     assert sum(r.transcribed for r in results) == 15 - len(done)  # the journal's rows count as done
-    assert results[-1].complete and out.read_bytes() == table and tr.report_path(out).read_bytes() == report
+    assert results[-1].complete and out.read_bytes() == table and report_path(out).read_bytes() == report
     assert leftovers(out) == []
 
 
@@ -231,8 +234,8 @@ def test_four_shards_started_at_once_agree_on_one_sidecar_and_write_the_table(tm
     got = [results.get(timeout=5) for _ in procs]
     assert max(start for *_, start, _ in got) < min(end for *_, end in got)  # all four ran at once
     assert sum(n for _, n, *_ in got) == 31 and any(done for _, _, done, *_ in got)
-    assert out.read_bytes() == table and tr.report_path(out).read_bytes() == report
-    side = json.loads(tr.sidecar_path(out).read_text())
+    assert out.read_bytes() == table and report_path(out).read_bytes() == report
+    side = json.loads(sidecar_path(out).read_text())
     assert side["complete"] and side["rows"] == 31 and side["settings"] == BatchTranscriber().settings(30.0)
     assert leftovers(out) == []
 
@@ -248,7 +251,7 @@ def test_a_second_copy_of_a_shard_and_mixing_with_an_unsharded_run_are_refused(t
             transcribe(config(files, out, Shard(1, 3)), transcriber=BatchTranscriber())
         with pytest.raises(TranscribeError, match=r"shard 1/3 \(pid \d+.*\) of a sharded transcribe is running"):
             transcribe(config(files, out), transcriber=BatchTranscriber())
-    with locks.FileLock(tr.unsharded_lock_target(out)):  # a run without --shard
+    with locks.FileLock(unsharded_lock_target(out)):  # a run without --shard
         with pytest.raises(TranscribeError, match="a transcribe without --shard is writing it"):
             transcribe(config(files, out, Shard(0, 3)), transcriber=BatchTranscriber())
         with pytest.raises(TranscribeError, match=r"another transcribe of .* \(without --shard\) is running"):
@@ -269,7 +272,7 @@ def test_a_second_copy_of_a_shard_and_mixing_with_an_unsharded_run_are_refused(t
 def test_a_shard_journal_without_its_sidecar_is_refused(tmp_path):
     files = make_audio(tmp_path / "audio", 3, broken=False)
     out = tmp_path / "asr.csv"
-    tr.shard_journal_path(out, Shard(2, 4)).write_text("FileName,text\nu000.wav,hello\n")
+    shard_journal_path(out, Shard(2, 4)).write_text("FileName,text\nu000.wav,hello\n")
     with pytest.raises(TranscribeError, match="asr.csv.shard-2-of-4.partial exists without its settings file"):
         transcribe(config(files, out, Shard(0, 4)), transcriber=BatchTranscriber())
 

@@ -18,12 +18,12 @@ from ser_cache.train.sweep import (
     SWEEP_FILE,
     SweepConfig,
     TrainError,
-    diverged_path,
     parse_variant,
     plan_members,
     summarize_sweep,
     sweep,
 )
+from ser_cache.train.sweep_members import diverged_path
 from ser_cache.train.sweep_plan import PLAN_FILE
 
 from synthetic import make_corpus, make_store

@@ -9,7 +9,7 @@ import typer
 from ser_cache.cli.app import KNOWN_ERRORS, app, err, fail, guarded, writable
 from ser_cache.cli.shared_options import TRANSCRIBE_MODEL, TranscribePrecisionMode as TranscribePrecision
 
-KNOWN_ERRORS.append("ser_cache.features.transcribe:TranscribeError")
+KNOWN_ERRORS.append("ser_cache.features.transcript_table:TranscribeError")
 
 
 @app.command()

@@ -29,6 +29,9 @@ a killed sweep loses at most the stack that was training. A member whose trainin
 loss not finite) stops there and is not written; the others go on, and the summary lists it (from
 OUT/VARIANT/seed-S.diverged.json, written in its place; a sweep run again trains it again).
 
+The members themselves (what is in a member's folder, reused or refused; the record of one that
+diverged; how members stack) are sweep_members.py's.
+
 Every sweep writes its plan, OUT/sweep.plan.json (sweep_plan.py), before any training, under a lock
 on OUT. With `--shard I/N` (infra/shards.py: Slurm job arrays) the members, in the order above
 (variants as given, each with its seeds), are the plan, and shard I trains members I, I+N, ... that
@@ -45,35 +48,42 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import logging
-import math
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ser_cache.infra import atomic, locks
 from ser_cache.infra.runtime import resolve_device, torch_threads
 from ser_cache.infra.shards import Shard, lock_target
-from ser_cache.runs import layout, rundir
+from ser_cache.runs import layout
 from ser_cache.system.epoch_log import tensorboard_problem
 from ser_cache.system.errors import TrainError
-from ser_cache.system.rows import SPEAKER_EMBEDDING_KIND, TrainingData, load_rows
-from ser_cache.system.setup import set_up
-from ser_cache.train.fit import Diverged, Job, fit
+from ser_cache.system.rows import TrainingData, load_rows
+from ser_cache.train.fit import Diverged, fit
 from ser_cache.train.options import TrainHeadsConfig
+from ser_cache.train.sweep_members import (
+    BASE,
+    NOT_COMPARED,
+    Member,
+    diverged_path,
+    diverged_record,
+    group_stacks,
+    is_written,
+    member_view,
+    prepare,
+    read_diverged,
+)
 from ser_cache.train.sweep_plan import PLAN_FILE, config_fields, differences, plan_of, read_plan
 from ser_cache.train.sweep_summary import summarize
 
 log = logging.getLogger(__name__)
 
 SWEEP_FILE = "sweep.json"
-DIVERGED_SUFFIX = ".diverged.json"  # OUT/VARIANT/seed-S.diverged.json: a member that diverged (no run)
 # How long a sweep waits for the lock on OUT (another shard writing the plan or sweep.json: seconds at most).
 OUT_LOCK_TIMEOUT_S = 3600.0
-BASE = "base"
 LOSS_KEYS = ("total", "ccc", "gender", "speaker")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 
@@ -93,9 +103,6 @@ VARIANT_OPTIONS = {
 SWEEP_WIDE = ("task", "classes")
 # Variant options that only a class task (--task categorical|both) has.
 CLASS_VARIANT_OPTIONS = ("class_weights", "class_loss_weight")
-# Fields of a member's train options that do not change what it learns: a written member is reused
-# whatever they were.
-NOT_COMPARED = ("out", "overwrite", "progress", "tensorboard", "threads", "device", "memory_budget_gb")
 
 
 @dataclass(frozen=True)
@@ -211,20 +218,6 @@ def member_config(cfg: SweepConfig, variant: Variant, seed: int) -> TrainHeadsCo
     return dataclasses.replace(cfg.base, **changes, seed=seed, out=Path(cfg.base.out) / variant.name / f"seed-{seed}",
                                tensorboard=None if cfg.base.tensorboard is None
                                else Path(cfg.base.tensorboard) / variant.name / f"seed-{seed}")
-
-
-@dataclass
-class Member:
-    variant: str
-    seed: int
-    cfg: TrainHeadsConfig
-    inputs_option: str
-
-
-    @property
-    def who(self) -> str:
-        """'variant/seed-s', as logs, missing lists and sweep.json name a member."""
-        return f"{self.variant}/seed-{self.seed}"
 
 
 def plan_members(cfg: SweepConfig) -> list[Member]:
@@ -384,7 +377,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
     members, views = _members(cfg, data)
     plan = _plan_in_force(cfg, write=True)
     mine = cfg.shard.share(members) if cfg.shard else members
-    todo = [m for m in mine if not _written(m, views[m.variant])]
+    todo = [m for m in mine if not is_written(m, views[m.variant])]
     if todo and data.streamed:
         raise TrainError("the frame stores do not fit the memory budget (--memory-budget) and would be streamed; a "
                          "sweep trains many members on the same rows at once and needs them held: raise "
@@ -416,7 +409,7 @@ def _sweep(cfg: SweepConfig) -> SweepResult:
                 log.warning("sweep member %s: %s", who, done.message())
                 path = diverged_path(by_who[who])
                 path.parent.mkdir(parents=True, exist_ok=True)
-                atomic.write_json_atomic(path, _diverged_record(done))
+                atomic.write_json_atomic(path, diverged_record(done))
     # The summary of a sharded sweep comes from the plan's options, so that whichever shard ends last (or
     # --summarize) writes the same sweep.json; an unsharded sweep's from its own, as always.
     summary_cfg = cfg if cfg.shard is None else plan_config(plan, base.out)
@@ -434,10 +427,10 @@ def _finish(cfg: SweepConfig, members: list[Member], views: dict[str, TrainingDa
         records, missing, written = {}, [], 0
         for m in members:
             # A folder without config.json may be a run another shard is writing now (config.json comes
-            # last): missing, not refused as _written refuses it in a shard's own share.
-            if layout.is_run_dir(Path(m.cfg.out)) and _written(m, views[m.variant]):
+            # last): missing, not refused as is_written refuses it in a shard's own share.
+            if layout.is_run_dir(Path(m.cfg.out)) and is_written(m, views[m.variant]):
                 written += 1
-            elif (record := _read_diverged(m)) is not None:
+            elif (record := read_diverged(m)) is not None:
                 records[m.who] = record
             else:
                 missing.append(m.who)
@@ -454,164 +447,3 @@ def _finish(cfg: SweepConfig, members: list[Member], views: dict[str, TrainingDa
     wall = time.perf_counter() - t0
     log.info("sweep written to %s in %.1f s", out, wall)
     return SweepResult(out, summary, trained, reused, wall, diverged=diverged)
-
-
-def diverged_path(member: Member) -> Path:
-    """OUT/VARIANT/seed-S.diverged.json: the record of a member whose training diverged (it has no run)."""
-    out = Path(member.cfg.out)
-    return out.with_name(out.name + DIVERGED_SUFFIX)
-
-
-def _read_diverged(member: Member) -> dict | None:
-    path = diverged_path(member)
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TrainError(f"{path}: a damaged record of a diverged member ({exc}); delete it, and the sweep trains "
-                         "the member again") from None
-    if not isinstance(record, dict) or "reason" not in record:
-        raise TrainError(f"{path}: not the record of a diverged member (no reason); delete it, and the sweep trains "
-                         "the member again")
-    return record
-
-
-def _diverged_record(d: Diverged) -> dict:
-    """What sweep.json keeps of a diverged member (its run was not written)."""
-    return {"epoch": d.epoch, "reason": f"training diverged: {d.what} in epoch {d.epoch}",
-            "losses": {k: (v if math.isfinite(v) else str(v)) for k, v in d.losses.items()}}
-
-
-# --------------------------------------------------------------------------- members
-
-
-def member_view(data: TrainingData, member: Member) -> TrainingData:
-    """The sweep's rows with the member's inputs: `inputs=` names, or every store but a speaker-embedding
-    store while the speaker head is on (as train-heads)."""
-    speaker_on = member.cfg.speaker_weight > 0
-    names = [s.name for s in data.inputs]
-    if member.inputs_option == "all":
-        chosen = [s for s in data.inputs if not (speaker_on and s.attrs.get("kind") == SPEAKER_EMBEDDING_KIND)]
-    else:
-        wanted = [n.strip() for n in member.inputs_option.split("+") if n.strip()]
-        unknown = [n for n in wanted if n not in names]
-        if unknown or not wanted:
-            raise TrainError(f"{_who(member)}: inputs={member.inputs_option}: {', '.join(unknown) or 'no name'} "
-                             f"is not a loaded store; the stores are {', '.join(names)}")
-        chosen = [s for s in data.inputs if s.name in wanted]
-    if not chosen:
-        raise TrainError(f"{_who(member)}: no input left: the only stores are speaker embeddings, kept out while the "
-                         "speaker head is on")
-    left_out = [{**s.record(), "reason": "speaker-embedding store kept out of the input: speaker head on"
-                 if speaker_on and s.attrs.get("kind") == SPEAKER_EMBEDDING_KIND
-                 else "not an input of this sweep variant"} for s in data.inputs if s not in chosen]
-    return dataclasses.replace(data, inputs=chosen, excluded_stores=data.excluded_stores + left_out,
-                               counts=dict(data.counts))
-
-
-def _who(member: Member) -> str:
-    return "the base options" if member.variant == BASE else f"--variant {member.variant}"
-
-
-def _written(member: Member, view: TrainingData) -> bool:
-    """Whether member's run is already there with the same options and trained on the stores as they
-    are now (then reused); a run written with other options, or on a store since rebuilt with other
-    settings, is an error unless --overwrite (then it is trained again)."""
-    out = Path(member.cfg.out)
-    if not layout.is_run_dir(out):
-        _check_member_folder(out)
-        return False
-    config = rundir.read_config(out)
-    recorded = config.get("train", {})
-    wanted = member.cfg.to_dict()
-    # An attribute run records no task options: its task is "attributes", which a class member's is not.
-    wanted.setdefault("task", member.cfg.task)
-    for key, value in wanted.items():
-        if key in NOT_COMPARED:
-            continue
-        have = recorded.get(key, "attributes" if key == "task" else None)
-        if key == "features":
-            same = sorted(str(Path(p).resolve()) for p in have or []) == sorted(str(Path(p).resolve()) for p in value)
-        elif key == "data":  # recorded absolute (as typed before provenance came)
-            same = have is not None and Path(have).resolve() == Path(value).resolve()
-        else:
-            same = have == value or (isinstance(value, float) and isinstance(have, (int, float))
-                                     and math.isclose(have, value))
-        if not same:
-            if member.cfg.overwrite:
-                return False
-            raise TrainError(f"{out}: a run written with other options ({key}: {have!r}, this sweep: {value!r}); "
-                             "pass --overwrite to train it again, or choose another --out")
-    stale = _stale_input(config, view)
-    if stale:
-        if member.cfg.overwrite:
-            return False
-        raise TrainError(f"{out}: {stale}; its scores are not those of the store as it is now: pass --overwrite to "
-                         "train it again, or choose another --out")
-    return True
-
-
-def _stale_input(config: dict, view: TrainingData) -> str | None:
-    """How a written member's input stores (its config.json's record) differ from the stores now given."""
-    from ser_cache.features.store_ref import settings_differences
-
-    recorded = {str(Path(r.get("path", "")).resolve()): r for r in config.get("inputs", []) if isinstance(r, dict)}
-    for s in view.inputs:
-        r = recorded.get(str(Path(s.path).resolve()))
-        now = s.attrs.get("fingerprint")
-        if r is None:
-            return f"trained without store {s.path}"
-        if r.get("fingerprint") != now:
-            diffs = settings_differences(r.get("settings") or {}, s.attrs.get("settings") or {},
-                                         labels=("trained on", "now"))
-            return (f"trained on store {s.path} with fingerprint {r.get('fingerprint')}, but the store now has "
-                    f"{now}: it was rebuilt since ({'; '.join(diffs) or 'other settings'})")
-    return None
-
-
-def _check_member_folder(out: Path) -> None:
-    """A member's folder that holds something other than a finished run is refused, saying what is there:
-    a run's config.json is written last, so this is not a member a sweep wrote (a copy, a hand edit)."""
-    if not out.exists() and not out.is_symlink():
-        return
-    if not out.is_dir():
-        raise TrainError(f"{out}: a file where this sweep keeps a member's run folder; move it away, and the "
-                         "sweep trains the member there")
-    found = sorted(p.name for p in out.iterdir())
-    if not found:
-        return  # an empty folder is as good as none
-    shown = ", ".join(found[:6]) + (f" and {len(found) - 6} more" if len(found) > 6 else "")
-    what = ("its config.json is not a ser-cache run's (damaged or edited)" if layout.CONFIG in found
-            else f"it has no {layout.CONFIG}")
-    raise TrainError(f"{out}: this sweep's folder for a member, but not a finished run: {what} (it holds {shown}); "
-                     "move the folder away (or delete it) and run the sweep again to train that member")
-
-
-def prepare(member: Member, data: TrainingData, device, *, curves: bool) -> Job:
-    """Member's job: exactly what train-heads sets up for its run (setup.set_up), written into the sweep."""
-    return Job(member.cfg, data, set_up(member.cfg, data, device), title=f"{member.variant} seed {member.seed}",
-               overwrite=True, curves=curves,
-               extra={"sweep": {"folder": str(Path(member.cfg.out).parent.parent), "variant": member.variant,
-                                "seed": member.seed}})
-
-
-def stack_key(job: Job) -> tuple:
-    """Members with equal keys have models of the same shapes and batch alike: they can share a stack."""
-    model = job.run.model
-    heads = {k: v for k, v in model.heads.config().items()
-             if k not in ("label_min", "label_max", "aam_margin", "aam_scale")}
-    # Which layer each member picks is a buffer of its own (heads.LayerPick): members that pick
-    # different layers of the same inputs stack; which inputs they pick in must agree.
-    if "layer_picks" in heads:
-        heads["layer_picks"] = sorted(heads["layer_picks"])
-    return (repr(sorted(heads.items())), repr(model.config()), job.cfg.batch_size, job.cfg.epochs,
-            str(model.compute_dtype), job.run.aam is not None)
-
-
-def group_stacks(prepared: Sequence[Job], members_at_once: int | None) -> list[list[Job]]:
-    groups: dict[tuple, list[Job]] = {}
-    for p in prepared:
-        groups.setdefault(stack_key(p), []).append(p)
-    size = members_at_once or max((len(g) for g in groups.values()), default=1)
-    return [g[i:i + size] for g in groups.values() for i in range(0, len(g), size)]

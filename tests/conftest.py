@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-# Under pytest-xdist (`-n 2`, the README's command) each worker is one process per core: one thread
-# each, or the workers' threads fight over the same cores (measured: the fast subset 10 % slower).
+# Under pytest-xdist (`-n 2` or `-n 3`, the README's commands) each worker is about one process per core:
+# one thread each, or the workers' threads fight over the same cores (measured: the fast subset 10 % slower).
 # Set before torch is first imported; subprocesses the tests start inherit it. A test that needs
 # more threads sets them itself (torch.set_num_threads).
 if os.environ.get("PYTEST_XDIST_WORKER"):

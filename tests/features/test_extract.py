@@ -125,10 +125,15 @@ def test_resume_after_kill_9_between_features_and_flags(models, tmp_path):
     assert p.returncode == -9, p.stderr
     written, _ = FeatureStore.open(out / "whisper-tiny.zarr").flags()
     assert written.sum() == 8  # two chunks declared done; the third was cut short and is not trusted
-    again = subprocess.run([sys.executable, "-m", "ser_cache", "extract", "--model", str(models["whisper"]), "--data",
-                            str(data), "--out", str(out), "--chunk-rows", "4", "--device", "cpu", "--workers", "0",
-                            "--no-progress"], env=env, capture_output=True, text=True, timeout=300)
-    assert again.returncode == 0, again.stderr
+    # The same command again, in this process (a second process would spend seconds on its imports).
+    from typer.testing import CliRunner
+
+    from ser_cache.cli.app import app
+
+    again = CliRunner().invoke(app, ["extract", "--model", str(models["whisper"]), "--data", str(data), "--out",
+                                     str(out), "--chunk-rows", "4", "--device", "cpu", "--workers", "0",
+                                     "--no-progress"])
+    assert again.exit_code == 0, again.output
     ref = extract(cfg(models["whisper"], data, tmp_path / "ref", chunk_rows=4))
     for x, y in zip(read(ref.store), read(out / "whisper-tiny.zarr")):
         np.testing.assert_array_equal(x, y)

@@ -136,35 +136,40 @@ def test_three_shards_one_killed_and_rerun_write_the_one_process_store(models, t
     assert not list(out.glob("*.partial.csv")) and not list(out.glob("*.lock"))
 
 
-STARTER = """
-import sys, time
-from pathlib import Path
-from ser_cache.features.extract import ExtractConfig, extract
-from ser_cache.infra.shards import Shard
-import torch, transformers  # noqa: the slow imports, before the barrier
-model, data, out, index, barrier = sys.argv[1:6]
-(Path(barrier) / index).touch()
-while len(list(Path(barrier).iterdir())) < 4:  # go when all four are here
-    time.sleep(0.001)
-extract(ExtractConfig(model=model, data=Path(data), out=Path(out), device="cpu", workers=0, progress=False,
-                      chunk_rows=2, shard=Shard(int(index), 4)))
-"""
+def _start_shard(barrier, model, data, out, index):
+    """A forked process: wait for the other three, then run shard `index` of 4 (exit 1 on any error)."""
+    import traceback
+
+    import torch
+
+    torch.set_num_threads(1)  # the parent's thread pool does not survive the fork
+    try:
+        barrier.wait(60)
+        extract(cfg(model, data, out, shard=Shard(index, 4)))
+    except BaseException:  # noqa: BLE001 - the parent reads the exit code; the reason goes to stderr
+        traceback.print_exc()
+        os._exit(1)
+    os._exit(0)
 
 
 @pytest.mark.slow
 def test_four_shards_started_at_the_same_instant(models, tmp_path):
-    data = msp_corpus(tmp_path / "c", n=17, unlabeled=0)
+    """Four processes pass a barrier together and each runs a shard of a store none has created yet.
+    Forked after torch and the model classes are imported (spawned ones spend ~8 s each importing)."""
+    import multiprocessing
+
+    from transformers import WavLMModel  # noqa: F401 - imported once here, before the fork
+
+    data = msp_corpus(tmp_path / "c", n=9, unlabeled=0)
     out = tmp_path / "sharded"
-    script = tmp_path / "start.py"
-    script.write_text(textwrap.dedent(STARTER))
-    barrier = tmp_path / "barrier"
-    barrier.mkdir()
-    procs = [subprocess.Popen([sys.executable, str(script), str(models["wavlm"]), str(data), str(out), str(i),
-                               str(barrier)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                              env={**os.environ, "HF_HUB_OFFLINE": "1"}) for i in range(4)]
+    ctx = multiprocessing.get_context("fork")
+    barrier = ctx.Barrier(4)
+    procs = [ctx.Process(target=_start_shard, args=(barrier, models["wavlm"], data, out, i)) for i in range(4)]
     for proc in procs:
-        _, stderr = proc.communicate(timeout=300)
-        assert proc.returncode == 0, stderr
+        proc.start()
+    for proc in procs:
+        proc.join(300)
+        assert proc.exitcode == 0, f"shard process exited with {proc.exitcode} (its traceback is on stderr)"
     assert not list(out.glob(".*creating*"))  # no creation left half done
     one = extract(cfg(models["wavlm"], data, tmp_path / "one"))
     path = out / "wavlm-tiny.zarr"

@@ -147,6 +147,7 @@ def _killed_run(files, out: Path, shard: Shard | None, cut: int = 4) -> None:
     transcribe(config(files, out, shard), transcriber=BatchTranscriber())
 
 
+@pytest.mark.slow
 def test_three_shards_one_killed_and_rerun_write_what_one_process_writes(tmp_path):
     files = make_audio(tmp_path / "audio", 21)
     table, report = reference(files, tmp_path)
@@ -220,6 +221,7 @@ def _racing_shard(files, out, shard, barrier, results):
     results.put((shard.label, r.transcribed, r.complete, start, time.monotonic()))
 
 
+@pytest.mark.slow
 def test_four_shards_started_at_once_agree_on_one_sidecar_and_write_the_table(tmp_path):
     files = make_audio(tmp_path / "audio", 31)
     table, report = reference(files, tmp_path)

@@ -18,6 +18,7 @@ def _hold(target, seconds, ready):
     lock.release()
 
 
+@pytest.mark.slow
 def test_waits_for_the_holder_then_takes_the_lock(tmp_path):
     target = tmp_path / "store.zarr"
     ctx = multiprocessing.get_context("spawn")
